@@ -1,0 +1,162 @@
+//! Crash-safe file updates: write a temporary file beside the target, fsync it, rename it
+//! over the target, fsync the directory. A reader sees the old bytes or the new ones, never
+//! a mix, and after a crash the rename is either durable or did not happen.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Temporary files start with this; a later run may delete any it finds.
+pub const TMP_PREFIX: &str = ".tmp-";
+
+fn tmp_path(target: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!("{TMP_PREFIX}{}-{n}-{name}", std::process::id()))
+}
+
+/// fsync a directory, making renames and new entries in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to a new temporary file beside `target` with `mode`, fsynced; returns its
+/// path. The caller renames it into place (or removes it).
+pub fn write_temp(target: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    let tmp = tmp_path(target);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // create_new's mode is filtered by the umask; set it exactly.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Replaces `target` with `bytes` atomically and durably.
+pub fn write_file(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(target, bytes, mode)?;
+    if let Err(e) = fs::rename(&tmp, target) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(target.parent().unwrap_or(Path::new(".")))
+}
+
+/// Removes temporary files left in `dir` by an interrupted run.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let mut n = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            fs::remove_file(entry.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// An exclusive lock on a file, held until dropped.
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Takes the lock, waiting for another holder; `on_wait` is called once if it must wait.
+    pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> io::Result<Lock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock()?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(Lock { _file: file })
+    }
+
+    /// Takes the lock or returns `None` if someone holds it.
+    pub fn try_acquire(path: &Path) -> io::Result<Option<Lock>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_and_sets_mode() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("current");
+        write_file(&p, b"one", 0o644).unwrap();
+        write_file(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1, "no temp left");
+    }
+
+    #[test]
+    fn stale_temps_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let tmp = write_temp(&t.path().join("x"), b"partial", 0o644).unwrap();
+        assert!(tmp.exists());
+        assert_eq!(remove_stale_temps(t.path()).unwrap(), 1);
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("lock");
+        let held = Lock::try_acquire(&p).unwrap();
+        assert!(held.is_some());
+        assert!(Lock::try_acquire(&p).unwrap().is_none());
+        drop(held);
+        assert!(Lock::try_acquire(&p).unwrap().is_some());
+    }
+}

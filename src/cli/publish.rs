@@ -1,0 +1,141 @@
+//! `bento publish`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+
+use crate::fleet::{HostName, NixFlakeHosts};
+use crate::layout::Chroot;
+use crate::nix::Nix;
+use crate::output;
+use crate::publish::{self, HostReport, Ownership, Status};
+use crate::snapshot::{HashCache, Scanner};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Publish only this host (repeatable)
+    #[arg(long = "host", value_name = "NAME", value_parser = parse_host)]
+    hosts: Vec<HostName>,
+    /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
+    #[arg(long, value_name = "DIR")]
+    chroot: Option<PathBuf>,
+    /// Print a JSON summary on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn parse_host(s: &str) -> Result<HostName, String> {
+    HostName::new(s).map_err(|e| e.to_string())
+}
+
+pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let root = args
+        .chroot
+        .unwrap_or_else(|| fleet.config.server.chroot.clone());
+    let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
+    let chroot = Chroot::new(root);
+    let ownership = if crate::accounts::is_root() {
+        Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        output::note("not running as root: directory owners in the chroot are left alone");
+        Ownership::Leave
+    };
+
+    let now = SystemTime::now();
+    let scanner = Scanner::new(
+        fleet.root.clone(),
+        HashCache::load(&chroot.hash_cache_path()),
+        now,
+    );
+    let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
+    let bar = output::progress(0, "publishing");
+    let on_host = |r: &HostReport| {
+        bar.inc(1);
+        bar.set_message(r.host.to_string());
+    };
+    let lock_path = chroot.lock_path();
+    let reports = publish::run(
+        &fleet,
+        &flakes,
+        &scanner,
+        publish::Options {
+            chroot: chroot.clone(),
+            only: args.hosts,
+            now,
+            ownership,
+            on_wait: Box::new(move || {
+                output::note(&format!(
+                    "another publish holds {}; waiting",
+                    lock_path.display()
+                ));
+            }),
+            on_host: &on_host,
+        },
+    )
+    .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    bar.finish_and_clear();
+
+    if args.json {
+        output::json(&reports)?;
+    } else {
+        let width = reports
+            .iter()
+            .map(|r| r.host.as_str().len())
+            .max()
+            .unwrap_or(0);
+        for r in &reports {
+            output::line(&format_line(r, width));
+        }
+    }
+    let count = |s| reports.iter().filter(|r| r.status == s).count();
+    let failed = count(Status::Failed);
+    tracing::info!(
+        "{} published, {} unchanged, {} failed ({})",
+        count(Status::Published),
+        count(Status::Unchanged),
+        failed,
+        chroot.root.display()
+    );
+    Ok(if failed > 0 {
+        ExitCode::from(super::EXIT_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One result line: `alpha  published  3f2a1b9c0d12  40 entries, 1 file, 3 new objects, 4.1 KiB`.
+pub fn format_line(r: &HostReport, width: usize) -> String {
+    let digest = r
+        .digest
+        .map(|d| d.short())
+        .unwrap_or_else(|| "-".repeat(12));
+    let status = match r.status {
+        Status::Published => "published",
+        Status::Unchanged => "unchanged",
+        Status::Failed => "failed",
+    };
+    let detail = match (&r.error, r.status) {
+        (Some(e), _) => e.clone(),
+        (None, Status::Published) => format!(
+            "{} entries, {} file{}, {} new object{}, {}",
+            r.config_entries,
+            r.files,
+            if r.files == 1 { "" } else { "s" },
+            r.new_objects,
+            if r.new_objects == 1 { "" } else { "s" },
+            output::bytes(r.bytes)
+        ),
+        (None, _) => format!(
+            "{} entries, {} file{}",
+            r.config_entries,
+            r.files,
+            if r.files == 1 { "" } else { "s" }
+        ),
+    };
+    format!("{:width$}  {status:9}  {digest}  {detail}", r.host.as_str())
+}

@@ -1,0 +1,216 @@
+//! The fleet repo: `bento.toml` (server settings and per-host settings) and host discovery
+//! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
+
+mod discover;
+mod name;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use discover::{discover, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts};
+pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+
+/// The fleet settings file at the root of the fleet repo.
+pub const FLEET_FILE: &str = "bento.toml";
+/// The directory holding one directory per host (or flake).
+pub const HOSTS_DIR: &str = "hosts";
+/// Where publish puts chroots unless `bento.toml` or `--chroot` says otherwise.
+pub const DEFAULT_CHROOT: &str = "/srv/bento";
+pub const DEFAULT_ACCOUNT_PREFIX: &str = "bento-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("no {FLEET_FILE} in {0} or any parent directory (run `bento init` to create a fleet, or pass --fleet DIR)")]
+    NotFound(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Name { path: PathBuf, source: NameError },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The address hosts connect to (a name or IP), used in generated agent settings.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The chroot root: every host gets `<chroot>/<host>/`.
+    #[serde(default = "default_chroot")]
+    pub chroot: PathBuf,
+    #[serde(default = "default_prefix")]
+    pub account_prefix: String,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_chroot() -> PathBuf {
+    PathBuf::from(DEFAULT_CHROOT)
+}
+fn default_prefix() -> String {
+    DEFAULT_ACCOUNT_PREFIX.to_owned()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            address: None,
+            port: default_port(),
+            chroot: default_chroot(),
+            account_prefix: default_prefix(),
+        }
+    }
+}
+
+/// Per-host settings under `[hosts.NAME]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The host's ssh public key (one OpenSSH public key line).
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub hosts: BTreeMap<HostName, HostConfig>,
+}
+
+impl FleetConfig {
+    /// Parses `bento.toml` text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, FleetError> {
+        let config: FleetConfig = toml::from_str(text).map_err(|e| FleetError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let name_err = |source| FleetError::Name {
+            path: path.to_owned(),
+            source,
+        };
+        check_prefix(&config.server.account_prefix).map_err(name_err)?;
+        for host in config.hosts.keys() {
+            account_name(&config.server.account_prefix, host).map_err(name_err)?;
+        }
+        if !config.server.chroot.is_absolute() {
+            return Err(FleetError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "[server] chroot = {:?} must be an absolute path",
+                    config.server.chroot
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    pub fn account(&self, host: &HostName) -> Result<String, NameError> {
+        account_name(&self.server.account_prefix, host)
+    }
+}
+
+/// A fleet repo on disk.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    /// The directory holding `bento.toml` (canonical).
+    pub root: PathBuf,
+    pub config: FleetConfig,
+}
+
+impl Fleet {
+    /// Finds `bento.toml` in `start` or the nearest parent that has one, like git finds `.git`.
+    pub fn find(start: &Path) -> Result<Self, FleetError> {
+        let start_abs = std::fs::canonicalize(start).map_err(|source| FleetError::Read {
+            path: start.to_owned(),
+            source,
+        })?;
+        let mut dir = start_abs.as_path();
+        loop {
+            if dir.join(FLEET_FILE).is_file() {
+                return Self::load(dir);
+            }
+            match dir.parent() {
+                Some(p) => dir = p,
+                None => return Err(FleetError::NotFound(start_abs)),
+            }
+        }
+    }
+
+    /// Loads the fleet whose `bento.toml` is directly in `root`.
+    pub fn load(root: &Path) -> Result<Self, FleetError> {
+        let root = std::fs::canonicalize(root).map_err(|source| FleetError::Read {
+            path: root.to_owned(),
+            source,
+        })?;
+        let path = root.join(FLEET_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| FleetError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config = FleetConfig::parse(&text, &path)?;
+        Ok(Self { root, config })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FleetConfig, FleetError> {
+        FleetConfig::parse(text, Path::new("bento.toml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.chroot, PathBuf::from("/srv/bento"));
+        assert_eq!(c.server.account_prefix, "bento-");
+        assert_eq!(c.server.port, 22);
+        assert!(c.hosts.is_empty());
+    }
+
+    #[test]
+    fn hosts_and_server() {
+        let c = parse(
+            "[server]\naddress = \"bento.example.org\"\nchroot = \"/srv/x\"\n[hosts.alpha]\nkey = \"ssh-ed25519 AAAA\"\n[hosts.beta]\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.address.as_deref(), Some("bento.example.org"));
+        assert_eq!(c.hosts.len(), 2);
+        let alpha = HostName::new("alpha").unwrap();
+        assert_eq!(c.account(&alpha).unwrap(), "bento-alpha");
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let err = parse("[server]\nport = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("bento.toml"), "{err}");
+        let err = parse("[server]\nchroots = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chroots"), "{err}");
+        let err = parse("[hosts.Bad_Name]\n").unwrap_err().to_string();
+        assert!(err.contains("Bad_Name"), "{err}");
+        let err = parse("[hosts.averyveryverylonghostnamethat]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 32"), "{err}");
+        let err = parse("[server]\nchroot = \"rel\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absolute"), "{err}");
+    }
+}

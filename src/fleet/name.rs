@@ -1,0 +1,114 @@
+//! Host and account names. A `HostName` is valid once built, so it is safe to use as a
+//! path component and, with the account prefix, as a Unix account name.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Longest Unix account name accepted (Linux `useradd` limit).
+pub const MAX_ACCOUNT_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("invalid host name {0:?}: use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters")]
+    Host(String),
+    #[error("invalid account prefix {0:?}: use lowercase letters, digits, '-' and '_', starting with a letter or '_'")]
+    Prefix(String),
+    #[error("account name {account:?} for host {host:?} is {len} characters long; Unix account names are at most {MAX_ACCOUNT_LEN}")]
+    AccountTooLong {
+        host: String,
+        account: String,
+        len: usize,
+    },
+}
+
+/// A host name: `[a-z0-9][a-z0-9-]*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct HostName(String);
+
+impl HostName {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        let mut chars = s.chars();
+        let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.len() <= 63;
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(NameError::Host(s.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HostName::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks an account prefix such as `bento-`: it must start a valid Unix account name.
+pub fn check_prefix(prefix: &str) -> Result<(), NameError> {
+    let mut chars = prefix.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::Prefix(prefix.to_owned()))
+    }
+}
+
+/// The Unix account a host logs in as: prefix + host name, at most 32 characters.
+pub fn account_name(prefix: &str, host: &HostName) -> Result<String, NameError> {
+    check_prefix(prefix)?;
+    let account = format!("{prefix}{host}");
+    if account.len() > MAX_ACCOUNT_LEN {
+        return Err(NameError::AccountTooLong {
+            host: host.to_string(),
+            len: account.len(),
+            account,
+        });
+    }
+    Ok(account)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        for ok in ["a", "alpha", "web-01", "0day", "a-"] {
+            assert!(HostName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "Alpha", "a_b", "a.b", "a/b", "..", "é", "a b"] {
+            assert_eq!(
+                HostName::new(bad),
+                Err(NameError::Host(bad.to_owned())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn accounts() {
+        let h = HostName::new("web").unwrap();
+        assert_eq!(account_name("bento-", &h).unwrap(), "bento-web");
+        assert!(matches!(account_name("-x", &h), Err(NameError::Prefix(_))));
+        let long = HostName::new(&"a".repeat(27)).unwrap();
+        let err = account_name("bento-", &long).unwrap_err();
+        assert!(err.to_string().contains("33 characters"), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = bento::cli::Cli::parse();
+    bento::cli::init_logging(cli.verbose);
+    bento::cli::run(cli)
+}

@@ -1,0 +1,1 @@
+//! The SFTP server side: accounts, sshd configuration and checks (being written).
