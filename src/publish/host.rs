@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{HostPlan, HostReport, Ownership, PublishError, Status};
 use crate::accounts;
+use crate::fleet::HostName;
 use crate::atomic;
 use crate::layout::{self, Chroot, LOGS, MANIFESTS, OBJECTS};
 use crate::manifest::{Digest, Manifest};
@@ -48,15 +49,16 @@ fn ensure_dir(dir: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), Pu
     Ok(())
 }
 
-/// Creates the host's directory tree with the ownership sshd and the host need.
-fn prepare_host_dir(
+/// Creates the host's directory tree (`<host>/`, `manifests/`, `objects/`, `logs/`) with
+/// the ownership sshd and the host need. As root, the host's account must exist.
+pub fn prepare_host_dir(
     host_dir: &Path,
-    plan: &HostPlan,
+    host: &HostName,
     ownership: &Ownership,
 ) -> Result<(), PublishError> {
     match ownership {
         Ownership::Root { prefix } => {
-            let account_name = format!("{prefix}{}", plan.host);
+            let account_name = format!("{prefix}{host}");
             let account = accounts::user(&account_name)
                 .map_err(io_err(Path::new("/etc/passwd")))?
                 .ok_or_else(|| PublishError::NoAccount(account_name.clone()))?;
@@ -183,7 +185,7 @@ pub fn publish_host(
         }
     }
 
-    prepare_host_dir(&host_dir, plan, ownership)?;
+    prepare_host_dir(&host_dir, &plan.host, ownership)?;
     atomic::remove_stale_temps(&host_dir).map_err(io_err(&host_dir))?;
     atomic::remove_stale_temps(&host_dir.join(MANIFESTS)).map_err(io_err(&host_dir))?;
 

@@ -1,0 +1,1 @@
+//! `bento server …` against a real sshd (being written).
