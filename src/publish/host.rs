@@ -12,8 +12,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::{HostPlan, HostReport, Ownership, PublishError, Status};
 use crate::accounts;
-use crate::fleet::HostName;
 use crate::atomic;
+use crate::fleet::HostName;
 use crate::layout::{self, Chroot, LOGS, MANIFESTS, OBJECTS};
 use crate::manifest::{Digest, Manifest};
 
@@ -104,9 +104,12 @@ fn add_to_pool(chroot: &Chroot, digest: &Digest, source: &Path) -> Result<u64, P
     if pooled.exists() {
         return Ok(0);
     }
-    let tmp_dir = chroot.tmp_dir();
-    let tmp = tmp_dir.join(format!(
-        "{}{}-{}",
+    // Threads publishing hosts that share a file may add it at the same time: each writes
+    // its own temporary file, and the first to link it into the pool wins.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = chroot.tmp_dir().join(format!(
+        "{}{}-{seq}-{}",
         atomic::TMP_PREFIX,
         std::process::id(),
         digest.to_hex()
@@ -143,8 +146,15 @@ fn add_to_pool(chroot: &Chroot, digest: &Digest, source: &Path) -> Result<u64, P
         let _ = fs::remove_file(&tmp);
         return Err(PublishError::ChangedWhilePublishing(source.to_owned()));
     }
-    fs::rename(&tmp, &pooled).map_err(io_err(&pooled))?;
-    Ok(bytes)
+    // link, not rename: it never replaces an object another thread already pooled (whose
+    // inode hosts may already link to).
+    let linked = fs::hard_link(&tmp, &pooled);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(bytes),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
+        Err(e) => Err(io_err(&pooled)(e)),
+    }
 }
 
 /// Makes `objects/<digest>` in the host directory: a hard link to the pooled copy.

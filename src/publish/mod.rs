@@ -14,7 +14,9 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
-pub use host::{collect_host, collect_pool, prepare_host_dir, publish_host, read_current, KEEP_VERSIONS};
+pub use host::{
+    collect_host, collect_pool, prepare_host_dir, publish_host, read_current, KEEP_VERSIONS,
+};
 pub use verify::{verify_host, VerifyError};
 
 use crate::atomic;

@@ -1,0 +1,528 @@
+//! `bento publish` on fixture fleets, as root with real accounts and real Nix evaluation
+//! of flake directories.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use bento::fleet::HostName;
+use bento::manifest::{Build, ConfigEntry, Manifest};
+use bento::publish::verify_host;
+use serde_json::Value;
+
+use crate::common::{bento, tree_fingerprint, unique_prefix, Accounts, FixtureFleet, ScratchDir};
+
+const HOSTS: [&str; 3] = ["alpha", "beta", "classic1"];
+
+struct Env {
+    scratch: ScratchDir,
+    fleet: FixtureFleet,
+    _accounts: Accounts,
+    prefix: String,
+}
+
+impl Env {
+    fn new() -> Self {
+        let scratch = ScratchDir::new();
+        let prefix = unique_prefix();
+        let fleet = FixtureFleet::new(&scratch.join("fleet"), &prefix);
+        let accounts = Accounts::create(&prefix, &HOSTS);
+        Self {
+            scratch,
+            fleet,
+            _accounts: accounts,
+            prefix,
+        }
+    }
+
+    fn chroot(&self) -> std::path::PathBuf {
+        self.scratch.join("chroot")
+    }
+
+    fn publish(&self, extra: &[&str]) -> assert_cmd::assert::Assert {
+        bento()
+            .arg("--fleet")
+            .arg(&self.fleet.root)
+            .arg("publish")
+            .arg("--chroot")
+            .arg(self.chroot())
+            .args(extra)
+            .assert()
+    }
+
+    fn publish_json(&self) -> Vec<Value> {
+        let out = self
+            .publish(&["--json"])
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        serde_json::from_slice::<Vec<Value>>(&out).expect("publish --json prints a JSON array")
+    }
+
+    fn manifest(&self, host: &str) -> Manifest {
+        let dir = self.chroot().join(host);
+        let digest = verify_host(&dir, &HostName::new(host).unwrap())
+            .expect("published version verifies")
+            .expect("host has a version");
+        Manifest::parse(&fs::read(bento::layout::manifest(&dir, &digest)).unwrap()).unwrap()
+    }
+}
+
+fn statuses(reports: &[Value]) -> Vec<(String, String)> {
+    reports
+        .iter()
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap().to_owned(),
+                r["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn publishes_classic_and_flake_hosts_with_secrets_kept_out_of_config() {
+    let env = Env::new();
+    let reports = env.publish_json();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "published"),
+            ("beta", "published"),
+            ("classic1", "published")
+        ])
+    );
+
+    let alpha = env.manifest("alpha");
+    assert_eq!(alpha.build, Build::Flake);
+    let paths: Vec<&str> = alpha.config.iter().map(|e| e.path().as_str()).collect();
+    assert!(paths.contains(&"flake.nix"));
+    assert!(
+        paths.contains(&"common/lib.nix"),
+        "symlinked common/ is resolved: {paths:?}"
+    );
+    assert!(alpha.files.is_empty());
+
+    let classic = env.manifest("classic1");
+    assert_eq!(classic.build, Build::Classic);
+    assert!(
+        classic
+            .config
+            .iter()
+            .all(|e| !e.path().as_str().starts_with("files") && e.path().as_str() != "files.toml"),
+        "files/ must never be in config: {:?}",
+        classic.config
+    );
+    assert_eq!(classic.files.len(), 1);
+    let secret = &classic.files[0];
+    assert_eq!(secret.target.as_str(), "/etc/bento-test/secret");
+    assert_eq!(secret.mode.to_string(), "0640");
+    assert_eq!(
+        (secret.owner.as_str(), secret.group.as_str()),
+        ("root", "root")
+    );
+    assert_eq!(
+        secret.sha256,
+        bento::manifest::Digest::of(b"s3cret-classic1\n")
+    );
+    // The secret's object exists for classic1 only.
+    let obj = bento::layout::object(&env.chroot().join("classic1"), &secret.sha256);
+    assert_eq!(fs::read(obj).unwrap(), b"s3cret-classic1\n");
+    assert!(!bento::layout::object(&env.chroot().join("alpha"), &secret.sha256).exists());
+
+    // Ownership as root: the host dir is the gate, logs/ belongs to the account.
+    let acct = bento::accounts::user(&format!("{}classic1", env.prefix))
+        .unwrap()
+        .unwrap();
+    let host_dir = fs::metadata(env.chroot().join("classic1")).unwrap();
+    assert_eq!(
+        (host_dir.uid(), host_dir.gid(), host_dir.mode() & 0o7777),
+        (0, acct.gid, 0o750)
+    );
+    let logs = fs::metadata(env.chroot().join("classic1/logs")).unwrap();
+    assert_eq!((logs.uid(), logs.mode() & 0o7777), (acct.uid, 0o750));
+    let root = fs::metadata(env.chroot()).unwrap();
+    assert_eq!((root.uid(), root.mode() & 0o022), (0, 0));
+
+    // Shared files are stored once: alpha's and beta's lib.nix are the same inode.
+    let lib = alpha
+        .config
+        .iter()
+        .find_map(|e| match e {
+            ConfigEntry::File { path, sha256, .. } if path.as_str() == "common/lib.nix" => {
+                Some(*sha256)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let a = fs::metadata(bento::layout::object(&env.chroot().join("alpha"), &lib)).unwrap();
+    let b = fs::metadata(bento::layout::object(&env.chroot().join("beta"), &lib)).unwrap();
+    assert_eq!(a.ino(), b.ino());
+}
+
+#[test]
+fn unchanged_publish_writes_nothing() {
+    let env = Env::new();
+    env.publish_json();
+    let before = tree_fingerprint(&env.chroot());
+    let mtime = |h: &str| {
+        fs::metadata(env.chroot().join(h).join("current"))
+            .unwrap()
+            .mtime_nsec()
+    };
+    let m0 = mtime("alpha");
+    let reports = env.publish_json();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "unchanged"),
+            ("beta", "unchanged"),
+            ("classic1", "unchanged")
+        ])
+    );
+    assert!(reports.iter().all(|r| r["bytes"] == 0));
+    assert_eq!(tree_fingerprint(&env.chroot()), before);
+    assert_eq!(mtime("alpha"), m0, "current was not rewritten");
+}
+
+#[test]
+fn changing_a_common_module_republishes_exactly_its_users() {
+    let env = Env::new();
+    // A host that does not link common/.
+    env.fleet.write(
+        "hosts/lonely/configuration.nix",
+        "{ ... }: { hostName = \"lonely\"; }\n",
+    );
+    let _lonely = Accounts::create(&env.prefix, &["lonely"]);
+    env.publish_json();
+
+    env.fleet.write("common/base.nix", "{ version = \"2\"; }\n");
+    let reports = env.publish_json();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "published"),
+            ("beta", "published"),
+            ("classic1", "published"),
+            ("lonely", "unchanged")
+        ])
+    );
+    // Exactly one new object per changed host (base.nix), plus the manifest.
+    for r in &reports[..3] {
+        assert_eq!(r["new_objects"], 1, "{r}");
+    }
+
+    // A change inside one host's own directory touches only that host.
+    env.fleet.write(
+        "hosts/multi/machines/beta.nix",
+        "{ hostName = \"beta\"; payload = \"x\"; }\n",
+    );
+    let reports = env.publish_json();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "published"),
+            ("beta", "published"),
+            ("classic1", "unchanged"),
+            ("lonely", "unchanged")
+        ])
+    );
+}
+
+#[test]
+fn old_versions_are_collected_after_three() {
+    let env = Env::new();
+    let mut digests = Vec::new();
+    for v in 0..5 {
+        env.fleet
+            .write("hosts/classic1/extra.nix", &format!("# version {v}\n"));
+        env.publish(&["--host", "classic1"]).success();
+        let dir = env.chroot().join("classic1");
+        digests.push(
+            bento::layout::parse_current(&fs::read_to_string(dir.join("current")).unwrap())
+                .unwrap(),
+        );
+        // Distinct creation times order the versions.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let dir = env.chroot().join("classic1");
+    let mut kept: Vec<String> = fs::read_dir(dir.join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    let mut want: Vec<String> = digests[2..].iter().map(|d| format!("{d}.json")).collect();
+    want.sort();
+    assert_eq!(kept, want);
+    // Objects: exactly those the kept manifests use.
+    let mut used = std::collections::BTreeSet::new();
+    for d in &digests[2..] {
+        let m = Manifest::parse(&fs::read(bento::layout::manifest(&dir, d)).unwrap()).unwrap();
+        used.extend(m.objects().into_iter().map(|o| o.to_hex()));
+    }
+    let objects: std::collections::BTreeSet<String> = fs::read_dir(dir.join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(objects, used);
+    // The pool holds nothing that no host uses.
+    for e in fs::read_dir(env.chroot().join(".bento/pool")).unwrap() {
+        assert!(e.unwrap().metadata().unwrap().nlink() > 1);
+    }
+}
+
+#[test]
+fn a_host_without_account_fails_alone() {
+    let env = Env::new();
+    env.fleet.write(
+        "hosts/orphan/configuration.nix",
+        "{ ... }: { hostName = \"orphan\"; }\n",
+    );
+    let out = env.publish(&[]).failure().get_output().stdout.clone();
+    let text = String::from_utf8_lossy(&out);
+    let orphan = text
+        .lines()
+        .find(|l| l.starts_with("orphan"))
+        .expect("a line for orphan");
+    assert!(orphan.contains("failed"), "{orphan}");
+    assert!(
+        orphan.contains(&format!("{}orphan", env.prefix)),
+        "{orphan}"
+    );
+    assert!(orphan.contains("sync-accounts"), "{orphan}");
+    for h in HOSTS {
+        assert!(
+            verify_host(&env.chroot().join(h), &HostName::new(h).unwrap())
+                .unwrap()
+                .is_some()
+        );
+    }
+    assert!(!env.chroot().join("orphan").exists());
+}
+
+/// Each bad input is refused with a message naming the culprit, and the chroot is left
+/// exactly as it was.
+#[test]
+fn bad_input_is_refused_by_name_and_changes_nothing() {
+    let env = Env::new();
+    env.publish_json();
+    let before = tree_fingerprint(&env.chroot());
+
+    type Setup = fn(&FixtureFleet);
+    let cases: Vec<(&str, Setup, Setup, &str)> = vec![
+        (
+            "dangling link",
+            |f| f.link("../../common/nope.nix", "hosts/classic1/nope.nix"),
+            |f| fs::remove_file(f.path("hosts/classic1/nope.nix")).unwrap(),
+            "hosts/classic1/nope.nix",
+        ),
+        (
+            "link out of the repo",
+            |f| {
+                f.write("../outside", "not part of the fleet");
+                f.link("../../../outside", "hosts/classic1/out")
+            },
+            |f| fs::remove_file(f.path("hosts/classic1/out")).unwrap(),
+            "outside the fleet repo",
+        ),
+        (
+            "link loop",
+            |f| f.link("..", "hosts/classic1/up"),
+            |f| fs::remove_file(f.path("hosts/classic1/up")).unwrap(),
+            "hosts/classic1/up",
+        ),
+        (
+            "bad host directory name",
+            |f| f.write("hosts/Bad_Host/configuration.nix", "{}"),
+            |f| fs::remove_dir_all(f.path("hosts/Bad_Host")).unwrap(),
+            "Bad_Host",
+        ),
+        (
+            "two hosts of one name",
+            |f| f.write("hosts/alpha/configuration.nix", "{}"),
+            |f| fs::remove_dir_all(f.path("hosts/alpha")).unwrap(),
+            "host alpha is defined twice: by hosts/alpha and by hosts/multi/flake.nix",
+        ),
+        (
+            "malformed bento.toml",
+            |f| {
+                let t = fs::read_to_string(f.path("bento.toml")).unwrap();
+                f.write("bento.toml.orig", &t);
+                f.write("bento.toml", &format!("{t}[hosts.alpha\n"));
+            },
+            |f| fs::rename(f.path("bento.toml.orig"), f.path("bento.toml")).unwrap(),
+            "line 7",
+        ),
+        (
+            "files.toml naming no file",
+            |f| {
+                f.write(
+                    "hosts/classic1/files.toml",
+                    "[\"etc/missing\"]\nmode = \"0600\"\n",
+                )
+            },
+            |f| {
+                f.write(
+                    "hosts/classic1/files.toml",
+                    "[\"etc/bento-test/secret\"]\nmode = \"0640\"\ngroup = \"root\"\n",
+                )
+            },
+            "etc/missing",
+        ),
+        (
+            "a FIFO in a host",
+            |f| {
+                let c = std::ffi::CString::new(
+                    f.path("hosts/classic1/pipe")
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                )
+                .unwrap();
+                // SAFETY: a valid path string.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            },
+            |f| fs::remove_file(f.path("hosts/classic1/pipe")).unwrap(),
+            "hosts/classic1/pipe",
+        ),
+    ];
+    for (what, break_it, fix_it, needle) in cases {
+        // Make the change noticeable if the refusal were to let a publish through.
+        env.fleet
+            .write("hosts/classic1/extra.nix", &format!("# {what}\n"));
+        break_it(&env.fleet);
+        let out = env.publish(&[]).failure().get_output().clone();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{what}: expected {needle:?} in: {err}"
+        );
+        assert_eq!(
+            tree_fingerprint(&env.chroot()),
+            before,
+            "{what}: chroot changed"
+        );
+        fix_it(&env.fleet);
+        fs::remove_file(env.fleet.path("hosts/classic1/extra.nix")).unwrap();
+    }
+    // And with everything fixed, nothing is pending.
+    let reports = env.publish_json();
+    assert!(
+        reports.iter().all(|r| r["status"] == "unchanged"),
+        "{reports:?}"
+    );
+
+    let out = env
+        .publish(&["--host", "nosuch"])
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    assert!(String::from_utf8_lossy(&out).contains("no host named nosuch"));
+}
+
+#[test]
+fn result_links_git_and_droppings_are_not_published() {
+    let env = Env::new();
+    env.fleet.link(
+        "/nix/store/00000000000000000000000000000000-x",
+        "hosts/classic1/result",
+    );
+    env.fleet.write("hosts/classic1/configuration.nix~", "old");
+    env.fleet.write("hosts/classic1/.git/HEAD", "ref");
+    env.publish_json();
+    let m = env.manifest("classic1");
+    let names: Vec<&str> = m.config.iter().map(|e| e.path().as_str()).collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("result") || n.ends_with('~') || n.starts_with(".git")),
+        "{names:?}"
+    );
+}
+
+/// Publish is killed at many moments; whatever `current` names must always be complete and
+/// hash-correct, and the next publish completes.
+#[test]
+fn killed_publish_never_exposes_an_incomplete_version() {
+    use rand::{Rng, SeedableRng};
+    let env = Env::new();
+    // Enough files that a publish takes a while.
+    for i in 0..150 {
+        env.fleet.write(
+            &format!("hosts/classic1/many/f{i}.nix"),
+            &format!("# {i}\n{}\n", "x".repeat(2000)),
+        );
+    }
+    env.publish_json();
+    let t0 = std::time::Instant::now();
+    env.fleet.write("hosts/classic1/many/timing.nix", "# t\n");
+    env.publish_json();
+    let full = t0.elapsed();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261125);
+    let rounds = 40;
+    let mut interrupted = 0;
+    for round in 0..rounds {
+        // Change every file so each run has real work to do.
+        for i in 0..150 {
+            env.fleet.write(
+                &format!("hosts/classic1/many/f{i}.nix"),
+                &format!("# {i} round {round}\n"),
+            );
+        }
+        env.fleet.write(
+            "common/base.nix",
+            &format!("{{ version = \"r{round}\"; }}\n"),
+        );
+        let mut child = crate::common::bento_std()
+            .arg("--fleet")
+            .arg(&env.fleet.root)
+            .arg("publish")
+            .arg("--chroot")
+            .arg(env.chroot())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = full.mul_f64(rng.gen_range(0.0..1.2));
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            interrupted += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for h in HOSTS {
+            let dir = env.chroot().join(h);
+            verify_host(&dir, &HostName::new(h).unwrap())
+                .unwrap_or_else(|e| panic!("round {round}, {h}: live version broken: {e}"));
+        }
+    }
+    assert!(
+        interrupted >= rounds / 4,
+        "only {interrupted} of {rounds} runs were cut short"
+    );
+    // After all that, a normal publish completes and leaves no temporary files behind.
+    env.publish(&[]).success();
+    let mut leftovers = Vec::new();
+    for h in HOSTS {
+        for sub in ["", "manifests"] {
+            for e in fs::read_dir(env.chroot().join(h).join(sub)).unwrap() {
+                let n = e.unwrap().file_name().to_string_lossy().into_owned();
+                if n.starts_with(bento::atomic::TMP_PREFIX) {
+                    leftovers.push(n);
+                }
+            }
+        }
+    }
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(fs::read_dir(env.chroot().join(".bento/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+}
