@@ -1,6 +1,7 @@
 //! bento's integration tests: one binary, shared fixtures in `common`.
 
 mod common;
+mod docs;
 mod init;
 mod publish;
 mod server;

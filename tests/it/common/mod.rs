@@ -196,21 +196,8 @@ impl FixtureFleet {
     }
 }
 
-/// A flake directory with two hosts; each imports the shared toy lib through `common/`.
-pub const MULTI_FLAKE: &str = r#"{
-  outputs = { self }:
-    let
-      lib = import ./common/lib.nix;
-      base = import ./common/base.nix;
-      mk = name: {
-        config.system.build.toplevel =
-          lib.mkSystem ((import (./machines + "/${name}.nix")) // { inherit (base) version; });
-      };
-    in {
-      nixosConfigurations = { alpha = mk "alpha"; beta = mk "beta"; };
-    };
-}
-"#;
+/// A flake directory with one host per `machines/<name>.nix`, built with the shared toy lib.
+pub const MULTI_FLAKE: &str = include_str!("../../fixtures/toy/multi-flake.nix");
 
 /// Every file under `dir` with its content hash and mode, and every directory and link:
 /// a fingerprint to show that a failed run changed nothing.

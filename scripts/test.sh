@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every check bento has: formatting, lints, unit and integration tests.
+# On a fresh Debian machine, as root: installs what the tests need (idempotently) first.
+#   scripts/test.sh            everything
+#   scripts/test.sh publish    only tests whose name contains "publish"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (the tests create accounts, chroots and an sshd)" >&2; exit 1; }
+
+# Debian packages: real Nix and real OpenSSH (server and client) for the integration tests.
+need=()
+for pkg in nix-bin openssh-server openssh-client git; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[test] installing ${need[*]}"
+  apt-get update -qq
+  # policy-rc.d may refuse to start the system sshd/nix-daemon: harmless, tests start their own.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+mkdir -p /run/sshd /nix/var/nix/profiles /nix/var/nix/gcroots
+
+# Rust components (present on the project's machines; installed if missing).
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+echo "[test] cargo fmt --check"
+cargo fmt --all -- --check
+echo "[test] cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "[test] cargo test"
+# Nix settings for every nix call the tests make: offline, no sandbox (toy builders are /bin/sh).
+export NIX_CONFIG='sandbox = false
+experimental-features = nix-command flakes
+build-users-group =
+substituters =
+flake-registry ='
+cargo test --locked -- "$@"

@@ -1,0 +1,64 @@
+//! The examples in docs/ are real: they parse with the code that reads them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bento::fleet::HostName;
+use bento::manifest::{Digest, Manifest};
+use bento::snapshot::{Item, ItemKind};
+
+fn block(doc: &str, info: &str) -> String {
+    let start = doc.find(&format!("```{info}\n")).unwrap_or_else(|| panic!("no ```{info} block"));
+    let body = &doc[start + info.len() + 4..];
+    body[..body.find("```").unwrap()].to_owned()
+}
+
+fn protocol() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md")).unwrap()
+}
+
+#[test]
+fn manifest_example_is_canonical_and_its_digest_is_the_documented_one() {
+    let doc = protocol();
+    let bytes = block(&doc, "json manifest-example");
+    let current = block(&doc, "text current-example");
+    let digest_line = doc
+        .lines()
+        .find(|l| l.starts_with("sha256 of exactly these bytes. Example (digest"))
+        .expect("digest sentence");
+    let digest: Digest = digest_line.split('`').nth(1).unwrap().parse().unwrap();
+    let m = Manifest::parse_untrusted(bytes.as_bytes(), &digest, &HostName::new("alpha").unwrap())
+        .expect("documented manifest parses and matches its digest");
+    assert_eq!(m.to_bytes(), bytes.as_bytes(), "documented manifest is canonical");
+    assert_eq!(m.files[0].mode.to_string(), "0640");
+    assert_eq!(bento::layout::parse_current(&current).unwrap(), digest, "the `current` example");
+}
+
+#[test]
+fn files_toml_example_is_accepted() {
+    let doc = protocol();
+    let toml_text = block(&doc, "toml files-example");
+    let dir = tempfile::tempdir().unwrap();
+    let toml_path = dir.path().join("files.toml");
+    std::fs::write(&toml_path, toml_text).unwrap();
+    let file = |path: &str, kind| Item {
+        path: path.into(),
+        kind,
+    };
+    let f = |src: &Path| ItemKind::File {
+        source: Arc::from(src),
+        size: 1,
+        sha256: Digest::of(b"k"),
+        executable: false,
+    };
+    let items = vec![
+        file("files", ItemKind::Dir),
+        file("files/etc", ItemKind::Dir),
+        file("files/etc/wireguard", ItemKind::Dir),
+        file("files/etc/wireguard/wg0.key", f(Path::new("/dev/null"))),
+        file("files.toml", f(&toml_path)),
+    ];
+    let content = bento::hostfiles::split(&items, None, Path::new("hosts/alpha")).unwrap();
+    assert_eq!(content.files[0].group, "systemd-network");
+    assert_eq!(content.files[0].target.as_str(), "/etc/wireguard/wg0.key");
+}
