@@ -5,7 +5,9 @@
 //! it. The binary (`src/main.rs`, `cli`) is a thin layer over these modules.
 
 pub mod accounts;
+pub mod agent;
 pub mod atomic;
+pub mod build;
 pub mod cli;
 pub mod fleet;
 pub mod hostfiles;
@@ -15,5 +17,8 @@ pub mod manifest;
 pub mod nix;
 pub mod output;
 pub mod publish;
+pub mod report;
 pub mod server;
 pub mod snapshot;
+pub mod status;
+pub mod transport;

@@ -358,6 +358,9 @@ pub struct Manifest {
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
     pub build: Build,
+    /// The system store path the server built for this version (`bento publish --build`),
+    /// so hosts and `bento status` know what "up to date" means. `null` when not built.
+    pub system: Option<crate::nix::StorePath>,
     pub config: Vec<ConfigEntry>,
     pub files: Vec<FileEntry>,
 }
@@ -386,6 +389,7 @@ impl Manifest {
         self.format == other.format
             && self.host == other.host
             && self.build == other.build
+            && self.system == other.system
             && self.config == other.config
             && self.files == other.files
     }
@@ -494,6 +498,7 @@ mod tests {
             created: "2026-11-25T12:00:00Z".into(),
             source_commit: None,
             build: Build::Flake,
+            system: None,
             config: vec![
                 ConfigEntry::File {
                     path: RelPath::new("common/base.nix").unwrap(),

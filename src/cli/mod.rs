@@ -1,9 +1,14 @@
 //! The command line: clap definitions and dispatch. This is the only place that turns
 //! errors into messages and exit codes.
 
+mod agent;
+mod build;
+mod diff;
+mod flake_update;
 mod init;
 mod publish;
 mod server;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,9 +38,20 @@ pub enum Command {
     Init(init::Args),
     /// Publish every host's configuration into its SFTP chroot
     Publish(publish::Args),
+    /// Build every host's system on this server and record what each host should run
+    Build(build::Args),
+    /// Show the state of every host: up to date, pending, failing, rolled back, silent…
+    Status(status::Args),
+    /// Show what will change on each host: its running system against the expected one
+    Diff(diff::Args),
+    /// Update the lock files of every flake directory in the fleet
+    FlakeUpdate(flake_update::Args),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
     #[command(subcommand)]
     Server(server::Command),
+    /// The machine-side agent (runs on each NixOS host)
+    #[command(subcommand)]
+    Agent(agent::Command),
 }
 
 /// Exit status for errors that stop a command.
@@ -61,7 +77,12 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init::run(args),
         Command::Publish(args) => publish::run(cli.fleet, args),
+        Command::Build(args) => build::run(cli.fleet, args),
+        Command::Status(args) => status::run(cli.fleet, args),
+        Command::Diff(args) => diff::run(cli.fleet, args),
+        Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
         Command::Server(cmd) => server::run(cli.fleet, cmd),
+        Command::Agent(cmd) => agent::run(cmd),
     };
     match result {
         Ok(code) => code,

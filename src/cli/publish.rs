@@ -66,6 +66,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         publish::Options {
             chroot: chroot.clone(),
             only: args.hosts,
+            systems: Default::default(),
             now,
             ownership,
             on_wait: Box::new(move || {

@@ -24,6 +24,7 @@ use crate::fleet::{FlakeHosts, Fleet, HostName, HostSource};
 use crate::hostfiles::{self, HostFilesError};
 use crate::layout::Chroot;
 use crate::manifest::{Digest, Manifest, FORMAT};
+use crate::nix::StorePath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -102,6 +103,7 @@ pub fn plan(
     sources: &[HostSource],
     created: &str,
     source_commit: Option<&str>,
+    systems: &BTreeMap<HostName, StorePath>,
 ) -> Result<Vec<HostPlan>, PublishError> {
     sources
         .iter()
@@ -113,6 +115,7 @@ pub fn plan(
                 created: created.to_owned(),
                 source_commit: source_commit.map(str::to_owned),
                 build: s.build,
+                system: systems.get(&s.name).cloned(),
                 config: content.config,
                 files: content.files,
             };
@@ -192,6 +195,8 @@ pub struct Options<'a> {
     pub chroot: Chroot,
     /// Only these hosts (all when empty).
     pub only: Vec<HostName>,
+    /// Expected systems from `bento build`, recorded in the manifests (`publish --build`).
+    pub systems: BTreeMap<HostName, StorePath>,
     pub now: SystemTime,
     pub ownership: Ownership,
     /// Called when the publish lock is busy and the run waits for it.
@@ -220,7 +225,7 @@ pub fn run(
         .collect();
     let created = humantime::format_rfc3339_seconds(opts.now).to_string();
     let commit = source_commit(&fleet.root);
-    let plans = plan(&selected, &created, commit.as_deref())?;
+    let plans = plan(&selected, &created, commit.as_deref(), &opts.systems)?;
 
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
     let reports: Vec<HostReport> = plans

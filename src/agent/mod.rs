@@ -1,0 +1,1 @@
+//! The machine-side agent (being written).

@@ -1,0 +1,1 @@
+//! Building hosts on the server (being written).

@@ -1,0 +1,1 @@
+//! The fleet status (being written).

@@ -1,0 +1,1 @@
+//! How the agent reads its chroot (being written).
