@@ -1,13 +1,166 @@
-//! `bento server …` (being written for the server issue).
+//! `bento server …`: the NixOS module, the sshd block for other servers, account sync and
+//! the live check. Turns the server module's results into output and exit codes.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 
-#[derive(Debug, Subcommand)]
-pub enum Command {}
+use crate::output;
+use crate::server::{self, CheckOptions, SyncAction};
 
-pub fn run(_fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
-    match cmd {}
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the NixOS module the server imports (accounts, keys, sshd Match block, chroots)
+    NixosModule {
+        /// Where to write it; `-` for stdout
+        #[arg(long, short, value_name = "FILE", default_value = "fleet.nix")]
+        output: PathBuf,
+    },
+    /// Print the sshd_config lines to append on a non-NixOS server
+    SshdConfig,
+    /// Create and update the host accounts and their key files on a non-NixOS server (root)
+    SyncAccounts {
+        /// Also remove accounts with the fleet's prefix, in group bento, that are no longer in bento.toml
+        #[arg(long)]
+        prune: bool,
+        /// Print a JSON summary on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the live server host by host; exits non-zero if anything is wrong
+    Check {
+        /// The sshd configuration to check
+        #[arg(long, value_name = "FILE", default_value = "/etc/ssh/sshd_config")]
+        sshd_config: PathBuf,
+        /// The sshd binary (default: sshd on PATH, else /usr/sbin/sshd)
+        #[arg(long, value_name = "FILE")]
+        sshd: Option<PathBuf>,
+        /// Print a JSON report on stdout
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let config = &fleet.config;
+    match cmd {
+        Command::NixosModule { output } => {
+            let keys = server::fleet_keys(config)?;
+            let text = server::nixos::render(config, &keys)?;
+            if output.as_os_str() == "-" {
+                std::io::stdout()
+                    .write_all(text.as_bytes())
+                    .context("writing to stdout")?;
+            } else {
+                crate::atomic::write_file(&output, text.as_bytes(), 0o644)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                tracing::info!(
+                    "wrote {} ({} host{})",
+                    output.display(),
+                    config.hosts.len(),
+                    if config.hosts.len() == 1 { "" } else { "s" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SshdConfig => {
+            server::sshd::check_server_paths(&config.server)?;
+            std::io::stdout()
+                .write_all(server::sshd_config(&config.server).as_bytes())
+                .context("writing to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SyncAccounts { prune, json } => {
+            let reports = server::sync_accounts(config, prune)
+                .with_context(|| format!("syncing the accounts of {}", fleet.root.display()))?;
+            if json {
+                output::json(&reports)?;
+            } else {
+                let width = reports.iter().map(|r| r.account.len()).max().unwrap_or(0);
+                for r in &reports {
+                    let action = match r.action {
+                        SyncAction::Created => "created",
+                        SyncAction::Updated => "updated",
+                        SyncAction::Unchanged => "unchanged",
+                        SyncAction::Removed => "removed",
+                        SyncAction::Failed => "failed",
+                    };
+                    let host = r.host.as_ref().map(|h| h.as_str()).unwrap_or("-");
+                    output::line(
+                        format!(
+                            "{:width$}  {action:9}  {host}  {}",
+                            r.account,
+                            r.details.join("; ")
+                        )
+                        .trim_end(),
+                    );
+                }
+            }
+            let failed = reports
+                .iter()
+                .filter(|r| r.action == SyncAction::Failed)
+                .count();
+            if failed > 0 {
+                tracing::error!("{failed} account(s) failed");
+                return Ok(ExitCode::from(super::EXIT_ERROR));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            sshd_config,
+            sshd,
+            json,
+        } => {
+            let sshd = sshd.unwrap_or_else(find_sshd);
+            let report = server::check(config, &CheckOptions { sshd, sshd_config });
+            if json {
+                output::json(&report)?;
+            } else {
+                let width = report
+                    .hosts
+                    .iter()
+                    .map(|h| h.host.as_str().len())
+                    .chain([6])
+                    .max()
+                    .unwrap_or(6);
+                let show = |name: &str, problems: &[String]| {
+                    if problems.is_empty() {
+                        output::line(&format!("{name:width$}  ok"));
+                    } else {
+                        output::line(&format!(
+                            "{name:width$}  {} problem{}",
+                            problems.len(),
+                            if problems.len() == 1 { "" } else { "s" }
+                        ));
+                        for p in problems {
+                            output::line(&format!("{:width$}  - {p}", ""));
+                        }
+                    }
+                };
+                show("server", &report.server);
+                for h in &report.hosts {
+                    show(h.host.as_str(), &h.problems);
+                }
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(super::EXIT_ERROR)
+            })
+        }
+    }
+}
+
+/// sshd from PATH (NixOS keeps it in /run/current-system/sw/bin), else Debian's.
+fn find_sshd() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("sshd"))
+            .find(|p| p.is_file())
+    });
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/sshd"))
 }

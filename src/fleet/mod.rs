@@ -19,6 +19,7 @@ pub const HOSTS_DIR: &str = "hosts";
 /// Where publish puts chroots unless `bento.toml` or `--chroot` says otherwise.
 pub const DEFAULT_CHROOT: &str = "/srv/bento";
 pub const DEFAULT_ACCOUNT_PREFIX: &str = "bento-";
+pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/etc/bento/authorized_keys";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -48,6 +49,10 @@ pub struct ServerConfig {
     pub chroot: PathBuf,
     #[serde(default = "default_prefix")]
     pub account_prefix: String,
+    /// Root-owned directory of per-account authorized-keys files (`AuthorizedKeysFile <dir>/%u`),
+    /// outside the chroots so a host can never edit its own key.
+    #[serde(default = "default_authorized_keys_dir")]
+    pub authorized_keys_dir: PathBuf,
 }
 
 fn default_port() -> u16 {
@@ -59,6 +64,9 @@ fn default_chroot() -> PathBuf {
 fn default_prefix() -> String {
     DEFAULT_ACCOUNT_PREFIX.to_owned()
 }
+fn default_authorized_keys_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_AUTHORIZED_KEYS_DIR)
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -67,6 +75,7 @@ impl Default for ServerConfig {
             port: default_port(),
             chroot: default_chroot(),
             account_prefix: default_prefix(),
+            authorized_keys_dir: default_authorized_keys_dir(),
         }
     }
 }

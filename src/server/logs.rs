@@ -1,0 +1,261 @@
+//! The server-side reader of a host's `logs/`, the one directory a (possibly compromised)
+//! host can write. Everything that reads host-written files (status, report collection)
+//! goes through here: entries are opened with `O_NOFOLLOW`, and anything that is not a
+//! regular file with a single link is refused, so a planted symlink or hard link can never
+//! make a root process read another host's chroot.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::layout::LOGS;
+
+/// Largest file `read` returns; a host must not be able to exhaust the server's memory.
+pub const MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: refused, {kind}")]
+    Refused { path: PathBuf, kind: Refusal },
+    #[error("{name:?} is not a plain file name in logs/")]
+    BadName { name: String },
+    #[error("{path}: larger than {max} bytes")]
+    TooLarge { path: PathBuf, max: u64 },
+}
+
+/// Why an entry of `logs/` is not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    Symlink,
+    /// A regular file with more than one name: possibly another host's file linked in.
+    HardLink,
+    Directory,
+    /// FIFO, socket or device.
+    Special,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::Symlink => "it is a symbolic link",
+            Refusal::HardLink => "it is a hard link (more than one name)",
+            Refusal::Directory => "it is a directory",
+            Refusal::Special => "it is not a regular file",
+        })
+    }
+}
+
+/// One entry of `logs/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogEntry {
+    pub name: String,
+    /// Size for readable files.
+    pub size: u64,
+    /// Set when the entry will not be read.
+    pub refused: Option<Refusal>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogsError + '_ {
+    move |source| LogsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn refusal(meta: &fs::Metadata) -> Option<Refusal> {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        Some(Refusal::Symlink)
+    } else if ft.is_dir() {
+        Some(Refusal::Directory)
+    } else if !ft.is_file() {
+        Some(Refusal::Special)
+    } else if meta.nlink() > 1 {
+        Some(Refusal::HardLink)
+    } else {
+        None
+    }
+}
+
+/// Opens `path` without following a final symlink and without blocking on a FIFO.
+fn open_nofollow(path: &Path, extra: libc::c_int) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | extra)
+        .open(path)
+}
+
+/// The `logs/` directory of a host directory, refusing it if it is itself a link. The host
+/// directory is root-owned, so the host cannot swap `logs/` after this check.
+fn logs_dir(host_dir: &Path) -> Result<PathBuf, LogsError> {
+    let dir = host_dir.join(LOGS);
+    match open_nofollow(&dir, libc::O_DIRECTORY) {
+        Ok(_) => Ok(dir),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            let kind = match fs::symlink_metadata(&dir) {
+                Ok(m) => refusal(&m).unwrap_or(Refusal::Special),
+                Err(e) => return Err(io_err(&dir)(e)),
+            };
+            Err(LogsError::Refused { path: dir, kind })
+        }
+        Err(e) => Err(io_err(&dir)(e)),
+    }
+}
+
+/// Lists `<host_dir>/logs/`, sorted by name, marking entries that `read` would refuse.
+pub fn list(host_dir: &Path) -> Result<Vec<LogEntry>, LogsError> {
+    let dir = logs_dir(host_dir)?;
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let entry = entry.map_err(io_err(&dir))?;
+        let path = entry.path();
+        // symlink_metadata is lstat: it describes the link, never its target.
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            // Removed by the host in the meantime.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let refused = refusal(&meta);
+        entries.push(LogEntry {
+            name: entry.file_name().to_string_lossy().into_owned(),
+            size: if refused.is_none() { meta.len() } else { 0 },
+            refused,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Reads `<host_dir>/logs/<name>` (at most `MAX_LOG_BYTES`), refusing links and anything
+/// that is not a regular file with one name. The checks are made on the opened file, so
+/// the host cannot swap the entry between check and read.
+pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(LogsError::BadName {
+            name: name.to_owned(),
+        });
+    }
+    let path = logs_dir(host_dir)?.join(name);
+    let file = match open_nofollow(&path, 0) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(LogsError::Refused {
+                path,
+                kind: Refusal::Symlink,
+            })
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err(&path))?;
+    if let Some(kind) = refusal(&meta) {
+        return Err(LogsError::Refused { path, kind });
+    }
+    if meta.len() > MAX_LOG_BYTES {
+        return Err(LogsError::TooLarge {
+            path,
+            max: MAX_LOG_BYTES,
+        });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // take(): the host may still be appending; never read past the cap.
+    file.take(MAX_LOG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(&path))?;
+    if bytes.len() as u64 > MAX_LOG_BYTES {
+        return Err(LogsError::TooLarge {
+            path,
+            max: MAX_LOG_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = tmp.path().join("alpha");
+        let other = tmp.path().join("beta");
+        fs::create_dir_all(host.join(LOGS)).unwrap();
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("secret"), "beta's secret\n").unwrap();
+        (tmp, host, other)
+    }
+
+    #[test]
+    fn reads_regular_files_and_refuses_links() {
+        let (_tmp, host, other) = setup();
+        let logs = host.join(LOGS);
+        fs::write(logs.join("report.json"), "{}\n").unwrap();
+        symlink(other.join("secret"), logs.join("sym")).unwrap();
+        fs::hard_link(other.join("secret"), logs.join("hard")).unwrap();
+        fs::create_dir(logs.join("sub")).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        let fifo = std::ffi::CString::new(logs.join("fifo").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+        assert_eq!(read(&host, "report.json").unwrap(), b"{}\n");
+        let refused = |name: &str| match read(&host, name) {
+            Err(LogsError::Refused { kind, .. }) => kind,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(refused("sym"), Refusal::Symlink);
+        assert_eq!(refused("hard"), Refusal::HardLink);
+        assert_eq!(refused("sub"), Refusal::Directory);
+        assert_eq!(refused("fifo"), Refusal::Special);
+        for bad in ["", "..", "../beta/secret", "a/b"] {
+            assert!(
+                matches!(read(&host, bad), Err(LogsError::BadName { .. })),
+                "{bad}"
+            );
+        }
+
+        let listed = list(&host).unwrap();
+        let summary: Vec<(&str, Option<Refusal>)> = listed
+            .iter()
+            .map(|e| (e.name.as_str(), e.refused))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("fifo", Some(Refusal::Special)),
+                ("hard", Some(Refusal::HardLink)),
+                ("report.json", None),
+                ("sub", Some(Refusal::Directory)),
+                ("sym", Some(Refusal::Symlink)),
+            ]
+        );
+        assert_eq!(listed[2].size, 3);
+    }
+
+    #[test]
+    fn refuses_a_logs_dir_that_is_a_link() {
+        let (_tmp, host, other) = setup();
+        fs::remove_dir(host.join(LOGS)).unwrap();
+        symlink(&other, host.join(LOGS)).unwrap();
+        assert!(matches!(
+            list(&host),
+            Err(LogsError::Refused {
+                kind: Refusal::Symlink,
+                ..
+            })
+        ));
+        assert!(matches!(
+            read(&host, "secret"),
+            Err(LogsError::Refused {
+                kind: Refusal::Symlink,
+                ..
+            })
+        ));
+    }
+}
