@@ -1,12 +1,190 @@
-//! `bento agent …` (being written).
+//! `bento agent …`: the commands run on each NixOS machine.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 
+use crate::agent::state::StateDir;
+use crate::agent::system::{NixSystem, System};
+use crate::agent::{self, AgentConfig, RunResult, UpdateOptions};
+use crate::nix::Nix;
+use crate::output;
+use crate::transport::{self, SshOptions};
+
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Fetch, build and activate this machine's published configuration if it changed
+    Update {
+        /// The agent's settings
+        #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// Retry a version that failed or was rolled back, now
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show this machine's view: version applied, running system, last outcome
+    Status {
+        #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        Command::Update { config, force } => update(&config, force),
+        Command::Status { config, json } => status(&config, json),
+    }
+}
+
+fn ssh_options(cfg: &AgentConfig) -> SshOptions {
+    SshOptions {
+        identity_file: cfg.identity_file.clone(),
+        known_hosts: cfg.known_hosts.clone(),
+        connect_timeout: cfg.connect_timeout,
+        control_dir: StateDir::new(&cfg.state_dir).ssh(),
+    }
+}
+
+fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
+    let cfg = AgentConfig::load(config)?;
+    let system = NixSystem {
+        nix: Nix::default(),
+        profile: cfg.profile.clone(),
+        current_system: cfg.current_system.clone(),
+    };
+    let ssh = ssh_options(&cfg);
+    let connect = || transport::connect(&cfg.server, &ssh);
+    let lock = StateDir::new(&cfg.state_dir).lock();
+    let on_wait = || {
+        output::note(&format!(
+            "another `bento agent update` holds {}; waiting for it",
+            lock.display()
+        ))
+    };
+    let result = agent::update(&UpdateOptions {
+        config: &cfg,
+        system: &system,
+        connect: &connect,
+        now: &std::time::SystemTime::now,
+        force,
+        on_wait: &on_wait,
+        on_progress: &|_| {},
+    })
+    .with_context(|| format!("updating host {} from {}", cfg.host, cfg.server))?;
+    match &result {
+        RunResult::NoOp { reason } => output::line(&format!("nothing to do: {reason}")),
+        RunResult::Updated(r) => output::line(&format!(
+            "updated to version {} ({})",
+            r.version.short(),
+            r.built_system.as_deref().unwrap_or("-")
+        )),
+        RunResult::Failed(r) => output::line(&format!(
+            "failed to apply version {}: {}",
+            r.version.short(),
+            r.error.as_deref().unwrap_or("-")
+        )),
+        RunResult::RolledBack(r) => output::line(&format!(
+            "rolled back from version {}: {}",
+            r.version.short(),
+            r.error.as_deref().unwrap_or("-")
+        )),
+    }
+    Ok(ExitCode::from(result.exit_code()))
+}
+
+fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let cfg = AgentConfig::load(config)?;
+    let dirs = StateDir::new(&cfg.state_dir);
+    let state = dirs
+        .load()
+        .with_context(|| format!("reading {}", dirs.state_file().display()))?;
+    let system = NixSystem {
+        nix: Nix::default(),
+        profile: cfg.profile.clone(),
+        current_system: cfg.current_system.clone(),
+    };
+    let running = system.running().ok().flatten();
+    let next = next_timer_run();
+    let when = |s: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+            .to_string()
+    };
+    if json {
+        output::json(&serde_json::json!({
+            "host": cfg.host,
+            "server": cfg.server.to_string(),
+            "applied_version": state.applied.as_ref().map(|a| a.version),
+            "applied_system": state.applied.as_ref().map(|a| a.system.to_string()),
+            "running_system": running.as_ref().map(|r| r.to_string()),
+            "last_outcome": state.last.as_ref().map(|l| l.outcome),
+            "last_run": state.last.as_ref().map(|l| when(l.finished)),
+            "last_error": state.last.as_ref().and_then(|l| l.error.clone()),
+            "rolled_back": state.rolled_back,
+            "next_run": next,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = [
+        ("host", cfg.host.to_string()),
+        ("server", cfg.server.to_string()),
+        (
+            "applied",
+            state.applied.as_ref().map_or("nothing yet".into(), |a| {
+                format!(
+                    "version {} ({}) at {}",
+                    a.version.short(),
+                    a.system,
+                    when(a.at)
+                )
+            }),
+        ),
+        (
+            "running",
+            running.as_ref().map_or("unknown".into(), |r| r.to_string()),
+        ),
+        (
+            "last run",
+            state.last.as_ref().map_or("never".into(), |l| {
+                let err = l
+                    .error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                format!(
+                    "{} of version {} at {}{err}",
+                    l.outcome.as_str(),
+                    l.version.short(),
+                    when(l.finished)
+                )
+            }),
+        ),
+        (
+            "next run",
+            next.unwrap_or_else(|| "unknown (no systemd timer)".into()),
+        ),
+    ];
+    for (k, v) in rows {
+        output::line(&format!("{k:9} {v}"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// When systemd will start the agent next, if systemd runs its timer.
+fn next_timer_run() -> Option<String> {
+    let out = std::process::Command::new("systemctl")
+        .args([
+            "show",
+            "bento-agent.timer",
+            "--property=NextElapseUSecRealtime",
+            "--value",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !text.is_empty() && text != "n/a").then_some(text)
 }

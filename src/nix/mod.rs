@@ -49,7 +49,9 @@ pub fn tail(text: &str, n: usize) -> String {
 }
 
 /// A path in the Nix store: `/nix/store/<32-char hash>-<name>`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct StorePath(String);
 
@@ -169,7 +171,10 @@ impl Nix {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         let argv = std::iter::once(program.to_owned())
-            .chain(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()))
+            .chain(
+                args.iter()
+                    .map(|a| a.as_ref().to_string_lossy().into_owned()),
+            )
             .collect::<Vec<_>>()
             .join(" ");
         tracing::debug!(%argv, "running");
@@ -222,7 +227,14 @@ impl Nix {
             }
             Target::Classic { dir } => {
                 let config = format!("nixos-config={}", dir.join("configuration.nix").display());
-                let args = ["<nixpkgs/nixos>", "-A", TOPLEVEL, "-I", &config, "--no-out-link"];
+                let args = [
+                    "<nixpkgs/nixos>",
+                    "-A",
+                    TOPLEVEL,
+                    "-I",
+                    &config,
+                    "--no-out-link",
+                ];
                 let out = self.run("nix-build", &args)?;
                 let text = String::from_utf8_lossy(&out.stdout);
                 let last = text.lines().last().unwrap_or_default().trim();
@@ -304,10 +316,15 @@ mod tests {
 
     #[test]
     fn store_paths() {
-        let p = StorePath::new("/nix/store/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-nixos-system-alpha-1").unwrap();
+        let p = StorePath::new("/nix/store/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-nixos-system-alpha-1")
+            .unwrap();
         assert_eq!(p.short_hash(8), "6x2qmbmb");
         assert_eq!(p.name(), "nixos-system-alpha-1");
-        for bad in ["/nix/store/short-x", "/tmp/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-x", "/nix/store/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-"] {
+        for bad in [
+            "/nix/store/short-x",
+            "/tmp/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-x",
+            "/nix/store/6x2qmbmbawhx4s6w4wyr8j9lmzz3q5fh-",
+        ] {
             assert!(StorePath::new(bad).is_err(), "{bad}");
         }
     }
@@ -315,7 +332,11 @@ mod tests {
     #[test]
     fn build_json() {
         let out = br#"[{"drvPath":"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv","outputs":{"out":"/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x"}}]"#;
-        assert_eq!(parse_build_json(out).unwrap().as_str(), "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x");
+        assert_eq!(
+            parse_build_json(out).unwrap().as_str(),
+            "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-x"
+        );
         assert!(parse_build_json(b"[]").is_err());
     }
 }
+pub mod closure;

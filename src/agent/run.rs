@@ -1,0 +1,718 @@
+//! One run of `bento agent update`. The decisions (no-op, back-off, rolled back) are made
+//! from the state file and `current` alone, so the common case — nothing changed — costs one
+//! connection, a read of `current` and a heartbeat.
+//!
+//! Order of an update, and why:
+//! 1. fetch the manifest and the missing objects (verified; resumable);
+//! 2. stage the configuration tree and swap `config/current`;
+//! 3. build — before touching any file on the machine, so a failed build changes nothing;
+//! 4. install `files` entries, point the system profile at the build, activate;
+//! 5. confirm over a *fresh* connection (the old one may have survived a network the new
+//!    system broke) and roll back to the exact store path that ran before if it fails;
+//! 6. report: spooled first, then delivered, so no report is ever lost.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::config::AgentConfig;
+use super::files;
+use super::state::{Applied, LastRun, State, StateDir};
+use super::system::System;
+use crate::atomic::Lock;
+use crate::layout;
+use crate::manifest::{Build, Digest, Manifest, MAX_MANIFEST_BYTES};
+use crate::nix::{StorePath, Target};
+use crate::report::{self, Heartbeat, Outcome, Report, Timings};
+use crate::transport::{Transport, TransportError};
+
+/// Lines of build and activation output kept in a report (the full log goes alongside).
+const LOG_TAIL_LINES: usize = 30;
+/// Pause between attempts to reach the server after activation.
+const CONFIRM_RETRY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("`current` on the server does not hold a digest: {0:?}")]
+    BadCurrent(String),
+    #[error("cannot tell the running system: {0}")]
+    Running(std::io::Error),
+}
+
+/// What a run did; each maps to an exit status (docs/agent.md).
+#[derive(Debug)]
+pub enum RunResult {
+    /// Nothing to do (up to date, nothing published, backing off, version rolled back).
+    NoOp {
+        reason: String,
+    },
+    Updated(Box<Report>),
+    Failed(Box<Report>),
+    RolledBack(Box<Report>),
+}
+
+impl RunResult {
+    pub const EXIT_NOOP: u8 = 0;
+    pub const EXIT_UPDATED: u8 = 10;
+    pub const EXIT_FAILED: u8 = 11;
+    pub const EXIT_ROLLED_BACK: u8 = 12;
+
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunResult::NoOp { .. } => Self::EXIT_NOOP,
+            RunResult::Updated(_) => Self::EXIT_UPDATED,
+            RunResult::Failed(_) => Self::EXIT_FAILED,
+            RunResult::RolledBack(_) => Self::EXIT_ROLLED_BACK,
+        }
+    }
+}
+
+pub struct UpdateOptions<'a> {
+    pub config: &'a AgentConfig,
+    pub system: &'a dyn System,
+    /// Opens a new connection to the server (called again for the confirmation).
+    pub connect: &'a dyn Fn() -> Result<Box<dyn Transport>, TransportError>,
+    pub now: &'a dyn Fn() -> SystemTime,
+    /// Retry a failed or rolled-back version now.
+    pub force: bool,
+    /// Called when another run holds the lock and this one waits.
+    pub on_wait: &'a dyn Fn(),
+    /// Progress lines for a person watching (the trigger page, a terminal).
+    pub on_progress: &'a dyn Fn(&str),
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::State {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The run's own log: every step and all build/activation output, for the report.
+struct RunLog<'a> {
+    text: String,
+    on_progress: &'a dyn Fn(&str),
+}
+
+impl RunLog<'_> {
+    fn step(&mut self, line: &str) {
+        tracing::info!("{line}");
+        (self.on_progress)(line);
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+
+    fn output(&mut self, text: &str) {
+        self.text.push_str(text);
+        if !text.is_empty() && !text.ends_with('\n') {
+            self.text.push('\n');
+        }
+    }
+
+    fn tail(&self) -> String {
+        crate::nix::tail(&self.text, LOG_TAIL_LINES)
+    }
+}
+
+/// One update run. Errors are problems that stop the run before a version is attempted
+/// (no report); everything after that ends in a report.
+pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
+    let cfg = opts.config;
+    let dirs = StateDir::new(&cfg.state_dir);
+    dirs.create().map_err(state_err(&dirs.root))?;
+    let _lock = Lock::acquire(&dirs.lock(), opts.on_wait).map_err(state_err(&dirs.lock()))?;
+    let mut state = dirs.load().map_err(state_err(&dirs.state_file()))?;
+
+    let mut transport = (opts.connect)()?;
+    deliver_spool(transport.as_mut(), &dirs);
+
+    let running = opts.system.running().map_err(AgentError::Running)?;
+    let Some(text) = transport.read_current()? else {
+        heartbeat(
+            transport.as_mut(),
+            cfg,
+            &state,
+            running.as_ref(),
+            (opts.now)(),
+        );
+        let _ = transport.close();
+        return Ok(RunResult::NoOp {
+            reason: "nothing is published for this host yet".into(),
+        });
+    };
+    let version = layout::parse_current(&text)
+        .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?;
+
+    if let Some(reason) = skip_reason(
+        &state,
+        &version,
+        running.as_ref(),
+        opts.force,
+        secs((opts.now)()),
+    ) {
+        heartbeat(
+            transport.as_mut(),
+            cfg,
+            &state,
+            running.as_ref(),
+            (opts.now)(),
+        );
+        let _ = transport.close();
+        return Ok(RunResult::NoOp { reason });
+    }
+
+    let started_at = (opts.now)();
+    let clock = Instant::now();
+    let mut log = RunLog {
+        text: String::new(),
+        on_progress: opts.on_progress,
+    };
+    let mut timings = Timings::default();
+    log.step(&format!(
+        "applying version {} (running {})",
+        version.short(),
+        running.as_ref().map_or("nothing", |r| r.as_str())
+    ));
+
+    let mut attempt = Attempt {
+        cfg,
+        dirs: &dirs,
+        system: opts.system,
+        version,
+        running: running.clone(),
+        built: None,
+        reboot_required: false,
+    };
+    let result = attempt.run(&mut transport, opts, &mut log, &mut timings);
+    let (outcome, error) = match result {
+        Ok(o) => (o, None),
+        Err(AttemptError::Transport(e)) => {
+            // The connection dropped mid-download: not the version's fault. Partial
+            // downloads resume on the next run; no back-off, no report.
+            log.step(&format!("interrupted: {e}"));
+            return Err(AgentError::Transport(e));
+        }
+        Err(AttemptError::Failed(msg)) => (Outcome::Failure, Some(msg)),
+        Err(AttemptError::RolledBack(msg)) => (Outcome::Rollback, Some(msg)),
+    };
+    if let Some(e) = &error {
+        log.step(&format!("{}: {e}", outcome.as_str()));
+    } else {
+        log.step("success");
+    }
+    timings.total_ms = clock.elapsed().as_millis() as u64;
+    let finished = (opts.now)();
+    let system_after = opts.system.running().ok().flatten();
+    let report = Report {
+        format: report::FORMAT,
+        id: report::new_id(started_at),
+        host: cfg.host.clone(),
+        version,
+        previous_version: state.applied.as_ref().map(|a| a.version),
+        outcome,
+        system_before: running.as_ref().map(|p| p.to_string()),
+        system_after: system_after.as_ref().map(|p| p.to_string()),
+        built_system: attempt.built.as_ref().map(|p| p.to_string()),
+        started: rfc3339(started_at),
+        finished: rfc3339(finished),
+        timings,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        error: error
+            .as_ref()
+            .map(|e| e.lines().next().unwrap_or_default().to_owned()),
+        log_tail: log.tail(),
+        reboot_required: attempt.reboot_required,
+    };
+
+    // State first: whatever happens to the report, the machine knows what it did.
+    match outcome {
+        Outcome::Success => {
+            let system = attempt.built.clone().expect("a success has a build");
+            state.applied = Some(Applied {
+                version,
+                system,
+                at: secs(finished),
+            });
+            state.failures = None;
+        }
+        Outcome::Failure => state.record_failure(version, secs(finished)),
+        Outcome::Rollback => state.record_rollback(version),
+    }
+    state.last = Some(LastRun {
+        id: report.id.clone(),
+        version,
+        outcome,
+        finished: secs(finished),
+        error: report.error.clone(),
+    });
+    dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+    spool(&dirs, &report, &log.text).map_err(state_err(&dirs.spool()))?;
+    if outcome == Outcome::Success {
+        if let Err(e) = collect_cache(&dirs, &state) {
+            tracing::warn!("cleaning the local cache: {e}");
+        }
+    }
+
+    // Deliver over the connection still open (after a confirmation, the fresh one).
+    if outcome != Outcome::Rollback {
+        deliver_spool(transport.as_mut(), &dirs);
+        heartbeat(
+            transport.as_mut(),
+            cfg,
+            &state,
+            system_after.as_ref(),
+            finished,
+        );
+    }
+    let _ = transport.close();
+    Ok(match outcome {
+        Outcome::Success => RunResult::Updated(Box::new(report)),
+        Outcome::Failure => RunResult::Failed(Box::new(report)),
+        Outcome::Rollback => RunResult::RolledBack(Box::new(report)),
+    })
+}
+
+/// Why this run need not apply `version`, if it need not.
+fn skip_reason(
+    state: &State,
+    version: &Digest,
+    running: Option<&StorePath>,
+    force: bool,
+    now: u64,
+) -> Option<String> {
+    if let Some(applied) = &state.applied {
+        if &applied.version == version && Some(&applied.system) == running {
+            return Some(format!("up to date (version {})", version.short()));
+        }
+    }
+    if force {
+        return None;
+    }
+    if state.rolled_back.contains(version) {
+        return Some(format!(
+            "version {} was rolled back; waiting for a newer one (or `bento agent update --force`)",
+            version.short()
+        ));
+    }
+    if let Some(at) = state.retry_at(version) {
+        if now < at {
+            let wait = Duration::from_secs(at - now);
+            return Some(format!(
+                "version {} failed; retrying in {} (or `bento agent update --force`)",
+                version.short(),
+                humantime::format_duration(wait)
+            ));
+        }
+    }
+    None
+}
+
+enum AttemptError {
+    Transport(TransportError),
+    Failed(String),
+    RolledBack(String),
+}
+
+struct Attempt<'a> {
+    cfg: &'a AgentConfig,
+    dirs: &'a StateDir,
+    system: &'a dyn System,
+    version: Digest,
+    running: Option<StorePath>,
+    built: Option<StorePath>,
+    reboot_required: bool,
+}
+
+impl Attempt<'_> {
+    fn run(
+        &mut self,
+        transport: &mut Box<dyn Transport>,
+        opts: &UpdateOptions<'_>,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+    ) -> Result<Outcome, AttemptError> {
+        let failed = |e: &dyn std::fmt::Display| AttemptError::Failed(e.to_string());
+
+        // 1. Fetch.
+        let t = Instant::now();
+        let rel = format!("{}/{}.json", layout::MANIFESTS, self.version);
+        let bytes = transport
+            .read_small(&rel, MAX_MANIFEST_BYTES)
+            .map_err(AttemptError::Transport)?;
+        let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
+            .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
+        let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
+        crate::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
+        let sizes: BTreeMap<Digest, u64> = manifest
+            .config
+            .iter()
+            .filter_map(|e| match e {
+                crate::manifest::ConfigEntry::File { sha256, size, .. } => Some((*sha256, *size)),
+                _ => None,
+            })
+            .chain(manifest.files.iter().map(|f| (f.sha256, f.size)))
+            .collect();
+        let missing: Vec<(Digest, u64)> = sizes
+            .iter()
+            .filter(|(d, _)| !self.dirs.objects().join(d.to_hex()).exists())
+            .map(|(d, s)| (*d, *s))
+            .collect();
+        log.step(&format!(
+            "fetching {} of {} objects",
+            missing.len(),
+            sizes.len()
+        ));
+        match transport.fetch_objects(&missing, &self.dirs.objects()) {
+            Ok(n) => log.step(&format!("fetched {}", crate::output::bytes(n))),
+            Err(e @ TransportError::BadObject { .. }) => return Err(failed(&e)),
+            Err(e) => return Err(AttemptError::Transport(e)),
+        }
+        timings.fetch_ms = Some(t.elapsed().as_millis() as u64);
+
+        // 2. Stage the configuration.
+        let config_dir = files::stage_config(
+            &manifest,
+            &self.version,
+            &self.dirs.objects(),
+            &self.dirs.config(),
+        )
+        .map_err(|e| failed(&e))?;
+
+        // 3. Build.
+        let t = Instant::now();
+        let target = match manifest.build {
+            Build::Flake => Target::Flake {
+                dir: config_dir.clone(),
+                host: self.cfg.host.to_string(),
+            },
+            Build::Classic => Target::Classic {
+                dir: config_dir.clone(),
+            },
+        };
+        log.step("building");
+        let built = match self.system.build(&target) {
+            Ok(b) => b,
+            Err(e) => {
+                log.output(e.log());
+                timings.build_ms = Some(t.elapsed().as_millis() as u64);
+                return Err(AttemptError::Failed(format!(
+                    "build failed: {}",
+                    first_error_line(&e.to_string())
+                )));
+            }
+        };
+        log.output(&built.log);
+        timings.build_ms = Some(t.elapsed().as_millis() as u64);
+        log.step(&format!("built {}", built.path));
+        self.built = Some(built.path.clone());
+        if let Some(expected) = &manifest.system {
+            if expected != &built.path {
+                log.step(&format!("note: the server expected {expected}"));
+            }
+        }
+        self.reboot_required = self
+            .running
+            .as_ref()
+            .is_some_and(|r| boot_files_differ(r, &built.path));
+
+        // 4. Files, profile, activation.
+        let state = self.dirs.load().unwrap_or_default();
+        let installed = files::install_files(
+            &manifest.files,
+            &self.dirs.objects(),
+            &self.cfg.files_root,
+            &state.installed_files,
+        )
+        .map_err(|e| failed(&e))?;
+        let mut state = state;
+        state.installed_files = installed;
+        self.dirs.save(&state).map_err(|e| failed(&e))?;
+
+        if self.running.as_ref() == Some(&built.path) {
+            log.step("the build is the running system: nothing to activate");
+            return Ok(Outcome::Success);
+        }
+        let t = Instant::now();
+        let mode = self.cfg.mode;
+        log.step(&format!("activating ({})", mode.as_str()));
+        self.system
+            .set_profile(&built.path)
+            .map_err(|e| failed(&e))?;
+        match self.system.activate(&built.path, mode) {
+            Ok(out) => log.output(&out),
+            Err(e) => {
+                log.output(&e.output);
+                let restored = self.restore(log);
+                timings.activate_ms = Some(t.elapsed().as_millis() as u64);
+                return Err(AttemptError::Failed(format!(
+                    "activation failed ({}){restored}",
+                    e.status
+                )));
+            }
+        }
+        timings.activate_ms = Some(t.elapsed().as_millis() as u64);
+        if !mode.activates_now() {
+            return Ok(Outcome::Success);
+        }
+
+        // 5. Confirm over a fresh connection.
+        let t = Instant::now();
+        log.step("checking that the server is still reachable");
+        let deadline = Instant::now() + self.cfg.confirm_timeout;
+        let fresh = loop {
+            match (opts.connect)() {
+                Ok(c) => break Some(c),
+                Err(e) => {
+                    log.step(&format!("server not reachable: {e}"));
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break None;
+                    }
+                    std::thread::sleep(CONFIRM_RETRY.min(left));
+                }
+            }
+        };
+        timings.confirm_ms = Some(t.elapsed().as_millis() as u64);
+        match fresh {
+            Some(c) => {
+                let old = std::mem::replace(transport, c);
+                let _ = old.close();
+                Ok(Outcome::Success)
+            }
+            None if self.running.is_some() => {
+                let restored = self.restore(log);
+                Err(AttemptError::RolledBack(format!(
+                    "server unreachable for {} after activation{restored}",
+                    humantime::format_duration(self.cfg.confirm_timeout)
+                )))
+            }
+            None => Err(AttemptError::Failed(
+                "server unreachable after activation, and there is no earlier system to go back to"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Puts back the system that ran before this run, by its store path.
+    fn restore(&self, log: &mut RunLog<'_>) -> String {
+        let Some(prev) = &self.running else {
+            return String::new();
+        };
+        log.step(&format!("going back to {prev}"));
+        if let Err(e) = self.system.set_profile(prev) {
+            log.step(&format!("could not reset the profile: {e}"));
+            return format!(
+                "; restoring {prev} failed: {}",
+                first_error_line(&e.to_string())
+            );
+        }
+        match self.system.activate(prev, self.cfg.mode) {
+            Ok(out) => {
+                log.output(&out);
+                format!("; back on {prev}")
+            }
+            Err(e) => {
+                log.output(&e.output);
+                format!("; re-activating {prev} failed too ({})", e.status)
+            }
+        }
+    }
+}
+
+fn first_error_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.contains("error"))
+        .or_else(|| text.lines().next())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// True when the kernel or initrd differ: the new system needs a reboot to run fully.
+fn boot_files_differ(a: &StorePath, b: &StorePath) -> bool {
+    ["kernel", "initrd"].iter().any(|f| {
+        let read = |p: &StorePath| std::fs::canonicalize(p.as_path().join(f)).ok();
+        read(a) != read(b)
+    })
+}
+
+/// Writes the report (and its gzipped log) into the spool.
+fn spool(dirs: &StateDir, report: &Report, log: &str) -> std::io::Result<()> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(log.as_bytes())?;
+    let gz = gz.finish()?;
+    crate::atomic::write_file(
+        &dirs.spool().join(format!("{}.log.gz", report.id)),
+        &gz,
+        0o600,
+    )?;
+    crate::atomic::write_file(
+        &dirs.spool().join(format!("{}.json", report.id)),
+        &report.to_bytes(),
+        0o600,
+    )
+}
+
+/// Delivers spooled reports, oldest first. A report leaves the spool only once the server
+/// has it; delivering one twice writes the same file twice (ids are unique), never a copy.
+fn deliver_spool(t: &mut dyn Transport, dirs: &StateDir) {
+    let mut ids: Vec<String> = match std::fs::read_dir(dirs.spool()) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
+            .filter(|n| !n.starts_with('.'))
+            .collect(),
+        Err(_) => return,
+    };
+    ids.sort();
+    for id in ids {
+        let json = dirs.spool().join(format!("{id}.json"));
+        let gz = dirs.spool().join(format!("{id}.log.gz"));
+        let Ok(bytes) = std::fs::read(&json) else {
+            continue;
+        };
+        let Ok(report) = Report::parse(&bytes) else {
+            tracing::warn!("dropping unreadable spooled report {}", json.display());
+            let _ = std::fs::remove_file(&json);
+            continue;
+        };
+        let send = |t: &mut dyn Transport| -> Result<(), TransportError> {
+            if let Ok(log) = std::fs::read(&gz) {
+                t.write_log(&report.log_file_name(), &log)?;
+            }
+            t.write_log(&report.file_name(), &bytes)?;
+            t.write_log(report::LATEST_FILE, &bytes)
+        };
+        match send(t) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&json);
+                let _ = std::fs::remove_file(&gz);
+                tracing::debug!("delivered report {id}");
+            }
+            Err(e) => {
+                tracing::warn!("report {id} stays spooled: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn heartbeat(
+    t: &mut dyn Transport,
+    cfg: &AgentConfig,
+    state: &State,
+    running: Option<&StorePath>,
+    now: SystemTime,
+) {
+    let version = state
+        .applied
+        .as_ref()
+        .filter(|a| Some(&a.system) == running)
+        .map(|a| a.version);
+    let hb = Heartbeat {
+        format: report::FORMAT,
+        host: cfg.host.clone(),
+        time: rfc3339(now),
+        version,
+        system: running.map(|p| p.to_string()),
+        last_outcome: state.last.as_ref().map(|l| l.outcome),
+        last_report: state.last.as_ref().map(|l| l.id.clone()),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    if let Err(e) = t.write_log(report::HEARTBEAT_FILE, &hb.to_bytes()) {
+        tracing::warn!("could not write the heartbeat: {e}");
+    }
+}
+
+/// Keeps cached objects, manifests and configuration trees of the applied version only.
+fn collect_cache(dirs: &StateDir, state: &State) -> std::io::Result<()> {
+    let Some(applied) = &state.applied else {
+        return Ok(());
+    };
+    let mpath = dirs.manifests().join(format!("{}.json", applied.version));
+    let manifest = Manifest::parse(&std::fs::read(&mpath)?)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let keep: std::collections::BTreeSet<String> =
+        manifest.objects().iter().map(Digest::to_hex).collect();
+    for entry in std::fs::read_dir(dirs.objects())? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Partial downloads of other versions are dropped too.
+        if !keep.contains(&name) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    for entry in std::fs::read_dir(dirs.manifests())? {
+        let entry = entry?;
+        if entry.path() != mpath {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    let previous = std::fs::read_link(dirs.current_config()).ok();
+    let mut keep_configs = vec![applied.version];
+    if let Some(d) = previous.and_then(|p| p.to_str().and_then(|s| s.parse().ok())) {
+        keep_configs.push(d);
+    }
+    files::prune_configs(&dirs.config(), &keep_configs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(s: &str) -> StorePath {
+        StorePath::new(&format!("/nix/store/{}-{s}", "a".repeat(32))).unwrap()
+    }
+
+    #[test]
+    fn skip_decisions() {
+        let v1 = Digest::of(b"1");
+        let v2 = Digest::of(b"2");
+        let mut s = State {
+            applied: Some(Applied {
+                version: v1,
+                system: sp("one"),
+                at: 0,
+            }),
+            ..Default::default()
+        };
+        assert!(skip_reason(&s, &v1, Some(&sp("one")), false, 0)
+            .unwrap()
+            .contains("up to date"));
+        // Someone switched to another system by hand: apply again.
+        assert!(skip_reason(&s, &v1, Some(&sp("other")), false, 0).is_none());
+        assert!(skip_reason(&s, &v2, Some(&sp("one")), false, 0).is_none());
+        s.record_rollback(v2);
+        assert!(skip_reason(&s, &v2, Some(&sp("one")), false, 0)
+            .unwrap()
+            .contains("rolled back"));
+        assert!(skip_reason(&s, &v2, Some(&sp("one")), true, 0).is_none());
+        let v3 = Digest::of(b"3");
+        s.record_failure(v3, 1000);
+        assert!(skip_reason(&s, &v3, Some(&sp("one")), false, 1100)
+            .unwrap()
+            .contains("retrying in"));
+        assert!(skip_reason(&s, &v3, Some(&sp("one")), false, 1000 + 301).is_none());
+    }
+}
