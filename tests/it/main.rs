@@ -1,5 +1,6 @@
 //! bento's integration tests: one binary, shared fixtures in `common`.
 
+mod agent;
 mod common;
 mod docs;
 mod init;

@@ -1,0 +1,593 @@
+//! `bento agent update` end to end: the real sshd harness, real Nix builds of toy systems,
+//! a system profile inside the test, and the toy `switch-to-configuration` recording every
+//! activation.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use bento::report::{Heartbeat, Outcome, Report};
+
+use crate::common::sshd::{wait_with_deadline, Sshd};
+use crate::common::{bento_std, TOY_LIB};
+
+const EXIT_NOOP: i32 = 0;
+const EXIT_UPDATED: i32 = 10;
+const EXIT_FAILED: i32 = 11;
+const EXIT_ROLLED_BACK: i32 = 12;
+
+/// The toy `<nixpkgs/nixos>` stand-in for classic hosts.
+fn toy_nixpkgs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/toy/nixpkgs")
+}
+
+/// One managed machine: its agent.toml, state, profile and files root, all in the test dir.
+struct Machine<'a> {
+    sshd: &'a Sshd,
+    host: String,
+    base: PathBuf,
+}
+
+impl<'a> Machine<'a> {
+    fn new(sshd: &'a Sshd, host: &str, extra_config: &str) -> Self {
+        let base = sshd.dir.join(format!("machine-{host}"));
+        fs::create_dir_all(base.join("root")).unwrap();
+        let m = Machine {
+            sshd,
+            host: host.to_owned(),
+            base,
+        };
+        m.write_config(extra_config);
+        m
+    }
+
+    fn write_config(&self, extra: &str) {
+        let text = format!(
+            "host = \"{host}\"\nserver = \"sftp://{acct}@127.0.0.1:{port}\"\nidentity_file = \"{key}\"\nknown_hosts = \"{kh}\"\nstate_dir = \"{base}/state\"\nprofile = \"{base}/profiles/system\"\ncurrent_system = \"{base}/no-current-system\"\nfiles_root = \"{base}/root\"\nconnect_timeout = \"5s\"\nconfirm_timeout = \"3s\"\n{extra}",
+            host = self.host,
+            acct = self.sshd.account(&self.host),
+            port = self.sshd.port,
+            key = self.sshd.client_key(&self.host).display(),
+            kh = self.known_hosts().display(),
+            base = self.base.display(),
+        );
+        fs::write(self.config(), text).unwrap();
+        if !self.known_hosts().exists() {
+            fs::copy(self.sshd.known_hosts(), self.known_hosts()).unwrap();
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.base.join("agent.toml")
+    }
+
+    /// The machine's own copy of known_hosts (a test may break it).
+    fn known_hosts(&self) -> PathBuf {
+        self.base.join("known_hosts")
+    }
+
+    fn activation_log(&self) -> PathBuf {
+        self.base.join("activations.log")
+    }
+
+    fn activations(&self) -> Vec<String> {
+        fs::read_to_string(self.activation_log())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn command(&self, extra_env: &[(&str, &str)]) -> Command {
+        let mut cmd = bento_std();
+        cmd.args(["agent", "update", "--config"])
+            .arg(self.config())
+            .env("NIX_PATH", format!("nixpkgs={}", toy_nixpkgs().display()))
+            .env("BENTO_TEST_ACTIVATION_LOG", self.activation_log())
+            .env("BENTO_LOG", "bento=debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs `bento agent update` (bounded) and returns its output.
+    fn update_with(&self, extra_env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut cmd = self.command(extra_env);
+        cmd.args(args);
+        let child = cmd.spawn().expect("run bento agent update");
+        wait_with_deadline(child, Duration::from_secs(120))
+            .expect("agent update finished within 120 s")
+    }
+
+    fn update(&self) -> Output {
+        self.update_with(&[], &[])
+    }
+
+    fn profile_target(&self) -> Option<String> {
+        fs::canonicalize(self.base.join("profiles/system"))
+            .ok()
+            .map(|p| p.display().to_string())
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.sshd.host_dir(&self.host).join("logs")
+    }
+
+    fn latest_report(&self) -> Report {
+        Report::parse(&fs::read(self.logs().join("latest.json")).expect("latest.json delivered"))
+            .unwrap()
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::parse(&fs::read(self.logs().join("heartbeat.json")).expect("heartbeat written"))
+            .unwrap()
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&fs::read(self.base.join("state/state.json")).unwrap()).unwrap()
+    }
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A fleet of toy hosts served by a fresh sshd: `alpha` a flake host, `classic` a classic
+/// one, both importing common/ (toy lib + version) and each with a secret under files/.
+fn fleet(sshd: &Sshd) {
+    let f = sshd.fleet();
+    fs::create_dir_all(f.join("common")).unwrap();
+    fs::write(f.join("common/lib.nix"), TOY_LIB).unwrap();
+    write_version(sshd, "1");
+    for h in &sshd.hosts {
+        let dir = f.join("hosts").join(h);
+        let _ = std::os::unix::fs::symlink("../../common", dir.join("common"));
+        if h == "classic" {
+            fs::write(
+                dir.join("configuration.nix"),
+                "{ ... }: { hostName = \"classic\"; version = (import ./common/version.nix).version; }\n",
+            )
+            .unwrap();
+        } else {
+            let _ = fs::remove_file(dir.join("configuration.nix"));
+            fs::create_dir_all(dir.join("files").join(h)).unwrap();
+            // In a flake directory each host's files live under files/<host>/.
+            if dir.join("files/etc").exists() {
+                fs::rename(dir.join("files/etc"), dir.join("files").join(h).join("etc")).unwrap();
+            }
+            fs::write(
+                dir.join("files.toml"),
+                format!("[\"{h}/etc/bento-it/secret\"]\nmode = \"0640\"\ngroup = \"daemon\"\n"),
+            )
+            .unwrap();
+            fs::write(dir.join("flake.nix"), flake_for(h)).unwrap();
+            fs::write(dir.join("payload.txt"), "payload\n").unwrap();
+        }
+    }
+    sshd.publish();
+}
+
+fn flake_for(host: &str) -> String {
+    format!(
+        r#"{{
+  outputs = {{ self }}:
+    let
+      lib = import ./common/lib.nix;
+      v = import ./common/version.nix;
+    in {{
+      nixosConfigurations.{host}.config.system.build.toplevel = lib.mkSystem {{
+        hostName = "{host}";
+        inherit (v) version;
+        kernelVersion = v.kernel or "6.1.0";
+        payload = builtins.readFile ./payload.txt;
+      }};
+    }};
+}}
+"#
+    )
+}
+
+fn write_version(sshd: &Sshd, v: &str) {
+    fs::write(
+        sshd.fleet().join("common/version.nix"),
+        format!("{{ version = \"{v}\"; }}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn first_install_then_noop_then_one_changed_file() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let system = m.profile_target().expect("profile points at the build");
+    assert!(system.contains("nixos-system-alpha-1"), "{system}");
+    assert_eq!(m.activations(), [format!("switch {system}")]);
+    let report = m.latest_report();
+    assert_eq!(report.outcome, Outcome::Success);
+    assert_eq!(report.system_after.as_deref(), Some(system.as_str()));
+    assert!(
+        m.logs().join(report.log_file_name()).is_file(),
+        "full log delivered"
+    );
+    let hb = m.heartbeat();
+    assert_eq!(hb.system.as_deref(), Some(system.as_str()));
+    assert_eq!(hb.version, Some(report.version));
+
+    // The secret: installed with its owner and mode, and in no store path.
+    let secret = m.base.join("root/etc/bento-it/secret");
+    assert_eq!(fs::read_to_string(&secret).unwrap(), "secret of alpha\n");
+    let meta = fs::metadata(&secret).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert_eq!(
+        meta.gid(),
+        bento::accounts::group("daemon").unwrap().unwrap()
+    );
+    let grep = Command::new("grep")
+        .args(["-rlF", "secret of alpha", "/nix/store"])
+        .output()
+        .unwrap();
+    assert!(
+        grep.stdout.is_empty(),
+        "secret found in the store: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+
+    // No change: a no-op that reads `current` and writes the heartbeat, nothing else.
+    let log_before = sshd.log().len();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("up to date"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(m.activations().len(), 1);
+    let session = sshd.log()[log_before..].to_owned();
+    let opened: Vec<&str> = session.lines().filter(|l| l.contains("open \"")).collect();
+    assert!(
+        opened
+            .iter()
+            .all(|l| l.contains("\"/current\"") || l.contains("heartbeat")),
+        "the no-op run opened more than current and the heartbeat:\n{}",
+        opened.join("\n")
+    );
+    assert!(
+        opened.iter().any(|l| l.contains("\"/current\"")),
+        "{session}"
+    );
+
+    // One file of many changes: exactly one object crosses the wire.
+    for i in 0..40 {
+        fs::write(
+            sshd.fleet().join(format!("hosts/alpha/extra-{i}.nix")),
+            format!("# {i}\n"),
+        )
+        .unwrap();
+    }
+    sshd.publish();
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    fs::write(
+        sshd.fleet().join("hosts/alpha/payload.txt"),
+        "payload two\n",
+    )
+    .unwrap();
+    sshd.publish();
+    let log_before = sshd.log().len();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let session = sshd.log()[log_before..].to_owned();
+    let objects: Vec<&str> = session
+        .lines()
+        .filter(|l| l.contains("open \"/objects/"))
+        .collect();
+    assert_eq!(
+        objects.len(),
+        1,
+        "expected one object download:\n{}",
+        objects.join("\n")
+    );
+    assert!(m.profile_target().unwrap() != system);
+}
+
+#[test]
+fn build_failure_keeps_the_system_and_backs_off() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    let before = m.profile_target().unwrap();
+
+    fs::write(
+        sshd.fleet().join("hosts/alpha/flake.nix"),
+        "{ outputs = { self }: { nixosConfigurations.alpha = throw \"broken on purpose\"; }; }\n",
+    )
+    .unwrap();
+    sshd.publish();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    assert_eq!(m.profile_target().unwrap(), before, "profile untouched");
+    assert_eq!(m.activations().len(), 1, "nothing activated");
+    let report = m.latest_report();
+    assert_eq!(report.outcome, Outcome::Failure);
+    assert!(
+        report.error.as_deref().unwrap().contains("build failed"),
+        "{report:?}"
+    );
+    assert!(
+        report.log_tail.contains("broken on purpose"),
+        "{}",
+        report.log_tail
+    );
+    assert_eq!(report.system_after.as_deref(), Some(before.as_str()));
+
+    // Not retried in a loop.
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("retrying in"),
+        "{}",
+        text(&out)
+    );
+    // A forced retry tries again (and fails again).
+    assert_eq!(code(&m.update_with(&[], &["--force"])), EXIT_FAILED);
+}
+
+#[test]
+fn activation_failure_restores_the_previous_system() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    let before = m.profile_target().unwrap();
+
+    write_version(&sshd, "2");
+    sshd.publish();
+    let out = m.update_with(&[("BENTO_TEST_FAIL_ACTIVATION", "1")], &[]);
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    assert_eq!(
+        m.profile_target().unwrap(),
+        before,
+        "profile back on the previous system"
+    );
+    let acts = m.activations();
+    assert!(acts[1].contains("nixos-system-alpha-2"), "{acts:?}");
+    assert_eq!(
+        acts.last().unwrap(),
+        &format!("switch {before}"),
+        "previous system re-activated"
+    );
+    let report = m.latest_report();
+    assert_eq!(report.outcome, Outcome::Failure);
+    assert!(report.error.unwrap().contains("activation failed"));
+}
+
+#[test]
+fn losing_the_server_after_activation_rolls_back_and_reports_later() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    let before = m.profile_target().unwrap();
+
+    // Version 2's activation breaks the machine's way to the server: its known_hosts.
+    write_version(&sshd, "2");
+    sshd.publish();
+    let hook = m.base.join("hook.sh");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncase \"$2\" in *-alpha-2) echo '[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBadBadBadBadBadBadBadBadBadBadBadBadBadBadBad' > {} ;; esac\n",
+            sshd.port,
+            m.known_hosts().display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let good_known_hosts = fs::read(sshd.known_hosts()).unwrap();
+    let out = m.update_with(&[("BENTO_TEST_HOOK", hook.to_str().unwrap())], &[]);
+    assert_eq!(code(&out), EXIT_ROLLED_BACK, "{}", text(&out));
+    assert_eq!(
+        m.profile_target().unwrap(),
+        before,
+        "back on the exact previous system"
+    );
+    let acts = m.activations();
+    assert_eq!(acts.len(), 3, "{acts:?}");
+    assert!(acts[1].contains("-alpha-2"));
+    assert_eq!(acts[2], format!("switch {before}"));
+    // The report could not be delivered yet.
+    assert_eq!(m.latest_report().outcome, Outcome::Success);
+
+    // The network comes back: the next run delivers the rollback report and does not retry.
+    fs::write(m.known_hosts(), good_known_hosts).unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back"),
+        "{}",
+        text(&out)
+    );
+    let report = m.latest_report();
+    assert_eq!(report.outcome, Outcome::Rollback);
+    assert_eq!(report.system_after.as_deref(), Some(before.as_str()));
+    let reports = fs::read_dir(m.logs().join("reports")).unwrap().count();
+    assert_eq!(
+        reports, 4,
+        "two runs, a report and a log each: delivered once"
+    );
+    assert!(
+        fs::read_dir(m.base.join("state/spool"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "spool emptied"
+    );
+    assert_eq!(m.activations().len(), 3);
+}
+
+#[test]
+fn an_interrupted_download_resumes_and_nothing_partial_is_used() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    // A large file so the download takes a moment.
+    let big: Vec<u8> = (0..24 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(sshd.fleet().join("hosts/alpha/big.bin"), &big).unwrap();
+    sshd.publish();
+    let m = Machine::new(&sshd, "alpha", "");
+
+    let mut child = m.command(&[]).spawn().unwrap();
+    let partial_seen = wait_for(Duration::from_secs(60), || {
+        fs::read_dir(m.base.join("state/objects"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()).any(|e| {
+                    e.file_name().to_string_lossy().starts_with(".partial-")
+                        && e.metadata().map(|md| md.len() > 0).unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(partial_seen, "the download was never in progress");
+    assert!(
+        m.activations().is_empty(),
+        "nothing built or activated from a partial download"
+    );
+    assert!(m.profile_target().is_none());
+
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let staged = m.base.join("state/config/current/big.bin");
+    assert_eq!(
+        fs::read(staged).unwrap(),
+        big,
+        "complete and correct after resuming"
+    );
+}
+
+#[test]
+fn hostile_manifests_are_refused_before_anything_is_written() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let host_dir = sshd.host_dir("alpha");
+    let live = bento::layout::parse_current(&fs::read_to_string(host_dir.join("current")).unwrap())
+        .unwrap();
+    let good = fs::read_to_string(bento::layout::manifest(&host_dir, &live)).unwrap();
+
+    // A manifest whose path climbs out of its tree, correctly named by its digest.
+    let evil = good.replacen(
+        "\"path\":\"flake.nix\"",
+        "\"path\":\"../../../../etc/evil\"",
+        1,
+    );
+    assert_ne!(evil, good);
+    let digest = bento::manifest::Digest::of(evil.as_bytes());
+    fs::write(bento::layout::manifest(&host_dir, &digest), &evil).unwrap();
+    fs::write(
+        host_dir.join("current"),
+        bento::layout::current_text(&digest),
+    )
+    .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    let report = m.latest_report();
+    assert!(
+        report.error.as_deref().unwrap().contains("unsafe"),
+        "{report:?}"
+    );
+
+    // A manifest that does not hash to the name `current` gives.
+    let wrong = bento::manifest::Digest::of(b"something else");
+    fs::write(bento::layout::manifest(&host_dir, &wrong), &good).unwrap();
+    fs::write(
+        host_dir.join("current"),
+        bento::layout::current_text(&wrong),
+    )
+    .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    assert!(m.latest_report().error.unwrap().contains("digest mismatch"));
+
+    assert!(m.activations().is_empty());
+    assert!(m.profile_target().is_none());
+    assert!(!m.base.join("root/etc").exists(), "no file installed");
+    assert!(!Path::new("/etc/evil").exists());
+    assert!(
+        !m.base.join("state/config/current").exists(),
+        "no configuration staged"
+    );
+}
+
+#[test]
+fn concurrent_runs_never_overlap() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let a = m.command(&[]).spawn().unwrap();
+    let b = m.command(&[]).spawn().unwrap();
+    let a = wait_with_deadline(a, Duration::from_secs(120)).unwrap();
+    let b = wait_with_deadline(b, Duration::from_secs(120)).unwrap();
+    let mut codes = [code(&a), code(&b)];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [EXIT_NOOP, EXIT_UPDATED],
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    assert_eq!(m.activations().len(), 1, "exactly one activation");
+}
+
+#[test]
+fn a_classic_host_is_built_from_configuration_nix() {
+    let sshd = Sshd::start(&["classic"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "classic", "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m
+        .profile_target()
+        .unwrap()
+        .contains("nixos-system-classic-1"));
+    assert_eq!(
+        fs::read_to_string(m.base.join("root/etc/bento-it/secret")).unwrap(),
+        "secret of classic\n"
+    );
+    assert_eq!(
+        m.state()["applied"]["system"].as_str(),
+        m.profile_target().as_deref()
+    );
+}
+
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
