@@ -8,7 +8,9 @@ use bento::manifest::{Digest, Manifest};
 use bento::snapshot::{Item, ItemKind};
 
 fn block(doc: &str, info: &str) -> String {
-    let start = doc.find(&format!("```{info}\n")).unwrap_or_else(|| panic!("no ```{info} block"));
+    let start = doc
+        .find(&format!("```{info}\n"))
+        .unwrap_or_else(|| panic!("no ```{info} block"));
     let body = &doc[start + info.len() + 4..];
     body[..body.find("```").unwrap()].to_owned()
 }
@@ -29,9 +31,17 @@ fn manifest_example_is_canonical_and_its_digest_is_the_documented_one() {
     let digest: Digest = digest_line.split('`').nth(1).unwrap().parse().unwrap();
     let m = Manifest::parse_untrusted(bytes.as_bytes(), &digest, &HostName::new("alpha").unwrap())
         .expect("documented manifest parses and matches its digest");
-    assert_eq!(m.to_bytes(), bytes.as_bytes(), "documented manifest is canonical");
+    assert_eq!(
+        String::from_utf8(m.to_bytes()).unwrap(),
+        bytes,
+        "documented manifest is canonical"
+    );
     assert_eq!(m.files[0].mode.to_string(), "0640");
-    assert_eq!(bento::layout::parse_current(&current).unwrap(), digest, "the `current` example");
+    assert_eq!(
+        bento::layout::parse_current(&current).unwrap(),
+        digest,
+        "the `current` example"
+    );
 }
 
 #[test]
@@ -61,4 +71,25 @@ fn files_toml_example_is_accepted() {
     let content = bento::hostfiles::split(&items, None, Path::new("hosts/alpha")).unwrap();
     assert_eq!(content.files[0].group, "systemd-network");
     assert_eq!(content.files[0].target.as_str(), "/etc/wireguard/wg0.key");
+}
+
+#[test]
+fn report_and_heartbeat_examples_parse() {
+    let doc = protocol();
+    let hb = bento::report::Heartbeat::parse(block(&doc, "json heartbeat-example").as_bytes())
+        .expect("heartbeat example");
+    assert_eq!(hb.host.as_str(), "alpha");
+    let r = bento::report::Report::parse(block(&doc, "json report-example").as_bytes())
+        .expect("report example");
+    assert_eq!(r.outcome, bento::report::Outcome::Success);
+}
+
+#[test]
+fn agent_toml_example_parses() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/agent.md"))
+        .unwrap();
+    let text = block(&doc, "toml");
+    let c = bento::agent::AgentConfig::parse(&text, Path::new("docs/agent.md"))
+        .expect("documented agent.toml");
+    assert_eq!(c.mode, bento::agent::Mode::Switch);
 }
