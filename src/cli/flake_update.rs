@@ -1,11 +1,96 @@
-//! `bento flake-update` (being written).
+//! `bento flake-update [INPUT]`: update the lock file of every flake directory under
+//! `hosts/` and say, per directory, which inputs changed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+use anyhow::Context as _;
 
-pub fn run(_fleet: Option<PathBuf>, _args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`bento flake-update` is not implemented yet")
+use crate::build::flake_lock::{self, ChangeKind};
+use crate::fleet::HOSTS_DIR;
+use crate::nix::Nix;
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Update only this input (default: every input)
+    #[arg(value_name = "INPUT")]
+    input: Option<String>,
+}
+
+pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let hosts = fleet.root.join(HOSTS_DIR);
+    let mut dirs = Vec::new();
+    for entry in
+        std::fs::read_dir(&hosts).with_context(|| format!("reading {}", hosts.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.path().join("flake.nix").is_file() {
+            dirs.push(name);
+        }
+    }
+    dirs.sort();
+    if dirs.is_empty() {
+        output::note("no flake directory under hosts/: nothing to update");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let nix = Nix::default();
+    let width = dirs
+        .iter()
+        .map(|d| d.len() + HOSTS_DIR.len() + 1)
+        .max()
+        .unwrap_or(0);
+    let mut failed = 0;
+    let mut has_input = false;
+    for name in &dirs {
+        let dir = hosts.join(name);
+        let shown = format!("{HOSTS_DIR}/{name}");
+        if let Some(input) = &args.input {
+            // Nix only warns about an input a flake does not have; say it plainly instead.
+            let lock = std::fs::read_to_string(dir.join(flake_lock::LOCK_FILE)).ok();
+            if lock.is_some_and(|l| !flake_lock::root_inputs(&l).contains(input)) {
+                output::line(&format!("{shown:width$}  no input named {input}"));
+                continue;
+            }
+        }
+        match flake_lock::update(&nix, &dir, args.input.as_deref()) {
+            Ok(changes) if changes.is_empty() => {
+                has_input = true;
+                output::line(&format!("{shown:width$}  unchanged"));
+            }
+            Ok(changes) => {
+                has_input = true;
+                for c in changes {
+                    let what = match c.change {
+                        ChangeKind::Added => format!("added    {}", c.after.unwrap_or_default()),
+                        ChangeKind::Removed => format!("removed  {}", c.before.unwrap_or_default()),
+                        ChangeKind::Updated => format!(
+                            "updated  {} → {}",
+                            c.before.unwrap_or_default(),
+                            c.after.unwrap_or_default()
+                        ),
+                    };
+                    output::line(&format!("{shown:width$}  {}  {what}", c.input));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                output::line(&format!(
+                    "{shown:width$}  failed  {}",
+                    e.to_string().lines().next().unwrap_or("")
+                ));
+                tracing::error!("{shown}: {e}");
+            }
+        }
+    }
+    if let (Some(input), false, 0) = (&args.input, has_input, failed) {
+        anyhow::bail!("no flake directory has an input named {input}");
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(super::EXIT_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -24,6 +24,13 @@ pub struct Args {
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
+    /// Build each host's system first and record it in the manifest as the expected system;
+    /// hosts whose build fails are not published
+    #[arg(long)]
+    build: bool,
+    /// With --build: builds at once (default: the number of cores)
+    #[arg(long, short = 'j', value_name = "N", requires = "build", value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: Option<u16>,
 }
 
 pub fn parse_host(s: &str) -> Result<HostName, String> {
@@ -46,6 +53,42 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         Ownership::Leave
     };
 
+    // --build: build first; only hosts that built are published, each with its system.
+    let mut only = args.hosts.clone();
+    let mut systems = std::collections::BTreeMap::new();
+    let mut build_failed = 0;
+    if args.build {
+        let jobs = args
+            .jobs
+            .map(usize::from)
+            .unwrap_or_else(super::build::default_jobs);
+        let built = super::build::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
+        for b in &built {
+            match &b.system {
+                Some(system) if b.outcome == crate::build::Outcome::Built => {
+                    systems.insert(b.host.clone(), system.clone());
+                }
+                _ => {
+                    build_failed += 1;
+                    output::note(&format!(
+                        "not publishing {}: its build failed: {}",
+                        b.host,
+                        b.error.as_deref().unwrap_or("no error message")
+                    ));
+                    for line in b.log_tail.iter().flat_map(|t| t.lines()) {
+                        eprintln!("    {line}");
+                    }
+                }
+            }
+        }
+        if build_failed > 0 {
+            only = systems.keys().cloned().collect();
+            if only.is_empty() {
+                anyhow::bail!("no host built; nothing published");
+            }
+        }
+    }
+
     let now = SystemTime::now();
     let scanner = Scanner::new(
         fleet.root.clone(),
@@ -65,8 +108,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         &scanner,
         publish::Options {
             chroot: chroot.clone(),
-            only: args.hosts,
-            systems: Default::default(),
+            only,
+            systems,
             now,
             ownership,
             on_wait: Box::new(move || {
@@ -102,7 +145,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         failed,
         chroot.root.display()
     );
-    Ok(if failed > 0 {
+    Ok(if failed + build_failed > 0 {
         ExitCode::from(super::EXIT_ERROR)
     } else {
         ExitCode::SUCCESS

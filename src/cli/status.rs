@@ -1,11 +1,163 @@
-//! `bento status` (being written).
+//! `bento status`: one row per host (table, `--json`, `--prometheus FILE`), `--watch` to
+//! redraw on every publish or report. Exits 2 when a host is failing, rolled back or silent,
+//! so it can serve as a monitoring check.
 
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+
+use crate::fleet::{HostName, DEFAULT_INTERVAL};
+use crate::layout::Chroot;
+use crate::output;
+use crate::status::{self, render, watch::Watcher, HostStatus, Query};
+
+/// Exit status when any host is failing, rolled back or silent.
+pub const EXIT_UNHEALTHY: u8 = 2;
+/// With `--watch`, ages and silence are refreshed at least this often without any change.
+const WATCH_REFRESH: Duration = Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Only this host (repeatable)
+    #[arg(long = "host", value_name = "NAME", value_parser = super::publish::parse_host)]
+    hosts: Vec<HostName>,
+    /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
+    #[arg(long, value_name = "DIR")]
+    chroot: Option<PathBuf>,
+    /// One JSON object per host on stdout (stable state names: up-to-date, update-pending,
+    /// failing, rolled-back, drifted, new, silent)
+    #[arg(long)]
+    json: bool,
+    /// Redraw whenever a publish, build or host report lands (until interrupted)
+    #[arg(long)]
+    watch: bool,
+    /// Also write a node-exporter textfile (per-host state, last seen, last success)
+    #[arg(long, value_name = "FILE")]
+    prometheus: Option<PathBuf>,
+    /// Colour the table: auto (on a terminal), always, never
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    color: Color,
+    /// Evaluate states at this time (RFC 3339) instead of now: for reproducible output
+    #[arg(long, value_name = "TIME", hide = true, value_parser = parse_time)]
+    now: Option<SystemTime>,
+}
 
-pub fn run(_fleet: Option<PathBuf>, _args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`bento status` is not implemented yet")
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s).map_err(|e| e.to_string())
+}
+
+pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let root = args
+        .chroot
+        .clone()
+        .unwrap_or_else(|| fleet.config.server.chroot.clone());
+    let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
+    let chroot = Chroot::new(root);
+    let intervals: BTreeMap<HostName, Duration> = fleet
+        .config
+        .hosts
+        .iter()
+        .map(|(name, host)| (name.clone(), host.interval()))
+        .collect();
+    for name in &args.hosts {
+        let known = intervals.contains_key(name) || chroot.host_dir(name).is_dir();
+        if !known {
+            anyhow::bail!(
+                "no host named {name}: not in bento.toml and nothing published for it in {}",
+                chroot.root.display()
+            );
+        }
+    }
+    let color = match args.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let show = |now: SystemTime| -> anyhow::Result<Vec<HostStatus>> {
+        let query = Query {
+            chroot: &chroot,
+            intervals: &intervals,
+            default_interval: DEFAULT_INTERVAL,
+            only: &args.hosts,
+            now,
+        };
+        let rows = status::collect(&query)
+            .with_context(|| format!("reading {}", chroot.root.display()))?;
+        if let Some(path) = &args.prometheus {
+            crate::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(rows)
+    };
+
+    if !args.watch {
+        let now = args.now.unwrap_or_else(SystemTime::now);
+        let rows = show(now)?;
+        print(&rows, now, args.json, color, false)?;
+        tracing::info!("{}", render::summary(&rows));
+        return Ok(exit_code(&rows));
+    }
+
+    let watcher = Watcher::start(&chroot)
+        .with_context(|| format!("watching {} for changes", chroot.root.display()))?;
+    let clear = color && !args.json;
+    loop {
+        let now = args.now.unwrap_or_else(SystemTime::now);
+        let rows = show(now)?;
+        if clear {
+            // Home and clear the screen, then draw: the table replaces the previous one.
+            write_stdout("\x1b[H\x1b[2J")?;
+        }
+        print(&rows, now, args.json, color, true)?;
+        if !clear && !args.json {
+            // Piped: one table after another, separated by a blank line.
+            write_stdout("\n")?;
+        }
+        watcher.wait(WATCH_REFRESH);
+    }
+}
+
+/// The table or JSON; `stream` (with `--watch`) gives one compact JSON array per line.
+fn print(
+    rows: &[HostStatus],
+    now: SystemTime,
+    json: bool,
+    color: bool,
+    stream: bool,
+) -> anyhow::Result<()> {
+    if json && stream {
+        write_stdout(&format!("{}\n", serde_json::to_string(rows)?))
+    } else if json {
+        output::json(&rows)
+    } else {
+        write_stdout(&render::table(rows, now, color))
+    }
+}
+
+/// Writes and flushes stdout; an error (the reader went away) ends `--watch`.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn exit_code(rows: &[HostStatus]) -> ExitCode {
+    if rows.iter().any(|r| r.state.is_alarm()) {
+        ExitCode::from(EXIT_UNHEALTHY)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -87,6 +87,34 @@ pub struct HostConfig {
     /// The host's ssh public key (one OpenSSH public key line).
     #[serde(default)]
     pub key: Option<String>,
+    /// How often the host's agent polls (`interval = "15m"`); `bento status` calls a host
+    /// silent after three intervals without a heartbeat. Default `DEFAULT_INTERVAL`.
+    #[serde(default, deserialize_with = "deserialize_interval")]
+    pub interval: Option<std::time::Duration>,
+}
+
+/// A host's polling interval unless `[hosts.NAME] interval` says otherwise.
+pub const DEFAULT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+impl HostConfig {
+    /// The host's polling interval.
+    pub fn interval(&self) -> std::time::Duration {
+        self.interval.unwrap_or(DEFAULT_INTERVAL)
+    }
+}
+
+/// Parses `"15m"`, `"1h 30m"`, `"90s"` (humantime); zero is refused.
+fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    let dur = humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!("interval {text:?}: {e} (write e.g. \"15m\")"))
+    })?;
+    if dur.is_zero() {
+        return Err(serde::de::Error::custom("interval must be more than zero"));
+    }
+    Ok(Some(dur))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -200,6 +228,20 @@ mod tests {
         assert_eq!(c.hosts.len(), 2);
         let alpha = HostName::new("alpha").unwrap();
         assert_eq!(c.account(&alpha).unwrap(), "bento-alpha");
+    }
+
+    #[test]
+    fn host_interval() {
+        let c = parse("[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
+        let host = |n: &str| &c.hosts[&HostName::new(n).unwrap()];
+        assert_eq!(host("alpha").interval(), std::time::Duration::from_secs(300));
+        assert_eq!(host("beta").interval(), DEFAULT_INTERVAL);
+        for bad in ["\"soon\"", "\"0s\"", "5"] {
+            let err = parse(&format!("[hosts.alpha]\ninterval = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("interval") || err.contains("string"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -1,1 +1,11 @@
-//! The fleet status (being written).
+//! The fleet status: what every host runs against what was published for it. `state` is
+//! the pure decision, `collect` reads the chroot (host files only through `server::logs`),
+//! `render` makes the table and the Prometheus textfile, `watch` waits for changes.
+
+pub mod collect;
+pub mod render;
+pub mod state;
+pub mod watch;
+
+pub use collect::{collect, host_status, ExpectedFrom, HostStatus, Query};
+pub use state::{assess, Assessment, Facts, Published, State};
