@@ -100,6 +100,15 @@ pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
             Err(e) => shared.push(format!("{what}: {}: {e}", dir.display())),
         }
     }
+    if let Ok(meta) = fs::metadata(&server.authorized_keys_dir) {
+        if meta.mode() & 0o055 != 0o055 {
+            shared.push(format!(
+                "authorized_keys_dir: {} (mode {:04o}) is not readable by the host accounts; sshd reads key files as the account",
+                server.authorized_keys_dir.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
     match accounts::group(GROUP) {
         Ok(Some(_)) => {}
         Ok(None) => shared.push(format!("group {GROUP} does not exist")),

@@ -3,7 +3,7 @@
 //! keys, unsafe paths) is refused before the first change; after that each host is synced
 //! on its own, so one failing host never stops the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -88,6 +88,14 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
             .mode(0o755)
             .create(dir)
             .map_err(io_err(dir))?;
+    }
+    // sshd opens a key file with the account's own privileges, so the accounts must be
+    // able to reach it (a 0700 directory, e.g. from a strict umask, locks every host out).
+    let keys_dir = &server.authorized_keys_dir;
+    let mode = fs::metadata(keys_dir).map_err(io_err(keys_dir))?.mode();
+    if mode & 0o055 != 0o055 {
+        fs::set_permissions(keys_dir, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(keys_dir))?;
     }
     ensure_group()?;
 
@@ -264,7 +272,7 @@ fn prune_accounts(
     let prefix = &config.server.account_prefix;
     let keys_dir = &config.server.authorized_keys_dir;
     let mut reports = Vec::new();
-    let mut gone: BTreeMap<String, Option<HostName>> = BTreeMap::new();
+    let mut gone = BTreeSet::new();
     for account in system::account_names()? {
         let Some(rest) = account.strip_prefix(prefix.as_str()) else {
             continue;
@@ -275,7 +283,7 @@ fn prune_accounts(
         let host = HostName::new(rest).ok();
         let result = remove_account(chroot, host.as_ref(), &account, keys_dir);
         reports.push(SyncReport {
-            host: host.clone(),
+            host,
             account: account.clone(),
             action: match result {
                 Ok(_) => SyncAction::Removed,
@@ -286,7 +294,7 @@ fn prune_accounts(
                 Err(e) => vec![e.to_string()],
             },
         });
-        gone.insert(account, host);
+        gone.insert(account);
     }
     // Key files left behind by accounts removed by hand: nobody can use them now, but a
     // future account of the same name would silently inherit the key.
@@ -295,7 +303,7 @@ fn prune_accounts(
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(prefix.as_str())
                 && !wanted.contains(&name)
-                && !gone.contains_key(&name)
+                && !gone.contains(&name)
                 && accounts::user(&name).ok().flatten().is_none()
             {
                 let path = entry.path();
