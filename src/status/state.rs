@@ -209,6 +209,11 @@ pub fn assess(facts: &Facts<'_>, now: SystemTime, interval: Duration) -> Assessm
         if Some(r.version) == running_version && applied.is_some_and(|a| a != running) {
             return drifted(running, applied);
         }
+        // The agent writes no version when the running system is not the one it applied.
+        let had_applied = r.outcome == Outcome::Success || r.previous_version.is_some();
+        if running_version.is_none() && had_applied && !hb_is_stale {
+            return drifted(running, applied);
+        }
     }
     Assessment::new(State::UpdatePending)
 }
@@ -450,6 +455,31 @@ mod tests {
             ..f
         };
         assert_eq!(assess(&f, at(T0), INTERVAL).state, State::Drifted);
+    }
+
+    #[test]
+    fn a_heartbeat_without_version_after_an_apply_is_drifted() {
+        // The agent leaves `version` out when the running system is not the one it applied.
+        let rep = report(at(T0 - 120), v(2), Outcome::Success, 'a', 'b');
+        let hb = Heartbeat {
+            version: None,
+            ..heartbeat(at(T0 - 60), None, 'x')
+        };
+        let f = Facts {
+            published: published(2),
+            heartbeat: Some(&hb),
+            latest: Some(&rep),
+            ..Default::default()
+        };
+        assert_eq!(assess(&f, at(T0), INTERVAL).state, State::Drifted);
+        // Before its first successful apply a host has no version either: that is pending.
+        let mut first = report(at(T0 - 120), v(1), Outcome::Failure, 'x', 'x');
+        first.previous_version = None;
+        let f = Facts {
+            latest: Some(&first),
+            ..f
+        };
+        assert_eq!(assess(&f, at(T0), INTERVAL).state, State::UpdatePending);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! bento's integration tests: one binary, shared fixtures in `common`.
 
 mod agent;
+mod build;
 mod common;
 mod docs;
 mod init;
 mod publish;
 mod server;
+mod status;

@@ -1,0 +1,1 @@
+//! `bento build`, `publish --build`, `bento diff` and `bento flake-update` with real Nix.

@@ -1,0 +1,605 @@
+//! `bento status` on fixture chroots: one host in every state (and the publish/report race),
+//! the table and JSON as snapshots, the exit code, the Prometheus textfile, a hostile
+//! `logs/`, and `--watch` redrawing when a report lands.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use bento::build::record::{self, BuildRecord};
+use bento::fleet::HostName;
+use bento::layout::{self, Chroot};
+use bento::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
+use bento::nix::StorePath;
+use bento::report::{Heartbeat, Outcome, Report, Timings};
+
+use crate::common::{bento, bento_std, ScratchDir};
+
+/// The time every fixture is relative to (passed as the hidden `--now`).
+const NOW: &str = "2026-11-25T12:00:00Z";
+
+fn at(offset_secs: i64) -> String {
+    let now = humantime::parse_rfc3339(NOW).unwrap();
+    let t = if offset_secs < 0 {
+        now - Duration::from_secs(offset_secs.unsigned_abs())
+    } else {
+        now + Duration::from_secs(offset_secs as u64)
+    };
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn system(host: &str, tag: char) -> String {
+    format!(
+        "/nix/store/{}-nixos-system-{host}-1",
+        tag.to_string().repeat(32)
+    )
+}
+
+struct Fixture {
+    _scratch: ScratchDir,
+    fleet: PathBuf,
+    chroot: Chroot,
+}
+
+impl Fixture {
+    fn new(hosts_toml: &str) -> Self {
+        let scratch = ScratchDir::new();
+        let fleet = scratch.join("fleet");
+        let chroot = Chroot::new(scratch.join("chroot"));
+        fs::create_dir_all(&fleet).unwrap();
+        fs::create_dir_all(chroot.state_dir()).unwrap();
+        fs::write(
+            fleet.join("bento.toml"),
+            format!(
+                "[server]\nchroot = \"{}\"\n\n{hosts_toml}",
+                chroot.root.display()
+            ),
+        )
+        .unwrap();
+        Self {
+            _scratch: scratch,
+            fleet,
+            chroot,
+        }
+    }
+
+    fn host_dir(&self, host: &str) -> PathBuf {
+        self.chroot.host_dir(&HostName::new(host).unwrap())
+    }
+
+    /// Publishes a version of `host` (a manifest with one config file whose content is
+    /// `content`), created `offset` seconds from NOW; returns its digest.
+    fn publish(&self, host: &str, content: &str, offset: i64, system: Option<&str>) -> Digest {
+        let mut m = manifest(host, content, system);
+        m.created = at(offset);
+        let bytes = m.to_bytes();
+        let digest = Digest::of(&bytes);
+        let dir = self.host_dir(host);
+        fs::create_dir_all(dir.join("manifests")).unwrap();
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        fs::write(layout::manifest(&dir, &digest), &bytes).unwrap();
+        fs::write(layout::current(&dir), layout::current_text(&digest)).unwrap();
+        digest
+    }
+
+    fn heartbeat(&self, host: &str, offset: i64, version: Option<Digest>, system: &str) {
+        let hb = Heartbeat {
+            format: 1,
+            host: HostName::new(host).unwrap(),
+            time: at(offset),
+            version,
+            system: Some(system.to_owned()),
+            last_outcome: None,
+            last_report: None,
+            agent_version: "0.1.0".into(),
+        };
+        write_atomic(
+            &self.host_dir(host).join("logs/heartbeat.json"),
+            &hb.to_bytes(),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        host: &str,
+        offset: i64,
+        version: Digest,
+        outcome: Outcome,
+        before: &str,
+        after: &str,
+        error: Option<&str>,
+    ) {
+        let r = Report {
+            format: 1,
+            id: format!("20261125T115000Z-{:08x}", offset.unsigned_abs()),
+            host: HostName::new(host).unwrap(),
+            version,
+            previous_version: Some(Digest::of(b"older")),
+            outcome,
+            system_before: Some(before.to_owned()),
+            system_after: Some(after.to_owned()),
+            built_system: Some(after.to_owned()),
+            started: at(offset - 30),
+            finished: at(offset),
+            timings: Timings::default(),
+            agent_version: "0.1.0".into(),
+            error: error.map(str::to_owned),
+            log_tail: String::new(),
+            reboot_required: false,
+        };
+        write_atomic(&self.host_dir(host).join("logs/latest.json"), &r.to_bytes());
+    }
+
+    fn status(&self) -> assert_cmd::Command {
+        let mut cmd = bento();
+        cmd.arg("--fleet")
+            .arg(&self.fleet)
+            .args(["status", "--now", NOW, "--color", "never"]);
+        cmd
+    }
+}
+
+/// As the agent's SFTP upload does: a temporary name, then a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_file_name(".tmp-upload");
+    fs::write(&tmp, bytes).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
+    Manifest {
+        format: 1,
+        host: HostName::new(host).unwrap(),
+        created: NOW.into(),
+        source_commit: None,
+        build: Build::Flake,
+        system: system.map(|s| StorePath::new(s).unwrap()),
+        config: vec![ConfigEntry::File {
+            path: RelPath::new("flake.nix").unwrap(),
+            size: content.len() as u64,
+            sha256: Digest::of(content.as_bytes()),
+            executable: false,
+        }],
+        files: vec![],
+    }
+}
+
+const HOSTS: &str = "[hosts.current]\n[hosts.racing]\n[hosts.broken]\n[hosts.rolledback]\n\
+[hosts.handmade]\n[hosts.fresh]\n[hosts.gone]\n[hosts.slow]\ninterval = \"6h\"\n\
+[hosts.built]\n[hosts.stalebuild]\n[hosts.hostile]\n[hosts.unpublished]\n";
+
+/// A fleet with one host in each state.
+fn every_state() -> Fixture {
+    let f = Fixture::new(HOSTS);
+    // up to date: runs the live version's expected system.
+    let (s1, s2) = (system("current", 'a'), system("current", 'b'));
+    let v = f.publish("current", "current 2", -3600, Some(&s2));
+    f.report("current", -3000, v, Outcome::Success, &s1, &s2, None);
+    f.heartbeat("current", -60, Some(v), &s2);
+
+    // The race: N+1 went live 10 s ago; the host's report and heartbeat for N landed after.
+    let (r1, r2) = (system("racing", 'a'), system("racing", 'b'));
+    let n = Digest::of(b"racing version N");
+    f.publish("racing", "racing N+1", -10, Some(&r2));
+    f.report("racing", -5, n, Outcome::Success, &r1, &r1, None);
+    f.heartbeat("racing", -4, Some(n), &r1);
+
+    // failing: its attempt at the live version failed.
+    let (b1, b2) = (system("broken", 'a'), system("broken", 'b'));
+    let v = f.publish("broken", "broken 2", -3600, Some(&b2));
+    f.report(
+        "broken",
+        -600,
+        v,
+        Outcome::Failure,
+        &b1,
+        &b1,
+        Some("build failed: attribute 'services.nginx.foo' does not exist\nmore detail"),
+    );
+    f.heartbeat("broken", -590, Some(Digest::of(b"older")), &b1);
+
+    // rolled back.
+    let (o1, o2) = (system("rolledback", 'a'), system("rolledback", 'b'));
+    let v = f.publish("rolledback", "rolledback 2", -3600, Some(&o2));
+    f.report(
+        "rolledback",
+        -300,
+        v,
+        Outcome::Rollback,
+        &o1,
+        &o1,
+        Some("server unreachable after activation; rolled back"),
+    );
+    f.heartbeat("rolledback", -290, Some(Digest::of(b"older")), &o1);
+
+    // drifted: runs the live version, but a system rebuilt by hand.
+    let (h1, h2) = (system("handmade", 'a'), system("handmade", 'b'));
+    let v = f.publish("handmade", "handmade 2", -3600, Some(&h2));
+    f.report("handmade", -3000, v, Outcome::Success, &h1, &h2, None);
+    f.heartbeat("handmade", -120, Some(v), &system("handmade", 'x'));
+
+    // new: published, never heard from.
+    f.publish("fresh", "fresh 1", -3600, None);
+
+    // silent: last heartbeat two hours ago, polls every 15 minutes.
+    let g = system("gone", 'a');
+    let v = f.publish("gone", "gone 1", -86_400, Some(&g));
+    f.report("gone", -80_000, v, Outcome::Success, &g, &g, None);
+    f.heartbeat("gone", -7200, Some(v), &g);
+
+    // Polls every 6 hours: two hours of quiet is fine.
+    let s = system("slow", 'a');
+    let v = f.publish("slow", "slow 1", -86_400, Some(&s));
+    f.report("slow", -80_000, v, Outcome::Success, &s, &s, None);
+    f.heartbeat("slow", -7200, Some(v), &s);
+
+    // Expected system from `bento build` (manifest without one), matching the live config.
+    let bs = system("built", 'c');
+    let v = f.publish("built", "built 1", -3600, None);
+    let m = manifest("built", "built 1", None);
+    record::write(
+        &f.chroot,
+        &BuildRecord {
+            format: record::RECORD_FORMAT,
+            host: HostName::new("built").unwrap(),
+            key: record::content_key(m.build, &m.config),
+            system: Some(StorePath::new(&bs).unwrap()),
+            drv: None,
+            built: true,
+            time: at(-4000),
+        },
+    )
+    .unwrap();
+    f.report(
+        "built",
+        -3000,
+        v,
+        Outcome::Success,
+        &system("built", 'a'),
+        &bs,
+        None,
+    );
+    f.heartbeat("built", -30, Some(v), &bs);
+
+    // A build of an older configuration is not the expected system of the live version.
+    let v = f.publish("stalebuild", "stalebuild 2", -3600, None);
+    let old = manifest("stalebuild", "stalebuild 1", None);
+    record::write(
+        &f.chroot,
+        &BuildRecord {
+            format: record::RECORD_FORMAT,
+            host: HostName::new("stalebuild").unwrap(),
+            key: record::content_key(old.build, &old.config),
+            system: Some(StorePath::new(&system("stalebuild", 'z')).unwrap()),
+            drv: None,
+            built: true,
+            time: at(-7200),
+        },
+    )
+    .unwrap();
+    let sb = system("stalebuild", 'd');
+    f.report("stalebuild", -3000, v, Outcome::Success, &sb, &sb, None);
+    f.heartbeat("stalebuild", -30, Some(v), &sb);
+
+    // A host that planted a symlink to another host's files: never followed.
+    f.publish("hostile", "hostile 1", -3600, None);
+    let other = f.host_dir("current").join("logs/heartbeat.json");
+    std::os::unix::fs::symlink(other, f.host_dir("hostile").join("logs/heartbeat.json")).unwrap();
+    f
+}
+
+fn settings() -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    s.set_snapshot_path("snapshots");
+    s.set_prepend_module_to_snapshot(false);
+    // The scratch directory is random; digests and times are fixed by the fixture.
+    s.add_filter(r"/var/lib/bento-it/t-[A-Za-z0-9]+", "[SCRATCH]");
+    s
+}
+
+#[test]
+fn table_shows_every_state_problems_first_and_exits_2() {
+    let f = every_state();
+    let out = f.status().assert().code(2).get_output().clone();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(!table.contains('\x1b'), "no colour when piped:\n{table}");
+    settings().bind(|| insta::assert_snapshot!("status_table", table));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("12 hosts: 1 failing, 1 rolled back, 1 silent, 1 drifted, 1 update pending, 3 new, 4 up to date"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_has_stable_fields_and_state_names() {
+    let f = every_state();
+    let out = f
+        .status()
+        .arg("--json")
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let state = |host: &str| {
+        rows.iter()
+            .find(|r| r["host"] == host)
+            .unwrap_or_else(|| panic!("{host}"))["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(state("current"), "up-to-date");
+    assert_eq!(
+        state("racing"),
+        "update-pending",
+        "the race must never look up to date"
+    );
+    assert_eq!(state("broken"), "failing");
+    assert_eq!(state("rolledback"), "rolled-back");
+    assert_eq!(state("handmade"), "drifted");
+    assert_eq!(state("fresh"), "new");
+    assert_eq!(state("gone"), "silent");
+    assert_eq!(state("slow"), "up-to-date");
+    assert_eq!(state("built"), "up-to-date");
+    for r in rows {
+        for field in [
+            "host",
+            "state",
+            "published",
+            "expected_system",
+            "running_system",
+            "last_seen",
+            "error",
+        ] {
+            assert!(r.get(field).is_some(), "{field} missing in {r}");
+        }
+    }
+    settings().bind(|| insta::assert_json_snapshot!("status_json", rows));
+}
+
+#[test]
+fn healthy_hosts_exit_zero_and_host_filter() {
+    let f = every_state();
+    let out = f
+        .status()
+        .args(["--host", "current", "--host", "racing", "--host", "fresh"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 4, "{text}");
+    f.status()
+        .args(["--host", "nosuchhost"])
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("no host named nosuchhost"));
+}
+
+#[test]
+fn colour_only_when_asked_or_on_a_terminal() {
+    let f = every_state();
+    let out = bento()
+        .arg("--fleet")
+        .arg(&f.fleet)
+        .args(["status", "--now", NOW, "--color", "always"])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\x1b[1;31mfailing\x1b[0m"), "{text}");
+}
+
+/// A strict reader of the node-exporter textfile format: HELP/TYPE before samples, valid
+/// names and labels, numeric values, no duplicate series.
+fn parse_textfile(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    assert!(text.ends_with('\n'), "ends with a newline");
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut typed = BTreeSet::new();
+    let mut series = BTreeSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name_ok(name), "{line}");
+            if kind == "TYPE" {
+                let t = parts.next().unwrap();
+                assert!(["gauge", "counter", "untyped"].contains(&t), "{line}");
+                assert!(typed.insert(name.to_owned()), "TYPE twice: {line}");
+            } else {
+                assert_eq!(kind, "HELP", "{line}");
+            }
+            continue;
+        }
+        let (series_text, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        let (name, labels) = match series_text.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
+            None => (series_text, ""),
+        };
+        assert!(name_ok(name), "{line}");
+        assert!(typed.contains(name), "sample before its TYPE: {line}");
+        let mut parsed = Vec::new();
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap();
+            assert!(name_ok(k), "{line}");
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .expect("quoted");
+            parsed.push((k.to_owned(), v.to_owned()));
+        }
+        assert!(
+            series.insert(series_text.to_owned()),
+            "duplicate series {line}"
+        );
+        samples.push((name.to_owned(), parsed, value));
+    }
+    samples
+}
+
+#[test]
+fn prometheus_textfile_parses_and_has_every_host() {
+    let f = every_state();
+    let prom = f.chroot.root.with_file_name("bento.prom");
+    f.status().arg("--prometheus").arg(&prom).assert().code(2);
+    let text = fs::read_to_string(&prom).unwrap();
+    let samples = parse_textfile(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels.len() == l.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|s| s.2)
+    };
+    assert_eq!(
+        value(
+            "bento_host_state",
+            &[("host", "broken"), ("state", "failing")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            "bento_host_state",
+            &[("host", "broken"), ("state", "up-to-date")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("bento_host_state", &[("host", "gone"), ("state", "silent")]),
+        Some(1.0)
+    );
+    assert_eq!(value("bento_hosts", &[("state", "up-to-date")]), Some(4.0));
+    let seen = humantime::parse_rfc3339(&at(-60)).unwrap();
+    let secs = seen
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert_eq!(
+        value(
+            "bento_host_last_seen_timestamp_seconds",
+            &[("host", "current")]
+        ),
+        Some(secs)
+    );
+    let ok = humantime::parse_rfc3339(&at(-3000)).unwrap();
+    let secs = ok.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as f64;
+    assert_eq!(
+        value(
+            "bento_host_last_success_timestamp_seconds",
+            &[("host", "current")]
+        ),
+        Some(secs)
+    );
+    // Every host has one sample per state, exactly one of them 1.
+    for host in ["current", "racing", "fresh", "hostile", "unpublished"] {
+        let states: Vec<f64> = samples
+            .iter()
+            .filter(|(n, l, _)| n == "bento_host_state" && l[0].1 == host)
+            .map(|s| s.2)
+            .collect();
+        assert_eq!(states.len(), 7, "{host}");
+        assert_eq!(states.iter().sum::<f64>(), 1.0, "{host}");
+    }
+    // Written atomically: no temporary file left beside it.
+    let dir: Vec<String> = fs::read_dir(prom.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!dir.iter().any(|n| n.starts_with(".tmp-")), "{dir:?}");
+}
+
+/// Reads lines from a child's stdout until `want` accepts one or the deadline passes.
+fn wait_for_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    deadline: Instant,
+    want: impl Fn(&str) -> bool,
+) -> Option<String> {
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if want(&line) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn state_in(line: &str, host: &str) -> Option<String> {
+    let rows: serde_json::Value = serde_json::from_str(line).ok()?;
+    rows.as_array()?
+        .iter()
+        .find(|r| r["host"] == host)
+        .map(|r| r["state"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn watch_redraws_when_a_report_lands_and_when_a_version_is_published() {
+    let f = every_state();
+    let mut child = bento_std()
+        .arg("--fleet")
+        .arg(&f.fleet)
+        .args(["status", "--watch", "--json", "--now", NOW])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = wait_for_line(&rx, deadline, |l| l.starts_with('['));
+    let result = (|| {
+        let first = first.ok_or("no first table")?;
+        if state_in(&first, "racing").as_deref() != Some("update-pending") {
+            return Err("racing should start pending");
+        }
+        // The racing host applies N+1 and reports it.
+        let dir = f.host_dir("racing");
+        let live =
+            layout::parse_current(&fs::read_to_string(layout::current(&dir)).unwrap()).unwrap();
+        let (r1, r2) = (system("racing", 'a'), system("racing", 'b'));
+        f.report("racing", -2, live, Outcome::Success, &r1, &r2, None);
+        f.heartbeat("racing", -1, Some(live), &r2);
+        wait_for_line(&rx, deadline, |l| {
+            state_in(l, "racing").as_deref() == Some("up-to-date")
+        })
+        .ok_or("no redraw after the report")?;
+        // A new version of `current` is published: it becomes pending.
+        f.publish("current", "current 3", -1, Some(&system("current", 'e')));
+        wait_for_line(&rx, deadline, |l| {
+            state_in(l, "current").as_deref() == Some("update-pending")
+        })
+        .ok_or("no redraw after the publish")?;
+        Ok(())
+    })();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    result.unwrap();
+}
