@@ -49,8 +49,10 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
     let config = &fleet.config;
     match cmd {
         Command::NixosModule { output } => {
-            let keys = server::fleet_keys(config)?;
-            let text = server::nixos::render(config, &keys)?;
+            let toml = fleet.root.join(crate::fleet::FLEET_FILE);
+            let keys = server::fleet_keys(config).with_context(|| toml.display().to_string())?;
+            let text =
+                server::nixos::render(config, &keys).with_context(|| toml.display().to_string())?;
             if output.as_os_str() == "-" {
                 std::io::stdout()
                     .write_all(text.as_bytes())
@@ -68,7 +70,13 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SshdConfig => {
-            server::sshd::check_server_paths(&config.server)?;
+            server::sshd::check_server_paths(&config.server).with_context(|| {
+                fleet
+                    .root
+                    .join(crate::fleet::FLEET_FILE)
+                    .display()
+                    .to_string()
+            })?;
             std::io::stdout()
                 .write_all(server::sshd_config(&config.server).as_bytes())
                 .context("writing to stdout")?;
