@@ -155,7 +155,7 @@ mod tests {
         assert_eq!(c[0].change, ChangeKind::Updated);
         assert_eq!(
             c[0].before.as_deref(),
-            Some("sha256-AAAAAAAAAAAA (2026-11-16)")
+            Some("sha256-AAAAAAAAAAAA (2026-11-26)")
         );
         assert_eq!(c[1].input, "nixpkgs");
         assert_eq!(c[1].change, ChangeKind::Added);

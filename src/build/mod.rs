@@ -244,3 +244,57 @@ pub fn switch(nix: &Nix, profile: &Path, system: &StorePath) -> Result<(), NixEr
     nix.run(&script.to_string_lossy(), &["switch"])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn copy_config_leaves_secrets_out() {
+        let src = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let file = |rel: &str, text: &str| {
+            let p = src.path().join(rel.replace('/', "_"));
+            std::fs::write(&p, text).unwrap();
+            Item {
+                path: rel.to_owned(),
+                kind: ItemKind::File {
+                    source: Arc::from(p.as_path()),
+                    size: text.len() as u64,
+                    sha256: crate::manifest::Digest::of(text.as_bytes()),
+                    executable: false,
+                },
+            }
+        };
+        let dir = |rel: &str| Item {
+            path: rel.to_owned(),
+            kind: ItemKind::Dir,
+        };
+        let items = vec![
+            file("configuration.nix", "{ }"),
+            dir("files"),
+            dir("files/etc"),
+            file("files/etc/secret", "s3cret"),
+            file("files.toml", "[x]"),
+            dir("modules"),
+            file("modules/a.nix", "{ }"),
+        ];
+        copy_config(&items, dest.path()).unwrap();
+        let mut found: Vec<String> = walk(dest.path(), dest.path());
+        found.sort();
+        assert_eq!(found, ["configuration.nix", "modules", "modules/a.nix"]);
+    }
+
+    fn walk(base: &Path, dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(base).unwrap().display().to_string());
+            if p.is_dir() {
+                out.extend(walk(base, &p));
+            }
+        }
+        out
+    }
+}

@@ -55,7 +55,16 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 continue;
             }
         }
-        match flake_lock::update(&nix, &dir, args.input.as_deref()) {
+        let result = flake_lock::update(&nix, &dir, args.input.as_deref());
+        if let (Some(input), Ok(_)) = (&args.input, &result) {
+            // A flake without inputs gets no lock file at all.
+            let lock = std::fs::read_to_string(dir.join(flake_lock::LOCK_FILE)).ok();
+            if !lock.is_some_and(|l| flake_lock::root_inputs(&l).contains(input)) {
+                output::line(&format!("{shown:width$}  no input named {input}"));
+                continue;
+            }
+        }
+        match result {
             Ok(changes) if changes.is_empty() => {
                 has_input = true;
                 output::line(&format!("{shown:width$}  unchanged"));

@@ -399,7 +399,10 @@ fn colour_only_when_asked_or_on_a_terminal() {
 
 /// A strict reader of the node-exporter textfile format: HELP/TYPE before samples, valid
 /// names and labels, numeric values, no duplicate series.
-fn parse_textfile(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// A sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_textfile(text: &str) -> Vec<Sample> {
     assert!(text.ends_with('\n'), "ends with a newline");
     let name_ok = |n: &str| {
         !n.is_empty()
