@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bento::report::{Heartbeat, Outcome, Report};
 
+use crate::common::relay::{Relay, Traffic};
 use crate::common::sshd::{wait_with_deadline, Sshd};
 use crate::common::{bento_std, TOY_LIB};
 
@@ -28,6 +29,8 @@ struct Machine<'a> {
     sshd: &'a Sshd,
     host: String,
     base: PathBuf,
+    /// The port the agent connects to (sshd's, or a relay's in front of it).
+    port: u16,
 }
 
 impl<'a> Machine<'a> {
@@ -38,9 +41,24 @@ impl<'a> Machine<'a> {
             sshd,
             host: host.to_owned(),
             base,
+            port: sshd.port,
         };
         m.write_config(extra_config);
         m
+    }
+
+    /// Connects through `port` (a relay) instead of straight to sshd.
+    fn via(mut self, port: u16) -> Self {
+        self.port = port;
+        let line = fs::read_to_string(self.sshd.known_hosts()).unwrap();
+        let key = line.split_once(' ').unwrap().1;
+        fs::write(
+            self.known_hosts(),
+            format!("{line}[127.0.0.1]:{port} {key}"),
+        )
+        .unwrap();
+        self.write_config("");
+        self
     }
 
     fn write_config(&self, extra: &str) {
@@ -48,7 +66,7 @@ impl<'a> Machine<'a> {
             "host = \"{host}\"\nserver = \"sftp://{acct}@127.0.0.1:{port}\"\nidentity_file = \"{key}\"\nknown_hosts = \"{kh}\"\nstate_dir = \"{base}/state\"\nprofile = \"{base}/profiles/system\"\ncurrent_system = \"{base}/no-current-system\"\nfiles_root = \"{base}/root\"\nconnect_timeout = \"5s\"\nconfirm_timeout = \"3s\"\n{extra}",
             host = self.host,
             acct = self.sshd.account(&self.host),
-            port = self.sshd.port,
+            port = self.port,
             key = self.sshd.client_key(&self.host).display(),
             kh = self.known_hosts().display(),
             base = self.base.display(),
@@ -250,8 +268,12 @@ fn first_install_then_noop_then_one_changed_file() {
         String::from_utf8_lossy(&grep.stdout)
     );
 
-    // No change: a no-op that reads `current` and writes the heartbeat, nothing else.
-    let log_before = sshd.log().len();
+    // No change: one connection, `current` read, the heartbeat written: within a small
+    // margin of a bare SFTP connect-and-quit (the floor).
+    let relay = Relay::start(sshd.port);
+    let m = m.via(relay.port);
+    let floor = bare_sftp_session(&sshd, &m, relay.port);
+    relay.reset();
     let out = m.update();
     assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
     assert!(
@@ -260,51 +282,100 @@ fn first_install_then_noop_then_one_changed_file() {
         text(&out)
     );
     assert_eq!(m.activations().len(), 1);
-    let session = sshd.log()[log_before..].to_owned();
-    let opened: Vec<&str> = session.lines().filter(|l| l.contains("open \"")).collect();
+    let conns = relay.connections();
+    assert_eq!(conns.len(), 1, "a no-op costs one connection: {conns:?}");
+    let heartbeat_len = fs::metadata(m.logs().join("heartbeat.json")).unwrap().len();
     assert!(
-        opened
-            .iter()
-            .all(|l| l.contains("\"/current\"") || l.contains("heartbeat")),
-        "the no-op run opened more than current and the heartbeat:\n{}",
-        opened.join("\n")
-    );
-    assert!(
-        opened.iter().any(|l| l.contains("\"/current\"")),
-        "{session}"
+        conns[0].total() <= floor.total() + 65 + heartbeat_len + 1024,
+        "no-op moved {:?}; a bare session moves {floor:?}",
+        conns[0]
     );
 
-    // One file of many changes: exactly one object crosses the wire.
+    // One file of many changes: that object and the manifest cross the wire, little else.
     for i in 0..40 {
         fs::write(
             sshd.fleet().join(format!("hosts/alpha/extra-{i}.nix")),
-            format!("# {i}\n"),
+            format!("# {i}\n{}\n", "x".repeat(4000)),
         )
         .unwrap();
     }
     sshd.publish();
     assert_eq!(code(&m.update()), EXIT_UPDATED);
+    // payload.txt goes into the system, so this also activates and confirms.
     fs::write(
         sshd.fleet().join("hosts/alpha/payload.txt"),
-        "payload two\n",
+        "payload, changed\n",
     )
     .unwrap();
     sshd.publish();
-    let log_before = sshd.log().len();
+    let host_dir = sshd.host_dir("alpha");
+    let live = bento::layout::parse_current(&fs::read_to_string(host_dir.join("current")).unwrap())
+        .unwrap();
+    let manifest_len = fs::metadata(bento::layout::manifest(&host_dir, &live))
+        .unwrap()
+        .len();
+    relay.reset();
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
-    let session = sshd.log()[log_before..].to_owned();
-    let objects: Vec<&str> = session
-        .lines()
-        .filter(|l| l.contains("open \"/objects/"))
-        .collect();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fetching 1 of"),
+        "{}",
+        text(&out)
+    );
+    let conns = relay.connections();
     assert_eq!(
-        objects.len(),
-        1,
-        "expected one object download:\n{}",
-        objects.join("\n")
+        conns.len(),
+        2,
+        "one connection for the update, a fresh one to confirm: {conns:?}"
+    );
+    let budget = floor.down + manifest_len + 64 + 8 * 1024;
+    assert!(
+        conns[0].down <= budget,
+        "downloaded {} bytes, budget {budget}",
+        conns[0].down
+    );
+    assert!(
+        conns[0].down < 40 * 4000,
+        "far less than the configuration itself"
     );
     assert!(m.profile_target().unwrap() != system);
+}
+
+/// Bytes of a bare `sftp` connect-and-quit as `m`'s host through `port`.
+fn bare_sftp_session(sshd: &Sshd, m: &Machine<'_>, port: u16) -> Traffic {
+    let relay_before = Relay::start(port);
+    let mut cmd = Command::new("sftp");
+    cmd.args(["-b", "-", "-o"])
+        .arg(format!("Port={}", relay_before.port))
+        .arg("-o")
+        .arg(format!("User={}", sshd.account(&m.host)))
+        .arg("-o")
+        .arg(format!(
+            "IdentityFile={}",
+            sshd.client_key(&m.host).display()
+        ))
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+        ])
+        .arg(format!("UserKnownHostsFile={}", m.known_hosts().display()))
+        .arg("-o")
+        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port))
+        .arg("127.0.0.1");
+    let out = crate::common::sshd::run_with_input(cmd, "bye\n", Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "sftp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conns = relay_before.connections();
+    assert_eq!(conns.len(), 1);
+    conns[0]
 }
 
 #[test]

@@ -230,4 +230,5 @@ pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
     out
 }
 
+pub mod relay;
 pub mod sshd;
