@@ -250,6 +250,7 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
                 at: secs(finished),
             });
             state.failures = None;
+            state.reboot_pending = state.reboot_pending || attempt.reboot_required;
         }
         Outcome::Failure => state.record_failure(version, secs(finished)),
         Outcome::Rollback => state.record_rollback(version),

@@ -62,6 +62,9 @@ pub struct State {
     /// Targets (absolute, before `files_root`) installed by the applied version.
     #[serde(default)]
     pub installed_files: Vec<String>,
+    /// The applied system's kernel or initrd differs from the booted one's.
+    #[serde(default)]
+    pub reboot_pending: bool,
 }
 
 /// How long to wait before retrying a version that failed `count` times in a row:
