@@ -7,6 +7,7 @@
 //!   <host>/                  root:<account> 0750
 //!     current                hex digest of the live manifest + "\n"
 //!     manifests/<digest>.json
+//!     manifests/<digest>.sig  SSH signature of the manifest, when the fleet signs
 //!     objects/<sha256>
 //!     logs/                  <account>:<account> 0750, the host's only writable place
 //! ```
@@ -70,6 +71,11 @@ pub fn current(host_dir: &Path) -> PathBuf {
 
 pub fn manifest(host_dir: &Path, digest: &Digest) -> PathBuf {
     host_dir.join(MANIFESTS).join(format!("{digest}.json"))
+}
+
+/// The SSH signature of a manifest (`bento` namespace), when the fleet signs.
+pub fn signature(host_dir: &Path, digest: &Digest) -> PathBuf {
+    host_dir.join(MANIFESTS).join(format!("{digest}.sig"))
 }
 
 pub fn object(host_dir: &Path, digest: &Digest) -> PathBuf {

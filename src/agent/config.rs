@@ -78,6 +78,10 @@ pub struct AgentConfig {
     /// Prefix for the targets of `files` entries (`/mnt` when installing onto a mounted system).
     #[serde(default = "d_files_root")]
     pub files_root: PathBuf,
+    /// Public keys whose signature a manifest must carry (`ssh-ed25519 …` lines; several
+    /// for key rotation). Empty: signatures are not checked.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
 }
 
 fn d_identity() -> PathBuf {
@@ -143,6 +147,10 @@ impl AgentConfig {
                 });
             }
         }
+        crate::signing::parse_trusted(&config.trusted_keys).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: format!("trusted_keys: {e}"),
+        })?;
         if config.connect_timeout.is_zero() {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -211,6 +219,7 @@ current_system = "/run/current-system"
             ("mode = \"reboot\"\n", "reboot"),
             ("connect_timeout = \"soon\"\n", "soon"),
             ("state_dir = \"var\"\n", "state_dir"),
+            ("trusted_keys = [\"ssh-ed25519 x\"]\n", "trusted key 1"),
         ] {
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra}: {err}");

@@ -198,6 +198,8 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         running: running.clone(),
         built: None,
         reboot_required: false,
+        created: None,
+        applied_created: state.applied.as_ref().and_then(|a| a.created.clone()),
     };
     let result = attempt.run(&mut transport, opts, &mut log, &mut timings);
     let (outcome, error) = match result {
@@ -248,6 +250,7 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
                 version,
                 system,
                 at: secs(finished),
+                created: attempt.created.clone(),
             });
             state.failures = None;
             state.reboot_pending = state.reboot_pending || attempt.reboot_required;
@@ -338,6 +341,10 @@ struct Attempt<'a> {
     running: Option<StorePath>,
     built: Option<StorePath>,
     reboot_required: bool,
+    /// The new manifest's `created` time, once fetched.
+    created: Option<String>,
+    /// The applied manifest's `created` time (replay protection).
+    applied_created: Option<String>,
 }
 
 impl Attempt<'_> {
@@ -358,6 +365,8 @@ impl Attempt<'_> {
             .map_err(AttemptError::Transport)?;
         let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
+        self.check_trust(transport, &bytes, &manifest, log)?;
+        self.created = Some(manifest.created.clone());
         let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
         crate::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
         let sizes: BTreeMap<Digest, u64> = manifest
@@ -508,6 +517,46 @@ impl Attempt<'_> {
                     .into(),
             )),
         }
+    }
+
+    /// Refuses a manifest not signed by a trusted key (when keys are configured) and one
+    /// older than the version already applied (a replayed snapshot).
+    fn check_trust(
+        &self,
+        transport: &mut Box<dyn Transport>,
+        bytes: &[u8],
+        manifest: &Manifest,
+        log: &mut RunLog<'_>,
+    ) -> Result<(), AttemptError> {
+        let short = self.version.short();
+        if self.cfg.trusted_keys.is_empty() {
+            log.step("note: no trusted_keys configured; the manifest's signature is not checked");
+        } else {
+            let trusted = crate::signing::parse_trusted(&self.cfg.trusted_keys)
+                .map_err(|e| AttemptError::Failed(e.to_string()))?;
+            let rel = format!("{}/{}.sig", layout::MANIFESTS, self.version);
+            let sig = match transport.read_small(&rel, crate::signing::MAX_SIGNATURE_BYTES) {
+                Ok(sig) => sig,
+                Err(TransportError::Remote { .. }) => {
+                    return Err(AttemptError::Failed(format!(
+                        "manifest {short} is not signed; refusing it"
+                    )));
+                }
+                Err(e) => return Err(AttemptError::Transport(e)),
+            };
+            crate::signing::verify(&trusted, bytes, &sig)
+                .map_err(|e| AttemptError::Failed(format!("manifest {short}: {e}")))?;
+            log.step("signature verified");
+        }
+        if let Some(applied) = &self.applied_created {
+            if manifest.created.as_str() < applied.as_str() {
+                return Err(AttemptError::Failed(format!(
+                    "manifest {short} was created {}, before the applied version ({applied}); refusing a replayed older snapshot",
+                    manifest.created
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Puts back the system that ran before this run, by its store path.
@@ -695,6 +744,7 @@ mod tests {
                 version: v1,
                 system: sp("one"),
                 at: 0,
+                created: None,
             }),
             ..Default::default()
         };

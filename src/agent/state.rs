@@ -31,6 +31,9 @@ pub struct Applied {
     pub system: StorePath,
     /// Unix seconds.
     pub at: u64,
+    /// The applied manifest's `created` time: an older manifest is a replay and is refused.
+    #[serde(default)]
+    pub created: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@ mod build;
 mod diff;
 mod flake_update;
 mod init;
+mod keygen;
 mod publish;
 mod server;
 mod status;
@@ -36,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Create a new fleet repo with one example host
     Init(init::Args),
+    /// Create the fleet's signing key (ed25519, OpenSSH format)
+    Keygen(keygen::Args),
     /// Publish every host's configuration into its SFTP chroot
     Publish(publish::Args),
     /// Build every host's system on this server and record what each host should run
@@ -76,6 +79,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init::run(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Publish(args) => publish::run(cli.fleet, args),
         Command::Build(args) => build::run(cli.fleet, args),
         Command::Status(args) => status::run(cli.fleet, args),

@@ -89,6 +89,12 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 
+    let signer = publish::load_signer(&fleet)?;
+    if signer.is_none() {
+        tracing::warn!(
+            "manifests are not signed: set [server] signing_key in bento.toml (see `bento keygen`)"
+        );
+    }
     let now = SystemTime::now();
     let scanner = Scanner::new(
         fleet.root.clone(),
@@ -112,6 +118,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             systems,
             now,
             ownership,
+            signer: signer.as_ref(),
             on_wait: Box::new(move || {
                 output::note(&format!(
                     "another publish holds {}; waiting",

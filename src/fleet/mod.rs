@@ -53,6 +53,10 @@ pub struct ServerConfig {
     /// outside the chroots so a host can never edit its own key.
     #[serde(default = "default_authorized_keys_dir")]
     pub authorized_keys_dir: PathBuf,
+    /// The fleet's signing key (`bento keygen`): publish signs every manifest with it. It
+    /// must live outside the fleet repo.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
 }
 
 fn default_port() -> u16 {
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             chroot: default_chroot(),
             account_prefix: default_prefix(),
             authorized_keys_dir: default_authorized_keys_dir(),
+            signing_key: None,
         }
     }
 }
@@ -234,13 +239,19 @@ mod tests {
     fn host_interval() {
         let c = parse("[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
         let host = |n: &str| &c.hosts[&HostName::new(n).unwrap()];
-        assert_eq!(host("alpha").interval(), std::time::Duration::from_secs(300));
+        assert_eq!(
+            host("alpha").interval(),
+            std::time::Duration::from_secs(300)
+        );
         assert_eq!(host("beta").interval(), DEFAULT_INTERVAL);
         for bad in ["\"soon\"", "\"0s\"", "5"] {
             let err = parse(&format!("[hosts.alpha]\ninterval = {bad}\n"))
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("interval") || err.contains("string"), "{bad}: {err}");
+            assert!(
+                err.contains("interval") || err.contains("string"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -173,6 +173,7 @@ pub fn publish_host(
     chroot: &Chroot,
     plan: &HostPlan,
     ownership: &Ownership,
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<HostReport, PublishError> {
     let host_dir = chroot.host_dir(&plan.host);
     let manifest = &plan.manifest;
@@ -191,6 +192,16 @@ pub fn publish_host(
 
     if let Some((digest, live)) = read_current(&host_dir) {
         if live.same_content(manifest) {
+            // A key configured since the last publish: sign the live manifest in place.
+            if let Some(signer) = signer {
+                let sig_path = layout::signature(&host_dir, &digest);
+                if !sig_path.exists() {
+                    let bytes = fs::read(layout::manifest(&host_dir, &digest))
+                        .map_err(io_err(&host_dir))?;
+                    atomic::write_file(&sig_path, signer.sign(&bytes)?.as_bytes(), 0o644)
+                        .map_err(io_err(&sig_path))?;
+                }
+            }
             return Ok(report(Status::Unchanged, digest, 0, 0));
         }
     }
@@ -223,6 +234,13 @@ pub fn publish_host(
     let digest = Digest::of(&manifest_bytes);
     let manifest_path = layout::manifest(&host_dir, &digest);
     atomic::write_file(&manifest_path, &manifest_bytes, 0o644).map_err(io_err(&manifest_path))?;
+    // The signature lands before `current` names the manifest: a host never sees an
+    // unsigned live version from a signing fleet.
+    if let Some(signer) = signer {
+        let sig_path = layout::signature(&host_dir, &digest);
+        atomic::write_file(&sig_path, signer.sign(&manifest_bytes)?.as_bytes(), 0o644)
+            .map_err(io_err(&sig_path))?;
+    }
     let current = layout::current(&host_dir);
     atomic::write_file(&current, layout::current_text(&digest).as_bytes(), 0o644)
         .map_err(io_err(&current))?;
@@ -263,6 +281,15 @@ pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
         match parsed {
             Some(m) if i + 1 < KEEP_VERSIONS => kept.push(m),
             _ => fs::remove_file(&path)?,
+        }
+    }
+    for entry in fs::read_dir(&mdir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".sig") {
+            if !mdir.join(format!("{stem}.json")).exists() {
+                fs::remove_file(entry.path())?;
+            }
         }
     }
     let used: BTreeSet<String> = kept

@@ -43,6 +43,10 @@ pub enum PublishError {
     UnsafeChrootPath { path: PathBuf, problem: String },
     #[error("no host named {0} in the fleet")]
     UnknownHost(HostName),
+    #[error("signing key {0} is inside the fleet repo; keep it out (it would be committed and could be published)")]
+    KeyInRepo(PathBuf),
+    #[error(transparent)]
+    Signing(#[from] crate::signing::SigningError),
     #[error(transparent)]
     HostFiles(#[from] HostFilesError),
     #[error(transparent)]
@@ -199,10 +203,24 @@ pub struct Options<'a> {
     pub systems: BTreeMap<HostName, StorePath>,
     pub now: SystemTime,
     pub ownership: Ownership,
+    /// Signs every manifest (`[server] signing_key`).
+    pub signer: Option<&'a crate::signing::Signer>,
     /// Called when the publish lock is busy and the run waits for it.
     pub on_wait: Box<dyn FnOnce() + 'a>,
     /// Called as each host finishes (progress), from any thread.
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+}
+
+/// Loads the fleet's signing key, refusing one kept inside the fleet repo.
+pub fn load_signer(fleet: &Fleet) -> Result<Option<crate::signing::Signer>, PublishError> {
+    let Some(path) = &fleet.config.server.signing_key else {
+        return Ok(None);
+    };
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+    if abs.starts_with(&fleet.root) {
+        return Err(PublishError::KeyInRepo(path.clone()));
+    }
+    Ok(Some(crate::signing::Signer::load(path)?))
 }
 
 /// Publishes the fleet. Returns one report per host, in host order; per-host failures are
@@ -231,17 +249,20 @@ pub fn run(
     let reports: Vec<HostReport> = plans
         .par_iter()
         .map(|p| {
-            let r = publish_host(&opts.chroot, p, &opts.ownership).unwrap_or_else(|e| HostReport {
-                host: p.host.clone(),
-                status: Status::Failed,
-                digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
-                config_entries: p.manifest.config.len(),
-                files: p.manifest.files.len(),
-                objects: p.manifest.objects().len(),
-                new_objects: 0,
-                bytes: 0,
-                error: Some(e.to_string()),
-            });
+            let r =
+                publish_host(&opts.chroot, p, &opts.ownership, opts.signer).unwrap_or_else(|e| {
+                    HostReport {
+                        host: p.host.clone(),
+                        status: Status::Failed,
+                        digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
+                        config_entries: p.manifest.config.len(),
+                        files: p.manifest.files.len(),
+                        objects: p.manifest.objects().len(),
+                        new_objects: 0,
+                        bytes: 0,
+                        error: Some(e.to_string()),
+                    }
+                });
             (opts.on_host)(&r);
             r
         })

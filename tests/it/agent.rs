@@ -14,10 +14,10 @@ use crate::common::relay::{Relay, Traffic};
 use crate::common::sshd::{wait_with_deadline, Sshd};
 use crate::common::{bento_std, TOY_LIB};
 
-const EXIT_NOOP: i32 = 0;
-const EXIT_UPDATED: i32 = 10;
-const EXIT_FAILED: i32 = 11;
-const EXIT_ROLLED_BACK: i32 = 12;
+pub(crate) const EXIT_NOOP: i32 = 0;
+pub(crate) const EXIT_UPDATED: i32 = 10;
+pub(crate) const EXIT_FAILED: i32 = 11;
+pub(crate) const EXIT_ROLLED_BACK: i32 = 12;
 
 /// The toy `<nixpkgs/nixos>` stand-in for classic hosts.
 fn toy_nixpkgs() -> PathBuf {
@@ -25,16 +25,16 @@ fn toy_nixpkgs() -> PathBuf {
 }
 
 /// One managed machine: its agent.toml, state, profile and files root, all in the test dir.
-struct Machine<'a> {
-    sshd: &'a Sshd,
-    host: String,
-    base: PathBuf,
+pub(crate) struct Machine<'a> {
+    pub(crate) sshd: &'a Sshd,
+    pub(crate) host: String,
+    pub(crate) base: PathBuf,
     /// The port the agent connects to (sshd's, or a relay's in front of it).
     port: u16,
 }
 
 impl<'a> Machine<'a> {
-    fn new(sshd: &'a Sshd, host: &str, extra_config: &str) -> Self {
+    pub(crate) fn new(sshd: &'a Sshd, host: &str, extra_config: &str) -> Self {
         let base = sshd.dir.join(format!("machine-{host}"));
         fs::create_dir_all(base.join("root")).unwrap();
         let m = Machine {
@@ -48,7 +48,7 @@ impl<'a> Machine<'a> {
     }
 
     /// Connects through `port` (a relay) instead of straight to sshd.
-    fn via(mut self, port: u16) -> Self {
+    pub(crate) fn via(mut self, port: u16) -> Self {
         self.port = port;
         let line = fs::read_to_string(self.sshd.known_hosts()).unwrap();
         let key = line.split_once(' ').unwrap().1;
@@ -61,7 +61,7 @@ impl<'a> Machine<'a> {
         self
     }
 
-    fn write_config(&self, extra: &str) {
+    pub(crate) fn write_config(&self, extra: &str) {
         let text = format!(
             "host = \"{host}\"\nserver = \"sftp://{acct}@127.0.0.1:{port}\"\nidentity_file = \"{key}\"\nknown_hosts = \"{kh}\"\nstate_dir = \"{base}/state\"\nprofile = \"{base}/profiles/system\"\ncurrent_system = \"{base}/no-current-system\"\nfiles_root = \"{base}/root\"\nconnect_timeout = \"5s\"\nconfirm_timeout = \"3s\"\n{extra}",
             host = self.host,
@@ -77,20 +77,20 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn config(&self) -> PathBuf {
+    pub(crate) fn config(&self) -> PathBuf {
         self.base.join("agent.toml")
     }
 
     /// The machine's own copy of known_hosts (a test may break it).
-    fn known_hosts(&self) -> PathBuf {
+    pub(crate) fn known_hosts(&self) -> PathBuf {
         self.base.join("known_hosts")
     }
 
-    fn activation_log(&self) -> PathBuf {
+    pub(crate) fn activation_log(&self) -> PathBuf {
         self.base.join("activations.log")
     }
 
-    fn activations(&self) -> Vec<String> {
+    pub(crate) fn activations(&self) -> Vec<String> {
         fs::read_to_string(self.activation_log())
             .unwrap_or_default()
             .lines()
@@ -98,7 +98,7 @@ impl<'a> Machine<'a> {
             .collect()
     }
 
-    fn command(&self, extra_env: &[(&str, &str)]) -> Command {
+    pub(crate) fn command(&self, extra_env: &[(&str, &str)]) -> Command {
         let mut cmd = bento_std();
         cmd.args(["agent", "update", "--config"])
             .arg(self.config())
@@ -114,7 +114,7 @@ impl<'a> Machine<'a> {
     }
 
     /// Runs `bento agent update` (bounded) and returns its output.
-    fn update_with(&self, extra_env: &[(&str, &str)], args: &[&str]) -> Output {
+    pub(crate) fn update_with(&self, extra_env: &[(&str, &str)], args: &[&str]) -> Output {
         let mut cmd = self.command(extra_env);
         cmd.args(args);
         let child = cmd.spawn().expect("run bento agent update");
@@ -122,40 +122,40 @@ impl<'a> Machine<'a> {
             .expect("agent update finished within 120 s")
     }
 
-    fn update(&self) -> Output {
+    pub(crate) fn update(&self) -> Output {
         self.update_with(&[], &[])
     }
 
-    fn profile_target(&self) -> Option<String> {
+    pub(crate) fn profile_target(&self) -> Option<String> {
         fs::canonicalize(self.base.join("profiles/system"))
             .ok()
             .map(|p| p.display().to_string())
     }
 
-    fn logs(&self) -> PathBuf {
+    pub(crate) fn logs(&self) -> PathBuf {
         self.sshd.host_dir(&self.host).join("logs")
     }
 
-    fn latest_report(&self) -> Report {
+    pub(crate) fn latest_report(&self) -> Report {
         Report::parse(&fs::read(self.logs().join("latest.json")).expect("latest.json delivered"))
             .unwrap()
     }
 
-    fn heartbeat(&self) -> Heartbeat {
+    pub(crate) fn heartbeat(&self) -> Heartbeat {
         Heartbeat::parse(&fs::read(self.logs().join("heartbeat.json")).expect("heartbeat written"))
             .unwrap()
     }
 
-    fn state(&self) -> serde_json::Value {
+    pub(crate) fn state(&self) -> serde_json::Value {
         serde_json::from_slice(&fs::read(self.base.join("state/state.json")).unwrap()).unwrap()
     }
 }
 
-fn code(out: &Output) -> i32 {
+pub(crate) fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
         out.status.code(),
@@ -166,7 +166,7 @@ fn text(out: &Output) -> String {
 
 /// A fleet of toy hosts served by a fresh sshd: `alpha` a flake host, `classic` a classic
 /// one, both importing common/ (toy lib + version) and each with a secret under files/.
-fn fleet(sshd: &Sshd) {
+pub(crate) fn fleet(sshd: &Sshd) {
     let f = sshd.fleet();
     fs::create_dir_all(f.join("common")).unwrap();
     fs::write(f.join("common/lib.nix"), TOY_LIB).unwrap();
@@ -219,7 +219,7 @@ fn flake_for(host: &str) -> String {
     )
 }
 
-fn write_version(sshd: &Sshd, v: &str) {
+pub(crate) fn write_version(sshd: &Sshd, v: &str) {
     fs::write(
         sshd.fleet().join("common/version.nix"),
         format!("{{ version = \"{v}\"; }}\n"),

@@ -7,4 +7,5 @@ mod docs;
 mod init;
 mod publish;
 mod server;
+mod signing;
 mod status;
