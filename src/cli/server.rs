@@ -153,6 +153,9 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                 for h in &report.hosts {
                     show(h.host.as_str(), &h.problems);
                 }
+                for w in &report.warnings {
+                    output::note(&format!("warning: {w}"));
+                }
             }
             Ok(if report.ok() {
                 ExitCode::SUCCESS

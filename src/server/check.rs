@@ -38,6 +38,9 @@ pub struct CheckReport {
     /// Problems shared by every host (chroot root, key directory, group).
     pub server: Vec<String>,
     pub hosts: Vec<HostCheck>,
+    /// Not wrong, but weaker than it should be (unsigned manifests); no effect on the exit
+    /// status.
+    pub warnings: Vec<String>,
 }
 
 impl CheckReport {
@@ -154,8 +157,36 @@ pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
         .collect();
     CheckReport {
         server: shared,
+        warnings: signing_warnings(config, &chroot),
         hosts,
     }
+}
+
+/// Unsigned manifests: hosts cannot tell a snapshot from the sysadmin from one planted by
+/// whoever controls the server (docs/security.md).
+fn signing_warnings(config: &FleetConfig, chroot: &Chroot) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.server.signing_key.is_none() {
+        warnings.push(
+            "manifests are not signed: create a key with `bento keygen`, set [server] signing_key, and give hosts trusted_keys"
+                .to_owned(),
+        );
+    }
+    for host in config.hosts.keys() {
+        let dir = chroot.host_dir(host);
+        let Ok(text) = fs::read_to_string(crate::layout::current(&dir)) else {
+            continue;
+        };
+        if let Ok(digest) = crate::layout::parse_current(&text) {
+            if !crate::layout::signature(&dir, &digest).exists() {
+                warnings.push(format!(
+                    "{host}: live version {} is unsigned",
+                    digest.short()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 fn check_host(

@@ -204,3 +204,32 @@ fn the_agent_accepts_only_trusted_current_signatures() {
         "still on version 2"
     );
 }
+
+#[test]
+fn server_check_warns_about_unsigned_hosts() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let check = || {
+        let out = bento()
+            .args(["server", "check", "--fleet"])
+            .arg(sshd.fleet())
+            .arg("--sshd-config")
+            .arg(sshd.config())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = check();
+    assert!(err.contains("manifests are not signed"), "{err}");
+    assert!(err.contains("alpha: live version"), "{err}");
+
+    let key = sshd.dir.join("signing/key");
+    keygen(&key);
+    set_signing_key(&sshd, &key);
+    sshd.publish();
+    let err = check();
+    assert!(
+        !err.contains("unsigned") && !err.contains("not signed"),
+        "{err}"
+    );
+}
