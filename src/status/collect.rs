@@ -178,9 +178,7 @@ fn live(host_dir: &Path, notes: &mut Vec<String>) -> Option<(Digest, ManifestHea
     // The manifest is the server's own, written by publish: its digest is not re-hashed
     // here (hashing every manifest of a large fleet would dominate the run).
     let path = layout::manifest(host_dir, &digest);
-    let head = std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice::<ManifestHead>(&b).map_err(|e| e.to_string()));
+    let head = read_head(&path);
     match head {
         Ok(h) if h.format == crate::manifest::FORMAT => Some((digest, h)),
         Ok(h) => {
@@ -192,6 +190,44 @@ fn live(host_dir: &Path, notes: &mut Vec<String>) -> Option<(Digest, ManifestHea
             None
         }
     }
+}
+
+/// Where the head fields end in a canonical manifest. The sequence cannot occur inside a
+/// JSON string (a quote there is always escaped), so its first occurrence is structural.
+const CONFIG_KEY: &[u8] = b",\"config\":";
+
+/// Reads a manifest's head. Canonical manifests list `format`, `host`, `created`,
+/// `source_commit`, `build` and `system` before `config` (docs/protocol.md), so only the
+/// bytes before `,"config":` are parsed: a fleet's manifests can hold thousands of entries
+/// each, and skimming them all would dominate `bento status`. Anything else is parsed whole.
+fn read_head(path: &Path) -> Result<ManifestHead, String> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        let n = file.read(&mut buf[len..]).map_err(|e| e.to_string())?;
+        len += n;
+        if let Some(at) = buf[..len]
+            .windows(CONFIG_KEY.len())
+            .position(|w| w == CONFIG_KEY)
+        {
+            let mut head = buf[..at].to_vec();
+            head.push(b'}');
+            if let Ok(h) = serde_json::from_slice::<ManifestHead>(&head) {
+                return Ok(h);
+            }
+            break;
+        }
+        if n == 0 || len >= 64 * 1024 {
+            break;
+        }
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    serde_json::from_slice::<ManifestHead>(&bytes).map_err(|e| e.to_string())
 }
 
 /// The build record's system, when it was built from the live version's configuration.
@@ -305,5 +341,39 @@ pub fn host_status(
         last_seen_at,
         last_success_at,
         published_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_head_from_the_canonical_prefix_or_the_whole_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.json");
+        let sys = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-alpha-1";
+        // A large canonical manifest: only the head is parsed, and a string that holds the
+        // key's text (escaped) does not cut it short.
+        let entries: Vec<String> = (0..5000)
+            .map(|i| format!(r#"{{"path":"m{i:05}\",\"config\":","kind":"directory"}}"#))
+            .collect();
+        let canonical = format!(
+            r#"{{"format":1,"host":"alpha","created":"2026-11-25T12:00:00Z","source_commit":"x\",\"config\":[","build":"flake","system":"{sys}","config":[{}],"files":[]}}"#,
+            entries.join(",")
+        );
+        std::fs::write(&path, format!("{canonical}\n")).unwrap();
+        let h = read_head(&path).unwrap();
+        assert_eq!((h.format, h.created.as_str()), (1, "2026-11-25T12:00:00Z"));
+        assert_eq!(h.system.unwrap().as_str(), sys);
+        // Fields in another order: parsed whole.
+        std::fs::write(
+            &path,
+            r#"{"config":[],"format":1,"host":"alpha","created":"2026-11-25T13:00:00Z","system":null}"#,
+        )
+        .unwrap();
+        let h = read_head(&path).unwrap();
+        assert_eq!(h.created, "2026-11-25T13:00:00Z");
+        assert!(h.system.is_none());
     }
 }
