@@ -17,6 +17,9 @@ use crate::fleet::HostName;
 pub const FORMAT: u32 = 1;
 /// A manifest larger than this is refused unread (a hostile server cannot exhaust memory).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest file a manifest may list: publish refuses bigger files, hosts refuse
+/// manifests that promise them (a disk-filling object is refused before it is fetched).
+pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -34,6 +37,10 @@ pub enum ManifestError {
         "manifest entry {path:?}: its parent directory {parent:?} is not listed as a directory"
     )]
     Orphan { path: String, parent: String },
+    #[error(
+        "manifest entry {path:?} is {size} bytes, more than the {MAX_OBJECT_BYTES}-byte limit"
+    )]
+    ObjectTooLarge { path: String, size: u64 },
     #[error("manifest is for host {found}, not {expected}")]
     WrongHost { expected: HostName, found: HostName },
 }
@@ -455,6 +462,22 @@ impl Manifest {
     }
 
     fn check_structure(&self) -> Result<(), ManifestError> {
+        let sizes = self
+            .config
+            .iter()
+            .filter_map(|e| match e {
+                ConfigEntry::File { path, size, .. } => Some((path.as_str(), *size)),
+                ConfigEntry::Directory { .. } => None,
+            })
+            .chain(self.files.iter().map(|f| (f.path.as_str(), f.size)));
+        for (path, size) in sizes {
+            if size > MAX_OBJECT_BYTES {
+                return Err(ManifestError::ObjectTooLarge {
+                    path: path.to_owned(),
+                    size,
+                });
+            }
+        }
         let mut dirs = BTreeSet::new();
         let mut seen = BTreeSet::new();
         for e in &self.config {

@@ -32,6 +32,14 @@ pub enum SnapshotError {
     NotUtf8 { path: PathBuf },
     #[error("{path}: is a {what}; only regular files, directories and symlinks can be published")]
     Special { path: PathBuf, what: &'static str },
+    #[error("{path}: has {links} hard links; bento cannot tell where the others are (perhaps outside the fleet repo), so copy the file instead")]
+    HardLink { path: PathBuf, links: u64 },
+    #[error("{path}: is {size} bytes, more than the {limit}-byte limit for one file")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
 }
 
 /// One thing found in a tree, with its path relative to the scanned directory.
@@ -209,6 +217,20 @@ impl Scanner {
         real: &Path,
         meta: &fs::Metadata,
     ) -> Result<Item, SnapshotError> {
+        if meta.nlink() > 1 {
+            return Err(SnapshotError::HardLink {
+                path: self.display(real),
+                links: meta.nlink(),
+            });
+        }
+        let limit = crate::manifest::MAX_OBJECT_BYTES;
+        if meta.len() > limit {
+            return Err(SnapshotError::TooLarge {
+                path: self.display(real),
+                size: meta.len(),
+                limit,
+            });
+        }
         let sha256 = self
             .cache
             .hash(real, meta, self.now)

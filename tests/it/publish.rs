@@ -390,6 +390,45 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
             |f| fs::remove_file(f.path("hosts/classic1/pipe")).unwrap(),
             "hosts/classic1/pipe",
         ),
+        (
+            "a hard link to a file outside the repo",
+            |f| {
+                f.write("../outside-secret", "root's secret");
+                fs::hard_link(
+                    f.path("../outside-secret"),
+                    f.path("hosts/classic1/innocent.nix"),
+                )
+                .unwrap();
+            },
+            |f| fs::remove_file(f.path("hosts/classic1/innocent.nix")).unwrap(),
+            "hosts/classic1/innocent.nix: has 2 hard links",
+        ),
+        (
+            "an enormous file",
+            |f| {
+                let file = fs::File::create(f.path("hosts/classic1/huge.iso")).unwrap();
+                file.set_len(bento::manifest::MAX_OBJECT_BYTES + 1).unwrap();
+            },
+            |f| fs::remove_file(f.path("hosts/classic1/huge.iso")).unwrap(),
+            "hosts/classic1/huge.iso: is 1073741825 bytes",
+        ),
+        (
+            "a file name that is not UTF-8",
+            |f| {
+                use std::os::unix::ffi::OsStrExt;
+                let name = std::ffi::OsStr::from_bytes(b"bad-\xff.nix");
+                fs::write(f.path("hosts/classic1").join(name), "x").unwrap();
+            },
+            |f| {
+                use std::os::unix::ffi::OsStrExt;
+                fs::remove_file(
+                    f.path("hosts/classic1")
+                        .join(std::ffi::OsStr::from_bytes(b"bad-\xff.nix")),
+                )
+                .unwrap()
+            },
+            "not valid UTF-8",
+        ),
     ];
     for (what, break_it, fix_it, needle) in cases {
         // Make the change noticeable if the refusal were to let a publish through.

@@ -1,0 +1,149 @@
+//! Property tests ("fuzzing" with proptest) of everything a host reads from an untrusted
+//! server: the manifest parser never panics, and no manifest it accepts can make the agent
+//! write outside the directory it stages into.
+
+use std::path::{Component, Path};
+
+use bento::fleet::HostName;
+use bento::manifest::{Digest, Manifest, RelPath, TargetPath};
+use proptest::prelude::*;
+
+fn host() -> HostName {
+    HostName::new("alpha").unwrap()
+}
+
+const GOOD: &str = r#"{"format":1,"host":"alpha","created":"2026-11-25T12:00:00Z","source_commit":null,"build":"flake","system":null,"config":[{"path":"d","kind":"directory"},{"path":"d/f.nix","kind":"file","size":1,"sha256":"2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881","executable":false},{"path":"flake.nix","kind":"file","size":1,"sha256":"2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881","executable":true}],"files":[{"path":"etc/k","target":"/etc/k","size":1,"sha256":"2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881","owner":"root","group":"root","mode":"0600"}]}
+"#;
+
+/// Path-ish strings: segments drawn from safe names and every classic trick.
+fn pathish() -> impl Strategy<Value = String> {
+    let seg = prop_oneof![
+        Just("..".to_owned()),
+        Just(".".to_owned()),
+        Just(String::new()),
+        Just("/".to_owned()),
+        Just("a\0b".to_owned()),
+        "[a-z.~-]{1,6}",
+        any::<String>(),
+    ];
+    prop::collection::vec(seg, 1..6).prop_map(|v| v.join("/"))
+}
+
+fn stays_inside(p: &str) -> bool {
+    Path::new(p)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The staged tree and everything in it must be inside `root`.
+fn all_inside(root: &Path) -> bool {
+    let canon = std::fs::canonicalize(root).unwrap();
+    let mut stack = vec![canon.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() || !p.starts_with(&canon) {
+                return false;
+            }
+            if meta.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    true
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = Manifest::parse_untrusted(&bytes, &Digest::of(&bytes), &host());
+    }
+
+    #[test]
+    fn mutated_manifests_never_panic_and_stay_safe(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+    ) {
+        let mut bytes = GOOD.as_bytes().to_vec();
+        for (at, byte, op) in edits {
+            let len = bytes.len();
+            let i = at.index(len.max(1));
+            match op {
+                0 if len > 0 => bytes[i.min(len - 1)] = byte,
+                1 => bytes.insert(i.min(len), byte),
+                _ if len > 0 => { bytes.remove(i.min(len - 1)); }
+                _ => {}
+            }
+        }
+        if let Ok(m) = Manifest::parse_untrusted(&bytes, &Digest::of(&bytes), &host()) {
+            for e in &m.config {
+                prop_assert!(stays_inside(e.path().as_str()), "{:?}", e.path());
+            }
+            for f in &m.files {
+                prop_assert!(stays_inside(f.target.as_str().trim_start_matches('/')), "{:?}", f.target);
+            }
+        }
+    }
+
+    #[test]
+    fn relative_paths_never_escape(s in pathish()) {
+        if let Ok(p) = RelPath::new(&s) {
+            prop_assert!(stays_inside(p.as_str()), "{s:?} accepted");
+        }
+        if let Ok(t) = TargetPath::new(&format!("/{s}")) {
+            prop_assert!(stays_inside(t.as_str().trim_start_matches('/')), "{s:?} accepted as target");
+        }
+    }
+
+    #[test]
+    fn accepted_manifests_stage_only_inside_their_directory(paths in prop::collection::vec(pathish(), 1..6)) {
+        // Build a manifest naming these paths (as directories and files), parse it as a host
+        // would, and stage whatever it accepts.
+        let obj = Digest::of(b"x");
+        let entries: Vec<String> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let p = serde_json::to_string(p).unwrap();
+                if i % 2 == 0 {
+                    format!(r#"{{"path":{p},"kind":"directory"}}"#)
+                } else {
+                    format!(r#"{{"path":{p},"kind":"file","size":1,"sha256":"{obj}","executable":false}}"#)
+                }
+            })
+            .collect();
+        let text = format!(
+            r#"{{"format":1,"host":"alpha","created":"2026-11-25T12:00:00Z","source_commit":null,"build":"flake","system":null,"config":[{}],"files":[]}}"#,
+            entries.join(",")
+        );
+        if let Ok(m) = Manifest::parse_untrusted(text.as_bytes(), &Digest::of(text.as_bytes()), &host()) {
+            let t = tempfile::tempdir().unwrap();
+            let objects = t.path().join("objects");
+            let config = t.path().join("config");
+            std::fs::create_dir_all(&objects).unwrap();
+            std::fs::create_dir_all(&config).unwrap();
+            std::fs::write(objects.join(obj.to_hex()), b"x").unwrap();
+            let digest = Digest::of(text.as_bytes());
+            if bento::agent::files::stage_config(&m, &digest, &objects, &config).is_ok() {
+                prop_assert!(all_inside(&config.join(digest.to_hex())));
+            }
+            prop_assert!(std::fs::read_dir(t.path()).unwrap().count() == 2, "nothing written beside the state dirs");
+        }
+    }
+}
+
+#[test]
+fn oversized_entries_are_refused_before_download() {
+    let big = GOOD.replacen(
+        "\"size\":1,",
+        &format!("\"size\":{},", bento::manifest::MAX_OBJECT_BYTES + 1),
+        1,
+    );
+    let err = Manifest::parse_untrusted(big.as_bytes(), &Digest::of(big.as_bytes()), &host())
+        .unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    let huge = vec![b' '; bento::manifest::MAX_MANIFEST_BYTES as usize + 1];
+    assert!(Manifest::parse_untrusted(&huge, &Digest::of(&huge), &host()).is_err());
+}
