@@ -82,11 +82,23 @@ pub fn write(chroot: &Chroot, record: &BuildRecord) -> Result<(), RecordError> {
         let path = path.to_owned();
         move |source| RecordError::Io { path, source }
     };
+    // As publish makes them: the chroot root 0755 (sshd and the hosts pass through it), the
+    // state directory and everything in it root-only.
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(io(&dir))?;
+        .mode(0o755)
+        .create(&chroot.root)
+        .map_err(io(&chroot.root))?;
+    for d in [chroot.state_dir(), dir.clone()] {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(io(&d))?;
+    }
     let path = record_path(chroot, &record.host);
     let mut bytes = serde_json::to_vec_pretty(record).expect("record serialises");
     bytes.push(b'\n');
@@ -120,6 +132,10 @@ mod tests {
             time: "2026-11-25T12:00:00Z".into(),
         };
         write(&chroot, &rec).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&chroot.state_dir()), 0o700);
+        assert_eq!(mode(&builds_dir(&chroot)), 0o700);
         assert_eq!(read(&chroot, &host).unwrap(), Some(rec.clone()));
         assert_ne!(rec.key, content_key(Build::Classic, &dir));
         assert_ne!(rec.key, content_key(Build::Flake, &[]));

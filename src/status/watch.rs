@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
-use crate::build::record::builds_dir;
+use crate::build::record::{builds_dir, BUILDS_DIR};
 use crate::fleet::HostName;
 use crate::layout::{Chroot, CURRENT, LOGS};
 use crate::report::{HEARTBEAT_FILE, LATEST_FILE};
@@ -22,6 +22,8 @@ pub const SETTLE: Duration = Duration::from_millis(150);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Root,
+    /// `.bento/`, where `builds/` appears with the first build.
+    State,
     HostDir,
     Logs,
     Builds,
@@ -41,7 +43,7 @@ struct Registry {
 impl Registry {
     fn add(&mut self, path: &Path, role: Role) {
         let mask = match role {
-            Role::Root => WatchMask::CREATE | WatchMask::MOVED_TO,
+            Role::Root | Role::State => WatchMask::CREATE | WatchMask::MOVED_TO,
             Role::HostDir => WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE,
             Role::Logs | Role::Builds => {
                 WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE | WatchMask::DELETE
@@ -84,10 +86,14 @@ impl Registry {
                     return true;
                 }
                 if name == crate::layout::STATE {
-                    self.add(
-                        &path.join(name).join(crate::build::record::BUILDS_DIR),
-                        Role::Builds,
-                    );
+                    self.add(&path.join(name), Role::State);
+                    self.add(&path.join(name).join(BUILDS_DIR), Role::Builds);
+                }
+                false
+            }
+            Role::State => {
+                if name == BUILDS_DIR {
+                    self.add(&path.join(name), Role::Builds);
                 }
                 false
             }
@@ -120,7 +126,7 @@ impl Watcher {
                 format!("cannot watch {}", chroot.root.display()),
             ));
         }
-        reg.add(&chroot.state_dir(), Role::Root);
+        reg.add(&chroot.state_dir(), Role::State);
         reg.add(&builds_dir(chroot), Role::Builds);
         for entry in std::fs::read_dir(&chroot.root)? {
             let entry = entry?;
