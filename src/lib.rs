@@ -19,6 +19,7 @@ pub mod output;
 pub mod publish;
 pub mod report;
 pub mod server;
+pub mod settings;
 pub mod signing;
 pub mod snapshot;
 pub mod status;

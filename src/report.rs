@@ -44,6 +44,16 @@ impl Outcome {
     }
 }
 
+/// What a run applied: a published version, or the applied version with its flake inputs
+/// re-locked by the host itself (self-update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    #[default]
+    Published,
+    AutoUpdated,
+}
+
 /// Milliseconds spent in each phase of a run (absent when the phase did not run).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +77,9 @@ pub struct Report {
     /// Unique and sortable by time: `YYYYMMDDTHHMMSSZ-<8 hex>`. Delivery is idempotent by id.
     pub id: String,
     pub host: HostName,
+    /// `published` or `auto-updated`.
+    #[serde(default)]
+    pub kind: RunKind,
     /// The version (manifest digest) this run tried to apply.
     pub version: Digest,
     /// The version applied before this run, if any.
@@ -107,6 +120,12 @@ pub struct Heartbeat {
     pub last_outcome: Option<Outcome>,
     pub last_report: Option<String>,
     pub agent_version: String,
+    /// The applied system's kernel, initrd or modules differ from the booted ones.
+    #[serde(default)]
+    pub reboot_pending: bool,
+    /// The running system is a self-update of `version` (its flake inputs re-locked).
+    #[serde(default)]
+    pub auto_updated: bool,
 }
 
 impl Report {
@@ -178,6 +197,7 @@ mod tests {
             format: FORMAT,
             id: "20261125T120000Z-0a0b0c0d".into(),
             host: HostName::new("alpha").unwrap(),
+            kind: RunKind::Published,
             version: Digest::of(b"v"),
             previous_version: None,
             outcome: Outcome::Rollback,

@@ -82,6 +82,24 @@ pub struct AgentConfig {
     /// for key rotation). Empty: signatures are not checked.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Reboot policy when the snapshot does not set one (bento.toml's `reboot` does).
+    #[serde(default)]
+    pub reboot: crate::settings::RebootPolicy,
+    /// When `reboot = "when-needed"` may reboot (systemd calendar expression).
+    #[serde(default = "d_reboot_at")]
+    pub reboot_at: String,
+    /// Re-lock flake inputs and rebuild, at most daily, when nothing new is published.
+    #[serde(default)]
+    pub self_update: bool,
+    /// Command run after a failure or rollback, with the report on stdin.
+    #[serde(default)]
+    pub notify: Option<Vec<String>>,
+    /// How to reboot (default: `systemctl kexec`, falling back to `systemctl reboot`).
+    #[serde(default)]
+    pub reboot_command: Option<Vec<String>>,
+    /// The system the machine booted, to tell whether a new kernel needs a reboot.
+    #[serde(default = "d_booted_system")]
+    pub booted_system: PathBuf,
 }
 
 fn d_identity() -> PathBuf {
@@ -107,6 +125,12 @@ fn d_confirm_timeout() -> Duration {
 }
 fn d_current_system() -> PathBuf {
     "/run/current-system".into()
+}
+fn d_reboot_at() -> String {
+    crate::settings::DEFAULT_REBOOT_AT.to_owned()
+}
+fn d_booted_system() -> PathBuf {
+    "/run/booted-system".into()
 }
 fn d_files_root() -> PathBuf {
     "/".into()
@@ -139,6 +163,7 @@ impl AgentConfig {
             ("profile", &config.profile),
             ("current_system", &config.current_system),
             ("files_root", &config.files_root),
+            ("booted_system", &config.booted_system),
         ] {
             if !p.is_absolute() {
                 return Err(ConfigError::Parse {

@@ -5,8 +5,10 @@
 pub mod config;
 pub mod files;
 mod run;
+pub mod serve;
 pub mod state;
 pub mod system;
+pub mod units;
 
 pub use config::{AgentConfig, Mode};
 pub use run::{update, AgentError, RunResult, UpdateOptions};

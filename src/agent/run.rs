@@ -16,7 +16,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::config::AgentConfig;
+use super::config::{AgentConfig, Mode};
 use super::files;
 use super::state::{Applied, LastRun, State, StateDir};
 use super::system::System;
@@ -24,13 +24,18 @@ use crate::atomic::Lock;
 use crate::layout;
 use crate::manifest::{Build, Digest, Manifest, MAX_MANIFEST_BYTES};
 use crate::nix::{StorePath, Target};
-use crate::report::{self, Heartbeat, Outcome, Report, Timings};
+use crate::report::{self, Heartbeat, Outcome, Report, RunKind, Timings};
+use crate::settings::{self, HostSettings, RebootAction, RebootPolicy};
 use crate::transport::{Transport, TransportError};
 
 /// Lines of build and activation output kept in a report (the full log goes alongside).
 const LOG_TAIL_LINES: usize = 30;
 /// Pause between attempts to reach the server after activation.
 const CONFIRM_RETRY: Duration = Duration::from_secs(2);
+/// How long a notification command may run.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A self-update (re-locking flake inputs) is tried at most this often.
+const SELF_UPDATE_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -159,6 +164,16 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
     let version = layout::parse_current(&text)
         .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?;
 
+    // After a reboot into the applied system, no reboot is pending any more.
+    if state.reboot_pending {
+        if let (Some(booted), Some(applied)) = (booted_system(cfg), &state.applied) {
+            if !boot_files_differ(&booted, &applied.system) {
+                state.reboot_pending = false;
+                dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+            }
+        }
+    }
+
     if let Some(reason) = skip_reason(
         &state,
         &version,
@@ -166,6 +181,13 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         opts.force,
         secs((opts.now)()),
     ) {
+        let up_to_date = state
+            .applied
+            .as_ref()
+            .is_some_and(|a| a.version == version && Some(&a.system) == running.as_ref());
+        if up_to_date && self_update_due(cfg, &dirs, &state, version, secs((opts.now)())) {
+            return self_update(opts, &dirs, &mut state, &mut transport, version, running);
+        }
         heartbeat(
             transport.as_mut(),
             cfg,
@@ -177,19 +199,12 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         return Ok(RunResult::NoOp { reason });
     }
 
-    let started_at = (opts.now)();
-    let clock = Instant::now();
-    let mut log = RunLog {
-        text: String::new(),
-        on_progress: opts.on_progress,
-    };
-    let mut timings = Timings::default();
-    log.step(&format!(
+    let mut run = Run::start(opts, &dirs, running.clone(), RunKind::Published);
+    run.log.step(&format!(
         "applying version {} (running {})",
         version.short(),
         running.as_ref().map_or("nothing", |r| r.as_str())
     ));
-
     let mut attempt = Attempt {
         cfg,
         dirs: &dirs,
@@ -200,96 +215,459 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         reboot_required: false,
         created: None,
         applied_created: state.applied.as_ref().and_then(|a| a.created.clone()),
+        settings: None,
     };
-    let result = attempt.run(&mut transport, opts, &mut log, &mut timings);
-    let (outcome, error) = match result {
-        Ok(o) => (o, None),
-        Err(AttemptError::Transport(e)) => {
-            // The connection dropped mid-download: not the version's fault. Partial
-            // downloads resume on the next run; no back-off, no report.
-            log.step(&format!("interrupted: {e}"));
-            return Err(AgentError::Transport(e));
-        }
-        Err(AttemptError::Failed(msg)) => (Outcome::Failure, Some(msg)),
-        Err(AttemptError::RolledBack(msg)) => (Outcome::Rollback, Some(msg)),
-    };
-    if let Some(e) = &error {
-        log.step(&format!("{}: {e}", outcome.as_str()));
-    } else {
-        log.step("success");
-    }
-    timings.total_ms = clock.elapsed().as_millis() as u64;
-    let finished = (opts.now)();
-    let system_after = opts.system.running().ok().flatten();
-    let report = Report {
-        format: report::FORMAT,
-        id: report::new_id(started_at),
-        host: cfg.host.clone(),
-        version,
-        previous_version: state.applied.as_ref().map(|a| a.version),
-        outcome,
-        system_before: running.as_ref().map(|p| p.to_string()),
-        system_after: system_after.as_ref().map(|p| p.to_string()),
-        built_system: attempt.built.as_ref().map(|p| p.to_string()),
-        started: rfc3339(started_at),
-        finished: rfc3339(finished),
-        timings,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        error: error
-            .as_ref()
-            .map(|e| e.lines().next().unwrap_or_default().to_owned()),
-        log_tail: log.tail(),
-        reboot_required: attempt.reboot_required,
-    };
+    let result = attempt.run(&mut transport, opts, &mut run.log, &mut run.timings);
+    run.finish(opts, &mut state, &mut transport, &attempt, result)
+}
 
-    // State first: whatever happens to the report, the machine knows what it did.
-    match outcome {
-        Outcome::Success => {
-            let system = attempt.built.clone().expect("a success has a build");
-            state.applied = Some(Applied {
-                version,
-                system,
-                at: secs(finished),
-                created: attempt.created.clone(),
+/// Whether this run should try a self-update: enabled (snapshot over agent.toml), a flake
+/// host, and none tried in the last day.
+fn self_update_due(
+    cfg: &AgentConfig,
+    dirs: &StateDir,
+    state: &State,
+    version: Digest,
+    now: u64,
+) -> bool {
+    let config_dir = dirs.config().join(version.to_hex());
+    let effective = Effective::of(cfg, snapshot_settings(&config_dir).as_ref());
+    effective.self_update
+        && config_dir.join("flake.nix").is_file()
+        && state
+            .self_update_at
+            .is_none_or(|t| now.saturating_sub(t) >= SELF_UPDATE_EVERY.as_secs())
+}
+
+/// Re-locks the applied version's flake inputs in a copy of its tree and, if the system
+/// changes, applies it like a published version (confirm, rollback) reported as
+/// `auto-updated`.
+fn self_update(
+    opts: &UpdateOptions<'_>,
+    dirs: &StateDir,
+    state: &mut State,
+    transport: &mut Box<dyn Transport>,
+    version: Digest,
+    running: Option<StorePath>,
+) -> Result<RunResult, AgentError> {
+    let cfg = opts.config;
+    state.self_update_at = Some(secs((opts.now)()));
+    dirs.save(state).map_err(state_err(&dirs.state_file()))?;
+    let applied_dir = dirs.config().join(version.to_hex());
+    let work = dirs.config().join(".self-update");
+    let copy = || -> std::io::Result<()> {
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        copy_tree(&applied_dir, &work)
+    };
+    if let Err(e) = copy() {
+        return Err(AgentError::State {
+            path: work,
+            source: e,
+        });
+    }
+    let mut run = Run::start(opts, dirs, running.clone(), RunKind::AutoUpdated);
+    run.log.step(&format!(
+        "self-update of version {}: re-locking flake inputs",
+        version.short()
+    ));
+    let mut attempt = Attempt {
+        cfg,
+        dirs,
+        system: opts.system,
+        version,
+        running: running.clone(),
+        built: None,
+        reboot_required: false,
+        created: None,
+        applied_created: None,
+        settings: snapshot_settings(&applied_dir),
+    };
+    match opts.system.relock(&work) {
+        Ok(false) => {
+            let _ = std::fs::remove_dir_all(&work);
+            heartbeat(
+                transport.as_mut(),
+                cfg,
+                state,
+                running.as_ref(),
+                (opts.now)(),
+            );
+            return Ok(RunResult::NoOp {
+                reason: format!(
+                    "up to date (version {}); no flake input moved",
+                    version.short()
+                ),
             });
-            state.failures = None;
-            state.reboot_pending = state.reboot_pending || attempt.reboot_required;
         }
-        Outcome::Failure => state.record_failure(version, secs(finished)),
-        Outcome::Rollback => state.record_rollback(version),
+        Ok(true) => {
+            let target = Target::Flake {
+                dir: work.clone(),
+                host: cfg.host.to_string(),
+            };
+            let result = attempt.apply(
+                &target,
+                None,
+                transport,
+                opts,
+                &mut run.log,
+                &mut run.timings,
+            );
+            if matches!(result, Ok(Outcome::Success)) && attempt.built.as_ref() == running.as_ref()
+            {
+                let _ = std::fs::remove_dir_all(&work);
+                heartbeat(
+                    transport.as_mut(),
+                    cfg,
+                    state,
+                    running.as_ref(),
+                    (opts.now)(),
+                );
+                return Ok(RunResult::NoOp {
+                    reason: format!(
+                        "up to date (version {}); new inputs build the same system",
+                        version.short()
+                    ),
+                });
+            }
+            run.finish(opts, state, transport, &attempt, result)
+        }
+        Err(e) => {
+            run.log.output(e.log());
+            let result = Err(AttemptError::Failed(format!(
+                "self-update: {}",
+                first_error_line(&e.to_string())
+            )));
+            run.finish(opts, state, transport, &attempt, result)
+        }
     }
-    state.last = Some(LastRun {
-        id: report.id.clone(),
-        version,
-        outcome,
-        finished: secs(finished),
-        error: report.error.clone(),
-    });
-    dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
-    spool(&dirs, &report, &log.text).map_err(state_err(&dirs.spool()))?;
-    if outcome == Outcome::Success {
-        if let Err(e) = collect_cache(&dirs, &state) {
-            tracing::warn!("cleaning the local cache: {e}");
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            copy_tree(&entry.path(), &dest)?;
+        } else if ft.is_file() {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// The effective settings: the snapshot's `bento-host.json` (the sysadmin's word, from
+/// bento.toml) over agent.toml.
+#[derive(Debug, Clone)]
+pub(crate) struct Effective {
+    pub mode: Mode,
+    pub reboot: RebootPolicy,
+    pub reboot_at: String,
+    pub self_update: bool,
+    pub notify: Option<Vec<String>>,
+}
+
+impl Effective {
+    fn of(cfg: &AgentConfig, snapshot: Option<&HostSettings>) -> Self {
+        match snapshot {
+            Some(s) => Self {
+                mode: s.mode,
+                reboot: s.reboot,
+                reboot_at: s.reboot_at.clone(),
+                self_update: s.self_update,
+                notify: s.notify.clone(),
+            },
+            None => Self {
+                mode: cfg.mode,
+                reboot: cfg.reboot,
+                reboot_at: cfg.reboot_at.clone(),
+                self_update: cfg.self_update,
+                notify: cfg.notify.clone(),
+            },
+        }
+    }
+}
+
+/// Reads the settings file of a staged configuration tree, if it has one.
+fn snapshot_settings(config_dir: &Path) -> Option<HostSettings> {
+    let bytes = std::fs::read(config_dir.join(settings::FILE)).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                "ignoring {}: {e}",
+                config_dir.join(settings::FILE).display()
+            );
+            None
+        }
+    }
+}
+
+/// A run that tries something (a published version or a self-update) and ends in a report.
+struct Run<'a> {
+    log: RunLog<'a>,
+    timings: Timings,
+    started_at: SystemTime,
+    clock: Instant,
+    dirs: &'a StateDir,
+    running: Option<StorePath>,
+    kind: RunKind,
+}
+
+impl<'a> Run<'a> {
+    fn start(
+        opts: &UpdateOptions<'a>,
+        dirs: &'a StateDir,
+        running: Option<StorePath>,
+        kind: RunKind,
+    ) -> Self {
+        Run {
+            log: RunLog {
+                text: String::new(),
+                on_progress: opts.on_progress,
+            },
+            timings: Timings::default(),
+            started_at: (opts.now)(),
+            clock: Instant::now(),
+            dirs,
+            running,
+            kind,
         }
     }
 
-    // Deliver over the connection still open (after a confirmation, the fresh one).
-    if outcome != Outcome::Rollback {
-        deliver_spool(transport.as_mut(), &dirs);
-        heartbeat(
-            transport.as_mut(),
-            cfg,
-            &state,
-            system_after.as_ref(),
-            finished,
+    /// Records the outcome: state, spool, delivery, heartbeat, notification, reboot.
+    fn finish(
+        mut self,
+        opts: &UpdateOptions<'_>,
+        state: &mut State,
+        transport: &mut Box<dyn Transport>,
+        attempt: &Attempt<'_>,
+        result: Result<Outcome, AttemptError>,
+    ) -> Result<RunResult, AgentError> {
+        let cfg = opts.config;
+        let dirs = self.dirs;
+        let version = attempt.version;
+        let (outcome, error) = match result {
+            Ok(o) => (o, None),
+            Err(AttemptError::Transport(e)) => {
+                // The connection dropped mid-download: not the version's fault. Partial
+                // downloads resume on the next run; no back-off, no report.
+                self.log.step(&format!("interrupted: {e}"));
+                return Err(AgentError::Transport(e));
+            }
+            Err(AttemptError::Failed(msg)) => (Outcome::Failure, Some(msg)),
+            Err(AttemptError::RolledBack(msg)) => (Outcome::Rollback, Some(msg)),
+        };
+        match &error {
+            Some(e) => self.log.step(&format!("{}: {e}", outcome.as_str())),
+            None => self.log.step("success"),
+        }
+        self.timings.total_ms = self.clock.elapsed().as_millis() as u64;
+        let finished = (opts.now)();
+        let system_after = opts.system.running().ok().flatten();
+        let effective = Effective::of(cfg, attempt.settings.as_ref());
+        let reboot = settings::reboot_action(
+            effective.reboot,
+            &effective.reboot_at,
+            outcome == Outcome::Success && attempt.reboot_required,
         );
+        let report = Report {
+            format: report::FORMAT,
+            id: report::new_id(self.started_at),
+            host: cfg.host.clone(),
+            kind: self.kind,
+            version,
+            previous_version: state.applied.as_ref().map(|a| a.version),
+            outcome,
+            system_before: self.running.as_ref().map(|p| p.to_string()),
+            system_after: system_after.as_ref().map(|p| p.to_string()),
+            built_system: attempt.built.as_ref().map(|p| p.to_string()),
+            started: rfc3339(self.started_at),
+            finished: rfc3339(finished),
+            timings: self.timings.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            error: error
+                .as_ref()
+                .map(|e| e.lines().next().unwrap_or_default().to_owned()),
+            log_tail: self.log.tail(),
+            reboot_required: attempt.reboot_required,
+        };
+
+        // State first: whatever happens to the report, the machine knows what it did.
+        match (outcome, self.kind) {
+            (Outcome::Success, _) => {
+                let system = attempt.built.clone().expect("a success has a build");
+                let created = match self.kind {
+                    RunKind::Published => attempt.created.clone(),
+                    RunKind::AutoUpdated => state.applied.as_ref().and_then(|a| a.created.clone()),
+                };
+                state.applied = Some(Applied {
+                    version,
+                    system,
+                    at: secs(finished),
+                    created,
+                });
+                state.auto_updated = self.kind == RunKind::AutoUpdated;
+                state.failures = None;
+                state.reboot_pending = state.reboot_pending || attempt.reboot_required;
+            }
+            (Outcome::Failure, RunKind::Published) => state.record_failure(version, secs(finished)),
+            (Outcome::Rollback, RunKind::Published) => state.record_rollback(version),
+            // A failed self-update is retried at the next self-update time, like any other.
+            (_, RunKind::AutoUpdated) => {}
+        }
+        state.last = Some(LastRun {
+            id: report.id.clone(),
+            version,
+            outcome,
+            finished: secs(finished),
+            error: report.error.clone(),
+        });
+        dirs.save(state).map_err(state_err(&dirs.state_file()))?;
+        spool(dirs, &report, &self.log.text).map_err(state_err(&dirs.spool()))?;
+        if outcome == Outcome::Success {
+            if let Err(e) = collect_cache(dirs, state) {
+                tracing::warn!("cleaning the local cache: {e}");
+            }
+        }
+
+        // Deliver over the connection still open (after a confirmation, the fresh one).
+        let delivered = if outcome != Outcome::Rollback {
+            let ok = deliver_spool(transport.as_mut(), dirs);
+            heartbeat(
+                transport.as_mut(),
+                cfg,
+                state,
+                system_after.as_ref(),
+                finished,
+            );
+            ok
+        } else {
+            false
+        };
+        if outcome != Outcome::Success {
+            if let Some(cmd) = &effective.notify {
+                notify(cmd, &report);
+            }
+        }
+        match &reboot {
+            RebootAction::None => {}
+            // Only after the report is on the server: the reboot must not lose it.
+            RebootAction::Now if delivered => reboot_now(cfg, &mut self.log),
+            RebootAction::Now => {
+                tracing::warn!("reboot postponed: the report is not delivered yet")
+            }
+            RebootAction::At(when) => schedule_reboot(cfg, when),
+        }
+        Ok(match outcome {
+            Outcome::Success => RunResult::Updated(Box::new(report)),
+            Outcome::Failure => RunResult::Failed(Box::new(report)),
+            Outcome::Rollback => RunResult::RolledBack(Box::new(report)),
+        })
     }
-    let _ = transport.close();
-    Ok(match outcome {
-        Outcome::Success => RunResult::Updated(Box::new(report)),
-        Outcome::Failure => RunResult::Failed(Box::new(report)),
-        Outcome::Rollback => RunResult::RolledBack(Box::new(report)),
-    })
+}
+
+/// Runs the notification command with the report on stdin (bounded; never fatal).
+fn notify(cmd: &[String], report: &Report) {
+    use std::process::{Command, Stdio};
+    let Some((program, args)) = cmd.split_first() else {
+        return;
+    };
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("notify command {program}: {e}");
+            return;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&report.to_bytes());
+    }
+    let deadline = Instant::now() + NOTIFY_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if !status.success() => {
+                tracing::warn!("notify command {program} exited with {status}");
+                return;
+            }
+            Ok(Some(_)) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                tracing::warn!(
+                    "notify command {program} still running after {NOTIFY_TIMEOUT:?}; killed"
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                tracing::warn!("notify command {program}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn reboot_now(cfg: &AgentConfig, log: &mut RunLog<'_>) {
+    use std::process::Command;
+    let commands: Vec<Vec<String>> = match &cfg.reboot_command {
+        Some(c) => vec![c.clone()],
+        // kexec skips the firmware where the machine can; reboot otherwise.
+        None => vec![
+            vec!["systemctl".into(), "kexec".into()],
+            vec!["systemctl".into(), "reboot".into()],
+        ],
+    };
+    for cmd in commands {
+        let Some((program, args)) = cmd.split_first() else {
+            continue;
+        };
+        log.step(&format!("rebooting: {}", cmd.join(" ")));
+        match Command::new(program).args(args).status() {
+            Ok(s) if s.success() => return,
+            Ok(s) => tracing::warn!("{} exited with {s}", cmd.join(" ")),
+            Err(e) => tracing::warn!("{}: {e}", cmd.join(" ")),
+        }
+    }
+}
+
+/// Asks systemd to reboot at the next `when` (a calendar expression), replacing an earlier
+/// schedule.
+fn schedule_reboot(cfg: &AgentConfig, when: &str) {
+    use std::process::Command;
+    let reboot: Vec<String> = cfg
+        .reboot_command
+        .clone()
+        .unwrap_or_else(|| vec!["systemctl".into(), "reboot".into()]);
+    let _ = Command::new("systemctl")
+        .args(["stop", "bento-reboot.timer"])
+        .status();
+    let status = Command::new("systemd-run")
+        .args([
+            "--unit=bento-reboot",
+            "--on-calendar",
+            when,
+            "--timer-property=AccuracySec=1min",
+            "--",
+        ])
+        .args(&reboot)
+        .status();
+    match status {
+        Ok(s) if s.success() => tracing::info!("reboot scheduled for {when}"),
+        Ok(s) => {
+            tracing::warn!("could not schedule the reboot for {when}: systemd-run exited with {s}")
+        }
+        Err(e) => tracing::warn!("could not schedule the reboot for {when}: {e}"),
+    }
 }
 
 /// Why this run need not apply `version`, if it need not.
@@ -345,6 +723,8 @@ struct Attempt<'a> {
     created: Option<String>,
     /// The applied manifest's `created` time (replay protection).
     applied_created: Option<String>,
+    /// The settings that came with the version (bento-host.json).
+    settings: Option<HostSettings>,
 }
 
 impl Attempt<'_> {
@@ -404,8 +784,7 @@ impl Attempt<'_> {
         )
         .map_err(|e| failed(&e))?;
 
-        // 3. Build.
-        let t = Instant::now();
+        self.settings = snapshot_settings(&config_dir);
         let target = match manifest.build {
             Build::Flake => Target::Flake {
                 dir: config_dir.clone(),
@@ -415,8 +794,27 @@ impl Attempt<'_> {
                 dir: config_dir.clone(),
             },
         };
+        self.apply(&target, Some(&manifest), transport, opts, log, timings)
+    }
+
+    /// Builds `target`, installs the manifest's files (a published version), activates and
+    /// confirms, rolling back on a lost server.
+    fn apply(
+        &mut self,
+        target: &Target,
+        manifest: Option<&Manifest>,
+        transport: &mut Box<dyn Transport>,
+        opts: &UpdateOptions<'_>,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+    ) -> Result<Outcome, AttemptError> {
+        let failed = |e: &dyn std::fmt::Display| AttemptError::Failed(e.to_string());
+        let effective = Effective::of(self.cfg, self.settings.as_ref());
+
+        // Build: before touching anything on the machine.
+        let t = Instant::now();
         log.step("building");
-        let built = match self.system.build(&target) {
+        let built = match self.system.build(target) {
             Ok(b) => b,
             Err(e) => {
                 log.output(e.log());
@@ -431,35 +829,37 @@ impl Attempt<'_> {
         timings.build_ms = Some(t.elapsed().as_millis() as u64);
         log.step(&format!("built {}", built.path));
         self.built = Some(built.path.clone());
-        if let Some(expected) = &manifest.system {
+        if let Some(expected) = manifest.and_then(|m| m.system.as_ref()) {
             if expected != &built.path {
                 log.step(&format!("note: the server expected {expected}"));
             }
         }
-        self.reboot_required = self
-            .running
+        let booted = booted_system(self.cfg).or_else(|| self.running.clone());
+        self.reboot_required = booted
             .as_ref()
             .is_some_and(|r| boot_files_differ(r, &built.path));
 
-        // 4. Files, profile, activation.
-        let state = self.dirs.load().unwrap_or_default();
-        let installed = files::install_files(
-            &manifest.files,
-            &self.dirs.objects(),
-            &self.cfg.files_root,
-            &state.installed_files,
-        )
-        .map_err(|e| failed(&e))?;
-        let mut state = state;
-        state.installed_files = installed;
-        self.dirs.save(&state).map_err(|e| failed(&e))?;
+        // Files, profile, activation.
+        if let Some(manifest) = manifest {
+            let state = self.dirs.load().unwrap_or_default();
+            let installed = files::install_files(
+                &manifest.files,
+                &self.dirs.objects(),
+                &self.cfg.files_root,
+                &state.installed_files,
+            )
+            .map_err(|e| failed(&e))?;
+            let mut state = state;
+            state.installed_files = installed;
+            self.dirs.save(&state).map_err(|e| failed(&e))?;
+        }
 
         if self.running.as_ref() == Some(&built.path) {
             log.step("the build is the running system: nothing to activate");
             return Ok(Outcome::Success);
         }
         let t = Instant::now();
-        let mode = self.cfg.mode;
+        let mode = effective.mode;
         log.step(&format!("activating ({})", mode.as_str()));
         self.system
             .set_profile(&built.path)
@@ -468,7 +868,7 @@ impl Attempt<'_> {
             Ok(out) => log.output(&out),
             Err(e) => {
                 log.output(&e.output);
-                let restored = self.restore(log);
+                let restored = self.restore(log, mode);
                 timings.activate_ms = Some(t.elapsed().as_millis() as u64);
                 return Err(AttemptError::Failed(format!(
                     "activation failed ({}){restored}",
@@ -481,7 +881,7 @@ impl Attempt<'_> {
             return Ok(Outcome::Success);
         }
 
-        // 5. Confirm over a fresh connection.
+        // Confirm over a fresh connection.
         let t = Instant::now();
         log.step("checking that the server is still reachable");
         let deadline = Instant::now() + self.cfg.confirm_timeout;
@@ -506,7 +906,7 @@ impl Attempt<'_> {
                 Ok(Outcome::Success)
             }
             None if self.running.is_some() => {
-                let restored = self.restore(log);
+                let restored = self.restore(log, mode);
                 Err(AttemptError::RolledBack(format!(
                     "server unreachable for {} after activation{restored}",
                     humantime::format_duration(self.cfg.confirm_timeout)
@@ -560,7 +960,7 @@ impl Attempt<'_> {
     }
 
     /// Puts back the system that ran before this run, by its store path.
-    fn restore(&self, log: &mut RunLog<'_>) -> String {
+    fn restore(&self, log: &mut RunLog<'_>, mode: Mode) -> String {
         let Some(prev) = &self.running else {
             return String::new();
         };
@@ -572,7 +972,7 @@ impl Attempt<'_> {
                 first_error_line(&e.to_string())
             );
         }
-        match self.system.activate(prev, self.cfg.mode) {
+        match self.system.activate(prev, mode) {
             Ok(out) => {
                 log.output(&out);
                 format!("; back on {prev}")
@@ -594,9 +994,17 @@ fn first_error_line(text: &str) -> String {
         .to_owned()
 }
 
-/// True when the kernel or initrd differ: the new system needs a reboot to run fully.
+/// The system the machine booted, when it can be told.
+fn booted_system(cfg: &AgentConfig) -> Option<StorePath> {
+    crate::nix::profile_target(&cfg.booted_system)
+        .ok()
+        .flatten()
+}
+
+/// True when the kernel, initrd or kernel modules differ: the new system needs a reboot to
+/// run fully.
 fn boot_files_differ(a: &StorePath, b: &StorePath) -> bool {
-    ["kernel", "initrd"].iter().any(|f| {
+    ["kernel", "initrd", "kernel-modules"].iter().any(|f| {
         let read = |p: &StorePath| std::fs::canonicalize(p.as_path().join(f)).ok();
         read(a) != read(b)
     })
@@ -621,7 +1029,7 @@ fn spool(dirs: &StateDir, report: &Report, log: &str) -> std::io::Result<()> {
 
 /// Delivers spooled reports, oldest first. A report leaves the spool only once the server
 /// has it; delivering one twice writes the same file twice (ids are unique), never a copy.
-fn deliver_spool(t: &mut dyn Transport, dirs: &StateDir) {
+fn deliver_spool(t: &mut dyn Transport, dirs: &StateDir) -> bool {
     let mut ids: Vec<String> = match std::fs::read_dir(dirs.spool()) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())
@@ -633,7 +1041,7 @@ fn deliver_spool(t: &mut dyn Transport, dirs: &StateDir) {
             })
             .filter(|n| !n.starts_with('.'))
             .collect(),
-        Err(_) => return,
+        Err(_) => return false,
     };
     ids.sort();
     for id in ids {
@@ -662,10 +1070,11 @@ fn deliver_spool(t: &mut dyn Transport, dirs: &StateDir) {
             }
             Err(e) => {
                 tracing::warn!("report {id} stays spooled: {e}");
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 fn heartbeat(
@@ -689,6 +1098,8 @@ fn heartbeat(
         last_outcome: state.last.as_ref().map(|l| l.outcome),
         last_report: state.last.as_ref().map(|l| l.id.clone()),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        reboot_pending: state.reboot_pending,
+        auto_updated: version.is_some() && state.auto_updated,
     };
     if let Err(e) = t.write_log(report::HEARTBEAT_FILE, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

@@ -68,6 +68,12 @@ pub struct State {
     /// The applied system's kernel or initrd differs from the booted one's.
     #[serde(default)]
     pub reboot_pending: bool,
+    /// The applied system came from a self-update, not from the published lock file.
+    #[serde(default)]
+    pub auto_updated: bool,
+    /// Unix seconds of the last self-update attempt.
+    #[serde(default)]
+    pub self_update_at: Option<u64>,
 }
 
 /// How long to wait before retrying a version that failed `count` times in a row:

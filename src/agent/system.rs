@@ -26,6 +26,8 @@ pub trait System {
     fn set_profile(&self, path: &StorePath) -> Result<(), NixError>;
     /// Runs `path/bin/switch-to-configuration MODE`; returns its output.
     fn activate(&self, path: &StorePath, mode: Mode) -> Result<String, ActivateError>;
+    /// Re-locks every input of the flake in `dir`; true when the lock file changed.
+    fn relock(&self, dir: &Path) -> Result<bool, NixError>;
 }
 
 pub struct NixSystem {
@@ -53,6 +55,12 @@ impl System for NixSystem {
             let _ = std::fs::create_dir_all(parent);
         }
         self.nix.set_profile(&self.profile, path)
+    }
+
+    fn relock(&self, dir: &Path) -> Result<bool, NixError> {
+        let before = std::fs::read(dir.join("flake.lock")).ok();
+        crate::build::flake_lock::update(&self.nix, dir, None)?;
+        Ok(std::fs::read(dir.join("flake.lock")).ok() != before)
     }
 
     fn activate(&self, path: &StorePath, mode: Mode) -> Result<String, ActivateError> {

@@ -29,13 +29,13 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let intervals: BTreeMap<HostName, Duration> = fleet
         .config
         .hosts
-        .iter()
-        .map(|(n, h)| (n.clone(), h.interval()))
+        .keys()
+        .map(|n| (n.clone(), fleet.config.interval(n)))
         .collect();
     let mut rows = status::collect(&Query {
         chroot: &chroot,
         intervals: &intervals,
-        default_interval: DEFAULT_INTERVAL,
+        default_interval: fleet.config.defaults.interval.unwrap_or(DEFAULT_INTERVAL),
         only: &args.hosts,
         now: SystemTime::now(),
     })?;

@@ -68,8 +68,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let intervals: BTreeMap<HostName, Duration> = fleet
         .config
         .hosts
-        .iter()
-        .map(|(name, host)| (name.clone(), host.interval()))
+        .keys()
+        .map(|name| (name.clone(), fleet.config.interval(name)))
         .collect();
     for name in &args.hosts {
         let known = intervals.contains_key(name) || chroot.host_dir(name).is_dir();
@@ -89,7 +89,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         let query = Query {
             chroot: &chroot,
             intervals: &intervals,
-            default_interval: DEFAULT_INTERVAL,
+            default_interval: fleet.config.defaults.interval.unwrap_or(DEFAULT_INTERVAL),
             only: &args.hosts,
             now,
         };

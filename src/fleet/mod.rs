@@ -85,48 +85,54 @@ impl Default for ServerConfig {
     }
 }
 
-/// Per-host settings under `[hosts.NAME]`.
+/// Per-host settings under `[hosts.NAME]`: the key, plus the settings of
+/// `crate::settings` (interval, mode, reboot, reboot_at, self_update, notify) overriding
+/// `[defaults]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     /// The host's ssh public key (one OpenSSH public key line).
     #[serde(default)]
     pub key: Option<String>,
-    /// How often the host's agent polls (`interval = "15m"`); `bento status` calls a host
-    /// silent after three intervals without a heartbeat. Default `DEFAULT_INTERVAL`.
-    #[serde(default, deserialize_with = "deserialize_interval")]
+    #[serde(default, deserialize_with = "crate::settings::de_interval")]
     pub interval: Option<std::time::Duration>,
+    #[serde(default)]
+    pub mode: Option<crate::agent::Mode>,
+    #[serde(default)]
+    pub reboot: Option<crate::settings::RebootPolicy>,
+    #[serde(default)]
+    pub reboot_at: Option<String>,
+    #[serde(default)]
+    pub self_update: Option<bool>,
+    #[serde(default)]
+    pub notify: Option<Vec<String>>,
 }
-
-/// A host's polling interval unless `[hosts.NAME] interval` says otherwise.
-pub const DEFAULT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl HostConfig {
-    /// The host's polling interval.
-    pub fn interval(&self) -> std::time::Duration {
-        self.interval.unwrap_or(DEFAULT_INTERVAL)
+    /// This host's own settings (before `[defaults]`).
+    pub fn settings(&self) -> crate::settings::SettingsToml {
+        crate::settings::SettingsToml {
+            interval: self.interval,
+            mode: self.mode,
+            reboot: self.reboot,
+            reboot_at: self.reboot_at.clone(),
+            self_update: self.self_update,
+            notify: self.notify.clone(),
+        }
     }
 }
 
-/// Parses `"15m"`, `"1h 30m"`, `"90s"` (humantime); zero is refused.
-fn deserialize_interval<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<std::time::Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    let dur = humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!("interval {text:?}: {e} (write e.g. \"15m\")"))
-    })?;
-    if dur.is_zero() {
-        return Err(serde::de::Error::custom("interval must be more than zero"));
-    }
-    Ok(Some(dur))
-}
+/// A host's polling interval unless bento.toml says otherwise.
+pub const DEFAULT_INTERVAL: std::time::Duration = crate::settings::DEFAULT_INTERVAL;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
     #[serde(default)]
     pub server: ServerConfig,
+    /// Settings for every host unless `[hosts.NAME]` says otherwise.
+    #[serde(default)]
+    pub defaults: crate::settings::SettingsToml,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
 }
@@ -156,6 +162,21 @@ impl FleetConfig {
             });
         }
         Ok(config)
+    }
+
+    /// The resolved settings of `host` (`[hosts.NAME]` over `[defaults]` over built-ins).
+    pub fn settings(&self, host: &HostName) -> crate::settings::HostSettings {
+        let own = self
+            .hosts
+            .get(host)
+            .map(HostConfig::settings)
+            .unwrap_or_default();
+        crate::settings::HostSettings::resolve(host, &self.defaults, &own)
+    }
+
+    /// The host's polling interval.
+    pub fn interval(&self, host: &HostName) -> std::time::Duration {
+        self.settings(host).interval()
     }
 
     pub fn account(&self, host: &HostName) -> Result<String, NameError> {
@@ -238,12 +259,29 @@ mod tests {
     #[test]
     fn host_interval() {
         let c = parse("[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
-        let host = |n: &str| &c.hosts[&HostName::new(n).unwrap()];
+        let host = |n: &str| HostName::new(n).unwrap();
         assert_eq!(
-            host("alpha").interval(),
+            c.interval(&host("alpha")),
             std::time::Duration::from_secs(300)
         );
-        assert_eq!(host("beta").interval(), DEFAULT_INTERVAL);
+        assert_eq!(c.interval(&host("beta")), DEFAULT_INTERVAL);
+        let c = parse("[defaults]\ninterval = \"1h\"\nreboot = \"when-needed\"\n[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
+        assert_eq!(
+            c.interval(&host("alpha")),
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(
+            c.interval(&host("beta")),
+            std::time::Duration::from_secs(3600)
+        );
+        assert_eq!(
+            c.settings(&host("beta")).reboot,
+            crate::settings::RebootPolicy::WhenNeeded
+        );
+        assert!(parse("[defaults]\nreboot = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("sometimes"));
         for bad in ["\"soon\"", "\"0s\"", "5"] {
             let err = parse(&format!("[hosts.alpha]\ninterval = {bad}\n"))
                 .unwrap_err()

@@ -99,7 +99,11 @@ pub fn read_current(host_dir: &Path) -> Option<(Digest, Manifest)> {
 }
 
 /// Copies `source` into the pool as `digest`, checking the bytes still hash to it.
-fn add_to_pool(chroot: &Chroot, digest: &Digest, source: &Path) -> Result<u64, PublishError> {
+fn add_to_pool(
+    chroot: &Chroot,
+    digest: &Digest,
+    source: &crate::hostfiles::Source,
+) -> Result<u64, PublishError> {
     let pooled = chroot.pool_dir().join(digest.to_hex());
     if pooled.exists() {
         return Ok(0);
@@ -115,7 +119,10 @@ fn add_to_pool(chroot: &Chroot, digest: &Digest, source: &Path) -> Result<u64, P
         digest.to_hex()
     ));
     let copy = || -> io::Result<(Digest, u64)> {
-        let mut src = fs::File::open(source)?;
+        let mut src: Box<dyn Read> = match source {
+            crate::hostfiles::Source::File(path) => Box::new(fs::File::open(path)?),
+            crate::hostfiles::Source::Bytes(bytes) => Box::new(io::Cursor::new(bytes.clone())),
+        };
         let mut dst = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -140,11 +147,11 @@ fn add_to_pool(chroot: &Chroot, digest: &Digest, source: &Path) -> Result<u64, P
     };
     let (actual, bytes) = copy().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        io_err(source)(e)
+        io_err(&source.describe())(e)
     })?;
     if actual != *digest {
         let _ = fs::remove_file(&tmp);
-        return Err(PublishError::ChangedWhilePublishing(source.to_owned()));
+        return Err(PublishError::ChangedWhilePublishing(source.describe()));
     }
     // link, not rename: it never replaces an object another thread already pooled (whose
     // inode hosts may already link to).

@@ -41,6 +41,8 @@ pub enum PublishError {
     ChangedWhilePublishing(PathBuf),
     #[error("chroot path {path}: {problem}; OpenSSH refuses a ChrootDirectory whose every component is not root-owned and unwritable by group and others")]
     UnsafeChrootPath { path: PathBuf, problem: String },
+    #[error("{0}: this name is reserved for the settings bento generates from bento.toml; rename the file")]
+    Reserved(PathBuf),
     #[error("no host named {0} in the fleet")]
     UnknownHost(HostName),
     #[error("signing key {0} is inside the fleet repo; keep it out (it would be committed and could be published)")]
@@ -69,7 +71,7 @@ pub enum Ownership {
 pub struct HostPlan {
     pub host: HostName,
     pub manifest: Manifest,
-    pub sources: BTreeMap<Digest, Arc<Path>>,
+    pub sources: BTreeMap<Digest, hostfiles::Source>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,6 +106,7 @@ impl HostReport {
 
 /// Builds the plan of each host (pure, apart from reading `files.toml`).
 pub fn plan(
+    fleet: &crate::fleet::FleetConfig,
     sources: &[HostSource],
     created: &str,
     source_commit: Option<&str>,
@@ -112,7 +115,26 @@ pub fn plan(
     sources
         .iter()
         .map(|s| {
-            let content = hostfiles::split(&s.items, s.files_prefix.as_deref(), &s.dir)?;
+            let mut content = hostfiles::split(&s.items, s.files_prefix.as_deref(), &s.dir)?;
+            if content
+                .config
+                .iter()
+                .any(|e| e.path().as_str() == crate::settings::FILE)
+            {
+                return Err(PublishError::Reserved(s.dir.join(crate::settings::FILE)));
+            }
+            // The host's settings travel inside its snapshot.
+            let bytes: Arc<[u8]> = fleet.settings(&s.name).to_bytes().into();
+            let digest = Digest::of(&bytes);
+            content.config.push(crate::manifest::ConfigEntry::File {
+                path: crate::manifest::RelPath::new(crate::settings::FILE).expect("valid name"),
+                size: bytes.len() as u64,
+                sha256: digest,
+                executable: false,
+            });
+            content
+                .sources
+                .insert(digest, hostfiles::Source::Bytes(bytes));
             let mut manifest = Manifest {
                 format: FORMAT,
                 host: s.name.clone(),
@@ -243,7 +265,13 @@ pub fn run(
         .collect();
     let created = humantime::format_rfc3339_seconds(opts.now).to_string();
     let commit = source_commit(&fleet.root);
-    let plans = plan(&selected, &created, commit.as_deref(), &opts.systems)?;
+    let plans = plan(
+        &fleet.config,
+        &selected,
+        &created,
+        commit.as_deref(),
+        &opts.systems,
+    )?;
 
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
     let reports: Vec<HostReport> = plans

@@ -296,6 +296,8 @@ mod tests {
             last_outcome: None,
             last_report: None,
             agent_version: "0.1.0".into(),
+            reboot_pending: false,
+            auto_updated: false,
         }
     }
     fn report(
@@ -309,6 +311,7 @@ mod tests {
             format: 1,
             id: "20261125T120000Z-00000000".into(),
             host: HostName::new("alpha").unwrap(),
+            kind: crate::report::RunKind::Published,
             version,
             previous_version: Some(v(1)),
             outcome,

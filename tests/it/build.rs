@@ -279,6 +279,8 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             last_outcome: None,
             last_report: None,
             agent_version: "0.1.0".into(),
+            reboot_pending: false,
+            auto_updated: false,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

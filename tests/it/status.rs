@@ -94,6 +94,8 @@ impl Fixture {
             last_outcome: None,
             last_report: None,
             agent_version: "0.1.0".into(),
+            reboot_pending: false,
+            auto_updated: false,
         };
         write_atomic(
             &self.host_dir(host).join("logs/heartbeat.json"),
@@ -116,6 +118,7 @@ impl Fixture {
             format: 1,
             id: format!("20261125T115000Z-{:08x}", offset.unsigned_abs()),
             host: HostName::new(host).unwrap(),
+            kind: bento::report::RunKind::Published,
             version,
             previous_version: Some(Digest::of(b"older")),
             outcome,
