@@ -9,7 +9,8 @@
 //!     manifests/<digest>.json
 //!     manifests/<digest>.sig  SSH signature of the manifest, when the fleet signs
 //!     objects/<sha256>
-//!     logs/                  <account>:<account> 0750, the host's only writable place
+//!     logs/                  <account>:<account> 0750, writable by the host
+//!     backups/               <account>:<account> 0700, with `[server] backups = true`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub const CURRENT: &str = "current";
 pub const MANIFESTS: &str = "manifests";
 pub const OBJECTS: &str = "objects";
 pub const LOGS: &str = "logs";
+/// A host's private, writable backup area (with `[server] backups = true`).
+pub const BACKUPS: &str = "backups";
 /// Server-only state beside the host directories; no host name can collide with it.
 pub const STATE: &str = ".bento";
 

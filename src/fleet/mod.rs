@@ -57,6 +57,10 @@ pub struct ServerConfig {
     /// must live outside the fleet repo.
     #[serde(default)]
     pub signing_key: Option<PathBuf>,
+    /// Give every host a private, writable `backups/` directory in its chroot
+    /// (`bento server sync-accounts` creates it).
+    #[serde(default)]
+    pub backups: bool,
 }
 
 fn default_port() -> u16 {
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             account_prefix: default_prefix(),
             authorized_keys_dir: default_authorized_keys_dir(),
             signing_key: None,
+            backups: false,
         }
     }
 }

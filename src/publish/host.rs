@@ -86,6 +86,24 @@ pub fn prepare_host_dir(
     Ok(())
 }
 
+/// Creates the host's private `backups/` area (owned by its account, 0700): a place for
+/// restic or borg over the same SFTP login. Root only.
+pub fn prepare_backups_dir(
+    host_dir: &Path,
+    host: &HostName,
+    prefix: &str,
+) -> Result<(), PublishError> {
+    let account_name = format!("{prefix}{host}");
+    let account = accounts::user(&account_name)
+        .map_err(io_err(Path::new("/etc/passwd")))?
+        .ok_or_else(|| PublishError::NoAccount(account_name.clone()))?;
+    ensure_dir(
+        &host_dir.join(crate::layout::BACKUPS),
+        0o700,
+        Some((account.uid, account.gid)),
+    )
+}
+
 /// Reads the live manifest, if any. A missing or broken one counts as none: the next
 /// publish replaces it.
 pub fn read_current(host_dir: &Path) -> Option<(Digest, Manifest)> {

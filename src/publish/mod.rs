@@ -15,7 +15,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use host::{
-    collect_host, collect_pool, prepare_host_dir, publish_host, read_current, KEEP_VERSIONS,
+    collect_host, collect_pool, prepare_backups_dir, prepare_host_dir, publish_host, read_current,
+    KEEP_VERSIONS,
 };
 pub use verify::{verify_host, VerifyError};
 

@@ -225,6 +225,13 @@ fn sync_host(
             prefix: config.server.account_prefix.clone(),
         },
     )?;
+    if config.server.backups {
+        let dir = home.join(crate::layout::BACKUPS);
+        if !dir.exists() {
+            changes.push(format!("created {}", dir.display()));
+        }
+        crate::publish::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
+    }
     Ok(changes)
 }
 

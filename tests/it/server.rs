@@ -586,3 +586,32 @@ fn two_hundred_sequential_and_fifty_concurrent_logins() {
         started.elapsed()
     );
 }
+
+#[test]
+fn backups_area_is_private_and_writable_by_its_host_only() {
+    let s = Sshd::start(&["a", "b"]);
+    let toml = s.fleet().join("bento.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        text.replacen("[server]\n", "[server]\nbackups = true\n", 1),
+    )
+    .unwrap();
+    s.sync_accounts(false);
+    let dir = s.host_dir("a").join("backups");
+    let meta = fs::metadata(&dir).unwrap();
+    let account = bento::accounts::user(&s.account("a")).unwrap().unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (account.uid, 0o700));
+
+    let local = s.dir.join("snapshot.tar");
+    fs::write(&local, b"restic would put a pack here").unwrap();
+    let out = s.sftp("a", &format!("put {} backups/pack\n", local.display()));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        fs::read(dir.join("pack")).unwrap(),
+        b"restic would put a pack here"
+    );
+    // b sees neither a's backups nor a place to write outside its own.
+    assert_sftp_fails(&s, "b", "get /../a/backups/pack\n");
+    assert_sftp_fails(&s, "b", &format!("put {} /pack\n", local.display()));
+}
