@@ -93,3 +93,12 @@ fn agent_toml_example_parses() {
         .expect("documented agent.toml");
     assert_eq!(c.mode, bento::agent::Mode::Switch);
 }
+
+#[test]
+fn host_settings_example_parses() {
+    let doc = protocol();
+    let s: bento::settings::HostSettings =
+        serde_json::from_str(&block(&doc, "json host-settings-example"))
+            .expect("documented bento-host.json");
+    assert_eq!(s.interval(), std::time::Duration::from_secs(900));
+}

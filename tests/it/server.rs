@@ -591,10 +591,10 @@ fn two_hundred_sequential_and_fifty_concurrent_logins() {
 fn backups_area_is_private_and_writable_by_its_host_only() {
     let s = Sshd::start(&["a", "b"]);
     let toml = s.fleet().join("bento.toml");
-    let text = fs::read_to_string(&toml).unwrap();
+    let settings = fs::read_to_string(&toml).unwrap();
     fs::write(
         &toml,
-        text.replacen("[server]\n", "[server]\nbackups = true\n", 1),
+        settings.replacen("[server]\n", "[server]\nbackups = true\n", 1),
     )
     .unwrap();
     s.sync_accounts(false);
