@@ -294,12 +294,12 @@ fn self_update(
                 running.as_ref(),
                 (opts.now)(),
             );
-            return Ok(RunResult::NoOp {
+            Ok(RunResult::NoOp {
                 reason: format!(
                     "up to date (version {}); no flake input moved",
                     version.short()
                 ),
-            });
+            })
         }
         Ok(true) => {
             let target = Target::Flake {
