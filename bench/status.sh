@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Times `bento status` on a generated chroot (see docs/benchmarks.md).
-#   bench/status.sh [HOSTS] [REPORTS_PER_HOST]      default 10000 hosts, 365 reports each
+#   [BENTO=binary] bench/status.sh [HOSTS] [REPORTS_PER_HOST]   default 10000 hosts, 365 reports each
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOSTS=${1:-10000}
@@ -10,8 +10,11 @@ WORK=$(mktemp -d /var/tmp/bento-bench-status.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 chmod 0755 "$WORK"
 
-cargo build --release --quiet
-BENTO=$(pwd)/target/release/bento
+# BENTO=/path/to/bento skips the release build (to time a given binary).
+if [ -z "${BENTO:-}" ]; then
+  cargo build --release --quiet
+  BENTO=$(pwd)/target/release/bento
+fi
 t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1 || true; e=$(date +%s.%N); python3 -c "print(round($e - $s, 3))"; }
 
 echo "generating $HOSTS hosts x $REPORTS reports..."
@@ -26,7 +29,10 @@ if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
 else
   echo "status, cold cache:      (cannot drop caches here)"
 fi
-for i in 1 2 3; do echo "status, table:           $(t st) s"; done
-echo "status --json:           $(t st --json) s"
-echo "status --prometheus:     $(t st --prometheus "$WORK/bento.prom") s"
+# Warm runs: best and median of 5 (other work on the machine only ever adds time).
+stats() { sort -n | awk '{a[NR]=$1} END {printf "best %s s, median %s s\n", a[1], a[int((NR+1)/2)]}'; }
+runs() { for _ in 1 2 3 4 5; do t st "$@"; done | stats; }
+echo "status, table:           $(runs)"
+echo "status --json:           $(runs --json)"
+echo "status --prometheus:     $(runs --prometheus "$WORK/bento.prom")"
 st --color never 2>&1 >/dev/null | tail -1
