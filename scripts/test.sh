@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: real Nix and real OpenSSH (server and client) for the integration tests.
 need=()
-for pkg in nix-bin openssh-server openssh-client git; do
+for pkg in nix-bin openssh-server openssh-client git chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -647,17 +647,19 @@ fn read_request(stream: &mut impl Read) -> Result<Request, Refusal> {
 /// POST (and `Sec-Fetch-Site`); a form or script on another site carries that site's origin.
 fn check_same_origin(req: &Request, host: &str) -> Result<(), &'static str> {
     let site = req.header("sec-fetch-site");
+    let origin = req.header("origin");
+    if origin.is_some_and(|o| !o.eq_ignore_ascii_case(&format!("http://{host}"))) {
+        return Err(
+            "refused: cross-origin request (only the update page itself may start an update)",
+        );
+    }
     if site.is_some_and(|s| !s.eq_ignore_ascii_case("same-origin")) {
         return Err("refused: this request did not come from the update page (Sec-Fetch-Site)");
     }
-    match req.header("origin") {
-        Some(origin) if origin.eq_ignore_ascii_case(&format!("http://{host}")) => Ok(()),
-        Some(_) => {
-            Err("refused: cross-origin request (only the update page itself may start an update)")
-        }
-        None if site.is_some() => Ok(()),
-        None => Err("refused: no Origin header (only the update page itself may start an update)"),
+    if origin.is_none() && site.is_none() {
+        return Err("refused: no Origin header (only the update page itself may start an update)");
     }
+    Ok(())
 }
 
 fn reason(status: u16) -> &'static str {

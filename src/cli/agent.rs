@@ -32,12 +32,96 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the "Update my machine" page on loopback (socket-activated by systemd, or standalone)
+    Serve {
+        #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to listen when systemd passes no socket (loopback addresses only)
+        #[arg(long, default_value = agent::serve::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Exit after this long without a visitor or a running update (e.g. 10m)
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        exit_when_idle: Option<std::time::Duration>,
+    },
+    /// Write the systemd units the NixOS module defines (for systemd-analyze, or non-NixOS machines)
+    PrintUnits {
+        /// The settings file the units pass to the agent
+        #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// The bento executable the units run (default: this one)
+        #[arg(long, value_name = "PATH")]
+        bento: Option<PathBuf>,
+        /// The timer's OnCalendar= expression
+        #[arg(long, default_value = agent::units::DEFAULT_INTERVAL, value_name = "CALENDAR")]
+        interval: String,
+        /// The timer's RandomizedDelaySec=
+        #[arg(long, default_value = agent::units::DEFAULT_RANDOMIZED_DELAY, value_name = "DURATION")]
+        randomized_delay: String,
+        /// The page socket's ListenStream=
+        #[arg(long, default_value = agent::serve::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Write one file per unit into DIR instead of printing them
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Update { config, force } => update(&config, force),
         Command::Status { config, json } => status(&config, json),
+        Command::Serve {
+            config,
+            listen,
+            exit_when_idle,
+        } => {
+            let runner = std::sync::Arc::new(agent::serve::AgentRunner {
+                config_path: config.clone(),
+            });
+            let opts = agent::serve::ServeOptions {
+                config_path: config,
+                listen,
+                exit_when_idle,
+                on_listening: &|url| output::line(url),
+            };
+            agent::serve::serve(&opts, runner)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PrintUnits {
+            config,
+            bento,
+            interval,
+            randomized_delay,
+            listen,
+            output: dir,
+        } => {
+            let bento = match bento {
+                Some(b) => b,
+                None => std::env::current_exe().context("locating the bento executable")?,
+            };
+            let opts = agent::units::UnitOptions {
+                bento,
+                config,
+                interval,
+                randomized_delay,
+                listen,
+            };
+            match dir {
+                Some(dir) => {
+                    for path in agent::units::write(&opts, &dir)
+                        .with_context(|| format!("writing units into {}", dir.display()))?
+                    {
+                        output::line(&path.display().to_string());
+                    }
+                }
+                None => {
+                    for (name, text) in agent::units::render(&opts) {
+                        output::line(&format!("# {name}\n{text}"));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

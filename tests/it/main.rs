@@ -6,6 +6,8 @@ mod common;
 mod docs;
 mod hostile;
 mod init;
+mod nixos;
+mod page;
 mod publish;
 mod server;
 mod signing;

@@ -1,0 +1,332 @@
+# services.bento.agent: the machine side of bento. A oneshot service that runs
+# `bento agent update` from a timer, and the "Update my machine" page on 127.0.0.1,
+# socket-activated. Options and examples: docs/nixos.md.
+#
+#   imports = [ /path/to/bento/nixos/agent.nix ];      # without flakes
+#   imports = [ bento.nixosModules.agent ];            # with the flake
+#
+# `bento agent print-units` prints the same units for a check with systemd-analyze; a test
+# (tests/it/nixos.rs) keeps the two in step: keep ExecStart, SuccessExitStatus, the
+# hardening and the timer settings the same in src/agent/units.rs.
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.bento.agent;
+  toml = pkgs.formats.toml { };
+  bento = "${config.services.bento.package}/bin/bento";
+  configFile = "/etc/bento/agent.toml";
+
+  agentToml = lib.filterAttrs (_: v: v != null) ({
+    host = cfg.host;
+    server = cfg.server;
+    identity_file = cfg.identityFile;
+    known_hosts = cfg.knownHostsFile;
+    mode = cfg.mode;
+  } // cfg.settings);
+
+  # Where activation is concerned the agent is root doing what nixos-rebuild does, so the
+  # sandboxing is limited to what cannot get in its way (see src/agent/units.rs, HARDENING):
+  # nothing that makes a mount namespace (mounts done by activation, such as /run/wrappers,
+  # would stay inside it), no RestrictSUIDSGID (security.wrappers), no ProtectHostname, no
+  # device policy, and no RestrictNamespaces / MemoryDenyWriteExecute (local Nix builds).
+  hardening = {
+    LockPersonality = true;
+    RestrictRealtime = true;
+    SystemCallArchitectures = "native";
+  };
+
+  # What nixos-upgrade.service gives nixos-rebuild: Nix's settings, NIX_PATH for classic
+  # hosts, the proxy, and root's home (so /root/.ssh/config applies to the SSH connection).
+  environment = config.nix.envVars
+    // lib.optionalAttrs (config.environment.sessionVariables ? NIX_PATH) {
+      inherit (config.environment.sessionVariables) NIX_PATH;
+    }
+    // { HOME = "/root"; }
+    // config.networking.proxy.envVars;
+
+  path = [ config.nix.package pkgs.openssh pkgs.git ];
+
+  # bento.toml's per-host settings, as `bento publish` writes them into the snapshot.
+  hostSettings =
+    if cfg.hostSettingsFile != null && builtins.pathExists cfg.hostSettingsFile
+    then builtins.fromJSON (builtins.readFile cfg.hostSettingsFile)
+    else null;
+  # A poll interval in seconds as a calendar expression, when it divides an hour or a day
+  # evenly (15m -> *:0/15, 2h -> 0/2:00); otherwise null and the timer counts from the
+  # end of the last run instead.
+  calendarFor = s:
+    if s >= 60 && s < 3600 && lib.mod s 60 == 0 && lib.mod 3600 s == 0 then "*:0/${toString (s / 60)}"
+    else if s >= 3600 && s < 86400 && lib.mod s 3600 == 0 && lib.mod 86400 s == 0 then "0/${toString (s / 3600)}:00"
+    else if s == 86400 then "daily"
+    else null;
+  intervalSecs = if hostSettings == null then 900 else hostSettings.interval_secs;
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.bento.agent = {
+    enable = lib.mkEnableOption "the bento agent, which applies this machine's configuration as published on the bento server";
+
+    host = lib.mkOption {
+      type = lib.types.str;
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      description = "This machine's name in the fleet (`host` in agent.toml).";
+    };
+
+    server = lib.mkOption {
+      type = lib.types.str;
+      example = "sftp://bento-alpha@bento.example.org:22";
+      description = ''
+        Where this machine's snapshot is: `sftp://ACCOUNT@HOST[:PORT]` (the account is the
+        fleet's `account_prefix` and the host name), or `file:///PATH` for a mounted copy.
+      '';
+    };
+
+    identityFile = lib.mkOption {
+      type = lib.types.str;
+      default = "/etc/bento/id_ed25519";
+      description = ''
+        The machine's SSH private key: a path on the machine, as a string (a Nix path
+        literal would copy the key into the world-readable store).
+        Its public half is `key` under `[hosts.NAME]` in the fleet's bento.toml.
+      '';
+    };
+
+    knownHostsFile = lib.mkOption {
+      type = lib.types.str;
+      default = "/etc/bento/known_hosts";
+      description = "The server's SSH host key in known_hosts format; a mismatch is a hard error.";
+    };
+
+    knownHosts = lib.mkOption {
+      type = lib.types.nullOr lib.types.lines;
+      default = null;
+      example = "bento.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA…";
+      description = ''
+        The server's host key line(s). When set, written to `knownHostsFile` (which must
+        then be under /etc/).
+      '';
+    };
+
+    hostSettingsFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = lib.literalExpression "./bento-host.json";
+      description = ''
+        The `bento-host.json` that `bento publish` puts at the root of this host's
+        configuration tree, with bento.toml's settings for it. When set (and present), the
+        timer polls at its `interval`; the agent reads the other settings from it by itself.
+      '';
+    };
+
+    interval = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = calendarFor intervalSecs;
+      defaultText = lib.literalExpression ''"*:0/15", or bento.toml's interval from hostSettingsFile'';
+      example = "hourly";
+      description = ''
+        When the timer polls the server: a systemd calendar expression (OnCalendar=).
+        `null` (the default when bento.toml's interval divides neither an hour nor a day):
+        every `interval` seconds after the previous run ended.
+      '';
+    };
+
+    randomizedDelay = lib.mkOption {
+      type = lib.types.str;
+      default = "5m";
+      description = ''
+        RandomizedDelaySec= of the timer, with FixedRandomDelay: each machine polls at its
+        own fixed offset within this window, so a fleet does not hit the server in
+        lock-step.
+      '';
+    };
+
+    mode = lib.mkOption {
+      type = lib.types.enum [ "switch" "boot" "test" ];
+      default = "switch";
+      description = "The switch-to-configuration action: now and at boot, at next boot only, or now only.";
+    };
+
+    rebootPolicy = lib.mkOption {
+      type = lib.types.nullOr (lib.types.enum [ "never" "when-needed" "when-needed-now" ]);
+      default = null;
+      description = ''
+        Whether the agent reboots after a switch that changed the kernel, initrd or kernel
+        modules. `null`: as the fleet's bento.toml says for this host (it travels in the
+        snapshot). Written to agent.toml as `reboot`.
+      '';
+    };
+
+    rebootWindow = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "Sun 03:00";
+      description = "With `rebootPolicy = \"when-needed\"`: the systemd calendar time a pending reboot may happen at (`reboot_at`).";
+    };
+
+    selfUpdate = lib.mkOption {
+      type = lib.types.nullOr lib.types.bool;
+      default = null;
+      description = ''
+        Whether a flake host updates its own lock file and rebuilds when an input moved and
+        nothing new is published. `null`: as bento.toml says. Written as `self_update`.
+      '';
+    };
+
+    notify = lib.mkOption {
+      type = lib.types.nullOr (lib.types.listOf lib.types.str);
+      default = null;
+      example = [ "/run/current-system/sw/bin/logger" "-t" "bento" ];
+      description = ''
+        A command (argv, no shell) the agent runs after a failure or a rollback, with the
+        report on stdin. `null`: as bento.toml says. Written as `notify`.
+      '';
+    };
+
+    trustedKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA… bento-fleet" ];
+      description = ''
+        The fleet's signing keys (`bento keygen`): with any set, the agent applies only
+        manifests signed by one of them. Written as `trusted_keys`.
+      '';
+    };
+
+    page = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = true;
+        description = "The \"Update my machine\" page on 127.0.0.1 (socket-activated).";
+      };
+      port = lib.mkOption {
+        type = lib.types.port;
+        default = 51337;
+        description = "The page's port on 127.0.0.1.";
+      };
+    };
+
+    settings = lib.mkOption {
+      type = toml.type;
+      default = { };
+      example = lib.literalExpression ''
+        { connect_timeout = "30s"; confirm_timeout = "2m"; state_dir = "/var/lib/bento"; }
+      '';
+      description = ''
+        More keys for /etc/bento/agent.toml (docs/agent.md lists them all); they override
+        the ones the options above write. An unknown key stops the agent with an error
+        naming it.
+      '';
+    };
+
+    substituter = {
+      url = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "http://bento.example.org:5000";
+        description = "The bento server's binary cache (services.bento.server.binaryCache), added to nix.settings.substituters.";
+      };
+      publicKey = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "bento.example.org-1:AbCd…=";
+        description = "The cache's signing key, added to nix.settings.trusted-public-keys.";
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.knownHosts == null || lib.hasPrefix "/etc/" cfg.knownHostsFile;
+        message = "services.bento.agent.knownHosts is written with environment.etc: knownHostsFile must be under /etc/.";
+      }
+      {
+        assertion = (cfg.substituter.url == null) == (cfg.substituter.publicKey == null);
+        message = "services.bento.agent.substituter: set both url and publicKey (a cache whose paths are not signed by a trusted key is never used).";
+      }
+      {
+        assertion = hostSettings == null || hostSettings.host == cfg.host;
+        message = "services.bento.agent.hostSettingsFile is for host ${if hostSettings == null then "?" else hostSettings.host}, not ${cfg.host}.";
+      }
+      {
+        assertion = cfg.rebootWindow == null || cfg.rebootPolicy == "when-needed";
+        message = "services.bento.agent.rebootWindow only applies with rebootPolicy = \"when-needed\".";
+      }
+    ];
+
+    services.bento.agent.settings = lib.mkMerge [
+      (lib.mkIf (cfg.rebootPolicy != null) { reboot = lib.mkDefault cfg.rebootPolicy; })
+      (lib.mkIf (cfg.rebootWindow != null) { reboot_at = lib.mkDefault cfg.rebootWindow; })
+      (lib.mkIf (cfg.selfUpdate != null) { self_update = lib.mkDefault cfg.selfUpdate; })
+      (lib.mkIf (cfg.notify != null) { notify = lib.mkDefault cfg.notify; })
+      (lib.mkIf (cfg.trustedKeys != [ ]) { trusted_keys = lib.mkDefault cfg.trustedKeys; })
+    ];
+
+    environment.etc."bento/agent.toml".source = toml.generate "agent.toml" agentToml;
+    environment.etc.${lib.removePrefix "/etc/" cfg.knownHostsFile} = lib.mkIf (cfg.knownHosts != null) {
+      text = cfg.knownHosts;
+    };
+
+    environment.systemPackages = [ config.services.bento.package ];
+
+    nix.settings = lib.mkIf (cfg.substituter.url != null) {
+      substituters = [ cfg.substituter.url ];
+      trusted-public-keys = [ cfg.substituter.publicKey ];
+    };
+
+    systemd.services.bento-agent = {
+      description = "bento agent: apply this machine's published configuration";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # The switch this unit runs must not restart or stop it halfway through.
+      restartIfChanged = false;
+      stopIfChanged = false;
+      inherit environment path;
+      serviceConfig = hardening // {
+        Type = "oneshot";
+        ExecStart = "${bento} agent update --config ${configFile}";
+        # 0 nothing to do, 10 updated; 11 failed, 12 rolled back, 1 could not run: failed unit.
+        SuccessExitStatus = "10";
+      };
+    };
+
+    systemd.timers.bento-agent = {
+      description = "bento agent: poll the server for a new configuration";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        RandomizedDelaySec = cfg.randomizedDelay;
+        FixedRandomDelay = true;
+      } // (if cfg.interval != null then {
+        OnCalendar = cfg.interval;
+        # A run missed while the machine was off happens right after boot.
+        Persistent = true;
+      } else {
+        OnBootSec = "2m";
+        OnUnitInactiveSec = "${toString intervalSecs}s";
+      });
+    };
+
+    systemd.sockets.bento-agent-page = lib.mkIf cfg.page.enable {
+      description = "bento agent: the \"Update my machine\" page";
+      wantedBy = [ "sockets.target" ];
+      listenStreams = [ "127.0.0.1:${toString cfg.page.port}" ];
+      socketConfig.Accept = false;
+    };
+
+    systemd.services.bento-agent-page = lib.mkIf cfg.page.enable {
+      description = "bento agent: the \"Update my machine\" page";
+      requires = [ "bento-agent-page.socket" ];
+      after = [ "bento-agent-page.socket" "network-online.target" ];
+      wants = [ "network-online.target" ];
+      # It runs updates too: a switch must not stop it halfway through one.
+      restartIfChanged = false;
+      stopIfChanged = false;
+      inherit environment path;
+      serviceConfig = hardening // {
+        ExecStart = "${bento} agent serve --config ${configFile} --exit-when-idle 10m";
+      };
+    };
+  };
+}

@@ -1,0 +1,55 @@
+# The bento package, built with nixpkgs' Rust toolchain from this checkout.
+#   pkgs.callPackage ./nixos/package.nix { }
+# The NixOS modules use it when `services.bento.package` is not set.
+{ lib
+, rustPlatform
+, makeWrapper
+, openssh
+, git
+, nix
+}:
+
+let
+  cargoToml = lib.importTOML ../Cargo.toml;
+  # The crate's sources only: a change to the docs or the Nix files does not rebuild it.
+  src = lib.cleanSourceWith {
+    src = ../.;
+    filter = path: type:
+      let
+        rel = lib.removePrefix (toString ../. + "/") (toString path);
+        top = builtins.head (lib.splitString "/" rel);
+      in
+      builtins.elem top [ "Cargo.toml" "Cargo.lock" "src" "tests" "benches" "README.md" ]
+      && !(lib.hasSuffix ".nix" rel && top != "tests");
+  };
+in
+rustPlatform.buildRustPackage {
+  pname = cargoToml.package.name;
+  inherit (cargoToml.package) version;
+  inherit src;
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ makeWrapper ];
+
+  # The unit tests run in the build. The integration tests (`--test it`) start a private
+  # OpenSSH sshd, create Unix accounts and chroots and run real Nix builds: they need root
+  # and cannot run in the Nix sandbox, so the check phase runs the library and binary
+  # tests only. scripts/test.sh runs everything, as root, outside Nix.
+  cargoTestFlags = [ "--lib" "--bins" ];
+  # Unit tests that call nix-instantiate skip themselves when it is missing; give them one.
+  nativeCheckInputs = [ nix ];
+
+  # The agent talks to the server through the system's OpenSSH client (so ssh_config
+  # applies) and publish reads git; appended to PATH, so the system's own come first.
+  postInstall = ''
+    wrapProgram $out/bin/bento --suffix PATH : ${lib.makeBinPath [ openssh git ]}
+  '';
+
+  meta = {
+    description = cargoToml.package.description;
+    license = lib.licenses.mit;
+    mainProgram = "bento";
+    platforms = lib.platforms.linux;
+  };
+}
