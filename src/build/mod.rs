@@ -12,11 +12,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::fleet::{FlakeHosts, Fleet, HostName, HostSource};
-use crate::hostfiles::{self, HostFilesError};
+use crate::hostfiles::HostFilesError;
 use crate::layout::Chroot;
 use crate::manifest::Build;
 use crate::nix::{Nix, NixError, StorePath, Target};
-use crate::snapshot::{Item, ItemKind, Scanner};
+use crate::publish::HostPlan;
+use crate::snapshot::Scanner;
 
 pub use record::{content_key, BuildRecord};
 
@@ -29,6 +30,8 @@ pub enum BuildError {
     Discover(#[from] crate::fleet::DiscoverError),
     #[error(transparent)]
     HostFiles(#[from] HostFilesError),
+    #[error(transparent)]
+    Plan(#[from] crate::publish::PublishError),
     #[error("no host named {0} in the fleet")]
     UnknownHost(HostName),
     #[error("cannot start {jobs} build jobs: {message}")]
@@ -91,15 +94,19 @@ pub fn run(
             return Err(BuildError::UnknownHost(name.clone()));
         }
     }
-    let selected: Vec<(HostSource, String)> = sources
+    let chosen: Vec<HostSource> = sources
         .into_iter()
         .filter(|s| opts.only.is_empty() || opts.only.contains(&s.name))
-        .map(|s| {
-            let content = hostfiles::split(&s.items, s.files_prefix.as_deref(), &s.dir)?;
-            let key = content_key(s.build, &content.config);
-            Ok((s, key))
+        .collect();
+    // Build exactly what publish would publish (generated settings included).
+    let plans = crate::publish::plan(&fleet.config, &chosen, "", None, &Default::default())?;
+    let selected: Vec<(HostPlan, String)> = plans
+        .into_iter()
+        .map(|p| {
+            let key = content_key(p.manifest.build, &p.manifest.config);
+            (p, key)
         })
-        .collect::<Result<_, BuildError>>()?;
+        .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .thread_name(|i| format!("build-{i}"))
@@ -113,14 +120,14 @@ pub fn run(
         selected
             .par_iter()
             .map(|(source, key)| {
-                (opts.on_start)(&source.name);
+                (opts.on_start)(&source.host);
                 let started = Instant::now();
                 let mut result = build_host(nix, source, key, opts.dry);
                 result.ms = started.elapsed().as_millis() as u64;
                 if result.outcome != Outcome::Failed {
                     let rec = BuildRecord {
                         format: record::RECORD_FORMAT,
-                        host: source.name.clone(),
+                        host: source.host.clone(),
                         key: key.clone(),
                         system: result.system.clone(),
                         drv: result.drv.clone(),
@@ -141,9 +148,9 @@ pub fn run(
 }
 
 /// Builds (or evaluates) one host on a scratch copy of its configuration.
-fn build_host(nix: &Nix, source: &HostSource, key: &str, dry: bool) -> HostBuild {
+fn build_host(nix: &Nix, source: &HostPlan, key: &str, dry: bool) -> HostBuild {
     let mut result = HostBuild {
-        host: source.name.clone(),
+        host: source.host.clone(),
         outcome: Outcome::Failed,
         system: None,
         drv: None,
@@ -157,11 +164,11 @@ fn build_host(nix: &Nix, source: &HostSource, key: &str, dry: bool) -> HostBuild
             .prefix("bento-build-")
             .tempdir()
             .map_err(|e| scratch_error(&e))?;
-        copy_config(&source.items, tmp.path()).map_err(|e| scratch_error(&e))?;
-        let target = match source.build {
+        crate::publish::materialize_config(source, tmp.path()).map_err(|e| scratch_error(&e))?;
+        let target = match source.manifest.build {
             Build::Flake => Target::Flake {
                 dir: tmp.path().to_owned(),
-                host: source.name.to_string(),
+                host: source.host.to_string(),
             },
             Build::Classic => Target::Classic {
                 dir: tmp.path().to_owned(),
@@ -215,27 +222,6 @@ fn first_error_line(e: &NixError) -> String {
         .unwrap_or_else(|| e.to_string().lines().next().unwrap_or_default().to_owned())
 }
 
-/// Copies a host's configuration, never its secrets (`files/`, `files.toml`), to `dest`:
-/// whatever is copied here ends up in the world-readable Nix store.
-pub fn copy_config(items: &[Item], dest: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    // Like discovery's private `materialize`, with the secrets filter built in.
-    for item in items.iter().filter(|i| !hostfiles::is_host_file(&i.path)) {
-        let path = dest.join(&item.path);
-        match &item.kind {
-            ItemKind::Dir => std::fs::create_dir_all(&path)?,
-            ItemKind::File {
-                source, executable, ..
-            } => {
-                std::fs::copy(source, &path)?;
-                let mode = if *executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Puts `system` on `profile` and activates it with `switch-to-configuration switch`, as
 /// `nixos-rebuild switch` does.
 pub fn switch(nix: &Nix, profile: &Path, system: &StorePath) -> Result<(), NixError> {
@@ -247,13 +233,17 @@ pub fn switch(nix: &Nix, profile: &Path, system: &StorePath) -> Result<(), NixEr
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::sync::Arc;
 
+    use crate::fleet::{HostName, HostSource};
+    use crate::manifest::Build;
+    use crate::snapshot::{Item, ItemKind};
+
+    /// A build sees exactly the published configuration: the generated settings are there,
+    /// the secrets are not.
     #[test]
-    fn copy_config_leaves_secrets_out() {
+    fn builds_see_the_published_tree_without_secrets() {
         let src = tempfile::tempdir().unwrap();
-        let dest = tempfile::tempdir().unwrap();
         let file = |rel: &str, text: &str| {
             let p = src.path().join(rel.replace('/', "_"));
             std::fs::write(&p, text).unwrap();
@@ -267,34 +257,38 @@ mod tests {
                 },
             }
         };
-        let dir = |rel: &str| Item {
-            path: rel.to_owned(),
-            kind: ItemKind::Dir,
-        };
         let items = vec![
             file("configuration.nix", "{ }"),
-            dir("files"),
-            dir("files/etc"),
-            file("files/etc/secret", "s3cret"),
-            file("files.toml", "[x]"),
-            dir("modules"),
-            file("modules/a.nix", "{ }"),
+            Item {
+                path: "files".into(),
+                kind: ItemKind::Dir,
+            },
+            file("files/secret", "s3cret"),
+            file("files.toml", ""),
         ];
-        copy_config(&items, dest.path()).unwrap();
-        let mut found: Vec<String> = walk(dest.path(), dest.path());
-        found.sort();
-        assert_eq!(found, ["configuration.nix", "modules", "modules/a.nix"]);
-    }
-
-    fn walk(base: &Path, dir: &Path) -> Vec<String> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            out.push(p.strip_prefix(base).unwrap().display().to_string());
-            if p.is_dir() {
-                out.extend(walk(base, &p));
-            }
-        }
-        out
+        let source = HostSource {
+            name: HostName::new("alpha").unwrap(),
+            dir: "hosts/alpha".into(),
+            build: Build::Classic,
+            files_prefix: None,
+            origin: "hosts/alpha".into(),
+            items: Arc::new(items),
+        };
+        let plans = crate::publish::plan(
+            &Default::default(),
+            &[source],
+            "",
+            None,
+            &Default::default(),
+        )
+        .unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        crate::publish::materialize_config(&plans[0], dest.path()).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dest.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["bento-host.json", "configuration.nix"]);
     }
 }

@@ -68,9 +68,11 @@ pub fn init_logging(verbose: u8) {
         _ => "bento=trace",
     };
     let filter = EnvFilter::try_from_env("BENTO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .init();

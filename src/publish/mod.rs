@@ -156,6 +156,40 @@ pub fn plan(
         .collect()
 }
 
+/// Writes a plan's configuration tree — exactly what the host will build, generated
+/// `bento-host.json` included, secrets excluded — into `dest` (which exists).
+pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    for entry in &plan.manifest.config {
+        let path = dest.join(entry.path().as_str());
+        match entry {
+            crate::manifest::ConfigEntry::Directory { .. } => std::fs::create_dir_all(&path)?,
+            crate::manifest::ConfigEntry::File {
+                sha256, executable, ..
+            } => {
+                match plan.sources.get(sha256) {
+                    Some(hostfiles::Source::File(src)) => {
+                        std::fs::copy(src, &path)?;
+                    }
+                    Some(hostfiles::Source::Bytes(bytes)) => {
+                        std::fs::File::create(&path)?.write_all(bytes)?
+                    }
+                    None => {
+                        return Err(std::io::Error::other(format!(
+                            "no source for {}",
+                            entry.path()
+                        )))
+                    }
+                }
+                let mode = if *executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every existing component of the chroot root: sshd refuses the chroot otherwise.
 pub fn check_chroot_path(root: &Path) -> Result<(), PublishError> {
     let mut path = PathBuf::new();
