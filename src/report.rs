@@ -126,6 +126,9 @@ pub struct Heartbeat {
     /// The running system is a self-update of `version` (its flake inputs re-locked).
     #[serde(default)]
     pub auto_updated: bool,
+    /// When a run last ended in success (RFC 3339), whatever happened since.
+    #[serde(default)]
+    pub last_success: Option<String>,
 }
 
 impl Report {

@@ -511,6 +511,7 @@ impl<'a> Run<'a> {
                     created,
                 });
                 state.auto_updated = self.kind == RunKind::AutoUpdated;
+                state.last_success = Some(secs(finished));
                 state.failures = None;
                 state.reboot_pending = state.reboot_pending || attempt.reboot_required;
             }
@@ -1100,6 +1101,9 @@ fn heartbeat(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         reboot_pending: state.reboot_pending,
         auto_updated: version.is_some() && state.auto_updated,
+        last_success: state
+            .last_success
+            .map(|t| rfc3339(UNIX_EPOCH + Duration::from_secs(t))),
     };
     if let Err(e) = t.write_log(report::HEARTBEAT_FILE, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

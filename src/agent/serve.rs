@@ -185,8 +185,12 @@ fn finished_from(r: RunResult) -> Finished {
         RunResult::Updated(rep) => (
             FinalOutcome::Updated,
             format!(
-                "Updated to version {}.{}",
+                "Updated to version {}{}.{}",
                 rep.version.short(),
+                match rep.kind {
+                    crate::report::RunKind::Published => "",
+                    crate::report::RunKind::AutoUpdated => " with newer flake inputs (self-update)",
+                },
                 if rep.reboot_required {
                     " Restart the machine to run its new kernel."
                 } else {

@@ -74,6 +74,9 @@ pub struct State {
     /// Unix seconds of the last self-update attempt.
     #[serde(default)]
     pub self_update_at: Option<u64>,
+    /// Unix seconds of the last run that ended in success.
+    #[serde(default)]
+    pub last_success: Option<u64>,
 }
 
 /// How long to wait before retrying a version that failed `count` times in a row:

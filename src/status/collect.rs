@@ -325,10 +325,17 @@ pub fn host_status(
     };
     let Assessment { state, reason } = state::assess(&facts, now, interval);
     let last_seen_at = state::last_seen(&facts);
-    let last_success_at = latest
+    // The heartbeat remembers the last success even when newer runs failed.
+    let last_success_at = heartbeat
         .as_ref()
-        .filter(|r| r.outcome == Outcome::Success)
-        .and_then(|r| state::parse_time(&r.finished));
+        .and_then(|h| h.last_success.as_deref())
+        .and_then(state::parse_time)
+        .or_else(|| {
+            latest
+                .as_ref()
+                .filter(|r| r.outcome == Outcome::Success)
+                .and_then(|r| state::parse_time(&r.finished))
+        });
     let error = reason
         .into_iter()
         .chain(notes)

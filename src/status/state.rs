@@ -298,6 +298,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             reboot_pending: false,
             auto_updated: false,
+            last_success: None,
         }
     }
     fn report(

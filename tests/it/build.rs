@@ -281,6 +281,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             agent_version: "0.1.0".into(),
             reboot_pending: false,
             auto_updated: false,
+            last_success: None,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

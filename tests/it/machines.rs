@@ -162,6 +162,8 @@ fn failures_run_the_notification_hook_with_the_report() {
     let report = bento::report::Report::parse(json.as_bytes()).expect("the report on stdin");
     assert_eq!(report.outcome, Outcome::Failure);
     assert_eq!(report.id, m.latest_report().id);
+    // The heartbeat still says when the host last succeeded.
+    assert!(m.heartbeat().last_success.is_some());
 }
 
 #[test]

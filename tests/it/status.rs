@@ -96,6 +96,7 @@ impl Fixture {
             agent_version: "0.1.0".into(),
             reboot_pending: false,
             auto_updated: false,
+            last_success: None,
         };
         write_atomic(
             &self.host_dir(host).join("logs/heartbeat.json"),
