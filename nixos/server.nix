@@ -24,7 +24,7 @@ let
   generated = pkgs.runCommand "bento-fleet.nix" { nativeBuildInputs = [ config.services.bento.package ]; } ''
     mkdir fleet
     cp ${tomlFile} fleet/bento.toml
-    bento --fleet fleet server nixos-module --output "$out"
+    bento --fleet fleet server nixos-module --output - > "$out"
   '';
   fleetModule = import (if isModule then cfg.fleet else generated) {
     inherit config lib pkgs;
@@ -110,7 +110,7 @@ in
 
       url = lib.mkOption {
         type = lib.types.str;
-        default = "http://${if toml != null && toml.server ? address then toml.server.address else config.networking.hostName}:${toString cache.port}";
+        default = "http://${if toml != null && toml ? server && toml.server ? address then toml.server.address else config.networking.hostName}:${toString cache.port}";
         defaultText = lib.literalExpression ''"http://<[server] address of bento.toml, or the host name>:<port>"'';
         description = "The URL hosts reach the cache at; printed with the public key for services.bento.agent.substituter.";
       };
