@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # bento's main job on one machine: a local fleet of three hosts (a classic host and a flake
-# directory with two hosts sharing common/ modules and a secret), their SFTP accounts, and a
-# publish into per-host chroots. Run as root on Debian; installs what it needs.
+# directory with two hosts sharing common/ modules and a secret), their SFTP accounts, signed
+# publishes into per-host chroots served by a private sshd on 127.0.0.1, each host's agent
+# pulling, building (toy NixOS-shaped systems) and activating its snapshot, and the status
+# table of the fleet. Run as root on Debian; installs what it needs.
 #   scripts/demo.sh [WORKDIR]     (default /var/lib/bento-demo; removed and recreated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WORK=${1:-/var/lib/bento-demo}
+PORT=${BENTO_DEMO_PORT:-22222}
 [ "$(id -u)" = 0 ] || { echo "scripts/demo.sh: run as root (it creates accounts and chroots)" >&2; exit 1; }
 case "$WORK" in /*) ;; *) echo "WORKDIR must be absolute" >&2; exit 1;; esac
 
@@ -22,6 +25,8 @@ experimental-features = nix-command flakes
 build-users-group =
 substituters =
 flake-registry ='
+# Classic hosts build the toy <nixpkgs/nixos> (no nixpkgs offline).
+export NIX_PATH="nixpkgs=$ROOT/tests/fixtures/toy/nixpkgs"
 
 echo "== building bento"
 cargo build --release --quiet
@@ -59,17 +64,71 @@ mkdir -p "$WORK/keys"; chmod 0700 "$WORK/keys"
 } > "$FLEET/bento.toml"
 git -C "$FLEET" init -q && git -C "$FLEET" add -A && git -C "$FLEET" -c user.email=demo@bento -c user.name=demo commit -qm "demo fleet"
 
-echo "== host accounts"
+echo "== signing key and host accounts"
+"$BENTO" keygen --output "$WORK/signing_key" >/dev/null
+sed -i "s|^\[server\]|[server]\nsigning_key = \"$WORK/signing_key\"|" "$FLEET/bento.toml"
 "$BENTO" --fleet "$FLEET" server sync-accounts
 
-echo "== publish"
-"$BENTO" --fleet "$FLEET" publish
-echo "== publish again (nothing changed)"
-"$BENTO" --fleet "$FLEET" publish
-echo "== change a shared module, publish"
+echo "== build every host on the server, and publish (signed)"
+"$BENTO" --fleet "$FLEET" publish --build
+
+echo "== a private sshd on 127.0.0.1:$PORT serving the chroots"
+mkdir -p /run/sshd "$WORK/sshd"; chmod 0700 "$WORK/sshd"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/sshd/host_key"
+{
+  echo "ListenAddress 127.0.0.1"
+  echo "Port $PORT"
+  echo "HostKey $WORK/sshd/host_key"
+  echo "PidFile none"
+  echo "UsePAM no"
+  echo "PasswordAuthentication no"
+  echo "KbdInteractiveAuthentication no"
+  echo "PermitRootLogin no"
+  echo "AllowGroups bento"
+  echo "AuthorizedKeysFile none"
+  echo "Subsystem sftp internal-sftp"
+  "$BENTO" --fleet "$FLEET" server sshd-config
+} > "$WORK/sshd/sshd_config"
+/usr/sbin/sshd -D -e -f "$WORK/sshd/sshd_config" 2>"$WORK/sshd/log" &
+SSHD=$!
+trap 'kill $SSHD 2>/dev/null || true' EXIT
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$WORK/sshd/host_key.pub")" > "$WORK/known_hosts"
+
+agents() {
+  for h in desk lab1 lab2; do
+    m="$WORK/machines/$h"; mkdir -p "$m/root"
+    cat > "$m/agent.toml" <<TOML
+host = "$h"
+server = "sftp://bento-demo-$h@127.0.0.1:$PORT"
+identity_file = "$WORK/keys/$h"
+known_hosts = "$WORK/known_hosts"
+state_dir = "$m/state"
+profile = "$m/profiles/system"
+current_system = "$m/no-current-system"
+files_root = "$m/root"
+trusted_keys = ["$(cat "$WORK/signing_key.pub")"]
+TOML
+    rc=0
+    BENTO_TEST_ACTIVATION_LOG="$m/activations.log" "$BENTO" agent update --config "$m/agent.toml" || rc=$?
+    echo "   ($h: exit $rc)"
+  done
+}
+
+echo "== every machine pulls, builds and activates its snapshot"
+agents
+echo "== the fleet"
+"$BENTO" --fleet "$FLEET" status || true
+
+echo "== change a shared module, publish, and only that changes on the machines"
 echo '{ version = "2"; }' > "$FLEET/common/base.nix"
-"$BENTO" --fleet "$FLEET" publish
+git -C "$FLEET" -c user.email=demo@bento -c user.name=demo commit -qam "version 2"
+"$BENTO" --fleet "$FLEET" publish --build
+"$BENTO" --fleet "$FLEET" status || true
+agents
+"$BENTO" --fleet "$FLEET" status || true
 
 echo
-echo "Chroots are in $WORK/chroot; remove the demo accounts with:"
+echo "Everything is under $WORK (the machines' profiles, state and installed files in machines/)."
+echo "Remove the demo accounts with:"
 echo "  sed -i '/^\\[hosts/,\$d' $FLEET/bento.toml && $BENTO --fleet $FLEET server sync-accounts --prune"
