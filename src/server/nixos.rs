@@ -94,6 +94,12 @@ pub fn render(
         tmpfiles.push(format!("d {home}/{MANIFESTS} 0755 root root - -"));
         tmpfiles.push(format!("d {home}/{OBJECTS} 0755 root root - -"));
         tmpfiles.push(format!("d {home}/{LOGS} 0750 {account} {account} - -"));
+        if config.server.backups {
+            tmpfiles.push(format!(
+                "d {home}/{} 0700 {account} {account} - -",
+                crate::layout::BACKUPS
+            ));
+        }
     }
 
     out.push_str(
@@ -139,6 +145,19 @@ mod tests {
         let text = render(&c, &keys).unwrap();
         assert_eq!(text, render(&c, &keys).unwrap(), "deterministic");
         insta::assert_snapshot!(text);
+    }
+
+    #[test]
+    fn backups_areas_only_when_asked() {
+        let without = config("");
+        let text = render(&without, &fleet_keys(&without).unwrap()).unwrap();
+        assert!(!text.contains("/backups"));
+        let with = config("backups = true");
+        let text = render(&with, &fleet_keys(&with).unwrap()).unwrap();
+        assert!(
+            text.contains("d /srv/bento/alpha/backups 0700 bento-alpha bento-alpha - -"),
+            "{text}"
+        );
     }
 
     #[test]
