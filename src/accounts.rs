@@ -18,21 +18,30 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The account called `name`, or `None` if there is none.
-pub fn user(name: &str) -> io::Result<Option<Account>> {
+type NssCall<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// Runs a reentrant NSS lookup (`getpwnam_r`, `getgrnam_r`), growing the buffer on ERANGE,
+/// and turns the entry found into owned data with `read` while its strings are alive.
+fn nss_lookup<T, R>(name: &str, call: NssCall<T>, read: impl Fn(&T) -> R) -> io::Result<Option<R>> {
     let Ok(cname) = CString::new(name) else {
         return Ok(None);
     };
     let mut buf = vec![0u8; 4096];
     loop {
-        // SAFETY: passwd is plain data; getpwnam_r fills it with pointers into buf, which
-        // outlives every use below.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: T is a plain C struct (passwd, group); the call fills it with pointers into
+        // buf, which outlives every use of the entry below.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut result: *mut T = std::ptr::null_mut();
         let rc = unsafe {
-            libc::getpwnam_r(
+            call(
                 cname.as_ptr(),
-                &mut pwd,
+                &mut entry,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 &mut result,
@@ -45,54 +54,29 @@ pub fn user(name: &str) -> io::Result<Option<Account>> {
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
-        if result.is_null() {
-            return Ok(None);
-        }
-        // SAFETY: on success the string fields point at NUL-terminated strings in buf.
-        let text =
-            |p: *const libc::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-        return Ok(Some(Account {
-            name: text(pwd.pw_name),
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-            home: text(pwd.pw_dir),
-            shell: text(pwd.pw_shell),
-        }));
+        return Ok((!result.is_null()).then(|| read(&entry)));
     }
+}
+
+fn text(p: *const libc::c_char) -> String {
+    // SAFETY: NSS entries hold NUL-terminated strings (alive while the lookup's buffer is).
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// The account called `name`, or `None` if there is none.
+pub fn user(name: &str) -> io::Result<Option<Account>> {
+    nss_lookup(name, libc::getpwnam_r, |pwd: &libc::passwd| Account {
+        name: text(pwd.pw_name),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+        home: text(pwd.pw_dir),
+        shell: text(pwd.pw_shell),
+    })
 }
 
 /// The gid of group `name`, or `None` if there is none.
 pub fn group(name: &str) -> io::Result<Option<u32>> {
-    let Ok(cname) = CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: as in `user`.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        return Ok(if result.is_null() {
-            None
-        } else {
-            Some(grp.gr_gid)
-        });
-    }
+    nss_lookup(name, libc::getgrnam_r, |grp: &libc::group| grp.gr_gid)
 }
 
 #[cfg(test)]

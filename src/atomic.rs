@@ -85,15 +85,19 @@ pub struct Lock {
 }
 
 impl Lock {
-    /// Takes the lock, waiting for another holder; `on_wait` is called once if it must wait.
-    pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> io::Result<Lock> {
-        let file = OpenOptions::new()
+    fn open(path: &Path) -> io::Result<File> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(path)?;
+            .open(path)
+    }
+
+    /// Takes the lock, waiting for another holder; `on_wait` is called once if it must wait.
+    pub fn acquire(path: &Path, on_wait: impl FnOnce()) -> io::Result<Lock> {
+        let file = Self::open(path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -107,13 +111,7 @@ impl Lock {
 
     /// Takes the lock or returns `None` if someone holds it.
     pub fn try_acquire(path: &Path) -> io::Result<Option<Lock>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)?;
+        let file = Self::open(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(Lock { _file: file })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
