@@ -4,6 +4,7 @@ mod agent;
 mod build;
 mod common;
 mod docs;
+mod faults;
 mod hostile;
 mod init;
 mod nixos;

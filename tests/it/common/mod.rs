@@ -230,5 +230,6 @@ pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
     out
 }
 
+pub mod faults;
 pub mod relay;
 pub mod sshd;

@@ -1,12 +1,15 @@
 //! A counting TCP relay on loopback: clients connect to `relay.port`, every connection is
 //! forwarded to the target, and the bytes each way are counted per connection. It measures
-//! what really crosses the wire (no estimates) and can be cut to simulate a lost server.
+//! what really crosses the wire (no estimates) and can inject network faults: cut one
+//! connection after an exact number of bytes, take the whole server "down" (live
+//! connections cut, new ones refused), or throttle the bandwidth so a download takes long
+//! enough to be interrupted.
 
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,10 +28,54 @@ impl Traffic {
     }
 }
 
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to server.
+    Up,
+    /// Server to client.
+    Down,
+}
+
+/// A one-shot cut: connection number `conn` (counted from the last `reset`) is shut down
+/// both ways once `bytes` have crossed it in direction `dir`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    pub conn: usize,
+    pub dir: Dir,
+    pub bytes: u64,
+}
+
+/// The fault plan shared by the accept loop and the pumps.
+#[derive(Default)]
+struct Control {
+    /// Refuse new connections and cut the live ones.
+    down: AtomicBool,
+    /// Bytes per second per direction of each connection; 0 is unlimited.
+    rate: AtomicU64,
+    cut: Mutex<Option<Cut>>,
+    /// Set when the armed cut happened.
+    fired: AtomicBool,
+    /// Numbers every connection ever opened (unlike `index`, never reset).
+    serial: std::sync::atomic::AtomicUsize,
+    /// Both sockets of every live connection (by serial), for cutting.
+    live: Mutex<Vec<(usize, TcpStream, TcpStream)>>,
+}
+
+impl Control {
+    fn cut_everything(&self) {
+        for (_, a, b) in self.live.lock().unwrap().drain(..) {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 pub struct Relay {
     pub port: u16,
     conns: Arc<Mutex<Vec<Arc<Mutex<Traffic>>>>>,
     stop: Arc<AtomicBool>,
+    ctl: Arc<Control>,
 }
 
 impl Relay {
@@ -39,30 +86,56 @@ impl Relay {
         listener.set_nonblocking(true).unwrap();
         let conns: Arc<Mutex<Vec<Arc<Mutex<Traffic>>>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (conns.clone(), stop.clone());
+        let ctl = Arc::new(Control::default());
+        let (c, s, k) = (conns.clone(), stop.clone(), ctl.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
+                        if k.down.load(Ordering::SeqCst) {
+                            let _ = client.shutdown(Shutdown::Both);
+                            continue;
+                        }
                         client.set_nonblocking(false).unwrap();
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                             continue;
                         };
                         let traffic = Arc::new(Mutex::new(Traffic::default()));
-                        c.lock().unwrap().push(traffic.clone());
+                        let index = {
+                            let mut list = c.lock().unwrap();
+                            list.push(traffic.clone());
+                            list.len() - 1
+                        };
+                        let serial = k.serial.fetch_add(1, Ordering::SeqCst);
+                        k.live.lock().unwrap().push((
+                            serial,
+                            client.try_clone().unwrap(),
+                            server.try_clone().unwrap(),
+                        ));
+                        let link = Link {
+                            index,
+                            serial,
+                            traffic,
+                            ctl: k.clone(),
+                        };
                         pump(
                             client.try_clone().unwrap(),
                             server.try_clone().unwrap(),
-                            traffic.clone(),
-                            true,
+                            link.clone(),
+                            Dir::Up,
                         );
-                        pump(server, client, traffic, false);
+                        pump(server, client, link, Dir::Down);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Relay { port, conns, stop }
+        Relay {
+            port,
+            conns,
+            stop,
+            ctl,
+        }
     }
 
     /// Traffic of every connection so far, in the order they were opened.
@@ -75,37 +148,119 @@ impl Relay {
             .collect()
     }
 
-    /// Forgets the connections counted so far.
+    /// Forgets the connections counted so far (connection numbers start again at 0) and
+    /// disarms a cut that has not happened.
     pub fn reset(&self) {
         self.conns.lock().unwrap().clear();
+        *self.ctl.cut.lock().unwrap() = None;
+        self.ctl.fired.store(false, Ordering::SeqCst);
+    }
+
+    /// Arms a one-shot cut (replacing any armed one).
+    pub fn cut_after(&self, cut: Cut) {
+        self.ctl.fired.store(false, Ordering::SeqCst);
+        *self.ctl.cut.lock().unwrap() = Some(cut);
+    }
+
+    /// Whether the armed cut happened.
+    pub fn cut_fired(&self) -> bool {
+        self.ctl.fired.load(Ordering::SeqCst)
+    }
+
+    /// Takes the server down (live connections cut, new ones refused) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.ctl.down.store(down, Ordering::SeqCst);
+        if down {
+            self.ctl.cut_everything();
+        }
+    }
+
+    /// Cuts every live connection now; new ones are still accepted.
+    pub fn cut_now(&self) {
+        self.ctl.cut_everything();
+    }
+
+    /// Limits each direction of each connection to `bytes_per_sec` (0: unlimited).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.ctl.rate.store(bytes_per_sec, Ordering::SeqCst);
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.ctl.cut_everything();
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, traffic: Arc<Mutex<Traffic>>, up: bool) {
+/// What a pump needs to know about its connection.
+#[derive(Clone)]
+struct Link {
+    index: usize,
+    serial: usize,
+    traffic: Arc<Mutex<Traffic>>,
+    ctl: Arc<Control>,
+}
+
+impl Link {
+    /// How many of the next `n` bytes may pass before the armed cut (if it is this
+    /// connection's and this direction's); `None` when no cut applies.
+    fn allowance(&self, dir: Dir, moved: u64, n: u64) -> Option<u64> {
+        let cut = (*self.ctl.cut.lock().unwrap())?;
+        if cut.conn != self.index || cut.dir != dir || self.ctl.fired.load(Ordering::SeqCst) {
+            return None;
+        }
+        (moved + n >= cut.bytes).then(|| cut.bytes.saturating_sub(moved))
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
+        let mut moved = 0u64;
         loop {
-            match from.read(&mut buf) {
+            let rate = link.ctl.rate.load(Ordering::Relaxed);
+            // Small reads when throttled, so the rate is smooth.
+            let max = if rate > 0 { 4096 } else { buf.len() };
+            match from.read(&mut buf[..max]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
+                    let mut n = n as u64;
+                    let cut = link.allowance(dir, moved, n);
+                    if let Some(allowed) = cut {
+                        n = allowed;
+                    }
+                    if to.write_all(&buf[..n as usize]).is_err() {
                         break;
                     }
-                    let mut t = traffic.lock().unwrap();
-                    if up {
-                        t.up += n as u64;
-                    } else {
-                        t.down += n as u64;
+                    moved += n;
+                    {
+                        let mut t = link.traffic.lock().unwrap();
+                        match dir {
+                            Dir::Up => t.up += n,
+                            Dir::Down => t.down += n,
+                        }
+                    }
+                    if cut.is_some() {
+                        link.ctl.fired.store(true, Ordering::SeqCst);
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    if let Some(us) = (n * 1_000_000).checked_div(rate) {
+                        std::thread::sleep(Duration::from_micros(us));
                     }
                 }
             }
         }
         let _ = to.shutdown(Shutdown::Write);
+        if dir == Dir::Down {
+            // The server is done: close the clones kept for cutting.
+            link.ctl
+                .live
+                .lock()
+                .unwrap()
+                .retain(|(s, _, _)| *s != link.serial);
+        }
     });
 }
