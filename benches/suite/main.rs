@@ -27,6 +27,9 @@ use std::time::{Instant, SystemTime};
 
 use table::Row;
 
+/// Runs a group of scenarios, adding its rows.
+type Scenarios = fn(&Config, &mut Vec<Row>);
+
 pub struct Config {
     pub quick: bool,
     pub reps: usize,
@@ -183,7 +186,7 @@ fn main() {
     }
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    let groups: [(&[u8], fn(&Config, &mut Vec<Row>)); 4] = [
+    let groups: [(&[u8], Scenarios); 4] = [
         (&[1, 2, 3], wire::run),
         (&[4], publish::run),
         (&[5], status::run),

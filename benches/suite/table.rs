@@ -62,8 +62,11 @@ pub fn fmt_value(v: f64, unit: Unit) -> String {
     }
 }
 
-fn fmt_range(v: f64, unit: Unit) -> String {
-    // The range shows the number only; the unit is in the median.
+fn fmt_range(v: f64, unit: Unit, median: f64) -> String {
+    // The range shows numbers only, in the median's unit (ms stays ms up to the max).
+    if unit == Unit::Secs && median < 1.0 {
+        return format!("{:.0}", v * 1000.0);
+    }
     let s = fmt_value(v, unit);
     match s.rsplit_once(' ') {
         Some((n, _)) if unit != Unit::Count && unit != Unit::PerSec => n.to_owned(),
@@ -75,7 +78,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -89,15 +92,15 @@ fn cell(s: &Option<Samples>, unit: Unit) -> String {
         Some(s) if s.0.is_empty() => "—".into(),
         Some(s) if s.0.len() == 1 => fmt_value(s.median(), unit),
         Some(s) => {
-            let (lo, hi) = (s.min(), s.max());
-            if fmt_range(lo, unit) == fmt_range(hi, unit) {
+            let (lo, hi, m) = (s.min(), s.max(), s.median());
+            if fmt_range(lo, unit, m) == fmt_range(hi, unit, m) {
                 format!("{} (n={})", fmt_value(s.median(), unit), s.0.len())
             } else {
                 format!(
                     "{} ({}–{}, n={})",
                     fmt_value(s.median(), unit),
-                    fmt_range(lo, unit),
-                    fmt_range(hi, unit),
+                    fmt_range(lo, unit, m),
+                    fmt_range(hi, unit, m),
                     s.0.len()
                 )
             }
