@@ -142,6 +142,7 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
     let dirs = StateDir::new(&cfg.state_dir);
     dirs.create().map_err(state_err(&dirs.root))?;
     let _lock = Lock::acquire(&dirs.lock(), opts.on_wait).map_err(state_err(&dirs.lock()))?;
+    dirs.remove_leftovers();
     let mut state = dirs.load().map_err(state_err(&dirs.state_file()))?;
 
     let mut transport = (opts.connect)()?;
@@ -527,8 +528,11 @@ impl<'a> Run<'a> {
             finished: secs(finished),
             error: report.error.clone(),
         });
-        dirs.save(state).map_err(state_err(&dirs.state_file()))?;
+        // The report is spooled before the state records the run: a kill in between then
+        // costs a second, truthful report (the next run re-applies and finds the build
+        // running), never a lost one.
         spool(dirs, &report, &self.log.text).map_err(state_err(&dirs.spool()))?;
+        dirs.save(state).map_err(state_err(&dirs.state_file()))?;
         if outcome == Outcome::Success {
             if let Err(e) = collect_cache(dirs, state) {
                 tracing::warn!("cleaning the local cache: {e}");
@@ -693,7 +697,12 @@ fn skip_reason(
             version.short()
         ));
     }
-    if let Some(at) = state.retry_at(version) {
+    // A clock set back since the failure: retry now rather than wait for it to catch up.
+    let clock_went_back = state
+        .failures
+        .as_ref()
+        .is_some_and(|f| &f.version == version && now < f.last);
+    if let Some(at) = state.retry_at(version).filter(|_| !clock_went_back) {
         if now < at {
             let wait = Duration::from_secs(at - now);
             return Some(format!(
@@ -938,7 +947,7 @@ impl Attempt<'_> {
             let rel = format!("{}/{}.sig", layout::MANIFESTS, self.version);
             let sig = match transport.read_small(&rel, crate::signing::MAX_SIGNATURE_BYTES) {
                 Ok(sig) => sig,
-                Err(TransportError::Remote { .. }) => {
+                Err(TransportError::NotFound { .. }) => {
                     return Err(AttemptError::Failed(format!(
                         "manifest {short} is not signed; refusing it"
                     )));
@@ -960,12 +969,54 @@ impl Attempt<'_> {
         Ok(())
     }
 
+    /// Puts back the `files` entries of the applied version (a published attempt installed
+    /// its own before activating).
+    fn restore_files(&self, log: &mut RunLog<'_>) {
+        let mut state = self.dirs.load().unwrap_or_default();
+        let Some(applied) = state.applied.clone() else {
+            return;
+        };
+        if applied.version == self.version {
+            return;
+        }
+        let path = self
+            .dirs
+            .manifests()
+            .join(format!("{}.json", applied.version));
+        let Some(manifest) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| Manifest::parse(&b).ok())
+        else {
+            log.step(
+                "note: the previous version's files could not be restored (its manifest is gone)",
+            );
+            return;
+        };
+        match files::install_files(
+            &manifest.files,
+            &self.dirs.objects(),
+            &self.cfg.files_root,
+            &state.installed_files,
+        ) {
+            Ok(installed) => {
+                state.installed_files = installed;
+                if let Err(e) = self.dirs.save(&state) {
+                    log.step(&format!("note: cannot record the restored files: {e}"));
+                }
+            }
+            Err(e) => log.step(&format!(
+                "note: restoring the previous version's files failed: {e}"
+            )),
+        }
+    }
+
     /// Puts back the system that ran before this run, by its store path.
     fn restore(&self, log: &mut RunLog<'_>, mode: Mode) -> String {
         let Some(prev) = &self.running else {
             return String::new();
         };
         log.step(&format!("going back to {prev}"));
+        self.restore_files(log);
         if let Err(e) = self.system.set_profile(prev) {
             log.step(&format!("could not reset the profile: {e}"));
             return format!(

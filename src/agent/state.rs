@@ -177,6 +177,23 @@ impl StateDir {
         Ok(())
     }
 
+    /// Removes what a killed run left behind: temporary files and half-staged trees.
+    pub fn remove_leftovers(&self) {
+        for dir in [self.root.clone(), self.spool(), self.manifests()] {
+            let _ = crate::atomic::remove_stale_temps(&dir);
+        }
+        if let Ok(entries) = std::fs::read_dir(self.config()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".staging-") || name == ".self-update" || name == ".current-tmp"
+                {
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
+                }
+            }
+        }
+    }
+
     pub fn load(&self) -> std::io::Result<State> {
         match std::fs::read(self.state_file()) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {

@@ -47,7 +47,12 @@ impl Transport for DirTransport {
     }
 
     fn read_small(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, TransportError> {
-        let f = fs::File::open(self.root.join(path)).map_err(|e| self.remote(path, e))?;
+        let f = fs::File::open(self.root.join(path)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => TransportError::NotFound {
+                path: path.to_owned(),
+            },
+            _ => self.remote(path, e),
+        })?;
         let mut buf = Vec::new();
         f.take(limit + 1)
             .read_to_end(&mut buf)

@@ -20,6 +20,8 @@ pub enum TransportError {
     Connect { server: String, message: String },
     #[error("{path} on the server: {message}")]
     Remote { path: String, message: String },
+    #[error("{path} on the server: no such file")]
+    NotFound { path: String },
     #[error("{path}: {source}")]
     Local {
         path: PathBuf,

@@ -460,6 +460,12 @@ fn losing_the_server_after_activation_rolls_back_and_reports_later() {
 
     // Version 2's activation breaks the machine's way to the server: its known_hosts.
     write_version(&sshd, "2");
+    fs::write(
+        sshd.fleet()
+            .join("hosts/alpha/files/alpha/etc/bento-it/secret"),
+        "secret of alpha, version 2\n",
+    )
+    .unwrap();
     sshd.publish();
     let hook = m.base.join("hook.sh");
     fs::write(
@@ -479,6 +485,11 @@ fn losing_the_server_after_activation_rolls_back_and_reports_later() {
         m.profile_target().unwrap(),
         before,
         "back on the exact previous system"
+    );
+    assert_eq!(
+        fs::read_to_string(m.base.join("root/etc/bento-it/secret")).unwrap(),
+        "secret of alpha\n",
+        "the previous version's files are back too"
     );
     let acts = m.activations();
     assert_eq!(acts.len(), 3, "{acts:?}");
