@@ -235,9 +235,8 @@ impl Transport for SftpTransport {
         let sftp = self.sftp.as_ref().expect("open");
         self.rt
             .block_on(read_limited(sftp, path, limit))?
-            .ok_or_else(|| TransportError::Remote {
+            .ok_or_else(|| TransportError::NotFound {
                 path: path.to_owned(),
-                message: "no such file".into(),
             })
     }
 
