@@ -164,8 +164,10 @@ pub fn assess(facts: &Facts<'_>, now: SystemTime, interval: Duration) -> Assessm
     let Some(published) = &facts.published else {
         return Assessment::because(State::UpdatePending, "nothing is published for it yet");
     };
-    // The newest attempt, if it was at the live version.
-    let attempt = latest.filter(|r| r.version == published.digest);
+    // The newest attempt, if it was at the live version (a failed self-update is not: the
+    // host still runs the published version).
+    let attempt = latest
+        .filter(|r| r.version == published.digest && r.kind == crate::report::RunKind::Published);
     // A heartbeat older than the report it follows has not caught up yet: trust the report.
     let hb_is_stale = match (hb, latest) {
         (Some(h), Some(r)) => parse_time(&h.time) < parse_time(&r.finished),
@@ -174,6 +176,14 @@ pub fn assess(facts: &Facts<'_>, now: SystemTime, interval: Duration) -> Assessm
     };
 
     if running_version == Some(published.digest) && !hb_is_stale {
+        // A self-update re-locked the flake's inputs on the host: it runs the published
+        // version, built from newer inputs, on purpose.
+        if hb.is_some_and(|h| h.auto_updated) {
+            return Assessment::because(
+                State::UpToDate,
+                "auto-updated: flake inputs re-locked on the host",
+            );
+        }
         return check_system(running_system, facts.expected, attempt);
     }
     if let Some(r) = attempt {
@@ -459,6 +469,36 @@ mod tests {
             ..f
         };
         assert_eq!(assess(&f, at(T0), INTERVAL).state, State::Drifted);
+    }
+
+    #[test]
+    fn an_auto_updated_host_is_up_to_date_and_a_failed_self_update_is_not_failing() {
+        let expected = StorePath::new(&sys('b')).unwrap();
+        let hb = Heartbeat {
+            auto_updated: true,
+            ..heartbeat(at(T0 - 60), Some(v(2)), 'x')
+        };
+        let mut rep = report(at(T0 - 120), v(2), Outcome::Success, 'b', 'x');
+        rep.kind = crate::report::RunKind::AutoUpdated;
+        let f = Facts {
+            published: published(2),
+            expected: Some(&expected),
+            heartbeat: Some(&hb),
+            latest: Some(&rep),
+        };
+        let a = assess(&f, at(T0), INTERVAL);
+        assert_eq!(a.state, State::UpToDate);
+        assert!(a.reason.unwrap().contains("auto-updated"));
+        // A self-update that failed leaves the published system running: still up to date.
+        let hb = heartbeat(at(T0 - 60), Some(v(2)), 'b');
+        let mut failed = report(at(T0 - 120), v(2), Outcome::Failure, 'b', 'b');
+        failed.kind = crate::report::RunKind::AutoUpdated;
+        let f = Facts {
+            heartbeat: Some(&hb),
+            latest: Some(&failed),
+            ..f
+        };
+        assert_eq!(assess(&f, at(T0), INTERVAL).state, State::UpToDate);
     }
 
     #[test]
