@@ -115,6 +115,43 @@ pub fn changes(before: Option<&str>, after: Option<&str>) -> Vec<InputChange> {
         .collect()
 }
 
+/// Updates the lock file of the fleet's flake directory `dir` like `update`, but on a copy
+/// of its resolved tree without `files/` and `files.toml`: Nix copies a `path:` flake into
+/// the store whole, and secrets must never reach the world-readable store. The new lock file
+/// is copied back atomically.
+pub fn update_fleet_dir(
+    nix: &Nix,
+    scanner: &crate::snapshot::Scanner,
+    dir: &Path,
+    input: Option<&str>,
+) -> Result<Vec<InputChange>, NixError> {
+    let io = |e: &dyn std::fmt::Display| NixError::Output {
+        argv: "(copying the flake without its secrets)".into(),
+        message: e.to_string(),
+    };
+    let items = scanner.scan(dir).map_err(|e| io(&e))?;
+    let config: Vec<crate::snapshot::Item> = items
+        .iter()
+        .filter(|i| !crate::hostfiles::is_host_file(&i.path))
+        .cloned()
+        .collect();
+    let tmp = tempfile::Builder::new()
+        .prefix("bento-flake-update-")
+        .tempdir()
+        .map_err(|e| io(&e))?;
+    crate::fleet::materialize(&config, tmp.path()).map_err(|e| io(&e))?;
+    let before = std::fs::read_to_string(dir.join(LOCK_FILE)).ok();
+    update(nix, tmp.path(), input)?;
+    let after = std::fs::read_to_string(tmp.path().join(LOCK_FILE)).ok();
+    if let Some(lock) = &after {
+        if after != before {
+            crate::atomic::write_file(&dir.join(LOCK_FILE), lock.as_bytes(), 0o644)
+                .map_err(|e| io(&e))?;
+        }
+    }
+    Ok(changes(before.as_deref(), after.as_deref()))
+}
+
 /// Updates the lock file of the flake in `dir` (all inputs, or `input`), read as a `path:`
 /// flake so untracked files count and no git metadata is needed. Returns what changed.
 pub fn update(nix: &Nix, dir: &Path, input: Option<&str>) -> Result<Vec<InputChange>, NixError> {

@@ -37,6 +37,11 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let nix = Nix::default();
+    let scanner = crate::snapshot::Scanner::new(
+        fleet.root.clone(),
+        crate::snapshot::HashCache::default(),
+        std::time::SystemTime::now(),
+    );
     let width = dirs
         .iter()
         .map(|d| d.len() + HOSTS_DIR.len() + 1)
@@ -55,7 +60,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 continue;
             }
         }
-        let result = flake_lock::update(&nix, &dir, args.input.as_deref());
+        let result = flake_lock::update_fleet_dir(&nix, &scanner, &dir, args.input.as_deref());
         if let (Some(input), Ok(_)) = (&args.input, &result) {
             // A flake without inputs gets no lock file at all.
             let lock = std::fs::read_to_string(dir.join(flake_lock::LOCK_FILE)).ok();

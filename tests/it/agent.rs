@@ -231,6 +231,15 @@ pub(crate) fn write_version(sshd: &Sshd, v: &str) {
 fn first_install_then_noop_then_one_changed_file() {
     let sshd = Sshd::start(&["alpha"]);
     fleet(&sshd);
+    // A secret no other test writes, so finding it in the store means this run leaked it.
+    let secret_text = format!("secret of alpha {}\n", sshd.prefix);
+    fs::write(
+        sshd.fleet()
+            .join("hosts/alpha/files/alpha/etc/bento-it/secret"),
+        &secret_text,
+    )
+    .unwrap();
+    sshd.publish();
     let m = Machine::new(&sshd, "alpha", "");
 
     let out = m.update();
@@ -251,7 +260,7 @@ fn first_install_then_noop_then_one_changed_file() {
 
     // The secret: installed with its owner and mode, and in no store path.
     let secret = m.base.join("root/etc/bento-it/secret");
-    assert_eq!(fs::read_to_string(&secret).unwrap(), "secret of alpha\n");
+    assert_eq!(fs::read_to_string(&secret).unwrap(), secret_text);
     let meta = fs::metadata(&secret).unwrap();
     assert_eq!(meta.mode() & 0o7777, 0o640);
     assert_eq!(
@@ -259,7 +268,7 @@ fn first_install_then_noop_then_one_changed_file() {
         bento::accounts::group("daemon").unwrap().unwrap()
     );
     let grep = Command::new("grep")
-        .args(["-rlF", "secret of alpha", "/nix/store"])
+        .args(["-rlF", secret_text.trim_end(), "/nix/store"])
         .output()
         .unwrap();
     assert!(

@@ -391,6 +391,10 @@ fn flake_update_reports_what_changed_per_directory() {
         ),
     );
     env.fleet.link("../../common", "hosts/pinned/common");
+    // A secret beside the flake must not be copied into the store to lock it.
+    let marker = format!("pinned secret {}", env.scratch.path.display());
+    env.fleet
+        .write("hosts/pinned/files/pinned/etc/key", &marker);
     let update = |args: &[&str]| {
         bento()
             .arg("--fleet")
@@ -407,6 +411,15 @@ fn flake_update_reports_what_changed_per_directory() {
         "{text}"
     );
     assert!(env.fleet.path("hosts/pinned/flake.lock").is_file());
+    let grep = std::process::Command::new("grep")
+        .args(["-rlF", &marker, "/nix/store"])
+        .output()
+        .unwrap();
+    assert!(
+        grep.stdout.is_empty(),
+        "secret copied into the store: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
     // hosts/multi has no inputs: its lock changes nothing worth reporting.
     assert!(
         text.lines()

@@ -193,15 +193,11 @@ fn self_update_relocks_a_moved_input_and_reports_auto_updated() {
         ),
     )
     .unwrap();
-    let lock = std::process::Command::new("nix")
-        .args([
-            "--extra-experimental-features",
-            "nix-command flakes",
-            "flake",
-            "lock",
-        ])
-        .arg(format!("path:{}", host.display()))
-        .env("NIX_CONFIG", crate::common::NIX_CONFIG)
+    // Lock it the way a sysadmin would (without copying the host's secrets into the store).
+    let lock = crate::common::bento()
+        .arg("--fleet")
+        .arg(sshd.fleet())
+        .arg("flake-update")
         .output()
         .unwrap();
     assert!(
@@ -209,6 +205,7 @@ fn self_update_relocks_a_moved_input_and_reports_auto_updated() {
         "{}",
         String::from_utf8_lossy(&lock.stderr)
     );
+    assert!(host.join("flake.lock").is_file());
     set(&sshd, Some("alpha"), "self_update = true\n");
     sshd.publish();
     let m = Machine::new(&sshd, "alpha", "");
