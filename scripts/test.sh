@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: real Nix and real OpenSSH (server and client) for the integration tests.
 need=()
-for pkg in nix-bin openssh-server openssh-client git chromium chromium-driver; do
+for pkg in nix-bin openssh-server openssh-client git rsync chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -37,3 +37,10 @@ build-users-group =
 substituters =
 flake-registry ='
 cargo test --locked -- "$@"
+
+if [ $# -eq 0 ]; then
+  # The benchmark suite at tiny sizes (docs/benchmarks.md), so it cannot rot. Its timings
+  # mean nothing at this size; it fails only if a scenario cannot run.
+  echo "[test] benchmark smoke"
+  cargo test --locked --bench suite -- --smoke
+fi

@@ -13,7 +13,9 @@ use crate::table::{Row, Samples, Unit};
 use crate::Config;
 
 pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
-    let (counts, concurrency): (&[usize], usize) = if cfg.quick {
+    let (counts, concurrency): (&[usize], usize) = if cfg.smoke {
+        (&[2], 2)
+    } else if cfg.quick {
         (&[4, 12], 4)
     } else {
         (&[50, 200, 500], 16)

@@ -32,6 +32,9 @@ type Scenarios = fn(&Config, &mut Vec<Row>);
 
 pub struct Config {
     pub quick: bool,
+    /// `--smoke`: tiny sizes and one repetition, so the test command can run every scenario
+    /// and the suite cannot rot (implies `quick`).
+    pub smoke: bool,
     pub reps: usize,
     scenarios: BTreeSet<u8>,
 }
@@ -73,7 +76,7 @@ const NAMES: &[(u8, &str, &str)] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: suite [--quick] [--reps N] [--write-doc] [SCENARIO…]\nscenarios (default all):"
+        "usage: suite [--quick|--smoke] [--reps N] [--write-doc] [SCENARIO…]\nscenarios (default all):"
     );
     for (n, name, what) in NAMES {
         eprintln!("  {n} | {name:<12} {what}");
@@ -83,6 +86,7 @@ fn usage() -> ! {
 
 fn parse_args() -> (Config, bool) {
     let mut quick = false;
+    let mut smoke = false;
     let mut reps = None;
     let mut write_doc = false;
     let mut scenarios = BTreeSet::new();
@@ -91,6 +95,10 @@ fn parse_args() -> (Config, bool) {
         match a.as_str() {
             "--bench" => {} // passed by `cargo bench`
             "--quick" => quick = true,
+            "--smoke" => {
+                smoke = true;
+                quick = true;
+            }
             "--write-doc" => write_doc = true,
             "--reps" => {
                 reps = args
@@ -119,10 +127,17 @@ fn parse_args() -> (Config, bool) {
     if scenarios.is_empty() {
         scenarios = NAMES.iter().map(|(n, _, _)| *n).collect();
     }
-    let reps = reps.unwrap_or(if quick { 3 } else { 5 });
+    let reps = reps.unwrap_or(if smoke {
+        1
+    } else if quick {
+        3
+    } else {
+        5
+    });
     (
         Config {
             quick,
+            smoke,
             reps,
             scenarios,
         },

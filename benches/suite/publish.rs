@@ -95,7 +95,13 @@ fn change_common(fleet: &Path, i: usize) {
 }
 
 pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
-    let (hosts, files) = if cfg.quick { (20, 300) } else { (1000, 300) };
+    let (hosts, files) = if cfg.smoke {
+        (4, 30)
+    } else if cfg.quick {
+        (20, 300)
+    } else {
+        (1000, 300)
+    };
     let scratch = Scratch::new("publish");
     let fleet = scratch.join("fleet");
     run_ok(

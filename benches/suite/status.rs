@@ -138,7 +138,13 @@ fn add_reports(dir: &Path, bytes: &[u8], from: u64, to: u64) {
 }
 
 pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
-    let hosts = if cfg.quick { 500 } else { 10_000 };
+    let hosts = if cfg.smoke {
+        40
+    } else if cfg.quick {
+        500
+    } else {
+        10_000
+    };
     let scratch = Scratch::new("status");
     let chroot = scratch.join("chroot");
     fs::create_dir_all(chroot.join(".bento")).unwrap();
