@@ -36,7 +36,9 @@ experimental-features = nix-command flakes
 build-users-group =
 substituters =
 flake-registry ='
-cargo test --locked -- "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked -- "$@" 2>&1 | tee "$log"
 
 if [ $# -eq 0 ]; then
   # The benchmark suite at tiny sizes (docs/benchmarks.md), so it cannot rot. Its timings
@@ -44,3 +46,7 @@ if [ $# -eq 0 ]; then
   echo "[test] benchmark smoke"
   cargo test --locked --bench suite -- --smoke
 fi
+
+# One closing line for every test binary together.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
