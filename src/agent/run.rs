@@ -959,7 +959,13 @@ impl Attempt<'_> {
             log.step("signature verified");
         }
         if let Some(applied) = &self.applied_created {
-            if manifest.created.as_str() < applied.as_str() {
+            let time = |t: &str| humantime::parse_rfc3339_weak(t).ok();
+            let older = match (time(&manifest.created), time(applied)) {
+                (Some(new), Some(old)) => new < old,
+                // An unreadable time cannot prove a replay; the signature still holds.
+                _ => false,
+            };
+            if older {
                 return Err(AttemptError::Failed(format!(
                     "manifest {short} was created {}, before the applied version ({applied}); refusing a replayed older snapshot",
                     manifest.created

@@ -298,7 +298,9 @@ pub fn run(
         .into_iter()
         .filter(|s| opts.only.is_empty() || opts.only.contains(&s.name))
         .collect();
-    let created = humantime::format_rfc3339_seconds(opts.now).to_string();
+    // Milliseconds: hosts refuse a manifest older than the one they applied, and two
+    // publishes within a second must still be told apart.
+    let created = humantime::format_rfc3339_millis(opts.now).to_string();
     let commit = source_commit(&fleet.root);
     let plans = plan(
         &fleet.config,

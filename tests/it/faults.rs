@@ -147,6 +147,8 @@ impl<'a> Host<'a> {
                  echo \"begin $1 $2\" >> {base}/hook.log\n\
                  if [ -n \"${{FAULT_ACTIVATION_DELAY:-}}\" ]; then sleep \"$FAULT_ACTIVATION_DELAY\"; fi\n\
                  case \"$1\" in switch|test) ln -sfn \"$2\" {base}/.cs && mv -Tf {base}/.cs {base}/current-system ;; esac\n\
+                 # A test that must act between activation and the confirmation opens the gate.\n\
+                 if [ -n \"${{FAULT_GATE:-}}\" ]; then n=0; while [ ! -e \"$FAULT_GATE\" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; fi\n\
                  echo \"end $1 $2\" >> {base}/hook.log\n",
                 base = base.display()
             ),
@@ -679,12 +681,18 @@ fn connection_cut_during_download_upload_and_after_activation() {
             each_host(&mut hosts, |h| {
                 let before = h.m.profile_target().unwrap();
                 let suffix = format!("-{}-{label}", h.name());
-                let child = h.spawn(&[]);
+                // The activation waits at a gate until the server is gone, so the
+                // confirmation cannot slip through before the outage starts.
+                let gate = h.base().join("gate");
+                let _ = fs::remove_file(&gate);
+                let gate_env = gate.display().to_string();
+                let child = h.spawn(&[("FAULT_GATE", gate_env.as_str())]);
                 assert!(wait_until(Duration::from_secs(60), || canonical(
                     &h.base().join("current-system")
                 )
                 .ends_with(&suffix)));
                 h.relay.set_down(true);
+                fs::write(&gate, "").unwrap();
                 std::thread::sleep(outage);
                 h.relay.set_down(false);
                 let out = wait_with_deadline(child, Duration::from_secs(60)).unwrap();
@@ -849,7 +857,10 @@ fn publish_killed_while_hosts_download() {
     for _ in 0..18 {
         n += 1;
         let label = n.to_string();
+        let t = Instant::now();
         fleet.publish(&label);
+        // Kill the next publish within the time a whole one takes (measured just now).
+        let publish_ms = (t.elapsed().as_millis() as u64 * 8 / 10).max(1);
         let next = format!("{label}p");
         fleet.write(&next);
         let runs: Vec<Child> = hosts
@@ -873,7 +884,7 @@ fn publish_killed_while_hosts_download() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..publish_ms)));
         let killed = kill_and_reap(&mut publish);
         landed += killed as usize;
         for (h, run) in hosts.iter_mut().zip(runs) {
