@@ -217,6 +217,8 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         created: None,
         applied_created: state.applied.as_ref().and_then(|a| a.created.clone()),
         settings: None,
+        previous: state.applied.as_ref().map(|a| a.version),
+        installed: state.installed_files.clone(),
     };
     let result = attempt.run(&mut transport, opts, &mut run.log, &mut run.timings);
     run.finish(opts, &mut state, &mut transport, &attempt, result)
@@ -284,6 +286,8 @@ fn self_update(
         created: None,
         applied_created: None,
         settings: snapshot_settings(&applied_dir),
+        previous: Some(version),
+        installed: state.installed_files.clone(),
     };
     match opts.system.relock(&work) {
         Ok(false) => {
@@ -498,6 +502,7 @@ impl<'a> Run<'a> {
         };
 
         // State first: whatever happens to the report, the machine knows what it did.
+        state.installed_files = attempt.installed.clone();
         match (outcome, self.kind) {
             (Outcome::Success, _) => {
                 let system = attempt.built.clone().expect("a success has a build");
@@ -735,6 +740,10 @@ struct Attempt<'a> {
     applied_created: Option<String>,
     /// The settings that came with the version (bento-host.json).
     settings: Option<HostSettings>,
+    /// The version applied before this run (whose files a rollback puts back).
+    previous: Option<Digest>,
+    /// Targets of the files installed on the machine now; `finish` records them in the state.
+    installed: Vec<String>,
 }
 
 impl Attempt<'_> {
@@ -851,17 +860,14 @@ impl Attempt<'_> {
 
         // Files, profile, activation.
         if let Some(manifest) = manifest {
-            let state = self.dirs.load().unwrap_or_default();
-            let installed = files::install_files(
+            self.installed = files::install_files(
                 &manifest.files,
                 &self.dirs.objects(),
                 &self.cfg.files_root,
-                &state.installed_files,
+                &self.installed,
             )
             .map_err(|e| failed(&e))?;
-            let mut state = state;
-            state.installed_files = installed;
-            self.dirs.save(&state).map_err(|e| failed(&e))?;
+            self.persist_installed().map_err(|e| failed(&e))?;
         }
 
         if self.running.as_ref() == Some(&built.path) {
@@ -975,20 +981,21 @@ impl Attempt<'_> {
         Ok(())
     }
 
+    /// Records the installed targets at once, so a run killed before it ends still leaves
+    /// the next one knowing which files are on the machine.
+    fn persist_installed(&self) -> std::io::Result<()> {
+        let mut on_disk = self.dirs.load()?;
+        on_disk.installed_files = self.installed.clone();
+        self.dirs.save(&on_disk)
+    }
+
     /// Puts back the `files` entries of the applied version (a published attempt installed
     /// its own before activating).
-    fn restore_files(&self, log: &mut RunLog<'_>) {
-        let mut state = self.dirs.load().unwrap_or_default();
-        let Some(applied) = state.applied.clone() else {
+    fn restore_files(&mut self, log: &mut RunLog<'_>) {
+        let Some(previous) = self.previous.filter(|p| *p != self.version) else {
             return;
         };
-        if applied.version == self.version {
-            return;
-        }
-        let path = self
-            .dirs
-            .manifests()
-            .join(format!("{}.json", applied.version));
+        let path = self.dirs.manifests().join(format!("{previous}.json"));
         let Some(manifest) = std::fs::read(&path)
             .ok()
             .and_then(|b| Manifest::parse(&b).ok())
@@ -1002,11 +1009,11 @@ impl Attempt<'_> {
             &manifest.files,
             &self.dirs.objects(),
             &self.cfg.files_root,
-            &state.installed_files,
+            &self.installed,
         ) {
             Ok(installed) => {
-                state.installed_files = installed;
-                if let Err(e) = self.dirs.save(&state) {
+                self.installed = installed;
+                if let Err(e) = self.persist_installed() {
                     log.step(&format!("note: cannot record the restored files: {e}"));
                 }
             }
@@ -1017,12 +1024,13 @@ impl Attempt<'_> {
     }
 
     /// Puts back the system that ran before this run, by its store path.
-    fn restore(&self, log: &mut RunLog<'_>, mode: Mode) -> String {
-        let Some(prev) = &self.running else {
+    fn restore(&mut self, log: &mut RunLog<'_>, mode: Mode) -> String {
+        let Some(prev) = self.running.clone() else {
             return String::new();
         };
         log.step(&format!("going back to {prev}"));
         self.restore_files(log);
+        let prev = &prev;
         if let Err(e) = self.system.set_profile(prev) {
             log.step(&format!("could not reset the profile: {e}"));
             return format!(

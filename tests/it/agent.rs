@@ -682,3 +682,35 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+#[test]
+fn a_file_dropped_from_the_fleet_is_removed_from_the_machine() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    let secret = m.base.join("root/etc/bento-it/secret");
+    assert!(secret.is_file());
+
+    // Version 2 adds a second file; version 3 drops both.
+    let extra = sshd
+        .fleet()
+        .join("hosts/alpha/files/alpha/etc/bento-it/extra");
+    fs::write(&extra, "extra\n").unwrap();
+    write_version(&sshd, "2");
+    sshd.publish();
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    assert!(m.base.join("root/etc/bento-it/extra").is_file());
+
+    fs::remove_dir_all(sshd.fleet().join("hosts/alpha/files")).unwrap();
+    fs::remove_file(sshd.fleet().join("hosts/alpha/files.toml")).unwrap();
+    write_version(&sshd, "3");
+    sshd.publish();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(
+        !secret.exists(),
+        "the dropped secret is still on the machine"
+    );
+    assert!(!m.base.join("root/etc/bento-it/extra").exists());
+}
