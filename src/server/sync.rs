@@ -263,9 +263,8 @@ fn write_key_file(path: &Path, key: Option<&PublicKey>) -> Result<bool, SyncErro
             fs::remove_dir_all(path).map_err(io_err(path))?;
         }
     }
+    // write_file sets the mode exactly (no umask): sshd wants a root 0644 file.
     atomic::write_file(path, wanted.as_bytes(), 0o644).map_err(io_err(path))?;
-    // write_file's mode passes through the umask; sshd wants exactly a root 0644 file.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
     Ok(true)
 }
 
