@@ -412,18 +412,7 @@ pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Option<Output>
         }
         buf
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_kill(&mut child, timeout);
     let stdout = read_out.join().unwrap();
     let stderr = read_err.join().unwrap();
     status.map(|status| Output {
@@ -439,10 +428,7 @@ impl Drop for Sshd {
             // SIGTERM by pid: sshd closes its listener; sessions already ended with the test.
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            if wait_with_deadline_status(&mut child, Duration::from_secs(5)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            wait_or_kill(&mut child, Duration::from_secs(5));
         }
         // The accounts go through the shipped code path: an empty fleet, pruned.
         self.write_toml(&[]);
@@ -466,10 +452,8 @@ impl Drop for Sshd {
     }
 }
 
-fn wait_with_deadline_status(
-    child: &mut Child,
-    timeout: Duration,
-) -> Option<std::process::ExitStatus> {
+/// Waits for `child` to exit; kills it and returns `None` at the deadline.
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -477,5 +461,7 @@ fn wait_with_deadline_status(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     None
 }
