@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bento::server::logs::{self, LogsError, Refusal};
 
-use crate::common::sshd::{wait_with_deadline, Sshd};
+use crate::common::sshd::{run_with_input, wait_with_deadline, Sshd};
 use crate::common::{bento, ScratchDir};
 
 fn text(out: &Output) -> String {
@@ -49,6 +49,13 @@ fn assert_sftp_fails(s: &Sshd, host: &str, batch: &str) {
         batch.trim(),
         text(&out)
     );
+}
+
+/// `ssh` as `a` with `args`, stdin at end of file; fails the test if it runs past 30 s.
+fn ssh_a(s: &Sshd, args: &[&str]) -> Output {
+    let mut cmd = s.ssh("a");
+    cmd.args(args);
+    run_with_input(cmd, "", Duration::from_secs(30))
 }
 
 #[test]
@@ -117,33 +124,13 @@ fn host_reads_its_own_snapshot_and_nothing_else() {
     );
 
     // No shell, no command: ForceCommand runs internal-sftp whatever the client asks.
-    let out = wait_with_deadline(
-        s.ssh("a")
-            .args(["127.0.0.1", "echo", "pwned-by-a"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(30),
-    )
-    .expect("ssh with a command returns");
+    let out = ssh_a(&s, &["127.0.0.1", "echo", "pwned-by-a"]);
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("pwned-by-a"),
         "{}",
         text(&out)
     );
-    let out = wait_with_deadline(
-        s.ssh("a")
-            .args(["-tt", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(30),
-    )
-    .expect("ssh -tt returns");
+    let out = ssh_a(&s, &["-tt", "127.0.0.1"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("PTY allocation request failed"),
         "{}",
@@ -151,41 +138,24 @@ fn host_reads_its_own_snapshot_and_nothing_else() {
     );
 
     // No port forwarding: neither a direct (-W, like -L) nor a remote (-R) one.
-    let out = wait_with_deadline(
-        s.ssh("a")
-            .args(["-W", &format!("127.0.0.1:{}", s.port), "127.0.0.1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(30),
-    )
-    .expect("ssh -W returns");
+    let out = ssh_a(&s, &["-W", &format!("127.0.0.1:{}", s.port), "127.0.0.1"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("stdio forwarding failed"),
         "{}",
         text(&out)
     );
-    let out = wait_with_deadline(
-        s.ssh("a")
-            .args([
-                "-N",
-                "-o",
-                "ExitOnForwardFailure=yes",
-                "-R",
-                "0:127.0.0.1:9",
-                "127.0.0.1",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(30),
-    )
-    .expect("a refused remote forward makes ssh exit");
+    let out = ssh_a(
+        &s,
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            "0:127.0.0.1:9",
+            "127.0.0.1",
+        ],
+    );
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("forwarding failed"),
