@@ -1166,8 +1166,8 @@ fn content_security_policy() -> &'static str {
     })
 }
 
-/// Standard base64 with padding (for CSP hashes).
-fn base64(bytes: &[u8]) -> String {
+/// Standard base64 with padding (for CSP hashes; server::keys tests use it too).
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

@@ -325,6 +325,8 @@ pub fn fleet_keys(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    // The page's encoder (for its CSP hashes); the round trip below checks it against ours.
+    use crate::agent::serve::base64 as b64;
 
     pub const ED25519: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHFSC/XxzabMcgDewCNaqV3Ig9tNzGTvvUJSjFIfzLTB alpha@test";
@@ -333,25 +335,6 @@ pub(crate) mod tests {
 
     fn host() -> HostName {
         HostName::new("web").unwrap()
-    }
-
-    fn b64(bytes: &[u8]) -> String {
-        const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let mut n = 0u32;
-            for (i, &b) in chunk.iter().enumerate() {
-                n |= (b as u32) << (16 - 8 * i);
-            }
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
     }
 
     fn string(out: &mut Vec<u8>, v: &[u8]) {
