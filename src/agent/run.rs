@@ -150,17 +150,14 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
 
     let running = opts.system.running().map_err(AgentError::Running)?;
     let Some(text) = transport.read_current()? else {
-        heartbeat(
+        let reason = "nothing is published for this host yet".into();
+        return Ok(no_op(
+            opts,
             transport.as_mut(),
-            cfg,
             &state,
             running.as_ref(),
-            (opts.now)(),
-        );
-        let _ = transport.close();
-        return Ok(RunResult::NoOp {
-            reason: "nothing is published for this host yet".into(),
-        });
+            reason,
+        ));
     };
     let version = layout::parse_current(&text)
         .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?;
@@ -175,29 +172,28 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         }
     }
 
-    if let Some(reason) = skip_reason(
-        &state,
-        &version,
-        running.as_ref(),
-        opts.force,
-        secs((opts.now)()),
-    ) {
-        let up_to_date = state
-            .applied
-            .as_ref()
-            .is_some_and(|a| a.version == version && Some(&a.system) == running.as_ref());
-        if up_to_date && self_update_due(cfg, &dirs, &state, version, secs((opts.now)())) {
+    let now = secs((opts.now)());
+    if is_up_to_date(&state, &version, running.as_ref()) {
+        if self_update_due(cfg, &dirs, &state, version, now) {
             return self_update(opts, &dirs, &mut state, &mut transport, version, running);
         }
-        heartbeat(
+        let reason = format!("up to date (version {})", version.short());
+        return Ok(no_op(
+            opts,
             transport.as_mut(),
-            cfg,
             &state,
             running.as_ref(),
-            (opts.now)(),
-        );
-        let _ = transport.close();
-        return Ok(RunResult::NoOp { reason });
+            reason,
+        ));
+    }
+    if let Some(reason) = skip_reason(&state, &version, opts.force, now) {
+        return Ok(no_op(
+            opts,
+            transport.as_mut(),
+            &state,
+            running.as_ref(),
+            reason,
+        ));
     }
 
     let mut run = Run::start(opts, &dirs, running.clone(), RunKind::Published);
@@ -222,6 +218,18 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
     };
     let result = attempt.run(&mut transport, opts, &mut run.log, &mut run.timings);
     run.finish(opts, &mut state, &mut transport, &attempt, result)
+}
+
+/// Ends a run that had nothing to do: the heartbeat says the host was seen.
+fn no_op(
+    opts: &UpdateOptions<'_>,
+    transport: &mut dyn Transport,
+    state: &State,
+    running: Option<&StorePath>,
+    reason: String,
+) -> RunResult {
+    heartbeat(transport, opts.config, state, running, (opts.now)());
+    RunResult::NoOp { reason }
 }
 
 /// Whether this run should try a self-update: enabled (snapshot over agent.toml), a flake
@@ -292,19 +300,17 @@ fn self_update(
     match opts.system.relock(&work) {
         Ok(false) => {
             let _ = std::fs::remove_dir_all(&work);
-            heartbeat(
+            let reason = format!(
+                "up to date (version {}); no flake input moved",
+                version.short()
+            );
+            Ok(no_op(
+                opts,
                 transport.as_mut(),
-                cfg,
                 state,
                 running.as_ref(),
-                (opts.now)(),
-            );
-            Ok(RunResult::NoOp {
-                reason: format!(
-                    "up to date (version {}); no flake input moved",
-                    version.short()
-                ),
-            })
+                reason,
+            ))
         }
         Ok(true) => {
             let target = Target::Flake {
@@ -322,19 +328,17 @@ fn self_update(
             if matches!(result, Ok(Outcome::Success)) && attempt.built.as_ref() == running.as_ref()
             {
                 let _ = std::fs::remove_dir_all(&work);
-                heartbeat(
+                let reason = format!(
+                    "up to date (version {}); new inputs build the same system",
+                    version.short()
+                );
+                return Ok(no_op(
+                    opts,
                     transport.as_mut(),
-                    cfg,
                     state,
                     running.as_ref(),
-                    (opts.now)(),
-                );
-                return Ok(RunResult::NoOp {
-                    reason: format!(
-                        "up to date (version {}); new inputs build the same system",
-                        version.short()
-                    ),
-                });
+                    reason,
+                ));
             }
             run.finish(opts, state, transport, &attempt, result)
         }
@@ -680,19 +684,16 @@ fn schedule_reboot(cfg: &AgentConfig, when: &str) {
     }
 }
 
-/// Why this run need not apply `version`, if it need not.
-fn skip_reason(
-    state: &State,
-    version: &Digest,
-    running: Option<&StorePath>,
-    force: bool,
-    now: u64,
-) -> Option<String> {
-    if let Some(applied) = &state.applied {
-        if &applied.version == version && Some(&applied.system) == running {
-            return Some(format!("up to date (version {})", version.short()));
-        }
-    }
+/// `version` is applied and its system is the one running.
+fn is_up_to_date(state: &State, version: &Digest, running: Option<&StorePath>) -> bool {
+    state
+        .applied
+        .as_ref()
+        .is_some_and(|a| &a.version == version && Some(&a.system) == running)
+}
+
+/// Why this run should not try `version` (not up to date) now, if it should not.
+fn skip_reason(state: &State, version: &Digest, force: bool, now: u64) -> Option<String> {
     if force {
         return None;
     }
@@ -1228,22 +1229,21 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(skip_reason(&s, &v1, Some(&sp("one")), false, 0)
-            .unwrap()
-            .contains("up to date"));
+        assert!(is_up_to_date(&s, &v1, Some(&sp("one"))));
         // Someone switched to another system by hand: apply again.
-        assert!(skip_reason(&s, &v1, Some(&sp("other")), false, 0).is_none());
-        assert!(skip_reason(&s, &v2, Some(&sp("one")), false, 0).is_none());
+        assert!(!is_up_to_date(&s, &v1, Some(&sp("other"))));
+        assert!(!is_up_to_date(&s, &v2, Some(&sp("one"))));
+        assert!(skip_reason(&s, &v2, false, 0).is_none());
         s.record_rollback(v2);
-        assert!(skip_reason(&s, &v2, Some(&sp("one")), false, 0)
+        assert!(skip_reason(&s, &v2, false, 0)
             .unwrap()
             .contains("rolled back"));
-        assert!(skip_reason(&s, &v2, Some(&sp("one")), true, 0).is_none());
+        assert!(skip_reason(&s, &v2, true, 0).is_none());
         let v3 = Digest::of(b"3");
         s.record_failure(v3, 1000);
-        assert!(skip_reason(&s, &v3, Some(&sp("one")), false, 1100)
+        assert!(skip_reason(&s, &v3, false, 1100)
             .unwrap()
             .contains("retrying in"));
-        assert!(skip_reason(&s, &v3, Some(&sp("one")), false, 1000 + 301).is_none());
+        assert!(skip_reason(&s, &v3, false, 1000 + 301).is_none());
     }
 }
