@@ -2,10 +2,9 @@
 //! the expected one (from the live manifest or `bento build`): packages added, removed and
 //! changed, and closure sizes.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crate::fleet::{HostName, DEFAULT_INTERVAL};
 use crate::nix::closure::{self, ChangeKind, ClosureDiff, ClosureError};
@@ -26,12 +25,7 @@ pub struct Args {
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::build::chroot_of(&fleet, args.chroot)?;
-    let intervals: BTreeMap<HostName, Duration> = fleet
-        .config
-        .hosts
-        .keys()
-        .map(|n| (n.clone(), fleet.config.interval(n)))
-        .collect();
+    let intervals = super::status::intervals(&fleet);
     let mut rows = status::collect(&Query {
         chroot: &chroot,
         intervals: &intervals,

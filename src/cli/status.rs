@@ -10,8 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
-use crate::fleet::{HostName, DEFAULT_INTERVAL};
-use crate::layout::Chroot;
+use crate::fleet::{Fleet, HostName, DEFAULT_INTERVAL};
 use crate::output;
 use crate::status::{self, render, watch::Watcher, HostStatus, Query};
 
@@ -57,20 +56,20 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339_weak(s).map_err(|e| e.to_string())
 }
 
-pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
-    let fleet = super::load_fleet(fleet)?;
-    let root = args
-        .chroot
-        .clone()
-        .unwrap_or_else(|| fleet.config.server.chroot.clone());
-    let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
-    let chroot = Chroot::new(root);
-    let intervals: BTreeMap<HostName, Duration> = fleet
+/// Every host of bento.toml with its polling interval (shared with `bento diff`).
+pub(super) fn intervals(fleet: &Fleet) -> BTreeMap<HostName, Duration> {
+    fleet
         .config
         .hosts
         .keys()
         .map(|name| (name.clone(), fleet.config.interval(name)))
-        .collect();
+        .collect()
+}
+
+pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let chroot = super::build::chroot_of(&fleet, args.chroot.clone())?;
+    let intervals = intervals(&fleet);
     for name in &args.hosts {
         let known = intervals.contains_key(name) || chroot.host_dir(name).is_dir();
         if !known {
