@@ -154,30 +154,20 @@ pub fn prometheus(rows: &[HostStatus]) -> String {
             );
         }
     }
-    out.push_str("# HELP bento_host_last_seen_timestamp_seconds When the host last sent a heartbeat or report.\n");
-    out.push_str("# TYPE bento_host_last_seen_timestamp_seconds gauge\n");
-    for r in rows {
-        if let Some(t) = r.last_seen_at {
-            let _ = writeln!(
-                out,
-                "bento_host_last_seen_timestamp_seconds{{host=\"{}\"}} {}",
-                escape_label(r.host.as_str()),
-                unix_seconds(t)
-            );
-        }
-    }
-    out.push_str("# HELP bento_host_last_success_timestamp_seconds When the host's newest report, a success, finished.\n");
-    out.push_str("# TYPE bento_host_last_success_timestamp_seconds gauge\n");
-    for r in rows {
-        if let Some(t) = r.last_success_at {
-            let _ = writeln!(
-                out,
-                "bento_host_last_success_timestamp_seconds{{host=\"{}\"}} {}",
-                escape_label(r.host.as_str()),
-                unix_seconds(t)
-            );
-        }
-    }
+    timestamps(
+        &mut out,
+        rows,
+        "bento_host_last_seen_timestamp_seconds",
+        "When the host last sent a heartbeat or report.",
+        |r| r.last_seen_at,
+    );
+    timestamps(
+        &mut out,
+        rows,
+        "bento_host_last_success_timestamp_seconds",
+        "When the host's newest report, a success, finished.",
+        |r| r.last_success_at,
+    );
     out.push_str("# HELP bento_hosts Number of hosts in each state.\n");
     out.push_str("# TYPE bento_hosts gauge\n");
     for s in State::ALL {
@@ -185,6 +175,27 @@ pub fn prometheus(rows: &[HostStatus]) -> String {
         let _ = writeln!(out, "bento_hosts{{state=\"{}\"}} {n}", s.key());
     }
     out
+}
+
+/// One gauge of unix times, a series per host that has the time.
+fn timestamps(
+    out: &mut String,
+    rows: &[HostStatus],
+    metric: &str,
+    help: &str,
+    time: fn(&HostStatus) -> Option<SystemTime>,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+    for r in rows {
+        if let Some(t) = time(r) {
+            let _ = writeln!(
+                out,
+                "{metric}{{host=\"{}\"}} {}",
+                escape_label(r.host.as_str()),
+                unix_seconds(t)
+            );
+        }
+    }
 }
 
 #[cfg(test)]
