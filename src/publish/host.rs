@@ -279,7 +279,12 @@ pub fn publish_host(
 /// other manifests and every object none of the kept manifests uses.
 pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
     let mdir = host_dir.join(MANIFESTS);
-    let mut others: Vec<(String, Digest, PathBuf, Option<Manifest>)> = Vec::new();
+    let mut others: Vec<(
+        Option<std::time::SystemTime>,
+        Digest,
+        PathBuf,
+        Option<Manifest>,
+    )> = Vec::new();
     let mut kept: Vec<Manifest> = Vec::new();
     for entry in fs::read_dir(&mdir)? {
         let entry = entry?;
@@ -295,12 +300,16 @@ pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
             .and_then(|b| Manifest::parse(&b).ok());
         match parsed {
             Some(m) if digest == *live => kept.push(m),
-            Some(m) => others.push((m.created.clone(), digest, entry.path(), Some(m))),
+            Some(m) => {
+                let created = humantime::parse_rfc3339_weak(&m.created).ok();
+                others.push((created, digest, entry.path(), Some(m)))
+            }
             // Unreadable manifests are not a version anyone can use.
-            None => others.push((String::new(), digest, entry.path(), None)),
+            None => others.push((None, digest, entry.path(), None)),
         }
     }
-    // RFC 3339 UTC times sort as text; ties broken by digest so the choice is stable.
+    // Newest first, compared as times (publish has written whole seconds and milliseconds);
+    // ties broken by digest so the choice is stable.
     others.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
     for (i, (_, _, path, parsed)) in others.into_iter().enumerate() {
         match parsed {
