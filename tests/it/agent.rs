@@ -714,3 +714,41 @@ fn a_file_dropped_from_the_fleet_is_removed_from_the_machine() {
     );
     assert!(!m.base.join("root/etc/bento-it/extra").exists());
 }
+
+#[test]
+fn agent_status_shows_the_local_view() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let status = |json: bool| {
+        let mut cmd = crate::common::bento();
+        cmd.args(["agent", "status", "--config"]).arg(m.config());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(status(false).contains("nothing yet"), "{}", status(false));
+
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    let live = bento::layout::parse_current(
+        &fs::read_to_string(sshd.host_dir("alpha").join("current")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["applied_version"], live.to_hex());
+    assert_eq!(v["running_system"].as_str(), m.profile_target().as_deref());
+    assert_eq!(v["applied_system"], v["running_system"]);
+    assert_eq!(v["last_outcome"], "success");
+    let text = status(false);
+    assert!(
+        text.contains(&format!("success of version {}", live.short())),
+        "{text}"
+    );
+}
