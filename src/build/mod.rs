@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::fleet::{FlakeHosts, Fleet, HostName, HostSource};
+use crate::fleet::{FlakeHosts, Fleet, HostName};
 use crate::hostfiles::HostFilesError;
 use crate::layout::Chroot;
 use crate::manifest::Build;
@@ -89,15 +89,7 @@ pub fn run(
     opts: &Options<'_>,
 ) -> Result<Vec<HostBuild>, BuildError> {
     let sources = crate::fleet::discover(fleet, scanner, flakes)?;
-    for name in &opts.only {
-        if !sources.iter().any(|s| &s.name == name) {
-            return Err(BuildError::UnknownHost(name.clone()));
-        }
-    }
-    let chosen: Vec<HostSource> = sources
-        .into_iter()
-        .filter(|s| opts.only.is_empty() || opts.only.contains(&s.name))
-        .collect();
+    let chosen = crate::fleet::select(sources, &opts.only).map_err(BuildError::UnknownHost)?;
     // Build exactly what publish would publish (generated settings included).
     let plans = crate::publish::plan(&fleet.config, &chosen, "", None, &Default::default())?;
     let selected: Vec<(HostPlan, String)> = plans

@@ -156,6 +156,18 @@ pub fn materialize(items: &[Item], dest: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Keeps the hosts named in `only` (all when it is empty); `Err` names the first host of
+/// `only` the fleet does not define.
+pub fn select(sources: Vec<HostSource>, only: &[HostName]) -> Result<Vec<HostSource>, HostName> {
+    if let Some(unknown) = only.iter().find(|n| !sources.iter().any(|s| &s.name == *n)) {
+        return Err(unknown.clone());
+    }
+    Ok(sources
+        .into_iter()
+        .filter(|s| only.is_empty() || only.contains(&s.name))
+        .collect())
+}
+
 /// Finds every host of the fleet.
 pub fn discover(
     fleet: &Fleet,

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use discover::{discover, materialize, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts};
+pub use discover::{
+    discover, materialize, select, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts,
+};
 pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
 
 /// The fleet settings file at the root of the fleet repo.

@@ -289,15 +289,7 @@ pub fn run(
     opts: Options<'_>,
 ) -> Result<Vec<HostReport>, PublishError> {
     let sources = crate::fleet::discover(fleet, scanner, flakes)?;
-    for name in &opts.only {
-        if !sources.iter().any(|s| &s.name == name) {
-            return Err(PublishError::UnknownHost(name.clone()));
-        }
-    }
-    let selected: Vec<HostSource> = sources
-        .into_iter()
-        .filter(|s| opts.only.is_empty() || opts.only.contains(&s.name))
-        .collect();
+    let selected = crate::fleet::select(sources, &opts.only).map_err(PublishError::UnknownHost)?;
     // Milliseconds: hosts refuse a manifest older than the one they applied, and two
     // publishes within a second must still be told apart.
     let created = humantime::format_rfc3339_millis(opts.now).to_string();
