@@ -149,12 +149,7 @@ async fn read_limited(
                 if (chunk.len() as u32) < want {
                     // A short read: the file ended (OpenSSH reads regular files in full).
                     // The client advanced its offset by `want`; put it where the data ends.
-                    file.seek(SeekFrom::Start(out.len() as u64))
-                        .await
-                        .map_err(|e| TransportError::Remote {
-                            path: path.to_owned(),
-                            message: e.to_string(),
-                        })?;
+                    seek_to(&mut file, path, out.len() as u64).await?;
                     if path == CURRENT {
                         break;
                     }
@@ -164,6 +159,21 @@ async fn read_limited(
     }
     file.close().await.map_err(|e| remote(path, e))?;
     Ok(Some(out))
+}
+
+/// Moves the file's read position (the client keeps it; no round trip).
+async fn seek_to(
+    file: &mut openssh_sftp_client::file::File,
+    path: &str,
+    at: u64,
+) -> Result<(), TransportError> {
+    file.seek(SeekFrom::Start(at))
+        .await
+        .map(|_| ())
+        .map_err(|e| TransportError::Remote {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 async fn fetch_one(
@@ -188,12 +198,7 @@ async fn fetch_one(
     let mut fetched = 0;
     if have < size || size == 0 {
         let mut file = sftp.open(&rel).await.map_err(|e| remote(&rel, e))?;
-        file.seek(SeekFrom::Start(have))
-            .await
-            .map_err(|e| TransportError::Remote {
-                path: rel.clone(),
-                message: e.to_string(),
-            })?;
+        seek_to(&mut file, &rel, have).await?;
         // Read one byte past the promised size, so an oversized object is caught.
         while have <= size {
             let want = (size + 1 - have).min(READ_CHUNK) as u32;
@@ -208,12 +213,7 @@ async fn fetch_one(
             have += chunk.len() as u64;
             fetched += chunk.len() as u64;
             if (chunk.len() as u32) < want {
-                file.seek(SeekFrom::Start(have))
-                    .await
-                    .map_err(|e| TransportError::Remote {
-                        path: rel.clone(),
-                        message: e.to_string(),
-                    })?;
+                seek_to(&mut file, &rel, have).await?;
             }
         }
         file.close().await.map_err(|e| remote(&rel, e))?;
