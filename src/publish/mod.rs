@@ -6,7 +6,6 @@ mod host;
 mod verify;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -192,29 +191,14 @@ pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
 
 /// Checks every existing component of the chroot root: sshd refuses the chroot otherwise.
 pub fn check_chroot_path(root: &Path) -> Result<(), PublishError> {
-    let mut path = PathBuf::new();
-    for comp in root.components() {
-        path.push(comp);
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-            Err(source) => return Err(PublishError::Io { path, source }),
-        };
-        let problem = if meta.uid() != 0 {
-            Some(format!("owned by uid {}, not root", meta.uid()))
-        } else if meta.mode() & 0o022 != 0 {
-            Some(format!(
-                "mode {:04o} is writable by group or others",
-                meta.mode() & 0o7777
-            ))
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err(PublishError::UnsafeChrootPath { path, problem });
-        }
+    match crate::server::check::unsafe_component(root) {
+        Ok(None) => Ok(()),
+        Ok(Some((path, problem))) => Err(PublishError::UnsafeChrootPath { path, problem }),
+        Err(source) => Err(PublishError::Io {
+            path: root.to_owned(),
+            source,
+        }),
     }
-    Ok(())
 }
 
 /// Creates the chroot root and its state directory, and takes the publish lock.

@@ -565,3 +565,31 @@ fn killed_publish_never_exposes_an_incomplete_version() {
         .next()
         .is_none());
 }
+
+#[test]
+fn a_chroot_below_a_writable_directory_is_refused_before_writing() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let open = env.scratch.join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o775)).unwrap();
+    let chroot = open.join("chroot");
+    let out = bento()
+        .arg("--fleet")
+        .arg(&env.fleet.root)
+        .arg("publish")
+        .arg("--chroot")
+        .arg(&chroot)
+        .assert()
+        .failure()
+        .get_output()
+        .stderr
+        .clone();
+    let err = String::from_utf8_lossy(&out);
+    assert!(
+        err.contains(&format!("chroot path {}", open.display())),
+        "{err}"
+    );
+    assert!(err.contains("group-writable"), "{err}");
+    assert!(!chroot.exists(), "nothing written");
+}
