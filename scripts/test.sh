@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: real Nix and real OpenSSH (server and client) for the integration tests.
 need=()
-for pkg in nix-bin openssh-server openssh-client git rsync chromium chromium-driver; do
+# systemd: systemd-analyze and systemd-socket-activate for the unit and page tests, which
+# would otherwise skip.
+for pkg in nix-bin openssh-server openssh-client git rsync systemd chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
