@@ -1,26 +1,21 @@
 //! bento: a pull-based fleet manager for NixOS.
 //!
-//! The server side turns a fleet repo into per-host, content-addressed snapshots in SFTP
-//! chroots (`publish`); each machine's agent pulls its own snapshot, builds and activates
-//! it. The binary (`src/main.rs`, `cli`) is a thin layer over these modules.
+//! Layers, bottom to top (docs/architecture.md):
+//! - [`sys`]: plumbing both sides use: atomic writes, one process runner, account lookups.
+//! - [`protocol`]: what the server and the agent agree on: names, digests, the manifest and
+//!   its canonical bytes, the chroot layout, reports and heartbeats, per-host settings,
+//!   signatures, timestamps.
+//! - [`nix`]: the Nix command line, as typed calls.
+//! - [`server`]: the fleet repo, snapshots, publish, build, status, and SFTP provisioning.
+//! - [`agent`]: what runs on each machine.
+//! - [`cli`]: the `bento` command, a thin layer over the two sides.
+//!
+//! The agent side never imports the server side, nor the reverse (a test in
+//! `tests/it/layers.rs` walks the sources and fails on any such import or import circle).
 
-pub mod accounts;
 pub mod agent;
-pub mod atomic;
-pub mod build;
 pub mod cli;
-pub mod fleet;
-pub mod hostfiles;
-pub mod init;
-pub mod layout;
-pub mod manifest;
 pub mod nix;
-pub mod output;
-pub mod publish;
-pub mod report;
+pub mod protocol;
 pub mod server;
-pub mod settings;
-pub mod signing;
-pub mod snapshot;
-pub mod status;
-pub mod transport;
+pub mod sys;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::fleet::HostName;
-use crate::transport::ServerUrl;
+use crate::agent::transport::ServerUrl;
+use crate::protocol::HostName;
 
 pub const DEFAULT_CONFIG: &str = "/etc/bento/agent.toml";
 
@@ -84,7 +84,7 @@ pub struct AgentConfig {
     pub trusted_keys: Vec<String>,
     /// Reboot policy when the snapshot does not set one (bento.toml's `reboot` does).
     #[serde(default)]
-    pub reboot: crate::settings::RebootPolicy,
+    pub reboot: crate::protocol::settings::RebootPolicy,
     /// When `reboot = "when-needed"` may reboot (systemd calendar expression).
     #[serde(default = "d_reboot_at")]
     pub reboot_at: String,
@@ -127,7 +127,7 @@ fn d_current_system() -> PathBuf {
     "/run/current-system".into()
 }
 fn d_reboot_at() -> String {
-    crate::settings::DEFAULT_REBOOT_AT.to_owned()
+    crate::protocol::settings::DEFAULT_REBOOT_AT.to_owned()
 }
 fn d_booted_system() -> PathBuf {
     "/run/booted-system".into()
@@ -172,9 +172,11 @@ impl AgentConfig {
                 });
             }
         }
-        crate::signing::parse_trusted(&config.trusted_keys).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: format!("trusted_keys: {e}"),
+        crate::protocol::signing::parse_trusted(&config.trusted_keys).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("trusted_keys: {e}"),
+            }
         })?;
         if config.connect_timeout.is_zero() {
             return Err(ConfigError::Parse {

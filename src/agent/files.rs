@@ -9,8 +9,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use crate::accounts;
-use crate::manifest::{ConfigEntry, Digest, FileEntry, Manifest};
+use crate::protocol::manifest::{ConfigEntry, Digest, FileEntry, Manifest};
+use crate::sys::accounts;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -70,7 +70,7 @@ pub fn stage_config(
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(digest.to_hex(), &tmp).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &link).map_err(io_err(&link))?;
-    crate::atomic::sync_dir(config_root).map_err(io_err(config_root))?;
+    crate::sys::atomic::sync_dir(config_root).map_err(io_err(config_root))?;
     Ok(dest)
 }
 
@@ -189,7 +189,7 @@ pub fn install_files(
         }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         if let Some(parent) = path.parent() {
-            crate::atomic::sync_dir(parent).map_err(io_err(parent))?;
+            crate::sys::atomic::sync_dir(parent).map_err(io_err(parent))?;
         }
     }
     let now: BTreeSet<&str> = files.iter().map(|f| f.target.as_str()).collect();
@@ -209,8 +209,8 @@ pub fn install_files(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::HostName;
-    use crate::manifest::{Build, Mode, RelPath, TargetPath, FORMAT};
+    use crate::protocol::manifest::{Build, Mode, RelPath, TargetPath, FORMAT};
+    use crate::protocol::HostName;
 
     fn entry(target: &str, content: &[u8], mode: u32) -> FileEntry {
         FileEntry {

@@ -8,6 +8,7 @@ mod run;
 pub mod serve;
 pub mod state;
 pub mod system;
+pub mod transport;
 pub mod units;
 
 pub use config::{AgentConfig, Mode};

@@ -20,13 +20,13 @@ use super::config::{AgentConfig, Mode};
 use super::files;
 use super::state::{Applied, LastRun, State, StateDir};
 use super::system::System;
-use crate::atomic::Lock;
-use crate::layout;
-use crate::manifest::{Build, Digest, Manifest, MAX_MANIFEST_BYTES};
+use crate::agent::transport::{Transport, TransportError};
 use crate::nix::{StorePath, Target};
-use crate::report::{self, Heartbeat, Outcome, Report, RunKind, Timings};
-use crate::settings::{self, HostSettings, RebootAction, RebootPolicy};
-use crate::transport::{Transport, TransportError};
+use crate::protocol::layout;
+use crate::protocol::manifest::{Build, Digest, Manifest, MAX_MANIFEST_BYTES};
+use crate::protocol::report::{self, Heartbeat, Outcome, Report, RunKind, Timings};
+use crate::protocol::settings::{self, HostSettings, RebootAction, RebootPolicy};
+use crate::sys::atomic::Lock;
 
 /// Lines of build and activation output kept in a report (the full log goes alongside).
 const LOG_TAIL_LINES: usize = 30;
@@ -768,12 +768,14 @@ impl Attempt<'_> {
         self.check_trust(transport, &bytes, &manifest, log)?;
         self.created = Some(manifest.created.clone());
         let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
-        crate::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
+        crate::sys::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
         let sizes: BTreeMap<Digest, u64> = manifest
             .config
             .iter()
             .filter_map(|e| match e {
-                crate::manifest::ConfigEntry::File { sha256, size, .. } => Some((*sha256, *size)),
+                crate::protocol::manifest::ConfigEntry::File { sha256, size, .. } => {
+                    Some((*sha256, *size))
+                }
                 _ => None,
             })
             .chain(manifest.files.iter().map(|f| (f.sha256, f.size)))
@@ -789,7 +791,7 @@ impl Attempt<'_> {
             sizes.len()
         ));
         match transport.fetch_objects(&missing, &self.dirs.objects()) {
-            Ok(n) => log.step(&format!("fetched {}", crate::output::bytes(n))),
+            Ok(n) => log.step(&format!("fetched {}", crate::sys::output::bytes(n))),
             Err(e @ TransportError::BadObject { .. }) => return Err(failed(&e)),
             Err(e) => return Err(AttemptError::Transport(e)),
         }
@@ -949,19 +951,20 @@ impl Attempt<'_> {
         if self.cfg.trusted_keys.is_empty() {
             log.step("note: no trusted_keys configured; the manifest's signature is not checked");
         } else {
-            let trusted = crate::signing::parse_trusted(&self.cfg.trusted_keys)
+            let trusted = crate::protocol::signing::parse_trusted(&self.cfg.trusted_keys)
                 .map_err(|e| AttemptError::Failed(e.to_string()))?;
             let rel = format!("{}/{}.sig", layout::MANIFESTS, self.version);
-            let sig = match transport.read_small(&rel, crate::signing::MAX_SIGNATURE_BYTES) {
-                Ok(sig) => sig,
-                Err(TransportError::NotFound { .. }) => {
-                    return Err(AttemptError::Failed(format!(
-                        "manifest {short} is not signed; refusing it"
-                    )));
-                }
-                Err(e) => return Err(AttemptError::Transport(e)),
-            };
-            crate::signing::verify(&trusted, bytes, &sig)
+            let sig =
+                match transport.read_small(&rel, crate::protocol::signing::MAX_SIGNATURE_BYTES) {
+                    Ok(sig) => sig,
+                    Err(TransportError::NotFound { .. }) => {
+                        return Err(AttemptError::Failed(format!(
+                            "manifest {short} is not signed; refusing it"
+                        )));
+                    }
+                    Err(e) => return Err(AttemptError::Transport(e)),
+                };
+            crate::protocol::signing::verify(&trusted, bytes, &sig)
                 .map_err(|e| AttemptError::Failed(format!("manifest {short}: {e}")))?;
             log.step("signature verified");
         }
@@ -1082,12 +1085,12 @@ fn spool(dirs: &StateDir, report: &Report, log: &str) -> std::io::Result<()> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(log.as_bytes())?;
     let gz = gz.finish()?;
-    crate::atomic::write_file(
+    crate::sys::atomic::write_file(
         &dirs.spool().join(format!("{}.log.gz", report.id)),
         &gz,
         0o600,
     )?;
-    crate::atomic::write_file(
+    crate::sys::atomic::write_file(
         &dirs.spool().join(format!("{}.json", report.id)),
         &report.to_bytes(),
         0o600,

@@ -31,9 +31,9 @@ use super::config::AgentConfig;
 use super::state::{State, StateDir};
 use super::system::NixSystem;
 use super::{RunResult, UpdateOptions};
+use crate::agent::transport::{self, SshOptions};
 use crate::nix::Nix;
-use crate::report::Outcome;
-use crate::transport::{self, SshOptions};
+use crate::protocol::report::Outcome;
 
 /// Where the page listens when systemd does not pass a socket.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:51337";
@@ -188,8 +188,8 @@ fn finished_from(r: RunResult) -> Finished {
                 "Updated to version {}{}.{}",
                 rep.version.short(),
                 match rep.kind {
-                    crate::report::RunKind::Published => "",
-                    crate::report::RunKind::AutoUpdated => " with newer flake inputs (self-update)",
+                    crate::protocol::report::RunKind::Published => "",
+                    crate::protocol::report::RunKind::AutoUpdated => " with newer flake inputs (self-update)",
                 },
                 if rep.reboot_required {
                     " Restart the machine to run its new kernel."
@@ -1191,7 +1191,7 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Digest;
+    use crate::protocol::manifest::Digest;
 
     fn req(head: &str) -> Result<Request, Refusal> {
         parse_head(head.as_bytes())

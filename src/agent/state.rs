@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Digest;
 use crate::nix::StorePath;
-use crate::report::Outcome;
+use crate::protocol::manifest::Digest;
+use crate::protocol::report::Outcome;
 
 /// How many rolled-back versions are remembered (each is never retried automatically).
 const ROLLED_BACK_MEMORY: usize = 16;
@@ -180,7 +180,7 @@ impl StateDir {
     /// Removes what a killed run left behind: temporary files and half-staged trees.
     pub fn remove_leftovers(&self) {
         for dir in [self.root.clone(), self.spool(), self.manifests()] {
-            let _ = crate::atomic::remove_stale_temps(&dir);
+            let _ = crate::sys::atomic::remove_stale_temps(&dir);
         }
         if let Ok(entries) = std::fs::read_dir(self.config()) {
             for e in entries.flatten() {
@@ -209,7 +209,7 @@ impl StateDir {
 
     pub fn save(&self, state: &State) -> std::io::Result<()> {
         let bytes = serde_json::to_vec_pretty(state).expect("state serialises");
-        crate::atomic::write_file(&self.state_file(), &bytes, 0o600)
+        crate::sys::atomic::write_file(&self.state_file(), &bytes, 0o600)
     }
 }
 

@@ -59,7 +59,7 @@ impl System for NixSystem {
 
     fn relock(&self, dir: &Path) -> Result<bool, NixError> {
         let before = std::fs::read(dir.join("flake.lock")).ok();
-        crate::build::flake_lock::update(&self.nix, dir, None)?;
+        crate::server::build::flake_lock::update(&self.nix, dir, None)?;
         Ok(std::fs::read(dir.join("flake.lock")).ok() != before)
     }
 

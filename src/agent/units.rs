@@ -152,7 +152,7 @@ pub fn write(o: &UnitOptions, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .into_iter()
         .map(|(name, text)| {
             let path = dir.join(name);
-            crate::atomic::write_file(&path, text.as_bytes(), 0o644)?;
+            crate::sys::atomic::write_file(&path, text.as_bytes(), 0o644)?;
             Ok(path)
         })
         .collect()

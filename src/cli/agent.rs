@@ -8,10 +8,10 @@ use clap::Subcommand;
 
 use crate::agent::state::StateDir;
 use crate::agent::system::{NixSystem, System};
+use crate::agent::transport::{self, SshOptions};
 use crate::agent::{self, AgentConfig, RunResult, UpdateOptions};
 use crate::nix::Nix;
-use crate::output;
-use crate::transport::{self, SshOptions};
+use crate::sys::output;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {

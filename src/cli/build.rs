@@ -10,12 +10,12 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 
-use crate::build::{self, HostBuild, Outcome};
-use crate::fleet::{Fleet, HostName, NixFlakeHosts};
-use crate::layout::Chroot;
 use crate::nix::Nix;
-use crate::output;
-use crate::snapshot::{HashCache, Scanner};
+use crate::protocol::layout::Chroot;
+use crate::server::build::{self, HostBuild, Outcome};
+use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
+use crate::server::snapshot::{HashCache, Scanner};
+use crate::sys::output;
 
 /// The system profile `--switch` sets, as `nixos-rebuild` does.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";

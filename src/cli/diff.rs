@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use crate::fleet::{HostName, DEFAULT_INTERVAL};
 use crate::nix::closure::{self, ChangeKind, ClosureDiff, ClosureError};
 use crate::nix::{Nix, StorePath};
-use crate::output;
-use crate::status::{self, HostStatus, Query};
+use crate::server::fleet::{HostName, DEFAULT_INTERVAL};
+use crate::server::status::{self, HostStatus, Query};
+use crate::sys::output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

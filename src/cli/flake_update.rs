@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 
-use crate::build::flake_lock::{self, ChangeKind};
-use crate::fleet::HOSTS_DIR;
 use crate::nix::Nix;
-use crate::output;
+use crate::server::build::flake_lock::{self, ChangeKind};
+use crate::server::fleet::HOSTS_DIR;
+use crate::sys::output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,9 +37,9 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let nix = Nix::default();
-    let scanner = crate::snapshot::Scanner::new(
+    let scanner = crate::server::snapshot::Scanner::new(
         fleet.root.clone(),
-        crate::snapshot::HashCache::default(),
+        crate::server::snapshot::HashCache::default(),
         std::time::SystemTime::now(),
     );
     let width = dirs

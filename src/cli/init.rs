@@ -13,9 +13,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let created = crate::init::init(&args.dir)
+    let created = crate::server::init::init(&args.dir)
         .with_context(|| format!("cannot create a fleet in {}", args.dir.display()))?;
-    crate::output::line(&format!(
+    crate::sys::output::line(&format!(
         "created a fleet in {} ({} files); next: edit bento.toml, then `bento publish`",
         args.dir.display(),
         created.len()

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::output;
+use crate::sys::output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,7 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let public = crate::signing::generate(&args.output, &args.comment)?;
+    let public = crate::protocol::signing::generate(&args.output, &args.comment)?;
     let line = public.to_openssh()?;
     output::line(&line);
     output::note(&format!(

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::fleet::Fleet;
+use crate::server::fleet::Fleet;
 
 #[derive(Debug, Parser)]
 #[command(name = "bento", version, about = "Pull-based fleet manager for NixOS")]

@@ -6,12 +6,12 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 
-use crate::fleet::{HostName, NixFlakeHosts};
-use crate::layout::Chroot;
 use crate::nix::Nix;
-use crate::output;
-use crate::publish::{self, HostReport, Ownership, Status};
-use crate::snapshot::{HashCache, Scanner};
+use crate::protocol::layout::Chroot;
+use crate::server::fleet::{HostName, NixFlakeHosts};
+use crate::server::publish::{self, HostReport, Ownership, Status};
+use crate::server::snapshot::{HashCache, Scanner};
+use crate::sys::output;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -44,7 +44,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| fleet.config.server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     let chroot = Chroot::new(root);
-    let ownership = if crate::accounts::is_root() {
+    let ownership = if crate::sys::accounts::is_root() {
         Ownership::Root {
             prefix: fleet.config.server.account_prefix.clone(),
         }
@@ -65,7 +65,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         let built = super::build::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
         for b in &built {
             match &b.system {
-                Some(system) if b.outcome == crate::build::Outcome::Built => {
+                Some(system) if b.outcome == crate::server::build::Outcome::Built => {
                     systems.insert(b.host.clone(), system.clone());
                 }
                 _ => {

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use crate::output;
-use crate::server::{self, CheckOptions, SyncAction};
+use crate::server::provision::{self, CheckOptions, SyncAction};
+use crate::sys::output;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -49,16 +49,16 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
     let config = &fleet.config;
     match cmd {
         Command::NixosModule { output } => {
-            let toml = fleet.root.join(crate::fleet::FLEET_FILE);
-            let keys = server::fleet_keys(config).with_context(|| toml.display().to_string())?;
-            let text =
-                server::nixos::render(config, &keys).with_context(|| toml.display().to_string())?;
+            let toml = fleet.root.join(crate::server::fleet::FLEET_FILE);
+            let keys = provision::fleet_keys(config).with_context(|| toml.display().to_string())?;
+            let text = provision::nixos::render(config, &keys)
+                .with_context(|| toml.display().to_string())?;
             if output.as_os_str() == "-" {
                 std::io::stdout()
                     .write_all(text.as_bytes())
                     .context("writing to stdout")?;
             } else {
-                crate::atomic::write_file(&output, text.as_bytes(), 0o644)
+                crate::sys::atomic::write_file(&output, text.as_bytes(), 0o644)
                     .with_context(|| format!("writing {}", output.display()))?;
                 tracing::info!(
                     "wrote {} ({} host{})",
@@ -70,20 +70,20 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SshdConfig => {
-            server::sshd::check_server_paths(&config.server).with_context(|| {
+            provision::sshd::check_server_paths(&config.server).with_context(|| {
                 fleet
                     .root
-                    .join(crate::fleet::FLEET_FILE)
+                    .join(crate::server::fleet::FLEET_FILE)
                     .display()
                     .to_string()
             })?;
             std::io::stdout()
-                .write_all(server::sshd_config(&config.server).as_bytes())
+                .write_all(provision::sshd_config(&config.server).as_bytes())
                 .context("writing to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SyncAccounts { prune, json } => {
-            let reports = server::sync_accounts(config, prune)
+            let reports = provision::sync_accounts(config, prune)
                 .with_context(|| format!("syncing the accounts of {}", fleet.root.display()))?;
             if json {
                 output::json(&reports)?;
@@ -124,7 +124,7 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let sshd = sshd.unwrap_or_else(find_sshd);
-            let report = server::check(config, &CheckOptions { sshd, sshd_config });
+            let report = provision::check(config, &CheckOptions { sshd, sshd_config });
             if json {
                 output::json(&report)?;
             } else {

@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
-use crate::fleet::{Fleet, HostName, DEFAULT_INTERVAL};
-use crate::output;
-use crate::status::{self, render, watch::Watcher, HostStatus, Query};
+use crate::server::fleet::{Fleet, HostName, DEFAULT_INTERVAL};
+use crate::server::status::{self, render, watch::Watcher, HostStatus, Query};
+use crate::sys::output;
 
 /// Exit status when any host is failing, rolled back or silent.
 pub const EXIT_UNHEALTHY: u8 = 2;
@@ -95,7 +95,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         let rows = status::collect(&query)
             .with_context(|| format!("reading {}", chroot.root.display()))?;
         if let Some(path) = &args.prometheus {
-            crate::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
+            crate::sys::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(rows)

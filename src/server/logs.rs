@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::layout::LOGS;
+use crate::protocol::layout::LOGS;
 
 /// Largest file `read` returns; a host must not be able to exhaust the server's memory.
 pub const MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;

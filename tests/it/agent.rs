@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use bento::report::{Heartbeat, Outcome, Report};
+use bento::protocol::report::{Heartbeat, Outcome, Report};
 
 use crate::common::relay::{Relay, Traffic};
 use crate::common::sshd::{wait_with_deadline, Sshd};
@@ -265,7 +265,7 @@ fn first_install_then_noop_then_one_changed_file() {
     assert_eq!(meta.mode() & 0o7777, 0o640);
     assert_eq!(
         meta.gid(),
-        bento::accounts::group("daemon").unwrap().unwrap()
+        bento::sys::accounts::group("daemon").unwrap().unwrap()
     );
     let grep = Command::new("grep")
         .args(["-rlF", secret_text.trim_end(), "/nix/store"])
@@ -318,9 +318,11 @@ fn first_install_then_noop_then_one_changed_file() {
     .unwrap();
     sshd.publish();
     let host_dir = sshd.host_dir("alpha");
-    let live = bento::layout::parse_current(&fs::read_to_string(host_dir.join("current")).unwrap())
-        .unwrap();
-    let manifest_len = fs::metadata(bento::layout::manifest(&host_dir, &live))
+    let live = bento::protocol::layout::parse_current(
+        &fs::read_to_string(host_dir.join("current")).unwrap(),
+    )
+    .unwrap();
+    let manifest_len = fs::metadata(bento::protocol::layout::manifest(&host_dir, &live))
         .unwrap()
         .len();
     relay.reset();
@@ -582,9 +584,11 @@ fn hostile_manifests_are_refused_before_anything_is_written() {
     fleet(&sshd);
     let m = Machine::new(&sshd, "alpha", "");
     let host_dir = sshd.host_dir("alpha");
-    let live = bento::layout::parse_current(&fs::read_to_string(host_dir.join("current")).unwrap())
-        .unwrap();
-    let good = fs::read_to_string(bento::layout::manifest(&host_dir, &live)).unwrap();
+    let live = bento::protocol::layout::parse_current(
+        &fs::read_to_string(host_dir.join("current")).unwrap(),
+    )
+    .unwrap();
+    let good = fs::read_to_string(bento::protocol::layout::manifest(&host_dir, &live)).unwrap();
 
     // A manifest whose path climbs out of its tree, correctly named by its digest.
     let evil = good.replacen(
@@ -593,11 +597,11 @@ fn hostile_manifests_are_refused_before_anything_is_written() {
         1,
     );
     assert_ne!(evil, good);
-    let digest = bento::manifest::Digest::of(evil.as_bytes());
-    fs::write(bento::layout::manifest(&host_dir, &digest), &evil).unwrap();
+    let digest = bento::protocol::manifest::Digest::of(evil.as_bytes());
+    fs::write(bento::protocol::layout::manifest(&host_dir, &digest), &evil).unwrap();
     fs::write(
         host_dir.join("current"),
-        bento::layout::current_text(&digest),
+        bento::protocol::layout::current_text(&digest),
     )
     .unwrap();
     let out = m.update();
@@ -609,11 +613,11 @@ fn hostile_manifests_are_refused_before_anything_is_written() {
     );
 
     // A manifest that does not hash to the name `current` gives.
-    let wrong = bento::manifest::Digest::of(b"something else");
-    fs::write(bento::layout::manifest(&host_dir, &wrong), &good).unwrap();
+    let wrong = bento::protocol::manifest::Digest::of(b"something else");
+    fs::write(bento::protocol::layout::manifest(&host_dir, &wrong), &good).unwrap();
     fs::write(
         host_dir.join("current"),
-        bento::layout::current_text(&wrong),
+        bento::protocol::layout::current_text(&wrong),
     )
     .unwrap();
     let out = m.update();
@@ -738,7 +742,7 @@ fn agent_status_shows_the_local_view() {
 
     assert_eq!(code(&m.update()), EXIT_UPDATED);
     let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
-    let live = bento::layout::parse_current(
+    let live = bento::protocol::layout::parse_current(
         &fs::read_to_string(sshd.host_dir("alpha").join("current")).unwrap(),
     )
     .unwrap();

@@ -4,12 +4,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use bento::build::record;
-use bento::fleet::HostName;
-use bento::layout::{self, Chroot};
-use bento::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
 use bento::nix::StorePath;
-use bento::report::Heartbeat;
+use bento::protocol::layout::{self, Chroot};
+use bento::protocol::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
+use bento::protocol::report::Heartbeat;
+use bento::protocol::HostName;
+use bento::server::build::record;
 use predicates::str::contains;
 
 use crate::common::{bento, unique_prefix, Accounts, FixtureFleet, ScratchDir, NIX_CONFIG};
@@ -104,7 +104,7 @@ fn build_records_each_hosts_system_and_publish_build_puts_it_in_the_manifest() {
     env.run(&["publish", "--build"]).success();
     for host in ["alpha", "beta", "classic1"] {
         let dir = env.chroot().host_dir(&HostName::new(host).unwrap());
-        let (_, m) = bento::publish::read_current(&dir).expect("published");
+        let (_, m) = bento::server::publish::read_current(&dir).expect("published");
         assert_eq!(m.system, env.record(host).system, "{host}");
     }
     // status takes them as expected systems; nobody has reported yet.
@@ -149,12 +149,14 @@ fn a_failing_build_names_its_host_and_the_others_go_on() {
         .code(1)
         .stderr(contains("not publishing broken"));
     let chroot = env.chroot();
-    assert!(
-        bento::publish::read_current(&chroot.host_dir(&HostName::new("alpha").unwrap())).is_some()
-    );
-    assert!(
-        bento::publish::read_current(&chroot.host_dir(&HostName::new("broken").unwrap())).is_none()
-    );
+    assert!(bento::server::publish::read_current(
+        &chroot.host_dir(&HostName::new("alpha").unwrap())
+    )
+    .is_some());
+    assert!(bento::server::publish::read_current(
+        &chroot.host_dir(&HostName::new("broken").unwrap())
+    )
+    .is_none());
 }
 
 #[test]

@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use bento::fleet::HostName;
-use bento::manifest::{Digest, Manifest};
-use bento::snapshot::{Item, ItemKind};
+use bento::protocol::manifest::{Digest, Manifest};
+use bento::protocol::HostName;
+use bento::server::snapshot::{Item, ItemKind};
 
 fn block(doc: &str, info: &str) -> String {
     let start = doc
@@ -38,7 +38,7 @@ fn manifest_example_is_canonical_and_its_digest_is_the_documented_one() {
     );
     assert_eq!(m.files[0].mode.to_string(), "0640");
     assert_eq!(
-        bento::layout::parse_current(&current).unwrap(),
+        bento::protocol::layout::parse_current(&current).unwrap(),
         digest,
         "the `current` example"
     );
@@ -68,7 +68,7 @@ fn files_toml_example_is_accepted() {
         file("files/etc/wireguard/wg0.key", f(Path::new("/dev/null"))),
         file("files.toml", f(&toml_path)),
     ];
-    let content = bento::hostfiles::split(&items, None, Path::new("hosts/alpha")).unwrap();
+    let content = bento::server::hostfiles::split(&items, None, Path::new("hosts/alpha")).unwrap();
     assert_eq!(content.files[0].group, "systemd-network");
     assert_eq!(content.files[0].target.as_str(), "/etc/wireguard/wg0.key");
 }
@@ -76,12 +76,13 @@ fn files_toml_example_is_accepted() {
 #[test]
 fn report_and_heartbeat_examples_parse() {
     let doc = protocol();
-    let hb = bento::report::Heartbeat::parse(block(&doc, "json heartbeat-example").as_bytes())
-        .expect("heartbeat example");
+    let hb =
+        bento::protocol::report::Heartbeat::parse(block(&doc, "json heartbeat-example").as_bytes())
+            .expect("heartbeat example");
     assert_eq!(hb.host.as_str(), "alpha");
-    let r = bento::report::Report::parse(block(&doc, "json report-example").as_bytes())
+    let r = bento::protocol::report::Report::parse(block(&doc, "json report-example").as_bytes())
         .expect("report example");
-    assert_eq!(r.outcome, bento::report::Outcome::Success);
+    assert_eq!(r.outcome, bento::protocol::report::Outcome::Success);
 }
 
 #[test]
@@ -97,7 +98,7 @@ fn agent_toml_example_parses() {
 #[test]
 fn host_settings_example_parses() {
     let doc = protocol();
-    let s: bento::settings::HostSettings =
+    let s: bento::protocol::settings::HostSettings =
         serde_json::from_str(&block(&doc, "json host-settings-example"))
             .expect("documented bento-host.json");
     assert_eq!(s.interval(), std::time::Duration::from_secs(900));

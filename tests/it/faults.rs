@@ -85,8 +85,8 @@ impl Fleet {
     }
 
     /// The live digest of `host`.
-    fn live(&self, host: &str) -> bento::manifest::Digest {
-        bento::layout::parse_current(
+    fn live(&self, host: &str) -> bento::protocol::manifest::Digest {
+        bento::protocol::layout::parse_current(
             &fs::read_to_string(self.sshd.host_dir(host).join("current")).unwrap(),
         )
         .unwrap()
@@ -100,7 +100,7 @@ fn secret(host: &str, label: &str) -> String {
 /// Incompressible bytes that differ per version (ssh compresses nothing by default, but
 /// the point is that every version's blob is a new object).
 fn blob(label: &str, len: usize) -> Vec<u8> {
-    let seed = bento::manifest::Digest::of(label.as_bytes()).to_hex();
+    let seed = bento::protocol::manifest::Digest::of(label.as_bytes()).to_hex();
     let mut x = u64::from_str_radix(&seed[..16], 16).unwrap() | 1;
     (0..len)
         .map(|_| {
@@ -284,9 +284,10 @@ impl<'a> Host<'a> {
         }
         for id in &logs {
             let dir = self.m.logs().join("reports");
-            let r =
-                bento::report::Report::parse(&fs::read(dir.join(format!("{id}.json"))).unwrap())
-                    .map_err(|e| format!("report {id}: {e}"))?;
+            let r = bento::protocol::report::Report::parse(
+                &fs::read(dir.join(format!("{id}.json"))).unwrap(),
+            )
+            .map_err(|e| format!("report {id}: {e}"))?;
             if &r.id != id || !dir.join(format!("{id}.log.gz")).is_file() {
                 return Err(format!("report {id} is incomplete"));
             }
@@ -920,13 +921,13 @@ fn update_in_process(
         profile: cfg.profile.clone(),
         current_system: cfg.current_system.clone(),
     };
-    let ssh = bento::transport::SshOptions {
+    let ssh = bento::agent::transport::SshOptions {
         identity_file: cfg.identity_file.clone(),
         known_hosts: cfg.known_hosts.clone(),
         connect_timeout: cfg.connect_timeout,
         control_dir: cfg.state_dir.join("ssh"),
     };
-    let connect = || bento::transport::connect(&cfg.server, &ssh);
+    let connect = || bento::agent::transport::connect(&cfg.server, &ssh);
     bento::agent::update(&bento::agent::UpdateOptions {
         config: &cfg,
         system: &system,

@@ -4,8 +4,8 @@
 
 use std::path::{Component, Path};
 
-use bento::fleet::HostName;
-use bento::manifest::{Digest, Manifest, RelPath, TargetPath};
+use bento::protocol::manifest::{Digest, Manifest, RelPath, TargetPath};
+use bento::protocol::HostName;
 use proptest::prelude::*;
 
 fn host() -> HostName {
@@ -138,12 +138,15 @@ proptest! {
 fn oversized_entries_are_refused_before_download() {
     let big = GOOD.replacen(
         "\"size\":1,",
-        &format!("\"size\":{},", bento::manifest::MAX_OBJECT_BYTES + 1),
+        &format!(
+            "\"size\":{},",
+            bento::protocol::manifest::MAX_OBJECT_BYTES + 1
+        ),
         1,
     );
     let err = Manifest::parse_untrusted(big.as_bytes(), &Digest::of(big.as_bytes()), &host())
         .unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
-    let huge = vec![b' '; bento::manifest::MAX_MANIFEST_BYTES as usize + 1];
+    let huge = vec![b' '; bento::protocol::manifest::MAX_MANIFEST_BYTES as usize + 1];
     assert!(Manifest::parse_untrusted(&huge, &Digest::of(&huge), &host()).is_err());
 }

@@ -5,7 +5,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use bento::report::{Outcome, RunKind};
+use bento::protocol::report::{Outcome, RunKind};
 
 use crate::agent::{code, fleet, text, Machine, EXIT_FAILED, EXIT_NOOP, EXIT_UPDATED};
 use crate::common::sshd::Sshd;
@@ -159,7 +159,8 @@ fn failures_run_the_notification_hook_with_the_report() {
     let text = fs::read_to_string(&notified).unwrap();
     let (args, json) = text.split_once('\n').unwrap();
     assert_eq!(args, "bento failed");
-    let report = bento::report::Report::parse(json.as_bytes()).expect("the report on stdin");
+    let report =
+        bento::protocol::report::Report::parse(json.as_bytes()).expect("the report on stdin");
     assert_eq!(report.outcome, Outcome::Failure);
     assert_eq!(report.id, m.latest_report().id);
     // The heartbeat still says when the host last succeeded.

@@ -531,7 +531,7 @@ fn the_page_in_chromium_updates_the_machine_and_ignores_other_sites() {
 
     // The page itself still updates to the new version.
     let current = fs::read_to_string(sshd.host_dir("alpha").join("current")).unwrap();
-    let v2 = bento::layout::parse_current(&current).unwrap();
+    let v2 = bento::protocol::layout::parse_current(&current).unwrap();
     browser.goto(&serve.url);
     assert_eq!(
         browser.text("#result"),

@@ -4,9 +4,9 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
-use bento::fleet::HostName;
-use bento::manifest::{Build, ConfigEntry, Manifest};
-use bento::publish::verify_host;
+use bento::protocol::manifest::{Build, ConfigEntry, Manifest};
+use bento::protocol::HostName;
+use bento::server::publish::verify_host;
 use serde_json::Value;
 
 use crate::common::{bento, tree_fingerprint, unique_prefix, Accounts, FixtureFleet, ScratchDir};
@@ -64,7 +64,8 @@ impl Env {
         let digest = verify_host(&dir, &HostName::new(host).unwrap())
             .expect("published version verifies")
             .expect("host has a version");
-        Manifest::parse(&fs::read(bento::layout::manifest(&dir, &digest)).unwrap()).unwrap()
+        Manifest::parse(&fs::read(bento::protocol::layout::manifest(&dir, &digest)).unwrap())
+            .unwrap()
     }
 }
 
@@ -129,15 +130,15 @@ fn publishes_classic_and_flake_hosts_with_secrets_kept_out_of_config() {
     );
     assert_eq!(
         secret.sha256,
-        bento::manifest::Digest::of(b"s3cret-classic1\n")
+        bento::protocol::manifest::Digest::of(b"s3cret-classic1\n")
     );
     // The secret's object exists for classic1 only.
-    let obj = bento::layout::object(&env.chroot().join("classic1"), &secret.sha256);
+    let obj = bento::protocol::layout::object(&env.chroot().join("classic1"), &secret.sha256);
     assert_eq!(fs::read(obj).unwrap(), b"s3cret-classic1\n");
-    assert!(!bento::layout::object(&env.chroot().join("alpha"), &secret.sha256).exists());
+    assert!(!bento::protocol::layout::object(&env.chroot().join("alpha"), &secret.sha256).exists());
 
     // Ownership as root: the host dir is the gate, logs/ belongs to the account.
-    let acct = bento::accounts::user(&format!("{}classic1", env.prefix))
+    let acct = bento::sys::accounts::user(&format!("{}classic1", env.prefix))
         .unwrap()
         .unwrap();
     let host_dir = fs::metadata(env.chroot().join("classic1")).unwrap();
@@ -161,8 +162,16 @@ fn publishes_classic_and_flake_hosts_with_secrets_kept_out_of_config() {
             _ => None,
         })
         .unwrap();
-    let a = fs::metadata(bento::layout::object(&env.chroot().join("alpha"), &lib)).unwrap();
-    let b = fs::metadata(bento::layout::object(&env.chroot().join("beta"), &lib)).unwrap();
+    let a = fs::metadata(bento::protocol::layout::object(
+        &env.chroot().join("alpha"),
+        &lib,
+    ))
+    .unwrap();
+    let b = fs::metadata(bento::protocol::layout::object(
+        &env.chroot().join("beta"),
+        &lib,
+    ))
+    .unwrap();
     assert_eq!(a.ino(), b.ino());
 }
 
@@ -245,8 +254,10 @@ fn old_versions_are_collected_after_three() {
         env.publish(&["--host", "classic1"]).success();
         let dir = env.chroot().join("classic1");
         digests.push(
-            bento::layout::parse_current(&fs::read_to_string(dir.join("current")).unwrap())
-                .unwrap(),
+            bento::protocol::layout::parse_current(
+                &fs::read_to_string(dir.join("current")).unwrap(),
+            )
+            .unwrap(),
         );
         // Distinct creation times order the versions.
         std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -263,7 +274,8 @@ fn old_versions_are_collected_after_three() {
     // Objects: exactly those the kept manifests use.
     let mut used = std::collections::BTreeSet::new();
     for d in &digests[2..] {
-        let m = Manifest::parse(&fs::read(bento::layout::manifest(&dir, d)).unwrap()).unwrap();
+        let m = Manifest::parse(&fs::read(bento::protocol::layout::manifest(&dir, d)).unwrap())
+            .unwrap();
         used.extend(m.objects().into_iter().map(|o| o.to_hex()));
     }
     let objects: std::collections::BTreeSet<String> = fs::read_dir(dir.join("objects"))
@@ -407,7 +419,8 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
             "an enormous file",
             |f| {
                 let file = fs::File::create(f.path("hosts/classic1/huge.iso")).unwrap();
-                file.set_len(bento::manifest::MAX_OBJECT_BYTES + 1).unwrap();
+                file.set_len(bento::protocol::manifest::MAX_OBJECT_BYTES + 1)
+                    .unwrap();
             },
             |f| fs::remove_file(f.path("hosts/classic1/huge.iso")).unwrap(),
             "hosts/classic1/huge.iso: is 1073741825 bytes",
@@ -553,7 +566,7 @@ fn killed_publish_never_exposes_an_incomplete_version() {
         for sub in ["", "manifests"] {
             for e in fs::read_dir(env.chroot().join(h).join(sub)).unwrap() {
                 let n = e.unwrap().file_name().to_string_lossy().into_owned();
-                if n.starts_with(bento::atomic::TMP_PREFIX) {
+                if n.starts_with(bento::sys::atomic::TMP_PREFIX) {
                     leftovers.push(n);
                 }
             }

@@ -570,7 +570,9 @@ fn backups_area_is_private_and_writable_by_its_host_only() {
     s.sync_accounts(false);
     let dir = s.host_dir("a").join("backups");
     let meta = fs::metadata(&dir).unwrap();
-    let account = bento::accounts::user(&s.account("a")).unwrap().unwrap();
+    let account = bento::sys::accounts::user(&s.account("a"))
+        .unwrap()
+        .unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o7777), (account.uid, 0o700));
 
     let local = s.dir.join("snapshot.tar");

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use bento::report::Outcome;
+use bento::protocol::report::Outcome;
 
 use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_UPDATED};
 use crate::common::bento;
@@ -38,9 +38,11 @@ fn set_signing_key(sshd: &Sshd, key: &Path) {
     fs::write(toml, text).unwrap();
 }
 
-fn live(sshd: &Sshd, host: &str) -> bento::manifest::Digest {
-    bento::layout::parse_current(&fs::read_to_string(sshd.host_dir(host).join("current")).unwrap())
-        .unwrap()
+fn live(sshd: &Sshd, host: &str) -> bento::protocol::manifest::Digest {
+    bento::protocol::layout::parse_current(
+        &fs::read_to_string(sshd.host_dir(host).join("current")).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -65,8 +67,8 @@ fn publish_signs_manifests_that_ssh_keygen_accepts() {
     fleet(&sshd);
     let dir = sshd.host_dir("alpha");
     let digest = live(&sshd, "alpha");
-    let manifest = bento::layout::manifest(&dir, &digest);
-    let sig = bento::layout::signature(&dir, &digest);
+    let manifest = bento::protocol::layout::manifest(&dir, &digest);
+    let sig = bento::protocol::layout::signature(&dir, &digest);
 
     let check = Command::new("ssh-keygen")
         .args(["-Y", "check-novalidate", "-n", "bento", "-s"])
@@ -150,7 +152,11 @@ fn the_agent_accepts_only_trusted_current_signatures() {
     write_version(&sshd, "2");
     sshd.publish();
     let v2 = live(&sshd, "alpha");
-    fs::remove_file(bento::layout::signature(&sshd.host_dir("alpha"), &v2)).unwrap();
+    fs::remove_file(bento::protocol::layout::signature(
+        &sshd.host_dir("alpha"),
+        &v2,
+    ))
+    .unwrap();
     let out = m.update();
     assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
     let r = m.latest_report();
@@ -160,10 +166,14 @@ fn the_agent_accepts_only_trusted_current_signatures() {
     // Signed by a key the host does not trust.
     let stranger = sshd.dir.join("signing/stranger");
     keygen(&stranger);
-    let signer = bento::signing::Signer::load(&stranger).unwrap();
-    let bytes = fs::read(bento::layout::manifest(&sshd.host_dir("alpha"), &v2)).unwrap();
+    let signer = bento::protocol::signing::Signer::load(&stranger).unwrap();
+    let bytes = fs::read(bento::protocol::layout::manifest(
+        &sshd.host_dir("alpha"),
+        &v2,
+    ))
+    .unwrap();
     fs::write(
-        bento::layout::signature(&sshd.host_dir("alpha"), &v2),
+        bento::protocol::layout::signature(&sshd.host_dir("alpha"), &v2),
         signer.sign(&bytes).unwrap(),
     )
     .unwrap();
@@ -177,9 +187,9 @@ fn the_agent_accepts_only_trusted_current_signatures() {
     );
 
     // Properly signed again: applied.
-    let good = bento::signing::Signer::load(&key).unwrap();
+    let good = bento::protocol::signing::Signer::load(&key).unwrap();
     fs::write(
-        bento::layout::signature(&sshd.host_dir("alpha"), &v2),
+        bento::protocol::layout::signature(&sshd.host_dir("alpha"), &v2),
         good.sign(&bytes).unwrap(),
     )
     .unwrap();
@@ -189,7 +199,7 @@ fn the_agent_accepts_only_trusted_current_signatures() {
     // A replay: the server offers the older, validly signed version 1 again.
     fs::write(
         sshd.host_dir("alpha").join("current"),
-        bento::layout::current_text(&v1),
+        bento::protocol::layout::current_text(&v1),
     )
     .unwrap();
     let out = m.update();

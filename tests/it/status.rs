@@ -8,12 +8,12 @@ use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use bento::build::record::{self, BuildRecord};
-use bento::fleet::HostName;
-use bento::layout::{self, Chroot};
-use bento::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
 use bento::nix::StorePath;
-use bento::report::{Heartbeat, Outcome, Report, Timings};
+use bento::protocol::layout::{self, Chroot};
+use bento::protocol::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
+use bento::protocol::report::{Heartbeat, Outcome, Report, Timings};
+use bento::protocol::HostName;
+use bento::server::build::record::{self, BuildRecord};
 
 use crate::common::{bento, bento_std, ScratchDir};
 
@@ -119,7 +119,7 @@ impl Fixture {
             format: 1,
             id: format!("20261125T115000Z-{:08x}", offset.unsigned_abs()),
             host: HostName::new(host).unwrap(),
-            kind: bento::report::RunKind::Published,
+            kind: bento::protocol::report::RunKind::Published,
             version,
             previous_version: Some(Digest::of(b"older")),
             outcome,

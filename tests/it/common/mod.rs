@@ -221,7 +221,7 @@ pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
                 out.push(format!(
                     "f {rel} {:o} {}",
                     m.mode(),
-                    bento::manifest::Digest::of(&bytes)
+                    bento::protocol::manifest::Digest::of(&bytes)
                 ));
             }
         }

@@ -1,0 +1,324 @@
+//! `sftp://` transport: one SSH connection made by the system's OpenSSH client (so
+//! ssh_config, ProxyCommand, known_hosts and agent set-ups keep working), multiplexed
+//! through a control socket, with SFTP spoken over it. A host key that does not match
+//! known_hosts is a hard error (StrictHostKeyChecking). Every request of a run reuses it.
+//! The connection is compressed: the bytes a poll or an update costs are what bento
+//! promises to keep near the minimum (docs/benchmarks.md).
+
+use std::io::SeekFrom;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use openssh::{ControlPersist, KnownHosts, SessionBuilder};
+use openssh_sftp_client::error::SftpErrorKind;
+use openssh_sftp_client::{Error as SftpError, Sftp, SftpOptions};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use super::{finish_object, partial_name, SshOptions, Transport, TransportError};
+use crate::protocol::layout::{CURRENT, LOGS, OBJECTS};
+use crate::protocol::manifest::Digest;
+
+/// Bytes asked for per read request (the client clips it to what the server allows).
+const READ_CHUNK: u64 = 64 * 1024;
+/// How many object downloads are in flight at once: enough to hide round trips on a slow
+/// link, few enough to keep memory small.
+const PARALLEL_FETCHES: usize = 8;
+/// The control master exits this long after the agent dies without closing it.
+const MASTER_IDLE_SECS: usize = 5;
+
+pub struct SftpTransport {
+    rt: tokio::runtime::Runtime,
+    sftp: Option<Sftp>,
+    server: String,
+}
+
+fn is_not_found(e: &SftpError) -> bool {
+    matches!(e, SftpError::SftpError(SftpErrorKind::NoSuchFile, _))
+}
+
+impl SftpTransport {
+    pub fn connect(
+        user: &str,
+        host: &str,
+        port: u16,
+        ssh: &SshOptions,
+    ) -> Result<Self, TransportError> {
+        let server = format!("sftp://{user}@{host}:{port}");
+        let connect_err = |message: String| TransportError::Connect {
+            server: server.clone(),
+            message,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| connect_err(e.to_string()))?;
+        std::fs::create_dir_all(&ssh.control_dir).map_err(|source| TransportError::Local {
+            path: ssh.control_dir.clone(),
+            source,
+        })?;
+        let sftp = rt.block_on(async {
+            let mut b = SessionBuilder::default();
+            b.user(user.to_owned())
+                .port(port)
+                .keyfile(&ssh.identity_file)
+                .user_known_hosts_file(&ssh.known_hosts)
+                .known_hosts_check(KnownHosts::Strict)
+                .connect_timeout(ssh.connect_timeout)
+                // zlib after authentication: manifests are mostly paths and hex digests
+                // and text objects compress well (measured: a one-file change in a 400-file
+                // configuration moves 30 kB instead of 85 kB); on a no-change poll it saves
+                // more than it costs (8.3 kB instead of 9.0 kB; docs/benchmarks.md).
+                .compression(true)
+                .control_directory(&ssh.control_dir)
+                .control_persist(ControlPersist::IdleFor(
+                    NonZeroUsize::new(MASTER_IDLE_SECS).expect("non-zero"),
+                ));
+            // ssh's ConnectTimeout covers the TCP connect only; bound the whole login too.
+            let session = tokio::time::timeout(ssh.connect_timeout * 2, b.connect_mux(host))
+                .await
+                .map_err(|_| {
+                    connect_err(format!("no answer within {:?}", ssh.connect_timeout * 2))
+                })?
+                .map_err(|e| connect_err(ssh_error_text(&e)))?;
+            Sftp::from_session(session, SftpOptions::new().flush_interval(Duration::ZERO))
+                .await
+                .map_err(|e| connect_err(format!("SFTP: {e}")))
+        })?;
+        Ok(Self {
+            rt,
+            sftp: Some(sftp),
+            server,
+        })
+    }
+
+    fn sftp(&self) -> &Sftp {
+        self.sftp.as_ref().expect("open until closed")
+    }
+}
+
+/// ssh's own words (host key mismatch, permission denied) are the useful part.
+fn ssh_error_text(e: &openssh::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn remote(path: &str, e: SftpError) -> TransportError {
+    TransportError::Remote {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads at most `limit` bytes of `path`; `Ok(None)` when it does not exist.
+async fn read_limited(
+    sftp: &Sftp,
+    path: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, TransportError> {
+    let mut file = match sftp.open(path).await {
+        Ok(f) => f,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(remote(path, e)),
+    };
+    let mut out = Vec::new();
+    loop {
+        let want = (limit + 1 - out.len() as u64).min(READ_CHUNK) as u32;
+        match file
+            .read(want, BytesMut::new())
+            .await
+            .map_err(|e| remote(path, e))?
+        {
+            None => break,
+            Some(chunk) => {
+                out.extend_from_slice(&chunk);
+                if out.len() as u64 > limit {
+                    return Err(TransportError::TooLarge {
+                        path: path.to_owned(),
+                        limit,
+                    });
+                }
+                if (chunk.len() as u32) < want {
+                    // A short read: the file ended (OpenSSH reads regular files in full).
+                    // The client advanced its offset by `want`; put it where the data ends.
+                    seek_to(&mut file, path, out.len() as u64).await?;
+                    if path == CURRENT {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    file.close().await.map_err(|e| remote(path, e))?;
+    Ok(Some(out))
+}
+
+/// Moves the file's read position (the client keeps it; no round trip).
+async fn seek_to(
+    file: &mut openssh_sftp_client::file::File,
+    path: &str,
+    at: u64,
+) -> Result<(), TransportError> {
+    file.seek(SeekFrom::Start(at))
+        .await
+        .map(|_| ())
+        .map_err(|e| TransportError::Remote {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+async fn fetch_one(
+    sftp: &Sftp,
+    digest: Digest,
+    size: u64,
+    dest_dir: &Path,
+) -> Result<u64, TransportError> {
+    let rel = format!("{OBJECTS}/{digest}");
+    let partial = dest_dir.join(partial_name(&digest));
+    let local = |source| TransportError::Local {
+        path: partial.clone(),
+        source,
+    };
+    let mut out = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial)
+        .await
+        .map_err(local)?;
+    let mut have = out.metadata().await.map_err(local)?.len();
+    let mut fetched = 0;
+    if have < size || size == 0 {
+        let mut file = sftp.open(&rel).await.map_err(|e| remote(&rel, e))?;
+        seek_to(&mut file, &rel, have).await?;
+        // Read one byte past the promised size, so an oversized object is caught.
+        while have <= size {
+            let want = (size + 1 - have).min(READ_CHUNK) as u32;
+            let Some(chunk) = file
+                .read(want, BytesMut::new())
+                .await
+                .map_err(|e| remote(&rel, e))?
+            else {
+                break;
+            };
+            out.write_all(&chunk).await.map_err(local)?;
+            have += chunk.len() as u64;
+            fetched += chunk.len() as u64;
+            if (chunk.len() as u32) < want {
+                seek_to(&mut file, &rel, have).await?;
+            }
+        }
+        file.close().await.map_err(|e| remote(&rel, e))?;
+    }
+    out.sync_all().await.map_err(local)?;
+    drop(out);
+    finish_object(dest_dir, &digest)?;
+    Ok(fetched)
+}
+
+impl Transport for SftpTransport {
+    fn read_current(&mut self) -> Result<Option<String>, TransportError> {
+        let sftp = self.sftp.as_ref().expect("open");
+        let bytes = self.rt.block_on(read_limited(sftp, CURRENT, 4096))?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    fn read_small(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, TransportError> {
+        let sftp = self.sftp.as_ref().expect("open");
+        self.rt
+            .block_on(read_limited(sftp, path, limit))?
+            .ok_or_else(|| TransportError::NotFound {
+                path: path.to_owned(),
+            })
+    }
+
+    fn fetch_objects(
+        &mut self,
+        objects: &[(Digest, u64)],
+        dest_dir: &Path,
+    ) -> Result<u64, TransportError> {
+        let sftp = self.sftp();
+        self.rt.block_on(async {
+            let sizes: Vec<u64> = stream::iter(
+                objects
+                    .iter()
+                    .map(|(d, s)| fetch_one(sftp, *d, *s, dest_dir)),
+            )
+            .buffer_unordered(PARALLEL_FETCHES)
+            .try_collect()
+            .await?;
+            Ok(sizes.iter().sum())
+        })
+    }
+
+    fn write_log(&mut self, path: &str, bytes: &[u8]) -> Result<(), TransportError> {
+        let sftp = self.sftp();
+        let target = format!("{LOGS}/{path}");
+        let tmp = format!(
+            "{LOGS}/{}{}",
+            crate::sys::atomic::TMP_PREFIX,
+            path.replace('/', "-")
+        );
+        self.rt.block_on(async {
+            if let Some((dir, _)) = target.rsplit_once('/') {
+                if dir != LOGS {
+                    let mut fs = sftp.fs();
+                    match fs.metadata(dir).await {
+                        Ok(_) => {}
+                        Err(e) if is_not_found(&e) => {
+                            fs.create_dir(dir).await.map_err(|e| remote(dir, e))?
+                        }
+                        Err(e) => return Err(remote(dir, e)),
+                    }
+                }
+            }
+            let mut file = sftp
+                .options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .await
+                .map_err(|e| remote(&tmp, e))?;
+            file.write_all(bytes).await.map_err(|e| remote(&tmp, e))?;
+            file.close().await.map_err(|e| remote(&tmp, e))?;
+            // posix-rename (OpenSSH): atomic, and replaces the previous file.
+            let mut fs = sftp.fs();
+            fs.rename(&tmp, &target)
+                .await
+                .map_err(|e| remote(&target, e))
+        })
+    }
+
+    fn close(mut self: Box<Self>) -> Result<(), TransportError> {
+        if let Some(sftp) = self.sftp.take() {
+            let server = self.server.clone();
+            self.rt
+                .block_on(sftp.close())
+                .map_err(|e| TransportError::Connect {
+                    server,
+                    message: format!("closing: {e}"),
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SftpTransport {
+    fn drop(&mut self) {
+        // Close politely so the control master exits now rather than after its idle time.
+        if let Some(sftp) = self.sftp.take() {
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), sftp.close()).await
+            });
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The fleet repo: `bento.toml` (server settings and per-host settings) and host discovery
+//! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
+
+mod discover;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use crate::protocol::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use discover::{
+    discover, materialize, select, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts,
+};
+
+/// The fleet settings file at the root of the fleet repo.
+pub const FLEET_FILE: &str = "bento.toml";
+/// The directory holding one directory per host (or flake).
+pub const HOSTS_DIR: &str = "hosts";
+/// Where publish puts chroots unless `bento.toml` or `--chroot` says otherwise.
+pub const DEFAULT_CHROOT: &str = "/srv/bento";
+pub const DEFAULT_ACCOUNT_PREFIX: &str = "bento-";
+pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/etc/bento/authorized_keys";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("no {FLEET_FILE} in {0} or any parent directory (run `bento init` to create a fleet, or pass --fleet DIR)")]
+    NotFound(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Name { path: PathBuf, source: NameError },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The address hosts connect to (a name or IP), used in generated agent settings.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The chroot root: every host gets `<chroot>/<host>/`.
+    #[serde(default = "default_chroot")]
+    pub chroot: PathBuf,
+    #[serde(default = "default_prefix")]
+    pub account_prefix: String,
+    /// Root-owned directory of per-account authorized-keys files (`AuthorizedKeysFile <dir>/%u`),
+    /// outside the chroots so a host can never edit its own key.
+    #[serde(default = "default_authorized_keys_dir")]
+    pub authorized_keys_dir: PathBuf,
+    /// The fleet's signing key (`bento keygen`): publish signs every manifest with it. It
+    /// must live outside the fleet repo.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Give every host a private, writable `backups/` directory in its chroot
+    /// (`bento server sync-accounts` creates it).
+    #[serde(default)]
+    pub backups: bool,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_chroot() -> PathBuf {
+    PathBuf::from(DEFAULT_CHROOT)
+}
+fn default_prefix() -> String {
+    DEFAULT_ACCOUNT_PREFIX.to_owned()
+}
+fn default_authorized_keys_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_AUTHORIZED_KEYS_DIR)
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            address: None,
+            port: default_port(),
+            chroot: default_chroot(),
+            account_prefix: default_prefix(),
+            authorized_keys_dir: default_authorized_keys_dir(),
+            signing_key: None,
+            backups: false,
+        }
+    }
+}
+
+/// Per-host settings under `[hosts.NAME]`: the key, plus the settings of
+/// `crate::protocol::settings` (interval, mode, reboot, reboot_at, self_update, notify) overriding
+/// `[defaults]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The host's ssh public key (one OpenSSH public key line).
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default, deserialize_with = "crate::protocol::settings::de_interval")]
+    pub interval: Option<std::time::Duration>,
+    #[serde(default)]
+    pub mode: Option<crate::agent::Mode>,
+    #[serde(default)]
+    pub reboot: Option<crate::protocol::settings::RebootPolicy>,
+    #[serde(default)]
+    pub reboot_at: Option<String>,
+    #[serde(default)]
+    pub self_update: Option<bool>,
+    #[serde(default)]
+    pub notify: Option<Vec<String>>,
+}
+
+impl HostConfig {
+    /// This host's own settings (before `[defaults]`).
+    pub fn settings(&self) -> crate::protocol::settings::SettingsToml {
+        crate::protocol::settings::SettingsToml {
+            interval: self.interval,
+            mode: self.mode,
+            reboot: self.reboot,
+            reboot_at: self.reboot_at.clone(),
+            self_update: self.self_update,
+            notify: self.notify.clone(),
+        }
+    }
+}
+
+/// A host's polling interval unless bento.toml says otherwise.
+pub const DEFAULT_INTERVAL: std::time::Duration = crate::protocol::settings::DEFAULT_INTERVAL;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Settings for every host unless `[hosts.NAME]` says otherwise.
+    #[serde(default)]
+    pub defaults: crate::protocol::settings::SettingsToml,
+    #[serde(default)]
+    pub hosts: BTreeMap<HostName, HostConfig>,
+}
+
+impl FleetConfig {
+    /// Parses `bento.toml` text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, FleetError> {
+        let config: FleetConfig = toml::from_str(text).map_err(|e| FleetError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let name_err = |source| FleetError::Name {
+            path: path.to_owned(),
+            source,
+        };
+        check_prefix(&config.server.account_prefix).map_err(name_err)?;
+        for host in config.hosts.keys() {
+            account_name(&config.server.account_prefix, host).map_err(name_err)?;
+        }
+        if !config.server.chroot.is_absolute() {
+            return Err(FleetError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "[server] chroot = {:?} must be an absolute path",
+                    config.server.chroot
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The resolved settings of `host` (`[hosts.NAME]` over `[defaults]` over built-ins).
+    pub fn settings(&self, host: &HostName) -> crate::protocol::settings::HostSettings {
+        let own = self
+            .hosts
+            .get(host)
+            .map(HostConfig::settings)
+            .unwrap_or_default();
+        crate::protocol::settings::HostSettings::resolve(host, &self.defaults, &own)
+    }
+
+    /// The host's polling interval.
+    pub fn interval(&self, host: &HostName) -> std::time::Duration {
+        self.settings(host).interval()
+    }
+
+    pub fn account(&self, host: &HostName) -> Result<String, NameError> {
+        account_name(&self.server.account_prefix, host)
+    }
+}
+
+/// A fleet repo on disk.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    /// The directory holding `bento.toml` (canonical).
+    pub root: PathBuf,
+    pub config: FleetConfig,
+}
+
+impl Fleet {
+    /// Finds `bento.toml` in `start` or the nearest parent that has one, like git finds `.git`.
+    pub fn find(start: &Path) -> Result<Self, FleetError> {
+        let start_abs = std::fs::canonicalize(start).map_err(|source| FleetError::Read {
+            path: start.to_owned(),
+            source,
+        })?;
+        let mut dir = start_abs.as_path();
+        loop {
+            if dir.join(FLEET_FILE).is_file() {
+                return Self::load(dir);
+            }
+            match dir.parent() {
+                Some(p) => dir = p,
+                None => return Err(FleetError::NotFound(start_abs)),
+            }
+        }
+    }
+
+    /// Loads the fleet whose `bento.toml` is directly in `root`.
+    pub fn load(root: &Path) -> Result<Self, FleetError> {
+        let root = std::fs::canonicalize(root).map_err(|source| FleetError::Read {
+            path: root.to_owned(),
+            source,
+        })?;
+        let path = root.join(FLEET_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| FleetError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config = FleetConfig::parse(&text, &path)?;
+        Ok(Self { root, config })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FleetConfig, FleetError> {
+        FleetConfig::parse(text, Path::new("bento.toml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.chroot, PathBuf::from("/srv/bento"));
+        assert_eq!(c.server.account_prefix, "bento-");
+        assert_eq!(c.server.port, 22);
+        assert!(c.hosts.is_empty());
+    }
+
+    #[test]
+    fn hosts_and_server() {
+        let c = parse(
+            "[server]\naddress = \"bento.example.org\"\nchroot = \"/srv/x\"\n[hosts.alpha]\nkey = \"ssh-ed25519 AAAA\"\n[hosts.beta]\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.address.as_deref(), Some("bento.example.org"));
+        assert_eq!(c.hosts.len(), 2);
+        let alpha = HostName::new("alpha").unwrap();
+        assert_eq!(c.account(&alpha).unwrap(), "bento-alpha");
+    }
+
+    #[test]
+    fn host_interval() {
+        let c = parse("[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
+        let host = |n: &str| HostName::new(n).unwrap();
+        assert_eq!(
+            c.interval(&host("alpha")),
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(c.interval(&host("beta")), DEFAULT_INTERVAL);
+        let c = parse("[defaults]\ninterval = \"1h\"\nreboot = \"when-needed\"\n[hosts.alpha]\ninterval = \"5m\"\n[hosts.beta]\n").unwrap();
+        assert_eq!(
+            c.interval(&host("alpha")),
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(
+            c.interval(&host("beta")),
+            std::time::Duration::from_secs(3600)
+        );
+        assert_eq!(
+            c.settings(&host("beta")).reboot,
+            crate::protocol::settings::RebootPolicy::WhenNeeded
+        );
+        assert!(parse("[defaults]\nreboot = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("sometimes"));
+        for bad in ["\"soon\"", "\"0s\"", "5"] {
+            let err = parse(&format!("[hosts.alpha]\ninterval = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("interval") || err.contains("string"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let err = parse("[server]\nport = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("bento.toml"), "{err}");
+        let err = parse("[server]\nchroots = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chroots"), "{err}");
+        let err = parse("[hosts.Bad_Name]\n").unwrap_err().to_string();
+        assert!(err.contains("Bad_Name"), "{err}");
+        let err = parse("[hosts.averyveryverylonghostnamethat]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 32"), "{err}");
+        let err = parse("[server]\nchroot = \"rel\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absolute"), "{err}");
+    }
+}

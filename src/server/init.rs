@@ -1,0 +1,114 @@
+//! `bento init`: a new fleet repo with one commented example host.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+const BENTO_TOML: &str = r#"# bento fleet settings. `bento publish` reads this file; keep it in git with the hosts.
+#
+# Layout of this repository:
+#   bento.toml             this file
+#   hosts/<name>/          one directory per host (configuration.nix), or a flake directory
+#                          (flake.nix) defining several hosts in nixosConfigurations
+#   hosts/<name>/files/    files installed verbatim on the host, outside the Nix store
+#                          (secrets); hosts/<name>/files.toml sets target, owner, group, mode
+#   common/                shared modules; link them into hosts: common -> ../../common
+#
+# After a change: `bento publish` copies each host's configuration (links resolved) into
+# <chroot>/<host>/, which OpenSSH serves to that host alone.
+
+[server]
+# The name or address hosts use to reach this server over SSH.
+# address = "bento.example.org"
+# port = 22
+# Where per-host chroots live (every directory on this path must be root-owned).
+chroot = "/srv/bento"
+# Host "alpha" logs in as account "bento-alpha".
+account_prefix = "bento-"
+
+# One table per host: its SSH public key (from /etc/bento/id_ed25519.pub on the host).
+[hosts.example]
+# key = "ssh-ed25519 AAAA... root@example"
+"#;
+
+const CONFIGURATION_NIX: &str = r#"# An example host. Rename the directory to the machine's host name.
+{ config, pkgs, ... }:
+{
+  imports = [ ./common/base.nix ];
+
+  networking.hostName = "example";
+  # Keep the machine's own hardware-configuration.nix here, beside this file.
+  # imports = [ ./hardware-configuration.nix ];
+
+  system.stateVersion = "24.05";
+}
+"#;
+
+const COMMON_BASE_NIX: &str = r#"# Settings shared by every host. Hosts link this directory: hosts/<name>/common -> ../../common
+{ config, pkgs, ... }:
+{
+  services.openssh.enable = true;
+  time.timeZone = "UTC";
+}
+"#;
+
+const GITIGNORE: &str = "result\nresult-*\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{0} already holds a fleet (bento.toml); not overwriting it")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Creates the fleet layout in `dir`; returns the files created.
+pub fn init(dir: &Path) -> Result<Vec<PathBuf>, InitError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| InitError::Io { path, source }
+    };
+    if dir.join(crate::server::fleet::FLEET_FILE).exists() {
+        return Err(InitError::Exists(dir.to_owned()));
+    }
+    let files: [(&str, &str); 4] = [
+        ("bento.toml", BENTO_TOML),
+        ("hosts/example/configuration.nix", CONFIGURATION_NIX),
+        ("common/base.nix", COMMON_BASE_NIX),
+        (".gitignore", GITIGNORE),
+    ];
+    // Refuse before writing anything, so a half-made fleet never exists.
+    for (rel, _) in &files {
+        if dir.join(rel).exists() {
+            return Err(InitError::Exists(dir.join(rel)));
+        }
+    }
+    let mut created = Vec::new();
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        fs::write(&path, text).map_err(io(&path))?;
+        created.push(path);
+    }
+    let link = dir.join("hosts/example/common");
+    std::os::unix::fs::symlink("../../common", &link).map_err(io(&link))?;
+    created.push(link);
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_a_loadable_fleet_and_refuses_twice() {
+        let t = tempfile::tempdir().unwrap();
+        let created = init(t.path()).unwrap();
+        assert_eq!(created.len(), 5);
+        let fleet = crate::server::fleet::Fleet::load(t.path()).unwrap();
+        assert_eq!(fleet.config.hosts.len(), 1);
+        assert!(matches!(init(t.path()), Err(InitError::Exists(_))));
+    }
+}

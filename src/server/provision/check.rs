@@ -1,0 +1,384 @@
+//! `bento server check`: reads the live system (accounts, key files, chroot directories and
+//! sshd's effective configuration per account) and says, host by host, what is wrong. It
+//! changes nothing.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::protocol::layout::{Chroot, LOGS, MANIFESTS, OBJECTS};
+use crate::server::fleet::{FleetConfig, HostName};
+use crate::sys::accounts;
+
+use super::keys::{fleet_keys, keys_in_authorized_file, PublicKey};
+use super::sshd::{check_server_paths, effective_problems, parse_effective};
+use super::system;
+use super::GROUP;
+
+/// Where to find sshd and its configuration.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub sshd: PathBuf,
+    pub sshd_config: PathBuf,
+}
+
+/// Problems of one host (empty = fine).
+#[derive(Debug, Clone, Serialize)]
+pub struct HostCheck {
+    pub host: HostName,
+    pub account: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// Problems shared by every host (chroot root, key directory, group).
+    pub server: Vec<String>,
+    pub hosts: Vec<HostCheck>,
+    /// Not wrong, but weaker than it should be (unsigned manifests); no effect on the exit
+    /// status.
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.server.is_empty() && self.hosts.iter().all(|h| h.problems.is_empty())
+    }
+}
+
+/// The first component of `path` (from `/` down, as far as it exists) that is not
+/// root-owned or is writable by group or others: sshd refuses chroots and, with
+/// StrictModes, key files below such a directory.
+pub fn unsafe_component(path: &Path) -> io::Result<Option<(PathBuf, String)>> {
+    let mut current = PathBuf::new();
+    for comp in path.components() {
+        current.push(comp);
+        let meta = match fs::metadata(&current) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        };
+        if let Some(problem) = owner_mode_problem(&meta) {
+            return Ok(Some((current, problem)));
+        }
+    }
+    Ok(None)
+}
+
+fn owner_mode_problem(meta: &fs::Metadata) -> Option<String> {
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 {
+        Some(format!("owned by uid {}, not root", meta.uid()))
+    } else if mode & 0o020 != 0 {
+        Some(format!("group-writable (mode {mode:04o})"))
+    } else if mode & 0o002 != 0 {
+        Some(format!("world-writable (mode {mode:04o})"))
+    } else {
+        None
+    }
+}
+
+/// Checks the live server against `bento.toml`.
+pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
+    let server = &config.server;
+    let mut shared = Vec::new();
+    if let Err(e) = check_server_paths(server) {
+        shared.push(e.to_string());
+    }
+    for (what, dir) in [
+        ("chroot", &server.chroot),
+        ("authorized_keys_dir", &server.authorized_keys_dir),
+    ] {
+        match unsafe_component(dir) {
+            Ok(Some((path, problem))) => {
+                shared.push(format!("{what}: {} is {problem}", path.display()))
+            }
+            Ok(None) if !dir.is_dir() => {
+                shared.push(format!("{what}: {} does not exist", dir.display()))
+            }
+            Ok(None) => {}
+            Err(e) => shared.push(format!("{what}: {}: {e}", dir.display())),
+        }
+    }
+    if let Ok(meta) = fs::metadata(&server.authorized_keys_dir) {
+        if meta.mode() & 0o055 != 0o055 {
+            shared.push(format!(
+                "authorized_keys_dir: {} (mode {:04o}) is not readable by the host accounts; sshd reads key files as the account",
+                server.authorized_keys_dir.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    match accounts::group(GROUP) {
+        Ok(Some(_)) => {}
+        Ok(None) => shared.push(format!("group {GROUP} does not exist")),
+        Err(e) => shared.push(format!("cannot look up group {GROUP}: {e}")),
+    }
+    // Key problems are reported per host below; a fleet with a bad key still gets checked.
+    let keys = fleet_keys(config);
+    let chroot = Chroot::new(&server.chroot);
+    let hosts = config
+        .hosts
+        .iter()
+        .map(|(host, hc)| {
+            let account = config.account(host).unwrap_or_default();
+            let mut problems = Vec::new();
+            let key = match &keys {
+                Ok(keys) => keys.get(host).cloned().flatten(),
+                Err(errors) => {
+                    let mine = errors.0.iter().filter(|e| e.concerns(host));
+                    problems.extend(mine.map(|e| e.to_string()));
+                    hc.key
+                        .as_deref()
+                        .and_then(|k| PublicKey::parse(host, k).ok())
+                }
+            };
+            if hc.key.is_none() {
+                problems.push("no key in bento.toml: the host cannot log in".to_owned());
+            }
+            check_host(
+                config,
+                &chroot,
+                opts,
+                host,
+                &account,
+                key.as_ref(),
+                &mut problems,
+            );
+            HostCheck {
+                host: host.clone(),
+                account,
+                problems,
+            }
+        })
+        .collect();
+    CheckReport {
+        server: shared,
+        warnings: signing_warnings(config, &chroot),
+        hosts,
+    }
+}
+
+/// Unsigned manifests: hosts cannot tell a snapshot from the sysadmin from one planted by
+/// whoever controls the server (docs/security.md).
+fn signing_warnings(config: &FleetConfig, chroot: &Chroot) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.server.signing_key.is_none() {
+        warnings.push(
+            "manifests are not signed: create a key with `bento keygen`, set [server] signing_key, and give hosts trusted_keys"
+                .to_owned(),
+        );
+    }
+    for host in config.hosts.keys() {
+        let dir = chroot.host_dir(host);
+        let Ok(text) = fs::read_to_string(crate::protocol::layout::current(&dir)) else {
+            continue;
+        };
+        if let Ok(digest) = crate::protocol::layout::parse_current(&text) {
+            if !crate::protocol::layout::signature(&dir, &digest).exists() {
+                warnings.push(format!(
+                    "{host}: live version {} is unsigned",
+                    digest.short()
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+fn check_host(
+    config: &FleetConfig,
+    chroot: &Chroot,
+    opts: &CheckOptions,
+    host: &HostName,
+    account: &str,
+    key: Option<&PublicKey>,
+    problems: &mut Vec<String>,
+) {
+    let info = match accounts::user(account) {
+        Ok(Some(info)) => info,
+        Ok(None) => {
+            problems.push(format!(
+                "account {account} is missing (run `bento server sync-accounts`, or deploy the NixOS module)"
+            ));
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("cannot look up account {account}: {e}"));
+            return;
+        }
+    };
+    let host_dir = chroot.host_dir(host);
+    if Path::new(&info.home) != host_dir {
+        problems.push(format!(
+            "account {account} has home {}, not its chroot {}",
+            info.home,
+            host_dir.display()
+        ));
+    }
+    match system::groups_of(account) {
+        Ok(groups) if groups.iter().any(|g| g == GROUP) => {}
+        Ok(_) => problems.push(format!("account {account} is not in group {GROUP}")),
+        Err(e) => problems.push(e.to_string()),
+    }
+    check_key_file(config, account, key, problems);
+    check_chroot(&host_dir, &info, problems);
+    check_sshd(config, opts, account, &info.home, &host_dir, problems);
+}
+
+fn check_key_file(
+    config: &FleetConfig,
+    account: &str,
+    key: Option<&PublicKey>,
+    problems: &mut Vec<String>,
+) {
+    let path = config.server.authorized_keys_dir.join(account);
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if key.is_some() {
+                problems.push(format!("key file {} is missing", path.display()));
+            }
+            return;
+        }
+        Err(e) => {
+            problems.push(format!("key file {}: {e}", path.display()));
+            return;
+        }
+    };
+    if !meta.is_file() {
+        problems.push(format!("key file {} is not a regular file", path.display()));
+        return;
+    }
+    if let Some(problem) = owner_mode_problem(&meta) {
+        problems.push(format!("key file {} is {problem}", path.display()));
+    }
+    let Some(key) = key else {
+        problems.push(format!(
+            "key file {} exists but bento.toml has no key for this host",
+            path.display()
+        ));
+        return;
+    };
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(format!("key file {}: {e}", path.display()));
+            return;
+        }
+    };
+    if keys_in_authorized_file(&text) != [key.key_only()] {
+        problems.push(format!(
+            "key in {} differs from bento.toml (run `bento server sync-accounts`)",
+            path.display()
+        ));
+    }
+}
+
+fn check_chroot(host_dir: &Path, info: &accounts::Account, problems: &mut Vec<String>) {
+    let shown = host_dir.display();
+    let meta = match fs::symlink_metadata(host_dir) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(format!("chroot {shown}: {e}"));
+            return;
+        }
+    };
+    if !meta.is_dir() {
+        problems.push(format!("chroot {shown} is not a directory"));
+        return;
+    }
+    let mode = meta.mode() & 0o7777;
+    if let Some(problem) = owner_mode_problem(&meta) {
+        problems.push(format!("chroot {shown} is {problem}"));
+    }
+    if meta.gid() != info.gid {
+        problems.push(format!(
+            "chroot {shown} has group {}, not the account's group {} (mode 0750 root:<account>)",
+            meta.gid(),
+            info.gid
+        ));
+    }
+    if mode & 0o007 != 0 {
+        problems.push(format!(
+            "chroot {shown} is open to others (mode {mode:04o}, want 0750)"
+        ));
+    }
+    for sub in [MANIFESTS, OBJECTS] {
+        let path = host_dir.join(sub);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if !m.is_dir() => problems.push(format!("{} is not a directory", path.display())),
+            Ok(m) => {
+                if let Some(problem) = owner_mode_problem(&m) {
+                    problems.push(format!("{} is {problem}", path.display()));
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
+        }
+    }
+    let logs = host_dir.join(LOGS);
+    match fs::symlink_metadata(&logs) {
+        Ok(m) if !m.is_dir() => problems.push(format!("{} is not a directory", logs.display())),
+        Ok(m) => {
+            if m.uid() != info.uid || m.mode() & 0o300 != 0o300 {
+                problems.push(format!(
+                    "{} is not writable by the account (owner uid {}, mode {:04o}; want {}:{} 0750)",
+                    logs.display(),
+                    m.uid(),
+                    m.mode() & 0o7777,
+                    info.name,
+                    info.name
+                ));
+            }
+            if m.mode() & 0o002 != 0 {
+                problems.push(format!("{} is world-writable", logs.display()));
+            }
+        }
+        Err(e) => problems.push(format!("{}: {e}", logs.display())),
+    }
+}
+
+fn check_sshd(
+    config: &FleetConfig,
+    opts: &CheckOptions,
+    account: &str,
+    home: &str,
+    host_dir: &Path,
+    problems: &mut Vec<String>,
+) {
+    let spec = format!("user={account},host=bento-check,addr=127.0.0.1");
+    let sshd = opts.sshd.display().to_string();
+    let args = [
+        "-T".as_ref(),
+        "-f".as_ref(),
+        opts.sshd_config.as_os_str(),
+        "-C".as_ref(),
+        spec.as_ref(),
+    ];
+    let effective = match system::run::<&std::ffi::OsStr>(&sshd, &args) {
+        Ok(text) => parse_effective(&text),
+        Err(e) => {
+            problems.push(format!("cannot read sshd's effective configuration: {e}"));
+            return;
+        }
+    };
+    problems.extend(effective_problems(
+        &config.server,
+        &effective,
+        account,
+        home,
+        host_dir,
+    ));
+    if effective.get("usepam").map(String::as_str) == Some("no") {
+        match system::shadow_password(account) {
+            Ok(Some(p)) if p.starts_with('!') => problems.push(format!(
+                "account {account} is locked (password field {p:?}); sshd with UsePAM no refuses it even for keys (`usermod -p '*' {account}`)"
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+}

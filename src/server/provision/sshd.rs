@@ -1,0 +1,283 @@
+//! The sshd policy for host accounts, rendered as `sshd_config` text. The same `Match` block
+//! goes into the NixOS module and into `bento server sshd-config`, so both servers enforce
+//! exactly the same rules; `check` reads sshd's effective config back against it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::server::fleet::ServerConfig;
+
+use super::{FORCE_COMMAND, GROUP, MAX_SESSIONS, MAX_STARTUPS};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("[server] {key} = {path:?} must be an absolute path")]
+    Relative { key: &'static str, path: PathBuf },
+    #[error("[server] {key} = {path:?} may only contain letters, digits and / . _ - + @ (it goes into sshd_config, tmpfiles and Nix strings unquoted)")]
+    Characters { key: &'static str, path: PathBuf },
+}
+
+/// Checks a path that is written unquoted into sshd_config, tmpfiles rules and Nix strings.
+pub fn check_config_path(key: &'static str, path: &Path) -> Result<(), PathError> {
+    if !path.is_absolute() {
+        return Err(PathError::Relative {
+            key,
+            path: path.to_owned(),
+        });
+    }
+    let ok = path.to_str().is_some_and(|s| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+@".contains(c))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(PathError::Characters {
+            key,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// Checks both server paths of `bento.toml`.
+pub fn check_server_paths(server: &ServerConfig) -> Result<(), PathError> {
+    check_config_path("chroot", &server.chroot)?;
+    check_config_path("authorized_keys_dir", &server.authorized_keys_dir)
+}
+
+/// The `AuthorizedKeysFile` pattern: root-owned files outside every chroot.
+pub fn authorized_keys_pattern(server: &ServerConfig) -> String {
+    format!("{}/%u", server.authorized_keys_dir.display())
+}
+
+/// The `(keyword, value)` pairs of the Match block, in output order. `check` compares sshd's
+/// effective configuration against the same list.
+pub fn match_settings(server: &ServerConfig) -> Vec<(&'static str, String)> {
+    let no = || "no".to_owned();
+    vec![
+        ("AuthorizedKeysFile", authorized_keys_pattern(server)),
+        ("AuthenticationMethods", "publickey".to_owned()),
+        ("PasswordAuthentication", no()),
+        ("KbdInteractiveAuthentication", no()),
+        // The account's home is <chroot>/<host>: the jail is named by host, not by account.
+        ("ChrootDirectory", "%h".to_owned()),
+        ("ForceCommand", FORCE_COMMAND.to_owned()),
+        ("MaxSessions", MAX_SESSIONS.to_string()),
+        ("AllowTcpForwarding", no()),
+        ("AllowStreamLocalForwarding", no()),
+        ("AllowAgentForwarding", no()),
+        ("X11Forwarding", no()),
+        ("PermitTunnel", no()),
+        ("PermitOpen", "none".to_owned()),
+        ("PermitListen", "none".to_owned()),
+        ("PermitTTY", no()),
+        ("PermitUserRC", no()),
+    ]
+}
+
+/// The `Match Group bento` block, indented as sshd_config files usually are.
+pub fn match_block(server: &ServerConfig) -> String {
+    let mut out = format!("Match Group {GROUP}\n");
+    for (key, value) in match_settings(server) {
+        out.push_str(&format!("    {key} {value}\n"));
+    }
+    out
+}
+
+/// What `bento server sshd-config` prints: a global `MaxStartups` and the Match block, to
+/// append at the end of sshd_config.
+pub fn sshd_config(server: &ServerConfig) -> String {
+    format!(
+        "# bento: SFTP chroots for the fleet's hosts (from `bento server sshd-config`).\n\
+         # Append to the END of sshd_config: MaxStartups is global and must stay above every\n\
+         # Match line, and a Match block runs to the end of the file or the next Match.\n\
+         # Many hosts poll at once; OpenSSH's default 10:30:100 starts dropping connections\n\
+         # at 10 unauthenticated ones.\n\
+         MaxStartups {MAX_STARTUPS}\n\
+         {}",
+        match_block(server)
+    )
+}
+
+/// Parses `sshd -T` output (`keyword value…` per line, keywords lowercase) into a map.
+/// Keywords that repeat (e.g. `hostkey`) keep their values joined by newlines.
+pub fn parse_effective(text: &str) -> BTreeMap<String, String> {
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
+    for line in text.lines() {
+        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+        map.entry(key.to_ascii_lowercase())
+            .and_modify(|v| {
+                v.push('\n');
+                v.push_str(value);
+            })
+            .or_insert_with(|| value.to_owned());
+    }
+    map
+}
+
+/// Expands the `%` tokens sshd allows in `ChrootDirectory` and `AuthorizedKeysFile`.
+pub fn expand_tokens(pattern: &str, account: &str, home: &str) -> String {
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('%') => out.push('%'),
+            Some('u') => out.push_str(account),
+            Some('h') => out.push_str(home),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// What is wrong with sshd's effective settings for one host account (`sshd -T -C user=…`).
+pub fn effective_problems(
+    server: &ServerConfig,
+    effective: &BTreeMap<String, String>,
+    account: &str,
+    home: &str,
+    host_dir: &Path,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let get = |k: &str| effective.get(k).map(String::as_str).unwrap_or("");
+    let chroot = get("chrootdirectory");
+    if chroot.is_empty() || chroot == "none" {
+        problems.push(format!(
+            "sshd config lacks the bento Match block: no ChrootDirectory for {account} (add the output of `bento server sshd-config`)"
+        ));
+        return problems;
+    }
+    let jail = expand_tokens(chroot, account, home);
+    if Path::new(&jail) != host_dir {
+        problems.push(format!(
+            "sshd jails {account} in {jail}, not in {}",
+            host_dir.display()
+        ));
+    }
+    let force = get("forcecommand");
+    let words: Vec<&str> = force.split_whitespace().collect();
+    let denied: Vec<&str> = words
+        .iter()
+        .position(|w| *w == "-P")
+        .and_then(|i| words.get(i + 1))
+        .map(|list| list.split(',').collect())
+        .unwrap_or_default();
+    if words.first() != Some(&"internal-sftp") {
+        problems.push(format!(
+            "sshd ForceCommand for {account} is {force:?}, not internal-sftp"
+        ));
+    } else if !(denied.contains(&"symlink") && denied.contains(&"hardlink")) {
+        problems.push(format!(
+            "sshd ForceCommand for {account} does not deny link creation (needs -P symlink,hardlink)"
+        ));
+    }
+    let wanted_keys = expand_tokens(&authorized_keys_pattern(server), account, home);
+    let keys_files: Vec<String> = get("authorizedkeysfile")
+        .split_whitespace()
+        .map(|p| expand_tokens(p, account, home))
+        .collect();
+    if keys_files != [wanted_keys.clone()] {
+        problems.push(format!(
+            "sshd AuthorizedKeysFile for {account} is {:?}, not {wanted_keys:?}",
+            keys_files.join(" ")
+        ));
+    }
+    for key in [
+        "allowtcpforwarding",
+        "allowstreamlocalforwarding",
+        "allowagentforwarding",
+        "x11forwarding",
+        "permittunnel",
+        "permittty",
+    ] {
+        let value = get(key);
+        if value != "no" {
+            problems.push(format!("sshd {key} is {value:?} for {account}, not \"no\""));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ServerConfig {
+        ServerConfig::default()
+    }
+
+    #[test]
+    fn sshd_config_snapshot() {
+        insta::assert_snapshot!(sshd_config(&server()));
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        let mut s = server();
+        assert_eq!(check_server_paths(&s), Ok(()));
+        s.authorized_keys_dir = PathBuf::from("/etc/my keys");
+        let e = check_server_paths(&s).unwrap_err();
+        assert!(e.to_string().contains("authorized_keys_dir"), "{e}");
+        s.authorized_keys_dir = PathBuf::from("keys");
+        assert!(matches!(
+            check_server_paths(&s),
+            Err(PathError::Relative { .. })
+        ));
+        s.authorized_keys_dir = PathBuf::from("/etc/%u");
+        assert!(check_server_paths(&s).is_err());
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(expand_tokens("%h", "a", "/srv/x"), "/srv/x");
+        assert_eq!(expand_tokens("/k/%u%%", "a", "/h"), "/k/a%");
+    }
+
+    #[test]
+    fn effective_settings_are_judged() {
+        let s = server();
+        let good =
+            "chrootdirectory %h\nforcecommand internal-sftp -d / -u 0027 -P symlink,hardlink\n\
+                    authorizedkeysfile /etc/bento/authorized_keys/%u\nallowtcpforwarding no\n\
+                    allowstreamlocalforwarding no\nallowagentforwarding no\nx11forwarding no\n\
+                    permittunnel no\npermittty no\n";
+        let home = "/srv/bento/web";
+        let p = effective_problems(
+            &s,
+            &parse_effective(good),
+            "bento-web",
+            home,
+            Path::new(home),
+        );
+        assert!(p.is_empty(), "{p:?}");
+        let missing = "chrootdirectory none\nforcecommand none\n";
+        let p = effective_problems(
+            &s,
+            &parse_effective(missing),
+            "bento-web",
+            home,
+            Path::new(home),
+        );
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("lacks the bento Match block"), "{p:?}");
+        let weak = good
+            .replace(" -P symlink,hardlink", "")
+            .replace("x11forwarding no", "x11forwarding yes");
+        let p = effective_problems(
+            &s,
+            &parse_effective(&weak),
+            "bento-web",
+            home,
+            Path::new(home),
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+    }
+}

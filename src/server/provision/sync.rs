@@ -1,0 +1,365 @@
+//! `sync-accounts`: makes the system's host accounts and authorized-keys files match
+//! `bento.toml` on a non-NixOS server, idempotently. Everything that can be refused (bad
+//! keys, unsafe paths) is refused before the first change; after that each host is synced
+//! on its own, so one failing host never stops the others.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::protocol::layout::Chroot;
+use crate::server::fleet::{FleetConfig, HostName};
+use crate::server::publish::{prepare_host_dir, Ownership};
+use crate::sys::accounts;
+use crate::sys::atomic;
+
+use super::check::unsafe_component;
+use super::keys::{fleet_keys, KeyErrors, PublicKey};
+use super::sshd::{check_server_paths, PathError};
+use super::system::{self, CommandError};
+use super::GROUP;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("sync-accounts creates system accounts and must run as root")]
+    NotRoot,
+    #[error(transparent)]
+    Keys(#[from] KeyErrors),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("{path}: {problem}; sshd refuses chroots and key files below such a directory")]
+    UnsafePath { path: PathBuf, problem: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Name(#[from] crate::protocol::NameError),
+    #[error(transparent)]
+    Publish(#[from] crate::server::publish::PublishError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SyncError + '_ {
+    move |source| SyncError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncAction {
+    Created,
+    Updated,
+    Unchanged,
+    Removed,
+    Failed,
+}
+
+/// What happened to one account.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    /// The host, for accounts of the fleet; `None` for pruned accounts of unknown hosts.
+    pub host: Option<HostName>,
+    pub account: String,
+    pub action: SyncAction,
+    /// What changed, or why it failed.
+    pub details: Vec<String>,
+}
+
+/// Creates, updates and (with `prune`) removes host accounts and key files.
+pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport>, SyncError> {
+    if !accounts::is_root() {
+        return Err(SyncError::NotRoot);
+    }
+    let server = &config.server;
+    check_server_paths(server)?;
+    let keys = fleet_keys(config)?;
+    for dir in [&server.chroot, &server.authorized_keys_dir] {
+        if let Some((path, problem)) = unsafe_component(dir).map_err(io_err(dir))? {
+            return Err(SyncError::UnsafePath { path, problem });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
+    // sshd opens a key file with the account's own privileges, so the accounts must be
+    // able to reach it (a 0700 directory, e.g. from a strict umask, locks every host out).
+    let keys_dir = &server.authorized_keys_dir;
+    let mode = fs::metadata(keys_dir).map_err(io_err(keys_dir))?.mode();
+    if mode & 0o055 != 0o055 {
+        fs::set_permissions(keys_dir, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(keys_dir))?;
+    }
+    ensure_group()?;
+
+    let chroot = Chroot::new(&server.chroot);
+    let mut reports = Vec::new();
+    let mut wanted = BTreeSet::new();
+    for (host, key) in &keys {
+        let account = config.account(host)?;
+        wanted.insert(account.clone());
+        let report = match sync_host(config, &chroot, host, &account, key.as_ref()) {
+            Ok(changes) if changes.first().is_some_and(|c| c == "created") => SyncReport {
+                host: Some(host.clone()),
+                account,
+                action: SyncAction::Created,
+                details: changes[1..].to_vec(),
+            },
+            Ok(changes) => SyncReport {
+                host: Some(host.clone()),
+                account,
+                action: if changes.is_empty() {
+                    SyncAction::Unchanged
+                } else {
+                    SyncAction::Updated
+                },
+                details: changes,
+            },
+            Err(e) => SyncReport {
+                host: Some(host.clone()),
+                account,
+                action: SyncAction::Failed,
+                details: vec![e.to_string()],
+            },
+        };
+        reports.push(report);
+    }
+    if prune {
+        reports.extend(prune_accounts(config, &chroot, &wanted)?);
+    }
+    Ok(reports)
+}
+
+fn ensure_group() -> Result<(), SyncError> {
+    if accounts::group(GROUP)
+        .map_err(io_err(Path::new("/etc/group")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    if let Err(e) = system::run("groupadd", &["--system", GROUP]) {
+        // Another sync may have created it in the meantime.
+        if accounts::group(GROUP)
+            .map_err(io_err(Path::new("/etc/group")))?
+            .is_none()
+        {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Syncs one host; returns what changed ("created" first for a new account).
+fn sync_host(
+    config: &FleetConfig,
+    chroot: &Chroot,
+    host: &HostName,
+    account: &str,
+    key: Option<&PublicKey>,
+) -> Result<Vec<String>, SyncError> {
+    let mut changes = Vec::new();
+    let home = chroot.host_dir(host);
+    let home_s = home.display().to_string();
+    let shell = system::nologin();
+    let etc = Path::new("/etc/passwd");
+    match accounts::user(account).map_err(io_err(etc))? {
+        None => {
+            system::run(
+                "useradd",
+                &[
+                    "--system",
+                    "--no-create-home",
+                    "--home-dir",
+                    &home_s,
+                    "--shell",
+                    shell,
+                    "--user-group",
+                    "--groups",
+                    GROUP,
+                    account,
+                ],
+            )?;
+            changes.push("created".to_owned());
+        }
+        Some(a) => {
+            if a.home != home_s {
+                system::run("usermod", &["--home", &home_s, account])?;
+                changes.push(format!("home {} -> {home_s}", a.home));
+            }
+            if a.shell != shell {
+                system::run("usermod", &["--shell", shell, account])?;
+                changes.push(format!("shell {} -> {shell}", a.shell));
+            }
+            if !system::groups_of(account)?.iter().any(|g| g == GROUP) {
+                system::run("usermod", &["--append", "--groups", GROUP, account])?;
+                changes.push(format!("added to group {GROUP}"));
+            }
+        }
+    }
+    // useradd leaves the password "!" (locked); sshd without PAM refuses locked accounts
+    // even for public keys. "*" matches no password and is not a lock.
+    if system::shadow_password(account)?.as_deref() != Some("*") {
+        system::run("usermod", &["--password", "*", account])?;
+        if changes.first().map(String::as_str) != Some("created") {
+            changes.push("unlocked for key logins".to_owned());
+        }
+    }
+    let key_file = config.server.authorized_keys_dir.join(account);
+    if write_key_file(&key_file, key)? {
+        changes.push(match key {
+            Some(_) => format!("key written to {}", key_file.display()),
+            None => format!("no key in bento.toml: removed {}", key_file.display()),
+        });
+    }
+    prepare_host_dir(
+        &home,
+        host,
+        &Ownership::Root {
+            prefix: config.server.account_prefix.clone(),
+        },
+    )?;
+    if config.server.backups {
+        let dir = home.join(crate::protocol::layout::BACKUPS);
+        if !dir.exists() {
+            changes.push(format!("created {}", dir.display()));
+        }
+        crate::server::publish::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
+    }
+    Ok(changes)
+}
+
+/// Makes the key file hold exactly `restrict <key>`, root-owned 0644, or removes it when
+/// the host has no key. Returns whether anything changed.
+fn write_key_file(path: &Path, key: Option<&PublicKey>) -> Result<bool, SyncError> {
+    let current = match fs::symlink_metadata(path) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let Some(key) = key else {
+        if current.is_some() {
+            fs::remove_file(path).map_err(io_err(path))?;
+            return Ok(true);
+        }
+        return Ok(false);
+    };
+    let wanted = format!("{}\n", key.authorized_line());
+    if let Some(meta) = &current {
+        let same = meta.is_file()
+            && meta.uid() == 0
+            && meta.permissions().mode() & 0o7777 == 0o644
+            && fs::read(path).map_err(io_err(path))? == wanted.as_bytes();
+        if same {
+            return Ok(false);
+        }
+        if meta.is_dir() {
+            fs::remove_dir_all(path).map_err(io_err(path))?;
+        }
+    }
+    // write_file sets the mode exactly (no umask): sshd wants a root 0644 file.
+    atomic::write_file(path, wanted.as_bytes(), 0o644).map_err(io_err(path))?;
+    Ok(true)
+}
+
+/// Removes accounts that carry the fleet's prefix and are in group `bento` but are no
+/// longer in `bento.toml`, and their key files. Their published data stays, locked to root.
+fn prune_accounts(
+    config: &FleetConfig,
+    chroot: &Chroot,
+    wanted: &BTreeSet<String>,
+) -> Result<Vec<SyncReport>, SyncError> {
+    let prefix = &config.server.account_prefix;
+    let keys_dir = &config.server.authorized_keys_dir;
+    let mut reports = Vec::new();
+    let mut gone = BTreeSet::new();
+    for account in system::account_names()? {
+        let Some(rest) = account.strip_prefix(prefix.as_str()) else {
+            continue;
+        };
+        if wanted.contains(&account) || !system::groups_of(&account)?.iter().any(|g| g == GROUP) {
+            continue;
+        }
+        let host = HostName::new(rest).ok();
+        let result = remove_account(chroot, host.as_ref(), &account, keys_dir);
+        reports.push(SyncReport {
+            host,
+            account: account.clone(),
+            action: match result {
+                Ok(_) => SyncAction::Removed,
+                Err(_) => SyncAction::Failed,
+            },
+            details: match result {
+                Ok(details) => details,
+                Err(e) => vec![e.to_string()],
+            },
+        });
+        gone.insert(account);
+    }
+    // Key files left behind by accounts removed by hand: nobody can use them now, but a
+    // future account of the same name would silently inherit the key.
+    if let Ok(entries) = fs::read_dir(keys_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix.as_str())
+                && !wanted.contains(&name)
+                && !gone.contains(&name)
+                && accounts::user(&name).ok().flatten().is_none()
+            {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                reports.push(SyncReport {
+                    host: name
+                        .strip_prefix(prefix.as_str())
+                        .and_then(|h| HostName::new(h).ok()),
+                    account: name,
+                    action: SyncAction::Removed,
+                    details: vec![format!("stale key file {} removed", path.display())],
+                });
+            }
+        }
+    }
+    Ok(reports)
+}
+
+fn remove_account(
+    chroot: &Chroot,
+    host: Option<&HostName>,
+    account: &str,
+    keys_dir: &Path,
+) -> Result<Vec<String>, SyncError> {
+    let mut details = Vec::new();
+    let key_file = keys_dir.join(account);
+    // The key goes first: even if userdel fails below, the host can no longer log in.
+    match fs::remove_file(&key_file) {
+        Ok(()) => details.push(format!("key file {} removed", key_file.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&key_file)(e)),
+    }
+    let info = accounts::user(account).map_err(io_err(Path::new("/etc/passwd")))?;
+    if let (Some(host), Some(info)) = (host, info) {
+        let dir = chroot.host_dir(host);
+        if let Ok(meta) = fs::symlink_metadata(&dir) {
+            // Once the group is deleted its gid may be reused by a new account, which
+            // would then read this host's secrets; hand the directory to root alone.
+            if meta.is_dir() && meta.gid() == info.gid {
+                std::os::unix::fs::chown(&dir, Some(0), Some(0)).map_err(io_err(&dir))?;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(&dir))?;
+                details.push(format!(
+                    "{} kept, now root-only (delete it when no longer needed)",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    system::run("userdel", &[account])?;
+    details.insert(0, "account deleted".to_owned());
+    Ok(details)
+}

@@ -1,0 +1,355 @@
+//! `bento publish`: from discovered hosts to live versions in the chroot. Everything that
+//! can be refused (names, links, files.toml, unknown `--host`) is refused before the first
+//! write; then each host is published on its own, so one failing host never stops the rest.
+
+mod host;
+mod verify;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+pub use host::{
+    collect_host, collect_pool, prepare_backups_dir, prepare_host_dir, publish_host, read_current,
+    KEEP_VERSIONS,
+};
+pub use verify::{verify_host, VerifyError};
+
+use crate::nix::StorePath;
+use crate::protocol::layout::Chroot;
+use crate::protocol::manifest::{Digest, Manifest, FORMAT};
+use crate::server::fleet::{FlakeHosts, Fleet, HostName, HostSource};
+use crate::server::hostfiles::{self, HostFilesError};
+use crate::sys::atomic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} exists and is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("account {0} does not exist: create the host accounts first (`bento server sync-accounts`, or deploy the generated NixOS module)")]
+    NoAccount(String),
+    #[error("{0} changed while it was being published; run publish again")]
+    ChangedWhilePublishing(PathBuf),
+    #[error("chroot path {path}: {problem}; OpenSSH refuses a ChrootDirectory whose every component is not root-owned and unwritable by group and others")]
+    UnsafeChrootPath { path: PathBuf, problem: String },
+    #[error("{0}: this name is reserved for the settings bento generates from bento.toml; rename the file")]
+    Reserved(PathBuf),
+    #[error("no host named {0} in the fleet")]
+    UnknownHost(HostName),
+    #[error("signing key {0} is inside the fleet repo; keep it out (it would be committed and could be published)")]
+    KeyInRepo(PathBuf),
+    #[error(transparent)]
+    Signing(#[from] crate::protocol::signing::SigningError),
+    #[error(transparent)]
+    HostFiles(#[from] HostFilesError),
+    #[error(transparent)]
+    Discover(#[from] crate::server::fleet::DiscoverError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Who owns what in the chroot.
+#[derive(Debug, Clone)]
+pub enum Ownership {
+    /// Running as root: directories get the owners and modes sshd and the host need.
+    Root { prefix: String },
+    /// Not root (tests, a dry look): modes are set, owners left alone.
+    Leave,
+}
+
+/// One host, ready to publish.
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    pub host: HostName,
+    pub manifest: Manifest,
+    pub sources: BTreeMap<Digest, hostfiles::Source>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Published,
+    Unchanged,
+    Failed,
+}
+
+/// What publishing one host did; one line of output, one JSON object.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub host: HostName,
+    pub status: Status,
+    /// The live version after this run (absent when a first publish failed).
+    pub digest: Option<Digest>,
+    pub config_entries: usize,
+    pub files: usize,
+    pub objects: usize,
+    pub new_objects: usize,
+    /// Bytes written into the chroot and pool by this run.
+    pub bytes: u64,
+    pub error: Option<String>,
+}
+
+impl HostReport {
+    pub fn changed(&self) -> bool {
+        self.status == Status::Published
+    }
+}
+
+/// Builds the plan of each host (pure, apart from reading `files.toml`).
+pub fn plan(
+    fleet: &crate::server::fleet::FleetConfig,
+    sources: &[HostSource],
+    created: &str,
+    source_commit: Option<&str>,
+    systems: &BTreeMap<HostName, StorePath>,
+) -> Result<Vec<HostPlan>, PublishError> {
+    sources
+        .iter()
+        .map(|s| {
+            let mut content = hostfiles::split(&s.items, s.files_prefix.as_deref(), &s.dir)?;
+            if content
+                .config
+                .iter()
+                .any(|e| e.path().as_str() == crate::protocol::settings::FILE)
+            {
+                return Err(PublishError::Reserved(
+                    s.dir.join(crate::protocol::settings::FILE),
+                ));
+            }
+            // The host's settings travel inside its snapshot.
+            let bytes: Arc<[u8]> = fleet.settings(&s.name).to_bytes().into();
+            let digest = Digest::of(&bytes);
+            content
+                .config
+                .push(crate::protocol::manifest::ConfigEntry::File {
+                    path: crate::protocol::manifest::RelPath::new(crate::protocol::settings::FILE)
+                        .expect("valid name"),
+                    size: bytes.len() as u64,
+                    sha256: digest,
+                    executable: false,
+                });
+            content
+                .sources
+                .insert(digest, hostfiles::Source::Bytes(bytes));
+            let mut manifest = Manifest {
+                format: FORMAT,
+                host: s.name.clone(),
+                created: created.to_owned(),
+                source_commit: source_commit.map(str::to_owned),
+                build: s.build,
+                system: systems.get(&s.name).cloned(),
+                config: content.config,
+                files: content.files,
+            };
+            manifest.canonicalize();
+            Ok(HostPlan {
+                host: s.name.clone(),
+                manifest,
+                sources: content.sources,
+            })
+        })
+        .collect()
+}
+
+/// Writes a plan's configuration tree — exactly what the host will build, generated
+/// `bento-host.json` included, secrets excluded — into `dest` (which exists).
+pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    for entry in &plan.manifest.config {
+        let path = dest.join(entry.path().as_str());
+        match entry {
+            crate::protocol::manifest::ConfigEntry::Directory { .. } => {
+                std::fs::create_dir_all(&path)?
+            }
+            crate::protocol::manifest::ConfigEntry::File {
+                sha256, executable, ..
+            } => {
+                match plan.sources.get(sha256) {
+                    Some(hostfiles::Source::File(src)) => {
+                        std::fs::copy(src, &path)?;
+                    }
+                    Some(hostfiles::Source::Bytes(bytes)) => {
+                        std::fs::File::create(&path)?.write_all(bytes)?
+                    }
+                    None => {
+                        return Err(std::io::Error::other(format!(
+                            "no source for {}",
+                            entry.path()
+                        )))
+                    }
+                }
+                let mode = if *executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks every existing component of the chroot root: sshd refuses the chroot otherwise.
+pub fn check_chroot_path(root: &Path) -> Result<(), PublishError> {
+    match crate::server::provision::check::unsafe_component(root) {
+        Ok(None) => Ok(()),
+        Ok(Some((path, problem))) => Err(PublishError::UnsafeChrootPath { path, problem }),
+        Err(source) => Err(PublishError::Io {
+            path: root.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Creates the chroot root and its state directory, and takes the publish lock.
+pub fn open_chroot(
+    chroot: &Chroot,
+    ownership: &Ownership,
+    on_wait: impl FnOnce(),
+) -> Result<atomic::Lock, PublishError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PublishError::Io { path, source }
+    };
+    if matches!(ownership, Ownership::Root { .. }) {
+        check_chroot_path(&chroot.root)?;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&chroot.root)
+        .map_err(io(&chroot.root))?;
+    for dir in [chroot.state_dir(), chroot.pool_dir(), chroot.tmp_dir()] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+    }
+    std::fs::set_permissions(chroot.state_dir(), std::fs::Permissions::from_mode(0o700))
+        .map_err(io(&chroot.state_dir()))?;
+    let lock =
+        atomic::Lock::acquire(&chroot.lock_path(), on_wait).map_err(io(&chroot.lock_path()))?;
+    atomic::remove_stale_temps(&chroot.tmp_dir()).map_err(io(&chroot.tmp_dir()))?;
+    Ok(lock)
+}
+
+/// Options of one publish run.
+pub struct Options<'a> {
+    pub chroot: Chroot,
+    /// Only these hosts (all when empty).
+    pub only: Vec<HostName>,
+    /// Expected systems from `bento build`, recorded in the manifests (`publish --build`).
+    pub systems: BTreeMap<HostName, StorePath>,
+    pub now: SystemTime,
+    pub ownership: Ownership,
+    /// Signs every manifest (`[server] signing_key`).
+    pub signer: Option<&'a crate::protocol::signing::Signer>,
+    /// Called when the publish lock is busy and the run waits for it.
+    pub on_wait: Box<dyn FnOnce() + 'a>,
+    /// Called as each host finishes (progress), from any thread.
+    pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+}
+
+/// Loads the fleet's signing key, refusing one kept inside the fleet repo.
+pub fn load_signer(
+    fleet: &Fleet,
+) -> Result<Option<crate::protocol::signing::Signer>, PublishError> {
+    let Some(path) = &fleet.config.server.signing_key else {
+        return Ok(None);
+    };
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+    if abs.starts_with(&fleet.root) {
+        return Err(PublishError::KeyInRepo(path.clone()));
+    }
+    Ok(Some(crate::protocol::signing::Signer::load(path)?))
+}
+
+/// Publishes the fleet. Returns one report per host, in host order; per-host failures are
+/// in the reports, errors that stop the whole run are returned as `Err`.
+pub fn run(
+    fleet: &Fleet,
+    flakes: &dyn FlakeHosts,
+    scanner: &crate::server::snapshot::Scanner,
+    opts: Options<'_>,
+) -> Result<Vec<HostReport>, PublishError> {
+    let sources = crate::server::fleet::discover(fleet, scanner, flakes)?;
+    let selected =
+        crate::server::fleet::select(sources, &opts.only).map_err(PublishError::UnknownHost)?;
+    // Milliseconds: hosts refuse a manifest older than the one they applied, and two
+    // publishes within a second must still be told apart.
+    let created = humantime::format_rfc3339_millis(opts.now).to_string();
+    let commit = source_commit(&fleet.root);
+    let plans = plan(
+        &fleet.config,
+        &selected,
+        &created,
+        commit.as_deref(),
+        &opts.systems,
+    )?;
+
+    let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
+    let reports: Vec<HostReport> = plans
+        .par_iter()
+        .map(|p| {
+            let r =
+                publish_host(&opts.chroot, p, &opts.ownership, opts.signer).unwrap_or_else(|e| {
+                    HostReport {
+                        host: p.host.clone(),
+                        status: Status::Failed,
+                        digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
+                        config_entries: p.manifest.config.len(),
+                        files: p.manifest.files.len(),
+                        objects: p.manifest.objects().len(),
+                        new_objects: 0,
+                        bytes: 0,
+                        error: Some(e.to_string()),
+                    }
+                });
+            (opts.on_host)(&r);
+            r
+        })
+        .collect();
+    let pool = opts.chroot.pool_dir();
+    let io = |source| PublishError::Io {
+        path: pool.clone(),
+        source,
+    };
+    if reports.iter().any(HostReport::changed) {
+        collect_pool(&opts.chroot).map_err(io)?;
+    }
+    // Caches are written under the lock, so two runs never interleave their writes.
+    if scanner.cache().is_dirty() {
+        scanner.cache().prune_unseen();
+        let path = opts.chroot.hash_cache_path();
+        atomic::write_file(&path, &scanner.cache().to_bytes(), 0o600)
+            .map_err(|source| PublishError::Io { path, source })?;
+    }
+    flakes.save().map_err(|source| PublishError::Io {
+        path: opts.chroot.flake_cache_path(),
+        source,
+    })?;
+    Ok(reports)
+}
+
+/// The fleet repo's `HEAD` commit, when it is a git work tree.
+pub fn source_commit(root: &Path) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rev-parse", "--verify", "--quiet", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let commit = text.trim();
+    (out.status.success() && !commit.is_empty()).then(|| commit.to_owned())
+}

@@ -1,0 +1,248 @@
+//! Turning status rows into text: the aligned table (colour only when asked, i.e. on a
+//! terminal), and the node-exporter textfile for Prometheus. Pure: rows and `now` in, text out.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use super::collect::HostStatus;
+use super::state::{short_duration, State};
+use crate::nix::StorePath;
+
+const HEADERS: [&str; 7] = [
+    "HOST",
+    "STATE",
+    "PUBLISHED",
+    "EXPECTED",
+    "RUNNING",
+    "LAST SEEN",
+    "ERROR",
+];
+
+fn ago(t: Option<SystemTime>, now: SystemTime) -> String {
+    match t {
+        Some(t) => match now.duration_since(t) {
+            Ok(d) => format!("{} ago", short_duration(d)),
+            // A clock ahead of ours: say so rather than print a negative age.
+            Err(e) => format!("in {}", short_duration(e.duration())),
+        },
+        None => "never".to_owned(),
+    }
+}
+
+fn short_system(p: Option<&str>) -> String {
+    match p {
+        Some(p) => {
+            StorePath::new(p).map_or_else(|_| "?".to_owned(), |s| s.short_hash(8).to_owned())
+        }
+        None => "-".to_owned(),
+    }
+}
+
+/// The cells of one row, uncoloured.
+fn cells(row: &HostStatus, now: SystemTime) -> [String; 7] {
+    let published = match &row.published {
+        Some(d) => format!("{} {}", d.short(), ago(row.published_time, now)),
+        None => "-".to_owned(),
+    };
+    [
+        row.host.to_string(),
+        row.state.label().to_owned(),
+        published,
+        short_system(row.expected_system.as_ref().map(StorePath::as_str)),
+        short_system(row.running_system.as_deref()),
+        ago(row.last_seen_at, now),
+        row.error.clone().unwrap_or_default(),
+    ]
+}
+
+fn colour(state: State) -> &'static str {
+    match state {
+        State::Failing | State::RolledBack | State::Silent => "\x1b[1;31m",
+        State::Drifted | State::UpdatePending => "\x1b[33m",
+        State::New => "\x1b[36m",
+        State::UpToDate => "\x1b[32m",
+    }
+}
+
+/// The table: a header and one row per host, columns aligned with spaces. With `color`,
+/// the state is coloured (ANSI); the text is otherwise the same, so alignment never depends
+/// on escape codes.
+pub fn table(rows: &[HostStatus], now: SystemTime, color: bool) -> String {
+    let all: Vec<[String; 7]> = rows.iter().map(|r| cells(r, now)).collect();
+    let mut widths = HEADERS.map(str::len);
+    for c in &all {
+        for (w, cell) in widths.iter_mut().zip(c) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String; 7], state: Option<State>| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let last = i == cells.len() - 1;
+            if last && cell.is_empty() {
+                break;
+            }
+            let pad = if last {
+                0
+            } else {
+                widths[i] - cell.chars().count()
+            };
+            match (i, state, color) {
+                (1, Some(s), true) => {
+                    let _ = write!(text, "{}{cell}\x1b[0m", colour(s));
+                }
+                _ => text.push_str(cell),
+            }
+            if !last {
+                text.extend(std::iter::repeat_n(' ', pad + 2));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&HEADERS.map(str::to_owned), None);
+    for (c, r) in all.iter().zip(rows) {
+        line(c, Some(r.state));
+    }
+    out
+}
+
+/// `5 hosts: 3 up to date, 1 failing, 1 silent`.
+pub fn summary(rows: &[HostStatus]) -> String {
+    let parts: Vec<String> = State::ALL
+        .iter()
+        .filter_map(|s| {
+            let n = rows.iter().filter(|r| r.state == *s).count();
+            (n > 0).then(|| format!("{n} {}", s.label()))
+        })
+        .collect();
+    let hosts = if rows.len() == 1 { "host" } else { "hosts" };
+    if parts.is_empty() {
+        format!("{} {hosts}", rows.len())
+    } else {
+        format!("{} {hosts}: {}", rows.len(), parts.join(", "))
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The node-exporter textfile: one `bento_host_state` series per host and state (1 for the
+/// state it is in), last seen and last success times, and per-state host counts.
+pub fn prometheus(rows: &[HostStatus]) -> String {
+    let mut out = String::new();
+    out.push_str("# HELP bento_host_state Whether the host is in this state (1) or not (0).\n");
+    out.push_str("# TYPE bento_host_state gauge\n");
+    for r in rows {
+        let host = escape_label(r.host.as_str());
+        for s in State::ALL {
+            let v = u8::from(r.state == s);
+            let _ = writeln!(
+                out,
+                "bento_host_state{{host=\"{host}\",state=\"{}\"}} {v}",
+                s.key()
+            );
+        }
+    }
+    timestamps(
+        &mut out,
+        rows,
+        "bento_host_last_seen_timestamp_seconds",
+        "When the host last sent a heartbeat or report.",
+        |r| r.last_seen_at,
+    );
+    timestamps(
+        &mut out,
+        rows,
+        "bento_host_last_success_timestamp_seconds",
+        "When the host's newest report, a success, finished.",
+        |r| r.last_success_at,
+    );
+    out.push_str("# HELP bento_hosts Number of hosts in each state.\n");
+    out.push_str("# TYPE bento_hosts gauge\n");
+    for s in State::ALL {
+        let n = rows.iter().filter(|r| r.state == s).count();
+        let _ = writeln!(out, "bento_hosts{{state=\"{}\"}} {n}", s.key());
+    }
+    out
+}
+
+/// One gauge of unix times, a series per host that has the time.
+fn timestamps(
+    out: &mut String,
+    rows: &[HostStatus],
+    metric: &str,
+    help: &str,
+    time: fn(&HostStatus) -> Option<SystemTime>,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+    for r in rows {
+        if let Some(t) = time(r) {
+            let _ = writeln!(
+                out,
+                "{metric}{{host=\"{}\"}} {}",
+                escape_label(r.host.as_str()),
+                unix_seconds(t)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::HostName;
+    use std::time::Duration;
+
+    fn row(host: &str, state: State, error: Option<&str>) -> HostStatus {
+        HostStatus {
+            host: HostName::new(host).unwrap(),
+            state,
+            published: Some(crate::protocol::manifest::Digest::of(b"x")),
+            published_at: None,
+            expected_system: None,
+            expected_from: None,
+            running_system: Some("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x".into()),
+            running_version: None,
+            last_seen: None,
+            last_success: None,
+            error: error.map(str::to_owned),
+            last_seen_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
+            last_success_at: None,
+            published_time: Some(SystemTime::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn colour_does_not_change_alignment() {
+        let rows = [
+            row("a", State::Failing, Some("boom")),
+            row("bbbbbb", State::UpToDate, None),
+        ];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1060);
+        let plain = table(&rows, now, false);
+        let coloured = table(&rows, now, true);
+        assert!(!plain.contains('\x1b'));
+        let stripped = coloured
+            .replace("\x1b[1;31m", "")
+            .replace("\x1b[32m", "")
+            .replace("\x1b[0m", "");
+        assert_eq!(plain, stripped);
+        let lines: Vec<&str> = plain.lines().collect();
+        let col = |l: &str| l.find("LAST SEEN").or_else(|| l.find("60s ago")).unwrap();
+        assert_eq!(col(lines[0]), col(lines[1]));
+        assert_eq!(col(lines[0]), col(lines[2]));
+        assert!(lines[1].ends_with("boom"));
+        assert_eq!(summary(&rows), "2 hosts: 1 failing, 1 up to date");
+    }
+}

@@ -1,0 +1,6 @@
+//! Plumbing both sides use: crash-safe file writes, user and group lookups, and how results
+//! reach the terminal.
+
+pub mod accounts;
+pub mod atomic;
+pub mod output;
