@@ -7,6 +7,7 @@ mod docs;
 mod faults;
 mod hostile;
 mod init;
+mod layers;
 mod machines;
 mod nixos;
 mod page;
