@@ -7,6 +7,7 @@ mod diff;
 mod flake_update;
 mod init;
 mod keygen;
+mod log;
 mod publish;
 mod server;
 mod status;
@@ -45,6 +46,8 @@ pub enum Command {
     Build(build::Args),
     /// Show the state of every host: up to date, pending, failing, rolled back, silent…
     Status(status::Args),
+    /// Show a host's past runs, or one run's full log
+    Log(log::Args),
     /// Show what will change on each host: its running system against the expected one
     Diff(diff::Args),
     /// Update the lock files of every flake directory in the fleet
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Publish(args) => publish::run(cli.fleet, args),
         Command::Build(args) => build::run(cli.fleet, args),
         Command::Status(args) => status::run(cli.fleet, args),
+        Command::Log(args) => log::run(cli.fleet, args),
         Command::Diff(args) => diff::run(cli.fleet, args),
         Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
         Command::Server(cmd) => server::run(cli.fleet, cmd),

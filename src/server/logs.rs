@@ -137,11 +137,7 @@ pub fn list(host_dir: &Path) -> Result<Vec<LogEntry>, LogsError> {
 /// that is not a regular file with one name. The checks are made on the opened file, so
 /// the host cannot swap the entry between check and read.
 pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
-        return Err(LogsError::BadName {
-            name: name.to_owned(),
-        });
-    }
+    check_name(name)?;
     let path = logs_dir(host_dir)?.join(name);
     let file = match open_nofollow(&path, 0) {
         Ok(f) => f,
@@ -153,6 +149,12 @@ pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
+    read_opened(file, path)
+}
+
+/// The checks and the bounded read of an entry opened without following links; made on
+/// the open file, so the host cannot swap the entry between check and read.
+fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
     let meta = file.metadata().map_err(io_err(&path))?;
     if let Some(kind) = refusal(&meta) {
         return Err(LogsError::Refused { path, kind });
@@ -175,6 +177,83 @@ pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
         });
     }
     Ok(bytes)
+}
+
+/// Lists `<host_dir>/logs/<sub>/` (e.g. `reports`), like [`list`]. The host owns `logs/`
+/// and could swap `<sub>` for a link at any moment, so the directory is opened once, without
+/// following links, and listed and read through that open descriptor only.
+pub fn list_in(host_dir: &Path, sub: &str) -> Result<Vec<LogEntry>, LogsError> {
+    let (dir, path) = open_sub(host_dir, sub)?;
+    let through = fd_path(&dir);
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(&through).map_err(io_err(&path))? {
+        let entry = entry.map_err(io_err(&path))?;
+        let meta = match fs::symlink_metadata(entry.path()) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let refused = refusal(&meta);
+        entries.push(LogEntry {
+            name: entry.file_name().to_string_lossy().into_owned(),
+            size: if refused.is_none() { meta.len() } else { 0 },
+            refused,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Reads `<host_dir>/logs/<sub>/<name>` with the checks of [`read`], through the
+/// subdirectory opened once (see [`list_in`]).
+pub fn read_in(host_dir: &Path, sub: &str, name: &str) -> Result<Vec<u8>, LogsError> {
+    check_name(name)?;
+    let (dir, dir_path) = open_sub(host_dir, sub)?;
+    let path = dir_path.join(name);
+    let file = match open_nofollow(&fd_path(&dir).join(name), 0) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(LogsError::Refused {
+                path,
+                kind: Refusal::Symlink,
+            })
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    read_opened(file, path)
+}
+
+fn check_name(name: &str) -> Result<(), LogsError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(LogsError::BadName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Opens `logs/<sub>` as a directory without following a link.
+fn open_sub(host_dir: &Path, sub: &str) -> Result<(File, PathBuf), LogsError> {
+    check_name(sub)?;
+    let path = logs_dir(host_dir)?.join(sub);
+    match open_nofollow(&path, libc::O_DIRECTORY) {
+        Ok(f) => Ok((f, path)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            let kind = match fs::symlink_metadata(&path) {
+                Ok(m) => refusal(&m).unwrap_or(Refusal::Special),
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            Err(LogsError::Refused { path, kind })
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// A path that names the directory `dir` is open on, whatever has been renamed or swapped
+/// since: the kernel resolves `/proc/self/fd/N` to the open directory itself.
+fn fd_path(dir: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod fleet;
+pub mod history;
 pub mod hostfiles;
 pub mod init;
 pub mod logs;

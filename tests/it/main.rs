@@ -8,6 +8,7 @@ mod faults;
 mod hostile;
 mod init;
 mod layers;
+mod log;
 mod machines;
 mod nixos;
 mod page;

@@ -1,0 +1,268 @@
+//! A host's past runs, from the reports it left in `logs/reports/` (`bento log`). Only this
+//! module parses old reports: `bento status` reads `latest.json` and the heartbeat alone, so
+//! a long history never slows it down.
+//!
+//! Everything here is host-written and untrusted: files are read through [`super::logs`]
+//! (no links, bounded size), a report that does not parse is listed as unreadable rather
+//! than failing the whole history, and the full log is decompressed with a size cap.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::logs::{self, LogsError};
+use crate::protocol::manifest::Digest;
+use crate::protocol::report::{Outcome, Report, RunKind, REPORTS_DIR};
+
+/// Largest run log `full_log` decompresses (a host must not exhaust the server's memory).
+pub const MAX_LOG_TEXT: u64 = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error(transparent)]
+    Logs(#[from] LogsError),
+    #[error("no run {id:?} in {dir}")]
+    NoSuchRun { id: String, dir: String },
+    #[error("{path}: not a gzip log ({source})")]
+    BadLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: larger than {max} bytes once decompressed")]
+    LogTooLarge { path: String, max: u64 },
+}
+
+/// One past run, as `bento log` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Run {
+    pub id: String,
+    /// When the run started (RFC 3339, as the host wrote it).
+    pub time: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub kind: Option<RunKind>,
+    pub version: Option<Digest>,
+    pub duration_ms: Option<u64>,
+    pub error: Option<String>,
+    /// Whether `logs/reports/<id>.log.gz` is there to print.
+    pub has_log: bool,
+    /// Set when the report could not be read or parsed; the other fields are then empty.
+    pub unreadable: Option<String>,
+}
+
+/// The newest `limit` runs of the host whose chroot directory is `host_dir`, newest first.
+/// Report ids sort by time, so the newest are the last names.
+pub fn runs(host_dir: &Path, limit: usize) -> Result<Vec<Run>, HistoryError> {
+    let entries = match logs::list_in(host_dir, REPORTS_DIR) {
+        Ok(e) => e,
+        // A host that never reported has no reports/ yet: no history, not an error.
+        Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let mut out = Vec::new();
+    for entry in entries.iter().rev() {
+        let Some(id) = entry.name.strip_suffix(".json") else {
+            continue;
+        };
+        if out.len() == limit {
+            break;
+        }
+        let has_log = names.contains(format!("{id}.log.gz").as_str());
+        out.push(run_of(host_dir, id, has_log));
+    }
+    Ok(out)
+}
+
+fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
+    let empty = |why: String| Run {
+        id: id.to_owned(),
+        time: None,
+        outcome: None,
+        kind: None,
+        version: None,
+        duration_ms: None,
+        error: None,
+        has_log,
+        unreadable: Some(why),
+    };
+    let bytes = match logs::read_in(host_dir, REPORTS_DIR, &format!("{id}.json")) {
+        Ok(b) => b,
+        Err(e) => return empty(e.to_string()),
+    };
+    match Report::parse(&bytes) {
+        Ok(r) if r.id == id => Run {
+            id: r.id,
+            time: Some(r.started.to_string()),
+            outcome: Some(r.outcome),
+            kind: Some(r.kind),
+            version: Some(r.version),
+            duration_ms: Some(r.timings.total_ms),
+            error: r.error,
+            has_log,
+            unreadable: None,
+        },
+        Ok(r) => empty(format!("the report inside says it is run {:?}", r.id)),
+        Err(e) => empty(format!("not a report: {e}")),
+    }
+}
+
+/// The full log of run `id`, decompressed.
+pub fn full_log(host_dir: &Path, id: &str) -> Result<String, HistoryError> {
+    let name = format!("{id}.log.gz");
+    let shown = || format!("{}/logs/{REPORTS_DIR}/{name}", host_dir.display());
+    let gz = match logs::read_in(host_dir, REPORTS_DIR, &name) {
+        Ok(b) => b,
+        Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(HistoryError::NoSuchRun {
+                id: id.to_owned(),
+                dir: format!("{}/logs/{REPORTS_DIR}", host_dir.display()),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut text = Vec::new();
+    flate2::read::GzDecoder::new(gz.as_slice())
+        .take(MAX_LOG_TEXT + 1)
+        .read_to_end(&mut text)
+        .map_err(|source| HistoryError::BadLog {
+            path: shown(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_LOG_TEXT {
+        return Err(HistoryError::LogTooLarge {
+            path: shown(),
+            max: MAX_LOG_TEXT,
+        });
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+    use crate::protocol::report::{Timings, FORMAT};
+    use crate::protocol::HostName;
+
+    fn report(id: &str, outcome: Outcome, error: Option<&str>) -> Report {
+        Report {
+            format: FORMAT,
+            id: id.into(),
+            host: HostName::new("alpha").unwrap(),
+            kind: RunKind::Published,
+            version: Digest::of(id.as_bytes()),
+            previous_version: None,
+            outcome,
+            system_before: None,
+            system_after: None,
+            built_system: None,
+            started: "2026-11-25T12:00:00Z".parse().unwrap(),
+            finished: "2026-11-25T12:01:00Z".parse().unwrap(),
+            timings: Timings {
+                total_ms: 1500,
+                ..Default::default()
+            },
+            agent_version: "0.1.0".into(),
+            error: error.map(str::to_owned),
+            log_tail: String::new(),
+            reboot_required: false,
+        }
+    }
+
+    fn host_with(reports: &[Report]) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("logs").join(REPORTS_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        for r in reports {
+            std::fs::write(t.path().join("logs").join(r.file_name()), r.to_bytes()).unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn newest_first_and_limited() {
+        let t = host_with(&[
+            report("20261125T100000Z-00000001", Outcome::Success, None),
+            report(
+                "20261125T110000Z-00000002",
+                Outcome::Failure,
+                Some("build failed"),
+            ),
+            report(
+                "20261125T120000Z-00000003",
+                Outcome::Rollback,
+                Some("unreachable"),
+            ),
+        ]);
+        let runs = runs(t.path(), 2).unwrap();
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["20261125T120000Z-00000003", "20261125T110000Z-00000002"]
+        );
+        assert_eq!(runs[1].outcome, Some(Outcome::Failure));
+        assert_eq!(runs[1].error.as_deref(), Some("build failed"));
+        assert_eq!(runs[0].duration_ms, Some(1500));
+    }
+
+    #[test]
+    fn a_bad_report_is_listed_unreadable_not_fatal() {
+        let t = host_with(&[report("20261125T100000Z-00000001", Outcome::Success, None)]);
+        let dir = t.path().join("logs").join(REPORTS_DIR);
+        std::fs::write(dir.join("20261125T110000Z-0000000f.json"), b"{not json").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", dir.join("20261125T120000Z-0000000e.json"))
+            .unwrap();
+        let runs = runs(t.path(), 10).unwrap();
+        assert_eq!(runs.len(), 3);
+        assert!(runs[0]
+            .unreadable
+            .as_deref()
+            .unwrap()
+            .contains("symbolic link"));
+        assert!(runs[1]
+            .unreadable
+            .as_deref()
+            .unwrap()
+            .contains("not a report"));
+        assert_eq!(runs[2].outcome, Some(Outcome::Success));
+    }
+
+    #[test]
+    fn no_reports_is_an_empty_history() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("logs")).unwrap();
+        assert!(runs(t.path(), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_linked_reports_dir_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("logs")).unwrap();
+        std::os::unix::fs::symlink(other.path(), t.path().join("logs").join(REPORTS_DIR)).unwrap();
+        assert!(matches!(
+            runs(t.path(), 10),
+            Err(HistoryError::Logs(LogsError::Refused { .. }))
+        ));
+    }
+
+    #[test]
+    fn full_log_is_decompressed_and_a_missing_one_named() {
+        let t = host_with(&[]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"fetching\nbuilding\n").unwrap();
+        let path = t.path().join("logs").join(REPORTS_DIR).join("r1.log.gz");
+        std::fs::write(path, gz.finish().unwrap()).unwrap();
+        assert_eq!(full_log(t.path(), "r1").unwrap(), "fetching\nbuilding\n");
+        let err = full_log(t.path(), "r2").unwrap_err().to_string();
+        assert!(err.contains("no run \"r2\""), "{err}");
+        assert!(matches!(
+            full_log(t.path(), "../x"),
+            Err(HistoryError::Logs(LogsError::BadName { .. }))
+        ));
+    }
+}
