@@ -4,14 +4,31 @@
 # publishes into per-host chroots served by a private sshd on 127.0.0.1, each host's agent
 # pulling, building (toy NixOS-shaped systems) and activating its snapshot, and the status
 # table of the fleet. Run as root on Debian; installs what it needs.
-#   scripts/demo.sh [WORKDIR]     (default /var/lib/bento-demo; removed and recreated)
+#   scripts/demo.sh [WORKDIR]     (default: a new /var/lib/bento-demo.XXXXXX; a WORKDIR given
+#                                  is removed and recreated)
+# Two demos on one machine do not collide: each has its own work dir, account prefix
+# (derived from the work dir) and a free port (BENTO_DEMO_PORT overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-WORK=${1:-/var/lib/bento-demo}
-PORT=${BENTO_DEMO_PORT:-22222}
 [ "$(id -u)" = 0 ] || { echo "scripts/demo.sh: run as root (it creates accounts and chroots)" >&2; exit 1; }
-case "$WORK" in /*) ;; *) echo "WORKDIR must be absolute" >&2; exit 1;; esac
+if [ $# -ge 1 ]; then
+  WORK=$1
+  case "$WORK" in /*) ;; *) echo "WORKDIR must be absolute" >&2; exit 1;; esac
+else
+  mkdir -p /var/lib
+  WORK=$(mktemp -d /var/lib/bento-demo.XXXXXX)
+fi
+# Accounts are named PREFIX+host: a prefix of the demo's own keeps two demos' accounts apart.
+ID=$(printf '%s' "$WORK" | sha256sum | cut -c1-6)
+PREFIX="bento-demo-$ID-"
+free_port() {
+  for p in $(shuf -i 20000-60000 -n 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+  done
+  echo "scripts/demo.sh: no free port found; set BENTO_DEMO_PORT" >&2; exit 1
+}
+PORT=${BENTO_DEMO_PORT:-$(free_port)}
 
 need=()
 for pkg in nix-bin openssh-server openssh-client git; do
@@ -28,8 +45,9 @@ flake-registry ='
 # Classic hosts build the toy <nixpkgs/nixos> (no nixpkgs offline).
 export NIX_PATH="nixpkgs=$ROOT/tests/fixtures/toy/nixpkgs"
 
-echo "== building bento"
-cargo build --release --quiet
+echo "== building bento (the first build takes a few minutes)"
+# cargo shows its own progress on a terminal; keep its summary line otherwise.
+if [ -t 2 ]; then cargo build --release; else cargo build --release 2>&1 | tail -n 1; fi
 BENTO="$ROOT/target/release/bento"
 
 echo "== a fleet repo in $WORK/fleet"
@@ -54,7 +72,7 @@ mkdir -p "$WORK/keys"; chmod 0700 "$WORK/keys"
   echo "[server]"
   echo "address = \"127.0.0.1\""
   echo "chroot = \"$WORK/chroot\""
-  echo "account_prefix = \"bento-demo-\""
+  echo "account_prefix = \"$PREFIX\""
   echo "authorized_keys_dir = \"$WORK/authorized_keys\""
   for h in desk lab1 lab2; do
     ssh-keygen -q -t ed25519 -N '' -C "root@$h" -f "$WORK/keys/$h"
@@ -100,7 +118,7 @@ agents() {
     m="$WORK/machines/$h"; mkdir -p "$m/root"
     cat > "$m/agent.toml" <<TOML
 host = "$h"
-server = "sftp://bento-demo-$h@127.0.0.1:$PORT"
+server = "sftp://$PREFIX$h@127.0.0.1:$PORT"
 identity_file = "$WORK/keys/$h"
 known_hosts = "$WORK/known_hosts"
 state_dir = "$m/state"
