@@ -3,6 +3,7 @@
 
 mod agent;
 mod build;
+mod completions;
 mod diff;
 mod flake_update;
 mod init;
@@ -58,6 +59,10 @@ pub enum Command {
     /// The machine-side agent (runs on each NixOS host)
     #[command(subcommand)]
     Agent(agent::Command),
+    /// Print shell completions (bash, zsh, fish, …) for bento
+    Completions(completions::Args),
+    /// Print bento's man page (generated from these definitions)
+    Man(completions::ManArgs),
 }
 
 /// Exit status for errors that stop a command.
@@ -93,6 +98,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
         Command::Server(cmd) => server::run(cli.fleet, cmd),
         Command::Agent(cmd) => agent::run(cmd),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => completions::man(args),
     };
     match result {
         Ok(code) => code,

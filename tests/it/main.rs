@@ -2,6 +2,7 @@
 
 mod agent;
 mod build;
+mod cli;
 mod common;
 mod docs;
 mod faults;
