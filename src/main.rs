@@ -4,6 +4,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = bento::cli::Cli::parse();
-    bento::cli::init_logging(cli.verbose);
+    bento::cli::init_logging(cli.verbose, cli.quiet);
     bento::cli::run(cli)
 }

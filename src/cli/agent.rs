@@ -26,6 +26,7 @@ pub enum Command {
     },
     /// Show this machine's view: version applied, running system, last outcome
     Status {
+        /// The agent's settings
         #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
         /// Print JSON
@@ -34,6 +35,7 @@ pub enum Command {
     },
     /// Serve the "Update my machine" page on loopback (socket-activated by systemd, or standalone)
     Serve {
+        /// The agent's settings
         #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
         /// Where to listen when systemd passes no socket (loopback addresses only)

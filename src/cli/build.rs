@@ -127,7 +127,7 @@ pub fn build_hosts(
         now,
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
-    let terminal = std::io::stderr().is_terminal();
+    let terminal = output::shows_progress();
     let multi = indicatif::MultiProgress::new();
     if !terminal {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());

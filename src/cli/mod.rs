@@ -31,6 +31,10 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Only results and errors: no progress, notes or informational log lines
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,19 +72,23 @@ pub enum Command {
 /// Exit status for errors that stop a command.
 pub const EXIT_ERROR: u8 = 1;
 
-pub fn init_logging(verbose: u8) {
+pub fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "bento=info",
-        1 => "bento=debug",
-        _ => "bento=trace",
+    crate::sys::output::set_quiet(quiet);
+    let default = match (quiet, verbose) {
+        (true, _) => "bento=warn",
+        (false, 0) => "bento=info",
+        (false, 1) => "bento=debug",
+        (false, _) => "bento=trace",
     };
     let filter = EnvFilter::try_from_env("BENTO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(crate::sys::output::color_on(
+            std::io::stderr().is_terminal(),
+        ))
         .with_target(false)
         .without_time()
         .init();

@@ -82,7 +82,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let color = match args.color {
         Color::Always => true,
         Color::Never => false,
-        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        Color::Auto => output::color_on(std::io::stdout().is_terminal()),
     };
     let show = |now: SystemTime| -> anyhow::Result<Vec<HostStatus>> {
         let query = Query {

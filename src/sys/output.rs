@@ -4,8 +4,31 @@
 #![allow(clippy::print_stdout)]
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: notes and progress are not shown (results and errors still are).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Whether to colour output going to a stream that `is_terminal` or not: never when
+/// `NO_COLOR` is set to anything non-empty (https://no-color.org), else only on a terminal.
+pub fn color_on(is_terminal: bool) -> bool {
+    is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Whether progress (bars, spinners) is drawn: on a terminal, unless `-q`.
+pub fn shows_progress() -> bool {
+    !quiet() && std::io::stderr().is_terminal()
+}
 
 /// Prints one line of results.
 pub fn line(text: &str) {
@@ -20,12 +43,15 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// A note for the person at the terminal (stderr, never mixed with results).
 pub fn note(text: &str) {
+    if quiet() {
+        return;
+    }
     eprintln!("note: {text}");
 }
 
 /// A progress bar on stderr when it is a terminal, hidden otherwise.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !shows_progress() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(len);

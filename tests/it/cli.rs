@@ -100,3 +100,63 @@ fn every_flag_and_argument_has_help() {
     walk(&bento::cli::Cli::command(), "bento", &mut missing);
     assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
 }
+
+/// Runs `bento ARGS` on a pseudo-terminal (util-linux `script`), so colour and progress
+/// decisions are the ones a person at a terminal gets; returns everything it printed.
+fn on_terminal(dir: &std::path::Path, args: &str, no_color: bool) -> String {
+    let bin = assert_cmd::cargo::cargo_bin("bento");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("{} {args}", bin.display()), "/dev/null"])
+        .current_dir(dir)
+        .env("NIX_CONFIG", crate::common::NIX_CONFIG)
+        .env_remove("BENTO_FLEET")
+        .env_remove("NO_COLOR");
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    }
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An SGR (colour) sequence, `ESC [ digits;… m`; cursor moves of progress bars are not colour.
+fn has_colour(text: &str) -> bool {
+    text.split('\x1b').skip(1).any(|rest| {
+        rest.strip_prefix('[').is_some_and(|r| {
+            let end = r.find(|c: char| !(c.is_ascii_digit() || c == ';'));
+            end.is_some_and(|i| r[i..].starts_with('m'))
+        })
+    })
+}
+
+#[test]
+fn log_lines_honour_no_color_and_quiet_silences_them() {
+    let scratch = crate::common::ScratchDir::new();
+    let fleet = scratch.join("fleet");
+    bento().arg("init").arg(&fleet).assert().success();
+    let toml = std::fs::read_to_string(fleet.join("bento.toml")).unwrap();
+    let toml = toml.replace(
+        "chroot = \"/srv/bento\"",
+        &format!("chroot = \"{}\"", scratch.join("chroot").display()),
+    );
+    std::fs::write(fleet.join("bento.toml"), toml).unwrap();
+    // An unsigned fleet: publish warns on its log line before anything else.
+    let coloured = on_terminal(&fleet, "publish", false);
+    assert!(coloured.contains("not signed"), "{coloured}");
+    assert!(
+        has_colour(&coloured),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_terminal(&fleet, "publish", true);
+    assert!(plain.contains("not signed"), "{plain}");
+    assert!(!has_colour(&plain), "NO_COLOR ignored: {plain:?}");
+    // -q: results only. The warning stays (it is a warning), info lines and notes go.
+    let out = bento()
+        .current_dir(&fleet)
+        .env_remove("BENTO_LOG")
+        .args(["-q", "publish"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(" INFO ") && !err.contains("note:"), "{err}");
+    bento().args(["-q", "-v", "status"]).assert().failure();
+}
