@@ -168,7 +168,7 @@ mod tests {
             config: "/etc/bento/agent.toml".into(),
             interval: DEFAULT_INTERVAL.into(),
             randomized_delay: DEFAULT_RANDOMIZED_DELAY.into(),
-            listen: super::super::serve::DEFAULT_LISTEN.parse().unwrap(),
+            listen: super::super::page::DEFAULT_LISTEN.parse().unwrap(),
         }
     }
 

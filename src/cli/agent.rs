@@ -39,7 +39,7 @@ pub enum Command {
         #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
         /// Where to listen when systemd passes no socket (loopback addresses only)
-        #[arg(long, default_value = agent::serve::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+        #[arg(long, default_value = agent::page::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
         /// Exit after this long without a visitor or a running update (e.g. 10m)
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -60,7 +60,7 @@ pub enum Command {
         #[arg(long, default_value = agent::units::DEFAULT_RANDOMIZED_DELAY, value_name = "DURATION")]
         randomized_delay: String,
         /// The page socket's ListenStream=
-        #[arg(long, default_value = agent::serve::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+        #[arg(long, default_value = agent::page::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
         /// Write one file per unit into DIR instead of printing them
         #[arg(long, value_name = "DIR")]
@@ -77,16 +77,16 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             listen,
             exit_when_idle,
         } => {
-            let runner = std::sync::Arc::new(agent::serve::AgentRunner {
+            let runner = std::sync::Arc::new(agent::page::AgentRunner {
                 config_path: config.clone(),
             });
-            let opts = agent::serve::ServeOptions {
+            let opts = agent::page::ServeOptions {
                 config_path: config,
                 listen,
                 exit_when_idle,
                 on_listening: &|url| output::line(url),
             };
-            agent::serve::serve(&opts, runner)?;
+            agent::page::serve(&opts, runner)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::PrintUnits {

@@ -97,7 +97,7 @@ fn options() -> units::UnitOptions {
         config: "/etc/bento/agent.toml".into(),
         interval: units::DEFAULT_INTERVAL.into(),
         randomized_delay: units::DEFAULT_RANDOMIZED_DELAY.into(),
-        listen: bento::agent::serve::DEFAULT_LISTEN.parse().unwrap(),
+        listen: bento::agent::page::DEFAULT_LISTEN.parse().unwrap(),
     }
 }
 
@@ -186,7 +186,7 @@ fn the_module_defines_the_printed_units() {
     ));
     has("FixedRandomDelay = true;");
     has("listenStreams = [ \"127.0.0.1:${toString cfg.page.port}\" ];");
-    let port = bento::agent::serve::DEFAULT_LISTEN
+    let port = bento::agent::page::DEFAULT_LISTEN
         .rsplit(':')
         .next()
         .unwrap();

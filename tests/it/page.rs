@@ -92,7 +92,8 @@ impl Drop for Serve {
     }
 }
 
-/// One HTTP/1.1 exchange (the server closes the connection): status, head, body.
+/// One HTTP/1.1 exchange (the server closes the connection): status, head, body (an event
+/// stream comes chunked, as HTTP/1.1 sends a body of unknown length).
 fn http(port: u16, request: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -106,7 +107,15 @@ fn http(port: u16, request: &str) -> (u16, String, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {text:?}"));
-    (status, head.to_owned(), body.to_owned())
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, head.to_owned(), body)
 }
 
 fn post_update(port: u16, origin: Option<&str>) -> (u16, String) {
@@ -707,4 +716,84 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or(())
+}
+
+/// Security issue item 9: connections that drip a request byte by byte must not hold the
+/// page's connection slots. 40 of them (more than the 32 slots) each send one byte every 2 s
+/// and never finish; a normal visitor must get the page again within seconds, not once the
+/// drips stop.
+#[test]
+fn slow_connections_do_not_deny_the_page() {
+    const SLOW: usize = 40;
+    const DRIP: Duration = Duration::from_secs(2);
+    /// How long the drips go on: well past the page's per-connection deadline.
+    const ATTACK: Duration = Duration::from_secs(40);
+    let t = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&offline_config(t.path()), &[]);
+    let port = serve.port;
+    let get = format!("GET /state HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let status = |timeout: Duration| -> Option<u16> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(timeout)).unwrap();
+        s.write_all(get.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        text.split(' ').nth(1)?.parse().ok()
+    };
+    assert_eq!(status(Duration::from_secs(10)), Some(200), "answers before");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack_start = Instant::now();
+    let drippers: Vec<_> = (0..SLOW)
+        .map(|_| {
+            let stop = stop.clone();
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            std::thread::spawn(move || {
+                s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                // A head that never ends: one byte, then another every DRIP.
+                let head = b"GET / HTTP/1.1\r\nX-Slow: "
+                    .iter()
+                    .chain(std::iter::repeat(&b'a'));
+                let mut dripped = 0;
+                for byte in head {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst)
+                        || attack_start.elapsed() > ATTACK
+                        || s.write_all(&[*byte]).is_err()
+                    {
+                        break;
+                    }
+                    dripped += 1;
+                    std::thread::sleep(DRIP);
+                }
+                dripped
+            })
+        })
+        .collect();
+
+    // The slots are taken: while the slow connections are fresh, a visitor is turned away
+    // (so this test really does fill the page).
+    wait_for("the page to be full", Duration::from_secs(4), || {
+        (status(Duration::from_secs(2)) == Some(503)).then_some(())
+    });
+    // Then each slow connection reaches its deadline and the page answers again, while the
+    // drips still go on.
+    let answered = wait_for(
+        "the page to answer again during the attack",
+        Duration::from_secs(20),
+        || (status(Duration::from_secs(2)) == Some(200)).then(Instant::now),
+    );
+    let after = answered.duration_since(attack_start);
+    assert!(
+        after < ATTACK / 2,
+        "answered {after:?} into the attack: only because the drips stopped"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for d in drippers {
+        let dripped = d.join().unwrap();
+        assert!(
+            dripped < 20,
+            "a slow connection was cut off ({dripped} bytes)"
+        );
+    }
 }
