@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::agent::{fleet, write_version, Machine};
+use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_UPDATED};
 use crate::common::bento_std;
 use crate::common::sshd::{wait_with_deadline, Sshd};
 
@@ -558,6 +558,87 @@ fn the_page_in_chromium_updates_the_machine_and_ignores_other_sites() {
     assert!(m.profile_target().unwrap().contains("nixos-system-alpha-2"));
 }
 
+/// The ops issue: a version backing off is retried from the page's own button, with the
+/// agent's `--force` semantics, instead of a root shell.
+#[test]
+fn the_page_in_chromium_retries_a_version_that_is_backing_off() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    assert_eq!(code(&m.update()), EXIT_UPDATED);
+    // Version 2's activation fails once: the machine goes back to version 1 and the agent
+    // backs off from version 2 (for 5 minutes, far longer than this test).
+    write_version(&sshd, "2");
+    sshd.publish();
+    let out = m.update_with(&[("BENTO_TEST_FAIL_ACTIVATION", "1")], &[]);
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    let before = m.activations().len();
+    let current = fs::read_to_string(sshd.host_dir("alpha").join("current")).unwrap();
+    let v2 = bento::protocol::layout::parse_current(&current).unwrap();
+    let serve = Serve::start(
+        &m.config(),
+        &[("BENTO_TEST_ACTIVATION_LOG", &m.activation_log())],
+    );
+
+    browser.goto(&serve.url);
+    assert!(
+        browser.text("td[data-key=last]").starts_with("failed"),
+        "{}",
+        browser.text("td[data-key=last]")
+    );
+    let hidden = |id: &str| browser.js(&format!("return document.getElementById('{id}').hidden"));
+    assert_eq!(hidden("backoff"), json!(false), "Retry is offered");
+    let offer = browser.text("#backoff-text");
+    assert!(
+        offer.contains(&v2.short()) && offer.contains("tries it again in"),
+        "{offer}"
+    );
+
+    // The big button keeps to the back-off, and says so without sending anyone to a terminal.
+    browser.click("#update");
+    let result = wait_for("the update's result", Duration::from_secs(60), || {
+        Some(browser.text("#result")).filter(|t| !t.is_empty())
+    });
+    assert!(
+        result.starts_with(&format!(
+            "Nothing to do: version {} failed; retrying in",
+            v2.short()
+        )),
+        "{result}"
+    );
+    assert!(!result.contains("--force"), "{result}");
+    assert_eq!(m.activations().len(), before, "nothing was tried");
+    assert_eq!(hidden("backoff"), json!(false), "still offered");
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bento-update-page-retry.png");
+    browser.screenshot(&shot);
+    eprintln!("screenshot of the page offering Retry: {}", shot.display());
+
+    // Retry tries version 2 now, and it applies.
+    browser.click("#retry");
+    let want = format!("Updated to version {}.", v2.short());
+    wait_for("the retry's result", Duration::from_secs(120), || {
+        (browser.text("#result") == want).then_some(())
+    });
+    let acts = m.activations();
+    assert_eq!(acts.len(), before + 1, "{acts:?}");
+    assert!(acts[before].contains("nixos-system-alpha-2"), "{acts:?}");
+    assert!(m.profile_target().unwrap().contains("nixos-system-alpha-2"));
+    assert!(
+        browser.text("#log").contains("retrying now"),
+        "{}",
+        browser.text("#log")
+    );
+    wait_for(
+        "the Retry offer to go once version 2 is applied",
+        Duration::from_secs(10),
+        || (hidden("backoff") == json!(true)).then_some(()),
+    );
+}
+
 /// An agent.toml whose server is a local directory that does not exist: enough to serve the
 /// page, and any update that started would fail and leave a state directory behind.
 fn offline_config(dir: &Path) -> PathBuf {
@@ -617,6 +698,11 @@ fn only_a_same_origin_post_starts_an_update() {
         // Bounded requests.
         (format!("POST /update HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\nContent-Length: 100000\r\n\r\n"), 413),
         (format!("GET / HTTP/1.1\r\nHost: {host}\r\nX-Junk: {}\r\n\r\n", "j".repeat(10_000)), 431),
+        // A body that never arrives is cut off at the request's deadline.
+        (format!("POST /update HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\nContent-Length: 7\r\n\r\nret"), 408),
+        // Retry keeps to the same rules as Update.
+        (format!("POST /update HTTP/1.1\r\nHost: {host}\r\nOrigin: http://evil.example\r\nContent-Length: 7\r\n\r\nretry=1"), 403),
+        (format!("POST /update HTTP/1.1\r\nHost: {host}\r\nContent-Length: 7\r\n\r\nretry=1"), 403),
     ] {
         let (status, _, body) = http(p, &req);
         assert_eq!(status, want, "{}: {body}", req.lines().next().unwrap());

@@ -22,6 +22,8 @@
 //! Files: `listen` (where), `http` (one connection and its checks), `runs` (the update and
 //! the `Runner` seam), `events` (the event stream), `view` (state, Retry, HTML, CSP).
 
+#![forbid(unsafe_code)]
+
 mod events;
 mod http;
 mod listen;
