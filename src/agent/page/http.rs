@@ -85,9 +85,7 @@ pub(super) async fn connection(shared: Arc<Shared>, stream: TcpStream, slot: Slo
         Ok(r) => r,
         Err(_) if head_in.load(Ordering::SeqCst) => conn.await,
         Err(_) => {
-            tracing::debug!(
-                "closing a connection that sent no request within {REQUEST_DEADLINE:?}"
-            );
+            tracing::debug!("closing a connection whose request did not arrive by its deadline");
             return;
         }
     };
