@@ -176,7 +176,8 @@ pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
             } => {
                 match plan.sources.get(sha256) {
                     Some(hostfiles::Source::File(src)) => {
-                        std::fs::copy(src, &path)?;
+                        let mut from = crate::server::snapshot::repo::open_resolved_file(src)?;
+                        std::io::copy(&mut from, &mut std::fs::File::create(&path)?)?;
                     }
                     Some(hostfiles::Source::Bytes(bytes)) => {
                         std::fs::File::create(&path)?.write_all(bytes)?
