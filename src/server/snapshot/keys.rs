@@ -39,7 +39,7 @@ impl KeySniffer {
 
 /// True when `bytes` holds `-----BEGIN <label>PRIVATE KEY-----` (OpenSSH, PKCS#1/#8, EC,
 /// encrypted PEM) or an age secret key.
-pub fn holds_private_key(bytes: &[u8]) -> bool {
+fn holds_private_key(bytes: &[u8]) -> bool {
     if memmem::find(bytes, AGE_SECRET).is_some() {
         return true;
     }

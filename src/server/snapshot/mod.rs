@@ -13,7 +13,7 @@ mod cache;
 mod keys;
 pub mod repo;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
@@ -26,7 +26,6 @@ use std::time::SystemTime;
 use rustix::fs::FileType;
 
 pub use cache::{hash_file, hash_reader, HashCache, Hashed};
-pub use keys::holds_private_key;
 
 use crate::protocol::manifest::Digest;
 
@@ -108,8 +107,8 @@ pub struct Scanner {
     cache: HashCache,
     /// Trees by their resolved path relative to the root.
     memo: Mutex<HashMap<PathBuf, Arc<Vec<Item>>>>,
-    /// Contents holding a private key, with the first file (relative to the root) seen.
-    private_keys: Mutex<BTreeMap<Digest, PathBuf>>,
+    /// Contents that hold a private key (found while hashing).
+    private_keys: Mutex<BTreeSet<Digest>>,
     now: SystemTime,
 }
 
@@ -134,13 +133,12 @@ impl Scanner {
         &self.cache
     }
 
-    /// The file (relative to the repo root) of a scanned content that holds a private key.
-    pub fn private_key(&self, digest: &Digest) -> Option<PathBuf> {
+    /// Whether a scanned file with this content holds a private key.
+    pub fn holds_private_key(&self, digest: &Digest) -> bool {
         self.private_keys
             .lock()
             .expect("keys lock")
-            .get(digest)
-            .cloned()
+            .contains(digest)
     }
 
     /// A path as the user knows it: relative to the fleet repo root when inside it.
@@ -472,8 +470,7 @@ impl Scanner {
             self.private_keys
                 .lock()
                 .expect("keys lock")
-                .entry(hashed.sha256)
-                .or_insert_with(|| real.to_owned());
+                .insert(hashed.sha256);
         }
         Ok(Item {
             path: name,
