@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 
 use crate::server::provision::{self, CheckOptions, SyncAction};
-use crate::sys::output;
+use crate::sys::{output, terminal};
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -145,7 +145,7 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                             if problems.len() == 1 { "" } else { "s" }
                         ));
                         for p in problems {
-                            output::line(&format!("{:width$}  - {p}", ""));
+                            output::line(&format!("{:width$}  - {}", "", terminal::escape(p)));
                         }
                     }
                 };
@@ -154,7 +154,7 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                     show(h.host.as_str(), &h.problems);
                 }
                 for w in &report.warnings {
-                    output::note(&format!("warning: {w}"));
+                    output::note(&format!("warning: {}", terminal::escape(w)));
                 }
             }
             Ok(if report.ok() {

@@ -150,7 +150,15 @@ pub fn split(
     let toml_path = dir.join(FILES_TOML);
     let mut specs: BTreeMap<String, FileSpec> = match &toml_source {
         Some(src) => {
-            let text = std::fs::read_to_string(src).map_err(|e| HostFilesError::Toml {
+            let read = || -> std::io::Result<String> {
+                let mut text = String::new();
+                std::io::Read::read_to_string(
+                    &mut crate::server::snapshot::repo::open_resolved_file(src)?,
+                    &mut text,
+                )?;
+                Ok(text)
+            };
+            let text = read().map_err(|e| HostFilesError::Toml {
                 path: toml_path.clone(),
                 message: e.to_string(),
             })?;

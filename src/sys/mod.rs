@@ -4,3 +4,4 @@
 pub mod accounts;
 pub mod atomic;
 pub mod output;
+pub mod terminal;

@@ -150,3 +150,111 @@ fn oversized_entries_are_refused_before_download() {
     let huge = vec![b' '; bento::protocol::manifest::MAX_MANIFEST_BYTES as usize + 1];
     assert!(Manifest::parse_untrusted(&huge, &Digest::of(&huge), &host()).is_err());
 }
+
+/// Every regular file under `dir` whose bytes contain `marker`.
+fn files_containing(dir: &Path, marker: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            found.extend(files_containing(&path, marker));
+        } else if meta.is_file() {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            if bytes.windows(marker.len()).any(|w| w == marker) {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// A fleet-repo contributor flips a directory of a host's tree with a symlink to a
+/// root-only directory outside the repo, over and over, while publish runs: no publish may
+/// ever read through the link (the marker never reaches any object, the pool or a chroot).
+#[test]
+fn swapping_a_directory_for_a_link_during_publish_never_reads_outside_the_repo() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use crate::common::{bento_std, unique_prefix, Accounts, ScratchDir};
+
+    let scratch = ScratchDir::new();
+    let prefix = unique_prefix();
+    let _accounts = Accounts::create(&prefix, &["victim"]);
+    let fleet = scratch.join("fleet");
+    let chroot = scratch.join("chroot");
+    let host = fleet.join("hosts/victim");
+    std::fs::create_dir_all(host.join("sub")).unwrap();
+    std::fs::write(
+        fleet.join("bento.toml"),
+        format!("[server]\naccount_prefix = \"{prefix}\"\n\n[hosts.victim]\n"),
+    )
+    .unwrap();
+    std::fs::write(host.join("configuration.nix"), "{ ... }: { }\n").unwrap();
+    std::fs::write(host.join("sub/data.txt"), "harmless\n").unwrap();
+    // The root-only directory outside the repo, with a file of the same name.
+    let secret = scratch.join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let marker = b"MARKER-outside-the-repo-7f3a9c";
+    std::fs::write(secret.join("data.txt"), marker).unwrap();
+    symlink(&secret, host.join("swap")).unwrap();
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, host) = (stop.clone(), host.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Atomically: `sub` becomes the link and `swap` the directory, and back.
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    host.join("sub"),
+                    rustix::fs::CWD,
+                    host.join("swap"),
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap();
+                flips += 1;
+                std::thread::yield_now();
+            }
+            flips
+        })
+    };
+
+    let start = Instant::now();
+    let (mut runs, mut published) = (0, 0);
+    let mut leaked = Vec::new();
+    while runs < 200 && start.elapsed() < Duration::from_secs(60) {
+        let out = bento_std()
+            .arg("--fleet")
+            .arg(&fleet)
+            .args(["publish", "--json", "--chroot"])
+            .arg(&chroot)
+            .output()
+            .unwrap();
+        runs += 1;
+        if String::from_utf8_lossy(&out.stdout).contains("\"published\"") {
+            published += 1;
+        }
+        leaked = files_containing(&chroot, marker);
+        if !leaked.is_empty() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = swapper.join().unwrap();
+    assert!(
+        leaked.is_empty(),
+        "run {runs}: the file outside the repo was published: {leaked:?}"
+    );
+    assert!(flips > 0 && runs > 10, "{runs} runs, {flips} flips");
+    eprintln!("swap race: {runs} publishes ({published} published), {flips} flips, nothing leaked");
+}

@@ -606,3 +606,63 @@ fn a_chroot_below_a_writable_directory_is_refused_before_writing() {
     assert!(err.contains("group-writable"), "{err}");
     assert!(!chroot.exists(), "nothing written");
 }
+
+/// A private key in a host's configuration tree would land in the world-readable Nix store:
+/// that host is refused, naming the file and `files/`; the others still publish; the key
+/// under `files/` is fine.
+#[test]
+fn a_private_key_in_the_configuration_tree_is_refused() {
+    let env = Env::new();
+    let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ==\n-----END OPENSSH PRIVATE KEY-----\n";
+    env.fleet.write("hosts/classic1/keys/id_ed25519", key);
+    let publish = || {
+        let out = env.publish(&[]).failure().get_output().clone();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let line = |text: &str, host: &str| {
+        text.lines()
+            .find(|l| l.starts_with(host))
+            .unwrap_or_else(|| panic!("no line for {host}:\n{text}"))
+            .to_owned()
+    };
+    let published = |h: &str| {
+        verify_host(&env.chroot().join(h), &HostName::new(h).unwrap())
+            .unwrap()
+            .is_some()
+    };
+    let text = publish();
+    let classic1 = line(&text, "classic1");
+    assert!(classic1.contains("failed"), "{classic1}");
+    assert!(
+        classic1.contains("hosts/classic1/keys/id_ed25519"),
+        "{classic1}"
+    );
+    assert!(classic1.contains("private key"), "{classic1}");
+    assert!(classic1.contains("move it under files/"), "{classic1}");
+    assert!(!published("classic1"));
+    assert!(published("alpha") && published("beta"), "{text}");
+
+    // Moved under files/, it publishes; an age identity pasted into a module of the shared
+    // flake directory refuses both of its hosts.
+    fs::remove_dir_all(env.fleet.path("hosts/classic1/keys")).unwrap();
+    env.fleet
+        .write("hosts/classic1/files/etc/ssh/ssh_host_ed25519_key", key);
+    env.fleet.write(
+        "hosts/multi/machines/beta.nix",
+        "{ hostName = \"beta\"; age = \"AGE-SECRET-KEY-1QYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQSZQGPQYQ\"; }\n",
+    );
+    let text = publish();
+    assert!(line(&text, "classic1").contains("published"), "{text}");
+    for h in ["alpha", "beta"] {
+        let l = line(&text, h);
+        assert!(
+            l.contains("failed") && l.contains("hosts/multi/machines/beta.nix"),
+            "{l}"
+        );
+    }
+    let m = env.manifest("classic1");
+    assert!(m
+        .files
+        .iter()
+        .any(|f| f.target.as_str() == "/etc/ssh/ssh_host_ed25519_key"));
+}

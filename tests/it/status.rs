@@ -610,3 +610,189 @@ fn watch_redraws_when_a_report_lands_and_when_a_version_is_published() {
     child.wait().unwrap();
     result.unwrap();
 }
+
+/// True for a character a host must never get onto the operator's terminal raw (the same
+/// set `bento::sys::terminal` escapes, so the test does not trust the code it tests).
+fn is_hostile_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// A fleet where one host is failing and three hosts try to redraw the screen: a heartbeat
+/// `system` that is a cursor-moving escape sequence, a heartbeat with an unknown field whose
+/// (huge) name carries escapes, and a report whose error holds C1 and bidi controls.
+fn forged_screen() -> Fixture {
+    let f = Fixture::new("[hosts.broken]\n[hosts.evil1]\n[hosts.evil2]\n[hosts.evil3]\n");
+    let (b1, b2) = (system("broken", 'a'), system("broken", 'b'));
+    let v = f.publish("broken", "broken 2", -3600, Some(&b2));
+    f.report(
+        "broken",
+        -600,
+        v,
+        Outcome::Failure,
+        &b1,
+        &b1,
+        Some("build failed"),
+    );
+    f.heartbeat("broken", -590, Some(Digest::of(b"older")), &b1);
+
+    // Up a line, wipe it, and print a fake healthy row for `broken` over the real one.
+    let forged = "\x1b[1A\r\x1b[2Kbroken  up to date  b3901de783d6 60m ago  bbbbbbbb  bbbbbbbb  9m ago\x1b[0m";
+    let e = system("evil1", 'e');
+    let v = f.publish("evil1", "evil1 1", -3600, Some(&e));
+    f.report("evil1", -600, v, Outcome::Success, &e, &e, None);
+    f.heartbeat("evil1", -60, Some(v), forged);
+
+    let v = f.publish("evil2", "evil2 1", -3600, None);
+    let field = format!("\x1b]0;owned\x07\x1b[2J{}", "A".repeat(100_000));
+    let hb = serde_json::json!({
+        "format": 1, "host": "evil2", "time": at(-60), "version": v.to_hex(),
+        "system": system("evil2", 'e'), "last_outcome": null, "last_report": null,
+        "agent_version": "0.1.0", field: 1,
+    });
+    write_atomic(
+        &f.host_dir("evil2").join("logs/heartbeat.json"),
+        hb.to_string().as_bytes(),
+    );
+
+    let e = system("evil3", 'e');
+    let v = f.publish("evil3", "evil3 1", -3600, Some(&e));
+    f.report(
+        "evil3",
+        -600,
+        v,
+        Outcome::Failure,
+        &e,
+        &e,
+        Some("gniliaf\u{202e} \u{9b}2J\u{2066}x"),
+    );
+    f.heartbeat("evil3", -590, None, &e);
+    f
+}
+
+#[test]
+fn a_hostile_host_cannot_forge_the_status_screen() {
+    let f = forged_screen();
+    let out = f.status().assert().code(2).get_output().clone();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let raw: Vec<char> = table
+        .chars()
+        .filter(|&c| c != '\n' && is_hostile_char(c))
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "raw controls {raw:?} reached the table:\n{table}"
+    );
+    let row = |host: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{host} ")))
+            .unwrap_or_else(|| panic!("no row for {host}:\n{table}"))
+            .to_owned()
+    };
+    assert!(row("broken").contains("failing"), "{table}");
+    // The heartbeat's `system` is not a store path: a note, not a running system.
+    let evil1 = row("evil1");
+    assert!(evil1.contains("system is not a store path"), "{evil1}");
+    assert!(evil1.contains("\\u{1b}[1A"), "shown escaped: {evil1}");
+    // The unknown field's name is quoted escaped, and cut short.
+    let evil2 = row("evil2");
+    assert!(evil2.contains("unknown field"), "{evil2}");
+    assert!(evil2.contains("\\u{1b}]0;owned\\u{7}"), "{evil2}");
+    assert!(
+        evil2.chars().count() < 400,
+        "{} chars",
+        evil2.chars().count()
+    );
+    let evil3 = row("evil3");
+    // The report's error: C0/C1 controls dropped (one line), bidi controls shown escaped.
+    assert!(evil3.contains("gniliaf\\u{202e} 2J\\u{2066}x"), "{evil3}");
+
+    // JSON keeps the values out too, and is bounded.
+    let out = f
+        .status()
+        .arg("--json")
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_row = |host: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["host"] == host)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(json_row("broken")["state"], "failing");
+    // Not the forged text: the heartbeat's value is dropped, the report's store path stays.
+    assert_eq!(json_row("evil1")["running_system"], system("evil1", 'e'));
+    assert!(json_row("evil2")["error"].as_str().unwrap().chars().count() < 300);
+}
+
+#[test]
+fn watch_escapes_what_hosts_wrote() {
+    let f = forged_screen();
+    let mut child = bento_std()
+        .arg("--fleet")
+        .arg(&f.fleet)
+        .args(["status", "--watch", "--color", "always", "--now", NOW])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines: Vec<String> = Vec::new();
+    let hosts = ["broken ", "evil1 ", "evil2 ", "evil3 "];
+    let plain = |l: &String| l.replace("\x1b[H\x1b[2J", "");
+    while !hosts
+        .iter()
+        .all(|h| lines.iter().any(|l| plain(l).starts_with(h)))
+    {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| hosts.iter().any(|h| plain(l).starts_with(h)))
+            .count(),
+        4,
+        "no whole table: {lines:?}"
+    );
+    // bento's own sequences: clear the screen, colour the state column.
+    let ours = [
+        "\x1b[H\x1b[2J",
+        "\x1b[1;31m",
+        "\x1b[33m",
+        "\x1b[36m",
+        "\x1b[32m",
+        "\x1b[0m",
+    ];
+    for line in &lines {
+        let mut rest = line.clone();
+        for seq in ours {
+            rest = rest.replace(seq, "");
+        }
+        let raw: Vec<char> = rest.chars().filter(|&c| is_hostile_char(c)).collect();
+        assert!(raw.is_empty(), "raw controls {raw:?} in {line:?}");
+    }
+}

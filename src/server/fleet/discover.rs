@@ -147,7 +147,8 @@ pub fn materialize(items: &[Item], dest: &Path) -> std::io::Result<()> {
             ItemKind::File {
                 source, executable, ..
             } => {
-                std::fs::copy(source, &path)?;
+                let mut from = crate::server::snapshot::repo::open_resolved_file(source)?;
+                std::io::copy(&mut from, &mut std::fs::File::create(&path)?)?;
                 let mode = if *executable { 0o755 } else { 0o644 };
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
             }
@@ -179,18 +180,13 @@ pub fn discover(
         path: PathBuf::from(HOSTS_DIR),
         source,
     };
-    let mut dirs = Vec::new();
-    for entry in std::fs::read_dir(&hosts_dir).map_err(io_err)? {
-        let entry = entry.map_err(io_err)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_skipped_name(&name) || name.starts_with('.') {
-            continue;
-        }
-        // Plain files (a README) are not hosts; a symlink to a directory is.
-        if entry.path().is_dir() {
-            dirs.push(name);
-        }
-    }
+    // Plain files (a README) are not hosts; a symlink to a directory is.
+    let mut dirs = match scanner.subdirs(&hosts_dir) {
+        Ok(dirs) => dirs,
+        Err(SnapshotError::Io { source, .. }) => return Err(io_err(source)),
+        Err(e) => return Err(e.into()),
+    };
+    dirs.retain(|name| !is_skipped_name(name) && !name.starts_with('.'));
     dirs.sort();
 
     let found: Vec<Result<Vec<HostSource>, DiscoverError>> = dirs

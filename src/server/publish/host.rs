@@ -138,7 +138,11 @@ fn add_to_pool(
     ));
     let copy = || -> io::Result<(Digest, u64)> {
         let mut src: Box<dyn Read> = match source {
-            crate::server::hostfiles::Source::File(path) => Box::new(fs::File::open(path)?),
+            // The path the scanner resolved, opened without following any link: a directory
+            // swapped for a symlink since the scan fails here instead of reaching outside.
+            crate::server::hostfiles::Source::File(path) => {
+                Box::new(crate::server::snapshot::repo::open_resolved_file(path)?)
+            }
             crate::server::hostfiles::Source::Bytes(bytes) => {
                 Box::new(io::Cursor::new(bytes.clone()))
             }

@@ -53,6 +53,8 @@ pub enum PublishError {
     HostFiles(#[from] HostFilesError),
     #[error(transparent)]
     Discover(#[from] crate::server::fleet::DiscoverError),
+    #[error("{0}: holds a private key, and the configuration tree is copied into the world-readable Nix store; move it under files/ (installed verbatim, never in the store)")]
+    PrivateKeyInConfig(PathBuf),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -176,7 +178,8 @@ pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
             } => {
                 match plan.sources.get(sha256) {
                     Some(hostfiles::Source::File(src)) => {
-                        std::fs::copy(src, &path)?;
+                        let mut from = crate::server::snapshot::repo::open_resolved_file(src)?;
+                        std::io::copy(&mut from, &mut std::fs::File::create(&path)?)?;
                     }
                     Some(hostfiles::Source::Bytes(bytes)) => {
                         std::fs::File::create(&path)?.write_all(bytes)?
@@ -299,20 +302,20 @@ pub fn run(
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
     let reports: Vec<HostReport> = plans
         .par_iter()
-        .map(|p| {
-            let r =
-                publish_host(&opts.chroot, p, &opts.ownership, opts.signer).unwrap_or_else(|e| {
-                    HostReport {
-                        host: p.host.clone(),
-                        status: Status::Failed,
-                        digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
-                        config_entries: p.manifest.config.len(),
-                        files: p.manifest.files.len(),
-                        objects: p.manifest.objects().len(),
-                        new_objects: 0,
-                        bytes: 0,
-                        error: Some(e.to_string()),
-                    }
+        .zip(selected.par_iter())
+        .map(|(p, s)| {
+            let r = refuse_private_keys(scanner, p, &s.dir)
+                .and_then(|()| publish_host(&opts.chroot, p, &opts.ownership, opts.signer))
+                .unwrap_or_else(|e| HostReport {
+                    host: p.host.clone(),
+                    status: Status::Failed,
+                    digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
+                    config_entries: p.manifest.config.len(),
+                    files: p.manifest.files.len(),
+                    objects: p.manifest.objects().len(),
+                    new_objects: 0,
+                    bytes: 0,
+                    error: Some(e.to_string()),
                 });
             (opts.on_host)(&r);
             r
@@ -338,6 +341,24 @@ pub fn run(
         source,
     })?;
     Ok(reports)
+}
+
+/// Refuses a host whose configuration tree (not `files/`) holds a private key: the tree is
+/// copied into the world-readable Nix store, on the hosts and wherever it is built. `dir` is
+/// the host's directory in the fleet repo, for the message.
+fn refuse_private_keys(
+    scanner: &crate::server::snapshot::Scanner,
+    plan: &HostPlan,
+    dir: &Path,
+) -> Result<(), PublishError> {
+    for entry in &plan.manifest.config {
+        if let crate::protocol::manifest::ConfigEntry::File { path, sha256, .. } = entry {
+            if scanner.holds_private_key(sha256) {
+                return Err(PublishError::PrivateKeyInConfig(dir.join(path.as_str())));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fleet repo's `HEAD` commit, when it is a git work tree.

@@ -18,6 +18,7 @@ use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST
 use crate::protocol::HostName;
 use crate::server::build::record;
 use crate::server::logs::{self, LogsError};
+use crate::sys::terminal::truncate;
 
 /// Where a host's expected system comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -77,6 +78,23 @@ struct ManifestHead {
     created: String,
     #[serde(default)]
     system: Option<StorePath>,
+}
+
+/// The longest note quoting host-written text (a parse error, a bad field).
+const MAX_NOTE_CHARS: usize = 200;
+
+/// Keeps a host-written store path only when it is one: anything else is a note, so what
+/// the table shows of a host's systems is always a store path or nothing.
+fn store_path(value: &mut Option<String>, what: &str, notes: &mut Vec<String>) {
+    if let Some(text) = value.as_deref() {
+        if StorePath::new(text).is_err() {
+            notes.push(format!(
+                "{what} is not a store path: \"{}\"",
+                truncate(text, 64)
+            ));
+            *value = None;
+        }
+    }
 }
 
 /// Threads reading host files at once (see `collect`).
@@ -152,7 +170,10 @@ fn read_log<T: serde::de::DeserializeOwned>(
             match parse(&bytes) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    notes.push(format!("logs/{name}: {e}"));
+                    // serde quotes what it could not place (an unknown field's name): cut it
+                    // short, a host is not trusted to be brief.
+                    let e = e.to_string();
+                    notes.push(format!("logs/{name}: {}", truncate(&e, MAX_NOTE_CHARS)));
                     None
                 }
             }
@@ -294,6 +315,22 @@ pub fn host_status(
             notes.push(format!("logs/{LATEST_FILE} is for host {}", r.host));
         }
         ok
+    });
+    // Host-written fields with a type are checked here, once: a "system" that is not a
+    // store path is a note, never a value shown or compared.
+    let heartbeat = heartbeat.map(|mut h| {
+        store_path(&mut h.system, "logs/heartbeat.json: system", &mut notes);
+        h
+    });
+    let latest = latest.map(|mut r| {
+        for (value, field) in [
+            (&mut r.system_before, "system_before"),
+            (&mut r.system_after, "system_after"),
+            (&mut r.built_system, "built_system"),
+        ] {
+            store_path(value, &format!("logs/{LATEST_FILE}: {field}"), &mut notes);
+        }
+        r
     });
 
     let (expected, expected_from) = match &live {

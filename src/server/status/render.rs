@@ -1,12 +1,14 @@
 //! Turning status rows into text: the aligned table (colour only when asked, i.e. on a
 //! terminal), and the node-exporter textfile for Prometheus. Pure: rows and `now` in, text out.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use super::collect::HostStatus;
 use super::state::{short_duration, State};
 use crate::nix::StorePath;
+use crate::sys::terminal::escape;
 
 const HEADERS: [&str; 7] = [
     "HOST",
@@ -44,6 +46,8 @@ fn cells(row: &HostStatus, now: SystemTime) -> [String; 7] {
         Some(d) => format!("{} {}", d.short(), ago(row.published_time, now)),
         None => "-".to_owned(),
     };
+    // Every cell is escaped: the error column quotes what hosts wrote, and nothing a host
+    // wrote may reach the terminal as a control sequence (it could redraw other rows).
     [
         row.host.to_string(),
         row.state.label().to_owned(),
@@ -53,6 +57,10 @@ fn cells(row: &HostStatus, now: SystemTime) -> [String; 7] {
         ago(row.last_seen_at, now),
         row.error.clone().unwrap_or_default(),
     ]
+    .map(|cell| match escape(&cell) {
+        Cow::Borrowed(_) => cell,
+        Cow::Owned(escaped) => escaped,
+    })
 }
 
 fn colour(state: State) -> &'static str {

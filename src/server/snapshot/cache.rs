@@ -1,0 +1,230 @@
+//! File hashes remembered across publishes, by inode, size, mtime and ctime, with whether
+//! the content holds a private key (found while hashing). Files are hashed through the
+//! descriptor the scanner opened, never by path, so what is hashed is what was checked.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::keys::KeySniffer;
+use crate::protocol::manifest::Digest;
+
+/// What hashing a file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hashed {
+    pub sha256: Digest,
+    /// The content holds an OpenSSH/PEM private key or an age secret key.
+    pub private_key: bool,
+}
+
+/// sha256 of everything `reader` gives, streamed, and whether it held a private key.
+pub fn hash_reader(reader: &mut impl Read) -> io::Result<Hashed> {
+    let mut hasher = Sha256::new();
+    let mut keys = KeySniffer::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        keys.update(&buf[..n]);
+    }
+    Ok(Hashed {
+        sha256: Digest::from_bytes(hasher.finalize().into()),
+        private_key: keys.found(),
+    })
+}
+
+/// sha256 of a file's content, streamed.
+pub fn hash_file(path: &Path) -> io::Result<Digest> {
+    Ok(hash_reader(&mut fs::File::open(path)?)?.sha256)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheRecord {
+    #[serde(flatten)]
+    stamp: Stamp,
+    sha256: Digest,
+    /// Absent in caches written before keys were looked for: such a record is re-hashed.
+    #[serde(default)]
+    private_key: Option<bool>,
+}
+
+/// File hashes remembered across runs, keyed by (device, inode) and trusted only while
+/// size, mtime and ctime are unchanged. A file modified in the last two seconds is never
+/// cached: its mtime could still change without the timestamp moving (racy timestamps).
+#[derive(Default)]
+pub struct HashCache {
+    map: Mutex<HashMap<(u64, u64), (Stamp, Hashed)>>,
+    seen: Mutex<HashSet<(u64, u64)>>,
+    dirty: AtomicBool,
+}
+
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+impl HashCache {
+    /// Loads the cache; a missing or unreadable cache is an empty one (it is only a cache).
+    pub fn load(path: &Path) -> Self {
+        let records: Vec<CacheRecord> = fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let map = records
+            .into_iter()
+            .filter_map(|r| {
+                let hashed = Hashed {
+                    sha256: r.sha256,
+                    private_key: r.private_key?,
+                };
+                Some(((r.stamp.dev, r.stamp.ino), (r.stamp, hashed)))
+            })
+            .collect();
+        Self {
+            map: Mutex::new(map),
+            seen: Mutex::default(),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed)
+    }
+
+    /// The cache's bytes, to be written atomically by the caller.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let map = self.map.lock().expect("cache lock");
+        let mut records: Vec<CacheRecord> = map
+            .values()
+            .map(|(stamp, hashed)| CacheRecord {
+                stamp: *stamp,
+                sha256: hashed.sha256,
+                private_key: Some(hashed.private_key),
+            })
+            .collect();
+        records.sort_by_key(|r| (r.stamp.dev, r.stamp.ino));
+        serde_json::to_vec(&records).expect("cache serialises")
+    }
+
+    /// Drops records for inodes not looked up in this run, so the cache does not grow
+    /// forever as editors replace files.
+    pub fn prune_unseen(&self) {
+        let seen = self.seen.lock().expect("cache lock");
+        let mut map = self.map.lock().expect("cache lock");
+        let before = map.len();
+        map.retain(|k, _| seen.contains(k));
+        if map.len() != before {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Hashes the open `file` (whose `fstat` is `meta`), or remembers its hash.
+    pub fn hash(
+        &self,
+        file: &mut fs::File,
+        meta: &fs::Metadata,
+        now: SystemTime,
+    ) -> io::Result<Hashed> {
+        let stamp = Stamp::of(meta);
+        let key = (stamp.dev, stamp.ino);
+        self.seen.lock().expect("cache lock").insert(key);
+        if let Some((cached, hashed)) = self.map.lock().expect("cache lock").get(&key) {
+            if *cached == stamp {
+                return Ok(*hashed);
+            }
+        }
+        let hashed = hash_reader(file)?;
+        // Re-stat: a file written while we read it must not be cached under the old stamp.
+        let after = Stamp::of(&file.metadata()?);
+        let mtime = UNIX_EPOCH + Duration::from_nanos(stamp.mtime_ns.max(0) as u64);
+        let settled = now.duration_since(mtime).is_ok_and(|age| age > RACY_WINDOW);
+        if after == stamp && settled {
+            self.map
+                .lock()
+                .expect("cache lock")
+                .insert(key, (stamp, hashed));
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        Ok(hashed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(cache: &HashCache, f: &Path, now: SystemTime) -> Hashed {
+        let mut file = fs::File::open(f).unwrap();
+        let meta = file.metadata().unwrap();
+        cache.hash(&mut file, &meta, now).unwrap()
+    }
+
+    #[test]
+    fn cache_trusts_only_unchanged_settled_files() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, "one").unwrap();
+        let cache = HashCache::default();
+        // Just written: hashed but not cached.
+        hash(&cache, &f, SystemTime::now());
+        assert!(!cache.is_dirty());
+        let later = SystemTime::now() + Duration::from_secs(10);
+        assert_eq!(hash(&cache, &f, later).sha256, Digest::of(b"one"));
+        assert!(cache.is_dirty());
+        // Same size, new content: the stamp differs, so it is re-hashed.
+        fs::write(&f, "two").unwrap();
+        assert_eq!(hash(&cache, &f, later).sha256, Digest::of(b"two"));
+        let back = t.path().join("cache.json");
+        fs::write(&back, cache.to_bytes()).unwrap();
+        let loaded = HashCache::load(&back);
+        assert_eq!(loaded.map.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_cached_key_stays_found_and_old_records_are_rehashed() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("k");
+        fs::write(&f, "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+        let cache = HashCache::default();
+        let later = SystemTime::now() + Duration::from_secs(10);
+        assert!(hash(&cache, &f, later).private_key);
+        let back = t.path().join("cache.json");
+        fs::write(&back, cache.to_bytes()).unwrap();
+        assert!(hash(&HashCache::load(&back), &f, later).private_key);
+        // A cache from before keys were looked for holds no verdict: not trusted.
+        let old = String::from_utf8(cache.to_bytes())
+            .unwrap()
+            .replace(",\"private_key\":true", "");
+        fs::write(&back, old).unwrap();
+        assert!(HashCache::load(&back).map.lock().unwrap().is_empty());
+    }
+}

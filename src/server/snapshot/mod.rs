@@ -1,0 +1,532 @@
+//! Reading a host's tree out of the fleet repo: symlinks resolved (the host never needs the
+//! rest of the repo), links that leave the repo, dangle or loop refused by name, `.git`,
+//! `result*` links and editor droppings skipped, every file hashed. Directories reached
+//! through many links (a `common/` shared by 1,000 hosts) are read once per run, and file
+//! hashes are cached across runs by inode, size, mtime and ctime.
+//!
+//! Invariant: every byte read comes from inside the repo. The repo is read through
+//! directory descriptors opened from the root's, never by path (`repo`), and each link is
+//! resolved once, by hand, within the root: so a directory swapped for a symlink during a
+//! publish fails the read instead of reaching outside.
+
+mod cache;
+mod keys;
+pub mod repo;
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rustix::fs::FileType;
+
+pub use cache::{hash_file, hash_reader, HashCache, Hashed};
+
+use crate::protocol::manifest::Digest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("symlink {link} points to {target}, which does not exist")]
+    Dangling { link: PathBuf, target: PathBuf },
+    #[error("symlink {link} points to {target}, outside the fleet repo")]
+    Escape { link: PathBuf, target: PathBuf },
+    #[error("symlink {link} makes a loop")]
+    Loop { link: PathBuf },
+    #[error("{path}: file name is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("{path}: is a {what}; only regular files, directories and symlinks can be published")]
+    Special { path: PathBuf, what: &'static str },
+    #[error("{path}: has {links} hard links; bento cannot tell where the others are (perhaps outside the fleet repo), so copy the file instead")]
+    HardLink { path: PathBuf, links: u64 },
+    #[error("{path}: is {size} bytes, more than the {limit}-byte limit for one file")]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+}
+
+/// One thing found in a tree, with its path relative to the scanned directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub path: String,
+    pub kind: ItemKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemKind {
+    Dir,
+    File {
+        /// The real file the content comes from: an absolute path with every link
+        /// resolved. Read it only with [`repo::open_resolved_file`], which follows none.
+        source: Arc<Path>,
+        size: u64,
+        sha256: Digest,
+        executable: bool,
+    },
+}
+
+/// True for names that are never published: VCS data and editor droppings.
+pub fn is_skipped_name(name: &str) -> bool {
+    name == ".git"
+        || name == ".DS_Store"
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'))
+        || name.starts_with(".#")
+        || (name.starts_with('.')
+            && (name.ends_with(".swp") || name.ends_with(".swo") || name.ends_with(".swx")))
+}
+
+/// `nix build` leaves `result` / `result-*` links behind; they point into the store.
+fn is_result_link(name: &str) -> bool {
+    name == "result" || name.starts_with("result-")
+}
+
+/// Links followed while resolving one path before it counts as a loop (Linux's limit).
+const MAX_HOPS: u32 = 40;
+
+/// What a path resolved to inside the repo.
+enum Target {
+    Dir,
+    File,
+    Other(FileType),
+}
+
+/// Scans directories of one fleet repo. Shared by all hosts of a publish run.
+pub struct Scanner {
+    root: PathBuf,
+    /// The repo root, opened once; every read starts from it.
+    root_fd: io::Result<OwnedFd>,
+    cache: HashCache,
+    /// Trees by their resolved path relative to the root.
+    memo: Mutex<HashMap<PathBuf, Arc<Vec<Item>>>>,
+    /// Contents that hold a private key (found while hashing).
+    private_keys: Mutex<BTreeSet<Digest>>,
+    now: SystemTime,
+}
+
+impl Scanner {
+    /// `root` is the fleet repo root; it must be canonical (no symlinks in it).
+    pub fn new(root: PathBuf, cache: HashCache, now: SystemTime) -> Self {
+        Self {
+            root_fd: repo::open_root(&root),
+            root,
+            cache,
+            memo: Mutex::new(HashMap::new()),
+            private_keys: Mutex::default(),
+            now,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn cache(&self) -> &HashCache {
+        &self.cache
+    }
+
+    /// Whether a scanned file with this content holds a private key.
+    pub fn holds_private_key(&self, digest: &Digest) -> bool {
+        self.private_keys
+            .lock()
+            .expect("keys lock")
+            .contains(digest)
+    }
+
+    /// A path as the user knows it: relative to the fleet repo root when inside it.
+    pub fn display(&self, path: &Path) -> PathBuf {
+        path.strip_prefix(&self.root)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| path.to_path_buf())
+    }
+
+    fn root_fd(&self) -> Result<&OwnedFd, SnapshotError> {
+        self.root_fd.as_ref().map_err(|e| SnapshotError::Io {
+            path: self.root.clone(),
+            source: io::Error::new(e.kind(), e.to_string()),
+        })
+    }
+
+    /// All items under `dir` (a directory inside the repo, or a link to one), sorted by path.
+    pub fn scan(&self, dir: &Path) -> Result<Arc<Vec<Item>>, SnapshotError> {
+        let rel = self.display(dir);
+        // `hosts/<name>` may itself be a link: resolved like any other.
+        let (real, target) = self.resolve(Path::new(""), &rel, &rel)?;
+        if !matches!(target, Target::Dir) {
+            return Err(SnapshotError::Io {
+                path: rel,
+                source: io::Error::from_raw_os_error(libc::ENOTDIR),
+            });
+        }
+        let fd =
+            repo::open_dir_beneath(self.root_fd()?, &real).map_err(|source| SnapshotError::Io {
+                path: real.clone(),
+                source,
+            })?;
+        let mut stack = vec![real.clone()];
+        self.walk(&real, &fd, &mut stack)
+    }
+
+    /// The names in `dir` (inside the repo) that are directories or links to directories,
+    /// read like everything else: through the root's descriptor, links resolved by hand. A
+    /// link that leaves the repo or loops is listed, so scanning it names the problem; one
+    /// that dangles or names a file is not.
+    pub fn subdirs(&self, dir: &Path) -> Result<Vec<String>, SnapshotError> {
+        let rel = self.display(dir);
+        let io_err = |source| SnapshotError::Io {
+            path: rel.clone(),
+            source,
+        };
+        let (real, _) = self.resolve(Path::new(""), &rel, &rel)?;
+        let fd = repo::open_dir_beneath(self.root_fd()?, &real).map_err(io_err)?;
+        let mut dirs = Vec::new();
+        for name in repo::list(&fd).map_err(io_err)? {
+            let Some(text) = name.to_str() else { continue };
+            let st = repo::stat_at(&fd, &name).map_err(io_err)?;
+            let is_dir = match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => true,
+                FileType::Symlink => {
+                    let target = repo::read_link_at(&fd, &name).map_err(io_err)?;
+                    match self.resolve(&real, &target, &rel.join(&name)) {
+                        Ok((_, found)) => matches!(found, Target::Dir),
+                        Err(SnapshotError::Dangling { .. }) => false,
+                        Err(_) => true,
+                    }
+                }
+                _ => false,
+            };
+            if is_dir {
+                dirs.push(text.to_owned());
+            }
+        }
+        Ok(dirs)
+    }
+
+    fn walk(
+        &self,
+        dir: &Path,
+        fd: &OwnedFd,
+        stack: &mut Vec<PathBuf>,
+    ) -> Result<Arc<Vec<Item>>, SnapshotError> {
+        if let Some(done) = self.memo.lock().expect("memo lock").get(dir) {
+            return Ok(done.clone());
+        }
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let mut names = Vec::new();
+        for name in repo::list(fd).map_err(io_err(dir))? {
+            let Some(text) = name.to_str() else {
+                return Err(SnapshotError::NotUtf8 {
+                    path: dir.join(&name),
+                });
+            };
+            if !is_skipped_name(text) {
+                names.push(text.to_owned());
+            }
+        }
+        names.sort();
+
+        let mut items = Vec::new();
+        for name in names {
+            let os = OsStr::new(&name);
+            let path = dir.join(&name);
+            let st = repo::stat_at(fd, os).map_err(io_err(&path))?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Symlink => {
+                    if is_result_link(&name) {
+                        continue;
+                    }
+                    let text = repo::read_link_at(fd, os).map_err(io_err(&path))?;
+                    let (real, target) = self.resolve(dir, &text, &path)?;
+                    match target {
+                        Target::Dir => {
+                            if dir.starts_with(&real) || stack.contains(&real) {
+                                return Err(SnapshotError::Loop { link: path });
+                            }
+                            let sub_fd = repo::open_dir_beneath(self.root_fd()?, &real)
+                                .map_err(io_err(&path))?;
+                            stack.push(real.clone());
+                            let sub = self.walk(&real, &sub_fd, stack);
+                            stack.pop();
+                            push_dir(&mut items, &name, &sub?);
+                        }
+                        Target::File => {
+                            let (parent, file_name) = split_last(&real);
+                            let parent_fd = repo::open_dir_beneath(self.root_fd()?, parent)
+                                .map_err(io_err(&path))?;
+                            let file =
+                                repo::open_file_at(&parent_fd, file_name).map_err(io_err(&path))?;
+                            items.push(self.file_item(name, &real, file)?);
+                        }
+                        Target::Other(ft) => return Err(special(path, ft)),
+                    }
+                }
+                FileType::Directory => {
+                    let sub_fd = repo::open_dir_at(fd, os).map_err(io_err(&path))?;
+                    stack.push(path.clone());
+                    let sub = self.walk(&path, &sub_fd, stack);
+                    stack.pop();
+                    push_dir(&mut items, &name, &sub?);
+                }
+                FileType::RegularFile => {
+                    let file = repo::open_file_at(fd, os).map_err(io_err(&path))?;
+                    items.push(self.file_item(name, &path, file)?);
+                }
+                ft => return Err(special(path, ft)),
+            }
+        }
+        items.sort_by(|a, b| a.path.cmp(&b.path));
+        let items = Arc::new(items);
+        self.memo
+            .lock()
+            .expect("memo lock")
+            .insert(dir.to_path_buf(), items.clone());
+        Ok(items)
+    }
+
+    /// Resolves `target`, the text of the link `link` in the directory `dir` (both relative
+    /// to the root), by hand: one component at a time, each looked up without following it
+    /// in the directory resolved so far, `..` taken off that resolved path. Returns the real
+    /// path relative to the root and what is there. Never leaves the root.
+    fn resolve(
+        &self,
+        dir: &Path,
+        target: &Path,
+        link: &Path,
+    ) -> Result<(PathBuf, Target), SnapshotError> {
+        let root_fd = self.root_fd()?;
+        let io_err = |source| SnapshotError::Io {
+            path: link.to_owned(),
+            source,
+        };
+        let mut real: Vec<OsString> = dir.iter().map(OsStr::to_owned).collect();
+        let mut todo: Vec<OsString> = Vec::new();
+        self.push_target(&mut real, &mut todo, target, link)?;
+        let mut hops = 0;
+        let mut found = Target::Dir;
+        // `todo` is a stack: the next component is last.
+        while let Some(part) = todo.pop() {
+            if !matches!(found, Target::Dir) {
+                return Err(io_err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+            }
+            if part == ".." {
+                if real.pop().is_none() {
+                    return Err(SnapshotError::Escape {
+                        link: link.to_owned(),
+                        target: lexical(&self.root.join(dir).join(target)),
+                    });
+                }
+                continue;
+            }
+            let here: PathBuf = real.iter().collect();
+            let dir_fd = repo::open_dir_beneath(root_fd, &here).map_err(io_err)?;
+            let st = match repo::stat_at(&dir_fd, &part) {
+                Ok(st) => st,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::Dangling {
+                        link: link.to_owned(),
+                        target: target.to_owned(),
+                    })
+                }
+                Err(e) => return Err(io_err(e)),
+            };
+            found = match FileType::from_raw_mode(st.st_mode) {
+                FileType::Symlink => {
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        return Err(SnapshotError::Loop {
+                            link: link.to_owned(),
+                        });
+                    }
+                    let next = repo::read_link_at(&dir_fd, &part).map_err(io_err)?;
+                    self.push_target(&mut real, &mut todo, &next, link)?;
+                    Target::Dir
+                }
+                FileType::Directory => {
+                    real.push(part);
+                    Target::Dir
+                }
+                FileType::RegularFile => {
+                    real.push(part);
+                    Target::File
+                }
+                ft => {
+                    real.push(part);
+                    Target::Other(ft)
+                }
+            };
+        }
+        Ok((real.iter().collect(), found))
+    }
+
+    /// Queues the components of a link's `target`. An absolute target restarts from the
+    /// root when it names a path inside the repo; one naming a path outside is refused,
+    /// unless the system resolves it back into the repo (`/home/me/fleet` linked to the
+    /// canonical root), in which case the part inside is resolved by hand like any other.
+    fn push_target(
+        &self,
+        real: &mut Vec<OsString>,
+        todo: &mut Vec<OsString>,
+        target: &Path,
+        link: &Path,
+    ) -> Result<(), SnapshotError> {
+        let mut inside = target;
+        let canonical;
+        if target.is_absolute() {
+            match target.strip_prefix(&self.root) {
+                Ok(rest) => inside = rest,
+                Err(_) => {
+                    // Only to learn where the system would go: nothing is read there.
+                    canonical = match fs::canonicalize(target) {
+                        Ok(c) => c,
+                        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                            return Err(SnapshotError::Loop {
+                                link: link.to_owned(),
+                            })
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            return Err(SnapshotError::Dangling {
+                                link: link.to_owned(),
+                                target: target.to_owned(),
+                            })
+                        }
+                        Err(source) => {
+                            return Err(SnapshotError::Io {
+                                path: link.to_owned(),
+                                source,
+                            })
+                        }
+                    };
+                    inside =
+                        canonical
+                            .strip_prefix(&self.root)
+                            .map_err(|_| SnapshotError::Escape {
+                                link: link.to_owned(),
+                                target: canonical.clone(),
+                            })?;
+                }
+            }
+            real.clear();
+        }
+        let start = todo.len();
+        for c in inside.components() {
+            match c {
+                Component::Normal(name) => todo.push(name.to_owned()),
+                Component::ParentDir => todo.push("..".into()),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        todo[start..].reverse();
+        Ok(())
+    }
+
+    fn file_item(
+        &self,
+        name: String,
+        real: &Path,
+        mut file: fs::File,
+    ) -> Result<Item, SnapshotError> {
+        let io_err = |source| SnapshotError::Io {
+            path: real.to_owned(),
+            source,
+        };
+        // The descriptor's own metadata: what was opened, whatever the name says now.
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(special(
+                real.to_owned(),
+                FileType::from_raw_mode(meta.mode()),
+            ));
+        }
+        if meta.nlink() > 1 {
+            return Err(SnapshotError::HardLink {
+                path: real.to_owned(),
+                links: meta.nlink(),
+            });
+        }
+        let limit = crate::protocol::manifest::MAX_OBJECT_BYTES;
+        if meta.len() > limit {
+            return Err(SnapshotError::TooLarge {
+                path: real.to_owned(),
+                size: meta.len(),
+                limit,
+            });
+        }
+        let hashed = self
+            .cache
+            .hash(&mut file, &meta, self.now)
+            .map_err(io_err)?;
+        if hashed.private_key {
+            self.private_keys
+                .lock()
+                .expect("keys lock")
+                .insert(hashed.sha256);
+        }
+        Ok(Item {
+            path: name,
+            kind: ItemKind::File {
+                source: Arc::from(self.root.join(real)),
+                size: meta.len(),
+                sha256: hashed.sha256,
+                executable: meta.permissions().mode() & 0o111 != 0,
+            },
+        })
+    }
+}
+
+/// The parent directory and the name of a resolved file path (never empty).
+fn split_last(real: &Path) -> (&Path, &OsStr) {
+    (
+        real.parent().unwrap_or(Path::new("")),
+        real.file_name().unwrap_or_default(),
+    )
+}
+
+/// `path` with `.` and `..` taken off lexically (for messages).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn push_dir(items: &mut Vec<Item>, name: &str, sub: &[Item]) {
+    items.push(Item {
+        path: name.to_owned(),
+        kind: ItemKind::Dir,
+    });
+    items.extend(sub.iter().map(|i| Item {
+        path: format!("{name}/{}", i.path),
+        kind: i.kind.clone(),
+    }));
+}
+
+fn special(path: PathBuf, ft: FileType) -> SnapshotError {
+    let what = match ft {
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::BlockDevice | FileType::CharacterDevice => "device file",
+        _ => "special file",
+    };
+    SnapshotError::Special { path, what }
+}
+
+#[cfg(test)]
+mod tests;
