@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use crate::server::fleet::HostName;
 use crate::server::history::{self, Run};
-use crate::sys::output;
+use crate::sys::{output, terminal};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -43,7 +43,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         let text = history::full_log(&dir, &id).with_context(|| format!("host {}", args.host))?;
         // Host-written text: shown, never interpreted by the terminal.
         for line in text.lines() {
-            output::line(&printable(line));
+            output::line(&terminal::escape(line));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -80,7 +80,7 @@ fn table(runs: &[Run]) -> Vec<String> {
                     r.duration_ms
                         .map(|ms| format!("{:.1}s", ms as f64 / 1000.0)),
                 ),
-                or_dash(error.map(|e| printable(&e))),
+                or_dash(error.map(|e| terminal::escape(&e).into_owned())),
             ]
         })
         .collect();
@@ -105,17 +105,4 @@ fn table(runs: &[Run]) -> Vec<String> {
     let mut out = vec![fmt(head)];
     out.extend(rows.iter().map(|r| fmt(r.each_ref().map(String::as_str))));
     out
-}
-
-/// Control characters (escape sequences) shown as `\u{..}`, never sent to the terminal.
-fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() && c != '\t' {
-                c.escape_unicode().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
