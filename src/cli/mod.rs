@@ -3,11 +3,13 @@
 
 mod agent;
 mod build;
+mod builds;
 mod diff;
 mod flake_update;
 mod init;
 mod keygen;
 mod publish;
+mod select;
 mod server;
 mod status;
 
