@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::protocol::layout::{Chroot, LOGS, MANIFESTS, OBJECTS};
+use crate::server::chroot::{owner_mode_problem, unsafe_component};
 use crate::server::fleet::{FleetConfig, HostName};
 use crate::sys::accounts;
 
@@ -46,38 +47,6 @@ pub struct CheckReport {
 impl CheckReport {
     pub fn ok(&self) -> bool {
         self.server.is_empty() && self.hosts.iter().all(|h| h.problems.is_empty())
-    }
-}
-
-/// The first component of `path` (from `/` down, as far as it exists) that is not
-/// root-owned or is writable by group or others: sshd refuses chroots and, with
-/// StrictModes, key files below such a directory.
-pub fn unsafe_component(path: &Path) -> io::Result<Option<(PathBuf, String)>> {
-    let mut current = PathBuf::new();
-    for comp in path.components() {
-        current.push(comp);
-        let meta = match fs::metadata(&current) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(e) => return Err(e),
-        };
-        if let Some(problem) = owner_mode_problem(&meta) {
-            return Ok(Some((current, problem)));
-        }
-    }
-    Ok(None)
-}
-
-fn owner_mode_problem(meta: &fs::Metadata) -> Option<String> {
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() != 0 {
-        Some(format!("owned by uid {}, not root", meta.uid()))
-    } else if mode & 0o020 != 0 {
-        Some(format!("group-writable (mode {mode:04o})"))
-    } else if mode & 0o002 != 0 {
-        Some(format!("world-writable (mode {mode:04o})"))
-    } else {
-        None
     }
 }
 

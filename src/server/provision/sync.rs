@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::protocol::layout::Chroot;
+use crate::server::chroot::{self, prepare_host_dir, unsafe_component, ChrootError, Ownership};
 use crate::server::fleet::{FleetConfig, HostName};
-use crate::server::publish::{prepare_host_dir, Ownership};
 use crate::sys::accounts;
 use crate::sys::atomic;
 
-use super::check::unsafe_component;
 use super::keys::{fleet_keys, KeyErrors, PublicKey};
 use super::sshd::{check_server_paths, PathError};
 use super::system::{self, CommandError};
@@ -40,7 +39,7 @@ pub enum SyncError {
     #[error(transparent)]
     Name(#[from] crate::protocol::NameError),
     #[error(transparent)]
-    Publish(#[from] crate::server::publish::PublishError),
+    Chroot(#[from] ChrootError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SyncError + '_ {
@@ -230,7 +229,7 @@ fn sync_host(
         if !dir.exists() {
             changes.push(format!("created {}", dir.display()));
         }
-        crate::server::publish::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
+        chroot::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
     }
     Ok(changes)
 }
