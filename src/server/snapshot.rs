@@ -491,9 +491,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let r = t.path();
         let fifo = r.join("pipe");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: c is a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        unix::unistd::mkfifo(&fifo, unix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let err = scanner(r).scan(r).unwrap_err();
         assert!(err.to_string().contains("FIFO"), "{err}");
     }
