@@ -20,7 +20,7 @@ pub const STDERR_TAIL_LINES: usize = 20;
 pub enum NixError {
     /// The command could not start, exited non-zero, was killed or timed out.
     #[error("{}{}", .0, nix_hint(.0))]
-    Command(ProcessError),
+    Command(Box<ProcessError>),
     #[error("`{argv}` printed something unexpected: {message}")]
     Output { argv: String, message: String },
 }
@@ -175,7 +175,9 @@ impl Nix {
 
     /// Runs `program args…`; `nix` itself gets the experimental-features flags.
     pub fn run<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Result<Output, NixError> {
-        self.command(program, args).run().map_err(NixError::Command)
+        self.command(program, args)
+            .run()
+            .map_err(|e| NixError::Command(Box::new(e)))
     }
 
     /// Like `run`, with every line of stderr (Nix's progress and build log) handed to
@@ -192,7 +194,7 @@ impl Nix {
                     on_log(line);
                 }
             })
-            .map_err(NixError::Command)
+            .map_err(|e| NixError::Command(Box::new(e)))
     }
 
     /// The attribute names of `nixosConfigurations` of the flake in `dir` (read as a
