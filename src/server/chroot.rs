@@ -147,3 +147,24 @@ pub fn prepare_backups_dir(
         Some((account.uid, account.gid)),
     )
 }
+
+/// Hands a host's directory to root alone (root:root 0700), as its account is deleted: the
+/// account's uid and gid are free for reuse from then on. Returns what was done, or `None`
+/// when there is no directory (a symlink is left alone and not followed).
+pub fn seal_host_dir(dir: &Path) -> Result<Option<String>, ChrootError> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    if !meta.is_dir() {
+        return Ok(None);
+    }
+    // The mode first: between the two calls the directory is never open to the old group.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    std::os::unix::fs::lchown(dir, Some(0), Some(0)).map_err(io_err(dir))?;
+    Ok(Some(format!(
+        "{} kept, now root-only (delete it when no longer needed)",
+        dir.display()
+    )))
+}

@@ -11,6 +11,8 @@ pub struct Account {
     pub gid: u32,
     pub home: String,
     pub shell: String,
+    /// The comment (GECOS) field.
+    pub gecos: String,
 }
 
 pub fn is_root() -> bool {
@@ -38,6 +40,7 @@ pub fn user(name: &str) -> io::Result<Option<Account>> {
         gid: u.gid.as_raw(),
         home: u.dir.to_string_lossy().into_owned(),
         shell: u.shell.to_string_lossy().into_owned(),
+        gecos: u.gecos.to_string_lossy().into_owned(),
     }))
 }
 
