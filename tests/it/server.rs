@@ -738,3 +738,53 @@ fn a_pruned_jail_is_sealed_whatever_its_group() {
         (0, 0, 0o700)
     );
 }
+
+/// Whatever a host plants in its `logs/` that no agent writes (setuid, world-writable,
+/// links, FIFOs) is reported by `server check`, by path; removing it makes the check pass.
+#[test]
+fn check_reports_what_a_host_planted_in_its_logs() {
+    let s = Sshd::start(&["a"]);
+    s.publish();
+    assert!(check(&s, &s.config()).status.success());
+    let logs = s.host_dir("a").join("logs");
+    let uid = fs::metadata(&logs).unwrap().uid();
+    let planted = |name: &str, mode: u32| {
+        let path = logs.join(name);
+        fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    };
+    let suid = planted("suid", 0o4755);
+    let open = planted("open", 0o666);
+    fs::write(logs.join("report.json"), "{}\n").unwrap();
+    symlink("/etc/shadow", logs.join("shadow")).unwrap();
+    fs::create_dir(logs.join("sub")).unwrap();
+    unix::unistd::mkfifo(
+        &logs.join("sub/pipe"),
+        unix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+
+    let bad = check(&s, &s.config());
+    assert!(!bad.status.success(), "{}", text(&bad));
+    let out = String::from_utf8_lossy(&bad.stdout).into_owned();
+    assert!(out.contains("a       4 problems"), "{out}");
+    for (path, what) in [
+        (suid.clone(), "setuid"),
+        (open.clone(), "world-writable"),
+        (logs.join("shadow"), "a symbolic link"),
+        (logs.join("sub/pipe"), "not a regular file"),
+    ] {
+        assert!(
+            out.contains(&format!("{} is {what}", path.display())),
+            "{what}: {out}"
+        );
+    }
+    assert!(!out.contains("report.json"), "{out}");
+
+    for p in [suid, open, logs.join("shadow"), logs.join("sub/pipe")] {
+        fs::remove_file(p).unwrap();
+    }
+    assert!(check(&s, &s.config()).status.success());
+}
