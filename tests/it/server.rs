@@ -788,3 +788,36 @@ fn check_reports_what_a_host_planted_in_its_logs() {
     }
     assert!(check(&s, &s.config()).status.success());
 }
+
+/// The generated global settings limit what one source address can hold, and the
+/// installed sshd accepts them and applies them (`sshd -T`).
+#[test]
+fn generated_config_limits_pre_auth_connections_per_source() {
+    let s = Sshd::start(&["a"]);
+    let printed = bento()
+        .args(["server", "sshd-config", "--fleet"])
+        .arg(s.fleet())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let global = &printed[..printed.find("Match Group").unwrap()];
+    assert!(global.contains("\nPerSourceMaxStartups 64\n"), "{printed}");
+    let test = Command::new(crate::common::sshd::SSHD)
+        .arg("-t")
+        .arg("-f")
+        .arg(s.config())
+        .output()
+        .unwrap();
+    assert!(test.status.success(), "{}", text(&test));
+    let effective = Command::new(crate::common::sshd::SSHD)
+        .arg("-T")
+        .arg("-f")
+        .arg(s.config())
+        .output()
+        .unwrap();
+    let effective = String::from_utf8_lossy(&effective.stdout);
+    assert!(
+        effective.lines().any(|l| l == "persourcemaxstartups 64"),
+        "{effective}"
+    );
+}
