@@ -678,8 +678,8 @@ fn sync_accounts_refuses_to_take_over_an_account_it_did_not_make() {
     );
 }
 
-/// A second fleet on the same server whose prefix overlaps the first's (`btxxxx` against
-/// `btxxxx-`) prunes only its own accounts: the first fleet's hosts keep their accounts,
+/// A second fleet on the same server whose prefix overlaps the first's (`btxyz` against
+/// `btxyzw-`, so `btxyzw-a` reads as its host `w-a`) prunes only its own accounts: the first fleet's hosts keep their accounts,
 /// keys and jails, and still log in.
 #[test]
 fn prune_never_reaches_another_fleets_accounts() {
@@ -688,7 +688,7 @@ fn prune_never_reaches_another_fleets_accounts() {
     let jail = fs::metadata(s.host_dir("a")).unwrap();
     let other = ScratchDir::new();
     fs::create_dir_all(other.join("fleet")).unwrap();
-    let overlapping = s.prefix.trim_end_matches('-');
+    let overlapping = &s.prefix[..s.prefix.len() - 2];
     fs::write(
         other.join("fleet/bento.toml"),
         format!(
