@@ -129,8 +129,7 @@ fn prepare_parent(root: &Path, path: &Path, target: &str) -> Result<(), InstallE
             continue;
         }
         match fs::symlink_metadata(&dir) {
-            // SAFETY: geteuid cannot fail.
-            Ok(m) if m.uid() == 0 || m.uid() == unsafe { libc::geteuid() } => {}
+            Ok(m) if m.uid() == 0 || m.uid() == crate::sys::accounts::euid() => {}
             Ok(_) => {
                 return Err(InstallError::UnsafeParent {
                     target: target.to_owned(),

@@ -13,10 +13,3 @@ pub mod units;
 
 pub use config::{AgentConfig, Mode};
 pub use run::{update, AgentError, RunResult, UpdateOptions};
-
-// server::provision::keys's tests still name the page's base64 at its old path; that
-// cross-side import is being removed on another branch, so it keeps working until then.
-#[cfg(test)]
-pub(crate) mod serve {
-    pub(crate) use super::page::base64;
-}

@@ -15,7 +15,7 @@ use crate::sys::output;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only this host (repeatable)
-    #[arg(long = "host", value_name = "NAME", value_parser = super::publish::parse_host)]
+    #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
@@ -24,7 +24,7 @@ pub struct Args {
 
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
-    let chroot = super::build::chroot_of(&fleet, args.chroot)?;
+    let chroot = super::select::chroot_of(&fleet, args.chroot)?;
     let intervals = super::status::intervals(&fleet);
     let mut rows = status::collect(&Query {
         chroot: &chroot,

@@ -13,7 +13,7 @@ use crate::sys::{output, terminal};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The host whose runs to show
-    #[arg(value_parser = super::publish::parse_host)]
+    #[arg(value_parser = super::select::parse_host)]
     host: HostName,
     /// Print this run's full log instead of the list (an ID from the list)
     id: Option<String>,
@@ -30,7 +30,7 @@ pub struct Args {
 
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
-    let chroot = super::build::chroot_of(&fleet, args.chroot)?;
+    let chroot = super::select::chroot_of(&fleet, args.chroot)?;
     let dir = chroot.host_dir(&args.host);
     if !fleet.config.hosts.contains_key(&args.host) && !dir.is_dir() {
         anyhow::bail!(

@@ -3,6 +3,7 @@
 
 mod agent;
 mod build;
+mod builds;
 mod completions;
 mod diff;
 mod flake_update;
@@ -10,6 +11,7 @@ mod init;
 mod keygen;
 mod log;
 mod publish;
+mod select;
 mod server;
 mod status;
 

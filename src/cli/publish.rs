@@ -16,7 +16,7 @@ use crate::sys::output;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Publish only this host (repeatable)
-    #[arg(long = "host", value_name = "NAME", value_parser = parse_host)]
+    #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
@@ -31,10 +31,6 @@ pub struct Args {
     /// With --build: builds at once (default: the number of cores)
     #[arg(long, short = 'j', value_name = "N", requires = "build", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
-}
-
-pub fn parse_host(s: &str) -> Result<HostName, String> {
-    HostName::new(s).map_err(|e| e.to_string())
 }
 
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
@@ -61,8 +57,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         let jobs = args
             .jobs
             .map(usize::from)
-            .unwrap_or_else(super::build::default_jobs);
-        let built = super::build::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
+            .unwrap_or_else(super::select::default_jobs);
+        let built = super::builds::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
         for b in &built {
             match &b.system {
                 Some(system) if b.outcome == crate::server::build::Outcome::Built => {

@@ -22,7 +22,7 @@ const WATCH_REFRESH: Duration = Duration::from_secs(30);
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only this host (repeatable)
-    #[arg(long = "host", value_name = "NAME", value_parser = super::publish::parse_host)]
+    #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
@@ -68,7 +68,7 @@ pub(super) fn intervals(fleet: &Fleet) -> BTreeMap<HostName, Duration> {
 
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
-    let chroot = super::build::chroot_of(&fleet, args.chroot.clone())?;
+    let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
     let intervals = intervals(&fleet);
     for name in &args.hosts {
         let known = intervals.contains_key(name) || chroot.host_dir(name).is_dir();

@@ -76,7 +76,9 @@ pub fn check_in_store(nix: &Nix, path: &StorePath) -> Result<(), ClosureError> {
     }
     match nix.run("nix-store", &["--check-validity", path.as_str()]) {
         Ok(_) => Ok(()),
-        Err(NixError::Failed { .. }) => Err(ClosureError::NotInStore(path.clone())),
+        Err(NixError::Command(e)) if e.exit_code().is_some() => {
+            Err(ClosureError::NotInStore(path.clone()))
+        }
         Err(e) => Err(e.into()),
     }
 }

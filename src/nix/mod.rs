@@ -5,7 +5,10 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub use crate::sys::process::{tail, Output};
+use crate::sys::process::{Cmd, ProcessError, Stream};
 
 /// Flags that make the `nix` command (not `nix-build`) usable on any Nix ≥ 2.4 without a
 /// matching `nix.conf`.
@@ -15,37 +18,29 @@ pub const STDERR_TAIL_LINES: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
-    #[error("cannot run `{argv}`: {source} (is Nix installed and on PATH?)")]
-    Spawn {
-        argv: String,
-        source: std::io::Error,
-    },
-    #[error("`{argv}` failed ({status}):\n{stderr_tail}")]
-    Failed {
-        argv: String,
-        status: String,
-        stderr_tail: String,
-        /// Everything the command printed on stderr (build logs).
-        stderr: String,
-    },
+    /// The command could not start, exited non-zero, was killed or timed out.
+    #[error("{}{}", .0, nix_hint(.0))]
+    Command(Box<ProcessError>),
     #[error("`{argv}` printed something unexpected: {message}")]
     Output { argv: String, message: String },
+}
+
+fn nix_hint(e: &ProcessError) -> &'static str {
+    if e.not_started() {
+        " (is Nix installed and on PATH?)"
+    } else {
+        ""
+    }
 }
 
 impl NixError {
     /// The full stderr of a failed command, when there is one.
     pub fn log(&self) -> &str {
         match self {
-            NixError::Failed { stderr, .. } => stderr,
-            _ => "",
+            NixError::Command(e) => &e.stderr,
+            NixError::Output { .. } => "",
         }
     }
-}
-
-/// The last `n` lines of a command's output.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A path in the Nix store: `/nix/store/<32-char hash>-<name>`.
@@ -147,12 +142,8 @@ pub struct Built {
 pub struct Nix {
     /// Extra environment for every Nix child (e.g. NIX_PATH for classic builds).
     env: Vec<(OsString, OsString)>,
-}
-
-/// Output of one command: stdout, stderr.
-pub struct Output {
-    pub stdout: Vec<u8>,
-    pub stderr: String,
+    /// A deadline for every Nix child; none by default (builds take as long as they take).
+    timeout: Option<Duration>,
 }
 
 impl Nix {
@@ -161,40 +152,49 @@ impl Nix {
         self
     }
 
+    /// Kills any Nix child (and what it started) that runs longer than `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn command<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Cmd {
+        let mut cmd = Cmd::new(program).tail_lines(STDERR_TAIL_LINES);
+        if program == "nix" {
+            cmd = cmd.args(EXPERIMENTAL);
+        }
+        cmd = cmd.args(args);
+        for (k, v) in &self.env {
+            cmd = cmd.env(k, v);
+        }
+        if let Some(t) = self.timeout {
+            cmd = cmd.timeout(t);
+        }
+        cmd
+    }
+
     /// Runs `program args…`; `nix` itself gets the experimental-features flags.
     pub fn run<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Result<Output, NixError> {
-        let mut cmd = Command::new(program);
-        if program == "nix" {
-            cmd.args(EXPERIMENTAL);
-        }
-        cmd.args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
-        let argv = std::iter::once(program.to_owned())
-            .chain(
-                args.iter()
-                    .map(|a| a.as_ref().to_string_lossy().into_owned()),
-            )
-            .collect::<Vec<_>>()
-            .join(" ");
-        tracing::debug!(%argv, "running");
-        let out = cmd.output().map_err(|source| NixError::Spawn {
-            argv: argv.clone(),
-            source,
-        })?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
-            return Err(NixError::Failed {
-                argv,
-                status: out.status.to_string(),
-                stderr_tail: tail(&stderr, STDERR_TAIL_LINES),
-                stderr,
-            });
-        }
-        Ok(Output {
-            stdout: out.stdout,
-            stderr,
-        })
+        self.command(program, args)
+            .run()
+            .map_err(|e| NixError::Command(Box::new(e)))
+    }
+
+    /// Like `run`, with every line of stderr (Nix's progress and build log) handed to
+    /// `on_log` as it arrives.
+    pub fn run_streamed<S: AsRef<OsStr>>(
+        &self,
+        program: &str,
+        args: &[S],
+        mut on_log: impl FnMut(&str),
+    ) -> Result<Output, NixError> {
+        self.command(program, args)
+            .run_streamed(|stream, line| {
+                if stream == Stream::Stderr {
+                    on_log(line);
+                }
+            })
+            .map_err(|e| NixError::Command(Box::new(e)))
     }
 
     /// The attribute names of `nixosConfigurations` of the flake in `dir` (read as a

@@ -279,9 +279,11 @@ mod tests {
         symlink(other.join("secret"), logs.join("sym")).unwrap();
         fs::hard_link(other.join("secret"), logs.join("hard")).unwrap();
         fs::create_dir(logs.join("sub")).unwrap();
-        // SAFETY: mkfifo with a valid NUL-terminated path.
-        let fifo = std::ffi::CString::new(logs.join("fifo").to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        unix::unistd::mkfifo(
+            &logs.join("fifo"),
+            unix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
 
         assert_eq!(read(&host, "report.json").unwrap(), b"{}\n");
         let refused = |name: &str| match read(&host, name) {

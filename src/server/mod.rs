@@ -3,6 +3,7 @@
 //! report (`logs`, `status`), and the SFTP server's accounts and sshd settings (`provision`).
 
 pub mod build;
+pub mod chroot;
 pub mod fleet;
 pub mod history;
 pub mod hostfiles;

@@ -587,3 +587,237 @@ fn backups_area_is_private_and_writable_by_its_host_only() {
     assert_sftp_fails(&s, "b", "get /../a/backups/pack\n");
     assert_sftp_fails(&s, "b", &format!("put {} /pack\n", local.display()));
 }
+
+/// What `getent` and `id` say about an account: passwd and shadow lines, groups.
+fn account_state(name: &str) -> String {
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    format!(
+        "{}{}{}",
+        run("getent", &["passwd", name]),
+        run("getent", &["shadow", name]),
+        run("id", &["-nG", name])
+    )
+}
+
+/// A fresh ed25519 public key line made in `dir`.
+fn new_key(dir: &ScratchDir, name: &str) -> String {
+    let path = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    fs::read_to_string(path.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// An account that already exists and was not made by bento (here an operator's, with a
+/// shell, a password and its own home) is never taken over: sync-accounts refuses, naming
+/// it, and changes nothing, neither the account nor anything else of the run.
+#[test]
+fn sync_accounts_refuses_to_take_over_an_account_it_did_not_make() {
+    let s = Sshd::start(&["a"]);
+    let keys = ScratchDir::new();
+    let foreign = s.account("ops");
+    let st = Command::new("useradd")
+        .args(["--home-dir", "/var/empty-ops", "--shell", "/bin/sh"])
+        .args(["--user-group", "--password", "$6$salt$hash", &foreign])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _cleanup = crate::common::Accounts {
+        names: vec![foreign.clone()],
+    };
+    let before = account_state(&foreign);
+    let key_a = s.keys_dir().join(s.account("a"));
+    let key_a_before = fs::read(&key_a).unwrap();
+
+    // A new host b (its account would be created) and the host whose name spells the
+    // operator's account: nothing at all may happen.
+    s.write_toml(&[
+        ("a".to_owned(), None),
+        ("b".to_owned(), Some(new_key(&keys, "b"))),
+        ("ops".to_owned(), Some(new_key(&keys, "ops"))),
+    ]);
+    let out = bento()
+        .args(["server", "sync-accounts", "--fleet"])
+        .arg(s.fleet())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "account {foreign} already exists and is not a bento host account"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(account_state(&foreign), before, "the account was changed");
+    assert!(
+        !s.keys_dir().join(&foreign).exists(),
+        "a key file was written"
+    );
+    assert!(!s.host_dir("ops").exists() && !s.host_dir("b").exists());
+    assert!(
+        bento::sys::accounts::user(&s.account("b"))
+            .unwrap()
+            .is_none(),
+        "b's account was created before the refusal"
+    );
+    assert_eq!(
+        fs::read(&key_a).unwrap(),
+        key_a_before,
+        "a's key was removed"
+    );
+}
+
+/// A second fleet on the same server whose prefix overlaps the first's (`btxyz` against
+/// `btxyzw-`, so `btxyzw-a` reads as its host `w-a`) prunes only its own accounts: the first fleet's hosts keep their accounts,
+/// keys and jails, and still log in.
+#[test]
+fn prune_never_reaches_another_fleets_accounts() {
+    let s = Sshd::start(&["a"]);
+    s.publish();
+    let jail = fs::metadata(s.host_dir("a")).unwrap();
+    let other = ScratchDir::new();
+    fs::create_dir_all(other.join("fleet")).unwrap();
+    let overlapping = &s.prefix[..s.prefix.len() - 2];
+    fs::write(
+        other.join("fleet/bento.toml"),
+        format!(
+            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{overlapping}\"\n",
+            other.join("chroot").display(),
+            other.join("keys").display()
+        ),
+    )
+    .unwrap();
+    let out = bento()
+        .args(["server", "sync-accounts", "--prune", "--fleet"])
+        .arg(other.join("fleet"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&s.account("a")),
+        "{}",
+        text(&out)
+    );
+    assert!(bento::sys::accounts::user(&s.account("a"))
+        .unwrap()
+        .is_some());
+    assert!(s.keys_dir().join(s.account("a")).exists());
+    let after = fs::metadata(s.host_dir("a")).unwrap();
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode()),
+        (jail.uid(), jail.gid(), jail.mode())
+    );
+    assert!(s.sftp("a", "ls /\n").status.success(), "{}", s.log());
+}
+
+/// A pruned host's jail is root:root 0700 before its account and group go, even when the
+/// jail's group is no longer the account's: no id freed by the prune can read it later.
+#[test]
+fn a_pruned_jail_is_sealed_whatever_its_group() {
+    let s = Sshd::start(&["a", "b"]);
+    s.publish();
+    // Someone changed b's jail group (to a group that will be freed, or reused, later).
+    std::os::unix::fs::chown(s.host_dir("b"), None, Some(65534)).unwrap();
+    s.write_toml(&[("a".to_owned(), Some(s.public_key("a")))]);
+    let report = s.sync_accounts(true);
+    assert!(report.contains("removed"), "{report}");
+    let meta = fs::metadata(s.host_dir("b")).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 0, 0o700)
+    );
+}
+
+/// Whatever a host plants in its `logs/` that no agent writes (setuid, world-writable,
+/// links, FIFOs) is reported by `server check`, by path; removing it makes the check pass.
+#[test]
+fn check_reports_what_a_host_planted_in_its_logs() {
+    let s = Sshd::start(&["a"]);
+    s.publish();
+    assert!(check(&s, &s.config()).status.success());
+    let logs = s.host_dir("a").join("logs");
+    let uid = fs::metadata(&logs).unwrap().uid();
+    let planted = |name: &str, mode: u32| {
+        let path = logs.join(name);
+        fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::os::unix::fs::chown(&path, Some(uid), None).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    };
+    let suid = planted("suid", 0o4755);
+    let open = planted("open", 0o666);
+    fs::write(logs.join("report.json"), "{}\n").unwrap();
+    symlink("/etc/shadow", logs.join("shadow")).unwrap();
+    fs::create_dir(logs.join("sub")).unwrap();
+    unix::unistd::mkfifo(
+        &logs.join("sub/pipe"),
+        unix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+
+    let bad = check(&s, &s.config());
+    assert!(!bad.status.success(), "{}", text(&bad));
+    let out = String::from_utf8_lossy(&bad.stdout).into_owned();
+    assert!(out.contains("a       4 problems"), "{out}");
+    for (path, what) in [
+        (suid.clone(), "setuid"),
+        (open.clone(), "world-writable"),
+        (logs.join("shadow"), "a symbolic link"),
+        (logs.join("sub/pipe"), "not a regular file"),
+    ] {
+        assert!(
+            out.contains(&format!("{} is {what}", path.display())),
+            "{what}: {out}"
+        );
+    }
+    assert!(!out.contains("report.json"), "{out}");
+
+    for p in [suid, open, logs.join("shadow"), logs.join("sub/pipe")] {
+        fs::remove_file(p).unwrap();
+    }
+    assert!(check(&s, &s.config()).status.success());
+}
+
+/// The generated global settings limit what one source address can hold, and the
+/// installed sshd accepts them and applies them (`sshd -T`).
+#[test]
+fn generated_config_limits_pre_auth_connections_per_source() {
+    let s = Sshd::start(&["a"]);
+    let printed = bento()
+        .args(["server", "sshd-config", "--fleet"])
+        .arg(s.fleet())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    let global = &printed[..printed.find("Match Group").unwrap()];
+    assert!(global.contains("\nPerSourceMaxStartups 64\n"), "{printed}");
+    let test = Command::new(crate::common::sshd::SSHD)
+        .arg("-t")
+        .arg("-f")
+        .arg(s.config())
+        .output()
+        .unwrap();
+    assert!(test.status.success(), "{}", text(&test));
+    let effective = Command::new(crate::common::sshd::SSHD)
+        .arg("-T")
+        .arg("-f")
+        .arg(s.config())
+        .output()
+        .unwrap();
+    let effective = String::from_utf8_lossy(&effective.stdout);
+    assert!(
+        effective.lines().any(|l| l == "persourcemaxstartups 64"),
+        "{effective}"
+    );
+}

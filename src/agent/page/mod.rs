@@ -156,10 +156,6 @@ async fn accept_loop(
     }
 }
 
-/// For the old path in `agent::serve` (tests of server::provision::keys).
-#[cfg(test)]
-pub(crate) use view::base64;
-
 #[cfg(test)]
 mod tests {
     use super::*;

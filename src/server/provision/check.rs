@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::protocol::layout::{Chroot, LOGS, MANIFESTS, OBJECTS};
+use crate::protocol::layout::{Chroot, BACKUPS, LOGS, MANIFESTS, OBJECTS};
+use crate::server::chroot::{owner_mode_problem, unsafe_component};
 use crate::server::fleet::{FleetConfig, HostName};
 use crate::sys::accounts;
 
@@ -46,38 +47,6 @@ pub struct CheckReport {
 impl CheckReport {
     pub fn ok(&self) -> bool {
         self.server.is_empty() && self.hosts.iter().all(|h| h.problems.is_empty())
-    }
-}
-
-/// The first component of `path` (from `/` down, as far as it exists) that is not
-/// root-owned or is writable by group or others: sshd refuses chroots and, with
-/// StrictModes, key files below such a directory.
-pub fn unsafe_component(path: &Path) -> io::Result<Option<(PathBuf, String)>> {
-    let mut current = PathBuf::new();
-    for comp in path.components() {
-        current.push(comp);
-        let meta = match fs::metadata(&current) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(e) => return Err(e),
-        };
-        if let Some(problem) = owner_mode_problem(&meta) {
-            return Ok(Some((current, problem)));
-        }
-    }
-    Ok(None)
-}
-
-fn owner_mode_problem(meta: &fs::Metadata) -> Option<String> {
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() != 0 {
-        Some(format!("owned by uid {}, not root", meta.uid()))
-    } else if mode & 0o020 != 0 {
-        Some(format!("group-writable (mode {mode:04o})"))
-    } else if mode & 0o002 != 0 {
-        Some(format!("world-writable (mode {mode:04o})"))
-    } else {
-        None
     }
 }
 
@@ -226,6 +195,13 @@ fn check_host(
     }
     check_key_file(config, account, key, problems);
     check_chroot(&host_dir, &info, problems);
+    let mut host_owned = vec![host_dir.join(LOGS)];
+    if config.server.backups {
+        host_owned.push(host_dir.join(BACKUPS));
+    }
+    for dir in host_owned {
+        planted_files(&dir, problems);
+    }
     check_sshd(config, opts, account, &info.home, &host_dir, problems);
 }
 
@@ -338,6 +314,66 @@ fn check_chroot(host_dir: &Path, info: &accounts::Account, problems: &mut Vec<St
             }
         }
         Err(e) => problems.push(format!("{}: {e}", logs.display())),
+    }
+}
+
+/// Problems reported per host-writable directory before the rest are only counted.
+const PLANTED_SHOWN: usize = 10;
+
+/// What a host planted in a directory it may write (`logs/`, `backups/`): setuid or setgid
+/// files, anything world-writable, links (symbolic or hard) and non-regular files. None is
+/// needed by an agent or a backup tool, and each is a tool for whoever else reads there.
+/// Nothing is followed; the walk stays on the directory's own entries.
+fn planted_files(dir: &Path, problems: &mut Vec<String>) {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let kind = meta.file_type();
+            let mode = meta.mode() & 0o7777;
+            let mut what = Vec::new();
+            if kind.is_symlink() {
+                what.push("a symbolic link".to_owned());
+            } else if !kind.is_file() && !kind.is_dir() {
+                what.push("not a regular file (device, FIFO or socket)".to_owned());
+            } else if kind.is_file() && meta.nlink() > 1 {
+                what.push(format!("a hard link ({} names)", meta.nlink()));
+            }
+            if !kind.is_symlink() {
+                if mode & 0o4000 != 0 {
+                    what.push("setuid".to_owned());
+                }
+                if mode & 0o2000 != 0 {
+                    what.push("setgid".to_owned());
+                }
+                if mode & 0o002 != 0 {
+                    what.push("world-writable".to_owned());
+                }
+            }
+            if !what.is_empty() {
+                found.push(format!(
+                    "{} is {} (mode {mode:04o}): planted by the host? remove it",
+                    path.display(),
+                    what.join(", ")
+                ));
+            }
+            if kind.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    let more = found.len().saturating_sub(PLANTED_SHOWN);
+    problems.extend(found.into_iter().take(PLANTED_SHOWN));
+    if more > 0 {
+        problems.push(format!("{}: {more} more such entries", dir.display()));
     }
 }
 

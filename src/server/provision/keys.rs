@@ -164,14 +164,22 @@ const ACCEPTED: [&str; 5] = [
     "ssh-rsa",
 ];
 
-/// Checks the wire-format blob (RFC 4253 §6.6, RFC 5656 §3.1, RFC 8709 §4).
+/// Checks the wire-format blob (RFC 4253 §6.6, RFC 5656 §3.1, RFC 8709 §4) with ssh-key's
+/// decoder; the policy on top (declared type matches, RSA size and exponent, uncompressed
+/// ECDSA points as OpenSSH writes them, nothing trailing) is bento's.
 fn check_blob(host: &HostName, declared: &str, blob: &[u8]) -> Result<(), KeyError> {
+    use ssh_key::public::KeyData;
     let bad = |problem: &str| KeyError::Blob {
         host: host.clone(),
         problem: problem.to_owned(),
     };
-    let mut r = Reader(blob);
-    let actual = r.string().ok_or_else(|| bad("no key type inside"))?;
+    // The type named inside (an SSH string: u32 length, bytes), read on its own first, so a
+    // mismatch names what it is even when ssh-key does not know that type.
+    let actual = blob
+        .get(..4)
+        .map(|len| u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize)
+        .and_then(|len| blob.get(4..4 + len))
+        .ok_or_else(|| bad("no key type inside"))?;
     let actual = String::from_utf8_lossy(actual).into_owned();
     if actual != declared {
         return Err(KeyError::Mismatch {
@@ -180,21 +188,29 @@ fn check_blob(host: &HostName, declared: &str, blob: &[u8]) -> Result<(), KeyErr
             actual,
         });
     }
-    match declared {
-        "ssh-ed25519" => {
-            let pk = r.string().ok_or_else(|| bad("truncated"))?;
-            if pk.len() != 32 {
-                return Err(bad("an ed25519 key is 32 bytes"));
-            }
-        }
-        "ssh-rsa" => {
-            let e = r.string().ok_or_else(|| bad("truncated exponent"))?;
-            let n = r.string().ok_or_else(|| bad("truncated modulus"))?;
-            let e = strip_mpint(e).ok_or_else(|| bad("negative exponent"))?;
+    let key = ssh_key::PublicKey::from_bytes(blob).map_err(|e| {
+        bad(&match declared {
+            "ssh-ed25519" => format!("not a 32-byte ed25519 key ({e})"),
+            "ssh-rsa" => format!("not an RSA key ({e})"),
+            _ => format!("the curve name does not match the key type, or the curve point is not a point of that curve ({e})"),
+        })
+    })?;
+    match key.key_data() {
+        KeyData::Ed25519(_) => {}
+        KeyData::Rsa(rsa) => {
+            let e = rsa
+                .e
+                .as_positive_bytes()
+                .ok_or_else(|| bad("negative exponent"))?;
+            let e = strip_zeros(e);
             if e.is_empty() || e[e.len() - 1] & 1 == 0 || (e.len() == 1 && e[0] < 3) {
                 return Err(bad("the RSA exponent must be odd and at least 3"));
             }
-            let n = strip_mpint(n).ok_or_else(|| bad("negative modulus"))?;
+            let n = rsa
+                .n
+                .as_positive_bytes()
+                .ok_or_else(|| bad("negative modulus"))?;
+            let n = strip_zeros(n);
             let bits = match n.first() {
                 Some(&top) => n.len() * 8 - top.leading_zeros() as usize,
                 None => 0,
@@ -206,84 +222,30 @@ fn check_blob(host: &HostName, declared: &str, blob: &[u8]) -> Result<(), KeyErr
                 });
             }
         }
-        ecdsa => {
-            let curve = ecdsa.trim_start_matches("ecdsa-sha2-");
-            let inner = r.string().ok_or_else(|| bad("no curve name"))?;
-            if inner != curve.as_bytes() {
-                return Err(bad("the curve name does not match the key type"));
-            }
-            let point = r.string().ok_or_else(|| bad("truncated point"))?;
-            let coord = match curve {
-                "nistp256" => 32,
-                "nistp384" => 48,
-                _ => 66,
-            };
-            if point.len() != 1 + 2 * coord || point[0] != 4 {
+        KeyData::Ecdsa(point) => {
+            // OpenSSH writes (and its own parser insists on) uncompressed points.
+            if point.as_sec1_bytes().first() != Some(&4) {
                 return Err(bad(
                     "the curve point is not an uncompressed point of that curve",
                 ));
             }
         }
-    }
-    if !r.0.is_empty() {
-        return Err(bad("trailing bytes after the key"));
+        _ => return Err(bad("not an ed25519, ecdsa or rsa key")),
     }
     Ok(())
 }
 
-/// An mpint without its sign byte; `None` when negative.
-fn strip_mpint(v: &[u8]) -> Option<&[u8]> {
-    if v.first().is_some_and(|b| b & 0x80 != 0) {
-        return None;
-    }
+fn strip_zeros(v: &[u8]) -> &[u8] {
     let start = v.iter().position(|&b| b != 0).unwrap_or(v.len());
-    Some(&v[start..])
+    &v[start..]
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn string(&mut self) -> Option<&'a [u8]> {
-        let len = u32::from_be_bytes(self.0.get(..4)?.try_into().ok()?) as usize;
-        let rest = &self.0[4..];
-        let value = rest.get(..len)?;
-        self.0 = &rest[len..];
-        Some(value)
-    }
-}
-
-/// Standard base64 with padding, as OpenSSH writes it; anything else is refused.
+/// Standard base64 with canonical padding, as OpenSSH writes it; anything else is refused.
 fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
-        return None;
-    }
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    let chunks = bytes.len() / 4;
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            n = n << 6 | value(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&decoded[..3 - pad]);
-    }
-    Some(out)
+    use base64ct::Encoding as _;
+    base64ct::Base64::decode_vec(text)
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// Every host's key, validated; hosts without a key map to `None`. All problems are
@@ -325,8 +287,11 @@ pub fn fleet_keys(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    // The page's encoder (for its CSP hashes); the round trip below checks it against ours.
-    use crate::agent::serve::base64 as b64;
+
+    fn b64(data: &[u8]) -> String {
+        use base64ct::Encoding as _;
+        base64ct::Base64::encode_string(data)
+    }
 
     pub const ED25519: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHFSC/XxzabMcgDewCNaqV3Ig9tNzGTvvUJSjFIfzLTB alpha@test";
@@ -443,6 +408,15 @@ pub(crate) mod tests {
             err(&format!("ssh-ed25519 {}", b64(&blob))),
             KeyError::Blob { .. }
         ));
+        // A compressed point: valid SEC1, but not what OpenSSH writes or accepts.
+        let mut blob = Vec::new();
+        string(&mut blob, b"ecdsa-sha2-nistp256");
+        string(&mut blob, b"nistp256");
+        let mut point = vec![2u8];
+        point.extend([7; 32]);
+        string(&mut blob, &point);
+        let e = err(&format!("ecdsa-sha2-nistp256 {}", b64(&blob)));
+        assert!(e.to_string().contains("uncompressed"), "{e}");
         assert!(matches!(
             err("ssh-ed25519 AAAA\u{7}bell"),
             KeyError::Control { .. }

@@ -19,6 +19,11 @@ pub const GROUP: &str = "bento";
 
 /// `MaxStartups` the generated config sets: see docs/server.md for the reasoning.
 pub const MAX_STARTUPS: &str = "100:30:200";
+/// `PerSourceMaxStartups` the generated config sets: one source address (one host, one
+/// attacker) may hold at most this many of the `MaxStartups` pre-auth slots, below the 100
+/// at which sshd starts dropping for everyone, above a 50-host burst from behind one NAT.
+/// Global-only in sshd_config(5) (OpenSSH ≥ 8.5); see docs/server.md.
+pub const PER_SOURCE_MAX_STARTUPS: u32 = 64;
 /// `MaxSessions` per connection for host accounts: see docs/server.md.
 pub const MAX_SESSIONS: u32 = 4;
 /// The only thing a host account may run. `-d /` starts in the chroot root; `-u 0027` keeps

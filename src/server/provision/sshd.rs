@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::server::fleet::ServerConfig;
 
-use super::{FORCE_COMMAND, GROUP, MAX_SESSIONS, MAX_STARTUPS};
+use super::{FORCE_COMMAND, GROUP, MAX_SESSIONS, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -84,7 +84,8 @@ pub fn match_block(server: &ServerConfig) -> String {
     out
 }
 
-/// What `bento server sshd-config` prints: a global `MaxStartups` and the Match block, to
+/// What `bento server sshd-config` prints: the global `MaxStartups` and
+/// `PerSourceMaxStartups` and the Match block, to
 /// append at the end of sshd_config.
 pub fn sshd_config(server: &ServerConfig) -> String {
     format!(
@@ -94,6 +95,8 @@ pub fn sshd_config(server: &ServerConfig) -> String {
          # Many hosts poll at once; OpenSSH's default 10:30:100 starts dropping connections\n\
          # at 10 unauthenticated ones.\n\
          MaxStartups {MAX_STARTUPS}\n\
+         # No one source address may hold more than this many of those pre-auth slots.\n\
+         PerSourceMaxStartups {PER_SOURCE_MAX_STARTUPS}\n\
          {}",
         match_block(server)
     )

@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::protocol::layout::Chroot;
+use crate::server::chroot::{self, prepare_host_dir, unsafe_component, ChrootError, Ownership};
 use crate::server::fleet::{FleetConfig, HostName};
-use crate::server::publish::{prepare_host_dir, Ownership};
 use crate::sys::accounts;
 use crate::sys::atomic;
 
-use super::check::unsafe_component;
 use super::keys::{fleet_keys, KeyErrors, PublicKey};
 use super::sshd::{check_server_paths, PathError};
 use super::system::{self, CommandError};
@@ -40,7 +39,53 @@ pub enum SyncError {
     #[error(transparent)]
     Name(#[from] crate::protocol::NameError),
     #[error(transparent)]
-    Publish(#[from] crate::server::publish::PublishError),
+    Chroot(#[from] ChrootError),
+    #[error("{}", foreign_message(.0))]
+    Foreign(Vec<Foreign>),
+}
+
+/// An existing account a host of the fleet would use that is not one of the fleet's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    pub account: String,
+    pub reason: String,
+}
+
+fn foreign_message(all: &[Foreign]) -> String {
+    all.iter()
+        .map(|f| {
+            format!(
+                "account {} already exists and is not a bento host account of this fleet ({}); refusing to change it: choose another account_prefix or host name, or remove the account yourself",
+                f.account, f.reason
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The comment (GECOS field) of every account sync-accounts makes: together with its home,
+/// the host's directory in this fleet's chroot, it marks the account as this fleet's, and
+/// nothing else is ever changed or deleted.
+pub const ACCOUNT_COMMENT: &str = "bento host account";
+
+/// Why the existing account `info` may not serve as the host account whose jail is `home`,
+/// or `None` when it is this fleet's. Accounts made before bento wrote its comment (empty
+/// comment, nologin shell, in group `bento`, home already the host's directory) count.
+fn not_ours(info: &accounts::Account, home: &Path) -> Result<Option<String>, SyncError> {
+    let home = home.display().to_string();
+    if info.uid == 0 || info.gid == 0 {
+        return Ok(Some(format!("uid {} gid {}", info.uid, info.gid)));
+    }
+    if info.home != home {
+        return Ok(Some(format!("its home is {}, not {home}", info.home)));
+    }
+    if info.gecos == ACCOUNT_COMMENT {
+        return Ok(None);
+    }
+    let legacy = info.gecos.is_empty()
+        && info.shell == system::nologin()
+        && system::groups_of(&info.name)?.iter().any(|g| g == GROUP);
+    Ok((!legacy).then(|| format!("it was not made by bento: comment {:?}", info.gecos)))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SyncError + '_ {
@@ -79,6 +124,21 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     let server = &config.server;
     check_server_paths(server)?;
     let keys = fleet_keys(config)?;
+    let chroot = Chroot::new(&server.chroot);
+    // An existing account that is not this fleet's (an operator's, another fleet's, root)
+    // is refused before anything changes.
+    let mut foreign = Vec::new();
+    for host in keys.keys() {
+        let account = config.account(host)?;
+        if let Some(info) = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))? {
+            if let Some(reason) = not_ours(&info, &chroot.host_dir(host))? {
+                foreign.push(Foreign { account, reason });
+            }
+        }
+    }
+    if !foreign.is_empty() {
+        return Err(SyncError::Foreign(foreign));
+    }
     for dir in [&server.chroot, &server.authorized_keys_dir] {
         if let Some((path, problem)) = unsafe_component(dir).map_err(io_err(dir))? {
             return Err(SyncError::UnsafePath { path, problem });
@@ -99,7 +159,6 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     }
     ensure_group()?;
 
-    let chroot = Chroot::new(&server.chroot);
     let mut reports = Vec::new();
     let mut wanted = BTreeSet::new();
     for (host, key) in &keys {
@@ -180,6 +239,8 @@ fn sync_host(
                     &home_s,
                     "--shell",
                     shell,
+                    "--comment",
+                    ACCOUNT_COMMENT,
                     "--user-group",
                     "--groups",
                     GROUP,
@@ -189,9 +250,16 @@ fn sync_host(
             changes.push("created".to_owned());
         }
         Some(a) => {
-            if a.home != home_s {
-                system::run("usermod", &["--home", &home_s, account])?;
-                changes.push(format!("home {} -> {home_s}", a.home));
+            // Checked again here: the account may have changed since the check up front.
+            if let Some(reason) = not_ours(&a, &home)? {
+                return Err(SyncError::Foreign(vec![Foreign {
+                    account: account.to_owned(),
+                    reason,
+                }]));
+            }
+            if a.gecos != ACCOUNT_COMMENT {
+                system::run("usermod", &["--comment", ACCOUNT_COMMENT, account])?;
+                changes.push("marked as a bento host account".to_owned());
             }
             if a.shell != shell {
                 system::run("usermod", &["--shell", shell, account])?;
@@ -230,7 +298,7 @@ fn sync_host(
         if !dir.exists() {
             changes.push(format!("created {}", dir.display()));
         }
-        crate::server::publish::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
+        chroot::prepare_backups_dir(&home, host, &config.server.account_prefix)?;
     }
     Ok(changes)
 }
@@ -268,8 +336,11 @@ fn write_key_file(path: &Path, key: Option<&PublicKey>) -> Result<bool, SyncErro
     Ok(true)
 }
 
-/// Removes accounts that carry the fleet's prefix and are in group `bento` but are no
-/// longer in `bento.toml`, and their key files. Their published data stays, locked to root.
+/// Removes this fleet's accounts that are no longer in `bento.toml`, and their key files:
+/// those with the fleet's prefix, in group `bento`, and (see `not_ours`) marked as bento's
+/// with their home the host's directory in *this* fleet's chroot, so another fleet sharing
+/// the server and an overlapping prefix is never touched. Their published data stays,
+/// locked to root.
 fn prune_accounts(
     config: &FleetConfig,
     chroot: &Chroot,
@@ -286,8 +357,17 @@ fn prune_accounts(
         if wanted.contains(&account) || !system::groups_of(&account)?.iter().any(|g| g == GROUP) {
             continue;
         }
-        let host = HostName::new(rest).ok();
-        let result = remove_account(chroot, host.as_ref(), &account, keys_dir);
+        let Ok(host) = HostName::new(rest) else {
+            continue;
+        };
+        let Some(info) = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))? else {
+            continue;
+        };
+        if not_ours(&info, &chroot.host_dir(&host))?.is_some() {
+            continue;
+        }
+        let result = remove_account(&info, &account, keys_dir);
+        let host = Some(host);
         reports.push(SyncReport {
             host,
             account: account.clone(),
@@ -329,8 +409,7 @@ fn prune_accounts(
 }
 
 fn remove_account(
-    chroot: &Chroot,
-    host: Option<&HostName>,
+    info: &accounts::Account,
     account: &str,
     keys_dir: &Path,
 ) -> Result<Vec<String>, SyncError> {
@@ -342,22 +421,12 @@ fn remove_account(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&key_file)(e)),
     }
-    let info = accounts::user(account).map_err(io_err(Path::new("/etc/passwd")))?;
-    if let (Some(host), Some(info)) = (host, info) {
-        let dir = chroot.host_dir(host);
-        if let Ok(meta) = fs::symlink_metadata(&dir) {
-            // Once the group is deleted its gid may be reused by a new account, which
-            // would then read this host's secrets; hand the directory to root alone.
-            if meta.is_dir() && meta.gid() == info.gid {
-                std::os::unix::fs::chown(&dir, Some(0), Some(0)).map_err(io_err(&dir))?;
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-                    .map_err(io_err(&dir))?;
-                details.push(format!(
-                    "{} kept, now root-only (delete it when no longer needed)",
-                    dir.display()
-                ));
-            }
-        }
+    // Once the account and its group are deleted their ids may be reused by a new account,
+    // which would then read this host's secrets: the jail goes to root alone first, whatever
+    // group it had.
+    let dir = Path::new(&info.home);
+    if let Some(sealed) = chroot::seal_host_dir(dir)? {
+        details.push(sealed);
     }
     system::run("userdel", &[account])?;
     details.insert(0, "account deleted".to_owned());

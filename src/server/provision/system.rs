@@ -2,60 +2,40 @@
 //! vectors, turning failures into errors that name the command and keep its stderr.
 
 use std::ffi::OsStr;
-use std::process::Command;
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
-#[error("`{argv}` {status}: {stderr}")]
-pub struct CommandError {
-    pub argv: String,
-    pub status: String,
-    pub stderr: String,
-}
+use crate::sys::process::{Cmd, ProcessError};
+
+/// The account tools are quick; one that hangs (a stuck NSS source) must not hang bento.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A failed account command: the argv, how it ended and the tail of its stderr.
+pub type CommandError = ProcessError;
 
 /// Runs a command to completion; stdout on success.
 pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String, CommandError> {
-    let argv = || {
-        std::iter::once(program.to_owned())
-            .chain(
-                args.iter()
-                    .map(|a| a.as_ref().to_string_lossy().into_owned()),
-            )
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let cmd = Cmd::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .timeout(TIMEOUT)
+        .tail_lines(5);
     // The shadow tools refuse to wait for each other's lock on /etc/passwd; several bento
     // runs (or a package install) at once are normal, so back off and retry a little.
     let mut attempt = 0u32;
     loop {
-        let out = Command::new(program)
-            .args(args)
-            .env("LC_ALL", "C")
-            .output()
-            .map_err(|e| CommandError {
-                argv: argv(),
-                status: "could not start".to_owned(),
-                stderr: e.to_string(),
-            })?;
-        if out.status.success() {
-            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        match cmd.run() {
+            Ok(out) => return Ok(out.stdout_text()),
+            Err(e)
+                if e.exit_code().is_some()
+                    && (e.stderr.contains("cannot lock")
+                        || e.stderr.contains("try again later"))
+                    && attempt < 30 =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50 * u64::from(attempt.min(6))));
+            }
+            Err(e) => return Err(e),
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let busy = stderr.contains("cannot lock") || stderr.contains("try again later");
-        if busy && attempt < 30 {
-            attempt += 1;
-            std::thread::sleep(Duration::from_millis(50 * u64::from(attempt.min(6))));
-            continue;
-        }
-        let tail: Vec<&str> = stderr.trim_end().lines().rev().take(5).collect();
-        return Err(CommandError {
-            argv: argv(),
-            status: match out.status.code() {
-                Some(c) => format!("exited with status {c}"),
-                None => "was killed by a signal".to_owned(),
-            },
-            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        });
     }
 }
 
@@ -65,7 +45,7 @@ pub fn getent(database: &str, key: Option<&str>) -> Result<Option<String>, Comma
     args.extend(key);
     match run("getent", &args) {
         Ok(out) => Ok(Some(out)),
-        Err(e) if e.status == "exited with status 2" => Ok(None),
+        Err(e) if e.exit_code() == Some(2) => Ok(None),
         Err(e) => Err(e),
     }
 }

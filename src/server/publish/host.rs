@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::{HostPlan, HostReport, Ownership, PublishError, Status};
-use crate::protocol::layout::{self, Chroot, LOGS, MANIFESTS, OBJECTS};
+use crate::protocol::layout::{self, Chroot, MANIFESTS, OBJECTS};
 use crate::protocol::manifest::{Digest, Manifest};
-use crate::protocol::HostName;
-use crate::sys::accounts;
+use crate::server::chroot::prepare_host_dir;
 use crate::sys::atomic;
 
 /// How many versions (manifests and their objects) a host keeps, the live one included.
@@ -25,83 +24,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PublishError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-/// Creates `dir` if needed and gives it exactly `mode` and, as root, `uid:gid`.
-fn ensure_dir(dir: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), PublishError> {
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(dir)(e)),
-    }
-    let meta = fs::symlink_metadata(dir).map_err(io_err(dir))?;
-    if !meta.is_dir() {
-        return Err(PublishError::NotADirectory(dir.to_owned()));
-    }
-    if let Some((uid, gid)) = owner {
-        if meta.uid() != uid || meta.gid() != gid {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io_err(dir))?;
-        }
-    }
-    if meta.permissions().mode() & 0o7777 != mode {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err(dir))?;
-    }
-    Ok(())
-}
-
-/// Creates the host's directory tree (`<host>/`, `manifests/`, `objects/`, `logs/`) with
-/// the ownership sshd and the host need. As root, the host's account must exist.
-pub fn prepare_host_dir(
-    host_dir: &Path,
-    host: &HostName,
-    ownership: &Ownership,
-) -> Result<(), PublishError> {
-    match ownership {
-        Ownership::Root { prefix } => {
-            let account_name = format!("{prefix}{host}");
-            let account = accounts::user(&account_name)
-                .map_err(io_err(Path::new("/etc/passwd")))?
-                .ok_or_else(|| PublishError::NoAccount(account_name.clone()))?;
-            // The host directory is the gate: only root and the host's account get in.
-            ensure_dir(host_dir, 0o750, Some((0, account.gid)))?;
-            ensure_dir(&host_dir.join(MANIFESTS), 0o755, Some((0, 0)))?;
-            ensure_dir(&host_dir.join(OBJECTS), 0o755, Some((0, 0)))?;
-            ensure_dir(
-                &host_dir.join(LOGS),
-                0o750,
-                Some((account.uid, account.gid)),
-            )?;
-        }
-        Ownership::Leave => {
-            for d in [
-                host_dir.to_owned(),
-                host_dir.join(MANIFESTS),
-                host_dir.join(OBJECTS),
-                host_dir.join(LOGS),
-            ] {
-                ensure_dir(&d, 0o755, None)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Creates the host's private `backups/` area (owned by its account, 0700): a place for
-/// restic or borg over the same SFTP login. Root only.
-pub fn prepare_backups_dir(
-    host_dir: &Path,
-    host: &HostName,
-    prefix: &str,
-) -> Result<(), PublishError> {
-    let account_name = format!("{prefix}{host}");
-    let account = accounts::user(&account_name)
-        .map_err(io_err(Path::new("/etc/passwd")))?
-        .ok_or_else(|| PublishError::NoAccount(account_name.clone()))?;
-    ensure_dir(
-        &host_dir.join(crate::protocol::layout::BACKUPS),
-        0o700,
-        Some((account.uid, account.gid)),
-    )
 }
 
 /// Reads the live manifest, if any. A missing or broken one counts as none: the next

@@ -13,15 +13,14 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
-pub use host::{
-    collect_host, collect_pool, prepare_backups_dir, prepare_host_dir, publish_host, read_current,
-    KEEP_VERSIONS,
-};
+pub use host::{collect_host, collect_pool, publish_host, read_current, KEEP_VERSIONS};
 pub use verify::{verify_host, VerifyError};
 
 use crate::nix::StorePath;
 use crate::protocol::layout::Chroot;
 use crate::protocol::manifest::{Digest, Manifest, FORMAT};
+pub use crate::server::chroot::Ownership;
+use crate::server::chroot::{self, ChrootError};
 use crate::server::fleet::{FlakeHosts, Fleet, HostName, HostSource};
 use crate::server::hostfiles::{self, HostFilesError};
 use crate::sys::atomic;
@@ -33,10 +32,8 @@ pub enum PublishError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} exists and is not a directory")]
-    NotADirectory(PathBuf),
-    #[error("account {0} does not exist: create the host accounts first (`bento server sync-accounts`, or deploy the generated NixOS module)")]
-    NoAccount(String),
+    #[error(transparent)]
+    Chroot(#[from] ChrootError),
     #[error("{0} changed while it was being published; run publish again")]
     ChangedWhilePublishing(PathBuf),
     #[error("chroot path {path}: {problem}; OpenSSH refuses a ChrootDirectory whose every component is not root-owned and unwritable by group and others")]
@@ -57,15 +54,6 @@ pub enum PublishError {
     PrivateKeyInConfig(PathBuf),
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-/// Who owns what in the chroot.
-#[derive(Debug, Clone)]
-pub enum Ownership {
-    /// Running as root: directories get the owners and modes sshd and the host need.
-    Root { prefix: String },
-    /// Not root (tests, a dry look): modes are set, owners left alone.
-    Leave,
 }
 
 /// One host, ready to publish.
@@ -201,7 +189,7 @@ pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
 
 /// Checks every existing component of the chroot root: sshd refuses the chroot otherwise.
 pub fn check_chroot_path(root: &Path) -> Result<(), PublishError> {
-    match crate::server::provision::check::unsafe_component(root) {
+    match chroot::unsafe_component(root) {
         Ok(None) => Ok(()),
         Ok(Some((path, problem))) => Err(PublishError::UnsafeChrootPath { path, problem }),
         Err(source) => Err(PublishError::Io {
