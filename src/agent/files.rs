@@ -273,7 +273,7 @@ mod tests {
         let m = Manifest {
             format: FORMAT,
             host: HostName::new("a").unwrap(),
-            created: String::new(),
+            created: crate::protocol::Timestamp::from_unix(0),
             source_commit: None,
             build: Build::Classic,
             system: None,

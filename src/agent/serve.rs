@@ -28,10 +28,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::config::AgentConfig;
+use super::host::NixHost;
 use super::state::{State, StateDir};
-use super::system::NixSystem;
 use super::{RunResult, UpdateOptions};
-use crate::agent::transport::{self, SshOptions};
+use crate::agent::source;
 use crate::nix::Nix;
 use crate::protocol::report::Outcome;
 
@@ -142,23 +142,14 @@ impl Runner for AgentRunner {
             }
         };
         progress(&format!("checking {} for a new version", cfg.server));
-        let system = NixSystem {
-            nix: Nix::default(),
-            profile: cfg.profile.clone(),
-            current_system: cfg.current_system.clone(),
-        };
-        let ssh = SshOptions {
-            identity_file: cfg.identity_file.clone(),
-            known_hosts: cfg.known_hosts.clone(),
-            connect_timeout: cfg.connect_timeout,
-            control_dir: StateDir::new(&cfg.state_dir).ssh(),
-        };
-        let connect = || transport::connect(&cfg.server, &ssh);
+        let host = NixHost::new(Nix::default(), &cfg);
+        let ssh = cfg.ssh_options();
+        let connect = || source::connect(&cfg.server, &ssh);
         let on_wait =
             || progress("another update is running (the timer's or a terminal's); waiting for it");
         let result = super::update(&UpdateOptions {
             config: &cfg,
-            system: &system,
+            host: &host,
             connect: &connect,
             now: &SystemTime::now,
             force: false,
