@@ -218,8 +218,11 @@ mod tests {
             target: TargetPath::new(target).unwrap(),
             size: content.len() as u64,
             sha256: Digest::of(content),
-            owner: "0".into(),
-            group: "0".into(),
+            // Owned by whoever runs the test (root on a machine, `nobody` in CI's non-root
+            // unit tier): chown to oneself needs no privilege.
+            // SAFETY: geteuid and getegid cannot fail.
+            owner: unsafe { libc::geteuid() }.to_string(),
+            group: unsafe { libc::getegid() }.to_string(),
             mode: Mode(mode),
         }
     }
