@@ -4,7 +4,8 @@
 //! Invariants: the state is saved before delivery, so the machine knows what it did whatever
 //! happens to the report; a report is spooled before it is delivered and leaves the spool
 //! only once the server has it (ids are unique, so delivering twice rewrites one file); a
-//! reboot waits until the report is on the server.
+//! report that cannot be spooled (a full disk) is delivered from memory, so the server still
+//! learns that the host failed and why; a reboot waits until the report is on the server.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -163,10 +164,17 @@ impl<'a> Run<'a> {
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
         // The report is spooled before the state records the run: a kill in between then
         // costs a second, truthful report (the next run re-applies and finds the build
-        // running), never a lost one.
-        spool(dirs, &report, &self.log.text).map_err(state_err(&dirs.spool()))?;
-        dirs.save(state).map_err(state_err(&dirs.state_file()))?;
-        if outcome == Outcome::Success {
+        // running), never a lost one. A spool that cannot be written (a full disk) must not
+        // silence the host: the report then goes to the server straight from memory.
+        let spooled = spool(dirs, &report, &self.log.text);
+        if let Err(e) = &spooled {
+            tracing::warn!(
+                "cannot spool report {} ({e}); delivering it from memory",
+                report.id
+            );
+        }
+        let saved = dirs.save(state);
+        if outcome == Outcome::Success && saved.is_ok() {
             if let Err(e) = collect_cache(dirs, state) {
                 tracing::warn!("cleaning the local cache: {e}");
             }
@@ -176,20 +184,36 @@ impl<'a> Run<'a> {
         // After a rollback that connection is the one that could not be confirmed: the
         // report waits in the spool for the next run.
         let delivered = if outcome != Outcome::Rollback {
-            let ok = deliver_spool(conn.as_mut(), dirs);
+            let mut ok = deliver_spool(conn.as_mut(), dirs);
+            if spooled.is_err() {
+                let log_gz = gzip(&self.log.text).ok();
+                ok = send(
+                    conn.as_mut(),
+                    &report.id,
+                    &report.to_bytes(),
+                    log_gz.as_deref(),
+                )
+                .inspect_err(|e| tracing::warn!("report {} is lost: {e}", report.id))
+                .is_ok();
+            }
             heartbeat(conn.as_mut(), cfg, state, system_after.as_ref(), finished);
             ok
         } else {
             false
         };
+        // A reboot waits for a delivered report and a saved state: either lost, and the
+        // machine would come back not knowing what it did.
+        let may_reboot = delivered && saved.is_ok();
         follow_up(
             opts.host,
             &effective.notify,
             &report,
             &reboot,
-            delivered,
+            may_reboot,
             &mut self.log,
         );
+        // The server knows now; the run still fails for the state it could not keep.
+        saved.map_err(state_err(&dirs.state_file()))?;
         Ok(match outcome {
             Outcome::Success => RunResult::Updated(Box::new(report)),
             Outcome::Failure => RunResult::Failed(Box::new(report)),
@@ -247,7 +271,7 @@ fn follow_up(
     notify: &Option<Vec<String>>,
     report: &Report,
     reboot: &RebootAction,
-    delivered: bool,
+    may_reboot: bool,
     log: &mut RunLog<'_>,
 ) {
     if report.outcome != Outcome::Success {
@@ -258,7 +282,7 @@ fn follow_up(
     match reboot {
         RebootAction::None => {}
         // Only after the report is on the server: the reboot must not lose it.
-        RebootAction::Now if delivered => host.reboot_now(&mut |line| log.step(line)),
+        RebootAction::Now if may_reboot => host.reboot_now(&mut |line| log.step(line)),
         RebootAction::Now => tracing::warn!("reboot postponed: the report is not delivered yet"),
         RebootAction::At(when) => host.schedule_reboot(when),
     }

@@ -4,159 +4,19 @@
 //! run's outcome and exit status, the report the server receives, the state left behind,
 //! and exactly what the machine was asked to do.
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+mod fake;
+
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::host::{ActivateError, Host, Realise};
+use self::fake::{store_path, FakeHost, SYSTEM_FILE};
 use super::source::{self, Connection, RemoteError};
 use super::state::{State, StateDir};
-use super::{update, AgentConfig, RunResult, UpdateOptions};
-use crate::nix::{Built, NixError, Target};
+use super::{update, AgentConfig, AgentError, RunResult, UpdateOptions};
 use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath};
 use crate::protocol::report::{Heartbeat, Outcome, Report, RunKind};
-use crate::protocol::{layout, HostName, Mode, StorePath, Timestamp};
-
-/// The name a toy tree's `system` file gives its build; "fail" makes the build fail.
-const SYSTEM_FILE: &str = "system";
-
-fn store_path(name: &str) -> StorePath {
-    StorePath::new(&format!(
-        "/nix/store/{}-nixos-system-{name}",
-        "b".repeat(32)
-    ))
-    .unwrap()
-}
-
-/// A machine that records what it is asked to do. A tree builds to the store path its
-/// `system` file names; activating makes that path the running one.
-#[derive(Default)]
-struct FakeHost {
-    running: RefCell<Option<StorePath>>,
-    booted: RefCell<Option<StorePath>>,
-    /// Kernel per system (default "6.1"): a different one means a reboot is needed.
-    kernels: RefCell<BTreeMap<StorePath, String>>,
-    fail_activation: Cell<bool>,
-    /// Set when an activation "breaks the network": the server is unreachable afterwards.
-    breaks_network: Cell<bool>,
-    server_down: Rc<Cell<bool>>,
-    /// What a re-lock writes into the tree's `system` file (None: no input moved).
-    relock_to: RefCell<Option<String>>,
-    calls: RefCell<Vec<String>>,
-}
-
-impl FakeHost {
-    fn call(&self, what: String) {
-        self.calls.borrow_mut().push(what);
-    }
-
-    fn kernel(&self, p: &StorePath) -> String {
-        self.kernels
-            .borrow()
-            .get(p)
-            .cloned()
-            .unwrap_or("6.1".into())
-    }
-}
-
-impl Host for FakeHost {
-    fn running(&self) -> std::io::Result<Option<StorePath>> {
-        Ok(self.running.borrow().clone())
-    }
-
-    fn booted(&self) -> Option<StorePath> {
-        self.booted.borrow().clone()
-    }
-
-    fn boot_files_differ(&self, booted: &StorePath, new: &StorePath) -> bool {
-        self.kernel(booted) != self.kernel(new)
-    }
-
-    fn realise(&self, how: &Realise) -> Result<Built, NixError> {
-        let Realise::Build(target) = how;
-        let dir = match target {
-            Target::Flake { dir, .. } | Target::Classic { dir } => dir,
-        };
-        let name = std::fs::read_to_string(dir.join(SYSTEM_FILE)).unwrap_or_default();
-        self.call(format!("realise {}", name.trim()));
-        if name.trim() == "fail" {
-            return Err(NixError::Failed {
-                argv: "nix build".into(),
-                status: "exit status: 1".into(),
-                stderr_tail: "error: broken on purpose".into(),
-                stderr: "error: broken on purpose\n".into(),
-            });
-        }
-        Ok(Built {
-            path: store_path(name.trim()),
-            log: "building…\n".into(),
-        })
-    }
-
-    fn set_profile(&self, path: &StorePath) -> Result<(), NixError> {
-        self.call(format!("set_profile {}", path.name()));
-        Ok(())
-    }
-
-    fn activate(&self, path: &StorePath, mode: Mode) -> Result<String, ActivateError> {
-        self.call(format!("activate {} {}", path.name(), mode.as_str()));
-        if self.fail_activation.get() && path.name() != self.running_name() {
-            return Err(ActivateError {
-                argv: "switch-to-configuration".into(),
-                status: "exit status: 1".into(),
-                output_tail: "failed".into(),
-                output: "failed\n".into(),
-            });
-        }
-        if mode.activates_now() {
-            *self.running.borrow_mut() = Some(path.clone());
-        }
-        if self.breaks_network.get() {
-            self.server_down.set(true);
-        }
-        Ok(String::new())
-    }
-
-    fn relock(&self, dir: &Path) -> Result<bool, NixError> {
-        self.call("relock".into());
-        match self.relock_to.borrow().as_deref() {
-            None => Ok(false),
-            Some(name) => {
-                std::fs::write(dir.join(SYSTEM_FILE), name).unwrap();
-                Ok(true)
-            }
-        }
-    }
-
-    fn notify(&self, command: &[String], report: &[u8]) {
-        let report = Report::parse(report).expect("notify gets the report");
-        self.call(format!(
-            "notify {} {}",
-            command.join(" "),
-            report.outcome.as_str()
-        ));
-    }
-
-    fn reboot_now(&self, _step: &mut dyn FnMut(&str)) {
-        self.call("reboot_now".into());
-    }
-
-    fn schedule_reboot(&self, when: &str) {
-        self.call(format!("schedule_reboot {when}"));
-    }
-}
-
-impl FakeHost {
-    fn running_name(&self) -> String {
-        self.running
-            .borrow()
-            .as_ref()
-            .map(|p| p.name().to_owned())
-            .unwrap_or_default()
-    }
-}
+use crate::protocol::{layout, HostName, Timestamp};
 
 /// A host's chroot and state directory in temp dirs, a fake machine and a settable clock.
 struct Bed {
@@ -234,6 +94,10 @@ impl Bed {
     }
 
     fn run_with(&self, force: bool) -> RunResult {
+        self.try_run(force).unwrap()
+    }
+
+    fn try_run(&self, force: bool) -> Result<RunResult, AgentError> {
         let chroot = self.chroot.clone();
         let down = self.host.server_down.clone();
         let connect = move || -> Result<Box<dyn Connection>, RemoteError> {
@@ -258,7 +122,6 @@ impl Bed {
             on_wait: &|| {},
             on_progress: &|_| {},
         })
-        .unwrap()
     }
 
     fn run(&self) -> RunResult {
@@ -598,4 +461,31 @@ fn agent_boot_mode_activates_at_next_boot_without_confirming() {
             "activate nixos-system-one boot"
         ]
     );
+}
+
+#[test]
+fn agent_with_a_full_state_dir_still_tells_the_server_it_failed() {
+    let bed = Bed::new("");
+    *bed.host.running.borrow_mut() = Some(store_path("old"));
+    *bed.host.fill_disk.borrow_mut() = Some(bed.cfg.state_dir.clone());
+    let v1 = bed.publish("fail");
+    let err = bed.try_run(false).unwrap_err();
+    // The run still fails for the state it could not keep…
+    assert!(matches!(err, AgentError::State { .. }), "{err}");
+    // …but the server learns that the host failed, and why.
+    let report = bed
+        .latest()
+        .expect("the report reached the server from memory");
+    assert_eq!((report.outcome, report.version), (Outcome::Failure, v1));
+    assert!(
+        report.error.as_deref().unwrap().contains("build failed"),
+        "{report:?}"
+    );
+    let hb = bed.heartbeat();
+    assert_eq!(hb.last_outcome, Some(Outcome::Failure));
+    assert_eq!(hb.last_report, Some(report.id.clone()));
+    assert!(bed
+        .chroot
+        .join(format!("logs/reports/{}.log.gz", report.id))
+        .is_file());
 }
