@@ -130,7 +130,8 @@ impl AgentConfig {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         let layer =
             SettingsLayer::split_from(&mut table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
-        let m: MachineToml = settings::from_table(table).map_err(parse_err)?;
+        let m: MachineToml =
+            settings::from_table_beside(table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
         let config = AgentConfig {
             host: m.host,
             server: m.server,

@@ -107,16 +107,37 @@ pub fn split_off(table: &mut toml::Table, keys: &[&str]) -> toml::Table {
 }
 
 /// Deserialises a table strictly; the message names the key at fault (`mode: unknown
-/// variant …`, `unknown field `colour`, expected one of …`).
+/// variant …`, `colour: unknown field `colour`, expected one of …`).
 pub fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, String> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
+        // toml adds "in `key`" on a line of its own; the key leads the message already.
         let inner = inner.trim_end();
+        let inner = match inner.rsplit_once('\n') {
+            Some((msg, last)) if last.starts_with("in `") => msg,
+            _ => inner,
+        };
         if path == "." || path.is_empty() {
             inner.to_owned()
         } else {
             format!("{path}: {inner}")
+        }
+    })
+}
+
+/// [`from_table`] for the part of a table that shares it with a settings layer: an unknown
+/// key's message also lists the settings keys, which were split off before.
+pub fn from_table_beside<T: DeserializeOwned>(
+    table: toml::Table,
+    layer_keys: &[&str],
+) -> Result<T, String> {
+    from_table(table).map_err(|e| {
+        if e.contains("unknown field") {
+            let keys: Vec<String> = layer_keys.iter().map(|k| format!("`{k}`")).collect();
+            format!("{e}, or a setting: {}", keys.join(", "))
+        } else {
+            e
         }
     })
 }

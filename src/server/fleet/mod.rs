@@ -104,7 +104,7 @@ impl<'de> Deserialize<'de> for HostConfig {
     /// Strict on both parts: the table is split into `key` and the settings keys, and each
     /// part refuses what it does not know.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use crate::protocol::settings::{from_table, SettingsLayer};
+        use crate::protocol::settings::{from_table_beside, SettingsLayer};
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Own {
@@ -114,7 +114,8 @@ impl<'de> Deserialize<'de> for HostConfig {
         let mut table = toml::Table::deserialize(d)?;
         let settings = SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
             .map_err(serde::de::Error::custom)?;
-        let own: Own = from_table(table).map_err(serde::de::Error::custom)?;
+        let own: Own =
+            from_table_beside(table, &SettingsLayer::KEYS).map_err(serde::de::Error::custom)?;
         Ok(Self {
             key: own.key,
             settings,
@@ -286,6 +287,27 @@ mod tests {
                 .to_string();
             assert!(
                 err.contains("interval") || err.contains("string"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_tables_are_strict_about_keys_and_values() {
+        let c = parse("[hosts.alpha]\nkey = \"ssh-ed25519 AAAA\"\nmode = \"test\"\n").unwrap();
+        let alpha = HostName::new("alpha").unwrap();
+        assert_eq!(c.hosts[&alpha].key.as_deref(), Some("ssh-ed25519 AAAA"));
+        assert_eq!(c.settings(&alpha).mode, crate::protocol::Mode::Test);
+        for (bad, needle) in [
+            ("colour = 1", "colour"),
+            ("mode = \"reboot\"", "mode"),
+            ("key = 5", "key"),
+        ] {
+            let err = parse(&format!("[hosts.alpha]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("bento.toml"),
                 "{bad}: {err}"
             );
         }
