@@ -42,6 +42,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked -- "$@" 2>&1 | tee "$log"
 
+# The agent's unit tier (every branch of an update against a fake machine and a file://
+# chroot) needs no root, sshd or Nix: prove it by running it as nobody in its own temp dir.
+echo "[test] agent unit tier as nobody"
+lib_tests=$(cargo test --locked --lib --no-run 2>&1 | sed -n 's/^ *Executable unittests src\/lib.rs (\(.*\))$/\1/p')
+unit_tmp=$(mktemp -d)
+trap 'rm -f "$log"; rm -rf "$unit_tmp"' EXIT
+chown nobody: "$unit_tmp"
+(cd "$unit_tmp" && HOME="$unit_tmp" TMPDIR="$unit_tmp" \
+  setpriv --reuid=65534 --regid=65534 --clear-groups "$OLDPWD/$lib_tests" agent::) 2>&1 | tee -a "$log"
+
 if [ $# -eq 0 ]; then
   # The benchmark suite at tiny sizes (docs/benchmarks.md), so it cannot rot. Its timings
   # mean nothing at this size; it fails only if a scenario cannot run.

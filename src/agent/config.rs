@@ -1,13 +1,19 @@
 //! `/etc/bento/agent.toml`: every key, its default, and strict parsing (an unknown key or a
-//! bad value is an error naming it).
+//! bad value is an error naming the file and the key). The keys are of two kinds: this
+//! machine's own (server, paths, timeouts, trusted keys) and a layer of the per-host
+//! settings (`protocol::settings`), which a snapshot's `bento-host.json` overrides.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::agent::transport::ServerUrl;
+use crate::agent::source::{ServerUrl, SshOptions};
+use crate::agent::state::StateDir;
+use crate::protocol::settings::{self, HostSettings, SettingsLayer};
 use crate::protocol::HostName;
+
+pub use crate::protocol::Mode;
 
 pub const DEFAULT_CONFIG: &str = "/etc/bento/agent.toml";
 
@@ -22,84 +28,64 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
 }
 
-/// How a new system is activated: the `switch-to-configuration` action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Activate now and make it the boot default.
-    Switch,
-    /// Make it the boot default; it runs after the next reboot.
-    Boot,
-    /// Activate now without making it the boot default.
-    Test,
-}
-
-impl Mode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Mode::Switch => "switch",
-            Mode::Boot => "boot",
-            Mode::Test => "test",
-        }
-    }
-
-    /// Whether the new system runs right after activation (so the server check makes sense).
-    pub fn activates_now(&self) -> bool {
-        !matches!(self, Mode::Boot)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     /// This machine's name in the fleet.
     pub host: HostName,
     /// `sftp://account@host[:port]` or `file:///path`.
-    #[serde(deserialize_with = "de_url")]
     pub server: ServerUrl,
-    #[serde(default = "d_identity")]
     pub identity_file: PathBuf,
-    #[serde(default = "d_known_hosts")]
     pub known_hosts: PathBuf,
-    #[serde(default = "d_state_dir")]
     pub state_dir: PathBuf,
-    #[serde(default = "d_profile")]
     pub profile: PathBuf,
-    #[serde(default = "d_mode")]
-    pub mode: Mode,
-    #[serde(default = "d_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
     /// How long the server may stay unreachable after activation before rolling back.
-    #[serde(default = "d_confirm_timeout", deserialize_with = "de_duration")]
     pub confirm_timeout: Duration,
     /// The running system; where it does not exist, the profile's target counts as running.
-    #[serde(default = "d_current_system")]
     pub current_system: PathBuf,
     /// Prefix for the targets of `files` entries (`/mnt` when installing onto a mounted system).
-    #[serde(default = "d_files_root")]
     pub files_root: PathBuf,
     /// Public keys whose signature a manifest must carry (`ssh-ed25519 …` lines; several
     /// for key rotation). Empty: signatures are not checked.
-    #[serde(default)]
     pub trusted_keys: Vec<String>,
-    /// Reboot policy when the snapshot does not set one (bento.toml's `reboot` does).
-    #[serde(default)]
-    pub reboot: crate::protocol::settings::RebootPolicy,
-    /// When `reboot = "when-needed"` may reboot (systemd calendar expression).
-    #[serde(default = "d_reboot_at")]
-    pub reboot_at: String,
-    /// Re-lock flake inputs and rebuild, at most daily, when nothing new is published.
-    #[serde(default)]
-    pub self_update: bool,
-    /// Command run after a failure or rollback, with the report on stdin.
-    #[serde(default)]
-    pub notify: Option<Vec<String>>,
     /// How to reboot (default: `systemctl kexec`, falling back to `systemctl reboot`).
-    #[serde(default)]
     pub reboot_command: Option<Vec<String>>,
     /// The system the machine booted, to tell whether a new kernel needs a reboot.
-    #[serde(default = "d_booted_system")]
     pub booted_system: PathBuf,
+    /// `mode`, `reboot`, `reboot_at`, `self_update`, `notify`: used when a snapshot carries
+    /// no `bento-host.json`.
+    pub settings: SettingsLayer,
+}
+
+/// The machine's own keys, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineToml {
+    host: HostName,
+    #[serde(deserialize_with = "de_url")]
+    server: ServerUrl,
+    #[serde(default = "d_identity")]
+    identity_file: PathBuf,
+    #[serde(default = "d_known_hosts")]
+    known_hosts: PathBuf,
+    #[serde(default = "d_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "d_profile")]
+    profile: PathBuf,
+    #[serde(default = "d_connect_timeout", with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(default = "d_confirm_timeout", with = "humantime_serde")]
+    confirm_timeout: Duration,
+    #[serde(default = "d_current_system")]
+    current_system: PathBuf,
+    #[serde(default = "d_files_root")]
+    files_root: PathBuf,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    reboot_command: Option<Vec<String>>,
+    #[serde(default = "d_booted_system")]
+    booted_system: PathBuf,
 }
 
 fn d_identity() -> PathBuf {
@@ -114,9 +100,6 @@ fn d_state_dir() -> PathBuf {
 fn d_profile() -> PathBuf {
     "/nix/var/nix/profiles/system".into()
 }
-fn d_mode() -> Mode {
-    Mode::Switch
-}
 fn d_connect_timeout() -> Duration {
     Duration::from_secs(20)
 }
@@ -125,9 +108,6 @@ fn d_confirm_timeout() -> Duration {
 }
 fn d_current_system() -> PathBuf {
     "/run/current-system".into()
-}
-fn d_reboot_at() -> String {
-    crate::protocol::settings::DEFAULT_REBOOT_AT.to_owned()
 }
 fn d_booted_system() -> PathBuf {
     "/run/booted-system".into()
@@ -141,21 +121,33 @@ fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<ServerUrl, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "{s:?} is not a duration such as \"20s\" or \"2m\": {e}"
-        ))
-    })
-}
-
 impl AgentConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_err = |message: String| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+            message: message.trim_end().to_owned(),
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let layer =
+            SettingsLayer::split_from(&mut table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
+        let m: MachineToml =
+            settings::from_table_beside(table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
+        let config = AgentConfig {
+            host: m.host,
+            server: m.server,
+            identity_file: m.identity_file,
+            known_hosts: m.known_hosts,
+            state_dir: m.state_dir,
+            profile: m.profile,
+            connect_timeout: m.connect_timeout,
+            confirm_timeout: m.confirm_timeout,
+            current_system: m.current_system,
+            files_root: m.files_root,
+            trusted_keys: m.trusted_keys,
+            reboot_command: m.reboot_command,
+            booted_system: m.booted_system,
+            settings: layer,
+        };
         for (key, p) in [
             ("identity_file", &config.identity_file),
             ("known_hosts", &config.known_hosts),
@@ -187,6 +179,28 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// agent.toml's settings over the built-in defaults: what applies to a version whose
+    /// snapshot carries no `bento-host.json`.
+    pub fn settings(&self) -> HostSettings {
+        HostSettings::resolve(&self.host, &[&self.settings])
+    }
+
+    /// The settings that apply to a version: its snapshot's (the sysadmin's word, from
+    /// bento.toml) when it has them, agent.toml's otherwise.
+    pub fn effective(&self, snapshot: Option<&HostSettings>) -> HostSettings {
+        snapshot.cloned().unwrap_or_else(|| self.settings())
+    }
+
+    /// SSH settings for an `sftp://` server.
+    pub fn ssh_options(&self) -> SshOptions {
+        SshOptions {
+            identity_file: self.identity_file.clone(),
+            known_hosts: self.known_hosts.clone(),
+            connect_timeout: self.connect_timeout,
+            control_dir: StateDir::new(&self.state_dir).ssh(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -210,7 +224,8 @@ mod tests {
             .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/bento"));
         assert_eq!(c.profile, PathBuf::from("/nix/var/nix/profiles/system"));
-        assert_eq!(c.mode, Mode::Switch);
+        assert_eq!(c.settings().mode, Mode::Switch);
+        assert_eq!(c.settings().reboot_at, "04:00");
         assert_eq!(c.connect_timeout, Duration::from_secs(20));
         assert_eq!(c.confirm_timeout, Duration::from_secs(60));
         assert_eq!(c.current_system, PathBuf::from("/run/current-system"));
@@ -244,9 +259,14 @@ current_system = "/run/current-system"
         for (extra, needle) in [
             ("colour = 1\n", "colour"),
             ("mode = \"reboot\"\n", "reboot"),
+            ("mode = \"reboot\"\n", "mode"),
             ("connect_timeout = \"soon\"\n", "soon"),
             ("state_dir = \"var\"\n", "state_dir"),
             ("trusted_keys = [\"ssh-ed25519 x\"]\n", "trusted key 1"),
+            ("self_update = \"yes\"\n", "self_update"),
+            ("confirm_timeout = \"soon\"\n", "confirm_timeout"),
+            // The interval is the timer's: bento.toml sets it, agent.toml cannot.
+            ("interval = \"5m\"\n", "interval"),
         ] {
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra}: {err}");

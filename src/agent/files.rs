@@ -217,8 +217,11 @@ mod tests {
             target: TargetPath::new(target).unwrap(),
             size: content.len() as u64,
             sha256: Digest::of(content),
-            owner: "0".into(),
-            group: "0".into(),
+            // Owned by whoever runs the test (root on a machine, `nobody` in CI's non-root
+            // unit tier): chown to oneself needs no privilege.
+            // SAFETY: geteuid and getegid cannot fail.
+            owner: unsafe { libc::geteuid() }.to_string(),
+            group: unsafe { libc::getegid() }.to_string(),
             mode: Mode(mode),
         }
     }
@@ -272,7 +275,7 @@ mod tests {
         let m = Manifest {
             format: FORMAT,
             host: HostName::new("a").unwrap(),
-            created: String::new(),
+            created: crate::protocol::Timestamp::from_unix(0),
             source_commit: None,
             build: Build::Classic,
             system: None,

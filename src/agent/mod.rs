@@ -1,15 +1,33 @@
 //! The machine-side agent: one `bento agent update` run polls the host's chroot, fetches
 //! only what changed, builds, activates, confirms the server is still reachable (rolling
 //! back if not) and reports. See docs/agent.md.
+//!
+//! The layout follows the run: `source` (what is read from and written to the server) and
+//! `fetch` (bounded, verified, resumable reads over any source); `decide` (what to do, from
+//! facts alone); `apply` and `self_update` (the typed steps, changing the machine only
+//! through `host`); `record` (report, state, spool, heartbeat). `config` is agent.toml,
+//! `state` the state directory, `files` the staged tree and installed files.
+//!
+//! Layer rule: nothing here imports the server or the CLI; shared types come from
+//! `crate::protocol`.
 
+mod apply;
 pub mod config;
+mod decide;
+mod fetch;
 pub mod files;
+pub mod host;
+mod outcome;
 pub mod page;
+mod record;
 mod run;
+mod self_update;
+pub mod source;
 pub mod state;
-pub mod system;
-pub mod transport;
+#[cfg(test)]
+mod unit_tier;
 pub mod units;
 
 pub use config::{AgentConfig, Mode};
-pub use run::{update, AgentError, RunResult, UpdateOptions};
+pub use outcome::{AgentError, Connect, RunResult, UpdateOptions};
+pub use run::update;

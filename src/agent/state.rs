@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::nix::StorePath;
 use crate::protocol::manifest::Digest;
 use crate::protocol::report::Outcome;
+use crate::protocol::{StorePath, Timestamp};
 
 /// How many rolled-back versions are remembered (each is never retried automatically).
 const ROLLED_BACK_MEMORY: usize = 16;
@@ -32,8 +32,15 @@ pub struct Applied {
     /// Unix seconds.
     pub at: u64,
     /// The applied manifest's `created` time: an older manifest is a replay and is refused.
-    #[serde(default)]
-    pub created: Option<String>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    pub created: Option<Timestamp>,
+}
+
+/// A state file written before times were checked may hold any text: an unreadable time
+/// cannot prove a replay, so it reads as none rather than making the state unreadable.
+fn lenient_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    Ok(text.and_then(|t| Timestamp::parse(&t).ok()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 
+use crate::agent::host::{Host, NixHost};
+use crate::agent::source;
 use crate::agent::state::StateDir;
-use crate::agent::system::{NixSystem, System};
-use crate::agent::transport::{self, SshOptions};
 use crate::agent::{self, AgentConfig, RunResult, UpdateOptions};
 use crate::nix::Nix;
 use crate::sys::output;
@@ -127,24 +127,11 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn ssh_options(cfg: &AgentConfig) -> SshOptions {
-    SshOptions {
-        identity_file: cfg.identity_file.clone(),
-        known_hosts: cfg.known_hosts.clone(),
-        connect_timeout: cfg.connect_timeout,
-        control_dir: StateDir::new(&cfg.state_dir).ssh(),
-    }
-}
-
 fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
     let cfg = AgentConfig::load(config)?;
-    let system = NixSystem {
-        nix: Nix::default(),
-        profile: cfg.profile.clone(),
-        current_system: cfg.current_system.clone(),
-    };
-    let ssh = ssh_options(&cfg);
-    let connect = || transport::connect(&cfg.server, &ssh);
+    let host = NixHost::new(Nix::default(), &cfg);
+    let ssh = cfg.ssh_options();
+    let connect = || source::connect(&cfg.server, &ssh);
     let lock = StateDir::new(&cfg.state_dir).lock();
     let on_wait = || {
         output::note(&format!(
@@ -154,7 +141,7 @@ fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
     };
     let result = agent::update(&UpdateOptions {
         config: &cfg,
-        system: &system,
+        host: &host,
         connect: &connect,
         now: &std::time::SystemTime::now,
         force,
@@ -189,12 +176,7 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let state = dirs
         .load()
         .with_context(|| format!("reading {}", dirs.state_file().display()))?;
-    let system = NixSystem {
-        nix: Nix::default(),
-        profile: cfg.profile.clone(),
-        current_system: cfg.current_system.clone(),
-    };
-    let running = system.running().ok().flatten();
+    let running = NixHost::new(Nix::default(), &cfg).running().ok().flatten();
     let next = next_timer_run();
     let when = |s: u64| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))

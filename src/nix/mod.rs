@@ -3,7 +3,6 @@
 //! what was run and why it failed.
 
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,72 +42,7 @@ impl NixError {
     }
 }
 
-/// A path in the Nix store: `/nix/store/<32-char hash>-<name>`.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(try_from = "String", into = "String")]
-pub struct StorePath(String);
-
-#[derive(Debug, thiserror::Error)]
-#[error("not a Nix store path: {0:?}")]
-pub struct BadStorePath(pub String);
-
-impl StorePath {
-    pub fn new(s: &str) -> Result<Self, BadStorePath> {
-        let ok = s
-            .strip_prefix("/nix/store/")
-            .and_then(|rest| rest.split_once('-'))
-            .is_some_and(|(hash, name)| {
-                hash.len() == 32
-                    && hash.bytes().all(|b| b.is_ascii_alphanumeric())
-                    && !name.is_empty()
-                    && !name.contains('/')
-            });
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(BadStorePath(s.chars().take(200).collect()))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn as_path(&self) -> &Path {
-        Path::new(&self.0)
-    }
-
-    /// The 32-character hash part, shortened to `n` characters for tables.
-    pub fn short_hash(&self, n: usize) -> &str {
-        &self.0["/nix/store/".len().."/nix/store/".len() + n.min(32)]
-    }
-
-    /// The name part after the hash (`nixos-system-alpha-24.05`).
-    pub fn name(&self) -> &str {
-        &self.0["/nix/store/".len() + 33..]
-    }
-}
-
-impl fmt::Display for StorePath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<String> for StorePath {
-    type Error = BadStorePath;
-    fn try_from(s: String) -> Result<Self, BadStorePath> {
-        StorePath::new(&s)
-    }
-}
-
-impl From<StorePath> for String {
-    fn from(p: StorePath) -> String {
-        p.0
-    }
-}
+pub use crate::protocol::store_path::{BadStorePath, StorePath};
 
 /// What to build: a host of a flake, or a classic `configuration.nix`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +218,18 @@ impl Nix {
                 OsStr::new(path.as_str()),
             ],
         )?;
+        Ok(())
+    }
+
+    /// Re-locks the flake in `dir` (every input, or only `input`), read as a `path:` flake
+    /// so untracked files count and no git metadata is needed. Used by `bento flake-update`
+    /// on the server and by an agent's self-update alike.
+    pub fn flake_update(&self, dir: &Path, input: Option<&str>) -> Result<(), NixError> {
+        let flake = format!("path:{}", dir.display());
+        match input {
+            Some(input) => self.run("nix", &["flake", "lock", "--update-input", input, &flake])?,
+            None => self.run("nix", &["flake", "update", &flake])?,
+        };
         Ok(())
     }
 }

@@ -361,13 +361,13 @@ pub struct Manifest {
     pub format: u32,
     pub host: HostName,
     /// RFC 3339 UTC time of publication.
-    pub created: String,
+    pub created: crate::protocol::Timestamp,
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
     pub build: Build,
     /// The system store path the server built for this version (`bento publish --build`),
     /// so hosts and `bento status` know what "up to date" means. `null` when not built.
-    pub system: Option<crate::nix::StorePath>,
+    pub system: Option<crate::protocol::StorePath>,
     pub config: Vec<ConfigEntry>,
     pub files: Vec<FileEntry>,
 }
@@ -518,7 +518,7 @@ mod tests {
         let mut m = Manifest {
             format: FORMAT,
             host: HostName::new("alpha").unwrap(),
-            created: "2026-11-25T12:00:00Z".into(),
+            created: "2026-11-25T12:00:00Z".parse().unwrap(),
             source_commit: None,
             build: Build::Flake,
             system: None,
@@ -581,7 +581,7 @@ mod tests {
     fn same_content_ignores_time_and_commit() {
         let a = sample();
         let mut b = sample();
-        b.created = "2030-01-01T00:00:00Z".into();
+        b.created = "2030-01-01T00:00:00Z".parse().unwrap();
         b.source_commit = Some("abc".into());
         assert!(a.same_content(&b));
         assert_ne!(a.digest(), b.digest());

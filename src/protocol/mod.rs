@@ -1,5 +1,6 @@
 //! The protocol core: everything the server writes and the agent reads (and the reverse), so
-//! both sides agree on names, bytes and times. Nothing here runs a process or knows which
+//! both sides agree on names, bytes and times. It imports neither side (nor Nix nor the CLI):
+//! server and agent depend on it, never the reverse. Nothing here runs a process or knows which
 //! side it is on.
 
 pub mod layout;
@@ -8,5 +9,10 @@ pub mod name;
 pub mod report;
 pub mod settings;
 pub mod signing;
+pub mod store_path;
+pub mod time;
 
 pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use settings::Mode;
+pub use store_path::StorePath;
+pub use time::Timestamp;

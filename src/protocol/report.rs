@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::manifest::Digest;
-use crate::protocol::HostName;
+use crate::protocol::{HostName, Timestamp};
 
 /// Report and heartbeat format written by this build.
 pub const FORMAT: u32 = 1;
@@ -90,8 +90,8 @@ pub struct Report {
     pub system_after: Option<String>,
     /// The system this version built to, when the build got that far.
     pub built_system: Option<String>,
-    pub started: String,
-    pub finished: String,
+    pub started: Timestamp,
+    pub finished: Timestamp,
     pub timings: Timings,
     pub agent_version: String,
     /// One line saying what went wrong (failure, rollback).
@@ -110,7 +110,7 @@ pub struct Heartbeat {
     pub format: u32,
     pub host: HostName,
     /// RFC 3339 UTC.
-    pub time: String,
+    pub time: Timestamp,
     /// The version applied and running (None before the first successful apply).
     pub version: Option<Digest>,
     /// The running system's store path.
@@ -128,7 +128,7 @@ pub struct Heartbeat {
     pub auto_updated: bool,
     /// When a run last ended in success (RFC 3339), whatever happened since.
     #[serde(default)]
-    pub last_success: Option<String>,
+    pub last_success: Option<Timestamp>,
 }
 
 impl Report {
@@ -207,8 +207,8 @@ mod tests {
             system_before: Some("/nix/store/a-sys".into()),
             system_after: Some("/nix/store/a-sys".into()),
             built_system: Some("/nix/store/b-sys".into()),
-            started: "2026-11-25T12:00:00Z".into(),
-            finished: "2026-11-25T12:01:00Z".into(),
+            started: "2026-11-25T12:00:00Z".parse().unwrap(),
+            finished: "2026-11-25T12:01:00Z".parse().unwrap(),
             timings: Timings {
                 total_ms: 60_000,
                 ..Default::default()

@@ -1,18 +1,50 @@
-//! Per-host settings that the sysadmin sets in `bento.toml` (`[defaults]`, overridden by
-//! `[hosts.NAME]`) and that travel to the host inside its snapshot as `bento-host.json` at
-//! the root of its configuration tree: the polling interval, rebuild mode, reboot policy,
-//! self-update and failure notification. The agent applies them; the NixOS agent module can
-//! read the same file for the timer; `bento status` uses the interval to judge silence.
+//! Per-host settings, declared once and layered once: built-in defaults, then bento.toml's
+//! `[defaults]`, then `[hosts.NAME]` — resolved on the server into the host's
+//! `bento-host.json`, which travels inside its snapshot at the root of the configuration tree
+//! — and, on a host whose snapshot carries no such file, agent.toml's keys over the built-ins.
+//! The settings are the polling interval, activation mode, reboot policy, self-update and
+//! failure notification; the NixOS agent module can read the same file for the timer;
+//! `bento status` uses the interval to judge silence.
+//!
+//! Invariant: every layer is parsed strictly (an unknown key or a bad value is an error that
+//! names it), also where a layer shares its table with other keys (`[hosts.NAME]` has `key`,
+//! agent.toml its connection): the table is split by key and each part is deserialised with
+//! `deny_unknown_fields` (serde's `flatten` would silently accept unknown keys).
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-use crate::agent::Mode;
 
 /// The generated file's name in every host's configuration tree (reserved).
 pub const FILE: &str = "bento-host.json";
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15 * 60);
+/// How a new system is activated: the `switch-to-configuration` action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Activate now and make it the boot default.
+    Switch,
+    /// Make it the boot default; it runs after the next reboot.
+    Boot,
+    /// Activate now without making it the boot default.
+    Test,
+}
+
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Switch => "switch",
+            Mode::Boot => "boot",
+            Mode::Test => "test",
+        }
+    }
+
+    /// Whether the new system runs right after activation (so the server check makes sense).
+    pub fn activates_now(&self) -> bool {
+        !matches!(self, Mode::Boot)
+    }
+}
 
 /// When a host may reboot after an update changed its kernel, initrd or kernel modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -27,11 +59,12 @@ pub enum RebootPolicy {
     WhenNeededNow,
 }
 
-/// Settings as written in bento.toml: every key optional.
+/// One layer of settings as a person writes it (`[defaults]`, `[hosts.NAME]`, agent.toml):
+/// every key optional; a missing key falls through to the layer below.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SettingsToml {
-    #[serde(default, deserialize_with = "de_interval")]
+pub struct SettingsLayer {
+    #[serde(default, deserialize_with = "positive_interval")]
     pub interval: Option<Duration>,
     #[serde(default)]
     pub mode: Option<Mode>,
@@ -45,17 +78,77 @@ pub struct SettingsToml {
     pub notify: Option<Vec<String>>,
 }
 
-pub(crate) fn de_interval<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    let dur = humantime::parse_duration(&text).map_err(|e| {
-        serde::de::Error::custom(format!("interval {text:?}: {e} (write e.g. \"15m\")"))
-    })?;
-    if dur.is_zero() {
+impl SettingsLayer {
+    /// The keys of a layer in bento.toml.
+    pub const KEYS: [&'static str; 6] = [
+        "interval",
+        "mode",
+        "reboot",
+        "reboot_at",
+        "self_update",
+        "notify",
+    ];
+    /// The keys agent.toml may set: all but the interval, which is the timer's (bento.toml
+    /// or the NixOS module decide it, not the agent).
+    pub const AGENT_KEYS: [&'static str; 5] =
+        ["mode", "reboot", "reboot_at", "self_update", "notify"];
+
+    /// Takes this layer's `keys` out of `table` and parses them strictly.
+    pub fn split_from(table: &mut toml::Table, keys: &[&str]) -> Result<Self, String> {
+        from_table(split_off(table, keys))
+    }
+}
+
+/// Removes `keys` from `table` and returns them as a table of their own.
+pub fn split_off(table: &mut toml::Table, keys: &[&str]) -> toml::Table {
+    keys.iter()
+        .filter_map(|k| table.remove(*k).map(|v| ((*k).to_owned(), v)))
+        .collect()
+}
+
+/// Deserialises a table strictly; the message names the key at fault (`mode: unknown
+/// variant …`, `colour: unknown field `colour`, expected one of …`).
+pub fn from_table<T: DeserializeOwned>(table: toml::Table) -> Result<T, String> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // toml adds "in `key`" on a line of its own; the key leads the message already.
+        let inner = inner.trim_end();
+        let inner = match inner.rsplit_once('\n') {
+            Some((msg, last)) if last.starts_with("in `") => msg,
+            _ => inner,
+        };
+        if path == "." || path.is_empty() {
+            inner.to_owned()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+/// [`from_table`] for the part of a table that shares it with a settings layer: an unknown
+/// key's message also lists the settings keys, which were split off before.
+pub fn from_table_beside<T: DeserializeOwned>(
+    table: toml::Table,
+    layer_keys: &[&str],
+) -> Result<T, String> {
+    from_table(table).map_err(|e| {
+        if e.contains("unknown field") {
+            let keys: Vec<String> = layer_keys.iter().map(|k| format!("`{k}`")).collect();
+            format!("{e}, or a setting: {}", keys.join(", "))
+        } else {
+            e
+        }
+    })
+}
+
+/// A polling interval: humantime syntax (`15m`), never zero.
+fn positive_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let dur: Option<Duration> = humantime_serde::deserialize(d)?;
+    if dur.is_some_and(|d| d.is_zero()) {
         return Err(serde::de::Error::custom("interval must be more than zero"));
     }
-    Ok(Some(dur))
+    Ok(dur)
 }
 
 /// Resolved settings of one host: what `bento-host.json` holds.
@@ -77,28 +170,27 @@ pub struct HostSettings {
 pub const DEFAULT_REBOOT_AT: &str = "04:00";
 
 impl HostSettings {
-    /// Host settings over fleet defaults over built-in defaults.
-    pub fn resolve(
-        host: &crate::protocol::HostName,
-        defaults: &SettingsToml,
-        own: &SettingsToml,
-    ) -> Self {
+    /// The built-in defaults with `layers` over them, each over the one before it
+    /// (`[&defaults, &own]`: the host's own keys win).
+    pub fn resolve(host: &crate::protocol::HostName, layers: &[&SettingsLayer]) -> Self {
+        // The topmost layer that sets a key decides it.
+        fn pick<T>(
+            layers: &[&SettingsLayer],
+            key: impl Fn(&SettingsLayer) -> Option<T>,
+        ) -> Option<T> {
+            layers.iter().rev().find_map(|l| key(l))
+        }
         Self {
             host: host.clone(),
-            interval_secs: own
-                .interval
-                .or(defaults.interval)
+            interval_secs: pick(layers, |l| l.interval)
                 .unwrap_or(DEFAULT_INTERVAL)
                 .as_secs(),
-            mode: own.mode.or(defaults.mode).unwrap_or(Mode::Switch),
-            reboot: own.reboot.or(defaults.reboot).unwrap_or_default(),
-            reboot_at: own
-                .reboot_at
-                .clone()
-                .or_else(|| defaults.reboot_at.clone())
+            mode: pick(layers, |l| l.mode).unwrap_or(Mode::Switch),
+            reboot: pick(layers, |l| l.reboot).unwrap_or_default(),
+            reboot_at: pick(layers, |l| l.reboot_at.clone())
                 .unwrap_or_else(|| DEFAULT_REBOOT_AT.to_owned()),
-            self_update: own.self_update.or(defaults.self_update).unwrap_or(false),
-            notify: own.notify.clone().or_else(|| defaults.notify.clone()),
+            self_update: pick(layers, |l| l.self_update).unwrap_or(false),
+            notify: pick(layers, |l| l.notify.clone()),
         }
     }
 
@@ -138,17 +230,17 @@ mod tests {
     #[test]
     fn host_over_defaults_over_builtin() {
         let h = HostName::new("a").unwrap();
-        let defaults = SettingsToml {
+        let defaults = SettingsLayer {
             interval: Some(Duration::from_secs(600)),
             reboot: Some(RebootPolicy::WhenNeeded),
             ..Default::default()
         };
-        let own = SettingsToml {
+        let own = SettingsLayer {
             reboot: Some(RebootPolicy::WhenNeededNow),
             self_update: Some(true),
             ..Default::default()
         };
-        let s = HostSettings::resolve(&h, &defaults, &own);
+        let s = HostSettings::resolve(&h, &[&defaults, &own]);
         assert_eq!(s.interval(), Duration::from_secs(600));
         assert_eq!(s.reboot, RebootPolicy::WhenNeededNow);
         assert!(s.self_update);

@@ -256,7 +256,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
     let m = Manifest {
         format: 1,
         host: HostName::new(host).unwrap(),
-        created: "2026-11-25T12:00:00Z".into(),
+        created: "2026-11-25T12:00:00Z".parse().unwrap(),
         source_commit: None,
         build: Build::Flake,
         system: Some(expected.clone()),
@@ -275,7 +275,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
         let hb = Heartbeat {
             format: 1,
             host: HostName::new(host).unwrap(),
-            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            time: bento::protocol::Timestamp::seconds(std::time::SystemTime::now()),
             version: Some(Digest::of(b"older")),
             system: Some(running.to_owned()),
             last_outcome: None,

@@ -92,7 +92,7 @@ fn agent_toml_example_parses() {
     let text = block(&doc, "toml");
     let c = bento::agent::AgentConfig::parse(&text, Path::new("docs/agent.md"))
         .expect("documented agent.toml");
-    assert_eq!(c.mode, bento::agent::Mode::Switch);
+    assert_eq!(c.settings().mode, bento::agent::Mode::Switch);
 }
 
 #[test]

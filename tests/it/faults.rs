@@ -914,23 +914,17 @@ fn update_in_process(
     on_progress: &dyn Fn(&str),
 ) -> Result<bento::agent::RunResult, bento::agent::AgentError> {
     let cfg = bento::agent::AgentConfig::load(&h.m.config()).unwrap();
-    let system = bento::agent::system::NixSystem {
-        nix: bento::nix::Nix::default()
+    let host = bento::agent::host::NixHost::new(
+        bento::nix::Nix::default()
             .with_env("NIX_CONFIG", crate::common::NIX_CONFIG)
             .with_env("BENTO_TEST_ACTIVATION_LOG", h.m.activation_log()),
-        profile: cfg.profile.clone(),
-        current_system: cfg.current_system.clone(),
-    };
-    let ssh = bento::agent::transport::SshOptions {
-        identity_file: cfg.identity_file.clone(),
-        known_hosts: cfg.known_hosts.clone(),
-        connect_timeout: cfg.connect_timeout,
-        control_dir: cfg.state_dir.join("ssh"),
-    };
-    let connect = || bento::agent::transport::connect(&cfg.server, &ssh);
+        &cfg,
+    );
+    let ssh = cfg.ssh_options();
+    let connect = || bento::agent::source::connect(&cfg.server, &ssh);
     bento::agent::update(&bento::agent::UpdateOptions {
         config: &cfg,
-        system: &system,
+        host: &host,
         connect: &connect,
         now,
         force: false,

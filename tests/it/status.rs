@@ -20,14 +20,14 @@ use crate::common::{bento, bento_std, ScratchDir};
 /// The time every fixture is relative to (passed as the hidden `--now`).
 const NOW: &str = "2026-11-25T12:00:00Z";
 
-fn at(offset_secs: i64) -> String {
+fn at(offset_secs: i64) -> bento::protocol::Timestamp {
     let now = humantime::parse_rfc3339(NOW).unwrap();
     let t = if offset_secs < 0 {
         now - Duration::from_secs(offset_secs.unsigned_abs())
     } else {
         now + Duration::from_secs(offset_secs as u64)
     };
-    humantime::format_rfc3339_seconds(t).to_string()
+    bento::protocol::Timestamp::seconds(t)
 }
 
 fn system(host: &str, tag: char) -> String {
@@ -157,7 +157,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
     Manifest {
         format: 1,
         host: HostName::new(host).unwrap(),
-        created: NOW.into(),
+        created: NOW.parse().unwrap(),
         source_commit: None,
         build: Build::Flake,
         system: system.map(|s| StorePath::new(s).unwrap()),
@@ -253,7 +253,7 @@ fn every_state() -> Fixture {
             system: Some(StorePath::new(&bs).unwrap()),
             drv: None,
             built: true,
-            time: at(-4000),
+            time: at(-4000).to_string(),
         },
     )
     .unwrap();
@@ -280,7 +280,7 @@ fn every_state() -> Fixture {
             system: Some(StorePath::new(&system("stalebuild", 'z')).unwrap()),
             drv: None,
             built: true,
-            time: at(-7200),
+            time: at(-7200).to_string(),
         },
     )
     .unwrap();
@@ -496,7 +496,7 @@ fn prometheus_textfile_parses_and_has_every_host() {
         Some(1.0)
     );
     assert_eq!(value("bento_hosts", &[("state", "up-to-date")]), Some(4.0));
-    let seen = humantime::parse_rfc3339(&at(-60)).unwrap();
+    let seen = at(-60).system_time();
     let secs = seen
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -508,7 +508,7 @@ fn prometheus_textfile_parses_and_has_every_host() {
         ),
         Some(secs)
     );
-    let ok = humantime::parse_rfc3339(&at(-3000)).unwrap();
+    let ok = at(-3000).system_time();
     let secs = ok.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as f64;
     assert_eq!(
         value(

@@ -12,9 +12,8 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use crate::agent::config::AgentConfig;
-use crate::agent::state::StateDir;
-use crate::agent::system::NixSystem;
-use crate::agent::transport::{self, SshOptions};
+use crate::agent::host::NixHost;
+use crate::agent::source;
 use crate::agent::{RunResult, UpdateOptions};
 use crate::nix::Nix;
 use crate::protocol::report::RunKind;
@@ -97,23 +96,14 @@ impl Runner for AgentRunner {
             Trigger::Update => format!("checking {} for a new version", cfg.server),
             Trigger::Retry => format!("checking {} (retrying now, as asked)", cfg.server),
         });
-        let system = NixSystem {
-            nix: Nix::default(),
-            profile: cfg.profile.clone(),
-            current_system: cfg.current_system.clone(),
-        };
-        let ssh = SshOptions {
-            identity_file: cfg.identity_file.clone(),
-            known_hosts: cfg.known_hosts.clone(),
-            connect_timeout: cfg.connect_timeout,
-            control_dir: StateDir::new(&cfg.state_dir).ssh(),
-        };
-        let connect = || transport::connect(&cfg.server, &ssh);
+        let host = NixHost::new(Nix::default(), &cfg);
+        let ssh = cfg.ssh_options();
+        let connect = || source::connect(&cfg.server, &ssh);
         let on_wait =
             || progress("another update is running (the timer's or a terminal's); waiting for it");
         let result = crate::agent::update(&UpdateOptions {
             config: &cfg,
-            system: &system,
+            host: &host,
             connect: &connect,
             now: &SystemTime::now,
             force: trigger == Trigger::Retry,

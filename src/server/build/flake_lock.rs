@@ -157,11 +157,7 @@ pub fn update_fleet_dir(
 pub fn update(nix: &Nix, dir: &Path, input: Option<&str>) -> Result<Vec<InputChange>, NixError> {
     let lock = dir.join(LOCK_FILE);
     let before = std::fs::read_to_string(&lock).ok();
-    let flake = format!("path:{}", dir.display());
-    match input {
-        Some(input) => nix.run("nix", &["flake", "lock", "--update-input", input, &flake])?,
-        None => nix.run("nix", &["flake", "update", &flake])?,
-    };
+    nix.flake_update(dir, input)?;
     let after = std::fs::read_to_string(&lock).ok();
     Ok(changes(before.as_deref(), after.as_deref()))
 }

@@ -91,9 +91,11 @@ pub fn run(
     let sources = crate::server::fleet::discover(fleet, scanner, flakes)?;
     let chosen =
         crate::server::fleet::select(sources, &opts.only).map_err(BuildError::UnknownHost)?;
-    // Build exactly what publish would publish (generated settings included).
+    // Build exactly what publish would publish (generated settings included); the time is
+    // not part of what is built.
+    let epoch = crate::protocol::Timestamp::from_unix(0);
     let plans =
-        crate::server::publish::plan(&fleet.config, &chosen, "", None, &Default::default())?;
+        crate::server::publish::plan(&fleet.config, &chosen, &epoch, None, &Default::default())?;
     let selected: Vec<(HostPlan, String)> = plans
         .into_iter()
         .map(|p| {
@@ -272,7 +274,7 @@ mod tests {
         let plans = crate::server::publish::plan(
             &Default::default(),
             &[source],
-            "",
+            &crate::protocol::Timestamp::from_unix(0),
             None,
             &Default::default(),
         )

@@ -91,40 +91,35 @@ impl Default for ServerConfig {
     }
 }
 
-/// Per-host settings under `[hosts.NAME]`: the key, plus the settings of
-/// `crate::protocol::settings` (interval, mode, reboot, reboot_at, self_update, notify) overriding
-/// `[defaults]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[hosts.NAME]`: the host's key, plus its layer of settings (`crate::protocol::settings`)
+/// over `[defaults]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostConfig {
     /// The host's ssh public key (one OpenSSH public key line).
-    #[serde(default)]
     pub key: Option<String>,
-    #[serde(default, deserialize_with = "crate::protocol::settings::de_interval")]
-    pub interval: Option<std::time::Duration>,
-    #[serde(default)]
-    pub mode: Option<crate::agent::Mode>,
-    #[serde(default)]
-    pub reboot: Option<crate::protocol::settings::RebootPolicy>,
-    #[serde(default)]
-    pub reboot_at: Option<String>,
-    #[serde(default)]
-    pub self_update: Option<bool>,
-    #[serde(default)]
-    pub notify: Option<Vec<String>>,
+    pub settings: crate::protocol::settings::SettingsLayer,
 }
 
-impl HostConfig {
-    /// This host's own settings (before `[defaults]`).
-    pub fn settings(&self) -> crate::protocol::settings::SettingsToml {
-        crate::protocol::settings::SettingsToml {
-            interval: self.interval,
-            mode: self.mode,
-            reboot: self.reboot,
-            reboot_at: self.reboot_at.clone(),
-            self_update: self.self_update,
-            notify: self.notify.clone(),
+impl<'de> Deserialize<'de> for HostConfig {
+    /// Strict on both parts: the table is split into `key` and the settings keys, and each
+    /// part refuses what it does not know.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::protocol::settings::{from_table_beside, SettingsLayer};
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Own {
+            #[serde(default)]
+            key: Option<String>,
         }
+        let mut table = toml::Table::deserialize(d)?;
+        let settings = SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
+            .map_err(serde::de::Error::custom)?;
+        let own: Own =
+            from_table_beside(table, &SettingsLayer::KEYS).map_err(serde::de::Error::custom)?;
+        Ok(Self {
+            key: own.key,
+            settings,
+        })
     }
 }
 
@@ -138,7 +133,7 @@ pub struct FleetConfig {
     pub server: ServerConfig,
     /// Settings for every host unless `[hosts.NAME]` says otherwise.
     #[serde(default)]
-    pub defaults: crate::protocol::settings::SettingsToml,
+    pub defaults: crate::protocol::settings::SettingsLayer,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
 }
@@ -172,12 +167,10 @@ impl FleetConfig {
 
     /// The resolved settings of `host` (`[hosts.NAME]` over `[defaults]` over built-ins).
     pub fn settings(&self, host: &HostName) -> crate::protocol::settings::HostSettings {
-        let own = self
-            .hosts
-            .get(host)
-            .map(HostConfig::settings)
-            .unwrap_or_default();
-        crate::protocol::settings::HostSettings::resolve(host, &self.defaults, &own)
+        let own = self.hosts.get(host).map(|h| &h.settings);
+        let layers: Vec<&crate::protocol::settings::SettingsLayer> =
+            std::iter::once(&self.defaults).chain(own).collect();
+        crate::protocol::settings::HostSettings::resolve(host, &layers)
     }
 
     /// The host's polling interval.
@@ -294,6 +287,27 @@ mod tests {
                 .to_string();
             assert!(
                 err.contains("interval") || err.contains("string"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_tables_are_strict_about_keys_and_values() {
+        let c = parse("[hosts.alpha]\nkey = \"ssh-ed25519 AAAA\"\nmode = \"test\"\n").unwrap();
+        let alpha = HostName::new("alpha").unwrap();
+        assert_eq!(c.hosts[&alpha].key.as_deref(), Some("ssh-ed25519 AAAA"));
+        assert_eq!(c.settings(&alpha).mode, crate::protocol::Mode::Test);
+        for (bad, needle) in [
+            ("colour = 1", "colour"),
+            ("mode = \"reboot\"", "mode"),
+            ("key = 5", "key"),
+        ] {
+            let err = parse(&format!("[hosts.alpha]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("bento.toml"),
                 "{bad}: {err}"
             );
         }

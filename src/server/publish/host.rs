@@ -229,7 +229,7 @@ pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
         match parsed {
             Some(m) if digest == *live => kept.push(m),
             Some(m) => {
-                let created = humantime::parse_rfc3339_weak(&m.created).ok();
+                let created = Some(m.created.system_time());
                 others.push((created, digest, entry.path(), Some(m)))
             }
             // Unreadable manifests are not a version anyone can use.

@@ -98,7 +98,7 @@ impl HostReport {
 pub fn plan(
     fleet: &crate::server::fleet::FleetConfig,
     sources: &[HostSource],
-    created: &str,
+    created: &crate::protocol::Timestamp,
     source_commit: Option<&str>,
     systems: &BTreeMap<HostName, StorePath>,
 ) -> Result<Vec<HostPlan>, PublishError> {
@@ -133,7 +133,7 @@ pub fn plan(
             let mut manifest = Manifest {
                 format: FORMAT,
                 host: s.name.clone(),
-                created: created.to_owned(),
+                created: created.clone(),
                 source_commit: source_commit.map(str::to_owned),
                 build: s.build,
                 system: systems.get(&s.name).cloned(),
@@ -277,7 +277,7 @@ pub fn run(
         crate::server::fleet::select(sources, &opts.only).map_err(PublishError::UnknownHost)?;
     // Milliseconds: hosts refuse a manifest older than the one they applied, and two
     // publishes within a second must still be told apart.
-    let created = humantime::format_rfc3339_millis(opts.now).to_string();
+    let created = crate::protocol::Timestamp::millis(opts.now);
     let commit = source_commit(&fleet.root);
     let plans = plan(
         &fleet.config,

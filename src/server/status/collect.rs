@@ -363,13 +363,13 @@ pub fn host_status(
     // The heartbeat remembers the last success even when newer runs failed.
     let last_success_at = heartbeat
         .as_ref()
-        .and_then(|h| h.last_success.as_deref())
-        .and_then(state::parse_time)
+        .and_then(|h| h.last_success.as_ref())
+        .map(crate::protocol::Timestamp::system_time)
         .or_else(|| {
             latest
                 .as_ref()
                 .filter(|r| r.outcome == Outcome::Success)
-                .and_then(|r| state::parse_time(&r.finished))
+                .map(|r| r.finished.system_time())
         });
     let error = reason
         .into_iter()

@@ -118,8 +118,8 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
 
 /// When the host was last heard from: its newest heartbeat or report.
 pub fn last_seen(facts: &Facts<'_>) -> Option<SystemTime> {
-    let hb = facts.heartbeat.and_then(|h| parse_time(&h.time));
-    let rep = facts.latest.and_then(|r| parse_time(&r.finished));
+    let hb = facts.heartbeat.map(|h| h.time.system_time());
+    let rep = facts.latest.map(|r| r.finished.system_time());
     hb.max(rep)
 }
 
@@ -171,7 +171,7 @@ pub fn assess(facts: &Facts<'_>, now: SystemTime, interval: Duration) -> Assessm
     });
     // A heartbeat older than the report it follows has not caught up yet: trust the report.
     let hb_is_stale = match (hb, latest) {
-        (Some(h), Some(r)) => parse_time(&h.time) < parse_time(&r.finished),
+        (Some(h), Some(r)) => h.time.system_time() < r.finished.system_time(),
         (None, Some(_)) => true,
         _ => false,
     };

@@ -11,8 +11,8 @@ const INTERVAL: Duration = Duration::from_secs(15 * 60);
 fn at(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
-fn time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+fn time(t: SystemTime) -> crate::protocol::Timestamp {
+    crate::protocol::Timestamp::seconds(t)
 }
 fn sys(c: char) -> String {
     format!("/nix/store/{}-nixos-system-alpha", c.to_string().repeat(32))

@@ -1,4 +1,4 @@
-//! `sftp://` transport: one SSH connection made by the system's OpenSSH client (so
+//! `sftp://`: one SSH connection made by the system's OpenSSH client (so
 //! ssh_config, ProxyCommand, known_hosts and agent set-ups keep working), multiplexed
 //! through a control socket, with SFTP spoken over it. A host key that does not match
 //! known_hosts is a hard error (StrictHostKeyChecking). Every request of a run reuses it.
@@ -7,7 +7,6 @@
 
 use std::io::SeekFrom;
 use std::num::NonZeroUsize;
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -17,9 +16,8 @@ use openssh_sftp_client::error::SftpErrorKind;
 use openssh_sftp_client::{Error as SftpError, Sftp, SftpOptions};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-use super::{finish_object, partial_name, SshOptions, Transport, TransportError};
-use crate::protocol::layout::{CURRENT, LOGS, OBJECTS};
-use crate::protocol::manifest::Digest;
+use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions};
+use crate::protocol::layout::{CURRENT, LOGS};
 
 /// Bytes asked for per read request (the client clips it to what the server allows).
 const READ_CHUNK: u64 = 64 * 1024;
@@ -29,7 +27,7 @@ const PARALLEL_FETCHES: usize = 8;
 /// The control master exits this long after the agent dies without closing it.
 const MASTER_IDLE_SECS: usize = 5;
 
-pub struct SftpTransport {
+pub struct SftpConnection {
     rt: tokio::runtime::Runtime,
     sftp: Option<Sftp>,
     server: String,
@@ -39,15 +37,15 @@ fn is_not_found(e: &SftpError) -> bool {
     matches!(e, SftpError::SftpError(SftpErrorKind::NoSuchFile, _))
 }
 
-impl SftpTransport {
+impl SftpConnection {
     pub fn connect(
         user: &str,
         host: &str,
         port: u16,
         ssh: &SshOptions,
-    ) -> Result<Self, TransportError> {
+    ) -> Result<Self, RemoteError> {
         let server = format!("sftp://{user}@{host}:{port}");
-        let connect_err = |message: String| TransportError::Connect {
+        let connect_err = |message: String| RemoteError::Connect {
             server: server.clone(),
             message,
         };
@@ -55,7 +53,7 @@ impl SftpTransport {
             .enable_all()
             .build()
             .map_err(|e| connect_err(e.to_string()))?;
-        std::fs::create_dir_all(&ssh.control_dir).map_err(|source| TransportError::Local {
+        std::fs::create_dir_all(&ssh.control_dir).map_err(|source| RemoteError::Local {
             path: ssh.control_dir.clone(),
             source,
         })?;
@@ -111,19 +109,15 @@ fn ssh_error_text(e: &openssh::Error) -> String {
     text
 }
 
-fn remote(path: &str, e: SftpError) -> TransportError {
-    TransportError::Remote {
+fn remote(path: &str, e: SftpError) -> RemoteError {
+    RemoteError::Remote {
         path: path.to_owned(),
         message: e.to_string(),
     }
 }
 
 /// Reads at most `limit` bytes of `path`; `Ok(None)` when it does not exist.
-async fn read_limited(
-    sftp: &Sftp,
-    path: &str,
-    limit: u64,
-) -> Result<Option<Vec<u8>>, TransportError> {
+async fn read_limited(sftp: &Sftp, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
     let mut file = match sftp.open(path).await {
         Ok(f) => f,
         Err(e) if is_not_found(&e) => return Ok(None),
@@ -141,7 +135,7 @@ async fn read_limited(
             Some(chunk) => {
                 out.extend_from_slice(&chunk);
                 if out.len() as u64 > limit {
-                    return Err(TransportError::TooLarge {
+                    return Err(RemoteError::TooLarge {
                         path: path.to_owned(),
                         limit,
                     });
@@ -166,100 +160,88 @@ async fn seek_to(
     file: &mut openssh_sftp_client::file::File,
     path: &str,
     at: u64,
-) -> Result<(), TransportError> {
+) -> Result<(), RemoteError> {
     file.seek(SeekFrom::Start(at))
         .await
         .map(|_| ())
-        .map_err(|e| TransportError::Remote {
+        .map_err(|e| RemoteError::Remote {
             path: path.to_owned(),
             message: e.to_string(),
         })
 }
 
-async fn fetch_one(
-    sftp: &Sftp,
-    digest: Digest,
-    size: u64,
-    dest_dir: &Path,
-) -> Result<u64, TransportError> {
-    let rel = format!("{OBJECTS}/{digest}");
-    let partial = dest_dir.join(partial_name(&digest));
-    let local = |source| TransportError::Local {
-        path: partial.clone(),
+/// Appends at most `part.max` bytes of the object, from `part.from`, to `part.dest`.
+async fn read_part(sftp: &Sftp, part: &ObjectPart) -> Result<u64, RemoteError> {
+    let rel = Item::Object(part.digest).path();
+    let local = |source| RemoteError::Local {
+        path: part.dest.clone(),
         source,
     };
     let mut out = tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&partial)
+        .open(&part.dest)
         .await
         .map_err(local)?;
-    let mut have = out.metadata().await.map_err(local)?.len();
     let mut fetched = 0;
-    if have < size || size == 0 {
-        let mut file = sftp.open(&rel).await.map_err(|e| remote(&rel, e))?;
-        seek_to(&mut file, &rel, have).await?;
-        // Read one byte past the promised size, so an oversized object is caught.
-        while have <= size {
-            let want = (size + 1 - have).min(READ_CHUNK) as u32;
-            let Some(chunk) = file
-                .read(want, BytesMut::new())
-                .await
-                .map_err(|e| remote(&rel, e))?
-            else {
-                break;
-            };
-            out.write_all(&chunk).await.map_err(local)?;
-            have += chunk.len() as u64;
-            fetched += chunk.len() as u64;
-            if (chunk.len() as u32) < want {
-                seek_to(&mut file, &rel, have).await?;
-            }
+    let mut file = sftp.open(&rel).await.map_err(|e| remote(&rel, e))?;
+    seek_to(&mut file, &rel, part.from).await?;
+    while fetched < part.max {
+        let want = (part.max - fetched).min(READ_CHUNK) as u32;
+        let Some(chunk) = file
+            .read(want, BytesMut::new())
+            .await
+            .map_err(|e| remote(&rel, e))?
+        else {
+            break;
+        };
+        out.write_all(&chunk).await.map_err(local)?;
+        fetched += chunk.len() as u64;
+        if (chunk.len() as u32) < want {
+            seek_to(&mut file, &rel, part.from + fetched).await?;
         }
-        file.close().await.map_err(|e| remote(&rel, e))?;
     }
+    file.close().await.map_err(|e| remote(&rel, e))?;
     out.sync_all().await.map_err(local)?;
-    drop(out);
-    finish_object(dest_dir, &digest)?;
     Ok(fetched)
 }
 
-impl Transport for SftpTransport {
-    fn read_current(&mut self) -> Result<Option<String>, TransportError> {
-        let sftp = self.sftp.as_ref().expect("open");
-        let bytes = self.rt.block_on(read_limited(sftp, CURRENT, 4096))?;
-        Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
-    }
-
-    fn read_small(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, TransportError> {
-        let sftp = self.sftp.as_ref().expect("open");
-        self.rt
-            .block_on(read_limited(sftp, path, limit))?
-            .ok_or_else(|| TransportError::NotFound {
-                path: path.to_owned(),
-            })
-    }
-
-    fn fetch_objects(
-        &mut self,
-        objects: &[(Digest, u64)],
-        dest_dir: &Path,
-    ) -> Result<u64, TransportError> {
+impl Source for SftpConnection {
+    fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
+        let path = item.path();
         let sftp = self.sftp();
         self.rt.block_on(async {
-            let sizes: Vec<u64> = stream::iter(
-                objects
-                    .iter()
-                    .map(|(d, s)| fetch_one(sftp, *d, *s, dest_dir)),
-            )
-            .buffer_unordered(PARALLEL_FETCHES)
-            .try_collect()
-            .await?;
-            Ok(sizes.iter().sum())
+            match sftp.fs().metadata(path.as_str()).await {
+                // A server that does not say the size leaves the limit to `read`.
+                Ok(m) => Ok(Some(m.len().unwrap_or(0))),
+                Err(e) if is_not_found(&e) => Ok(None),
+                Err(e) => Err(remote(&path, e)),
+            }
         })
     }
 
-    fn write_log(&mut self, path: &str, bytes: &[u8]) -> Result<(), TransportError> {
+    fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        let path = item.path();
+        let sftp = self.sftp();
+        self.rt.block_on(read_limited(sftp, &path, limit))
+    }
+
+    fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
+        let sftp = self.sftp();
+        self.rt.block_on(async {
+            let sizes: Vec<u64> = stream::iter(parts.iter().map(|p| read_part(sftp, p)))
+                .buffer_unordered(PARALLEL_FETCHES)
+                .try_collect()
+                .await?;
+            Ok(sizes.iter().sum())
+        })
+    }
+}
+
+impl Sink for SftpConnection {
+    fn put(&mut self, item: LogItem<'_>, bytes: &[u8]) -> Result<(), RemoteError> {
+        let path = item.path();
+        let path = path.as_str();
         let sftp = self.sftp();
         let target = format!("{LOGS}/{path}");
         let tmp = format!(
@@ -297,13 +279,15 @@ impl Transport for SftpTransport {
                 .map_err(|e| remote(&target, e))
         })
     }
+}
 
-    fn close(mut self: Box<Self>) -> Result<(), TransportError> {
+impl Connection for SftpConnection {
+    fn close(mut self: Box<Self>) -> Result<(), RemoteError> {
         if let Some(sftp) = self.sftp.take() {
             let server = self.server.clone();
             self.rt
                 .block_on(sftp.close())
-                .map_err(|e| TransportError::Connect {
+                .map_err(|e| RemoteError::Connect {
                     server,
                     message: format!("closing: {e}"),
                 })?;
@@ -312,7 +296,7 @@ impl Transport for SftpTransport {
     }
 }
 
-impl Drop for SftpTransport {
+impl Drop for SftpConnection {
     fn drop(&mut self) {
         // Close politely so the control master exits now rather than after its idle time.
         if let Some(sftp) = self.sftp.take() {

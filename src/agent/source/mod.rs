@@ -1,21 +1,28 @@
-//! How the agent reads its chroot and writes its `logs/`: over SFTP through the system's
-//! OpenSSH client (`sftp://`), or from a mounted directory (`file://`, for NFS, sneakernet
-//! and tests). Both give the same small, synchronous interface; every path is relative to
-//! the host's chroot and fixed by the protocol, never taken from the server.
+//! The agent's two seams to the server: a [`Source`] for what it reads (`current`, a
+//! manifest, its signature, objects — named by protocol operation, never by a path string
+//! from the server) and a [`Sink`] for what it writes (reports and the heartbeat in `logs/`).
+//! `sftp://` (the system's OpenSSH client) and `file://` (a mounted directory: NFS,
+//! sneakernet, tests) implement both on one [`Connection`]; a read-only mirror or an object
+//! store with other credentials can implement `Source` alone.
+//!
+//! Invariant: a Source only moves bytes. Size limits, resuming partial downloads and hash
+//! verification live once, in `agent::fetch`, so every backend gets the same checks.
 
 mod dir;
 mod sftp;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-pub use dir::DirTransport;
-pub use sftp::SftpTransport;
+pub use dir::DirConnection;
+pub use sftp::SftpConnection;
 
+use crate::protocol::layout;
 use crate::protocol::manifest::Digest;
+use crate::protocol::report;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub enum RemoteError {
     #[error("cannot connect to {server}: {message}")]
     Connect { server: String, message: String },
     #[error("{path} on the server: {message}")]
@@ -31,6 +38,95 @@ pub enum TransportError {
     TooLarge { path: String, limit: u64 },
     #[error("object {digest}: downloaded content hashes to {actual}")]
     BadObject { digest: Digest, actual: Digest },
+}
+
+/// A file the agent reads, by what it is in the protocol (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item {
+    /// `current`: the digest of the published version.
+    Current,
+    /// `manifests/<digest>.json`.
+    Manifest(Digest),
+    /// `manifests/<digest>.sig`, when the fleet signs.
+    Signature(Digest),
+    /// `objects/<digest>`.
+    Object(Digest),
+}
+
+impl Item {
+    /// The path relative to the host's chroot (fixed by the protocol).
+    pub fn path(&self) -> String {
+        let rel = |p: PathBuf| p.to_string_lossy().into_owned();
+        let root = std::path::Path::new("");
+        match self {
+            Item::Current => layout::CURRENT.to_owned(),
+            Item::Manifest(d) => rel(layout::manifest(root, d)),
+            Item::Signature(d) => rel(layout::signature(root, d)),
+            Item::Object(d) => rel(layout::object(root, d)),
+        }
+    }
+}
+
+/// One piece of an object download: read at most `max` bytes of the object from offset
+/// `from` and append them to the local file `dest` (then fsync it).
+#[derive(Debug, Clone)]
+pub struct ObjectPart {
+    pub digest: Digest,
+    pub from: u64,
+    pub max: u64,
+    pub dest: PathBuf,
+}
+
+/// What the agent reads from the server.
+pub trait Source {
+    /// The size of `item`, `None` when it does not exist: lets the fetcher refuse a file
+    /// over its limit before downloading any of it.
+    fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError>;
+
+    /// All of `item`, `None` when it does not exist. More than `limit` bytes is `TooLarge`
+    /// (a file can grow between `size` and `read`); never more than `limit + 1` are read.
+    fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError>;
+
+    /// Downloads every part (in parallel where the backend can); returns the bytes moved.
+    fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError>;
+}
+
+/// A file the agent writes into its `logs/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogItem<'a> {
+    /// `logs/heartbeat.json`.
+    Heartbeat,
+    /// `logs/latest.json`.
+    Latest,
+    /// `logs/reports/<id>.json`.
+    Report(&'a str),
+    /// `logs/reports/<id>.log.gz`.
+    ReportLog(&'a str),
+}
+
+impl LogItem<'_> {
+    /// The path relative to `logs/`.
+    pub fn path(&self) -> String {
+        match self {
+            LogItem::Heartbeat => report::HEARTBEAT_FILE.to_owned(),
+            LogItem::Latest => report::LATEST_FILE.to_owned(),
+            LogItem::Report(id) => format!("{}/{id}.json", report::REPORTS_DIR),
+            LogItem::ReportLog(id) => format!("{}/{id}.log.gz", report::REPORTS_DIR),
+        }
+    }
+}
+
+/// What the agent writes to the server.
+pub trait Sink {
+    /// Writes `item` atomically (a temporary name, then a rename), so a reader never sees
+    /// half a file; creates `logs/reports/` when needed.
+    fn put(&mut self, item: LogItem<'_>, bytes: &[u8]) -> Result<(), RemoteError>;
+}
+
+/// One open connection to the host's chroot, both ways.
+pub trait Connection: Source + Sink {
+    /// Closes the connection cleanly.
+    fn close(self: Box<Self>) -> Result<(), RemoteError>;
 }
 
 /// Where the host's chroot is, from `server = "…"` in agent.toml.
@@ -107,61 +203,14 @@ pub struct SshOptions {
     pub control_dir: PathBuf,
 }
 
-/// One open connection to the host's chroot.
-pub trait Transport {
-    /// The text of `current`, or `None` when nothing is published yet.
-    fn read_current(&mut self) -> Result<Option<String>, TransportError>;
-
-    /// A whole small file (a manifest), refused above `limit` bytes.
-    fn read_small(&mut self, path: &str, limit: u64) -> Result<Vec<u8>, TransportError>;
-
-    /// Downloads objects into `dest_dir/<digest>`, resuming `dest_dir/.partial-<digest>`
-    /// files left by an interrupted run, and verifying every hash. Returns bytes fetched.
-    fn fetch_objects(
-        &mut self,
-        objects: &[(Digest, u64)],
-        dest_dir: &Path,
-    ) -> Result<u64, TransportError>;
-
-    /// Writes `logs/<path>` atomically (temporary file, then rename); creates `logs/reports/`.
-    fn write_log(&mut self, path: &str, bytes: &[u8]) -> Result<(), TransportError>;
-
-    /// Closes the connection cleanly.
-    fn close(self: Box<Self>) -> Result<(), TransportError>;
-}
-
 /// Opens a connection to `url`.
-pub fn connect(url: &ServerUrl, ssh: &SshOptions) -> Result<Box<dyn Transport>, TransportError> {
+pub fn connect(url: &ServerUrl, ssh: &SshOptions) -> Result<Box<dyn Connection>, RemoteError> {
     match url {
-        ServerUrl::Dir(path) => Ok(Box::new(DirTransport::open(path)?)),
+        ServerUrl::Dir(path) => Ok(Box::new(DirConnection::open(path)?)),
         ServerUrl::Sftp { user, host, port } => {
-            Ok(Box::new(SftpTransport::connect(user, host, *port, ssh)?))
+            Ok(Box::new(SftpConnection::connect(user, host, *port, ssh)?))
         }
     }
-}
-
-/// Name of the partial download of an object.
-pub fn partial_name(digest: &Digest) -> String {
-    format!(".partial-{digest}")
-}
-
-/// Moves a fully downloaded partial file into place after checking its hash.
-pub(crate) fn finish_object(dest_dir: &Path, digest: &Digest) -> Result<(), TransportError> {
-    let partial = dest_dir.join(partial_name(digest));
-    let actual =
-        crate::server::snapshot::hash_file(&partial).map_err(|source| TransportError::Local {
-            path: partial.clone(),
-            source,
-        })?;
-    if actual != *digest {
-        let _ = std::fs::remove_file(&partial);
-        return Err(TransportError::BadObject {
-            digest: *digest,
-            actual,
-        });
-    }
-    let dest = dest_dir.join(digest.to_hex());
-    std::fs::rename(&partial, &dest).map_err(|source| TransportError::Local { path: dest, source })
 }
 
 #[cfg(test)]

@@ -1,0 +1,383 @@
+//! The typed steps of applying a version, in their order and why:
+//! 1. fetch the manifest and the missing objects (bounded, verified, resumable: `fetch`),
+//!    and refuse one not signed by a trusted key or older than the applied one (a replay);
+//! 2. stage the configuration tree and swap `config/current`;
+//! 3. realise the system — before touching any file on the machine, so a failed build
+//!    changes nothing;
+//! 4. install `files` entries, point the system profile at the build, activate;
+//! 5. confirm over a *fresh* connection (the old one may have survived a network the new
+//!    system broke) and roll back to the exact store path that ran before if it fails.
+//!
+//! Invariant: every change to the machine goes through [`Host`]; once anything was changed,
+//! a failure puts back the previous system by its store path (and its files).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::config::AgentConfig;
+use super::fetch;
+use super::files;
+use super::host::{Host, Realise};
+use super::outcome::{AttemptError, RunLog, UpdateOptions};
+use super::source::{Connection, RemoteError};
+use super::state::StateDir;
+use crate::nix::Target;
+use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest};
+use crate::protocol::report::{Outcome, Timings};
+use crate::protocol::settings::{self, HostSettings};
+use crate::protocol::{signing, Mode, StorePath, Timestamp};
+
+/// Pause between attempts to reach the server after activation.
+const CONFIRM_RETRY: Duration = Duration::from_secs(2);
+
+/// One try at a version: what it learned on the way, for the report and the state.
+pub struct Attempt<'a> {
+    pub cfg: &'a AgentConfig,
+    pub dirs: &'a StateDir,
+    pub host: &'a dyn Host,
+    pub version: Digest,
+    pub running: Option<StorePath>,
+    pub built: Option<StorePath>,
+    pub reboot_required: bool,
+    /// The new manifest's `created` time, once fetched.
+    pub created: Option<Timestamp>,
+    /// The applied manifest's `created` time (replay protection).
+    pub applied_created: Option<Timestamp>,
+    /// The settings that came with the version (bento-host.json).
+    pub settings: Option<HostSettings>,
+    /// The version applied before this run (whose files a rollback puts back).
+    pub previous: Option<Digest>,
+    /// Targets of the files installed on the machine now; the record keeps them in the state.
+    pub installed: Vec<String>,
+}
+
+fn failed(e: &dyn std::fmt::Display) -> AttemptError {
+    AttemptError::Failed(e.to_string())
+}
+
+impl Attempt<'_> {
+    /// A published version: fetch, stage, then [`Attempt::apply`].
+    pub fn run(
+        &mut self,
+        conn: &mut Box<dyn Connection>,
+        opts: &UpdateOptions<'_>,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+    ) -> Result<Outcome, AttemptError> {
+        let t = Instant::now();
+        let bytes = fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?;
+        let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
+            .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
+        self.check_trust(conn.as_mut(), &bytes, &manifest, log)?;
+        self.created = Some(manifest.created.clone());
+        let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
+        crate::sys::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
+        let sizes: BTreeMap<Digest, u64> = manifest
+            .config
+            .iter()
+            .filter_map(|e| match e {
+                ConfigEntry::File { sha256, size, .. } => Some((*sha256, *size)),
+                _ => None,
+            })
+            .chain(manifest.files.iter().map(|f| (f.sha256, f.size)))
+            .collect();
+        let missing: Vec<(Digest, u64)> = sizes
+            .iter()
+            .filter(|(d, _)| !self.dirs.objects().join(d.to_hex()).exists())
+            .map(|(d, s)| (*d, *s))
+            .collect();
+        log.step(&format!(
+            "fetching {} of {} objects",
+            missing.len(),
+            sizes.len()
+        ));
+        match fetch::objects(conn.as_mut(), &missing, &self.dirs.objects()) {
+            Ok(n) => log.step(&format!("fetched {}", crate::sys::output::bytes(n))),
+            Err(e @ RemoteError::BadObject { .. }) => return Err(failed(&e)),
+            Err(e) => return Err(AttemptError::Remote(e)),
+        }
+        timings.fetch_ms = Some(t.elapsed().as_millis() as u64);
+
+        let config_dir = files::stage_config(
+            &manifest,
+            &self.version,
+            &self.dirs.objects(),
+            &self.dirs.config(),
+        )
+        .map_err(|e| failed(&e))?;
+        self.settings = snapshot_settings(&config_dir);
+        let target = match manifest.build {
+            Build::Flake => Target::Flake {
+                dir: config_dir.clone(),
+                host: self.cfg.host.to_string(),
+            },
+            Build::Classic => Target::Classic {
+                dir: config_dir.clone(),
+            },
+        };
+        self.apply(
+            &Realise::Build(target),
+            Some(&manifest),
+            conn,
+            opts,
+            log,
+            timings,
+        )
+    }
+
+    /// Realises the system, installs the manifest's files (a published version), activates
+    /// and confirms, rolling back on a lost server.
+    pub fn apply(
+        &mut self,
+        how: &Realise,
+        manifest: Option<&Manifest>,
+        conn: &mut Box<dyn Connection>,
+        opts: &UpdateOptions<'_>,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+    ) -> Result<Outcome, AttemptError> {
+        let effective = self.cfg.effective(self.settings.as_ref());
+
+        let t = Instant::now();
+        log.step("building");
+        let built = match self.host.realise(how) {
+            Ok(b) => b,
+            Err(e) => {
+                log.output(e.log());
+                timings.build_ms = Some(t.elapsed().as_millis() as u64);
+                return Err(AttemptError::Failed(format!(
+                    "build failed: {}",
+                    first_error_line(&e.to_string())
+                )));
+            }
+        };
+        log.output(&built.log);
+        timings.build_ms = Some(t.elapsed().as_millis() as u64);
+        log.step(&format!("built {}", built.path));
+        self.built = Some(built.path.clone());
+        if let Some(expected) = manifest.and_then(|m| m.system.as_ref()) {
+            if expected != &built.path {
+                log.step(&format!("note: the server expected {expected}"));
+            }
+        }
+        let booted = self.host.booted().or_else(|| self.running.clone());
+        self.reboot_required = booted
+            .as_ref()
+            .is_some_and(|r| self.host.boot_files_differ(r, &built.path));
+
+        if let Some(manifest) = manifest {
+            self.installed = files::install_files(
+                &manifest.files,
+                &self.dirs.objects(),
+                &self.cfg.files_root,
+                &self.installed,
+            )
+            .map_err(|e| failed(&e))?;
+            self.persist_installed().map_err(|e| failed(&e))?;
+        }
+
+        if self.running.as_ref() == Some(&built.path) {
+            log.step("the build is the running system: nothing to activate");
+            return Ok(Outcome::Success);
+        }
+        let t = Instant::now();
+        let mode = effective.mode;
+        log.step(&format!("activating ({})", mode.as_str()));
+        self.host.set_profile(&built.path).map_err(|e| failed(&e))?;
+        match self.host.activate(&built.path, mode) {
+            Ok(out) => log.output(&out),
+            Err(e) => {
+                log.output(&e.output);
+                let restored = self.restore(log, mode);
+                timings.activate_ms = Some(t.elapsed().as_millis() as u64);
+                return Err(AttemptError::Failed(format!(
+                    "activation failed ({}){restored}",
+                    e.status
+                )));
+            }
+        }
+        timings.activate_ms = Some(t.elapsed().as_millis() as u64);
+        if !mode.activates_now() {
+            return Ok(Outcome::Success);
+        }
+        self.confirm(conn, opts, log, timings, mode)
+    }
+
+    /// Proves the server is still reachable over a connection made after activation; rolls
+    /// back to the system that ran before when it is not.
+    fn confirm(
+        &mut self,
+        conn: &mut Box<dyn Connection>,
+        opts: &UpdateOptions<'_>,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+        mode: Mode,
+    ) -> Result<Outcome, AttemptError> {
+        let t = Instant::now();
+        log.step("checking that the server is still reachable");
+        let deadline = Instant::now() + self.cfg.confirm_timeout;
+        let fresh = loop {
+            match (opts.connect)() {
+                Ok(c) => break Some(c),
+                Err(e) => {
+                    log.step(&format!("server not reachable: {e}"));
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break None;
+                    }
+                    std::thread::sleep(CONFIRM_RETRY.min(left));
+                }
+            }
+        };
+        timings.confirm_ms = Some(t.elapsed().as_millis() as u64);
+        match fresh {
+            Some(c) => {
+                let old = std::mem::replace(conn, c);
+                let _ = old.close();
+                Ok(Outcome::Success)
+            }
+            None if self.running.is_some() => {
+                let restored = self.restore(log, mode);
+                Err(AttemptError::RolledBack(format!(
+                    "server unreachable for {} after activation{restored}",
+                    humantime::format_duration(self.cfg.confirm_timeout)
+                )))
+            }
+            None => Err(AttemptError::Failed(
+                "server unreachable after activation, and there is no earlier system to go back to"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Refuses a manifest not signed by a trusted key (when keys are configured) and one
+    /// older than the version already applied (a replayed snapshot).
+    fn check_trust(
+        &self,
+        conn: &mut dyn Connection,
+        bytes: &[u8],
+        manifest: &Manifest,
+        log: &mut RunLog<'_>,
+    ) -> Result<(), AttemptError> {
+        let short = self.version.short();
+        if self.cfg.trusted_keys.is_empty() {
+            log.step("note: no trusted_keys configured; the manifest's signature is not checked");
+        } else {
+            let trusted = signing::parse_trusted(&self.cfg.trusted_keys)
+                .map_err(|e| AttemptError::Failed(e.to_string()))?;
+            let sig = match fetch::signature(conn, self.version) {
+                Ok(Some(sig)) => sig,
+                Ok(None) => {
+                    return Err(AttemptError::Failed(format!(
+                        "manifest {short} is not signed; refusing it"
+                    )));
+                }
+                Err(e) => return Err(AttemptError::Remote(e)),
+            };
+            signing::verify(&trusted, bytes, &sig)
+                .map_err(|e| AttemptError::Failed(format!("manifest {short}: {e}")))?;
+            log.step("signature verified");
+        }
+        if let Some(applied) = &self.applied_created {
+            if manifest.created.system_time() < applied.system_time() {
+                return Err(AttemptError::Failed(format!(
+                    "manifest {short} was created {}, before the applied version ({applied}); refusing a replayed older snapshot",
+                    manifest.created
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the installed targets at once, so a run killed before it ends still leaves
+    /// the next one knowing which files are on the machine.
+    fn persist_installed(&self) -> std::io::Result<()> {
+        let mut on_disk = self.dirs.load()?;
+        on_disk.installed_files = self.installed.clone();
+        self.dirs.save(&on_disk)
+    }
+
+    /// Puts back the `files` entries of the applied version (a published attempt installed
+    /// its own before activating).
+    fn restore_files(&mut self, log: &mut RunLog<'_>) {
+        let Some(previous) = self.previous.filter(|p| *p != self.version) else {
+            return;
+        };
+        let path = self.dirs.manifests().join(format!("{previous}.json"));
+        let Some(manifest) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| Manifest::parse(&b).ok())
+        else {
+            log.step(
+                "note: the previous version's files could not be restored (its manifest is gone)",
+            );
+            return;
+        };
+        match files::install_files(
+            &manifest.files,
+            &self.dirs.objects(),
+            &self.cfg.files_root,
+            &self.installed,
+        ) {
+            Ok(installed) => {
+                self.installed = installed;
+                if let Err(e) = self.persist_installed() {
+                    log.step(&format!("note: cannot record the restored files: {e}"));
+                }
+            }
+            Err(e) => log.step(&format!(
+                "note: restoring the previous version's files failed: {e}"
+            )),
+        }
+    }
+
+    /// Puts back the system that ran before this run, by its store path.
+    fn restore(&mut self, log: &mut RunLog<'_>, mode: Mode) -> String {
+        let Some(prev) = self.running.clone() else {
+            return String::new();
+        };
+        log.step(&format!("going back to {prev}"));
+        self.restore_files(log);
+        let prev = &prev;
+        if let Err(e) = self.host.set_profile(prev) {
+            log.step(&format!("could not reset the profile: {e}"));
+            return format!(
+                "; restoring {prev} failed: {}",
+                first_error_line(&e.to_string())
+            );
+        }
+        match self.host.activate(prev, mode) {
+            Ok(out) => {
+                log.output(&out);
+                format!("; back on {prev}")
+            }
+            Err(e) => {
+                log.output(&e.output);
+                format!("; re-activating {prev} failed too ({})", e.status)
+            }
+        }
+    }
+}
+
+pub fn first_error_line(text: &str) -> String {
+    text.lines()
+        .find(|l| l.contains("error"))
+        .or_else(|| text.lines().next())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Reads the settings file of a staged configuration tree, if it has one.
+pub fn snapshot_settings(config_dir: &Path) -> Option<HostSettings> {
+    let path = config_dir.join(settings::FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            None
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! What one run should do, decided from facts alone: the state file, what `current` names,
+//! the running system, `--force`, the settings and the clock. No I/O, so every rule here is
+//! a plain test.
+//!
+//! Invariant: a version is tried at most once per back-off step and never again after a
+//! rollback (until `--force` or a newer version), and an up-to-date host does nothing but
+//! write its heartbeat — the common case costs one connection and one small read.
+
+use std::time::Duration;
+
+use super::state::State;
+use crate::protocol::manifest::Digest;
+use crate::protocol::StorePath;
+
+/// A self-update (re-locking flake inputs) is tried at most this often.
+pub const SELF_UPDATE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Everything the decision depends on.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub state: &'a State,
+    /// The version `current` names; `None` when nothing is published yet.
+    pub current: Option<Digest>,
+    pub running: Option<&'a StorePath>,
+    /// Retry a failed or rolled-back version now.
+    pub force: bool,
+    /// Unix seconds.
+    pub now: u64,
+    /// The applied version is a flake host whose settings ask for self-update.
+    pub self_update: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to do, and why (for the person watching).
+    NoOp(String),
+    /// Fetch, build and activate the published version.
+    Apply(Digest),
+    /// Re-lock the applied version's flake inputs and apply the result if it differs.
+    SelfUpdate(Digest),
+}
+
+pub fn decide(f: &Facts<'_>) -> Decision {
+    let Some(version) = f.current else {
+        return Decision::NoOp("nothing is published for this host yet".into());
+    };
+    if is_up_to_date(f.state, &version, f.running) {
+        let due = f
+            .state
+            .self_update_at
+            .is_none_or(|t| f.now.saturating_sub(t) >= SELF_UPDATE_EVERY.as_secs());
+        if f.self_update && due {
+            return Decision::SelfUpdate(version);
+        }
+        return Decision::NoOp(format!("up to date (version {})", version.short()));
+    }
+    match skip_reason(f.state, &version, f.force, f.now) {
+        Some(reason) => Decision::NoOp(reason),
+        None => Decision::Apply(version),
+    }
+}
+
+/// `version` is applied and its system is the one running.
+pub fn is_up_to_date(state: &State, version: &Digest, running: Option<&StorePath>) -> bool {
+    state
+        .applied
+        .as_ref()
+        .is_some_and(|a| &a.version == version && Some(&a.system) == running)
+}
+
+/// Why this run should not try `version` (not up to date) now, if it should not.
+fn skip_reason(state: &State, version: &Digest, force: bool, now: u64) -> Option<String> {
+    if force {
+        return None;
+    }
+    if state.rolled_back.contains(version) {
+        return Some(format!(
+            "version {} was rolled back; waiting for a newer one (or `bento agent update --force`)",
+            version.short()
+        ));
+    }
+    // A clock set back since the failure: retry now rather than wait for it to catch up.
+    let clock_went_back = state
+        .failures
+        .as_ref()
+        .is_some_and(|f| &f.version == version && now < f.last);
+    if let Some(at) = state.retry_at(version).filter(|_| !clock_went_back) {
+        if now < at {
+            let wait = Duration::from_secs(at - now);
+            return Some(format!(
+                "version {} failed; retrying in {} (or `bento agent update --force`)",
+                version.short(),
+                humantime::format_duration(wait)
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::Applied;
+    use super::*;
+
+    fn sp(s: &str) -> StorePath {
+        StorePath::new(&format!("/nix/store/{}-{s}", "a".repeat(32))).unwrap()
+    }
+
+    fn facts<'a>(state: &'a State, current: Digest, running: &'a StorePath) -> Facts<'a> {
+        Facts {
+            state,
+            current: Some(current),
+            running: Some(running),
+            force: false,
+            now: 0,
+            self_update: false,
+        }
+    }
+
+    #[test]
+    fn agent_decides_skips_and_retries() {
+        let v1 = Digest::of(b"1");
+        let v2 = Digest::of(b"2");
+        let one = sp("one");
+        let mut s = State {
+            applied: Some(Applied {
+                version: v1,
+                system: one.clone(),
+                at: 0,
+                created: None,
+            }),
+            ..Default::default()
+        };
+        assert!(
+            matches!(decide(&facts(&s, v1, &one)), Decision::NoOp(r) if r.contains("up to date"))
+        );
+        // Someone switched to another system by hand: apply again.
+        let other = sp("other");
+        assert_eq!(decide(&facts(&s, v1, &other)), Decision::Apply(v1));
+        assert_eq!(decide(&facts(&s, v2, &one)), Decision::Apply(v2));
+        s.record_rollback(v2);
+        assert!(
+            matches!(decide(&facts(&s, v2, &one)), Decision::NoOp(r) if r.contains("rolled back"))
+        );
+        let forced = Facts {
+            force: true,
+            ..facts(&s, v2, &one)
+        };
+        assert_eq!(decide(&forced), Decision::Apply(v2));
+        let v3 = Digest::of(b"3");
+        s.record_failure(v3, 1000);
+        let at = |now| Facts {
+            now,
+            ..facts(&s, v3, &one)
+        };
+        assert!(matches!(decide(&at(1100)), Decision::NoOp(r) if r.contains("retrying in")));
+        assert_eq!(decide(&at(1000 + 301)), Decision::Apply(v3));
+        // The clock went back past the failure: retry rather than wait a day.
+        assert_eq!(decide(&at(10)), Decision::Apply(v3));
+        let nothing = Facts {
+            current: None,
+            ..facts(&s, v3, &one)
+        };
+        assert!(
+            matches!(decide(&nothing), Decision::NoOp(r) if r.contains("nothing is published"))
+        );
+    }
+
+    #[test]
+    fn agent_self_updates_at_most_daily() {
+        let v1 = Digest::of(b"1");
+        let one = sp("one");
+        let mut s = State {
+            applied: Some(Applied {
+                version: v1,
+                system: one.clone(),
+                at: 0,
+                created: None,
+            }),
+            ..Default::default()
+        };
+        let day = SELF_UPDATE_EVERY.as_secs();
+        let f = |s: &State, now, self_update| {
+            decide(&Facts {
+                now,
+                self_update,
+                ..facts(s, v1, &one)
+            })
+        };
+        assert_eq!(f(&s, 5 * day, true), Decision::SelfUpdate(v1));
+        assert!(matches!(f(&s, 5 * day, false), Decision::NoOp(_)));
+        s.self_update_at = Some(5 * day);
+        assert!(matches!(f(&s, 6 * day - 1, true), Decision::NoOp(_)));
+        assert_eq!(f(&s, 6 * day, true), Decision::SelfUpdate(v1));
+    }
+}

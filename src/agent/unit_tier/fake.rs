@@ -1,0 +1,164 @@
+//! A fake machine for the unit tier: it records every request, builds a toy tree to the
+//! store path its `system` file names, and can be told to fail, to break the network on
+//! activation, or to fill the disk during a build.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::agent::host::{ActivateError, Host, Realise};
+use crate::nix::{Built, NixError, Target};
+use crate::protocol::report::Report;
+use crate::protocol::{Mode, StorePath};
+
+/// The name a toy tree's `system` file gives its build; "fail" makes the build fail.
+pub const SYSTEM_FILE: &str = "system";
+
+pub fn store_path(name: &str) -> StorePath {
+    StorePath::new(&format!(
+        "/nix/store/{}-nixos-system-{name}",
+        "b".repeat(32)
+    ))
+    .unwrap()
+}
+
+/// A machine that records what it is asked to do. A tree builds to the store path its
+/// `system` file names; activating makes that path the running one.
+#[derive(Default)]
+pub struct FakeHost {
+    pub running: RefCell<Option<StorePath>>,
+    pub booted: RefCell<Option<StorePath>>,
+    /// Kernel per system (default "6.1"): a different one means a reboot is needed.
+    pub kernels: RefCell<BTreeMap<StorePath, String>>,
+    pub fail_activation: Cell<bool>,
+    /// Set when an activation "breaks the network": the server is unreachable afterwards.
+    pub breaks_network: Cell<bool>,
+    pub server_down: Rc<Cell<bool>>,
+    /// What a re-lock writes into the tree's `system` file (None: no input moved).
+    pub relock_to: RefCell<Option<String>>,
+    pub calls: RefCell<Vec<String>>,
+    /// A state directory whose spool and state file stop taking writes during the build
+    /// (the disk filled up): writes fail with ENOTDIR and EISDIR, for root as well.
+    pub fill_disk: RefCell<Option<PathBuf>>,
+}
+
+impl FakeHost {
+    fn call(&self, what: String) {
+        self.calls.borrow_mut().push(what);
+    }
+
+    fn kernel(&self, p: &StorePath) -> String {
+        self.kernels
+            .borrow()
+            .get(p)
+            .cloned()
+            .unwrap_or("6.1".into())
+    }
+}
+
+impl Host for FakeHost {
+    fn running(&self) -> std::io::Result<Option<StorePath>> {
+        Ok(self.running.borrow().clone())
+    }
+
+    fn booted(&self) -> Option<StorePath> {
+        self.booted.borrow().clone()
+    }
+
+    fn boot_files_differ(&self, booted: &StorePath, new: &StorePath) -> bool {
+        self.kernel(booted) != self.kernel(new)
+    }
+
+    fn realise(&self, how: &Realise) -> Result<Built, NixError> {
+        let Realise::Build(target) = how;
+        let dir = match target {
+            Target::Flake { dir, .. } | Target::Classic { dir } => dir,
+        };
+        let name = std::fs::read_to_string(dir.join(SYSTEM_FILE)).unwrap_or_default();
+        self.call(format!("realise {}", name.trim()));
+        if let Some(state_dir) = self.fill_disk.borrow().as_ref() {
+            std::fs::remove_dir_all(state_dir.join("spool")).unwrap();
+            std::fs::write(state_dir.join("spool"), b"").unwrap();
+            let _ = std::fs::remove_file(state_dir.join("state.json"));
+            std::fs::create_dir_all(state_dir.join("state.json/full")).unwrap();
+        }
+        if name.trim() == "fail" {
+            return Err(NixError::Command(Box::new(
+                crate::sys::process::ProcessError {
+                    argv: "nix build".into(),
+                    ended: crate::sys::process::Ended::Exited(1),
+                    stderr_tail: "error: broken on purpose".into(),
+                    stderr: "error: broken on purpose\n".into(),
+                    stdout: Vec::new(),
+                },
+            )));
+        }
+        Ok(Built {
+            path: store_path(name.trim()),
+            log: "building…\n".into(),
+        })
+    }
+
+    fn set_profile(&self, path: &StorePath) -> Result<(), NixError> {
+        self.call(format!("set_profile {}", path.name()));
+        Ok(())
+    }
+
+    fn activate(&self, path: &StorePath, mode: Mode) -> Result<String, ActivateError> {
+        self.call(format!("activate {} {}", path.name(), mode.as_str()));
+        if self.fail_activation.get() && path.name() != self.running_name() {
+            return Err(ActivateError {
+                argv: "switch-to-configuration".into(),
+                status: "exit status: 1".into(),
+                output_tail: "failed".into(),
+                output: "failed\n".into(),
+            });
+        }
+        if mode.activates_now() {
+            *self.running.borrow_mut() = Some(path.clone());
+        }
+        if self.breaks_network.get() {
+            self.server_down.set(true);
+        }
+        Ok(String::new())
+    }
+
+    fn relock(&self, dir: &Path) -> Result<bool, NixError> {
+        self.call("relock".into());
+        match self.relock_to.borrow().as_deref() {
+            None => Ok(false),
+            Some(name) => {
+                std::fs::write(dir.join(SYSTEM_FILE), name).unwrap();
+                Ok(true)
+            }
+        }
+    }
+
+    fn notify(&self, command: &[String], report: &[u8]) {
+        let report = Report::parse(report).expect("notify gets the report");
+        self.call(format!(
+            "notify {} {}",
+            command.join(" "),
+            report.outcome.as_str()
+        ));
+    }
+
+    fn reboot_now(&self, _step: &mut dyn FnMut(&str)) {
+        self.call("reboot_now".into());
+    }
+
+    fn schedule_reboot(&self, when: &str) {
+        self.call(format!("schedule_reboot {when}"));
+    }
+}
+
+impl FakeHost {
+    pub fn running_name(&self) -> String {
+        self.running
+            .borrow()
+            .as_ref()
+            .map(|p| p.name().to_owned())
+            .unwrap_or_default()
+    }
+}
