@@ -44,7 +44,7 @@ let
     // { HOME = "/root"; }
     // config.networking.proxy.envVars;
 
-  path = [ config.nix.package pkgs.openssh pkgs.git ];
+  path = [ config.nix.package config.programs.ssh.package pkgs.git ];
 
   # bento.toml's per-host settings, as `bento publish` writes them into the snapshot.
   hostSettings =
@@ -123,7 +123,7 @@ in
     interval = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = calendarFor intervalSecs;
-      defaultText = lib.literalExpression ''"*:0/15", or bento.toml's interval from hostSettingsFile'';
+      defaultText = lib.literalMD ''`"*:0/15"`, or bento.toml's interval from `hostSettingsFile`'';
       example = "hourly";
       description = ''
         When the timer polls the server: a systemd calendar expression (OnCalendar=).
@@ -197,7 +197,8 @@ in
     page = {
       enable = lib.mkOption {
         type = lib.types.bool;
-        default = true;
+        # Opt-in: it lets anyone logged in on the machine start an update.
+        default = false;
         description = "The \"Update my machine\" page on 127.0.0.1 (socket-activated).";
       };
       port = lib.mkOption {
@@ -251,8 +252,15 @@ in
         message = "services.bento.agent.hostSettingsFile is for host ${if hostSettings == null then "?" else hostSettings.host}, not ${cfg.host}.";
       }
       {
-        assertion = cfg.rebootWindow == null || cfg.rebootPolicy == "when-needed";
-        message = "services.bento.agent.rebootWindow only applies with rebootPolicy = \"when-needed\".";
+        # null: the policy comes from bento.toml, which may well say when-needed.
+        assertion = cfg.rebootWindow == null || cfg.rebootPolicy == null || cfg.rebootPolicy == "when-needed";
+        message = "services.bento.agent.rebootWindow only applies with rebootPolicy = \"when-needed\" (or null, as bento.toml says).";
+      }
+      {
+        # Two things switching the machine: each would undo the other's system, and
+        # switch-to-configuration refuses to run while the other holds its lock.
+        assertion = !config.system.autoUpgrade.enable;
+        message = "services.bento.agent and system.autoUpgrade both switch this machine: disable system.autoUpgrade (bento applies what the fleet publishes; selfUpdate re-locks a flake host's inputs).";
       }
     ];
 
@@ -280,9 +288,12 @@ in
       description = "bento agent: apply this machine's published configuration";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      # The switch this unit runs must not restart or stop it halfway through.
+      # The switch this unit runs must not restart or stop it halfway through, not even a
+      # switch to a system without bento (as nixos-upgrade.service in auto-upgrade.nix).
+      # The activation itself runs in a unit of its own (systemd-run, as nixos-rebuild).
       restartIfChanged = false;
       stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
       inherit environment path;
       serviceConfig = hardening // {
         Type = "oneshot";
@@ -317,12 +328,14 @@ in
 
     systemd.services.bento-agent-page = lib.mkIf cfg.page.enable {
       description = "bento agent: the \"Update my machine\" page";
-      requires = [ "bento-agent-page.socket" ];
+      # Ordered after its socket, not bound to it: a switch that restarts the socket must
+      # not stop an update started from the page.
       after = [ "bento-agent-page.socket" "network-online.target" ];
       wants = [ "network-online.target" ];
       # It runs updates too: a switch must not stop it halfway through one.
       restartIfChanged = false;
       stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
       inherit environment path;
       serviceConfig = hardening // {
         ExecStart = "${bento} agent serve --config ${configFile} --exit-when-idle 10m";

@@ -29,6 +29,17 @@ let
   fleetModule = import (if isModule then cfg.fleet else generated) {
     inherit config lib pkgs;
   };
+  # The fleet module's part `name`, or nothing when the server is off. Not under `mkIf`: the
+  # module system pushes an `mkIf` down into the attributes of its content before it looks
+  # at the condition (lib/modules.nix, pushDownProperties), which would read `fleet` (unset
+  # on an agent-only machine) and build bento at evaluation time although the server is off.
+  fromFleet = name: if cfg.enable then fleetModule.${name} or { } else { };
+  # The chroot the fleet module creates: its first tmpfiles rule, `d <chroot> 0755 root root - -`.
+  fleetChroot =
+    let
+      rules = fleetModule.systemd.tmpfiles.rules or [ ];
+    in
+    if rules == [ ] then "/srv/bento" else builtins.elemAt (lib.splitString " " (builtins.head rules)) 1;
   # What the generated module may set; anything else would be dropped silently, so it fails.
   known = {
     top = [ "users" "environment" "systemd" "services" ];
@@ -54,13 +65,18 @@ in
         holding it), from which the same module is generated when the system is evaluated
         (import from derivation). Only bento.toml is read; the rest of the fleet repo, with
         its secrets, never enters the Nix store.
+
+        The committed `fleet.nix` is the recommended way. Generating it builds bento while
+        the system is evaluated, which fails wherever import from derivation is disabled
+        (`allow-import-from-derivation = false`, Hydra, some CI and `nix flake check`
+        set-ups) and makes every evaluation wait for that build.
       '';
     };
 
     chroot = lib.mkOption {
       type = lib.types.str;
-      default = if toml == null then "/srv/bento" else toml.server.chroot or "/srv/bento";
-      defaultText = lib.literalExpression ''`[server] chroot` of bento.toml, or "/srv/bento"'';
+      default = if toml == null then fleetChroot else toml.server.chroot or "/srv/bento";
+      defaultText = lib.literalMD ''the fleet's `[server] chroot` (from `fleet.nix` or bento.toml), by default `"/srv/bento"`'';
       description = ''
         Where the hosts' chroots are: `[server] chroot` in bento.toml, which the generated
         module creates. Checked against the fleet module; `bento publish` writes there.
@@ -69,7 +85,8 @@ in
 
     binaryCache = {
       enable = lib.mkEnableOption ''
-        serving this server's Nix store to the hosts as a binary cache (nix-serve), signed
+        serving this server's Nix store to the hosts as a binary cache (nix-serve; harmonia,
+        services.harmonia, serves the same protocol and can be used instead), signed
         with a key of its own, so hosts download the systems `bento build` already built
         here instead of building them again'';
 
@@ -111,23 +128,23 @@ in
       url = lib.mkOption {
         type = lib.types.str;
         default = "http://${if toml != null && toml ? server && toml.server ? address then toml.server.address else config.networking.hostName}:${toString cache.port}";
-        defaultText = lib.literalExpression ''"http://<[server] address of bento.toml, or the host name>:<port>"'';
+        defaultText = lib.literalMD ''`http://` bento.toml's `[server] address` (or the host name) `:` `port`'';
         description = "The URL hosts reach the cache at; printed with the public key for services.bento.agent.substituter.";
       };
     };
   };
 
-  config = lib.mkIf cfg.enable (lib.mkMerge [
+  config = lib.mkMerge [
     {
       # Only fixed attribute names here: the fleet module's contents depend on `cfg.fleet`,
       # and the module system must be able to find `services.bento` without evaluating it.
-      users = fleetModule.users or { };
-      environment = fleetModule.environment or { };
-      systemd = fleetModule.systemd or { };
-      services.openssh = fleetModule.services.openssh or { };
+      users = fromFleet "users";
+      environment = fromFleet "environment";
+      systemd = fromFleet "systemd";
+      services.openssh = if cfg.enable then fleetModule.services.openssh or { } else { };
     }
 
-    {
+    (lib.mkIf cfg.enable {
       environment.systemPackages = [ config.services.bento.package ];
 
       assertions = [
@@ -145,9 +162,9 @@ in
           message = "bento.toml's [server] port is not one of services.openssh.ports: the hosts could not connect.";
         }
       ];
-    }
+    })
 
-    (lib.mkIf cache.enable {
+    (lib.mkIf (cfg.enable && cache.enable) {
       services.nix-serve = {
         enable = true;
         inherit (cache) port bindAddress secretKeyFile;
@@ -185,5 +202,5 @@ in
         '';
       };
     })
-  ]);
+  ];
 }

@@ -80,9 +80,11 @@ pub fn render(o: &UnitOptions) -> Vec<(&'static str, String)> {
 Description=bento agent: apply this machine's published configuration
 Wants=network-online.target
 After=network-online.target
-# NixOS: never restarted or stopped by the switch this unit itself runs.
+# NixOS: never restarted or stopped by the switch this unit itself runs, not even one to
+# a system without bento (as nixos-upgrade.service).
 X-RestartIfChanged=false
 X-StopIfChanged=false
+X-StopOnRemoval=false
 
 [Service]
 Type=oneshot
@@ -124,12 +126,14 @@ WantedBy=sockets.target
     let page = format!(
         "[Unit]
 Description=bento agent: the \"Update my machine\" page
-Requires=bento-agent-page.socket
+# Not required by the socket (only ordered after it): restarting the socket (a switch that changes it) must not
+# stop an update started from the page.
 After=bento-agent-page.socket network-online.target
 Wants=network-online.target
 # It runs updates too: a switch must not stop it halfway through one.
 X-RestartIfChanged=false
 X-StopIfChanged=false
+X-StopOnRemoval=false
 
 [Service]
 ExecStart={bento} agent serve --config {config} --exit-when-idle {PAGE_IDLE_EXIT}
@@ -192,6 +196,15 @@ mod tests {
             .contains("ExecStart=/usr/bin/bento agent update --config /etc/bento/agent.toml\n"));
         assert!(agent.contains("SuccessExitStatus=10\n"));
         assert!(agent.contains("X-RestartIfChanged=false\n"));
+        // A switch (even to a system without bento) must not stop the update running it.
+        assert!(agent.contains("X-StopIfChanged=false\n"));
+        assert!(agent.contains("X-StopOnRemoval=false\n"));
+        let page = text("bento-agent-page.service");
+        assert!(page.contains("X-StopOnRemoval=false\n"));
+        assert!(
+            !page.contains("Requires="),
+            "a restarted socket must not stop the page's update:\n{page}"
+        );
         assert!(text("bento-agent.timer").contains("OnCalendar=*:0/15\nRandomizedDelaySec=5m\n"));
         assert!(text("bento-agent-page.socket").contains("ListenStream=127.0.0.1:51337\n"));
         assert!(text("bento-agent-page.service")

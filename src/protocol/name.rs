@@ -5,16 +5,18 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Longest Unix account name accepted (Linux `useradd` limit).
-pub const MAX_ACCOUNT_LEN: usize = 32;
+/// Longest Unix account name accepted. `useradd` allows 32, but NixOS aborts evaluation on
+/// user and group names of 32 characters or more (`users-groups.nix`: `stringLength x < 32`),
+/// so a fleet valid here must stay valid when its server runs NixOS.
+pub const MAX_ACCOUNT_LEN: usize = 31;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("invalid host name {0:?}: use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters")]
+    #[error("invalid host name {0:?}: use lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters (and at most {MAX_ACCOUNT_LEN} together with the account prefix)")]
     Host(String),
     #[error("invalid account prefix {0:?}: use lowercase letters, digits, '-' and '_', starting with a letter or '_'")]
     Prefix(String),
-    #[error("account name {account:?} for host {host:?} is {len} characters long; Unix account names are at most {MAX_ACCOUNT_LEN}")]
+    #[error("host {host:?}: its account name {account:?} (account_prefix + host name) is {len} characters long, but account names may have at most {MAX_ACCOUNT_LEN} (NixOS refuses user and group names of 32 or more): shorten the host name or account_prefix")]
     AccountTooLong {
         host: String,
         account: String,
@@ -70,7 +72,7 @@ pub fn check_prefix(prefix: &str) -> Result<(), NameError> {
     }
 }
 
-/// The Unix account a host logs in as: prefix + host name, at most 32 characters.
+/// The Unix account a host logs in as: prefix + host name, at most `MAX_ACCOUNT_LEN` characters.
 pub fn account_name(prefix: &str, host: &HostName) -> Result<String, NameError> {
     check_prefix(prefix)?;
     let account = format!("{prefix}{host}");
@@ -107,8 +109,13 @@ mod tests {
         let h = HostName::new("web").unwrap();
         assert_eq!(account_name("bento-", &h).unwrap(), "bento-web");
         assert!(matches!(account_name("-x", &h), Err(NameError::Prefix(_))));
-        let long = HostName::new(&"a".repeat(27)).unwrap();
-        let err = account_name("bento-", &long).unwrap_err();
-        assert!(err.to_string().contains("33 characters"), "{err}");
+        // NixOS's limit: 31 characters is the longest account, 32 is refused.
+        let longest = HostName::new(&"a".repeat(25)).unwrap();
+        assert_eq!(account_name("bento-", &longest).unwrap().len(), 31);
+        let long = HostName::new(&"a".repeat(26)).unwrap();
+        let err = account_name("bento-", &long).unwrap_err().to_string();
+        assert!(err.contains(&format!("host \"{long}\"")), "{err}");
+        assert!(err.contains("32 characters long"), "{err}");
+        assert!(err.contains("at most 31"), "{err}");
     }
 }

@@ -221,7 +221,7 @@ fn the_generated_fleet_module_sets_only_what_the_server_module_passes_on() {
         .assert()
         .success();
     let expr = format!(
-        "let m = import {} {{ lib = {{ mkDefault = x: x; mkAfter = x: x; mkForce = x: x; }}; pkgs = {{ shadow = \"/shadow\"; }}; config = {{ }}; }}; in {{ top = builtins.attrNames m; services = builtins.attrNames m.services; firstRule = builtins.head m.systemd.tmpfiles.rules; }}",
+        "let m = import {} {{ lib = {{ mkDefault = x: x; mkAfter = x: x; mkForce = x: x; }}; pkgs = {{ shadow = \"/shadow\"; writeText = name: text: \"/nix/store/x-${{name}}\"; }}; config = {{ }}; }}; in {{ top = builtins.attrNames m; services = builtins.attrNames m.services; firstRule = builtins.head m.systemd.tmpfiles.rules; include = m.services.openssh.settings.Include; }}",
         module.display()
     );
     let out = Command::new("nix-instantiate")
@@ -242,6 +242,8 @@ fn the_generated_fleet_module_sets_only_what_the_server_module_passes_on() {
     }
     assert_eq!(v["services"], serde_json::json!(["openssh"]));
     assert_eq!(v["firstRule"], "d /srv/fleet-chroot 0755 root root - -");
+    // The Match block is an included file of its own, not extraConfig text.
+    assert_eq!(v["include"], "/nix/store/x-bento-sshd.conf");
     let server = fs::read_to_string(root().join("nixos/server.nix")).unwrap();
     assert!(server.contains("\"d ${cfg.chroot} 0755 root root - -\""));
 }
@@ -278,4 +280,241 @@ fn the_documented_examples_parse() {
             "docs/nixos.md example does not parse:\n{block}"
         );
     }
+}
+
+/// NixOS refuses user and group names of 32 characters or more (users-groups.nix), so bento
+/// refuses a host whose account would be that long: when bento.toml is read, whatever the
+/// command, before anything is generated.
+#[test]
+fn an_account_name_nixos_would_refuse_is_refused_naming_the_host() {
+    let t = tempfile::tempdir().unwrap();
+    let longest = "a".repeat(25); // bento- + 25 = 31 characters: the longest NixOS accepts
+    let too_long = format!("{}-x", "b".repeat(24)); // 32 characters
+    fs::write(
+        t.path().join("bento.toml"),
+        format!("[hosts.{longest}]\n[hosts.{too_long}]\n"),
+    )
+    .unwrap();
+    for args in [
+        &["server", "nixos-module", "--output", "-"][..],
+        &["server", "sshd-config"][..],
+    ] {
+        let out = bento()
+            .arg("--fleet")
+            .arg(t.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} accepted a 32-character account"
+        );
+        assert!(err.contains(&format!("host \"{too_long}\"")), "{err}");
+        assert!(err.contains("bento.toml"), "{err}");
+        assert!(err.contains("at most 31"), "{err}");
+    }
+    fs::write(t.path().join("bento.toml"), format!("[hosts.{longest}]\n")).unwrap();
+    let out = bento()
+        .arg("--fleet")
+        .arg(t.path())
+        .args(["server", "nixos-module", "--output", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(&format!("users.users.\"bento-{longest}\"")),
+        "{text}"
+    );
+}
+
+/// The Match block, where each server puts it, judged by sshd itself (`sshd -T -C`): for a
+/// host's account it wins over everything the machine's other configuration says (global
+/// settings, a later `Match`, extraConfig appended after it), and nothing written after it
+/// lands inside it (the machine's own users keep their settings).
+#[test]
+fn the_match_block_wins_for_host_accounts_and_swallows_nothing() {
+    let sshd = Path::new("/usr/sbin/sshd");
+    if !sshd.exists() {
+        eprintln!("sshd not installed (apt-get install openssh-server): skipped");
+        return;
+    }
+    let _ = fs::create_dir_all("/run/sshd"); // sshd -T wants its privilege-separation dir
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("bento.toml"), "[hosts.alpha]\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = bento()
+            .arg("--fleet")
+            .arg(t.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // sshd resolves `Match Group` through the system's group database, so the test runs
+    // the block for an account and group that exist everywhere: nobody / nogroup.
+    let for_nobody = |text: &str| text.replace("Match Group bento", "Match Group nogroup");
+    let host_key = t.path().join("hk");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    // What the rest of the machine's configuration might say, globally and in a Match of
+    // its own for everyone, after bento's block.
+    let hostile_globals = "PasswordAuthentication yes\nAuthorizedKeysCommand /bin/true\n\
+         AuthorizedKeysCommandUser nobody\nTrustedUserCAKeys /etc/ssh/ca.pub\n\
+         AllowTcpForwarding yes\nPermitTTY yes\nX11Forwarding yes\n";
+    let hostile_match = "Match all\n    PermitTTY yes\n    ChrootDirectory none\n    \
+         ForceCommand /bin/sh\n    AuthorizedKeysFile .ssh/authorized_keys\n";
+
+    // Debian: the drop-in, included first by sshd_config.
+    let dropin = t.path().join("00-bento.conf");
+    fs::write(&dropin, for_nobody(&run(&["server", "sshd-config"]))).unwrap();
+    let debian = format!(
+        "Include {}\nHostKey {}\nUsePAM no\n{hostile_globals}{hostile_match}",
+        dropin.display(),
+        host_key.display()
+    );
+
+    // NixOS (sshd.nix): `settings` (sorted, with the Include) first, then extraConfig, the
+    // module's own lines first and everything else after, here a hostile Match at mkAfter.
+    let module = run(&["server", "nixos-module", "--output", "-"]);
+    let block = module
+        .split("writeText \"bento-sshd.conf\" ''\n")
+        .nth(1)
+        .and_then(|rest| rest.split("  ''}\";").next())
+        .expect("the Match block in fleet.nix");
+    let included = t.path().join("bento-sshd.conf");
+    fs::write(&included, for_nobody(block)).unwrap();
+    let nixos = format!(
+        "Include {}\nKbdInteractiveAuthentication no\nMaxStartups 100:30:200\n\
+         {hostile_globals}UsePAM no\nAddressFamily any\nPort 22\nHostKey {}\n\
+         Subsystem sftp internal-sftp\n{hostile_match}Match User root\n    PermitTTY yes\n",
+        included.display(),
+        host_key.display()
+    );
+
+    for (name, text) in [("debian", debian), ("nixos", nixos)] {
+        let config = t.path().join(format!("{name}.conf"));
+        fs::write(&config, text).unwrap();
+        let effective = |spec: &str| {
+            let out = Command::new(sshd)
+                .args(["-T", "-f"])
+                .arg(&config)
+                .args(["-C", spec])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: sshd -T: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            bento::server::provision::sshd::parse_effective(&String::from_utf8_lossy(&out.stdout))
+        };
+        let host = effective("user=nobody,host=h.example,addr=192.0.2.1");
+        for (key, want) in [
+            ("chrootdirectory", "%h"),
+            (
+                "forcecommand",
+                "internal-sftp -d / -u 0027 -P symlink,hardlink",
+            ),
+            ("authorizedkeysfile", "/etc/bento/authorized_keys/%u"),
+            ("authorizedkeyscommand", "none"),
+            ("authorizedprincipalsfile", "none"),
+            ("trustedusercakeys", "none"),
+            ("disableforwarding", "yes"),
+            ("passwordauthentication", "no"),
+            ("allowtcpforwarding", "no"),
+            ("permittty", "no"),
+            ("x11forwarding", "no"),
+        ] {
+            assert_eq!(
+                host.get(key).map(String::as_str),
+                Some(want),
+                "{name}: {key} for a host's account"
+            );
+        }
+        // The machine's own users are not inside bento's block.
+        let admin = effective("user=root,host=h.example,addr=192.0.2.1");
+        for (key, want) in [
+            ("chrootdirectory", "none"),
+            ("permittty", "yes"),
+            ("x11forwarding", "yes"),
+            ("authorizedkeyscommand", "/bin/true"),
+        ] {
+            assert_eq!(
+                admin.get(key).map(String::as_str),
+                Some(want),
+                "{name}: {key} for root"
+            );
+        }
+    }
+}
+
+/// What nixos/agent.nix must say beyond the printed units: the switch it runs must not
+/// stop it, `system.autoUpgrade` must not switch the machine behind its back, and the page
+/// is opt-in.
+#[test]
+fn the_agent_module_keeps_the_update_alive_and_alone() {
+    let module = fs::read_to_string(root().join("nixos/agent.nix")).unwrap();
+    let has = |needle: &str| assert!(module.contains(needle), "nixos/agent.nix lacks {needle:?}");
+    has("unitConfig.X-StopOnRemoval = false;");
+    has("assertion = !config.system.autoUpgrade.enable;");
+    has("config.programs.ssh.package");
+    assert!(!module.contains("pkgs.openssh"), "use programs.ssh.package");
+    assert!(
+        !module.contains("requires = [ \"bento-agent-page.socket\" ]"),
+        "a restarted socket must not stop the page's update"
+    );
+    let page = module.split("page = {").nth(1).unwrap();
+    assert!(
+        page.split("port = ")
+            .next()
+            .unwrap()
+            .contains("default = false;"),
+        "the page is opt-in"
+    );
+}
+
+/// The flake's `eval-server-long-host` check evaluates nixos/tests/fleet-long-host.nix: it
+/// must be what bento generates from its bento.toml, for a host at the account-name limit.
+#[test]
+fn the_long_host_fixture_is_generated_and_at_the_limit() {
+    let t = tempfile::tempdir().unwrap();
+    let toml = fs::read_to_string(root().join("nixos/tests/fleet-long-host.toml")).unwrap();
+    fs::write(t.path().join("bento.toml"), &toml).unwrap();
+    let out = bento()
+        .arg("--fleet")
+        .arg(t.path())
+        .args(["server", "nixos-module", "--output", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let committed = fs::read_to_string(root().join("nixos/tests/fleet-long-host.nix")).unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        committed,
+        "regenerate nixos/tests/fleet-long-host.nix with `bento server nixos-module`"
+    );
+    let account = "bento-abcdefghijklmnopqrstuvwxy";
+    assert_eq!(account.len(), bento::protocol::MAX_ACCOUNT_LEN);
+    assert!(committed.contains(&format!("users.users.\"{account}\"")));
+    let eval = fs::read_to_string(root().join("nixos/tests/eval.nix")).unwrap();
+    assert!(eval.contains(account));
 }

@@ -6,6 +6,7 @@
 //! Invariant: the update logic changes the machine only through this trait, so a run that
 //! never calls `set_profile` or `activate` has provably left the running system alone.
 
+mod activate;
 mod nix;
 
 use std::path::Path;

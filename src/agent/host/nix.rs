@@ -78,30 +78,7 @@ impl Host for NixHost {
     }
 
     fn activate(&self, path: &StorePath, mode: Mode) -> Result<String, ActivateError> {
-        let program = Path::new(path.as_str()).join("bin/switch-to-configuration");
-        let argv = format!("{} {}", program.display(), mode.as_str());
-        let out = Command::new(&program)
-            .arg(mode.as_str())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| ActivateError {
-                argv: argv.clone(),
-                status: "could not start".into(),
-                output_tail: e.to_string(),
-                output: e.to_string(),
-            })?;
-        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-        output.push_str(&String::from_utf8_lossy(&out.stderr));
-        if out.status.success() {
-            Ok(output)
-        } else {
-            Err(ActivateError {
-                argv,
-                status: out.status.to_string(),
-                output_tail: nix::tail(&output, nix::STDERR_TAIL_LINES),
-                output,
-            })
-        }
+        super::activate::activate(path, mode)
     }
 
     fn notify(&self, cmd: &[String], report: &[u8]) {

@@ -327,7 +327,7 @@ mod tests {
         let err = parse("[hosts.averyveryverylonghostnamethat]\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("at most 32"), "{err}");
+        assert!(err.contains("at most 31"), "{err}");
         let err = parse("[server]\nchroot = \"rel\"\n")
             .unwrap_err()
             .to_string();

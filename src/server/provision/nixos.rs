@@ -117,12 +117,22 @@ pub fn render(
     out.push_str(&format!(
         "  services.openssh.settings.MaxStartups = lib.mkDefault \"{MAX_STARTUPS}\";\n"
     ));
-    // Last, so that no other extraConfig line lands inside the Match block.
-    out.push_str("  services.openssh.extraConfig = lib.mkAfter ''\n");
+    // sshd uses the first value it reads for each keyword and a Match block runs to the
+    // next Match or to the end of its file. NixOS writes `settings` before every
+    // `extraConfig` line, so an Include there puts the block ahead of any Match block from
+    // extraConfig, and in its own file nothing can land inside it.
+    out.push_str(
+        "  # The hosts' Match block, in a file of its own included from `settings`, which\n  \
+         # NixOS writes before every extraConfig line: it comes before any other Match\n  \
+         # block (sshd applies the first value it reads) and ends with its file.\n",
+    );
+    out.push_str(
+        "  services.openssh.settings.Include = \"${pkgs.writeText \"bento-sshd.conf\" ''\n",
+    );
     for line in match_block(server).lines() {
         out.push_str(&format!("    {line}\n"));
     }
-    out.push_str("  '';\n}\n");
+    out.push_str("  ''}\";\n}\n");
     Ok(out)
 }
 

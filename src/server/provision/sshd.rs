@@ -72,6 +72,15 @@ pub fn match_settings(server: &ServerConfig) -> Vec<(&'static str, String)> {
         ("PermitListen", "none".to_owned()),
         ("PermitTTY", no()),
         ("PermitUserRC", no()),
+        // Everything else that could let another key or a certificate in, or open a
+        // channel, reset here: a global setting for the machine's admins must not apply to
+        // the hosts' accounts. Every keyword above is allowed in a Match block
+        // (sshd_config(5), "Match").
+        ("AuthorizedKeysCommand", "none".to_owned()),
+        ("AuthorizedPrincipalsCommand", "none".to_owned()),
+        ("AuthorizedPrincipalsFile", "none".to_owned()),
+        ("TrustedUserCAKeys", "none".to_owned()),
+        ("DisableForwarding", "yes".to_owned()),
     ]
 }
 
@@ -85,13 +94,17 @@ pub fn match_block(server: &ServerConfig) -> String {
 }
 
 /// What `bento server sshd-config` prints: the global `MaxStartups` and
-/// `PerSourceMaxStartups` and the Match block, to
-/// append at the end of sshd_config.
+/// `PerSourceMaxStartups` and the Match block, as a file of its own that sshd_config
+/// includes before anything else.
 pub fn sshd_config(server: &ServerConfig) -> String {
     format!(
         "# bento: SFTP chroots for the fleet's hosts (from `bento server sshd-config`).\n\
-         # Append to the END of sshd_config: MaxStartups is global and must stay above every\n\
-         # Match line, and a Match block runs to the end of the file or the next Match.\n\
+         # Install as /etc/ssh/sshd_config.d/00-bento.conf, included FIRST: Debian's\n\
+         # sshd_config starts with `Include /etc/ssh/sshd_config.d/*.conf`; elsewhere put\n\
+         # `Include /etc/ssh/sshd_config.d/00-bento.conf` as its first line.\n\
+         # sshd uses the first value it reads for each keyword, so for the hosts' accounts\n\
+         # this Match block must come before every other Match that could apply to them;\n\
+         # in its own file it also ends with the file, so no later line lands inside it.\n\
          # Many hosts poll at once; OpenSSH's default 10:30:100 starts dropping connections\n\
          # at 10 unauthenticated ones.\n\
          MaxStartups {MAX_STARTUPS}\n\
@@ -192,6 +205,19 @@ pub fn effective_problems(
             "sshd AuthorizedKeysFile for {account} is {:?}, not {wanted_keys:?}",
             keys_files.join(" ")
         ));
+    }
+    for key in [
+        "authorizedkeyscommand",
+        "authorizedprincipalscommand",
+        "authorizedprincipalsfile",
+        "trustedusercakeys",
+    ] {
+        let value = get(key);
+        if !value.is_empty() && value != "none" {
+            problems.push(format!(
+                "sshd {key} is {value:?} for {account}, not \"none\" (another key or a certificate could log in)"
+            ));
+        }
     }
     for key in [
         "allowtcpforwarding",
