@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// (`bento server sync-accounts` creates it).
     #[serde(default)]
     pub backups: bool,
+    // rollout (#13): `bento trigger`'s command, an argv with {host}/{address} (server/trigger.rs).
+    #[serde(default)]
+    pub trigger_command: Option<Vec<String>>,
 }
 
 fn default_port() -> u16 {
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             authorized_keys_dir: default_authorized_keys_dir(),
             signing_key: None,
             backups: false,
+            trigger_command: None,
         }
     }
 }
@@ -112,6 +116,13 @@ pub struct HostConfig {
     pub self_update: Option<bool>,
     #[serde(default)]
     pub notify: Option<Vec<String>>,
+    // rollout (#13): server-side only, never sent to the host (server/select.rs, trigger.rs).
+    #[serde(default)]
+    pub tags: Vec<crate::server::select::Tag>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub hold: bool,
 }
 
 impl HostConfig {
@@ -141,6 +152,9 @@ pub struct FleetConfig {
     pub defaults: crate::protocol::settings::SettingsToml,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
+    // rollout (#13): `[rollout] waves` (server/rollout.rs).
+    #[serde(default)]
+    pub rollout: crate::server::rollout::RolloutConfig,
 }
 
 impl FleetConfig {
