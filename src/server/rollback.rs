@@ -40,7 +40,7 @@ pub enum RollbackError {
     #[error("{host}: {source}")]
     Publish {
         host: HostName,
-        source: PublishError,
+        source: Box<PublishError>,
     },
 }
 
@@ -204,7 +204,7 @@ pub fn rollback_host(
     let report = publish::publish_host(chroot, &plan, ownership, signer).map_err(|source| {
         RollbackError::Publish {
             host: host.clone(),
-            source,
+            source: Box::new(source),
         }
     })?;
     let version = match (report.status, report.digest) {
