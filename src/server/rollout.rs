@@ -232,37 +232,53 @@ pub struct Annotated<'a> {
     pub held_back: Option<String>,
 }
 
-/// Marks held hosts (`hold = true`) as `held` unless they need a person (failing, rolled
-/// back, silent), and notes the hosts a rollout holds back in the error column. Rows are
-/// re-sorted. Returns the JSON view.
-pub fn annotate<'a>(
-    rows: &'a mut [HostStatus],
-    config: &crate::server::fleet::FleetConfig,
-    progress: Option<&Progress>,
-) -> Vec<Annotated<'a>> {
-    let held = select::held(config);
-    let back = progress.map(Progress::held_back).unwrap_or_default();
-    for row in rows.iter_mut() {
-        if held.contains(&row.host) && !row.state.is_alarm() {
-            row.state = State::Held;
-            row.error = Some(join(row.error.take(), "hold = true in bento.toml"));
-        }
-        if let Some(note) = back.get(&row.host) {
-            row.error = Some(join(row.error.take(), note));
+/// The rollout's view of `bento status`: held hosts, tags, hosts a rollout holds back.
+#[derive(Debug, Clone, Default)]
+pub struct StatusView {
+    held: BTreeSet<HostName>,
+    tags: Tags,
+    back: BTreeMap<HostName, String>,
+}
+
+impl StatusView {
+    pub fn new(config: &crate::server::fleet::FleetConfig, progress: Option<&Progress>) -> Self {
+        Self {
+            held: select::held(config),
+            tags: select::tags(config),
+            back: progress.map(Progress::held_back).unwrap_or_default(),
         }
     }
-    crate::server::status::collect::sort(rows);
-    let tags = select::tags(config);
-    rows.iter()
-        .map(|row| Annotated {
-            row,
-            tags: tags
-                .get(&row.host)
-                .map(|ts| ts.iter().map(|t| t.to_string()).collect())
-                .unwrap_or_default(),
-            held_back: back.get(&row.host).cloned(),
-        })
-        .collect()
+
+    /// Marks held hosts (`hold = true`) as `held` unless they need a person (failing,
+    /// rolled back, silent), and notes the hosts a rollout holds back in the error column.
+    /// Rows are sorted again.
+    pub fn apply(&self, rows: &mut [HostStatus]) {
+        for row in rows.iter_mut() {
+            if self.held.contains(&row.host) && !row.state.is_alarm() {
+                row.state = State::Held;
+                row.error = Some(join(row.error.take(), "hold = true in bento.toml"));
+            }
+            if let Some(note) = self.back.get(&row.host) {
+                row.error = Some(join(row.error.take(), note));
+            }
+        }
+        crate::server::status::collect::sort(rows);
+    }
+
+    /// The `--json` rows: each status row with `tags` and `held_back`.
+    pub fn json<'a>(&self, rows: &'a [HostStatus]) -> Vec<Annotated<'a>> {
+        rows.iter()
+            .map(|row| Annotated {
+                row,
+                tags: self
+                    .tags
+                    .get(&row.host)
+                    .map(|ts| ts.iter().map(|t| t.to_string()).collect())
+                    .unwrap_or_default(),
+                held_back: self.back.get(&row.host).cloned(),
+            })
+            .collect()
+    }
 }
 
 fn join(first: Option<String>, second: &str) -> String {
