@@ -79,7 +79,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for host in &hosts {
-        if crate::server::select::held(&fleet.config).contains(host) {
+        if crate::server::targets::held(&fleet.config).contains(host) {
             output::note(&format!(
                 "{host} has hold = true: rolling it back anyway, as asked"
             ));

@@ -15,7 +15,7 @@ use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
 use crate::server::publish::{self, HostReport, Ownership, Status};
 use crate::server::rollout::{self, Halt, Phase, Progress};
-use crate::server::select::{self, Selector};
+use crate::server::select::Selector;
 use crate::server::snapshot::{HashCache, Scanner};
 use crate::server::wait::{Finished, Tracker};
 use crate::sys::atomic;
@@ -175,7 +175,7 @@ fn start(fleet: &Fleet, chroot: &Chroot, args: &Args) -> anyhow::Result<Progress
     if universe.is_empty() {
         universe = defined;
     }
-    let held = select::held(&fleet.config);
+    let held = crate::server::targets::held(&fleet.config);
     universe.retain(|h| {
         let keep = !held.contains(h);
         if !keep {
@@ -190,8 +190,12 @@ fn start(fleet: &Fleet, chroot: &Chroot, args: &Args) -> anyhow::Result<Progress
     } else {
         args.waves.clone()
     };
-    let planned = rollout::plan(&waves, &universe, &select::tags(&fleet.config))
-        .with_context(|| format!("planning the rollout of {}", fleet.root.display()))?;
+    let planned = rollout::plan(
+        &waves,
+        &universe,
+        &crate::server::targets::tags(&fleet.config),
+    )
+    .with_context(|| format!("planning the rollout of {}", fleet.root.display()))?;
     let started = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     Ok(Progress::new(started, planned))
 }
@@ -209,7 +213,7 @@ fn run_wave(
     k: usize,
     args: &Args,
 ) -> anyhow::Result<WaveEnd> {
-    let held = select::held(&fleet.config);
+    let held = crate::server::targets::held(&fleet.config);
     let hosts: Vec<HostName> = progress
         .through(k)
         .into_iter()

@@ -31,7 +31,7 @@ pub fn combine(
     if on.is_empty() {
         return Ok(hosts.to_vec());
     }
-    let mut chosen = select::resolve(on, universe, &select::tags(&fleet.config))
+    let mut chosen = select::resolve(on, universe, &crate::server::targets::tags(&fleet.config))
         .with_context(|| format!("selecting hosts in {}", fleet.root.display()))?;
     for h in hosts {
         if !chosen.contains(h) {
@@ -52,7 +52,7 @@ pub fn known(
     if on.is_empty() {
         return Ok(hosts.to_vec());
     }
-    let universe = select::known_hosts(&fleet.config, &chroot.root)
+    let universe = crate::server::targets::known_hosts(&fleet.config, &chroot.root)
         .with_context(|| format!("listing hosts in {}", chroot.root.display()))?;
     combine(fleet, hosts, on, &universe)
 }
@@ -93,7 +93,7 @@ pub fn publishable(
     on: &[Selector],
 ) -> anyhow::Result<Option<Vec<HostName>>> {
     let selected = defined(fleet, chroot, hosts, on)?;
-    let held = select::held(&fleet.config);
+    let held = crate::server::targets::held(&fleet.config);
     if held.is_empty() {
         return Ok(Some(selected));
     }

@@ -51,7 +51,7 @@ struct Summary<'a> {
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
-    let known = crate::server::select::known_hosts(&fleet.config, &chroot.root)
+    let known = crate::server::targets::known_hosts(&fleet.config, &chroot.root)
         .with_context(|| format!("listing hosts in {}", chroot.root.display()))?;
     let mut hosts = super::select::combine(&fleet, &args.hosts, &args.on.on, &known)?;
     if hosts.is_empty() {

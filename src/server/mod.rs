@@ -16,5 +16,6 @@ pub mod rollout;
 pub mod select;
 pub mod snapshot;
 pub mod status;
+pub mod targets;
 pub mod trigger;
 pub mod wait;

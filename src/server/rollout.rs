@@ -13,16 +13,10 @@ use crate::protocol::layout::Chroot;
 use crate::protocol::HostName;
 use crate::server::select::{self, SelectError, Selector, Tags};
 use crate::server::status::{HostStatus, State};
+use crate::server::targets;
 use crate::sys::atomic;
 
-/// `[rollout]` in bento.toml.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutConfig {
-    /// The waves, in order: `["@canary", "25%", "100%"]`.
-    #[serde(default)]
-    pub waves: Option<Vec<Selector>>,
-}
+pub use crate::server::select::RolloutConfig;
 
 pub const STATE_FILE: &str = "rollout.json";
 pub const LOCK_FILE: &str = "rollout.lock";
@@ -243,8 +237,8 @@ pub struct StatusView {
 impl StatusView {
     pub fn new(config: &crate::server::fleet::FleetConfig, progress: Option<&Progress>) -> Self {
         Self {
-            held: select::held(config),
-            tags: select::tags(config),
+            held: targets::held(config),
+            tags: targets::tags(config),
             back: progress.map(Progress::held_back).unwrap_or_default(),
         }
     }

@@ -6,14 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::protocol::HostName;
-use crate::server::fleet::FleetConfig;
 
 /// A host tag: `[a-z0-9][a-z0-9_-]*`, at most 63 characters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -138,16 +136,17 @@ impl<'de> Deserialize<'de> for Selector {
     }
 }
 
-/// Every host's tags, from bento.toml.
+/// Every host's tags, from bento.toml (`server::targets::tags`).
 pub type Tags = BTreeMap<HostName, Vec<Tag>>;
 
-pub fn tags(config: &FleetConfig) -> Tags {
-    config
-        .hosts
-        .iter()
-        .filter(|(_, h)| !h.tags.is_empty())
-        .map(|(n, h)| (n.clone(), h.tags.clone()))
-        .collect()
+/// `[rollout]` in bento.toml (planned by `server::rollout`). It lives here, with the
+/// selectors it holds, so that `server::fleet` needs nothing that needs `server::fleet`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// The waves, in order: `["@canary", "25%", "100%"]`.
+    #[serde(default)]
+    pub waves: Option<Vec<Selector>>,
 }
 
 /// A host's place in percentage order: the sha256 of its name (stable everywhere).
@@ -202,42 +201,6 @@ pub fn resolve(
         .filter(|h| chosen.contains(*h))
         .cloned()
         .collect())
-}
-
-/// Hosts named in bento.toml or having a directory in the chroot, sorted (what `status`,
-/// `trigger` and `rollback` select from).
-pub fn known_hosts(config: &FleetConfig, chroot_root: &Path) -> std::io::Result<Vec<HostName>> {
-    let mut names: BTreeSet<HostName> = config.hosts.keys().cloned().collect();
-    match std::fs::read_dir(chroot_root) {
-        Ok(rd) => {
-            for entry in rd {
-                let entry = entry?;
-                // `.bento` and temporaries are not host names.
-                if let Some(h) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|n| HostName::new(n).ok())
-                {
-                    if entry.file_type()?.is_dir() {
-                        names.insert(h);
-                    }
-                }
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    Ok(names.into_iter().collect())
-}
-
-/// Hosts with `hold = true` in bento.toml.
-pub fn held(config: &FleetConfig) -> BTreeSet<HostName> {
-    config
-        .hosts
-        .iter()
-        .filter(|(_, h)| h.hold)
-        .map(|(n, _)| n.clone())
-        .collect()
 }
 
 #[cfg(test)]
@@ -337,22 +300,5 @@ mod tests {
             two,
             percent(&hosts(&["delta", "gamma", "beta", "alpha"]), 50)
         );
-    }
-
-    #[test]
-    fn tags_from_bento_toml() {
-        let c = FleetConfig::parse(
-            "[hosts.a]\ntags = [\"canary\", \"lab\"]\nhold = true\naddress = \"10.0.0.5\"\n[hosts.b]\n",
-            Path::new("bento.toml"),
-        )
-        .unwrap();
-        let t = tags(&c);
-        assert_eq!(t[&h("a")].len(), 2);
-        assert!(!t.contains_key(&h("b")));
-        assert_eq!(held(&c), [h("a")].into_iter().collect());
-        let err = FleetConfig::parse("[hosts.a]\ntags = [\"Bad Tag\"]\n", Path::new("bento.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("Bad Tag"), "{err}");
     }
 }

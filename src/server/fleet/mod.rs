@@ -152,9 +152,9 @@ pub struct FleetConfig {
     pub defaults: crate::protocol::settings::SettingsToml,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
-    // rollout (#13): `[rollout] waves` (server/rollout.rs).
+    // rollout (#13): `[rollout] waves` (type in server/select.rs, planned by server/rollout.rs).
     #[serde(default)]
-    pub rollout: crate::server::rollout::RolloutConfig,
+    pub rollout: crate::server::select::RolloutConfig,
 }
 
 impl FleetConfig {
