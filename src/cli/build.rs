@@ -20,6 +20,9 @@ pub struct Args {
     /// Build only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
+    // rollout (#13): --on selectors (cli/select.rs).
+    #[command(flatten)]
+    on: super::select::OnArgs,
     /// Evaluate to derivations only; record the derivation and the path it will build
     #[arg(long, conflicts_with = "switch")]
     dry: bool,
@@ -43,7 +46,7 @@ pub struct Args {
     profile: PathBuf,
 }
 
-pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     if args.switch && args.hosts.len() != 1 {
         anyhow::bail!(
             "--switch applies one host's system to this machine: name it with exactly one --host"
@@ -51,6 +54,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     }
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
+    // rollout (#13): --on adds the hosts it selects (cli/select.rs).
+    args.hosts = super::select::defined(&fleet, &chroot, &args.hosts, &args.on.on)?;
     let jobs = args
         .jobs
         .map(usize::from)

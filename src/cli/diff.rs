@@ -17,14 +17,19 @@ pub struct Args {
     /// Only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
+    // rollout (#13): --on selectors (cli/select.rs).
+    #[command(flatten)]
+    on: super::select::OnArgs,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
 }
 
-pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot)?;
+    // rollout (#13): --on adds the hosts it selects (cli/select.rs).
+    args.hosts = super::select::known(&fleet, &chroot, &args.hosts, &args.on.on)?;
     let intervals = super::status::intervals(&fleet);
     let mut rows = status::collect(&Query {
         chroot: &chroot,

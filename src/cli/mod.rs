@@ -11,9 +11,14 @@ mod init;
 mod keygen;
 mod log;
 mod publish;
+// rollout (#13): --on, waves, trigger, rollback, waiting.
+mod rollback;
+mod rollout;
 mod select;
 mod server;
 mod status;
+mod trigger;
+mod wait;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +64,12 @@ pub enum Command {
     Diff(diff::Args),
     /// Update the lock files of every flake directory in the fleet
     FlakeUpdate(flake_update::Args),
+    /// Publish wave by wave ([rollout] waves), halting at the first failing host
+    Rollout(rollout::Args),
+    /// Start the selected hosts' agent runs now (ssh, or [server] trigger_command)
+    Trigger(trigger::Args),
+    /// Make a kept earlier version live again on hosts, as a new version
+    Rollback(rollback::Args),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
     #[command(subcommand)]
     Server(server::Command),
@@ -106,6 +117,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Log(args) => log::run(cli.fleet, args),
         Command::Diff(args) => diff::run(cli.fleet, args),
         Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
+        Command::Rollout(args) => rollout::run(cli.fleet, args),
+        Command::Trigger(args) => trigger::run(cli.fleet, args),
+        Command::Rollback(args) => rollback::run(cli.fleet, args),
         Command::Server(cmd) => server::run(cli.fleet, cmd),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Completions(args) => completions::run(args),

@@ -18,6 +18,14 @@ pub struct Args {
     /// Publish only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
+    // rollout (#13): --on selectors and --wait (cli/select.rs, cli/wait.rs).
+    #[command(flatten)]
+    on: super::select::OnArgs,
+    /// Then follow the published hosts until each reported on its newest version (exit 0
+    /// only if all succeeded)
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true,
+          default_missing_value = super::wait::DEFAULT_TIMEOUT, value_parser = super::wait::parse_timeout)]
+    wait: Option<std::time::Duration>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
@@ -33,13 +41,21 @@ pub struct Args {
     jobs: Option<u16>,
 }
 
-pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let root = args
         .chroot
         .unwrap_or_else(|| fleet.config.server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     let chroot = Chroot::new(root);
+    // rollout (#13): --on narrows the hosts, hold = true leaves hosts out (cli/select.rs).
+    match super::select::publishable(&fleet, &chroot, &args.hosts, &args.on.on)? {
+        Some(hosts) => args.hosts = hosts,
+        None => {
+            output::note("every selected host is held: nothing published");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let ownership = if crate::sys::accounts::is_root() {
         Ownership::Root {
             prefix: fleet.config.server.account_prefix.clone(),
@@ -127,9 +143,9 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     bar.finish_and_clear();
 
-    if args.json {
+    if args.json && args.wait.is_none() {
         output::json(&reports)?;
-    } else {
+    } else if !args.json {
         let width = reports
             .iter()
             .map(|r| r.host.as_str().len())
@@ -148,6 +164,15 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         failed,
         chroot.root.display()
     );
+    // rollout (#13): --wait follows the hosts that are live (cli/wait.rs).
+    if let Some(timeout) = args.wait {
+        let ok = super::wait::after_publish(&fleet, &chroot, &reports, timeout, args.json)?;
+        return Ok(if ok && failed + build_failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(super::EXIT_ERROR)
+        });
+    }
     Ok(if failed + build_failed > 0 {
         ExitCode::from(super::EXIT_ERROR)
     } else {

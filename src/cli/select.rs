@@ -1,12 +1,17 @@
-//! Choosing what a command works on: a host named on the command line, the chroot (the
-//! flag or bento.toml's), how many jobs at once.
+//! Choosing what a command works on: `--host NAME`, `--on SELECTOR` (the selectors
+//! themselves are `server::select`) and `hold = true`, the chroot (the flag or bento.toml's),
+//! how many jobs at once.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 
+use crate::nix::Nix;
 use crate::protocol::layout::Chroot;
-use crate::server::fleet::{Fleet, HostName};
+use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
+use crate::server::select::{self, Selector};
+use crate::server::snapshot::{HashCache, Scanner};
+use crate::sys::output;
 
 /// clap's value parser for `--host NAME`.
 pub fn parse_host(s: &str) -> Result<HostName, String> {
@@ -23,4 +28,105 @@ pub fn chroot_of(fleet: &Fleet, chroot: Option<PathBuf>) -> anyhow::Result<Chroo
     let root = chroot.unwrap_or_else(|| fleet.config.server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     Ok(Chroot::new(root))
+}
+
+/// The `--on` option, flattened into a command's arguments.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OnArgs {
+    /// Only the hosts this selects (repeatable): a host name, a glob ('web-*'), @tag or N%
+    #[arg(long = "on", value_name = "SELECTOR")]
+    pub on: Vec<Selector>,
+}
+
+/// `--host` names plus what `--on` selects from `universe`; empty (= every host) when
+/// neither is given.
+pub fn combine(
+    fleet: &Fleet,
+    hosts: &[HostName],
+    on: &[Selector],
+    universe: &[HostName],
+) -> anyhow::Result<Vec<HostName>> {
+    if on.is_empty() {
+        return Ok(hosts.to_vec());
+    }
+    let mut chosen = select::resolve(on, universe, &crate::server::targets::tags(&fleet.config))
+        .with_context(|| format!("selecting hosts in {}", fleet.root.display()))?;
+    for h in hosts {
+        if !chosen.contains(h) {
+            chosen.push(h.clone());
+        }
+    }
+    Ok(chosen)
+}
+
+/// For commands that read the chroot (status, diff, trigger, rollback): selectors match
+/// hosts of bento.toml and hosts with a directory in the chroot.
+pub fn known(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    hosts: &[HostName],
+    on: &[Selector],
+) -> anyhow::Result<Vec<HostName>> {
+    if on.is_empty() {
+        return Ok(hosts.to_vec());
+    }
+    let universe = crate::server::targets::known_hosts(&fleet.config, &chroot.root)
+        .with_context(|| format!("listing hosts in {}", chroot.root.display()))?;
+    combine(fleet, hosts, on, &universe)
+}
+
+/// Every host the fleet repo defines (as publish finds them: `hosts/`, flakes listed).
+pub fn discovered(fleet: &Fleet, chroot: &Chroot) -> anyhow::Result<Vec<HostName>> {
+    let scanner = Scanner::new(
+        fleet.root.clone(),
+        HashCache::load(&chroot.hash_cache_path()),
+        std::time::SystemTime::now(),
+    );
+    let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
+    let sources = crate::server::fleet::discover(fleet, &scanner, &flakes)
+        .with_context(|| format!("finding the hosts of {}", fleet.root.display()))?;
+    Ok(sources.into_iter().map(|s| s.name).collect())
+}
+
+/// For commands that work from the fleet repo (publish, build): selectors match the hosts
+/// it defines.
+pub fn defined(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    hosts: &[HostName],
+    on: &[Selector],
+) -> anyhow::Result<Vec<HostName>> {
+    if on.is_empty() {
+        return Ok(hosts.to_vec());
+    }
+    combine(fleet, hosts, on, &discovered(fleet, chroot)?)
+}
+
+/// What publish may publish: the selection without the hosts with `hold = true` (each
+/// named on stderr). `None` when every selected host is held: nothing to publish.
+pub fn publishable(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    hosts: &[HostName],
+    on: &[Selector],
+) -> anyhow::Result<Option<Vec<HostName>>> {
+    let selected = defined(fleet, chroot, hosts, on)?;
+    let held = crate::server::targets::held(&fleet.config);
+    if held.is_empty() {
+        return Ok(Some(selected));
+    }
+    // An empty selection means every host: spell it out, so the held ones can be left out.
+    let all = if selected.is_empty() {
+        discovered(fleet, chroot)?
+    } else {
+        selected
+    };
+    let (held_now, rest): (Vec<HostName>, Vec<HostName>) =
+        all.into_iter().partition(|h| held.contains(h));
+    for h in &held_now {
+        output::note(&format!(
+            "not publishing {h}: hold = true under [hosts.{h}] in bento.toml"
+        ));
+    }
+    Ok((!rest.is_empty()).then_some(rest))
 }

@@ -24,6 +24,9 @@ pub struct Args {
     /// Only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
     hosts: Vec<HostName>,
+    // rollout (#13): --on selectors (cli/select.rs).
+    #[command(flatten)]
+    on: super::select::OnArgs,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
@@ -66,10 +69,12 @@ pub(super) fn intervals(fleet: &Fleet) -> BTreeMap<HostName, Duration> {
         .collect()
 }
 
-pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
     let intervals = intervals(&fleet);
+    // rollout (#13): --on adds the hosts it selects (cli/select.rs).
+    args.hosts = super::select::known(&fleet, &chroot, &args.hosts, &args.on.on)?;
     for name in &args.hosts {
         let known = intervals.contains_key(name) || chroot.host_dir(name).is_dir();
         if !known {
@@ -92,8 +97,10 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             only: &args.hosts,
             now,
         };
-        let rows = status::collect(&query)
+        let mut rows = status::collect(&query)
             .with_context(|| format!("reading {}", chroot.root.display()))?;
+        // rollout (#13): held hosts, hosts a rollout holds back (server/rollout.rs).
+        view(&fleet, &chroot).apply(&mut rows);
         if let Some(path) = &args.prometheus {
             crate::sys::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -104,7 +111,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     if !args.watch {
         let now = args.now.unwrap_or_else(SystemTime::now);
         let rows = show(now)?;
-        print(&rows, now, args.json, color, false)?;
+        print(&rows, now, args.json, color, false, &view(&fleet, &chroot))?;
         tracing::info!("{}", render::summary(&rows));
         return Ok(exit_code(&rows));
     }
@@ -119,7 +126,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             // Home and clear the screen, then draw: the table replaces the previous one.
             write_stdout("\x1b[H\x1b[2J")?;
         }
-        print(&rows, now, args.json, color, true)?;
+        print(&rows, now, args.json, color, true, &view(&fleet, &chroot))?;
         if !clear && !args.json {
             // Piped: one table after another, separated by a blank line.
             write_stdout("\n")?;
@@ -135,11 +142,13 @@ fn print(
     json: bool,
     color: bool,
     stream: bool,
+    view: &crate::server::rollout::StatusView,
 ) -> anyhow::Result<()> {
+    // rollout (#13): the JSON rows carry `tags` and `held_back` (server/rollout.rs).
     if json && stream {
-        write_stdout(&format!("{}\n", serde_json::to_string(rows)?))
+        write_stdout(&format!("{}\n", serde_json::to_string(&view.json(rows))?))
     } else if json {
-        output::json(&rows)
+        output::json(&view.json(rows))
     } else {
         write_stdout(&render::table(rows, now, color))
     }
@@ -151,6 +160,18 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+// rollout (#13): the rollout's view of the fleet, read afresh for every redraw.
+fn view(
+    fleet: &Fleet,
+    chroot: &crate::protocol::layout::Chroot,
+) -> crate::server::rollout::StatusView {
+    let progress = crate::server::rollout::load(chroot).unwrap_or_else(|e| {
+        tracing::warn!("{e}");
+        None
+    });
+    crate::server::rollout::StatusView::new(&fleet.config, progress.as_ref())
 }
 
 fn exit_code(rows: &[HostStatus]) -> ExitCode {

@@ -11,5 +11,12 @@ pub mod init;
 pub mod logs;
 pub mod provision;
 pub mod publish;
+// rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.
+pub mod rollback;
+pub mod rollout;
+pub mod select;
 pub mod snapshot;
 pub mod status;
+pub mod targets;
+pub mod trigger;
+pub mod wait;

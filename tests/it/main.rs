@@ -14,6 +14,7 @@ mod machines;
 mod nixos;
 mod page;
 mod publish;
+mod rollout;
 mod server;
 mod signing;
 mod status;

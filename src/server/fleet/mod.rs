@@ -62,6 +62,9 @@ pub struct ServerConfig {
     /// (`bento server sync-accounts` creates it).
     #[serde(default)]
     pub backups: bool,
+    // rollout (#13): `bento trigger`'s command, an argv with {host}/{address} (server/trigger.rs).
+    #[serde(default)]
+    pub trigger_command: Option<Vec<String>>,
 }
 
 fn default_port() -> u16 {
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             authorized_keys_dir: default_authorized_keys_dir(),
             signing_key: None,
             backups: false,
+            trigger_command: None,
         }
     }
 }
@@ -98,6 +102,10 @@ pub struct HostConfig {
     /// The host's ssh public key (one OpenSSH public key line).
     pub key: Option<String>,
     pub settings: crate::protocol::settings::SettingsLayer,
+    // rollout (#13): server-side only, never sent to the host (server/select.rs, trigger.rs).
+    pub tags: Vec<crate::server::select::Tag>,
+    pub address: Option<String>,
+    pub hold: bool,
 }
 
 impl<'de> Deserialize<'de> for HostConfig {
@@ -110,6 +118,12 @@ impl<'de> Deserialize<'de> for HostConfig {
         struct Own {
             #[serde(default)]
             key: Option<String>,
+            #[serde(default)]
+            tags: Vec<crate::server::select::Tag>,
+            #[serde(default)]
+            address: Option<String>,
+            #[serde(default)]
+            hold: bool,
         }
         let mut table = toml::Table::deserialize(d)?;
         let settings = SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
@@ -119,6 +133,9 @@ impl<'de> Deserialize<'de> for HostConfig {
         Ok(Self {
             key: own.key,
             settings,
+            tags: own.tags,
+            address: own.address,
+            hold: own.hold,
         })
     }
 }
@@ -136,6 +153,9 @@ pub struct FleetConfig {
     pub defaults: crate::protocol::settings::SettingsLayer,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
+    // rollout (#13): `[rollout] waves` (type in server/select.rs, planned by server/rollout.rs).
+    #[serde(default)]
+    pub rollout: crate::server::select::RolloutConfig,
 }
 
 impl FleetConfig {

@@ -67,7 +67,7 @@ fn colour(state: State) -> &'static str {
     match state {
         State::Failing | State::RolledBack | State::Silent => "\x1b[1;31m",
         State::Drifted | State::UpdatePending => "\x1b[33m",
-        State::New => "\x1b[36m",
+        State::New | State::Held => "\x1b[36m",
         State::UpToDate => "\x1b[32m",
     }
 }

@@ -25,17 +25,20 @@ pub enum State {
     Drifted,
     UpdatePending,
     New,
+    // rollout (#13): `hold = true` in bento.toml; set by server/rollout.rs `annotate`, never by `assess`.
+    Held,
     UpToDate,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Failing,
         State::RolledBack,
         State::Silent,
         State::Drifted,
         State::UpdatePending,
         State::New,
+        State::Held,
         State::UpToDate,
     ];
 
@@ -49,6 +52,7 @@ impl State {
             State::Drifted => "drifted",
             State::New => "new",
             State::Silent => "silent",
+            State::Held => "held",
         }
     }
 
@@ -62,6 +66,7 @@ impl State {
             State::Drifted => "drifted",
             State::New => "new",
             State::Silent => "silent",
+            State::Held => "held",
         }
     }
 

@@ -316,6 +316,7 @@ fn words_are_stable() {
             "drifted",
             "update-pending",
             "new",
+            "held",
             "up-to-date"
         ]
     );

@@ -1,0 +1,139 @@
+//! `bento rollback HOST…`: make a kept earlier version live again as a new version, so the
+//! hosts go back without anyone logging in (`server::rollback`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::server::fleet::HostName;
+use crate::server::publish::{self, Ownership};
+use crate::server::rollback::{self, RolledBack};
+use crate::server::wait::{Finished, Tracker};
+use crate::sys::output;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The hosts to roll back
+    #[arg(value_name = "HOST", value_parser = super::select::parse_host)]
+    hosts: Vec<HostName>,
+    #[command(flatten)]
+    on: super::select::OnArgs,
+    /// The version to go back to (a prefix of its digest, as `bento status` and `bento log`
+    /// show it; default: the newest kept version whose content differs from the live one)
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
+    /// Then follow the hosts until they reported on the rolled-back version
+    #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true,
+          default_missing_value = super::wait::DEFAULT_TIMEOUT, value_parser = super::wait::parse_timeout)]
+    wait: Option<Duration>,
+    /// Print a JSON summary on stdout
+    #[arg(long)]
+    json: bool,
+    /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
+    #[arg(long, value_name = "DIR")]
+    chroot: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    rolled_back: &'a [RolledBack],
+    errors: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hosts: Option<&'a [Finished]>,
+}
+
+pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
+    let fleet = super::load_fleet(fleet)?;
+    let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
+    let hosts = super::select::known(&fleet, &chroot, &args.hosts, &args.on.on)?;
+    if hosts.is_empty() {
+        anyhow::bail!("name the hosts to roll back (HOST… or --on SELECTOR)");
+    }
+    if args.to.is_some() && hosts.len() > 1 {
+        anyhow::bail!(
+            "--to names one host's version; roll back {} one at a time",
+            super::wait::names(&hosts)
+        );
+    }
+    let ownership = if crate::sys::accounts::is_root() {
+        Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        Ownership::Leave
+    };
+    let signer = publish::load_signer(&fleet)?;
+    let lock_path = chroot.lock_path();
+    // The publish lock: a rollback never interleaves with a publish of the same host.
+    let _lock = publish::open_chroot(&chroot, &ownership, || {
+        output::note(&format!(
+            "another publish holds {}; waiting",
+            lock_path.display()
+        ))
+    })
+    .with_context(|| format!("opening {}", chroot.root.display()))?;
+    let now = SystemTime::now();
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for host in &hosts {
+        if crate::server::targets::held(&fleet.config).contains(host) {
+            output::note(&format!(
+                "{host} has hold = true: rolling it back anyway, as asked"
+            ));
+        }
+        match rollback::rollback_host(
+            &chroot,
+            host,
+            args.to.as_deref(),
+            now,
+            &ownership,
+            signer.as_ref(),
+        ) {
+            Ok(r) => {
+                if !args.json {
+                    output::line(&format!(
+                        "{host}  rolled back  {} → {} (the content of {}{})",
+                        r.from.map_or_else(|| "-".into(), |d| d.short()),
+                        r.version.short(),
+                        r.to.short(),
+                        r.system
+                            .as_deref()
+                            .map(|s| format!(", system {s}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                done.push(r);
+            }
+            Err(e) => {
+                output::note(&format!("not rolled back: {e}"));
+                errors.push(e.to_string());
+            }
+        }
+    }
+    drop(_lock);
+
+    let mut finished = None;
+    if let Some(timeout) = args.wait {
+        let rolled: Vec<HostName> = done.iter().map(|r| r.host.clone()).collect();
+        let mut tracker = Tracker::new(super::wait::baselines(&chroot, &rolled), false);
+        super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json);
+        super::wait::summary(&tracker.finished);
+        finished = Some(tracker.finished);
+    }
+    if args.json {
+        output::json(&Summary {
+            rolled_back: &done,
+            errors: &errors,
+            hosts: finished.as_deref(),
+        })?;
+    }
+    let ok = errors.is_empty() && finished.as_deref().is_none_or(super::wait::all_succeeded);
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_ERROR)
+    })
+}
