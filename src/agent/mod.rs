@@ -5,6 +5,8 @@
 pub mod config;
 pub mod files;
 mod run;
+// Decrypting encrypted `files` entries with identity_file (see docs/security.md).
+pub mod secrets;
 pub mod serve;
 pub mod state;
 pub mod system;

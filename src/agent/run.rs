@@ -868,6 +868,7 @@ impl Attempt<'_> {
                 &self.dirs.objects(),
                 &self.cfg.files_root,
                 &self.installed,
+                &self.cfg.identity_file, // secrets: decrypts encrypted entries
             )
             .map_err(|e| failed(&e))?;
             self.persist_installed().map_err(|e| failed(&e))?;
@@ -1014,6 +1015,7 @@ impl Attempt<'_> {
             &self.dirs.objects(),
             &self.cfg.files_root,
             &self.installed,
+            &self.cfg.identity_file, // secrets: the previous plaintext, decrypted again
         ) {
             Ok(installed) => {
                 self.installed = installed;

@@ -8,6 +8,7 @@ mod flake_update;
 mod init;
 mod keygen;
 mod publish;
+mod secret;
 mod server;
 mod status;
 
@@ -49,6 +50,9 @@ pub enum Command {
     Diff(diff::Args),
     /// Update the lock files of every flake directory in the fleet
     FlakeUpdate(flake_update::Args),
+    /// Encrypted secrets in the fleet repo: edit, show, rekey
+    #[command(subcommand)]
+    Secret(secret::Command),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
     #[command(subcommand)]
     Server(server::Command),
@@ -87,6 +91,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => status::run(cli.fleet, args),
         Command::Diff(args) => diff::run(cli.fleet, args),
         Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
+        Command::Secret(cmd) => secret::run(cli.fleet, cmd),
         Command::Server(cmd) => server::run(cli.fleet, cmd),
         Command::Agent(cmd) => agent::run(cmd),
     };

@@ -223,6 +223,7 @@ pub fn split(
             owner,
             group,
             mode,
+            encrypted: None,
         });
     }
     Ok(HostContent {

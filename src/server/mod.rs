@@ -9,5 +9,7 @@ pub mod init;
 pub mod logs;
 pub mod provision;
 pub mod publish;
+// Secrets encrypted at rest: [secrets], sealing on publish, `bento secret`.
+pub mod secrets;
 pub mod snapshot;
 pub mod status;

@@ -141,6 +141,9 @@ pub struct FleetConfig {
     pub defaults: crate::protocol::settings::SettingsToml,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
+    /// `[secrets]`: encryption of `files/` entries at rest (server::secrets).
+    #[serde(default)]
+    pub secrets: crate::server::secrets::SecretsConfig,
 }
 
 impl FleetConfig {

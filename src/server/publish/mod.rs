@@ -53,6 +53,8 @@ pub enum PublishError {
     HostFiles(#[from] HostFilesError),
     #[error(transparent)]
     Discover(#[from] crate::server::fleet::DiscoverError),
+    #[error(transparent)]
+    Secrets(#[from] crate::server::secrets::SecretsError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -297,6 +299,9 @@ pub fn run(
     )?;
 
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
+    // Secrets: mark `.age` entries, encrypt plaintext ones per [secrets] (under the lock:
+    // it keeps a ciphertext cache in the chroot's state directory).
+    let plans = crate::server::secrets::seal(&fleet.config, &opts.chroot, plans)?;
     let reports: Vec<HostReport> = plans
         .par_iter()
         .map(|p| {
