@@ -11,6 +11,7 @@ mod machines;
 mod nixos;
 mod page;
 mod publish;
+mod secrets;
 mod server;
 mod signing;
 mod status;
