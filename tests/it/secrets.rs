@@ -427,7 +427,36 @@ fn secret_edit_encrypts_to_the_host_and_the_admins() {
     assert!(!out.status.success());
     assert_eq!(fs::read(&file).unwrap(), before);
 
-    // The host gets it at /etc/wg0.key.
+    // A binary age file as agenix and `age -R` make it: shown and installed too.
+    let recipients = sshd.dir.join("recipients");
+    fs::write(
+        &recipients,
+        format!("{}\n{admin_pub}\n", sshd.public_key("alpha")),
+    )
+    .unwrap();
+    let plain = sshd.dir.join("plain");
+    fs::write(&plain, b"agenix-made\n").unwrap();
+    let binary = sshd.fleet().join("hosts/alpha/files/alpha/etc/agenix.age");
+    let st = Command::new(AGE)
+        .arg("-R")
+        .arg(&recipients)
+        .arg("-o")
+        .arg(&binary)
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!fs::read(&binary).unwrap().starts_with(b"-----BEGIN"));
+    let shown = ok(bento()
+        .args(["secret", "show", "alpha", "etc/agenix", "--identity"])
+        .arg(&admin)
+        .arg("--fleet")
+        .arg(sshd.fleet())
+        .output()
+        .unwrap());
+    assert_eq!(shown, "agenix-made\n");
+
+    // The host gets them at /etc/wg0.key and /etc/agenix.
     ok(publish(&sshd));
     let m = Machine::new(&sshd, "alpha", "");
     let out = m.update();
