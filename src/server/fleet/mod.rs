@@ -2,6 +2,8 @@
 //! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
 
 mod discover;
+// `[secrets]` (secrets encrypted at rest; server::secrets).
+pub mod secrets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -143,7 +145,7 @@ pub struct FleetConfig {
     pub hosts: BTreeMap<HostName, HostConfig>,
     /// `[secrets]`: encryption of `files/` entries at rest (server::secrets).
     #[serde(default)]
-    pub secrets: crate::server::secrets::SecretsConfig,
+    pub secrets: secrets::SecretsConfig,
 }
 
 impl FleetConfig {

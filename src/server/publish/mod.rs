@@ -301,7 +301,12 @@ pub fn run(
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
     // Secrets: mark `.age` entries, encrypt plaintext ones per [secrets] (under the lock:
     // it keeps a ciphertext cache in the chroot's state directory).
-    let plans = crate::server::secrets::seal(&fleet.config, &opts.chroot, plans)?;
+    let mut plans = plans;
+    let sealable = plans.iter_mut().map(|p| crate::server::secrets::Sealable {
+        manifest: &mut p.manifest,
+        sources: &mut p.sources,
+    });
+    crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
     let reports: Vec<HostReport> = plans
         .par_iter()
         .map(|p| {

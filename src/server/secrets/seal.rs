@@ -14,12 +14,18 @@ use serde::{Deserialize, Serialize};
 
 use super::{host_recipient, recipients_for, EncryptMode, SecretsError};
 use crate::protocol::layout::Chroot;
-use crate::protocol::manifest::{Digest, FileEntry, TargetPath};
+use crate::protocol::manifest::{Digest, FileEntry, Manifest, TargetPath};
 use crate::protocol::secret::{self, Encryption, AGE_SUFFIX};
 use crate::protocol::HostName;
 use crate::server::fleet::FleetConfig;
 use crate::server::hostfiles::Source;
-use crate::server::publish::HostPlan;
+
+/// One host's manifest and the sources of its objects, as publish planned them (publish's
+/// `HostPlan`; taken apart so this module does not import publish, which calls it).
+pub struct Sealable<'a> {
+    pub manifest: &'a mut Manifest,
+    pub sources: &'a mut BTreeMap<Digest, Source>,
+}
 
 /// The ciphertext cache, in the chroot's private state directory.
 pub const CACHE_FILE: &str = "secrets-cache.json";
@@ -45,11 +51,12 @@ fn cache_key(plain: &Digest, recipients: &[secret::Recipient]) -> String {
 /// Seals every plan's `files` entries per `[secrets]`. Refuses, naming host and file, a
 /// `.age` file that is not age or not for the host's key, a plaintext entry under
 /// `encrypt = "required"`, and `encrypt = true` for a host without a key.
-pub fn seal(
+pub fn seal<'a>(
     fleet: &FleetConfig,
     chroot: &Chroot,
-    mut plans: Vec<HostPlan>,
-) -> Result<Vec<HostPlan>, SecretsError> {
+    plans: impl IntoIterator<Item = Sealable<'a>>,
+) -> Result<(), SecretsError> {
+    let mut plans: Vec<Sealable<'a>> = plans.into_iter().collect();
     let any_age = plans.iter().any(|p| {
         p.manifest
             .files
@@ -57,7 +64,7 @@ pub fn seal(
             .any(|f| f.path.as_str().ends_with(AGE_SUFFIX))
     });
     if fleet.secrets.encrypt == EncryptMode::Off && !any_age {
-        return Ok(plans); // nothing to do: the manifests stay exactly as before
+        return Ok(()); // nothing to do: the manifests stay exactly as before
     }
     let cache_path = chroot.state_dir().join(CACHE_FILE);
     let mut cache: Cache = std::fs::read(&cache_path)
@@ -83,10 +90,10 @@ pub fn seal(
             }
         })?;
     }
-    Ok(plans)
+    Ok(())
 }
 
-fn source_path(plan: &HostPlan, f: &FileEntry) -> PathBuf {
+fn source_path(plan: &Sealable<'_>, f: &FileEntry) -> PathBuf {
     plan.sources
         .get(&f.sha256)
         .map(Source::describe)
@@ -96,11 +103,11 @@ fn source_path(plan: &HostPlan, f: &FileEntry) -> PathBuf {
 fn seal_host(
     fleet: &FleetConfig,
     chroot: &Chroot,
-    plan: &mut HostPlan,
+    plan: &mut Sealable<'_>,
     cache: &mut Cache,
     used: &mut BTreeSet<String>,
 ) -> Result<(), SecretsError> {
-    let host = plan.host.clone();
+    let host = plan.manifest.host.clone();
     let host_key = host_recipient(fleet, &host)?;
     let mut files = std::mem::take(&mut plan.manifest.files);
     let mut recipients = None;
@@ -219,11 +226,33 @@ fn encrypt_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::manifest::{Build, Manifest, Mode, RelPath, FORMAT};
+    use crate::protocol::manifest::{Build, Mode, RelPath, FORMAT};
     use crate::protocol::secret::tests::keypair;
     use crate::protocol::secret::Identities;
 
-    fn plan_with(dir: &Path, host: &str, files: &[(&str, &[u8])]) -> HostPlan {
+    #[derive(Debug, Clone)]
+    struct Plan {
+        manifest: Manifest,
+        sources: BTreeMap<Digest, Source>,
+    }
+
+    fn sealed(
+        fleet: &FleetConfig,
+        chroot: &Chroot,
+        mut p: Plan,
+    ) -> Result<Vec<Plan>, SecretsError> {
+        seal(
+            fleet,
+            chroot,
+            [Sealable {
+                manifest: &mut p.manifest,
+                sources: &mut p.sources,
+            }],
+        )?;
+        Ok(vec![p])
+    }
+
+    fn plan_with(dir: &Path, host: &str, files: &[(&str, &[u8])]) -> Plan {
         let mut sources = BTreeMap::new();
         let mut entries = Vec::new();
         for (rel, content) in files {
@@ -253,11 +282,7 @@ mod tests {
             files: entries,
         };
         manifest.canonicalize();
-        HostPlan {
-            host: manifest.host.clone(),
-            manifest,
-            sources,
-        }
+        Plan { manifest, sources }
     }
 
     fn fleet(text: &str) -> FleetConfig {
@@ -270,7 +295,7 @@ mod tests {
         let chroot = Chroot::new(t.path().join("chroot"));
         let p = plan_with(t.path(), "a", &[("etc/s", b"plain")]);
         let before = p.manifest.to_bytes();
-        let out = seal(&fleet("[hosts.a]\n"), &chroot, vec![p]).unwrap();
+        let out = sealed(&fleet("[hosts.a]\n"), &chroot, p).unwrap();
         assert_eq!(out[0].manifest.to_bytes(), before);
         assert!(!String::from_utf8(before).unwrap().contains("encrypted"));
     }
@@ -287,7 +312,7 @@ mod tests {
             "[secrets]\nencrypt = true\nrecipients = [\"{admin_pub}\"]\n[hosts.a]\nkey = \"{a_pub}\"\n"
         ));
         let p = plan_with(t.path(), "a", &[("etc/s", b"the-plaintext")]);
-        let out = seal(&cfg, &chroot, vec![p.clone()]).unwrap();
+        let out = sealed(&cfg, &chroot, p.clone()).unwrap();
         let f = &out[0].manifest.files[0];
         assert_eq!(f.encrypted, Some(Encryption::Age));
         assert_ne!(f.sha256, Digest::of(b"the-plaintext"));
@@ -300,14 +325,14 @@ mod tests {
         }
         // Once pooled, the same plaintext and recipients reuse the ciphertext.
         std::fs::write(chroot.pool_dir().join(f.sha256.to_hex()), ct).unwrap();
-        let again = seal(&cfg, &chroot, vec![p.clone()]).unwrap();
+        let again = sealed(&cfg, &chroot, p.clone()).unwrap();
         assert_eq!(again[0].manifest, out[0].manifest);
         // Another host key: a new ciphertext.
         let (_, new_pub) = keypair(t.path(), "a2");
         let cfg2 = fleet(&format!(
             "[secrets]\nencrypt = true\nrecipients = [\"{admin_pub}\"]\n[hosts.a]\nkey = \"{new_pub}\"\n"
         ));
-        let rekeyed = seal(&cfg2, &chroot, vec![p]).unwrap();
+        let rekeyed = sealed(&cfg2, &chroot, p).unwrap();
         assert_ne!(rekeyed[0].manifest.files[0].sha256, f.sha256);
     }
 
@@ -322,10 +347,10 @@ mod tests {
         let cfg = fleet(&format!(
             "[hosts.a]\nkey = \"{a_pub}\"\n[hosts.b]\nkey = \"{b_pub}\"\n"
         ));
-        let out = seal(
+        let out = sealed(
             &cfg,
             &chroot,
-            vec![plan_with(t.path(), "a", &[("etc/k.age", &ct)])],
+            plan_with(t.path(), "a", &[("etc/k.age", &ct)]),
         )
         .unwrap();
         let f = &out[0].manifest.files[0];
@@ -335,10 +360,10 @@ mod tests {
             .unwrap()
             .contains(r#""mode":"0600","encrypted":"age"}"#));
 
-        let err = seal(
+        let err = sealed(
             &cfg,
             &chroot,
-            vec![plan_with(t.path(), "b", &[("etc/k.age", &ct)])],
+            plan_with(t.path(), "b", &[("etc/k.age", &ct)]),
         )
         .unwrap_err()
         .to_string();
@@ -346,10 +371,10 @@ mod tests {
             err.contains("not encrypted to host b's key") && err.contains("etc_k.age"),
             "{err}"
         );
-        let err = seal(
+        let err = sealed(
             &cfg,
             &chroot,
-            vec![plan_with(t.path(), "a", &[("etc/k.age", b"plain")])],
+            plan_with(t.path(), "a", &[("etc/k.age", b"plain")]),
         )
         .unwrap_err()
         .to_string();
@@ -358,7 +383,7 @@ mod tests {
             "{err}"
         );
         let both = plan_with(t.path(), "a", &[("etc/k.age", &ct), ("etc/k", b"p")]);
-        let err = seal(&cfg, &chroot, vec![both]).unwrap_err().to_string();
+        let err = sealed(&cfg, &chroot, both).unwrap_err().to_string();
         assert!(err.contains("two files install to /etc/k"), "{err}");
     }
 
@@ -367,10 +392,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let chroot = Chroot::new(t.path().join("chroot"));
         let p = plan_with(t.path(), "a", &[("etc/s", b"plain")]);
-        let err = seal(
+        let err = sealed(
             &fleet("[secrets]\nencrypt = \"required\"\n[hosts.a]\n"),
             &chroot,
-            vec![p.clone()],
+            p.clone(),
         )
         .unwrap_err()
         .to_string();
@@ -378,13 +403,9 @@ mod tests {
             err.contains("required") && err.contains("etc_s") && err.contains("host a"),
             "{err}"
         );
-        let err = seal(
-            &fleet("[secrets]\nencrypt = true\n[hosts.a]\n"),
-            &chroot,
-            vec![p],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = sealed(&fleet("[secrets]\nencrypt = true\n[hosts.a]\n"), &chroot, p)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("host a has no `key`"), "{err}");
     }
 }
