@@ -172,6 +172,7 @@ impl Attempt<'_> {
                 &self.dirs.objects(),
                 &self.cfg.files_root,
                 &self.installed,
+                &self.cfg.identity_file,
             )
             .map_err(|e| failed(&e))?;
             self.persist_installed().map_err(|e| failed(&e))?;
@@ -319,6 +320,7 @@ impl Attempt<'_> {
             &self.dirs.objects(),
             &self.cfg.files_root,
             &self.installed,
+            &self.cfg.identity_file,
         ) {
             Ok(installed) => {
                 self.installed = installed;

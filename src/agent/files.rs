@@ -22,6 +22,8 @@ pub enum InstallError {
     NoGroup { target: String, name: String },
     #[error("file {target}: {dir} is not owned by root; refusing to write through it")]
     UnsafeParent { target: String, dir: PathBuf },
+    #[error(transparent)]
+    Secret(#[from] crate::agent::secrets::SecretError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
@@ -150,15 +152,19 @@ fn prepare_parent(root: &Path, path: &Path, target: &str) -> Result<(), InstallE
 }
 
 /// Installs every entry of `files` and removes targets in `previous` that are gone.
-/// Owners are resolved before anything is written. Returns the installed targets.
+/// Owners are resolved and encrypted entries decrypted with `identity` before anything is
+/// written. Returns the installed targets.
 pub fn install_files(
     files: &[FileEntry],
     objects: &Path,
     root: &Path,
     previous: &[String],
+    identity: &Path,
 ) -> Result<Vec<String>, InstallError> {
     let owners: Vec<(u32, u32)> = files.iter().map(resolve_owner).collect::<Result<_, _>>()?;
-    for (f, (uid, gid)) in files.iter().zip(owners) {
+    // Secrets: every encrypted entry is decrypted here, before the first write.
+    let plain = crate::agent::secrets::open(files, objects, identity)?;
+    for ((f, (uid, gid)), plain) in files.iter().zip(owners).zip(plain) {
         let target = f.target.to_string();
         let path = under_root(root, &target);
         prepare_parent(root, &path, &target)?;
@@ -169,7 +175,10 @@ pub fn install_files(
         let tmp = path.with_file_name(format!(".{name}.bento-tmp"));
         let _ = fs::remove_file(&tmp);
         let src = objects.join(f.sha256.to_hex());
-        let bytes = fs::read(&src).map_err(io_err(&src))?;
+        let bytes = match plain {
+            Some(plain) => plain,
+            None => fs::read(&src).map_err(io_err(&src))?,
+        };
         let write = || -> io::Result<()> {
             let mut out = fs::OpenOptions::new()
                 .write(true)
@@ -223,6 +232,7 @@ mod tests {
             owner: unsafe { libc::geteuid() }.to_string(),
             group: unsafe { libc::getegid() }.to_string(),
             mode: Mode(mode),
+            encrypted: None,
         }
     }
 
@@ -240,7 +250,8 @@ mod tests {
             entry("/etc/a", b"one", 0o640),
             entry("/etc/deep/b", b"two", 0o600),
         ];
-        let installed = install_files(&first, &objects, &root, &[]).unwrap();
+        let installed =
+            install_files(&first, &objects, &root, &[], Path::new("/nonexistent")).unwrap();
         assert_eq!(fs::read(root.join("etc/a")).unwrap(), b"one");
         assert_eq!(
             fs::metadata(root.join("etc/a")).unwrap().mode() & 0o7777,
@@ -249,7 +260,14 @@ mod tests {
         assert_eq!(fs::read(root.join("etc/deep/b")).unwrap(), b"two");
 
         let second = vec![entry("/etc/a", b"two", 0o600)];
-        install_files(&second, &objects, &root, &installed).unwrap();
+        install_files(
+            &second,
+            &objects,
+            &root,
+            &installed,
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
         assert_eq!(fs::read(root.join("etc/a")).unwrap(), b"two");
         assert!(!root.join("etc/deep/b").exists(), "dropped file removed");
     }
@@ -259,7 +277,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut e = entry("/etc/a", b"one", 0o600);
         e.owner = "no-such-user-bento".into();
-        let err = install_files(&[e], t.path(), t.path(), &[]).unwrap_err();
+        let err =
+            install_files(&[e], t.path(), t.path(), &[], Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().contains("no-such-user-bento"), "{err}");
         assert!(!t.path().join("etc").exists());
     }

@@ -23,6 +23,8 @@ mod record;
 mod run;
 mod self_update;
 pub mod source;
+// Decrypting encrypted `files` entries with identity_file (see docs/security.md).
+pub mod secrets;
 pub mod state;
 #[cfg(test)]
 mod unit_tier;

@@ -14,6 +14,7 @@ mod publish;
 // rollout (#13): --on, waves, trigger, rollback, waiting.
 mod rollback;
 mod rollout;
+mod secret;
 mod select;
 mod server;
 mod status;
@@ -70,6 +71,9 @@ pub enum Command {
     Trigger(trigger::Args),
     /// Make a kept earlier version live again on hosts, as a new version
     Rollback(rollback::Args),
+    /// Encrypted secrets in the fleet repo: edit, show, rekey
+    #[command(subcommand)]
+    Secret(secret::Command),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
     #[command(subcommand)]
     Server(server::Command),
@@ -120,6 +124,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rollout(args) => rollout::run(cli.fleet, args),
         Command::Trigger(args) => trigger::run(cli.fleet, args),
         Command::Rollback(args) => rollback::run(cli.fleet, args),
+        Command::Secret(cmd) => secret::run(cli.fleet, cmd),
         Command::Server(cmd) => server::run(cli.fleet, cmd),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Completions(args) => completions::run(args),

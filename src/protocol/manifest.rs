@@ -287,6 +287,11 @@ pub struct FileEntry {
     pub group: String,
     /// Permission bits, as four octal digits (`"0600"`).
     pub mode: Mode,
+    /// Set when the object is encrypted (`"age"`): `size` and `sha256` are the ciphertext's
+    /// and the host decrypts it before installing. Absent (never `null`) otherwise, so an
+    /// unencrypted manifest's bytes are what they were before encryption existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<crate::protocol::secret::Encryption>,
 }
 
 /// An absolute, normalised path on the host (`/etc/x`), without `.`/`..` or empty parts.
@@ -547,6 +552,7 @@ mod tests {
                 owner: "root".into(),
                 group: "root".into(),
                 mode: Mode(0o600),
+                encrypted: None,
             }],
         };
         m.canonicalize();

@@ -7,6 +7,8 @@ pub mod layout;
 pub mod manifest;
 pub mod name;
 pub mod report;
+// Encrypted `files` entries (age): shared by publish, the agent and `bento secret`.
+pub mod secret;
 pub mod settings;
 pub mod signing;
 pub mod store_path;

@@ -231,6 +231,7 @@ pub fn split(
             owner,
             group,
             mode,
+            encrypted: None,
         });
     }
     Ok(HostContent {

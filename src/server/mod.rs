@@ -15,6 +15,8 @@ pub mod publish;
 pub mod rollback;
 pub mod rollout;
 pub mod select;
+// Secrets encrypted at rest: [secrets], sealing on publish, `bento secret`.
+pub mod secrets;
 pub mod snapshot;
 pub mod status;
 pub mod targets;

@@ -15,6 +15,7 @@ mod nixos;
 mod page;
 mod publish;
 mod rollout;
+mod secrets;
 mod server;
 mod signing;
 mod status;

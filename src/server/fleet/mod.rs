@@ -2,6 +2,8 @@
 //! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
 
 mod discover;
+// `[secrets]` (secrets encrypted at rest; server::secrets).
+pub mod secrets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -156,6 +158,9 @@ pub struct FleetConfig {
     // rollout (#13): `[rollout] waves` (type in server/select.rs, planned by server/rollout.rs).
     #[serde(default)]
     pub rollout: crate::server::select::RolloutConfig,
+    /// `[secrets]`: encryption of `files/` entries at rest (server::secrets).
+    #[serde(default)]
+    pub secrets: secrets::SecretsConfig,
 }
 
 impl FleetConfig {

@@ -52,6 +52,8 @@ pub enum PublishError {
     Discover(#[from] crate::server::fleet::DiscoverError),
     #[error("{0}: holds a private key, and the configuration tree is copied into the world-readable Nix store; move it under files/ (installed verbatim, never in the store)")]
     PrivateKeyInConfig(PathBuf),
+    #[error(transparent)]
+    Secrets(#[from] crate::server::secrets::SecretsError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -288,6 +290,14 @@ pub fn run(
     )?;
 
     let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
+    // Secrets: mark `.age` entries, encrypt plaintext ones per [secrets] (under the lock:
+    // it keeps a ciphertext cache in the chroot's state directory).
+    let mut plans = plans;
+    let sealable = plans.iter_mut().map(|p| crate::server::secrets::Sealable {
+        manifest: &mut p.manifest,
+        sources: &mut p.sources,
+    });
+    crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
     let reports: Vec<HostReport> = plans
         .par_iter()
         .zip(selected.par_iter())
