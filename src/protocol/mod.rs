@@ -5,6 +5,8 @@
 pub mod layout;
 pub mod manifest;
 pub mod name;
+/// Binary-cache metadata for `build_on = "server"` hosts (issue #12).
+pub mod narinfo;
 pub mod report;
 pub mod settings;
 pub mod signing;
