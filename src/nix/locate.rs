@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 pub struct SourceMap {
     /// Directories holding a copy of the tree (scratch directories), without trailing `/`.
     roots: Vec<String>,
+    /// Scratch directories known by their name's start (`/tmp/bento-build-`): the random
+    /// rest of the name is matched as letters, digits and `_`.
+    prefixes: Vec<String>,
     /// Tree path (`common/base.nix`) → shown path (`common/base.nix` in the fleet repo).
     files: BTreeMap<String, String>,
     /// For a tree path under a root that is not in `files`: `<base>/<path>`.
@@ -26,7 +29,11 @@ pub struct SourceMap {
 
 /// Characters that end a path in Nix's messages.
 fn ends_path(c: char) -> bool {
-    c.is_whitespace() || matches!(c, ':' | '\'' | '"' | '`' | '«' | '»' | ',' | ')' | '(' | ';')
+    c.is_whitespace()
+        || matches!(
+            c,
+            ':' | '\'' | '"' | '`' | '«' | '»' | ',' | ')' | '(' | ';'
+        )
 }
 
 impl SourceMap {
@@ -35,6 +42,7 @@ impl SourceMap {
     pub fn new(files: impl IntoIterator<Item = (String, String)>, base: &str) -> Self {
         Self {
             roots: Vec::new(),
+            prefixes: Vec::new(),
             files: files.into_iter().collect(),
             base: base.trim_end_matches('/').to_owned(),
         }
@@ -46,6 +54,12 @@ impl SourceMap {
         if !root.is_empty() {
             self.roots.push(root);
         }
+        self
+    }
+
+    /// Adds every scratch directory whose path starts with `prefix` (made with `tempfile`).
+    pub fn with_scratch_prefix(mut self, prefix: &std::path::Path) -> Self {
+        self.prefixes.push(prefix.to_string_lossy().into_owned());
         self
     }
 
@@ -69,6 +83,13 @@ impl SourceMap {
                 if let Some(i) = find_dir(rest, root) {
                     if best.is_none_or(|(b, _, _)| i < b) {
                         best = Some((i, root.len() + 1, true));
+                    }
+                }
+            }
+            for prefix in &self.prefixes {
+                if let Some((i, len)) = find_scratch(rest, prefix) {
+                    if best.is_none_or(|(b, _, _)| i < b) {
+                        best = Some((i, len, true));
                     }
                 }
             }
@@ -105,6 +126,25 @@ fn find_dir(text: &str, dir: &str) -> Option<usize> {
             return Some(at);
         }
         from = at + dir.len();
+    }
+    None
+}
+
+/// `<prefix><random>/` in `text`: (index, length including the `/`).
+fn find_scratch(text: &str, prefix: &str) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(prefix) {
+        let at = from + i;
+        let after = &text[at + prefix.len()..];
+        let n = after
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        let before_ok = at == 0 || ends_path(text[..at].chars().next_back().unwrap_or(' '));
+        if before_ok && n > 0 && after[n..].starts_with('/') {
+            return Some((at, prefix.len() + n + 1));
+        }
+        from = at + prefix.len();
     }
     None
 }
@@ -166,21 +206,32 @@ mod tests {
         let m = map();
         let nix = "error: syntax error, unexpected '=', expecting ';'\n\n       at /tmp/bento-eval-x1/configuration.nix:2:11:\n\n            1| { hostName = \"x\"\n";
         let out = m.rewrite(nix);
-        assert!(out.contains("at hosts/web/configuration.nix:2:11:"), "{out}");
+        assert!(
+            out.contains("at hosts/web/configuration.nix:2:11:"),
+            "{out}"
+        );
         assert!(!out.contains("/tmp/"), "{out}");
         assert_eq!(
             first_location(&out).as_deref(),
             Some("hosts/web/configuration.nix:2:11")
         );
         let flake = "error: cannot add a string to an integer\n\n       at /nix/store/hy2zk00skhnq8sk83cmnpfdqcw2fw0fm-source/common/base.nix:1:33:\n";
-        assert!(m
-            .rewrite(flake)
-            .contains("at common/base.nix:1:33:"));
+        assert!(m.rewrite(flake).contains("at common/base.nix:1:33:"));
         // «path» quoting, several paths on a line, a file the map does not know under the root.
         let out = m.rewrite("while evaluating «/tmp/bento-eval-x1/extra.nix» from '/tmp/bento-eval-x1/configuration.nix'");
         assert_eq!(
             out,
             "while evaluating «hosts/web/extra.nix» from 'hosts/web/configuration.nix'"
+        );
+    }
+
+    #[test]
+    fn scratch_prefixes_match_any_random_name() {
+        let m = SourceMap::new(Vec::new(), "hosts/c1")
+            .with_scratch_prefix(std::path::Path::new("/tmp/bento-build-"));
+        assert_eq!(
+            m.rewrite("at /tmp/bento-build-Ab3_x9/configuration.nix:1:2: and /tmp/bento-build-/x"),
+            "at hosts/c1/configuration.nix:1:2: and /tmp/bento-build-/x"
         );
     }
 
@@ -197,6 +248,9 @@ mod tests {
             assert_eq!(m.rewrite(text), text);
         }
         assert_eq!(first_location("at nothing"), None);
-        assert_eq!(first_location("  at a.nix:3:1:").as_deref(), Some("a.nix:3:1"));
+        assert_eq!(
+            first_location("  at a.nix:3:1:").as_deref(),
+            Some("a.nix:3:1")
+        );
     }
 }

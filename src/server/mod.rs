@@ -3,6 +3,9 @@
 //! report (`logs`, `status`), and the SFTP server's accounts and sshd settings (`provision`).
 
 pub mod build;
+/// Issue #12: evaluation gate, no-churn systems, binary caches for `build_on = "server"`.
+pub mod delivery;
+pub mod eval;
 pub mod fleet;
 pub mod history;
 pub mod hostfiles;

@@ -3,6 +3,7 @@
 mod agent;
 mod build;
 mod common;
+mod delivery;
 mod docs;
 mod faults;
 mod hostile;

@@ -1,6 +1,8 @@
 //! The fleet repo: `bento.toml` (server settings and per-host settings) and host discovery
 //! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
 
+// Issue #12: `build_on` (server-side; `[defaults]` and `[hosts.NAME]`).
+mod delivery;
 mod discover;
 
 use std::collections::BTreeMap;
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::protocol::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use delivery::{BuildOn, Defaults};
 pub use discover::{
     discover, materialize, select, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts,
 };
@@ -62,6 +65,10 @@ pub struct ServerConfig {
     /// (`bento server sync-accounts` creates it).
     #[serde(default)]
     pub backups: bool,
+    /// The Nix binary-cache signing key (`nix key generate-secret`) for hosts with
+    /// `build_on = "server"`; outside the fleet repo.
+    #[serde(default)]
+    pub cache_key: Option<PathBuf>,
 }
 
 fn default_port() -> u16 {
@@ -87,6 +94,7 @@ impl Default for ServerConfig {
             authorized_keys_dir: default_authorized_keys_dir(),
             signing_key: None,
             backups: false,
+            cache_key: None,
         }
     }
 }
@@ -112,6 +120,9 @@ pub struct HostConfig {
     pub self_update: Option<bool>,
     #[serde(default)]
     pub notify: Option<Vec<String>>,
+    /// Who builds the system: `"host"` (default) or `"server"` (issue #12).
+    #[serde(default)]
+    pub build_on: Option<BuildOn>,
 }
 
 impl HostConfig {
@@ -138,7 +149,7 @@ pub struct FleetConfig {
     pub server: ServerConfig,
     /// Settings for every host unless `[hosts.NAME]` says otherwise.
     #[serde(default)]
-    pub defaults: crate::protocol::settings::SettingsToml,
+    pub defaults: Defaults,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
 }
