@@ -11,6 +11,8 @@ pub mod history;
 pub mod hostfiles;
 pub mod init;
 pub mod logs;
+/// Issue #12: what the working tree builds to, before a publish.
+pub mod preview;
 pub mod provision;
 pub mod publish;
 pub mod snapshot;

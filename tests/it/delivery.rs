@@ -64,6 +64,13 @@ impl Env {
         cmd
     }
 
+    fn fleet_record(&self, host: &str) -> bento::nix::StorePath {
+        bento::server::build::record::read(&self.chroot(), &HostName::new(host).unwrap())
+            .unwrap()
+            .and_then(|r| r.system)
+            .expect("a build record")
+    }
+
     /// `publish --json …`: (exit code, host → (status, error)).
     fn publish(&self, args: &[&str]) -> (i32, serde_json::Value) {
         let out = self
@@ -409,4 +416,64 @@ fn server_built_hosts_get_a_signed_binary_cache_with_shared_nars_stored_once() {
             );
         }
     }
+}
+
+#[test]
+fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
+    let env = Env::new("");
+    // A fresh server: nothing published, no chroot yet. bento build works on the tree.
+    env.bento(&["build", "--host", "alpha"]).assert().success();
+    let gen1 = env.fleet_record("alpha");
+    // alpha reports it runs version 1.
+    let logs = env.host_dir("alpha").join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let hb = bento::protocol::report::Heartbeat {
+        format: 1,
+        host: HostName::new("alpha").unwrap(),
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        version: None,
+        system: Some(gen1.to_string()),
+        last_outcome: None,
+        last_report: None,
+        agent_version: "0.1.0".into(),
+        reboot_pending: false,
+        auto_updated: false,
+        last_success: None,
+    };
+    fs::write(logs.join("heartbeat.json"), hb.to_bytes()).unwrap();
+    let diff = || {
+        env.bento(&["diff", "--host", "alpha"])
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .output()
+            .unwrap()
+    };
+    let out = diff();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("runs the expected system"), "{text}");
+
+    // Edit the tree: diff says it is not built yet; after bento build it shows the change.
+    env.fleet.write("common/base.nix", "{ version = \"2\"; }\n");
+    let out = diff();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is not built (run `bento build`)"), "{text}");
+    env.bento(&["build", "--host", "alpha"]).assert().success();
+    let out = diff();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("changed")
+            && l.contains("nixos-system-alpha")
+            && l.contains("1 → 2")),
+        "{text}"
+    );
+    assert!(
+        read_current(&env.host_dir("alpha")).is_none(),
+        "nothing was published"
+    );
+    // A tree that does not evaluate is named with its file.
+    env.fleet
+        .write("hosts/multi/machines/alpha.nix", "{ hostName = ; }\n");
+    let text = String::from_utf8(diff().stdout).unwrap();
+    assert!(text.contains("hosts/multi/machines/alpha.nix:1:"), "{text}");
 }
