@@ -122,12 +122,16 @@ impl<'a> FleetDelivery<'a> {
     }
 
     /// Gate, build and settle one host; `Ok((plan, needs_cache))`.
-    fn prepare(&self, chroot: &Chroot, mut plan: HostPlan) -> Result<(HostPlan, bool), HostReport> {
+    fn prepare(
+        &self,
+        chroot: &Chroot,
+        mut plan: HostPlan,
+    ) -> Result<(HostPlan, bool), Box<HostReport>> {
         let live = read_current(&chroot.host_dir(&plan.host)).map(|(_, m)| m);
         let build_on = self.fleet.config.build_on(&plan.host);
         let fail = |plan: &HostPlan, what: &str, f: eval::EvalFailure| {
             tracing::warn!("{}: {what}: {}\n{}", plan.host, f.message, f.log_tail);
-            Self::failed(chroot, plan, format!("{what}: {}", f.message))
+            Box::new(Self::failed(chroot, plan, format!("{what}: {}", f.message)))
         };
         match build_on {
             BuildOn::Host => {
@@ -142,7 +146,7 @@ impl<'a> FleetDelivery<'a> {
             }
             BuildOn::Server => {
                 if self.key.is_none() {
-                    return Err(Self::failed(chroot, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into()));
+                    return Err(Box::new(Self::failed(chroot, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into())));
                 }
                 if plan.manifest.system.is_none() {
                     let system = eval::build(&self.nix, &plan, &self.fleet.root)
@@ -175,7 +179,7 @@ impl<'a> FleetDelivery<'a> {
 
 impl crate::server::publish::Delivery for FleetDelivery<'_> {
     fn before(&self, chroot: &Chroot, plans: Vec<HostPlan>) -> (Vec<HostPlan>, Vec<HostReport>) {
-        let prepared: Vec<Result<(HostPlan, bool), HostReport>> =
+        let prepared: Vec<Result<(HostPlan, bool), Box<HostReport>>> =
             match rayon::ThreadPoolBuilder::new()
                 .num_threads(self.jobs.max(1))
                 .build()
@@ -195,7 +199,7 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
             match p {
                 Ok((plan, true)) => cached.push(plan),
                 Ok((plan, false)) => ready.push(plan),
-                Err(report) => held.push(report),
+                Err(report) => held.push(*report),
             }
         }
         let Some(key) = &self.key else {
