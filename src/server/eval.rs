@@ -9,7 +9,6 @@ use std::path::Path;
 use crate::nix::locate::{first_location, SourceMap};
 use crate::nix::{Nix, NixError, StorePath, Target};
 use crate::protocol::manifest::{Build, ConfigEntry};
-use crate::server::build::HostBuild;
 use crate::server::hostfiles::Source;
 use crate::server::publish::HostPlan;
 
@@ -126,20 +125,26 @@ fn on_scratch_copy(
     run(&target).map_err(|e| summarize(&source_map(plan, fleet_root).with_root(tmp.path()), &e))
 }
 
-/// Rewrites a failed `bento build` result's error and log to name the fleet repo's files.
-pub fn locate_build_failure(result: &mut HostBuild, plan: &HostPlan, fleet_root: &Path) {
+/// Rewrites a failed `bento build` result's error and log tail to name the fleet repo's files
+/// (`error`, `log_tail` of `server::build::HostBuild`).
+pub fn locate_build_failure(
+    error: &mut Option<String>,
+    log_tail: &mut Option<String>,
+    plan: &HostPlan,
+    fleet_root: &Path,
+) {
     let map = source_map(plan, fleet_root)
         .with_scratch_prefix(&std::env::temp_dir().join(BUILD_PREFIX))
         .with_scratch_prefix(&std::env::temp_dir().join(EVAL_PREFIX));
-    let log = result.log_tail.as_deref().map(|t| map.rewrite(t));
-    if let Some(error) = &result.error {
-        let mut error = map.rewrite(error);
+    let log = log_tail.as_deref().map(|t| map.rewrite(t));
+    if let Some(e) = error.as_mut() {
+        let mut mapped = map.rewrite(e);
         if let Some(at) = log.as_deref().and_then(first_location) {
-            if !error.contains(&at) {
-                error = format!("{error} (at {at})");
+            if !mapped.contains(&at) {
+                mapped = format!("{mapped} (at {at})");
             }
         }
-        result.error = Some(error);
+        *e = mapped;
     }
-    result.log_tail = log;
+    *log_tail = log;
 }
