@@ -10,6 +10,7 @@
 
 mod cleanup;
 mod data;
+mod delivery;
 mod fleet_poll;
 mod machine;
 mod proc;
@@ -71,6 +72,11 @@ const NAMES: &[(u8, &str, &str)] = &[
         6,
         "fleet",
         "N agents polling one sshd with bounded concurrency",
+    ),
+    (
+        7,
+        "delivery",
+        "server disk of build_on = \"server\" caches: 100 hosts sharing 90 % of their closure",
     ),
 ];
 
@@ -201,11 +207,12 @@ fn main() {
     }
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    let groups: [(&[u8], Scenarios); 4] = [
+    let groups: [(&[u8], Scenarios); 5] = [
         (&[1, 2, 3], wire::run),
         (&[4], publish::run),
         (&[5], status::run),
         (&[6], fleet_poll::run),
+        (&[7], delivery::run),
     ];
     for (numbers, run) in groups {
         if !numbers.iter().any(|n| cfg.wants(*n)) {

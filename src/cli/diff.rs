@@ -1,5 +1,5 @@
 //! `bento diff`: per host, what changes between the system it runs (from its heartbeat) and
-//! the expected one (from the live manifest or `bento build`): packages added, removed and
+//! the one the working tree builds to (`--published`: the live manifest's or `bento build`'s): packages added, removed and
 //! changed, and closure sizes.
 
 use std::path::PathBuf;
@@ -23,6 +23,9 @@ pub struct Args {
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
+    /// Compare with the published version's expected system instead of the working tree's
+    #[arg(long)]
+    published: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -45,11 +48,39 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     }
     rows.sort_by(|a, b| a.host.cmp(&b.host));
     let nix = Nix::default();
+    // Issue #12: by default, what the working tree builds to (server::preview); hosts not in
+    // the working tree keep their published expectation.
+    let tree = if args.published {
+        Default::default()
+    } else {
+        crate::server::preview::working_tree(&fleet, &chroot, &nix, &args.hosts)?
+    };
     let nvd = closure::find_nvd();
     let mut failed = 0;
-    for (i, row) in rows.iter().enumerate() {
+    for (i, row) in rows.iter_mut().enumerate() {
         if i > 0 {
             output::line("");
+        }
+        use crate::server::preview::TreeSystem;
+        match tree.get(&row.host) {
+            Some(TreeSystem::Built(s)) => row.expected_system = Some(s.clone()),
+            Some(TreeSystem::NotBuilt(s)) => {
+                output::line(&format!(
+                    "{}: the working tree's system {s} is not built (run `bento build`)",
+                    row.host
+                ));
+                failed += 1;
+                continue;
+            }
+            Some(TreeSystem::Fails(e)) => {
+                output::line(&format!(
+                    "{}: the working tree does not evaluate: {e}",
+                    row.host
+                ));
+                failed += 1;
+                continue;
+            }
+            None => {}
         }
         if !show_host(&nix, nvd.as_deref(), row) {
             failed += 1;

@@ -39,6 +39,9 @@ pub struct Args {
     /// With --build: builds at once (default: the number of cores)
     #[arg(long, short = 'j', value_name = "N", requires = "build", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
+    /// Skip the evaluation gate: publish hosts whose configuration does not evaluate
+    #[arg(long)]
+    no_eval: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -69,6 +72,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let mut only = args.hosts.clone();
     let mut systems = std::collections::BTreeMap::new();
     let mut build_failed = 0;
+    let mut not_built = Vec::new();
     if args.build {
         let jobs = args
             .jobs
@@ -82,6 +86,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 }
                 _ => {
                     build_failed += 1;
+                    not_built.push(crate::server::delivery::not_built(&chroot, b));
                     output::note(&format!(
                         "not publishing {}: its build failed: {}",
                         b.host,
@@ -120,6 +125,16 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         bar.set_message(r.host.to_string());
     };
     let lock_path = chroot.lock_path();
+    // Issue #12: evaluation gate, no-churn systems, binary caches (server::delivery).
+    let delivery = crate::server::delivery::FleetDelivery::new(
+        &fleet,
+        Nix::default(),
+        !args.no_eval,
+        args.jobs
+            .map(usize::from)
+            .unwrap_or_else(super::select::default_jobs),
+        now,
+    )?;
     let reports = publish::run(
         &fleet,
         &flakes,
@@ -138,10 +153,15 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 ));
             }),
             on_host: &on_host,
+            delivery: Some(&delivery),
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     bar.finish_and_clear();
+    // Issue #12: hosts held back by a failed --build are in the summary and --json too.
+    let mut reports = reports;
+    reports.extend(not_built);
+    reports.sort_by(|a, b| a.host.cmp(&b.host));
 
     if args.json && args.wait.is_none() {
         output::json(&reports)?;

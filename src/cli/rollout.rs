@@ -336,6 +336,8 @@ fn publish_hosts(
             now,
             ownership: ownership(fleet),
             signer: signer.as_ref(),
+            // A rollout halts at a failing canary; the evaluation gate is `bento publish`'s.
+            delivery: None,
             on_wait: Box::new(move || {
                 output::note(&format!(
                     "another publish holds {}; waiting",

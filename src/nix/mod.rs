@@ -286,3 +286,5 @@ mod tests {
     }
 }
 pub mod closure;
+/// Nix error locations mapped back to the fleet repo (issue #12).
+pub mod locate;

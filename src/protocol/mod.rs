@@ -6,6 +6,8 @@
 pub mod layout;
 pub mod manifest;
 pub mod name;
+/// Binary-cache metadata for `build_on = "server"` hosts (issue #12).
+pub mod narinfo;
 pub mod report;
 // Encrypted `files` entries (age): shared by publish, the agent and `bento secret`.
 pub mod secret;

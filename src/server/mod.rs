@@ -4,11 +4,16 @@
 
 pub mod build;
 pub mod chroot;
+/// Issue #12: evaluation gate, no-churn systems, binary caches for `build_on = "server"`.
+pub mod delivery;
+pub mod eval;
 pub mod fleet;
 pub mod history;
 pub mod hostfiles;
 pub mod init;
 pub mod logs;
+/// Issue #12: what the working tree builds to, before a publish.
+pub mod preview;
 pub mod provision;
 pub mod publish;
 // rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.

@@ -4,6 +4,7 @@ mod agent;
 mod build;
 mod cli;
 mod common;
+mod delivery;
 mod docs;
 mod faults;
 mod hostile;

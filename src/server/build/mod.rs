@@ -119,6 +119,13 @@ pub fn run(
                 (opts.on_start)(&source.host);
                 let started = Instant::now();
                 let mut result = build_host(nix, source, key, opts.dry);
+                // Issue #12: name the fleet repo's files in errors, not the scratch copy's.
+                crate::server::eval::locate_build_failure(
+                    &mut result.error,
+                    &mut result.log_tail,
+                    source,
+                    &fleet.root,
+                );
                 result.ms = started.elapsed().as_millis() as u64;
                 if result.outcome != Outcome::Failed {
                     let rec = BuildRecord {

@@ -1,6 +1,8 @@
 //! The fleet repo: `bento.toml` (server settings and per-host settings) and host discovery
 //! under `hosts/`. A loaded `Fleet` has a valid config; discovery adds the host list.
 
+// Issue #12: `build_on` (server-side; `[defaults]` and `[hosts.NAME]`).
+mod delivery;
 mod discover;
 // `[secrets]` (secrets encrypted at rest; server::secrets).
 pub mod secrets;
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::protocol::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use delivery::{BuildOn, Defaults};
 pub use discover::{
     discover, materialize, select, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts,
 };
@@ -67,6 +70,10 @@ pub struct ServerConfig {
     // rollout (#13): `bento trigger`'s command, an argv with {host}/{address} (server/trigger.rs).
     #[serde(default)]
     pub trigger_command: Option<Vec<String>>,
+    /// The Nix binary-cache signing key (`nix key generate-secret`) for hosts with
+    /// `build_on = "server"`; outside the fleet repo.
+    #[serde(default)]
+    pub cache_key: Option<PathBuf>,
 }
 
 fn default_port() -> u16 {
@@ -93,6 +100,7 @@ impl Default for ServerConfig {
             signing_key: None,
             backups: false,
             trigger_command: None,
+            cache_key: None,
         }
     }
 }
@@ -108,6 +116,8 @@ pub struct HostConfig {
     pub tags: Vec<crate::server::select::Tag>,
     pub address: Option<String>,
     pub hold: bool,
+    /// Who builds the system: `"host"` (default) or `"server"` (issue #12); server-side only.
+    pub build_on: Option<BuildOn>,
 }
 
 impl<'de> Deserialize<'de> for HostConfig {
@@ -126,6 +136,8 @@ impl<'de> Deserialize<'de> for HostConfig {
             address: Option<String>,
             #[serde(default)]
             hold: bool,
+            #[serde(default)]
+            build_on: Option<BuildOn>,
         }
         let mut table = toml::Table::deserialize(d)?;
         let settings = SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
@@ -138,6 +150,7 @@ impl<'de> Deserialize<'de> for HostConfig {
             tags: own.tags,
             address: own.address,
             hold: own.hold,
+            build_on: own.build_on,
         })
     }
 }
@@ -152,7 +165,7 @@ pub struct FleetConfig {
     pub server: ServerConfig,
     /// Settings for every host unless `[hosts.NAME]` says otherwise.
     #[serde(default)]
-    pub defaults: crate::protocol::settings::SettingsLayer,
+    pub defaults: Defaults,
     #[serde(default)]
     pub hosts: BTreeMap<HostName, HostConfig>,
     // rollout (#13): `[rollout] waves` (type in server/select.rs, planned by server/rollout.rs).
@@ -194,7 +207,9 @@ impl FleetConfig {
     pub fn settings(&self, host: &HostName) -> crate::protocol::settings::HostSettings {
         let own = self.hosts.get(host).map(|h| &h.settings);
         let layers: Vec<&crate::protocol::settings::SettingsLayer> =
-            std::iter::once(&self.defaults).chain(own).collect();
+            std::iter::once(&self.defaults.settings)
+                .chain(own)
+                .collect();
         crate::protocol::settings::HostSettings::resolve(host, &layers)
     }
 

@@ -2,6 +2,7 @@
 //! can be refused (names, links, files.toml, unknown `--host`) is refused before the first
 //! write; then each host is published on its own, so one failing host never stops the rest.
 
+mod hook;
 mod host;
 mod verify;
 
@@ -13,6 +14,7 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub use hook::Delivery;
 pub use host::{collect_host, collect_pool, publish_host, read_current, KEEP_VERSIONS};
 pub use verify::{verify_host, VerifyError};
 
@@ -250,6 +252,8 @@ pub struct Options<'a> {
     pub on_wait: Box<dyn FnOnce() + 'a>,
     /// Called as each host finishes (progress), from any thread.
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+    /// Issue #12: evaluation gate, systems and binary caches (`server::delivery`).
+    pub delivery: Option<&'a dyn Delivery>,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -298,11 +302,20 @@ pub fn run(
         sources: &mut p.sources,
     });
     crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
-    let reports: Vec<HostReport> = plans
+    // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
+    let (plans, held_back) = match opts.delivery {
+        Some(d) => d.before(&opts.chroot, plans),
+        None => (plans, Vec::new()),
+    };
+    // The delivery hook may hold plans back, so find each plan's host directory by name.
+    let dirs: BTreeMap<&HostName, &Path> = selected
+        .iter()
+        .map(|s| (&s.name, s.dir.as_path()))
+        .collect();
+    let mut reports: Vec<HostReport> = plans
         .par_iter()
-        .zip(selected.par_iter())
-        .map(|(p, s)| {
-            let r = refuse_private_keys(scanner, p, &s.dir)
+        .map(|p| {
+            let r = refuse_private_keys(scanner, p, dirs[&p.host])
                 .and_then(|()| publish_host(&opts.chroot, p, &opts.ownership, opts.signer))
                 .unwrap_or_else(|e| HostReport {
                     host: p.host.clone(),
@@ -327,6 +340,12 @@ pub fn run(
     if reports.iter().any(HostReport::changed) {
         collect_pool(&opts.chroot).map_err(io)?;
     }
+    // Issue #12 hook: cache entries go with the manifests that needed them.
+    if let Some(d) = opts.delivery {
+        d.after(&opts.chroot)?;
+    }
+    reports.extend(held_back);
+    reports.sort_by(|a, b| a.host.cmp(&b.host));
     // Caches are written under the lock, so two runs never interleave their writes.
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();

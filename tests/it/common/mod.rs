@@ -22,14 +22,26 @@ pub fn bento() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("bento").expect("bento binary");
     cmd.env("NIX_CONFIG", NIX_CONFIG)
         .env_remove("BENTO_FLEET")
-        .env("BENTO_LOG", "bento=info");
+        .env("BENTO_LOG", "bento=info")
+        // A `<nixpkgs/nixos>` for classic hosts, as a server has: publish evaluates them.
+        .env("NIX_PATH", toy_nix_path());
     cmd
+}
+
+/// `nixpkgs=` the toy stand-in for `<nixpkgs/nixos>` (tests/fixtures/toy/nixpkgs).
+pub fn toy_nix_path() -> String {
+    format!(
+        "nixpkgs={}/tests/fixtures/toy/nixpkgs",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 /// A std Command for the bento binary (for tests that spawn and kill it).
 pub fn bento_std() -> Command {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("bento"));
-    cmd.env("NIX_CONFIG", NIX_CONFIG).env_remove("BENTO_FLEET");
+    cmd.env("NIX_CONFIG", NIX_CONFIG)
+        .env_remove("BENTO_FLEET")
+        .env("NIX_PATH", toy_nix_path());
     cmd
 }
 

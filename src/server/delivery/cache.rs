@@ -1,0 +1,380 @@
+//! Per-host Nix binary caches for `build_on = "server"` hosts (docs/delivery.md). Closures
+//! are exported once, by `nix copy`, into the server's root-only pool `<chroot>/.bento/cache/`
+//! (zstd, signed with `[server] cache_key`); each host's `<host>/cache/` holds hard links to
+//! the narinfos and NARs of the closures its kept manifests name, so 1,000 hosts sharing a
+//! closure cost one copy.
+//!
+//! Invariants: a host's narinfo is linked only after its NAR, and both before the manifest
+//! naming the system goes live; a pooled narinfo is signed by the current key (one that is
+//! not is re-exported); pool entries no host links to any more are removed.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64ct::Encoding as _;
+
+use crate::nix::{Nix, NixError, StorePath};
+use crate::protocol::layout::{self, Chroot};
+use crate::protocol::manifest::Manifest;
+use crate::protocol::narinfo::{self, CacheKeys, NarInfo, NarInfoError};
+use crate::sys::atomic;
+
+/// A host's cache directory, beside `manifests/` and `objects/`.
+pub const CACHE: &str = "cache";
+pub const CACHE_INFO_FILE: &str = "nix-cache-info";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cache key {path}: {problem}")]
+    Key { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("{path}: {source}")]
+    NarInfo { path: PathBuf, source: NarInfoError },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The server's pool: one real binary cache holding every exported path once.
+pub fn pool_dir(chroot: &Chroot) -> PathBuf {
+    chroot.state_dir().join(CACHE)
+}
+
+pub fn host_cache(host_dir: &Path) -> PathBuf {
+    host_dir.join(CACHE)
+}
+
+/// `[server] cache_key`: the secret key file `nix key generate-secret` writes.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    pub path: PathBuf,
+    /// `name:base64` public key, what hosts list in `cache_keys`.
+    pub public: String,
+    pub keys: CacheKeys,
+}
+
+impl CacheKey {
+    pub fn load(path: &Path) -> Result<Self, CacheError> {
+        let bad = |problem: &str| CacheError::Key {
+            path: path.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let path = std::path::absolute(path).map_err(io_err(path))?;
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let (name, b64) = text.trim().split_once(':').ok_or_else(|| {
+            bad("not name:base64 (make one with `nix key generate-secret --key-name NAME`)")
+        })?;
+        let secret = base64ct::Base64::decode_vec(b64).map_err(|_| bad("not base64"))?;
+        if secret.len() != 64 {
+            return Err(bad("not an ed25519 secret key (64 bytes)"));
+        }
+        let public = format!("{name}:{}", base64ct::Base64::encode_string(&secret[32..]));
+        let keys = CacheKeys::parse(&[&public]).map_err(|e| bad(&e.to_string()))?;
+        Ok(Self { path, public, keys })
+    }
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), CacheError> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    let meta = fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    if !meta.is_dir() {
+        return Err(io_err(dir)(io::Error::other(
+            "exists and is not a directory",
+        )));
+    }
+    if crate::sys::accounts::is_root() && (meta.uid() != 0 || meta.gid() != 0) {
+        std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io_err(dir))?;
+    }
+    // Readable by the host (through its 0750 host directory), writable by root only.
+    if meta.permissions().mode() & 0o7777 != 0o755 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+fn read_narinfo(dir: &Path, hash: &str) -> io::Result<String> {
+    let path = dir.join(format!("{hash}.narinfo"));
+    let meta = fs::symlink_metadata(&path)?;
+    if !meta.is_file() || meta.len() as usize > narinfo::MAX_NARINFO_BYTES {
+        return Err(io::Error::other("not a regular narinfo file"));
+    }
+    fs::read_to_string(path)
+}
+
+/// Exports the closures of `systems` into the pool with one `nix copy`. Paths already
+/// pooled are skipped by Nix; a pooled narinfo not signed by `key` is removed first, so it
+/// is exported (and signed) again.
+pub fn export(
+    nix: &Nix,
+    chroot: &Chroot,
+    key: &CacheKey,
+    systems: &[StorePath],
+) -> Result<(), CacheError> {
+    if systems.is_empty() {
+        return Ok(());
+    }
+    let pool = pool_dir(chroot);
+    match fs::create_dir(&pool) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(&pool)(e)),
+    }
+    let mut args: Vec<String> = vec!["path-info".into(), "--recursive".into()];
+    args.extend(systems.iter().map(|s| s.to_string()));
+    let out = nix.run("nix", &args)?;
+    for path in String::from_utf8_lossy(&out.stdout).lines() {
+        let hash = narinfo::hash_part(path.trim());
+        let Ok(text) = read_narinfo(&pool, hash) else {
+            continue;
+        };
+        let signed = NarInfo::parse(&text).is_ok_and(|n| n.verify(&key.keys).is_ok());
+        if !signed {
+            let stale = pool.join(format!("{hash}.narinfo"));
+            fs::remove_file(&stale).map_err(io_err(&stale))?;
+        }
+    }
+    let url = format!(
+        "file://{}?compression=zstd&secret-key={}",
+        pool.display(),
+        key.path.display()
+    );
+    // Nix remembers binary-cache lookups for days; the pool changes under it (collection).
+    let mut args: Vec<String> = [
+        "copy",
+        "--option",
+        "narinfo-cache-positive-ttl",
+        "0",
+        "--option",
+        "narinfo-cache-negative-ttl",
+        "0",
+        "--to",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(url);
+    args.extend(systems.iter().map(|s| s.to_string()));
+    nix.run("nix", &args)?;
+    Ok(())
+}
+
+/// Hard-links `pool/rel` to `cache/rel`, replacing a different file there.
+fn link(pool: &Path, cache: &Path, rel: &str) -> Result<bool, CacheError> {
+    let from = pool.join(rel);
+    let to = cache.join(rel);
+    let src = fs::metadata(&from).map_err(io_err(&from))?;
+    if src.permissions().mode() & 0o777 != 0o644 {
+        fs::set_permissions(&from, fs::Permissions::from_mode(0o644)).map_err(io_err(&from))?;
+    }
+    match fs::symlink_metadata(&to) {
+        Ok(m) if m.ino() == src.ino() && m.dev() == src.dev() => return Ok(false),
+        Ok(_) => {
+            let tmp = to.with_file_name(format!(
+                "{}{}-{}",
+                atomic::TMP_PREFIX,
+                std::process::id(),
+                to.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let _ = fs::remove_file(&tmp);
+            fs::hard_link(&from, &tmp).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &to).map_err(io_err(&to))?;
+        }
+        Err(_) => fs::hard_link(&from, &to).map_err(io_err(&to))?,
+    }
+    Ok(true)
+}
+
+/// What linking one host's closure did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Linked {
+    pub paths: usize,
+    pub new_links: usize,
+}
+
+/// Makes `<host>/cache/` a binary cache holding `system`'s closure: each NAR, then its
+/// narinfo, hard-linked from the pool (checked against `key` on the way), and `nix-cache-info`.
+pub fn link_host(
+    chroot: &Chroot,
+    host_dir: &Path,
+    key: &CacheKey,
+    system: &StorePath,
+) -> Result<Linked, CacheError> {
+    let pool = pool_dir(chroot);
+    let cache = host_cache(host_dir);
+    ensure_dir(&cache)?;
+    let infos = narinfo::missing(
+        system.as_str(),
+        &key.keys,
+        |_| false,
+        |h| read_narinfo(&pool, h),
+    )
+    .map_err(|e| CacheError::NarInfo {
+        path: pool.clone(),
+        source: NarInfoError::File {
+            store_path: system.to_string(),
+            problem: e.to_string(),
+        },
+    })?;
+    let mut linked = Linked::default();
+    for info in &infos {
+        if let Some(parent) = Path::new(&info.url)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            ensure_dir(&cache.join(parent))?;
+        }
+        linked.new_links += usize::from(link(&pool, &cache, &info.url)?);
+        linked.new_links += usize::from(link(
+            &pool,
+            &cache,
+            &format!("{}.narinfo", info.hash_part()),
+        )?);
+        linked.paths += 1;
+    }
+    let info_path = cache.join(CACHE_INFO_FILE);
+    if fs::read_to_string(&info_path).ok().as_deref() != Some(narinfo::CACHE_INFO) {
+        atomic::write_file(&info_path, narinfo::CACHE_INFO.as_bytes(), 0o644)
+            .map_err(io_err(&info_path))?;
+    }
+    if linked.new_links > 0 {
+        atomic::sync_dir(&cache).map_err(io_err(&cache))?;
+    }
+    Ok(linked)
+}
+
+/// Every narinfo name and NAR URL reachable in `cache` from `roots` (parsed, not verified:
+/// this decides only what to keep).
+fn reachable(cache: &Path, roots: &[StorePath]) -> BTreeSet<String> {
+    let mut keep = BTreeSet::new();
+    let mut todo: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    while let Some(path) = todo.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let hash = narinfo::hash_part(&path);
+        let Some(info) = read_narinfo(cache, hash)
+            .ok()
+            .and_then(|t| NarInfo::parse(&t).ok())
+        else {
+            continue;
+        };
+        keep.insert(format!("{hash}.narinfo"));
+        keep.insert(info.url.clone());
+        todo.extend(info.dependencies());
+    }
+    keep
+}
+
+/// Files under `dir` (one level of subdirectories), as paths relative to it.
+fn files(dir: &Path) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            for sub in fs::read_dir(entry.path())? {
+                let sub = sub?;
+                if !sub.file_type()?.is_dir() {
+                    out.push(format!("{name}/{}", sub.file_name().to_string_lossy()));
+                }
+            }
+        } else {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// The systems of the manifests a host keeps (publish keeps three versions).
+fn kept_systems(host_dir: &Path) -> Vec<StorePath> {
+    let Ok(entries) = fs::read_dir(host_dir.join(layout::MANIFESTS)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| fs::read(e.path()).ok())
+        .filter_map(|b| Manifest::parse(&b).ok()?.system)
+        .collect()
+}
+
+/// Removes from every host's cache what none of its kept manifests' systems needs, then
+/// the pooled files no host links to any more. Returns how many files were removed.
+pub fn collect(chroot: &Chroot) -> Result<usize, CacheError> {
+    let mut removed = 0;
+    let entries = fs::read_dir(&chroot.root).map_err(io_err(&chroot.root))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let cache = host_cache(&entry.path());
+        if name.starts_with('.') || !cache.is_dir() {
+            continue;
+        }
+        let keep = reachable(&cache, &kept_systems(&entry.path()));
+        for rel in files(&cache).map_err(io_err(&cache))? {
+            if rel != CACHE_INFO_FILE && !keep.contains(&rel) {
+                let path = cache.join(&rel);
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                removed += 1;
+            }
+        }
+    }
+    let pool = pool_dir(chroot);
+    if pool.is_dir() {
+        for rel in files(&pool).map_err(io_err(&pool))? {
+            let path = pool.join(&rel);
+            let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+            if rel != CACHE_INFO_FILE && meta.nlink() <= 1 {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_a_nix_secret_key_and_derives_its_public_half() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+        let mut secret = sk.to_bytes().to_vec();
+        secret.extend_from_slice(sk.verifying_key().as_bytes());
+        let path = tmp.path().join("key");
+        fs::write(
+            &path,
+            format!("bento-1:{}", base64ct::Base64::encode_string(&secret)),
+        )
+        .unwrap();
+        let key = CacheKey::load(&path).unwrap();
+        assert_eq!(
+            key.public,
+            format!(
+                "bento-1:{}",
+                base64ct::Base64::encode_string(sk.verifying_key().as_bytes())
+            )
+        );
+        fs::write(&path, "bento-1:AAAA").unwrap();
+        assert!(CacheKey::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("64 bytes"));
+    }
+}

@@ -1,0 +1,359 @@
+//! What `bento publish` does between planning and writing (issue #12; docs/delivery.md),
+//! through the `publish::Delivery` hook, under the publish lock and on the exact plans:
+//!
+//! - **evaluation gate**: a `build_on = "host"` host whose content changed is instantiated
+//!   (not built) first; one that does not evaluate is held back, its error naming the fleet
+//!   repo's file and line;
+//! - **no churn**: a host's `system` is settled against its live manifest, so publishing the
+//!   same tree with and without `--build` gives no host a new version (`settle_system`);
+//! - **prebuilt delivery**: a `build_on = "server"` host's system is built here and its
+//!   closure exported into `<host>/cache/` (`cache`) before its manifest goes live.
+
+pub mod cache;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+
+use crate::nix::{Nix, StorePath};
+use crate::protocol::layout::Chroot;
+use crate::protocol::manifest::Manifest;
+use crate::server::build::record::{self, BuildRecord};
+use crate::server::eval;
+use crate::server::fleet::{BuildOn, Fleet};
+use crate::server::publish::{read_current, HostPlan, HostReport, PublishError, Status};
+
+pub use cache::{CacheError, CacheKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("cache key {0} is inside the fleet repo; keep it out (it would be committed and could be published)")]
+    KeyInRepo(PathBuf),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// The system a new manifest should name, given the live one (no churn).
+///
+/// For `build_on = "host"` the version's identity is its content (`build`, `config`,
+/// `files`); `system` is the server's expectation. When the content is unchanged, a publish
+/// that did not build keeps the live `system`, and one that built keeps a live `null` (the
+/// build record still tells `bento status` what to expect); only a *different* built system
+/// (e.g. a classic host whose server-side nixpkgs moved) makes a new version. For
+/// `build_on = "server"` the system is what the host runs, so it is always the new one.
+pub fn settle_system(
+    build_on: BuildOn,
+    live: Option<&Manifest>,
+    new: &Manifest,
+) -> Option<StorePath> {
+    let Some(live) = live.filter(|l| same_except_system(l, new)) else {
+        return new.system.clone();
+    };
+    match (build_on, &new.system, &live.system) {
+        (BuildOn::Server, new, _) => new.clone(),
+        (BuildOn::Host, None, kept) => kept.clone(),
+        (BuildOn::Host, Some(_), None) => None,
+        (BuildOn::Host, Some(built), Some(_)) => Some(built.clone()),
+    }
+}
+
+/// Equal content, whatever `system` (and `created`, `source_commit`) say.
+pub fn same_except_system(live: &Manifest, new: &Manifest) -> bool {
+    let mut probe = new.clone();
+    probe.system = live.system.clone();
+    live.same_content(&probe)
+}
+
+/// The delivery work of one publish run.
+pub struct FleetDelivery<'a> {
+    pub fleet: &'a Fleet,
+    pub nix: Nix,
+    /// The evaluation gate (`--no-eval` turns it off).
+    pub eval: bool,
+    /// Evaluations and server builds at once.
+    pub jobs: usize,
+    pub now: SystemTime,
+    /// `[server] cache_key`, loaded.
+    pub key: Option<CacheKey>,
+}
+
+impl<'a> FleetDelivery<'a> {
+    /// Loads `[server] cache_key` (refusing one inside the fleet repo).
+    pub fn new(
+        fleet: &'a Fleet,
+        nix: Nix,
+        eval: bool,
+        jobs: usize,
+        now: SystemTime,
+    ) -> Result<Self, DeliveryError> {
+        let key = match &fleet.config.server.cache_key {
+            Some(path) => {
+                let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                if abs.starts_with(&fleet.root) {
+                    return Err(DeliveryError::KeyInRepo(path.clone()));
+                }
+                Some(CacheKey::load(path)?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            fleet,
+            nix,
+            eval,
+            jobs,
+            now,
+            key,
+        })
+    }
+
+    fn failed(chroot: &Chroot, plan: &HostPlan, error: String) -> HostReport {
+        HostReport {
+            host: plan.host.clone(),
+            status: Status::Failed,
+            digest: read_current(&chroot.host_dir(&plan.host)).map(|(d, _)| d),
+            config_entries: plan.manifest.config.len(),
+            files: plan.manifest.files.len(),
+            objects: plan.manifest.objects().len(),
+            new_objects: 0,
+            bytes: 0,
+            error: Some(error),
+        }
+    }
+
+    /// Gate, build and settle one host; `Ok((plan, needs_cache))`.
+    fn prepare(
+        &self,
+        chroot: &Chroot,
+        mut plan: HostPlan,
+    ) -> Result<(HostPlan, bool), Box<HostReport>> {
+        let live = read_current(&chroot.host_dir(&plan.host)).map(|(_, m)| m);
+        let build_on = self.fleet.config.build_on(&plan.host);
+        let fail = |plan: &HostPlan, what: &str, f: eval::EvalFailure| {
+            tracing::warn!("{}: {what}: {}\n{}", plan.host, f.message, f.log_tail);
+            Box::new(Self::failed(chroot, plan, format!("{what}: {}", f.message)))
+        };
+        match build_on {
+            BuildOn::Host => {
+                let changed = live
+                    .as_ref()
+                    .is_none_or(|l| !same_except_system(l, &plan.manifest));
+                // A system built by `--build` has been evaluated already.
+                if self.eval && changed && plan.manifest.system.is_none() {
+                    eval::evaluate(&self.nix, &plan, &self.fleet.root)
+                        .map_err(|f| fail(&plan, "does not evaluate", f))?;
+                }
+            }
+            BuildOn::Server => {
+                if self.key.is_none() {
+                    return Err(Box::new(Self::failed(chroot, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into())));
+                }
+                if plan.manifest.system.is_none() {
+                    let system = eval::build(&self.nix, &plan, &self.fleet.root)
+                        .map_err(|f| fail(&plan, "does not build", f))?;
+                    self.record(chroot, &plan, &system);
+                    plan.manifest.system = Some(system);
+                }
+            }
+        }
+        plan.manifest.system = settle_system(build_on, live.as_ref(), &plan.manifest);
+        Ok((plan, build_on == BuildOn::Server))
+    }
+
+    /// What a server build made, as `bento build` records it (for `bento status` and `diff`).
+    fn record(&self, chroot: &Chroot, plan: &HostPlan, system: &StorePath) {
+        let rec = BuildRecord {
+            format: record::RECORD_FORMAT,
+            host: plan.host.clone(),
+            key: record::content_key(plan.manifest.build, &plan.manifest.config),
+            system: Some(system.clone()),
+            drv: None,
+            built: true,
+            time: humantime::format_rfc3339_seconds(self.now).to_string(),
+        };
+        if let Err(e) = record::write(chroot, &rec) {
+            tracing::warn!("{}: built {system}, but cannot record it: {e}", plan.host);
+        }
+    }
+}
+
+impl crate::server::publish::Delivery for FleetDelivery<'_> {
+    fn before(&self, chroot: &Chroot, plans: Vec<HostPlan>) -> (Vec<HostPlan>, Vec<HostReport>) {
+        let prepared: Vec<Result<(HostPlan, bool), Box<HostReport>>> =
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(self.jobs.max(1))
+                .build()
+            {
+                Ok(pool) => pool.install(|| {
+                    plans
+                        .into_par_iter()
+                        .map(|p| self.prepare(chroot, p))
+                        .collect()
+                }),
+                Err(_) => plans.into_iter().map(|p| self.prepare(chroot, p)).collect(),
+            };
+        let mut ready = Vec::new();
+        let mut held = Vec::new();
+        let mut cached = Vec::new();
+        for p in prepared {
+            match p {
+                Ok((plan, true)) => cached.push(plan),
+                Ok((plan, false)) => ready.push(plan),
+                Err(report) => held.push(*report),
+            }
+        }
+        let Some(key) = &self.key else {
+            return (ready, held);
+        };
+        // One export for every server-built system, then each host's links.
+        let systems: Vec<StorePath> = cached
+            .iter()
+            .filter_map(|p| p.manifest.system.clone())
+            .collect();
+        if let Err(e) = cache::export(&self.nix, chroot, key, &systems) {
+            let message = format!("cannot export the binary cache: {e}");
+            held.extend(
+                cached
+                    .iter()
+                    .map(|p| Self::failed(chroot, p, message.clone())),
+            );
+            return (ready, held);
+        }
+        for plan in cached {
+            let host_dir = chroot.host_dir(&plan.host);
+            let system = plan
+                .manifest
+                .system
+                .clone()
+                .expect("server hosts have a system");
+            // The host directory must exist (with its owners) before cache/ goes in it.
+            let linked = crate::server::chroot::prepare_host_dir(
+                &host_dir,
+                &plan.host,
+                &ownership(self.fleet),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                cache::link_host(chroot, &host_dir, key, &system).map_err(|e| e.to_string())
+            });
+            match linked {
+                Ok(l) => {
+                    tracing::debug!(
+                        "{}: cache holds {} paths ({} new links)",
+                        plan.host,
+                        l.paths,
+                        l.new_links
+                    );
+                    ready.push(plan);
+                }
+                Err(e) => held.push(Self::failed(
+                    chroot,
+                    &plan,
+                    format!("cannot fill {}/cache: {e}", plan.host),
+                )),
+            }
+        }
+        ready.sort_by(|a, b| a.host.cmp(&b.host));
+        (ready, held)
+    }
+
+    fn after(&self, chroot: &Chroot) -> Result<(), PublishError> {
+        cache::collect(chroot)
+            .map(|n| tracing::debug!("removed {n} unused cache files"))
+            .map_err(|e| PublishError::Internal(format!("collecting binary caches: {e}")))
+    }
+}
+
+/// The report of a host `publish --build` holds back because its build failed.
+pub fn not_built(chroot: &Chroot, b: &crate::server::build::HostBuild) -> HostReport {
+    HostReport {
+        host: b.host.clone(),
+        status: Status::Failed,
+        digest: read_current(&chroot.host_dir(&b.host)).map(|(d, _)| d),
+        config_entries: 0,
+        files: 0,
+        objects: 0,
+        new_objects: 0,
+        bytes: 0,
+        error: Some(format!(
+            "does not build: {}",
+            b.error.as_deref().unwrap_or("no error message")
+        )),
+    }
+}
+
+/// Who owns the chroot's directories, as `bento publish` decides it.
+fn ownership(fleet: &Fleet) -> crate::server::publish::Ownership {
+    if crate::sys::accounts::is_root() {
+        crate::server::publish::Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        crate::server::publish::Ownership::Leave
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+
+    fn manifest(version: &str, system: Option<&str>) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            host: crate::protocol::HostName::new("alpha").unwrap(),
+            created: "2026-11-25T12:00:00Z".parse().unwrap(),
+            source_commit: None,
+            build: Build::Flake,
+            system: system.map(|s| StorePath::new(s).unwrap()),
+            config: vec![ConfigEntry::Directory {
+                path: RelPath::new(version).unwrap(),
+            }],
+            files: vec![],
+        }
+    }
+
+    const X: &str = "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-nixos-system-alpha-1";
+    const Y: &str = "/nix/store/yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy-nixos-system-alpha-1";
+
+    #[test]
+    fn unchanged_content_keeps_its_version_with_or_without_build() {
+        let sys = |s: Option<&str>| s.map(|s| StorePath::new(s).unwrap());
+        let host = BuildOn::Host;
+        let live_x = manifest("v1", Some(X));
+        let live_none = manifest("v1", None);
+        // publish --build, then publish: the recorded system is kept.
+        assert_eq!(
+            settle_system(host, Some(&live_x), &manifest("v1", None)),
+            sys(Some(X))
+        );
+        // publish, then publish --build: the live null is kept (no new version).
+        assert_eq!(
+            settle_system(host, Some(&live_none), &manifest("v1", Some(X))),
+            None
+        );
+        // A different build of the same tree is a change of what the host should run.
+        assert_eq!(
+            settle_system(host, Some(&live_x), &manifest("v1", Some(Y))),
+            sys(Some(Y))
+        );
+        // Changed content: whatever this run built (or nothing).
+        assert_eq!(
+            settle_system(host, Some(&live_x), &manifest("v2", None)),
+            None
+        );
+        assert_eq!(
+            settle_system(host, None, &manifest("v1", Some(X))),
+            sys(Some(X))
+        );
+        // Server-built hosts always name what they run.
+        assert_eq!(
+            settle_system(BuildOn::Server, Some(&live_none), &manifest("v1", Some(X))),
+            sys(Some(X))
+        );
+        // Time and commit are not content.
+        let mut later = manifest("v1", None);
+        later.created = "2030-01-01T00:00:00Z".parse().unwrap();
+        assert!(same_except_system(&live_x, &later));
+    }
+}
