@@ -303,6 +303,24 @@ in
       };
     };
 
+    # `bento trigger --retry` (docs/operators.md) starts this one: the same run, which also
+    # retries a version this machine backed off from or rolled back (`--force`). The state
+    # directory's lock orders it with the timer's runs.
+    systemd.services.bento-agent-retry = {
+      description = "bento agent: apply this machine's published configuration, retrying a failed version";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      restartIfChanged = false;
+      stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
+      inherit environment path;
+      serviceConfig = hardening // {
+        Type = "oneshot";
+        ExecStart = "${bento} agent update --force --config ${configFile}";
+        SuccessExitStatus = "10";
+      };
+    };
+
     systemd.timers.bento-agent = {
       description = "bento agent: poll the server for a new configuration";
       wantedBy = [ "timers.target" ];

@@ -2,8 +2,10 @@
 #   pkgs.callPackage ./nixos/package.nix { }
 # The NixOS modules use it when `services.bento.package` is not set.
 { lib
+, stdenv
 , rustPlatform
 , makeWrapper
+, installShellFiles
 , openssh
 , git
 }:
@@ -18,7 +20,7 @@ let
         rel = lib.removePrefix (toString ../. + "/") (toString path);
         top = builtins.head (lib.splitString "/" rel);
       in
-      builtins.elem top [ "Cargo.toml" "Cargo.lock" "src" "tests" "benches" "README.md" ]
+      builtins.elem top [ "Cargo.toml" "Cargo.lock" "askama.toml" "src" "tests" "benches" "README.md" ]
       && !(lib.hasSuffix ".nix" rel && top != "tests");
   };
 in
@@ -29,7 +31,7 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ makeWrapper ];
+  nativeBuildInputs = [ makeWrapper installShellFiles ];
 
   # The unit tests run in the build. The integration tests (`--test it`) start a private
   # OpenSSH sshd, create Unix accounts and chroots and run real Nix builds: they need root
@@ -42,7 +44,18 @@ rustPlatform.buildRustPackage {
 
   # The agent talks to the server through the system's OpenSSH client (so ssh_config
   # applies) and publish reads git; appended to PATH, so the system's own come first.
-  postInstall = ''
+  # The man pages and shell completions come from the binary's own clap definitions
+  # (`bento man`, `bento completions`), so they cannot drift from the commands; generating
+  # them runs the binary, hence only when the build platform can.
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    mkdir -p man
+    $out/bin/bento man --out-dir man
+    installManPage man/*.1
+    installShellCompletion --cmd bento \
+      --bash <($out/bin/bento completions bash) \
+      --zsh <($out/bin/bento completions zsh) \
+      --fish <($out/bin/bento completions fish)
+  '' + ''
     wrapProgram $out/bin/bento --suffix PATH : ${lib.makeBinPath [ openssh git ]}
   '';
 

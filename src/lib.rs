@@ -13,6 +13,10 @@
 //! The agent side never imports the server side, nor the reverse (a test in
 //! `tests/it/layers.rs` walks the sources and fails on any such import or import circle).
 
+// No `unsafe` in bento itself: system calls go through maintained safe wrappers (the `nix`
+// crate as `unix`, rustix, listenfd). Tests and benchmarks keep a few libc calls of their own.
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod cli;
 pub mod nix;

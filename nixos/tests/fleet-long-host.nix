@@ -30,6 +30,8 @@
   services.openssh.enable = true;
   # Many hosts poll at once; OpenSSH's default 10:30:100 drops connections early.
   services.openssh.settings.MaxStartups = lib.mkDefault "100:30:200";
+  # And no one source (one host, or one attacker) may hold most of those slots.
+  services.openssh.settings.PerSourceMaxStartups = lib.mkDefault 64;
   # The hosts' Match block, in a file of its own included from `settings`, which
   # NixOS writes before every extraConfig line: it comes before any other Match
   # block (sshd applies the first value it reads) and ends with its file.

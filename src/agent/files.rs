@@ -228,9 +228,8 @@ mod tests {
             sha256: Digest::of(content),
             // Owned by whoever runs the test (root on a machine, `nobody` in CI's non-root
             // unit tier): chown to oneself needs no privilege.
-            // SAFETY: geteuid and getegid cannot fail.
-            owner: unsafe { libc::geteuid() }.to_string(),
-            group: unsafe { libc::getegid() }.to_string(),
+            owner: crate::sys::accounts::euid().to_string(),
+            group: crate::sys::accounts::egid().to_string(),
             mode: Mode(mode),
             encrypted: None,
         }

@@ -24,6 +24,11 @@ pub fn euid() -> u32 {
     unix::unistd::geteuid().as_raw()
 }
 
+/// The effective gid of this process.
+pub fn egid() -> u32 {
+    unix::unistd::getegid().as_raw()
+}
+
 fn nss_error(e: unix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }

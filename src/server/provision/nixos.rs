@@ -11,7 +11,7 @@ use crate::server::fleet::{FleetConfig, HostName, NameError};
 
 use super::keys::PublicKey;
 use super::sshd::{check_server_paths, match_block, PathError};
-use super::{GROUP, MAX_STARTUPS};
+use super::{GROUP, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixosError {
@@ -116,6 +116,12 @@ pub fn render(
     );
     out.push_str(&format!(
         "  services.openssh.settings.MaxStartups = lib.mkDefault \"{MAX_STARTUPS}\";\n"
+    ));
+    out.push_str(
+        "  # And no one source (one host, or one attacker) may hold most of those slots.\n",
+    );
+    out.push_str(&format!(
+        "  services.openssh.settings.PerSourceMaxStartups = lib.mkDefault {PER_SOURCE_MAX_STARTUPS};\n"
     ));
     // sshd uses the first value it reads for each keyword and a Match block runs to the
     // next Match or to the end of its file. NixOS writes `settings` before every
