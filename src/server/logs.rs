@@ -111,16 +111,20 @@ fn logs_dir(host_dir: &Path) -> Result<PathBuf, LogsError> {
 /// Lists `<host_dir>/logs/`, sorted by name, marking entries that `read` would refuse.
 pub fn list(host_dir: &Path) -> Result<Vec<LogEntry>, LogsError> {
     let dir = logs_dir(host_dir)?;
+    list_dir(&dir, &dir)
+}
+
+/// Lists the directory `through` names (`shown` in messages), never following an entry.
+fn list_dir(through: &Path, shown: &Path) -> Result<Vec<LogEntry>, LogsError> {
     let mut entries = Vec::new();
-    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-        let entry = entry.map_err(io_err(&dir))?;
-        let path = entry.path();
+    for entry in fs::read_dir(through).map_err(io_err(shown))? {
+        let entry = entry.map_err(io_err(shown))?;
         // symlink_metadata is lstat: it describes the link, never its target.
-        let meta = match fs::symlink_metadata(&path) {
+        let meta = match fs::symlink_metadata(entry.path()) {
             Ok(m) => m,
             // Removed by the host in the meantime.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(e) => return Err(io_err(&shown.join(entry.file_name()))(e)),
         };
         let refused = refusal(&meta);
         entries.push(LogEntry {
@@ -184,24 +188,7 @@ fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
 /// following links, and listed and read through that open descriptor only.
 pub fn list_in(host_dir: &Path, sub: &str) -> Result<Vec<LogEntry>, LogsError> {
     let (dir, path) = open_sub(host_dir, sub)?;
-    let through = fd_path(&dir);
-    let mut entries = Vec::new();
-    for entry in fs::read_dir(&through).map_err(io_err(&path))? {
-        let entry = entry.map_err(io_err(&path))?;
-        let meta = match fs::symlink_metadata(entry.path()) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let refused = refusal(&meta);
-        entries.push(LogEntry {
-            name: entry.file_name().to_string_lossy().into_owned(),
-            size: if refused.is_none() { meta.len() } else { 0 },
-            refused,
-        });
-    }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    list_dir(&fd_path(&dir), &path)
 }
 
 /// Reads `<host_dir>/logs/<sub>/<name>` with the checks of [`read`], through the
