@@ -244,15 +244,16 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
 
 /// When systemd will start the agent next, if systemd runs its timer.
 fn next_timer_run() -> Option<String> {
-    let out = std::process::Command::new("systemctl")
+    let out = crate::sys::process::Cmd::new("systemctl")
         .args([
             "show",
             "bento-agent.timer",
             "--property=NextElapseUSecRealtime",
             "--value",
         ])
-        .output()
+        .timeout(std::time::Duration::from_secs(10))
+        .run()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !text.is_empty() && text != "n/a").then_some(text)
+    let text = out.stdout_text().trim().to_owned();
+    (!text.is_empty() && text != "n/a").then_some(text)
 }

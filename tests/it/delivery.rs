@@ -452,7 +452,16 @@ fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
     assert!(text.contains("runs the expected system"), "{text}");
 
     // Edit the tree: diff says it is not built yet; after bento build it shows the change.
-    env.fleet.write("common/base.nix", "{ version = \"2\"; }\n");
+    // A version of its own: the store outlives test runs, and a system some other run built
+    // would rightly count as built.
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    env.fleet.write(
+        "common/base.nix",
+        &format!("{{ version = \"2.{unique}\"; }}\n"),
+    );
     let out = diff();
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{text}");

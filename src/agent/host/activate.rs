@@ -2,11 +2,11 @@
 //! unit of its own under systemd, retried while another switch holds its lock.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use super::ActivateError;
 use crate::nix;
 use crate::protocol::{Mode, StorePath};
+use crate::sys::process::Cmd;
 
 /// Runs `path/bin/switch-to-configuration MODE`; returns its output.
 pub fn activate(path: &StorePath, mode: Mode) -> Result<String, ActivateError> {
@@ -80,27 +80,26 @@ pub fn activation_argv(program: &Path, mode: &str, systemd: bool) -> Vec<String>
 
 fn run_activation(argv: &[String]) -> Result<String, ActivateError> {
     let shown = argv.join(" ");
-    let out = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| ActivateError {
-            argv: shown.clone(),
-            status: "could not start".into(),
-            output_tail: e.to_string(),
-            output: e.to_string(),
-        })?;
-    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-    output.push_str(&String::from_utf8_lossy(&out.stderr));
-    if out.status.success() {
-        Ok(output)
-    } else {
-        Err(ActivateError {
+    let Some(cmd) = Cmd::from_argv(argv) else {
+        return Err(ActivateError {
             argv: shown,
-            status: out.status.to_string(),
-            output_tail: nix::tail(&output, nix::STDERR_TAIL_LINES),
-            output,
-        })
+            status: "could not start".into(),
+            output_tail: "empty command".into(),
+            output: String::new(),
+        });
+    };
+    // Its whole output goes into the run's log: stdout, then stderr.
+    match cmd.run() {
+        Ok(out) => Ok(out.stdout_text() + &out.stderr),
+        Err(e) => {
+            let output = String::from_utf8_lossy(&e.stdout).into_owned() + &e.stderr;
+            Err(ActivateError {
+                argv: shown,
+                status: e.ended.to_string(),
+                output_tail: nix::tail(&output, nix::STDERR_TAIL_LINES),
+                output,
+            })
+        }
     }
 }
 

@@ -2,18 +2,20 @@
 //! activation (what nixos-rebuild does: `nix-env -p PROFILE --set PATH`, then
 //! `PATH/bin/switch-to-configuration MODE`), systemd for rebooting.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{ActivateError, Host, Realise};
 use crate::agent::config::AgentConfig;
 use crate::nix::{self, Built, Nix, NixError};
 use crate::protocol::{Mode, StorePath};
+use crate::sys::process::Cmd;
 
 /// How long a notification command may run.
 const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+/// systemctl and systemd-run return at once (they only queue jobs); a hung bus must not
+/// hold the run.
+const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct NixHost {
     pub nix: Nix,
@@ -82,47 +84,12 @@ impl Host for NixHost {
     }
 
     fn notify(&self, cmd: &[String], report: &[u8]) {
-        let Some((program, args)) = cmd.split_first() else {
+        let Some(notify) = Cmd::from_argv(cmd) else {
             return;
         };
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("notify command {program}: {e}");
-                return;
-            }
-        };
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(report);
-        }
-        let deadline = Instant::now() + NOTIFY_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) if !status.success() => {
-                    tracing::warn!("notify command {program} exited with {status}");
-                    return;
-                }
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() >= deadline => {
-                    tracing::warn!(
-                        "notify command {program} still running after {NOTIFY_TIMEOUT:?}; killed"
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    tracing::warn!("notify command {program}: {e}");
-                    return;
-                }
-            }
+        // A hook must never hold the run (and its lock) up: bounded, and only logged.
+        if let Err(e) = notify.stdin(report.to_vec()).timeout(NOTIFY_TIMEOUT).run() {
+            tracing::warn!("notify command: {e}");
         }
     }
 
@@ -135,15 +102,14 @@ impl Host for NixHost {
                 vec!["systemctl".into(), "reboot".into()],
             ],
         };
-        for cmd in commands {
-            let Some((program, args)) = cmd.split_first() else {
+        for argv in commands {
+            let Some(cmd) = Cmd::from_argv(&argv) else {
                 continue;
             };
-            step(&format!("rebooting: {}", cmd.join(" ")));
-            match Command::new(program).args(args).status() {
-                Ok(s) if s.success() => return,
-                Ok(s) => tracing::warn!("{} exited with {s}", cmd.join(" ")),
-                Err(e) => tracing::warn!("{}: {e}", cmd.join(" ")),
+            step(&format!("rebooting: {}", argv.join(" ")));
+            match cmd.timeout(SYSTEMCTL_TIMEOUT).run() {
+                Ok(_) => return,
+                Err(e) => tracing::warn!("{e}"),
             }
         }
     }
@@ -153,10 +119,11 @@ impl Host for NixHost {
             .reboot_command
             .clone()
             .unwrap_or_else(|| vec!["systemctl".into(), "reboot".into()]);
-        let _ = Command::new("systemctl")
+        let _ = Cmd::new("systemctl")
             .args(["stop", "bento-reboot.timer"])
-            .status();
-        let status = Command::new("systemd-run")
+            .timeout(SYSTEMCTL_TIMEOUT)
+            .run();
+        let scheduled = Cmd::new("systemd-run")
             .args([
                 "--unit=bento-reboot",
                 "--on-calendar",
@@ -165,12 +132,10 @@ impl Host for NixHost {
                 "--",
             ])
             .args(&reboot)
-            .status();
-        match status {
-            Ok(s) if s.success() => tracing::info!("reboot scheduled for {when}"),
-            Ok(s) => tracing::warn!(
-                "could not schedule the reboot for {when}: systemd-run exited with {s}"
-            ),
+            .timeout(SYSTEMCTL_TIMEOUT)
+            .run();
+        match scheduled {
+            Ok(_) => tracing::info!("reboot scheduled for {when}"),
             Err(e) => tracing::warn!("could not schedule the reboot for {when}: {e}"),
         }
     }

@@ -380,14 +380,14 @@ fn refuse_private_keys(
 
 /// The fleet repo's `HEAD` commit, when it is a git work tree.
 pub fn source_commit(root: &Path) -> Option<String> {
-    let out = std::process::Command::new("git")
+    let out = crate::sys::process::Cmd::new("git")
         .arg("-C")
         .arg(root)
         .args(["rev-parse", "--verify", "--quiet", "HEAD"])
-        .stderr(std::process::Stdio::null())
-        .output()
+        .timeout(std::time::Duration::from_secs(60))
+        .run()
         .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
+    let text = out.stdout_text();
     let commit = text.trim();
-    (out.status.success() && !commit.is_empty()).then(|| commit.to_owned())
+    (!commit.is_empty()).then(|| commit.to_owned())
 }
