@@ -29,6 +29,9 @@ struct Fleet {
     trusted: String,
     /// Bytes of the per-version blob each host downloads.
     blob: usize,
+    /// Host threads may publish (after a rollback) side by side; one writing the tree
+    /// while the other's publish reads it is a publish bento rightly refuses.
+    publishing: std::sync::Mutex<()>,
 }
 
 impl Fleet {
@@ -58,6 +61,7 @@ impl Fleet {
             sshd,
             trusted,
             blob,
+            publishing: std::sync::Mutex::new(()),
         };
         fleet(&f.sshd);
         f.publish("1");
@@ -66,6 +70,7 @@ impl Fleet {
 
     /// Publishes version `label`: a new system, a new secret and a new blob for every host.
     fn publish(&self, label: &str) {
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         self.write(label);
         self.sshd.publish();
     }
