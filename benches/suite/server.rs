@@ -35,7 +35,12 @@ pub fn bento() -> Command {
     let mut cmd = Command::new(bento_bin());
     cmd.env("NIX_CONFIG", NIX_CONFIG)
         .env_remove("BENTO_FLEET")
-        .env("BENTO_LOG", "bento=warn");
+        .env("BENTO_LOG", "bento=warn")
+        // A `<nixpkgs/nixos>` for classic hosts, as a server has: publish evaluates them.
+        .env(
+            "NIX_PATH",
+            format!("nixpkgs={}", crate::machine::toy_nixpkgs().display()),
+        );
     cmd
 }
 
