@@ -38,11 +38,17 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
 /// What the journal says on every run of an agent without `trusted_keys`.
 pub const UNSIGNED_WARNING: &str = "no trusted_keys configured: manifest signatures are not verified, so anyone who can write this host's chroot on the server can change this machine (see `bento keygen`)";
 
+/// The longest error kept for a run that could not reach the server.
+const MAX_UNREACHABLE_CHARS: usize = 1000;
+
 /// Keeps a run that could not reach the server in the state, so `bento agent status` says
 /// so instead of showing the last success. Reads the state afresh: the run may have saved it.
 fn record_unreachable(dirs: &StateDir, error: &RemoteError, now: u64) {
     let recorded = dirs.load().and_then(|mut state| {
-        state.record_unreachable(error.to_string(), now);
+        // Bounded: ssh's stderr can be long, and the state is read on every run.
+        let text = error.to_string();
+        let text = crate::sys::terminal::truncate(&text, MAX_UNREACHABLE_CHARS);
+        state.record_unreachable(text.into_owned(), now);
         dirs.save(&state)
     });
     if let Err(e) = recorded {
