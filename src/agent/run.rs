@@ -36,7 +36,7 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
 }
 
 /// What the journal says on every run of an agent without `trusted_keys`.
-pub const UNSIGNED_WARNING: &str = "no trusted_keys configured: manifest signatures are not verified, so anyone who can write this host's chroot on the server can change this machine (see `bento keygen`)";
+const UNSIGNED_WARNING: &str = "no trusted_keys configured: manifest signatures are not verified, so anyone who can write this host's chroot on the server can change this machine (see `bento keygen`)";
 
 /// The longest error kept for a run that could not reach the server.
 const MAX_UNREACHABLE_CHARS: usize = 1000;
