@@ -338,6 +338,7 @@ pub fn heartbeat(
         reboot_pending: state.reboot_pending,
         auto_updated: version.is_some() && state.auto_updated,
         last_success: state.last_success.map(Timestamp::from_unix),
+        verifies_signatures: Some(!cfg.trusted_keys.is_empty()),
     };
     if let Err(e) = sink.put(LogItem::Heartbeat, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

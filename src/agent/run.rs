@@ -9,6 +9,7 @@ use super::config::AgentConfig;
 use super::decide::{self, Decision, Facts};
 use super::outcome::{secs, state_err, AgentError, RunResult, UpdateOptions};
 use super::record::{no_op, Run};
+use super::source::RemoteError;
 use super::state::StateDir;
 use super::{fetch, record, self_update};
 use crate::protocol::layout;
@@ -22,10 +23,48 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
     dirs.create().map_err(state_err(&dirs.root))?;
     let _lock = Lock::acquire(&dirs.lock(), opts.on_wait).map_err(state_err(&dirs.lock()))?;
     dirs.remove_leftovers();
+    // On every run, not only when a version is applied: a fleet without signatures must
+    // not look the same as one with them in the agent's journal.
+    if cfg.trusted_keys.is_empty() {
+        tracing::warn!("{UNSIGNED_WARNING}");
+    }
+    let result = update_locked(opts, &dirs);
+    if let Err(AgentError::Remote(e)) = &result {
+        record_unreachable(&dirs, e, secs((opts.now)()));
+    }
+    result
+}
+
+/// What the journal says on every run of an agent without `trusted_keys`.
+const UNSIGNED_WARNING: &str = "no trusted_keys configured: manifest signatures are not verified, so anyone who can write this host's chroot on the server can change this machine (see `bento keygen`)";
+
+/// The longest error kept for a run that could not reach the server.
+const MAX_UNREACHABLE_CHARS: usize = 1000;
+
+/// Keeps a run that could not reach the server in the state, so `bento agent status` says
+/// so instead of showing the last success. Reads the state afresh: the run may have saved it.
+fn record_unreachable(dirs: &StateDir, error: &RemoteError, now: u64) {
+    let recorded = dirs.load().and_then(|mut state| {
+        // Bounded: ssh's stderr can be long, and the state is read on every run.
+        let text = error.to_string();
+        let text = crate::sys::terminal::truncate(&text, MAX_UNREACHABLE_CHARS);
+        state.record_unreachable(text.into_owned(), now);
+        dirs.save(&state)
+    });
+    if let Err(e) = recorded {
+        tracing::warn!(
+            "cannot record the failed connection in {}: {e}",
+            dirs.state_file().display()
+        );
+    }
+}
+
+fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult, AgentError> {
+    let cfg = opts.config;
     let mut state = dirs.load().map_err(state_err(&dirs.state_file()))?;
 
     let mut conn = (opts.connect)()?;
-    record::deliver_spool(conn.as_mut(), &dirs);
+    record::deliver_spool(conn.as_mut(), dirs);
 
     let running = opts.host.running().map_err(AgentError::Running)?;
     let current = match fetch::current(conn.as_mut())? {
@@ -35,6 +74,10 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
                 .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?,
         ),
     };
+    // The server answered: the runs that could not reach it are over.
+    if state.unreachable.take().is_some() {
+        dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+    }
 
     // After a reboot into the applied system, no reboot is pending any more.
     if state.reboot_pending {
@@ -52,15 +95,15 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
         running: running.as_ref(),
         force: opts.force,
         now: secs((opts.now)()),
-        self_update: current.is_some_and(|v| self_update_wanted(cfg, &dirs, v)),
+        self_update: current.is_some_and(|v| self_update_wanted(cfg, dirs, v)),
     };
     match decide::decide(&facts) {
         Decision::NoOp(reason) => Ok(no_op(opts, conn.as_mut(), &state, running.as_ref(), reason)),
         Decision::SelfUpdate(version) => {
-            self_update::self_update(opts, &dirs, &mut state, &mut conn, version, running)
+            self_update::self_update(opts, dirs, &mut state, &mut conn, version, running)
         }
         Decision::Apply(version) => {
-            let mut run = Run::start(opts, &dirs, running.clone(), RunKind::Published);
+            let mut run = Run::start(opts, dirs, running.clone(), RunKind::Published);
             run.log.step(&format!(
                 "applying version {} (running {})",
                 version.short(),
@@ -68,7 +111,7 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
             ));
             let mut attempt = Attempt {
                 cfg,
-                dirs: &dirs,
+                dirs,
                 host: opts.host,
                 version,
                 running: running.clone(),

@@ -84,6 +84,23 @@ pub struct State {
     /// Unix seconds of the last run that ended in success.
     #[serde(default)]
     pub last_success: Option<u64>,
+    /// Set while runs cannot reach the server (no connection, or it dropped before the run
+    /// could finish); cleared by the next run that reads `current`.
+    #[serde(default)]
+    pub unreachable: Option<Unreachable>,
+}
+
+/// Runs that could not reach the server, since the last one that did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unreachable {
+    /// Unix seconds of the first failed run of this streak.
+    pub since: u64,
+    /// Unix seconds of the newest failed run.
+    pub at: u64,
+    /// How many runs in a row failed to reach it.
+    pub runs: u32,
+    /// What the newest one said.
+    pub error: String,
 }
 
 /// How long to wait before retrying a version that failed `count` times in a row:
@@ -117,6 +134,20 @@ impl State {
                 })
             }
         }
+    }
+
+    /// Records a run that could not reach the server at `now` (unix seconds).
+    pub fn record_unreachable(&mut self, error: String, now: u64) {
+        let (since, runs) = match &self.unreachable {
+            Some(u) => (u.since, u.runs.saturating_add(1)),
+            None => (now, 1),
+        };
+        self.unreachable = Some(Unreachable {
+            since,
+            at: now,
+            runs,
+            error,
+        });
     }
 
     pub fn record_rollback(&mut self, version: Digest) {

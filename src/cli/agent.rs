@@ -193,11 +193,19 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             "last_run": state.last.as_ref().map(|l| when(l.finished)),
             "last_error": state.last.as_ref().and_then(|l| l.error.clone()),
             "rolled_back": state.rolled_back,
+            "reboot_pending": state.reboot_pending,
+            "verifies_signatures": !cfg.trusted_keys.is_empty(),
+            "unreachable": state.unreachable.as_ref().map(|u| serde_json::json!({
+                "since": when(u.since),
+                "at": when(u.at),
+                "runs": u.runs,
+                "error": u.error,
+            })),
             "next_run": next,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = [
+    let mut rows = vec![
         ("host", cfg.host.to_string()),
         ("server", cfg.server.to_string()),
         (
@@ -231,11 +239,47 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
                 )
             }),
         ),
+    ];
+    // The runs since the last that reached the server: "last run" alone would go on
+    // showing that one's success.
+    if let Some(u) = &state.unreachable {
+        let runs = match u.runs {
+            1 => "1 run".to_owned(),
+            n => format!("{n} runs since {}", when(u.since)),
+        };
+        rows.push((
+            "contact",
+            format!(
+                "server unreachable ({runs}), last tried at {}: {}",
+                when(u.at),
+                crate::sys::terminal::escape(&u.error)
+            ),
+        ));
+    }
+    rows.extend([
+        (
+            "reboot",
+            if state.reboot_pending {
+                "pending: the applied system boots another kernel or initrd".to_owned()
+            } else {
+                "not needed".to_owned()
+            },
+        ),
+        (
+            "signing",
+            match cfg.trusted_keys.len() {
+                0 => format!(
+                    "not verified: no trusted_keys in {}, so manifests are applied unsigned",
+                    config.display()
+                ),
+                n => format!("manifests must be signed by one of {n} trusted keys"),
+            },
+        ),
         (
             "next run",
             next.unwrap_or_else(|| "unknown (no systemd timer)".into()),
         ),
-    ];
+    ]);
     for (k, v) in rows {
         output::line(&format!("{k:9} {v}"));
     }

@@ -1,6 +1,6 @@
 //! `bento status`: one row per host (table, `--json`, `--prometheus FILE`), `--watch` to
 //! redraw on every publish or report. Exits 2 when a host is failing, rolled back or silent,
-//! so it can serve as a monitoring check.
+//! so it can serve as a monitoring check, and 1 when it could not read what it reports on.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
+use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, DEFAULT_INTERVAL};
+use crate::server::rollout::StatusView;
 use crate::server::status::{self, render, watch::Watcher, HostStatus, Query};
 use crate::sys::output;
 
@@ -89,7 +91,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         Color::Never => false,
         Color::Auto => output::color_on(std::io::stdout().is_terminal()),
     };
-    let show = |now: SystemTime| -> anyhow::Result<Vec<HostStatus>> {
+    let show = |now: SystemTime| -> anyhow::Result<(Vec<HostStatus>, StatusView)> {
         let query = Query {
             chroot: &chroot,
             intervals: &intervals,
@@ -99,21 +101,31 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         };
         let mut rows = status::collect(&query)
             .with_context(|| format!("reading {}", chroot.root.display()))?;
-        // rollout (#13): held hosts, hosts a rollout holds back (server/rollout.rs).
-        view(&fleet, &chroot).apply(&mut rows);
+        // rollout (#13): held hosts, hosts a rollout holds back (server/rollout.rs). Read
+        // once per table: its warning, if any, is said once.
+        let view = view(&fleet, &chroot);
+        view.apply(&mut rows);
         if let Some(path) = &args.prometheus {
             crate::sys::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        Ok(rows)
+        Ok((rows, view))
     };
 
     if !args.watch {
         let now = args.now.unwrap_or_else(SystemTime::now);
-        let rows = show(now)?;
-        print(&rows, now, args.json, color, false, &view(&fleet, &chroot))?;
+        let (rows, view) = show(now)?;
+        print(&rows, now, args.json, color, false, &view)?;
         tracing::info!("{}", render::summary(&rows));
-        return Ok(exit_code(&rows));
+        let code = exit_code(&rows);
+        if let Some(problem) = unreadable(&rows, &chroot) {
+            // The table said what it could; the exit status must not say all is well.
+            if code == ExitCode::SUCCESS {
+                anyhow::bail!(problem);
+            }
+            eprintln!("error: {problem}");
+        }
+        return Ok(code);
     }
 
     let watcher = Watcher::start(&chroot)
@@ -121,12 +133,12 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let clear = color && !args.json;
     loop {
         let now = args.now.unwrap_or_else(SystemTime::now);
-        let rows = show(now)?;
+        let (rows, view) = show(now)?;
         if clear {
             // Home and clear the screen, then draw: the table replaces the previous one.
             write_stdout("\x1b[H\x1b[2J")?;
         }
-        print(&rows, now, args.json, color, true, &view(&fleet, &chroot))?;
+        print(&rows, now, args.json, color, true, &view)?;
         if !clear && !args.json {
             // Piped: one table after another, separated by a blank line.
             write_stdout("\n")?;
@@ -142,7 +154,7 @@ fn print(
     json: bool,
     color: bool,
     stream: bool,
-    view: &crate::server::rollout::StatusView,
+    view: &StatusView,
 ) -> anyhow::Result<()> {
     // rollout (#13): the JSON rows carry `tags` and `held_back` (server/rollout.rs).
     if json && stream {
@@ -163,15 +175,30 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 }
 
 // rollout (#13): the rollout's view of the fleet, read afresh for every redraw.
-fn view(
-    fleet: &Fleet,
-    chroot: &crate::protocol::layout::Chroot,
-) -> crate::server::rollout::StatusView {
+fn view(fleet: &Fleet, chroot: &Chroot) -> StatusView {
     let progress = crate::server::rollout::load(chroot).unwrap_or_else(|e| {
         tracing::warn!("{e}");
         None
     });
     crate::server::rollout::StatusView::new(&fleet.config, progress.as_ref())
+}
+
+/// What to say when some hosts' files could not be read (their rows name the files).
+fn unreadable(rows: &[HostStatus], chroot: &Chroot) -> Option<String> {
+    let hosts: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.unreadable)
+        .map(|r| r.host.as_str())
+        .collect();
+    let (first, rest) = hosts.split_first()?;
+    let which = match rest.len() {
+        0 => format!("host {first}"),
+        n => format!("{} hosts ({first} and {n} more)", hosts.len()),
+    };
+    Some(format!(
+        "could not read the files of {which} in {}, so their state is not known: run bento status as a user that can read the chroot (root)",
+        chroot.root.display()
+    ))
 }
 
 fn exit_code(rows: &[HostStatus]) -> ExitCode {

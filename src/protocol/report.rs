@@ -129,6 +129,10 @@ pub struct Heartbeat {
     /// When a run last ended in success (RFC 3339), whatever happened since.
     #[serde(default)]
     pub last_success: Option<Timestamp>,
+    /// Whether the agent checks manifest signatures (it has `trusted_keys`). Absent in
+    /// heartbeats of agents older than the field: unknown, not `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifies_signatures: Option<bool>,
 }
 
 impl Report {

@@ -148,6 +148,12 @@ pub fn prepare_backups_dir(
     )
 }
 
+/// Whether a host directory is one [`seal_host_dir`] retired (root:root 0700): no host
+/// account can enter it, so it is no longer a host of the fleet, only its kept data.
+pub fn is_sealed(meta: &fs::Metadata) -> bool {
+    meta.is_dir() && meta.uid() == 0 && meta.gid() == 0 && meta.mode() & 0o777 == 0o700
+}
+
 /// Hands a host's directory to root alone (root:root 0700), as its account is deleted: the
 /// account's uid and gid are free for reuse from then on. Returns what was done, or `None`
 /// when there is no directory (a symlink is left alone and not followed).

@@ -19,8 +19,8 @@ pub fn tags(config: &FleetConfig) -> Tags {
         .collect()
 }
 
-/// Hosts named in bento.toml or having a directory in the chroot, sorted (what `status`,
-/// `trigger` and `rollback` select from).
+/// Hosts named in bento.toml or having a directory in the chroot that `sync-accounts
+/// --prune` did not retire, sorted (what `status`, `trigger` and `rollback` select from).
 pub fn known_hosts(config: &FleetConfig, chroot_root: &Path) -> std::io::Result<Vec<HostName>> {
     let mut names: BTreeSet<HostName> = config.hosts.keys().cloned().collect();
     match std::fs::read_dir(chroot_root) {
@@ -33,7 +33,11 @@ pub fn known_hosts(config: &FleetConfig, chroot_root: &Path) -> std::io::Result<
                     .to_str()
                     .and_then(|n| HostName::new(n).ok())
                 {
-                    if entry.file_type()?.is_dir() {
+                    // A directory `sync-accounts --prune` retired is no host any more.
+                    if entry.file_type()?.is_dir()
+                        && (names.contains(&h)
+                            || !crate::server::chroot::is_sealed(&entry.metadata()?))
+                    {
                         names.insert(h);
                     }
                 }

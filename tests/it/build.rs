@@ -284,6 +284,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             reboot_pending: false,
             auto_updated: false,
             last_success: None,
+            verifies_signatures: None,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

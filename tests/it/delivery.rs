@@ -439,6 +439,7 @@ fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
         reboot_pending: false,
         auto_updated: false,
         last_success: None,
+        verifies_signatures: None,
     };
     fs::write(logs.join("heartbeat.json"), hb.to_bytes()).unwrap();
     let diff = || {

@@ -85,7 +85,18 @@ impl Fixture {
     }
 
     fn heartbeat(&self, host: &str, offset: i64, version: Option<Digest>, system: &str) {
-        let hb = Heartbeat {
+        self.heartbeat_with(host, offset, version, system, |_| {});
+    }
+
+    fn heartbeat_with(
+        &self,
+        host: &str,
+        offset: i64,
+        version: Option<Digest>,
+        system: &str,
+        change: impl FnOnce(&mut Heartbeat),
+    ) {
+        let mut hb = Heartbeat {
             format: 1,
             host: HostName::new(host).unwrap(),
             time: at(offset),
@@ -97,7 +108,9 @@ impl Fixture {
             reboot_pending: false,
             auto_updated: false,
             last_success: None,
+            verifies_signatures: None,
         };
+        change(&mut hb);
         write_atomic(
             &self.host_dir(host).join("logs/heartbeat.json"),
             &hb.to_bytes(),
@@ -182,7 +195,11 @@ fn every_state() -> Fixture {
     let (s1, s2) = (system("current", 'a'), system("current", 'b'));
     let v = f.publish("current", "current 2", -3600, Some(&s2));
     f.report("current", -3000, v, Outcome::Success, &s1, &s2, None);
-    f.heartbeat("current", -60, Some(v), &s2);
+    // It applied a new kernel and waits for its reboot; its agent checks signatures.
+    f.heartbeat_with("current", -60, Some(v), &s2, |hb| {
+        hb.reboot_pending = true;
+        hb.verifies_signatures = Some(true);
+    });
 
     // The race: N+1 went live 10 s ago; the host's report and heartbeat for N landed after.
     let (r1, r2) = (system("racing", 'a'), system("racing", 'b'));
@@ -238,7 +255,10 @@ fn every_state() -> Fixture {
     let s = system("slow", 'a');
     let v = f.publish("slow", "slow 1", -86_400, Some(&s));
     f.report("slow", -80_000, v, Outcome::Success, &s, &s, None);
-    f.heartbeat("slow", -7200, Some(v), &s);
+    // Its agent has no trusted_keys: it applies whatever the chroot holds, unsigned.
+    f.heartbeat_with("slow", -7200, Some(v), &s, |hb| {
+        hb.verifies_signatures = Some(false)
+    });
 
     // Expected system from `bento build` (manifest without one), matching the live config.
     let bs = system("built", 'c');
@@ -351,6 +371,17 @@ fn json_has_stable_fields_and_state_names() {
     assert_eq!(state("gone"), "silent");
     assert_eq!(state("slow"), "up-to-date");
     assert_eq!(state("built"), "up-to-date");
+    let field =
+        |host: &str, name: &str| rows.iter().find(|r| r["host"] == host).unwrap()[name].clone();
+    assert_eq!(field("current", "reboot_pending"), true);
+    assert_eq!(field("racing", "reboot_pending"), false);
+    assert_eq!(field("current", "verifies_signatures"), true);
+    assert_eq!(field("slow", "verifies_signatures"), false);
+    // An agent that does not say (older than the field) is unknown, not unverified.
+    assert_eq!(
+        field("gone", "verifies_signatures"),
+        serde_json::Value::Null
+    );
     for r in rows {
         for field in [
             "host",
@@ -360,6 +391,9 @@ fn json_has_stable_fields_and_state_names() {
             "running_system",
             "last_seen",
             "error",
+            "reboot_pending",
+            "verifies_signatures",
+            "unreadable",
         ] {
             assert!(r.get(field).is_some(), "{field} missing in {r}");
         }
@@ -516,6 +550,31 @@ fn prometheus_textfile_parses_and_has_every_host() {
             &[("host", "current")]
         ),
         Some(secs)
+    );
+    assert_eq!(
+        value("bento_host_reboot_pending", &[("host", "current")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("bento_host_reboot_pending", &[("host", "racing")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("bento_host_verifies_signatures", &[("host", "slow")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("bento_host_verifies_signatures", &[("host", "current")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("bento_host_verifies_signatures", &[("host", "gone")]),
+        None,
+        "an agent that does not say is not counted as unverified"
+    );
+    assert_eq!(
+        value("bento_host_unreadable", &[("host", "current")]),
+        Some(0.0)
     );
     // Every host has one sample per state, exactly one of them 1.
     for host in ["current", "racing", "fresh", "hostile", "unpublished"] {
@@ -795,4 +854,239 @@ fn watch_escapes_what_hosts_wrote() {
         let raw: Vec<char> = rest.chars().filter(|&c| is_hostile_char(c)).collect();
         assert!(raw.is_empty(), "raw controls {raw:?} in {line:?}");
     }
+}
+
+/// Hosts `a` and `b` published and heard from, `c` only in bento.toml; host directories and
+/// `.bento/` with the modes a real server gives them (root-only but for the host's group).
+fn jailed() -> Fixture {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new("[hosts.a]\n[hosts.b]\n[hosts.c]\n");
+    for host in ["a", "b"] {
+        let s = system(host, 'a');
+        let v = f.publish(host, &format!("{host} 1"), -3600, Some(&s));
+        f.report(host, -600, v, Outcome::Success, &s, &s, None);
+        f.heartbeat(host, -60, Some(v), &s);
+        fs::set_permissions(f.host_dir(host), fs::Permissions::from_mode(0o750)).unwrap();
+    }
+    fs::set_permissions(f.chroot.state_dir(), fs::Permissions::from_mode(0o700)).unwrap();
+    f
+}
+
+/// `bento --fleet … status …` as nobody (uid and gid 65534, no groups), as scripts/test.sh
+/// runs the unit tier.
+fn status_as_nobody(f: &Fixture, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(assert_cmd::cargo::cargo_bin("bento"))
+        .arg("--fleet")
+        .arg(&f.fleet)
+        .args(["status", "--now", NOW, "--color", "never"])
+        .args(extra)
+        .env("BENTO_LOG", "bento=info")
+        .env_remove("BENTO_FLEET")
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn status_that_cannot_read_the_chroot_exits_1_and_says_each_error_once() {
+    let f = jailed();
+    // As root every host reads fine.
+    f.status().assert().success();
+
+    let out = status_as_nobody(&f, &[]);
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let all = format!("{stdout}{stderr}");
+    for host in ["a", "b"] {
+        let dir = f.host_dir(host);
+        for file in [layout::current(&dir), dir.join("logs")] {
+            let error = format!("{}: Permission denied", file.display());
+            assert_eq!(all.matches(&error).count(), 1, "{error}:\n{all}");
+        }
+    }
+    assert_eq!(
+        stderr
+            .matches("error: could not read the files of 2 hosts (a and 1 more)")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    // The rollout's state (root-only) cannot be read either: one warning, not one per use.
+    assert_eq!(stderr.matches("rollout.json").count(), 1, "{stderr}");
+
+    let out = status_as_nobody(&f, &["--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unreadable: Vec<(String, bool)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap().to_owned(),
+                r["unreadable"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        unreadable,
+        [("a".into(), true), ("b".into(), true), ("c".into(), false)]
+    );
+
+    // A host it can read that is failing still makes it exit 2, and the others are still
+    // said to be unknown.
+    let (c1, c2) = (system("c", 'a'), system("c", 'b'));
+    let v = f.publish("c", "c 2", -3600, Some(&c2));
+    f.report(
+        "c",
+        -600,
+        v,
+        Outcome::Failure,
+        &c1,
+        &c1,
+        Some("build failed"),
+    );
+    let out = status_as_nobody(&f, &[]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: could not read the files of 2 hosts"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hosts_pruned_from_bento_toml_leave_status() {
+    let f = Fixture::new("[hosts.kept]\n");
+    for host in ["kept", "retired", "leftover"] {
+        let s = system(host, 'a');
+        let v = f.publish(host, &format!("{host} 1"), -3600, Some(&s));
+        f.report(host, -600, v, Outcome::Success, &s, &s, None);
+        f.heartbeat(host, -60, Some(v), &s);
+    }
+    // `retired` went through `bento server sync-accounts --prune`, which keeps its data
+    // root-only; `leftover` was removed from bento.toml without it, so it can still log in.
+    bento::server::chroot::seal_host_dir(&f.host_dir("retired")).unwrap();
+    let out = f
+        .status()
+        .arg("--json")
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hosts: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["kept", "leftover"], "{rows}");
+    let leftover = &rows[1];
+    assert!(
+        leftover["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in bento.toml (`bento server sync-accounts --prune` retires it)"),
+        "{leftover}"
+    );
+    assert_eq!(rows[0]["error"], serde_json::Value::Null);
+
+    // Asked for by name, a retired host is still shown, as such.
+    let out = f
+        .status()
+        .args(["--host", "retired"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("not in bento.toml: retired (its directory is root-only)"),
+        "{text}"
+    );
+    // Selectors do not pick it up either.
+    let out = f
+        .status()
+        .args(["--on", "*", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 2, "{rows}");
+}
+
+#[test]
+fn agent_status_shows_a_failed_connection_a_pending_reboot_and_unchecked_signatures() {
+    use bento::agent::state::{Applied, LastRun, State, StateDir, Unreachable};
+    let scratch = ScratchDir::new();
+    let config = scratch.join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "host = \"alpha\"\nserver = \"file://{0}/chroot\"\nstate_dir = \"{0}/state\"\n\
+             current_system = \"{0}/no-current-system\"\nprofile = \"{0}/no-profile\"\n",
+            scratch.path.display()
+        ),
+    )
+    .unwrap();
+    let t0 = at(-3600).system_time();
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let version = Digest::of(b"applied");
+    let dirs = StateDir::new(&scratch.join("state"));
+    dirs.create().unwrap();
+    dirs.save(&State {
+        applied: Some(Applied {
+            version,
+            system: StorePath::new(&system("alpha", 'a')).unwrap(),
+            at: secs(t0),
+            created: None,
+        }),
+        last: Some(LastRun {
+            id: "20261125T110000Z-00000000".into(),
+            version,
+            outcome: Outcome::Success,
+            finished: secs(t0),
+            error: None,
+        }),
+        reboot_pending: true,
+        unreachable: Some(Unreachable {
+            since: secs(t0) + 900,
+            at: secs(t0) + 2700,
+            runs: 3,
+            error: "cannot connect to sftp://bento-alpha@bento.example.org: ssh: connect to host bento.example.org port 22: Connection refused".into(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let run = |json: bool| {
+        let mut cmd = bento();
+        cmd.args(["agent", "status", "--config"]).arg(&config);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.assert().success().get_output().clone();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut settings = settings();
+    // Whether systemd runs a timer depends on the machine running the test.
+    settings.add_filter(r"(?m)^next run .*$", "next run  [TIMER]");
+    settings.bind(|| insta::assert_snapshot!("agent_status", run(false)));
+
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(v["reboot_pending"], true);
+    assert_eq!(v["verifies_signatures"], false);
+    assert_eq!(v["unreachable"]["runs"], 3);
+    assert_eq!(v["unreachable"]["since"], "2026-11-25T11:15:00Z");
+    assert_eq!(v["unreachable"]["at"], "2026-11-25T11:45:00Z");
+    assert!(v["unreachable"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Connection refused"));
+    assert_eq!(v["last_outcome"], "success");
 }

@@ -17,6 +17,7 @@ use crate::protocol::manifest::{Digest, Manifest};
 use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST_FILE};
 use crate::protocol::HostName;
 use crate::server::build::record;
+use crate::server::chroot;
 use crate::server::logs::{self, LogsError};
 use crate::sys::terminal::truncate;
 
@@ -50,6 +51,14 @@ pub struct HostStatus {
     pub last_success: Option<String>,
     /// Why the host is in a problem state, and anything of its logs that could not be read.
     pub error: Option<String>,
+    /// Its heartbeat says the applied system waits for a reboot (new kernel or initrd).
+    pub reboot_pending: bool,
+    /// Its heartbeat says whether its agent checks manifest signatures; `None` when it does
+    /// not say (no heartbeat, or an agent older than the field).
+    pub verifies_signatures: Option<bool>,
+    /// Some of the files the state depends on could not be read (permissions, I/O errors:
+    /// named in `error`), so the state is a guess; `bento status` then exits non-zero.
+    pub unreadable: bool,
     #[serde(skip)]
     pub last_seen_at: Option<SystemTime>,
     #[serde(skip)]
@@ -83,9 +92,31 @@ struct ManifestHead {
 /// The longest note quoting host-written text (a parse error, a bad field).
 const MAX_NOTE_CHARS: usize = 200;
 
+/// What a row says besides its state, each thing once (`logs/` that cannot be opened is
+/// the same error for every file in it), and whether a file could not be read at all.
+#[derive(Default)]
+struct Notes {
+    list: Vec<String>,
+    unreadable: bool,
+}
+
+impl Notes {
+    fn push(&mut self, note: String) {
+        if !self.list.contains(&note) {
+            self.list.push(note);
+        }
+    }
+
+    /// A file status depends on could not be read: the state is not to be trusted.
+    fn unreadable(&mut self, note: String) {
+        self.unreadable = true;
+        self.push(note);
+    }
+}
+
 /// Keeps a host-written store path only when it is one: anything else is a note, so what
 /// the table shows of a host's systems is always a store path or nothing.
-fn store_path(value: &mut Option<String>, what: &str, notes: &mut Vec<String>) {
+fn store_path(value: &mut Option<String>, what: &str, notes: &mut Notes) {
     if let Some(text) = value.as_deref() {
         if StorePath::new(text).is_err() {
             notes.push(format!(
@@ -100,7 +131,9 @@ fn store_path(value: &mut Option<String>, what: &str, notes: &mut Vec<String>) {
 /// Threads reading host files at once (see `collect`).
 const COLLECT_THREADS: usize = 32;
 
-/// Every host in the chroot and in bento.toml, sorted by name.
+/// Every host in bento.toml, and every other host with a directory in the chroot unless
+/// `bento server sync-accounts --prune` retired it (sealed to root: no host logs in there
+/// any more) and it was not asked for by name; sorted by name.
 pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
     let mut names: std::collections::BTreeSet<HostName> = query.intervals.keys().cloned().collect();
     match std::fs::read_dir(&query.chroot.root) {
@@ -109,10 +142,15 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
                 let entry = entry?;
                 let name = entry.file_name();
                 // `.bento`, temporaries and anything else that is not a host name are skipped.
-                if let Some(host) = name.to_str().and_then(|n| HostName::new(n).ok()) {
-                    if entry.file_type()?.is_dir() {
-                        names.insert(host);
-                    }
+                let Some(host) = name.to_str().and_then(|n| HostName::new(n).ok()) else {
+                    continue;
+                };
+                if !entry.file_type()?.is_dir() || names.contains(&host) {
+                    continue;
+                }
+                // One more stat, for hosts bento.toml no longer names only.
+                if query.only.contains(&host) || !chroot::is_sealed(&entry.metadata()?) {
+                    names.insert(host);
                 }
             }
         }
@@ -137,7 +175,11 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
                     .get(host)
                     .copied()
                     .unwrap_or(query.default_interval);
-                host_status(query.chroot, host, query.now, interval)
+                let mut row = host_status(query.chroot, host, query.now, interval);
+                if !query.intervals.contains_key(host) {
+                    note_removed(&mut row, query.chroot);
+                }
+                row
             })
             .collect()
     };
@@ -152,6 +194,22 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     Ok(rows)
 }
 
+/// Says in the row of a host bento.toml does not name what became of it: retired by
+/// `sync-accounts --prune` (listed only when asked for), or still able to log in.
+fn note_removed(row: &mut HostStatus, chroot: &Chroot) {
+    let sealed =
+        std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m));
+    let note = if sealed {
+        "not in bento.toml: retired (its directory is root-only)"
+    } else {
+        "not in bento.toml (`bento server sync-accounts --prune` retires it)"
+    };
+    row.error = Some(match row.error.take() {
+        Some(e) => format!("{e}; {note}"),
+        None => note.to_owned(),
+    });
+}
+
 /// Problems first (failing, rolled back, silent, drifted, pending, new, up to date).
 pub fn sort(rows: &mut [HostStatus]) {
     rows.sort_by(|a, b| a.state.cmp(&b.state).then_with(|| a.host.cmp(&b.host)));
@@ -163,7 +221,7 @@ fn read_log<T: serde::de::DeserializeOwned>(
     host_dir: &Path,
     name: &str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
-    notes: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Option<T> {
     match logs::read(host_dir, name) {
         Ok(bytes) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
@@ -186,6 +244,12 @@ fn read_log<T: serde::de::DeserializeOwned>(
             None
         }
         Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+        // The server could not read it (permissions, I/O): not something the host did.
+        Err(e @ LogsError::Io { .. }) => {
+            notes.unreadable(e.to_string());
+            None
+        }
+        // Refused (a link, too large): the host's doing, shown as such.
         Err(e) => {
             notes.push(e.to_string());
             None
@@ -194,12 +258,17 @@ fn read_log<T: serde::de::DeserializeOwned>(
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
-fn live(host_dir: &Path, notes: &mut Vec<String>) -> Option<(Digest, ManifestHead)> {
-    let text = match std::fs::read_to_string(layout::current(host_dir)) {
+fn live(host_dir: &Path, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
+    let current = layout::current(host_dir);
+    let text = match std::fs::read_to_string(&current) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             notes.push(format!("current: {e}"));
+            return None;
+        }
+        Err(e) => {
+            notes.unreadable(format!("{}: {e}", current.display()));
             return None;
         }
     };
@@ -220,11 +289,22 @@ fn live(host_dir: &Path, notes: &mut Vec<String>) -> Option<(Digest, ManifestHea
             notes.push(format!("{}: manifest format {}", path.display(), h.format));
             None
         }
-        Err(e) => {
+        Err(HeadError::Io(e)) => {
+            notes.unreadable(format!("{}: {e}", path.display()));
+            None
+        }
+        Err(HeadError::Parse(e)) => {
             notes.push(format!("manifests/{digest}.json: {e}"));
             None
         }
     }
+}
+
+/// Why a manifest's head is not there: the file could not be read, or it is not one.
+#[derive(Debug)]
+enum HeadError {
+    Io(std::io::Error),
+    Parse(serde_json::Error),
 }
 
 /// Where the head fields end in a canonical manifest. The sequence cannot occur inside a
@@ -235,13 +315,13 @@ const CONFIG_KEY: &[u8] = b",\"config\":";
 /// `source_commit`, `build` and `system` before `config` (docs/protocol.md), so only the
 /// bytes before `,"config":` are parsed: a fleet's manifests can hold thousands of entries
 /// each, and skimming them all would dominate `bento status`. Anything else is parsed whole.
-fn read_head(path: &Path) -> Result<ManifestHead, String> {
+fn read_head(path: &Path) -> Result<ManifestHead, HeadError> {
     use std::io::Read as _;
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut file = std::fs::File::open(path).map_err(HeadError::Io)?;
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     loop {
-        let n = file.read(&mut buf[len..]).map_err(|e| e.to_string())?;
+        let n = file.read(&mut buf[len..]).map_err(HeadError::Io)?;
         len += n;
         if let Some(at) = buf[..len]
             .windows(CONFIG_KEY.len())
@@ -261,8 +341,8 @@ fn read_head(path: &Path) -> Result<ManifestHead, String> {
             buf.resize(buf.len() * 2, 0);
         }
     }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice::<ManifestHead>(&bytes).map_err(|e| e.to_string())
+    let bytes = std::fs::read(path).map_err(HeadError::Io)?;
+    serde_json::from_slice::<ManifestHead>(&bytes).map_err(HeadError::Parse)
 }
 
 /// The build record's system, when it was built from the live version's configuration.
@@ -270,11 +350,15 @@ fn built_for(
     chroot: &Chroot,
     host: &HostName,
     digest: &Digest,
-    notes: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Option<StorePath> {
     let rec = match record::read(chroot, host) {
         Ok(Some(r)) => r,
         Ok(None) => return None,
+        Err(e @ record::RecordError::Io { .. }) => {
+            notes.unreadable(e.to_string());
+            return None;
+        }
         Err(e) => {
             notes.push(e.to_string());
             return None;
@@ -295,7 +379,7 @@ pub fn host_status(
     interval: Duration,
 ) -> HostStatus {
     let dir = chroot.host_dir(host);
-    let mut notes = Vec::new();
+    let mut notes = Notes::default();
     let live = live(&dir, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
@@ -371,9 +455,10 @@ pub fn host_status(
                 .filter(|r| r.outcome == Outcome::Success)
                 .map(|r| r.finished.system_time())
         });
+    let unreadable = notes.unreadable;
     let error = reason
         .into_iter()
-        .chain(notes)
+        .chain(notes.list)
         .collect::<Vec<_>>()
         .join("; ");
     let fmt = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
@@ -392,6 +477,9 @@ pub fn host_status(
         last_seen: last_seen_at.map(fmt),
         last_success: last_success_at.map(fmt),
         error: (!error.is_empty()).then_some(error),
+        reboot_pending: heartbeat.as_ref().is_some_and(|h| h.reboot_pending),
+        verifies_signatures: heartbeat.as_ref().and_then(|h| h.verifies_signatures),
+        unreadable,
         last_seen_at,
         last_success_at,
         published_time,
@@ -401,6 +489,117 @@ pub fn host_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn alpha() -> HostName {
+        HostName::new("alpha").unwrap()
+    }
+
+    /// A chroot with host `alpha`: a live version and, if given, its heartbeat's JSON.
+    fn chroot_with(heartbeat: Option<serde_json::Value>) -> (tempfile::TempDir, Chroot) {
+        let tmp = tempfile::tempdir().unwrap();
+        let chroot = Chroot::new(tmp.path().join("chroot"));
+        let dir = chroot.host_dir(&alpha());
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let digest = Digest::of(b"m");
+        std::fs::write(
+            layout::manifest(&dir, &digest),
+            r#"{"format":1,"host":"alpha","created":"2026-11-25T12:00:00Z","config":[]}"#,
+        )
+        .unwrap();
+        std::fs::write(layout::current(&dir), layout::current_text(&digest)).unwrap();
+        if let Some(hb) = heartbeat {
+            std::fs::write(dir.join("logs/heartbeat.json"), hb.to_string()).unwrap();
+        }
+        (tmp, chroot)
+    }
+
+    fn heartbeat_json(extra: serde_json::Value) -> serde_json::Value {
+        let mut hb = serde_json::json!({
+            "format": 1, "host": "alpha", "time": "2026-11-25T12:00:00Z", "version": null,
+            "system": null, "last_outcome": null, "last_report": null, "agent_version": "0.1.0",
+        });
+        hb.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        hb
+    }
+
+    fn status_of(chroot: &Chroot) -> HostStatus {
+        let now = state::parse_time("2026-11-25T12:01:00Z").unwrap();
+        host_status(chroot, &alpha(), now, Duration::from_secs(900))
+    }
+
+    #[test]
+    fn reboot_pending_and_signature_checking_come_from_the_heartbeat() {
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({
+            "reboot_pending": true, "verifies_signatures": false,
+        }))));
+        let row = status_of(&chroot);
+        assert!(row.reboot_pending);
+        assert_eq!(row.verifies_signatures, Some(false));
+        assert!(!row.unreadable);
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({
+            "verifies_signatures": true,
+        }))));
+        let row = status_of(&chroot);
+        assert!(!row.reboot_pending);
+        assert_eq!(row.verifies_signatures, Some(true));
+        // An agent older than the field says nothing: unknown, not "does not verify".
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({}))));
+        assert_eq!(status_of(&chroot).verifies_signatures, None);
+        let (_t, chroot) = chroot_with(None);
+        let row = status_of(&chroot);
+        assert_eq!((row.reboot_pending, row.verifies_signatures), (false, None));
+    }
+
+    #[test]
+    fn a_file_the_server_cannot_read_marks_the_row_and_is_named_once() {
+        let (_t, chroot) = chroot_with(None);
+        let dir = chroot.host_dir(&alpha());
+        // `current` that cannot be read as a file (here a directory; for a non-root reader
+        // of a real chroot, permission denied).
+        std::fs::remove_file(layout::current(&dir)).unwrap();
+        std::fs::create_dir(layout::current(&dir)).unwrap();
+        let row = status_of(&chroot);
+        assert!(row.unreadable, "{row:?}");
+        let error = row.error.unwrap();
+        assert!(
+            error.contains(&format!("{}: ", layout::current(&dir).display())),
+            "{error}"
+        );
+
+        // The same error for two files (logs/ itself cannot be opened) is said once.
+        let mut notes = Notes::default();
+        notes.unreadable("/srv/bento/alpha/logs: Permission denied".into());
+        notes.unreadable("/srv/bento/alpha/logs: Permission denied".into());
+        notes.push("logs/latest.json: expected value".into());
+        assert!(notes.unreadable);
+        assert_eq!(notes.list.len(), 2, "{:?}", notes.list);
+
+        // What a host planted (a link) is its doing: noted, the state is still known.
+        let (_t, chroot) = chroot_with(None);
+        let logs = chroot.host_dir(&alpha()).join("logs");
+        std::os::unix::fs::symlink("/etc/passwd", logs.join("heartbeat.json")).unwrap();
+        let row = status_of(&chroot);
+        assert!(!row.unreadable, "{row:?}");
+        assert!(row.error.unwrap().contains("symbolic link"));
+    }
+
+    #[test]
+    fn old_reports_are_never_opened() {
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({}))));
+        let reports = chroot.host_dir(&alpha()).join("logs/reports");
+        std::fs::create_dir_all(&reports).unwrap();
+        // Garbage, a link out of the chroot and a directory where a report should be: any
+        // of them would be a note if status read the history.
+        std::fs::write(reports.join("20261101T000000Z-00000000.json"), "not json").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", reports.join("20261102T000000Z-0.json")).unwrap();
+        std::fs::create_dir(reports.join("20261103T000000Z-0.json")).unwrap();
+        let row = status_of(&chroot);
+        assert_eq!(row.error, None, "{row:?}");
+        assert!(!row.unreadable);
+    }
 
     #[test]
     fn manifest_head_from_the_canonical_prefix_or_the_whole_file() {

@@ -55,12 +55,25 @@ fn cells(row: &HostStatus, now: SystemTime) -> [String; 7] {
         short_system(row.expected_system.as_ref().map(StorePath::as_str)),
         short_system(row.running_system.as_deref()),
         ago(row.last_seen_at, now),
-        row.error.clone().unwrap_or_default(),
+        notes(row),
     ]
     .map(|cell| match escape(&cell) {
         Cow::Borrowed(_) => cell,
         Cow::Owned(escaped) => escaped,
     })
+}
+
+/// The last column: the error, then what the heartbeat says a person should know.
+fn notes(row: &HostStatus) -> String {
+    let mut parts: Vec<&str> = row.error.as_deref().into_iter().collect();
+    if row.reboot_pending {
+        parts.push("reboot pending");
+    }
+    // Only a heartbeat that says so: an agent older than the field may well verify.
+    if row.verifies_signatures == Some(false) {
+        parts.push("signatures not verified (no trusted_keys)");
+    }
+    parts.join("; ")
 }
 
 fn colour(state: State) -> &'static str {
@@ -176,6 +189,27 @@ pub fn prometheus(rows: &[HostStatus]) -> String {
         "When the host's newest report, a success, finished.",
         |r| r.last_success_at,
     );
+    flags(
+        &mut out,
+        rows,
+        "bento_host_reboot_pending",
+        "Whether the host's applied system waits for a reboot (new kernel or initrd).",
+        |r| Some(r.reboot_pending),
+    );
+    flags(
+        &mut out,
+        rows,
+        "bento_host_verifies_signatures",
+        "Whether the host's agent checks manifest signatures (absent: it does not say).",
+        |r| r.verifies_signatures,
+    );
+    flags(
+        &mut out,
+        rows,
+        "bento_host_unreadable",
+        "Whether some of the host's files could not be read, so its state is not known.",
+        |r| Some(r.unreadable),
+    );
     out.push_str("# HELP bento_hosts Number of hosts in each state.\n");
     out.push_str("# TYPE bento_hosts gauge\n");
     for s in State::ALL {
@@ -183,6 +217,27 @@ pub fn prometheus(rows: &[HostStatus]) -> String {
         let _ = writeln!(out, "bento_hosts{{state=\"{}\"}} {n}", s.key());
     }
     out
+}
+
+/// One 0/1 gauge, a series per host for which the flag is known.
+fn flags(
+    out: &mut String,
+    rows: &[HostStatus],
+    metric: &str,
+    help: &str,
+    flag: fn(&HostStatus) -> Option<bool>,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+    for r in rows {
+        if let Some(v) = flag(r) {
+            let _ = writeln!(
+                out,
+                "{metric}{{host=\"{}\"}} {}",
+                escape_label(r.host.as_str()),
+                u8::from(v)
+            );
+        }
+    }
 }
 
 /// One gauge of unix times, a series per host that has the time.
@@ -225,10 +280,54 @@ mod tests {
             last_seen: None,
             last_success: None,
             error: error.map(str::to_owned),
+            reboot_pending: false,
+            verifies_signatures: None,
+            unreadable: false,
             last_seen_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
             last_success_at: None,
             published_time: Some(SystemTime::UNIX_EPOCH),
         }
+    }
+
+    #[test]
+    fn reboot_pending_and_unverified_signatures_are_flagged() {
+        let mut rows = [
+            row("a", State::Failing, Some("boom")),
+            row("b", State::UpToDate, None),
+            row("c", State::UpToDate, None),
+            row(
+                "d",
+                State::New,
+                Some("/srv/bento/d/current: Permission denied"),
+            ),
+        ];
+        rows[0].reboot_pending = true;
+        rows[0].verifies_signatures = Some(false);
+        rows[1].verifies_signatures = Some(true);
+        rows[3].unreadable = true;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1060);
+        let text = table(&rows, now, false);
+        let line = |host: &str| text.lines().find(|l| l.starts_with(host)).unwrap();
+        assert!(
+            line("a ").ends_with("boom; reboot pending; signatures not verified (no trusted_keys)"),
+            "{text}"
+        );
+        // Verifying, or not saying (an older agent): nothing to flag.
+        assert!(line("b ").ends_with("ago"), "{text}");
+        assert!(line("c ").ends_with("ago"), "{text}");
+
+        let prom = prometheus(&rows);
+        for series in [
+            "bento_host_reboot_pending{host=\"a\"} 1",
+            "bento_host_reboot_pending{host=\"b\"} 0",
+            "bento_host_verifies_signatures{host=\"a\"} 0",
+            "bento_host_verifies_signatures{host=\"b\"} 1",
+            "bento_host_unreadable{host=\"d\"} 1",
+            "bento_host_unreadable{host=\"a\"} 0",
+        ] {
+            assert!(prom.lines().any(|l| l == series), "{series} in\n{prom}");
+        }
+        assert!(!prom.contains("bento_host_verifies_signatures{host=\"c\"}"));
     }
 
     #[test]

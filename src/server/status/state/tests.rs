@@ -33,6 +33,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         reboot_pending: false,
         auto_updated: false,
         last_success: None,
+        verifies_signatures: None,
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {
