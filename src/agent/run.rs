@@ -79,6 +79,8 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
                 settings: None,
                 previous: state.applied.as_ref().map(|a| a.version),
                 installed: state.installed_files.clone(),
+                checks: Vec::new(),
+                confirmed: false,
             };
             let result = attempt.run(&mut conn, opts, &mut run.log, &mut run.timings);
             run.finish(opts, &mut state, &mut conn, &attempt, result)
