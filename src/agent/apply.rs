@@ -6,7 +6,9 @@
 //!    changes nothing;
 //! 4. install `files` entries, point the system profile at the build, activate;
 //! 5. confirm over a *fresh* connection (the old one may have survived a network the new
-//!    system broke) and roll back to the exact store path that ran before if it fails.
+//!    system broke) and roll back to the exact store path that ran before if it fails;
+//! 6. run the health checks (`checks`): a failing one rolls back the same way, or, with
+//!    `on_failure = "keep"`, leaves the new system running and fails the run.
 //!
 //! Invariant: every change to the machine goes through [`Host`]; once anything was changed,
 //! a failure puts back the previous system by its store path (and its files).
@@ -15,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::checks::{self, Baseline};
 use super::config::AgentConfig;
 use super::fetch;
 use super::files;
@@ -23,6 +26,7 @@ use super::outcome::{AttemptError, RunLog, UpdateOptions};
 use super::source::{Connection, RemoteError};
 use super::state::StateDir;
 use crate::nix::Target;
+use crate::protocol::check::{CheckResult, OnFailure};
 use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest};
 use crate::protocol::report::{Outcome, Timings};
 use crate::protocol::settings::{self, HostSettings};
@@ -50,6 +54,11 @@ pub struct Attempt<'a> {
     pub previous: Option<Digest>,
     /// Targets of the files installed on the machine now; the record keeps them in the state.
     pub installed: Vec<String>,
+    /// The health checks' results, once they ran (for the report).
+    pub checks: Vec<CheckResult>,
+    /// A connection made after activation reached the server (so the report can go at once,
+    /// even after a rollback a failed check caused).
+    pub confirmed: bool,
 }
 
 fn failed(e: &dyn std::fmt::Display) -> AttemptError {
@@ -178,12 +187,23 @@ impl Attempt<'_> {
             self.persist_installed().map_err(|e| failed(&e))?;
         }
 
+        let mode = effective.mode;
         if self.running.as_ref() == Some(&built.path) {
             log.step("the build is the running system: nothing to activate");
-            return Ok(Outcome::Success);
+            if !mode.activates_now() {
+                return Ok(Outcome::Success);
+            }
+            // Still checked: a version whose checks failed with `on_failure = "keep"` is
+            // running, and must not count as a success when it is tried again.
+            let nothing = Baseline::Skip("nothing was activated".into());
+            return self.health(&nothing, &effective, false, log, timings, mode);
         }
+        let baseline = if mode.activates_now() {
+            Baseline::before_switch(self.host)
+        } else {
+            Baseline::Skip("not activated now".into())
+        };
         let t = Instant::now();
-        let mode = effective.mode;
         log.step(&format!("activating ({})", mode.as_str()));
         self.host.set_profile(&built.path).map_err(|e| failed(&e))?;
         match self.host.activate(&built.path, mode) {
@@ -202,7 +222,50 @@ impl Attempt<'_> {
         if !mode.activates_now() {
             return Ok(Outcome::Success);
         }
-        self.confirm(conn, opts, log, timings, mode)
+        self.confirm(conn, opts, log, timings, mode)?;
+        self.health(&baseline, &effective, true, log, timings, mode)
+    }
+
+    /// Runs the health checks, retried until `confirm_timeout`; on a failure rolls back (when
+    /// this run activated something and a system ran before) or keeps the new system, as
+    /// `on_failure` says.
+    fn health(
+        &mut self,
+        baseline: &Baseline,
+        settings: &HostSettings,
+        activated: bool,
+        log: &mut RunLog<'_>,
+        timings: &mut Timings,
+        mode: Mode,
+    ) -> Result<Outcome, AttemptError> {
+        let t = Instant::now();
+        self.checks = checks::run(
+            self.host,
+            &settings.checks,
+            baseline,
+            self.cfg.confirm_timeout,
+            checks::RETRY,
+            log,
+        );
+        timings.checks_ms = Some(t.elapsed().as_millis() as u64);
+        let Some(failed) = checks::failures(&self.checks) else {
+            return Ok(Outcome::Success);
+        };
+        match settings.on_failure {
+            OnFailure::Keep => Err(AttemptError::Failed(format!(
+                "{failed}; on_failure = \"keep\": the new system stays"
+            ))),
+            OnFailure::Rollback if activated && self.running.is_some() => {
+                let restored = self.restore(log, mode);
+                Err(AttemptError::RolledBack(format!("{failed}{restored}")))
+            }
+            OnFailure::Rollback if activated => Err(AttemptError::Failed(format!(
+                "{failed}; there is no earlier system to go back to"
+            ))),
+            OnFailure::Rollback => Err(AttemptError::Failed(format!(
+                "{failed}; nothing was activated, so nothing to roll back"
+            ))),
+        }
     }
 
     /// Proves the server is still reachable over a connection made after activation; rolls
@@ -236,6 +299,7 @@ impl Attempt<'_> {
             Some(c) => {
                 let old = std::mem::replace(conn, c);
                 let _ = old.close();
+                self.confirmed = true;
                 Ok(Outcome::Success)
             }
             None if self.running.is_some() => {

@@ -12,6 +12,7 @@
 //! `crate::protocol`.
 
 mod apply;
+mod checks;
 pub mod config;
 mod decide;
 mod fetch;

@@ -108,6 +108,7 @@ impl<'a> Run<'a> {
                 .map(|e| e.lines().next().unwrap_or_default().to_owned()),
             log_tail: self.log.tail(),
             reboot_required: attempt.reboot_required,
+            checks: attempt.checks.clone(),
         };
 
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
@@ -130,9 +131,10 @@ impl<'a> Run<'a> {
         }
 
         // Deliver over the connection still open (after a confirmation, the fresh one).
-        // After a rollback that connection is the one that could not be confirmed: the
-        // report waits in the spool for the next run.
-        let delivered = if outcome != Outcome::Rollback {
+        // After a rollback for a lost server that connection is the one that could not be
+        // confirmed: the report waits in the spool for the next run. A rollback for a failed
+        // health check came after a confirmed connection, so its report goes now.
+        let delivered = if outcome != Outcome::Rollback || attempt.confirmed {
             let mut ok = deliver_spool(conn.as_mut(), dirs);
             if spooled.is_err() {
                 let log_gz = gzip(&self.log.text).ok();

@@ -122,6 +122,8 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 settings: None,
                 previous: state.applied.as_ref().map(|a| a.version),
                 installed: state.installed_files.clone(),
+                checks: Vec::new(),
+                confirmed: false,
             };
             let result = attempt.run(&mut conn, opts, &mut run.log, &mut run.timings);
             run.finish(opts, &mut state, &mut conn, &attempt, result)

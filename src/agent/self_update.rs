@@ -57,6 +57,8 @@ pub fn self_update(
         settings: snapshot_settings(&applied_dir),
         previous: Some(version),
         installed: state.installed_files.clone(),
+        checks: Vec::new(),
+        confirmed: false,
     };
     let no_change = |why: &str| {
         let _ = std::fs::remove_dir_all(&work);

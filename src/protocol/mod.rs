@@ -3,6 +3,8 @@
 //! server and agent depend on it, never the reverse. Nothing here runs a process or knows which
 //! side it is on.
 
+/// Health checks after activation (`checks`, `on_failure`) and their results in reports.
+pub mod check;
 pub mod layout;
 pub mod manifest;
 pub mod name;

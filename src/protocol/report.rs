@@ -30,7 +30,8 @@ pub enum Outcome {
     Success,
     /// Fetching, building or activating failed; the running system was kept.
     Failure,
-    /// Activated, then the server could not be reached: the previous system was restored.
+    /// Activated, then the server could not be reached or a health check failed: the
+    /// previous system was restored.
     Rollback,
 }
 
@@ -66,6 +67,9 @@ pub struct Timings {
     pub activate_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm_ms: Option<u64>,
+    /// The health checks after the confirmation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks_ms: Option<u64>,
     pub total_ms: u64,
 }
 
@@ -101,6 +105,9 @@ pub struct Report {
     /// Whether the kernel or initrd changed, so a reboot is needed to run the new one.
     #[serde(default)]
     pub reboot_required: bool,
+    /// Every health check's result (the built-in one first), when they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::protocol::check::CheckResult>,
 }
 
 /// Written by every run, including no-op runs: the host was seen, running this.
@@ -221,6 +228,7 @@ mod tests {
             error: Some("server unreachable after activation".into()),
             log_tail: "…".into(),
             reboot_required: false,
+            checks: Vec::new(),
         };
         let text = String::from_utf8(r.to_bytes()).unwrap();
         assert!(text.contains("\"outcome\": \"rollback\""), "{text}");

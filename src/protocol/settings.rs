@@ -2,8 +2,9 @@
 //! `[defaults]`, then `[hosts.NAME]` — resolved on the server into the host's
 //! `bento-host.json`, which travels inside its snapshot at the root of the configuration tree
 //! — and, on a host whose snapshot carries no such file, agent.toml's keys over the built-ins.
-//! The settings are the polling interval, activation mode, reboot policy, self-update and
-//! failure notification; the NixOS agent module can read the same file for the timer;
+//! The settings are the polling interval, activation mode, reboot policy, self-update,
+//! failure notification, and the health checks after activation with what a failing one
+//! does (`checks`, `on_failure`: `crate::protocol::check`); the NixOS agent module can read the same file for the timer;
 //! `bento status` uses the interval to judge silence.
 //!
 //! Invariant: every layer is parsed strictly (an unknown key or a bad value is an error that
@@ -15,6 +16,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::protocol::check::{Check, OnFailure};
 
 /// The generated file's name in every host's configuration tree (reserved).
 pub const FILE: &str = "bento-host.json";
@@ -76,22 +79,36 @@ pub struct SettingsLayer {
     pub self_update: Option<bool>,
     #[serde(default)]
     pub notify: Option<Vec<String>>,
+    /// A host's own list replaces the one in `[defaults]` (lists are not merged).
+    #[serde(default)]
+    pub checks: Option<Vec<Check>>,
+    #[serde(default)]
+    pub on_failure: Option<OnFailure>,
 }
 
 impl SettingsLayer {
     /// The keys of a layer in bento.toml.
-    pub const KEYS: [&'static str; 6] = [
+    pub const KEYS: [&'static str; 8] = [
         "interval",
         "mode",
         "reboot",
         "reboot_at",
         "self_update",
         "notify",
+        "checks",
+        "on_failure",
     ];
     /// The keys agent.toml may set: all but the interval, which is the timer's (bento.toml
     /// or the NixOS module decide it, not the agent).
-    pub const AGENT_KEYS: [&'static str; 5] =
-        ["mode", "reboot", "reboot_at", "self_update", "notify"];
+    pub const AGENT_KEYS: [&'static str; 7] = [
+        "mode",
+        "reboot",
+        "reboot_at",
+        "self_update",
+        "notify",
+        "checks",
+        "on_failure",
+    ];
 
     /// Takes this layer's `keys` out of `table` and parses them strictly.
     pub fn split_from(table: &mut toml::Table, keys: &[&str]) -> Result<Self, String> {
@@ -165,6 +182,13 @@ pub struct HostSettings {
     pub self_update: bool,
     /// A command run after a failure or rollback, with the report on stdin.
     pub notify: Option<Vec<String>>,
+    /// Health checks after activation (absent from the file when there are none, so a
+    /// fleet without checks publishes the same bytes as before they existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
+    /// What a failing check does (absent when it is the default, `rollback`).
+    #[serde(default, skip_serializing_if = "OnFailure::is_default")]
+    pub on_failure: OnFailure,
 }
 
 pub const DEFAULT_REBOOT_AT: &str = "04:00";
@@ -191,6 +215,8 @@ impl HostSettings {
                 .unwrap_or_else(|| DEFAULT_REBOOT_AT.to_owned()),
             self_update: pick(layers, |l| l.self_update).unwrap_or(false),
             notify: pick(layers, |l| l.notify.clone()),
+            checks: pick(layers, |l| l.checks.clone()).unwrap_or_default(),
+            on_failure: pick(layers, |l| l.on_failure).unwrap_or_default(),
         }
     }
 
@@ -248,6 +274,41 @@ mod tests {
         assert_eq!(s.reboot_at, "04:00");
         let back: HostSettings = serde_json::from_slice(&s.to_bytes()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn checks_layer_whole_and_stay_out_of_the_file_when_unset() {
+        let h = HostName::new("a").unwrap();
+        let parse = |t: &str| {
+            let mut table: toml::Table = toml::from_str(t).unwrap();
+            SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
+        };
+        let plain = HostSettings::resolve(&h, &[]);
+        let text = String::from_utf8(plain.to_bytes()).unwrap();
+        // A fleet without checks publishes the bytes it published before they existed.
+        assert!(
+            !text.contains("checks") && !text.contains("on_failure"),
+            "{text}"
+        );
+        let defaults =
+            parse("checks = [ { unit = \"a.service\" }, { unit = \"b.service\" } ]").unwrap();
+        let own =
+            parse("checks = [ { command = [\"/bin/true\"] } ]\non_failure = \"keep\"").unwrap();
+        let s = HostSettings::resolve(&h, &[&defaults, &own]);
+        assert_eq!(s.checks.len(), 1, "the host's list replaces the defaults'");
+        assert_eq!(s.on_failure, OnFailure::Keep);
+        let back: HostSettings = serde_json::from_slice(&s.to_bytes()).unwrap();
+        assert_eq!(back, s);
+        let s = HostSettings::resolve(&h, &[&defaults]);
+        assert_eq!(s.checks.len(), 2);
+        assert_eq!(s.on_failure, OnFailure::Rollback);
+        let e = parse("on_failure = \"ignore\"").unwrap_err();
+        assert!(e.starts_with("on_failure: unknown variant"), "{e}");
+        let e = parse("checks = [ { unit = \"a.service\" }, { unit = \"nope\" } ]").unwrap_err();
+        assert!(
+            e.starts_with("checks[1]: unit \"nope\" is not a unit name"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ mod tests {
             error: error.map(str::to_owned),
             log_tail: String::new(),
             reboot_required: false,
+            checks: Vec::new(),
         }
     }
 

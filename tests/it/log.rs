@@ -64,6 +64,7 @@ impl Fixture {
             error: error.map(str::to_owned),
             log_tail: String::new(),
             reboot_required: false,
+            checks: Vec::new(),
         };
         fs::write(self.logs.join(r.file_name()), r.to_bytes()).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

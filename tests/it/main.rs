@@ -2,6 +2,7 @@
 
 mod agent;
 mod build;
+mod checks;
 mod cli;
 mod common;
 mod delivery;

@@ -146,6 +146,7 @@ impl Fixture {
             error: error.map(str::to_owned),
             log_tail: String::new(),
             reboot_required: false,
+            checks: Vec::new(),
         };
         write_atomic(&self.host_dir(host).join("logs/latest.json"), &r.to_bytes());
     }

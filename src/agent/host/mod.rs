@@ -1,6 +1,7 @@
 //! The machine the agent manages, behind one seam: what runs and what booted, realising a
-//! system, pointing the system profile, activating, rebooting, notifying a person, and
-//! re-locking flake inputs for a self-update. [`NixHost`] is the real machine; the unit tier
+//! system, pointing the system profile, activating, rebooting, notifying a person,
+//! re-locking flake inputs for a self-update, and answering health checks (failed units, a
+//! unit's state, a command, an HTTP GET). [`NixHost`] is the real machine; the unit tier
 //! drives every branch of an update through a fake that records what it was asked to do.
 //!
 //! Invariant: the update logic changes the machine only through this trait, so a run that
@@ -8,12 +9,16 @@
 
 mod activate;
 mod nix;
+mod probe;
 
+use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 pub use nix::NixHost;
 
 use crate::nix::{Built, NixError, Target};
+use crate::protocol::check::HttpUrl;
 use crate::protocol::{Mode, StorePath};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,4 +63,13 @@ pub trait Host {
     /// Asks for a reboot at the next `when` (a systemd calendar expression), replacing an
     /// earlier schedule.
     fn schedule_reboot(&self, when: &str);
+    /// The units systemd lists as failed; `None` when systemd is not the service manager.
+    fn failed_units(&self) -> Option<Result<BTreeSet<String>, String>>;
+    /// What `systemctl is-active UNIT` says (`active`, `activating`, `failed`, …).
+    fn unit_state(&self, unit: &str, timeout: Duration) -> Result<String, String>;
+    /// Runs a check's command (bounded): its last line of output when it exits 0, how it
+    /// ended otherwise.
+    fn run_check_command(&self, argv: &[String], timeout: Duration) -> Result<String, String>;
+    /// `GET url` (bounded): the response's status code, or why there was none.
+    fn http_get(&self, url: &HttpUrl, timeout: Duration) -> Result<u16, String>;
 }

@@ -2,12 +2,14 @@
 //! activation (what nixos-rebuild does: `nix-env -p PROFILE --set PATH`, then
 //! `PATH/bin/switch-to-configuration MODE`), systemd for rebooting.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{ActivateError, Host, Realise};
+use super::{probe, ActivateError, Host, Realise};
 use crate::agent::config::AgentConfig;
 use crate::nix::{self, Built, Nix, NixError};
+use crate::protocol::check::HttpUrl;
 use crate::protocol::{Mode, StorePath};
 use crate::sys::process::Cmd;
 
@@ -138,5 +140,21 @@ impl Host for NixHost {
             Ok(_) => tracing::info!("reboot scheduled for {when}"),
             Err(e) => tracing::warn!("could not schedule the reboot for {when}: {e}"),
         }
+    }
+
+    fn failed_units(&self) -> Option<Result<BTreeSet<String>, String>> {
+        probe::systemd_running().then(probe::failed_units)
+    }
+
+    fn unit_state(&self, unit: &str, timeout: Duration) -> Result<String, String> {
+        probe::unit_state(unit, timeout)
+    }
+
+    fn run_check_command(&self, argv: &[String], timeout: Duration) -> Result<String, String> {
+        probe::run_command(argv, timeout)
+    }
+
+    fn http_get(&self, url: &HttpUrl, timeout: Duration) -> Result<u16, String> {
+        probe::http_get(url, timeout)
     }
 }

@@ -1,14 +1,17 @@
 //! A fake machine for the unit tier: it records every request, builds a toy tree to the
 //! store path its `system` file names, and can be told to fail, to break the network on
-//! activation, or to fill the disk during a build.
+//! activation, or to fill the disk during a build; it answers health checks from tables a
+//! test fills in.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::Duration;
 
 use crate::agent::host::{ActivateError, Host, Realise};
 use crate::nix::{Built, NixError, Target};
+use crate::protocol::check::HttpUrl;
 use crate::protocol::report::Report;
 use crate::protocol::{Mode, StorePath};
 
@@ -41,6 +44,17 @@ pub struct FakeHost {
     /// A state directory whose spool and state file stop taking writes during the build
     /// (the disk filled up): writes fail with ENOTDIR and EISDIR, for root as well.
     pub fill_disk: RefCell<Option<PathBuf>>,
+    /// systemd is the service manager (else the built-in check is skipped).
+    pub systemd: Cell<bool>,
+    /// Units failed whatever runs.
+    pub failed: RefCell<BTreeSet<String>>,
+    /// Units failed while the system of that name runs.
+    pub failed_under: RefCell<BTreeMap<String, BTreeSet<String>>>,
+    /// What `is-active` says of a unit, one answer per question, the last one repeated
+    /// (default `active`; a failed unit says `failed`).
+    pub unit_states: RefCell<BTreeMap<String, VecDeque<String>>>,
+    /// The status an URL answers (default 200); a missing number means refused.
+    pub http: RefCell<BTreeMap<String, Option<u16>>>,
 }
 
 impl FakeHost {
@@ -110,7 +124,7 @@ impl Host for FakeHost {
         if self.fail_activation.get() && path.name() != self.running_name() {
             return Err(ActivateError {
                 argv: "switch-to-configuration".into(),
-                status: "exit status: 1".into(),
+                status: "exited with status 1".into(),
                 output_tail: "failed".into(),
                 output: "failed\n".into(),
             });
@@ -151,9 +165,52 @@ impl Host for FakeHost {
     fn schedule_reboot(&self, when: &str) {
         self.call(format!("schedule_reboot {when}"));
     }
+
+    fn failed_units(&self) -> Option<Result<BTreeSet<String>, String>> {
+        self.systemd.get().then(|| Ok(self.failed_now()))
+    }
+
+    fn unit_state(&self, unit: &str, _timeout: Duration) -> Result<String, String> {
+        self.call(format!("is-active {unit}"));
+        if self.failed_now().contains(unit) {
+            return Ok("failed".into());
+        }
+        let mut states = self.unit_states.borrow_mut();
+        Ok(match states.get_mut(unit) {
+            Some(q) if q.len() > 1 => q.pop_front().unwrap(),
+            Some(q) => q.front().cloned().unwrap_or("active".into()),
+            None => "active".into(),
+        })
+    }
+
+    /// `/bin/false` fails; any other command passes.
+    fn run_check_command(&self, argv: &[String], _timeout: Duration) -> Result<String, String> {
+        self.call(format!("command {}", argv.join(" ")));
+        match argv[0].as_str() {
+            "/bin/false" => Err("exited with status 1".into()),
+            _ => Ok(String::new()),
+        }
+    }
+
+    fn http_get(&self, url: &HttpUrl, _timeout: Duration) -> Result<u16, String> {
+        self.call(format!("GET {url}"));
+        match self.http.borrow().get(&url.to_string()) {
+            None => Ok(200),
+            Some(Some(code)) => Ok(*code),
+            Some(None) => Err("connect: Connection refused".into()),
+        }
+    }
 }
 
 impl FakeHost {
+    fn failed_now(&self) -> BTreeSet<String> {
+        let mut failed = self.failed.borrow().clone();
+        if let Some(under) = self.failed_under.borrow().get(&self.running_name()) {
+            failed.extend(under.iter().cloned());
+        }
+        failed
+    }
+
     pub fn running_name(&self) -> String {
         self.running
             .borrow()

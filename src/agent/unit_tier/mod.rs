@@ -4,6 +4,7 @@
 //! run's outcome and exit status, the report the server receives, the state left behind,
 //! and exactly what the machine was asked to do.
 
+mod checks;
 mod contact;
 mod fake;
 

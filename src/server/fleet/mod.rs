@@ -354,6 +354,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_health_check_is_refused_naming_the_file_host_and_check() {
+        let c = parse("[defaults]\nchecks = [ { unit = \"nginx.service\" } ]\n[hosts.alpha]\non_failure = \"keep\"\n").unwrap();
+        let alpha = HostName::new("alpha").unwrap();
+        assert_eq!(c.settings(&alpha).checks.len(), 1);
+        for (bad, needle) in [
+            ("checks = [ { ping = \"x\" } ]", "unknown field `ping`"),
+            ("checks = [ { command = [] } ]", "needs a program"),
+            ("checks = [ { http = \"https://x/\" } ]", "no TLS"),
+            ("checks = [ { unit = \"nginx\" } ]", "not a unit name"),
+            (
+                "checks = [ { unit = \"a.service\", timeout = \"0s\" } ]",
+                "more than zero",
+            ),
+        ] {
+            let err = parse(&format!("[hosts.alpha]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("bento.toml") && err.contains("alpha"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn errors_name_line_and_column() {
         let err = parse("[server]\nport = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");

@@ -55,6 +55,7 @@ fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after:
         error: (outcome != Outcome::Success).then(|| "build failed: x\nmore".into()),
         log_tail: String::new(),
         reboot_required: false,
+        checks: Vec::new(),
     }
 }
 fn published(n: u8) -> Option<Published> {
