@@ -20,3 +20,4 @@ mod secrets;
 mod server;
 mod signing;
 mod status;
+mod substitute;

@@ -5,6 +5,7 @@
 //! and exactly what the machine was asked to do.
 
 mod fake;
+mod substitute;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
