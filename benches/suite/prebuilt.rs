@@ -79,7 +79,9 @@ fn write_version(server: &Server, host: &str, version: usize, k: usize) {
 
 fn nix_store(args: &[&str]) -> Run {
     run_ok(
-        Command::new("nix-store").args(args).env("NIX_CONFIG", NIX_CONFIG),
+        Command::new("nix-store")
+            .args(args)
+            .env("NIX_CONFIG", NIX_CONFIG),
         Duration::from_secs(300),
     )
 }
@@ -190,7 +192,11 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
 
     let mut version = 1;
     for &k in ks {
-        let s = format!("8 prebuilt ({k} of {} paths changed, {} each)", n + 1, fmt_value(size as f64, Unit::Bytes));
+        let s = format!(
+            "8 prebuilt ({k} of {} paths changed, {} each)",
+            n + 1,
+            fmt_value(size as f64, Unit::Bytes)
+        );
         let (mut pre_bytes, mut own_bytes) = (Samples::default(), Samples::default());
         let (mut pre_cpu, mut own_cpu) = (Samples::default(), Samples::default());
         let mut ratios = Vec::new();
@@ -235,18 +241,30 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
         ratios.sort_by(f64::total_cmp);
         let ratio = ratios[ratios.len() / 2];
         rows.push(
-            Row::new(&s, "bytes, all connections (prebuilt / host builds)", Unit::Bytes)
-                .bento(pre_bytes)
-                .baseline(own_bytes),
+            Row::new(
+                &s,
+                "bytes, all connections (prebuilt / host builds)",
+                Unit::Bytes,
+            )
+            .bento(pre_bytes)
+            .baseline(own_bytes),
         );
         rows.push(
-            Row::new(&s, "host CPU, user + sys (prebuilt / host builds)", Unit::Secs)
-                .bento(pre_cpu)
-                .baseline(own_cpu),
+            Row::new(
+                &s,
+                "host CPU, user + sys (prebuilt / host builds)",
+                Unit::Secs,
+            )
+            .bento(pre_cpu)
+            .baseline(own_cpu),
         );
         rows.push(
-            Row::new(&s, "update connection vs changed NARs + narinfos + no-change floor", Unit::Count)
-                .goal(format!("≤ 1.05 ×; {ratio:.3}×"), ratio <= 1.05),
+            Row::new(
+                &s,
+                "update connection vs changed NARs + narinfos + no-change floor",
+                Unit::Count,
+            )
+            .goal(format!("≤ 1.05 ×; {ratio:.3}×"), ratio <= 1.05),
         );
     }
 }

@@ -118,20 +118,12 @@ impl Attempt<'_> {
                 dir: config_dir.clone(),
             },
         };
-        let how = match substitute::prebuilt(conn.as_mut(), &manifest)
-            .map_err(AttemptError::Remote)?
-        {
-            None => Realise::Build(target),
-            Some(system) => self.prebuilt(conn.as_mut(), &system, log)?,
-        };
-        self.apply(
-            &how,
-            Some(&manifest),
-            conn,
-            opts,
-            log,
-            timings,
-        )
+        let how =
+            match substitute::prebuilt(conn.as_mut(), &manifest).map_err(AttemptError::Remote)? {
+                None => Realise::Build(target),
+                Some(system) => self.prebuilt(conn.as_mut(), &system, log)?,
+            };
+        self.apply(&how, Some(&manifest), conn, opts, log, timings)
     }
 
     /// A system the server built: fetch what the store lacks of it (verified), without

@@ -145,8 +145,7 @@ mod tests {
             self.inner.read(item, limit)
         }
         fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
-            self.reads
-                .extend(parts.iter().map(|p| p.item));
+            self.reads.extend(parts.iter().map(|p| p.item));
             self.inner.read_objects(parts)
         }
     }

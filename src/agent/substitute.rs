@@ -169,13 +169,15 @@ fn read_narinfo(
     path: &StorePath,
 ) -> Result<(NarInfo, String), SubstituteError> {
     let hash = narinfo::hash_part(path.as_str());
-    let item = Item::Cache(CacheFile::narinfo(hash).ok_or_else(|| SubstituteError::Bad {
-        path: path.to_string(),
-        source: NarInfoError::Invalid {
-            field: "StorePath",
-            value: path.to_string(),
-        },
-    })?);
+    let item = Item::Cache(
+        CacheFile::narinfo(hash).ok_or_else(|| SubstituteError::Bad {
+            path: path.to_string(),
+            source: NarInfoError::Invalid {
+                field: "StorePath",
+                value: path.to_string(),
+            },
+        })?,
+    );
     let bytes = match src.size(item)? {
         None => None,
         Some(n) if n > MAX_NARINFO_BYTES as u64 => {

@@ -286,7 +286,7 @@ mod tests {
     }
 }
 pub mod closure;
-/// Prebuilt delivery: what the store lacks, signed imports from a file binary cache.
-pub mod substitute;
 /// Nix error locations mapped back to the fleet repo (issue #12).
 pub mod locate;
+/// Prebuilt delivery: what the store lacks, signed imports from a file binary cache.
+pub mod substitute;

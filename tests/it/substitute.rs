@@ -85,7 +85,11 @@ impl Bed {
                 &format!("[server]\ncache_key = \"{}\"\n", secret.display()),
                 1,
             )
-            .replacen("[hosts.alpha]\n", "[hosts.alpha]\nbuild_on = \"server\"\n", 1);
+            .replacen(
+                "[hosts.alpha]\n",
+                "[hosts.alpha]\nbuild_on = \"server\"\n",
+                1,
+            );
         fs::write(sshd.fleet().join("bento.toml"), toml).unwrap();
         Bed {
             sshd,
@@ -111,7 +115,8 @@ impl Bed {
             String::from_utf8_lossy(&out.stderr)
         );
         let (_, m) = bento::server::publish::read_current(&self.sshd.host_dir("alpha")).unwrap();
-        m.system.expect("a server-built host's manifest names its system")
+        m.system
+            .expect("a server-built host's manifest names its system")
     }
 
     fn cache(&self) -> std::path::PathBuf {
@@ -175,7 +180,13 @@ fn assert_nothing_evaluated(log: &str) {
         "no import: {log}"
     );
     for l in &runs {
-        for bad in [" build ", " eval ", "nix-build", "nix-instantiate", " flake "] {
+        for bad in [
+            " build ",
+            " eval ",
+            "nix-build",
+            "nix-instantiate",
+            " flake ",
+        ] {
             assert!(!l.contains(bad), "the host ran {bad:?}: {l}");
         }
     }
@@ -195,7 +206,11 @@ fn a_server_built_host_runs_its_system_without_evaluating_and_fetches_only_chang
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_nothing_evaluated(&stderr);
-    assert!(stderr.contains("the store lacks 4 path(s)"), "{}", text(&out));
+    assert!(
+        stderr.contains("the store lacks 4 path(s)"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(m.profile_target().as_deref(), Some(system.as_str()));
     assert_eq!(m.activations(), [format!("switch {system}")]);
     let report = m.latest_report();
@@ -237,7 +252,11 @@ fn a_server_built_host_runs_its_system_without_evaluating_and_fetches_only_chang
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_nothing_evaluated(&stderr);
-    assert!(stderr.contains("the store lacks 1 path(s)"), "{}", text(&out));
+    assert!(
+        stderr.contains("the store lacks 1 path(s)"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(m.profile_target().as_deref(), Some(system2.as_str()));
     let conns = relay.connections();
     let budget = floor.down + manifest_len + changed + 8 * 1024;
@@ -261,7 +280,12 @@ fn a_tampered_nar_and_a_foreign_signature_are_refused_before_anything_changes() 
     let (other_secret, _) = cache_key(&other_keys);
     let other = bed.secret.parent().unwrap().join("other-cache");
     let out = Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--to",
+        ])
         .arg(format!(
             "file://{}?compression=zstd&secret-key={}",
             other.display(),
@@ -271,7 +295,11 @@ fn a_tampered_nar_and_a_foreign_signature_are_refused_before_anything_changes() 
         .env("NIX_CONFIG", NIX_CONFIG)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     delete(&paths);
 
     let relay = Relay::start(bed.sshd.port);
@@ -285,11 +313,7 @@ fn a_tampered_nar_and_a_foreign_signature_are_refused_before_anything_changes() 
     };
 
     // A narinfo signed by another key: refused before any NAR is fetched.
-    let blob = paths
-        .iter()
-        .find(|p| p.contains("-blob-"))
-        .unwrap()
-        .clone();
+    let blob = paths.iter().find(|p| p.contains("-blob-")).unwrap().clone();
     let ours = bed.narinfo_path(&blob);
     let original = fs::read(&ours).unwrap();
     fs::remove_file(&ours).unwrap();

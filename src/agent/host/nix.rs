@@ -70,7 +70,11 @@ impl Host for NixHost {
                 keys,
             } => {
                 let log = self.nix.import_from_cache(cache, paths, keys)?;
-                if !self.nix.valid_paths(std::slice::from_ref(system))?.contains(system) {
+                if !self
+                    .nix
+                    .valid_paths(std::slice::from_ref(system))?
+                    .contains(system)
+                {
                     return Err(NixError::Output {
                         argv: "nix copy --from file://".to_owned() + &cache.display().to_string(),
                         message: format!("{system} is not valid after the import"),

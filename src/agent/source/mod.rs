@@ -311,7 +311,11 @@ mod tests {
         ] {
             assert!(CacheFile::nar(bad).is_none(), "{bad}");
         }
-        for bad in ["../../../../../../etc/passwd", "6jzajc5g4i93ykxd3s72fiqj5hvaxr1", "6jzajc5g4i93ykxd3s72fiqj5hvaxr1/"] {
+        for bad in [
+            "../../../../../../etc/passwd",
+            "6jzajc5g4i93ykxd3s72fiqj5hvaxr1",
+            "6jzajc5g4i93ykxd3s72fiqj5hvaxr1/",
+        ] {
             assert!(CacheFile::narinfo(bad).is_none(), "{bad}");
         }
     }

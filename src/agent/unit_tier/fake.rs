@@ -77,7 +77,11 @@ impl Host for FakeHost {
         paths: &[StorePath],
     ) -> Result<std::collections::BTreeSet<StorePath>, NixError> {
         let store = self.store.borrow();
-        Ok(paths.iter().filter(|p| store.contains(*p)).cloned().collect())
+        Ok(paths
+            .iter()
+            .filter(|p| store.contains(*p))
+            .cloned()
+            .collect())
     }
 
     fn realise(&self, how: &Realise) -> Result<Built, NixError> {

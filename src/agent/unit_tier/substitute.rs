@@ -31,7 +31,10 @@ fn export(chroot: &Path, path: &str, refs: &[&str], sk: &ed25519_dalek::SigningK
     let file_hash: [u8; 32] = sha2::Sha256::digest(&nar).into();
     let url = format!("nar/{}.nar.zst", nix32(&file_hash));
     std::fs::write(cache.join(&url), &nar).unwrap();
-    let refs: Vec<String> = refs.iter().map(|r| r["/nix/store/".len()..].to_owned()).collect();
+    let refs: Vec<String> = refs
+        .iter()
+        .map(|r| r["/nix/store/".len()..].to_owned())
+        .collect();
     let mut info = NarInfo {
         store_path: path.into(),
         url: url.clone(),
@@ -181,7 +184,10 @@ fn agent_refuses_a_prebuilt_system_it_cannot_trust_before_changing_anything() {
         let report = bed.latest().unwrap();
         let error = report.error.unwrap_or_default();
         assert!(error.contains(needle), "{needle}: {error}");
-        assert!(error.contains("/nix/store/"), "names the store path: {error}");
+        assert!(
+            error.contains("/nix/store/"),
+            "names the store path: {error}"
+        );
         assert_eq!(*bed.host.running.borrow(), Some(store_path("old")));
     }
 }
