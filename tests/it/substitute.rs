@@ -3,7 +3,8 @@
 //! never had the system: the test deletes the exported paths before the agent runs, and the
 //! agent's Nix may not build), a later version fetches only the NAR of the one path that
 //! changed (counted by the relay), and a tampered NAR or a narinfo signed by another key is
-//! refused before anything on the machine changes, with a report saying why.
+//! refused before anything on the machine changes, with a report saying why. `bento rollout`
+//! builds and exports such a host as `bento publish` does.
 
 use std::fs;
 use std::path::Path;
@@ -348,4 +349,33 @@ fn a_tampered_nar_and_a_foreign_signature_are_refused_before_anything_changes() 
         "{error}"
     );
     unchanged(&m);
+}
+
+#[test]
+fn a_rollout_builds_and_exports_a_server_built_host_as_publish_does() {
+    let bed = Bed::new(1);
+    // No agent runs here: the wave is published, then times out waiting for a report.
+    let out = bento()
+        .args(["rollout", "--fleet"])
+        .arg(bed.sshd.fleet())
+        .arg("--chroot")
+        .arg(bed.sshd.chroot())
+        .args(["--waves", "100%", "--wait-timeout", "1s"])
+        .output()
+        .unwrap();
+    let (_, m) =
+        bento::server::publish::read_current(&bed.sshd.host_dir("alpha")).unwrap_or_else(|| {
+            panic!(
+                "the rollout published nothing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let system = m
+        .system
+        .expect("the rollout built the system, as publish does");
+    assert!(
+        bed.narinfo_path(system.as_str()).is_file(),
+        "no narinfo for {system} in cache/"
+    );
+    assert!(bed.cache().join("nix-cache-info").is_file());
 }
