@@ -194,6 +194,20 @@ in
       '';
     };
 
+    # lib.types.listOf and lib.types.str as in nixpkgs lib/types.nix (read at
+    # NixOS/nixpkgs 509384b3fda4160872ae86366d3affc3a1797f02).
+    cacheKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "bento.example.org-1:AbCd…=" ];
+      description = ''
+        Nix public keys (`nix key convert-secret-to-public < cache_key`) one of which must
+        have signed every narinfo of a system the server built for this host
+        (`build_on = "server"` in bento.toml). Empty: such a version is refused. Written
+        as `cache_keys`; only the agent's own imports use them (nix.settings is untouched).
+      '';
+    };
+
     page = {
       enable = lib.mkOption {
         type = lib.types.bool;
@@ -270,6 +284,7 @@ in
       (lib.mkIf (cfg.selfUpdate != null) { self_update = lib.mkDefault cfg.selfUpdate; })
       (lib.mkIf (cfg.notify != null) { notify = lib.mkDefault cfg.notify; })
       (lib.mkIf (cfg.trustedKeys != [ ]) { trusted_keys = lib.mkDefault cfg.trustedKeys; })
+      (lib.mkIf (cfg.cacheKeys != [ ]) { cache_keys = lib.mkDefault cfg.cacheKeys; })
     ];
 
     environment.etc."bento/agent.toml".source = toml.generate "agent.toml" agentToml;

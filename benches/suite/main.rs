@@ -13,6 +13,7 @@ mod data;
 mod delivery;
 mod fleet_poll;
 mod machine;
+mod prebuilt;
 mod proc;
 mod publish;
 mod relay;
@@ -77,6 +78,11 @@ const NAMES: &[(u8, &str, &str)] = &[
         7,
         "delivery",
         "server disk of build_on = \"server\" caches: 100 hosts sharing 90 % of their closure",
+    ),
+    (
+        8,
+        "prebuilt",
+        "update where k of N paths changed: prebuilt through cache/ vs the host building",
     ),
 ];
 
@@ -207,12 +213,13 @@ fn main() {
     }
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    let groups: [(&[u8], Scenarios); 5] = [
+    let groups: [(&[u8], Scenarios); 6] = [
         (&[1, 2, 3], wire::run),
         (&[4], publish::run),
         (&[5], status::run),
         (&[6], fleet_poll::run),
         (&[7], delivery::run),
+        (&[8], prebuilt::run),
     ];
     for (numbers, run) in groups {
         if !numbers.iter().any(|n| cfg.wants(*n)) {

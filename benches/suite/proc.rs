@@ -12,6 +12,8 @@ pub struct Run {
     pub elapsed: Duration,
     /// Peak resident set of the child (and its reaped descendants), KiB.
     pub maxrss_kib: u64,
+    /// User + system CPU time of the child and its reaped descendants.
+    pub cpu: Duration,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
 }
@@ -84,6 +86,10 @@ pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Run {
         status: ExitStatus::from_raw(raw),
         elapsed,
         maxrss_kib: rusage.ru_maxrss as u64,
+        cpu: [rusage.ru_utime, rusage.ru_stime]
+            .iter()
+            .map(|t| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64))
+            .sum(),
         stdout: read_out.join().unwrap_or_default(),
         stderr: read_err.join().unwrap_or_default(),
     }

@@ -3,7 +3,8 @@
 //!    and refuse one not signed by a trusted key or older than the applied one (a replay);
 //! 2. stage the configuration tree and swap `config/current`;
 //! 3. realise the system — before touching any file on the machine, so a failed build
-//!    changes nothing;
+//!    changes nothing: build it, or, when the server built it (`cache/` holds the narinfo
+//!    of the manifest's `system`), substitute it from there without evaluating (`substitute`);
 //! 4. install `files` entries, point the system profile at the build, activate;
 //! 5. confirm over a *fresh* connection (the old one may have survived a network the new
 //!    system broke) and roll back to the exact store path that ran before if it fails;
@@ -25,6 +26,7 @@ use super::host::{Host, Realise};
 use super::outcome::{AttemptError, RunLog, UpdateOptions};
 use super::source::{Connection, RemoteError};
 use super::state::StateDir;
+use super::substitute::{self, SubstituteError};
 use crate::nix::Target;
 use crate::protocol::check::{CheckResult, OnFailure};
 use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest};
@@ -125,14 +127,48 @@ impl Attempt<'_> {
                 dir: config_dir.clone(),
             },
         };
-        self.apply(
-            &Realise::Build(target),
-            Some(&manifest),
+        let how =
+            match substitute::prebuilt(conn.as_mut(), &manifest).map_err(AttemptError::Remote)? {
+                None => Realise::Build(target),
+                Some(system) => self.prebuilt(conn.as_mut(), &system, log)?,
+            };
+        self.apply(&how, Some(&manifest), conn, opts, log, timings)
+    }
+
+    /// A system the server built: fetch what the store lacks of it (verified), without
+    /// evaluating anything; nothing on the machine changes here.
+    fn prebuilt(
+        &self,
+        conn: &mut dyn Connection,
+        system: &StorePath,
+        log: &mut RunLog<'_>,
+    ) -> Result<Realise, AttemptError> {
+        log.step(&format!(
+            "{system} is prebuilt by the server: substituting it from cache/, not evaluating"
+        ));
+        let cache = self.dirs.nix_cache();
+        let mut step = |line: &str| log.step(line);
+        match substitute::prepare(
             conn,
-            opts,
-            log,
-            timings,
-        )
+            self.host,
+            &self.cfg.cache_keys,
+            system,
+            &cache,
+            &mut step,
+        ) {
+            Ok(p) => {
+                log.step(&format!(
+                    "fetched {} of NARs for {} path(s)",
+                    crate::sys::output::bytes(p.nar_bytes),
+                    p.narinfos
+                ));
+                Ok(p.realise)
+            }
+            Err(SubstituteError::Remote(e)) => Err(AttemptError::Remote(e)),
+            Err(e) => Err(AttemptError::Failed(format!(
+                "prebuilt system refused: {e}"
+            ))),
+        }
     }
 
     /// Realises the system, installs the manifest's files (a published version), activates
@@ -149,18 +185,23 @@ impl Attempt<'_> {
         let effective = self.cfg.effective(self.settings.as_ref());
 
         let t = Instant::now();
-        log.step("building");
+        let substitute = matches!(how, Realise::Substitute { .. });
+        log.step(if substitute { "importing" } else { "building" });
         let built = match self.host.realise(how) {
             Ok(b) => b,
             Err(e) => {
                 log.output(e.log());
                 timings.build_ms = Some(t.elapsed().as_millis() as u64);
                 return Err(AttemptError::Failed(format!(
-                    "build failed: {}",
+                    "{} failed: {}",
+                    if substitute { "import" } else { "build" },
                     first_error_line(&e.to_string())
                 )));
             }
         };
+        if let Realise::Substitute { cache, .. } = how {
+            substitute::prune(cache);
+        }
         log.output(&built.log);
         timings.build_ms = Some(t.elapsed().as_millis() as u64);
         log.step(&format!("built {}", built.path));

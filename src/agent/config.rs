@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// Public keys whose signature a manifest must carry (`ssh-ed25519 …` lines; several
     /// for key rotation). Empty: signatures are not checked.
     pub trusted_keys: Vec<String>,
+    /// Nix public keys (`name:base64`, what `nix key convert-secret-to-public` prints) whose
+    /// signature a prebuilt system's narinfos must carry (`build_on = "server"`). Empty: a
+    /// prebuilt version is refused.
+    pub cache_keys: Vec<String>,
     /// How to reboot (default: `systemctl kexec`, falling back to `systemctl reboot`).
     pub reboot_command: Option<Vec<String>>,
     /// The system the machine booted, to tell whether a new kernel needs a reboot.
@@ -82,6 +86,8 @@ struct MachineToml {
     files_root: PathBuf,
     #[serde(default)]
     trusted_keys: Vec<String>,
+    #[serde(default)]
+    cache_keys: Vec<String>,
     #[serde(default)]
     reboot_command: Option<Vec<String>>,
     #[serde(default = "d_booted_system")]
@@ -144,6 +150,7 @@ impl AgentConfig {
             current_system: m.current_system,
             files_root: m.files_root,
             trusted_keys: m.trusted_keys,
+            cache_keys: m.cache_keys,
             reboot_command: m.reboot_command,
             booted_system: m.booted_system,
             settings: layer,
@@ -168,6 +175,12 @@ impl AgentConfig {
             ConfigError::Parse {
                 path: path.to_owned(),
                 message: format!("trusted_keys: {e}"),
+            }
+        })?;
+        crate::protocol::narinfo::CacheKeys::parse(&config.cache_keys).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("cache_keys: {e}"),
             }
         })?;
         if config.connect_timeout.is_zero() {
@@ -263,6 +276,7 @@ current_system = "/run/current-system"
             ("connect_timeout = \"soon\"\n", "soon"),
             ("state_dir = \"var\"\n", "state_dir"),
             ("trusted_keys = [\"ssh-ed25519 x\"]\n", "trusted key 1"),
+            ("cache_keys = [\"bento-1:AAAA\"]\n", "cache_keys"),
             ("self_update = \"yes\"\n", "self_update"),
             ("confirm_timeout = \"soon\"\n", "confirm_timeout"),
             // The interval is the timer's: bento.toml sets it, agent.toml cannot.

@@ -76,7 +76,7 @@ pub fn objects(
         // hash instead of being cut to size. A complete partial needs no request at all.
         if have < *size || *size == 0 {
             parts.push(ObjectPart {
-                digest: *digest,
+                item: Item::Object(*digest),
                 from: have,
                 max: (size + 1).saturating_sub(have),
                 dest,
@@ -145,8 +145,7 @@ mod tests {
             self.inner.read(item, limit)
         }
         fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
-            self.reads
-                .extend(parts.iter().map(|p| Item::Object(p.digest)));
+            self.reads.extend(parts.iter().map(|p| p.item));
             self.inner.read_objects(parts)
         }
     }

@@ -5,7 +5,7 @@
 //! The layout follows the run: `source` (what is read from and written to the server) and
 //! `fetch` (bounded, verified, resumable reads over any source); `decide` (what to do, from
 //! facts alone); `apply` and `self_update` (the typed steps, changing the machine only
-//! through `host`); `record` (report, state, spool, heartbeat). `config` is agent.toml,
+//! through `host`; `substitute` fetches a prebuilt system's missing NARs); `record` (report, state, spool, heartbeat). `config` is agent.toml,
 //! `state` the state directory, `files` the staged tree and installed files.
 //!
 //! Layer rule: nothing here imports the server or the CLI; shared types come from
@@ -24,6 +24,7 @@ mod record;
 mod run;
 mod self_update;
 pub mod source;
+mod substitute;
 // Decrypting encrypted `files` entries with identity_file (see docs/security.md).
 pub mod secrets;
 pub mod state;

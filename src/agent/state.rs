@@ -195,6 +195,10 @@ impl StateDir {
     pub fn ssh(&self) -> PathBuf {
         self.root.join("ssh")
     }
+    /// The local file binary cache a prebuilt system's missing NARs are fetched into.
+    pub fn nix_cache(&self) -> PathBuf {
+        self.root.join("nix-cache")
+    }
 
     /// Creates the directories (root-only: the state may describe secrets' paths).
     pub fn create(&self) -> std::io::Result<()> {

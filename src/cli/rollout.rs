@@ -325,6 +325,16 @@ fn publish_hosts(
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
+    // As `bento publish` does (issue #12): a wave's host that does not evaluate is held back
+    // (and halts the rollout as a failed publish), and `build_on = "server"` hosts are built
+    // and get their binary cache before their manifest goes live.
+    let delivery = crate::server::delivery::FleetDelivery::new(
+        fleet,
+        Nix::default(),
+        true,
+        super::select::default_jobs(),
+        now,
+    )?;
     let reports = publish::run(
         fleet,
         &flakes,
@@ -336,8 +346,7 @@ fn publish_hosts(
             now,
             ownership: ownership(fleet),
             signer: signer.as_ref(),
-            // A rollout halts at a failing canary; the evaluation gate is `bento publish`'s.
-            delivery: None,
+            delivery: Some(&delivery),
             on_wait: Box::new(move || {
                 output::note(&format!(
                     "another publish holds {}; waiting",

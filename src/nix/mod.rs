@@ -288,3 +288,5 @@ mod tests {
 pub mod closure;
 /// Nix error locations mapped back to the fleet repo (issue #12).
 pub mod locate;
+/// Prebuilt delivery: what the store lacks, signed imports from a file binary cache.
+pub mod substitute;

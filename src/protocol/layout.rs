@@ -9,6 +9,7 @@
 //!     manifests/<digest>.json
 //!     manifests/<digest>.sig  SSH signature of the manifest, when the fleet signs
 //!     objects/<sha256>
+//!     cache/                 Nix binary cache of a `build_on = "server"` host (root, 0755)
 //!     logs/                  <account>:<account> 0750, writable by the host
 //!     backups/               <account>:<account> 0700, with `[server] backups = true`
 //! ```
@@ -22,6 +23,10 @@ pub const CURRENT: &str = "current";
 pub const MANIFESTS: &str = "manifests";
 pub const OBJECTS: &str = "objects";
 pub const LOGS: &str = "logs";
+/// A `build_on = "server"` host's Nix binary cache (root-owned, read-only; docs/delivery.md).
+pub const CACHE: &str = "cache";
+/// The binary cache's description file, in `cache/`.
+pub const CACHE_INFO: &str = "nix-cache-info";
 /// A host's private, writable backup area (with `[server] backups = true`).
 pub const BACKUPS: &str = "backups";
 /// Server-only state beside the host directories; no host name can collide with it.

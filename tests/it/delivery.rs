@@ -220,7 +220,7 @@ fn publishing_with_and_without_build_gives_no_host_a_new_version() {
 }
 
 /// A Nix cache key pair outside the fleet repo: (secret path, public key).
-fn cache_key(dir: &Path) -> (PathBuf, String) {
+pub(crate) fn cache_key(dir: &Path) -> (PathBuf, String) {
     let out = nix(&["key", "generate-secret", "--key-name", "bento-test-1"]);
     assert!(out.status.success());
     let secret = dir.join("cache-key");

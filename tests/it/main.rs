@@ -21,3 +21,4 @@ mod secrets;
 mod server;
 mod signing;
 mod status;
+mod substitute;

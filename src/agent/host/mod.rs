@@ -12,7 +12,7 @@ mod nix;
 mod probe;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use nix::NixHost;
@@ -35,8 +35,15 @@ pub struct ActivateError {
 pub enum Realise {
     /// Evaluate and build a configuration tree (a flake host or a classic one).
     Build(Target),
-    // A later mode: substitute the closure the server built (the manifest's `system`)
-    // from a binary cache instead of evaluating. It is one more variant here.
+    /// Import the closure the server built (the manifest's `system`) from the local file
+    /// binary cache `cache`, without evaluating: exactly `paths` (the part of the closure
+    /// the store lacks), each signed by one of `keys` (`cache_keys`, `name:base64`).
+    Substitute {
+        system: StorePath,
+        cache: PathBuf,
+        paths: Vec<StorePath>,
+        keys: Vec<String>,
+    },
 }
 
 pub trait Host {
@@ -47,6 +54,8 @@ pub trait Host {
     /// True when `new` needs a reboot to run fully after `booted` (kernel, initrd or kernel
     /// modules differ).
     fn boot_files_differ(&self, booted: &StorePath, new: &StorePath) -> bool;
+    /// The subset of `paths` the store holds (valid, with their closures).
+    fn valid_paths(&self, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, NixError>;
     /// Puts the system described by `how` into the store; changes nothing that runs.
     fn realise(&self, how: &Realise) -> Result<Built, NixError>;
     /// Makes `path` the system profile's current generation.

@@ -65,7 +65,36 @@ impl Host for NixHost {
     fn realise(&self, how: &Realise) -> Result<Built, NixError> {
         match how {
             Realise::Build(target) => self.nix.build(target),
+            Realise::Substitute {
+                system,
+                cache,
+                paths,
+                keys,
+            } => {
+                let log = self.nix.import_from_cache(cache, paths, keys)?;
+                if !self
+                    .nix
+                    .valid_paths(std::slice::from_ref(system))?
+                    .contains(system)
+                {
+                    return Err(NixError::Output {
+                        argv: "nix copy --from file://".to_owned() + &cache.display().to_string(),
+                        message: format!("{system} is not valid after the import"),
+                    });
+                }
+                Ok(Built {
+                    path: system.clone(),
+                    log,
+                })
+            }
         }
+    }
+
+    fn valid_paths(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<std::collections::BTreeSet<StorePath>, NixError> {
+        self.nix.valid_paths(paths)
     }
 
     fn set_profile(&self, path: &StorePath) -> Result<(), NixError> {

@@ -62,7 +62,7 @@ impl Source for DirConnection {
     fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
         let mut fetched = 0;
         for part in parts {
-            let rel = Item::Object(part.digest).path();
+            let rel = part.item.path();
             let local = |source| RemoteError::Local {
                 path: part.dest.clone(),
                 source,

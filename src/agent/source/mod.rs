@@ -1,6 +1,6 @@
 //! The agent's two seams to the server: a [`Source`] for what it reads (`current`, a
-//! manifest, its signature, objects — named by protocol operation, never by a path string
-//! from the server) and a [`Sink`] for what it writes (reports and the heartbeat in `logs/`).
+//! manifest, its signature, objects, the files of a prebuilt system's binary cache — named by
+//! protocol operation, never by a path string from the server) and a [`Sink`] for what it writes (reports and the heartbeat in `logs/`).
 //! `sftp://` (the system's OpenSSH client) and `file://` (a mounted directory: NFS,
 //! sneakernet, tests) implement both on one [`Connection`]; a read-only mirror or an object
 //! store with other credentials can implement `Source` alone.
@@ -51,6 +51,76 @@ pub enum Item {
     Signature(Digest),
     /// `objects/<digest>`.
     Object(Digest),
+    /// A file of `cache/`, the binary cache of a `build_on = "server"` host.
+    Cache(CacheFile),
+}
+
+/// A file of `cache/`, by what it is. Built only from validated names (a 32-character Nix
+/// hash, a NAR file name `nar/<52-character hash>.nar[.zst|.xz|.bz2]`), so no name from a
+/// manifest or a narinfo can make the agent read outside `cache/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheFile {
+    /// `cache/nix-cache-info`.
+    Info,
+    /// `cache/<hash>.narinfo`.
+    NarInfo([u8; 32]),
+    /// `cache/nar/<hash>.nar<ext>`.
+    Nar([u8; 52], NarExt),
+}
+
+/// The compression suffix of a NAR file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NarExt {
+    None,
+    Zstd,
+    Xz,
+    Bzip2,
+}
+
+const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+
+fn nix32_array<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let bytes: [u8; N] = s.as_bytes().try_into().ok()?;
+    bytes.iter().all(|b| NIX32.contains(b)).then_some(bytes)
+}
+
+impl CacheFile {
+    /// The narinfo of the store path whose hash part is `hash`.
+    pub fn narinfo(hash: &str) -> Option<Self> {
+        nix32_array(hash).map(CacheFile::NarInfo)
+    }
+
+    /// The NAR file a narinfo's `URL` names, if it has the shape Nix gives it.
+    pub fn nar(url: &str) -> Option<Self> {
+        let name = url.strip_prefix("nar/")?;
+        let (hash, ext) = name.split_once(".nar")?;
+        let ext = match ext {
+            "" => NarExt::None,
+            ".zst" => NarExt::Zstd,
+            ".xz" => NarExt::Xz,
+            ".bz2" => NarExt::Bzip2,
+            _ => return None,
+        };
+        nix32_array(hash).map(|h| CacheFile::Nar(h, ext))
+    }
+
+    /// The path relative to `cache/`.
+    pub fn rel(&self) -> String {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match self {
+            CacheFile::Info => crate::protocol::layout::CACHE_INFO.to_owned(),
+            CacheFile::NarInfo(h) => format!("{}.narinfo", text(h)),
+            CacheFile::Nar(h, ext) => {
+                let ext = match ext {
+                    NarExt::None => "",
+                    NarExt::Zstd => ".zst",
+                    NarExt::Xz => ".xz",
+                    NarExt::Bzip2 => ".bz2",
+                };
+                format!("nar/{}.nar{ext}", text(h))
+            }
+        }
+    }
 }
 
 impl Item {
@@ -63,15 +133,16 @@ impl Item {
             Item::Manifest(d) => rel(layout::manifest(root, d)),
             Item::Signature(d) => rel(layout::signature(root, d)),
             Item::Object(d) => rel(layout::object(root, d)),
+            Item::Cache(f) => format!("{}/{}", layout::CACHE, f.rel()),
         }
     }
 }
 
-/// One piece of an object download: read at most `max` bytes of the object from offset
-/// `from` and append them to the local file `dest` (then fsync it).
+/// One piece of a download (an object, a NAR): read at most `max` bytes of `item` from
+/// offset `from` and append them to the local file `dest` (then fsync it).
 #[derive(Debug, Clone)]
 pub struct ObjectPart {
-    pub digest: Digest,
+    pub item: Item,
     pub from: u64,
     pub max: u64,
     pub dest: PathBuf,
@@ -216,6 +287,38 @@ pub fn connect(url: &ServerUrl, ssh: &SshOptions) -> Result<Box<dyn Connection>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_files_stay_inside_cache() {
+        let nar = "nar/0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6vc.nar.zst";
+        assert_eq!(
+            Item::Cache(CacheFile::nar(nar).unwrap()).path(),
+            format!("cache/{nar}")
+        );
+        let hash = "6jzajc5g4i93ykxd3s72fiqj5hvaxr18";
+        assert_eq!(
+            Item::Cache(CacheFile::narinfo(hash).unwrap()).path(),
+            format!("cache/{hash}.narinfo")
+        );
+        assert_eq!(Item::Cache(CacheFile::Info).path(), "cache/nix-cache-info");
+        for bad in [
+            "nar/../0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6v.nar",
+            "../nar/0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6vc.nar",
+            "nar/0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6vc.nar.gz",
+            "nar/0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6vc.nar/x",
+            "nar/0vvpqikqcsdsqy4213xigwp664iis3w1lb6al7gakrb78m06n6ve.nar",
+            "nar/x.nar",
+        ] {
+            assert!(CacheFile::nar(bad).is_none(), "{bad}");
+        }
+        for bad in [
+            "../../../../../../etc/passwd",
+            "6jzajc5g4i93ykxd3s72fiqj5hvaxr1",
+            "6jzajc5g4i93ykxd3s72fiqj5hvaxr1/",
+        ] {
+            assert!(CacheFile::narinfo(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn urls() {

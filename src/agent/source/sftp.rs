@@ -172,7 +172,7 @@ async fn seek_to(
 
 /// Appends at most `part.max` bytes of the object, from `part.from`, to `part.dest`.
 async fn read_part(sftp: &Sftp, part: &ObjectPart) -> Result<u64, RemoteError> {
-    let rel = Item::Object(part.digest).path();
+    let rel = part.item.path();
     let local = |source| RemoteError::Local {
         path: part.dest.clone(),
         source,

@@ -41,6 +41,8 @@ pub struct FakeHost {
     /// What a re-lock writes into the tree's `system` file (None: no input moved).
     pub relock_to: RefCell<Option<String>>,
     pub calls: RefCell<Vec<String>>,
+    /// The store paths the machine's store holds (for substitution).
+    pub store: RefCell<std::collections::BTreeSet<StorePath>>,
     /// A state directory whose spool and state file stop taking writes during the build
     /// (the disk filled up): writes fail with ENOTDIR and EISDIR, for root as well.
     pub fill_disk: RefCell<Option<PathBuf>>,
@@ -84,8 +86,30 @@ impl Host for FakeHost {
         self.kernel(booted) != self.kernel(new)
     }
 
+    fn valid_paths(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<std::collections::BTreeSet<StorePath>, NixError> {
+        let store = self.store.borrow();
+        Ok(paths
+            .iter()
+            .filter(|p| store.contains(*p))
+            .cloned()
+            .collect())
+    }
+
     fn realise(&self, how: &Realise) -> Result<Built, NixError> {
-        let Realise::Build(target) = how;
+        let target = match how {
+            Realise::Build(target) => target,
+            Realise::Substitute { system, paths, .. } => {
+                self.call(format!("substitute {} path(s)", paths.len()));
+                self.store.borrow_mut().extend(paths.iter().cloned());
+                return Ok(Built {
+                    path: system.clone(),
+                    log: "copying…\n".into(),
+                });
+            }
+        };
         let dir = match target {
             Target::Flake { dir, .. } | Target::Classic { dir } => dir,
         };

@@ -7,6 +7,7 @@
 mod checks;
 mod contact;
 mod fake;
+mod substitute;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
