@@ -300,6 +300,9 @@ in
         ExecStart = "${bento} agent update --config ${configFile}";
         # 0 nothing to do, 10 updated; 11 failed, 12 rolled back, 1 could not run: failed unit.
         SuccessExitStatus = "10";
+        # oneshot units have no start timeout by default: no run may hang. A little over
+        # agent.toml's run_timeout (default 4h); raise both together.
+        TimeoutStartSec = lib.mkDefault "4h 30min";
       };
     };
 
@@ -318,6 +321,7 @@ in
         Type = "oneshot";
         ExecStart = "${bento} agent update --force --config ${configFile}";
         SuccessExitStatus = "10";
+        TimeoutStartSec = lib.mkDefault "4h 30min";
       };
     };
 

@@ -76,6 +76,8 @@ pub fn update(opts: &UpdateOptions<'_>) -> Result<RunResult, AgentError> {
                 reboot_required: false,
                 created: None,
                 applied_created: state.applied.as_ref().and_then(|a| a.created.clone()),
+                serial: None,
+                applied_serial: state.applied.as_ref().and_then(|a| a.serial),
                 settings: None,
                 previous: state.applied.as_ref().map(|a| a.version),
                 installed: state.installed_files.clone(),

@@ -258,3 +258,162 @@ fn swapping_a_directory_for_a_link_during_publish_never_reads_outside_the_repo()
     assert!(flips > 0 && runs > 10, "{runs} runs, {flips} flips");
     eprintln!("swap race: {runs} publishes ({published} published), {flips} flips, nothing leaked");
 }
+
+/// Issue #14 item 6: a root-owned symlink on the host, leading to a directory another user
+/// owns, let a `files` entry be written there (the owner check looked at the link, not at
+/// where it leads). Needs root: the directory must belong to someone else.
+#[test]
+fn a_linked_parent_directory_owned_by_another_user_is_refused() {
+    use std::os::unix::fs::{chown, symlink};
+    if !crate::common::is_root() {
+        eprintln!("skipped: needs root (a directory owned by another user)");
+        return;
+    }
+    let t = crate::common::ScratchDir::new();
+    let (objects, root) = (t.join("objects"), t.join("root"));
+    let theirs_inside = root.join("home/bob");
+    let theirs_outside = t.join("elsewhere/bob");
+    for d in [&objects, &root.join("etc"), &theirs_inside, &theirs_outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for d in [&theirs_inside, &theirs_outside] {
+        chown(d, Some(65534), Some(65534)).unwrap();
+    }
+    // Root-owned links (made by root), as an admin or a package might leave them.
+    symlink(&theirs_inside, root.join("etc/inside")).unwrap();
+    symlink(&theirs_outside, root.join("etc/outside")).unwrap();
+    let content = b"secret\n";
+    std::fs::write(objects.join(Digest::of(content).to_hex()), content).unwrap();
+    let entry = |target: &str| bento::protocol::manifest::FileEntry {
+        path: RelPath::new(target.trim_start_matches('/')).unwrap(),
+        target: TargetPath::new(target).unwrap(),
+        size: content.len() as u64,
+        sha256: Digest::of(content),
+        owner: "root".into(),
+        group: "root".into(),
+        mode: bento::protocol::manifest::Mode(0o600),
+        encrypted: None,
+    };
+    let cases = [
+        ("/home/bob/key", "not owned by root"),
+        ("/etc/inside/key", "not owned by root"),
+        ("/etc/inside/sub/key", "not owned by root"),
+        ("/etc/outside/key", "outside the files root"),
+    ];
+    for (target, why) in cases {
+        let err = bento::agent::files::install_files(
+            &[entry(target)],
+            &objects,
+            &root,
+            &[],
+            Path::new("/nonexistent"),
+        )
+        .expect_err(target)
+        .to_string();
+        assert!(err.contains(target) && err.contains(why), "{target}: {err}");
+    }
+    for d in [&theirs_inside, &theirs_outside] {
+        assert_eq!(
+            std::fs::read_dir(d).unwrap().count(),
+            0,
+            "nothing written into {}",
+            d.display()
+        );
+    }
+}
+
+/// Issue #14 item 7: one manifest stamped in the future (a publishing machine whose clock
+/// ran ahead) made the host refuse every later version as a replay, `--force` or not.
+/// Versions are ordered by the signed per-host `serial` now; a replay is still refused.
+#[test]
+fn a_version_stamped_in_the_future_does_not_lock_the_host_out() {
+    use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_UPDATED};
+    use crate::signing::{keygen, live, set_signing_key};
+    let sshd = crate::common::sshd::Sshd::start(&["alpha"]);
+    let key = sshd.dir.join("signing/key");
+    let public = keygen(&key);
+    set_signing_key(&sshd, &key);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", &format!("trusted_keys = [\"{public}\"]\n"));
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // Version 2, published by a machine whose clock was decades ahead: the same manifest
+    // restamped and signed again (what that publish would have written).
+    write_version(&sshd, "2");
+    sshd.publish();
+    let dir = sshd.host_dir("alpha");
+    let v2 = live(&sshd, "alpha");
+    let mut m2 =
+        Manifest::parse(&std::fs::read(bento::protocol::layout::manifest(&dir, &v2)).unwrap())
+            .unwrap();
+    m2.created = "2080-01-01T00:00:00.000Z".parse().unwrap();
+    let bytes = m2.to_bytes();
+    let future = Digest::of(&bytes);
+    let signer = bento::protocol::signing::Signer::load(&key).unwrap();
+    std::fs::write(bento::protocol::layout::manifest(&dir, &future), &bytes).unwrap();
+    std::fs::write(
+        bento::protocol::layout::signature(&dir, &future),
+        signer.sign(&bytes).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        bento::protocol::layout::current(&dir),
+        bento::protocol::layout::current_text(&future),
+    )
+    .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // The next publish, from a machine with the right time: it warns that its clock is
+    // behind the live version, and the host accepts it.
+    write_version(&sshd, "3");
+    let out = crate::common::bento()
+        .args(["publish", "--no-eval", "--json", "--fleet"])
+        .arg(sshd.fleet())
+        .arg("--chroot")
+        .arg(sshd.chroot())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warning = json[0]["warnings"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        warning.contains("clock") && warning.contains("behind"),
+        "{json}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("behind"),
+        "warned on stderr too"
+    );
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("-alpha-3"));
+
+    // A replay of an older serial (whatever its time says) is still refused.
+    for old in [future, v2] {
+        std::fs::write(
+            bento::protocol::layout::current(&dir),
+            bento::protocol::layout::current_text(&old),
+        )
+        .unwrap();
+        let out = m.update();
+        assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+        let error = m.latest_report().error.unwrap();
+        assert!(
+            error.contains("replayed") && error.contains("serial"),
+            "{error}"
+        );
+    }
+    assert!(
+        m.profile_target().unwrap().contains("-alpha-3"),
+        "still on 3"
+    );
+}

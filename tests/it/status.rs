@@ -158,6 +158,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
         format: 1,
         host: HostName::new(host).unwrap(),
         created: NOW.parse().unwrap(),
+        serial: 0,
         source_commit: None,
         build: Build::Flake,
         system: system.map(|s| StorePath::new(s).unwrap()),

@@ -74,6 +74,7 @@ impl Bed {
             format: 1,
             host: HostName::new("alpha").unwrap(),
             created: Timestamp::millis(created),
+            serial: 0,
             source_commit: None,
             build: Build::Flake,
             system: None,
