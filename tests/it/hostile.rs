@@ -417,3 +417,82 @@ fn a_version_stamped_in_the_future_does_not_lock_the_host_out() {
         "still on 3"
     );
 }
+
+/// Issue #14 item 4: with the server's session stopped mid-download (packets silently
+/// dropped), the agent hung forever holding its lock. Every request is bounded by
+/// `stall_timeout` now: the run ends, the lock is free, and the report saying the server
+/// stalled is spooled and delivered by the next run.
+#[test]
+fn a_server_that_stops_answering_mid_download_does_not_wedge_the_agent() {
+    use crate::agent::{code, fleet, text, Machine, EXIT_UPDATED};
+    use crate::common::relay::{Cut, Dir, Relay};
+    let sshd = crate::common::sshd::Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    // 4 MiB that do not compress, so the download is long enough to stop in the middle.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(
+        sshd.fleet()
+            .join("hosts/alpha/files/alpha/etc/bento-it/big"),
+        &big,
+    )
+    .unwrap();
+    sshd.publish();
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    m.write_config("stall_timeout = \"3s\"\n");
+    relay.stall_after(Cut {
+        conn: 0,
+        dir: Dir::Down,
+        bytes: 1 << 20,
+    });
+
+    let started = std::time::Instant::now();
+    let out = m.update(); // panics if the run does not end within 120 s
+    assert!(relay.cut_fired(), "the stall happened: {}", text(&out));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_ne!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server stalled"), "{}", text(&out));
+    let spooled: Vec<String> = std::fs::read_dir(m.base.join("state/spool"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        spooled.iter().any(|r| r.contains("server stalled")),
+        "{spooled:?}"
+    );
+
+    // The server answers again: the lock is free, the next run resumes and delivers the
+    // report of the stalled run.
+    relay.stall(false);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let delivered: Vec<String> = std::fs::read_dir(m.logs().join("reports"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        delivered.iter().any(|r| r.contains("server stalled")),
+        "{delivered:?}"
+    );
+    assert_eq!(
+        std::fs::read(m.base.join("root/etc/bento-it/big")).unwrap(),
+        big
+    );
+}

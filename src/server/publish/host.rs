@@ -247,12 +247,14 @@ fn newest_kept_serial(host_dir: &Path) -> u64 {
 /// other manifests and every object none of the kept manifests uses.
 pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
     let mdir = host_dir.join(MANIFESTS);
-    let mut others: Vec<(
+    // (order, digest, file, manifest) of every version but the live one.
+    type Other = (
         Option<(u64, std::time::SystemTime)>,
         Digest,
         PathBuf,
         Option<Manifest>,
-    )> = Vec::new();
+    );
+    let mut others: Vec<Other> = Vec::new();
     let mut kept: Vec<Manifest> = Vec::new();
     for entry in fs::read_dir(&mdir)? {
         let entry = entry?;
