@@ -315,6 +315,11 @@ in
         ExecStart = "${bento} agent update --config ${configFile}";
         # 0 nothing to do, 10 updated; 11 failed, 12 rolled back, 1 could not run: failed unit.
         SuccessExitStatus = "10";
+        # systemd.service(5): a oneshot unit has no start timeout unless one is set, and
+        # serviceConfig keys reach the unit as written (nixpkgs modules set it the same way,
+        # e.g. netbox.nix at 0b73a0c2). No run may hang: a little over agent.toml's
+        # run_timeout (default 4h); raise both together.
+        TimeoutStartSec = lib.mkDefault "4h 30min";
       };
     };
 
@@ -333,6 +338,7 @@ in
         Type = "oneshot";
         ExecStart = "${bento} agent update --force --config ${configFile}";
         SuccessExitStatus = "10";
+        TimeoutStartSec = lib.mkDefault "4h 30min";
       };
     };
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::checks::{self, Baseline};
 use super::config::AgentConfig;
+use super::decide::{replay_refusal, Stamp};
 use super::fetch;
 use super::files;
 use super::host::{Host, Realise};
@@ -50,6 +51,10 @@ pub struct Attempt<'a> {
     pub created: Option<Timestamp>,
     /// The applied manifest's `created` time (replay protection).
     pub applied_created: Option<Timestamp>,
+    /// The new manifest's `serial` once fetched (`None` for one from before serials).
+    pub serial: Option<u64>,
+    /// The applied manifest's `serial` (replay protection).
+    pub applied_serial: Option<u64>,
     /// The settings that came with the version (bento-host.json).
     pub settings: Option<HostSettings>,
     /// The version applied before this run (whose files a rollback puts back).
@@ -82,6 +87,7 @@ impl Attempt<'_> {
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
         self.check_trust(conn.as_mut(), &bytes, &manifest, log)?;
         self.created = Some(manifest.created.clone());
+        self.serial = (manifest.serial > 0).then_some(manifest.serial);
         let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
         crate::sys::atomic::write_file(&mpath, &bytes, 0o600).map_err(|e| failed(&e))?;
         let sizes: BTreeMap<Digest, u64> = manifest
@@ -385,12 +391,19 @@ impl Attempt<'_> {
                 .map_err(|e| AttemptError::Failed(format!("manifest {short}: {e}")))?;
             log.step("signature verified");
         }
-        if let Some(applied) = &self.applied_created {
-            if manifest.created.system_time() < applied.system_time() {
-                return Err(AttemptError::Failed(format!(
-                    "manifest {short} was created {}, before the applied version ({applied}); refusing a replayed older snapshot",
-                    manifest.created
-                )));
+        if let Some(previous) = self.previous {
+            let applied = Stamp {
+                version: previous,
+                serial: self.applied_serial.unwrap_or(0),
+                created: self.applied_created.as_ref(),
+            };
+            let new = Stamp {
+                version: self.version,
+                serial: manifest.serial,
+                created: Some(&manifest.created),
+            };
+            if let Some(why) = replay_refusal(&applied, &new) {
+                return Err(AttemptError::Failed(why));
             }
         }
         Ok(())

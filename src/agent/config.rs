@@ -41,6 +41,10 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long the server may stay unreachable after activation before rolling back.
     pub confirm_timeout: Duration,
+    /// The longest one request to the server may go unanswered (a stalled server).
+    pub stall_timeout: Duration,
+    /// The longest a run may download and build (the confirmation has its own bound).
+    pub run_timeout: Duration,
     /// The running system; where it does not exist, the profile's target counts as running.
     pub current_system: PathBuf,
     /// Prefix for the targets of `files` entries (`/mnt` when installing onto a mounted system).
@@ -80,6 +84,10 @@ struct MachineToml {
     connect_timeout: Duration,
     #[serde(default = "d_confirm_timeout", with = "humantime_serde")]
     confirm_timeout: Duration,
+    #[serde(default = "d_stall_timeout", with = "humantime_serde")]
+    stall_timeout: Duration,
+    #[serde(default = "d_run_timeout", with = "humantime_serde")]
+    run_timeout: Duration,
     #[serde(default = "d_current_system")]
     current_system: PathBuf,
     #[serde(default = "d_files_root")]
@@ -111,6 +119,18 @@ fn d_connect_timeout() -> Duration {
 }
 fn d_confirm_timeout() -> Duration {
     Duration::from_secs(60)
+}
+/// A minute without an answer to one request: far beyond any round trip, short enough that
+/// a stalled server costs a timer run a minute, not the machine its updates.
+fn d_stall_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+/// Four hours: a local build of a whole system (a kernel from source on a small machine)
+/// fits; the unit's `TimeoutStartSec` (`units::TIMEOUT_START`) is a little longer, so the
+/// agent's own deadline, which reports, comes first.
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
+fn d_run_timeout() -> Duration {
+    DEFAULT_RUN_TIMEOUT
 }
 fn d_current_system() -> PathBuf {
     "/run/current-system".into()
@@ -147,6 +167,8 @@ impl AgentConfig {
             profile: m.profile,
             connect_timeout: m.connect_timeout,
             confirm_timeout: m.confirm_timeout,
+            stall_timeout: m.stall_timeout,
+            run_timeout: m.run_timeout,
             current_system: m.current_system,
             files_root: m.files_root,
             trusted_keys: m.trusted_keys,
@@ -183,11 +205,17 @@ impl AgentConfig {
                 message: format!("cache_keys: {e}"),
             }
         })?;
-        if config.connect_timeout.is_zero() {
-            return Err(ConfigError::Parse {
-                path: path.to_owned(),
-                message: "connect_timeout must be more than zero".into(),
-            });
+        for (key, d) in [
+            ("connect_timeout", config.connect_timeout),
+            ("stall_timeout", config.stall_timeout),
+            ("run_timeout", config.run_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("{key} must be more than zero"),
+                });
+            }
         }
         Ok(config)
     }
@@ -211,6 +239,28 @@ impl AgentConfig {
             known_hosts: self.known_hosts.clone(),
             connect_timeout: self.connect_timeout,
             control_dir: StateDir::new(&self.state_dir).ssh(),
+            stall_timeout: self.stall_timeout,
+            deadline: None,
+        }
+    }
+
+    /// How one run connects: its first connection (the download) is bounded by
+    /// `run_timeout` from now; later ones (the confirmation after activation) only by
+    /// `stall_timeout`, so a long build never makes the confirmation fail and roll back.
+    pub fn run_connector(
+        &self,
+    ) -> impl Fn() -> Result<
+        Box<dyn crate::agent::source::Connection>,
+        crate::agent::source::RemoteError,
+    > + '_ {
+        let deadline = std::time::Instant::now() + self.run_timeout;
+        let first = std::cell::Cell::new(true);
+        move || {
+            let mut ssh = self.ssh_options();
+            if first.replace(false) {
+                ssh.deadline = Some(deadline);
+            }
+            crate::agent::source::connect(&self.server, &ssh)
         }
     }
 
@@ -241,6 +291,8 @@ mod tests {
         assert_eq!(c.settings().reboot_at, "04:00");
         assert_eq!(c.connect_timeout, Duration::from_secs(20));
         assert_eq!(c.confirm_timeout, Duration::from_secs(60));
+        assert_eq!(c.stall_timeout, Duration::from_secs(60));
+        assert_eq!(c.run_timeout, Duration::from_secs(4 * 3600));
         assert_eq!(c.current_system, PathBuf::from("/run/current-system"));
         assert_eq!(c.identity_file, PathBuf::from("/etc/bento/id_ed25519"));
         assert_eq!(c.known_hosts, PathBuf::from("/etc/bento/known_hosts"));
@@ -279,6 +331,8 @@ current_system = "/run/current-system"
             ("cache_keys = [\"bento-1:AAAA\"]\n", "cache_keys"),
             ("self_update = \"yes\"\n", "self_update"),
             ("confirm_timeout = \"soon\"\n", "confirm_timeout"),
+            ("stall_timeout = \"0s\"\n", "stall_timeout"),
+            ("run_timeout = \"0s\"\n", "run_timeout"),
             // The interval is the timer's: bento.toml sets it, agent.toml cannot.
             ("interval = \"5m\"\n", "interval"),
         ] {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::state::State;
 use crate::protocol::manifest::Digest;
-use crate::protocol::StorePath;
+use crate::protocol::{StorePath, Timestamp};
 
 /// A self-update (re-locking flake inputs) is tried at most this often.
 pub const SELF_UPDATE_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -97,6 +97,47 @@ fn skip_reason(state: &State, version: &Digest, force: bool, now: u64) -> Option
     None
 }
 
+/// A version as the replay rule sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    pub version: Digest,
+    /// The manifest's `serial`; 0 for a manifest (or a state) from before serials.
+    pub serial: u64,
+    pub created: Option<&'a Timestamp>,
+}
+
+/// Why a fetched manifest must be refused as a replay of an older snapshot, if it must.
+/// Versions are ordered by serial, never by clocks: one manifest stamped in the future
+/// cannot lock a host out. The transition from manifests without serials: the first one
+/// with a serial is newer than any without (publish numbers from 1 once it knows serials),
+/// a manifest without a serial after one with is a replay, and between two without the
+/// old rule (`created` times) stands.
+pub fn replay_refusal(applied: &Stamp<'_>, new: &Stamp<'_>) -> Option<String> {
+    let short = new.version.short();
+    match (applied.serial, new.serial) {
+        (0, 0) => {
+            let (Some(a), Some(n)) = (applied.created, new.created) else {
+                return None;
+            };
+            (n.system_time() < a.system_time()).then(|| {
+                format!(
+                    "manifest {short} was created {n}, before the applied version ({a}); refusing a replayed older snapshot"
+                )
+            })
+        }
+        (0, _) => None,
+        (a, 0) => Some(format!(
+            "manifest {short} has no serial, and the applied version {} has serial {a}; refusing a replayed snapshot from before serials",
+            applied.version.short()
+        )),
+        (a, n) if n < a || (n == a && new.version != applied.version) => Some(format!(
+            "manifest {short} has serial {n}, not above the applied version {}'s serial {a}; refusing a replayed older snapshot",
+            applied.version.short()
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::state::Applied;
@@ -128,6 +169,7 @@ mod tests {
                 system: one.clone(),
                 at: 0,
                 created: None,
+                serial: None,
             }),
             ..Default::default()
         };
@@ -176,6 +218,7 @@ mod tests {
                 system: one.clone(),
                 at: 0,
                 created: None,
+                serial: None,
             }),
             ..Default::default()
         };
@@ -192,5 +235,55 @@ mod tests {
         s.self_update_at = Some(5 * day);
         assert!(matches!(f(&s, 6 * day - 1, true), Decision::NoOp(_)));
         assert_eq!(f(&s, 6 * day, true), Decision::SelfUpdate(v1));
+    }
+
+    #[test]
+    fn versions_are_ordered_by_serial_not_by_clocks() {
+        let (v1, v2) = (Digest::of(b"1"), Digest::of(b"2"));
+        let future: Timestamp = "2099-01-01T00:00:00Z".parse().unwrap();
+        let today: Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
+        let stamp = |version, serial, created| Stamp {
+            version,
+            serial,
+            created: Some(created),
+        };
+        // Issue #14 item 7: a version stamped in the future does not lock the host out.
+        assert_eq!(
+            replay_refusal(&stamp(v1, 5, &future), &stamp(v2, 6, &today)),
+            None
+        );
+        // An older or equal serial is a replay, whatever the times say.
+        let older = replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 5, &future)).unwrap();
+        assert!(
+            older.contains("serial 5") && older.contains("replayed"),
+            "{older}"
+        );
+        assert!(replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 6, &future)).is_some());
+        // The same version again (running system changed by hand) is no replay.
+        assert_eq!(
+            replay_refusal(&stamp(v1, 6, &today), &stamp(v1, 6, &today)),
+            None
+        );
+        // Transition: a first serial after a state from before serials is accepted, even
+        // when the old version was stamped in the future (that is the way out of item 7);
+        // a manifest without a serial after one with is a replay.
+        assert_eq!(
+            replay_refusal(&stamp(v1, 0, &future), &stamp(v2, 1, &today)),
+            None
+        );
+        let pre = replay_refusal(&stamp(v1, 3, &today), &stamp(v2, 0, &future)).unwrap();
+        assert!(pre.contains("no serial"), "{pre}");
+        // Between two manifests without serials the time rule stands.
+        assert!(replay_refusal(&stamp(v1, 0, &future), &stamp(v2, 0, &today)).is_some());
+        assert_eq!(
+            replay_refusal(&stamp(v1, 0, &today), &stamp(v2, 0, &future)),
+            None
+        );
+        let none = Stamp {
+            version: v1,
+            serial: 0,
+            created: None,
+        };
+        assert_eq!(replay_refusal(&none, &stamp(v2, 0, &today)), None);
     }
 }

@@ -20,8 +20,19 @@ pub enum InstallError {
     NoUser { target: String, name: String },
     #[error("file {target}: no group {name:?} on this machine")]
     NoGroup { target: String, name: String },
-    #[error("file {target}: {dir} is not owned by root; refusing to write through it")]
-    UnsafeParent { target: String, dir: PathBuf },
+    #[error("file {target}: {dir}{via} is not owned by root; refusing to write through it")]
+    UnsafeParent {
+        target: String,
+        dir: PathBuf,
+        via: String,
+    },
+    #[error("file {target}: {link} leads to {leads}, outside the files root {root}; refusing to write there")]
+    OutsideRoot {
+        target: String,
+        link: PathBuf,
+        leads: PathBuf,
+        root: PathBuf,
+    },
     #[error(transparent)]
     Secret(#[from] crate::agent::secrets::SecretError),
 }
@@ -120,32 +131,77 @@ fn resolve_owner(f: &FileEntry) -> Result<(u32, u32), InstallError> {
     Ok((uid, gid))
 }
 
-/// Creates missing parents (0755) and refuses existing ones owned by anyone but root (or
-/// the agent's own user): a directory another user controls could redirect the write.
-fn prepare_parent(root: &Path, path: &Path, target: &str) -> Result<(), InstallError> {
+/// The directory a target's file really goes into: `path`'s parent with every symlink
+/// resolved. Missing directories are created (0755) when `create`. Refused, naming the
+/// path: a parent that leads outside `root` (a root-owned link to another user's home is
+/// as good as a write there), and one whose real path has a directory owned by anyone but
+/// root (or the agent's own user), which could redirect the write. The check is on where
+/// the path really leads, so it holds for links at any depth; what it checks is root's own
+/// (only root can change a root-owned directory afterwards).
+fn real_parent(
+    root: &Path,
+    path: &Path,
+    target: &str,
+    create: bool,
+) -> Result<PathBuf, InstallError> {
+    let real_root = fs::canonicalize(root).map_err(io_err(root))?;
     let parent = path.parent().unwrap_or(root);
-    let mut dir = PathBuf::new();
-    for comp in parent.components() {
-        dir.push(comp);
-        if matches!(comp, Component::RootDir) {
+    let rel = parent.strip_prefix(root).unwrap_or(Path::new(""));
+    check_owners(&real_root, target, None)?;
+    let mut lexical = root.to_path_buf();
+    let mut real = real_root.clone();
+    for comp in rel.components() {
+        let Component::Normal(name) = comp else {
             continue;
-        }
-        match fs::symlink_metadata(&dir) {
-            Ok(m) if m.uid() == 0 || m.uid() == crate::sys::accounts::euid() => {}
+        };
+        lexical.push(name);
+        let next = real.join(name);
+        match fs::symlink_metadata(&next) {
             Ok(_) => {
-                return Err(InstallError::UnsafeParent {
-                    target: target.to_owned(),
-                    dir,
-                })
+                let resolved = fs::canonicalize(&next).map_err(io_err(&lexical))?;
+                if !resolved.starts_with(&real_root) {
+                    return Err(InstallError::OutsideRoot {
+                        target: target.to_owned(),
+                        link: lexical,
+                        leads: resolved,
+                        root: real_root,
+                    });
+                }
+                if !fs::metadata(&resolved).map_err(io_err(&lexical))?.is_dir() {
+                    return Err(io_err(&lexical)(io::Error::other("not a directory")));
+                }
+                let via = (resolved != next).then(|| lexical.clone());
+                check_owners(&resolved, target, via.as_deref())?;
+                real = resolved;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 use std::os::unix::fs::DirBuilderExt;
                 fs::DirBuilder::new()
                     .mode(0o755)
-                    .create(&dir)
-                    .map_err(io_err(&dir))?;
+                    .create(&next)
+                    .map_err(io_err(&next))?;
+                real = next;
             }
-            Err(e) => return Err(io_err(&dir)(e)),
+            Err(e) => return Err(io_err(&lexical)(e)),
+        }
+    }
+    Ok(real)
+}
+
+/// Refuses `dir` (a resolved path) when it or a directory above it is owned by anyone but
+/// root or the agent's own user. `via` is the link the target's path went through, for the
+/// message.
+fn check_owners(dir: &Path, target: &str, via: Option<&Path>) -> Result<(), InstallError> {
+    let mut at = PathBuf::new();
+    for comp in dir.components() {
+        at.push(comp);
+        let m = fs::symlink_metadata(&at).map_err(io_err(&at))?;
+        if m.uid() != 0 && m.uid() != crate::sys::accounts::euid() {
+            return Err(InstallError::UnsafeParent {
+                target: target.to_owned(),
+                dir: at,
+                via: via.map_or_else(String::new, |v| format!(" (where {} leads)", v.display())),
+            });
         }
     }
     Ok(())
@@ -166,12 +222,11 @@ pub fn install_files(
     let plain = crate::agent::secrets::open(files, objects, identity)?;
     for ((f, (uid, gid)), plain) in files.iter().zip(owners).zip(plain) {
         let target = f.target.to_string();
-        let path = under_root(root, &target);
-        prepare_parent(root, &path, &target)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let lexical = under_root(root, &target);
+        let name = lexical.file_name().unwrap_or_default().to_owned();
+        // Written where the parent really is, checked there (issue #14 item 6).
+        let path = real_parent(root, &lexical, &target, true)?.join(&name);
+        let name = name.to_string_lossy().into_owned();
         let tmp = path.with_file_name(format!(".{name}.bento-tmp"));
         let _ = fs::remove_file(&tmp);
         let src = objects.join(f.sha256.to_hex());
@@ -205,7 +260,18 @@ pub fn install_files(
         if now.contains(old.as_str()) {
             continue;
         }
-        let path = under_root(root, old);
+        let lexical = under_root(root, old);
+        // Removed only where a write would be allowed: never through a link out of `root`.
+        let path = match real_parent(root, &lexical, old, false) {
+            Ok(dir) => dir.join(lexical.file_name().unwrap_or_default()),
+            Err(InstallError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!("not removing {old}: {e}");
+                continue;
+            }
+        };
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => fs::remove_file(&path).map_err(io_err(&path))?,
             _ => {}
@@ -271,6 +337,59 @@ mod tests {
         assert!(!root.join("etc/deep/b").exists(), "dropped file removed");
     }
 
+    /// Issue #14 item 6: a parent directory that is a link is judged by where it leads.
+    #[test]
+    fn a_linked_parent_is_checked_where_it_leads() {
+        let t = tempfile::tempdir().unwrap();
+        let objects = t.path().join("objects");
+        let root = t.path().join("root");
+        let outside = t.path().join("outside");
+        for d in [&objects, &outside, &root.join("etc/real")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(objects.join(Digest::of(b"one").to_hex()), b"one").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("etc/out")).unwrap();
+        std::os::unix::fs::symlink("real", root.join("etc/in")).unwrap();
+        let none = Path::new("/nonexistent");
+
+        // Through a link out of the files root, at any depth: refused, nothing written.
+        for target in ["/etc/out/x", "/etc/out/new/x"] {
+            let err = install_files(&[entry(target, b"one", 0o600)], &objects, &root, &[], none)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(target) && err.contains("etc/out") && err.contains("outside"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+
+        // A link that stays inside the root is followed, and checked where it leads.
+        let installed = install_files(
+            &[entry("/etc/in/x", b"one", 0o600)],
+            &objects,
+            &root,
+            &[],
+            none,
+        )
+        .unwrap();
+        assert_eq!(fs::read(root.join("etc/real/x")).unwrap(), b"one");
+        assert!(fs::symlink_metadata(root.join("etc/in"))
+            .unwrap()
+            .is_symlink());
+
+        // A dropped file is never removed through a link out of the root either.
+        fs::write(outside.join("x"), b"theirs").unwrap();
+        install_files(&[], &objects, &root, &["/etc/out/x".into()], none).unwrap();
+        assert_eq!(fs::read(outside.join("x")).unwrap(), b"theirs");
+        install_files(&[], &objects, &root, &installed, none).unwrap();
+        assert!(!root.join("etc/real/x").exists());
+    }
+
     #[test]
     fn unknown_owner_writes_nothing() {
         let t = tempfile::tempdir().unwrap();
@@ -294,6 +413,7 @@ mod tests {
             format: FORMAT,
             host: HostName::new("a").unwrap(),
             created: crate::protocol::Timestamp::from_unix(0),
+            serial: 0,
             source_commit: None,
             build: Build::Classic,
             system: None,

@@ -53,6 +53,65 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// The report of this run, as it ends now.
+    fn report(
+        &mut self,
+        state: &State,
+        attempt: &Attempt<'_>,
+        outcome: Outcome,
+        error: Option<&str>,
+        finished: SystemTime,
+        system_after: &Option<StorePath>,
+    ) -> Report {
+        self.timings.total_ms = self.clock.elapsed().as_millis() as u64;
+        Report {
+            format: report::FORMAT,
+            id: report::new_id(self.started_at),
+            host: attempt.cfg.host.clone(),
+            kind: self.kind,
+            version: attempt.version,
+            previous_version: state.applied.as_ref().map(|a| a.version),
+            outcome,
+            system_before: self.running.as_ref().map(|p| p.to_string()),
+            system_after: system_after.as_ref().map(|p| p.to_string()),
+            built_system: attempt.built.as_ref().map(|p| p.to_string()),
+            started: Timestamp::seconds(self.started_at),
+            finished: Timestamp::seconds(finished),
+            timings: self.timings.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            error: error.map(|e| e.lines().next().unwrap_or_default().to_owned()),
+            log_tail: self.log.tail(),
+            reboot_required: attempt.reboot_required,
+            checks: attempt.checks.clone(),
+        }
+    }
+
+    /// A server that stopped answering mid-run is worth a report (issue #14 item 4), but
+    /// it cannot take one now: the report is spooled for the next run that reaches the
+    /// server. The state is not touched (no back-off: it is not the version's fault).
+    fn spool_stall(
+        &mut self,
+        opts: &UpdateOptions<'_>,
+        state: &State,
+        attempt: &Attempt<'_>,
+        e: &RemoteError,
+    ) {
+        let finished = (opts.now)();
+        let system_after = opts.host.running().ok().flatten();
+        let error = e.to_string();
+        let report = self.report(
+            state,
+            attempt,
+            Outcome::Failure,
+            Some(&error),
+            finished,
+            &system_after,
+        );
+        if let Err(e) = spool(self.dirs, &report, &self.log.text) {
+            tracing::warn!("cannot spool report {} ({e}); it is lost", report.id);
+        }
+    }
+
     /// Records the outcome: state, spool, delivery, heartbeat, notification, reboot.
     pub fn finish(
         mut self,
@@ -64,12 +123,14 @@ impl<'a> Run<'a> {
     ) -> Result<RunResult, AgentError> {
         let cfg = opts.config;
         let dirs = self.dirs;
-        let version = attempt.version;
         let (outcome, error) = match result {
             Ok(o) => (o, None),
             Err(AttemptError::Remote(e)) => {
                 // Partial downloads resume on the next run.
                 self.log.step(&format!("interrupted: {e}"));
+                if e.is_stall() {
+                    self.spool_stall(opts, state, attempt, &e);
+                }
                 return Err(AgentError::Remote(e));
             }
             Err(AttemptError::Failed(msg)) => (Outcome::Failure, Some(msg)),
@@ -79,7 +140,6 @@ impl<'a> Run<'a> {
             Some(e) => self.log.step(&format!("{}: {e}", outcome.as_str())),
             None => self.log.step("success"),
         }
-        self.timings.total_ms = self.clock.elapsed().as_millis() as u64;
         let finished = (opts.now)();
         let system_after = opts.host.running().ok().flatten();
         let effective = cfg.effective(attempt.settings.as_ref());
@@ -88,28 +148,14 @@ impl<'a> Run<'a> {
             &effective.reboot_at,
             outcome == Outcome::Success && attempt.reboot_required,
         );
-        let report = Report {
-            format: report::FORMAT,
-            id: report::new_id(self.started_at),
-            host: cfg.host.clone(),
-            kind: self.kind,
-            version,
-            previous_version: state.applied.as_ref().map(|a| a.version),
+        let report = self.report(
+            state,
+            attempt,
             outcome,
-            system_before: self.running.as_ref().map(|p| p.to_string()),
-            system_after: system_after.as_ref().map(|p| p.to_string()),
-            built_system: attempt.built.as_ref().map(|p| p.to_string()),
-            started: Timestamp::seconds(self.started_at),
-            finished: Timestamp::seconds(finished),
-            timings: self.timings.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            error: error
-                .as_ref()
-                .map(|e| e.lines().next().unwrap_or_default().to_owned()),
-            log_tail: self.log.tail(),
-            reboot_required: attempt.reboot_required,
-            checks: attempt.checks.clone(),
-        };
+            error.as_deref(),
+            finished,
+            &system_after,
+        );
 
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
         // The report is spooled before the state records the run: a kill in between then
@@ -187,15 +233,19 @@ fn record_in_state(
     match (outcome, kind) {
         (Outcome::Success, _) => {
             let system = attempt.built.clone().expect("a success has a build");
-            let created = match kind {
-                RunKind::Published => attempt.created.clone(),
-                RunKind::AutoUpdated => state.applied.as_ref().and_then(|a| a.created.clone()),
+            let (created, serial) = match kind {
+                RunKind::Published => (attempt.created.clone(), attempt.serial),
+                RunKind::AutoUpdated => state
+                    .applied
+                    .as_ref()
+                    .map_or((None, None), |a| (a.created.clone(), a.serial)),
             };
             state.applied = Some(Applied {
                 version,
                 system,
                 at: finished,
                 created,
+                serial,
             });
             state.auto_updated = kind == RunKind::AutoUpdated;
             state.last_success = Some(finished);

@@ -54,6 +54,8 @@ pub fn self_update(
         reboot_required: false,
         created: None,
         applied_created: None,
+        serial: None,
+        applied_serial: None,
         settings: snapshot_settings(&applied_dir),
         previous: Some(version),
         installed: state.installed_files.clone(),

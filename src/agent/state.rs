@@ -34,6 +34,10 @@ pub struct Applied {
     /// The applied manifest's `created` time: an older manifest is a replay and is refused.
     #[serde(default, deserialize_with = "lenient_time")]
     pub created: Option<Timestamp>,
+    /// The applied manifest's `serial` (replay protection without clocks); absent for a
+    /// manifest from before serials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
 }
 
 /// A state file written before times were checked may hold any text: an unreadable time

@@ -19,6 +19,12 @@ pub const PAGE_IDLE_EXIT: &str = "10m";
 /// monitoring and `OnFailure=` notice; 1 (could not run) too. The timer fires again either way.
 pub const SUCCESS_EXIT_STATUS: &str = "10";
 
+/// `TimeoutStartSec=` of the agent's service. systemd disables the start timeout of a
+/// `Type=oneshot` service by default, so without it a wedged run would hold the agent's lock
+/// forever (issue #14 item 4). A little over the default `run_timeout` (4 h), so the agent's
+/// own deadline, which reports, comes first; raise both together.
+pub const TIMEOUT_START: &str = "4h 30min";
+
 /// Sandboxing that leaves activation working. The agent's job is to change the whole
 /// machine: `switch-to-configuration` writes /etc, /boot and the bootloader, mounts
 /// /run/wrappers, creates setuid wrappers and home directories, sets the hostname. So no
@@ -91,6 +97,8 @@ Type=oneshot
 ExecStart={bento} agent update --config {config}
 # 0 nothing to do, 10 updated; 11 failed, 12 rolled back and 1 could not run are failures.
 SuccessExitStatus={SUCCESS_EXIT_STATUS}
+# No run may hang: a little over agent.toml's run_timeout (default 4h).
+TimeoutStartSec={TIMEOUT_START}
 Environment=HOME=/root
 {}",
         hardening()
@@ -195,6 +203,7 @@ mod tests {
         assert!(agent
             .contains("ExecStart=/usr/bin/bento agent update --config /etc/bento/agent.toml\n"));
         assert!(agent.contains("SuccessExitStatus=10\n"));
+        assert!(agent.contains("TimeoutStartSec=4h 30min\n"));
         assert!(agent.contains("X-RestartIfChanged=false\n"));
         // A switch (even to a system without bento) must not stop the update running it.
         assert!(agent.contains("X-StopIfChanged=false\n"));

@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::Subcommand;
 
 use crate::agent::host::{Host, NixHost};
-use crate::agent::source;
 use crate::agent::state::StateDir;
 use crate::agent::{self, AgentConfig, RunResult, UpdateOptions};
 use crate::nix::Nix;
@@ -129,9 +128,8 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
 
 fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
     let cfg = AgentConfig::load(config)?;
-    let host = NixHost::new(Nix::default(), &cfg);
-    let ssh = cfg.ssh_options();
-    let connect = || source::connect(&cfg.server, &ssh);
+    let host = NixHost::new(Nix::default().with_timeout(cfg.run_timeout), &cfg);
+    let connect = cfg.run_connector();
     let lock = StateDir::new(&cfg.state_dir).lock();
     let on_wait = || {
         output::note(&format!(

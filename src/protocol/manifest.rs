@@ -359,14 +359,23 @@ impl<'de> Deserialize<'de> for Mode {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// One published version of one host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: u32,
     pub host: HostName,
-    /// RFC 3339 UTC time of publication.
+    /// RFC 3339 UTC time of publication (for people: versions are ordered by `serial`).
     pub created: crate::protocol::Timestamp,
+    /// Per-host version number: each publish (and rollback) of a host writes its live
+    /// serial + 1, so hosts order versions without trusting clocks. `0` means a manifest
+    /// from before serials, and is not written, so such a manifest keeps its bytes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub serial: u64,
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
     pub build: Build,
@@ -404,6 +413,12 @@ impl Manifest {
             && self.system == other.system
             && self.config == other.config
             && self.files == other.files
+    }
+
+    /// Where this version stands in its host's history, oldest first: by `serial`, and for
+    /// manifests from before serials (`serial` 0) by `created`.
+    pub fn order(&self) -> (u64, std::time::SystemTime) {
+        (self.serial, self.created.system_time())
     }
 
     /// Every object digest the manifest needs, once each.
@@ -524,6 +539,7 @@ mod tests {
             format: FORMAT,
             host: HostName::new("alpha").unwrap(),
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
+            serial: 0,
             source_commit: None,
             build: Build::Flake,
             system: None,
@@ -589,10 +605,31 @@ mod tests {
         let mut b = sample();
         b.created = "2030-01-01T00:00:00Z".parse().unwrap();
         b.source_commit = Some("abc".into());
-        assert!(a.same_content(&b));
+        b.serial = 7;
+        assert!(a.same_content(&b), "a new serial alone is no new content");
         assert_ne!(a.digest(), b.digest());
         b.files[0].mode = Mode(0o640);
         assert!(!a.same_content(&b));
+    }
+
+    #[test]
+    fn serial_is_written_after_created_and_only_when_set() {
+        let old = sample();
+        let text = String::from_utf8(old.to_bytes()).unwrap();
+        assert!(
+            !text.contains("serial"),
+            "a manifest from before serials keeps its bytes"
+        );
+        let mut m = sample();
+        m.serial = 42;
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        assert!(
+            text.contains(r#""created":"2026-11-25T12:00:00Z","serial":42,"source_commit""#),
+            "{text}"
+        );
+        let back = Manifest::parse_untrusted(&m.to_bytes(), &m.digest(), &m.host).unwrap();
+        assert_eq!(back.serial, 42);
+        assert!(m.order() > old.order());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `bento rollback`: make a kept earlier version live again, from the server. The earlier
-//! manifest's content is published as a *new* version (a fresh `created` time, signed like
-//! every publish), so agents accept it under their replay rule and the host goes back
+//! manifest's content is published as a *new* version (the next serial and a fresh
+//! `created` time, signed like every publish), so agents accept it under their replay rule and the host goes back
 //! without anyone logging in. Its objects are still in the host's `objects/` (publish keeps
 //! every object of the kept versions), so nothing but the manifest and `current` is written,
 //! in the same order and under the same lock as a publish.
@@ -52,7 +52,7 @@ pub struct Kept {
     pub live: bool,
 }
 
-/// The host's kept versions, newest first (by `created`), the live one included.
+/// The host's kept versions, newest first (by `serial`, then `created`), the live one included.
 pub fn kept_versions(chroot: &Chroot, host: &HostName) -> Result<Vec<Kept>, RollbackError> {
     let dir = chroot.host_dir(host);
     let live = publish::read_current(&dir)
@@ -86,8 +86,7 @@ pub fn kept_versions(chroot: &Chroot, host: &HostName) -> Result<Vec<Kept>, Roll
             });
         }
     }
-    let time = |k: &Kept| k.manifest.created.clone();
-    out.sort_by(|a, b| time(b).cmp(&time(a)).then(b.digest.cmp(&a.digest)));
+    out.sort_by(|a, b| (b.manifest.order().cmp(&a.manifest.order())).then(b.digest.cmp(&a.digest)));
     Ok(out)
 }
 
@@ -246,6 +245,7 @@ mod tests {
             created: crate::protocol::Timestamp::millis(
                 SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
             ),
+            serial: 0,
             source_commit: None,
             build: Build::Classic,
             system: None,

@@ -257,6 +257,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
         format: 1,
         host: HostName::new(host).unwrap(),
         created: "2026-11-25T12:00:00Z".parse().unwrap(),
+        serial: 0,
         source_commit: None,
         build: Build::Flake,
         system: Some(expected.clone()),

@@ -258,3 +258,241 @@ fn swapping_a_directory_for_a_link_during_publish_never_reads_outside_the_repo()
     assert!(flips > 0 && runs > 10, "{runs} runs, {flips} flips");
     eprintln!("swap race: {runs} publishes ({published} published), {flips} flips, nothing leaked");
 }
+
+/// Issue #14 item 6: a root-owned symlink on the host, leading to a directory another user
+/// owns, let a `files` entry be written there (the owner check looked at the link, not at
+/// where it leads). Needs root: the directory must belong to someone else.
+#[test]
+fn a_linked_parent_directory_owned_by_another_user_is_refused() {
+    use std::os::unix::fs::{chown, symlink};
+    if !crate::common::is_root() {
+        eprintln!("skipped: needs root (a directory owned by another user)");
+        return;
+    }
+    let t = crate::common::ScratchDir::new();
+    let (objects, root) = (t.join("objects"), t.join("root"));
+    let theirs_inside = root.join("home/bob");
+    let theirs_outside = t.join("elsewhere/bob");
+    for d in [&objects, &root.join("etc"), &theirs_inside, &theirs_outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for d in [&theirs_inside, &theirs_outside] {
+        chown(d, Some(65534), Some(65534)).unwrap();
+    }
+    // Root-owned links (made by root), as an admin or a package might leave them.
+    symlink(&theirs_inside, root.join("etc/inside")).unwrap();
+    symlink(&theirs_outside, root.join("etc/outside")).unwrap();
+    let content = b"secret\n";
+    std::fs::write(objects.join(Digest::of(content).to_hex()), content).unwrap();
+    let entry = |target: &str| bento::protocol::manifest::FileEntry {
+        path: RelPath::new(target.trim_start_matches('/')).unwrap(),
+        target: TargetPath::new(target).unwrap(),
+        size: content.len() as u64,
+        sha256: Digest::of(content),
+        owner: "root".into(),
+        group: "root".into(),
+        mode: bento::protocol::manifest::Mode(0o600),
+        encrypted: None,
+    };
+    let cases = [
+        ("/home/bob/key", "not owned by root"),
+        ("/etc/inside/key", "not owned by root"),
+        ("/etc/inside/sub/key", "not owned by root"),
+        ("/etc/outside/key", "outside the files root"),
+    ];
+    for (target, why) in cases {
+        let err = bento::agent::files::install_files(
+            &[entry(target)],
+            &objects,
+            &root,
+            &[],
+            Path::new("/nonexistent"),
+        )
+        .expect_err(target)
+        .to_string();
+        assert!(err.contains(target) && err.contains(why), "{target}: {err}");
+    }
+    for d in [&theirs_inside, &theirs_outside] {
+        assert_eq!(
+            std::fs::read_dir(d).unwrap().count(),
+            0,
+            "nothing written into {}",
+            d.display()
+        );
+    }
+}
+
+/// Issue #14 item 7: one manifest stamped in the future (a publishing machine whose clock
+/// ran ahead) made the host refuse every later version as a replay, `--force` or not.
+/// Versions are ordered by the signed per-host `serial` now; a replay is still refused.
+#[test]
+fn a_version_stamped_in_the_future_does_not_lock_the_host_out() {
+    use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_UPDATED};
+    use crate::signing::{keygen, live, set_signing_key};
+    let sshd = crate::common::sshd::Sshd::start(&["alpha"]);
+    let key = sshd.dir.join("signing/key");
+    let public = keygen(&key);
+    set_signing_key(&sshd, &key);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", &format!("trusted_keys = [\"{public}\"]\n"));
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // Version 2, published by a machine whose clock was decades ahead: the same manifest
+    // restamped and signed again (what that publish would have written).
+    write_version(&sshd, "2");
+    sshd.publish();
+    let dir = sshd.host_dir("alpha");
+    let v2 = live(&sshd, "alpha");
+    let mut m2 =
+        Manifest::parse(&std::fs::read(bento::protocol::layout::manifest(&dir, &v2)).unwrap())
+            .unwrap();
+    m2.created = "2080-01-01T00:00:00.000Z".parse().unwrap();
+    let bytes = m2.to_bytes();
+    let future = Digest::of(&bytes);
+    let signer = bento::protocol::signing::Signer::load(&key).unwrap();
+    std::fs::write(bento::protocol::layout::manifest(&dir, &future), &bytes).unwrap();
+    std::fs::write(
+        bento::protocol::layout::signature(&dir, &future),
+        signer.sign(&bytes).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        bento::protocol::layout::current(&dir),
+        bento::protocol::layout::current_text(&future),
+    )
+    .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // The next publish, from a machine with the right time: it warns that its clock is
+    // behind the live version, and the host accepts it.
+    write_version(&sshd, "3");
+    let out = crate::common::bento()
+        .args(["publish", "--no-eval", "--json", "--fleet"])
+        .arg(sshd.fleet())
+        .arg("--chroot")
+        .arg(sshd.chroot())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warning = json[0]["warnings"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        warning.contains("clock") && warning.contains("behind"),
+        "{json}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("behind"),
+        "warned on stderr too"
+    );
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("-alpha-3"));
+
+    // A replay of an older serial (whatever its time says) is still refused.
+    for old in [future, v2] {
+        std::fs::write(
+            bento::protocol::layout::current(&dir),
+            bento::protocol::layout::current_text(&old),
+        )
+        .unwrap();
+        let out = m.update();
+        assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+        let error = m.latest_report().error.unwrap();
+        assert!(
+            error.contains("replayed") && error.contains("serial"),
+            "{error}"
+        );
+    }
+    assert!(
+        m.profile_target().unwrap().contains("-alpha-3"),
+        "still on 3"
+    );
+}
+
+/// Issue #14 item 4: with the server's session stopped mid-download (packets silently
+/// dropped), the agent hung forever holding its lock. Every request is bounded by
+/// `stall_timeout` now: the run ends, the lock is free, and the report saying the server
+/// stalled is spooled and delivered by the next run.
+#[test]
+fn a_server_that_stops_answering_mid_download_does_not_wedge_the_agent() {
+    use crate::agent::{code, fleet, text, Machine, EXIT_UPDATED};
+    use crate::common::relay::{Cut, Dir, Relay};
+    let sshd = crate::common::sshd::Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    // 4 MiB that do not compress, so the download is long enough to stop in the middle.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(
+        sshd.fleet()
+            .join("hosts/alpha/files/alpha/etc/bento-it/big"),
+        &big,
+    )
+    .unwrap();
+    sshd.publish();
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    m.write_config("stall_timeout = \"3s\"\n");
+    relay.stall_after(Cut {
+        conn: 0,
+        dir: Dir::Down,
+        bytes: 1 << 20,
+    });
+
+    let started = std::time::Instant::now();
+    let out = m.update(); // panics if the run does not end within 120 s
+    assert!(relay.cut_fired(), "the stall happened: {}", text(&out));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_ne!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server stalled"), "{}", text(&out));
+    let spooled: Vec<String> = std::fs::read_dir(m.base.join("state/spool"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        spooled.iter().any(|r| r.contains("server stalled")),
+        "{spooled:?}"
+    );
+
+    // The server answers again: the lock is free, the next run resumes and delivers the
+    // report of the stalled run.
+    relay.stall(false);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let delivered: Vec<String> = std::fs::read_dir(m.logs().join("reports"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        delivered.iter().any(|r| r.contains("server stalled")),
+        "{delivered:?}"
+    );
+    assert_eq!(
+        std::fs::read(m.base.join("root/etc/bento-it/big")).unwrap(),
+        big
+    );
+}

@@ -178,6 +178,10 @@ fn the_module_defines_the_printed_units() {
         units::PAGE_IDLE_EXIT
     ));
     has("Type = \"oneshot\";");
+    has(&format!(
+        "TimeoutStartSec = lib.mkDefault \"{}\";",
+        units::TIMEOUT_START
+    ));
     has("restartIfChanged = false;");
     has("stopIfChanged = false;");
     has(&format!(

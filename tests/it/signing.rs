@@ -12,7 +12,7 @@ use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_
 use crate::common::bento;
 use crate::common::sshd::Sshd;
 
-fn keygen(path: &Path) -> String {
+pub(crate) fn keygen(path: &Path) -> String {
     let out = bento()
         .arg("keygen")
         .arg("--output")
@@ -27,7 +27,7 @@ fn keygen(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn set_signing_key(sshd: &Sshd, key: &Path) {
+pub(crate) fn set_signing_key(sshd: &Sshd, key: &Path) {
     let toml = sshd.fleet().join("bento.toml");
     let text = fs::read_to_string(&toml).unwrap();
     let text = text.replacen(
@@ -38,7 +38,7 @@ fn set_signing_key(sshd: &Sshd, key: &Path) {
     fs::write(toml, text).unwrap();
 }
 
-fn live(sshd: &Sshd, host: &str) -> bento::protocol::manifest::Digest {
+pub(crate) fn live(sshd: &Sshd, host: &str) -> bento::protocol::manifest::Digest {
     bento::protocol::layout::parse_current(
         &fs::read_to_string(sshd.host_dir(host).join("current")).unwrap(),
     )

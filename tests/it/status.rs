@@ -172,6 +172,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
         format: 1,
         host: HostName::new(host).unwrap(),
         created: NOW.parse().unwrap(),
+        serial: 0,
         source_commit: None,
         build: Build::Flake,
         system: system.map(|s| StorePath::new(s).unwrap()),
@@ -1047,6 +1048,7 @@ fn agent_status_shows_a_failed_connection_a_pending_reboot_and_unchecked_signatu
             system: StorePath::new(&system("alpha", 'a')).unwrap(),
             at: secs(t0),
             created: None,
+            serial: None,
         }),
         last: Some(LastRun {
             id: "20261125T110000Z-00000000".into(),

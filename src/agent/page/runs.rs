@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::agent::config::AgentConfig;
 use crate::agent::host::NixHost;
-use crate::agent::source;
 use crate::agent::{RunResult, UpdateOptions};
 use crate::nix::Nix;
 use crate::protocol::report::RunKind;
@@ -96,9 +95,8 @@ impl Runner for AgentRunner {
             Trigger::Update => format!("checking {} for a new version", cfg.server),
             Trigger::Retry => format!("checking {} (retrying now, as asked)", cfg.server),
         });
-        let host = NixHost::new(Nix::default(), &cfg);
-        let ssh = cfg.ssh_options();
-        let connect = || source::connect(&cfg.server, &ssh);
+        let host = NixHost::new(Nix::default().with_timeout(cfg.run_timeout), &cfg);
+        let connect = cfg.run_connector();
         let on_wait =
             || progress("another update is running (the timer's or a terminal's); waiting for it");
         let result = crate::agent::update(&UpdateOptions {

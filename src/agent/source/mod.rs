@@ -38,6 +38,26 @@ pub enum RemoteError {
     TooLarge { path: String, limit: u64 },
     #[error("object {digest}: downloaded content hashes to {actual}")]
     BadObject { digest: Digest, actual: Digest },
+    /// No answer to one request within `stall_timeout` (issue #14 item 4: a server whose
+    /// packets are silently dropped must not wedge the agent).
+    #[error("server stalled: no answer to {operation} for {} ({server})", humantime::format_duration(*.waited))]
+    Stalled {
+        server: String,
+        operation: String,
+        waited: Duration,
+    },
+    #[error("run_timeout reached while waiting for {operation} ({server})")]
+    RunTimeout { server: String, operation: String },
+}
+
+impl RemoteError {
+    /// The server stopped answering (as opposed to refusing or cutting the connection).
+    pub fn is_stall(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Stalled { .. } | RemoteError::RunTimeout { .. }
+        )
+    }
 }
 
 /// A file the agent reads, by what it is in the protocol (docs/protocol.md).
@@ -272,6 +292,11 @@ pub struct SshOptions {
     pub connect_timeout: Duration,
     /// Where the OpenSSH control socket lives (private to root).
     pub control_dir: PathBuf,
+    /// The longest any one request may wait for an answer; keep-alives go out at a quarter
+    /// of it, so ssh itself gives up on a dead link in about as long.
+    pub stall_timeout: Duration,
+    /// When set, no request waits past this moment (the run's `run_timeout`).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Opens a connection to `url`.

@@ -31,6 +31,42 @@ pub struct SftpConnection {
     rt: tokio::runtime::Runtime,
     sftp: Option<Sftp>,
     server: String,
+    limits: Limits,
+}
+
+/// How long one request may wait: `stall_timeout`, and never past the run's deadline.
+#[derive(Debug, Clone)]
+struct Limits {
+    server: String,
+    stall: Duration,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Limits {
+    /// Runs one request, bounded: a server that stops answering (packets silently dropped)
+    /// becomes an error naming the request, never a wait forever.
+    async fn op<T>(
+        &self,
+        operation: impl FnOnce() -> String,
+        fut: impl std::future::Future<Output = Result<T, RemoteError>>,
+    ) -> Result<T, RemoteError> {
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let budget = left.map_or(self.stall, |l| l.min(self.stall));
+        match tokio::time::timeout(budget, fut).await {
+            Ok(r) => r,
+            Err(_) if left.is_some_and(|l| l <= self.stall) => Err(RemoteError::RunTimeout {
+                server: self.server.clone(),
+                operation: operation(),
+            }),
+            Err(_) => Err(RemoteError::Stalled {
+                server: self.server.clone(),
+                operation: operation(),
+                waited: budget,
+            }),
+        }
+    }
 }
 
 fn is_not_found(e: &SftpError) -> bool {
@@ -70,6 +106,9 @@ impl SftpConnection {
                 // configuration moves 30 kB instead of 85 kB); on a no-change poll it saves
                 // more than it costs (8.3 kB instead of 9.0 kB; docs/benchmarks.md).
                 .compression(true)
+                // Keep-alives inside the encrypted channel: ssh itself gives up on a link
+                // that silently drops packets after about three of them (ServerAliveCountMax).
+                .server_alive_interval((ssh.stall_timeout / 4).max(Duration::from_secs(1)))
                 .control_directory(&ssh.control_dir)
                 .control_persist(ControlPersist::IdleFor(
                     NonZeroUsize::new(MASTER_IDLE_SECS).expect("non-zero"),
@@ -88,6 +127,11 @@ impl SftpConnection {
         Ok(Self {
             rt,
             sftp: Some(sftp),
+            limits: Limits {
+                server: server.clone(),
+                stall: ssh.stall_timeout,
+                deadline: ssh.deadline,
+            },
             server,
         })
     }
@@ -117,8 +161,18 @@ fn remote(path: &str, e: SftpError) -> RemoteError {
 }
 
 /// Reads at most `limit` bytes of `path`; `Ok(None)` when it does not exist.
-async fn read_limited(sftp: &Sftp, path: &str, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
-    let mut file = match sftp.open(path).await {
+async fn read_limited(
+    sftp: &Sftp,
+    lim: &Limits,
+    path: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, RemoteError> {
+    let opened = lim
+        .op(|| format!("opening {path}"), async {
+            Ok(sftp.open(path).await)
+        })
+        .await?;
+    let mut file = match opened {
         Ok(f) => f,
         Err(e) if is_not_found(&e) => return Ok(None),
         Err(e) => return Err(remote(path, e)),
@@ -126,11 +180,14 @@ async fn read_limited(sftp: &Sftp, path: &str, limit: u64) -> Result<Option<Vec<
     let mut out = Vec::new();
     loop {
         let want = (limit + 1 - out.len() as u64).min(READ_CHUNK) as u32;
-        match file
-            .read(want, BytesMut::new())
-            .await
-            .map_err(|e| remote(path, e))?
-        {
+        let chunk = lim
+            .op(|| format!("reading {path}"), async {
+                file.read(want, BytesMut::new())
+                    .await
+                    .map_err(|e| remote(path, e))
+            })
+            .await?;
+        match chunk {
             None => break,
             Some(chunk) => {
                 out.extend_from_slice(&chunk);
@@ -151,7 +208,10 @@ async fn read_limited(sftp: &Sftp, path: &str, limit: u64) -> Result<Option<Vec<
             }
         }
     }
-    file.close().await.map_err(|e| remote(path, e))?;
+    lim.op(|| format!("closing {path}"), async {
+        file.close().await.map_err(|e| remote(path, e))
+    })
+    .await?;
     Ok(Some(out))
 }
 
@@ -171,7 +231,7 @@ async fn seek_to(
 }
 
 /// Appends at most `part.max` bytes of the object, from `part.from`, to `part.dest`.
-async fn read_part(sftp: &Sftp, part: &ObjectPart) -> Result<u64, RemoteError> {
+async fn read_part(sftp: &Sftp, lim: &Limits, part: &ObjectPart) -> Result<u64, RemoteError> {
     let rel = part.item.path();
     let local = |source| RemoteError::Local {
         path: part.dest.clone(),
@@ -184,15 +244,25 @@ async fn read_part(sftp: &Sftp, part: &ObjectPart) -> Result<u64, RemoteError> {
         .await
         .map_err(local)?;
     let mut fetched = 0;
-    let mut file = sftp.open(&rel).await.map_err(|e| remote(&rel, e))?;
+    let mut file = lim
+        .op(|| format!("opening {rel}"), async {
+            sftp.open(&rel).await.map_err(|e| remote(&rel, e))
+        })
+        .await?;
     seek_to(&mut file, &rel, part.from).await?;
     while fetched < part.max {
         let want = (part.max - fetched).min(READ_CHUNK) as u32;
-        let Some(chunk) = file
-            .read(want, BytesMut::new())
-            .await
-            .map_err(|e| remote(&rel, e))?
-        else {
+        let read = lim
+            .op(
+                || format!("reading {rel} at byte {}", part.from + fetched),
+                async {
+                    file.read(want, BytesMut::new())
+                        .await
+                        .map_err(|e| remote(&rel, e))
+                },
+            )
+            .await?;
+        let Some(chunk) = read else {
             break;
         };
         out.write_all(&chunk).await.map_err(local)?;
@@ -201,7 +271,10 @@ async fn read_part(sftp: &Sftp, part: &ObjectPart) -> Result<u64, RemoteError> {
             seek_to(&mut file, &rel, part.from + fetched).await?;
         }
     }
-    file.close().await.map_err(|e| remote(&rel, e))?;
+    lim.op(|| format!("closing {rel}"), async {
+        file.close().await.map_err(|e| remote(&rel, e))
+    })
+    .await?;
     out.sync_all().await.map_err(local)?;
     Ok(fetched)
 }
@@ -210,8 +283,14 @@ impl Source for SftpConnection {
     fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
         let path = item.path();
         let sftp = self.sftp();
+        let lim = &self.limits;
         self.rt.block_on(async {
-            match sftp.fs().metadata(path.as_str()).await {
+            let meta = lim
+                .op(|| format!("the size of {path}"), async {
+                    Ok(sftp.fs().metadata(path.as_str()).await)
+                })
+                .await?;
+            match meta {
                 // A server that does not say the size leaves the limit to `read`.
                 Ok(m) => Ok(Some(m.len().unwrap_or(0))),
                 Err(e) if is_not_found(&e) => Ok(None),
@@ -223,13 +302,15 @@ impl Source for SftpConnection {
     fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
         let path = item.path();
         let sftp = self.sftp();
-        self.rt.block_on(read_limited(sftp, &path, limit))
+        self.rt
+            .block_on(read_limited(sftp, &self.limits, &path, limit))
     }
 
     fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
         let sftp = self.sftp();
         self.rt.block_on(async {
-            let sizes: Vec<u64> = stream::iter(parts.iter().map(|p| read_part(sftp, p)))
+            let lim = &self.limits;
+            let sizes: Vec<u64> = stream::iter(parts.iter().map(|p| read_part(sftp, lim, p)))
                 .buffer_unordered(PARALLEL_FETCHES)
                 .try_collect()
                 .await?;
@@ -249,35 +330,38 @@ impl Sink for SftpConnection {
             crate::sys::atomic::TMP_PREFIX,
             path.replace('/', "-")
         );
-        self.rt.block_on(async {
-            if let Some((dir, _)) = target.rsplit_once('/') {
-                if dir != LOGS {
-                    let mut fs = sftp.fs();
-                    match fs.metadata(dir).await {
-                        Ok(_) => {}
-                        Err(e) if is_not_found(&e) => {
-                            fs.create_dir(dir).await.map_err(|e| remote(dir, e))?
+        let lim = &self.limits;
+        // Reports and heartbeats are small: the whole upload is one bounded request.
+        self.rt
+            .block_on(lim.op(|| format!("writing {target}"), async {
+                if let Some((dir, _)) = target.rsplit_once('/') {
+                    if dir != LOGS {
+                        let mut fs = sftp.fs();
+                        match fs.metadata(dir).await {
+                            Ok(_) => {}
+                            Err(e) if is_not_found(&e) => {
+                                fs.create_dir(dir).await.map_err(|e| remote(dir, e))?
+                            }
+                            Err(e) => return Err(remote(dir, e)),
                         }
-                        Err(e) => return Err(remote(dir, e)),
                     }
                 }
-            }
-            let mut file = sftp
-                .options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .await
-                .map_err(|e| remote(&tmp, e))?;
-            file.write_all(bytes).await.map_err(|e| remote(&tmp, e))?;
-            file.close().await.map_err(|e| remote(&tmp, e))?;
-            // posix-rename (OpenSSH): atomic, and replaces the previous file.
-            let mut fs = sftp.fs();
-            fs.rename(&tmp, &target)
-                .await
-                .map_err(|e| remote(&target, e))
-        })
+                let mut file = sftp
+                    .options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .await
+                    .map_err(|e| remote(&tmp, e))?;
+                file.write_all(bytes).await.map_err(|e| remote(&tmp, e))?;
+                file.close().await.map_err(|e| remote(&tmp, e))?;
+                // posix-rename (OpenSSH): atomic, and replaces the previous file.
+                let mut fs = sftp.fs();
+                fs.rename(&tmp, &target)
+                    .await
+                    .map_err(|e| remote(&target, e))
+            }))
     }
 }
 
@@ -285,12 +369,14 @@ impl Connection for SftpConnection {
     fn close(mut self: Box<Self>) -> Result<(), RemoteError> {
         if let Some(sftp) = self.sftp.take() {
             let server = self.server.clone();
+            let lim = &self.limits;
             self.rt
-                .block_on(sftp.close())
-                .map_err(|e| RemoteError::Connect {
-                    server,
-                    message: format!("closing: {e}"),
-                })?;
+                .block_on(lim.op(|| "closing the connection".into(), async {
+                    sftp.close().await.map_err(|e| RemoteError::Connect {
+                        server,
+                        message: format!("closing: {e}"),
+                    })
+                }))?;
         }
         Ok(())
     }

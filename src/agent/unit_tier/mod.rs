@@ -58,6 +58,11 @@ impl Bed {
     /// Publishes a flake version whose tree builds to `system` (created `created_offset`
     /// seconds after the first publish).
     fn publish_at(&self, system: &str, created_offset: u64) -> Digest {
+        self.publish_numbered(system, created_offset, 0)
+    }
+
+    /// As `publish_at`, with the manifest's `serial` (0: a manifest from before serials).
+    fn publish_numbered(&self, system: &str, created_offset: u64, serial: u64) -> Digest {
         let mut config = Vec::new();
         for (path, body) in [
             ("flake.nix", format!("{{ }} # {system}\n")),
@@ -77,6 +82,7 @@ impl Bed {
             format: 1,
             host: HostName::new("alpha").unwrap(),
             created: Timestamp::millis(created),
+            serial,
             source_commit: None,
             build: Build::Flake,
             system: None,
@@ -365,6 +371,42 @@ fn agent_refuses_a_replayed_older_manifest() {
         "a replay reached the machine"
     );
     assert_eq!(bed.state().applied.unwrap().version, v1);
+}
+
+/// Issue #14 item 7: versions are ordered by serial; a clock that ran ahead at one publish
+/// does not lock the host out, and an older serial is still a replay.
+#[test]
+fn agent_orders_versions_by_serial_not_by_clock() {
+    let bed = Bed::new("");
+    let decade = 10 * 365 * 24 * 3600;
+    // Published by a machine whose clock ran ten years ahead.
+    let ahead = bed.publish_numbered("one", decade, 1);
+    assert_eq!(bed.run().exit_code(), RunResult::EXIT_UPDATED);
+    let next = bed.publish_numbered("two", 0, 2);
+    let r = bed.run();
+    assert_eq!(r.exit_code(), RunResult::EXIT_UPDATED, "{r:?}");
+    let applied = bed.state().applied.unwrap();
+    assert_eq!((applied.version, applied.serial), (next, Some(2)));
+    bed.take_calls();
+    // The server puts back serial 1 (newer by its clock): a replay.
+    std::fs::write(layout::current(&bed.chroot), layout::current_text(&ahead)).unwrap();
+    let r = bed.run();
+    assert_eq!(r.exit_code(), RunResult::EXIT_FAILED, "{r:?}");
+    let error = bed.latest().unwrap().error.unwrap();
+    assert!(
+        error.contains("serial 1") && error.contains("replayed"),
+        "{error}"
+    );
+    assert_eq!(
+        bed.take_calls(),
+        Vec::<String>::new(),
+        "a replay reached the machine"
+    );
+    // A manifest from before serials after one with a serial is a replay too.
+    bed.publish_numbered("old", 2 * decade, 0);
+    assert_eq!(bed.run().exit_code(), RunResult::EXIT_FAILED);
+    assert!(bed.latest().unwrap().error.unwrap().contains("no serial"));
+    assert_eq!(bed.state().applied.unwrap().version, next);
 }
 
 #[test]

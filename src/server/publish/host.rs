@@ -129,8 +129,28 @@ pub fn publish_host(
     signer: Option<&crate::protocol::signing::Signer>,
 ) -> Result<HostReport, PublishError> {
     let host_dir = chroot.host_dir(&plan.host);
-    let manifest = &plan.manifest;
+    let live = read_current(&host_dir);
+    // The new version's serial: one more than the live one's, so hosts order versions
+    // without trusting clocks (a manifest from before serials counts as 0).
+    let mut numbered = plan.manifest.clone();
+    numbered.serial = live
+        .as_ref()
+        .map_or_else(|| newest_kept_serial(&host_dir), |(_, m)| m.serial)
+        .saturating_add(1);
+    let manifest = &numbered;
     let objects = manifest.objects();
+    let mut warnings = Vec::new();
+    if let Some((digest, live)) = &live {
+        if live.created.system_time() > manifest.created.system_time() {
+            warnings.push(format!(
+                "this machine's clock ({}) is behind the live version {} ({}); hosts order versions by serial, so serial {} is still newer for them, but check the clock",
+                manifest.created,
+                digest.short(),
+                live.created,
+                manifest.serial
+            ));
+        }
+    }
     let report = |status, digest, new_objects, bytes| HostReport {
         host: plan.host.clone(),
         status,
@@ -141,21 +161,22 @@ pub fn publish_host(
         new_objects,
         bytes,
         error: None,
+        warnings: Vec::new(),
     };
 
-    if let Some((digest, live)) = read_current(&host_dir) {
+    if let Some((digest, live)) = &live {
         if live.same_content(manifest) {
             // A key configured since the last publish: sign the live manifest in place.
             if let Some(signer) = signer {
-                let sig_path = layout::signature(&host_dir, &digest);
+                let sig_path = layout::signature(&host_dir, digest);
                 if !sig_path.exists() {
-                    let bytes = fs::read(layout::manifest(&host_dir, &digest))
-                        .map_err(io_err(&host_dir))?;
+                    let bytes =
+                        fs::read(layout::manifest(&host_dir, digest)).map_err(io_err(&host_dir))?;
                     atomic::write_file(&sig_path, signer.sign(&bytes)?.as_bytes(), 0o644)
                         .map_err(io_err(&sig_path))?;
                 }
             }
-            return Ok(report(Status::Unchanged, digest, 0, 0));
+            return Ok(report(Status::Unchanged, *digest, 0, 0));
         }
     }
 
@@ -200,19 +221,40 @@ pub fn publish_host(
     bytes += manifest_bytes.len() as u64;
 
     collect_host(&host_dir, &digest).map_err(io_err(&host_dir))?;
-    Ok(report(Status::Published, digest, new_objects, bytes))
+    Ok(HostReport {
+        warnings,
+        ..report(Status::Published, digest, new_objects, bytes)
+    })
+}
+
+/// The highest serial among the host's kept manifests, for a host whose `current` is
+/// missing or broken: numbering must not start again below what hosts have applied.
+fn newest_kept_serial(host_dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(host_dir.join(MANIFESTS)) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|e| fs::read(e.path()).ok())
+        .filter_map(|b| Manifest::parse(&b).ok())
+        .map(|m| m.serial)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
 /// other manifests and every object none of the kept manifests uses.
 pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
     let mdir = host_dir.join(MANIFESTS);
-    let mut others: Vec<(
-        Option<std::time::SystemTime>,
+    // (order, digest, file, manifest) of every version but the live one.
+    type Other = (
+        Option<(u64, std::time::SystemTime)>,
         Digest,
         PathBuf,
         Option<Manifest>,
-    )> = Vec::new();
+    );
+    let mut others: Vec<Other> = Vec::new();
     let mut kept: Vec<Manifest> = Vec::new();
     for entry in fs::read_dir(&mdir)? {
         let entry = entry?;
@@ -228,16 +270,14 @@ pub fn collect_host(host_dir: &Path, live: &Digest) -> io::Result<()> {
             .and_then(|b| Manifest::parse(&b).ok());
         match parsed {
             Some(m) if digest == *live => kept.push(m),
-            Some(m) => {
-                let created = Some(m.created.system_time());
-                others.push((created, digest, entry.path(), Some(m)))
-            }
+            Some(m) => others.push((Some(m.order()), digest, entry.path(), Some(m))),
             // Unreadable manifests are not a version anyone can use.
             None => others.push((None, digest, entry.path(), None)),
         }
     }
-    // Newest first, compared as times (publish has written whole seconds and milliseconds);
-    // ties broken by digest so the choice is stable.
+    // Newest first: by serial, then (manifests from before serials) compared as times
+    // (publish has written whole seconds and milliseconds); ties broken by digest so the
+    // choice is stable. A manifest stamped in the future is not kept forever.
     others.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
     for (i, (_, _, path, parsed)) in others.into_iter().enumerate() {
         match parsed {

@@ -90,6 +90,9 @@ pub struct HostReport {
     /// Bytes written into the chroot and pool by this run.
     pub bytes: u64,
     pub error: Option<String>,
+    /// Things the person publishing should know (a clock behind the live version's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl HostReport {
@@ -138,6 +141,7 @@ pub fn plan(
                 format: FORMAT,
                 host: s.name.clone(),
                 created: created.clone(),
+                serial: 0,
                 source_commit: source_commit.map(str::to_owned),
                 build: s.build,
                 system: systems.get(&s.name).cloned(),
@@ -327,6 +331,7 @@ pub fn run(
                     new_objects: 0,
                     bytes: 0,
                     error: Some(e.to_string()),
+                    warnings: Vec::new(),
                 });
             (opts.on_host)(&r);
             r

@@ -275,6 +275,7 @@ mod tests {
             format: FORMAT,
             host: HostName::new(host).unwrap(),
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
+            serial: 0,
             source_commit: None,
             build: Build::Classic,
             system: None,

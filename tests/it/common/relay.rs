@@ -3,7 +3,8 @@
 //! what really crosses the wire (no estimates) and can inject network faults: cut one
 //! connection after an exact number of bytes, take the whole server "down" (live
 //! connections cut, new ones refused), or throttle the bandwidth so a download takes long
-//! enough to be interrupted.
+//! enough to be interrupted, or stall: keep every connection open and silently drop what
+//! crosses it, as a server whose session stopped does.
 
 #![allow(dead_code)]
 
@@ -56,6 +57,10 @@ struct Control {
     cut: Mutex<Option<Cut>>,
     /// Set when the armed cut happened.
     fired: AtomicBool,
+    /// The armed cut stalls instead of cutting.
+    cut_stalls: AtomicBool,
+    /// Drop every byte, on every connection, and keep them all open.
+    stalled: AtomicBool,
     /// Numbers every connection ever opened (unlike `index`, never reset).
     serial: std::sync::atomic::AtomicUsize,
     /// Both sockets of every live connection (by serial), for cutting.
@@ -162,6 +167,22 @@ impl Relay {
         *self.ctl.cut.lock().unwrap() = Some(cut);
     }
 
+    /// Arms a one-shot stall: once `at` is reached, every byte on every connection is
+    /// dropped (connections stay open) until `stall(false)`.
+    pub fn stall_after(&self, at: Cut) {
+        self.ctl.cut_stalls.store(true, Ordering::SeqCst);
+        self.cut_after(at);
+    }
+
+    /// Stalls the relay now, or ends a stall.
+    pub fn stall(&self, on: bool) {
+        if !on {
+            *self.ctl.cut.lock().unwrap() = None;
+            self.ctl.cut_stalls.store(false, Ordering::SeqCst);
+        }
+        self.ctl.stalled.store(on, Ordering::SeqCst);
+    }
+
     /// Whether the armed cut happened.
     pub fn cut_fired(&self) -> bool {
         self.ctl.fired.load(Ordering::SeqCst)
@@ -224,6 +245,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
             let max = if rate > 0 { 4096 } else { buf.len() };
             match from.read(&mut buf[..max]) {
                 Ok(0) | Err(_) => break,
+                Ok(_) if link.ctl.stalled.load(Ordering::SeqCst) => continue,
                 Ok(n) => {
                     let mut n = n as u64;
                     let cut = link.allowance(dir, moved, n);
@@ -240,6 +262,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
                             Dir::Up => t.up += n,
                             Dir::Down => t.down += n,
                         }
+                    }
+                    if cut.is_some() && link.ctl.cut_stalls.load(Ordering::SeqCst) {
+                        link.ctl.stalled.store(true, Ordering::SeqCst);
+                        link.ctl.fired.store(true, Ordering::SeqCst);
+                        continue;
                     }
                     if cut.is_some() {
                         link.ctl.fired.store(true, Ordering::SeqCst);
