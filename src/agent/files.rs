@@ -295,6 +295,7 @@ mod tests {
             host: HostName::new("a").unwrap(),
             created: crate::protocol::Timestamp::from_unix(0),
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![

@@ -46,6 +46,9 @@ pub struct Args {
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
+    // A flake directory that cannot list its hosts fails the run when every host was asked
+    // for; with named hosts it only matters if it hides one of them.
+    let everything = args.hosts.is_empty() && args.on.on.is_empty();
     let root = args
         .chroot
         .unwrap_or_else(|| fleet.config.server.chroot.clone());
@@ -135,7 +138,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(super::select::default_jobs),
         now,
     )?;
-    let reports = publish::run(
+    let published = publish::run(
         &fleet,
         &flakes,
         &scanner,
@@ -158,8 +161,22 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     bar.finish_and_clear();
+    let broken = published.broken.len();
+    for b in &published.broken {
+        let what = if everything { "error" } else { "warning" };
+        eprintln!("{what}: {b}; none of its hosts is published");
+        // The code excerpt below Nix's error, without the error line said just above.
+        for line in b
+            .log_tail
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !b.message.contains(l.trim()))
+        {
+            eprintln!("    {line}");
+        }
+    }
+    print_warnings(&published.reports);
     // Issue #12: hosts held back by a failed --build are in the summary and --json too.
-    let mut reports = reports;
+    let mut reports = published.reports;
     reports.extend(not_built);
     reports.sort_by(|a, b| a.host.cmp(&b.host));
 
@@ -176,14 +193,14 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let count = |s| reports.iter().filter(|r| r.status == s).count();
-    let failed = count(Status::Failed);
     tracing::info!(
         "{} published, {} unchanged, {} failed ({})",
         count(Status::Published),
         count(Status::Unchanged),
-        failed,
+        count(Status::Failed),
         chroot.root.display()
     );
+    let failed = count(Status::Failed) + if everything { broken } else { 0 };
     // rollout (#13): --wait follows the hosts that are live (cli/wait.rs).
     if let Some(timeout) = args.wait {
         let ok = super::wait::after_publish(&fleet, &chroot, &reports, timeout, args.json)?;
@@ -198,6 +215,16 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Each warning once on stderr (a flake directory's warning is in each of its hosts' reports).
+pub fn print_warnings(reports: &[HostReport]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for w in reports.iter().flat_map(|r| &r.warnings) {
+        if seen.insert(w) {
+            output::warning(w);
+        }
+    }
 }
 
 /// One result line: `alpha  published  3f2a1b9c0d12  40 entries, 1 file, 3 new objects, 4.1 KiB`.

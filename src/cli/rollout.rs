@@ -325,7 +325,7 @@ fn publish_hosts(
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
-    let reports = publish::run(
+    let published = publish::run(
         fleet,
         &flakes,
         &scanner,
@@ -348,6 +348,11 @@ fn publish_hosts(
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    for b in &published.broken {
+        output::warning(&format!("{b}; none of its hosts is published"));
+    }
+    super::publish::print_warnings(&published.reports);
+    let reports = published.reports;
     if lines {
         let width = reports
             .iter()

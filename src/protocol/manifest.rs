@@ -369,6 +369,10 @@ pub struct Manifest {
     pub created: crate::protocol::Timestamp,
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
+    /// The work tree had changes `source_commit` does not hold: this version is not exactly
+    /// that commit. Written only when true; older manifests have no such field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dirty: bool,
     pub build: Build,
     /// The system store path the server built for this version (`bento publish --build`),
     /// so hosts and `bento status` know what "up to date" means. `null` when not built.
@@ -395,8 +399,8 @@ impl Manifest {
         Digest::of(&self.to_bytes())
     }
 
-    /// True when both describe the same content, whenever and from whichever commit they
-    /// were published: the test for "unchanged".
+    /// True when both describe the same content, whenever and from whichever commit (clean
+    /// or dirty) they were published: the test for "unchanged".
     pub fn same_content(&self, other: &Manifest) -> bool {
         self.format == other.format
             && self.host == other.host
@@ -525,6 +529,7 @@ mod tests {
             host: HostName::new("alpha").unwrap(),
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: None,
             config: vec![
@@ -589,6 +594,7 @@ mod tests {
         let mut b = sample();
         b.created = "2030-01-01T00:00:00Z".parse().unwrap();
         b.source_commit = Some("abc".into());
+        b.dirty = true;
         assert!(a.same_content(&b));
         assert_ne!(a.digest(), b.digest());
         b.files[0].mode = Mode(0o640);

@@ -247,6 +247,7 @@ mod tests {
                 SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
             ),
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![ConfigEntry::File {

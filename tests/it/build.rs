@@ -258,6 +258,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
         host: HostName::new(host).unwrap(),
         created: "2026-11-25T12:00:00Z".parse().unwrap(),
         source_commit: None,
+        dirty: false,
         build: Build::Flake,
         system: Some(expected.clone()),
         config: vec![ConfigEntry::Directory {

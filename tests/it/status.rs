@@ -159,6 +159,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
         host: HostName::new(host).unwrap(),
         created: NOW.parse().unwrap(),
         source_commit: None,
+        dirty: false,
         build: Build::Flake,
         system: system.map(|s| StorePath::new(s).unwrap()),
         config: vec![ConfigEntry::File {

@@ -75,6 +75,7 @@ impl Bed {
             host: HostName::new("alpha").unwrap(),
             created: Timestamp::millis(created),
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: None,
             config,

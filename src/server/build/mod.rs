@@ -277,6 +277,7 @@ mod tests {
             files_prefix: None,
             origin: "hosts/alpha".into(),
             items: Arc::new(items),
+            warnings: Vec::new(),
         };
         let plans = crate::server::publish::plan(
             &Default::default(),

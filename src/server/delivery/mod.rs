@@ -118,6 +118,7 @@ impl<'a> FleetDelivery<'a> {
             new_objects: 0,
             bytes: 0,
             error: Some(error),
+            warnings: Vec::new(),
         }
     }
 
@@ -279,6 +280,7 @@ pub fn not_built(chroot: &Chroot, b: &crate::server::build::HostBuild) -> HostRe
             "does not build: {}",
             b.error.as_deref().unwrap_or("no error message")
         )),
+        warnings: Vec::new(),
     }
 }
 
@@ -304,6 +306,7 @@ mod tests {
             host: crate::protocol::HostName::new("alpha").unwrap(),
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: system.map(|s| StorePath::new(s).unwrap()),
             config: vec![ConfigEntry::Directory {

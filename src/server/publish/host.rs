@@ -141,6 +141,7 @@ pub fn publish_host(
         new_objects,
         bytes,
         error: None,
+        warnings: Vec::new(),
     };
 
     if let Some((digest, live)) = read_current(&host_dir) {

@@ -276,6 +276,7 @@ mod tests {
             host: HostName::new(host).unwrap(),
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![],
