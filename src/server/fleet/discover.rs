@@ -470,3 +470,60 @@ fn discover_dir(
         Err(DiscoverError::NoConfig { dir: rel })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(path: &str, file: bool) -> Item {
+        Item {
+            path: path.into(),
+            kind: if file {
+                ItemKind::File {
+                    source: Arc::from(Path::new("/dev/null")),
+                    size: 0,
+                    sha256: Digest::of(b""),
+                    executable: false,
+                }
+            } else {
+                ItemKind::Dir
+            },
+        }
+    }
+
+    fn listing(unlocked_inputs: bool) -> FlakeListing {
+        FlakeListing {
+            names: vec!["alpha".into(), "beta".into()],
+            unlocked_inputs,
+        }
+    }
+
+    #[test]
+    fn flake_warnings_name_stray_files_and_unlocked_inputs() {
+        let rel = Path::new("hosts/multi");
+        let fine = [
+            item("flake.nix", true),
+            item("files", false),
+            item("files/alpha", false),
+            item("files/alpha/etc/x", true),
+            // An empty directory installs nothing: not worth a word.
+            item("files/gamma", false),
+        ];
+        assert!(flake_warnings(rel, &fine, &listing(false)).is_empty());
+
+        let mut items = fine.to_vec();
+        items.push(item("files/gamma/etc/y", true));
+        items.push(item("files/loose", true));
+        let w = flake_warnings(rel, &items, &listing(true));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("hosts/multi/files/gamma, hosts/multi/files/loose: ")
+                && w[0].contains("(alpha, beta)"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("no flake.lock"), "{w:?}");
+        // A flake.lock in the tree: Nix did not need to lock anything new.
+        items.push(item("flake.lock", true));
+        assert_eq!(flake_warnings(rel, &items, &listing(true)).len(), 1);
+    }
+}
