@@ -76,12 +76,23 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let mut systems = std::collections::BTreeMap::new();
     let mut build_failed = 0;
     let mut not_built = Vec::new();
+    let mut broken_before = 0;
     if args.build {
         let jobs = args
             .jobs
             .map(usize::from)
             .unwrap_or_else(super::select::default_jobs);
-        let built = super::builds::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
+        // The build names a broken flake directory; publish below would name it again.
+        let (built, broken) = super::builds::build_hosts(
+            &fleet,
+            &chroot,
+            &args.hosts,
+            false,
+            jobs,
+            false,
+            everything,
+        )?;
+        broken_before = broken;
         for b in &built {
             match &b.system {
                 Some(system) if b.outcome == crate::server::build::Outcome::Built => {
@@ -162,17 +173,10 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     bar.finish_and_clear();
     let broken = published.broken.len();
-    for b in &published.broken {
+    for b in published.broken.iter().filter(|_| broken_before == 0) {
         let what = if everything { "error" } else { "warning" };
         eprintln!("{what}: {b}; none of its hosts is published");
-        // The code excerpt below Nix's error, without the error line said just above.
-        for line in b
-            .log_tail
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !b.message.contains(l.trim()))
-        {
-            eprintln!("    {line}");
-        }
+        super::builds::print_log_tail(b);
     }
     print_warnings(&published.reports);
     // Issue #12: hosts held back by a failed --build are in the summary and --json too.

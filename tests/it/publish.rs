@@ -730,6 +730,21 @@ fn a_flake_directory_that_does_not_evaluate_fails_alone() {
         stderr.contains("warning: hosts/multi") && stderr.matches("syntax error").count() == 1,
         "{stderr}"
     );
+    // With --build too: the build names the flake once, the other host is built and published.
+    env.fleet
+        .write("hosts/classic1/extra.nix", "# a third change\n");
+    let (code, stdout, stderr) = run_publish(&env, &["--build"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "classic1").contains("published"),
+        "{stdout}"
+    );
+    for h in ["alpha", "beta"] {
+        assert!(line_of(&stdout, h).contains("failed"), "{stdout}");
+    }
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(all.matches("syntax error").count(), 1, "{all}");
+    assert!(env.manifest("classic1").system.is_some());
     // The live versions of the flake's hosts are untouched.
     for h in ["alpha", "beta"] {
         assert!(

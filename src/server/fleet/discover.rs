@@ -85,6 +85,28 @@ impl Discovery {
         Ok(self.hosts)
     }
 
+    /// Keeps the hosts named in `only` (all when it is empty): the listed ones, and apart the
+    /// `[hosts.NAME]` without a directory among them. `Err` names the first host of `only`
+    /// that is neither.
+    pub fn choose(
+        &mut self,
+        only: &[HostName],
+    ) -> Result<(Vec<HostSource>, Vec<HostName>), HostName> {
+        let hosts = std::mem::take(&mut self.hosts);
+        let undefined = std::mem::take(&mut self.undefined);
+        if only.is_empty() {
+            return Ok((hosts, undefined));
+        }
+        let (wanted_undefined, listed): (Vec<HostName>, Vec<HostName>) =
+            only.iter().cloned().partition(|h| undefined.contains(h));
+        let hosts = if listed.is_empty() {
+            Vec::new()
+        } else {
+            select(hosts, &listed)?
+        };
+        Ok((hosts, wanted_undefined))
+    }
+
     /// The names of every host found, and of the `[hosts.NAME]` entries no directory defines.
     pub fn names(&self) -> Vec<HostName> {
         let mut names: Vec<HostName> = self.hosts.iter().map(|h| h.name.clone()).collect();

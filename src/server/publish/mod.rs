@@ -308,23 +308,11 @@ pub fn run(
     scanner: &crate::server::snapshot::Scanner,
     opts: Options<'_>,
 ) -> Result<Published, PublishError> {
-    let found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
-    let broken = found.broken;
+    let mut found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
     // A `[hosts.NAME]` no directory defines fails alone, as a report.
-    let (wanted_undefined, only): (Vec<HostName>, Vec<HostName>) = if opts.only.is_empty() {
-        (found.undefined, Vec::new())
-    } else {
-        opts.only
-            .iter()
-            .cloned()
-            .partition(|h| found.undefined.contains(h))
-    };
-    let selected = if !opts.only.is_empty() && only.is_empty() {
-        Vec::new()
-    } else {
-        crate::server::fleet::select(found.hosts, &only)
-            .map_err(|host| unknown_host(host, &broken))?
-    };
+    let chosen = found.choose(&opts.only);
+    let broken = found.broken;
+    let (selected, wanted_undefined) = chosen.map_err(|host| unknown_host(host, &broken))?;
     let undefined: Vec<HostReport> = wanted_undefined
         .iter()
         .map(|h| HostReport::failed(&opts.chroot, h, undefined_error(h, &broken)))
@@ -465,13 +453,13 @@ fn broken_dirs(broken: &[crate::server::fleet::BrokenDir]) -> String {
         .join(", ")
 }
 
-/// Why a `[hosts.NAME]` without a directory is not published.
-fn undefined_error(host: &HostName, broken: &[crate::server::fleet::BrokenDir]) -> String {
+/// Why a `[hosts.NAME]` without a directory is not published (or built).
+pub fn undefined_error(host: &HostName, broken: &[crate::server::fleet::BrokenDir]) -> String {
     if broken.is_empty() {
         crate::server::fleet::undefined_message(host)
     } else {
         format!(
-            "not published: {} did not list its hosts (see above), and no other directory defines {host}",
+            "{} did not list its hosts (see above), and no other directory defines {host}",
             broken_dirs(broken)
         )
     }
