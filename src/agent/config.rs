@@ -65,6 +65,26 @@ pub struct AgentConfig {
     pub settings: SettingsLayer,
 }
 
+/// The machine's own keys of agent.toml (beside `SettingsLayer::AGENT_KEYS`).
+pub const MACHINE_KEYS: [&str; 16] = [
+    "host",
+    "server",
+    "identity_file",
+    "known_hosts",
+    "state_dir",
+    "profile",
+    "connect_timeout",
+    "confirm_timeout",
+    "stall_timeout",
+    "run_timeout",
+    "current_system",
+    "files_root",
+    "trusted_keys",
+    "cache_keys",
+    "reboot_command",
+    "booted_system",
+];
+
 /// The machine's own keys, as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,6 +296,12 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_list_is_the_structs_fields() {
+        use crate::protocol::settings::{serde_fields, sorted};
+        assert_eq!(sorted(&MACHINE_KEYS), serde_fields::<MachineToml>());
+    }
 
     fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(t, Path::new("agent.toml"))

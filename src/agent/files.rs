@@ -415,6 +415,7 @@ mod tests {
             created: crate::protocol::Timestamp::from_unix(0),
             serial: 0,
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![

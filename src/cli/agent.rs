@@ -22,6 +22,9 @@ pub enum Command {
         /// Retry a version that failed or was rolled back, now
         #[arg(long)]
         force: bool,
+        /// Print what the run did as JSON (`result`, `reason` or the run's `report`)
+        #[arg(long)]
+        json: bool,
     },
     /// Show this machine's view: version applied, running system, last outcome
     Status {
@@ -62,14 +65,18 @@ pub enum Command {
         #[arg(long, default_value = agent::page::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
         /// Write one file per unit into DIR instead of printing them
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, short, value_name = "DIR")]
         output: Option<PathBuf>,
     },
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Update { config, force } => update(&config, force),
+        Command::Update {
+            config,
+            force,
+            json,
+        } => update(&config, force, json),
         Command::Status { config, json } => status(&config, json),
         Command::Serve {
             config,
@@ -126,7 +133,14 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
+fn update(config: &std::path::Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
+    // It switches the system, writes the profile and the state directory: say so first,
+    // not as whichever permission error comes first.
+    if !crate::sys::accounts::is_root() {
+        anyhow::bail!(
+            "bento agent update switches this machine's system (its profile, activation and state) and must run as root: run `sudo bento agent update`, or start the service: `systemctl start bento-agent`"
+        );
+    }
     let cfg = AgentConfig::load(config)?;
     let host = NixHost::new(Nix::default().with_timeout(cfg.run_timeout), &cfg);
     let connect = cfg.run_connector();
@@ -147,6 +161,20 @@ fn update(config: &std::path::Path, force: bool) -> anyhow::Result<ExitCode> {
         on_progress: &|_| {},
     })
     .with_context(|| format!("updating host {} from {}", cfg.host, cfg.server))?;
+    if json {
+        let (word, reason, report) = match &result {
+            RunResult::NoOp { reason } => ("nothing-to-do", Some(reason.as_str()), None),
+            RunResult::Updated(r) => ("updated", None, Some(r)),
+            RunResult::Failed(r) => ("failed", None, Some(r)),
+            RunResult::RolledBack(r) => ("rolled-back", None, Some(r)),
+        };
+        output::json(&serde_json::json!({
+            "result": word,
+            "reason": reason,
+            "report": report,
+        }))?;
+        return Ok(ExitCode::from(result.exit_code()));
+    }
     match &result {
         RunResult::NoOp { reason } => output::line(&format!("nothing to do: {reason}")),
         RunResult::Updated(r) => output::line(&format!(

@@ -54,14 +54,23 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     }
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
+    // A flake directory that cannot list its hosts fails the run when every host was asked for.
+    let everything = args.hosts.is_empty() && args.on.on.is_empty();
     // rollout (#13): --on adds the hosts it selects (cli/select.rs).
     args.hosts = super::select::defined(&fleet, &chroot, &args.hosts, &args.on.on)?;
     let jobs = args
         .jobs
         .map(usize::from)
         .unwrap_or_else(super::select::default_jobs);
-    let results =
-        super::builds::build_hosts(&fleet, &chroot, &args.hosts, args.dry, jobs, !args.json)?;
+    let (results, broken) = super::builds::build_hosts(
+        &fleet,
+        &chroot,
+        &args.hosts,
+        args.dry,
+        jobs,
+        !args.json,
+        everything,
+    )?;
     if args.json {
         output::json(&results)?;
     }
@@ -80,7 +89,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             .filter(|r| r.outcome == Outcome::Evaluated)
             .count(),
     );
-    if failed > 0 {
+    if failed > 0 || (everything && broken > 0) {
         return Ok(ExitCode::from(super::EXIT_ERROR));
     }
     if args.switch {

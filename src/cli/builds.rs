@@ -15,7 +15,9 @@ use crate::server::snapshot::{HashCache, Scanner};
 use crate::sys::output;
 
 /// Builds hosts with progress (a spinner per running build on a terminal) and, with
-/// `lines`, one result line per host on stdout as each finishes.
+/// `lines`, one result line per host on stdout as each finishes. A flake directory whose
+/// hosts cannot be listed is printed once on stderr (an error when `everything` was asked
+/// for, else a warning); the result says how many there were.
 pub fn build_hosts(
     fleet: &Fleet,
     chroot: &Chroot,
@@ -23,7 +25,8 @@ pub fn build_hosts(
     dry: bool,
     jobs: usize,
     lines: bool,
-) -> anyhow::Result<Vec<HostBuild>> {
+    everything: bool,
+) -> anyhow::Result<(Vec<HostBuild>, usize)> {
     let now = SystemTime::now();
     // The hash cache is only read: publish owns writing it, under its lock.
     let scanner = Scanner::new(
@@ -77,7 +80,12 @@ pub fn build_hosts(
         },
     )
     .with_context(|| format!("building {}", fleet.root.display()))?;
-    Ok(results)
+    for b in &results.broken {
+        let what = if everything { "error" } else { "warning" };
+        eprintln!("{what}: {b}; none of its hosts is built");
+        print_log_tail(b);
+    }
+    Ok((results.hosts, results.broken.len()))
 }
 
 /// `alpha  built  /nix/store/…`, or `alpha  failed  error: …` followed by the log tail.
@@ -108,5 +116,16 @@ pub fn format_line(r: &HostBuild, width: usize) -> String {
             }
             text
         }
+    }
+}
+
+/// The code excerpt below Nix's error, without the error line the summary already said.
+pub fn print_log_tail(b: &crate::server::fleet::BrokenDir) {
+    for line in b
+        .log_tail
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !b.message.contains(l.trim()))
+    {
+        eprintln!("    {line}");
     }
 }

@@ -26,6 +26,45 @@ pub struct Args {
     /// Compare with the published version's expected system instead of the working tree's
     #[arg(long)]
     published: bool,
+    /// Print a JSON array on stdout: per host, `status`, the two systems, `message` and the
+    /// `diff` (`changes`, nvd's `text`, closure sizes)
+    #[arg(long)]
+    json: bool,
+}
+
+/// One host's comparison, as printed or as JSON.
+#[derive(Debug, serde::Serialize)]
+struct HostDiff {
+    host: HostName,
+    /// `unchanged`, `changed`, `never-reported`, `no-expected-system`, `not-built`,
+    /// `does-not-evaluate`, `not-in-store`, `error`.
+    status: &'static str,
+    running_system: Option<String>,
+    expected_system: Option<String>,
+    /// What the text output says besides the diff.
+    message: Option<String>,
+    diff: Option<ClosureDiff>,
+}
+
+impl HostDiff {
+    fn new(row: &HostStatus, status: &'static str, message: Option<String>) -> Self {
+        Self {
+            host: row.host.clone(),
+            status,
+            running_system: row.running_system.clone(),
+            expected_system: row.expected_system.as_ref().map(ToString::to_string),
+            message,
+            diff: None,
+        }
+    }
+
+    /// Counts as a failure in the exit status.
+    fn failed(&self) -> bool {
+        matches!(
+            self.status,
+            "not-built" | "does-not-evaluate" | "not-in-store" | "error"
+        )
+    }
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -56,34 +95,39 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         crate::server::preview::working_tree(&fleet, &chroot, &nix, &args.hosts)?
     };
     let nvd = closure::find_nvd();
-    let mut failed = 0;
-    for (i, row) in rows.iter_mut().enumerate() {
-        if i > 0 {
-            output::line("");
-        }
+    let mut diffs = Vec::new();
+    for row in rows.iter_mut() {
         use crate::server::preview::TreeSystem;
-        match tree.get(&row.host) {
-            Some(TreeSystem::Built(s)) => row.expected_system = Some(s.clone()),
-            Some(TreeSystem::NotBuilt(s)) => {
-                output::line(&format!(
-                    "{}: the working tree's system {s} is not built (run `bento build`)",
-                    row.host
-                ));
-                failed += 1;
-                continue;
+        let early = match tree.get(&row.host) {
+            Some(TreeSystem::Built(s)) => {
+                row.expected_system = Some(s.clone());
+                None
             }
-            Some(TreeSystem::Fails(e)) => {
-                output::line(&format!(
-                    "{}: the working tree does not evaluate: {e}",
-                    row.host
-                ));
-                failed += 1;
-                continue;
+            Some(TreeSystem::NotBuilt(s)) => Some(HostDiff::new(
+                row,
+                "not-built",
+                Some(format!(
+                    "the working tree's system {s} is not built (run `bento build`)"
+                )),
+            )),
+            Some(TreeSystem::Fails(e)) => Some(HostDiff::new(
+                row,
+                "does-not-evaluate",
+                Some(format!("the working tree does not evaluate: {e}")),
+            )),
+            None => None,
+        };
+        diffs.push(early.unwrap_or_else(|| compare(&nix, nvd.as_deref(), row)));
+    }
+    let failed = diffs.iter().filter(|d| d.failed()).count();
+    if args.json {
+        output::json(&diffs)?;
+    } else {
+        for (i, d) in diffs.iter().enumerate() {
+            if i > 0 {
+                output::line("");
             }
-            None => {}
-        }
-        if !show_host(&nix, nvd.as_deref(), row) {
-            failed += 1;
+            print_host(d);
         }
     }
     Ok(if failed > 0 {
@@ -93,68 +137,94 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Prints one host's diff; false when it could not be computed.
-fn show_host(nix: &Nix, nvd: Option<&std::path::Path>, row: &HostStatus) -> bool {
-    let host = &row.host;
+/// One host's comparison.
+fn compare(nix: &Nix, nvd: Option<&std::path::Path>, row: &HostStatus) -> HostDiff {
     let Some(running) = &row.running_system else {
-        output::line(&format!(
-            "{host}: has never reported its running system; nothing to compare"
-        ));
-        return true;
+        return HostDiff::new(
+            row,
+            "never-reported",
+            Some("has never reported its running system; nothing to compare".into()),
+        );
     };
     let Some(expected) = &row.expected_system else {
-        output::line(&format!(
-            "{host}: no expected system for its published version (run `bento build` or `bento publish --build`)"
-        ));
-        return true;
+        return HostDiff::new(row, "no-expected-system", Some("no expected system for its published version (run `bento build` or `bento publish --build`)".into()));
     };
     let Ok(running) = StorePath::new(running) else {
-        output::line(&format!(
-            "{host}: reports a running system that is not a store path: {running:?}"
-        ));
-        return false;
+        return HostDiff::new(
+            row,
+            "error",
+            Some(format!(
+                "reports a running system that is not a store path: {running:?}"
+            )),
+        );
     };
     if &running == expected {
+        return HostDiff::new(
+            row,
+            "unchanged",
+            Some(format!(
+                "runs the expected system {}; nothing changes",
+                expected.short_hash(8)
+            )),
+        );
+    }
+    match closure::diff(nix, nvd, &running, expected) {
+        Ok(diff) => HostDiff {
+            diff: Some(diff),
+            ..HostDiff::new(row, "changed", None)
+        },
+        Err(ClosureError::NotInStore(path)) => {
+            let message = if path == running {
+                format!("its running system {path} is not in this server's Nix store (copy it from the host with `nix copy --from`, or build the version it runs)")
+            } else {
+                format!("the expected system {path} is not in this server's Nix store (run `bento build`)")
+            };
+            HostDiff::new(row, "not-in-store", Some(message))
+        }
+        Err(e) => {
+            tracing::error!("{}: {e}", row.host);
+            HostDiff::new(
+                row,
+                "error",
+                Some(format!(
+                    "cannot compare: {}",
+                    e.to_string().lines().next().unwrap_or("")
+                )),
+            )
+        }
+    }
+}
+
+/// The text form: a heading line, then the diff or what stood in its way.
+fn print_host(d: &HostDiff) {
+    let host = &d.host;
+    let short = |p: &Option<String>| {
+        p.as_deref()
+            .and_then(|p| StorePath::new(p).ok())
+            .map(|p| p.short_hash(8).to_string())
+            .unwrap_or_default()
+    };
+    let compared = matches!(d.status, "changed" | "not-in-store")
+        || d.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("cannot compare"));
+    if !compared {
         output::line(&format!(
-            "{host}: runs the expected system {}; nothing changes",
-            expected.short_hash(8)
+            "{host}: {}",
+            d.message.as_deref().unwrap_or_default()
         ));
-        return true;
+        return;
     }
     output::line(&format!(
         "{host}: {} (running) → {} (expected)",
-        running.short_hash(8),
-        expected.short_hash(8)
+        short(&d.running_system),
+        short(&d.expected_system)
     ));
-    match closure::diff(nix, nvd, &running, expected) {
-        Ok(diff) => {
-            print_diff(&diff);
-            true
-        }
-        Err(ClosureError::NotInStore(path)) => {
-            let which = if path == running {
-                "its running system"
-            } else {
-                "the expected system"
-            };
-            output::line(&format!(
-                "  {which} {path} is not in this server's Nix store{}",
-                if path == running {
-                    " (copy it from the host with `nix copy --from`, or build the version it runs)"
-                } else {
-                    " (run `bento build`)"
-                }
-            ));
-            false
-        }
-        Err(e) => {
-            output::line(&format!(
-                "  cannot compare: {}",
-                e.to_string().lines().next().unwrap_or("")
-            ));
-            tracing::error!("{host}: {e}");
-            false
-        }
+    if let Some(diff) = &d.diff {
+        print_diff(diff);
+    }
+    if let Some(m) = &d.message {
+        output::line(&format!("  {m}"));
     }
 }
 

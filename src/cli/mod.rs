@@ -31,8 +31,14 @@ use crate::server::fleet::Fleet;
 #[derive(Debug, Parser)]
 #[command(name = "bento", version, about = "Pull-based fleet manager for NixOS")]
 pub struct Cli {
-    /// The fleet repo (default: the current directory or the nearest parent with bento.toml)
-    #[arg(long, global = true, env = "BENTO_FLEET", value_name = "DIR")]
+    /// The fleet repo, for the commands that read one (default: the current directory or
+    /// the nearest parent with bento.toml)
+    #[arg(
+        id = "top_fleet",
+        long = "fleet",
+        env = "BENTO_FLEET",
+        value_name = "DIR"
+    )]
     pub fleet: Option<PathBuf>,
 
     /// More log output (-v: debug, -vv: trace); BENTO_LOG overrides
@@ -47,36 +53,62 @@ pub struct Cli {
     pub command: Command,
 }
 
+// `--fleet DIR` of a command that reads a fleet (after the command, or before it). Plain
+// comments on these structs: clap would take doc comments for the commands' about text.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FleetArg {
+    /// The fleet repo (default: the current directory or the nearest parent with bento.toml)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub fleet: Option<PathBuf>,
+}
+
+// A command that reads a fleet: its own arguments and `--fleet`.
+#[derive(Debug, clap::Args)]
+pub struct OnFleet<A: clap::Args> {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    #[command(flatten)]
+    pub args: A,
+}
+
+// A command group whose every subcommand reads a fleet.
+#[derive(Debug, clap::Args)]
+pub struct OnFleetGroup<C: Subcommand> {
+    #[command(flatten)]
+    pub fleet: FleetArg,
+    #[command(subcommand)]
+    pub command: C,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new fleet repo with one example host
     Init(init::Args),
-    /// Create the fleet's signing key (ed25519, OpenSSH format)
+    /// Create the fleet's signing key (ed25519, OpenSSH format), or with --cache the Nix
+    /// binary-cache key
     Keygen(keygen::Args),
     /// Publish every host's configuration into its SFTP chroot
-    Publish(publish::Args),
+    Publish(OnFleet<publish::Args>),
     /// Build every host's system on this server and record what each host should run
-    Build(build::Args),
+    Build(OnFleet<build::Args>),
     /// Show the state of every host: up to date, pending, failing, rolled back, silent…
-    Status(status::Args),
+    Status(OnFleet<status::Args>),
     /// Show a host's past runs, or one run's full log
-    Log(log::Args),
+    Log(OnFleet<log::Args>),
     /// Show what will change on each host: its running system against the expected one
-    Diff(diff::Args),
+    Diff(OnFleet<diff::Args>),
     /// Update the lock files of every flake directory in the fleet
-    FlakeUpdate(flake_update::Args),
+    FlakeUpdate(OnFleet<flake_update::Args>),
     /// Publish wave by wave ([rollout] waves), halting at the first failing host
-    Rollout(rollout::Args),
+    Rollout(OnFleet<rollout::Args>),
     /// Start the selected hosts' agent runs now (ssh, or [server] trigger_command)
-    Trigger(trigger::Args),
+    Trigger(OnFleet<trigger::Args>),
     /// Make a kept earlier version live again on hosts, as a new version
-    Rollback(rollback::Args),
+    Rollback(OnFleet<rollback::Args>),
     /// Encrypted secrets in the fleet repo: edit, show, rekey
-    #[command(subcommand)]
-    Secret(secret::Command),
+    Secret(OnFleetGroup<secret::Command>),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
-    #[command(subcommand)]
-    Server(server::Command),
+    Server(OnFleetGroup<server::Command>),
     /// The machine-side agent (runs on each NixOS host)
     #[command(subcommand)]
     Agent(agent::Command),
@@ -112,20 +144,23 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // `bento publish --fleet DIR` over `bento --fleet DIR publish` over BENTO_FLEET.
+    let top = cli.fleet;
+    let fleet = |f: FleetArg| f.fleet.or(top.clone());
     let result = match cli.command {
         Command::Init(args) => init::run(args),
         Command::Keygen(args) => keygen::run(args),
-        Command::Publish(args) => publish::run(cli.fleet, args),
-        Command::Build(args) => build::run(cli.fleet, args),
-        Command::Status(args) => status::run(cli.fleet, args),
-        Command::Log(args) => log::run(cli.fleet, args),
-        Command::Diff(args) => diff::run(cli.fleet, args),
-        Command::FlakeUpdate(args) => flake_update::run(cli.fleet, args),
-        Command::Rollout(args) => rollout::run(cli.fleet, args),
-        Command::Trigger(args) => trigger::run(cli.fleet, args),
-        Command::Rollback(args) => rollback::run(cli.fleet, args),
-        Command::Secret(cmd) => secret::run(cli.fleet, cmd),
-        Command::Server(cmd) => server::run(cli.fleet, cmd),
+        Command::Publish(c) => publish::run(fleet(c.fleet), c.args),
+        Command::Build(c) => build::run(fleet(c.fleet), c.args),
+        Command::Status(c) => status::run(fleet(c.fleet), c.args),
+        Command::Log(c) => log::run(fleet(c.fleet), c.args),
+        Command::Diff(c) => diff::run(fleet(c.fleet), c.args),
+        Command::FlakeUpdate(c) => flake_update::run(fleet(c.fleet), c.args),
+        Command::Rollout(c) => rollout::run(fleet(c.fleet), c.args),
+        Command::Trigger(c) => trigger::run(fleet(c.fleet), c.args),
+        Command::Rollback(c) => rollback::run(fleet(c.fleet), c.args),
+        Command::Secret(c) => secret::run(fleet(c.fleet), c.command),
+        Command::Server(c) => server::run(fleet(c.fleet), c.command),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => completions::man(args),
@@ -133,10 +168,29 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_text(&err));
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// An error and its causes on one line, `outer: cause: cause`, leaving out a cause whose
+/// text is already there: many errors include their source in their own message
+/// (`{path}: {source}`), and printing it again says the same thing twice.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        let part = part.trim();
+        if part.is_empty() || text.contains(part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(part);
+    }
+    text
 }
 
 /// Loads the fleet named by `--fleet`/`BENTO_FLEET`, or found from the current directory.
@@ -146,4 +200,35 @@ pub fn load_fleet(fleet: Option<PathBuf>) -> anyhow::Result<Fleet> {
         None => std::env::current_dir()?,
     };
     Ok(Fleet::find(&start)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct WithSource {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let shown = io.to_string();
+        let err = anyhow::Error::new(WithSource {
+            path: "/etc/bento/agent.toml",
+            source: io,
+        })
+        .context("loading the agent's settings");
+        assert_eq!(
+            error_text(&err),
+            format!("loading the agent's settings: /etc/bento/agent.toml: {shown}")
+        );
+        assert_eq!(error_text(&err).matches(&shown).count(), 1);
+        // Causes that add something are all kept, in order.
+        let err = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_text(&err), "outer: middle: inner");
+    }
 }

@@ -46,6 +46,9 @@ pub struct Args {
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
+    // A flake directory that cannot list its hosts fails the run when every host was asked
+    // for; with named hosts it only matters if it hides one of them.
+    let everything = args.hosts.is_empty() && args.on.on.is_empty();
     let root = args
         .chroot
         .unwrap_or_else(|| fleet.config.server.chroot.clone());
@@ -73,12 +76,23 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     let mut systems = std::collections::BTreeMap::new();
     let mut build_failed = 0;
     let mut not_built = Vec::new();
+    let mut broken_before = 0;
     if args.build {
         let jobs = args
             .jobs
             .map(usize::from)
             .unwrap_or_else(super::select::default_jobs);
-        let built = super::builds::build_hosts(&fleet, &chroot, &args.hosts, false, jobs, false)?;
+        // The build names a broken flake directory; publish below would name it again.
+        let (built, broken) = super::builds::build_hosts(
+            &fleet,
+            &chroot,
+            &args.hosts,
+            false,
+            jobs,
+            false,
+            everything,
+        )?;
+        broken_before = broken;
         for b in &built {
             match &b.system {
                 Some(system) if b.outcome == crate::server::build::Outcome::Built => {
@@ -135,7 +149,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(super::select::default_jobs),
         now,
     )?;
-    let reports = publish::run(
+    let published = publish::run(
         &fleet,
         &flakes,
         &scanner,
@@ -158,8 +172,15 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     bar.finish_and_clear();
+    let broken = published.broken.len();
+    for b in published.broken.iter().filter(|_| broken_before == 0) {
+        let what = if everything { "error" } else { "warning" };
+        eprintln!("{what}: {b}; none of its hosts is published");
+        super::builds::print_log_tail(b);
+    }
+    print_warnings(&published.reports);
     // Issue #12: hosts held back by a failed --build are in the summary and --json too.
-    let mut reports = reports;
+    let mut reports = published.reports;
     reports.extend(not_built);
     reports.sort_by(|a, b| a.host.cmp(&b.host));
 
@@ -181,14 +202,14 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let count = |s| reports.iter().filter(|r| r.status == s).count();
-    let failed = count(Status::Failed);
     tracing::info!(
         "{} published, {} unchanged, {} failed ({})",
         count(Status::Published),
         count(Status::Unchanged),
-        failed,
+        count(Status::Failed),
         chroot.root.display()
     );
+    let failed = count(Status::Failed) + if everything { broken } else { 0 };
     // rollout (#13): --wait follows the hosts that are live (cli/wait.rs).
     if let Some(timeout) = args.wait {
         let ok = super::wait::after_publish(&fleet, &chroot, &reports, timeout, args.json)?;
@@ -203,6 +224,16 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Each warning once on stderr (a flake directory's warning is in each of its hosts' reports).
+pub fn print_warnings(reports: &[HostReport]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for w in reports.iter().flat_map(|r| &r.warnings) {
+        if seen.insert(w) {
+            output::warning(w);
+        }
+    }
 }
 
 /// One result line: `alpha  published  3f2a1b9c0d12  40 entries, 1 file, 3 new objects, 4.1 KiB`.

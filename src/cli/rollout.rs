@@ -335,7 +335,7 @@ fn publish_hosts(
         super::select::default_jobs(),
         now,
     )?;
-    let reports = publish::run(
+    let published = publish::run(
         fleet,
         &flakes,
         &scanner,
@@ -357,6 +357,11 @@ fn publish_hosts(
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    for b in &published.broken {
+        output::warning(&format!("{b}; none of its hosts is published"));
+    }
+    super::publish::print_warnings(&published.reports);
+    let reports = published.reports;
     if lines {
         let width = reports
             .iter()

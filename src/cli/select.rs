@@ -75,7 +75,9 @@ pub fn known(
     combine(fleet, hosts, on, &universe)
 }
 
-/// Every host the fleet repo defines (as publish finds them: `hosts/`, flakes listed).
+/// Every host the fleet repo defines (as publish finds them: `hosts/`, flakes listed), and
+/// every `[hosts.NAME]` of bento.toml: a flake directory that cannot list its hosts is
+/// named by publish, and does not stop the others from being selected.
 pub fn discovered(fleet: &Fleet, chroot: &Chroot) -> anyhow::Result<Vec<HostName>> {
     let scanner = Scanner::new(
         fleet.root.clone(),
@@ -83,9 +85,9 @@ pub fn discovered(fleet: &Fleet, chroot: &Chroot) -> anyhow::Result<Vec<HostName
         std::time::SystemTime::now(),
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
-    let sources = crate::server::fleet::discover(fleet, &scanner, &flakes)
+    let found = crate::server::fleet::discover_each(fleet, &scanner, &flakes)
         .with_context(|| format!("finding the hosts of {}", fleet.root.display()))?;
-    Ok(sources.into_iter().map(|s| s.name).collect())
+    Ok(found.names())
 }
 
 /// For commands that work from the fleet repo (publish, build): selectors match the hosts

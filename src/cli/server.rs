@@ -29,6 +29,9 @@ pub enum Command {
         /// Print a JSON summary on stdout
         #[arg(long)]
         json: bool,
+        /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
+        #[arg(long, value_name = "DIR")]
+        chroot: Option<PathBuf>,
     },
     /// Check the live server host by host; exits non-zero if anything is wrong
     Check {
@@ -41,7 +44,23 @@ pub enum Command {
         /// Print a JSON report on stdout
         #[arg(long)]
         json: bool,
+        /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
+        #[arg(long, value_name = "DIR")]
+        chroot: Option<PathBuf>,
     },
+}
+
+/// bento.toml's settings with `--chroot` over `[server] chroot`.
+fn with_chroot(
+    config: &crate::server::fleet::FleetConfig,
+    chroot: Option<PathBuf>,
+) -> anyhow::Result<crate::server::fleet::FleetConfig> {
+    let mut config = config.clone();
+    if let Some(dir) = chroot {
+        config.server.chroot =
+            std::path::absolute(&dir).with_context(|| format!("chroot {}", dir.display()))?;
+    }
+    Ok(config)
 }
 
 pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
@@ -82,8 +101,13 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                 .context("writing to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::SyncAccounts { prune, json } => {
-            let reports = provision::sync_accounts(config, prune)
+        Command::SyncAccounts {
+            prune,
+            json,
+            chroot,
+        } => {
+            let config = with_chroot(config, chroot)?;
+            let reports = provision::sync_accounts(&config, prune)
                 .with_context(|| format!("syncing the accounts of {}", fleet.root.display()))?;
             if json {
                 output::json(&reports)?;
@@ -122,9 +146,11 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             sshd_config,
             sshd,
             json,
+            chroot,
         } => {
+            let config = with_chroot(config, chroot)?;
             let sshd = sshd.unwrap_or_else(find_sshd);
-            let report = provision::check(config, &CheckOptions { sshd, sshd_config });
+            let report = provision::check(&config, &CheckOptions { sshd, sshd_config });
             if json {
                 output::json(&report)?;
             } else {

@@ -183,6 +183,20 @@ pub fn first_location(text: &str) -> Option<String> {
     })
 }
 
+/// One line for a failed Nix command: the first `error:` line of its (already rewritten)
+/// log, else `fallback`, and ` (at <file>:<line>:<col>)` when Nix named a location.
+pub fn summary(log: &str, fallback: &str) -> String {
+    let first = log
+        .lines()
+        .find(|l| l.trim_start().starts_with("error:"))
+        .unwrap_or(fallback)
+        .trim();
+    match first_location(log) {
+        Some(at) if !first.contains(&at) => format!("{first} (at {at})"),
+        _ => first.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +262,14 @@ mod tests {
             assert_eq!(m.rewrite(text), text);
         }
         assert_eq!(first_location("at nothing"), None);
+        assert_eq!(
+            summary(
+                "warning: x\nerror: boom\n\n       at a.nix:3:1:\n",
+                "fallback"
+            ),
+            "error: boom (at a.nix:3:1)"
+        );
+        assert_eq!(summary("", " nix failed "), "nix failed");
         assert_eq!(
             first_location("  at a.nix:3:1:").as_deref(),
             Some("a.nix:3:1")

@@ -234,6 +234,22 @@ impl Nix {
     }
 }
 
+impl Nix {
+    /// A new binary-cache signing key, `name:base64` (`nix key generate-secret`).
+    pub fn generate_secret_key(&self, name: &str) -> Result<String, NixError> {
+        let args = ["key", "generate-secret", "--key-name", name];
+        let out = self.run("nix", &args)?;
+        let key = out.stdout_text().trim().to_owned();
+        if !key.starts_with(&format!("{name}:")) {
+            return Err(NixError::Output {
+                argv: format!("nix {}", args.join(" ")),
+                message: "not a name:base64 secret key".into(),
+            });
+        }
+        Ok(key)
+    }
+}
+
 fn parse_build_json(stdout: &[u8]) -> Result<StorePath, String> {
     #[derive(serde::Deserialize)]
     struct One {

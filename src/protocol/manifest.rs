@@ -378,6 +378,10 @@ pub struct Manifest {
     pub serial: u64,
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
+    /// The work tree had changes `source_commit` does not hold: this version is not exactly
+    /// that commit. Written only when true; older manifests have no such field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dirty: bool,
     pub build: Build,
     /// The system store path the server built for this version (`bento publish --build`),
     /// so hosts and `bento status` know what "up to date" means. `null` when not built.
@@ -404,8 +408,8 @@ impl Manifest {
         Digest::of(&self.to_bytes())
     }
 
-    /// True when both describe the same content, whenever and from whichever commit they
-    /// were published: the test for "unchanged".
+    /// True when both describe the same content, whenever and from whichever commit (clean
+    /// or dirty) they were published: the test for "unchanged".
     pub fn same_content(&self, other: &Manifest) -> bool {
         self.format == other.format
             && self.host == other.host
@@ -541,6 +545,7 @@ mod tests {
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             serial: 0,
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: None,
             config: vec![
@@ -607,6 +612,8 @@ mod tests {
         b.source_commit = Some("abc".into());
         b.serial = 7;
         assert!(a.same_content(&b), "a new serial alone is no new content");
+        b.dirty = true;
+        assert!(a.same_content(&b), "a dirty flag alone is no new content");
         assert_ne!(a.digest(), b.digest());
         b.files[0].mode = Mode(0o640);
         assert!(!a.same_content(&b));

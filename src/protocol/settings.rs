@@ -116,6 +116,39 @@ impl SettingsLayer {
     }
 }
 
+/// The field names serde knows for `T`, a `deny_unknown_fields` struct, read from the
+/// error an unknown key gets: what each list of keys (`KEYS` beside a struct) is checked
+/// against, so a list cannot drift from the struct.
+#[cfg(test)]
+pub(crate) fn serde_fields<T: DeserializeOwned>() -> Vec<String> {
+    let mut table = toml::Table::new();
+    table.insert("bento_no_such_key".into(), toml::Value::Integer(0));
+    let err = match T::deserialize(toml::Value::Table(table)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("an unknown key was accepted: not a deny_unknown_fields struct"),
+    };
+    // "unknown field `bento_no_such_key`, expected one of `a`, `b`" (or "expected `a`").
+    let (_, list) = err
+        .split_once(", expected")
+        .unwrap_or_else(|| panic!("not an unknown-field error: {err}"));
+    let mut fields: Vec<String> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// Sorted, owned: to compare a `KEYS` list with [`serde_fields`].
+#[cfg(test)]
+pub(crate) fn sorted(keys: &[&str]) -> Vec<String> {
+    let mut keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    keys.sort();
+    keys
+}
+
 /// Removes `keys` from `table` and returns them as a table of their own.
 pub fn split_off(table: &mut toml::Table, keys: &[&str]) -> toml::Table {
     keys.iter()
@@ -252,6 +285,17 @@ pub fn reboot_action(policy: RebootPolicy, reboot_at: &str, needed: bool) -> Reb
 mod tests {
     use super::*;
     use crate::protocol::HostName;
+
+    #[test]
+    fn key_lists_are_the_structs_fields() {
+        assert_eq!(
+            sorted(&SettingsLayer::KEYS),
+            serde_fields::<SettingsLayer>()
+        );
+        assert!(SettingsLayer::AGENT_KEYS
+            .iter()
+            .all(|k| SettingsLayer::KEYS.contains(k)));
+    }
 
     #[test]
     fn host_over_defaults_over_builtin() {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::nix::locate::{first_location, SourceMap};
+use crate::nix::locate::{first_location, summary, SourceMap};
 use crate::nix::{Nix, NixError, StorePath, Target};
 use crate::protocol::manifest::{Build, ConfigEntry};
 use crate::server::hostfiles::Source;
@@ -69,19 +69,8 @@ pub fn source_map(plan: &HostPlan, fleet_root: &Path) -> SourceMap {
 /// One line for a failure: Nix's `error:` line plus the first location, both mapped.
 fn summarize(map: &SourceMap, e: &NixError) -> EvalFailure {
     let log = map.rewrite(e.log());
-    let first = log
-        .lines()
-        .find(|l| l.trim_start().starts_with("error:"))
-        .map(|l| l.trim().to_owned())
-        .unwrap_or_else(|| {
-            map.rewrite(e.to_string().lines().next().unwrap_or_default())
-                .trim()
-                .to_owned()
-        });
-    let message = match first_location(&log) {
-        Some(at) => format!("{first} (at {at})"),
-        None => first,
-    };
+    let fallback = map.rewrite(e.to_string().lines().next().unwrap_or_default());
+    let message = summary(&log, &fallback);
     EvalFailure {
         message,
         log_tail: crate::nix::tail(&log, EVAL_TAIL_LINES),

@@ -42,6 +42,9 @@ pub enum HostFilesError {
     },
 }
 
+/// The keys of one `["PATH"]` table of files.toml.
+pub const FILE_KEYS: [&str; 4] = ["target", "owner", "group", "mode"];
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSpec {
@@ -256,6 +259,12 @@ fn is_account_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_list_is_the_structs_fields() {
+        use crate::protocol::settings::{serde_fields, sorted};
+        assert_eq!(sorted(&FILE_KEYS), serde_fields::<FileSpec>());
+    }
 
     fn file(path: &str, content: &[u8]) -> Item {
         Item {

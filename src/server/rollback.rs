@@ -247,6 +247,7 @@ mod tests {
             ),
             serial: 0,
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![ConfigEntry::File {

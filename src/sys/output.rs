@@ -49,6 +49,12 @@ pub fn note(text: &str) {
     eprintln!("note: {text}");
 }
 
+/// A warning: something went through that the person should fix (stderr; shown with `-q`
+/// too, like errors).
+pub fn warning(text: &str) {
+    eprintln!("warning: {text}");
+}
+
 /// A progress bar on stderr when it is a terminal, hidden otherwise.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     if !shows_progress() {

@@ -259,6 +259,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
         created: "2026-11-25T12:00:00Z".parse().unwrap(),
         serial: 0,
         source_commit: None,
+        dirty: false,
         build: Build::Flake,
         system: Some(expected.clone()),
         config: vec![ConfigEntry::Directory {

@@ -160,3 +160,268 @@ fn log_lines_honour_no_color_and_quiet_silences_them() {
     assert!(!err.contains(" INFO ") && !err.contains("note:"), "{err}");
     bento().args(["-q", "-v", "status"]).assert().failure();
 }
+
+/// Every leaf command (`publish`, `server check`, …) with the long flags it takes.
+fn leaf_flags() -> Vec<(String, Vec<String>)> {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, Vec<String>)>) {
+        let subs: Vec<&clap::Command> = cmd
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            let flags = cmd
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect();
+            out.push((path.trim().to_owned(), flags));
+        }
+        for sub in subs {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+    let mut cmd = bento::cli::Cli::command();
+    cmd.build();
+    let mut out = Vec::new();
+    walk(&cmd, "", &mut out);
+    out
+}
+
+fn taking(flag: &str) -> Vec<String> {
+    leaf_flags()
+        .into_iter()
+        .filter(|(_, flags)| flags.iter().any(|f| f == flag))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+#[test]
+fn fleet_chroot_and_json_are_on_exactly_the_commands_that_use_them() {
+    let fleet_commands = [
+        "publish",
+        "build",
+        "status",
+        "log",
+        "diff",
+        "flake-update",
+        "rollout",
+        "trigger",
+        "rollback",
+        "secret edit",
+        "secret show",
+        "secret rekey",
+        "server nixos-module",
+        "server sshd-config",
+        "server sync-accounts",
+        "server check",
+    ];
+    assert_eq!(taking("fleet"), fleet_commands, "--fleet");
+    // Of those, the ones that read the chroot.
+    let chroot_commands = [
+        "publish",
+        "build",
+        "status",
+        "log",
+        "diff",
+        "rollout",
+        "trigger",
+        "rollback",
+        "server sync-accounts",
+        "server check",
+    ];
+    assert_eq!(taking("chroot"), chroot_commands, "--chroot");
+    let json = taking("json");
+    for c in [
+        "publish",
+        "build",
+        "status",
+        "log",
+        "diff",
+        "flake-update",
+        "rollout",
+        "trigger",
+        "rollback",
+        "server sync-accounts",
+        "server check",
+        "agent update",
+        "agent status",
+    ] {
+        assert!(json.contains(&c.to_owned()), "{c} has no --json: {json:?}");
+    }
+    // `--output` is `-o` wherever it is.
+    let mut cmd = bento::cli::Cli::command();
+    cmd.build();
+    fn outputs(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if a.get_long() == Some("output") && a.get_short() != Some('o') {
+                bad.push(path.to_owned());
+            }
+        }
+        for s in cmd.get_subcommands() {
+            outputs(s, &format!("{path} {}", s.get_name()), bad);
+        }
+    }
+    let mut bad = Vec::new();
+    outputs(&cmd, "bento", &mut bad);
+    assert!(bad.is_empty(), "--output without -o: {bad:?}");
+    // Both places of --fleet work, the command's own winning.
+    let scratch = crate::common::ScratchDir::new();
+    let fleet = scratch.join("fleet");
+    bento().arg("init").arg(&fleet).assert().success();
+    for args in [
+        vec![
+            "--fleet".into(),
+            fleet.display().to_string(),
+            "server".into(),
+            "sshd-config".into(),
+        ],
+        vec![
+            "server".into(),
+            "sshd-config".into(),
+            "--fleet".into(),
+            fleet.display().to_string(),
+        ],
+        vec![
+            "--fleet".into(),
+            "/nonexistent".into(),
+            "server".into(),
+            "sshd-config".into(),
+            "--fleet".into(),
+            fleet.display().to_string(),
+        ],
+    ] {
+        bento().args(&args).assert().success();
+    }
+}
+
+/// (stdout, stderr) of a failing `bento ARGS`.
+fn failing(cmd: &mut assert_cmd::Command) -> (String, String) {
+    let out = cmd.assert().failure().get_output().clone();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn error_messages_say_what_to_do_once() {
+    let scratch = crate::common::ScratchDir::new();
+    // A missing file: its cause once, not "(os error 2): No such file … (os error 2)".
+    let missing = scratch.join("nope/agent.toml");
+    let (_, err) = failing(bento().args(["agent", "update", "--config"]).arg(&missing));
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+
+    // A missing identity_file is named before any connection is tried.
+    let config = scratch.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"alpha\"\nserver = \"sftp://bento-alpha@127.0.0.1:9\"\nidentity_file = \"{}\"\nstate_dir = \"{}\"\n",
+            scratch.join("no-such-key").display(),
+            scratch.join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = bento()
+        .args(["agent", "update", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "identity_file {}",
+            scratch.join("no-such-key").display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("Permission denied (publickey)"), "{text}");
+
+    // Not root: told to run as root, before anything else.
+    let bin = assert_cmd::cargo::cargo_bin("bento");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["agent", "update", "--config", "/etc/bento/agent.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("must run as root") && err.contains("sudo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keygen_says_where_it_writes_and_makes_the_cache_key() {
+    let scratch = crate::common::ScratchDir::new();
+    let key = scratch.join("keys/signing_key");
+    let out = bento()
+        .args(["keygen", "-o"])
+        .arg(&key)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(&format!(
+            "writing the fleet signing key to {}",
+            key.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{}.pub", key.display())), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ssh-ed25519 "));
+    // Never over an existing key.
+    let (_, err) = failing(bento().args(["keygen", "-o"]).arg(&key));
+    assert!(err.contains(&key.display().to_string()), "{err}");
+
+    let cache = scratch.join("keys/cache-key");
+    let out = bento()
+        .args([
+            "keygen",
+            "--cache",
+            "--key-name",
+            "bento.example.org-1",
+            "-o",
+        ])
+        .arg(&cache)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(public.starts_with("bento.example.org-1:"), "{public}");
+    let secret = std::fs::read_to_string(&cache).unwrap();
+    assert!(secret.starts_with("bento.example.org-1:"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "writing the binary-cache key bento.example.org-1 to {}",
+            cache.display()
+        )) && err.contains(&format!("[server] cache_key = \"{}\"", cache.display()))
+            && err.contains(&format!("cache_keys = [\"{public}\"]")),
+        "{err}"
+    );
+    // Nix agrees on the public half.
+    let nix = Command::new("nix")
+        .args(["key", "convert-secret-to-public"])
+        .env("NIX_CONFIG", crate::common::NIX_CONFIG)
+        .stdin(std::fs::File::open(&cache).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&nix.stdout).trim(), public);
+}

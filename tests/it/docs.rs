@@ -103,3 +103,102 @@ fn host_settings_example_parses() {
             .expect("documented bento-host.json");
     assert_eq!(s.interval(), std::time::Duration::from_secs(900));
 }
+
+/// docs/reference.md's tables: heading (`### [server]`) → the keys of its rows (`| `key` |`).
+fn reference_tables() -> std::collections::BTreeMap<String, Vec<String>> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference.md"))
+            .unwrap();
+    let mut tables = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let mut heading = String::new();
+    let mut file = String::new();
+    for line in doc.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            file = h.trim().to_owned();
+        } else if let Some(h) = line.strip_prefix("### ") {
+            heading = format!("{file} {}", h.trim());
+        } else if let Some(rest) = line.strip_prefix("| `") {
+            let key = rest.split('`').next().unwrap().to_owned();
+            assert!(
+                !heading.is_empty(),
+                "{key}: a key row outside a table heading"
+            );
+            tables.entry(heading.clone()).or_default().push(key);
+        }
+    }
+    tables
+}
+
+#[test]
+fn reference_documents_every_key_under_its_table_and_no_other() {
+    use bento::protocol::settings::SettingsLayer;
+    use bento::server::fleet as f;
+    let with = |own: &[&str], settings: &[&str]| -> Vec<String> {
+        own.iter().chain(settings).map(|k| k.to_string()).collect()
+    };
+    let expected: Vec<(&str, Vec<String>)> = vec![
+        ("bento.toml [server]", with(&f::SERVER_KEYS, &[])),
+        (
+            "bento.toml [defaults]",
+            with(&SettingsLayer::KEYS, &f::DEFAULTS_KEYS),
+        ),
+        (
+            "bento.toml [hosts.NAME]",
+            with(&f::HOST_KEYS, &SettingsLayer::KEYS),
+        ),
+        ("bento.toml [rollout]", with(&f::ROLLOUT_KEYS, &[])),
+        ("bento.toml [secrets]", with(&f::secrets::SECRETS_KEYS, &[])),
+        (
+            "files.toml [\"PATH\"]",
+            with(&bento::server::hostfiles::FILE_KEYS, &[]),
+        ),
+        (
+            "agent.toml agent.toml",
+            with(
+                &bento::agent::config::MACHINE_KEYS,
+                &SettingsLayer::AGENT_KEYS,
+            ),
+        ),
+    ];
+    let tables = reference_tables();
+    // Every table of bento.toml has its heading.
+    for t in f::FLEET_TABLES {
+        let name = if t == "hosts" {
+            "hosts.NAME".to_owned()
+        } else {
+            t.to_owned()
+        };
+        assert!(
+            tables.contains_key(&format!("bento.toml [{name}]")),
+            "docs/reference.md has no ### [{name}] table"
+        );
+    }
+    for (heading, keys) in &expected {
+        let documented = tables
+            .get(*heading)
+            .unwrap_or_else(|| panic!("docs/reference.md has no table {heading}"));
+        for k in keys {
+            assert!(
+                documented.contains(k),
+                "docs/reference.md: {heading} does not document `{k}`"
+            );
+        }
+        for k in documented {
+            assert!(
+                keys.contains(k),
+                "docs/reference.md: {heading} documents `{k}`, which the code does not know"
+            );
+        }
+        let mut sorted = documented.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), documented.len(), "{heading}: a key twice");
+    }
+    let known: Vec<&str> = expected.iter().map(|(h, _)| *h).collect();
+    for heading in tables.keys() {
+        assert!(
+            known.contains(&heading.as_str()),
+            "docs/reference.md: table {heading} is not checked against the code"
+        );
+    }
+}

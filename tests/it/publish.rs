@@ -308,6 +308,11 @@ fn a_host_without_account_fails_alone() {
         "{orphan}"
     );
     assert!(orphan.contains("sync-accounts"), "{orphan}");
+    // sync-accounts makes accounts for [hosts.NAME] only: the line says to add one.
+    assert!(
+        orphan.contains("no [hosts.orphan]") && orphan.contains("add [hosts.orphan]"),
+        "{orphan}"
+    );
     for h in HOSTS {
         assert!(
             verify_host(&env.chroot().join(h), &HostName::new(h).unwrap())
@@ -665,4 +670,243 @@ fn a_private_key_in_the_configuration_tree_is_refused() {
         .files
         .iter()
         .any(|f| f.target.as_str() == "/etc/ssh/ssh_host_ed25519_key"));
+}
+
+/// (exit code, stdout, stderr) of `bento publish ARGS`.
+fn run_publish(env: &Env, extra: &[&str]) -> (i32, String, String) {
+    let out = env.publish(extra).get_output().clone();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn line_of<'a>(stdout: &'a str, host: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(host))
+        .unwrap_or_else(|| panic!("no line for {host} in:\n{stdout}"))
+}
+
+#[test]
+fn a_flake_directory_that_does_not_evaluate_fails_alone() {
+    let env = Env::new();
+    env.publish_json();
+    // A syntax error in the flake that defines alpha and beta, and a change for classic1.
+    let flake = fs::read_to_string(env.fleet.path("hosts/multi/flake.nix")).unwrap();
+    env.fleet
+        .write("hosts/multi/flake.nix", &format!("{flake}}}\n"));
+    env.fleet.write("hosts/classic1/extra.nix", "# a change\n");
+    let (code, stdout, stderr) = run_publish(&env, &[]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "classic1").contains("published"),
+        "{stdout}"
+    );
+    for h in ["alpha", "beta"] {
+        let l = line_of(&stdout, h);
+        assert!(l.contains("failed") && l.contains("hosts/multi"), "{l}");
+    }
+    // Nix's error once, naming the fleet repo's file, never its store or scratch copy.
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(all.matches("syntax error").count(), 1, "{all}");
+    assert!(all.contains("hosts/multi/flake.nix:"), "{all}");
+    assert!(
+        !all.contains("/nix/store/") && !all.contains("bento-eval-"),
+        "{all}"
+    );
+
+    // Naming another host: it is published and the run succeeds; the flake is a warning.
+    env.fleet
+        .write("hosts/classic1/extra.nix", "# another change\n");
+    let (code, stdout, stderr) = run_publish(&env, &["--host", "classic1"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "classic1").contains("published"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("warning: hosts/multi") && stderr.matches("syntax error").count() == 1,
+        "{stderr}"
+    );
+    // With --build too: the build names the flake once, the other host is built and published.
+    env.fleet
+        .write("hosts/classic1/extra.nix", "# a third change\n");
+    let (code, stdout, stderr) = run_publish(&env, &["--build"]);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "classic1").contains("published"),
+        "{stdout}"
+    );
+    for h in ["alpha", "beta"] {
+        assert!(line_of(&stdout, h).contains("failed"), "{stdout}");
+    }
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(all.matches("syntax error").count(), 1, "{all}");
+    assert!(env.manifest("classic1").system.is_some());
+    // The live versions of the flake's hosts are untouched.
+    for h in ["alpha", "beta"] {
+        assert!(
+            verify_host(&env.chroot().join(h), &HostName::new(h).unwrap())
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+#[test]
+fn a_host_table_without_a_directory_fails_alone() {
+    let env = Env::new();
+    let toml = fs::read_to_string(env.fleet.path("bento.toml")).unwrap();
+    env.fleet
+        .write("bento.toml", &format!("{toml}[hosts.ghost]\n"));
+    let out = env.publish(&["--json"]).code(1).get_output().clone();
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "published"),
+            ("beta", "published"),
+            ("classic1", "published"),
+            ("ghost", "failed"),
+        ])
+    );
+    let ghost = reports.iter().find(|r| r["host"] == "ghost").unwrap();
+    let error = ghost["error"].as_str().unwrap();
+    assert!(
+        error.contains("[hosts.ghost]") && error.contains("hosts/ghost/configuration.nix"),
+        "{error}"
+    );
+    // Once, in the report: not again on stderr.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("[hosts.ghost]"), "{stderr}");
+    // Another host alone is fine; the ghost alone fails by name.
+    env.publish(&["--host", "alpha"]).success();
+    let (code, stdout, _) = run_publish(&env, &["--host", "ghost"]);
+    assert_eq!(code, 1);
+    assert!(line_of(&stdout, "ghost").contains("failed"), "{stdout}");
+}
+
+#[test]
+fn a_dirty_work_tree_is_recorded_and_warned_about() {
+    let env = Env::new();
+    let git = |args: &[&str]| {
+        let st = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&env.fleet.root)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "git {args:?}: {st:?}");
+        String::from_utf8_lossy(&st.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "fleet"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let reports = env.publish_json();
+    assert!(reports
+        .iter()
+        .all(|r| r["warnings"] == serde_json::json!([])));
+    let m = env.manifest("classic1");
+    assert_eq!(m.source_commit.as_deref(), Some(head.as_str()));
+    assert!(!m.dirty);
+    let bytes = fs::read_to_string(bento::protocol::layout::manifest(
+        &env.chroot().join("classic1"),
+        &m.digest(),
+    ))
+    .unwrap();
+    assert!(
+        !bytes.contains("dirty"),
+        "a clean manifest has no dirty field"
+    );
+
+    env.fleet
+        .write("hosts/classic1/extra.nix", "# not committed\n");
+    let out = env.publish(&["--json"]).success().get_output().clone();
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let classic = reports.iter().find(|r| r["host"] == "classic1").unwrap();
+    assert_eq!(classic["status"], "published");
+    let warnings = classic["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("uncommitted changes")),
+        "{warnings:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("uncommitted changes").count(), 1, "{stderr}");
+    let m = env.manifest("classic1");
+    assert!(m.dirty);
+    assert_eq!(m.source_commit.as_deref(), Some(head.as_str()));
+
+    // Committing the same content is no new version: the dirty flag is not content.
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "extra"]);
+    let reports = env.publish_json();
+    assert!(
+        reports.iter().all(|r| r["status"] == "unchanged"),
+        "{reports:?}"
+    );
+}
+
+#[test]
+fn silent_mistakes_are_warned_about() {
+    let env = Env::new();
+    // A file under the flake's files/ that belongs to no host it defines, one directly
+    // under files/, and an input without a flake.lock.
+    env.fleet.write("hosts/multi/files/gamma/etc/x", "x\n");
+    env.fleet.write("hosts/multi/files/loose", "x\n");
+    env.fleet.write("hosts/multi/files/alpha/etc/ok", "ok\n");
+    let dep = env.scratch.join("dep");
+    fs::create_dir_all(&dep).unwrap();
+    fs::write(dep.join("flake.nix"), "{ outputs = _: { }; }\n").unwrap();
+    let flake = fs::read_to_string(env.fleet.path("hosts/multi/flake.nix")).unwrap();
+    env.fleet.write(
+        "hosts/multi/flake.nix",
+        &flake.replacen(
+            "outputs = { self }:",
+            &format!(
+                "inputs.dep.url = \"path:{}\";\n  outputs = {{ self, dep }}:",
+                dep.display()
+            ),
+            1,
+        ),
+    );
+    let out = env.publish(&["--json"]).success().get_output().clone();
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = |h: &str| -> Vec<String> {
+        reports.iter().find(|r| r["host"] == h).unwrap()["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for h in ["alpha", "beta"] {
+        let w = warnings(h);
+        assert!(
+            w.iter().any(|w| w.contains("hosts/multi/files/gamma")
+                && w.contains("hosts/multi/files/loose")
+                && w.contains("files/<host>/")
+                && !w.contains("files/alpha")),
+            "{h}: {w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.contains("no flake.lock") && w.contains("bento flake-update")),
+            "{h}: {w:?}"
+        );
+    }
+    assert!(warnings("classic1").is_empty());
+    // On stderr once each, though two hosts share them.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("no flake.lock").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("files/gamma").count(), 1, "{stderr}");
+    // alpha's own file is installed, the stray ones are not.
+    let alpha = env.manifest("alpha");
+    let targets: Vec<&str> = alpha.files.iter().map(|f| f.target.as_str()).collect();
+    assert_eq!(targets, ["/etc/ok"]);
 }

@@ -174,6 +174,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
         created: NOW.parse().unwrap(),
         serial: 0,
         source_commit: None,
+        dirty: false,
         build: Build::Flake,
         system: system.map(|s| StorePath::new(s).unwrap()),
         config: vec![ConfigEntry::File {

@@ -85,6 +85,14 @@ impl SftpConnection {
             server: server.clone(),
             message,
         };
+        // ssh skips an `-i` file it cannot read and ends with "Permission denied
+        // (publickey)", which names neither the file nor the setting.
+        if let Err(e) = std::fs::File::open(&ssh.identity_file) {
+            return Err(connect_err(format!(
+                "identity_file {} (agent.toml) cannot be read: {e}; it must be this machine's private key, whose public half is key = \"…\" under its [hosts.NAME] in the server's bento.toml",
+                ssh.identity_file.display()
+            )));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -84,6 +84,7 @@ impl Bed {
             created: Timestamp::millis(created),
             serial,
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: None,
             config,

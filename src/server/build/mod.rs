@@ -79,18 +79,40 @@ pub struct Options<'a> {
     pub on_done: &'a (dyn Fn(&HostBuild) + Sync),
 }
 
+/// What one build run did: a result per host, and the flake directories whose hosts could not
+/// be listed (none of their hosts is built).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub hosts: Vec<HostBuild>,
+    pub broken: Vec<crate::server::fleet::BrokenDir>,
+}
+
 /// Builds the selected hosts, `jobs` at a time, and records each success in the chroot's
-/// state. One host failing never stops the others; its error is in its result.
+/// state. One host failing never stops the others; its error is in its result (a
+/// `[hosts.NAME]` without a directory too).
 pub fn run(
     fleet: &Fleet,
     flakes: &dyn FlakeHosts,
     scanner: &Scanner,
     nix: &Nix,
     opts: &Options<'_>,
-) -> Result<Vec<HostBuild>, BuildError> {
-    let sources = crate::server::fleet::discover(fleet, scanner, flakes)?;
-    let chosen =
-        crate::server::fleet::select(sources, &opts.only).map_err(BuildError::UnknownHost)?;
+) -> Result<Built, BuildError> {
+    let mut found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
+    let (chosen, undefined) = found.choose(&opts.only).map_err(BuildError::UnknownHost)?;
+    let broken = found.broken;
+    let undefined: Vec<HostBuild> = undefined
+        .iter()
+        .map(|h| HostBuild {
+            host: h.clone(),
+            outcome: Outcome::Failed,
+            system: None,
+            drv: None,
+            error: Some(crate::server::publish::undefined_error(h, &broken)),
+            log_tail: None,
+            key: String::new(),
+            ms: 0,
+        })
+        .collect();
     // Build exactly what publish would publish (generated settings included); the time is
     // not part of what is built.
     let epoch = crate::protocol::Timestamp::from_unix(0);
@@ -147,7 +169,13 @@ pub fn run(
             })
             .collect::<Vec<_>>()
     });
-    Ok(results)
+    let mut hosts = results;
+    for u in undefined {
+        (opts.on_done)(&u);
+        hosts.push(u);
+    }
+    hosts.sort_by(|a, b| a.host.cmp(&b.host));
+    Ok(Built { hosts, broken })
 }
 
 /// Builds (or evaluates) one host on a scratch copy of its configuration.
@@ -277,6 +305,7 @@ mod tests {
             files_prefix: None,
             origin: "hosts/alpha".into(),
             items: Arc::new(items),
+            warnings: Vec::new(),
         };
         let plans = crate::server::publish::plan(
             &Default::default(),

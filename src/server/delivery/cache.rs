@@ -84,6 +84,23 @@ impl CacheKey {
     }
 }
 
+/// Makes a new `[server] cache_key` at `path` (refusing to replace a file there), root-only
+/// readable, and returns it loaded (its public half for hosts' `cache_keys`).
+pub fn generate_key(nix: &Nix, path: &Path, name: &str) -> Result<CacheKey, CacheError> {
+    if path.exists() {
+        return Err(CacheError::Key {
+            path: path.to_owned(),
+            problem: "exists already; remove it first or choose another file with -o".into(),
+        });
+    }
+    let secret = nix.generate_secret_key(name)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    atomic::write_file(path, format!("{secret}\n").as_bytes(), 0o600).map_err(io_err(path))?;
+    CacheKey::load(path)
+}
+
 fn ensure_dir(dir: &Path) -> Result<(), CacheError> {
     match fs::create_dir(dir) {
         Ok(()) => {}

@@ -307,6 +307,7 @@ mod tests {
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             serial: 0,
             source_commit: None,
+            dirty: false,
             build: Build::Flake,
             system: system.map(|s| StorePath::new(s).unwrap()),
             config: vec![ConfigEntry::Directory {

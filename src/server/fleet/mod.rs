@@ -15,7 +15,8 @@ use serde::Deserialize;
 pub use crate::protocol::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
 pub use delivery::{BuildOn, Defaults};
 pub use discover::{
-    discover, materialize, select, DiscoverError, FlakeHosts, HostSource, NixFlakeHosts,
+    discover, discover_each, materialize, select, undefined_message, BrokenDir, DiscoverError,
+    Discovery, FlakeHosts, HostSource, NixFlakeHosts,
 };
 
 /// The fleet settings file at the root of the fleet repo.
@@ -41,6 +42,27 @@ pub enum FleetError {
     #[error("{path}: {source}")]
     Name { path: PathBuf, source: NameError },
 }
+
+/// The tables of bento.toml (docs/reference.md documents each key of each).
+pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
+/// The keys of `[server]`.
+pub const SERVER_KEYS: [&str; 9] = [
+    "address",
+    "port",
+    "chroot",
+    "account_prefix",
+    "authorized_keys_dir",
+    "signing_key",
+    "backups",
+    "trigger_command",
+    "cache_key",
+];
+/// The keys of `[hosts.NAME]` besides the per-host settings (`SettingsLayer::KEYS`).
+pub const HOST_KEYS: [&str; 5] = ["key", "tags", "address", "hold", "build_on"];
+/// The keys of `[defaults]` besides the per-host settings.
+pub const DEFAULTS_KEYS: [&str; 1] = ["build_on"];
+/// The keys of `[rollout]`.
+pub const ROLLOUT_KEYS: [&str; 1] = ["waves"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,29 +142,31 @@ pub struct HostConfig {
     pub build_on: Option<BuildOn>,
 }
 
+/// `[hosts.NAME]`'s own keys (`HOST_KEYS`), read beside the settings.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostOwn {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    tags: Vec<crate::server::select::Tag>,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    hold: bool,
+    #[serde(default)]
+    build_on: Option<BuildOn>,
+}
+
 impl<'de> Deserialize<'de> for HostConfig {
     /// Strict on both parts: the table is split into `key` and the settings keys, and each
     /// part refuses what it does not know.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use crate::protocol::settings::{from_table_beside, SettingsLayer};
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Own {
-            #[serde(default)]
-            key: Option<String>,
-            #[serde(default)]
-            tags: Vec<crate::server::select::Tag>,
-            #[serde(default)]
-            address: Option<String>,
-            #[serde(default)]
-            hold: bool,
-            #[serde(default)]
-            build_on: Option<BuildOn>,
-        }
         let mut table = toml::Table::deserialize(d)?;
         let settings = SettingsLayer::split_from(&mut table, &SettingsLayer::KEYS)
             .map_err(serde::de::Error::custom)?;
-        let own: Own =
+        let own: HostOwn =
             from_table_beside(table, &SettingsLayer::KEYS).map_err(serde::de::Error::custom)?;
         Ok(Self {
             key: own.key,
@@ -272,6 +296,32 @@ mod tests {
 
     fn parse(text: &str) -> Result<FleetConfig, FleetError> {
         FleetConfig::parse(text, Path::new("bento.toml"))
+    }
+
+    #[test]
+    fn key_lists_are_the_structs_fields() {
+        use crate::protocol::settings::{serde_fields, sorted};
+        assert_eq!(sorted(&FLEET_TABLES), serde_fields::<FleetConfig>());
+        assert_eq!(sorted(&SERVER_KEYS), serde_fields::<ServerConfig>());
+        assert_eq!(sorted(&HOST_KEYS), serde_fields::<HostOwn>());
+        assert_eq!(
+            sorted(&ROLLOUT_KEYS),
+            serde_fields::<crate::server::select::RolloutConfig>()
+        );
+        assert_eq!(
+            sorted(&secrets::SECRETS_KEYS),
+            serde_fields::<secrets::SecretsConfig>()
+        );
+        // [defaults] is read by hand: its own keys, then the settings layer, strictly.
+        let toml = DEFAULTS_KEYS
+            .iter()
+            .map(|k| format!("[defaults]\n{k} = \"host\"\n"))
+            .collect::<String>();
+        parse(&toml).unwrap();
+        let err = parse("[defaults]\nbento_no_such_key = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bento_no_such_key"), "{err}");
     }
 
     #[test]

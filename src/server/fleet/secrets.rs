@@ -38,6 +38,9 @@ impl<'de> Deserialize<'de> for EncryptMode {
     }
 }
 
+/// The keys of `[secrets]`.
+pub const SECRETS_KEYS: [&str; 3] = ["encrypt", "recipients", "identity"];
+
 /// `[secrets]` in bento.toml.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

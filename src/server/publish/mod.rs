@@ -44,6 +44,8 @@ pub enum PublishError {
     Reserved(PathBuf),
     #[error("no host named {0} in the fleet")]
     UnknownHost(HostName),
+    #[error("no host named {host} among the hosts bento could list, and this directory may define it: {broken}")]
+    UnknownHostBroken { host: HostName, broken: String },
     #[error("signing key {0} is inside the fleet repo; keep it out (it would be committed and could be published)")]
     KeyInRepo(PathBuf),
     #[error(transparent)]
@@ -90,8 +92,8 @@ pub struct HostReport {
     /// Bytes written into the chroot and pool by this run.
     pub bytes: u64,
     pub error: Option<String>,
-    /// Things the person publishing should know (a clock behind the live version's).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// What publish went on with but the user should fix, each saying what to do (a
+    /// clock behind the live version's, a file outside `files/<host>/`, …).
     pub warnings: Vec<String>,
 }
 
@@ -99,6 +101,30 @@ impl HostReport {
     pub fn changed(&self) -> bool {
         self.status == Status::Published
     }
+
+    /// A host that failed before it had a plan; its live version stays.
+    pub fn failed(chroot: &Chroot, host: &HostName, error: String) -> Self {
+        Self {
+            host: host.clone(),
+            status: Status::Failed,
+            digest: read_current(&chroot.host_dir(host)).map(|(d, _)| d),
+            config_entries: 0,
+            files: 0,
+            objects: 0,
+            new_objects: 0,
+            bytes: 0,
+            error: Some(error),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// What one publish run did: a report per host, and the flake directories whose hosts
+/// could not be listed (none of their hosts is published; which they are is unknown).
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub reports: Vec<HostReport>,
+    pub broken: Vec<crate::server::fleet::BrokenDir>,
 }
 
 /// Builds the plan of each host (pure, apart from reading `files.toml`).
@@ -106,7 +132,7 @@ pub fn plan(
     fleet: &crate::server::fleet::FleetConfig,
     sources: &[HostSource],
     created: &crate::protocol::Timestamp,
-    source_commit: Option<&str>,
+    source_commit: Option<&Commit>,
     systems: &BTreeMap<HostName, StorePath>,
 ) -> Result<Vec<HostPlan>, PublishError> {
     sources
@@ -142,7 +168,8 @@ pub fn plan(
                 host: s.name.clone(),
                 created: created.clone(),
                 serial: 0,
-                source_commit: source_commit.map(str::to_owned),
+                source_commit: source_commit.map(|c| c.id.clone()),
+                dirty: source_commit.is_some_and(|c| c.dirty),
                 build: s.build,
                 system: systems.get(&s.name).cloned(),
                 config: content.config,
@@ -274,17 +301,24 @@ pub fn load_signer(
     Ok(Some(crate::protocol::signing::Signer::load(path)?))
 }
 
-/// Publishes the fleet. Returns one report per host, in host order; per-host failures are
-/// in the reports, errors that stop the whole run are returned as `Err`.
+/// Publishes the fleet. Returns one report per host, in host order, and the flake
+/// directories whose hosts could not be listed; per-host failures (a `[hosts.NAME]` without
+/// a directory among them) are in the reports, errors that stop the whole run are `Err`.
 pub fn run(
     fleet: &Fleet,
     flakes: &dyn FlakeHosts,
     scanner: &crate::server::snapshot::Scanner,
     opts: Options<'_>,
-) -> Result<Vec<HostReport>, PublishError> {
-    let sources = crate::server::fleet::discover(fleet, scanner, flakes)?;
-    let selected =
-        crate::server::fleet::select(sources, &opts.only).map_err(PublishError::UnknownHost)?;
+) -> Result<Published, PublishError> {
+    let mut found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
+    // A `[hosts.NAME]` no directory defines fails alone, as a report.
+    let chosen = found.choose(&opts.only);
+    let broken = found.broken;
+    let (selected, wanted_undefined) = chosen.map_err(|host| unknown_host(host, &broken))?;
+    let undefined: Vec<HostReport> = wanted_undefined
+        .iter()
+        .map(|h| HostReport::failed(&opts.chroot, h, undefined_error(h, &broken)))
+        .collect();
     // Milliseconds: hosts refuse a manifest older than the one they applied, and two
     // publishes within a second must still be told apart.
     let created = crate::protocol::Timestamp::millis(opts.now);
@@ -293,7 +327,7 @@ pub fn run(
         &fleet.config,
         &selected,
         &created,
-        commit.as_deref(),
+        commit.as_ref(),
         &opts.systems,
     )?;
 
@@ -330,7 +364,7 @@ pub fn run(
                     objects: p.manifest.objects().len(),
                     new_objects: 0,
                     bytes: 0,
-                    error: Some(e.to_string()),
+                    error: Some(host_error(&fleet.config, &p.host, e)),
                     warnings: Vec::new(),
                 });
             (opts.on_host)(&r);
@@ -350,7 +384,27 @@ pub fn run(
         d.after(&opts.chroot)?;
     }
     reports.extend(held_back);
+    reports.extend(undefined);
     reports.sort_by(|a, b| a.host.cmp(&b.host));
+    let warnings: BTreeMap<&HostName, &[String]> = selected
+        .iter()
+        .map(|s| (&s.name, s.warnings.as_slice()))
+        .collect();
+    for r in &mut reports {
+        r.warnings.extend(
+            warnings
+                .get(&r.host)
+                .into_iter()
+                .flat_map(|w| w.iter().cloned()),
+        );
+        if r.status != Status::Failed && !fleet.config.hosts.contains_key(&r.host) {
+            r.warnings
+                .push(no_entry_warning(&r.host, dirs.get(&r.host).copied()));
+        }
+        if let Some(c) = commit.as_ref().filter(|c| c.dirty && r.changed()) {
+            r.warnings.push(dirty_warning(c));
+        }
+    }
     // Caches are written under the lock, so two runs never interleave their writes.
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();
@@ -362,7 +416,70 @@ pub fn run(
         path: opts.chroot.flake_cache_path(),
         source,
     })?;
-    Ok(reports)
+    Ok(Published { reports, broken })
+}
+
+/// A host's failure; a missing account of a host bento.toml does not list says what helps
+/// (sync-accounts only makes accounts for `[hosts.NAME]` entries).
+fn host_error(
+    config: &crate::server::fleet::FleetConfig,
+    host: &HostName,
+    e: PublishError,
+) -> String {
+    match e {
+        PublishError::Chroot(ChrootError::NoAccount(account))
+            if !config.hosts.contains_key(host) =>
+        {
+            format!(
+                "account {account} does not exist, and bento.toml has no [hosts.{host}], so `bento server sync-accounts` would not create it: add [hosts.{host}] with key = \"<the host's ssh public key>\" to bento.toml, then run `bento server sync-accounts` (or deploy the generated NixOS module)"
+            )
+        }
+        e => e.to_string(),
+    }
+}
+
+/// What publish says about a host whose directory has no `[hosts.NAME]` in bento.toml.
+fn no_entry_warning(host: &HostName, dir: Option<&Path>) -> String {
+    let dir = dir.map_or_else(|| format!("hosts/{host}"), |d| d.display().to_string());
+    format!(
+        "{dir} defines host {host}, which has no [hosts.{host}] in bento.toml: add one with its key, or `bento server sync-accounts` will not manage (and --prune removes) its account"
+    )
+}
+
+/// The broken directories, for messages: `hosts/a` or `hosts/a, hosts/b`.
+fn broken_dirs(broken: &[crate::server::fleet::BrokenDir]) -> String {
+    broken
+        .iter()
+        .map(|b| b.dir.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a `[hosts.NAME]` without a directory is not published (or built).
+pub fn undefined_error(host: &HostName, broken: &[crate::server::fleet::BrokenDir]) -> String {
+    if broken.is_empty() {
+        crate::server::fleet::undefined_message(host)
+    } else {
+        format!(
+            "{} did not list its hosts (see above), and no other directory defines {host}",
+            broken_dirs(broken)
+        )
+    }
+}
+
+fn unknown_host(host: HostName, broken: &[crate::server::fleet::BrokenDir]) -> PublishError {
+    if broken.is_empty() {
+        PublishError::UnknownHost(host)
+    } else {
+        PublishError::UnknownHostBroken {
+            host,
+            broken: broken
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
 }
 
 /// Refuses a host whose configuration tree (not `files/`) holds a private key: the tree is
@@ -383,16 +500,50 @@ fn refuse_private_keys(
     Ok(())
 }
 
-/// The fleet repo's `HEAD` commit, when it is a git work tree.
-pub fn source_commit(root: &Path) -> Option<String> {
-    let out = crate::sys::process::Cmd::new("git")
-        .arg("-C")
-        .arg(root)
-        .args(["rev-parse", "--verify", "--quiet", "HEAD"])
-        .timeout(std::time::Duration::from_secs(60))
-        .run()
-        .ok()?;
-    let text = out.stdout_text();
-    let commit = text.trim();
-    (!commit.is_empty()).then(|| commit.to_owned())
+/// What the fleet repo's work tree is, when it is a git work tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// `HEAD`.
+    pub id: String,
+    /// The work tree (under the fleet root) has changes or untracked files `HEAD` does not
+    /// hold: what is published is not exactly `id`.
+    pub dirty: bool,
+}
+
+/// The fleet repo's `HEAD` commit and whether the work tree differs from it.
+pub fn source_commit(root: &Path) -> Option<Commit> {
+    let git = |args: &[&str]| {
+        crate::sys::process::Cmd::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .timeout(std::time::Duration::from_secs(60))
+            .run()
+            .ok()
+            .map(|out| out.stdout_text())
+    };
+    let id = git(&["rev-parse", "--verify", "--quiet", "HEAD"])?
+        .trim()
+        .to_owned();
+    if id.is_empty() {
+        return None;
+    }
+    // Only the fleet root's subtree: the fleet may be one directory of a larger repo.
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=normal",
+        "--",
+        ".",
+    ])
+    .is_some_and(|text| !text.trim().is_empty());
+    Some(Commit { id, dirty })
+}
+
+/// What a publish from a dirty work tree tells each host it published.
+pub fn dirty_warning(commit: &Commit) -> String {
+    format!(
+        "published from a work tree with uncommitted changes: the manifest says source_commit {} with dirty = true; commit, then publish, for versions that are commits",
+        &commit.id[..commit.id.len().min(12)]
+    )
 }

@@ -277,6 +277,7 @@ mod tests {
             created: "2026-11-25T12:00:00Z".parse().unwrap(),
             serial: 0,
             source_commit: None,
+            dirty: false,
             build: Build::Classic,
             system: None,
             config: vec![],
