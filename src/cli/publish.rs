@@ -196,11 +196,6 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             output::line(&format_line(r, width));
         }
     }
-    for r in &reports {
-        for w in &r.warnings {
-            output::note(&format!("warning: {}: {w}", r.host));
-        }
-    }
     let count = |s| reports.iter().filter(|r| r.status == s).count();
     tracing::info!(
         "{} published, {} unchanged, {} failed ({})",

@@ -372,10 +372,5 @@ fn publish_hosts(
             eprintln!("{}", super::publish::format_line(r, width));
         }
     }
-    for r in &reports {
-        for w in &r.warnings {
-            output::note(&format!("warning: {}: {w}", r.host));
-        }
-    }
     Ok(reports)
 }

@@ -143,7 +143,8 @@ pub fn publish_host(
     if let Some((digest, live)) = &live {
         if live.created.system_time() > manifest.created.system_time() {
             warnings.push(format!(
-                "this machine's clock ({}) is behind the live version {} ({}); hosts order versions by serial, so serial {} is still newer for them, but check the clock",
+                "{}: this machine's clock ({}) is behind the live version {} ({}); hosts order versions by serial, so serial {} is still newer for them, but check the clock",
+                plan.host,
                 manifest.created,
                 digest.short(),
                 live.created,
