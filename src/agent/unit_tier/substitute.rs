@@ -93,12 +93,17 @@ impl Bed {
 use crate::protocol::StorePath;
 
 fn bed(keys: &str) -> (Bed, ed25519_dalek::SigningKey) {
+    bed_with(keys, "")
+}
+
+fn bed_with(keys: &str, more_toml: &str) -> (Bed, ed25519_dalek::SigningKey) {
     let (sk, public) = signing_key(7);
-    let extra = match keys {
-        "ours" => format!("cache_keys = [\"{public}\"]\n"),
-        "other" => format!("cache_keys = [\"{}\"]\n", signing_key(8).1),
-        _ => String::new(),
-    };
+    let extra = more_toml.to_owned()
+        + &match keys {
+            "ours" => format!("cache_keys = [\"{public}\"]\n"),
+            "other" => format!("cache_keys = [\"{}\"]\n", signing_key(8).1),
+            _ => String::new(),
+        };
     let bed = Bed::new(&extra);
     *bed.host.running.borrow_mut() = Some(store_path("old"));
     (bed, sk)
@@ -190,4 +195,29 @@ fn agent_refuses_a_prebuilt_system_it_cannot_trust_before_changing_anything() {
         );
         assert_eq!(*bed.host.running.borrow(), Some(store_path("old")));
     }
+}
+
+#[test]
+fn agent_never_self_updates_a_version_the_server_builds() {
+    let (bed, sk) = bed_with("ours", "self_update = true\n");
+    export(&bed.chroot, SYSTEM, &[SYSTEM, KERNEL], &sk);
+    export(&bed.chroot, KERNEL, &[LIBC], &sk);
+    export(&bed.chroot, LIBC, &[], &sk);
+    let v = bed.publish_prebuilt(SYSTEM);
+    assert_eq!(bed.run().exit_code(), RunResult::EXIT_UPDATED);
+    bed.take_calls();
+    // Re-locking would move an input: a self-update would build on the host.
+    *bed.host.relock_to.borrow_mut() = Some("relocked".into());
+    for _ in 0..2 {
+        let r = bed.run();
+        assert!(
+            matches!(&r, RunResult::NoOp { reason } if reason.contains("self-update skipped: the server builds this version")),
+            "{r:?}"
+        );
+        assert_eq!(bed.take_calls(), Vec::<String>::new());
+        bed.later(2 * 24 * 3600);
+    }
+    let report = bed.latest().unwrap();
+    assert_eq!((report.kind, report.version), (RunKind::Published, v));
+    assert!(!bed.heartbeat().auto_updated);
 }
