@@ -5,17 +5,23 @@
 //! Invariant: the applied tree is never modified — the re-lock happens on a copy
 //! (`config/.self-update`), so a failed or identical result leaves the host as it was and
 //! the next published version replaces any self-update.
+//!
+//! A version the server builds (`build_on = "server"`: the manifest names its `system` and
+//! `cache/` holds that system's narinfo) is never self-updated: re-locking and building on
+//! the host is exactly what its operator chose to avoid.
 
 use std::path::Path;
 
 use super::apply::{first_error_line, snapshot_settings, Attempt};
+use super::fetch;
 use super::host::Realise;
 use super::outcome::{secs, state_err, AgentError, AttemptError, RunResult, UpdateOptions};
 use super::record::{no_op, Run};
 use super::source::Connection;
 use super::state::{State, StateDir};
+use super::substitute;
 use crate::nix::Target;
-use crate::protocol::manifest::Digest;
+use crate::protocol::manifest::{Digest, Manifest};
 use crate::protocol::report::{Outcome, RunKind};
 use crate::protocol::StorePath;
 
@@ -30,6 +36,17 @@ pub fn self_update(
     let cfg = opts.config;
     state.self_update_at = Some(secs((opts.now)()));
     dirs.save(state).map_err(state_err(&dirs.state_file()))?;
+    if let Some(system) = served_prebuilt(conn.as_mut(), version)? {
+        tracing::info!(
+            "self-update skipped: version {} is built by the server ({system} is in its cache/, build_on = \"server\"); the host does not re-lock or build",
+            version.short()
+        );
+        let reason = format!(
+            "up to date (version {}); self-update skipped: the server builds this version",
+            version.short()
+        );
+        return Ok(no_op(opts, conn.as_mut(), state, running.as_ref(), reason));
+    }
     let applied_dir = dirs.config().join(version.to_hex());
     let work = dirs.config().join(".self-update");
     let copy = || -> std::io::Result<()> {
@@ -96,6 +113,22 @@ pub fn self_update(
             run.finish(opts, state, conn, &attempt, result)
         }
     }
+}
+
+/// The live version's system when the server serves it prebuilt. The manifest is checked
+/// against its digest; one that does not match (or does not parse) says nothing.
+fn served_prebuilt(
+    conn: &mut dyn Connection,
+    version: Digest,
+) -> Result<Option<StorePath>, AgentError> {
+    let bytes = fetch::manifest(conn, version)?;
+    if Digest::of(&bytes) != version {
+        return Ok(None);
+    }
+    let Ok(manifest) = Manifest::parse(&bytes) else {
+        return Ok(None);
+    };
+    Ok(substitute::prebuilt(conn, &manifest)?)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {

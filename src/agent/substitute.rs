@@ -1,7 +1,8 @@
 //! Prebuilt delivery, the agent's side (docs/delivery.md): a version whose manifest names a
 //! `system` the server built and exported into `cache/` is realised without evaluating. The
 //! agent asks its store which closure paths it lacks (level by level, one Nix call per
-//! level), reads only their narinfos over its one connection, checks every signature
+//! level), reads only their narinfos over its one connection (each level's concurrently,
+//! at most `source::PARALLEL_FETCHES` in flight), checks every signature
 //! against `cache_keys` *before* fetching any NAR, downloads only the missing NARs into a
 //! local file cache under the state directory (resumable; size and `FileHash` checked), and
 //! hands exactly those paths to Nix, which checks hashes and signatures again on import.
@@ -124,8 +125,9 @@ pub fn prepare(
 }
 
 /// Breadth first from `system`: each level's paths are checked against the store in one
-/// call; the narinfo of each missing one is fetched, parsed, matched to its path and
-/// verified, and its references form the next level.
+/// call; the narinfos of the missing ones are read concurrently (one batch per level over
+/// the one connection, bounded by the backend), then each is parsed, matched to its path
+/// and verified in order, and their references form the next level. No NAR is fetched here.
 fn walk(
     src: &mut dyn Source,
     host: &dyn Host,
@@ -137,9 +139,9 @@ fn walk(
     let mut level = vec![system.clone()];
     while !level.is_empty() {
         let valid = host.valid_paths(&level)?;
+        let missing: Vec<&StorePath> = level.iter().filter(|p| !valid.contains(*p)).collect();
         let mut next = Vec::new();
-        for path in level.iter().filter(|p| !valid.contains(*p)) {
-            let (info, text) = read_narinfo(src, path)?;
+        for (path, (info, text)) in missing.iter().zip(read_narinfos(src, &missing)?) {
             info.verify(keys).map_err(|source| SubstituteError::Bad {
                 path: path.to_string(),
                 source,
@@ -163,31 +165,50 @@ fn walk(
     Ok(found.into_values().collect())
 }
 
-/// One narinfo, parsed and checked to describe `path` (not yet verified).
-fn read_narinfo(
+/// The narinfos of `paths`, in order, read in one concurrent batch, each parsed and checked
+/// to describe its path (not yet verified). At most [`MAX_NARINFO_BYTES`] of each is read.
+fn read_narinfos(
     src: &mut dyn Source,
-    path: &StorePath,
-) -> Result<(NarInfo, String), SubstituteError> {
-    let hash = narinfo::hash_part(path.as_str());
-    let item = Item::Cache(
-        CacheFile::narinfo(hash).ok_or_else(|| SubstituteError::Bad {
-            path: path.to_string(),
-            source: NarInfoError::Invalid {
-                field: "StorePath",
-                value: path.to_string(),
-            },
-        })?,
-    );
-    let bytes = match src.size(item)? {
-        None => None,
-        Some(n) if n > MAX_NARINFO_BYTES as u64 => {
-            return Err(SubstituteError::Bad {
+    paths: &[&StorePath],
+) -> Result<Vec<(NarInfo, String)>, SubstituteError> {
+    let items = paths
+        .iter()
+        .map(|path| {
+            let file = CacheFile::narinfo(narinfo::hash_part(path.as_str()));
+            file.map(Item::Cache).ok_or_else(|| SubstituteError::Bad {
                 path: path.to_string(),
-                source: NarInfoError::TooLarge(n as usize),
+                source: NarInfoError::Invalid {
+                    field: "StorePath",
+                    value: path.to_string(),
+                },
             })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts = match src.read_many(&items, MAX_NARINFO_BYTES as u64) {
+        Ok(t) => t,
+        Err(RemoteError::TooLarge { path: file, .. }) => {
+            let at = items.iter().position(|i| i.path() == file);
+            return Err(SubstituteError::Bad {
+                path: at.map_or(file, |i| paths[i].to_string()),
+                source: NarInfoError::TooLarge(MAX_NARINFO_BYTES + 1),
+            });
         }
-        Some(_) => src.read(item, MAX_NARINFO_BYTES as u64)?,
+        Err(e) => return Err(e.into()),
     };
+    paths
+        .iter()
+        .zip(&items)
+        .zip(texts)
+        .map(|((path, item), bytes)| parse_narinfo(path, *item, bytes))
+        .collect()
+}
+
+/// One narinfo's bytes (`None`: not on the server), parsed and checked to describe `path`.
+fn parse_narinfo(
+    path: &StorePath,
+    item: Item,
+    bytes: Option<Vec<u8>>,
+) -> Result<(NarInfo, String), SubstituteError> {
     let Some(bytes) = bytes else {
         return Err(SubstituteError::Missing {
             path: path.to_string(),
@@ -224,6 +245,7 @@ fn fetch_nars(
 ) -> Result<u64, SubstituteError> {
     let mut parts = Vec::new();
     let mut checks = Vec::new();
+    let mut files = Vec::new();
     for (info, _) in infos {
         let path = info.store_path.clone();
         let file = CacheFile::nar(&info.url).ok_or_else(|| SubstituteError::BadUrl {
@@ -233,7 +255,14 @@ fn fetch_nars(
         let size = info
             .file_size
             .ok_or_else(|| SubstituteError::NoSize { path: path.clone() })?;
-        match src.size(Item::Cache(file))? {
+        files.push((file, size));
+    }
+    // Every NAR's size in one concurrent batch, before any download.
+    let items: Vec<Item> = files.iter().map(|(f, _)| Item::Cache(*f)).collect();
+    let sizes = src.size_many(&items)?;
+    for (((info, _), (file, size)), on_server) in infos.iter().zip(files).zip(sizes) {
+        let path = info.store_path.clone();
+        match on_server {
             None => {
                 return Err(SubstituteError::Missing {
                     path,

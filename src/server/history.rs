@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::logs::{self, LogsError};
+use crate::protocol::check::CheckResult;
 use crate::protocol::manifest::Digest;
 use crate::protocol::report::{Outcome, Report, RunKind, REPORTS_DIR};
 
@@ -48,6 +49,9 @@ pub struct Run {
     pub has_log: bool,
     /// Set when the report could not be read or parsed; the other fields are then empty.
     pub unreadable: Option<String>,
+    /// The report's health-check results, as it carries them; always present, empty when the
+    /// run ran none (or the report is unreadable).
+    pub checks: Vec<CheckResult>,
 }
 
 /// The newest `limit` runs of the host whose chroot directory is `host_dir`, newest first.
@@ -87,6 +91,7 @@ fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
         error: None,
         has_log,
         unreadable: Some(why),
+        checks: Vec::new(),
     };
     let bytes = match logs::read_in(host_dir, REPORTS_DIR, &format!("{id}.json")) {
         Ok(b) => b,
@@ -103,6 +108,7 @@ fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
             error: r.error,
             has_log,
             unreadable: None,
+            checks: r.checks,
         },
         Ok(r) => empty(format!("the report inside says it is run {:?}", r.id)),
         Err(e) => empty(format!("not a report: {e}")),

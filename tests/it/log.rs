@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Write as _;
 
+use bento::protocol::check::{CheckResult, CheckStatus};
 use bento::protocol::layout::Chroot;
 use bento::protocol::manifest::Digest;
 use bento::protocol::report::{Outcome, Report, RunKind, Timings};
@@ -43,6 +44,17 @@ impl Fixture {
     }
 
     fn report(&self, id: &str, minute: u32, outcome: Outcome, error: Option<&str>) {
+        self.report_with(id, minute, outcome, error, Vec::new());
+    }
+
+    fn report_with(
+        &self,
+        id: &str,
+        minute: u32,
+        outcome: Outcome,
+        error: Option<&str>,
+        checks: Vec<CheckResult>,
+    ) {
         let r = Report {
             format: 1,
             id: id.into(),
@@ -64,7 +76,7 @@ impl Fixture {
             error: error.map(str::to_owned),
             log_tail: String::new(),
             reboot_required: false,
-            checks: Vec::new(),
+            checks,
         };
         fs::write(self.logs.join(r.file_name()), r.to_bytes()).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -89,11 +101,23 @@ fn log_lists_runs_newest_first_with_outcome_and_error() {
         Outcome::Failure,
         Some("build failed: hosts/alpha/configuration.nix:3"),
     );
-    f.report(
+    f.report_with(
         "20261125T122000Z-00000003",
         20,
         Outcome::Rollback,
         Some("server unreachable after activation\x1b[31m"),
+        vec![
+            CheckResult {
+                check: "failed-units".into(),
+                result: CheckStatus::Passed,
+                detail: "none".into(),
+            },
+            CheckResult {
+                check: "unit nginx.service".into(),
+                result: CheckStatus::Failed,
+                detail: "failed".into(),
+            },
+        ],
     );
     let out = f
         .log(&["alpha"])
@@ -123,6 +147,24 @@ fn log_lists_runs_newest_first_with_outcome_and_error() {
     assert_eq!(runs[0]["outcome"], "rollback");
     assert_eq!(runs[0]["duration_ms"], 9250);
     assert_eq!(runs[0]["has_log"], true);
+    assert_eq!(
+        runs[0]["checks"],
+        serde_json::json!([
+            {"check": "failed-units", "result": "passed", "detail": "none"},
+            {"check": "unit nginx.service", "result": "failed", "detail": "failed"},
+        ])
+    );
+    // A run without checks has an empty array, not a missing field.
+    let out = f
+        .log(&["alpha", "--json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let runs: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(runs[2]["id"], "20261125T120000Z-00000001");
+    assert_eq!(runs[2]["checks"], serde_json::json!([]));
 }
 
 #[test]

@@ -168,6 +168,10 @@ pub struct ObjectPart {
     pub dest: PathBuf,
 }
 
+/// How many downloads (objects, NARs, narinfos) are in flight at once over one connection:
+/// enough to hide round trips on a slow link, few enough to keep memory small.
+pub const PARALLEL_FETCHES: usize = 8;
+
 /// What the agent reads from the server.
 pub trait Source {
     /// The size of `item`, `None` when it does not exist: lets the fetcher refuse a file
@@ -180,6 +184,21 @@ pub trait Source {
 
     /// Downloads every part (in parallel where the backend can); returns the bytes moved.
     fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError>;
+    /// Each of `items` as [`Source::read`] gives it, in order: concurrently where the
+    /// backend can (at most [`PARALLEL_FETCHES`] requests in flight over the one
+    /// connection), so many small files cost about one round trip per batch, not one each.
+    fn read_many(
+        &mut self,
+        items: &[Item],
+        limit: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        items.iter().map(|i| self.read(*i, limit)).collect()
+    }
+    /// Each of `items`' size as [`Source::size`] gives it, in order, concurrently as
+    /// [`Source::read_many`].
+    fn size_many(&mut self, items: &[Item]) -> Result<Vec<Option<u64>>, RemoteError> {
+        items.iter().map(|i| self.size(*i)).collect()
+    }
 }
 
 /// A file the agent writes into its `logs/`.

@@ -16,14 +16,13 @@ use openssh_sftp_client::error::SftpErrorKind;
 use openssh_sftp_client::{Error as SftpError, Sftp, SftpOptions};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions};
+use super::{
+    Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions, PARALLEL_FETCHES,
+};
 use crate::protocol::layout::{CURRENT, LOGS};
 
 /// Bytes asked for per read request (the client clips it to what the server allows).
 const READ_CHUNK: u64 = 64 * 1024;
-/// How many object downloads are in flight at once: enough to hide round trips on a slow
-/// link, few enough to keep memory small.
-const PARALLEL_FETCHES: usize = 8;
 /// The control master exits this long after the agent dies without closing it.
 const MASTER_IDLE_SECS: usize = 5;
 
@@ -287,24 +286,37 @@ async fn read_part(sftp: &Sftp, lim: &Limits, part: &ObjectPart) -> Result<u64, 
     Ok(fetched)
 }
 
+/// The size of `path`, `None` when it does not exist.
+async fn size_of(sftp: &Sftp, lim: &Limits, path: &str) -> Result<Option<u64>, RemoteError> {
+    let meta = lim
+        .op(|| format!("the size of {path}"), async {
+            Ok(sftp.fs().metadata(path).await)
+        })
+        .await?;
+    match meta {
+        // A server that does not say the size leaves the limit to `read`.
+        Ok(m) => Ok(Some(m.len().unwrap_or(0))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(remote(path, e)),
+    }
+}
+
 impl Source for SftpConnection {
     fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
         let path = item.path();
         let sftp = self.sftp();
+        self.rt.block_on(size_of(sftp, &self.limits, &path))
+    }
+
+    fn size_many(&mut self, items: &[Item]) -> Result<Vec<Option<u64>>, RemoteError> {
+        let sftp = self.sftp();
         let lim = &self.limits;
-        self.rt.block_on(async {
-            let meta = lim
-                .op(|| format!("the size of {path}"), async {
-                    Ok(sftp.fs().metadata(path.as_str()).await)
-                })
-                .await?;
-            match meta {
-                // A server that does not say the size leaves the limit to `read`.
-                Ok(m) => Ok(Some(m.len().unwrap_or(0))),
-                Err(e) if is_not_found(&e) => Ok(None),
-                Err(e) => Err(remote(&path, e)),
-            }
-        })
+        let paths: Vec<String> = items.iter().map(Item::path).collect();
+        self.rt.block_on(
+            stream::iter(paths.iter().map(|p| size_of(sftp, lim, p)))
+                .buffered(PARALLEL_FETCHES)
+                .try_collect(),
+        )
     }
 
     fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
@@ -324,6 +336,21 @@ impl Source for SftpConnection {
                 .await?;
             Ok(sizes.iter().sum())
         })
+    }
+
+    fn read_many(
+        &mut self,
+        items: &[Item],
+        limit: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        let sftp = self.sftp();
+        let lim = &self.limits;
+        let paths: Vec<String> = items.iter().map(Item::path).collect();
+        self.rt.block_on(
+            stream::iter(paths.iter().map(|p| read_limited(sftp, lim, p, limit)))
+                .buffered(PARALLEL_FETCHES)
+                .try_collect(),
+        )
     }
 }
 

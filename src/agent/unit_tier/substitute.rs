@@ -13,6 +13,7 @@ use crate::protocol::narinfo::{self, nix32, NarInfo};
 const SYSTEM: &str = "/nix/store/0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a-nixos-system-alpha-2";
 const KERNEL: &str = "/nix/store/1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b-linux-6.1.0";
 const LIBC: &str = "/nix/store/2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c-glibc-2.39";
+const FIRMWARE: &str = "/nix/store/3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d3d-firmware-1";
 
 fn signing_key(seed: u8) -> (ed25519_dalek::SigningKey, String) {
     let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
@@ -93,12 +94,17 @@ impl Bed {
 use crate::protocol::StorePath;
 
 fn bed(keys: &str) -> (Bed, ed25519_dalek::SigningKey) {
+    bed_with(keys, "")
+}
+
+fn bed_with(keys: &str, more_toml: &str) -> (Bed, ed25519_dalek::SigningKey) {
     let (sk, public) = signing_key(7);
-    let extra = match keys {
-        "ours" => format!("cache_keys = [\"{public}\"]\n"),
-        "other" => format!("cache_keys = [\"{}\"]\n", signing_key(8).1),
-        _ => String::new(),
-    };
+    let extra = more_toml.to_owned()
+        + &match keys {
+            "ours" => format!("cache_keys = [\"{public}\"]\n"),
+            "other" => format!("cache_keys = [\"{}\"]\n", signing_key(8).1),
+            _ => String::new(),
+        };
     let bed = Bed::new(&extra);
     *bed.host.running.borrow_mut() = Some(store_path("old"));
     (bed, sk)
@@ -190,4 +196,132 @@ fn agent_refuses_a_prebuilt_system_it_cannot_trust_before_changing_anything() {
         );
         assert_eq!(*bed.host.running.borrow(), Some(store_path("old")));
     }
+}
+
+#[test]
+fn agent_never_self_updates_a_version_the_server_builds() {
+    let (bed, sk) = bed_with("ours", "self_update = true\n");
+    export(&bed.chroot, SYSTEM, &[SYSTEM, KERNEL], &sk);
+    export(&bed.chroot, KERNEL, &[LIBC], &sk);
+    export(&bed.chroot, LIBC, &[], &sk);
+    let v = bed.publish_prebuilt(SYSTEM);
+    assert_eq!(bed.run().exit_code(), RunResult::EXIT_UPDATED);
+    bed.take_calls();
+    // Re-locking would move an input: a self-update would build on the host.
+    *bed.host.relock_to.borrow_mut() = Some("relocked".into());
+    for _ in 0..2 {
+        let r = bed.run();
+        assert!(
+            matches!(&r, RunResult::NoOp { reason } if reason.contains("self-update skipped: the server builds this version")),
+            "{r:?}"
+        );
+        assert_eq!(bed.take_calls(), Vec::<String>::new());
+        bed.later(2 * 24 * 3600);
+    }
+    let report = bed.latest().unwrap();
+    assert_eq!((report.kind, report.version), (RunKind::Published, v));
+    assert!(!bed.heartbeat().auto_updated);
+}
+
+/// A closure three levels deep with two paths on the middle level, each signed by `ours`
+/// except `foreign`, signed by another key.
+fn export_closure(bed: &Bed, ours: &ed25519_dalek::SigningKey, foreign: Option<&str>) {
+    let other = signing_key(8).0;
+    for (path, refs) in [
+        (SYSTEM, &[SYSTEM, KERNEL, FIRMWARE][..]),
+        (KERNEL, &[LIBC][..]),
+        (FIRMWARE, &[][..]),
+        (LIBC, &[][..]),
+    ] {
+        let sk = if foreign == Some(path) { &other } else { ours };
+        export(&bed.chroot, path, refs, sk);
+    }
+}
+
+#[test]
+fn agent_refuses_a_foreign_signature_anywhere_in_the_closure_and_fetches_no_nar() {
+    for foreign in [SYSTEM, KERNEL, FIRMWARE, LIBC] {
+        let (bed, sk) = bed("ours");
+        export_closure(&bed, &sk, Some(foreign));
+        bed.publish_prebuilt(SYSTEM);
+        let r = bed.run();
+        assert_eq!(r.exit_code(), RunResult::EXIT_FAILED, "{foreign}: {r:?}");
+        assert_eq!(bed.take_calls(), Vec::<String>::new(), "{foreign}");
+        let error = bed.latest().unwrap().error.unwrap_or_default();
+        assert!(
+            error.contains(foreign) && error.contains("no signature by a trusted cache key"),
+            "{foreign}: {error}"
+        );
+        // Not one NAR was downloaded: the local cache was never created.
+        assert!(
+            !StateDir::new(&bed.cfg.state_dir).nix_cache().exists(),
+            "{foreign}"
+        );
+        assert_eq!(*bed.host.running.borrow(), Some(store_path("old")));
+    }
+}
+
+/// A source that records how the walk asks for files.
+struct Recording {
+    inner: Box<dyn Connection>,
+    /// The size of each `read_many` and `size_many` batch.
+    batches: Vec<usize>,
+    /// `size` and `read` calls for a file of `cache/` (one round trip each).
+    single: usize,
+}
+
+impl source::Source for Recording {
+    fn size(&mut self, item: source::Item) -> Result<Option<u64>, RemoteError> {
+        self.single += usize::from(matches!(item, source::Item::Cache(_)));
+        self.inner.size(item)
+    }
+    fn read(&mut self, item: source::Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        self.single += usize::from(matches!(item, source::Item::Cache(_)));
+        self.inner.read(item, limit)
+    }
+    fn read_objects(&mut self, parts: &[source::ObjectPart]) -> Result<u64, RemoteError> {
+        self.inner.read_objects(parts)
+    }
+    fn read_many(
+        &mut self,
+        items: &[source::Item],
+        limit: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        self.batches.push(items.len());
+        self.inner.read_many(items, limit)
+    }
+    fn size_many(&mut self, items: &[source::Item]) -> Result<Vec<Option<u64>>, RemoteError> {
+        self.batches.push(items.len());
+        self.inner.size_many(items)
+    }
+}
+
+#[test]
+fn narinfos_are_read_one_batch_per_level_of_the_closure() {
+    let (bed, sk) = bed("ours");
+    export_closure(&bed, &sk, None);
+    let mut src = Recording {
+        inner: source::connect(
+            &source::ServerUrl::Dir(bed.chroot.clone()),
+            &bed.cfg.ssh_options(),
+        )
+        .unwrap(),
+        batches: Vec::new(),
+        single: 0,
+    };
+    let cache = bed.chroot.parent().unwrap().join("nix-cache");
+    let prepared = crate::agent::substitute::prepare(
+        &mut src,
+        &bed.host,
+        &bed.cfg.cache_keys,
+        &StorePath::new(SYSTEM).unwrap(),
+        &cache,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(prepared.narinfos, 4);
+    // The system's narinfo, then the kernel's and firmware's together, then glibc's, then
+    // the four NARs' sizes: a batch per level, not a round trip per path.
+    assert_eq!(src.batches, [1, 2, 1, 4]);
+    assert_eq!(src.single, 0);
 }
