@@ -28,6 +28,7 @@ use super::outcome::{AttemptError, RunLog, UpdateOptions};
 use super::source::{Connection, RemoteError};
 use super::state::StateDir;
 use super::substitute::{self, SubstituteError};
+use crate::nix::locate::{self, SourceMap};
 use crate::nix::Target;
 use crate::protocol::check::{CheckResult, OnFailure};
 use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest};
@@ -201,7 +202,7 @@ impl Attempt<'_> {
                 return Err(AttemptError::Failed(format!(
                     "{} failed: {}",
                     if substitute { "import" } else { "build" },
-                    first_error_line(&e.to_string())
+                    realise_error(&e, how, manifest)
                 )));
             }
         };
@@ -478,6 +479,25 @@ impl Attempt<'_> {
             }
         }
     }
+}
+
+/// A failed realisation in one line, with the file and line Nix named, as a path of the
+/// configuration tree (`flake.nix:3:5`), not of the staged copy or its `/nix/store/…-source`
+/// copy, which mean nothing to the person fixing it.
+fn realise_error(e: &crate::nix::NixError, how: &Realise, manifest: Option<&Manifest>) -> String {
+    let fallback = first_error_line(&e.to_string());
+    let (Realise::Build(target), Some(manifest)) = (how, manifest) else {
+        return fallback;
+    };
+    let dir = match target {
+        Target::Flake { dir, .. } | Target::Classic { dir } => dir,
+    };
+    let tree = manifest.config.iter().map(|c| {
+        let p = c.path().as_str().to_owned();
+        (p.clone(), p)
+    });
+    let map = SourceMap::new(tree, "").with_root(dir);
+    locate::summary(&map.rewrite(e.log()), &map.rewrite(&fallback))
 }
 
 pub fn first_error_line(text: &str) -> String {

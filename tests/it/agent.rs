@@ -432,6 +432,34 @@ fn build_failure_keeps_the_system_and_backs_off() {
     assert_eq!(code(&m.update_with(&[], &["--force"])), EXIT_FAILED);
 }
 
+/// Issue #12: the host's own build error names the file and line in its configuration
+/// tree, not the staged copy or the `/nix/store/…-source` copy Nix read.
+#[test]
+fn a_build_error_names_the_file_and_line_of_the_configuration() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    // The flake still lists its host (publish needs that); the file it imports does not parse.
+    fs::write(
+        sshd.fleet().join("hosts/alpha/flake.nix"),
+        "{ outputs = { self }: { nixosConfigurations.alpha = import ./broken.nix; }; }\n",
+    )
+    .unwrap();
+    fs::write(
+        sshd.fleet().join("hosts/alpha/broken.nix"),
+        "{\n  config = ;\n}\n",
+    )
+    .unwrap();
+    sshd.publish();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    let error = m.latest_report().error.unwrap();
+    assert!(error.contains("syntax error"), "{error}");
+    assert!(error.contains("(at broken.nix:2:"), "{error}");
+    assert!(!error.contains("/nix/store"), "{error}");
+    assert!(!error.contains("/var/lib"), "{error}");
+}
+
 #[test]
 fn activation_failure_restores_the_previous_system() {
     let sshd = Sshd::start(&["alpha"]);
