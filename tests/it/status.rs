@@ -586,7 +586,7 @@ fn prometheus_textfile_parses_and_has_every_host() {
             .filter(|(n, l, _)| n == "bento_host_state" && l[0].1 == host)
             .map(|s| s.2)
             .collect();
-        assert_eq!(states.len(), 8, "{host}");
+        assert_eq!(states.len(), 9, "{host}");
         assert_eq!(states.iter().sum::<f64>(), 1.0, "{host}");
     }
     // Written atomically: no temporary file left beside it.
@@ -939,6 +939,14 @@ fn status_that_cannot_read_the_chroot_exits_1_and_says_each_error_once() {
         unreadable,
         [("a".into(), true), ("b".into(), true), ("c".into(), false)]
     );
+    // What could not be read is `unknown`, not `new` (the state a partial read would give).
+    let states: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states[..2], ["unknown", "unknown"], "{rows}");
 
     // A host it can read that is failing still makes it exit 2, and the others are still
     // said to be unknown.

@@ -456,6 +456,8 @@ pub fn host_status(
                 .map(|r| r.finished.system_time())
         });
     let unreadable = notes.unreadable;
+    // A state worked out from part of a host's files (usually `new`) would lie.
+    let state = if unreadable { State::Unknown } else { state };
     let error = reason
         .into_iter()
         .chain(notes.list)
@@ -563,6 +565,11 @@ mod tests {
         std::fs::create_dir(layout::current(&dir)).unwrap();
         let row = status_of(&chroot);
         assert!(row.unreadable, "{row:?}");
+        assert_eq!(
+            row.state,
+            State::Unknown,
+            "not guessed from what could be read"
+        );
         let error = row.error.unwrap();
         assert!(
             error.contains(&format!("{}: ", layout::current(&dir).display())),

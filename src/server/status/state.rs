@@ -19,6 +19,8 @@ pub const SILENT_AFTER_INTERVALS: u32 = 3;
 #[serde(rename_all = "kebab-case")]
 pub enum State {
     // Declared in table order: problems first.
+    // What bento could not read decides nothing: shown as such, never as `new`.
+    Unknown,
     Failing,
     RolledBack,
     Silent,
@@ -31,7 +33,8 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
+        State::Unknown,
         State::Failing,
         State::RolledBack,
         State::Silent,
@@ -45,6 +48,7 @@ impl State {
     /// The words of the table.
     pub fn label(self) -> &'static str {
         match self {
+            State::Unknown => "unknown",
             State::UpToDate => "up to date",
             State::UpdatePending => "update pending",
             State::Failing => "failing",
@@ -59,6 +63,7 @@ impl State {
     /// The JSON and metrics name (kebab-case).
     pub fn key(self) -> &'static str {
         match self {
+            State::Unknown => "unknown",
             State::UpToDate => "up-to-date",
             State::UpdatePending => "update-pending",
             State::Failing => "failing",

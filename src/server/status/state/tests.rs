@@ -312,6 +312,7 @@ fn words_are_stable() {
     assert_eq!(
         keys,
         [
+            "unknown",
             "failing",
             "rolled-back",
             "silent",
