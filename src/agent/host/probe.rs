@@ -228,15 +228,15 @@ mod tests {
 
     #[test]
     fn http_get_reports_refusals_and_garbage() {
-        // A port just released: nothing listens there.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url: HttpUrl = format!("http://127.0.0.1:{port}/").parse().unwrap();
+        // Nothing listens on 127.0.0.2 at a port this test holds on 127.0.0.1, and while it
+        // holds it no other test can take it (a port merely released could be reused by a
+        // test running beside this one).
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let url: HttpUrl = format!("http://127.0.0.2:{port}/").parse().unwrap();
         let e = http_get(&url, Duration::from_secs(5)).unwrap_err();
-        assert!(e.contains("connect 127.0.0.1"), "{e}");
+        assert!(e.contains("connect 127.0.0.2"), "{e}");
+        drop(held);
         assert!(parse_status_line(b"SSH-2.0-OpenSSH\r\n")
             .unwrap_err()
             .contains("not an HTTP response"));
