@@ -46,6 +46,32 @@ let
 
   path = [ config.nix.package config.programs.ssh.package pkgs.git ];
 
+  # One `bento agent update` run as a unit (the timer's, and the retry `bento trigger --retry`
+  # starts): `flags` are added to the command line.
+  agentRun = { description, flags ? "" }: {
+    inherit description;
+    wants = [ "network-online.target" ];
+    after = [ "network-online.target" ];
+    # The switch this unit runs must not restart or stop it halfway through, not even a
+    # switch to a system without bento (as nixos-upgrade.service in auto-upgrade.nix).
+    # The activation itself runs in a unit of its own (systemd-run, as nixos-rebuild).
+    restartIfChanged = false;
+    stopIfChanged = false;
+    unitConfig.X-StopOnRemoval = false;
+    inherit environment path;
+    serviceConfig = hardening // {
+      Type = "oneshot";
+      ExecStart = "${bento} agent update${flags} --config ${configFile}";
+      # 0 nothing to do, 10 updated; 11 failed, 12 rolled back, 1 could not run: failed unit.
+      SuccessExitStatus = "10";
+      # systemd.service(5): a oneshot unit has no start timeout unless one is set, and
+      # serviceConfig keys reach the unit as written (nixpkgs modules set it the same way,
+      # e.g. netbox.nix at 0b73a0c2). No run may hang: a little over agent.toml's
+      # run_timeout (default 4h); raise both together.
+      TimeoutStartSec = lib.mkDefault "4h 30min";
+    };
+  };
+
   # bento.toml's per-host settings, as `bento publish` writes them into the snapshot.
   hostSettings =
     if cfg.hostSettingsFile != null && builtins.pathExists cfg.hostSettingsFile
@@ -299,47 +325,16 @@ in
       trusted-public-keys = [ cfg.substituter.publicKey ];
     };
 
-    systemd.services.bento-agent = {
+    systemd.services.bento-agent = agentRun {
       description = "bento agent: apply this machine's published configuration";
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
-      # The switch this unit runs must not restart or stop it halfway through, not even a
-      # switch to a system without bento (as nixos-upgrade.service in auto-upgrade.nix).
-      # The activation itself runs in a unit of its own (systemd-run, as nixos-rebuild).
-      restartIfChanged = false;
-      stopIfChanged = false;
-      unitConfig.X-StopOnRemoval = false;
-      inherit environment path;
-      serviceConfig = hardening // {
-        Type = "oneshot";
-        ExecStart = "${bento} agent update --config ${configFile}";
-        # 0 nothing to do, 10 updated; 11 failed, 12 rolled back, 1 could not run: failed unit.
-        SuccessExitStatus = "10";
-        # systemd.service(5): a oneshot unit has no start timeout unless one is set, and
-        # serviceConfig keys reach the unit as written (nixpkgs modules set it the same way,
-        # e.g. netbox.nix at 0b73a0c2). No run may hang: a little over agent.toml's
-        # run_timeout (default 4h); raise both together.
-        TimeoutStartSec = lib.mkDefault "4h 30min";
-      };
     };
 
     # `bento trigger --retry` (docs/operators.md) starts this one: the same run, which also
     # retries a version this machine backed off from or rolled back (`--force`). The state
     # directory's lock orders it with the timer's runs.
-    systemd.services.bento-agent-retry = {
+    systemd.services.bento-agent-retry = agentRun {
       description = "bento agent: apply this machine's published configuration, retrying a failed version";
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
-      restartIfChanged = false;
-      stopIfChanged = false;
-      unitConfig.X-StopOnRemoval = false;
-      inherit environment path;
-      serviceConfig = hardening // {
-        Type = "oneshot";
-        ExecStart = "${bento} agent update --force --config ${configFile}";
-        SuccessExitStatus = "10";
-        TimeoutStartSec = lib.mkDefault "4h 30min";
-      };
+      flags = " --force";
     };
 
     systemd.timers.bento-agent = {

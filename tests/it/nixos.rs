@@ -172,7 +172,8 @@ fn the_module_defines_the_printed_units() {
         "SuccessExitStatus = \"{}\";",
         units::SUCCESS_EXIT_STATUS
     ));
-    has("ExecStart = \"${bento} agent update --config ${configFile}\";");
+    has("ExecStart = \"${bento} agent update${flags} --config ${configFile}\";");
+    has("flags = \" --force\";");
     has(&format!(
         "ExecStart = \"${{bento}} agent serve --config ${{configFile}} --exit-when-idle {}\";",
         units::PAGE_IDLE_EXIT
