@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use crate::nix::Nix;
 use crate::protocol::layout::Chroot;
-use crate::server::fleet::{HostName, NixFlakeHosts};
+use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
 use crate::server::publish::{self, HostReport, Ownership, Status};
 use crate::server::snapshot::{HashCache, Scanner};
 use crate::sys::output;
@@ -62,14 +62,9 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let ownership = if crate::sys::accounts::is_root() {
-        Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
+    if !crate::sys::accounts::is_root() {
         output::note("not running as root: directory owners in the chroot are left alone");
-        Ownership::Leave
-    };
+    }
 
     // --build: build first; only hosts that built are published, each with its system.
     let mut only = args.hosts.clone();
@@ -120,57 +115,25 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let signer = publish::load_signer(&fleet)?;
-    if signer.is_none() {
-        tracing::warn!(
-            "manifests are not signed: set [server] signing_key in bento.toml (see `bento keygen`)"
-        );
-    }
-    let now = SystemTime::now();
-    let scanner = Scanner::new(
-        fleet.root.clone(),
-        HashCache::load(&chroot.hash_cache_path()),
-        now,
-    );
-    let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let bar = output::progress(0, "publishing");
     let on_host = |r: &HostReport| {
         bar.inc(1);
         bar.set_message(r.host.to_string());
     };
-    let lock_path = chroot.lock_path();
-    // Issue #12: evaluation gate, no-churn systems, binary caches (server::delivery).
-    let delivery = crate::server::delivery::FleetDelivery::new(
+    let published = publish_tree(
         &fleet,
-        Nix::default(),
-        !args.no_eval,
-        args.jobs
-            .map(usize::from)
-            .unwrap_or_else(super::select::default_jobs),
-        now,
-    )?;
-    let published = publish::run(
-        &fleet,
-        &flakes,
-        &scanner,
-        publish::Options {
-            chroot: chroot.clone(),
+        &chroot,
+        Tree {
             only,
             systems,
-            now,
-            ownership,
-            signer: signer.as_ref(),
-            on_wait: Box::new(move || {
-                output::note(&format!(
-                    "another publish holds {}; waiting",
-                    lock_path.display()
-                ));
-            }),
+            eval: !args.no_eval,
+            jobs: args
+                .jobs
+                .map(usize::from)
+                .unwrap_or_else(super::select::default_jobs),
             on_host: &on_host,
-            delivery: Some(&delivery),
         },
-    )
-    .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    )?;
     bar.finish_and_clear();
     let broken = published.broken.len();
     for b in published.broken.iter().filter(|_| broken_before == 0) {
@@ -219,6 +182,83 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The chroot's directory owners as this user can set them: bento's accounts as root.
+pub fn ownership(fleet: &Fleet) -> Ownership {
+    if crate::sys::accounts::is_root() {
+        Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        Ownership::Leave
+    }
+}
+
+/// What to publish of the working tree.
+pub struct Tree<'a> {
+    /// The hosts (empty: every host).
+    pub only: Vec<HostName>,
+    /// Systems `--build` built, by host.
+    pub systems: std::collections::BTreeMap<HostName, crate::nix::StorePath>,
+    /// The evaluation gate (issue #12); off with `--no-eval`.
+    pub eval: bool,
+    /// Parallel evaluations and server builds.
+    pub jobs: usize,
+    pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+}
+
+/// Publishes the working tree into `chroot`, as `bento publish` and each rollout wave do:
+/// signed when a key is set, through the evaluation gate, `build_on = "server"` hosts built
+/// and given their binary cache before their manifest goes live (server::delivery).
+pub fn publish_tree(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    tree: Tree<'_>,
+) -> anyhow::Result<publish::Published> {
+    let signer = publish::load_signer(fleet)?;
+    if signer.is_none() {
+        tracing::warn!(
+            "manifests are not signed: set [server] signing_key in bento.toml (see `bento keygen`)"
+        );
+    }
+    let now = SystemTime::now();
+    let scanner = Scanner::new(
+        fleet.root.clone(),
+        HashCache::load(&chroot.hash_cache_path()),
+        now,
+    );
+    let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
+    let lock_path = chroot.lock_path();
+    let delivery = crate::server::delivery::FleetDelivery::new(
+        fleet,
+        Nix::default(),
+        tree.eval,
+        tree.jobs,
+        now,
+    )?;
+    publish::run(
+        fleet,
+        &flakes,
+        &scanner,
+        publish::Options {
+            chroot: chroot.clone(),
+            only: tree.only,
+            systems: tree.systems,
+            now,
+            ownership: ownership(fleet),
+            signer: signer.as_ref(),
+            on_wait: Box::new(move || {
+                output::note(&format!(
+                    "another publish holds {}; waiting",
+                    lock_path.display()
+                ));
+            }),
+            on_host: tree.on_host,
+            delivery: Some(&delivery),
+        },
+    )
+    .with_context(|| format!("publishing {}", fleet.root.display()))
 }
 
 /// Each warning once on stderr (a flake directory's warning is in each of its hosts' reports).

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::server::fleet::HostName;
-use crate::server::publish::{self, Ownership};
+use crate::server::publish;
 use crate::server::rollback::{self, RolledBack};
 use crate::server::wait::{Finished, Tracker};
 use crate::sys::output;
@@ -58,13 +58,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             super::wait::names(&hosts)
         );
     }
-    let ownership = if crate::sys::accounts::is_root() {
-        Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
-        Ownership::Leave
-    };
+    let ownership = super::publish::ownership(&fleet);
     let signer = publish::load_signer(&fleet)?;
     let lock_path = chroot.lock_path();
     // The publish lock: a rollback never interleaves with a publish of the same host.

@@ -10,13 +10,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::nix::Nix;
 use crate::protocol::layout::Chroot;
-use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
-use crate::server::publish::{self, HostReport, Ownership, Status};
+use crate::server::fleet::{Fleet, HostName};
+use crate::server::publish::{self, HostReport, Status};
 use crate::server::rollout::{self, Halt, Phase, Progress};
 use crate::server::select::Selector;
-use crate::server::snapshot::{HashCache, Scanner};
 use crate::server::wait::{Finished, Tracker};
 use crate::sys::atomic;
 use crate::sys::output;
@@ -57,22 +55,16 @@ struct Summary<'a> {
     hosts: &'a [Finished],
 }
 
-fn ownership(fleet: &Fleet) -> Ownership {
-    if crate::sys::accounts::is_root() {
-        Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
-        Ownership::Leave
-    }
-}
-
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
     // Creates the chroot and .bento/ as publish would; its lock is not kept (each wave
     // takes it while it publishes).
-    drop(publish::open_chroot(&chroot, &ownership(&fleet), || {})?);
+    drop(publish::open_chroot(
+        &chroot,
+        &super::publish::ownership(&fleet),
+        || {},
+    )?);
     let lock_path = rollout::lock_path(&chroot);
     let _lock = atomic::Lock::try_acquire(&lock_path)
         .with_context(|| format!("locking {}", lock_path.display()))?
@@ -316,47 +308,17 @@ fn publish_hosts(
     hosts: &[HostName],
     lines: bool,
 ) -> anyhow::Result<Vec<HostReport>> {
-    let signer = publish::load_signer(fleet)?;
-    let now = SystemTime::now();
-    let scanner = Scanner::new(
-        fleet.root.clone(),
-        HashCache::load(&chroot.hash_cache_path()),
-        now,
-    );
-    let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
-    let lock_path = chroot.lock_path();
-    // As `bento publish` does (issue #12): a wave's host that does not evaluate is held back
-    // (and halts the rollout as a failed publish), and `build_on = "server"` hosts are built
-    // and get their binary cache before their manifest goes live.
-    let delivery = crate::server::delivery::FleetDelivery::new(
+    let published = super::publish::publish_tree(
         fleet,
-        Nix::default(),
-        true,
-        super::select::default_jobs(),
-        now,
-    )?;
-    let published = publish::run(
-        fleet,
-        &flakes,
-        &scanner,
-        publish::Options {
-            chroot: chroot.clone(),
+        chroot,
+        super::publish::Tree {
             only: hosts.to_vec(),
             systems: Default::default(),
-            now,
-            ownership: ownership(fleet),
-            signer: signer.as_ref(),
-            delivery: Some(&delivery),
-            on_wait: Box::new(move || {
-                output::note(&format!(
-                    "another publish holds {}; waiting",
-                    lock_path.display()
-                ));
-            }),
+            eval: true,
+            jobs: super::select::default_jobs(),
             on_host: &|_| {},
         },
-    )
-    .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    )?;
     for b in &published.broken {
         output::warning(&format!("{b}; none of its hosts is published"));
     }
