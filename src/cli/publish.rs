@@ -95,7 +95,10 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 }
                 _ => {
                     build_failed += 1;
-                    not_built.push(crate::server::delivery::not_built(&chroot, b));
+                    not_built.push(crate::server::delivery::not_built(
+                        &*super::select::store_of(&fleet, &chroot),
+                        b,
+                    ));
                     output::note(&format!(
                         "not publishing {}: its build failed: {}",
                         b.host,
@@ -230,6 +233,7 @@ pub fn publish_tree(
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
+    let store = super::select::store_of(fleet, chroot);
     let delivery = crate::server::delivery::FleetDelivery::new(
         fleet,
         Nix::default(),
@@ -242,11 +246,11 @@ pub fn publish_tree(
         &flakes,
         &scanner,
         publish::Options {
+            store: &*store,
             chroot: chroot.clone(),
             only: tree.only,
             systems: tree.systems,
             now,
-            ownership: ownership(fleet),
             signer: signer.as_ref(),
             on_wait: Box::new(move || {
                 output::note(&format!(
