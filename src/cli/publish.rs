@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use crate::nix::Nix;
 use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
-use crate::server::publish::{self, HostReport, Ownership, Status};
+use crate::server::publish::{self, HostReport, Status};
 use crate::server::snapshot::{HashCache, Scanner};
 use crate::sys::output;
 
@@ -185,17 +185,6 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// The chroot's directory owners as this user can set them: bento's accounts as root.
-pub fn ownership(fleet: &Fleet) -> Ownership {
-    if crate::sys::accounts::is_root() {
-        Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
-        Ownership::Leave
-    }
 }
 
 /// What to publish of the working tree.

@@ -31,15 +31,23 @@ pub fn chroot_of(fleet: &Fleet, chroot: Option<PathBuf>) -> anyhow::Result<Chroo
     Ok(Chroot::new(root))
 }
 
+/// The chroot's directory owners as this user can set them: bento's accounts as root.
+pub fn ownership(fleet: &Fleet) -> crate::server::chroot::Ownership {
+    if crate::sys::accounts::is_root() {
+        crate::server::chroot::Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        crate::server::chroot::Ownership::Leave
+    }
+}
+
 /// The store the hosts' versions live in and their reports are read from: the one place a
 /// command picks it. Today the chroot (`--chroot DIR` or `[server] chroot`), with bento's
 /// account owners when running as root; `[server] store = "s3://…"` will choose the
 /// object store here.
 pub fn store_of(fleet: &Fleet, chroot: &Chroot) -> Box<dyn Store> {
-    Box::new(ChrootStore::new(
-        chroot.clone(),
-        super::publish::ownership(fleet),
-    ))
+    Box::new(ChrootStore::new(chroot.clone(), ownership(fleet)))
 }
 
 /// The `--on` option, flattened into a command's arguments.
