@@ -415,6 +415,7 @@ fn host_error(
 ) -> String {
     match e {
         PublishError::Chroot(ChrootError::NoAccount(account))
+        | PublishError::Store(StoreError::Chroot(ChrootError::NoAccount(account)))
             if !config.hosts.contains_key(host) =>
         {
             format!(

@@ -8,6 +8,8 @@
 
 mod chroot;
 mod mem;
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, Read};
 use std::path::PathBuf;
