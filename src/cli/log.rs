@@ -32,6 +32,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot)?;
     let dir = chroot.host_dir(&args.host);
+    let store = super::select::store_of(&fleet, &chroot);
     if !fleet.config.hosts.contains_key(&args.host) && !dir.is_dir() {
         anyhow::bail!(
             "no host named {}: not in bento.toml and nothing published for it in {}",
@@ -40,14 +41,16 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(id) = args.id {
-        let text = history::full_log(&dir, &id).with_context(|| format!("host {}", args.host))?;
+        let text = history::full_log(&*store, &args.host, &id)
+            .with_context(|| format!("host {}", args.host))?;
         // Host-written text: shown, never interpreted by the terminal.
         for line in text.lines() {
             output::line(&terminal::escape(line));
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let runs = history::runs(&dir, args.count).with_context(|| format!("host {}", args.host))?;
+    let runs = history::runs(&*store, &args.host, args.count)
+        .with_context(|| format!("host {}", args.host))?;
     if args.json {
         output::json(&runs)?;
     } else if runs.is_empty() {

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use crate::nix::Nix;
 use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
-use crate::server::publish::{self, HostReport, Ownership, Status};
+use crate::server::publish::{self, HostReport, Status};
 use crate::server::snapshot::{HashCache, Scanner};
 use crate::sys::output;
 
@@ -95,7 +95,10 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 }
                 _ => {
                     build_failed += 1;
-                    not_built.push(crate::server::delivery::not_built(&chroot, b));
+                    not_built.push(crate::server::delivery::not_built(
+                        &*super::select::store_of(&fleet, &chroot),
+                        b,
+                    ));
                     output::note(&format!(
                         "not publishing {}: its build failed: {}",
                         b.host,
@@ -184,17 +187,6 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The chroot's directory owners as this user can set them: bento's accounts as root.
-pub fn ownership(fleet: &Fleet) -> Ownership {
-    if crate::sys::accounts::is_root() {
-        Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
-        Ownership::Leave
-    }
-}
-
 /// What to publish of the working tree.
 pub struct Tree<'a> {
     /// The hosts (empty: every host).
@@ -230,6 +222,7 @@ pub fn publish_tree(
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
+    let store = super::select::store_of(fleet, chroot);
     let delivery = crate::server::delivery::FleetDelivery::new(
         fleet,
         Nix::default(),
@@ -242,11 +235,11 @@ pub fn publish_tree(
         &flakes,
         &scanner,
         publish::Options {
+            store: &*store,
             chroot: chroot.clone(),
             only: tree.only,
             systems: tree.systems,
             now,
-            ownership: ownership(fleet),
             signer: signer.as_ref(),
             on_wait: Box::new(move || {
                 output::note(&format!(

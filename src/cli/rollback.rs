@@ -58,11 +58,11 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             super::wait::names(&hosts)
         );
     }
-    let ownership = super::publish::ownership(&fleet);
+    let store = super::select::store_of(&fleet, &chroot);
     let signer = publish::load_signer(&fleet)?;
     let lock_path = chroot.lock_path();
     // The publish lock: a rollback never interleaves with a publish of the same host.
-    let _lock = publish::open_chroot(&chroot, &ownership, || {
+    let _lock = publish::open_store(&*store, || {
         output::note(&format!(
             "another publish holds {}; waiting",
             lock_path.display()
@@ -78,14 +78,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 "{host} has hold = true: rolling it back anyway, as asked"
             ));
         }
-        match rollback::rollback_host(
-            &chroot,
-            host,
-            args.to.as_deref(),
-            now,
-            &ownership,
-            signer.as_ref(),
-        ) {
+        match rollback::rollback_host(&*store, host, args.to.as_deref(), now, signer.as_ref()) {
             Ok(r) => {
                 if !args.json {
                     output::line(&format!(
@@ -112,7 +105,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let mut finished = None;
     if let Some(timeout) = args.wait {
         let rolled: Vec<HostName> = done.iter().map(|r| r.host.clone()).collect();
-        let mut tracker = Tracker::new(super::wait::baselines(&chroot, &rolled), false);
+        let mut tracker = Tracker::new(super::wait::baselines(&fleet, &chroot, &rolled), false);
         super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json);
         super::wait::summary(&tracker.finished);
         finished = Some(tracker.finished);

@@ -60,9 +60,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
     // Creates the chroot and .bento/ as publish would; its lock is not kept (each wave
     // takes it while it publishes).
-    drop(publish::open_chroot(
-        &chroot,
-        &super::publish::ownership(&fleet),
+    drop(publish::open_store(
+        &*super::select::store_of(&fleet, &chroot),
         || {},
     )?);
     let lock_path = rollout::lock_path(&chroot);
@@ -230,13 +229,15 @@ fn run_wave(
             Vec::new(),
         ));
     }
-    let mut tracker = Tracker::new(super::wait::baselines(chroot, &hosts), false);
+    let mut tracker = Tracker::new(super::wait::baselines(fleet, chroot, &hosts), false);
     if args.trigger {
         // Only hosts not already on the new version need a run.
         let interval = |h: &HostName| fleet.config.interval(h);
+        let store = super::select::store_of(fleet, chroot);
         crate::server::wait::poll_once(
             &mut tracker,
             &crate::server::wait::Follow {
+                store: &*store,
                 chroot,
                 interval: &interval,
                 timeout: Duration::ZERO,

@@ -11,6 +11,7 @@ use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
 use crate::server::select::{self, Selector};
 use crate::server::snapshot::{HashCache, Scanner};
+use crate::server::store::{ChrootStore, Store};
 use crate::sys::output;
 
 /// clap's value parser for `--host NAME`.
@@ -28,6 +29,25 @@ pub fn chroot_of(fleet: &Fleet, chroot: Option<PathBuf>) -> anyhow::Result<Chroo
     let root = chroot.unwrap_or_else(|| fleet.config.server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     Ok(Chroot::new(root))
+}
+
+/// The chroot's directory owners as this user can set them: bento's accounts as root.
+pub fn ownership(fleet: &Fleet) -> crate::server::chroot::Ownership {
+    if crate::sys::accounts::is_root() {
+        crate::server::chroot::Ownership::Root {
+            prefix: fleet.config.server.account_prefix.clone(),
+        }
+    } else {
+        crate::server::chroot::Ownership::Leave
+    }
+}
+
+/// The store the hosts' versions live in and their reports are read from: the one place a
+/// command picks it. Today the chroot (`--chroot DIR` or `[server] chroot`), with bento's
+/// account owners when running as root; `[server] store = "s3://…"` will choose the
+/// object store here.
+pub fn store_of(fleet: &Fleet, chroot: &Chroot) -> Box<dyn Store> {
+    Box::new(ChrootStore::new(chroot.clone(), ownership(fleet)))
 }
 
 /// The `--on` option, flattened into a command's arguments.

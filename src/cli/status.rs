@@ -91,8 +91,10 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         Color::Never => false,
         Color::Auto => output::color_on(std::io::stdout().is_terminal()),
     };
+    let store = super::select::store_of(&fleet, &chroot);
     let show = |now: SystemTime| -> anyhow::Result<(Vec<HostStatus>, StatusView)> {
         let query = Query {
+            store: &*store,
             chroot: &chroot,
             intervals: &intervals,
             default_interval: fleet.config.defaults.interval.unwrap_or(DEFAULT_INTERVAL),

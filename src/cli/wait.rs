@@ -20,10 +20,15 @@ pub fn parse_timeout(s: &str) -> Result<Duration, String> {
 }
 
 /// Each host with the id of its newest report now (what a retried run must outdo).
-pub fn baselines(chroot: &Chroot, hosts: &[HostName]) -> Vec<(HostName, Option<String>)> {
+pub fn baselines(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    hosts: &[HostName],
+) -> Vec<(HostName, Option<String>)> {
+    let store = super::select::store_of(fleet, chroot);
     hosts
         .iter()
-        .map(|h| (h.clone(), wait::latest_report_id(chroot, h)))
+        .map(|h| (h.clone(), wait::latest_report_id(&*store, h)))
         .collect()
 }
 
@@ -69,9 +74,11 @@ pub fn follow(
         }
         tracing::debug!("{} hosts still pending", t.pending().len());
     };
+    let store = super::select::store_of(fleet, chroot);
     wait::follow(
         tracker,
         &Follow {
+            store: &*store,
             chroot,
             interval: &interval,
             timeout,
@@ -143,7 +150,7 @@ pub fn after_publish(
         .filter(|r| r.digest.is_some() && r.status != crate::server::publish::Status::Failed)
         .map(|r| r.host.clone())
         .collect();
-    let mut tracker = Tracker::new(baselines(chroot, &live), false);
+    let mut tracker = Tracker::new(baselines(fleet, chroot, &live), false);
     follow(fleet, chroot, &mut tracker, timeout, false, !json);
     summary(&tracker.finished);
     if json {

@@ -74,20 +74,20 @@ impl Chroot {
 
 /// Paths inside one host's directory (its chroot).
 pub fn current(host_dir: &Path) -> PathBuf {
-    host_dir.join(CURRENT)
+    host_dir.join(Key::Current.path())
 }
 
 pub fn manifest(host_dir: &Path, digest: &Digest) -> PathBuf {
-    host_dir.join(MANIFESTS).join(format!("{digest}.json"))
+    host_dir.join(Key::Manifest(*digest).path())
 }
 
 /// The SSH signature of a manifest (`bento` namespace), when the fleet signs.
 pub fn signature(host_dir: &Path, digest: &Digest) -> PathBuf {
-    host_dir.join(MANIFESTS).join(format!("{digest}.sig"))
+    host_dir.join(Key::Signature(*digest).path())
 }
 
 pub fn object(host_dir: &Path, digest: &Digest) -> PathBuf {
-    host_dir.join(OBJECTS).join(digest.to_hex())
+    host_dir.join(Key::Object(*digest).path())
 }
 
 /// The text of a `current` file for `digest`.
@@ -98,4 +98,154 @@ pub fn current_text(digest: &Digest) -> String {
 /// Parses the text of a `current` file.
 pub fn parse_current(text: &str) -> Result<Digest, crate::protocol::manifest::BadDigest> {
     text.trim_end_matches('\n').parse()
+}
+
+/// What can be listed inside a host's area: the directories of the layout, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// `manifests/`: each listed as [`Key::Manifest`] or [`Key::Signature`].
+    Manifests,
+    /// `objects/`: each listed as [`Key::Object`].
+    Objects,
+    /// `cache/`, recursively: each listed as [`Key::Cache`].
+    Cache,
+}
+
+impl Area {
+    /// The key prefix, with its trailing slash (an object store lists by it).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Area::Manifests => "manifests/",
+            Area::Objects => "objects/",
+            Area::Cache => "cache/",
+        }
+    }
+}
+
+/// A relative path under `cache/` or `logs/`: plain components only (no `.`, `..`, empty
+/// or absolute part, no NUL), so no key can name anything outside its directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubPath(String);
+
+impl SubPath {
+    pub fn new(path: &str) -> Option<Self> {
+        let plain = !path.is_empty()
+            && !path.contains('\0')
+            && path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..");
+        plain.then(|| Self(path.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A key inside one host's area: the same bytes are the path relative to the host's chroot
+/// directory and the object key under the host's prefix, so the publisher, the agent and
+/// every store agree on it. Built from validated parts only.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    /// `current`.
+    Current,
+    /// `manifests/<digest>.json`.
+    Manifest(Digest),
+    /// `manifests/<digest>.sig`.
+    Signature(Digest),
+    /// `objects/<sha256>`.
+    Object(Digest),
+    /// `cache/<path>`.
+    Cache(SubPath),
+    /// `logs/<path>`: what the host writes.
+    Log(SubPath),
+}
+
+impl Key {
+    /// The key as text (the path relative to the host's directory).
+    pub fn path(&self) -> String {
+        match self {
+            Key::Current => CURRENT.to_owned(),
+            Key::Manifest(d) => format!("{MANIFESTS}/{d}.json"),
+            Key::Signature(d) => format!("{MANIFESTS}/{d}.sig"),
+            Key::Object(d) => format!("{OBJECTS}/{}", d.to_hex()),
+            Key::Cache(p) => format!("{CACHE}/{}", p.as_str()),
+            Key::Log(p) => format!("{LOGS}/{}", p.as_str()),
+        }
+    }
+
+    /// The key a text names, if it names one (the inverse of [`Key::path`]).
+    pub fn parse(text: &str) -> Option<Self> {
+        if text == CURRENT {
+            return Some(Key::Current);
+        }
+        let (dir, rest) = text.split_once('/')?;
+        match dir {
+            MANIFESTS => {
+                if let Some(d) = rest.strip_suffix(".json") {
+                    d.parse().ok().map(Key::Manifest)
+                } else {
+                    rest.strip_suffix(".sig")?.parse().ok().map(Key::Signature)
+                }
+            }
+            OBJECTS => rest.parse().ok().map(Key::Object),
+            CACHE => SubPath::new(rest).map(Key::Cache),
+            LOGS => SubPath::new(rest).map(Key::Log),
+            _ => None,
+        }
+    }
+
+    /// Whether the host writes this key (its `logs/`), not the publisher.
+    pub fn host_written(&self) -> bool {
+        matches!(self, Key::Log(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_the_chroot_paths_and_parse_back() {
+        let d: Digest = "ab".repeat(32).parse().unwrap();
+        let cases = [
+            (Key::Current, "current".to_owned()),
+            (Key::Manifest(d), format!("manifests/{d}.json")),
+            (Key::Signature(d), format!("manifests/{d}.sig")),
+            (Key::Object(d), format!("objects/{d}")),
+            (
+                Key::Cache(SubPath::new("nar/x.nar.zst").unwrap()),
+                "cache/nar/x.nar.zst".to_owned(),
+            ),
+            (
+                Key::Log(SubPath::new("reports/r.json").unwrap()),
+                "logs/reports/r.json".to_owned(),
+            ),
+        ];
+        for (key, text) in cases {
+            assert_eq!(key.path(), text);
+            assert_eq!(Key::parse(&text), Some(key));
+        }
+        assert_eq!(
+            manifest(Path::new("/c/alpha"), &d),
+            Path::new("/c/alpha").join(format!("manifests/{d}.json"))
+        );
+    }
+
+    #[test]
+    fn refuses_keys_that_leave_their_directory() {
+        for bad in [
+            "cache/../current",
+            "logs/",
+            "logs/a//b",
+            "cache/./x",
+            "manifests/zz.json",
+            "objects/../../etc",
+            "backups/x",
+            "/current",
+            "current/",
+        ] {
+            assert_eq!(Key::parse(bad), None, "{bad}");
+        }
+    }
 }

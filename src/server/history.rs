@@ -7,14 +7,15 @@
 //! than failing the whole history, and the full log is decompressed with a size cap.
 
 use std::io::Read as _;
-use std::path::Path;
 
 use serde::Serialize;
 
-use super::logs::{self, LogsError};
+use super::logs::LogsError;
+use super::store::{Key, Store, SubPath};
 use crate::protocol::check::CheckResult;
 use crate::protocol::manifest::Digest;
 use crate::protocol::report::{Outcome, Report, RunKind, REPORTS_DIR};
+use crate::protocol::HostName;
 
 /// Largest run log `full_log` decompresses (a host must not exhaust the server's memory).
 pub const MAX_LOG_TEXT: u64 = 64 * 1024 * 1024;
@@ -54,10 +55,10 @@ pub struct Run {
     pub checks: Vec<CheckResult>,
 }
 
-/// The newest `limit` runs of the host whose chroot directory is `host_dir`, newest first.
-/// Report ids sort by time, so the newest are the last names.
-pub fn runs(host_dir: &Path, limit: usize) -> Result<Vec<Run>, HistoryError> {
-    let entries = match logs::list_in(host_dir, REPORTS_DIR) {
+/// The newest `limit` runs of `host`, newest first. Report ids sort by time, so the newest
+/// are the last names.
+pub fn runs(store: &dyn Store, host: &HostName, limit: usize) -> Result<Vec<Run>, HistoryError> {
+    let entries = match store.list_logs(host, Some(REPORTS_DIR)) {
         Ok(e) => e,
         // A host that never reported has no reports/ yet: no history, not an error.
         Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -75,12 +76,12 @@ pub fn runs(host_dir: &Path, limit: usize) -> Result<Vec<Run>, HistoryError> {
             break;
         }
         let has_log = names.contains(format!("{id}.log.gz").as_str());
-        out.push(run_of(host_dir, id, has_log));
+        out.push(run_of(store, host, id, has_log));
     }
     Ok(out)
 }
 
-fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
+fn run_of(store: &dyn Store, host: &HostName, id: &str, has_log: bool) -> Run {
     let empty = |why: String| Run {
         id: id.to_owned(),
         time: None,
@@ -93,7 +94,7 @@ fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
         unreadable: Some(why),
         checks: Vec::new(),
     };
-    let bytes = match logs::read_in(host_dir, REPORTS_DIR, &format!("{id}.json")) {
+    let bytes = match store.read_log(host, Some(REPORTS_DIR), &format!("{id}.json")) {
         Ok(b) => b,
         Err(e) => return empty(e.to_string()),
     };
@@ -116,15 +117,19 @@ fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
 }
 
 /// The full log of run `id`, decompressed.
-pub fn full_log(host_dir: &Path, id: &str) -> Result<String, HistoryError> {
+pub fn full_log(store: &dyn Store, host: &HostName, id: &str) -> Result<String, HistoryError> {
     let name = format!("{id}.log.gz");
-    let shown = || format!("{}/logs/{REPORTS_DIR}/{name}", host_dir.display());
-    let gz = match logs::read_in(host_dir, REPORTS_DIR, &name) {
+    let dir = || {
+        let reports = Key::Log(SubPath::new(REPORTS_DIR).expect("a plain name"));
+        store.locate(host, &reports).display().to_string()
+    };
+    let shown = || format!("{}/{name}", dir());
+    let gz = match store.read_log(host, Some(REPORTS_DIR), &name) {
         Ok(b) => b,
         Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(HistoryError::NoSuchRun {
                 id: id.to_owned(),
-                dir: format!("{}/logs/{REPORTS_DIR}", host_dir.display()),
+                dir: dir(),
             })
         }
         Err(e) => return Err(e.into()),
@@ -180,12 +185,28 @@ mod tests {
         }
     }
 
+    /// A chroot in `t` with host `alpha`'s directory; the paths below are `t/alpha/…`.
+    fn store(t: &tempfile::TempDir) -> crate::server::store::ChrootStore {
+        crate::server::store::ChrootStore::new(
+            crate::protocol::layout::Chroot::new(t.path()),
+            crate::server::chroot::Ownership::Leave,
+        )
+    }
+
+    fn alpha() -> HostName {
+        HostName::new("alpha").unwrap()
+    }
+
     fn host_with(reports: &[Report]) -> tempfile::TempDir {
         let t = tempfile::tempdir().unwrap();
-        let dir = t.path().join("logs").join(REPORTS_DIR);
+        let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
         std::fs::create_dir_all(&dir).unwrap();
         for r in reports {
-            std::fs::write(t.path().join("logs").join(r.file_name()), r.to_bytes()).unwrap();
+            std::fs::write(
+                t.path().join("alpha/logs").join(r.file_name()),
+                r.to_bytes(),
+            )
+            .unwrap();
         }
         t
     }
@@ -205,7 +226,7 @@ mod tests {
                 Some("unreachable"),
             ),
         ]);
-        let runs = runs(t.path(), 2).unwrap();
+        let runs = runs(&store(&t), &alpha(), 2).unwrap();
         let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -219,11 +240,11 @@ mod tests {
     #[test]
     fn a_bad_report_is_listed_unreadable_not_fatal() {
         let t = host_with(&[report("20261125T100000Z-00000001", Outcome::Success, None)]);
-        let dir = t.path().join("logs").join(REPORTS_DIR);
+        let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
         std::fs::write(dir.join("20261125T110000Z-0000000f.json"), b"{not json").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", dir.join("20261125T120000Z-0000000e.json"))
             .unwrap();
-        let runs = runs(t.path(), 10).unwrap();
+        let runs = runs(&store(&t), &alpha(), 10).unwrap();
         assert_eq!(runs.len(), 3);
         assert!(runs[0]
             .unreadable
@@ -241,18 +262,19 @@ mod tests {
     #[test]
     fn no_reports_is_an_empty_history() {
         let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir(t.path().join("logs")).unwrap();
-        assert!(runs(t.path(), 10).unwrap().is_empty());
+        std::fs::create_dir_all(t.path().join("alpha/logs")).unwrap();
+        assert!(runs(&store(&t), &alpha(), 10).unwrap().is_empty());
     }
 
     #[test]
     fn a_linked_reports_dir_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
-        std::fs::create_dir(t.path().join("logs")).unwrap();
-        std::os::unix::fs::symlink(other.path(), t.path().join("logs").join(REPORTS_DIR)).unwrap();
+        std::fs::create_dir_all(t.path().join("alpha/logs")).unwrap();
+        std::os::unix::fs::symlink(other.path(), t.path().join("alpha/logs").join(REPORTS_DIR))
+            .unwrap();
         assert!(matches!(
-            runs(t.path(), 10),
+            runs(&store(&t), &alpha(), 10),
             Err(HistoryError::Logs(LogsError::Refused { .. }))
         ));
     }
@@ -262,13 +284,22 @@ mod tests {
         let t = host_with(&[]);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"fetching\nbuilding\n").unwrap();
-        let path = t.path().join("logs").join(REPORTS_DIR).join("r1.log.gz");
+        let path = t
+            .path()
+            .join("alpha/logs")
+            .join(REPORTS_DIR)
+            .join("r1.log.gz");
         std::fs::write(path, gz.finish().unwrap()).unwrap();
-        assert_eq!(full_log(t.path(), "r1").unwrap(), "fetching\nbuilding\n");
-        let err = full_log(t.path(), "r2").unwrap_err().to_string();
+        assert_eq!(
+            full_log(&store(&t), &alpha(), "r1").unwrap(),
+            "fetching\nbuilding\n"
+        );
+        let err = full_log(&store(&t), &alpha(), "r2")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no run \"r2\""), "{err}");
         assert!(matches!(
-            full_log(t.path(), "../x"),
+            full_log(&store(&t), &alpha(), "../x"),
             Err(HistoryError::Logs(LogsError::BadName { .. }))
         ));
     }

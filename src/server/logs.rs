@@ -59,6 +59,9 @@ pub struct LogEntry {
     pub size: u64,
     /// Set when the entry will not be read.
     pub refused: Option<Refusal>,
+    /// When the entry was last written (the chroot: its mtime), to judge liveness by.
+    #[serde(skip)]
+    pub modified: Option<std::time::SystemTime>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogsError + '_ {
@@ -131,6 +134,7 @@ fn list_dir(through: &Path, shown: &Path) -> Result<Vec<LogEntry>, LogsError> {
             name: entry.file_name().to_string_lossy().into_owned(),
             size: if refused.is_none() { meta.len() } else { 0 },
             refused,
+            modified: meta.modified().ok(),
         });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));

@@ -20,6 +20,7 @@ pub mod publish;
 pub mod rollback;
 pub mod rollout;
 pub mod select;
+pub mod store;
 // Secrets encrypted at rest: [secrets], sealing on publish, `bento secret`.
 pub mod secrets;
 pub mod snapshot;

@@ -11,10 +11,11 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::protocol::layout::{self, Chroot, MANIFESTS};
-use crate::protocol::manifest::{Digest, Manifest};
+use crate::protocol::layout::{Area, Key};
+use crate::protocol::manifest::{Digest, Manifest, MAX_MANIFEST_BYTES};
 use crate::protocol::HostName;
-use crate::server::publish::{self, HostPlan, Ownership, PublishError, Status};
+use crate::server::publish::{self, HostPlan, PublishError, Status};
+use crate::server::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackError {
@@ -37,6 +38,8 @@ pub enum RollbackError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{host}: {source}")]
     Publish {
         host: HostName,
@@ -53,27 +56,16 @@ pub struct Kept {
 }
 
 /// The host's kept versions, newest first (by `serial`, then `created`), the live one included.
-pub fn kept_versions(chroot: &Chroot, host: &HostName) -> Result<Vec<Kept>, RollbackError> {
-    let dir = chroot.host_dir(host);
-    let live = publish::read_current(&dir)
+pub fn kept_versions(store: &dyn Store, host: &HostName) -> Result<Vec<Kept>, RollbackError> {
+    let live = publish::live_version(store, host)
         .map(|(d, _)| d)
         .ok_or_else(|| RollbackError::NothingPublished { host: host.clone() })?;
-    let mdir = dir.join(MANIFESTS);
-    let io = |source| RollbackError::Io {
-        path: mdir.clone(),
-        source,
-    };
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&mdir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(digest) = name
-            .strip_suffix(".json")
-            .and_then(|d| d.parse::<Digest>().ok())
-        else {
+    for key in store.list(host, Area::Manifests)? {
+        let Key::Manifest(digest) = key else {
             continue;
         };
-        let Ok(bytes) = std::fs::read(entry.path()) else {
+        let Ok(Some(bytes)) = store.get(host, &key, MAX_MANIFEST_BYTES) else {
             continue;
         };
         // The server's own files, but checked like a reader would: a manifest that does not
@@ -173,39 +165,33 @@ pub fn plan(target: &Kept, now: SystemTime) -> HostPlan {
 
 /// Rolls `host` back. The caller holds the publish lock (`publish::open_chroot`).
 pub fn rollback_host(
-    chroot: &Chroot,
+    store: &dyn Store,
     host: &HostName,
     to: Option<&str>,
     now: SystemTime,
-    ownership: &Ownership,
     signer: Option<&crate::protocol::signing::Signer>,
 ) -> Result<RolledBack, RollbackError> {
-    let kept = kept_versions(chroot, host)?;
+    let kept = kept_versions(store, host)?;
     let from = kept.iter().find(|k| k.live).map(|k| k.digest);
     let target = choose(host, &kept, to)?;
     // Objects vanish only when no kept manifest uses them; check before writing anything.
-    let dir = chroot.host_dir(host);
-    if let Some(missing) = target
-        .manifest
-        .objects()
-        .into_iter()
-        .find(|d| !layout::object(&dir, d).is_file())
-    {
-        return Err(RollbackError::Io {
-            path: layout::object(&dir, &missing),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "object of that version is gone",
-            ),
-        });
+    for d in target.manifest.objects() {
+        if !store.exists(host, &Key::Object(d))? {
+            return Err(RollbackError::Io {
+                path: store.locate(host, &Key::Object(d)),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "object of that version is gone",
+                ),
+            });
+        }
     }
     let plan = plan(target, now);
-    let report = publish::publish_host(chroot, &plan, ownership, signer).map_err(|source| {
-        RollbackError::Publish {
+    let report =
+        publish::publish_host(store, &plan, signer).map_err(|source| RollbackError::Publish {
             host: host.clone(),
             source: Box::new(source),
-        }
-    })?;
+        })?;
     let version = match (report.status, report.digest) {
         (Status::Published, Some(d)) => d,
         // Same content as the live version: `choose` refuses that, so this is a race.
@@ -229,14 +215,17 @@ pub fn rollback_host(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::layout::Chroot;
     use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+    use crate::server::publish::Ownership;
+    use crate::server::store::ChrootStore;
 
     fn host() -> HostName {
         HostName::new("alpha").unwrap()
     }
 
     /// Publishes a one-file version of `text` at `secs` through the real publish code.
-    fn publish(chroot: &Chroot, text: &str, secs: u64) -> Digest {
+    fn publish(store: &dyn Store, text: &str, secs: u64) -> Digest {
         let bytes: std::sync::Arc<[u8]> = text.as_bytes().into();
         let sha = Digest::of(&bytes);
         let mut manifest = Manifest {
@@ -266,7 +255,7 @@ mod tests {
                 .into_iter()
                 .collect(),
         };
-        publish::publish_host(chroot, &plan, &Ownership::Leave, None)
+        publish::publish_host(store, &plan, None)
             .unwrap()
             .digest
             .unwrap()
@@ -275,17 +264,17 @@ mod tests {
     #[test]
     fn goes_back_to_the_previous_content_as_a_new_newer_version() {
         let tmp = tempfile::tempdir().unwrap();
-        let chroot = Chroot::new(tmp.path());
-        std::fs::create_dir_all(chroot.pool_dir()).unwrap();
-        std::fs::create_dir_all(chroot.tmp_dir()).unwrap();
+        let chroot = ChrootStore::new(Chroot::new(tmp.path()), Ownership::Leave);
+        std::fs::create_dir_all(chroot.chroot().pool_dir()).unwrap();
+        std::fs::create_dir_all(chroot.chroot().tmp_dir()).unwrap();
         let v1 = publish(&chroot, "one", 1_790_000_000);
         let v2 = publish(&chroot, "two", 1_790_000_100);
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_200);
 
-        let r = rollback_host(&chroot, &host(), None, now, &Ownership::Leave, None).unwrap();
+        let r = rollback_host(&chroot, &host(), None, now, None).unwrap();
         assert_eq!((r.from, r.to), (Some(v2), v1));
         assert_ne!(r.version, v1, "a new version, not the old one replayed");
-        let (live, m) = publish::read_current(&chroot.host_dir(&host())).unwrap();
+        let (live, m) = publish::live_version(&chroot, &host()).unwrap();
         assert_eq!(live, r.version);
         let kept = kept_versions(&chroot, &host()).unwrap();
         let old = kept.iter().find(|k| k.digest == v1).unwrap();
@@ -295,30 +284,15 @@ mod tests {
 
         // Again: the newest content differing from the live one is v2's.
         let later = now + std::time::Duration::from_secs(10);
-        let r = rollback_host(&chroot, &host(), None, later, &Ownership::Leave, None).unwrap();
+        let r = rollback_host(&chroot, &host(), None, later, None).unwrap();
         assert_eq!(r.to, v2);
         // --to names a version by a digest prefix; the live one and unknown ones are refused.
-        let live = publish::read_current(&chroot.host_dir(&host())).unwrap().0;
-        let err = rollback_host(
-            &chroot,
-            &host(),
-            Some(&live.short()),
-            later,
-            &Ownership::Leave,
-            None,
-        )
-        .unwrap_err();
+        let live = publish::live_version(&chroot, &host()).unwrap().0;
+        let err = rollback_host(&chroot, &host(), Some(&live.short()), later, None).unwrap_err();
         assert!(matches!(err, RollbackError::AlreadyLive { .. }), "{err}");
-        let err = rollback_host(
-            &chroot,
-            &host(),
-            Some("ffff0000"),
-            later,
-            &Ownership::Leave,
-            None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = rollback_host(&chroot, &host(), Some("ffff0000"), later, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("alpha") && err.contains("ffff0000") && err.contains("live"),
             "{err}"
@@ -328,14 +302,14 @@ mod tests {
     #[test]
     fn nothing_to_go_back_to() {
         let tmp = tempfile::tempdir().unwrap();
-        let chroot = Chroot::new(tmp.path());
-        std::fs::create_dir_all(chroot.pool_dir()).unwrap();
-        std::fs::create_dir_all(chroot.tmp_dir()).unwrap();
+        let chroot = ChrootStore::new(Chroot::new(tmp.path()), Ownership::Leave);
+        std::fs::create_dir_all(chroot.chroot().pool_dir()).unwrap();
+        std::fs::create_dir_all(chroot.chroot().tmp_dir()).unwrap();
         let now = SystemTime::now();
-        let err = rollback_host(&chroot, &host(), None, now, &Ownership::Leave, None).unwrap_err();
+        let err = rollback_host(&chroot, &host(), None, now, None).unwrap_err();
         assert!(matches!(err, RollbackError::NothingPublished { .. }));
         publish(&chroot, "one", 1_790_000_000);
-        let err = rollback_host(&chroot, &host(), None, now, &Ownership::Leave, None).unwrap_err();
+        let err = rollback_host(&chroot, &host(), None, now, None).unwrap_err();
         assert!(
             err.to_string()
                 .contains("no kept version other than the live one"),

@@ -14,6 +14,7 @@ use crate::protocol::manifest::Digest;
 use crate::protocol::report::{Report, LATEST_FILE};
 use crate::protocol::HostName;
 use crate::server::status::{self, State};
+use crate::server::store::Store;
 
 /// How a followed host ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -169,13 +170,16 @@ impl Tracker {
 }
 
 /// The id of the host's newest report, read like every host-written file.
-pub fn latest_report_id(chroot: &Chroot, host: &HostName) -> Option<String> {
-    let bytes = crate::server::logs::read(&chroot.host_dir(host), LATEST_FILE).ok()?;
+pub fn latest_report_id(store: &dyn Store, host: &HostName) -> Option<String> {
+    let bytes = store.read_log(host, None, LATEST_FILE).ok()?;
     Report::parse(&bytes).ok().map(|r| r.id)
 }
 
 /// How to follow.
 pub struct Follow<'a> {
+    /// Where the versions and the hosts' reports are.
+    pub store: &'a dyn Store,
+    /// The publisher's state (build records).
     pub chroot: &'a Chroot,
     /// Each host's polling interval (silence is judged by it).
     pub interval: &'a (dyn Fn(&HostName) -> Duration + Sync),
@@ -190,12 +194,12 @@ pub struct Follow<'a> {
 pub fn poll_once(tracker: &mut Tracker, f: &Follow<'_>, on: &mut dyn FnMut(&Finished, &Tracker)) {
     let now = SystemTime::now();
     for host in tracker.pending() {
-        let row = status::host_status(f.chroot, &host, now, (f.interval)(&host));
+        let row = status::host_status(f.store, f.chroot, &host, now, (f.interval)(&host));
         let seen = Seen {
             state: row.state,
             reason: row.error.clone(),
             version: row.published,
-            report: latest_report_id(f.chroot, &host),
+            report: latest_report_id(f.store, &host),
         };
         if let Some(done) = tracker.observe(&host, seen) {
             on(&done, tracker);
@@ -295,12 +299,17 @@ mod tests {
     fn follow_is_bounded_by_its_timeout() {
         let tmp = tempfile::tempdir().unwrap();
         let chroot = Chroot::new(tmp.path());
+        let store = crate::server::store::ChrootStore::new(
+            chroot.clone(),
+            crate::server::chroot::Ownership::Leave,
+        );
         let mut t = Tracker::new(vec![(h("a"), None)], false);
         let started = Instant::now();
         let mut ends = Vec::new();
         follow(
             &mut t,
             &Follow {
+                store: &store,
                 chroot: &chroot,
                 interval: &|_| Duration::from_secs(900),
                 timeout: Duration::from_millis(300),

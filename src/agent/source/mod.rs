@@ -146,14 +146,19 @@ impl CacheFile {
 impl Item {
     /// The path relative to the host's chroot (fixed by the protocol).
     pub fn path(&self) -> String {
-        let rel = |p: PathBuf| p.to_string_lossy().into_owned();
-        let root = std::path::Path::new("");
+        self.key().path()
+    }
+
+    /// The protocol's key of this item, the one the server's stores write.
+    pub fn key(&self) -> layout::Key {
         match self {
-            Item::Current => layout::CURRENT.to_owned(),
-            Item::Manifest(d) => rel(layout::manifest(root, d)),
-            Item::Signature(d) => rel(layout::signature(root, d)),
-            Item::Object(d) => rel(layout::object(root, d)),
-            Item::Cache(f) => format!("{}/{}", layout::CACHE, f.rel()),
+            Item::Current => layout::Key::Current,
+            Item::Manifest(d) => layout::Key::Manifest(*d),
+            Item::Signature(d) => layout::Key::Signature(*d),
+            Item::Object(d) => layout::Key::Object(*d),
+            Item::Cache(f) => layout::Key::Cache(
+                layout::SubPath::new(&f.rel()).expect("cache file names are plain"),
+            ),
         }
     }
 }

@@ -22,7 +22,8 @@ use crate::protocol::manifest::Manifest;
 use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
-use crate::server::publish::{read_current, HostPlan, HostReport, PublishError, Status};
+use crate::server::publish::{live_version, HostPlan, HostReport, PublishError, Status};
+use crate::server::store::Store;
 
 pub use cache::{CacheError, CacheKey};
 
@@ -107,11 +108,11 @@ impl<'a> FleetDelivery<'a> {
         })
     }
 
-    fn failed(chroot: &Chroot, plan: &HostPlan, error: String) -> HostReport {
+    fn failed(store: &dyn Store, plan: &HostPlan, error: String) -> HostReport {
         HostReport {
             host: plan.host.clone(),
             status: Status::Failed,
-            digest: read_current(&chroot.host_dir(&plan.host)).map(|(d, _)| d),
+            digest: live_version(store, &plan.host).map(|(d, _)| d),
             config_entries: plan.manifest.config.len(),
             files: plan.manifest.files.len(),
             objects: plan.manifest.objects().len(),
@@ -125,14 +126,15 @@ impl<'a> FleetDelivery<'a> {
     /// Gate, build and settle one host; `Ok((plan, needs_cache))`.
     fn prepare(
         &self,
+        store: &dyn Store,
         chroot: &Chroot,
         mut plan: HostPlan,
     ) -> Result<(HostPlan, bool), Box<HostReport>> {
-        let live = read_current(&chroot.host_dir(&plan.host)).map(|(_, m)| m);
+        let live = live_version(store, &plan.host).map(|(_, m)| m);
         let build_on = self.fleet.config.build_on(&plan.host);
         let fail = |plan: &HostPlan, what: &str, f: eval::EvalFailure| {
             tracing::warn!("{}: {what}: {}\n{}", plan.host, f.message, f.log_tail);
-            Box::new(Self::failed(chroot, plan, format!("{what}: {}", f.message)))
+            Box::new(Self::failed(store, plan, format!("{what}: {}", f.message)))
         };
         match build_on {
             BuildOn::Host => {
@@ -147,7 +149,7 @@ impl<'a> FleetDelivery<'a> {
             }
             BuildOn::Server => {
                 if self.key.is_none() {
-                    return Err(Box::new(Self::failed(chroot, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into())));
+                    return Err(Box::new(Self::failed(store, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into())));
                 }
                 if plan.manifest.system.is_none() {
                     let system = eval::build(&self.nix, &plan, &self.fleet.root)
@@ -179,7 +181,12 @@ impl<'a> FleetDelivery<'a> {
 }
 
 impl crate::server::publish::Delivery for FleetDelivery<'_> {
-    fn before(&self, chroot: &Chroot, plans: Vec<HostPlan>) -> (Vec<HostPlan>, Vec<HostReport>) {
+    fn before(
+        &self,
+        store: &dyn Store,
+        chroot: &Chroot,
+        plans: Vec<HostPlan>,
+    ) -> (Vec<HostPlan>, Vec<HostReport>) {
         let prepared: Vec<Result<(HostPlan, bool), Box<HostReport>>> =
             match rayon::ThreadPoolBuilder::new()
                 .num_threads(self.jobs.max(1))
@@ -188,10 +195,13 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
                 Ok(pool) => pool.install(|| {
                     plans
                         .into_par_iter()
-                        .map(|p| self.prepare(chroot, p))
+                        .map(|p| self.prepare(store, chroot, p))
                         .collect()
                 }),
-                Err(_) => plans.into_iter().map(|p| self.prepare(chroot, p)).collect(),
+                Err(_) => plans
+                    .into_iter()
+                    .map(|p| self.prepare(store, chroot, p))
+                    .collect(),
             };
         let mut ready = Vec::new();
         let mut held = Vec::new();
@@ -216,7 +226,7 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
             held.extend(
                 cached
                     .iter()
-                    .map(|p| Self::failed(chroot, p, message.clone())),
+                    .map(|p| Self::failed(store, p, message.clone())),
             );
             return (ready, held);
         }
@@ -228,15 +238,12 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
                 .clone()
                 .expect("server hosts have a system");
             // The host directory must exist (with its owners) before cache/ goes in it.
-            let linked = crate::server::chroot::prepare_host_dir(
-                &host_dir,
-                &plan.host,
-                &ownership(self.fleet),
-            )
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                cache::link_host(chroot, &host_dir, key, &system).map_err(|e| e.to_string())
-            });
+            let linked = store
+                .open_host(&plan.host)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    cache::link_host(chroot, &host_dir, key, &system).map_err(|e| e.to_string())
+                });
             match linked {
                 Ok(l) => {
                     tracing::debug!(
@@ -248,7 +255,7 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
                     ready.push(plan);
                 }
                 Err(e) => held.push(Self::failed(
-                    chroot,
+                    store,
                     &plan,
                     format!("cannot fill {}/cache: {e}", plan.host),
                 )),
@@ -266,11 +273,11 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
 }
 
 /// The report of a host `publish --build` holds back because its build failed.
-pub fn not_built(chroot: &Chroot, b: &crate::server::build::HostBuild) -> HostReport {
+pub fn not_built(store: &dyn Store, b: &crate::server::build::HostBuild) -> HostReport {
     HostReport {
         host: b.host.clone(),
         status: Status::Failed,
-        digest: read_current(&chroot.host_dir(&b.host)).map(|(d, _)| d),
+        digest: live_version(store, &b.host).map(|(d, _)| d),
         config_entries: 0,
         files: 0,
         objects: 0,
@@ -281,17 +288,6 @@ pub fn not_built(chroot: &Chroot, b: &crate::server::build::HostBuild) -> HostRe
             b.error.as_deref().unwrap_or("no error message")
         )),
         warnings: Vec::new(),
-    }
-}
-
-/// Who owns the chroot's directories, as `bento publish` decides it.
-fn ownership(fleet: &Fleet) -> crate::server::publish::Ownership {
-    if crate::sys::accounts::is_root() {
-        crate::server::publish::Ownership::Root {
-            prefix: fleet.config.server.account_prefix.clone(),
-        }
-    } else {
-        crate::server::publish::Ownership::Leave
     }
 }
 

@@ -126,14 +126,20 @@ pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
         .collect();
     CheckReport {
         server: shared,
-        warnings: signing_warnings(config, &chroot),
+        warnings: signing_warnings(
+            config,
+            &crate::server::store::ChrootStore::new(
+                chroot.clone(),
+                crate::server::chroot::Ownership::Leave,
+            ),
+        ),
         hosts,
     }
 }
 
 /// Unsigned manifests: hosts cannot tell a snapshot from the sysadmin from one planted by
 /// whoever controls the server (docs/security.md).
-fn signing_warnings(config: &FleetConfig, chroot: &Chroot) -> Vec<String> {
+fn signing_warnings(config: &FleetConfig, store: &dyn crate::server::store::Store) -> Vec<String> {
     let mut warnings = Vec::new();
     if config.server.signing_key.is_none() {
         warnings.push(
@@ -142,12 +148,13 @@ fn signing_warnings(config: &FleetConfig, chroot: &Chroot) -> Vec<String> {
         );
     }
     for host in config.hosts.keys() {
-        let dir = chroot.host_dir(host);
-        let Ok(text) = fs::read_to_string(crate::protocol::layout::current(&dir)) else {
+        let Ok(Some((bytes, _))) = store.current(host) else {
             continue;
         };
+        let text = String::from_utf8_lossy(&bytes);
         if let Ok(digest) = crate::protocol::layout::parse_current(&text) {
-            if !crate::protocol::layout::signature(&dir, &digest).exists() {
+            let signature = crate::protocol::layout::Key::Signature(digest);
+            if !store.exists(host, &signature).unwrap_or(false) {
                 warnings.push(format!(
                     "{host}: live version {} is unsigned",
                     digest.short()

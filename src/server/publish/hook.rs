@@ -4,12 +4,20 @@
 
 use super::{HostPlan, HostReport, PublishError};
 use crate::protocol::layout::Chroot;
+use crate::server::store::Store;
 
 pub trait Delivery: Sync {
     /// Runs after planning and before any host is written. May set each plan's `system`;
     /// returns the plans to publish and one failed report per host it holds back (that host's
     /// previous version stays live).
-    fn before(&self, chroot: &Chroot, plans: Vec<HostPlan>) -> (Vec<HostPlan>, Vec<HostReport>);
+    /// `store` holds the hosts' versions; `chroot` the publisher's state and, for now, the
+    /// binary caches (`cache/` is still written through the chroot's paths).
+    fn before(
+        &self,
+        store: &dyn Store,
+        chroot: &Chroot,
+        plans: Vec<HostPlan>,
+    ) -> (Vec<HostPlan>, Vec<HostReport>);
     /// Runs after the hosts are published and their old versions collected.
     fn after(&self, chroot: &Chroot) -> Result<(), PublishError>;
 }

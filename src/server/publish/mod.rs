@@ -4,6 +4,8 @@
 
 mod hook;
 mod host;
+#[cfg(test)]
+mod killed;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -15,7 +17,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use hook::Delivery;
-pub use host::{collect_host, collect_pool, publish_host, read_current, KEEP_VERSIONS};
+pub use host::{
+    collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
+};
 pub use verify::{verify_host, VerifyError};
 
 use crate::nix::StorePath;
@@ -25,7 +29,7 @@ pub use crate::server::chroot::Ownership;
 use crate::server::chroot::{self, ChrootError};
 use crate::server::fleet::{FlakeHosts, Fleet, HostName, HostSource};
 use crate::server::hostfiles::{self, HostFilesError};
-use crate::sys::atomic;
+use crate::server::store::{ChrootStore, Store, StoreError, StoreLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -36,6 +40,8 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Chroot(#[from] ChrootError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{0} changed while it was being published; run publish again")]
     ChangedWhilePublishing(PathBuf),
     #[error("chroot path {path}: {problem}; OpenSSH refuses a ChrootDirectory whose every component is not root-owned and unwritable by group and others")]
@@ -103,11 +109,11 @@ impl HostReport {
     }
 
     /// A host that failed before it had a plan; its live version stays.
-    pub fn failed(chroot: &Chroot, host: &HostName, error: String) -> Self {
+    pub fn failed(store: &dyn Store, host: &HostName, error: String) -> Self {
         Self {
             host: host.clone(),
             status: Status::Failed,
-            digest: read_current(&chroot.host_dir(host)).map(|(d, _)| d),
+            digest: live_version(store, host).map(|(d, _)| d),
             config_entries: 0,
             files: 0,
             objects: 0,
@@ -239,44 +245,30 @@ pub fn open_chroot(
     chroot: &Chroot,
     ownership: &Ownership,
     on_wait: impl FnOnce(),
-) -> Result<atomic::Lock, PublishError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PublishError::Io { path, source }
-    };
-    if matches!(ownership, Ownership::Root { .. }) {
-        check_chroot_path(&chroot.root)?;
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&chroot.root)
-        .map_err(io(&chroot.root))?;
-    for dir in [chroot.state_dir(), chroot.pool_dir(), chroot.tmp_dir()] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io(&dir))?;
-    }
-    std::fs::set_permissions(chroot.state_dir(), std::fs::Permissions::from_mode(0o700))
-        .map_err(io(&chroot.state_dir()))?;
-    let lock =
-        atomic::Lock::acquire(&chroot.lock_path(), on_wait).map_err(io(&chroot.lock_path()))?;
-    atomic::remove_stale_temps(&chroot.tmp_dir()).map_err(io(&chroot.tmp_dir()))?;
-    Ok(lock)
+) -> Result<StoreLock, PublishError> {
+    open_store(
+        &ChrootStore::new(chroot.clone(), ownership.clone()),
+        on_wait,
+    )
+}
+
+/// Takes the store's publish lock (readying the store for writing).
+pub fn open_store(store: &dyn Store, on_wait: impl FnOnce()) -> Result<StoreLock, PublishError> {
+    Ok(store.lock(Box::new(on_wait))?)
 }
 
 /// Options of one publish run.
 pub struct Options<'a> {
+    /// Where the hosts' versions go.
+    pub store: &'a dyn Store,
+    /// The publisher's own state (hash and flake caches, sealed secrets, the binary caches
+    /// of `server::delivery`): the chroot's `.bento/`.
     pub chroot: Chroot,
     /// Only these hosts (all when empty).
     pub only: Vec<HostName>,
     /// Expected systems from `bento build`, recorded in the manifests (`publish --build`).
     pub systems: BTreeMap<HostName, StorePath>,
     pub now: SystemTime,
-    pub ownership: Ownership,
     /// Signs every manifest (`[server] signing_key`).
     pub signer: Option<&'a crate::protocol::signing::Signer>,
     /// Called when the publish lock is busy and the run waits for it.
@@ -317,7 +309,7 @@ pub fn run(
     let (selected, wanted_undefined) = chosen.map_err(|host| unknown_host(host, &broken))?;
     let undefined: Vec<HostReport> = wanted_undefined
         .iter()
-        .map(|h| HostReport::failed(&opts.chroot, h, undefined_error(h, &broken)))
+        .map(|h| HostReport::failed(opts.store, h, undefined_error(h, &broken)))
         .collect();
     // Milliseconds: hosts refuse a manifest older than the one they applied, and two
     // publishes within a second must still be told apart.
@@ -331,7 +323,7 @@ pub fn run(
         &opts.systems,
     )?;
 
-    let _lock = open_chroot(&opts.chroot, &opts.ownership, opts.on_wait)?;
+    let _lock = open_store(opts.store, opts.on_wait)?;
     // Secrets: mark `.age` entries, encrypt plaintext ones per [secrets] (under the lock:
     // it keeps a ciphertext cache in the chroot's state directory).
     let mut plans = plans;
@@ -342,7 +334,7 @@ pub fn run(
     crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
     // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
     let (plans, held_back) = match opts.delivery {
-        Some(d) => d.before(&opts.chroot, plans),
+        Some(d) => d.before(opts.store, &opts.chroot, plans),
         None => (plans, Vec::new()),
     };
     // The delivery hook may hold plans back, so find each plan's host directory by name.
@@ -354,11 +346,11 @@ pub fn run(
         .par_iter()
         .map(|p| {
             let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                .and_then(|()| publish_host(&opts.chroot, p, &opts.ownership, opts.signer))
+                .and_then(|()| publish_host(opts.store, p, opts.signer))
                 .unwrap_or_else(|e| HostReport {
                     host: p.host.clone(),
                     status: Status::Failed,
-                    digest: read_current(&opts.chroot.host_dir(&p.host)).map(|(d, _)| d),
+                    digest: live_version(opts.store, &p.host).map(|(d, _)| d),
                     config_entries: p.manifest.config.len(),
                     files: p.manifest.files.len(),
                     objects: p.manifest.objects().len(),
@@ -371,13 +363,8 @@ pub fn run(
             r
         })
         .collect();
-    let pool = opts.chroot.pool_dir();
-    let io = |source| PublishError::Io {
-        path: pool.clone(),
-        source,
-    };
     if reports.iter().any(HostReport::changed) {
-        collect_pool(&opts.chroot).map_err(io)?;
+        collect_pool(opts.store)?;
     }
     // Issue #12 hook: cache entries go with the manifests that needed them.
     if let Some(d) = opts.delivery {
@@ -409,7 +396,7 @@ pub fn run(
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();
         let path = opts.chroot.hash_cache_path();
-        atomic::write_file(&path, &scanner.cache().to_bytes(), 0o600)
+        crate::sys::atomic::write_file(&path, &scanner.cache().to_bytes(), 0o600)
             .map_err(|source| PublishError::Io { path, source })?;
     }
     flakes.save().map_err(|source| PublishError::Io {
@@ -428,6 +415,7 @@ fn host_error(
 ) -> String {
     match e {
         PublishError::Chroot(ChrootError::NoAccount(account))
+        | PublishError::Store(StoreError::Chroot(ChrootError::NoAccount(account)))
             if !config.hosts.contains_key(host) =>
         {
             format!(

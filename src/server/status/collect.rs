@@ -4,7 +4,6 @@
 //! the cost per host is four small files whatever the length of its history.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
@@ -18,7 +17,8 @@ use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST
 use crate::protocol::HostName;
 use crate::server::build::record;
 use crate::server::chroot;
-use crate::server::logs::{self, LogsError};
+use crate::server::logs::LogsError;
+use crate::server::store::{Key, Store, StoreError};
 use crate::sys::terminal::truncate;
 
 /// Where a host's expected system comes from.
@@ -69,6 +69,9 @@ pub struct HostStatus {
 
 /// What to look at.
 pub struct Query<'a> {
+    /// Where the versions and the hosts' reports are.
+    pub store: &'a dyn Store,
+    /// The chroot of the publisher's state (build records) and of retired hosts.
     pub chroot: &'a Chroot,
     /// Hosts named in bento.toml (listed even when nothing is published for them yet), with
     /// their polling intervals.
@@ -175,7 +178,7 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
                     .get(host)
                     .copied()
                     .unwrap_or(query.default_interval);
-                let mut row = host_status(query.chroot, host, query.now, interval);
+                let mut row = host_status(query.store, query.chroot, host, query.now, interval);
                 if !query.intervals.contains_key(host) {
                     note_removed(&mut row, query.chroot);
                 }
@@ -218,12 +221,13 @@ pub fn sort(rows: &mut [HostStatus]) {
 /// Reads one host-written JSON file of `logs/`; a missing file is `None`, anything refused
 /// or unparsable is a note for the row.
 fn read_log<T: serde::de::DeserializeOwned>(
-    host_dir: &Path,
+    store: &dyn Store,
+    host: &HostName,
     name: &str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
     notes: &mut Notes,
 ) -> Option<T> {
-    match logs::read(host_dir, name) {
+    match store.read_log(host, None, name) {
         Ok(bytes) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
             match parse(&bytes) {
                 Ok(v) => Some(v),
@@ -258,17 +262,23 @@ fn read_log<T: serde::de::DeserializeOwned>(
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
-fn live(host_dir: &Path, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
-    let current = layout::current(host_dir);
-    let text = match std::fs::read_to_string(&current) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+fn live(store: &dyn Store, host: &HostName, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
+    let bytes = match store.get(host, &Key::Current, 4096) {
+        Ok(Some(b)) => b,
+        Ok(None) => return None,
+        Err(e @ StoreError::TooLarge { .. }) => {
             notes.push(format!("current: {e}"));
             return None;
         }
         Err(e) => {
-            notes.unreadable(format!("{}: {e}", current.display()));
+            notes.unreadable(e.to_string());
+            return None;
+        }
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            notes.push(format!("current: {e}"));
             return None;
         }
     };
@@ -281,16 +291,20 @@ fn live(host_dir: &Path, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
     };
     // The manifest is the server's own, written by publish: its digest is not re-hashed
     // here (hashing every manifest of a large fleet would dominate the run).
-    let path = layout::manifest(host_dir, &digest);
-    let head = read_head(&path);
+    let key = Key::Manifest(digest);
+    let head = read_head(store, host, &key);
     match head {
         Ok(h) if h.format == crate::protocol::manifest::FORMAT => Some((digest, h)),
         Ok(h) => {
-            notes.push(format!("{}: manifest format {}", path.display(), h.format));
+            notes.push(format!(
+                "{}: manifest format {}",
+                store.locate(host, &key).display(),
+                h.format
+            ));
             None
         }
-        Err(HeadError::Io(e)) => {
-            notes.unreadable(format!("{}: {e}", path.display()));
+        Err(HeadError::Store(e)) => {
+            notes.unreadable(e.to_string());
             None
         }
         Err(HeadError::Parse(e)) => {
@@ -303,7 +317,7 @@ fn live(host_dir: &Path, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
 /// Why a manifest's head is not there: the file could not be read, or it is not one.
 #[derive(Debug)]
 enum HeadError {
-    Io(std::io::Error),
+    Store(StoreError),
     Parse(serde_json::Error),
 }
 
@@ -315,18 +329,20 @@ const CONFIG_KEY: &[u8] = b",\"config\":";
 /// `source_commit`, `build` and `system` before `config` (docs/protocol.md), so only the
 /// bytes before `,"config":` are parsed: a fleet's manifests can hold thousands of entries
 /// each, and skimming them all would dominate `bento status`. Anything else is parsed whole.
-fn read_head(path: &Path) -> Result<ManifestHead, HeadError> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::open(path).map_err(HeadError::Io)?;
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    loop {
-        let n = file.read(&mut buf[len..]).map_err(HeadError::Io)?;
-        len += n;
-        if let Some(at) = buf[..len]
-            .windows(CONFIG_KEY.len())
-            .position(|w| w == CONFIG_KEY)
-        {
+fn read_head(store: &dyn Store, host: &HostName, key: &Key) -> Result<ManifestHead, HeadError> {
+    let missing = || {
+        HeadError::Store(StoreError::Io {
+            at: store.locate(host, key),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+    };
+    // Most heads end in the first 4 KiB; none of a canonical manifest after 64 KiB.
+    for len in [4096, 64 * 1024] {
+        let buf = store
+            .get_prefix(host, key, len)
+            .map_err(HeadError::Store)?
+            .ok_or_else(missing)?;
+        if let Some(at) = buf.windows(CONFIG_KEY.len()).position(|w| w == CONFIG_KEY) {
             let mut head = buf[..at].to_vec();
             head.push(b'}');
             if let Ok(h) = serde_json::from_slice::<ManifestHead>(&head) {
@@ -334,19 +350,21 @@ fn read_head(path: &Path) -> Result<ManifestHead, HeadError> {
             }
             break;
         }
-        if n == 0 || len >= 64 * 1024 {
-            break;
-        }
-        if len == buf.len() {
-            buf.resize(buf.len() * 2, 0);
+        if (buf.len() as u64) < len {
+            // The whole file, and no canonical head in it.
+            return serde_json::from_slice::<ManifestHead>(&buf).map_err(HeadError::Parse);
         }
     }
-    let bytes = std::fs::read(path).map_err(HeadError::Io)?;
+    let bytes = store
+        .get(host, key, crate::protocol::manifest::MAX_MANIFEST_BYTES)
+        .map_err(HeadError::Store)?
+        .ok_or_else(missing)?;
     serde_json::from_slice::<ManifestHead>(&bytes).map_err(HeadError::Parse)
 }
 
 /// The build record's system, when it was built from the live version's configuration.
 fn built_for(
+    store: &dyn Store,
     chroot: &Chroot,
     host: &HostName,
     digest: &Digest,
@@ -364,7 +382,13 @@ fn built_for(
             return None;
         }
     };
-    let bytes = std::fs::read(layout::manifest(&chroot.host_dir(host), digest)).ok()?;
+    let bytes = store
+        .get(
+            host,
+            &Key::Manifest(*digest),
+            crate::protocol::manifest::MAX_MANIFEST_BYTES,
+        )
+        .ok()??;
     let manifest = Manifest::parse(&bytes).ok()?;
     (record::content_key(manifest.build, &manifest.config) == rec.key)
         .then_some(rec.system)
@@ -373,18 +397,19 @@ fn built_for(
 
 /// The status of one host at `now`.
 pub fn host_status(
+    store: &dyn Store,
     chroot: &Chroot,
     host: &HostName,
     now: SystemTime,
     interval: Duration,
 ) -> HostStatus {
-    let dir = chroot.host_dir(host);
     let mut notes = Notes::default();
-    let live = live(&dir, &mut notes);
+    let live = live(store, host, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
-    let heartbeat: Option<Heartbeat> = read_log(&dir, HEARTBEAT_FILE, Heartbeat::parse, &mut notes);
-    let latest: Option<Report> = read_log(&dir, LATEST_FILE, Report::parse, &mut notes);
+    let heartbeat: Option<Heartbeat> =
+        read_log(store, host, HEARTBEAT_FILE, Heartbeat::parse, &mut notes);
+    let latest: Option<Report> = read_log(store, host, LATEST_FILE, Report::parse, &mut notes);
     // A host may only speak for itself.
     let heartbeat = heartbeat.filter(|h| {
         let ok = &h.host == host;
@@ -424,7 +449,7 @@ pub fn host_status(
                 system: Some(s), ..
             },
         )) => (Some(s.clone()), Some(ExpectedFrom::Manifest)),
-        Some((digest, _)) => match built_for(chroot, host, digest, &mut notes) {
+        Some((digest, _)) => match built_for(store, chroot, host, digest, &mut notes) {
             Some(s) => (Some(s), Some(ExpectedFrom::Build)),
             None => (None, None),
         },
@@ -528,8 +553,12 @@ mod tests {
     }
 
     fn status_of(chroot: &Chroot) -> HostStatus {
+        let store = crate::server::store::ChrootStore::new(
+            chroot.clone(),
+            crate::server::chroot::Ownership::Leave,
+        );
         let now = state::parse_time("2026-11-25T12:01:00Z").unwrap();
-        host_status(chroot, &alpha(), now, Duration::from_secs(900))
+        host_status(&store, chroot, &alpha(), now, Duration::from_secs(900))
     }
 
     #[test]
@@ -610,8 +639,8 @@ mod tests {
 
     #[test]
     fn manifest_head_from_the_canonical_prefix_or_the_whole_file() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("m.json");
+        let store = crate::server::store::MemStore::new();
+        let key = Key::Manifest(Digest::of(b"any"));
         let sys = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-alpha-1";
         // A large canonical manifest: only the head is parsed, and a string that holds the
         // key's text (escaped) does not cut it short.
@@ -622,17 +651,21 @@ mod tests {
             r#"{{"format":1,"host":"alpha","created":"2026-11-25T12:00:00Z","source_commit":"x\",\"config\":[","build":"flake","system":"{sys}","config":[{}],"files":[]}}"#,
             entries.join(",")
         );
-        std::fs::write(&path, format!("{canonical}\n")).unwrap();
-        let h = read_head(&path).unwrap();
+        store
+            .put(&alpha(), &key, format!("{canonical}\n").as_bytes())
+            .unwrap();
+        let h = read_head(&store, &alpha(), &key).unwrap();
         assert_eq!((h.format, h.created.as_str()), (1, "2026-11-25T12:00:00Z"));
         assert_eq!(h.system.unwrap().as_str(), sys);
         // Fields in another order: parsed whole.
-        std::fs::write(
-            &path,
-            r#"{"config":[],"format":1,"host":"alpha","created":"2026-11-25T13:00:00Z","system":null}"#,
-        )
-        .unwrap();
-        let h = read_head(&path).unwrap();
+        store
+            .put(
+                &alpha(),
+                &key,
+                br#"{"config":[],"format":1,"host":"alpha","created":"2026-11-25T13:00:00Z","system":null}"#,
+            )
+            .unwrap();
+        let h = read_head(&store, &alpha(), &key).unwrap();
         assert_eq!(h.created, "2026-11-25T13:00:00Z");
         assert!(h.system.is_none());
     }

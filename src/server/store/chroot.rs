@@ -1,0 +1,427 @@
+//! [`ChrootStore`]: the store as sshd serves it, a directory per host under one root. Keeps
+//! today's guarantees: objects pooled once in `.bento/pool` and hard-linked into each host's
+//! `objects/`, every other write a temporary file, fsync and rename, owners and modes as
+//! `server::chroot` sets them, host-written files read by `server::logs` (no links,
+//! bounded), and the publish lock in `.bento/`.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{
+    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
+    StoreLock, Version,
+};
+use crate::protocol::layout::{self, Chroot, CACHE, MANIFESTS, OBJECTS};
+use crate::protocol::manifest::Digest;
+use crate::protocol::HostName;
+use crate::server::chroot::{prepare_host_dir, unsafe_component, Ownership};
+use crate::server::logs;
+use crate::sys::atomic;
+
+/// A chroot root and who owns what in it.
+#[derive(Debug, Clone)]
+pub struct ChrootStore {
+    chroot: Chroot,
+    ownership: Ownership,
+}
+
+fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        at: at.to_owned(),
+        source,
+    }
+}
+
+impl ChrootStore {
+    pub fn new(chroot: Chroot, ownership: Ownership) -> Self {
+        Self { chroot, ownership }
+    }
+
+    /// The chroot, for what is not the hosts' areas (the publisher's caches, accounts).
+    pub fn chroot(&self) -> &Chroot {
+        &self.chroot
+    }
+
+    fn path(&self, host: &HostName, key: &Key) -> PathBuf {
+        self.chroot.host_dir(host).join(key.path())
+    }
+
+    /// Copies `open`'s bytes into the pool as `digest`, checking they still hash to it.
+    fn add_to_pool(&self, digest: &Digest, open: OpenObject<'_>) -> Result<u64, StoreError> {
+        let pooled = self.chroot.pool_dir().join(digest.to_hex());
+        if pooled.exists() {
+            return Ok(0);
+        }
+        // Threads publishing hosts that share a file may add it at the same time: each
+        // writes its own temporary file, and the first to link it into the pool wins.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.chroot.tmp_dir().join(format!(
+            "{}{}-{seq}-{}",
+            atomic::TMP_PREFIX,
+            std::process::id(),
+            digest.to_hex()
+        ));
+        let copy = || -> io::Result<(Digest, u64)> {
+            let src = open()?;
+            let mut dst = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            dst.set_permissions(fs::Permissions::from_mode(0o644))?;
+            let hashed = copy_hashed(src, &mut dst)?;
+            dst.sync_all()?;
+            Ok(hashed)
+        };
+        let (actual, bytes) = copy().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            StoreError::Io {
+                at: tmp.clone(),
+                source: e,
+            }
+        })?;
+        if actual != *digest {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::DigestMismatch(*digest));
+        }
+        // link, not rename: it never replaces an object another thread already pooled
+        // (whose inode hosts may already link to).
+        let linked = fs::hard_link(&tmp, &pooled);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
+            Err(e) => Err(io_at(&pooled)(e)),
+        }
+    }
+
+    /// Creates the chroot root and its state directory, checked as sshd will check it.
+    fn prepare_root(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let chroot = &self.chroot;
+        if matches!(self.ownership, Ownership::Root { .. }) {
+            match unsafe_component(&chroot.root) {
+                Ok(None) => {}
+                Ok(Some((path, problem))) => {
+                    return Err(StoreError::UnsafeChrootPath { path, problem })
+                }
+                Err(source) => return Err(io_at(&chroot.root)(source)),
+            }
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&chroot.root)
+            .map_err(io_at(&chroot.root))?;
+        for dir in [chroot.state_dir(), chroot.pool_dir(), chroot.tmp_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_at(&dir))?;
+        }
+        fs::set_permissions(chroot.state_dir(), fs::Permissions::from_mode(0o700))
+            .map_err(io_at(&chroot.state_dir()))
+    }
+}
+
+/// Reads at most `limit` bytes of `path`; `None` when it does not exist.
+fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    use std::io::Read;
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(path)(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_at(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(StoreError::TooLarge {
+            at: path.to_owned(),
+            max: limit,
+        });
+    }
+    Ok(Some(bytes))
+}
+
+/// The names in `dir`, none when it does not exist.
+fn names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_at(dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        out.push(
+            entry
+                .map_err(io_at(dir))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    Ok(out)
+}
+
+/// The files under `dir`, recursively, as paths relative to it (links not followed).
+fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<(), StoreError> {
+    for name in names(dir)? {
+        let path = dir.join(&name);
+        let rel = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+        if meta.is_dir() {
+            walk(&path, &rel, out)?;
+        } else {
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+impl Store for ChrootStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_replace: true,
+            // Checked and renamed under the publish lock, which every writer takes.
+            compare_and_swap: Cas::Honoured,
+            server_side_copy: true,
+        }
+    }
+
+    fn locate(&self, host: &HostName, key: &Key) -> PathBuf {
+        self.path(host, key)
+    }
+
+    fn lock(&self, on_wait: Box<dyn FnOnce() + '_>) -> Result<StoreLock, StoreError> {
+        self.prepare_root()?;
+        let path = self.chroot.lock_path();
+        let lock = atomic::Lock::acquire(&path, on_wait).map_err(io_at(&path))?;
+        let tmp = self.chroot.tmp_dir();
+        atomic::remove_stale_temps(&tmp).map_err(io_at(&tmp))?;
+        Ok(StoreLock::new(lock))
+    }
+
+    fn hosts(&self) -> Result<Vec<HostName>, StoreError> {
+        let mut hosts: Vec<HostName> = names(&self.chroot.root)?
+            .into_iter()
+            .filter_map(|n| HostName::new(&n).ok())
+            .filter(|h| self.chroot.host_dir(h).is_dir())
+            .collect();
+        hosts.sort();
+        Ok(hosts)
+    }
+
+    fn open_host(&self, host: &HostName) -> Result<(), StoreError> {
+        let dir = self.chroot.host_dir(host);
+        prepare_host_dir(&dir, host, &self.ownership)?;
+        atomic::remove_stale_temps(&dir).map_err(io_at(&dir))?;
+        atomic::remove_stale_temps(&dir.join(MANIFESTS)).map_err(io_at(&dir))?;
+        Ok(())
+    }
+
+    fn get(&self, host: &HostName, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Key::Log(_) = key {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        read_bounded(&self.path(host, key), limit)
+    }
+
+    fn get_prefix(
+        &self,
+        host: &HostName,
+        key: &Key,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use std::io::Read;
+        if let Key::Log(_) = key {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let path = self.path(host, key);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let mut bytes = Vec::new();
+        file.take(len)
+            .read_to_end(&mut bytes)
+            .map_err(io_at(&path))?;
+        Ok(Some(bytes))
+    }
+
+    fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError> {
+        let path = self.path(host, key);
+        match fs::symlink_metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    fn list(&self, host: &HostName, area: Area) -> Result<Vec<Key>, StoreError> {
+        let dir = self.chroot.host_dir(host);
+        let mut keys: Vec<Key> = match area {
+            Area::Manifests | Area::Objects => {
+                let sub = if area == Area::Manifests {
+                    MANIFESTS
+                } else {
+                    OBJECTS
+                };
+                names(&dir.join(sub))?
+                    .into_iter()
+                    .filter_map(|n| Key::parse(&format!("{sub}/{n}")))
+                    .collect()
+            }
+            Area::Cache => {
+                let mut rels = Vec::new();
+                walk(&dir.join(CACHE), "", &mut rels)?;
+                rels.into_iter()
+                    .filter_map(|r| Key::parse(&format!("{CACHE}/{r}")))
+                    .collect()
+            }
+        };
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(host, key);
+        match key {
+            Key::Manifest(_) | Key::Signature(_) => {}
+            Key::Cache(_) => {
+                // cache/ is root's and read-only to the host, as the pool-linked objects.
+                if let Some(parent) = path.parent() {
+                    use std::os::unix::fs::DirBuilderExt;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(parent)
+                        .map_err(io_at(parent))?;
+                }
+            }
+            _ => return Err(StoreError::WrongOperation(key.path())),
+        }
+        atomic::write_file(&path, bytes, 0o644).map_err(io_at(&path))
+    }
+
+    fn put_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<u64, StoreError> {
+        let dir = self.chroot.host_dir(host);
+        let target = layout::object(&dir, digest);
+        if target.exists() {
+            return Ok(0);
+        }
+        let bytes = self.add_to_pool(digest, open)?;
+        match fs::hard_link(self.chroot.pool_dir().join(digest.to_hex()), &target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_at(&target)(e)),
+        }
+        // Made durable once per host, by `switch_current`, before `current` names them.
+        Ok(bytes)
+    }
+
+    fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError> {
+        if key.host_written() {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let path = self.path(host, key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+        // A `current` is one line; anything longer is broken and counts by its prefix (the
+        // publisher's own file: the next publish replaces it).
+        use std::io::Read;
+        let path = self.path(host, &Key::Current);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let mut bytes = Vec::new();
+        file.take(4096)
+            .read_to_end(&mut bytes)
+            .map_err(io_at(&path))?;
+        Ok(Some(bytes).map(|bytes| {
+            let version = Version(String::from_utf8_lossy(&bytes).into_owned());
+            (bytes, version)
+        }))
+    }
+
+    fn switch_current(
+        &self,
+        host: &HostName,
+        to: &Digest,
+        from: Option<&Version>,
+    ) -> Result<(), StoreError> {
+        let now = self.current(host)?.map(|(_, v)| v);
+        if now.as_ref() != from {
+            return Err(StoreError::Raced { host: host.clone() });
+        }
+        // The objects linked since the last switch become durable before `current` names them.
+        for dir in [
+            self.chroot.pool_dir(),
+            self.chroot.host_dir(host).join(OBJECTS),
+        ] {
+            atomic::sync_dir(&dir).map_err(io_at(&dir))?;
+        }
+        let path = self.path(host, &Key::Current);
+        atomic::write_file(&path, layout::current_text(to).as_bytes(), 0o644).map_err(io_at(&path))
+    }
+
+    /// Removes pooled objects that no host links to any more (link count 1: only the pool).
+    fn collect_shared(&self) -> Result<usize, StoreError> {
+        let pool = self.chroot.pool_dir();
+        let mut removed = 0;
+        for name in names(&pool)? {
+            let path = pool.join(name);
+            let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+            if meta.nlink() <= 1 {
+                fs::remove_file(&path).map_err(io_at(&path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {
+        let host_dir = self.chroot.host_dir(host);
+        match dir {
+            None => logs::list(&host_dir),
+            Some(sub) => logs::list_in(&host_dir, sub),
+        }
+    }
+
+    fn read_log(
+        &self,
+        host: &HostName,
+        dir: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<u8>, LogsError> {
+        let host_dir = self.chroot.host_dir(host);
+        match dir {
+            None => logs::read(&host_dir, name),
+            Some(sub) => logs::read_in(&host_dir, sub, name),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The server's side of the protocol as one small trait: everything publish, rollback,
+//! GC, status and log do to a host's area goes through [`Store`], keyed by host and by the
+//! protocol's [`Key`] (the chroot's relative paths, byte for byte), never by a path. The
+//! invariant every implementation keeps: `current` is switched last and only from the
+//! version the caller read, so a reader never sees a `current` whose manifest or objects
+//! are missing. The chroot is one implementation ([`ChrootStore`]), the in-memory
+//! [`MemStore`] serves the unit tests; an object store comes on the same trait.
+
+mod chroot;
+mod mem;
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+pub use chroot::ChrootStore;
+pub use mem::{Faulty, MemStore};
+
+pub use crate::protocol::layout::{Area, Key, SubPath};
+use crate::protocol::manifest::Digest;
+use crate::protocol::HostName;
+pub use crate::server::logs::{LogEntry, LogsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Same text as the path-based errors it replaces: where, then what.
+    #[error("{at}: {source}")]
+    Io { at: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Chroot(#[from] crate::server::chroot::ChrootError),
+    #[error("chroot path {path}: {problem}; OpenSSH refuses a ChrootDirectory whose every component is not root-owned and unwritable by group and others")]
+    UnsafeChrootPath { path: PathBuf, problem: String },
+    /// The bytes handed over do not hash to the object's digest (changed since the scan).
+    #[error("{0}: the bytes do not hash to the object's digest")]
+    DigestMismatch(Digest),
+    #[error("{at}: larger than {max} bytes")]
+    TooLarge { at: PathBuf, max: u64 },
+    /// A compare-and-swap of `current` found another version than the one read.
+    #[error("{host}: another publish won (current changed since it was read); nothing else was switched")]
+    Raced { host: HostName },
+    #[error("{0}: a store writes this key only through its own operation")]
+    WrongOperation(String),
+}
+
+/// How a store honours the compare-and-swap of `current`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cas {
+    /// A switch from a stale version fails with [`StoreError::Raced`].
+    Honoured,
+    /// The engine accepts the condition and ignores it: the publish lock is the only guard.
+    Ignored,
+    /// Not probed yet.
+    Unknown,
+}
+
+/// What a store can promise; callers ask instead of special-casing a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// A put replaces the whole value at once (a rename; an object store's PUT).
+    pub atomic_replace: bool,
+    pub compare_and_swap: Cas,
+    /// An object already stored for one host is made another's without sending its bytes
+    /// again (the chroot's hard links to its pool, an object store's CopyObject).
+    pub server_side_copy: bool,
+}
+
+/// An opaque version of `current` (the chroot: its bytes; an object store: its ETag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(pub String);
+
+/// The publish lock, held until dropped.
+pub struct StoreLock(#[allow(dead_code)] Box<dyn Send>);
+
+impl StoreLock {
+    pub fn new(held: impl Send + 'static) -> Self {
+        Self(Box::new(held))
+    }
+}
+
+/// Opens an object's bytes, only when the store needs them ("already there" costs no read).
+pub type OpenObject<'a> = &'a (dyn Fn() -> io::Result<Box<dyn Read>> + Sync + 'a);
+
+/// The protocol's operations on the hosts' areas. Mutating operations are `open_host`,
+/// `put`, `put_object`, `delete`, `switch_current` and `collect_shared`; a failed one
+/// changes nothing a reader can see.
+pub trait Store: Send + Sync {
+    fn capabilities(&self) -> Capabilities;
+    /// Where `key` of `host` is, for messages (the chroot: its path).
+    fn locate(&self, host: &HostName, key: &Key) -> PathBuf;
+    /// Takes the publish lock (`on_wait` is called when another holder makes it wait), and
+    /// readies the store for writing.
+    fn lock(&self, on_wait: Box<dyn FnOnce() + '_>) -> Result<StoreLock, StoreError>;
+    /// The hosts with an area in the store.
+    fn hosts(&self) -> Result<Vec<HostName>, StoreError>;
+    /// Readies the host's area for a publish (the chroot: its directories, owners, modes).
+    fn open_host(&self, host: &HostName) -> Result<(), StoreError>;
+    /// All of `key`, `None` when absent; more than `limit` bytes is `TooLarge`.
+    fn get(&self, host: &HostName, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The first `len` bytes of `key` (all of it when shorter), `None` when absent: a
+    /// ranged read, for what needs only a value's head.
+    fn get_prefix(
+        &self,
+        host: &HostName,
+        key: &Key,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+    fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError>;
+    /// The keys in one area of the host's, in key order; names that are no key are skipped.
+    fn list(&self, host: &HostName, area: Area) -> Result<Vec<Key>, StoreError>;
+    /// Writes a manifest, signature or `cache/` file whole (never `current`, an object or
+    /// a host-written key).
+    fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Stores object `digest` for `host` from `open`, verified against the digest; an
+    /// object already there costs no read. Returns the bytes sent.
+    fn put_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<u64, StoreError>;
+    /// Removes `key`; an absent key is no error.
+    fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError>;
+    /// The bytes of `current` and their version, `None` when there is none.
+    fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError>;
+    /// Makes `current` name `to`, if it is still `from` (`None`: it must not exist).
+    fn switch_current(
+        &self,
+        host: &HostName,
+        to: &Digest,
+        from: Option<&Version>,
+    ) -> Result<(), StoreError>;
+    /// Frees what is shared between hosts and no longer used (the chroot's pool); returns
+    /// how many entries went.
+    fn collect_shared(&self) -> Result<usize, StoreError>;
+    /// Lists what the host wrote in `logs/` (or `logs/<dir>/`), never following links.
+    fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError>;
+    /// Reads `logs/<name>` (or `logs/<dir>/<name>`), bounded, never following links.
+    fn read_log(
+        &self,
+        host: &HostName,
+        dir: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<u8>, LogsError>;
+}
+
+/// Copies `open`'s bytes to `out`, returning their digest and length: the check every store
+/// makes before an object becomes visible.
+pub fn copy_hashed(mut from: impl Read, out: &mut impl io::Write) -> io::Result<(Digest, u64)> {
+    use sha2::{Digest as _, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    Ok((Digest::from_bytes(hasher.finalize().into()), total))
+}

@@ -1,0 +1,178 @@
+//! The contract every store keeps, run over the in-memory store and a chroot in a temporary
+//! directory, and what only the chroot promises (modes, hard links to its pool).
+
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use super::*;
+use crate::protocol::layout::{self, Chroot};
+use crate::server::chroot::Ownership;
+
+fn alpha() -> HostName {
+    HostName::new("alpha").unwrap()
+}
+
+fn bytes_of(b: &'static [u8]) -> impl Fn() -> io::Result<Box<dyn Read>> + Sync {
+    move || Ok(Box::new(io::Cursor::new(b)) as Box<dyn Read>)
+}
+
+fn never() -> io::Result<Box<dyn Read>> {
+    panic!("an object already there must not be read again")
+}
+
+/// Every store, fresh, with `alpha`'s area ready.
+fn stores() -> (tempfile::TempDir, Vec<Box<dyn Store>>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = ChrootStore::new(Chroot::new(tmp.path().join("c")), Ownership::Leave);
+    drop(chroot.lock(Box::new(|| {})).unwrap());
+    let stores: Vec<Box<dyn Store>> = vec![Box::new(MemStore::new()), Box::new(chroot)];
+    for s in &stores {
+        s.open_host(&alpha()).unwrap();
+    }
+    (tmp, stores)
+}
+
+#[test]
+fn current_switches_only_from_the_version_read() {
+    let (_tmp, stores) = stores();
+    let (d1, d2) = (Digest::of(b"one"), Digest::of(b"two"));
+    for s in &stores {
+        assert!(s.current(&alpha()).unwrap().is_none());
+        s.switch_current(&alpha(), &d1, None).unwrap();
+        // `None` means "must not exist yet": a second first publish loses.
+        let err = s.switch_current(&alpha(), &d2, None).unwrap_err();
+        assert!(matches!(err, StoreError::Raced { .. }), "{err}");
+        let (text, v1) = s.current(&alpha()).unwrap().unwrap();
+        assert_eq!(text, layout::current_text(&d1).as_bytes());
+        s.switch_current(&alpha(), &d2, Some(&v1)).unwrap();
+        // The version read before that switch is stale now.
+        let err = s.switch_current(&alpha(), &d1, Some(&v1)).unwrap_err();
+        assert!(err.to_string().contains("another publish won"), "{err}");
+        let (text, _) = s.current(&alpha()).unwrap().unwrap();
+        assert_eq!(text, layout::current_text(&d2).as_bytes());
+    }
+}
+
+#[test]
+fn objects_are_verified_and_stored_once() {
+    let (_tmp, stores) = stores();
+    let good = Digest::of(b"content");
+    for s in &stores {
+        let err = s
+            .put_object(&alpha(), &good, &bytes_of(b"changed since the scan"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch(_)), "{err}");
+        assert!(!s.exists(&alpha(), &Key::Object(good)).unwrap());
+        assert_eq!(
+            s.put_object(&alpha(), &good, &bytes_of(b"content"))
+                .unwrap(),
+            7
+        );
+        assert_eq!(s.put_object(&alpha(), &good, &never).unwrap(), 0);
+        assert_eq!(
+            s.get(&alpha(), &Key::Object(good), 100).unwrap().unwrap(),
+            b"content"
+        );
+        assert!(matches!(
+            s.get(&alpha(), &Key::Object(good), 3),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert_eq!(
+            s.get_prefix(&alpha(), &Key::Object(good), 3)
+                .unwrap()
+                .unwrap(),
+            b"con"
+        );
+        assert_eq!(
+            s.list(&alpha(), Area::Objects).unwrap(),
+            [Key::Object(good)]
+        );
+        s.delete(&alpha(), &Key::Object(good)).unwrap();
+        s.delete(&alpha(), &Key::Object(good)).unwrap();
+        assert!(s.get(&alpha(), &Key::Object(good), 100).unwrap().is_none());
+    }
+}
+
+#[test]
+fn each_key_is_written_only_by_its_own_operation() {
+    let (_tmp, stores) = stores();
+    let d = Digest::of(b"m");
+    let log = Key::Log(SubPath::new("latest.json").unwrap());
+    for s in &stores {
+        for key in [Key::Current, Key::Object(d), log.clone()] {
+            assert!(
+                matches!(
+                    s.put(&alpha(), &key, b"x"),
+                    Err(StoreError::WrongOperation(_))
+                ),
+                "{key:?}"
+            );
+        }
+        assert!(matches!(
+            s.delete(&alpha(), &log),
+            Err(StoreError::WrongOperation(_))
+        ));
+        s.put(&alpha(), &Key::Manifest(d), b"{}").unwrap();
+        s.put(&alpha(), &Key::Signature(d), b"sig").unwrap();
+        let nar = Key::Cache(SubPath::new("nar/abc.nar.zst").unwrap());
+        s.put(&alpha(), &nar, b"nar").unwrap();
+        assert_eq!(
+            s.list(&alpha(), Area::Manifests).unwrap(),
+            [Key::Manifest(d), Key::Signature(d)]
+        );
+        assert_eq!(s.list(&alpha(), Area::Cache).unwrap(), [nar]);
+        assert_eq!(s.hosts().unwrap(), [alpha()]);
+    }
+}
+
+#[test]
+fn the_chroot_pools_objects_with_todays_modes_and_reads_logs_with_their_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = Chroot::new(tmp.path().join("c"));
+    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
+    let _lock = store.lock(Box::new(|| {})).unwrap();
+    let beta = HostName::new("beta").unwrap();
+    let d = Digest::of(b"shared");
+    for h in [alpha(), beta.clone()] {
+        store.open_host(&h).unwrap();
+        store.put_object(&h, &d, &bytes_of(b"shared")).unwrap();
+    }
+    let pooled = chroot.pool_dir().join(d.to_hex());
+    let meta = std::fs::metadata(&pooled).unwrap();
+    assert_eq!(meta.nlink(), 3, "one pooled copy, linked into both hosts");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    store.put(&alpha(), &Key::Manifest(d), b"{}").unwrap();
+    store.switch_current(&alpha(), &d, None).unwrap();
+    for key in [Key::Manifest(d), Key::Current] {
+        let mode = std::fs::metadata(store.locate(&alpha(), &key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{key:?}");
+    }
+    // A temporary file left in manifests/ is no key.
+    std::fs::write(
+        chroot.host_dir(&alpha()).join("manifests/.tmp-1-2-x.json"),
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        store.list(&alpha(), Area::Manifests).unwrap(),
+        [Key::Manifest(d)]
+    );
+    // The pool keeps what a host still links.
+    store.delete(&alpha(), &Key::Object(d)).unwrap();
+    assert_eq!(store.collect_shared().unwrap(), 0);
+    store.delete(&beta, &Key::Object(d)).unwrap();
+    assert_eq!(store.collect_shared().unwrap(), 1);
+    assert!(!pooled.exists());
+
+    std::fs::write(chroot.host_dir(&alpha()).join("logs/latest.json"), b"{}").unwrap();
+    let listed = store.list_logs(&alpha(), None).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].modified.is_some());
+    assert_eq!(
+        store.read_log(&alpha(), None, "latest.json").unwrap(),
+        b"{}"
+    );
+}
