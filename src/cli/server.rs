@@ -56,7 +56,10 @@ pub enum Command {
 /// `512M`, `2G`, `64K` or a number of bytes; the units are binary (`M` is MiB).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (digits, shift) = match t.as_bytes().last() {
         Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
         Some(b'M' | b'm') => (&t[..t.len() - 1], 20),

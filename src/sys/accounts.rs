@@ -60,7 +60,8 @@ pub fn group(name: &str) -> io::Result<Option<u32>> {
 
 /// The name of the group with `gid`, or `None` if there is none.
 pub fn group_name(gid: u32) -> io::Result<Option<String>> {
-    let found = unix::unistd::Group::from_gid(unix::unistd::Gid::from_raw(gid)).map_err(nss_error)?;
+    let found =
+        unix::unistd::Group::from_gid(unix::unistd::Gid::from_raw(gid)).map_err(nss_error)?;
     Ok(found.map(|g| g.name))
 }
 

@@ -246,7 +246,9 @@ mod tests {
         let line = "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW";
         fs::write(
             &ssh,
-            format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{line}\n-----END OPENSSH PRIVATE KEY-----\n"),
+            format!(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\n{line}\n-----END OPENSSH PRIVATE KEY-----\n"
+            ),
         )
         .unwrap();
         let raw = [9u8; 64];

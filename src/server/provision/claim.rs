@@ -117,9 +117,12 @@ pub fn check_jail(dir: &Path, account: &str, account_gid: Option<u32>) -> Result
     }
 }
 
+/// A directory of a jail with its owner, group and mode (`None`: not there).
+pub type JailOwner = (PathBuf, Option<(u32, u32, u32)>);
+
 /// Owner, group and mode of a host directory and its subdirectories, to report what a sync
 /// changed.
-pub fn ownership(host_dir: &Path) -> Vec<(PathBuf, Option<(u32, u32, u32)>)> {
+pub fn ownership(host_dir: &Path) -> Vec<JailOwner> {
     [
         host_dir.to_owned(),
         host_dir.join(MANIFESTS),
@@ -138,10 +141,7 @@ pub fn ownership(host_dir: &Path) -> Vec<(PathBuf, Option<(u32, u32, u32)>)> {
 
 /// What changed between two `ownership` readings, one line per directory (a directory
 /// that did not exist before is not a change of owner: creating it is reported elsewhere).
-pub fn changes(
-    before: &[(PathBuf, Option<(u32, u32, u32)>)],
-    after: &[(PathBuf, Option<(u32, u32, u32)>)],
-) -> Vec<String> {
+pub fn changes(before: &[JailOwner], after: &[JailOwner]) -> Vec<String> {
     before
         .iter()
         .zip(after)
@@ -171,7 +171,10 @@ mod tests {
         assert_eq!(mark(&chroot, "bento-").unwrap(), None, "said once");
         assert_eq!(marked_prefix(&chroot).unwrap().as_deref(), Some("bento-"));
         let err = mark(&chroot, "other-").unwrap_err().to_string();
-        assert!(err.contains("\"bento-\"") && err.contains("own [server] chroot"), "{err}");
+        assert!(
+            err.contains("\"bento-\"") && err.contains("own [server] chroot"),
+            "{err}"
+        );
         assert!(check(&chroot, "bento-").is_ok());
     }
 

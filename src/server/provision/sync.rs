@@ -215,7 +215,10 @@ fn write_limits() -> Result<(), SyncError> {
     let Some(dir) = path.parent().filter(|d| d.is_dir()) else {
         tracing::warn!(
             "no {}: host accounts get no process limit (install PAM's limits, see docs/server.md)",
-            path.parent().map(Path::display).map(|d| d.to_string()).unwrap_or_default()
+            path.parent()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
         );
         return Ok(());
     };

@@ -91,7 +91,9 @@ mod tests {
         // A dead process's directory (pid 0 is never a process), a live one's (ours), and
         // one of another name.
         let stale = base.path().join(format!("{PREFIX}0-abc"));
-        let live = base.path().join(format!("{PREFIX}{}-abc", std::process::id()));
+        let live = base
+            .path()
+            .join(format!("{PREFIX}{}-abc", std::process::id()));
         let other = base.path().join("bento-other");
         for d in [&stale, &live, &other] {
             fs::create_dir(d).unwrap();
