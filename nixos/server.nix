@@ -42,7 +42,7 @@ let
     if rules == [ ] then "/srv/bento" else builtins.elemAt (lib.splitString " " (builtins.head rules)) 1;
   # What the generated module may set; anything else would be dropped silently, so it fails.
   known = {
-    top = [ "users" "environment" "systemd" "services" ];
+    top = [ "users" "environment" "systemd" "services" "security" ];
     services = [ "openssh" ];
   };
 
@@ -142,6 +142,9 @@ in
       environment = fromFleet "environment";
       systemd = fromFleet "systemd";
       services.openssh = if cfg.enable then fleetModule.services.openssh or { } else { };
+      # The cap on each host account's processes (docs/server.md).
+      security.pam.loginLimits =
+        if cfg.enable then fleetModule.security.pam.loginLimits or [ ] else [ ];
     }
 
     (lib.mkIf cfg.enable {

@@ -32,6 +32,8 @@
   services.openssh.settings.MaxStartups = lib.mkDefault "100:30:200";
   # And no one source (one host, or one attacker) may hold most of those slots.
   services.openssh.settings.PerSourceMaxStartups = lib.mkDefault 64;
+  # Each host account runs at most this many processes: two per SFTP connection.
+  security.pam.loginLimits = [ { domain = "@bento"; type = "hard"; item = "nproc"; value = "16"; } ];
   # The hosts' Match block, in a file of its own included from `settings`, which
   # NixOS writes before every extraConfig line: it comes before any other Match
   # block (sshd applies the first value it reads) and ends with its file.

@@ -49,8 +49,15 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let runs = history::runs(&*store, &args.host, args.count)
+    let history::History { runs, unexpected } = history::history(&*store, &args.host, args.count)
         .with_context(|| format!("host {}", args.host))?;
+    // Names the host chose that are not runs: one escaped line each, never an ID.
+    for name in &unexpected {
+        output::warning(&format!(
+            "{}: unexpected entry in logs/reports/: {name}",
+            args.host
+        ));
+    }
     if args.json {
         output::json(&runs)?;
     } else if runs.is_empty() {

@@ -6,6 +6,7 @@ mod build;
 mod builds;
 mod completions;
 mod diff;
+mod editor;
 mod flake_update;
 mod init;
 mod keygen;

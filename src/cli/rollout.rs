@@ -74,7 +74,17 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             )
         })?;
 
-    let previous = rollout::load(&chroot)?;
+    let previous = match rollout::load(&chroot) {
+        // A new rollout replaces whatever was there, so a broken file cannot block it.
+        Err(rollout::RolloutError::Corrupt { path, message }) if !args.resume => {
+            output::warning(&format!(
+                "replacing {}: not a rollout's progress ({message})",
+                path.display()
+            ));
+            None
+        }
+        other => other?,
+    };
     let mut progress = if args.resume {
         match previous {
             Some(p) if p.phase != Phase::Done => {

@@ -74,37 +74,10 @@ fn shown(fleet: &Fleet, file: &Path) -> String {
         .to_string()
 }
 
-/// Runs `$VISUAL`, else `$EDITOR`, else `vi` on `file` (the variable may carry arguments).
-fn run_editor(file: &Path) -> Result<(), SecretsError> {
-    let command = std::env::var("VISUAL")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .or_else(|| {
-            std::env::var("EDITOR")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-        })
-        .unwrap_or_else(|| "vi".into());
-    let mut words = command.split_whitespace();
-    let program = words.next().unwrap_or("vi");
-    let status = std::process::Command::new(program)
-        .args(words)
-        .arg(file)
-        .status()
-        .map_err(|e| SecretsError::Editor {
-            command: command.clone(),
-            message: e.to_string(),
-        })?;
-    if !status.success() {
-        return Err(SecretsError::Editor {
-            command,
-            message: format!("exited with {status}; nothing was written"),
-        });
-    }
-    Ok(())
-}
-
 pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
+    // Raised before anything starts a thread, so every thread inherits the blocked signals.
+    let _shield = matches!(cmd, Command::Edit { .. } | Command::Show { .. })
+        .then(super::editor::Shield::raise);
     let fleet = super::load_fleet(fleet)?;
     let sources = discover(&fleet)?;
     match cmd {
@@ -124,7 +97,7 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                 &target.host,
                 &target.path,
                 &id,
-                &run_editor,
+                &super::editor::run_editor,
             )?;
             let what = match outcome {
                 EditOutcome::Created => "created",

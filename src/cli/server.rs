@@ -47,7 +47,31 @@ pub enum Command {
         /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
         #[arg(long, value_name = "DIR")]
         chroot: Option<PathBuf>,
+        /// Flag hosts whose logs/ (and backups/) use more disk than this (e.g. 512M, 2G)
+        #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+        logs_limit: u64,
     },
+}
+
+/// `512M`, `2G`, `64K` or a number of bytes; the units are binary (`M` is MiB).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.as_bytes().last() {
+        Some(b'K' | b'k') => (&t[..t.len() - 1], 10),
+        Some(b'M' | b'm') => (&t[..t.len() - 1], 20),
+        Some(b'G' | b'g') => (&t[..t.len() - 1], 30),
+        Some(b'T' | b't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 512M, 2G, 65536)"))
 }
 
 /// bento.toml's settings with `--chroot` over `[server] chroot`.
@@ -147,10 +171,18 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             sshd,
             json,
             chroot,
+            logs_limit,
         } => {
             let config = with_chroot(config, chroot)?;
             let sshd = sshd.unwrap_or_else(find_sshd);
-            let report = provision::check(&config, &CheckOptions { sshd, sshd_config });
+            let report = provision::check(
+                &config,
+                &CheckOptions {
+                    sshd,
+                    sshd_config,
+                    logs_limit,
+                },
+            );
             if json {
                 output::json(&report)?;
             } else {
@@ -200,4 +232,21 @@ fn find_sshd() -> PathBuf {
             .find(|p| p.is_file())
     });
     on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/sshd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_binary_and_garbage_is_refused() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "M", "1.5G", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

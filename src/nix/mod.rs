@@ -78,9 +78,50 @@ pub struct Nix {
     env: Vec<(OsString, OsString)>,
     /// A deadline for every Nix child; none by default (builds take as long as they take).
     timeout: Option<Duration>,
+    /// Evaluate and build as for an untrusted tree (see [`Nix::restricted`]).
+    restricted: bool,
 }
 
+/// The search-path name under which a restricted classic evaluation may read its tree (a
+/// named entry, so it never shadows `<nixpkgs>`).
+const TREE_ENTRY: &str = "bento-host-tree";
+
 impl Nix {
+    /// Evaluates and builds what a fleet-repo contributor wrote, on the server: a classic
+    /// configuration with `restrict-eval` (it reads only its own tree and the search path,
+    /// i.e. the nixpkgs it names: no key file, no `/etc`, no URL), a flake in pure mode as
+    /// always, and builds as the `nixbld` build users when bento runs as root and the group
+    /// has members, so a builder cannot read root's files either.
+    pub fn restricted(mut self) -> Self {
+        self.restricted = true;
+        self
+    }
+
+    /// `--option` pairs a restricted evaluation or build adds for `target`.
+    fn restriction(&self, target: &Target) -> Vec<String> {
+        if !self.restricted {
+            return Vec::new();
+        }
+        let mut args = Vec::new();
+        if let Target::Classic { dir } = target {
+            args.extend([
+                "--option".to_owned(),
+                "restrict-eval".to_owned(),
+                "true".to_owned(),
+                "-I".to_owned(),
+                format!("{TREE_ENTRY}={}", dir.display()),
+            ]);
+        }
+        if crate::sys::accounts::is_root() && build_users_exist() {
+            args.extend([
+                "--option".to_owned(),
+                "build-users-group".to_owned(),
+                BUILD_USERS_GROUP.to_owned(),
+            ]);
+        }
+        args
+    }
+
     pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
         self
@@ -145,10 +186,13 @@ impl Nix {
 
     /// Builds a system; no `result` link is left behind.
     pub fn build(&self, target: &Target) -> Result<Built, NixError> {
+        let restriction = self.restriction(target);
         match target {
             Target::Flake { dir, host } => {
                 let attr = Target::flake_attr(dir, host, "");
-                let args = ["build", "--no-link", "--json", "--print-build-logs", &attr];
+                let mut args: Vec<&str> =
+                    vec!["build", "--no-link", "--json", "--print-build-logs", &attr];
+                args.extend(restriction.iter().map(String::as_str));
                 let out = self.run("nix", &args)?;
                 let path = parse_build_json(&out.stdout).map_err(|message| NixError::Output {
                     argv: format!("nix {}", args.join(" ")),
@@ -161,7 +205,7 @@ impl Nix {
             }
             Target::Classic { dir } => {
                 let config = format!("nixos-config={}", dir.join("configuration.nix").display());
-                let args = [
+                let mut args: Vec<&str> = vec![
                     "<nixpkgs/nixos>",
                     "-A",
                     TOPLEVEL,
@@ -169,6 +213,7 @@ impl Nix {
                     &config,
                     "--no-out-link",
                 ];
+                args.extend(restriction.iter().map(String::as_str));
                 let out = self.run("nix-build", &args)?;
                 let text = String::from_utf8_lossy(&out.stdout);
                 let last = text.lines().last().unwrap_or_default().trim();
@@ -186,6 +231,7 @@ impl Nix {
 
     /// The derivation of a system, without building it.
     pub fn derivation(&self, target: &Target) -> Result<StorePath, NixError> {
+        let restriction = self.restriction(target);
         let out = match target {
             Target::Flake { dir, host } => {
                 let attr = Target::flake_attr(dir, host, ".drvPath");
@@ -193,10 +239,9 @@ impl Nix {
             }
             Target::Classic { dir } => {
                 let config = format!("nixos-config={}", dir.join("configuration.nix").display());
-                self.run(
-                    "nix-instantiate",
-                    &["<nixpkgs/nixos>", "-A", TOPLEVEL, "-I", &config],
-                )?
+                let mut args: Vec<&str> = vec!["<nixpkgs/nixos>", "-A", TOPLEVEL, "-I", &config];
+                args.extend(restriction.iter().map(String::as_str));
+                self.run("nix-instantiate", &args)?
             }
         };
         let text = String::from_utf8_lossy(&out.stdout);
@@ -248,6 +293,17 @@ impl Nix {
         }
         Ok(key)
     }
+}
+
+/// The group of Nix's build users.
+const BUILD_USERS_GROUP: &str = "nixbld";
+
+/// Whether `nixbld` exists with members (Nix refuses a build-users-group without any).
+fn build_users_exist() -> bool {
+    unix::unistd::Group::from_name(BUILD_USERS_GROUP)
+        .ok()
+        .flatten()
+        .is_some_and(|g| !g.mem.is_empty())
 }
 
 fn parse_build_json(stdout: &[u8]) -> Result<StorePath, String> {

@@ -187,6 +187,22 @@ pub fn new_id(started: std::time::SystemTime) -> String {
     format!("{compact}-{}", hex::encode(rnd))
 }
 
+/// True for a name of the shape [`new_id`] makes (`YYYYMMDDTHHMMSSZ-` and 8 lowercase hex
+/// digits): the only names a reader of `logs/reports/` lists as runs, so a host-chosen file
+/// name can never carry anything but digits, letters and one dash to a terminal.
+pub fn is_report_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 25
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && b[17..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
@@ -198,6 +214,18 @@ mod tests {
 
     #[test]
     fn ids_sort_by_time() {
+        let id = new_id(std::time::SystemTime::now());
+        assert!(is_report_id(&id), "{id}");
+        for bad in [
+            "20261125T120000Z-0a0b0c0",
+            "20261125T120000Z-0A0B0C0D",
+            "20261125T120000Z-0a0b0c0d.json",
+            "2026112xT120000Z-0a0b0c0d",
+            "\x1b[2J61125T120000Z-0a0b0c0d",
+            "",
+        ] {
+            assert!(!is_report_id(bad), "{bad:?}");
+        }
         let a = new_id(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000));
         let b = new_id(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_001));
         assert!(a < b, "{a} {b}");

@@ -79,12 +79,15 @@ fn summarize(map: &SourceMap, e: &NixError) -> EvalFailure {
 
 /// Instantiates the plan's system derivation on a scratch copy of its configuration tree
 /// (secrets excluded, generated settings included: exactly what the host will evaluate).
+/// Restricted (`Nix::restricted`): what a contributor wrote reads nothing outside its tree.
 pub fn evaluate(nix: &Nix, plan: &HostPlan, fleet_root: &Path) -> Result<StorePath, EvalFailure> {
+    let nix = nix.clone().restricted();
     on_scratch_copy(plan, fleet_root, |target| nix.derivation(target))
 }
 
 /// Builds the plan's system the same way (for `build_on = "server"` hosts).
 pub fn build(nix: &Nix, plan: &HostPlan, fleet_root: &Path) -> Result<StorePath, EvalFailure> {
+    let nix = nix.clone().restricted();
     on_scratch_copy(plan, fleet_root, |target| nix.build(target).map(|b| b.path))
 }
 

@@ -14,8 +14,9 @@ use super::logs::LogsError;
 use super::store::{Key, Store, SubPath};
 use crate::protocol::check::CheckResult;
 use crate::protocol::manifest::Digest;
-use crate::protocol::report::{Outcome, Report, RunKind, REPORTS_DIR};
+use crate::protocol::report::{is_report_id, Outcome, Report, RunKind, REPORTS_DIR};
 use crate::protocol::HostName;
+use crate::sys::terminal;
 
 /// Largest run log `full_log` decompresses (a host must not exhaust the server's memory).
 pub const MAX_LOG_TEXT: u64 = 64 * 1024 * 1024;
@@ -55,29 +56,57 @@ pub struct Run {
     pub checks: Vec<CheckResult>,
 }
 
-/// The newest `limit` runs of `host`, newest first. Report ids sort by time, so the newest
-/// are the last names.
+/// A host's runs and what else it left in `logs/reports/`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// The newest runs, newest first.
+    pub runs: Vec<Run>,
+    /// Names in `logs/reports/` that are neither `<id>.json` nor `<id>.log.gz` for a report
+    /// id: escaped for a terminal and cut short, since the host chose them.
+    pub unexpected: Vec<String>,
+}
+
+/// The longest unexpected name shown (a host is not trusted to be brief).
+const MAX_UNEXPECTED_CHARS: usize = 80;
+
+/// The newest `limit` runs of `host`, newest first.
 pub fn runs(store: &dyn Store, host: &HostName, limit: usize) -> Result<Vec<Run>, HistoryError> {
+    history(store, host, limit).map(|h| h.runs)
+}
+
+/// The newest `limit` runs of `host`, newest first, and every entry that is not a run's
+/// file. Report ids sort by time, so the newest are the last names; only names of the
+/// report-id shape are runs, so no host-chosen text other than an id (digits, `T`, `Z`, a
+/// dash, hex) ever stands in the ID column.
+pub fn history(store: &dyn Store, host: &HostName, limit: usize) -> Result<History, HistoryError> {
     let entries = match store.list_logs(host, Some(REPORTS_DIR)) {
         Ok(e) => e,
         // A host that never reported has no reports/ yet: no history, not an error.
         Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Vec::new())
+            return Ok(History::default())
         }
         Err(e) => return Err(e.into()),
     };
     let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-    let mut out = Vec::new();
+    let mut out = History::default();
     for entry in entries.iter().rev() {
-        let Some(id) = entry.name.strip_suffix(".json") else {
+        let name = entry.name.as_str();
+        let id = name
+            .strip_suffix(".json")
+            .or_else(|| name.strip_suffix(".log.gz"))
+            .filter(|id| is_report_id(id));
+        let Some(id) = id else {
+            let shown = terminal::truncate(name, MAX_UNEXPECTED_CHARS);
+            out.unexpected.push(terminal::escape(&shown).into_owned());
             continue;
         };
-        if out.len() == limit {
-            break;
+        if !name.ends_with(".json") || out.runs.len() == limit {
+            continue;
         }
         let has_log = names.contains(format!("{id}.log.gz").as_str());
-        out.push(run_of(store, host, id, has_log));
+        out.runs.push(run_of(store, host, id, has_log));
     }
+    out.unexpected.reverse();
     Ok(out)
 }
 
@@ -257,6 +286,23 @@ mod tests {
             .unwrap()
             .contains("not a report"));
         assert_eq!(runs[2].outcome, Some(Outcome::Success));
+    }
+
+    #[test]
+    fn only_report_ids_are_runs_and_other_names_come_back_escaped() {
+        let t = host_with(&[report("20261125T100000Z-00000001", Outcome::Success, None)]);
+        let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
+        std::fs::write(dir.join("\x1b[2J\x1b]0;owned\x07.json"), b"{}").unwrap();
+        std::fs::write(dir.join("20261125T100000Z-00000001.log.gz"), b"").unwrap();
+        std::fs::write(dir.join("notes.txt"), b"").unwrap();
+        let h = history(&store(&t), &alpha(), 10).unwrap();
+        let ids: Vec<&str> = h.runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["20261125T100000Z-00000001"]);
+        assert!(h.runs[0].has_log);
+        assert_eq!(
+            h.unexpected,
+            ["\\u{1b}[2J\\u{1b}]0;owned\\u{7}.json", "notes.txt"]
+        );
     }
 
     #[test]

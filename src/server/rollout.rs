@@ -39,7 +39,7 @@ pub enum RolloutError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
+    #[error("{path}: not a rollout's progress ({message}); `bento rollout` without --resume starts a new rollout and replaces it (or remove the file)")]
     Corrupt { path: PathBuf, message: String },
 }
 
@@ -143,6 +143,22 @@ impl Progress {
         }
     }
 
+    /// What every reader of a loaded progress relies on: a known format, and a wave that
+    /// exists unless the rollout is done (a resume indexes `waves[wave]`).
+    fn check(&self) -> Result<(), String> {
+        let n = self.waves.len();
+        if self.format != FORMAT {
+            return Err(format!("format {}, this bento reads {FORMAT}", self.format));
+        }
+        match self.phase {
+            Phase::Done if self.wave != n => Err(format!("done at wave {} of {n}", self.wave)),
+            Phase::Running | Phase::Halted if self.wave >= n => {
+                Err(format!("at wave {} of {n}", self.wave + 1))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The hosts of waves `0..=k`: what wave `k` publishes (earlier waves again, which is a
     /// no-op for them unless the tree changed, e.g. a fix made before `--resume`).
     pub fn through(&self, k: usize) -> Vec<HostName> {
@@ -200,11 +216,8 @@ pub fn load(chroot: &Chroot) -> Result<Option<Progress>, RolloutError> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    if p.format != FORMAT || p.wave > p.waves.len() {
-        return Err(RolloutError::Corrupt {
-            path,
-            message: format!("format {} wave {} of {}", p.format, p.wave, p.waves.len()),
-        });
+    if let Err(message) = p.check() {
+        return Err(RolloutError::Corrupt { path, message });
     }
     Ok(Some(p))
 }
@@ -386,5 +399,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("rollout.json"));
+    }
+
+    #[test]
+    fn a_progress_pointing_past_its_waves_is_refused_saying_how_to_clear_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chroot = Chroot::new(tmp.path());
+        std::fs::create_dir_all(chroot.state_dir()).unwrap();
+        for (waves, wave, phase) in [
+            ("[]", 0, "running"),
+            ("[]", 0, "halted"),
+            (r#"[{"selector":"100%","hosts":["a"]}]"#, 1, "halted"),
+            (r#"[{"selector":"100%","hosts":["a"]}]"#, 0, "done"),
+        ] {
+            let text = format!(
+                r#"{{"format":1,"started":"t","waves":{waves},"wave":{wave},"phase":"{phase}","halt":null}}"#
+            );
+            std::fs::write(state_path(&chroot), text).unwrap();
+            let err = load(&chroot).unwrap_err().to_string();
+            assert!(err.contains("rollout.json"), "{err}");
+            assert!(err.contains("without --resume"), "{err}");
+        }
+        std::fs::write(
+            state_path(&chroot),
+            r#"{"format":1,"started":"t","waves":[],"wave":0,"phase":"done","halt":null}"#,
+        )
+        .unwrap();
+        assert!(load(&chroot).unwrap().is_some());
     }
 }

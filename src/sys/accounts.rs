@@ -58,6 +58,13 @@ pub fn group(name: &str) -> io::Result<Option<u32>> {
     Ok(found.map(|g| g.gid.as_raw()))
 }
 
+/// The name of the group with `gid`, or `None` if there is none.
+pub fn group_name(gid: u32) -> io::Result<Option<String>> {
+    let found =
+        unix::unistd::Group::from_gid(unix::unistd::Gid::from_raw(gid)).map_err(nss_error)?;
+    Ok(found.map(|g| g.name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +74,7 @@ mod tests {
         let root = user("root").unwrap().expect("root account");
         assert_eq!(root.uid, 0);
         assert_eq!(group("root").unwrap(), Some(0));
+        assert_eq!(group_name(0).unwrap().as_deref(), Some("root"));
         assert_eq!(user("no-such-bento-account").unwrap(), None);
         assert_eq!(group("no-such-bento-group").unwrap(), None);
         assert_eq!(user("bad\0name").unwrap(), None);

@@ -202,8 +202,8 @@ fn the_module_defines_the_printed_units() {
     has("\"*:0/${toString (s / 60)}\"");
 }
 
-/// nixos/server.nix passes on the generated module's `users`, `environment`, `systemd` and
-/// `services.openssh` (fixed names, so the module system can evaluate it lazily) and checks
+/// nixos/server.nix passes on the generated module's `users`, `environment`, `systemd`,
+/// `services.openssh` and `security.pam.loginLimits` (fixed names, so the module system can evaluate it lazily) and checks
 /// the chroot by its first tmpfiles rule. Evaluated with the two lib functions it calls.
 #[test]
 fn the_generated_fleet_module_sets_only_what_the_server_module_passes_on() {
@@ -241,7 +241,8 @@ fn the_generated_fleet_module_sets_only_what_the_server_module_passes_on() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for name in v["top"].as_array().unwrap() {
         assert!(
-            ["users", "environment", "systemd", "services"].contains(&name.as_str().unwrap()),
+            ["users", "environment", "systemd", "services", "security"]
+                .contains(&name.as_str().unwrap()),
             "nixos/server.nix does not pass on `{name}`"
         );
     }

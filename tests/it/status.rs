@@ -336,7 +336,7 @@ fn table_shows_every_state_problems_first_and_exits_2() {
     settings().bind(|| insta::assert_snapshot!("status_table", table));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        stderr.contains("12 hosts: 1 failing, 1 rolled back, 1 silent, 1 drifted, 1 update pending, 3 new, 4 up to date"),
+        stderr.contains("12 hosts: 1 unknown, 1 failing, 1 rolled back, 1 silent, 1 drifted, 1 update pending, 2 new, 4 up to date"),
         "{stderr}"
     );
 }

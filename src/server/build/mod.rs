@@ -180,6 +180,8 @@ pub fn run(
 
 /// Builds (or evaluates) one host on a scratch copy of its configuration.
 fn build_host(nix: &Nix, source: &HostPlan, key: &str, dry: bool) -> HostBuild {
+    // A contributor's configuration reads nothing outside its tree (`Nix::restricted`).
+    let nix = &nix.clone().restricted();
     let mut result = HostBuild {
         host: source.host.clone(),
         outcome: Outcome::Failed,

@@ -10,6 +10,7 @@
 //!   closure exported into `<host>/cache/` (`cache`) before its manifest goes live.
 
 pub mod cache;
+pub mod leak;
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -33,6 +34,8 @@ pub enum DeliveryError {
     KeyInRepo(PathBuf),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Leak(#[from] leak::LeakError),
 }
 
 /// The system a new manifest should name, given the live one (no churn).
@@ -77,6 +80,8 @@ pub struct FleetDelivery<'a> {
     pub now: SystemTime,
     /// `[server] cache_key`, loaded.
     pub key: Option<CacheKey>,
+    /// Looks for the fleet's keys in what evaluations and builds put in the store.
+    pub guard: leak::Guard,
 }
 
 impl<'a> FleetDelivery<'a> {
@@ -98,6 +103,10 @@ impl<'a> FleetDelivery<'a> {
             }
             None => None,
         };
+        let mut keys: Vec<&std::path::Path> = Vec::new();
+        keys.extend(fleet.config.server.signing_key.as_deref());
+        keys.extend(key.as_ref().map(|k| k.path.as_path()));
+        let guard = leak::Guard::new(leak::Needles::from_files(&keys)?);
         Ok(Self {
             fleet,
             nix,
@@ -105,7 +114,42 @@ impl<'a> FleetDelivery<'a> {
             jobs,
             now,
             key,
+            guard,
         })
+    }
+
+    /// Refuses the host when the store paths its evaluation or build made (`roots` and
+    /// their closures) hold a fleet key, and deletes those paths from the store.
+    fn refuse_leaks(
+        &self,
+        store: &dyn Store,
+        plan: &HostPlan,
+        roots: &[&StorePath],
+    ) -> Result<(), Box<HostReport>> {
+        let message = match self.guard.leaking(&self.nix, roots) {
+            Ok(found) if found.is_empty() => return Ok(()),
+            Ok(found) => {
+                leak::purge(&self.nix, &found);
+                format!(
+                    "refused: its evaluation put the fleet's signing or cache key into the Nix store ({}); the configuration reads a key file (deleted those paths where nothing else keeps them)",
+                    found.join(", ")
+                )
+            }
+            Err(e) => format!("cannot check its store paths for the fleet's keys: {e}"),
+        };
+        tracing::error!("{}: {message}", plan.host);
+        Err(Box::new(Self::failed(store, plan, message)))
+    }
+
+    /// The derivation a system was built from, when the store still knows it.
+    fn deriver(&self, system: &StorePath) -> Option<StorePath> {
+        let out = self
+            .nix
+            .run("nix-store", &["--query", "--deriver", system.as_str()])
+            .ok()?;
+        let text = out.stdout_text();
+        let drv = StorePath::new(text.trim()).ok()?;
+        std::path::Path::new(drv.as_str()).exists().then_some(drv)
     }
 
     fn failed(store: &dyn Store, plan: &HostPlan, error: String) -> HostReport {
@@ -143,8 +187,9 @@ impl<'a> FleetDelivery<'a> {
                     .is_none_or(|l| !same_except_system(l, &plan.manifest));
                 // A system built by `--build` has been evaluated already.
                 if self.eval && changed && plan.manifest.system.is_none() {
-                    eval::evaluate(&self.nix, &plan, &self.fleet.root)
+                    let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not evaluate", f))?;
+                    self.refuse_leaks(store, &plan, &[&drv])?;
                 }
             }
             BuildOn::Server => {
@@ -156,6 +201,13 @@ impl<'a> FleetDelivery<'a> {
                         .map_err(|f| fail(&plan, "does not build", f))?;
                     self.record(chroot, &plan, &system);
                     plan.manifest.system = Some(system);
+                }
+                // What goes into the host's cache/ (and the derivation it came from).
+                if let Some(system) = plan.manifest.system.clone() {
+                    let drv = self.deriver(&system);
+                    let mut roots = vec![&system];
+                    roots.extend(drv.as_ref());
+                    self.refuse_leaks(store, &plan, &roots)?;
                 }
             }
         }
@@ -182,6 +234,26 @@ impl<'a> FleetDelivery<'a> {
 
 impl crate::server::publish::Delivery for FleetDelivery<'_> {
     fn before(
+        &self,
+        store: &dyn Store,
+        chroot: &Chroot,
+        plans: Vec<HostPlan>,
+    ) -> (Vec<HostPlan>, Vec<HostReport>) {
+        self.guard.load(chroot);
+        let done = self.deliver(store, chroot, plans);
+        self.guard.save(chroot);
+        done
+    }
+
+    fn after(&self, chroot: &Chroot) -> Result<(), PublishError> {
+        cache::collect(chroot)
+            .map(|n| tracing::debug!("removed {n} unused cache files"))
+            .map_err(|e| PublishError::Internal(format!("collecting binary caches: {e}")))
+    }
+}
+
+impl FleetDelivery<'_> {
+    fn deliver(
         &self,
         store: &dyn Store,
         chroot: &Chroot,
@@ -263,12 +335,6 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
         }
         ready.sort_by(|a, b| a.host.cmp(&b.host));
         (ready, held)
-    }
-
-    fn after(&self, chroot: &Chroot) -> Result<(), PublishError> {
-        cache::collect(chroot)
-            .map(|n| tracing::debug!("removed {n} unused cache files"))
-            .map_err(|e| PublishError::Internal(format!("collecting binary caches: {e}")))
     }
 }
 

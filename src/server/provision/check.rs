@@ -24,6 +24,8 @@ use super::GROUP;
 pub struct CheckOptions {
     pub sshd: PathBuf,
     pub sshd_config: PathBuf,
+    /// The disk use above which a host's writable directories are flagged (bytes).
+    pub logs_limit: u64,
 }
 
 /// Problems of one host (empty = fine).
@@ -208,6 +210,7 @@ fn check_host(
     }
     for dir in host_owned {
         planted_files(&dir, problems);
+        over_limit(&dir, opts.logs_limit, problems);
     }
     check_sshd(config, opts, account, &info.home, &host_dir, problems);
 }
@@ -381,6 +384,42 @@ fn planted_files(dir: &Path, problems: &mut Vec<String>) {
     problems.extend(found.into_iter().take(PLANTED_SHOWN));
     if more > 0 {
         problems.push(format!("{}: {more} more such entries", dir.display()));
+    }
+}
+
+/// Disk use of everything under `dir` (blocks actually allocated, so a sparse file counts
+/// for what it takes), without following links.
+fn disk_use(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// A host-writable directory that grew past `limit`: the host can fill the server's disk
+/// (each upload is the host's own choice), and only a quota stops it (docs/server.md).
+fn over_limit(dir: &Path, limit: u64, problems: &mut Vec<String>) {
+    let used = disk_use(dir);
+    if used > limit {
+        problems.push(format!(
+            "{} uses {} on disk, more than the limit of {} (--logs-limit): a host filling the server's disk? set a quota for its account (docs/server.md)",
+            dir.display(),
+            crate::sys::output::bytes(used),
+            crate::sys::output::bytes(limit)
+        ));
     }
 }
 

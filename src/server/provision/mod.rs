@@ -3,6 +3,7 @@
 //! `sync` and `check` touch the system.
 
 pub mod check;
+pub mod claim;
 pub mod keys;
 pub mod nixos;
 pub mod sshd;
@@ -26,6 +27,24 @@ pub const MAX_STARTUPS: &str = "100:30:200";
 pub const PER_SOURCE_MAX_STARTUPS: u32 = 64;
 /// `MaxSessions` per connection for host accounts: see docs/server.md.
 pub const MAX_SESSIONS: u32 = 4;
+/// Processes one host account may run at once (`nproc` in PAM's limits for group `bento`):
+/// each SFTP connection holds two (sshd's child as the account and its sftp session), so
+/// this is about 8 connections per host, where an agent needs one or two. sshd itself has
+/// no per-account connection limit (`MaxStartups` is pre-auth and global, `MaxSessions`
+/// per connection): see docs/server.md.
+pub const MAX_PROCESSES: u32 = 16;
+/// The PAM limits file `sync-accounts` writes (pam_limits reads `limits.d/*.conf`).
+pub const LIMITS_FILE: &str = "/etc/security/limits.d/bento.conf";
+
+/// The lines of `LIMITS_FILE`.
+pub fn limits_conf() -> String {
+    format!(
+        "# bento: host accounts may run at most {MAX_PROCESSES} processes at once (about {} SFTP\n\
+         # connections); needs sshd with UsePAM yes. Written by `bento server sync-accounts`.\n\
+         @{GROUP} hard nproc {MAX_PROCESSES}\n",
+        MAX_PROCESSES / 2
+    )
+}
 /// The only thing a host account may run. `-d /` starts in the chroot root; `-u 0027` keeps
 /// uploads private whatever mode the client sends; `-P` denies link creation, so a host cannot
 /// plant a link in `logs/` that a root reader would follow into another host's chroot.

@@ -11,7 +11,7 @@ use crate::server::fleet::{FleetConfig, HostName, NameError};
 
 use super::keys::PublicKey;
 use super::sshd::{check_server_paths, match_block, PathError};
-use super::{GROUP, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
+use super::{GROUP, MAX_PROCESSES, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixosError {
@@ -122,6 +122,14 @@ pub fn render(
     );
     out.push_str(&format!(
         "  services.openssh.settings.PerSourceMaxStartups = lib.mkDefault {PER_SOURCE_MAX_STARTUPS};\n"
+    ));
+    // sshd has no per-account connection limit; PAM's process limit is one (NixOS's sshd
+    // uses PAM, and every PAM service applies security.pam.loginLimits).
+    out.push_str(
+        "  # Each host account runs at most this many processes: two per SFTP connection.\n",
+    );
+    out.push_str(&format!(
+        "  security.pam.loginLimits = [ {{ domain = \"@{GROUP}\"; type = \"hard\"; item = \"nproc\"; value = \"{MAX_PROCESSES}\"; }} ];\n"
     ));
     // sshd uses the first value it reads for each keyword and a Match block runs to the
     // next Match or to the end of its file. NixOS writes `settings` before every

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::server::fleet::ServerConfig;
 
-use super::{FORCE_COMMAND, GROUP, MAX_SESSIONS, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
+use super::{
+    FORCE_COMMAND, GROUP, LIMITS_FILE, MAX_SESSIONS, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -110,6 +112,9 @@ pub fn sshd_config(server: &ServerConfig) -> String {
          MaxStartups {MAX_STARTUPS}\n\
          # No one source address may hold more than this many of those pre-auth slots.\n\
          PerSourceMaxStartups {PER_SOURCE_MAX_STARTUPS}\n\
+         # Sessions per connection are capped below (MaxSessions); connections per host\n\
+         # account are capped by PAM's process limit (`sync-accounts` writes\n\
+         # {LIMITS_FILE}), which needs UsePAM yes.\n\
          {}",
         match_block(server)
     )

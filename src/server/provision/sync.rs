@@ -17,6 +17,7 @@ use crate::server::fleet::{FleetConfig, HostName};
 use crate::sys::accounts;
 use crate::sys::atomic;
 
+use super::claim;
 use super::keys::{fleet_keys, KeyErrors, PublicKey};
 use super::sshd::{check_server_paths, PathError};
 use super::system::{self, CommandError};
@@ -42,6 +43,8 @@ pub enum SyncError {
     Chroot(#[from] ChrootError),
     #[error("{}", foreign_message(.0))]
     Foreign(Vec<Foreign>),
+    #[error(transparent)]
+    Claim(#[from] super::claim::ClaimError),
 }
 
 /// An existing account a host of the fleet would use that is not one of the fleet's.
@@ -125,16 +128,21 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     check_server_paths(server)?;
     let keys = fleet_keys(config)?;
     let chroot = Chroot::new(&server.chroot);
+    // A chroot root marked by another fleet is refused before anything changes.
+    claim::check(&chroot, &server.account_prefix)?;
     // An existing account that is not this fleet's (an operator's, another fleet's, root)
     // is refused before anything changes.
     let mut foreign = Vec::new();
     for host in keys.keys() {
         let account = config.account(host)?;
-        if let Some(info) = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))? {
-            if let Some(reason) = not_ours(&info, &chroot.host_dir(host))? {
+        let info = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))?;
+        if let Some(info) = &info {
+            if let Some(reason) = not_ours(info, &chroot.host_dir(host))? {
                 foreign.push(Foreign { account, reason });
+                continue;
             }
         }
+        claim::check_jail(&chroot.host_dir(host), &account, info.map(|i| i.gid))?;
     }
     if !foreign.is_empty() {
         return Err(SyncError::Foreign(foreign));
@@ -158,6 +166,10 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
             .map_err(io_err(keys_dir))?;
     }
     ensure_group()?;
+    if let Some(marked) = claim::mark(&chroot, &server.account_prefix)? {
+        tracing::info!("{marked}");
+    }
+    write_limits()?;
 
     let mut reports = Vec::new();
     let mut wanted = BTreeSet::new();
@@ -196,6 +208,33 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     Ok(reports)
 }
 
+/// Caps the processes of every host account (PAM's `nproc` for group `bento`), where PAM's
+/// limits directory exists; sshd applies it with `UsePAM yes` (Debian's default).
+fn write_limits() -> Result<(), SyncError> {
+    let path = Path::new(super::LIMITS_FILE);
+    let Some(dir) = path.parent().filter(|d| d.is_dir()) else {
+        tracing::warn!(
+            "no {}: host accounts get no process limit (install PAM's limits, see docs/server.md)",
+            path.parent()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        );
+        return Ok(());
+    };
+    let want = super::limits_conf();
+    if fs::read_to_string(path).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    atomic::write_file(path, want.as_bytes(), 0o644).map_err(io_err(dir))?;
+    tracing::info!(
+        "wrote {}: each host account runs at most {} processes",
+        path.display(),
+        super::MAX_PROCESSES
+    );
+    Ok(())
+}
+
 fn ensure_group() -> Result<(), SyncError> {
     if accounts::group(GROUP)
         .map_err(io_err(Path::new("/etc/group")))?
@@ -228,7 +267,10 @@ fn sync_host(
     let home_s = home.display().to_string();
     let shell = system::nologin();
     let etc = Path::new("/etc/passwd");
-    match accounts::user(account).map_err(io_err(etc))? {
+    let existing = accounts::user(account).map_err(io_err(etc))?;
+    // Another account's jail (another fleet sharing the chroot) is never taken over.
+    claim::check_jail(&home, account, existing.as_ref().map(|a| a.gid))?;
+    match existing {
         None => {
             system::run(
                 "useradd",
@@ -286,6 +328,7 @@ fn sync_host(
             None => format!("no key in bento.toml: removed {}", key_file.display()),
         });
     }
+    let before = claim::ownership(&home);
     prepare_host_dir(
         &home,
         host,
@@ -293,6 +336,8 @@ fn sync_host(
             prefix: config.server.account_prefix.clone(),
         },
     )?;
+    // Every owner or mode put right is said: a silent fix would hide a tampered jail.
+    changes.extend(claim::changes(&before, &claim::ownership(&home)));
     if config.server.backups {
         let dir = home.join(crate::protocol::layout::BACKUPS);
         if !dir.exists() {

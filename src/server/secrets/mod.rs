@@ -5,6 +5,7 @@
 //! with encryption on, nothing publish writes into a chroot or the pool is plaintext.
 
 mod repo;
+mod scratch;
 mod seal;
 
 use std::path::PathBuf;

@@ -232,19 +232,7 @@ pub fn edit(
     } else {
         (Vec::new(), true, false)
     };
-    // tmpfs when there is one, so the plaintext never reaches a disk.
-    let base = Path::new("/dev/shm");
-    let mut b = tempfile::Builder::new();
-    b.prefix("bento-secret-");
-    let dir = if base.is_dir() {
-        b.tempdir_in(base)
-    } else {
-        b.tempdir()
-    }
-    .map_err(|source| SecretsError::Io {
-        path: base.to_owned(),
-        source,
-    })?;
+    let dir = super::scratch::private_dir()?;
     let name = s
         .file
         .file_name()

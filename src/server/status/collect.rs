@@ -19,7 +19,7 @@ use crate::server::build::record;
 use crate::server::chroot;
 use crate::server::logs::LogsError;
 use crate::server::store::{Key, Store, StoreError};
-use crate::sys::terminal::truncate;
+use crate::sys::terminal::{self, truncate};
 
 /// Where a host's expected system comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -101,6 +101,9 @@ const MAX_NOTE_CHARS: usize = 200;
 struct Notes {
     list: Vec<String>,
     unreadable: bool,
+    /// A file the host wrote was there but refused (a link, too large, not parsable, for
+    /// another host).
+    refused: bool,
 }
 
 impl Notes {
@@ -108,6 +111,12 @@ impl Notes {
         if !self.list.contains(&note) {
             self.list.push(note);
         }
+    }
+
+    /// The host wrote a file that is not used: noted, and remembered (see `host_status`).
+    fn refused(&mut self, note: String) {
+        self.refused = true;
+        self.push(note);
     }
 
     /// A file status depends on could not be read: the state is not to be trusted.
@@ -235,13 +244,13 @@ fn read_log<T: serde::de::DeserializeOwned>(
                     // serde quotes what it could not place (an unknown field's name): cut it
                     // short, a host is not trusted to be brief.
                     let e = e.to_string();
-                    notes.push(format!("logs/{name}: {}", truncate(&e, MAX_NOTE_CHARS)));
+                    notes.refused(format!("logs/{name}: {}", truncate(&e, MAX_NOTE_CHARS)));
                     None
                 }
             }
         }
         Ok(_) => {
-            notes.push(format!(
+            notes.refused(format!(
                 "logs/{name}: larger than {} bytes, not read",
                 crate::protocol::report::MAX_REPORT_BYTES
             ));
@@ -255,7 +264,7 @@ fn read_log<T: serde::de::DeserializeOwned>(
         }
         // Refused (a link, too large): the host's doing, shown as such.
         Err(e) => {
-            notes.push(e.to_string());
+            notes.refused(e.to_string());
             None
         }
     }
@@ -414,14 +423,14 @@ pub fn host_status(
     let heartbeat = heartbeat.filter(|h| {
         let ok = &h.host == host;
         if !ok {
-            notes.push(format!("logs/{HEARTBEAT_FILE} is for host {}", h.host));
+            notes.refused(format!("logs/{HEARTBEAT_FILE} is for host {}", h.host));
         }
         ok
     });
     let latest = latest.filter(|r| {
         let ok = &r.host == host;
         if !ok {
-            notes.push(format!("logs/{LATEST_FILE} is for host {}", r.host));
+            notes.refused(format!("logs/{LATEST_FILE} is for host {}", r.host));
         }
         ok
     });
@@ -481,13 +490,25 @@ pub fn host_status(
                 .map(|r| r.finished.system_time())
         });
     let unreadable = notes.unreadable;
-    // A state worked out from part of a host's files (usually `new`) would lie.
-    let state = if unreadable { State::Unknown } else { state };
-    let error = reason
-        .into_iter()
-        .chain(notes.list)
-        .collect::<Vec<_>>()
-        .join("; ");
+    // A state worked out from part of a host's files (usually `new`) would lie; so would
+    // `new` for a host that did write, but only files that were refused.
+    let all_refused = notes.refused && heartbeat.is_none() && latest.is_none();
+    let state = if unreadable || all_refused {
+        State::Unknown
+    } else {
+        state
+    };
+    // Escaped once, here, where host-written text (report errors, parse errors quoting
+    // field names) enters the row: every printer of a row (the status table, the
+    // `--wait` and rollout lines, a halt reason) then shows it, never sends it.
+    let error = terminal::escape(
+        &reason
+            .into_iter()
+            .chain(notes.list)
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+    .into_owned();
     let fmt = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     HostStatus {
         host: host.clone(),
@@ -620,6 +641,29 @@ mod tests {
         let row = status_of(&chroot);
         assert!(!row.unreadable, "{row:?}");
         assert!(row.error.unwrap().contains("symbolic link"));
+    }
+
+    #[test]
+    fn a_host_whose_every_file_is_refused_is_unknown_and_its_text_escaped() {
+        // Only refused files: not `new` (the host did write), but unknown.
+        let field = "\u{1b}[2J\u{1b}]0;owned\u{7}";
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({ field: 1 }))));
+        let logs = chroot.host_dir(&alpha()).join("logs");
+        std::os::unix::fs::symlink("/etc/passwd", logs.join("latest.json")).unwrap();
+        let row = status_of(&chroot);
+        assert_eq!(row.state, State::Unknown, "{row:?}");
+        assert!(!row.unreadable, "the host's doing, not the server's");
+        let error = row.error.unwrap();
+        assert!(!error.chars().any(terminal::is_unsafe), "{error:?}");
+        assert!(error.contains("\\u{1b}[2J\\u{1b}]0;owned\\u{7}"), "{error}");
+        // One good file is enough to judge by.
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({}))));
+        let logs = chroot.host_dir(&alpha()).join("logs");
+        std::os::unix::fs::symlink("/etc/passwd", logs.join("latest.json")).unwrap();
+        assert_ne!(status_of(&chroot).state, State::Unknown);
+        // Nothing written at all is still `new`.
+        let (_t, chroot) = chroot_with(None);
+        assert_eq!(status_of(&chroot).state, State::New);
     }
 
     #[test]
