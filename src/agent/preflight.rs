@@ -278,7 +278,7 @@ fn live_version(cfg: &AgentConfig, conn: &mut dyn source::Connection) -> Vec<Fin
             return vec![fail(
                 "manifest",
                 format!(
-                    "agent.toml says host = \"{host}\" but {} serves host {found}'s versions: set host = \"{found}\" in agent.toml (or the server URL of {host}'s account)",
+                    "agent.toml says host = \"{host}\" but {} serves host {found}'s versions: set host = \"{found}\" in agent.toml, or make `server` name {host}'s account",
                     cfg.server
                 ),
             )]

@@ -30,9 +30,10 @@ fn fleet_completion(shell: clap_complete::Shell) -> Option<&'static str> {
             r#"
 # bento: host names and @tags of the fleet in effect for `bento log`, --host and --on.
 _bento_fleet() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" sub="" w
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" sub="" w skip=""
     for w in "${COMP_WORDS[@]:1:COMP_CWORD-1}"; do
-        case "$w" in -*) ;; *) sub="$w"; break ;; esac
+        if [[ -n "$skip" ]]; then skip=""; continue; fi
+        case "$w" in --fleet) skip=1 ;; -*) ;; *) sub="$w"; break ;; esac
     done
     case "$prev" in
         --host) COMPREPLY=($(compgen -W "$(bento complete hosts -- "${COMP_WORDS[@]}" 2>/dev/null)" -- "$cur")); return 0 ;;

@@ -499,3 +499,53 @@ fn every_help_and_man_page_lists_the_exit_codes_the_code_defines() {
         }
     }
 }
+
+/// `bento log <TAB>`, `--host <TAB>` and `--on <TAB>` complete the hosts (and `@tags` for
+/// `--on`) of the fleet named on the line, in bash, through the generated script.
+#[test]
+fn completions_offer_the_fleets_hosts_and_tags() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(
+        t.path().join("bento.toml"),
+        "[hosts.alpha]\ntags = [\"web\"]\n[hosts.beta]\n",
+    )
+    .unwrap();
+    let fleet = t.path().display().to_string();
+    let listed = stdout(&[
+        "complete", "hosts", "--tags", "--", "bento", "--fleet", &fleet,
+    ]);
+    assert_eq!(listed, "alpha\nbeta\n@web\n");
+    let script = stdout(&["completions", "bash"]);
+    let bin = assert_cmd::cargo::cargo_bin("bento");
+    let complete = |line: &str| {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                "bento() { \"$BENTO_BIN\" \"$@\"; }; eval \"$BENTO_COMPLETION\"; read -ra COMP_WORDS <<< \"$LINE\"; COMP_WORDS+=(\"\"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); _bento_fleet bento \"\" \"${COMP_WORDS[COMP_CWORD-1]}\"; printf '%s\\n' \"${COMPREPLY[@]}\"",
+            ])
+            .env("BENTO_COMPLETION", &script)
+            .env("BENTO_BIN", &bin)
+            .env("LINE", line)
+            .env_remove("BENTO_FLEET")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        complete(&format!("bento --fleet {fleet} log")),
+        "alpha\nbeta\n"
+    );
+    assert_eq!(
+        complete(&format!("bento status --fleet {fleet} --on")),
+        "alpha\nbeta\n@web\n"
+    );
+    assert_eq!(
+        complete(&format!("bento status --fleet {fleet} --host")),
+        "alpha\nbeta\n"
+    );
+}
