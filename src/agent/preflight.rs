@@ -301,11 +301,41 @@ fn live_version(cfg: &AgentConfig, conn: &mut dyn source::Connection) -> Vec<Fin
                 "the live version is built by the server ({system}) but cache_keys is empty, so it would be refused: add the cache key `bento agent-config {host}` prints on the server"
             ),
         ),
-        Ok(Some(_)) => ok("cache_keys", format!("{} key(s) for the server's builds", cfg.cache_keys.len())),
+        Ok(Some(system)) => cache_signature(cfg, conn, system.as_str()),
         Ok(None) => ok("cache_keys", "the live version is built on this machine".into()),
         Err(e) => fail("cache_keys", format!("cannot read the server's cache: {e}")),
     });
     out
+}
+
+/// The top narinfo of a server-built system is signed by one of `cache_keys` (the agent
+/// checks every narinfo of the closure before it fetches a NAR; the top one tells a wrong key).
+fn cache_signature(cfg: &AgentConfig, conn: &mut dyn source::Connection, system: &str) -> Finding {
+    use crate::protocol::narinfo::{self, CacheKeys, NarInfo, MAX_NARINFO_BYTES};
+    let fix = format!(
+        "set cache_keys to what `bento agent-config {}` prints on the server",
+        cfg.host
+    );
+    let Some(file) = source::CacheFile::narinfo(narinfo::hash_part(system)) else {
+        return fail(
+            "cache_keys",
+            format!("{system}: not a store path the cache can name"),
+        );
+    };
+    let bytes = match conn.read(source::Item::Cache(file), MAX_NARINFO_BYTES as u64) {
+        Ok(Some(b)) => b,
+        Ok(None) => return fail("cache_keys", format!("{system}: its narinfo is gone from the server's cache: publish again on the server")),
+        Err(e) => return fail("cache_keys", format!("cannot read the server's cache: {e}")),
+    };
+    let verified = CacheKeys::parse(&cfg.cache_keys)
+        .and_then(|keys| NarInfo::parse(&String::from_utf8_lossy(&bytes))?.verify(&keys));
+    match verified {
+        Ok(()) => ok(
+            "cache_keys",
+            format!("the server's build {system} is signed by a key in cache_keys"),
+        ),
+        Err(e) => fail("cache_keys", format!("{system}: {e}: {fix}")),
+    }
 }
 
 fn signature(
