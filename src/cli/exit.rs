@@ -14,10 +14,10 @@ pub const UNHEALTHY: u8 = 2;
 pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
     match path {
         ["agent", "update"] => vec![
-            (RunResult::EXIT_NOOP, "nothing to do: the published version is applied (or held back)"),
+            (RunResult::EXIT_NOOP, "nothing to do: up to date, nothing published, backing off, or the live version was rolled back before"),
             (RunResult::EXIT_UPDATED, "a new version was applied (systemd counts it a success: SuccessExitStatus=10)"),
-            (RunResult::EXIT_FAILED, "a version failed to apply; the machine runs what it ran before"),
-            (RunResult::EXIT_ROLLED_BACK, "a version was applied, then rolled back (server unreachable or a health check failed)"),
+            (RunResult::EXIT_FAILED, "failed: fetching, building or activating failed and the running system was kept (or a health check failed with on_failure = \"keep\")"),
+            (RunResult::EXIT_ROLLED_BACK, "rolled back: activated, then lost the server or failed a health check, and went back to the previous system"),
             (ERROR, "the run could not start or reach the server (bad agent.toml, not root, unreachable)"),
         ],
         ["agent", "check"] => vec![
