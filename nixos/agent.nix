@@ -318,6 +318,15 @@ in
       text = cfg.knownHosts;
     };
 
+    # First boot: the machine's key, made once and never replaced (`bento agent init`); the
+    # line for the server's admin (`bento host add NAME --key '…'`) is in the activation log
+    # and in `identityFile`.pub.
+    system.activationScripts.bentoAgentKey = ''
+      if [ ! -e ${lib.escapeShellArg cfg.identityFile} ]; then
+        ${bento} -q agent init --server ${lib.escapeShellArg cfg.server} --host ${lib.escapeShellArg cfg.host} --identity-file ${lib.escapeShellArg cfg.identityFile} || true
+      fi
+    '';
+
     environment.systemPackages = [ config.services.bento.package ];
 
     nix.settings = lib.mkIf (cfg.substituter.url != null) {

@@ -50,49 +50,61 @@ echo "== building bento (the first build takes a few minutes)"
 if [ -t 2 ]; then cargo build --release; else cargo build --release 2>&1 | tail -n 1; fi
 BENTO="$ROOT/target/release/bento"
 
-echo "== a fleet repo in $WORK/fleet"
+echo "== a fleet repo in $WORK/fleet (bento init: a git repository with a first commit)"
 rm -rf "$WORK"
 mkdir -p "$WORK"; chmod 0755 "$WORK"
 FLEET="$WORK/fleet"
-"$BENTO" init "$FLEET"
+"$BENTO" init "$FLEET" >/dev/null
+# The demo's hosts are toy NixOS-shaped systems (no nixpkgs offline): its own common/ and
+# a flake directory with two hosts; `bento host add` makes the classic host's directory.
 rm -rf "$FLEET/hosts/example"
 cp "$ROOT/tests/fixtures/toy/lib.nix" "$FLEET/common/lib.nix"
 echo '{ version = "1"; }' > "$FLEET/common/base.nix"
-mkdir -p "$FLEET/hosts/desk/files/etc/bento-demo" "$FLEET/hosts/lab/machines"
-ln -s ../../common "$FLEET/hosts/desk/common"
-echo '{ ... }: { hostName = "desk"; version = (import ./common/base.nix).version; }' > "$FLEET/hosts/desk/configuration.nix"
-echo "demo secret for desk" > "$FLEET/hosts/desk/files/etc/bento-demo/secret"
+mkdir -p "$FLEET/hosts/lab/machines"
 ln -s ../../common "$FLEET/hosts/lab/common"
 cp "$ROOT/tests/fixtures/toy/multi-flake.nix" "$FLEET/hosts/lab/flake.nix"
 echo '{ hostName = "lab1"; }' > "$FLEET/hosts/lab/machines/lab1.nix"
 echo '{ hostName = "lab2"; }' > "$FLEET/hosts/lab/machines/lab2.nix"
 
-mkdir -p "$WORK/keys"; chmod 0700 "$WORK/keys"
-{
-  echo "[server]"
-  echo "address = \"127.0.0.1\""
-  echo "chroot = \"$WORK/chroot\""
-  echo "account_prefix = \"$PREFIX\""
-  echo "authorized_keys_dir = \"$WORK/authorized_keys\""
-  for h in desk lab1 lab2; do
-    ssh-keygen -q -t ed25519 -N '' -C "root@$h" -f "$WORK/keys/$h"
-    echo "[hosts.$h]"
-    echo "key = \"$(cat "$WORK/keys/$h.pub")\""
-  done
-} > "$FLEET/bento.toml"
-git -C "$FLEET" init -q && git -C "$FLEET" add -A && git -C "$FLEET" -c user.email=demo@bento -c user.name=demo commit -qm "demo fleet"
-
-echo "== signing key and host accounts"
+echo "== the server: its sshd host key, the signing key, bento.toml's [server]"
+mkdir -p /run/sshd "$WORK/sshd"; chmod 0700 "$WORK/sshd"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/sshd/host_key"
 "$BENTO" keygen --output "$WORK/signing_key" >/dev/null
-sed -i "s|^\[server\]|[server]\nsigning_key = \"$WORK/signing_key\"|" "$FLEET/bento.toml"
+cat > "$FLEET/bento.toml" <<TOML
+# The demo fleet: a private sshd on 127.0.0.1:$PORT, everything under $WORK.
+[server]
+address = "127.0.0.1"
+port = $PORT
+host_key = "$WORK/sshd/host_key.pub"
+chroot = "$WORK/chroot"
+account_prefix = "$PREFIX"
+authorized_keys_dir = "$WORK/authorized_keys"
+signing_key = "$WORK/signing_key"
+TOML
+
+echo "== enrol three machines: \`bento agent init\` on each, \`bento host add\` on the server"
+for h in desk lab1 lab2; do
+  m="$WORK/machines/$h"; mkdir -p "$m/root"
+  # On the machine: its key, and the one line for the server's admin.
+  line=$("$BENTO" -q agent init --server 127.0.0.1 --host "$h" --identity-file "$m/id_ed25519")
+  echo "   $h says: $line"
+  key=${line#*--key \'}; key=${key%\'}
+  flake=(); [ "$h" = desk ] || flake=(--flake lab)
+  "$BENTO" -q --fleet "$FLEET" host add "$h" --key "$key" "${flake[@]}" --no-account >/dev/null
+done
+# host add made hosts/desk/ from bento init's NixOS example; the toy system takes this instead.
+mkdir -p "$FLEET/hosts/desk/files/etc/bento-demo"
+echo '{ ... }: { hostName = "desk"; version = (import ./common/base.nix).version; }' > "$FLEET/hosts/desk/configuration.nix"
+echo "demo secret for desk" > "$FLEET/hosts/desk/files/etc/bento-demo/secret"
+git -C "$FLEET" add -A && git -C "$FLEET" -c user.email=demo@bento -c user.name=demo commit -qm "demo fleet: three hosts"
+
+echo "== host accounts (one jailed SFTP account per host)"
 "$BENTO" --fleet "$FLEET" server sync-accounts
 
 echo "== build every host on the server, and publish (signed)"
 "$BENTO" --fleet "$FLEET" publish --build
 
 echo "== a private sshd on 127.0.0.1:$PORT serving the chroots"
-mkdir -p /run/sshd "$WORK/sshd"; chmod 0700 "$WORK/sshd"
-ssh-keygen -q -t ed25519 -N '' -f "$WORK/sshd/host_key"
 {
   echo "ListenAddress 127.0.0.1"
   echo "Port $PORT"
@@ -111,42 +123,60 @@ ssh-keygen -q -t ed25519 -N '' -f "$WORK/sshd/host_key"
 SSHD=$!
 trap 'kill $SSHD 2>/dev/null || true' EXIT
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
-echo "[127.0.0.1]:$PORT $(cut -d' ' -f1,2 "$WORK/sshd/host_key.pub")" > "$WORK/known_hosts"
 
-agents() {
-  for h in desk lab1 lab2; do
-    m="$WORK/machines/$h"; mkdir -p "$m/root"
-    cat > "$m/agent.toml" <<TOML
-host = "$h"
-server = "sftp://$PREFIX$h@127.0.0.1:$PORT"
-identity_file = "$WORK/keys/$h"
-known_hosts = "$WORK/known_hosts"
+echo "== each machine's settings, as \`bento agent-config\` prints them"
+for h in desk lab1 lab2; do
+  m="$WORK/machines/$h"
+  "$BENTO" --fleet "$FLEET" agent-config "$h" --identity-file "$m/id_ed25519" --known-hosts "$m/known_hosts" > "$m/agent.toml"
+  # The known_hosts line is in the header (`#   [127.0.0.1]:PORT ssh-ed25519 …`).
+  sed -n 's/^#   //p' "$m/agent.toml" > "$m/known_hosts"
+  # The demo's machines are directories of this one: their state, profile and installed
+  # files stay under $WORK (on a real machine these keys are left at their defaults).
+  cat >> "$m/agent.toml" <<TOML
 state_dir = "$m/state"
 profile = "$m/profiles/system"
 current_system = "$m/no-current-system"
 files_root = "$m/root"
-trusted_keys = ["$(cat "$WORK/signing_key.pub")"]
 TOML
+done
+sed 's/^/   /' "$WORK/machines/desk/agent.toml"
+echo "== \`bento agent check\` on desk: what an update needs, one line each"
+"$BENTO" agent check --config "$WORK/machines/desk/agent.toml"
+
+agents() {
+  for h in desk lab1 lab2; do
+    m="$WORK/machines/$h"
     rc=0
     BENTO_TEST_ACTIVATION_LOG="$m/activations.log" "$BENTO" agent update --config "$m/agent.toml" || rc=$?
-    echo "   ($h: exit $rc)"
+    case $rc in
+      10) echo "   ($h: exit 10 = a new version was applied; systemd counts it a success)";;
+      0) echo "   ($h: exit 0 = nothing to do)";;
+      *) echo "   ($h: exit $rc = failed (11), rolled back (12) or could not run (1))";;
+    esac
   done
+}
+
+legend() {
+  echo "   (PUBLISHED: the live version and its age; EXPECTED: the system it builds to; RUNNING: the"
+  echo "    system the host reports; LAST SEEN: its last heartbeat; ERROR: why a host needs a look)"
 }
 
 echo "== every machine pulls, builds and activates its snapshot"
 agents
 echo "== the fleet"
 "$BENTO" --fleet "$FLEET" status || true
+legend
 
-echo "== change a shared module, publish, and only that changes on the machines"
+echo "== change a shared module, commit, publish, and only that changes on the machines"
 echo '{ version = "2"; }' > "$FLEET/common/base.nix"
 git -C "$FLEET" -c user.email=demo@bento -c user.name=demo commit -qam "version 2"
 "$BENTO" --fleet "$FLEET" publish --build
 "$BENTO" --fleet "$FLEET" status || true
 agents
 "$BENTO" --fleet "$FLEET" status || true
+legend
 
 echo
 echo "Everything is under $WORK (the machines' profiles, state and installed files in machines/)."
-echo "Remove the demo accounts with:"
-echo "  sed -i '/^\\[hosts/,\$d' $FLEET/bento.toml && $BENTO --fleet $FLEET server sync-accounts --prune"
+echo "The demo's sshd stops with this script. To remove the accounts, their jails and the work dir:"
+echo "  sed -i '/^\\[hosts/,\$d' $FLEET/bento.toml && $BENTO --fleet $FLEET server sync-accounts --prune && rm -rf $WORK"

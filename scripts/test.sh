@@ -43,15 +43,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked -- "$@" 2>&1 | tee "$log"
 
-# The agent's unit tier (every branch of an update against a fake machine and a file://
-# chroot) needs no root, sshd or Nix: prove it by running it as nobody in its own temp dir.
-echo "[test] agent unit tier as nobody"
+# The unit tier (among it every branch of an update against a fake machine and a file://
+# chroot) needs no root, sshd or Nix (tests that need them live in tests/it/): prove it by
+# running all of it as nobody in its own temp dir, as a contributor's clone would.
+echo "[test] unit tier as nobody"
 lib_tests=$(cargo test --locked --lib --no-run 2>&1 | sed -n 's/^ *Executable unittests src\/lib.rs (\(.*\))$/\1/p')
 unit_tmp=$(mktemp -d)
 trap 'rm -f "$log"; rm -rf "$unit_tmp"' EXIT
 chown nobody: "$unit_tmp"
 (cd "$unit_tmp" && HOME="$unit_tmp" TMPDIR="$unit_tmp" \
-  setpriv --reuid=65534 --regid=65534 --clear-groups "$OLDPWD/$lib_tests" agent::) 2>&1 | tee -a "$log"
+  setpriv --reuid=65534 --regid=65534 --clear-groups "$OLDPWD/$lib_tests") 2>&1 | tee -a "$log"
 
 if [ $# -eq 0 ]; then
   # The benchmark suite at tiny sizes (docs/benchmarks.md), so it cannot rot. Its timings

@@ -18,8 +18,11 @@ mod decide;
 mod fetch;
 pub mod files;
 pub mod host;
+// Issue #25: `bento agent init` (the machine's key) and `bento agent check`.
+pub mod identity;
 mod outcome;
 pub mod page;
+pub mod preflight;
 mod record;
 mod run;
 mod self_update;

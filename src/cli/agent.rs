@@ -14,6 +14,30 @@ use crate::sys::output;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// On a new machine: make its SSH key if missing and print the line for the server's
+    /// admin (`bento host add NAME --key '…'`)
+    Init {
+        /// The bento server this machine will pull from (e.g. sftp://bento.example.org, or
+        /// its name), named in the instructions
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The machine's name in the fleet (default: its host name)
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// Where the machine's SSH key goes
+        #[arg(long, value_name = "FILE", default_value = "/etc/bento/id_ed25519")]
+        identity_file: PathBuf,
+    },
+    /// Check agent.toml, the key, the server's host key, the connection, the live
+    /// manifest's signature and cache_keys; one line each, with the fix
+    Check {
+        /// The agent's settings
+        #[arg(long, default_value = agent::config::DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the findings as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch, build and activate this machine's published configuration if it changed
     Update {
         /// The agent's settings
@@ -72,6 +96,12 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Init {
+            server,
+            host,
+            identity_file,
+        } => super::agent_enrol::init(&server, host, &identity_file),
+        Command::Check { config, json } => super::agent_enrol::check(&config, json),
         Command::Update {
             config,
             force,

@@ -36,6 +36,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(out) = &args.output {
+        refuse_inside_fleet(out)?;
+    }
     if args.cache {
         return cache_key(&args);
     }
@@ -89,6 +92,33 @@ fn cache_key(args: &Args) -> anyhow::Result<ExitCode> {
         key.public
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A key inside a fleet repo would be committed with it (and publish refuses to use one
+/// there): refused before anything is written.
+fn refuse_inside_fleet(path: &Path) -> anyhow::Result<()> {
+    let abs = std::path::absolute(path)?;
+    // The nearest existing ancestor, with links resolved, is where the file would land.
+    let mut dir = abs.parent();
+    while let Some(d) = dir {
+        if let Ok(real) = std::fs::canonicalize(d) {
+            let mut up = Some(real.as_path());
+            while let Some(u) = up {
+                if u.join(crate::server::fleet::FLEET_FILE).is_file() {
+                    anyhow::bail!(
+                        "{} is inside the fleet repo {} (it holds bento.toml): a private key there would be committed and published with the fleet; write it outside, e.g. the default {}",
+                        path.display(),
+                        u.display(),
+                        DEFAULT_SIGNING_KEY
+                    );
+                }
+                up = u.parent();
+            }
+            return Ok(());
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 /// `<hostname>-1`, as Nix's own keys are named (`cache.nixos.org-1`).

@@ -2,12 +2,18 @@
 //! errors into messages and exit codes.
 
 mod agent;
+// Issue #25: enrolment (host add, agent-config).
+mod agent_config;
+mod agent_enrol;
 mod build;
 mod builds;
 mod completions;
 mod diff;
 mod editor;
+// Exit statuses and the EXIT STATUS sections of --help and man pages (issue #25).
+pub mod exit;
 mod flake_update;
+mod host;
 mod init;
 mod keygen;
 mod log;
@@ -110,6 +116,10 @@ pub enum Command {
     Secret(OnFleetGroup<secret::Command>),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
     Server(OnFleetGroup<server::Command>),
+    /// Enrol hosts in the fleet: `bento host add NAME --key PUBKEY`
+    Host(OnFleetGroup<host::Command>),
+    /// Print a host's agent settings (agent.toml and known_hosts line, or a NixOS block)
+    AgentConfig(OnFleet<agent_config::Args>),
     /// The machine-side agent (runs on each NixOS host)
     #[command(subcommand)]
     Agent(agent::Command),
@@ -117,10 +127,20 @@ pub enum Command {
     Completions(completions::Args),
     /// Print bento's man page (generated from these definitions)
     Man(completions::ManArgs),
+    /// List completion candidates (host names, @tags) for the shell scripts
+    #[command(hide = true)]
+    Complete(completions::CompleteArgs),
 }
 
 /// Exit status for errors that stop a command.
-pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_ERROR: u8 = exit::ERROR;
+
+/// The command line as parsed, with each command's EXIT STATUS section in its `--help`.
+pub fn parse() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = exit::annotate(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
 
 pub fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
@@ -162,9 +182,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rollback(c) => rollback::run(fleet(c.fleet), c.args),
         Command::Secret(c) => secret::run(fleet(c.fleet), c.command),
         Command::Server(c) => server::run(fleet(c.fleet), c.command),
+        Command::Host(c) => host::run(fleet(c.fleet), c.command),
+        Command::AgentConfig(c) => agent_config::run(fleet(c.fleet), c.args),
         Command::Agent(cmd) => agent::run(cmd),
         Command::Completions(args) => completions::run(args),
         Command::Man(args) => completions::man(args),
+        Command::Complete(args) => completions::complete(top.clone(), args),
     };
     match result {
         Ok(code) => code,

@@ -19,7 +19,14 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE", default_value = "fleet.nix")]
         output: PathBuf,
     },
-    /// Print the sshd_config lines to append on a non-NixOS server
+    /// Print the sshd settings for a non-NixOS server, to install as the first drop-in
+    #[command(
+        after_help = "Install it as the first drop-in, so no other Match block comes before it \
+(sshd takes the first value of each keyword; docs/server.md):\n  \
+bento server sshd-config > /etc/ssh/sshd_config.d/00-bento.conf && sshd -t && systemctl reload ssh\n\
+Appending it to /etc/ssh/sshd_config (>>) is wrong on a stock Debian: an earlier Match block, or \
+anything appended later, changes what applies to the hosts' accounts."
+    )]
     SshdConfig,
     /// Create and update the host accounts and their key files on a non-NixOS server (root)
     SyncAccounts {

@@ -17,7 +17,7 @@ use crate::server::status::{self, render, watch::Watcher, HostStatus, Query};
 use crate::sys::output;
 
 /// Exit status when any host is failing, rolled back or silent.
-pub const EXIT_UNHEALTHY: u8 = 2;
+pub const EXIT_UNHEALTHY: u8 = super::exit::UNHEALTHY;
 /// With `--watch`, ages and silence are refreshed at least this often without any change.
 const WATCH_REFRESH: Duration = Duration::from_secs(30);
 
@@ -32,8 +32,8 @@ pub struct Args {
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
-    /// One JSON object per host on stdout (stable state names: up-to-date, update-pending,
-    /// failing, rolled-back, drifted, new, silent)
+    /// Print a JSON array on stdout, one object per host; its `state` is one of up-to-date,
+    /// update-pending, new, held, drifted, silent, rolled-back, failing, unknown (stable names)
     #[arg(long)]
     json: bool,
     /// Redraw whenever a publish, build or host report lands (until interrupted)

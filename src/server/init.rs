@@ -21,6 +21,9 @@ const BENTO_TOML: &str = r#"# bento fleet settings. `bento publish` reads this f
 # The name or address hosts use to reach this server over SSH.
 # address = "bento.example.org"
 # port = 22
+# The public half of this server's SSH host key, for the agents' known_hosts
+# (`bento agent-config`); the default is OpenSSH's.
+# host_key = "/etc/ssh/ssh_host_ed25519_key.pub"
 # Where per-host chroots live (every directory on this path must be root-owned).
 chroot = "/srv/bento"
 # Host "alpha" logs in as account "bento-alpha".
@@ -31,18 +34,33 @@ account_prefix = "bento-"
 # key = "ssh-ed25519 AAAA... root@example"
 "#;
 
-const CONFIGURATION_NIX: &str = r#"# An example host. Rename the directory to the machine's host name.
-{ config, pkgs, ... }:
+/// The example host's configuration.nix, for a host named `@NAME@` (`bento init` names it
+/// `example`; `bento host add` gives each new host its own copy).
+const CONFIGURATION_NIX: &str = r#"# The configuration of host @NAME@ (its directory's name is the host's name in the fleet).
+{ config, lib, pkgs, ... }:
 {
-  imports = [ ./common/base.nix ];
+  imports = [
+    ./common/base.nix
+    # The machine's own hardware-configuration.nix (`nixos-generate-config --show-hardware-config`),
+    # copied beside this file; uncomment once it is there:
+    # ./hardware-configuration.nix
+  ];
 
-  networking.hostName = "example";
-  # Keep the machine's own hardware-configuration.nix here, beside this file.
-  # imports = [ ./hardware-configuration.nix ];
+  networking.hostName = "@NAME@";
+
+  # Stand-ins so the example evaluates before the hardware configuration is imported; that
+  # file's settings take precedence over these defaults.
+  fileSystems."/" = lib.mkDefault { device = "/dev/disk/by-label/nixos"; fsType = "ext4"; };
+  boot.loader.grub.device = lib.mkDefault "nodev";
 
   system.stateVersion = "24.05";
 }
 "#;
+
+/// The example configuration.nix for host `name`.
+pub fn example_configuration(name: &str) -> String {
+    CONFIGURATION_NIX.replace("@NAME@", name)
+}
 
 const COMMON_BASE_NIX: &str = r#"# Settings shared by every host. Hosts link this directory: hosts/<name>/common -> ../../common
 { config, pkgs, ... }:
@@ -71,9 +89,10 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, InitError> {
     if dir.join(crate::server::fleet::FLEET_FILE).exists() {
         return Err(InitError::Exists(dir.to_owned()));
     }
+    let example = example_configuration("example");
     let files: [(&str, &str); 4] = [
         ("bento.toml", BENTO_TOML),
-        ("hosts/example/configuration.nix", CONFIGURATION_NIX),
+        ("hosts/example/configuration.nix", &example),
         ("common/base.nix", COMMON_BASE_NIX),
         (".gitignore", GITIGNORE),
     ];
@@ -96,6 +115,52 @@ pub fn init(dir: &Path) -> Result<Vec<PathBuf>, InitError> {
     std::os::unix::fs::symlink("../../common", &link).map_err(io(&link))?;
     created.push(link);
     Ok(created)
+}
+
+/// What `bento init` did about git.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Git {
+    /// A new repository with the fleet as its first commit.
+    Committed,
+    /// The directory is already inside a repository: nothing was committed for the user.
+    InsideRepo(PathBuf),
+    /// git is missing or failed: the fleet is there, not in a repository.
+    Failed(String),
+}
+
+/// Makes `dir` a git repository whose first commit holds the new fleet, so the first
+/// publish records a commit and is not "dirty". Leaves an enclosing repository alone.
+pub fn git_init(dir: &Path) -> Git {
+    use crate::sys::process::Cmd;
+    let git = |args: &[&str]| {
+        Cmd::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .timeout(std::time::Duration::from_secs(60))
+            .run()
+    };
+    if let Ok(out) = git(&["rev-parse", "--show-toplevel"]) {
+        return Git::InsideRepo(PathBuf::from(out.stdout_text().trim()));
+    }
+    // An identity only where the user has none, so a fresh machine can still commit.
+    let has_identity = git(&["config", "user.email"]).is_ok();
+    let mut commit = vec![];
+    if !has_identity {
+        commit.extend([
+            "-c",
+            "user.name=bento init",
+            "-c",
+            "user.email=bento@localhost",
+        ]);
+    }
+    commit.extend(["commit", "-q", "-m", "A new bento fleet (bento init)"]);
+    for args in [&["init", "-q"][..], &["add", "-A"][..], &commit[..]] {
+        if let Err(e) = git(args) {
+            return Git::Failed(e.to_string());
+        }
+    }
+    Git::Committed
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ pub mod build;
 pub mod chroot;
 /// Issue #12: evaluation gate, no-churn systems, binary caches for `build_on = "server"`.
 pub mod delivery;
+// Issue #25: `bento host add` and `bento agent-config`.
+pub mod enrol;
 pub mod eval;
 pub mod fleet;
 pub mod history;

@@ -213,6 +213,8 @@ fn fleet_chroot_and_json_are_on_exactly_the_commands_that_use_them() {
         "server sshd-config",
         "server sync-accounts",
         "server check",
+        "host add",
+        "agent-config",
     ];
     assert_eq!(taking("fleet"), fleet_commands, "--fleet");
     // Of those, the ones that read the chroot.
@@ -244,6 +246,8 @@ fn fleet_chroot_and_json_are_on_exactly_the_commands_that_use_them() {
         "server check",
         "agent update",
         "agent status",
+        "agent check",
+        "agent-config",
     ] {
         assert!(json.contains(&c.to_owned()), "{c} has no --json: {json:?}");
     }
@@ -424,4 +428,124 @@ fn keygen_says_where_it_writes_and_makes_the_cache_key() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&nix.stdout).trim(), public);
+}
+
+/// Every command's `--help` and man page has an EXIT STATUS section listing exactly the
+/// codes `cli::exit` defines for it (the agent's from `RunResult`, status's 2, …).
+#[test]
+fn every_help_and_man_page_lists_the_exit_codes_the_code_defines() {
+    fn paths(cmd: &clap::Command, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        out.push(path.clone());
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            path.push(sub.get_name().to_owned());
+            paths(sub, path, out);
+            path.pop();
+        }
+    }
+    let mut all = Vec::new();
+    paths(&bento::cli::Cli::command(), &mut Vec::new(), &mut all);
+    assert!(all.iter().any(|p| p == &["agent", "update"]));
+    let dir = tempfile::tempdir().unwrap();
+    bento()
+        .args(["man", "--out-dir"])
+        .arg(dir.path())
+        .assert()
+        .success();
+    let agent: Vec<u8> = bento::cli::exit::codes(&["agent", "update"])
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(agent, [0, 10, 11, 12, 1]);
+    assert!(bento::cli::exit::codes(&["status"])
+        .iter()
+        .any(|c| c.0 == 2));
+    for path in all {
+        let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+        let codes = bento::cli::exit::codes(&refs);
+        let mut args = refs.clone();
+        args.push("--help");
+        let help = stdout(&args);
+        let section = help
+            .split("EXIT STATUS:\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("bento {}: no EXIT STATUS in --help", refs.join(" ")));
+        let listed: Vec<u8> = section
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .filter(|l| l.starts_with("  ") && !l.starts_with("    "))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        let wanted: Vec<u8> = codes.iter().map(|c| c.0).collect();
+        assert_eq!(listed, wanted, "bento {} --help", refs.join(" "));
+        let name = std::iter::once("bento")
+            .chain(refs.iter().copied())
+            .collect::<Vec<_>>()
+            .join("-");
+        let page = std::fs::read_to_string(dir.path().join(format!("{name}.1")))
+            .unwrap_or_else(|e| panic!("{name}.1: {e}"));
+        let section = page
+            .split(".SH \"EXIT STATUS\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}.1: no EXIT STATUS section"));
+        let section = section.split("\n.SH").next().unwrap();
+        for code in &wanted {
+            assert!(
+                section.contains(&format!("\\fB{code}\\fR")),
+                "{name}.1: {code}"
+            );
+        }
+    }
+}
+
+/// `bento log <TAB>`, `--host <TAB>` and `--on <TAB>` complete the hosts (and `@tags` for
+/// `--on`) of the fleet named on the line, in bash, through the generated script.
+#[test]
+fn completions_offer_the_fleets_hosts_and_tags() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(
+        t.path().join("bento.toml"),
+        "[hosts.alpha]\ntags = [\"web\"]\n[hosts.beta]\n",
+    )
+    .unwrap();
+    let fleet = t.path().display().to_string();
+    let listed = stdout(&[
+        "complete", "hosts", "--tags", "--", "bento", "--fleet", &fleet,
+    ]);
+    assert_eq!(listed, "alpha\nbeta\n@web\n");
+    let script = stdout(&["completions", "bash"]);
+    let bin = assert_cmd::cargo::cargo_bin("bento");
+    let complete = |line: &str| {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                "bento() { \"$BENTO_BIN\" \"$@\"; }; eval \"$BENTO_COMPLETION\"; read -ra COMP_WORDS <<< \"$LINE\"; COMP_WORDS+=(\"\"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); _bento_fleet bento \"\" \"${COMP_WORDS[COMP_CWORD-1]}\"; printf '%s\\n' \"${COMPREPLY[@]}\"",
+            ])
+            .env("BENTO_COMPLETION", &script)
+            .env("BENTO_BIN", &bin)
+            .env("LINE", line)
+            .env_remove("BENTO_FLEET")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        complete(&format!("bento --fleet {fleet} log")),
+        "alpha\nbeta\n"
+    );
+    assert_eq!(
+        complete(&format!("bento status --fleet {fleet} --on")),
+        "alpha\nbeta\n@web\n"
+    );
+    assert_eq!(
+        complete(&format!("bento status --fleet {fleet} --host")),
+        "alpha\nbeta\n"
+    );
 }

@@ -202,3 +202,65 @@ fn reference_documents_every_key_under_its_table_and_no_other() {
         );
     }
 }
+
+/// Shell words of one command (single and double quotes; no expansion).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote = None;
+    let mut in_word = false;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// Every `bento …` command in the README's `sh` blocks is one the command line accepts, as
+/// written (the quick start cannot name a command, flag or argument that does not exist).
+#[test]
+fn every_bento_command_in_the_readme_parses() {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut checked = 0;
+    for block in readme.split("```sh\n").skip(1) {
+        let block = &block[..block.find("```").unwrap()];
+        for line in block.lines() {
+            // A comment ends the command; `&&`, `|`, `;` and redirections separate commands.
+            let line = line.split(" #").next().unwrap().trim();
+            for part in line.split("&&").flat_map(|p| p.split(['|', ';'])) {
+                let part = part.split(['>', '<']).next().unwrap().trim();
+                if !part.starts_with("bento ") {
+                    continue;
+                }
+                let words = shell_words(part);
+                let parsed = bento::cli::Cli::command()
+                    .try_get_matches_from(&words)
+                    .and_then(|m| bento::cli::Cli::from_arg_matches(&m));
+                assert!(parsed.is_ok(), "README: `{part}`: {}", parsed.unwrap_err());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 9, "only {checked} commands found in README.md");
+}

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod delivery;
 mod docs;
+mod enrol;
 mod faults;
 mod hostile;
 mod hostile_server;

@@ -524,3 +524,37 @@ fn the_long_host_fixture_is_generated_and_at_the_limit() {
     let eval = fs::read_to_string(root().join("nixos/tests/eval.nix")).unwrap();
     assert!(eval.contains(account));
 }
+
+/// The generated module with host keys is valid Nix (moved from the unit tier, which must
+/// pass without Nix: issue #25 item 9).
+#[test]
+fn the_generated_fleet_module_with_keys_parses() {
+    if !installed("nix-instantiate") {
+        eprintln!("nix-instantiate not installed: skipped");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    fs::write(
+        t.path().join("bento.toml"),
+        "[server]\nchroot = \"/srv/bento\"\n\n[hosts.alpha]\nkey = \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHyvBNWS0tUTjrP3DxEx8bnhSwa7hvxOHgTSxBqYpMCy alpha@x\"\n[hosts.web-01]\n",
+    )
+    .unwrap();
+    let module = t.path().join("fleet.nix");
+    bento()
+        .arg("--fleet")
+        .arg(t.path())
+        .args(["server", "nixos-module", "--output"])
+        .arg(&module)
+        .assert()
+        .success();
+    let out = Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

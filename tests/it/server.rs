@@ -821,3 +821,45 @@ fn generated_config_limits_pre_auth_connections_per_source() {
         "{effective}"
     );
 }
+
+/// A `Match` block read before bento's that can apply to the hosts' accounts (here an earlier
+/// drop-in for an `sftp` group that also names `bento`) fails `server check`, naming its file
+/// and line and the fix; the same block after bento's is harmless.
+#[test]
+fn check_fails_when_another_match_block_comes_before_bentos() {
+    let s = Sshd::start(&["a"]);
+    s.publish();
+    let dropins = s.dir.join("sshd/sshd_config.d");
+    fs::create_dir_all(&dropins).unwrap();
+    let main = s.dir.join("sshd/with_dropins");
+    fs::write(
+        &main,
+        format!(
+            "Include {}/*.conf\n{}",
+            dropins.display(),
+            fs::read_to_string(s.config()).unwrap()
+        ),
+    )
+    .unwrap();
+    let other = dropins.join("10-sftp.conf");
+    fs::write(&other, "Match Group sftp,bento\n    X11Forwarding no\n").unwrap();
+    let bad = check(&s, &main);
+    assert!(!bad.status.success(), "{}", text(&bad));
+    let out = String::from_utf8_lossy(&bad.stdout).into_owned();
+    assert!(
+        out.contains(&format!("{}:1", other.display())) && out.contains("00-bento.conf"),
+        "{out}"
+    );
+    // After bento's block (an included file read at the end), it changes nothing.
+    fs::write(
+        &main,
+        format!(
+            "{}\nInclude {}/*.conf\n",
+            fs::read_to_string(s.config()).unwrap(),
+            dropins.display()
+        ),
+    )
+    .unwrap();
+    let good = check(&s, &main);
+    assert!(good.status.success(), "{}", text(&good));
+}

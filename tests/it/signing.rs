@@ -114,8 +114,13 @@ fn publish_signs_manifests_that_ssh_keygen_accepts() {
 #[test]
 fn a_signing_key_inside_the_fleet_repo_is_refused() {
     let sshd = Sshd::start(&["alpha"]);
+    // keygen refuses to write there (tests/it/init.rs); a key copied in by hand is refused
+    // by publish all the same.
+    let made = sshd.dir.join("signing/key");
+    keygen(&made);
     let key = sshd.fleet().join("secrets/key");
-    keygen(&key);
+    fs::create_dir_all(key.parent().unwrap()).unwrap();
+    fs::rename(&made, &key).unwrap();
     set_signing_key(&sshd, &key);
     let out = bento()
         .args(["publish", "--fleet"])

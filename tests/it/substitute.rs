@@ -379,3 +379,47 @@ fn a_rollout_builds_and_exports_a_server_built_host_as_publish_does() {
     );
     assert!(bed.cache().join("nix-cache-info").is_file());
 }
+
+/// `bento agent check` on a server-built host: the live build signed by a key in
+/// `cache_keys` passes; no `cache_keys`, or another key, is one FAIL line with the fix.
+#[test]
+fn agent_check_names_a_missing_or_wrong_cache_key() {
+    let bed = Bed::new(1);
+    bed.publish();
+    let m = bed.machine(bed.sshd.port);
+    let check = || {
+        let out = crate::common::bento_std()
+            .args(["agent", "check", "--config"])
+            .arg(m.config())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fails: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .map(str::to_owned)
+            .collect();
+        (out.status.code(), fails, text)
+    };
+    let (code, fails, text) = check();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(fails.is_empty(), "{text}");
+    assert!(text.contains("signed by a key in cache_keys"), "{text}");
+
+    let other_keys = bed.secret.parent().unwrap().join("other-key");
+    fs::create_dir_all(&other_keys).unwrap();
+    let (_, other_public) = cache_key(&other_keys);
+    for (cache_keys, needle) in [
+        (format!("cache_keys = [\"{other_public}\"]\n"), "signature"),
+        (String::new(), "cache_keys is empty"),
+    ] {
+        m.write_config(&cache_keys);
+        let (code, fails, text) = check();
+        assert_eq!(code, Some(1), "{text}");
+        assert_eq!(fails.len(), 1, "{text}");
+        assert!(
+            fails[0].contains("cache_keys") && fails[0].contains(needle),
+            "{text}"
+        );
+    }
+}

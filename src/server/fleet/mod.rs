@@ -46,9 +46,10 @@ pub enum FleetError {
 /// The tables of bento.toml (docs/reference.md documents each key of each).
 pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
 /// The keys of `[server]`.
-pub const SERVER_KEYS: [&str; 9] = [
+pub const SERVER_KEYS: [&str; 10] = [
     "address",
     "port",
+    "host_key",
     "chroot",
     "account_prefix",
     "authorized_keys_dir",
@@ -67,11 +68,16 @@ pub const ROLLOUT_KEYS: [&str; 1] = ["waves"];
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// The address hosts connect to (a name or IP), used in generated agent settings.
+    /// The address hosts connect to (a name or IP): `bento agent-config` puts it in each
+    /// agent's `server` URL and known_hosts line.
     #[serde(default)]
     pub address: Option<String>,
+    /// The port hosts connect to (`server` URL; known_hosts brackets when not 22).
     #[serde(default = "default_port")]
     pub port: u16,
+    /// The public half of this server's SSH host key, for the agents' known_hosts.
+    #[serde(default = "default_host_key")]
+    pub host_key: PathBuf,
     /// The chroot root: every host gets `<chroot>/<host>/`.
     #[serde(default = "default_chroot")]
     pub chroot: PathBuf,
@@ -101,6 +107,11 @@ pub struct ServerConfig {
 fn default_port() -> u16 {
     22
 }
+/// Where OpenSSH keeps the host key agents pin (`[server] host_key`).
+pub const DEFAULT_HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
+fn default_host_key() -> PathBuf {
+    PathBuf::from(DEFAULT_HOST_KEY)
+}
 fn default_chroot() -> PathBuf {
     PathBuf::from(DEFAULT_CHROOT)
 }
@@ -116,6 +127,7 @@ impl Default for ServerConfig {
         Self {
             address: None,
             port: default_port(),
+            host_key: default_host_key(),
             chroot: default_chroot(),
             account_prefix: default_prefix(),
             authorized_keys_dir: default_authorized_keys_dir(),

@@ -83,6 +83,10 @@ pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
             ));
         }
     }
+    shared.extend(super::sshd_order::earlier_matches(
+        &opts.sshd_config,
+        &server.account_prefix,
+    ));
     match accounts::group(GROUP) {
         Ok(Some(_)) => {}
         Ok(None) => shared.push(format!("group {GROUP} does not exist")),

@@ -7,6 +7,8 @@ pub mod claim;
 pub mod keys;
 pub mod nixos;
 pub mod sshd;
+// Issue #25: a Match block before bento's that captures the hosts' accounts.
+pub mod sshd_order;
 pub mod sync;
 mod system;
 

@@ -195,31 +195,6 @@ mod tests {
     fn nix_strings_escape() {
         assert_eq!(nix_string(r#"a"b\c${d}$e"#), r#""a\"b\\c\${d}$e""#);
     }
-
-    #[test]
-    fn module_parses_with_nix() {
-        let Ok(out) = std::process::Command::new("nix-instantiate")
-            .arg("--version")
-            .output()
-        else {
-            eprintln!("nix-instantiate not installed; parse check skipped");
-            return;
-        };
-        assert!(out.status.success());
-        let c = config("");
-        let text = render(&c, &fleet_keys(&c).unwrap()).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("fleet.nix");
-        std::fs::write(&file, text).unwrap();
-        let out = std::process::Command::new("nix-instantiate")
-            .arg("--parse")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    // Parsing the module with nix-instantiate needs Nix: tests/it/nixos.rs
+    // (the_generated_fleet_module_with_keys_parses), so this tier passes for anyone.
 }
