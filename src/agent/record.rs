@@ -143,10 +143,13 @@ impl<'a> Run<'a> {
         let finished = (opts.now)();
         let system_after = opts.host.running().ok().flatten();
         let effective = cfg.effective(attempt.settings.as_ref());
+        // Never after a `test` activation: the reboot would run the old boot default.
         let reboot = settings::reboot_action(
             effective.reboot,
             &effective.reboot_at,
-            outcome == Outcome::Success && attempt.reboot_required,
+            outcome == Outcome::Success
+                && attempt.reboot_required
+                && effective.mode != crate::protocol::Mode::Test,
         );
         let report = self.report(
             state,
