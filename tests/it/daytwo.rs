@@ -121,3 +121,113 @@ fn test_mode_activates_without_a_profile_generation_and_refuses_a_reboot_policy(
     assert_eq!(m.activations().len(), before);
     assert_eq!(generations(&m), ["system-1-link"]);
 }
+
+/// Every `bento …` command path that takes `--json`, read from the real definitions.
+fn json_commands() -> Vec<String> {
+    use clap::CommandFactory as _;
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        if cmd.get_arguments().any(|a| a.get_id() == "json") {
+            out.push(path.to_owned());
+        }
+        for sub in cmd.get_subcommands() {
+            let p = if path.is_empty() {
+                sub.get_name().to_owned()
+            } else {
+                format!("{path} {}", sub.get_name())
+            };
+            walk(sub, &p, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&bento::cli::Cli::command(), "", &mut out);
+    out.sort();
+    out
+}
+
+/// Issue #24 item 9: a script that asks for `--json` gets exactly one JSON document on
+/// stdout on every outcome; here, each such command failing (no fleet, no agent config, the
+/// server unreachable) prints `{"result": "error", "error": …}` and exits 1.
+#[test]
+fn every_json_command_prints_one_json_document_when_it_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nowhere = tmp.path().join("no-fleet");
+    fs::create_dir_all(&nowhere).unwrap();
+    let nowhere = nowhere.to_str().unwrap();
+    // An agent whose server refuses connections (port 1 on loopback).
+    let agent_toml = tmp.path().join("agent.toml");
+    fs::write(
+        &agent_toml,
+        format!(
+            "host = \"alpha\"\nserver = \"sftp://bento-alpha@127.0.0.1:1\"\nidentity_file = \"{d}/key\"\nknown_hosts = \"{d}/known_hosts\"\nstate_dir = \"{d}/state\"\nprofile = \"{d}/profiles/system\"\ncurrent_system = \"{d}/no-current-system\"\nconnect_timeout = \"2s\"\n",
+            d = tmp.path().display()
+        ),
+    )
+    .unwrap();
+    // A key it can read, so the run gets as far as the connection.
+    fs::write(
+        tmp.path().join("key"),
+        "not used: the connection is refused first\n",
+    )
+    .unwrap();
+    let agent_toml = agent_toml.to_str().unwrap();
+    let missing_toml = tmp.path().join("missing.toml");
+    let missing_toml = missing_toml.to_str().unwrap();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "agent status",
+            vec!["agent", "status", "--config", missing_toml],
+        ),
+        (
+            "agent update",
+            vec!["agent", "update", "--config", agent_toml],
+        ),
+        ("build", vec!["build", "--fleet", nowhere]),
+        ("diff", vec!["diff", "--fleet", nowhere]),
+        ("flake-update", vec!["flake-update", "--fleet", nowhere]),
+        ("log", vec!["log", "alpha", "--fleet", nowhere]),
+        ("publish", vec!["publish", "--fleet", nowhere]),
+        ("rollback", vec!["rollback", "alpha", "--fleet", nowhere]),
+        ("rollout", vec!["rollout", "--fleet", nowhere]),
+        ("server check", vec!["server", "--fleet", nowhere, "check"]),
+        (
+            "server sync-accounts",
+            vec!["server", "--fleet", nowhere, "sync-accounts"],
+        ),
+        ("status", vec!["status", "--fleet", nowhere]),
+        ("trigger", vec!["trigger", "--fleet", nowhere]),
+    ];
+    let mut covered: Vec<String> = cases.iter().map(|(n, _)| (*n).to_owned()).collect();
+    covered.sort();
+    assert_eq!(
+        covered,
+        json_commands(),
+        "a command takes --json but has no failure case here"
+    );
+    for (name, args) in &cases {
+        let out = bento()
+            .args(args)
+            .arg("--json")
+            .current_dir(tmp.path())
+            .timeout(std::time::Duration::from_secs(60))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{name}: stdout is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            });
+        assert_eq!(docs.len(), 1, "{name}: {docs:?}");
+        assert_eq!(docs[0]["result"], "error", "{name}: {}", docs[0]);
+        let error = docs[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            !error.is_empty() && stderr.contains(&format!("error: {error}")),
+            "{name}: the document's error is not the one on stderr: {error:?} / {stderr}"
+        );
+    }
+}
