@@ -76,15 +76,20 @@ fn failed(e: &dyn std::fmt::Display) -> AttemptError {
 
 impl Attempt<'_> {
     /// A published version: fetch, stage, then [`Attempt::apply`].
+    /// `prefetched`: the manifest's bytes when the run read them already (`live_host`).
     pub fn run(
         &mut self,
         conn: &mut Box<dyn Connection>,
+        prefetched: Option<Vec<u8>>,
         opts: &UpdateOptions<'_>,
         log: &mut RunLog<'_>,
         timings: &mut Timings,
     ) -> Result<Outcome, AttemptError> {
         let t = Instant::now();
-        let bytes = fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?;
+        let bytes = match prefetched {
+            Some(bytes) => bytes,
+            None => fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?,
+        };
         let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
         self.check_trust(conn.as_mut(), &bytes, &manifest, log)?;

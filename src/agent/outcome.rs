@@ -25,6 +25,12 @@ pub enum AgentError {
     BadCurrent(String),
     #[error("cannot tell the running system: {0}")]
     Running(std::io::Error),
+    #[error("agent.toml says host = \"{configured}\", but the live version {} on the server is host {live}'s: refusing to run as another host, nothing was written (set host = \"{live}\", or give this machine {configured}'s key)", .version.short())]
+    WrongHost {
+        configured: crate::protocol::HostName,
+        live: crate::protocol::HostName,
+        version: crate::protocol::manifest::Digest,
+    },
 }
 
 /// What a run did; each maps to an exit status (docs/agent.md).

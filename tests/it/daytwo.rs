@@ -231,3 +231,54 @@ fn every_json_command_prints_one_json_document_when_it_fails() {
         );
     }
 }
+
+/// Every file under `dir` with its bytes, sorted (what a refused run must leave alone).
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue #24 item 10: agent.toml naming another host than the account's live manifest is
+/// refused, even when the run would be a no-op, and nothing lands in the account's logs/.
+#[test]
+fn an_agent_configured_as_another_host_is_refused_and_writes_nothing() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let cfg = fs::read_to_string(m.config()).unwrap();
+    fs::write(
+        m.config(),
+        cfg.replace("host = \"alpha\"", "host = \"kiosk2\""),
+    )
+    .unwrap();
+    let before = tree(&m.logs());
+    let out = m.update_with(&[], &["--json"]);
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("host = \"kiosk2\"") && stderr.contains("host alpha's"),
+        "{}",
+        text(&out)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(doc["result"], "error");
+    assert!(doc["error"].as_str().unwrap().contains("kiosk2"), "{doc}");
+    assert_eq!(tree(&m.logs()), before, "the refused run wrote into logs/");
+    assert_eq!(m.activations().len(), 1);
+}
