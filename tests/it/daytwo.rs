@@ -282,3 +282,28 @@ fn an_agent_configured_as_another_host_is_refused_and_writes_nothing() {
     assert_eq!(tree(&m.logs()), before, "the refused run wrote into logs/");
     assert_eq!(m.activations().len(), 1);
 }
+
+/// Issue #24 item 11: a `state_dir` of about 100 characters still connects (the ssh control
+/// socket under it would pass the Unix socket path limit).
+#[test]
+fn a_deep_state_dir_still_connects() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let mut deep = m.base.join("state");
+    while deep.as_os_str().len() < 100 {
+        deep = deep.join("deeper");
+    }
+    let cfg = fs::read_to_string(m.config()).unwrap().replace(
+        &format!("state_dir = \"{}/state\"", m.base.display()),
+        &format!("state_dir = \"{}\"", deep.display()),
+    );
+    assert!(cfg.contains("deeper"), "{cfg}");
+    fs::write(m.config(), cfg).unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(deep.join("state.json").is_file());
+    // And the no-op run after it (the confirmation connected a second time already).
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+}
