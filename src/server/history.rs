@@ -34,6 +34,26 @@ pub enum HistoryError {
     LogTooLarge { path: String, max: u64 },
 }
 
+/// What started a run, as `bento log` names it: a version published by the server, one a
+/// `bento rollback` made live, or the host re-locking its own flake inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Publish,
+    Rollback,
+    SelfUpdate,
+}
+
+impl Kind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Publish => "publish",
+            Kind::Rollback => "rollback",
+            Kind::SelfUpdate => "self-update",
+        }
+    }
+}
+
 /// One past run, as `bento log` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Run {
@@ -41,7 +61,7 @@ pub struct Run {
     /// When the run started (RFC 3339, as the host wrote it).
     pub time: Option<String>,
     pub outcome: Option<Outcome>,
-    pub kind: Option<RunKind>,
+    pub kind: Option<Kind>,
     pub version: Option<Digest>,
     pub duration_ms: Option<u64>,
     pub error: Option<String>,
@@ -54,9 +74,14 @@ pub struct Run {
     pub checks: Vec<CheckResult>,
 }
 
-/// The newest `limit` runs of the host whose chroot directory is `host_dir`, newest first.
+/// The newest `limit` runs of the host whose chroot directory is `host_dir`, newest first;
+/// a published run of one of `rollbacks` (`server::rollbacks`) is a rollback.
 /// Report ids sort by time, so the newest are the last names.
-pub fn runs(host_dir: &Path, limit: usize) -> Result<Vec<Run>, HistoryError> {
+pub fn runs(
+    host_dir: &Path,
+    limit: usize,
+    rollbacks: &std::collections::BTreeSet<Digest>,
+) -> Result<Vec<Run>, HistoryError> {
     let entries = match logs::list_in(host_dir, REPORTS_DIR) {
         Ok(e) => e,
         // A host that never reported has no reports/ yet: no history, not an error.
@@ -75,7 +100,11 @@ pub fn runs(host_dir: &Path, limit: usize) -> Result<Vec<Run>, HistoryError> {
             break;
         }
         let has_log = names.contains(format!("{id}.log.gz").as_str());
-        out.push(run_of(host_dir, id, has_log));
+        let mut run = run_of(host_dir, id, has_log);
+        if run.kind == Some(Kind::Publish) && run.version.is_some_and(|v| rollbacks.contains(&v)) {
+            run.kind = Some(Kind::Rollback);
+        }
+        out.push(run);
     }
     Ok(out)
 }
@@ -102,7 +131,10 @@ fn run_of(host_dir: &Path, id: &str, has_log: bool) -> Run {
             id: r.id,
             time: Some(r.started.to_string()),
             outcome: Some(r.outcome),
-            kind: Some(r.kind),
+            kind: Some(match r.kind {
+                RunKind::Published => Kind::Publish,
+                RunKind::AutoUpdated => Kind::SelfUpdate,
+            }),
             version: Some(r.version),
             duration_ms: Some(r.timings.total_ms),
             error: r.error,
@@ -205,7 +237,7 @@ mod tests {
                 Some("unreachable"),
             ),
         ]);
-        let runs = runs(t.path(), 2).unwrap();
+        let runs = runs(t.path(), 2, &Default::default()).unwrap();
         let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -217,13 +249,41 @@ mod tests {
     }
 
     #[test]
+    fn each_run_says_what_started_it() {
+        let mut auto = report("20261125T120000Z-00000003", Outcome::Success, None);
+        auto.kind = RunKind::AutoUpdated;
+        let rolled = report("20261125T110000Z-00000002", Outcome::Success, None);
+        let t = host_with(&[
+            report("20261125T100000Z-00000001", Outcome::Success, None),
+            rolled.clone(),
+            auto,
+        ]);
+        let rollbacks = [rolled.version].into_iter().collect();
+        let kinds: Vec<Option<Kind>> = runs(t.path(), 10, &rollbacks)
+            .unwrap()
+            .iter()
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(Kind::SelfUpdate),
+                Some(Kind::Rollback),
+                Some(Kind::Publish)
+            ]
+        );
+        let json = serde_json::to_value(runs(t.path(), 1, &rollbacks).unwrap()).unwrap();
+        assert_eq!(json[0]["kind"], "self-update");
+    }
+
+    #[test]
     fn a_bad_report_is_listed_unreadable_not_fatal() {
         let t = host_with(&[report("20261125T100000Z-00000001", Outcome::Success, None)]);
         let dir = t.path().join("logs").join(REPORTS_DIR);
         std::fs::write(dir.join("20261125T110000Z-0000000f.json"), b"{not json").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", dir.join("20261125T120000Z-0000000e.json"))
             .unwrap();
-        let runs = runs(t.path(), 10).unwrap();
+        let runs = runs(t.path(), 10, &Default::default()).unwrap();
         assert_eq!(runs.len(), 3);
         assert!(runs[0]
             .unreadable
@@ -242,7 +302,7 @@ mod tests {
     fn no_reports_is_an_empty_history() {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir(t.path().join("logs")).unwrap();
-        assert!(runs(t.path(), 10).unwrap().is_empty());
+        assert!(runs(t.path(), 10, &Default::default()).unwrap().is_empty());
     }
 
     #[test]
@@ -252,7 +312,7 @@ mod tests {
         std::fs::create_dir(t.path().join("logs")).unwrap();
         std::os::unix::fs::symlink(other.path(), t.path().join("logs").join(REPORTS_DIR)).unwrap();
         assert!(matches!(
-            runs(t.path(), 10),
+            runs(t.path(), 10, &Default::default()),
             Err(HistoryError::Logs(LogsError::Refused { .. }))
         ));
     }

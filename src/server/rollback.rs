@@ -216,6 +216,10 @@ pub fn rollback_host(
             })
         }
     };
+    // Advisory, for `bento log`'s KIND: a lost record only shows the run as a publish.
+    if let Err(e) = super::rollbacks::record(chroot, host, version) {
+        tracing::warn!("{host}: cannot record the rollback for `bento log`: {e}");
+    }
     Ok(RolledBack {
         host: host.clone(),
         from,

@@ -287,6 +287,23 @@ fn rollback_brings_a_host_back_to_the_earlier_system() {
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert!(runs(m, "1"), "{:?}", m.profile_target());
     assert_eq!(row(&status_json(&sshd), "alpha")["state"], "up-to-date");
+    // `bento log` tells the rollback's run from the publishes' (issue #24 item 11).
+    let out = run(&sshd, &["log", "alpha", "--json"], true);
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["rollback", "publish", "publish"], "{log}");
+    let table = stdout(&run(&sshd, &["log", "alpha"], true));
+    let first = table.lines().nth(1).unwrap();
+    assert!(
+        table.starts_with("ID ") && table.lines().next().unwrap().contains(" KIND "),
+        "{table}"
+    );
+    assert!(first.contains(" rollback ") && first.contains(" success "), "{table}");
     // A version that is not kept is refused, naming the host.
     let out = run(&sshd, &["rollback", "alpha", "--to", "0000dead"], true);
     assert_eq!(code(&out), 1);
