@@ -217,7 +217,11 @@ impl Attempt<'_> {
         }
         log.output(&built.log);
         timings.build_ms = Some(t.elapsed().as_millis() as u64);
-        log.step(&format!("built {}", built.path));
+        log.step(&format!(
+            "{} {}",
+            if substitute { "substituted" } else { "built" },
+            built.path
+        ));
         self.built = Some(built.path.clone());
         if let Some(expected) = manifest.and_then(|m| m.system.as_ref()) {
             if expected != &built.path {

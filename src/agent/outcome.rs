@@ -108,6 +108,15 @@ impl RunLog<'_> {
         self.text.push('\n');
     }
 
+    /// A step that went wrong (a failed check, a failed run): at WARN, so a journal filtered
+    /// by priority shows it.
+    pub fn warn(&mut self, line: &str) {
+        tracing::warn!("{line}");
+        (self.on_progress)(line);
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+
     pub fn output(&mut self, text: &str) {
         self.text.push_str(text);
         if !text.is_empty() && !text.ends_with('\n') {

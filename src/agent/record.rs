@@ -137,7 +137,7 @@ impl<'a> Run<'a> {
             Err(AttemptError::RolledBack(msg)) => (Outcome::Rollback, Some(msg)),
         };
         match &error {
-            Some(e) => self.log.step(&format!("{}: {e}", outcome.as_str())),
+            Some(e) => self.log.warn(&format!("{}: {e}", outcome.as_str())),
             None => self.log.step("success"),
         }
         let finished = (opts.now)();
