@@ -303,7 +303,10 @@ fn rollback_brings_a_host_back_to_the_earlier_system() {
         table.starts_with("ID ") && table.lines().next().unwrap().contains(" KIND "),
         "{table}"
     );
-    assert!(first.contains(" rollback ") && first.contains(" success "), "{table}");
+    assert!(
+        first.contains(" rollback ") && first.contains(" success "),
+        "{table}"
+    );
     // A version that is not kept is refused, naming the host.
     let out = run(&sshd, &["rollback", "alpha", "--to", "0000dead"], true);
     assert_eq!(code(&out), 1);
