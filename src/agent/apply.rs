@@ -5,7 +5,8 @@
 //! 3. realise the system — before touching any file on the machine, so a failed build
 //!    changes nothing: build it, or, when the server built it (`cache/` holds the narinfo
 //!    of the manifest's `system`), substitute it from there without evaluating (`substitute`);
-//! 4. install `files` entries, point the system profile at the build, activate;
+//! 4. install `files` entries, point the system profile at the build (not in `test` mode,
+//!    which, like `nixos-rebuild test`, leaves the profile and the boot default alone), activate;
 //! 5. confirm over a *fresh* connection (the old one may have survived a network the new
 //!    system broke) and roll back to the exact store path that ran before if it fails;
 //! 6. run the health checks (`checks`): a failing one rolls back the same way, or, with
@@ -75,15 +76,20 @@ fn failed(e: &dyn std::fmt::Display) -> AttemptError {
 
 impl Attempt<'_> {
     /// A published version: fetch, stage, then [`Attempt::apply`].
+    /// `prefetched`: the manifest's bytes when the run read them already (`live_host`).
     pub fn run(
         &mut self,
         conn: &mut Box<dyn Connection>,
+        prefetched: Option<Vec<u8>>,
         opts: &UpdateOptions<'_>,
         log: &mut RunLog<'_>,
         timings: &mut Timings,
     ) -> Result<Outcome, AttemptError> {
         let t = Instant::now();
-        let bytes = fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?;
+        let bytes = match prefetched {
+            Some(bytes) => bytes,
+            None => fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?,
+        };
         let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
         self.check_trust(conn.as_mut(), &bytes, &manifest, log)?;
@@ -211,17 +217,25 @@ impl Attempt<'_> {
         }
         log.output(&built.log);
         timings.build_ms = Some(t.elapsed().as_millis() as u64);
-        log.step(&format!("built {}", built.path));
+        log.step(&format!(
+            "{} {}",
+            if substitute { "substituted" } else { "built" },
+            built.path
+        ));
         self.built = Some(built.path.clone());
         if let Some(expected) = manifest.and_then(|m| m.system.as_ref()) {
             if expected != &built.path {
                 log.step(&format!("note: the server expected {expected}"));
             }
         }
+        let mode = effective.mode;
+        // A `test` activation leaves the boot default alone: a reboot would only bring back
+        // the old system (and the next run would activate and reboot again, forever).
         let booted = self.host.booted().or_else(|| self.running.clone());
-        self.reboot_required = booted
-            .as_ref()
-            .is_some_and(|r| self.host.boot_files_differ(r, &built.path));
+        self.reboot_required = mode != Mode::Test
+            && booted
+                .as_ref()
+                .is_some_and(|r| self.host.boot_files_differ(r, &built.path));
 
         if let Some(manifest) = manifest {
             self.installed = files::install_files(
@@ -235,7 +249,6 @@ impl Attempt<'_> {
             self.persist_installed().map_err(|e| failed(&e))?;
         }
 
-        let mode = effective.mode;
         if self.running.as_ref() == Some(&built.path) {
             log.step("the build is the running system: nothing to activate");
             if !mode.activates_now() {
@@ -253,7 +266,7 @@ impl Attempt<'_> {
         };
         let t = Instant::now();
         log.step(&format!("activating ({})", mode.as_str()));
-        self.host.set_profile(&built.path).map_err(|e| failed(&e))?;
+        set_profile_unless_test(self.host, &built.path, mode).map_err(|e| failed(&e))?;
         match self.host.activate(&built.path, mode) {
             Ok(out) => log.output(&out),
             Err(e) => {
@@ -461,7 +474,7 @@ impl Attempt<'_> {
         log.step(&format!("going back to {prev}"));
         self.restore_files(log);
         let prev = &prev;
-        if let Err(e) = self.host.set_profile(prev) {
+        if let Err(e) = set_profile_unless_test(self.host, prev, mode) {
             log.step(&format!("could not reset the profile: {e}"));
             return format!(
                 "; restoring {prev} failed: {}",
@@ -479,6 +492,19 @@ impl Attempt<'_> {
             }
         }
     }
+}
+
+/// Points the system profile at `path`, except in `test` mode: like `nixos-rebuild test`,
+/// that mode runs a system without adding a generation or changing the boot default.
+fn set_profile_unless_test(
+    host: &dyn Host,
+    path: &StorePath,
+    mode: Mode,
+) -> Result<(), crate::nix::NixError> {
+    if mode == Mode::Test {
+        return Ok(());
+    }
+    host.set_profile(path)
 }
 
 /// A failed realisation in one line, with the file and line Nix named, as a path of the

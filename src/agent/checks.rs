@@ -104,7 +104,11 @@ pub fn run(
             CheckStatus::Failed => "FAILED",
             CheckStatus::Skipped => "skipped",
         };
-        log.step(&format!("check {}: {word} ({})", r.check, r.detail));
+        let line = format!("check {}: {word} ({})", r.check, r.detail);
+        match r.result {
+            CheckStatus::Failed => log.warn(&line),
+            _ => log.step(&line),
+        }
     }
     results
 }

@@ -20,6 +20,7 @@ pub mod files;
 pub mod host;
 // Issue #25: `bento agent init` (the machine's key) and `bento agent check`.
 pub mod identity;
+mod live_host;
 mod outcome;
 pub mod page;
 pub mod preflight;

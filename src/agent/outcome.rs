@@ -25,6 +25,12 @@ pub enum AgentError {
     BadCurrent(String),
     #[error("cannot tell the running system: {0}")]
     Running(std::io::Error),
+    #[error("agent.toml says host = \"{configured}\", but the live version {} on the server is host {live}'s: refusing to run as another host, nothing was written (set host = \"{live}\", or give this machine {configured}'s key)", .version.short())]
+    WrongHost {
+        configured: crate::protocol::HostName,
+        live: crate::protocol::HostName,
+        version: crate::protocol::manifest::Digest,
+    },
 }
 
 /// What a run did; each maps to an exit status (docs/agent.md).
@@ -97,6 +103,15 @@ pub struct RunLog<'a> {
 impl RunLog<'_> {
     pub fn step(&mut self, line: &str) {
         tracing::info!("{line}");
+        (self.on_progress)(line);
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+
+    /// A step that went wrong (a failed check, a failed run): at WARN, so a journal filtered
+    /// by priority shows it.
+    pub fn warn(&mut self, line: &str) {
+        tracing::warn!("{line}");
         (self.on_progress)(line);
         self.text.push_str(line);
         self.text.push('\n');

@@ -137,16 +137,19 @@ impl<'a> Run<'a> {
             Err(AttemptError::RolledBack(msg)) => (Outcome::Rollback, Some(msg)),
         };
         match &error {
-            Some(e) => self.log.step(&format!("{}: {e}", outcome.as_str())),
+            Some(e) => self.log.warn(&format!("{}: {e}", outcome.as_str())),
             None => self.log.step("success"),
         }
         let finished = (opts.now)();
         let system_after = opts.host.running().ok().flatten();
         let effective = cfg.effective(attempt.settings.as_ref());
+        // Never after a `test` activation: the reboot would run the old boot default.
         let reboot = settings::reboot_action(
             effective.reboot,
             &effective.reboot_at,
-            outcome == Outcome::Success && attempt.reboot_required,
+            outcome == Outcome::Success
+                && attempt.reboot_required
+                && effective.mode != crate::protocol::Mode::Test,
         );
         let report = self.report(
             state,

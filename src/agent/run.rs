@@ -1,5 +1,6 @@
-//! One run of `bento agent update`: lock, connect, deliver what the spool holds, decide
-//! (`decide`), then apply (`apply`, `self_update`) and record (`record`).
+//! One run of `bento agent update`: lock, connect, read `current` and check that the live
+//! manifest is this host's (`live_host`), deliver what the spool holds, decide (`decide`),
+//! then apply (`apply`, `self_update`) and record (`record`).
 //!
 //! Invariant: errors returned from [`update`] stop the run before a version is attempted
 //! (nothing on the machine changed, no report); every attempt ends in a report.
@@ -11,7 +12,7 @@ use super::outcome::{secs, state_err, AgentError, RunResult, UpdateOptions};
 use super::record::{no_op, Run};
 use super::source::RemoteError;
 use super::state::StateDir;
-use super::{fetch, record, self_update};
+use super::{fetch, live_host, record, self_update};
 use crate::protocol::layout;
 use crate::protocol::report::RunKind;
 use crate::sys::atomic::Lock;
@@ -64,9 +65,6 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
     let mut state = dirs.load().map_err(state_err(&dirs.state_file()))?;
 
     let mut conn = (opts.connect)()?;
-    record::deliver_spool(conn.as_mut(), dirs);
-
-    let running = opts.host.running().map_err(AgentError::Running)?;
     let current = match fetch::current(conn.as_mut())? {
         None => None,
         Some(text) => Some(
@@ -74,6 +72,15 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?,
         ),
     };
+    // Before anything is written to the server (spool, heartbeat, report): an agent
+    // configured as another host must not write into this account's logs/.
+    let prefetched = match current {
+        Some(version) => live_host::check(conn.as_mut(), dirs, &cfg.host, version)?,
+        None => None,
+    };
+    record::deliver_spool(conn.as_mut(), dirs);
+
+    let running = opts.host.running().map_err(AgentError::Running)?;
     // The server answered: the runs that could not reach it are over.
     if state.unreachable.take().is_some() {
         dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
@@ -127,7 +134,7 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 checks: Vec::new(),
                 confirmed: false,
             };
-            let result = attempt.run(&mut conn, opts, &mut run.log, &mut run.timings);
+            let result = attempt.run(&mut conn, prefetched, opts, &mut run.log, &mut run.timings);
             run.finish(opts, &mut state, &mut conn, &attempt, result)
         }
     }

@@ -9,6 +9,9 @@ pub const SUCCESS: u8 = 0;
 pub const ERROR: u8 = 1;
 /// `bento status`: a host is failing, rolled back or silent.
 pub const UNHEALTHY: u8 = 2;
+/// `bento status`: no host is unhealthy, but one is `drifted` (runs another system than the
+/// one it applied).
+pub const DRIFTED: u8 = 3;
 
 /// The codes of the command at `path` (`["agent", "update"]`), with what each means.
 pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
@@ -28,6 +31,7 @@ pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
             (SUCCESS, "every host is healthy (up to date, pending, new or held)"),
             (ERROR, "bento.toml or a host's files could not be read (the state of some host is unknown)"),
             (UNHEALTHY, "a host is failing, rolled back or silent"),
+            (DRIFTED, "no host is unhealthy, but a host is drifted (runs another system than the one it applied)"),
         ],
         ["server", "check"] => vec![
             (SUCCESS, "the server and every host account are set up as bento.toml says"),

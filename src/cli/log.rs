@@ -49,8 +49,10 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let history::History { runs, unexpected } = history::history(&*store, &args.host, args.count)
-        .with_context(|| format!("host {}", args.host))?;
+    let rollbacks = crate::server::rollbacks::read(&chroot, &args.host);
+    let history::History { runs, unexpected } =
+        history::history(&*store, &args.host, args.count, &rollbacks)
+            .with_context(|| format!("host {}", args.host))?;
     // Names the host chose that are not runs: one escaped line each, never an ID.
     for name in &unexpected {
         output::warning(&format!(
@@ -71,7 +73,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn table(runs: &[Run]) -> Vec<String> {
-    let rows: Vec<[String; 6]> = runs
+    let rows: Vec<[String; 7]> = runs
         .iter()
         .map(|r| {
             let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
@@ -84,6 +86,7 @@ fn table(runs: &[Run]) -> Vec<String> {
             [
                 r.id.clone(),
                 or_dash(r.time.clone()),
+                or_dash(r.kind.map(|k| k.as_str().to_owned())),
                 outcome,
                 or_dash(r.version.as_ref().map(|v| v.to_string()[..12].to_owned())),
                 or_dash(
@@ -94,14 +97,16 @@ fn table(runs: &[Run]) -> Vec<String> {
             ]
         })
         .collect();
-    let head = ["ID", "STARTED", "OUTCOME", "VERSION", "DURATION", "ERROR"];
+    let head = [
+        "ID", "STARTED", "KIND", "OUTCOME", "VERSION", "DURATION", "ERROR",
+    ];
     let mut widths = head.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let fmt = |cells: [&str; 6]| {
+    let fmt = |cells: [&str; 7]| {
         let mut line = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
             if i == cells.len() - 1 {

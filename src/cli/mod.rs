@@ -58,6 +58,20 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+
+    /// The command was given `--json` (set by [`parse`]): its errors are printed as
+    /// a JSON document too.
+    #[arg(skip)]
+    pub json: bool,
+}
+
+/// `--json` on the innermost subcommand of `matches`.
+pub fn wants_json(matches: &clap::ArgMatches) -> bool {
+    let mut m = matches;
+    while let Some((_, sub)) = m.subcommand() {
+        m = sub;
+    }
+    matches!(m.try_get_one::<bool>("json"), Ok(Some(&true)))
 }
 
 // `--fleet DIR` of a command that reads a fleet (after the command, or before it). Plain
@@ -136,10 +150,15 @@ pub enum Command {
 pub const EXIT_ERROR: u8 = exit::ERROR;
 
 /// The command line as parsed, with each command's EXIT STATUS section in its `--help`.
+/// Parses the command line (with the EXIT STATUS sections in `--help`), and notes whether
+/// the chosen command (at any depth) was given `--json`, whichever command that is: one rule
+/// at the edge, not one per command.
 pub fn parse() -> Cli {
     use clap::{CommandFactory as _, FromArgMatches as _};
     let matches = exit::annotate(Cli::command()).get_matches();
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.json = wants_json(&matches);
+    cli
 }
 
 pub fn init_logging(verbose: u8, quiet: bool) {
@@ -167,6 +186,7 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 pub fn run(cli: Cli) -> ExitCode {
     // `bento publish --fleet DIR` over `bento --fleet DIR publish` over BENTO_FLEET.
     let top = cli.fleet;
+    let json = cli.json;
     let fleet = |f: FleetArg| f.fleet.or(top.clone());
     let result = match cli.command {
         Command::Init(args) => init::run(args),
@@ -192,10 +212,21 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", error_text(&err));
+            let text = error_text(&err);
+            eprintln!("error: {text}");
+            // A script that asked for JSON gets one document on every outcome: the error
+            // as one, unless the command printed its own before failing.
+            if json && !crate::sys::output::json_printed() {
+                let _ = crate::sys::output::json(&error_document(&text));
+            }
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// What `--json` prints for an error that stopped a command (docs/reference.md).
+pub fn error_document(text: &str) -> serde_json::Value {
+    serde_json::json!({ "result": "error", "error": text })
 }
 
 /// An error and its causes on one line, `outer: cause: cause`, leaving out a cause whose

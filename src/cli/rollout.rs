@@ -1,7 +1,10 @@
 //! `bento rollout`: publish the working tree wave by wave (`[rollout] waves` or `--waves`),
 //! waiting after each wave until every host of it reported on the new version. The first
 //! failure, rollback or silent host halts it; `--resume` continues at the wave it stopped
-//! at. Progress lives in `<chroot>/.bento/rollout.json` (`server::rollout`).
+//! at; `--status` shows where it stands. The plan (waves and hosts) is printed before the
+//! first publish; a wave's hosts are judged only on reports newer than its publish, and a
+//! host its trigger could not start halts the wave at once. Progress lives in
+//! `<chroot>/.bento/rollout.json` (`server::rollout`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +43,9 @@ pub struct Args {
     /// After publishing a wave, start its hosts' runs with the trigger command (as `bento trigger`)
     #[arg(long)]
     trigger: bool,
+    /// Show where the last rollout stands (its waves, hosts, phase and why it halted) and exit
+    #[arg(long, conflicts_with_all = ["resume", "waves", "on", "trigger"])]
+    status: bool,
     /// Print a JSON summary on stdout at the end
     #[arg(long)]
     json: bool,
@@ -58,6 +64,9 @@ struct Summary<'a> {
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot.clone())?;
+    if args.status {
+        return show_status(&chroot, args.json);
+    }
     // Creates the chroot and .bento/ as publish would; its lock is not kept (each wave
     // takes it while it publishes).
     drop(publish::open_store(
@@ -114,6 +123,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         start(&fleet, &chroot, &args)?
     };
 
+    print_plan(&progress);
     let mut finished = Vec::new();
     let n = progress.waves.len();
     while progress.wave < n {
@@ -156,6 +166,75 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     rollout::save(&chroot, &progress)?;
     tracing::info!("rollout done: {n} waves");
     print_summary(&progress, &finished, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Each wave with its hosts, before anything is published (stderr: results stay on stdout).
+fn print_plan(progress: &Progress) {
+    let n = progress.waves.len();
+    for line in plan_lines(progress) {
+        output::note(&format!("plan: {line}"));
+    }
+    if n == 0 {
+        output::note("plan: no waves");
+    }
+}
+
+/// `wave 1/3 (@canary): alpha, beta`, one line per wave.
+fn plan_lines(progress: &Progress) -> Vec<String> {
+    let n = progress.waves.len();
+    progress
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let hosts = if w.hosts.is_empty() {
+                "no new hosts".to_owned()
+            } else {
+                super::wait::names(&w.hosts)
+            };
+            format!("wave {}/{n} ({}): {hosts}", i + 1, w.selector)
+        })
+        .collect()
+}
+
+/// `bento rollout --status`: the last rollout's progress, read-only (no lock taken).
+fn show_status(chroot: &Chroot, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(progress) = rollout::load(chroot)? else {
+        if json {
+            output::json(&serde_json::json!({ "phase": null }))?;
+        } else {
+            output::line(&format!("no rollout has run in {}", chroot.root.display()));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if json {
+        output::json(&progress)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = progress.waves.len();
+    let stands = match progress.phase {
+        Phase::Done => format!("done ({n} waves)"),
+        Phase::Halted => format!(
+            "halted at wave {}/{n}: {}; fix it and run `bento rollout --resume`",
+            progress.wave + 1,
+            progress.halt.as_ref().map_or("-", |h| h.reason.as_str())
+        ),
+        Phase::Running => format!(
+            "at wave {}/{n} (running, or interrupted: `bento rollout --resume` continues it)",
+            progress.wave + 1
+        ),
+    };
+    output::line(&format!("rollout started {}: {stands}", progress.started));
+    for (i, line) in plan_lines(&progress).into_iter().enumerate() {
+        let mark = match (i.cmp(&progress.wave), progress.phase) {
+            (_, Phase::Done) | (std::cmp::Ordering::Less, _) => "done",
+            (std::cmp::Ordering::Equal, Phase::Halted) => "halted",
+            (std::cmp::Ordering::Equal, _) => "current",
+            (std::cmp::Ordering::Greater, _) => "waiting",
+        };
+        output::line(&format!("  {mark:8} {line}"));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -223,6 +302,9 @@ fn run_wave(
     if hosts.is_empty() {
         return Ok(WaveEnd::Done(Vec::new()));
     }
+    // Read before publishing: a report the host writes after the publish is never taken
+    // for an old one, and the wave judges its hosts only on reports newer than these.
+    let baselines = super::wait::baselines(fleet, chroot, &hosts);
     let reports = publish_hosts(fleet, chroot, &hosts, !args.json)?;
     let failed: Vec<HostName> = reports
         .iter()
@@ -239,7 +321,7 @@ fn run_wave(
             Vec::new(),
         ));
     }
-    let mut tracker = Tracker::new(super::wait::baselines(fleet, chroot, &hosts), false);
+    let mut tracker = Tracker::new(baselines, true);
     if args.trigger {
         // Only hosts not already on the new version need a run.
         let interval = |h: &HostName| fleet.config.interval(h);
@@ -263,7 +345,7 @@ fn run_wave(
             .clone()
             .unwrap_or_else(crate::server::trigger::default_command);
         let targets = crate::server::trigger::targets(&fleet.config, &tracker.pending())?;
-        super::trigger::trigger_lines(
+        let triggered = super::trigger::trigger_lines(
             &template,
             &targets,
             false,
@@ -271,6 +353,32 @@ fn run_wave(
             Duration::from_secs(120),
             false,
         )?;
+        // A host that could not be started will not report: stop now, with the trigger's
+        // own error, rather than at --wait-timeout.
+        let missed: Vec<&crate::server::trigger::Triggered> = triggered
+            .iter()
+            .filter(|t| t.outcome != crate::server::trigger::Outcome::Started)
+            .collect();
+        if !missed.is_empty() {
+            let reason = missed
+                .iter()
+                .map(|t| {
+                    format!(
+                        "triggering {} failed: {}",
+                        t.host,
+                        t.error.as_deref().unwrap_or("no error text")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Ok(WaveEnd::Halted(
+                Halt {
+                    reason,
+                    hosts: missed.iter().map(|t| t.host.clone()).collect(),
+                },
+                Vec::new(),
+            ));
+        }
     }
     super::wait::follow(
         fleet,

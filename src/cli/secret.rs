@@ -1,4 +1,4 @@
-//! `bento secret edit | show | rekey`: the admin's tools for `.age` files in the fleet repo
+//! `bento secret edit | show | rekey | encrypt`: the admin's tools for `.age` files in the fleet repo
 //! (docs/security.md, "Secrets at rest").
 
 use std::path::{Path, PathBuf};
@@ -27,6 +27,12 @@ pub enum Command {
         target: Target,
         #[command(flatten)]
         identity: Identity,
+    },
+    /// Turn a host's plaintext files/ entry into an .age file encrypted to the hosts that
+    /// use it and [secrets] recipients (its files.toml key follows), removing the plaintext
+    Encrypt {
+        #[command(flatten)]
+        target: Target,
     },
     /// Re-encrypt every .age file to its hosts' current keys and [secrets] recipients
     /// (after a host key or recipient change)
@@ -105,6 +111,30 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
                 EditOutcome::Unchanged => "unchanged",
             };
             output::line(&format!("{what} {}", shown(&fleet, &file)));
+        }
+        Command::Encrypt { target } => {
+            let done = secrets::encrypt(&fleet, &sources, &target.host, &target.path)?;
+            let hosts: Vec<&str> = done.hosts.iter().map(HostName::as_str).collect();
+            output::line(&format!(
+                "encrypted {} → {} (to {}{})",
+                shown(&fleet, &done.plaintext),
+                shown(&fleet, &done.file),
+                hosts.join(", "),
+                if fleet.config.secrets.recipients.is_empty() {
+                    ""
+                } else {
+                    " and [secrets] recipients"
+                }
+            ));
+            if let Some(toml) = &done.toml {
+                output::note(&format!(
+                    "renamed its key in {} to the .age name",
+                    shown(&fleet, toml)
+                ));
+            }
+            output::note(
+                "the plaintext is gone from the work tree, not from version control history",
+            );
         }
         Command::Rekey {
             hosts,

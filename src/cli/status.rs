@@ -1,6 +1,7 @@
 //! `bento status`: one row per host (table, `--json`, `--prometheus FILE`), `--watch` to
 //! redraw on every publish or report. Exits 2 when a host is failing, rolled back or silent,
-//! so it can serve as a monitoring check, and 1 when it could not read what it reports on.
+//! so it can serve as a monitoring check, 3 when none is but one is drifted, and 1 when it
+//! could not read what it reports on.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
@@ -18,6 +19,9 @@ use crate::sys::output;
 
 /// Exit status when any host is failing, rolled back or silent.
 pub const EXIT_UNHEALTHY: u8 = super::exit::UNHEALTHY;
+/// Exit status when no host is unhealthy but one is `drifted` (runs another system than the
+/// one it applied): not an outage, but not the fleet the operator published either.
+pub const EXIT_DRIFTED: u8 = super::exit::DRIFTED;
 /// With `--watch`, ages and silence are refreshed at least this often without any change.
 const WATCH_REFRESH: Duration = Duration::from_secs(30);
 
@@ -122,7 +126,8 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         let code = exit_code(&rows);
         if let Some(problem) = unreadable(&rows, &chroot) {
             // The table said what it could; the exit status must not say all is well.
-            if code == ExitCode::SUCCESS {
+            // Only an unhealthy host says more than "could not read" (a drift does not).
+            if code != ExitCode::from(EXIT_UNHEALTHY) {
                 anyhow::bail!(problem);
             }
             eprintln!("error: {problem}");
@@ -206,6 +211,8 @@ fn unreadable(rows: &[HostStatus], chroot: &Chroot) -> Option<String> {
 fn exit_code(rows: &[HostStatus]) -> ExitCode {
     if rows.iter().any(|r| r.state.is_alarm()) {
         ExitCode::from(EXIT_UNHEALTHY)
+    } else if rows.iter().any(|r| r.state == status::State::Drifted) {
+        ExitCode::from(EXIT_DRIFTED)
     } else {
         ExitCode::SUCCESS
     }

@@ -36,6 +36,26 @@ pub enum HistoryError {
     LogTooLarge { path: String, max: u64 },
 }
 
+/// What started a run, as `bento log` names it: a version published by the server, one a
+/// `bento rollback` made live, or the host re-locking its own flake inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Publish,
+    Rollback,
+    SelfUpdate,
+}
+
+impl Kind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Publish => "publish",
+            Kind::Rollback => "rollback",
+            Kind::SelfUpdate => "self-update",
+        }
+    }
+}
+
 /// One past run, as `bento log` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Run {
@@ -43,7 +63,7 @@ pub struct Run {
     /// When the run started (RFC 3339, as the host wrote it).
     pub time: Option<String>,
     pub outcome: Option<Outcome>,
-    pub kind: Option<RunKind>,
+    pub kind: Option<Kind>,
     pub version: Option<Digest>,
     pub duration_ms: Option<u64>,
     pub error: Option<String>,
@@ -69,16 +89,27 @@ pub struct History {
 /// The longest unexpected name shown (a host is not trusted to be brief).
 const MAX_UNEXPECTED_CHARS: usize = 80;
 
-/// The newest `limit` runs of `host`, newest first.
-pub fn runs(store: &dyn Store, host: &HostName, limit: usize) -> Result<Vec<Run>, HistoryError> {
-    history(store, host, limit).map(|h| h.runs)
+/// The newest `limit` runs of `host`, newest first; a published run of one of `rollbacks`
+/// (`server::rollbacks`) is a rollback.
+pub fn runs(
+    store: &dyn Store,
+    host: &HostName,
+    limit: usize,
+    rollbacks: &std::collections::BTreeSet<Digest>,
+) -> Result<Vec<Run>, HistoryError> {
+    history(store, host, limit, rollbacks).map(|h| h.runs)
 }
 
 /// The newest `limit` runs of `host`, newest first, and every entry that is not a run's
 /// file. Report ids sort by time, so the newest are the last names; only names of the
 /// report-id shape are runs, so no host-chosen text other than an id (digits, `T`, `Z`, a
 /// dash, hex) ever stands in the ID column.
-pub fn history(store: &dyn Store, host: &HostName, limit: usize) -> Result<History, HistoryError> {
+pub fn history(
+    store: &dyn Store,
+    host: &HostName,
+    limit: usize,
+    rollbacks: &std::collections::BTreeSet<Digest>,
+) -> Result<History, HistoryError> {
     let entries = match store.list_logs(host, Some(REPORTS_DIR)) {
         Ok(e) => e,
         // A host that never reported has no reports/ yet: no history, not an error.
@@ -104,7 +135,11 @@ pub fn history(store: &dyn Store, host: &HostName, limit: usize) -> Result<Histo
             continue;
         }
         let has_log = names.contains(format!("{id}.log.gz").as_str());
-        out.runs.push(run_of(store, host, id, has_log));
+        let mut run = run_of(store, host, id, has_log);
+        if run.kind == Some(Kind::Publish) && run.version.is_some_and(|v| rollbacks.contains(&v)) {
+            run.kind = Some(Kind::Rollback);
+        }
+        out.runs.push(run);
     }
     out.unexpected.reverse();
     Ok(out)
@@ -132,7 +167,10 @@ fn run_of(store: &dyn Store, host: &HostName, id: &str, has_log: bool) -> Run {
             id: r.id,
             time: Some(r.started.to_string()),
             outcome: Some(r.outcome),
-            kind: Some(r.kind),
+            kind: Some(match r.kind {
+                RunKind::Published => Kind::Publish,
+                RunKind::AutoUpdated => Kind::SelfUpdate,
+            }),
             version: Some(r.version),
             duration_ms: Some(r.timings.total_ms),
             error: r.error,
@@ -255,7 +293,7 @@ mod tests {
                 Some("unreachable"),
             ),
         ]);
-        let runs = runs(&store(&t), &alpha(), 2).unwrap();
+        let runs = runs(&store(&t), &alpha(), 2, &Default::default()).unwrap();
         let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -267,13 +305,42 @@ mod tests {
     }
 
     #[test]
+    fn each_run_says_what_started_it() {
+        let mut auto = report("20261125T120000Z-00000003", Outcome::Success, None);
+        auto.kind = RunKind::AutoUpdated;
+        let rolled = report("20261125T110000Z-00000002", Outcome::Success, None);
+        let t = host_with(&[
+            report("20261125T100000Z-00000001", Outcome::Success, None),
+            rolled.clone(),
+            auto,
+        ]);
+        let rollbacks = [rolled.version].into_iter().collect();
+        let kinds: Vec<Option<Kind>> = runs(&store(&t), &alpha(), 10, &rollbacks)
+            .unwrap()
+            .iter()
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(Kind::SelfUpdate),
+                Some(Kind::Rollback),
+                Some(Kind::Publish)
+            ]
+        );
+        let json =
+            serde_json::to_value(runs(&store(&t), &alpha(), 1, &rollbacks).unwrap()).unwrap();
+        assert_eq!(json[0]["kind"], "self-update");
+    }
+
+    #[test]
     fn a_bad_report_is_listed_unreadable_not_fatal() {
         let t = host_with(&[report("20261125T100000Z-00000001", Outcome::Success, None)]);
         let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
         std::fs::write(dir.join("20261125T110000Z-0000000f.json"), b"{not json").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", dir.join("20261125T120000Z-0000000e.json"))
             .unwrap();
-        let runs = runs(&store(&t), &alpha(), 10).unwrap();
+        let runs = runs(&store(&t), &alpha(), 10, &Default::default()).unwrap();
         assert_eq!(runs.len(), 3);
         assert!(runs[0]
             .unreadable
@@ -295,7 +362,7 @@ mod tests {
         std::fs::write(dir.join("\x1b[2J\x1b]0;owned\x07.json"), b"{}").unwrap();
         std::fs::write(dir.join("20261125T100000Z-00000001.log.gz"), b"").unwrap();
         std::fs::write(dir.join("notes.txt"), b"").unwrap();
-        let h = history(&store(&t), &alpha(), 10).unwrap();
+        let h = history(&store(&t), &alpha(), 10, &Default::default()).unwrap();
         let ids: Vec<&str> = h.runs.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["20261125T100000Z-00000001"]);
         assert!(h.runs[0].has_log);
@@ -309,7 +376,9 @@ mod tests {
     fn no_reports_is_an_empty_history() {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("alpha/logs")).unwrap();
-        assert!(runs(&store(&t), &alpha(), 10).unwrap().is_empty());
+        assert!(runs(&store(&t), &alpha(), 10, &Default::default())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -320,7 +389,7 @@ mod tests {
         std::os::unix::fs::symlink(other.path(), t.path().join("alpha/logs").join(REPORTS_DIR))
             .unwrap();
         assert!(matches!(
-            runs(&store(&t), &alpha(), 10),
+            runs(&store(&t), &alpha(), 10, &Default::default()),
             Err(HistoryError::Logs(LogsError::Refused { .. }))
         ));
     }

@@ -20,6 +20,7 @@ pub mod provision;
 pub mod publish;
 // rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.
 pub mod rollback;
+pub mod rollbacks;
 pub mod rollout;
 pub mod select;
 pub mod store;

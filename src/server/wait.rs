@@ -64,13 +64,17 @@ pub struct Seen {
     pub version: Option<Digest>,
     /// The id of `logs/latest.json`, if readable.
     pub report: Option<String>,
+    /// The version that report is about.
+    pub report_version: Option<Digest>,
 }
 
 /// The decision for one host. `baseline` is the newest report id when following started;
-/// with `fresh`, a failure or rollback must come from a newer report (a retried run), not
-/// the one the host had already written before it was triggered.
+/// with `fresh`, a failure, rollback or drift must come from a newer report about the live
+/// version (a retried run, a rollout wave's run), not one the host had written before: a
+/// host already drifted, or failing on an older version, is not judged on that.
 pub fn decide(seen: &Seen, baseline: Option<&str>, fresh: bool) -> Option<Outcome> {
-    let old_report = fresh && seen.report.as_deref() == baseline;
+    let about_live = seen.report_version.is_some() && seen.report_version == seen.version;
+    let old_report = fresh && (seen.report.as_deref() == baseline || !about_live);
     match seen.state {
         State::UpToDate | State::Held => Some(Outcome::Success),
         State::Failing if !old_report => Some(Outcome::Failure),
@@ -171,8 +175,13 @@ impl Tracker {
 
 /// The id of the host's newest report, read like every host-written file.
 pub fn latest_report_id(store: &dyn Store, host: &HostName) -> Option<String> {
+    latest_report(store, host).map(|(id, _)| id)
+}
+
+/// The id of the host's newest report and the version it is about.
+pub fn latest_report(store: &dyn Store, host: &HostName) -> Option<(String, Digest)> {
     let bytes = store.read_log(host, None, LATEST_FILE).ok()?;
-    Report::parse(&bytes).ok().map(|r| r.id)
+    Report::parse(&bytes).ok().map(|r| (r.id, r.version))
 }
 
 /// How to follow.
@@ -195,11 +204,13 @@ pub fn poll_once(tracker: &mut Tracker, f: &Follow<'_>, on: &mut dyn FnMut(&Fini
     let now = SystemTime::now();
     for host in tracker.pending() {
         let row = status::host_status(f.store, f.chroot, &host, now, (f.interval)(&host));
+        let latest = latest_report(f.store, &host);
         let seen = Seen {
             state: row.state,
             reason: row.error.clone(),
             version: row.published,
-            report: latest_report_id(f.store, &host),
+            report_version: latest.as_ref().map(|(_, v)| *v),
+            report: latest.map(|(id, _)| id),
         };
         if let Some(done) = tracker.observe(&host, seen) {
             on(&done, tracker);
@@ -241,7 +252,36 @@ mod tests {
             reason: Some(format!("{} because", state.key())),
             version: Some(Digest::of(b"v2")),
             report: report.map(str::to_owned),
+            report_version: report.map(|_| Digest::of(b"v2")),
         }
+    }
+
+    /// Issue #24 item 7: a rollout wave judges its hosts only on reports about the version
+    /// it published, newer than the ones they had: an old drift or failure is no verdict.
+    #[test]
+    fn a_fresh_follow_ignores_reports_about_older_versions() {
+        let old = |state| Seen {
+            report_version: Some(Digest::of(b"v1")),
+            ..seen(state, Some("r2"))
+        };
+        for state in [State::Drifted, State::Failing, State::RolledBack] {
+            assert_eq!(decide(&old(state), Some("r1"), true), None, "{state:?}");
+            // The same report seen by a plain `publish --wait` still decides.
+            assert!(
+                decide(&old(state), Some("r1"), false).is_some(),
+                "{state:?}"
+            );
+        }
+        // Up to date is up to date, whatever report says so.
+        assert_eq!(
+            decide(&old(State::UpToDate), Some("r1"), true),
+            Some(Outcome::Success)
+        );
+        // A new report about the live version decides.
+        assert_eq!(
+            decide(&seen(State::Drifted, Some("r2")), Some("r1"), true),
+            Some(Outcome::Drifted)
+        );
     }
 
     #[test]

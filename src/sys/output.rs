@@ -35,9 +35,19 @@ pub fn line(text: &str) {
     println!("{text}");
 }
 
+static JSON_PRINTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process printed a JSON document already (so an error after it does not
+/// print a second one).
+pub fn json_printed() -> bool {
+    JSON_PRINTED.load(Ordering::Relaxed)
+}
+
 /// Prints a value as pretty JSON.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    let text = serde_json::to_string_pretty(value)?;
+    JSON_PRINTED.store(true, Ordering::Relaxed);
+    println!("{text}");
     Ok(())
 }
 

@@ -48,9 +48,44 @@ pub fn truncate(text: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
+/// At most `max` characters of `text`, its middle cut out (`…` in its place): an error
+/// starts with what failed and often ends with how to fix it, and both must survive.
+pub fn truncate_middle(text: &str, max: usize) -> Cow<'_, str> {
+    let count = text.chars().count();
+    if count <= max {
+        return Cow::Borrowed(text);
+    }
+    let keep = max.saturating_sub(1);
+    let head = keep / 2;
+    let tail = keep - head;
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(count - tail).collect();
+    Cow::Owned(format!("{start}…{end}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_error_keeps_its_start_and_its_fix() {
+        assert!(matches!(
+            truncate_middle("short", 10),
+            Cow::Borrowed("short")
+        ));
+        let text = format!(
+            "build failed: {} (fix: run `bento flake-update`)",
+            "x".repeat(300)
+        );
+        let cut = truncate_middle(&text, 200);
+        assert_eq!(cut.chars().count(), 200);
+        assert!(cut.starts_with("build failed: "), "{cut}");
+        assert!(cut.ends_with("(fix: run `bento flake-update`)"), "{cut}");
+        assert!(cut.contains('…'));
+        // Characters, not bytes: never a split in the middle of one.
+        let wide = "é".repeat(300);
+        assert_eq!(truncate_middle(&wide, 9), "éééé…éééé");
+    }
 
     #[test]
     fn controls_are_shown_never_sent() {

@@ -213,6 +213,14 @@ fn failing_unit_http_and_command_checks_roll_back_and_keep_keeps() {
         let before = m.activations().len();
         let out = fx.update(&m);
         assert_eq!(code(&out), EXIT_ROLLED_BACK, "{name}: {}", text(&out));
+        // The failed check is a warning in the journal, not an info line (issue #24 item 11).
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains(&format!("check {name}: FAILED"))),
+            "{name}: {stderr}"
+        );
         assert_eq!(
             m.profile_target().unwrap(),
             good,

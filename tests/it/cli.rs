@@ -208,6 +208,7 @@ fn fleet_chroot_and_json_are_on_exactly_the_commands_that_use_them() {
         "rollback",
         "secret edit",
         "secret show",
+        "secret encrypt",
         "secret rekey",
         "server nixos-module",
         "server sshd-config",

@@ -5,6 +5,7 @@ mod build;
 mod checks;
 mod cli;
 mod common;
+mod daytwo;
 mod delivery;
 mod docs;
 mod enrol;

@@ -287,6 +287,26 @@ fn rollback_brings_a_host_back_to_the_earlier_system() {
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert!(runs(m, "1"), "{:?}", m.profile_target());
     assert_eq!(row(&status_json(&sshd), "alpha")["state"], "up-to-date");
+    // `bento log` tells the rollback's run from the publishes' (issue #24 item 11).
+    let out = run(&sshd, &["log", "alpha", "--json"], true);
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["rollback", "publish", "publish"], "{log}");
+    let table = stdout(&run(&sshd, &["log", "alpha"], true));
+    let first = table.lines().nth(1).unwrap();
+    assert!(
+        table.starts_with("ID ") && table.lines().next().unwrap().contains(" KIND "),
+        "{table}"
+    );
+    assert!(
+        first.contains(" rollback ") && first.contains(" success "),
+        "{table}"
+    );
     // A version that is not kept is refused, naming the host.
     let out = run(&sshd, &["rollback", "alpha", "--to", "0000dead"], true);
     assert_eq!(code(&out), 1);
@@ -345,4 +365,87 @@ fn a_held_host_is_not_published_and_selectors_must_match() {
         "{}",
         text(&out)
     );
+}
+
+/// Issue #24 item 7: the plan is printed first; a canary already drifted before the rollout
+/// is judged on its run of the new version, not on that old state; a host whose trigger
+/// fails (ssh's exit 255) stops the wave at once with the trigger's error; `--status` shows
+/// where the rollout stands.
+#[test]
+fn a_rollout_judges_hosts_on_fresh_reports_and_stops_at_a_failed_trigger() {
+    let sshd = Sshd::start(&["alpha", "beta"]);
+    let machines = fleet_on_v1(&sshd);
+    configure(
+        &sshd,
+        &trigger_command(&sshd),
+        &[("alpha", "tags = [\"canary\"]\n")],
+        "\n[rollout]\nwaves = [\"@canary\", \"100%\"]\n",
+    );
+    // The canary looks drifted before the rollout: its heartbeat says it runs a system it
+    // did not apply (as an earlier run left it).
+    let hb_path = sshd.host_dir("alpha").join("logs/heartbeat.json");
+    let mut hb: serde_json::Value = serde_json::from_slice(&fs::read(&hb_path).unwrap()).unwrap();
+    hb["version"] = serde_json::Value::Null;
+    hb["system"] = format!("/nix/store/{}-nixos-system-alpha-handmade", "a".repeat(32)).into();
+    fs::write(&hb_path, serde_json::to_vec(&hb).unwrap()).unwrap();
+    assert_eq!(row(&status_json(&sshd), "alpha")["state"], "drifted");
+
+    write_version(&sshd, "2");
+    fs::write(sshd.dir.join("down-beta"), "").unwrap();
+    let out = run(
+        &sshd,
+        &["rollout", "--trigger", "--wait-timeout", "120s"],
+        true,
+    );
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The plan, before the first wave.
+    let plan = err
+        .find("plan: wave 1/2 (@canary): alpha")
+        .unwrap_or_else(|| panic!("{}", text(&out)));
+    assert!(
+        err.contains("plan: wave 2/2 (100%): beta"),
+        "{}",
+        text(&out)
+    );
+    let started = err
+        .find("note: wave 1/2")
+        .unwrap_or_else(|| panic!("{}", text(&out)));
+    assert!(plan < started, "{}", text(&out));
+    // The canary ran version 2: its old drift did not halt wave 1.
+    assert!(runs(&machines[0], "2"), "{}", text(&out));
+    // Wave 2 stopped at beta's trigger, with ssh's error, not at the timeout.
+    assert!(
+        err.contains("halted at wave 2/2")
+            && err.contains("triggering beta failed")
+            && err.contains("Connection refused"),
+        "{}",
+        text(&out)
+    );
+    assert!(!err.contains("timed-out"), "{}", text(&out));
+    assert!(runs(&machines[1], "1"));
+
+    // Where it stands.
+    let out = run(&sshd, &["rollout", "--status"], true);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let shown = stdout(&out);
+    assert!(
+        shown.contains("halted at wave 2/2: triggering beta failed")
+            && shown.contains("done     wave 1/2 (@canary): alpha")
+            && shown.contains("halted   wave 2/2 (100%): beta"),
+        "{shown}"
+    );
+    let out = run(&sshd, &["rollout", "--status", "--json"], true);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["phase"], "halted");
+    assert_eq!(json["wave"], 1);
+    assert_eq!(json["halt"]["hosts"], serde_json::json!(["beta"]));
+
+    // Reachable again: resume finishes it.
+    fs::remove_file(sshd.dir.join("down-beta")).unwrap();
+    let out = run(&sshd, &["rollout", "--resume", "--trigger"], true);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(runs(&machines[1], "2"));
+    let out = run(&sshd, &["rollout", "--status"], true);
+    assert!(stdout(&out).contains("done (2 waves)"), "{}", text(&out));
 }

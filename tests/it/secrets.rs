@@ -466,3 +466,69 @@ fn secret_edit_encrypts_to_the_host_and_the_admins() {
         b"edited:edited:"
     );
 }
+
+/// Issue #24 item 11: `bento secret encrypt HOST PATH` turns a plaintext `files/` entry into
+/// an `.age` file for the host (its files.toml owner, group and mode follow it), and the
+/// host installs the same secret as before.
+#[test]
+fn secret_encrypt_turns_a_plaintext_entry_into_an_age_file() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let dir = sshd.fleet().join("hosts/alpha");
+    let plain = dir.join("files/alpha/etc/bento-it/secret");
+    let secret = fs::read(&plain).unwrap();
+    let encrypt = || {
+        bento()
+            .args([
+                "secret",
+                "encrypt",
+                "alpha",
+                "etc/bento-it/secret",
+                "--fleet",
+            ])
+            .arg(sshd.fleet())
+            .output()
+            .unwrap()
+    };
+    let out = ok(encrypt());
+    assert!(
+        out.contains("encrypted hosts/alpha/files/alpha/etc/bento-it/secret → hosts/alpha/files/alpha/etc/bento-it/secret.age (to alpha)"),
+        "{out}"
+    );
+    let age = dir.join("files/alpha/etc/bento-it/secret.age");
+    assert!(!plain.exists(), "the plaintext is still there");
+    assert_eq!(
+        age_decrypt(&sshd.client_key("alpha"), &age),
+        Some(secret.clone())
+    );
+    let toml = fs::read_to_string(dir.join("files.toml")).unwrap();
+    assert!(
+        toml.contains("[\"alpha/etc/bento-it/secret.age\"]\nmode = \"0640\"\ngroup = \"daemon\""),
+        "{toml}"
+    );
+    // Twice: refused, naming the file, and nothing changes.
+    let before = fs::read(&age).unwrap();
+    let out = encrypt();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("secret.age") && err.contains("already encrypted"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&age).unwrap(), before);
+
+    // Published and installed as before: same bytes, same group and mode.
+    ok(publish(&sshd));
+    let m = Machine::new(&sshd, "alpha", "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let installed = secret_path(&m, "etc/bento-it/secret");
+    assert_eq!(fs::read(&installed).unwrap(), secret);
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(&installed).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert_eq!(
+        meta.gid(),
+        bento::sys::accounts::group("daemon").unwrap().unwrap()
+    );
+}

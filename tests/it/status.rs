@@ -1102,3 +1102,19 @@ fn agent_status_shows_a_failed_connection_a_pending_reboot_and_unchecked_signatu
         .contains("Connection refused"));
     assert_eq!(v["last_outcome"], "success");
 }
+
+/// Issue #24 item 11: a drifted host has its own exit status (3), below an unhealthy one.
+#[test]
+fn a_drifted_host_exits_3_and_an_unhealthy_one_still_2() {
+    let f = every_state();
+    f.status().args(["--host", "handmade"]).assert().code(3);
+    f.status()
+        .args(["--host", "handmade", "--host", "current", "--json"])
+        .assert()
+        .code(3);
+    f.status()
+        .args(["--host", "handmade", "--host", "broken"])
+        .assert()
+        .code(2);
+    f.status().args(["--host", "current"]).assert().success();
+}

@@ -212,6 +212,13 @@ fn a_server_built_host_runs_its_system_without_evaluating_and_fetches_only_chang
         "{}",
         text(&out)
     );
+    // Said as what happened (issue #24 item 11): substituted, not built.
+    assert!(
+        stderr.contains(&format!("substituted {system}"))
+            && !stderr.contains(&format!("built {system}")),
+        "{}",
+        text(&out)
+    );
     assert_eq!(m.profile_target().as_deref(), Some(system.as_str()));
     assert_eq!(m.activations(), [format!("switch {system}")]);
     let report = m.latest_report();

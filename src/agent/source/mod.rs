@@ -8,6 +8,7 @@
 //! Invariant: a Source only moves bytes. Size limits, resuming partial downloads and hash
 //! verification live once, in `agent::fetch`, so every backend gets the same checks.
 
+mod control_dir;
 mod dir;
 mod sftp;
 

@@ -96,10 +96,11 @@ impl SftpConnection {
             .enable_all()
             .build()
             .map_err(|e| connect_err(e.to_string()))?;
-        std::fs::create_dir_all(&ssh.control_dir).map_err(|source| RemoteError::Local {
-            path: ssh.control_dir.clone(),
-            source,
-        })?;
+        let control_dir =
+            super::control_dir::prepare(&ssh.control_dir).map_err(|source| RemoteError::Local {
+                path: ssh.control_dir.clone(),
+                source,
+            })?;
         let sftp = rt.block_on(async {
             let mut b = SessionBuilder::default();
             b.user(user.to_owned())
@@ -116,7 +117,7 @@ impl SftpConnection {
                 // Keep-alives inside the encrypted channel: ssh itself gives up on a link
                 // that silently drops packets after about three of them (ServerAliveCountMax).
                 .server_alive_interval((ssh.stall_timeout / 4).max(Duration::from_secs(1)))
-                .control_directory(&ssh.control_dir)
+                .control_directory(&control_dir)
                 .control_persist(ControlPersist::IdleFor(
                     NonZeroUsize::new(MASTER_IDLE_SECS).expect("non-zero"),
                 ));

@@ -6,6 +6,7 @@
 
 mod checks;
 mod contact;
+mod day_two;
 mod fake;
 mod substitute;
 

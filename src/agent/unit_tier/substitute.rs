@@ -137,6 +137,13 @@ fn agent_substitutes_only_the_paths_its_store_lacks_and_never_builds() {
     let report = bed.latest().unwrap();
     assert_eq!((report.outcome, report.version), (Outcome::Success, v));
     assert_eq!(report.system_after.as_deref(), Some(SYSTEM));
+    // The run's log says what happened: substituted, not built (issue #24 item 11).
+    let gz = std::fs::read(bed.chroot.join("logs").join(report.log_file_name())).unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut log)
+        .unwrap();
+    assert!(log.contains(&format!("substituted {SYSTEM}")), "{log}");
+    assert!(!log.contains(&format!("built {SYSTEM}")), "{log}");
     // The local cache is emptied once the paths are in the store.
     assert!(!StateDir::new(&bed.cfg.state_dir).nix_cache().exists());
 }

@@ -227,6 +227,12 @@ impl FleetConfig {
         for host in config.hosts.keys() {
             account_name(&config.server.account_prefix, host).map_err(name_err)?;
         }
+        if let Some(message) = config.test_mode_reboot() {
+            return Err(FleetError::Parse {
+                path: path.to_owned(),
+                message,
+            });
+        }
         if !config.server.chroot.is_absolute() {
             return Err(FleetError::Parse {
                 path: path.to_owned(),
@@ -237,6 +243,40 @@ impl FleetConfig {
             });
         }
         Ok(config)
+    }
+
+    /// `mode = "test"` with a `reboot` other than `"never"`, in `[defaults]` or as a host
+    /// resolves them: a `test` activation is gone after a reboot, so the host would activate
+    /// and reboot again at every run.
+    fn test_mode_reboot(&self) -> Option<String> {
+        use crate::protocol::settings::{HostSettings, RebootPolicy};
+        use crate::protocol::Mode;
+        let bad = |s: &HostSettings| s.mode == Mode::Test && s.reboot != RebootPolicy::Never;
+        let why = "a `test` activation does not survive a reboot (set reboot = \"never\", or mode = \"switch\")";
+        let reboot_word = |s: &HostSettings| match s.reboot {
+            RebootPolicy::Never => "never",
+            RebootPolicy::WhenNeeded => "when-needed",
+            RebootPolicy::WhenNeededNow => "when-needed-now",
+        };
+        let defaults = HostSettings::resolve(
+            &HostName::new("defaults").expect("a valid name"),
+            &[&self.defaults.settings],
+        );
+        if bad(&defaults) {
+            return Some(format!(
+                "[defaults] mode = \"test\" with reboot = \"{}\": {why}",
+                reboot_word(&defaults)
+            ));
+        }
+        self.hosts.keys().find_map(|host| {
+            let s = self.settings(host);
+            bad(&s).then(|| {
+                format!(
+                    "[hosts.{host}] mode = \"test\" with reboot = \"{}\": {why}",
+                    reboot_word(&s)
+                )
+            })
+        })
     }
 
     /// The resolved settings of `host` (`[hosts.NAME]` over `[defaults]` over built-ins).
@@ -438,6 +478,44 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn test_mode_with_a_reboot_is_refused_naming_the_host_and_both_keys() {
+        for (text, place, policy) in [
+            (
+                "[hosts.kiosk]\nmode = \"test\"\nreboot = \"when-needed-now\"\n",
+                "[hosts.kiosk]",
+                "when-needed-now",
+            ),
+            // The two keys from two layers: the host's mode over the defaults' reboot.
+            (
+                "[defaults]\nreboot = \"when-needed\"\n[hosts.alpha]\n[hosts.kiosk]\nmode = \"test\"\n",
+                "[hosts.kiosk]",
+                "when-needed",
+            ),
+            (
+                "[defaults]\nmode = \"test\"\nreboot = \"when-needed\"\n",
+                "[defaults]",
+                "when-needed",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("bento.toml")
+                    && err.contains(place)
+                    && err.contains("mode = \"test\"")
+                    && err.contains(&format!("reboot = \"{policy}\"")),
+                "{text}: {err}"
+            );
+        }
+        // `test` with `never`, and a reboot policy with another mode, are fine; so is a
+        // host that overrides the defaults' `test`.
+        parse("[hosts.kiosk]\nmode = \"test\"\nreboot = \"never\"\n").unwrap();
+        parse("[defaults]\nreboot = \"when-needed-now\"\n[hosts.kiosk]\nmode = \"boot\"\n")
+            .unwrap();
+        parse("[defaults]\nmode = \"test\"\n[hosts.kiosk]\nreboot = \"when-needed\"\nmode = \"switch\"\n")
+            .unwrap();
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Secrets at rest on the server: `[secrets]` in bento.toml, sealing a host's `files`
 //! entries when it is published (`seal`: `.age` files shipped as they are, plaintext ones
 //! encrypted to the host's key and `[secrets] recipients`), and the admin's tools over the
-//! fleet repo's `.age` files (`repo`: `bento secret edit | show | rekey`). The invariant:
+//! fleet repo's `.age` files (`repo`: `bento secret edit | show | rekey | encrypt`). The invariant:
 //! with encryption on, nothing publish writes into a chroot or the pool is plaintext.
 
 mod repo;
@@ -16,7 +16,8 @@ use crate::server::fleet::FleetConfig;
 
 pub use crate::server::fleet::secrets::{EncryptMode, SecretsConfig};
 pub use repo::{
-    edit, find_secret, glob_match, rekey, show, EditOutcome, RekeyOutcome, RekeyReport, Secret,
+    edit, encrypt, find_secret, glob_match, rekey, show, EditOutcome, Encrypted, RekeyOutcome,
+    RekeyReport, Secret,
 };
 pub use seal::{seal, Sealable, CACHE_FILE};
 
@@ -77,6 +78,8 @@ pub enum SecretsError {
         path: String,
         dir: PathBuf,
     },
+    #[error("{file}: cannot encrypt it: {why}")]
+    CannotEncrypt { file: PathBuf, why: String },
     #[error("editor {command:?}: {message}")]
     Editor { command: String, message: String },
     #[error("{path}: {source}")]

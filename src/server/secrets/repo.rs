@@ -279,6 +279,161 @@ pub fn edit(
     ))
 }
 
+/// What `encrypt` did.
+#[derive(Debug, Clone)]
+pub struct Encrypted {
+    /// The plaintext file, now removed.
+    pub plaintext: PathBuf,
+    /// The `.age` file written in its place.
+    pub file: PathBuf,
+    /// The hosts it is encrypted to (besides `[secrets] recipients`).
+    pub hosts: BTreeSet<HostName>,
+    /// files.toml, when its key for the file was renamed to the `.age` name.
+    pub toml: Option<PathBuf>,
+}
+
+/// Turns a host's plaintext `files/` entry into an `.age` file encrypted to every host that
+/// uses it and `[secrets] recipients`, renames its files.toml key (owner, group and mode
+/// follow it), and removes the plaintext. Everything is checked and computed first, so a
+/// refusal writes nothing.
+pub fn encrypt(
+    fleet: &Fleet,
+    sources: &[HostSource],
+    host: &HostName,
+    path: &str,
+) -> Result<Encrypted, SecretsError> {
+    let source = find_host(sources, host)?;
+    let s = find_secret(fleet, sources, host, path.trim_end_matches(AGE_SUFFIX))?;
+    if !s.exists {
+        return Err(SecretsError::NoFile {
+            host: host.clone(),
+            path: path.to_owned(),
+            dir: files_root(fleet, source),
+        });
+    }
+    let refuse = |why: String| SecretsError::CannotEncrypt {
+        file: s.file.clone(),
+        why,
+    };
+    if !s.plaintext {
+        return Err(refuse(
+            "already encrypted (`bento secret edit` changes it, `bento secret rekey` re-encrypts it)"
+                .into(),
+        ));
+    }
+    let meta = std::fs::symlink_metadata(&s.file).map_err(|source| SecretsError::Io {
+        path: s.file.clone(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::canonicalize(&s.file).unwrap_or_else(|_| s.file.clone());
+        return Err(refuse(format!(
+            "a link to {}: encrypt that file, then point the link at its .age name",
+            target.display()
+        )));
+    }
+    let age = PathBuf::from(format!("{}{AGE_SUFFIX}", s.file.display()));
+    if std::fs::symlink_metadata(&age).is_ok() {
+        return Err(refuse(format!("{} exists already", age.display())));
+    }
+    // Every host whose tree reaches this file (a link from another host's files/).
+    let real = std::fs::canonicalize(&s.file).unwrap_or_else(|_| s.file.clone());
+    let mut hosts: BTreeSet<HostName> = sources
+        .iter()
+        .filter(|src| {
+            src.items.iter().any(|i| match &i.kind {
+                ItemKind::File { source, .. } => {
+                    std::fs::canonicalize(source).is_ok_and(|p| p == real)
+                }
+                _ => false,
+            })
+        })
+        .map(|src| src.name.clone())
+        .collect();
+    hosts.insert(host.clone());
+    let recipients = recipients_of(&fleet.config, &hosts)?;
+    let plain = read(&s.file)?;
+    let ct = secret::encrypt(&plain, &recipients, true).map_err(|e| SecretsError::Encrypt {
+        file: s.file.clone(),
+        host: host.clone(),
+        source: e,
+    })?;
+    // files.toml keys name the file under files/ (with the host prefix in a flake
+    // directory); the `.age` file is keyed by its own name.
+    let root = files_root(fleet, source);
+    let rel = s
+        .file
+        .strip_prefix(&root)
+        .map(|r| r.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let key = match &source.files_prefix {
+        Some(p) => format!("{p}/{rel}"),
+        None => rel,
+    };
+    let toml_path = fleet
+        .root
+        .join(&source.dir)
+        .join(crate::server::hostfiles::FILES_TOML);
+    let toml = rename_key(&toml_path, &key, &format!("{key}{AGE_SUFFIX}"))?;
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o7777;
+    crate::sys::atomic::write_file(&age, &ct, mode).map_err(|source| SecretsError::Io {
+        path: age.clone(),
+        source,
+    })?;
+    let toml = match toml {
+        Some((path, text)) => {
+            write(&path, text.as_bytes())?;
+            Some(path)
+        }
+        None => None,
+    };
+    std::fs::remove_file(&s.file).map_err(|source| SecretsError::Io {
+        path: s.file.clone(),
+        source,
+    })?;
+    Ok(Encrypted {
+        plaintext: s.file,
+        file: age,
+        hosts,
+        toml,
+    })
+}
+
+/// files.toml (its real path) with the table `from` renamed to `to`, comments and layout
+/// kept; `None` when there is no files.toml or no such key.
+fn rename_key(
+    toml_path: &Path,
+    from: &str,
+    to: &str,
+) -> Result<Option<(PathBuf, String)>, SecretsError> {
+    let path = match std::fs::canonicalize(toml_path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SecretsError::Io {
+                path: toml_path.to_owned(),
+                source,
+            })
+        }
+    };
+    let text = String::from_utf8_lossy(&read(&path)?).into_owned();
+    let bad = |message: String| SecretsError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(message),
+    };
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| bad(format!("{e}")))?;
+    if doc.contains_key(to) {
+        return Err(bad(format!("has a key {to:?} already")));
+    }
+    let Some(item) = doc.remove(from) else {
+        return Ok(None);
+    };
+    doc.insert(to, item);
+    Ok(Some((path, doc.to_string())))
+}
+
 /// What `rekey` did to one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RekeyOutcome {

@@ -268,18 +268,19 @@ fn drifted(running: &str, should: Option<&str>) -> Assessment {
     )
 }
 
-/// The first line of a host-written error, bounded (a host is not trusted to be brief).
+/// The longest host-written error a row shows.
+const MAX_ERROR_CHARS: usize = 200;
+
+/// The first line of a host-written error, bounded (a host is not trusted to be brief) by
+/// cutting its middle: the end of an error often says how to fix it.
 pub fn one_line(error: Option<&str>) -> String {
     let first = error
         .unwrap_or("no error message")
         .lines()
         .next()
         .unwrap_or("");
-    let mut s: String = first
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
+    let clean: String = first.chars().filter(|c| !c.is_control()).collect();
+    let mut s = crate::sys::terminal::truncate_middle(&clean, MAX_ERROR_CHARS).into_owned();
     if s.is_empty() {
         s.push_str("no error message");
     }

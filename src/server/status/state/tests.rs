@@ -329,3 +329,23 @@ fn words_are_stable() {
     }
     assert_eq!(one_line(Some("a\u{1b}[31m\nb")), "a[31m");
 }
+
+/// Issue #24 item 11: a long error in the status row is cut in the middle, so the fix at its
+/// end is still shown.
+#[test]
+fn a_long_status_error_keeps_its_fix() {
+    let error = format!(
+        "manifest 3f2a1b9c0d12: serial 1 is older than the applied serial 7: replayed? {} (run `bento publish --serial-floor 8`)",
+        "detail ".repeat(60)
+    );
+    let shown = one_line(Some(&error));
+    assert_eq!(shown.chars().count(), 200);
+    assert!(
+        shown.starts_with("manifest 3f2a1b9c0d12: serial 1"),
+        "{shown}"
+    );
+    assert!(
+        shown.ends_with("(run `bento publish --serial-floor 8`)"),
+        "{shown}"
+    );
+}
