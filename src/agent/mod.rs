@@ -18,6 +18,7 @@ mod decide;
 mod fetch;
 pub mod files;
 pub mod host;
+mod nar;
 mod outcome;
 pub mod page;
 mod record;
