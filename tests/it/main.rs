@@ -9,6 +9,7 @@ mod delivery;
 mod docs;
 mod faults;
 mod hostile;
+mod hostile_agent;
 mod init;
 mod layers;
 mod log;
