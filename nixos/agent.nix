@@ -220,6 +220,19 @@ in
       '';
     };
 
+    minSerial = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 0;
+      example = 42;
+      description = ''
+        The lowest manifest serial this machine accepts, kept in /etc, outside the state
+        directory: set it when building the machine's image to the `serial` of the host's
+        live manifest then (`<chroot>/<host>/manifests/<digest in current>.json`), so a machine whose
+        /var/lib/bento is wiped cannot be made to apply an older signed version again.
+        0: no floor. Written as `min_serial`.
+      '';
+    };
+
     # lib.types.listOf and lib.types.str as in nixpkgs lib/types.nix (read at
     # NixOS/nixpkgs 509384b3fda4160872ae86366d3affc3a1797f02).
     cacheKeys = lib.mkOption {
@@ -311,6 +324,7 @@ in
       (lib.mkIf (cfg.notify != null) { notify = lib.mkDefault cfg.notify; })
       (lib.mkIf (cfg.trustedKeys != [ ]) { trusted_keys = lib.mkDefault cfg.trustedKeys; })
       (lib.mkIf (cfg.cacheKeys != [ ]) { cache_keys = lib.mkDefault cfg.cacheKeys; })
+      (lib.mkIf (cfg.minSerial > 0) { min_serial = lib.mkDefault cfg.minSerial; })
     ];
 
     environment.etc."bento/agent.toml".source = toml.generate "agent.toml" agentToml;

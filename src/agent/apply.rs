@@ -37,6 +37,9 @@ use crate::protocol::report::{Outcome, Timings};
 use crate::protocol::settings::{self, HostSettings};
 use crate::protocol::{signing, Mode, StorePath, Timestamp};
 
+/// The trusted keys and the signature read before the manifest, to verify it once read.
+type Signed = (Vec<ssh_key::PublicKey>, Vec<u8>);
+
 /// Pause between attempts to reach the server after activation.
 const CONFIRM_RETRY: Duration = Duration::from_secs(2);
 
@@ -86,13 +89,20 @@ impl Attempt<'_> {
         timings: &mut Timings,
     ) -> Result<Outcome, AttemptError> {
         let t = Instant::now();
+        // The signature before the manifest: an unsigned or foreign-signed one costs a
+        // signature's read, not the manifest's (issue #23 item 11).
+        let signature = self.signature_first(conn.as_mut(), log)?;
         let bytes = match prefetched {
             Some(bytes) => bytes,
-            None => fetch::manifest(conn.as_mut(), self.version).map_err(AttemptError::Remote)?,
+            None => fetch::manifest(conn.as_mut(), self.version).map_err(|e| match e {
+                // A refusal, not an interruption: the report says so.
+                RemoteError::TooLarge { .. } => failed(&e),
+                e => AttemptError::Remote(e),
+            })?,
         };
         let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
-        self.check_trust(conn.as_mut(), &bytes, &manifest, log)?;
+        self.check_trust(signature, &bytes, &manifest, log)?;
         self.created = Some(manifest.created.clone());
         self.serial = (manifest.serial > 0).then_some(manifest.serial);
         let mpath = self.dirs.manifests().join(format!("{}.json", self.version));
@@ -377,33 +387,64 @@ impl Attempt<'_> {
         }
     }
 
-    /// Refuses a manifest not signed by a trusted key (when keys are configured) and one
-    /// older than the version already applied (a replayed snapshot).
-    fn check_trust(
+    /// With `trusted_keys`, reads the signature before the manifest and refuses, without
+    /// downloading the manifest, one that is missing, malformed, for another namespace or by
+    /// no trusted key. Returns the keys and the signature for [`Attempt::check_trust`].
+    fn signature_first(
         &self,
         conn: &mut dyn Connection,
+        log: &mut RunLog<'_>,
+    ) -> Result<Option<Signed>, AttemptError> {
+        if self.cfg.trusted_keys.is_empty() {
+            log.step("note: no trusted_keys configured; the manifest's signature is not checked");
+            return Ok(None);
+        }
+        let short = self.version.short();
+        let trusted = signing::parse_trusted(&self.cfg.trusted_keys)
+            .map_err(|e| AttemptError::Failed(e.to_string()))?;
+        let sig = match fetch::signature(conn, self.version) {
+            Ok(Some(sig)) => sig,
+            Ok(None) => {
+                return Err(AttemptError::Failed(format!(
+                    "manifest {short} is not signed; refusing it (not downloaded)"
+                )));
+            }
+            Err(RemoteError::TooLarge { limit, .. }) => {
+                return Err(AttemptError::Failed(format!(
+                    "manifest {short}: its signature is over {limit} bytes; refusing it (not downloaded)"
+                )));
+            }
+            Err(e) => return Err(AttemptError::Remote(e)),
+        };
+        signing::check_signer(&trusted, &sig).map_err(|e| {
+            AttemptError::Failed(format!(
+                "manifest {short}: {e}; refusing it (not downloaded)"
+            ))
+        })?;
+        Ok(Some((trusted, sig)))
+    }
+
+    /// Refuses a manifest not signed by a trusted key (when keys are configured), one below
+    /// agent.toml's `min_serial`, and one older than the version already applied (a replay).
+    fn check_trust(
+        &self,
+        signature: Option<Signed>,
         bytes: &[u8],
         manifest: &Manifest,
         log: &mut RunLog<'_>,
     ) -> Result<(), AttemptError> {
         let short = self.version.short();
-        if self.cfg.trusted_keys.is_empty() {
-            log.step("note: no trusted_keys configured; the manifest's signature is not checked");
-        } else {
-            let trusted = signing::parse_trusted(&self.cfg.trusted_keys)
-                .map_err(|e| AttemptError::Failed(e.to_string()))?;
-            let sig = match fetch::signature(conn, self.version) {
-                Ok(Some(sig)) => sig,
-                Ok(None) => {
-                    return Err(AttemptError::Failed(format!(
-                        "manifest {short} is not signed; refusing it"
-                    )));
-                }
-                Err(e) => return Err(AttemptError::Remote(e)),
-            };
+        if let Some((trusted, sig)) = signature {
             signing::verify(&trusted, bytes, &sig)
                 .map_err(|e| AttemptError::Failed(format!("manifest {short}: {e}")))?;
             log.step("signature verified");
+        }
+        let floor = self.cfg.min_serial;
+        if manifest.serial < floor {
+            return Err(AttemptError::Failed(format!(
+                "manifest {short} has serial {}, below min_serial = {floor} in agent.toml: an older version than this machine was installed with; refusing it",
+                manifest.serial
+            )));
         }
         if let Some(previous) = self.previous {
             let applied = Stamp {

@@ -56,6 +56,10 @@ pub struct AgentConfig {
     /// signature a prebuilt system's narinfos must carry (`build_on = "server"`). Empty: a
     /// prebuilt version is refused.
     pub cache_keys: Vec<String>,
+    /// The lowest manifest `serial` this machine accepts, whatever its state directory
+    /// says: set when its image is built (the fleet's serial then), so a wiped state cannot
+    /// make it take an older signed version again. 0: no floor.
+    pub min_serial: u64,
     /// How to reboot (default: `systemctl kexec`, falling back to `systemctl reboot`).
     pub reboot_command: Option<Vec<String>>,
     /// The system the machine booted, to tell whether a new kernel needs a reboot.
@@ -66,7 +70,7 @@ pub struct AgentConfig {
 }
 
 /// The machine's own keys of agent.toml (beside `SettingsLayer::AGENT_KEYS`).
-pub const MACHINE_KEYS: [&str; 16] = [
+pub const MACHINE_KEYS: [&str; 17] = [
     "host",
     "server",
     "identity_file",
@@ -81,6 +85,7 @@ pub const MACHINE_KEYS: [&str; 16] = [
     "files_root",
     "trusted_keys",
     "cache_keys",
+    "min_serial",
     "reboot_command",
     "booted_system",
 ];
@@ -116,6 +121,8 @@ struct MachineToml {
     trusted_keys: Vec<String>,
     #[serde(default)]
     cache_keys: Vec<String>,
+    #[serde(default)]
+    min_serial: u64,
     #[serde(default)]
     reboot_command: Option<Vec<String>>,
     #[serde(default = "d_booted_system")]
@@ -193,6 +200,7 @@ impl AgentConfig {
             files_root: m.files_root,
             trusted_keys: m.trusted_keys,
             cache_keys: m.cache_keys,
+            min_serial: m.min_serial,
             reboot_command: m.reboot_command,
             booted_system: m.booted_system,
             settings: layer,

@@ -21,6 +21,7 @@ pub mod host;
 // Issue #25: `bento agent init` (the machine's key) and `bento agent check`.
 pub mod identity;
 mod live_host;
+mod nar;
 mod outcome;
 pub mod page;
 pub mod preflight;

@@ -75,7 +75,9 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
     // Before anything is written to the server (spool, heartbeat, report): an agent
     // configured as another host must not write into this account's logs/.
     let prefetched = match current {
-        Some(version) => live_host::check(conn.as_mut(), dirs, &cfg.host, version)?,
+        Some(version) => {
+            live_host::check(conn.as_mut(), dirs, &cfg.host, version, &cfg.trusted_keys)?
+        }
         None => None,
     };
     record::deliver_spool(conn.as_mut(), dirs);

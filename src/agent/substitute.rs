@@ -4,7 +4,9 @@
 //! level), reads only their narinfos over its one connection (each level's concurrently,
 //! at most `source::PARALLEL_FETCHES` in flight), checks every signature
 //! against `cache_keys` *before* fetching any NAR, downloads only the missing NARs into a
-//! local file cache under the state directory (resumable; size and `FileHash` checked), and
+//! local file cache under the state directory (resumable; `FileSize` bounded by the signed
+//! `NarSize` and the free space checked before any download; size and `FileHash` checked,
+//! then each NAR decompressed and checked against the signed `NarSize`/`NarHash`: `nar`), and
 //! hands exactly those paths to Nix, which checks hashes and signatures again on import.
 //!
 //! Invariant: nothing here changes the machine. Every refusal (no `cache_keys`, a narinfo
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::host::{Host, Realise};
+use super::nar::{self, NarError};
 use super::source::{CacheFile, Item, ObjectPart, RemoteError, Source};
 use crate::nix::{NixError, StorePath};
 use crate::protocol::layout;
@@ -47,6 +50,14 @@ pub enum SubstituteError {
     },
     #[error("asking the store which paths it has: {0}")]
     Nix(#[from] NixError),
+    #[error("NAR file of {path}: {source}")]
+    Nar { path: String, source: NarError },
+    #[error("not enough free space in {}: the missing NARs need {needed} bytes, {free} are free; nothing was downloaded", dir.display())]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        free: u64,
+    },
 }
 
 /// What [`prepare`] did: the realisation to hand to the host, and counts for the log.
@@ -255,6 +266,11 @@ fn fetch_nars(
         let size = info
             .file_size
             .ok_or_else(|| SubstituteError::NoSize { path: path.clone() })?;
+        // `FileSize` is not signed: bound it by the signed `NarSize` before any download.
+        nar::check_file_size(info, size).map_err(|source| SubstituteError::Nar {
+            path: path.clone(),
+            source,
+        })?;
         files.push((file, size));
     }
     // Every NAR's size in one concurrent batch, before any download.
@@ -282,7 +298,7 @@ fn fetch_nars(
         }
         let dest = cache.join(file.rel());
         let partial = cache.join(format!("nar/.partial-{}", &file.rel()["nar/".len()..]));
-        if dest.exists() && check(info, &dest).is_ok() {
+        if dest.exists() && check(info, &dest).is_ok() && nar::check(info, &dest).is_ok() {
             continue;
         }
         let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
@@ -298,9 +314,28 @@ fn fetch_nars(
         }
         checks.push((info, partial, dest));
     }
+    let needed: u64 = parts.iter().map(|p| p.max).sum();
+    let nar_dir = cache.join("nar");
+    let free = free_bytes(&nar_dir).map_err(|source| SubstituteError::Local {
+        path: nar_dir.clone(),
+        source,
+    })?;
+    if needed > free {
+        return Err(SubstituteError::NoSpace {
+            dir: nar_dir,
+            needed,
+            free,
+        });
+    }
     let fetched = src.read_objects(&parts)?;
     for (info, partial, dest) in checks {
-        if let Err(e) = check(info, &partial) {
+        let checked = check(info, &partial).and_then(|()| {
+            nar::check(info, &partial).map_err(|source| SubstituteError::Nar {
+                path: info.store_path.clone(),
+                source,
+            })
+        });
+        if let Err(e) = checked {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
         }
@@ -310,6 +345,12 @@ fn fetch_nars(
         })?;
     }
     Ok(fetched)
+}
+
+/// Bytes an unprivileged write may still take on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn check(info: &NarInfo, file: &Path) -> Result<(), SubstituteError> {

@@ -66,7 +66,41 @@ impl Nix {
             args.extend(["--option".into(), k.into(), v.into()]);
         }
         args.extend(paths.iter().map(|p| OsString::from(p.as_str())));
-        let out = self.run("nix", &args)?;
-        Ok(out.stderr)
+        match self.run("nix", &args) {
+            Ok(out) => Ok(out.stderr),
+            Err(e) => {
+                self.remove_leftovers(paths);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a refused import, deletes what Nix left on disk of `paths` without registering
+    /// it (an unpacked NAR whose hash did not match stays in /nix/store, invalid, until a
+    /// garbage collection; issue #23 item 5). `nix-store --delete` removes an invalid path
+    /// and never a valid one that something still uses. Best effort: a failure is logged.
+    fn remove_leftovers(&self, paths: &[StorePath]) {
+        let valid = match self.valid_paths(paths) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("after a refused import, cannot tell which paths it left: {e}");
+                return;
+            }
+        };
+        let left: Vec<&str> = paths
+            .iter()
+            .filter(|p| !valid.contains(*p))
+            .filter(|p| std::fs::symlink_metadata(p.as_str()).is_ok())
+            .map(StorePath::as_str)
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let mut args = vec!["--delete"];
+        args.extend(&left);
+        match self.run("nix-store", &args) {
+            Ok(_) => tracing::info!("removed what the refused import left: {}", left.join(" ")),
+            Err(e) => tracing::warn!("cannot remove what the refused import left: {e}"),
+        }
     }
 }

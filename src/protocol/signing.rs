@@ -133,8 +133,13 @@ pub fn parse_trusted(lines: &[String]) -> Result<Vec<PublicKey>, SigningError> {
         .collect()
 }
 
-/// Checks that `sig` (armored) is a `bento` signature of `msg` by one of `trusted`.
-pub fn verify(trusted: &[PublicKey], msg: &[u8], sig: &[u8]) -> Result<(), SigningError> {
+/// What can be told of `sig` (armored) without the message: a well-formed `bento`
+/// signature by one of `trusted`. Returns the signature and its signer. Lets an agent refuse
+/// a manifest before downloading it.
+pub fn check_signer<'k>(
+    trusted: &'k [PublicKey],
+    sig: &[u8],
+) -> Result<(SshSig, &'k PublicKey), SigningError> {
     let sig = SshSig::from_pem(sig).map_err(|e| SigningError::BadSignature(e.to_string()))?;
     if sig.namespace() != NAMESPACE {
         return Err(SigningError::BadSignature(format!(
@@ -144,11 +149,17 @@ pub fn verify(trusted: &[PublicKey], msg: &[u8], sig: &[u8]) -> Result<(), Signi
     }
     let signer = trusted.iter().find(|k| k.key_data() == sig.public_key());
     match signer {
-        Some(k) => k
-            .verify(NAMESPACE, msg, &sig)
-            .map_err(|e| SigningError::BadSignature(e.to_string())),
+        Some(k) => Ok((sig, k)),
         None => Err(SigningError::Untrusted),
     }
+}
+
+/// Checks that `sig` (armored) is a `bento` signature of `msg` by one of `trusted`.
+pub fn verify(trusted: &[PublicKey], msg: &[u8], sig: &[u8]) -> Result<(), SigningError> {
+    let (sig, signer) = check_signer(trusted, sig)?;
+    signer
+        .verify(NAMESPACE, msg, &sig)
+        .map_err(|e| SigningError::BadSignature(e.to_string()))
 }
 
 #[cfg(test)]

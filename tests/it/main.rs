@@ -11,6 +11,7 @@ mod docs;
 mod enrol;
 mod faults;
 mod hostile;
+mod hostile_agent;
 mod hostile_server;
 mod init;
 mod layers;

@@ -558,3 +558,22 @@ fn the_generated_fleet_module_with_keys_parses() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue #23 item 7: the freshness floor is settable when the image is built, as an option
+/// of the agent module written into /etc/bento/agent.toml (outside the state directory) under
+/// the key the agent reads.
+#[test]
+fn the_agent_module_sets_the_min_serial_floor() {
+    let module = fs::read_to_string(root().join("nixos/agent.nix")).unwrap();
+    let has = |needle: &str| assert!(module.contains(needle), "nixos/agent.nix lacks {needle:?}");
+    has("minSerial = lib.mkOption {");
+    has("type = lib.types.ints.unsigned;");
+    has("(lib.mkIf (cfg.minSerial > 0) { min_serial = lib.mkDefault cfg.minSerial; })");
+    assert!(bento::agent::config::MACHINE_KEYS.contains(&"min_serial"));
+    let config = bento::agent::config::AgentConfig::parse(
+        "host = \"alpha\"\nserver = \"file:///srv\"\nmin_serial = 42\n",
+        Path::new("agent.toml"),
+    )
+    .unwrap();
+    assert_eq!(config.min_serial, 42);
+}

@@ -883,3 +883,161 @@ fn slow_connections_do_not_deny_the_page() {
         );
     }
 }
+
+/// Issue #23 item 12: forty reconnecting `/events` clients, or 32 open streams during a run,
+/// took every connection slot and the page answered 503 for as long as they lasted. Streams
+/// have slots of their own now (16), the page and its button keep theirs, and a stream ends
+/// after its lifetime (30 s) even while the run goes on (the EventSource reconnects).
+#[test]
+fn event_streams_and_reconnecting_clients_do_not_starve_the_page() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: usize = 40;
+    const ATTACK: Duration = Duration::from_secs(12);
+    const MAX_STREAMS: usize = 16;
+    const LIFETIME: Duration = Duration::from_secs(30);
+
+    // A server that accepts and never says a word: the update started below waits on its
+    // login (connect_timeout) for a minute, so the run outlasts the test's streams.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(8).collect();
+        std::thread::sleep(Duration::from_secs(120));
+        drop(held);
+    });
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    fs::write(d.join("id"), "not a key\n").unwrap();
+    fs::write(d.join("known_hosts"), "").unwrap();
+    let config = d.join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "host = \"alpha\"\nserver = \"sftp://bento-alpha@127.0.0.1:{silent_port}\"\nidentity_file = \"{0}/id\"\nknown_hosts = \"{0}/known_hosts\"\nstate_dir = \"{0}/state\"\nconnect_timeout = \"60s\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let serve = Serve::start(&config, &[]);
+    let port = serve.port;
+    let host = format!("127.0.0.1:{port}");
+    let (status, body) = post_update(port, Some(&format!("http://{host}")));
+    assert_eq!(status, 202, "{body}");
+
+    // One stream opened before the crowd: it must end by its lifetime, not by the run.
+    let first = {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(format!("GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .unwrap();
+        s.set_read_timeout(Some(LIFETIME + Duration::from_secs(15)))
+            .unwrap();
+        let opened = Instant::now();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            (opened.elapsed(), String::from_utf8_lossy(&out).into_owned())
+        })
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let open = Arc::new(AtomicUsize::new(1));
+    let most = Arc::new(AtomicUsize::new(1));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (stop, open, most, refused) =
+                (stop.clone(), open.clone(), most.clone(), refused.clone());
+            let request = format!("GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            std::thread::spawn(move || {
+                // Reconnect as soon as the stream is refused or ends, until the attack stops.
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    s.set_read_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    if s.write_all(request.as_bytes()).is_err() {
+                        continue;
+                    }
+                    let mut head = [0u8; 12];
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    let mut got = 0;
+                    while got < head.len() && Instant::now() < deadline {
+                        match s.read(&mut head[got..]) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(_) => {}
+                        }
+                    }
+                    match &head[..got] {
+                        b"HTTP/1.1 200" => {
+                            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let mut buf = [0u8; 4096];
+                            while !stop.load(Ordering::SeqCst) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(_) => {}
+                                    Err(e)
+                                        if e.kind() == std::io::ErrorKind::WouldBlock
+                                            || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                    Err(_) => break,
+                                }
+                            }
+                            open.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        b"HTTP/1.1 503" => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // While the crowd reconnects, the page and the Update button answer, every time.
+    let started = Instant::now();
+    let mut visits = 0;
+    while started.elapsed() < ATTACK {
+        let (status, _, body) = http(port, &format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        assert_eq!(status, 200, "the page during the attack: {body}");
+        let (status, body) = post_update(port, Some(&format!("http://{host}")));
+        assert_eq!(status, 202, "the button during the attack: {body}");
+        assert!(
+            body.contains("\"started\":false"),
+            "attached to the run: {body}"
+        );
+        visits += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(visits >= 10, "{visits} visits");
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most <= MAX_STREAMS,
+        "{most} event streams were open at once"
+    );
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the stream cap was never reached (so this test attacked nothing)"
+    );
+
+    let (lasted, events) = first.join().unwrap();
+    assert!(
+        events.contains("event: run"),
+        "the first stream followed the run: {events}"
+    );
+    assert!(
+        !events.contains("event: result"),
+        "the run was still going: {events}"
+    );
+    assert!(
+        lasted >= LIFETIME - Duration::from_secs(2) && lasted < LIFETIME + Duration::from_secs(10),
+        "the stream ended after {lasted:?}, its lifetime is {LIFETIME:?}"
+    );
+}

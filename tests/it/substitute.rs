@@ -55,19 +55,19 @@ fn flake(tag: &str, blobs: usize) -> String {
 }
 
 /// Nix on the host may not build anything (`max-jobs = 0`): a run that tried would fail.
-fn no_builds() -> String {
+pub(crate) fn no_builds() -> String {
     format!("{NIX_CONFIG}\nmax-jobs = 0")
 }
 
-struct Bed {
-    sshd: Sshd,
+pub(crate) struct Bed {
+    pub(crate) sshd: Sshd,
     _keys: ScratchDir,
     public: String,
     secret: std::path::PathBuf,
 }
 
 impl Bed {
-    fn new(blobs: usize) -> Bed {
+    pub(crate) fn new(blobs: usize) -> Bed {
         let sshd = Sshd::start(&["alpha"]);
         let keys = ScratchDir::new();
         let (secret, public) = cache_key(&keys.path);
@@ -101,7 +101,7 @@ impl Bed {
     }
 
     /// `bento publish` (which builds and exports the server-built host); the live system.
-    fn publish(&self) -> bento::nix::StorePath {
+    pub(crate) fn publish(&self) -> bento::nix::StorePath {
         let out = bento()
             .args(["publish", "--fleet"])
             .arg(self.sshd.fleet())
@@ -120,20 +120,20 @@ impl Bed {
             .expect("a server-built host's manifest names its system")
     }
 
-    fn cache(&self) -> std::path::PathBuf {
+    pub(crate) fn cache(&self) -> std::path::PathBuf {
         self.sshd.host_dir("alpha").join("cache")
     }
 
-    fn narinfo_path(&self, path: &str) -> std::path::PathBuf {
+    pub(crate) fn narinfo_path(&self, path: &str) -> std::path::PathBuf {
         self.cache()
             .join(format!("{}.narinfo", narinfo::hash_part(path)))
     }
 
-    fn narinfo(&self, path: &str) -> NarInfo {
+    pub(crate) fn narinfo(&self, path: &str) -> NarInfo {
         NarInfo::parse(&fs::read_to_string(self.narinfo_path(path)).unwrap()).unwrap()
     }
 
-    fn machine(&self, port: u16) -> Machine<'_> {
+    pub(crate) fn machine(&self, port: u16) -> Machine<'_> {
         let m = Machine::new(&self.sshd, "alpha", "").via(port);
         m.write_config(&format!("cache_keys = [\"{}\"]\n", self.public));
         m
@@ -148,7 +148,7 @@ fn nix_store(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn closure(system: &str) -> Vec<String> {
+pub(crate) fn closure(system: &str) -> Vec<String> {
     let out = nix_store(&["--query", "--requisites", system]);
     assert!(out.status.success());
     String::from_utf8(out.stdout)
@@ -159,7 +159,7 @@ fn closure(system: &str) -> Vec<String> {
 }
 
 /// Deletes this test's own paths from the one store server and host share here.
-fn delete(paths: &[String]) {
+pub(crate) fn delete(paths: &[String]) {
     let mut args = vec!["--delete"];
     args.extend(paths.iter().map(String::as_str));
     let out = nix_store(&args);

@@ -1,7 +1,8 @@
 //! One connection: hyper speaks HTTP/1.1; this file keeps the checks that are bento's own.
 //! - a total deadline for the request (head and body): a client that drips bytes is cut
 //!   off after `REQUEST_DEADLINE` however steadily it sends, so slow connections cannot
-//!   hold the 32 slots; the event stream, once its request is in, is not subject to it;
+//!   hold the 32 request slots; an event stream, once its request is in, trades its request
+//!   slot for a stream slot (503 when none is free) and ends after `STREAM_LIFETIME`;
 //! - head 8 KiB (hyper answers 431), body 1 KiB (413), 10 s per blocked write;
 //! - `Host` must name this listener (421), or a DNS-rebinding page could read the state;
 //! - nothing changes on a GET; `POST /update` only from the page's own origin (403).
@@ -19,6 +20,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, Limited, StreamBody};
 use hyper::body::{Body as _, Incoming};
@@ -30,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::runs::{lock, Shared, Trigger};
+use super::slots::{Held, Slots, STREAM_LIFETIME};
 use super::{events, view};
 
 /// Request line and headers together (hyper's smallest read buffer, which it enforces).
@@ -45,31 +48,40 @@ const BUSY_DEADLINE: Duration = Duration::from_secs(1);
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// What a connection is for: a normal visit, or one over the connection limit.
-#[derive(Clone, Copy)]
+/// What a connection is for: a normal visit holding a request slot (given back when it
+/// becomes an event stream), or one over the limit.
 pub(super) enum Slot {
-    Open,
+    Open { held: Held, slots: Arc<Slots> },
     Busy,
 }
 
 /// Serves one connection until it is answered, cut off at its deadline, or closed.
 pub(super) async fn connection(shared: Arc<Shared>, stream: TcpStream, slot: Slot) {
+    let busy = matches!(slot, Slot::Busy);
     let deadline = Instant::now()
-        + match slot {
-            Slot::Open => REQUEST_DEADLINE,
-            Slot::Busy => BUSY_DEADLINE,
+        + if busy {
+            BUSY_DEADLINE
+        } else {
+            REQUEST_DEADLINE
         };
     // Set once hyper has the head; the body has the handler's own deadline (and a 408).
     let head_in = Arc::new(AtomicBool::new(false));
+    // The request slot, until the request becomes an event stream (which gives it back).
+    let slot = Arc::new(std::sync::Mutex::new(match slot {
+        Slot::Open { held, slots } => Some((held, slots)),
+        Slot::Busy => None,
+    }));
     let service = {
         let head_in = Arc::clone(&head_in);
         hyper::service::service_fn(move |req| {
             head_in.store(true, Ordering::SeqCst);
             let shared = Arc::clone(&shared);
+            let slot = Arc::clone(&slot);
             async move {
-                Ok::<_, Infallible>(match slot {
-                    Slot::Open => route(&shared, req, deadline).await,
-                    Slot::Busy => text(StatusCode::SERVICE_UNAVAILABLE, "too many connections"),
+                Ok::<_, Infallible>(if busy {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "too many connections")
+                } else {
+                    route(&shared, req, deadline, &slot).await
                 })
             }
         })
@@ -219,7 +231,15 @@ pub(super) fn wants_retry(form: &[u8]) -> bool {
     form.split(|b| *b == b'&').any(|pair| pair == b"retry=1")
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>, deadline: Instant) -> Response<Body> {
+/// A connection's request slot and the pool it came from (taken when it turns into a stream).
+type RequestSlot = std::sync::Mutex<Option<(Held, Arc<Slots>)>>;
+
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    deadline: Instant,
+    slot: &RequestSlot,
+) -> Response<Body> {
     let host = match check_request(shared, &req) {
         Ok(h) => h,
         Err(refusal) => return refusal.into_response(),
@@ -241,8 +261,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, deadline: Instant) 
             respond(StatusCode::OK, "application/json", &[], full(body))
         }
         (&Method::GET, "/events") => {
+            let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(stream_slot) = taken.and_then(|(request, slots)| {
+                // The request slot goes back either way: a stream never holds one.
+                drop(request);
+                slots.stream()
+            }) else {
+                return respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    &[(header::RETRY_AFTER, HeaderValue::from_static("3"))],
+                    full("too many event streams\n"),
+                );
+            };
             let last = header(req.headers(), "last-event-id");
-            let stream = events::stream(Arc::clone(shared), last);
+            let stream = events::stream(Arc::clone(shared), last)
+                .take_until(tokio::time::sleep(STREAM_LIFETIME))
+                // The stream slot lives as long as the body does.
+                .map(move |chunk| {
+                    let _ = &stream_slot;
+                    chunk
+                });
             respond(
                 StatusCode::OK,
                 "text/event-stream; charset=utf-8",

@@ -11,16 +11,19 @@
 //!   web page cannot start an update;
 //! - one update at a time per process: a second press attaches to the running one, and the
 //!   state directory's lock orders it with the timer's runs;
-//! - requests, connections and writes are bounded (head 8 KiB, body 1 KiB, 32 connections,
-//!   5 s from accept to the end of the request, 10 s per blocked write).
+//! - requests, connections and writes are bounded (head 8 KiB, body 1 KiB, 32 requests,
+//!   5 s from accept to the end of the request, 10 s per blocked write), and event streams
+//!   apart from them (16 streams of at most 30 s each: `slots`), so streams can never keep
+//!   the page or its buttons from answering.
 //!
 //! The HTTP is hyper 1.x (`http1` server only) on the tokio already in the tree, rather than
 //! axum: four routes need no router, every check here is one we must write ourselves anyway,
 //! and axum would add tower and its layers for nothing. `listenfd` takes systemd's socket,
 //! askama renders the HTML with escaping by default. No `unsafe` here.
 //!
-//! Files: `listen` (where), `http` (one connection and its checks), `runs` (the update and
-//! the `Runner` seam), `events` (the event stream), `view` (state, Retry, HTML, CSP).
+//! Files: `listen` (where), `http` (one connection and its checks), `slots` (how many of
+//! each kind), `runs` (the update and the `Runner` seam), `events` (the event stream), `view`
+//! (state, Retry, HTML, CSP).
 
 #![forbid(unsafe_code)]
 
@@ -28,11 +31,11 @@ mod events;
 mod http;
 mod listen;
 mod runs;
+mod slots;
 mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,8 +46,6 @@ use runs::{lock, Shared};
 /// Where the page listens when systemd does not pass a socket.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:51337";
 
-/// Connections served at once; one more is answered 503 and closed.
-const MAX_CONNECTIONS: usize = 32;
 /// How often the accept loop looks at the idle timer.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -99,16 +100,12 @@ pub fn serve(opts: &ServeOptions<'_>, runner: Arc<dyn Runner>) -> Result<(), Ser
     })
 }
 
-/// Frees a connection's slot and marks activity when its task ends, however it ends.
-struct Slot {
-    open: Arc<AtomicUsize>,
-    shared: Arc<Shared>,
-}
+/// Marks activity when a connection's task ends, however it ends.
+struct Touch(Arc<Shared>);
 
-impl Drop for Slot {
+impl Drop for Touch {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
-        self.shared.touch();
+        self.0.touch();
     }
 }
 
@@ -117,22 +114,22 @@ async fn accept_loop(
     shared: Arc<Shared>,
     exit_when_idle: Option<Duration>,
 ) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(slots::Slots::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     shared.touch();
                     let shared = Arc::clone(&shared);
-                    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        open.fetch_sub(1, Ordering::SeqCst);
+                    let Some(held) = slots.request() else {
                         tokio::spawn(http::connection(shared, stream, http::Slot::Busy));
                         continue;
-                    }
-                    let slot = Slot { open: Arc::clone(&open), shared: Arc::clone(&shared) };
+                    };
+                    let touch = Touch(Arc::clone(&shared));
+                    let slot = http::Slot::Open { held, slots: Arc::clone(&slots) };
                     tokio::spawn(async move {
-                        http::connection(shared, stream, http::Slot::Open).await;
-                        drop(slot);
+                        http::connection(shared, stream, slot).await;
+                        drop(touch);
                     });
                 }
                 Err(e) => {
@@ -144,7 +141,7 @@ async fn accept_loop(
             () = tokio::time::sleep(POLL_INTERVAL), if exit_when_idle.is_some() => {}
         }
         if let Some(idle) = exit_when_idle {
-            let quiet = open.load(Ordering::SeqCst) == 0 && lock(&shared.runs).running().is_none();
+            let quiet = slots.in_use() == 0 && lock(&shared.runs).running().is_none();
             if quiet && lock(&shared.last_activity).elapsed() >= idle {
                 tracing::info!(
                     "no visitor for {}; exiting",

@@ -84,7 +84,14 @@
       busy(false);
     });
     source.onerror = function () {
-      if (source) { statusLine.textContent = "Lost the connection to the agent; reconnecting\u2026"; }
+      if (!source) { return; }
+      statusLine.textContent = "Lost the connection to the agent; reconnecting\u2026";
+      if (source.readyState === EventSource.CLOSED) {
+        // Refused (503: every event stream slot taken); the browser gives up, so try again.
+        source.close();
+        source = null;
+        setTimeout(follow, 3000);
+      }
     };
   }
 

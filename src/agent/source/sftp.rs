@@ -7,7 +7,8 @@
 
 use std::io::SeekFrom;
 use std::num::NonZeroUsize;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -33,12 +34,27 @@ pub struct SftpConnection {
     limits: Limits,
 }
 
+/// ssh's keep-alives go out this many times per `stall_timeout`. ssh gives up after four
+/// unanswered intervals (`ServerAliveCountMax` 3, the default), so on a link that drops
+/// everything ssh ends the connection at about two thirds of `stall_timeout`, before our own
+/// timer: both ends are reported as the stall they are ([`Limits::op`]).
+const KEEPALIVES_PER_STALL: u32 = 6;
+
 /// How long one request may wait: `stall_timeout`, and never past the run's deadline.
 #[derive(Debug, Clone)]
 struct Limits {
     server: String,
     stall: Duration,
-    deadline: Option<std::time::Instant>,
+    deadline: Option<Instant>,
+    quiet: Arc<Mutex<Quiet>>,
+}
+
+/// Since when the server has said nothing while a request waited: a connection that dies
+/// after that long a silence was ended by ssh's keep-alive, i.e. the server stalled.
+#[derive(Debug)]
+struct Quiet {
+    waiting: usize,
+    since: Instant,
 }
 
 impl Limits {
@@ -51,10 +67,29 @@ impl Limits {
     ) -> Result<T, RemoteError> {
         let left = self
             .deadline
-            .map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            .map(|d| d.saturating_duration_since(Instant::now()));
         let budget = left.map_or(self.stall, |l| l.min(self.stall));
-        match tokio::time::timeout(budget, fut).await {
-            Ok(r) => r,
+        self.begin();
+        let result = tokio::time::timeout(budget, fut).await;
+        let silence = self.end(matches!(&result, Ok(Ok(_))));
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            // A request that ended in a connection error after a silence of half the stall
+            // timeout or more: ssh's keep-alive closed the dead link before our timer fired
+            // ("read/flush task failed"). It is the same stall, and is reported as one.
+            Ok(Err(RemoteError::Remote { message, .. }))
+                if silence >= self.stall / 2 && lost_connection(&message) =>
+            {
+                Err(RemoteError::Stalled {
+                    server: self.server.clone(),
+                    operation: format!(
+                        "{} (ssh's keep-alive closed the connection: {message})",
+                        operation()
+                    ),
+                    waited: Duration::from_secs(silence.as_secs()),
+                })
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) if left.is_some_and(|l| l <= self.stall) => Err(RemoteError::RunTimeout {
                 server: self.server.clone(),
                 operation: operation(),
@@ -66,6 +101,52 @@ impl Limits {
             }),
         }
     }
+}
+
+impl Limits {
+    fn new(server: &str, stall: Duration, deadline: Option<Instant>) -> Self {
+        Self {
+            server: server.to_owned(),
+            stall,
+            deadline,
+            quiet: Arc::new(Mutex::new(Quiet {
+                waiting: 0,
+                since: Instant::now(),
+            })),
+        }
+    }
+
+    fn quiet(&self) -> std::sync::MutexGuard<'_, Quiet> {
+        self.quiet.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A request goes out: the silence starts now unless one is already waiting.
+    fn begin(&self) {
+        let mut q = self.quiet();
+        if q.waiting == 0 {
+            q.since = Instant::now();
+        }
+        q.waiting += 1;
+    }
+
+    /// A request ended; an answer ends the silence. Returns how long the server had been
+    /// silent when it ended.
+    fn end(&self, answered: bool) -> Duration {
+        let mut q = self.quiet();
+        q.waiting = q.waiting.saturating_sub(1);
+        let silence = q.since.elapsed();
+        if answered {
+            q.since = Instant::now();
+        }
+        silence
+    }
+}
+
+/// Whether an error from the SFTP client is about the connection (its reader or writer task
+/// ended because ssh exited: "Background task failed: read/flush task failed") rather than an
+/// answer from the server, which `openssh_sftp_client` words as below.
+fn lost_connection(message: &str) -> bool {
+    !message.starts_with("Sftp server reported error")
 }
 
 fn is_not_found(e: &SftpError) -> bool {
@@ -116,7 +197,9 @@ impl SftpConnection {
                 .compression(true)
                 // Keep-alives inside the encrypted channel: ssh itself gives up on a link
                 // that silently drops packets after about three of them (ServerAliveCountMax).
-                .server_alive_interval((ssh.stall_timeout / 4).max(Duration::from_secs(1)))
+                .server_alive_interval(
+                    (ssh.stall_timeout / KEEPALIVES_PER_STALL).max(Duration::from_secs(1)),
+                )
                 .control_directory(&control_dir)
                 .control_persist(ControlPersist::IdleFor(
                     NonZeroUsize::new(MASTER_IDLE_SECS).expect("non-zero"),
@@ -135,11 +218,7 @@ impl SftpConnection {
         Ok(Self {
             rt,
             sftp: Some(sftp),
-            limits: Limits {
-                server: server.clone(),
-                stall: ssh.stall_timeout,
-                deadline: ssh.deadline,
-            },
+            limits: Limits::new(&server, ssh.stall_timeout, ssh.deadline),
             server,
         })
     }

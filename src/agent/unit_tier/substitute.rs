@@ -28,7 +28,13 @@ fn signing_key(seed: u8) -> (ed25519_dalek::SigningKey, String) {
 fn export(chroot: &Path, path: &str, refs: &[&str], sk: &ed25519_dalek::SigningKey) {
     let cache = chroot.join(layout::CACHE);
     std::fs::create_dir_all(cache.join("nar")).unwrap();
-    let nar = format!("NAR of {path}").into_bytes();
+    let contents = format!("NAR of {path}").into_bytes();
+    // The agent decompresses the file and checks it against the signed NarHash/NarSize.
+    let nar = ruzstd::encoding::compress_to_vec(
+        &contents[..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    let nar_hash: [u8; 32] = sha2::Sha256::digest(&contents).into();
     let file_hash: [u8; 32] = sha2::Sha256::digest(&nar).into();
     let url = format!("nar/{}.nar.zst", nix32(&file_hash));
     std::fs::write(cache.join(&url), &nar).unwrap();
@@ -42,8 +48,8 @@ fn export(chroot: &Path, path: &str, refs: &[&str], sk: &ed25519_dalek::SigningK
         compression: "zstd".into(),
         file_hash: Some(format!("sha256:{}", nix32(&file_hash))),
         file_size: Some(nar.len() as u64),
-        nar_hash: "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into(),
-        nar_size: 4000,
+        nar_hash: format!("sha256:{}", nix32(&nar_hash)),
+        nar_size: contents.len() as u64,
         references: refs.clone(),
         deriver: None,
         sigs: vec![],
@@ -179,7 +185,9 @@ fn agent_refuses_a_prebuilt_system_it_cannot_trust_before_changing_anything() {
                 let name = format!("{}.narinfo", narinfo::hash_part(KERNEL));
                 let p = b.chroot.join(layout::CACHE).join(name);
                 let text = std::fs::read_to_string(&p).unwrap();
-                std::fs::write(&p, text.replace("NarSize: 4000", "NarSize: 4001")).unwrap();
+                let size = format!("NarSize: {}", format!("NAR of {KERNEL}").len());
+                assert!(text.contains(&size));
+                std::fs::write(&p, text.replace(&size, "NarSize: 4001")).unwrap();
             },
             "no signature by a trusted cache key",
         ),
