@@ -2,7 +2,8 @@
 //! host's directory copied into SeaweedFS under `hosts/<host>/` by an admin, and
 //! `bento agent update` run with only the host's credentials (read and list its prefix,
 //! write its `logs/`): it applies the version, reports under `logs/`, a no-change poll
-//! changes nothing, and a tampered object is refused with nothing applied.
+//! changes nothing, a lagging engine (a key `current` names missing) is retried on the next
+//! run without a failure, and a tampered object is refused with nothing applied.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -144,25 +145,55 @@ fn s3_agent_applies_reports_and_refuses_a_tampered_object_on_seaweedfs() {
     assert_eq!(m.activations().len(), 1);
     assert!(read(&admin, "hosts/alpha/logs/heartbeat.json").is_some());
 
-    // A new version whose changed object is tampered with in the bucket: refused, nothing
-    // applied, the failure reported.
-    let before: Vec<String> = admin
-        .list(BUCKET, "hosts/alpha/objects/")
-        .unwrap()
-        .into_iter()
-        .map(|l| l.key)
-        .collect();
+    // A lagging replica: `current` names version 2 but its new objects are not there yet.
+    // Not a failed update: no report, nothing applied, and the next run applies it.
+    let keys = |admin: &Client| -> Vec<String> {
+        admin
+            .list(BUCKET, "hosts/alpha/objects/")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect()
+    };
+    let before = keys(&admin);
     write_version(&sshd, "2");
     sshd.publish();
     upload(&admin, &sshd.host_dir("alpha"), "hosts/alpha");
-    let added: Vec<String> = admin
-        .list(BUCKET, "hosts/alpha/objects/")
-        .unwrap()
+    let added: Vec<String> = keys(&admin)
         .into_iter()
-        .map(|l| l.key)
         .filter(|k| !before.contains(k))
         .collect();
     assert!(!added.is_empty(), "version 2 adds an object");
+    for key in &added {
+        admin.delete(BUCKET, key).unwrap();
+    }
+    let out = m.update();
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such file"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(m.activations().len(), 1, "nothing applied");
+    let latest = Report::parse(&read(&admin, "hosts/alpha/logs/latest.json").unwrap()).unwrap();
+    assert_eq!(latest.id, report.id, "no report for a lagging engine");
+    upload(&admin, &sshd.host_dir("alpha"), "hosts/alpha");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert_eq!(m.activations().len(), 2);
+    let system = m.profile_target().unwrap();
+
+    // A new version whose changed object is tampered with in the bucket: refused, nothing
+    // applied, the failure reported.
+    let before = keys(&admin);
+    write_version(&sshd, "3");
+    sshd.publish();
+    upload(&admin, &sshd.host_dir("alpha"), "hosts/alpha");
+    let added: Vec<String> = keys(&admin)
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .collect();
+    assert!(!added.is_empty(), "version 3 adds an object");
     for key in &added {
         let mut bytes = read(&admin, key).unwrap();
         bytes.extend_from_slice(b"\n# tampered\n");
@@ -170,7 +201,7 @@ fn s3_agent_applies_reports_and_refuses_a_tampered_object_on_seaweedfs() {
     }
     let out = m.update();
     assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
-    assert_eq!(m.activations().len(), 1, "nothing applied");
+    assert_eq!(m.activations().len(), 2, "nothing applied");
     assert_eq!(m.profile_target().as_deref(), Some(system.as_str()));
     let failed = Report::parse(&read(&admin, "hosts/alpha/logs/latest.json").unwrap()).unwrap();
     assert_eq!(failed.outcome, Outcome::Failure);

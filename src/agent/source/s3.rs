@@ -159,13 +159,10 @@ impl S3Connection {
 
 /// Runs `f` on every item, at most [`PARALLEL_FETCHES`] at once, results in order; the
 /// first error is returned (the others are dropped: the run stops anyway).
-fn parallel<T: Send, R: Send>(
+fn parallel<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R, RemoteError> + Sync,
-) -> Result<Vec<R>, RemoteError>
-where
-    T: Sync,
-{
+) -> Result<Vec<R>, RemoteError> {
     if items.len() <= 1 {
         return items.iter().map(f).collect();
     }
