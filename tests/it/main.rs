@@ -21,6 +21,8 @@ mod nixos;
 mod page;
 mod publish;
 mod rollout;
+mod s3;
+mod s3_agent;
 mod secrets;
 mod server;
 mod signing;

@@ -1,21 +1,23 @@
 //! The agent's two seams to the server: a [`Source`] for what it reads (`current`, a
 //! manifest, its signature, objects, the files of a prebuilt system's binary cache — named by
 //! protocol operation, never by a path string from the server) and a [`Sink`] for what it writes (reports and the heartbeat in `logs/`).
-//! `sftp://` (the system's OpenSSH client) and `file://` (a mounted directory: NFS,
-//! sneakernet, tests) implement both on one [`Connection`]; a read-only mirror or an object
-//! store with other credentials can implement `Source` alone.
+//! `sftp://` (the system's OpenSSH client), `file://` (a mounted directory: NFS,
+//! sneakernet, tests) and `s3://` (an S3-compatible object store, `source::s3`) implement
+//! both on one [`Connection`]; a read-only mirror can implement `Source` alone.
 //!
 //! Invariant: a Source only moves bytes. Size limits, resuming partial downloads and hash
 //! verification live once, in `agent::fetch`, so every backend gets the same checks.
 
 mod control_dir;
 mod dir;
+mod s3;
 mod sftp;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use dir::DirConnection;
+pub use s3::{S3Connection, S3Options};
 pub use sftp::SftpConnection;
 
 use crate::protocol::layout;
@@ -243,6 +245,12 @@ pub trait Sink {
 pub trait Connection: Source + Sink {
     /// Closes the connection cleanly.
     fn close(self: Box<Self>) -> Result<(), RemoteError>;
+
+    /// Seconds the server's clock is from this machine's, when the connection had to
+    /// correct for it (an object store signs every request with the time).
+    fn clock_correction(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Where the host's chroot is, from `server = "…"` in agent.toml.
@@ -256,11 +264,17 @@ pub enum ServerUrl {
     },
     /// `file:///path` — a directory holding what `<chroot>/<host>/` holds.
     Dir(PathBuf),
+    /// `s3://BUCKET/PREFIX?endpoint=URL&region=REGION` — the place in an object store that
+    /// holds what `<chroot>/<host>/` holds.
+    S3(crate::sys::s3::Location),
 }
 
 impl std::str::FromStr for ServerUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("s3://") {
+            return s.parse().map(ServerUrl::S3).map_err(|e| e.to_string());
+        }
         if let Some(path) = s.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(format!(
@@ -271,7 +285,7 @@ impl std::str::FromStr for ServerUrl {
         }
         let Some(rest) = s.strip_prefix("sftp://") else {
             return Err(format!(
-                "{s:?}: use sftp://account@host[:port] or file:///path"
+                "{s:?}: use sftp://account@host[:port], s3://BUCKET/PREFIX?endpoint=URL&region=REGION or file:///path"
             ));
         };
         let rest = rest.trim_end_matches('/');
@@ -305,11 +319,13 @@ impl std::fmt::Display for ServerUrl {
         match self {
             ServerUrl::Sftp { user, host, port } => write!(f, "sftp://{user}@{host}:{port}"),
             ServerUrl::Dir(p) => write!(f, "file://{}", p.display()),
+            ServerUrl::S3(l) => write!(f, "{l}"),
         }
     }
 }
 
-/// SSH settings for `sftp://` servers.
+/// How to connect: SSH settings for `sftp://` servers, the timeouts every server kind
+/// keeps, and the object store's settings for `s3://`.
 #[derive(Debug, Clone)]
 pub struct SshOptions {
     pub identity_file: PathBuf,
@@ -322,6 +338,8 @@ pub struct SshOptions {
     pub stall_timeout: Duration,
     /// When set, no request waits past this moment (the run's `run_timeout`).
     pub deadline: Option<std::time::Instant>,
+    /// For `s3://` servers.
+    pub s3: S3Options,
 }
 
 /// Opens a connection to `url`.
@@ -331,6 +349,7 @@ pub fn connect(url: &ServerUrl, ssh: &SshOptions) -> Result<Box<dyn Connection>,
         ServerUrl::Sftp { user, host, port } => {
             Ok(Box::new(SftpConnection::connect(user, host, *port, ssh)?))
         }
+        ServerUrl::S3(location) => Ok(Box::new(S3Connection::connect(location, ssh)?)),
     }
 }
 

@@ -242,6 +242,7 @@ pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
     out
 }
 
+pub mod engines;
 pub mod faults;
 pub mod relay;
 pub mod sshd;
