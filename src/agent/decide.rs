@@ -127,15 +127,25 @@ pub fn replay_refusal(applied: &Stamp<'_>, new: &Stamp<'_>) -> Option<String> {
         }
         (0, _) => None,
         (a, 0) => Some(format!(
-            "manifest {short} has no serial, and the applied version {} has serial {a}; refusing a replayed snapshot from before serials",
-            applied.version.short()
+            "manifest {short} has no serial, and the applied version {} has serial {a}; refusing a replayed snapshot from before serials{}",
+            applied.version.short(),
+            way_out(a)
         )),
         (a, n) if n < a || (n == a && new.version != applied.version) => Some(format!(
-            "manifest {short} has serial {n}, not above the applied version {}'s serial {a}; refusing a replayed older snapshot",
-            applied.version.short()
+            "manifest {short} has serial {n}, not above the applied version {}'s serial {a}; refusing a replayed older snapshot{}",
+            applied.version.short(),
+            way_out(a)
         )),
         _ => None,
     }
+}
+
+/// What the operator does when the refusal is no attack but a server that lost its serials.
+fn way_out(applied: u64) -> String {
+    format!(
+        " (if the server was restored or lost its state, publish this host again above it: `bento publish --host <this host> --serial-floor {}`; docs/operators.md, \"When the server was restored\")",
+        applied.saturating_add(1)
+    )
 }
 
 #[cfg(test)]
@@ -255,7 +265,9 @@ mod tests {
         // An older or equal serial is a replay, whatever the times say.
         let older = replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 5, &future)).unwrap();
         assert!(
-            older.contains("serial 5") && older.contains("replayed"),
+            older.contains("serial 5")
+                && older.contains("replayed")
+                && older.contains("--serial-floor 7"),
             "{older}"
         );
         assert!(replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 6, &future)).is_some());

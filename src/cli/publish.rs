@@ -42,6 +42,10 @@ pub struct Args {
     /// Skip the evaluation gate: publish hosts whose configuration does not evaluate
     #[arg(long)]
     no_eval: bool,
+    /// Number new versions from serial N at least, even with the same content (when the
+    /// server lost every record of the serials its hosts applied: docs/operators.md)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    serial_floor: Option<u64>,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -135,6 +139,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 .map(usize::from)
                 .unwrap_or_else(super::select::default_jobs),
             on_host: &on_host,
+            serial_floor: args.serial_floor,
         },
     )?;
     bar.finish_and_clear();
@@ -198,6 +203,8 @@ pub struct Tree<'a> {
     /// Parallel evaluations and server builds.
     pub jobs: usize,
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+    /// `--serial-floor N`.
+    pub serial_floor: Option<u64>,
 }
 
 /// Publishes the working tree into `chroot`, as `bento publish` and each rollout wave do:
@@ -249,6 +256,7 @@ pub fn publish_tree(
             }),
             on_host: tree.on_host,
             delivery: Some(&delivery),
+            serial_floor: tree.serial_floor,
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))

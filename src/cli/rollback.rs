@@ -70,6 +70,12 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening {}", chroot.root.display()))?;
     let now = SystemTime::now();
+    let serials = crate::server::records::Serials::new(&crate::server::records::dir(&chroot));
+    let numbering = publish::Numbering {
+        signer: signer.as_ref(),
+        record: Some(&serials),
+        floor: None,
+    };
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for host in &hosts {
@@ -78,7 +84,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 "{host} has hold = true: rolling it back anyway, as asked"
             ));
         }
-        match rollback::rollback_host(&*store, host, args.to.as_deref(), now, signer.as_ref()) {
+        match rollback::rollback_host(&*store, host, args.to.as_deref(), now, &numbering) {
             Ok(r) => {
                 if !args.json {
                     output::line(&format!(

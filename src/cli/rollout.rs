@@ -318,6 +318,7 @@ fn publish_hosts(
             eval: true,
             jobs: super::select::default_jobs(),
             on_host: &|_| {},
+            serial_floor: None,
         },
     )?;
     for b in &published.broken {

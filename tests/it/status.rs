@@ -109,6 +109,7 @@ impl Fixture {
             auto_updated: false,
             last_success: None,
             verifies_signatures: None,
+            serial: None,
         };
         change(&mut hb);
         write_atomic(

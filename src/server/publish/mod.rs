@@ -6,6 +6,7 @@ mod hook;
 mod host;
 #[cfg(test)]
 mod killed;
+mod serial;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ pub use hook::Delivery;
 pub use host::{
     collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
 };
+pub use serial::Numbering;
 pub use verify::{verify_host, VerifyError};
 
 use crate::nix::StorePath;
@@ -64,6 +66,8 @@ pub enum PublishError {
     PrivateKeyInConfig(PathBuf),
     #[error(transparent)]
     Secrets(#[from] crate::server::secrets::SecretsError),
+    #[error("{host}: {detail}; if the server was restored or lost its state, find the serial the host applied (the agent's refusal names it; `bento status --json` shows its \"serial\") and run `bento publish --host {host} --serial-floor N` with N above it (docs/operators.md, \"When the server was restored\")")]
+    SerialJump { host: HostName, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -277,6 +281,8 @@ pub struct Options<'a> {
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
     /// Issue #12: evaluation gate, systems and binary caches (`server::delivery`).
     pub delivery: Option<&'a dyn Delivery>,
+    /// `--serial-floor N`: new versions get at least serial N (server::publish::serial).
+    pub serial_floor: Option<u64>,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -333,6 +339,12 @@ pub fn run(
     });
     crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
     // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
+    let serials = crate::server::records::Serials::new(&crate::server::records::dir(&opts.chroot));
+    let numbering = Numbering {
+        signer: opts.signer,
+        record: Some(&serials),
+        floor: opts.serial_floor,
+    };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
         None => (plans, Vec::new()),
@@ -346,7 +358,7 @@ pub fn run(
         .par_iter()
         .map(|p| {
             let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                .and_then(|()| publish_host(opts.store, p, opts.signer))
+                .and_then(|()| publish_host(opts.store, p, &numbering))
                 .unwrap_or_else(|e| HostReport {
                     host: p.host.clone(),
                     status: Status::Failed,
