@@ -16,6 +16,7 @@ mod machines;
 mod nixos;
 mod page;
 mod publish;
+mod restore;
 mod rollout;
 mod secrets;
 mod server;
