@@ -319,6 +319,8 @@ fn publish_hosts(
             jobs: super::select::default_jobs(),
             on_host: &|_| {},
             serial_floor: None,
+            action: "rollout step",
+            release: &[],
         },
     )?;
     for b in &published.broken {

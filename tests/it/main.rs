@@ -8,6 +8,7 @@ mod common;
 mod delivery;
 mod docs;
 mod faults;
+mod holds;
 mod hostile;
 mod init;
 mod layers;

@@ -1,9 +1,16 @@
 //! The publisher's own records, kept outside the served tree where no host account can
-//! write: the highest serial numbered per host (`serials/<host>`). One function says where
+//! write: the highest serial numbered per host (`serials/<host>`), rollback holds
+//! (`holds/<host>.json`) and the journal (`journal.jsonl`). One function says where
 //! they live ([`dir`]), so the place can move (an object-store fleet keeps them elsewhere)
 //! without touching what reads and writes them. A record only ever grows.
 
+mod holds;
+mod journal;
+
 use std::path::{Path, PathBuf};
+
+pub use holds::{Hold, Holds};
+pub use journal::{operator, Entry, Journal, JournalHost};
 
 use crate::protocol::layout::Chroot;
 use crate::protocol::HostName;
@@ -11,6 +18,18 @@ use crate::protocol::HostName;
 /// Where the publisher keeps its records: today the chroot's root-only `.bento/`.
 pub fn dir(chroot: &Chroot) -> PathBuf {
     chroot.state_dir()
+}
+
+/// Creates a records directory, root-only like the rest of the publisher's state.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// The serial record of one host: the highest serial this publisher numbered for it.
@@ -53,13 +72,7 @@ impl Serials {
         if self.get(host)?.is_some_and(|s| s >= serial) {
             return Ok(());
         }
-        if !self.dir.is_dir() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&self.dir)?;
-        }
+        private_dir(&self.dir)?;
         crate::sys::atomic::write_file(&self.path(host), format!("{serial}\n").as_bytes(), 0o600)
     }
 }
