@@ -386,7 +386,12 @@ fn journal_publish(
             detail: Some("rolled back; left as it is".to_owned()),
         });
     }
-    if hosts.is_empty() {
+    // An entry for what changed or was decided: runs that changed nothing are not news.
+    if !hosts.iter().any(|h| {
+        h.result == "published"
+            || h.result == "held"
+            || h.detail.as_deref() == Some("rollback hold released")
+    }) {
         return Ok(());
     }
     let journal = Journal::new(&records);

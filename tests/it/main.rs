@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod delivery;
 mod docs;
+mod fails_alone;
 mod faults;
 mod holds;
 mod hostile;

@@ -1,6 +1,7 @@
 //! `bento publish`: from discovered hosts to live versions in the chroot. Everything that
-//! can be refused (names, links, files.toml, unknown `--host`) is refused before the first
-//! write; then each host is published on its own, so one failing host never stops the rest.
+//! can be refused (names, links, files.toml, secrets, unknown `--host`) is refused before the
+//! first write to that host; a host whose own directory or secrets are at fault fails alone,
+//! and each host is published on its own, so one failing host never stops the rest.
 
 mod hook;
 mod host;
@@ -309,8 +310,31 @@ pub fn run(
     opts: Options<'_>,
 ) -> Result<Published, PublishError> {
     let mut found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
+    // A host whose directory could not be read fails alone, as a report naming the fix.
+    let unreadable: Vec<HostReport> = std::mem::take(&mut found.failed)
+        .into_iter()
+        .filter(|(h, _)| opts.only.is_empty() || opts.only.contains(h))
+        .map(|(h, e)| {
+            let error = format!(
+                "{e}; fix it (replace the link with the file, or keep what it points to inside the fleet repo), then `bento publish --host {h}`"
+            );
+            HostReport::failed(opts.store, &h, error)
+        })
+        .collect();
+    let only: Vec<HostName> = opts
+        .only
+        .iter()
+        .filter(|h| !unreadable.iter().any(|r| &r.host == *h))
+        .cloned()
+        .collect();
+    if !opts.only.is_empty() && only.is_empty() {
+        return Ok(Published {
+            reports: unreadable,
+            broken: found.broken,
+        });
+    }
     // A `[hosts.NAME]` no directory defines fails alone, as a report.
-    let chosen = found.choose(&opts.only);
+    let chosen = found.choose(&only);
     let broken = found.broken;
     let (selected, wanted_undefined) = chosen.map_err(|host| unknown_host(host, &broken))?;
     let undefined: Vec<HostReport> = wanted_undefined
@@ -337,7 +361,24 @@ pub fn run(
         manifest: &mut p.manifest,
         sources: &mut p.sources,
     });
-    crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
+    let unsealed = crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
+    let (plans, unsealed): (Vec<HostPlan>, Vec<HostReport>) = if unsealed.is_empty() {
+        (plans, Vec::new())
+    } else {
+        let failed: BTreeMap<HostName, String> = unsealed
+            .into_iter()
+            .map(|(h, e)| (h, e.to_string()))
+            .collect();
+        let reports = failed
+            .iter()
+            .map(|(h, e)| HostReport::failed(opts.store, h, e.clone()))
+            .collect();
+        let plans = plans
+            .into_iter()
+            .filter(|p| !failed.contains_key(&p.host))
+            .collect();
+        (plans, reports)
+    };
     // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
     let serials = crate::server::records::Serials::new(&crate::server::records::dir(&opts.chroot));
     let numbering = Numbering {
@@ -383,6 +424,8 @@ pub fn run(
         d.after(&opts.chroot)?;
     }
     reports.extend(held_back);
+    reports.extend(unsealed);
+    reports.extend(unreadable);
     reports.extend(undefined);
     reports.sort_by(|a, b| a.host.cmp(&b.host));
     let warnings: BTreeMap<&HostName, &[String]> = selected
