@@ -17,6 +17,7 @@ mod log;
 mod machines;
 mod nixos;
 mod page;
+mod plaintext;
 mod publish;
 mod restore;
 mod rollout;

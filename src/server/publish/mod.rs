@@ -7,6 +7,7 @@ mod hook;
 mod host;
 #[cfg(test)]
 mod killed;
+mod plaintext;
 mod serial;
 mod verify;
 
@@ -445,6 +446,11 @@ pub fn run(
         }
         if let Some(c) = commit.as_ref().filter(|c| c.dirty && r.changed()) {
             r.warnings.push(dirty_warning(c));
+        }
+        if fleet.config.secrets.encrypt != crate::server::secrets::EncryptMode::Off
+            && r.status != Status::Failed
+        {
+            r.warnings.extend(plaintext::kept(opts.store, &r.host));
         }
     }
     // Caches are written under the lock, so two runs never interleave their writes.
