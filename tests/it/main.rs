@@ -24,5 +24,6 @@ mod rollout;
 mod secrets;
 mod server;
 mod signing;
+mod skew;
 mod status;
 mod substitute;
