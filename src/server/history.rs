@@ -55,8 +55,9 @@ pub struct Run {
     pub checks: Vec<CheckResult>,
 }
 
-/// The newest `limit` runs of `host`, newest first. Report ids sort by time, so the newest
-/// are the last names.
+/// The newest `limit` runs of `host`, newest first: by when the server received each report
+/// (its modification time, by the server's clock), then by id. A host's ids carry its own
+/// clock, which may be hours off (issue #24 item 6).
 pub fn runs(store: &dyn Store, host: &HostName, limit: usize) -> Result<Vec<Run>, HistoryError> {
     let entries = match store.list_logs(host, Some(REPORTS_DIR)) {
         Ok(e) => e,
@@ -67,8 +68,13 @@ pub fn runs(store: &dyn Store, host: &HostName, limit: usize) -> Result<Vec<Run>
         Err(e) => return Err(e.into()),
     };
     let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let mut reports: Vec<&crate::server::logs::LogEntry> = entries
+        .iter()
+        .filter(|e| e.name.ends_with(".json"))
+        .collect();
+    reports.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.name.cmp(&b.name)));
     let mut out = Vec::new();
-    for entry in entries.iter().rev() {
+    for entry in reports.into_iter().rev() {
         let Some(id) = entry.name.strip_suffix(".json") else {
             continue;
         };
@@ -235,6 +241,38 @@ mod tests {
         assert_eq!(runs[1].outcome, Some(Outcome::Failure));
         assert_eq!(runs[1].error.as_deref(), Some("build failed"));
         assert_eq!(runs[0].duration_ms, Some(1500));
+    }
+
+    #[test]
+    fn runs_are_ordered_by_when_the_server_received_them() {
+        // A host whose clock ran 3 h ahead named its older run after the later time.
+        let t = host_with(&[
+            report("20261125T150000Z-00000001", Outcome::Success, None),
+            report("20261125T120500Z-00000002", Outcome::Failure, Some("x")),
+        ]);
+        let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
+        let at = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        for (name, secs) in [
+            ("20261125T150000Z-00000001.json", 1_000),
+            ("20261125T120500Z-00000002.json", 2_000),
+        ] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(name))
+                .unwrap()
+                .set_modified(at(secs))
+                .unwrap();
+        }
+        let ids: Vec<String> = runs(&store(&t), &alpha(), 5)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["20261125T120500Z-00000002", "20261125T150000Z-00000001"],
+            "received last, listed first"
+        );
     }
 
     #[test]
