@@ -140,6 +140,20 @@ pub fn replay_refusal(applied: &Stamp<'_>, new: &Stamp<'_>) -> Option<String> {
     }
 }
 
+/// A manifest stamped more than a few minutes after this machine's `now`: one of the two
+/// clocks is wrong (issue #24 item 6). Versions are ordered by serial, so this is a warning,
+/// never a refusal.
+pub fn clock_warning(created: &Timestamp, now: std::time::SystemTime) -> Option<String> {
+    const FEW_MINUTES: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+    let ahead = created.system_time().duration_since(now).ok()?;
+    (ahead > FEW_MINUTES).then(|| {
+        format!(
+            "the manifest was created at {created}, {}s after this machine's clock says it is now: this machine's clock is behind (or the publisher's ahead); fix the time (NTP). Versions are ordered by serial, so the update goes on",
+            ahead.as_secs()
+        )
+    })
+}
+
 /// What the operator does when the refusal is no attack but a server that lost its serials.
 fn way_out(applied: u64) -> String {
     format!(
@@ -245,6 +259,28 @@ mod tests {
         s.self_update_at = Some(5 * day);
         assert!(matches!(f(&s, 6 * day - 1, true), Decision::NoOp(_)));
         assert_eq!(f(&s, 6 * day, true), Decision::SelfUpdate(v1));
+    }
+
+    #[test]
+    fn a_manifest_from_the_future_is_a_clock_warning() {
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let at = |secs: u64| {
+            Timestamp::seconds(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            )
+        };
+        assert_eq!(
+            clock_warning(&at(1_800_000_000 - 86_400), now),
+            None,
+            "old is normal"
+        );
+        assert_eq!(
+            clock_warning(&at(1_800_000_000 + 60), now),
+            None,
+            "a minute is noise"
+        );
+        let w = clock_warning(&at(1_800_000_000 + 3 * 3600), now).unwrap();
+        assert!(w.contains("10800s") && w.contains("clock is behind"), "{w}");
     }
 
     #[test]

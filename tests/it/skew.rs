@@ -1,6 +1,7 @@
 //! Issue #24 item 6: a host whose clock is hours off is judged by when the server received
 //! its files, never `silent` while it reports; `bento status` shows the clock skew in the
-//! row, as `clock_skew_s` in `--json` and as a Prometheus gauge. The agent runs for real,
+//! row, as `clock_skew_s` in `--json` and as a Prometheus gauge; the agent warns about a
+//! manifest stamped in its future. The agent runs for real,
 //! its clock moved by libfaketime (installed by scripts/test.sh).
 
 use std::path::PathBuf;
@@ -60,6 +61,10 @@ fn an_agent_hours_off_is_live_and_flagged_as_skewed() {
             "{offset}: {}",
             text(&out)
         );
+        if sign < 0 {
+            // The manifest, stamped by the server's clock, is 3 h in this agent's future.
+            assert!(text(&out).contains("clock is behind"), "{}", text(&out));
+        }
         assert_eq!(
             m.heartbeat().time.system_time() < std::time::SystemTime::now(),
             sign < 0,
