@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 # Debian packages: real Nix and real OpenSSH (server and client) for the integration tests.
 need=()
 # age: the secrets tests check interop with the age CLI both ways.
+# faketime: the clock-skew tests run a real agent whose clock is hours off.
 # systemd: systemd-analyze and systemd-socket-activate for the unit and page tests, which
 # would otherwise skip.
-for pkg in nix-bin openssh-server openssh-client git rsync systemd chromium chromium-driver age; do
+for pkg in nix-bin openssh-server openssh-client git rsync systemd chromium chromium-driver age faketime; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -103,6 +103,12 @@ impl Attempt<'_> {
         let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
         self.check_trust(signature, &bytes, &manifest, log)?;
+        if let Some(w) =
+            super::decide::clock_warning(&manifest.created, std::time::SystemTime::now())
+        {
+            tracing::warn!("{w}");
+            log.step(&format!("warning: {w}"));
+        }
         self.created = Some(manifest.created.clone());
         self.serial = (manifest.serial > 0).then_some(manifest.serial);
         let mpath = self.dirs.manifests().join(format!("{}.json", self.version));

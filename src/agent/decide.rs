@@ -127,15 +127,39 @@ pub fn replay_refusal(applied: &Stamp<'_>, new: &Stamp<'_>) -> Option<String> {
         }
         (0, _) => None,
         (a, 0) => Some(format!(
-            "manifest {short} has no serial, and the applied version {} has serial {a}; refusing a replayed snapshot from before serials",
-            applied.version.short()
+            "manifest {short} has no serial, and the applied version {} has serial {a}; refusing a replayed snapshot from before serials{}",
+            applied.version.short(),
+            way_out(a)
         )),
         (a, n) if n < a || (n == a && new.version != applied.version) => Some(format!(
-            "manifest {short} has serial {n}, not above the applied version {}'s serial {a}; refusing a replayed older snapshot",
-            applied.version.short()
+            "manifest {short} has serial {n}, not above the applied version {}'s serial {a}; refusing a replayed older snapshot{}",
+            applied.version.short(),
+            way_out(a)
         )),
         _ => None,
     }
+}
+
+/// A manifest stamped more than a few minutes after this machine's `now`: one of the two
+/// clocks is wrong (issue #24 item 6). Versions are ordered by serial, so this is a warning,
+/// never a refusal.
+pub fn clock_warning(created: &Timestamp, now: std::time::SystemTime) -> Option<String> {
+    const FEW_MINUTES: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+    let ahead = created.system_time().duration_since(now).ok()?;
+    (ahead > FEW_MINUTES).then(|| {
+        format!(
+            "the manifest was created at {created}, {}s after this machine's clock says it is now: this machine's clock is behind (or the publisher's ahead); fix the time (NTP). Versions are ordered by serial, so the update goes on",
+            ahead.as_secs()
+        )
+    })
+}
+
+/// What the operator does when the refusal is no attack but a server that lost its serials.
+fn way_out(applied: u64) -> String {
+    format!(
+        " (if the server was restored or lost its state, publish this host again above it: `bento publish --host <this host> --serial-floor {}`; docs/operators.md, \"When the server was restored\")",
+        applied.saturating_add(1)
+    )
 }
 
 #[cfg(test)]
@@ -238,6 +262,28 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_from_the_future_is_a_clock_warning() {
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let at = |secs: u64| {
+            Timestamp::seconds(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            )
+        };
+        assert_eq!(
+            clock_warning(&at(1_800_000_000 - 86_400), now),
+            None,
+            "old is normal"
+        );
+        assert_eq!(
+            clock_warning(&at(1_800_000_000 + 60), now),
+            None,
+            "a minute is noise"
+        );
+        let w = clock_warning(&at(1_800_000_000 + 3 * 3600), now).unwrap();
+        assert!(w.contains("10800s") && w.contains("clock is behind"), "{w}");
+    }
+
+    #[test]
     fn versions_are_ordered_by_serial_not_by_clocks() {
         let (v1, v2) = (Digest::of(b"1"), Digest::of(b"2"));
         let future: Timestamp = "2099-01-01T00:00:00Z".parse().unwrap();
@@ -255,7 +301,9 @@ mod tests {
         // An older or equal serial is a replay, whatever the times say.
         let older = replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 5, &future)).unwrap();
         assert!(
-            older.contains("serial 5") && older.contains("replayed"),
+            older.contains("serial 5")
+                && older.contains("replayed")
+                && older.contains("--serial-floor 7"),
             "{older}"
         );
         assert!(replay_refusal(&stamp(v1, 6, &today), &stamp(v2, 6, &future)).is_some());

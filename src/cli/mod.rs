@@ -20,12 +20,15 @@ mod log;
 mod publish;
 // rollout (#13): --on, waves, trigger, rollback, waiting.
 mod rollback;
+// Issue #24 item 3: the publisher's journal.
+mod journal;
 mod rollout;
 mod secret;
 mod select;
 mod server;
 mod status;
 mod trigger;
+mod versions;
 mod wait;
 
 use std::path::PathBuf;
@@ -126,6 +129,10 @@ pub enum Command {
     Trigger(OnFleet<trigger::Args>),
     /// Make a kept earlier version live again on hosts, as a new version
     Rollback(OnFleet<rollback::Args>),
+    /// Every publish, rollback, rollout step and hold, oldest first (the audit trail)
+    Journal(OnFleet<journal::Args>),
+    /// A host's kept versions: serial, digest, created, commit, what happened to each
+    Versions(OnFleet<versions::Args>),
     /// Encrypted secrets in the fleet repo: edit, show, rekey
     Secret(OnFleetGroup<secret::Command>),
     /// Set up and check the SFTP server (accounts, sshd, NixOS module)
@@ -200,6 +207,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rollout(c) => rollout::run(fleet(c.fleet), c.args),
         Command::Trigger(c) => trigger::run(fleet(c.fleet), c.args),
         Command::Rollback(c) => rollback::run(fleet(c.fleet), c.args),
+        Command::Journal(c) => journal::run(fleet(c.fleet), c.args),
+        Command::Versions(c) => versions::run(fleet(c.fleet), c.args),
         Command::Secret(c) => secret::run(fleet(c.fleet), c.command),
         Command::Server(c) => server::run(fleet(c.fleet), c.command),
         Command::Host(c) => host::run(fleet(c.fleet), c.command),

@@ -42,6 +42,10 @@ pub struct Args {
     /// Skip the evaluation gate: publish hosts whose configuration does not evaluate
     #[arg(long)]
     no_eval: bool,
+    /// Number new versions from serial N at least, even with the same content (when the
+    /// server lost every record of the serials its hosts applied: docs/operators.md)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    serial_floor: Option<u64>,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -135,6 +139,9 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 .map(usize::from)
                 .unwrap_or_else(super::select::default_jobs),
             on_host: &on_host,
+            serial_floor: args.serial_floor,
+            action: "publish",
+            release: &args.hosts,
         },
     )?;
     bar.finish_and_clear();
@@ -198,6 +205,13 @@ pub struct Tree<'a> {
     /// Parallel evaluations and server builds.
     pub jobs: usize,
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
+    /// `--serial-floor N`.
+    pub serial_floor: Option<u64>,
+    /// What the journal calls this run (`publish`, `rollout step`).
+    pub action: &'a str,
+    /// Hosts named one by one (`publish --host`): publishing them releases a rollback's
+    /// hold. Every other rolled-back host keeps its live version.
+    pub release: &'a [HostName],
 }
 
 /// Publishes the working tree into `chroot`, as `bento publish` and each rollout wave do:
@@ -214,6 +228,16 @@ pub fn publish_tree(
             "manifests are not signed: set [server] signing_key in bento.toml (see `bento keygen`)"
         );
     }
+    let records = crate::server::records::dir(chroot);
+    let holds = crate::server::records::Holds::new(&records);
+    let (only, held) = leave_held(fleet, chroot, &holds, tree.only, tree.release)?;
+    let Some(only) = only else {
+        journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
+        return Ok(publish::Published {
+            reports: Vec::new(),
+            broken: Vec::new(),
+        });
+    };
     let now = SystemTime::now();
     let scanner = Scanner::new(
         fleet.root.clone(),
@@ -230,14 +254,14 @@ pub fn publish_tree(
         tree.jobs,
         now,
     )?;
-    publish::run(
+    let published = publish::run(
         fleet,
         &flakes,
         &scanner,
         publish::Options {
             store: &*store,
             chroot: chroot.clone(),
-            only: tree.only,
+            only,
             systems: tree.systems,
             now,
             signer: signer.as_ref(),
@@ -249,9 +273,137 @@ pub fn publish_tree(
             }),
             on_host: tree.on_host,
             delivery: Some(&delivery),
+            serial_floor: tree.serial_floor,
         },
     )
-    .with_context(|| format!("publishing {}", fleet.root.display()))
+    .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    journal_publish(
+        fleet,
+        chroot,
+        tree.action,
+        &published.reports,
+        &held,
+        &holds,
+    )?;
+    Ok(published)
+}
+
+/// Leaves out the rolled-back hosts not named one by one, each with a warning saying how to
+/// release it. `None`: every selected host is held, nothing to publish.
+#[allow(clippy::type_complexity)]
+fn leave_held(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    holds: &crate::server::records::Holds,
+    only: Vec<HostName>,
+    release: &[HostName],
+) -> anyhow::Result<(Option<Vec<HostName>>, Vec<crate::server::records::Hold>)> {
+    let all = holds
+        .all()
+        .with_context(|| format!("reading the rollback holds of {}", chroot.root.display()))?;
+    let held: Vec<_> = all
+        .into_iter()
+        .filter(|h| !release.contains(&h.host))
+        .filter(|h| only.is_empty() || only.contains(&h.host))
+        .collect();
+    if held.is_empty() {
+        return Ok((Some(only), held));
+    }
+    for h in &held {
+        output::warning(&held_warning(h));
+    }
+    // An empty selection means every host: spell it out, so the held ones can be left out.
+    let all = if only.is_empty() {
+        super::select::discovered(fleet, chroot)?
+    } else {
+        only
+    };
+    let rest: Vec<HostName> = all
+        .into_iter()
+        .filter(|n| !held.iter().any(|h| &h.host == n))
+        .collect();
+    Ok(((!rest.is_empty()).then_some(rest), held))
+}
+
+/// What publish says about a host it leaves on its rollback.
+pub fn held_warning(h: &crate::server::records::Hold) -> String {
+    format!(
+        "not publishing {host}: it was rolled back by {by} at {at} (from {from} to the content of {to}) and stays on {version} until released: `bento publish --host {host}` or `bento rollback --release {host}`",
+        host = h.host,
+        by = h.by,
+        at = h.at,
+        from = h.from.map_or_else(|| "-".into(), |d| d.short()),
+        to = h.to.short(),
+        version = h.version.short(),
+    )
+}
+
+/// Writes the run into the journal, and lifts the holds of the named hosts it published.
+fn journal_publish(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    action: &str,
+    reports: &[HostReport],
+    held: &[crate::server::records::Hold],
+    holds: &crate::server::records::Holds,
+) -> anyhow::Result<()> {
+    use crate::server::records::{Entry, Journal, JournalHost, Serials};
+    let records = crate::server::records::dir(chroot);
+    let serials = Serials::new(&records);
+    let mut hosts = Vec::new();
+    for r in reports {
+        let released = if r.status != Status::Failed {
+            holds
+                .release(&r.host)
+                .with_context(|| format!("releasing the rollback hold of {}", r.host))?
+        } else {
+            None
+        };
+        if released.is_some() {
+            output::note(&format!("{}: rollback hold released", r.host));
+        }
+        hosts.push(JournalHost {
+            host: r.host.clone(),
+            result: status_word(r.status).to_owned(),
+            version: r.digest,
+            serial: serials
+                .get(&r.host)
+                .ok()
+                .flatten()
+                .filter(|_| r.digest.is_some()),
+            detail: r
+                .error
+                .clone()
+                .or_else(|| released.map(|_| "rollback hold released".to_owned())),
+        });
+    }
+    for h in held {
+        hosts.push(JournalHost {
+            host: h.host.clone(),
+            result: "held".to_owned(),
+            version: Some(h.version),
+            serial: None,
+            detail: Some("rolled back; left as it is".to_owned()),
+        });
+    }
+    // An entry for what changed or was decided: runs that changed nothing are not news.
+    if !hosts.iter().any(|h| {
+        h.result == "published"
+            || h.result == "held"
+            || h.detail.as_deref() == Some("rollback hold released")
+    }) {
+        return Ok(());
+    }
+    let journal = Journal::new(&records);
+    journal
+        .append(&Entry {
+            time: crate::protocol::Timestamp::seconds(SystemTime::now()).to_string(),
+            who: crate::server::records::operator(),
+            action: action.to_owned(),
+            commit: publish::source_commit(&fleet.root).map(|c| c.id),
+            hosts,
+        })
+        .with_context(|| format!("writing the journal {}", journal.path().display()))
 }
 
 /// Each warning once on stderr (a flake directory's warning is in each of its hosts' reports).
@@ -270,11 +422,7 @@ pub fn format_line(r: &HostReport, width: usize) -> String {
         .digest
         .map(|d| d.short())
         .unwrap_or_else(|| "-".repeat(12));
-    let status = match r.status {
-        Status::Published => "published",
-        Status::Unchanged => "unchanged",
-        Status::Failed => "failed",
-    };
+    let status = status_word(r.status);
     let detail = match (&r.error, r.status) {
         (Some(e), _) => e.clone(),
         (None, Status::Published) => format!(
@@ -294,4 +442,12 @@ pub fn format_line(r: &HostReport, width: usize) -> String {
         ),
     };
     format!("{:width$}  {status:9}  {digest}  {detail}", r.host.as_str())
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Published => "published",
+        Status::Unchanged => "unchanged",
+        Status::Failed => "failed",
+    }
 }

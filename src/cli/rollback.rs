@@ -35,6 +35,10 @@ pub struct Args {
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
+    /// Release these hosts' rollback holds instead (the next `bento publish` publishes the
+    /// working tree to them again); nothing is published now
+    #[arg(long, conflicts_with_all = ["to", "wait"])]
+    release: bool,
 }
 
 #[derive(Serialize)]
@@ -51,6 +55,9 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let hosts = super::select::known(&fleet, &chroot, &args.hosts, &args.on.on)?;
     if hosts.is_empty() {
         anyhow::bail!("name the hosts to roll back (HOST… or --on SELECTOR)");
+    }
+    if args.release {
+        return release(&chroot, &hosts, args.json);
     }
     if args.to.is_some() && hosts.len() > 1 {
         anyhow::bail!(
@@ -70,6 +77,12 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("opening {}", chroot.root.display()))?;
     let now = SystemTime::now();
+    let serials = crate::server::records::Serials::new(&crate::server::records::dir(&chroot));
+    let numbering = publish::Numbering {
+        signer: signer.as_ref(),
+        record: Some(&serials),
+        floor: None,
+    };
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for host in &hosts {
@@ -78,7 +91,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 "{host} has hold = true: rolling it back anyway, as asked"
             ));
         }
-        match rollback::rollback_host(&*store, host, args.to.as_deref(), now, signer.as_ref()) {
+        match rollback::rollback_host(&*store, host, args.to.as_deref(), now, &numbering) {
             Ok(r) => {
                 // Advisory, for `bento log`'s KIND: a lost record only shows the run as a
                 // publish.
@@ -97,6 +110,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                             .unwrap_or_default()
                     ));
                 }
+                hold(&chroot, &r)?;
                 done.push(r);
             }
             Err(e) => {
@@ -105,6 +119,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    journal(&chroot, &done)?;
     drop(_lock);
 
     let mut finished = None;
@@ -128,4 +143,119 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(super::EXIT_ERROR)
     })
+}
+
+/// A rollback is the operator's decision: the host stays on it until released.
+fn hold(chroot: &crate::protocol::layout::Chroot, r: &RolledBack) -> anyhow::Result<()> {
+    let holds = crate::server::records::Holds::new(&crate::server::records::dir(chroot));
+    holds
+        .set(&crate::server::records::Hold {
+            host: r.host.clone(),
+            from: r.from,
+            to: r.to,
+            version: r.version,
+            at: r.created.clone(),
+            by: crate::server::records::operator(),
+        })
+        .with_context(|| format!("recording the rollback hold of {}", r.host))
+}
+
+fn journal(chroot: &crate::protocol::layout::Chroot, done: &[RolledBack]) -> anyhow::Result<()> {
+    use crate::server::records::{Entry, Journal, JournalHost, Serials};
+    let records = crate::server::records::dir(chroot);
+    let serials = Serials::new(&records);
+    let hosts: Vec<JournalHost> = done
+        .iter()
+        .map(|r| JournalHost {
+            host: r.host.clone(),
+            result: "rolled back".to_owned(),
+            version: Some(r.version),
+            serial: serials.get(&r.host).ok().flatten(),
+            detail: Some(format!(
+                "from {} to the content of {}; held until released",
+                r.from.map_or_else(|| "-".into(), |d| d.short()),
+                r.to.short()
+            )),
+        })
+        .collect();
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    Journal::new(&records)
+        .append(&Entry {
+            time: crate::protocol::Timestamp::seconds(SystemTime::now()).to_string(),
+            who: crate::server::records::operator(),
+            action: "rollback".to_owned(),
+            commit: None,
+            hosts,
+        })
+        .context("writing the journal")
+}
+
+#[derive(Serialize)]
+struct Released {
+    released: Vec<crate::server::records::Hold>,
+    not_held: Vec<HostName>,
+}
+
+/// `bento rollback --release HOST…`: lifts the holds; the next publish moves the hosts on.
+fn release(
+    chroot: &crate::protocol::layout::Chroot,
+    hosts: &[HostName],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::server::records::{Entry, Holds, Journal, JournalHost};
+    let records = crate::server::records::dir(chroot);
+    let holds = Holds::new(&records);
+    let mut out = Released {
+        released: Vec::new(),
+        not_held: Vec::new(),
+    };
+    for host in hosts {
+        match holds
+            .release(host)
+            .with_context(|| format!("releasing the rollback hold of {host}"))?
+        {
+            Some(h) => {
+                if !json {
+                    output::line(&format!(
+                        "{host}  released  (rolled back by {} at {}; the next `bento publish` publishes the working tree to it)",
+                        h.by, h.at
+                    ));
+                }
+                out.released.push(h);
+            }
+            None => {
+                if !json {
+                    output::line(&format!("{host}  not held"));
+                }
+                out.not_held.push(host.clone());
+            }
+        }
+    }
+    if !out.released.is_empty() {
+        Journal::new(&records)
+            .append(&Entry {
+                time: crate::protocol::Timestamp::seconds(SystemTime::now()).to_string(),
+                who: crate::server::records::operator(),
+                action: "release".to_owned(),
+                commit: None,
+                hosts: out
+                    .released
+                    .iter()
+                    .map(|h| JournalHost {
+                        host: h.host.clone(),
+                        result: "released".to_owned(),
+                        version: Some(h.version),
+                        serial: None,
+                        detail: None,
+                    })
+                    .collect(),
+            })
+            .context("writing the journal")?;
+    }
+    if json {
+        output::json(&out)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -436,6 +436,9 @@ fn publish_hosts(
             eval: true,
             jobs: super::select::default_jobs(),
             on_host: &|_| {},
+            serial_floor: None,
+            action: "rollout step",
+            release: &[],
         },
     )?;
     for b in &published.broken {

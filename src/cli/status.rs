@@ -111,6 +111,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         // once per table: its warning, if any, is said once.
         let view = view(&fleet, &chroot);
         view.apply(&mut rows);
+        rolled_back(&chroot, &mut rows);
         if let Some(path) = &args.prometheus {
             crate::sys::atomic::write_file(path, render::prometheus(&rows).as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -188,6 +189,34 @@ fn view(fleet: &Fleet, chroot: &Chroot) -> StatusView {
         None
     });
     crate::server::rollout::StatusView::new(&fleet.config, progress.as_ref())
+}
+
+/// Issue #24 item 3: a host rolled back from the server stays on that version until
+/// released; its row says so, with the version it was rolled back from.
+fn rolled_back(chroot: &Chroot, rows: &mut [HostStatus]) {
+    let holds = crate::server::records::Holds::new(&crate::server::records::dir(chroot));
+    for row in rows.iter_mut() {
+        let hold = match holds.get(&row.host) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        let note = format!(
+            "rolled back from {} (to the content of {}) by {} at {}; publish leaves it until `bento rollback --release {}`",
+            hold.from.map_or_else(|| "-".into(), |d| d.short()),
+            hold.to.short(),
+            hold.by,
+            hold.at,
+            row.host
+        );
+        row.error = Some(match row.error.take() {
+            Some(e) => format!("{note}; {e}"),
+            None => note,
+        });
+    }
 }
 
 /// What to say when some hosts' files could not be read (their rows name the files).

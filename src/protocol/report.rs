@@ -140,6 +140,10 @@ pub struct Heartbeat {
     /// heartbeats of agents older than the field: unknown, not `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifies_signatures: Option<bool>,
+    /// The applied version's `serial`: what the agent refuses to go below. The publisher
+    /// numbers above it when its own records are gone (a restored server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<u64>,
 }
 
 impl Report {

@@ -101,9 +101,10 @@ pub fn runs(
 }
 
 /// The newest `limit` runs of `host`, newest first, and every entry that is not a run's
-/// file. Report ids sort by time, so the newest are the last names; only names of the
-/// report-id shape are runs, so no host-chosen text other than an id (digits, `T`, `Z`, a
-/// dash, hex) ever stands in the ID column.
+/// file. Newest by when the server received each report (its modification time, by the
+/// server's clock), then by id: a host's ids carry its own clock, which may be hours off
+/// (issue #24 item 6). Only names of the report-id shape are runs, so no host-chosen text
+/// other than an id (digits, `T`, `Z`, a dash, hex) ever stands in the ID column.
 pub fn history(
     store: &dyn Store,
     host: &HostName,
@@ -120,20 +121,24 @@ pub fn history(
     };
     let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
     let mut out = History::default();
-    for entry in entries.iter().rev() {
+    let mut reports = Vec::new();
+    for entry in &entries {
         let name = entry.name.as_str();
         let id = name
             .strip_suffix(".json")
             .or_else(|| name.strip_suffix(".log.gz"))
             .filter(|id| is_report_id(id));
-        let Some(id) = id else {
-            let shown = terminal::truncate(name, MAX_UNEXPECTED_CHARS);
-            out.unexpected.push(terminal::escape(&shown).into_owned());
-            continue;
-        };
-        if !name.ends_with(".json") || out.runs.len() == limit {
-            continue;
+        match id {
+            None => {
+                let shown = terminal::truncate(name, MAX_UNEXPECTED_CHARS);
+                out.unexpected.push(terminal::escape(&shown).into_owned());
+            }
+            Some(id) if name.ends_with(".json") => reports.push((entry, id)),
+            Some(_) => {}
         }
+    }
+    reports.sort_by(|(a, _), (b, _)| a.modified.cmp(&b.modified).then(a.name.cmp(&b.name)));
+    for (_, id) in reports.into_iter().rev().take(limit) {
         let has_log = names.contains(format!("{id}.log.gz").as_str());
         let mut run = run_of(store, host, id, has_log);
         if run.kind == Some(Kind::Publish) && run.version.is_some_and(|v| rollbacks.contains(&v)) {
@@ -141,7 +146,6 @@ pub fn history(
         }
         out.runs.push(run);
     }
-    out.unexpected.reverse();
     Ok(out)
 }
 
@@ -331,6 +335,38 @@ mod tests {
         let json =
             serde_json::to_value(runs(&store(&t), &alpha(), 1, &rollbacks).unwrap()).unwrap();
         assert_eq!(json[0]["kind"], "self-update");
+    }
+
+    #[test]
+    fn runs_are_ordered_by_when_the_server_received_them() {
+        // A host whose clock ran 3 h ahead named its older run after the later time.
+        let t = host_with(&[
+            report("20261125T150000Z-00000001", Outcome::Success, None),
+            report("20261125T120500Z-00000002", Outcome::Failure, Some("x")),
+        ]);
+        let dir = t.path().join("alpha/logs").join(REPORTS_DIR);
+        let at = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        for (name, secs) in [
+            ("20261125T150000Z-00000001.json", 1_000),
+            ("20261125T120500Z-00000002.json", 2_000),
+        ] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(name))
+                .unwrap()
+                .set_modified(at(secs))
+                .unwrap();
+        }
+        let ids: Vec<String> = runs(&store(&t), &alpha(), 5, &Default::default())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids,
+            ["20261125T120500Z-00000002", "20261125T150000Z-00000001"],
+            "received last, listed first"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod logs;
 pub mod preview;
 pub mod provision;
 pub mod publish;
+pub mod records;
 // rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.
 pub mod rollback;
 pub mod rollbacks;

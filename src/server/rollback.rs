@@ -169,7 +169,7 @@ pub fn rollback_host(
     host: &HostName,
     to: Option<&str>,
     now: SystemTime,
-    signer: Option<&crate::protocol::signing::Signer>,
+    numbering: &publish::Numbering<'_>,
 ) -> Result<RolledBack, RollbackError> {
     let kept = kept_versions(store, host)?;
     let from = kept.iter().find(|k| k.live).map(|k| k.digest);
@@ -187,11 +187,12 @@ pub fn rollback_host(
         }
     }
     let plan = plan(target, now);
-    let report =
-        publish::publish_host(store, &plan, signer).map_err(|source| RollbackError::Publish {
+    let report = publish::publish_host(store, &plan, numbering).map_err(|source| {
+        RollbackError::Publish {
             host: host.clone(),
             source: Box::new(source),
-        })?;
+        }
+    })?;
     let version = match (report.status, report.digest) {
         (Status::Published, Some(d)) => d,
         // Same content as the live version: `choose` refuses that, so this is a race.
@@ -255,7 +256,7 @@ mod tests {
                 .into_iter()
                 .collect(),
         };
-        publish::publish_host(store, &plan, None)
+        publish::publish_host(store, &plan, &Default::default())
             .unwrap()
             .digest
             .unwrap()
@@ -271,7 +272,7 @@ mod tests {
         let v2 = publish(&chroot, "two", 1_790_000_100);
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_200);
 
-        let r = rollback_host(&chroot, &host(), None, now, None).unwrap();
+        let r = rollback_host(&chroot, &host(), None, now, &Default::default()).unwrap();
         assert_eq!((r.from, r.to), (Some(v2), v1));
         assert_ne!(r.version, v1, "a new version, not the old one replayed");
         let (live, m) = publish::live_version(&chroot, &host()).unwrap();
@@ -284,15 +285,28 @@ mod tests {
 
         // Again: the newest content differing from the live one is v2's.
         let later = now + std::time::Duration::from_secs(10);
-        let r = rollback_host(&chroot, &host(), None, later, None).unwrap();
+        let r = rollback_host(&chroot, &host(), None, later, &Default::default()).unwrap();
         assert_eq!(r.to, v2);
         // --to names a version by a digest prefix; the live one and unknown ones are refused.
         let live = publish::live_version(&chroot, &host()).unwrap().0;
-        let err = rollback_host(&chroot, &host(), Some(&live.short()), later, None).unwrap_err();
+        let err = rollback_host(
+            &chroot,
+            &host(),
+            Some(&live.short()),
+            later,
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, RollbackError::AlreadyLive { .. }), "{err}");
-        let err = rollback_host(&chroot, &host(), Some("ffff0000"), later, None)
-            .unwrap_err()
-            .to_string();
+        let err = rollback_host(
+            &chroot,
+            &host(),
+            Some("ffff0000"),
+            later,
+            &Default::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("alpha") && err.contains("ffff0000") && err.contains("live"),
             "{err}"
@@ -306,10 +320,10 @@ mod tests {
         std::fs::create_dir_all(chroot.chroot().pool_dir()).unwrap();
         std::fs::create_dir_all(chroot.chroot().tmp_dir()).unwrap();
         let now = SystemTime::now();
-        let err = rollback_host(&chroot, &host(), None, now, None).unwrap_err();
+        let err = rollback_host(&chroot, &host(), None, now, &Default::default()).unwrap_err();
         assert!(matches!(err, RollbackError::NothingPublished { .. }));
         publish(&chroot, "one", 1_790_000_000);
-        let err = rollback_host(&chroot, &host(), None, now, None).unwrap_err();
+        let err = rollback_host(&chroot, &host(), None, now, &Default::default()).unwrap_err();
         assert!(
             err.to_string()
                 .contains("no kept version other than the live one"),

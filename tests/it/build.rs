@@ -287,6 +287,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             auto_updated: false,
             last_success: None,
             verifies_signatures: None,
+            serial: None,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

@@ -454,7 +454,13 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
             .write("hosts/classic1/extra.nix", &format!("# {what}\n"));
         break_it(&env.fleet);
         let out = env.publish(&[]).failure().get_output().clone();
-        let err = String::from_utf8_lossy(&out.stderr);
+        // Issue #24 item 8: a host whose directory cannot be read fails alone, in the
+        // summary (stdout); anything else stops the run (stderr).
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             err.contains(needle),
             "{what}: expected {needle:?} in: {err}"

@@ -207,7 +207,12 @@ fn age_files_from_the_cli_ship_as_is_and_rekey_follows_a_new_host_key() {
     // `required`: the plaintext secret is refused, naming it.
     let out = publish(&sshd);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // The host fails alone (issue #24 item 8): its line in the summary says why.
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         err.contains("required") && err.contains("etc/bento-it/secret") && err.contains("alpha"),
         "{err}"
@@ -285,7 +290,7 @@ fn age_files_from_the_cli_ship_as_is_and_rekey_follows_a_new_host_key() {
     // Publish refuses the stale file (alpha could not decrypt it) and says what to run.
     let out = publish(&sshd);
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stdout);
     assert!(
         err.contains("secret.age") && err.contains("bento secret rekey"),
         "{err}"

@@ -109,11 +109,13 @@ impl Fixture {
             auto_updated: false,
             last_success: None,
             verifies_signatures: None,
+            serial: None,
         };
         change(&mut hb);
         write_atomic(
             &self.host_dir(host).join("logs/heartbeat.json"),
             &hb.to_bytes(),
+            hb.time.system_time(),
         );
     }
 
@@ -148,7 +150,11 @@ impl Fixture {
             reboot_required: false,
             checks: Vec::new(),
         };
-        write_atomic(&self.host_dir(host).join("logs/latest.json"), &r.to_bytes());
+        write_atomic(
+            &self.host_dir(host).join("logs/latest.json"),
+            &r.to_bytes(),
+            r.finished.system_time(),
+        );
     }
 
     fn status(&self) -> assert_cmd::Command {
@@ -160,10 +166,17 @@ impl Fixture {
     }
 }
 
-/// As the agent's SFTP upload does: a temporary name, then a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) {
+/// As the agent's SFTP upload does: a temporary name, then a rename; received at
+/// `received` by the server's clock (status judges liveness by it).
+fn write_atomic(path: &Path, bytes: &[u8], received: std::time::SystemTime) {
     let tmp = path.with_file_name(".tmp-upload");
     fs::write(&tmp, bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(received)
+        .unwrap();
     fs::rename(&tmp, path).unwrap();
 }
 
@@ -715,6 +728,7 @@ fn forged_screen() -> Fixture {
     write_atomic(
         &f.host_dir("evil2").join("logs/heartbeat.json"),
         hb.to_string().as_bytes(),
+        at(-60).system_time(),
     );
 
     let e = system("evil3", 'e');

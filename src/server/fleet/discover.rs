@@ -71,11 +71,20 @@ pub struct Discovery {
     pub broken: Vec<BrokenDir>,
     /// `[hosts.NAME]` entries of bento.toml that no listed directory defines.
     pub undefined: Vec<HostName>,
+    /// Directories named as a host that could not be read (a link out of the repo, an
+    /// unreadable file): that host fails alone, with this error.
+    pub failed: Vec<(HostName, String)>,
 }
 
 impl Discovery {
     /// Every host, or the first broken part as an error.
     pub fn strict(self) -> Result<Vec<HostSource>, DiscoverError> {
+        if let Some((host, e)) = self.failed.into_iter().next() {
+            return Err(DiscoverError::Io {
+                path: Path::new(HOSTS_DIR).join(host.as_str()),
+                source: std::io::Error::other(e),
+            });
+        }
         if let Some(b) = self.broken.into_iter().next() {
             return Err(DiscoverError::Flake(b));
         }
@@ -111,6 +120,7 @@ impl Discovery {
     pub fn names(&self) -> Vec<HostName> {
         let mut names: Vec<HostName> = self.hosts.iter().map(|h| h.name.clone()).collect();
         names.extend(self.undefined.iter().cloned());
+        names.extend(self.failed.iter().map(|(h, _)| h.clone()));
         names.sort();
         names
     }
@@ -306,21 +316,31 @@ pub fn discover_each(
     dirs.retain(|name| !is_skipped_name(name) && !name.starts_with('.'));
     dirs.sort();
 
-    let found: Vec<Result<Vec<HostSource>, DiscoverError>> = dirs
+    let found: Vec<(&String, Result<Vec<HostSource>, DiscoverError>)> = dirs
         .par_iter()
-        .map(|name| discover_dir(scanner, flakes, &hosts_dir, name))
+        .map(|name| (name, discover_dir(scanner, flakes, &hosts_dir, name)))
         .collect();
 
     let mut seen: HashMap<HostName, String> = HashMap::new();
     let mut hosts = Vec::new();
     let mut broken = Vec::new();
-    for result in found {
+    let mut failed = Vec::new();
+    for (name, result) in found {
         let found = match result {
             Ok(found) => found,
             Err(DiscoverError::Flake(b)) => {
                 broken.push(b);
                 continue;
             }
+            // A directory named as a host fails as that host, alone (issue #24 item 8).
+            Err(e @ DiscoverError::Snapshot(_)) => match HostName::new(name) {
+                Ok(host) => {
+                    seen.insert(host.clone(), format!("{HOSTS_DIR}/{name}"));
+                    failed.push((host, e.to_string()));
+                    continue;
+                }
+                Err(_) => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         for host in found {
@@ -356,6 +376,7 @@ pub fn discover_each(
         hosts,
         broken,
         undefined,
+        failed,
     })
 }
 

@@ -107,21 +107,19 @@ impl io::Read for Flagged {
 pub fn publish_host(
     store: &dyn Store,
     plan: &HostPlan,
-    signer: Option<&crate::protocol::signing::Signer>,
+    numbering: &super::Numbering<'_>,
 ) -> Result<HostReport, PublishError> {
     let host = &plan.host;
+    let signer = numbering.signer;
     let (live, token) = read_live(store, host)?;
-    // The new version's serial: one more than the live one's, so hosts order versions
-    // without trusting clocks (a manifest from before serials counts as 0).
+    // The new version's serial: above every serial the publisher can prove, so hosts order
+    // versions without trusting clocks (server::publish::serial).
+    let next = super::serial::next(store, host, live.as_ref(), numbering)?;
     let mut numbered = plan.manifest.clone();
-    numbered.serial = match &live {
-        Some((_, m)) => m.serial,
-        None => newest_kept_serial(store, host)?,
-    }
-    .saturating_add(1);
+    numbered.serial = next.serial;
     let manifest = &numbered;
     let objects = manifest.objects();
-    let mut warnings = Vec::new();
+    let mut warnings = next.warnings.clone();
     if let Some((digest, live)) = &live {
         if live.created.system_time() > manifest.created.system_time() {
             warnings.push(format!(
@@ -147,7 +145,7 @@ pub fn publish_host(
         warnings: Vec::new(),
     };
 
-    if let Some((digest, live)) = &live {
+    if let Some((digest, live)) = live.as_ref().filter(|_| !next.renumber) {
         if live.same_content(manifest) {
             // A key configured since the last publish: sign the live manifest in place.
             if let Some(signer) = signer {
@@ -162,7 +160,10 @@ pub fn publish_host(
                     )?;
                 }
             }
-            return Ok(report(Status::Unchanged, *digest, 0, 0));
+            return Ok(HostReport {
+                warnings,
+                ..report(Status::Unchanged, *digest, 0, 0)
+            });
         }
     }
 
@@ -197,6 +198,8 @@ pub fn publish_host(
 
     let manifest_bytes = manifest.to_bytes();
     let digest = Digest::of(&manifest_bytes);
+    // Recorded before any manifest carries it: the record is never behind the chroot.
+    super::serial::record(numbering, host, manifest.serial)?;
     store.put(host, &Key::Manifest(digest), &manifest_bytes)?;
     // The signature lands before `current` names the manifest: a host never sees an
     // unsigned live version from a signing fleet.
@@ -209,6 +212,9 @@ pub fn publish_host(
     }
     store.switch_current(host, &digest, token.as_ref())?;
     bytes += manifest_bytes.len() as u64;
+    for d in &next.discard {
+        store.delete(host, &Key::Manifest(*d))?;
+    }
 
     collect_host(store, host, &digest)?;
     Ok(HostReport {
@@ -222,22 +228,6 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
         at: store.locate(host, key),
         source: io::ErrorKind::NotFound.into(),
     }
-}
-
-/// The highest serial among the host's kept manifests, for a host whose `current` is
-/// missing or broken: numbering must not start again below what hosts have applied.
-fn newest_kept_serial(store: &dyn Store, host: &HostName) -> Result<u64, StoreError> {
-    let mut newest = 0;
-    for key in store.list(host, Area::Manifests)? {
-        if let Key::Manifest(_) = key {
-            if let Ok(Some(bytes)) = store.get(host, &key, MAX_MANIFEST_BYTES) {
-                if let Ok(m) = Manifest::parse(&bytes) {
-                    newest = newest.max(m.serial);
-                }
-            }
-        }
-    }
-    Ok(newest)
 }
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes

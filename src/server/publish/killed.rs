@@ -85,7 +85,7 @@ fn fleet(round: u64) -> Vec<HostPlan> {
 fn publish_all(store: &dyn Store, plans: &[HostPlan], signer: &Signer) {
     let mut changed = false;
     for p in plans {
-        if let Ok(r) = publish_host(store, p, Some(signer)) {
+        if let Ok(r) = publish_host(store, p, &super::Numbering::signed(Some(signer))) {
             changed |= r.changed();
         }
     }

@@ -1,11 +1,14 @@
 //! `bento publish`: from discovered hosts to live versions in the chroot. Everything that
-//! can be refused (names, links, files.toml, unknown `--host`) is refused before the first
-//! write; then each host is published on its own, so one failing host never stops the rest.
+//! can be refused (names, links, files.toml, secrets, unknown `--host`) is refused before the
+//! first write to that host; a host whose own directory or secrets are at fault fails alone,
+//! and each host is published on its own, so one failing host never stops the rest.
 
 mod hook;
 mod host;
 #[cfg(test)]
 mod killed;
+mod plaintext;
+mod serial;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -20,6 +23,7 @@ pub use hook::Delivery;
 pub use host::{
     collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
 };
+pub use serial::Numbering;
 pub use verify::{verify_host, VerifyError};
 
 use crate::nix::StorePath;
@@ -64,6 +68,8 @@ pub enum PublishError {
     PrivateKeyInConfig(PathBuf),
     #[error(transparent)]
     Secrets(#[from] crate::server::secrets::SecretsError),
+    #[error("{host}: {detail}; if the server was restored or lost its state, find the serial the host applied (the agent's refusal names it; `bento status --json` shows its \"serial\") and run `bento publish --host {host} --serial-floor N` with N above it (docs/operators.md, \"When the server was restored\")")]
+    SerialJump { host: HostName, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -277,6 +283,8 @@ pub struct Options<'a> {
     pub on_host: &'a (dyn Fn(&HostReport) + Sync),
     /// Issue #12: evaluation gate, systems and binary caches (`server::delivery`).
     pub delivery: Option<&'a dyn Delivery>,
+    /// `--serial-floor N`: new versions get at least serial N (server::publish::serial).
+    pub serial_floor: Option<u64>,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -303,8 +311,31 @@ pub fn run(
     opts: Options<'_>,
 ) -> Result<Published, PublishError> {
     let mut found = crate::server::fleet::discover_each(fleet, scanner, flakes)?;
+    // A host whose directory could not be read fails alone, as a report naming the fix.
+    let unreadable: Vec<HostReport> = std::mem::take(&mut found.failed)
+        .into_iter()
+        .filter(|(h, _)| opts.only.is_empty() || opts.only.contains(h))
+        .map(|(h, e)| {
+            let error = format!(
+                "{e}; fix it (replace the link with the file, or keep what it points to inside the fleet repo), then `bento publish --host {h}`"
+            );
+            HostReport::failed(opts.store, &h, error)
+        })
+        .collect();
+    let only: Vec<HostName> = opts
+        .only
+        .iter()
+        .filter(|h| !unreadable.iter().any(|r| &r.host == *h))
+        .cloned()
+        .collect();
+    if !opts.only.is_empty() && only.is_empty() {
+        return Ok(Published {
+            reports: unreadable,
+            broken: found.broken,
+        });
+    }
     // A `[hosts.NAME]` no directory defines fails alone, as a report.
-    let chosen = found.choose(&opts.only);
+    let chosen = found.choose(&only);
     let broken = found.broken;
     let (selected, wanted_undefined) = chosen.map_err(|host| unknown_host(host, &broken))?;
     let undefined: Vec<HostReport> = wanted_undefined
@@ -331,8 +362,31 @@ pub fn run(
         manifest: &mut p.manifest,
         sources: &mut p.sources,
     });
-    crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
+    let unsealed = crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
+    let (plans, unsealed): (Vec<HostPlan>, Vec<HostReport>) = if unsealed.is_empty() {
+        (plans, Vec::new())
+    } else {
+        let failed: BTreeMap<HostName, String> = unsealed
+            .into_iter()
+            .map(|(h, e)| (h, e.to_string()))
+            .collect();
+        let reports = failed
+            .iter()
+            .map(|(h, e)| HostReport::failed(opts.store, h, e.clone()))
+            .collect();
+        let plans = plans
+            .into_iter()
+            .filter(|p| !failed.contains_key(&p.host))
+            .collect();
+        (plans, reports)
+    };
     // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
+    let serials = crate::server::records::Serials::new(&crate::server::records::dir(&opts.chroot));
+    let numbering = Numbering {
+        signer: opts.signer,
+        record: Some(&serials),
+        floor: opts.serial_floor,
+    };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
         None => (plans, Vec::new()),
@@ -346,7 +400,7 @@ pub fn run(
         .par_iter()
         .map(|p| {
             let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                .and_then(|()| publish_host(opts.store, p, opts.signer))
+                .and_then(|()| publish_host(opts.store, p, &numbering))
                 .unwrap_or_else(|e| HostReport {
                     host: p.host.clone(),
                     status: Status::Failed,
@@ -371,6 +425,8 @@ pub fn run(
         d.after(&opts.chroot)?;
     }
     reports.extend(held_back);
+    reports.extend(unsealed);
+    reports.extend(unreadable);
     reports.extend(undefined);
     reports.sort_by(|a, b| a.host.cmp(&b.host));
     let warnings: BTreeMap<&HostName, &[String]> = selected
@@ -390,6 +446,11 @@ pub fn run(
         }
         if let Some(c) = commit.as_ref().filter(|c| c.dirty && r.changed()) {
             r.warnings.push(dirty_warning(c));
+        }
+        if fleet.config.secrets.encrypt != crate::server::secrets::EncryptMode::Off
+            && r.status != Status::Failed
+        {
+            r.warnings.extend(plaintext::kept(opts.store, &r.host));
         }
     }
     // Caches are written under the lock, so two runs never interleave their writes.

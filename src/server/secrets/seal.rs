@@ -55,7 +55,7 @@ pub fn seal<'a>(
     fleet: &FleetConfig,
     chroot: &Chroot,
     plans: impl IntoIterator<Item = Sealable<'a>>,
-) -> Result<(), SecretsError> {
+) -> Result<Vec<(HostName, SecretsError)>, SecretsError> {
     let mut plans: Vec<Sealable<'a>> = plans.into_iter().collect();
     let any_age = plans.iter().any(|p| {
         p.manifest
@@ -64,7 +64,7 @@ pub fn seal<'a>(
             .any(|f| f.path.as_str().ends_with(AGE_SUFFIX))
     });
     if fleet.secrets.encrypt == EncryptMode::Off && !any_age {
-        return Ok(()); // nothing to do: the manifests stay exactly as before
+        return Ok(Vec::new()); // nothing to do: the manifests stay exactly as before
     }
     let cache_path = chroot.state_dir().join(CACHE_FILE);
     let mut cache: Cache = std::fs::read(&cache_path)
@@ -72,11 +72,15 @@ pub fn seal<'a>(
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let mut used = BTreeSet::new();
+    // A host whose secrets cannot be sealed fails alone, like any other per-host error.
+    let mut failed = Vec::new();
     for plan in &mut plans {
-        seal_host(fleet, chroot, plan, &mut cache, &mut used)?;
-        plan.manifest.canonicalize();
+        match seal_host(fleet, chroot, plan, &mut cache, &mut used) {
+            Ok(()) => plan.manifest.canonicalize(),
+            Err(e) => failed.push((plan.manifest.host.clone(), e)),
+        }
     }
-    if fleet.secrets.encrypt == EncryptMode::OnPublish {
+    if fleet.secrets.encrypt == EncryptMode::OnPublish && failed.len() < plans.len() {
         // Keep what this run used and what the pool still holds; forget the rest.
         let pool = chroot.pool_dir();
         cache
@@ -90,7 +94,7 @@ pub fn seal<'a>(
             }
         })?;
     }
-    Ok(())
+    Ok(failed)
 }
 
 fn source_path(plan: &Sealable<'_>, f: &FileEntry) -> PathBuf {
@@ -241,7 +245,7 @@ mod tests {
         chroot: &Chroot,
         mut p: Plan,
     ) -> Result<Vec<Plan>, SecretsError> {
-        seal(
+        let failed = seal(
             fleet,
             chroot,
             [Sealable {
@@ -249,6 +253,9 @@ mod tests {
                 sources: &mut p.sources,
             }],
         )?;
+        if let Some((_, e)) = failed.into_iter().next() {
+            return Err(e);
+        }
         Ok(vec![p])
     }
 

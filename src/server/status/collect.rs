@@ -56,6 +56,9 @@ pub struct HostStatus {
     /// Its heartbeat says whether its agent checks manifest signatures; `None` when it does
     /// not say (no heartbeat, or an agent older than the field).
     pub verifies_signatures: Option<bool>,
+    /// The host's clock minus the server's, in seconds (its newest stamp against when the
+    /// server received that file); `None` when not known.
+    pub clock_skew_s: Option<i64>,
     /// Some of the files the state depends on could not be read (permissions, I/O errors:
     /// named in `error`), so the state is a guess; `bento status` then exits non-zero.
     pub unreadable: bool,
@@ -476,8 +479,15 @@ pub fn host_status(
         heartbeat: heartbeat.as_ref(),
         latest: latest.as_ref(),
     };
-    let Assessment { state, reason } = state::assess(&facts, now, interval);
-    let last_seen_at = state::last_seen(&facts);
+    // Issue #24 item 6: liveness by when the server received the files (its clock), and
+    // the host's own stamps compared with that: the clock skew.
+    let received = super::skew::received(store, host);
+    let clock_skew_s = super::skew::skew(&facts, received);
+    let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
+    let last_seen_at = received.or_else(|| state::last_seen(&facts));
+    if let Some(note) = clock_skew_s.and_then(super::skew::note) {
+        notes.list.insert(0, note);
+    }
     // The heartbeat remembers the last success even when newer runs failed.
     let last_success_at = heartbeat
         .as_ref()
@@ -527,6 +537,7 @@ pub fn host_status(
         error: (!error.is_empty()).then_some(error),
         reboot_pending: heartbeat.as_ref().is_some_and(|h| h.reboot_pending),
         verifies_signatures: heartbeat.as_ref().and_then(|h| h.verifies_signatures),
+        clock_skew_s,
         unreadable,
         last_seen_at,
         last_success_at,
@@ -557,7 +568,18 @@ mod tests {
         .unwrap();
         std::fs::write(layout::current(&dir), layout::current_text(&digest)).unwrap();
         if let Some(hb) = heartbeat {
-            std::fs::write(dir.join("logs/heartbeat.json"), hb.to_string()).unwrap();
+            let path = dir.join("logs/heartbeat.json");
+            std::fs::write(&path, hb.to_string()).unwrap();
+            // Received when it says it was written: no clock skew.
+            let stamp = hb["time"].as_str().and_then(state::parse_time);
+            if let Some(t) = stamp {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
         }
         (tmp, chroot)
     }

@@ -4,6 +4,7 @@
 
 pub mod collect;
 pub mod render;
+pub mod skew;
 pub mod state;
 pub mod watch;
 

@@ -203,6 +203,20 @@ pub fn prometheus(rows: &[HostStatus]) -> String {
         "Whether the host's agent checks manifest signatures (absent: it does not say).",
         |r| r.verifies_signatures,
     );
+    let metric = "bento_host_clock_skew_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} The host's clock minus the server's (its stamps against when the server received them).\n# TYPE {metric} gauge"
+    );
+    for r in rows {
+        if let Some(v) = r.clock_skew_s {
+            let _ = writeln!(
+                out,
+                "{metric}{{host=\"{}\"}} {v}",
+                escape_label(r.host.as_str())
+            );
+        }
+    }
     flags(
         &mut out,
         rows,
@@ -282,6 +296,7 @@ mod tests {
             error: error.map(str::to_owned),
             reboot_pending: false,
             verifies_signatures: None,
+            clock_skew_s: None,
             unreadable: false,
             last_seen_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
             last_success_at: None,

@@ -146,12 +146,24 @@ pub fn short_duration(d: Duration) -> String {
 
 /// The state of a host at `now`, given its polling `interval`.
 pub fn assess(facts: &Facts<'_>, now: SystemTime, interval: Duration) -> Assessment {
+    assess_received(facts, now, interval, None)
+}
+
+/// [`assess`], judging liveness by `received` (when the server received the host's newest
+/// file, by the server's clock) when it is known: a host whose own clock is wrong is never
+/// silent for it.
+pub fn assess_received(
+    facts: &Facts<'_>,
+    now: SystemTime,
+    interval: Duration,
+    received: Option<SystemTime>,
+) -> Assessment {
     let (hb, latest) = (facts.heartbeat, facts.latest);
     if hb.is_none() && latest.is_none() {
         return Assessment::new(State::New);
     }
     // A host that wrote files whose times cannot be read is as good as silent.
-    let seen = last_seen(facts);
+    let seen = received.or_else(|| last_seen(facts));
     let quiet = seen.map(|t| now.duration_since(t).unwrap_or_default());
     let limit = interval * SILENT_AFTER_INTERVALS;
     match quiet {

@@ -34,6 +34,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         auto_updated: false,
         last_success: None,
         verifies_signatures: None,
+        serial: None,
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {

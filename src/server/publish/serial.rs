@@ -1,0 +1,382 @@
+//! The next serial of a host: above the highest serial the publisher can prove, never
+//! wrapped or saturated. Proof is the publisher's own record (`server::records`), a kept
+//! manifest whose signature verifies with the fleet key, and the serial the host itself
+//! reports having applied (its heartbeat). A serial nothing proves (an unsigned or wrongly
+//! signed manifest in a signing fleet; in an unsigned fleet, one above the record) is never
+//! numbered from: a restored or edited chroot cannot lock hosts out for good.
+
+use crate::protocol::layout::{Area, Key};
+use crate::protocol::manifest::{Digest, Manifest, MAX_MANIFEST_BYTES};
+use crate::protocol::report::{Heartbeat, HEARTBEAT_FILE};
+use crate::protocol::HostName;
+use crate::server::records::Serials;
+use crate::server::store::Store;
+
+use super::PublishError;
+
+/// How a publish numbers versions.
+#[derive(Clone, Copy, Default)]
+pub struct Numbering<'a> {
+    /// Signs every manifest; its public key is what proves a kept manifest's serial.
+    pub signer: Option<&'a crate::protocol::signing::Signer>,
+    /// The publisher's serial record (`None`: none kept, as in unit tests of other rules).
+    pub record: Option<&'a Serials>,
+    /// `bento publish --serial-floor N`: new versions get at least serial N.
+    pub floor: Option<u64>,
+}
+
+impl<'a> Numbering<'a> {
+    pub fn signed(signer: Option<&'a crate::protocol::signing::Signer>) -> Self {
+        Self {
+            signer,
+            ..Self::default()
+        }
+    }
+}
+
+/// What the numbering found for one host.
+#[derive(Debug)]
+pub struct Next {
+    /// The serial a new version gets.
+    pub serial: u64,
+    /// The live version cannot stay, even with the same content: its serial is not proven,
+    /// below the floor, or not above what the host applied (the host would refuse it).
+    pub renumber: bool,
+    /// What the operator should know (a serial that was not trusted).
+    pub warnings: Vec<String>,
+    /// Manifests whose serial nothing proves and is above the new one: removed once the new
+    /// version is live, or they would stay the "newest" kept versions for good.
+    pub discard: Vec<Digest>,
+}
+
+/// Works out the next serial of `host`, whose live version is `live`.
+pub fn next(
+    store: &dyn Store,
+    host: &HostName,
+    live: Option<&(Digest, Manifest)>,
+    numbering: &Numbering<'_>,
+) -> Result<Next, PublishError> {
+    let recorded = match numbering.record {
+        Some(r) => r.get(host).map_err(|source| PublishError::Io {
+            path: std::path::PathBuf::from(format!("serial record of {host}")),
+            source,
+        })?,
+        None => None,
+    };
+    let public = numbering.signer.map(|s| [s.public()]);
+    let heartbeat = reported(store, host);
+    let reported_serial = heartbeat.as_ref().and_then(|h| h.serial);
+
+    let mut proven = recorded.unwrap_or(0).max(reported_serial.unwrap_or(0));
+    // The highest serial a manifest claims that nothing proves, and which manifest.
+    let mut unproven: Option<(u64, Digest)> = None;
+    let mut unproven_all: Vec<(u64, Digest)> = Vec::new();
+    let mut live_proven = false;
+    for key in store.list(host, Area::Manifests)? {
+        let Key::Manifest(digest) = key else {
+            continue;
+        };
+        let Some(bytes) = store.get(host, &key, MAX_MANIFEST_BYTES).ok().flatten() else {
+            continue;
+        };
+        if Digest::of(&bytes) != digest {
+            continue;
+        }
+        let Ok(m) = Manifest::parse(&bytes) else {
+            continue;
+        };
+        let trusted = match &public {
+            Some(keys) => store
+                .get(host, &Key::Signature(digest), 64 * 1024)
+                .ok()
+                .flatten()
+                .is_some_and(|sig| crate::protocol::signing::verify(keys, &bytes, &sig).is_ok()),
+            // An unsigned fleet without a record yet: the manifests are all there is.
+            None => recorded.is_none(),
+        } || recorded.is_some_and(|r| m.serial <= r)
+            || reported_serial.is_some_and(|r| m.serial <= r);
+        let is_live = live.is_some_and(|(d, _)| *d == digest);
+        if trusted {
+            proven = proven.max(m.serial);
+            live_proven |= is_live;
+        } else {
+            unproven_all.push((m.serial, digest));
+            if unproven.is_none_or(|(s, _)| m.serial > s) {
+                unproven = Some((m.serial, digest));
+            }
+        }
+    }
+
+    let mut warnings = Vec::new();
+    if let Some((claimed, digest)) = unproven.filter(|(s, _)| *s > proven) {
+        let why = match (&public, recorded) {
+            (Some(_), _) => "its signature does not verify with the fleet key".to_owned(),
+            (None, Some(r)) => format!("this publisher last numbered serial {r} for it"),
+            (None, None) => unreachable!("an unsigned fleet without a record trusts every serial"),
+        };
+        if public.is_none() && numbering.floor.is_none() {
+            return Err(PublishError::SerialJump {
+                host: host.clone(),
+                detail: format!(
+                    "manifest {} claims serial {claimed}, but {why}: publish did not make that jump and will not number from it",
+                    digest.short()
+                ),
+            });
+        }
+        warnings.push(format!(
+            "{host}: manifest {} claims serial {claimed}, but {why}; that serial is not trusted: numbering continues from {proven}, and manifests numbered above the new version are removed once it is live",
+            digest.short()
+        ));
+    }
+
+    let serial = proven
+        .checked_add(1)
+        .ok_or_else(|| PublishError::SerialJump {
+            host: host.clone(),
+            detail: format!(
+                "serial {proven} is the highest there is, so no newer version can be numbered"
+            ),
+        })?
+        .max(numbering.floor.unwrap_or(0));
+    let renumber = match live {
+        None => false,
+        Some((digest, m)) => {
+            !live_proven
+                || numbering.floor.is_some_and(|f| m.serial < f)
+                // The host applied another version with this serial or a newer one: it would
+                // refuse the live one as a replay.
+                || heartbeat.as_ref().is_some_and(|h| {
+                    reported_serial.is_some_and(|r| r >= m.serial) && h.version != Some(*digest)
+                })
+        }
+    };
+    if let Some(record) = numbering.record {
+        // What is proven live is recorded even when nothing new is written, so the record
+        // exists from the first publish of a fleet on.
+        record
+            .raise(host, proven)
+            .map_err(|source| PublishError::Io {
+                path: std::path::PathBuf::from(format!("serial record of {host}")),
+                source,
+            })?;
+    }
+    let discard = unproven_all
+        .into_iter()
+        .filter(|(s, _)| *s >= serial)
+        .map(|(_, d)| d)
+        .collect();
+    Ok(Next {
+        serial,
+        renumber,
+        warnings,
+        discard,
+    })
+}
+
+/// The host's heartbeat, when it is there, readable and its own.
+fn reported(store: &dyn Store, host: &HostName) -> Option<Heartbeat> {
+    let bytes = store.read_log(host, None, HEARTBEAT_FILE).ok()?;
+    Heartbeat::parse(&bytes).ok().filter(|h| &h.host == host)
+}
+
+/// Records `serial` as numbered for `host`, before a manifest carrying it is written.
+pub fn record(numbering: &Numbering<'_>, host: &HostName, serial: u64) -> Result<(), PublishError> {
+    match numbering.record {
+        Some(r) => r.raise(host, serial).map_err(|source| PublishError::Io {
+            path: std::path::PathBuf::from(format!("serial record of {host}")),
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::protocol::layout::Key;
+    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+    use crate::server::publish::{publish_host, HostPlan, Status};
+    use crate::server::store::MemStore;
+
+    fn web() -> HostName {
+        HostName::new("web").unwrap()
+    }
+
+    fn plan(text: &str) -> HostPlan {
+        let bytes: Arc<[u8]> = text.as_bytes().into();
+        let sha = Digest::of(&bytes);
+        let mut manifest = Manifest {
+            format: FORMAT,
+            host: web(),
+            created: crate::protocol::Timestamp::millis(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            ),
+            serial: 0,
+            source_commit: None,
+            dirty: false,
+            build: Build::Classic,
+            system: None,
+            config: vec![ConfigEntry::File {
+                path: RelPath::new("configuration.nix").unwrap(),
+                size: bytes.len() as u64,
+                sha256: sha,
+                executable: false,
+            }],
+            files: vec![],
+        };
+        manifest.canonicalize();
+        HostPlan {
+            host: web(),
+            manifest,
+            sources: BTreeMap::from([(sha, crate::server::hostfiles::Source::Bytes(bytes))]),
+        }
+    }
+
+    fn live_serial(store: &MemStore) -> u64 {
+        crate::server::publish::live_version(store, &web())
+            .unwrap()
+            .1
+            .serial
+    }
+
+    /// Loses every manifest and `current`, as a restore of an old backup or a new disk does.
+    fn lose_versions(store: &MemStore) {
+        for key in store.keys(&web()) {
+            // `current` stays, naming a manifest that is gone: no live version.
+            if matches!(key, Key::Manifest(_) | Key::Signature(_)) {
+                store.delete(&web(), &key).unwrap();
+            }
+        }
+    }
+
+    fn heartbeat(serial: u64) -> Vec<u8> {
+        format!(
+            r#"{{"format":1,"host":"web","time":"2026-01-01T00:00:00Z","version":null,"system":null,"last_outcome":null,"last_report":null,"agent_version":"0","serial":{serial}}}"#
+        )
+        .into_bytes()
+    }
+
+    /// Puts a manifest nobody signed with the fleet key live, with the given serial.
+    fn forge_live(store: &MemStore, serial: u64) -> Digest {
+        let mut m = plan("forged").manifest;
+        m.serial = serial;
+        let bytes = m.to_bytes();
+        let d = Digest::of(&bytes);
+        store.put(&web(), &Key::Manifest(d), &bytes).unwrap();
+        let (_, v) = store.current(&web()).unwrap().unwrap();
+        store.switch_current(&web(), &d, Some(&v)).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_lost_chroot_numbers_above_the_record_and_above_what_the_host_reports() {
+        let t = tempfile::tempdir().unwrap();
+        let serials = Serials::new(t.path());
+        let n = Numbering {
+            record: Some(&serials),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        publish_host(&store, &plan("b"), &n).unwrap();
+        assert_eq!(live_serial(&store), 2);
+        lose_versions(&store);
+        publish_host(&store, &plan("c"), &n).unwrap();
+        assert_eq!(live_serial(&store), 3, "the record survives the chroot");
+
+        // Record lost as well: the host's heartbeat says it applied 7.
+        let other = tempfile::tempdir().unwrap();
+        let fresh = Serials::new(other.path());
+        let n = Numbering {
+            record: Some(&fresh),
+            ..Default::default()
+        };
+        lose_versions(&store);
+        store.put_log(&web(), "heartbeat.json", &heartbeat(7));
+        publish_host(&store, &plan("d"), &n).unwrap();
+        assert_eq!(live_serial(&store), 8);
+        assert_eq!(fresh.get(&web()).unwrap(), Some(8));
+    }
+
+    #[test]
+    fn a_live_version_the_host_outnumbers_is_published_again_with_the_same_content() {
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &Numbering::default()).unwrap();
+        store.put_log(&web(), "heartbeat.json", &heartbeat(9));
+        let r = publish_host(&store, &plan("a"), &Numbering::default()).unwrap();
+        assert_eq!(
+            r.status,
+            Status::Published,
+            "the host would refuse serial 1"
+        );
+        assert_eq!(live_serial(&store), 10);
+    }
+
+    #[test]
+    fn an_unverified_serial_is_never_numbered_from_in_a_signing_fleet() {
+        let t = tempfile::tempdir().unwrap();
+        let key = t.path().join("key");
+        crate::protocol::signing::generate(&key, "test").unwrap();
+        let signer = crate::protocol::signing::Signer::load(&key).unwrap();
+        let serials = Serials::new(t.path());
+        let n = Numbering {
+            signer: Some(&signer),
+            record: Some(&serials),
+            floor: None,
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        forge_live(&store, u64::MAX);
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!(r.status, Status::Published);
+        assert_eq!(live_serial(&store), 2, "numbered from the signed serial 1");
+        assert!(
+            r.warnings.iter().any(|w| w.contains("not trusted")
+                && w.contains(&u64::MAX.to_string())
+                && w.contains("does not verify")),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn an_unsigned_fleet_refuses_a_jump_it_did_not_make_until_given_a_floor() {
+        let t = tempfile::tempdir().unwrap();
+        let serials = Serials::new(t.path());
+        let mut n = Numbering {
+            record: Some(&serials),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        let forged = forge_live(&store, u64::MAX);
+        let e = publish_host(&store, &plan("b"), &n)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("did not make that jump") && e.contains("--serial-floor"),
+            "{e}"
+        );
+        assert_eq!(
+            crate::server::publish::live_version(&store, &web())
+                .unwrap()
+                .0,
+            forged,
+            "a refusal writes nothing"
+        );
+        n.floor = Some(40);
+        publish_host(&store, &plan("b"), &n).unwrap();
+        assert_eq!(live_serial(&store), 40);
+        // Same content, a higher floor: a new version all the same.
+        n.floor = Some(50);
+        let r = publish_host(&store, &plan("b"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Published, 50));
+        n.floor = None;
+        let r = publish_host(&store, &plan("b"), &n).unwrap();
+        assert_eq!(r.status, Status::Unchanged);
+    }
+}

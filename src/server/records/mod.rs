@@ -1,0 +1,96 @@
+//! The publisher's own records, kept outside the served tree where no host account can
+//! write: the highest serial numbered per host (`serials/<host>`), rollback holds
+//! (`holds/<host>.json`) and the journal (`journal.jsonl`). One function says where
+//! they live ([`dir`]), so the place can move (an object-store fleet keeps them elsewhere)
+//! without touching what reads and writes them. A record only ever grows.
+
+mod holds;
+mod journal;
+
+use std::path::{Path, PathBuf};
+
+pub use holds::{Hold, Holds};
+pub use journal::{operator, Entry, Journal, JournalHost};
+
+use crate::protocol::layout::Chroot;
+use crate::protocol::HostName;
+
+/// Where the publisher keeps its records: today the chroot's root-only `.bento/`.
+pub fn dir(chroot: &Chroot) -> PathBuf {
+    chroot.state_dir()
+}
+
+/// Creates a records directory, root-only like the rest of the publisher's state.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// The serial record of one host: the highest serial this publisher numbered for it.
+#[derive(Debug, Clone)]
+pub struct Serials {
+    dir: PathBuf,
+}
+
+impl Serials {
+    pub fn new(records: &Path) -> Self {
+        Self {
+            dir: records.join("serials"),
+        }
+    }
+
+    fn path(&self, host: &HostName) -> PathBuf {
+        self.dir.join(host.as_str())
+    }
+
+    /// The recorded serial; `None` when there is no record (a first publish by a bento that
+    /// keeps one, or a lost state directory). An unreadable record is an error: guessing
+    /// could number below what hosts applied.
+    pub fn get(&self, host: &HostName) -> std::io::Result<Option<u64>> {
+        let path = self.path(host);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: not a serial: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Raises the record to `serial` (never lowers it), durably, before a manifest with
+    /// that serial is written.
+    pub fn raise(&self, host: &HostName, serial: u64) -> std::io::Result<()> {
+        if self.get(host)?.is_some_and(|s| s >= serial) {
+            return Ok(());
+        }
+        private_dir(&self.dir)?;
+        crate::sys::atomic::write_file(&self.path(host), format!("{serial}\n").as_bytes(), 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_only_grows_and_a_bad_one_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Serials::new(t.path());
+        let h = HostName::new("web1").unwrap();
+        assert_eq!(s.get(&h).unwrap(), None);
+        s.raise(&h, 7).unwrap();
+        s.raise(&h, 3).unwrap();
+        assert_eq!(s.get(&h).unwrap(), Some(7));
+        std::fs::write(t.path().join("serials/web1"), "x").unwrap();
+        assert!(s.get(&h).unwrap_err().to_string().contains("serials/web1"));
+    }
+}
