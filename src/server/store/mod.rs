@@ -12,7 +12,7 @@ mod mem;
 mod tests;
 
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use chroot::ChrootStore;
 pub use mem::{Faulty, MemStore};
@@ -120,6 +120,11 @@ pub trait Store: Send + Sync {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError>;
+    /// Makes `cache/` file `key` of `host` hold the bytes of `pooled`, a file of the
+    /// publisher's own pool that many hosts share (the chroot hard-links it; an object store
+    /// uploads it once and copies it server-side to the next host). Returns whether the key
+    /// changed.
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError>;
     /// Removes `key`; an absent key is no error.
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError>;
     /// The bytes of `current` and their version, `None` when there is none.
