@@ -25,8 +25,27 @@ pub fn default_jobs() -> usize {
 }
 
 /// The chroot root: `--chroot DIR`, else `[server] chroot` of bento.toml, made absolute.
+/// With `[server] store = "s3://…"` there is no chroot: this is the local root of the
+/// publisher's own state (`[server] state`), whose `.bento/` the chroot would have held.
 pub fn chroot_of(fleet: &Fleet, chroot: Option<PathBuf>) -> anyhow::Result<Chroot> {
-    let root = chroot.unwrap_or_else(|| fleet.config.server.chroot.clone());
+    let server = &fleet.config.server;
+    if let Some(store) = &server.store {
+        if let Some(dir) = chroot {
+            anyhow::bail!(
+                "--chroot {} names a chroot, but {} publishes to {store} ([server] store); leave --chroot out",
+                dir.display(),
+                fleet.root.join(crate::server::fleet::FLEET_FILE).display()
+            );
+        }
+        let state = server
+            .state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::server::fleet::DEFAULT_STATE));
+        let state = std::path::absolute(&state)
+            .with_context(|| format!("[server] state {}", state.display()))?;
+        return Ok(Chroot::new(state));
+    }
+    let root = chroot.unwrap_or_else(|| server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     Ok(Chroot::new(root))
 }
