@@ -61,7 +61,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     // Creates the chroot and .bento/ as publish would; its lock is not kept (each wave
     // takes it while it publishes).
     drop(publish::open_store(
-        &*super::select::store_of(&fleet, &chroot),
+        &*super::select::store_of(&fleet, &chroot)?,
         || {},
     )?);
     let lock_path = rollout::lock_path(&chroot);
@@ -229,11 +229,11 @@ fn run_wave(
             Vec::new(),
         ));
     }
-    let mut tracker = Tracker::new(super::wait::baselines(fleet, chroot, &hosts), false);
+    let mut tracker = Tracker::new(super::wait::baselines(fleet, chroot, &hosts)?, false);
     if args.trigger {
         // Only hosts not already on the new version need a run.
         let interval = |h: &HostName| fleet.config.interval(h);
-        let store = super::select::store_of(fleet, chroot);
+        let store = super::select::store_of(fleet, chroot)?;
         crate::server::wait::poll_once(
             &mut tracker,
             &crate::server::wait::Follow {
@@ -269,7 +269,7 @@ fn run_wave(
         args.wait_timeout,
         true,
         !args.json,
-    );
+    )?;
     let bad: Vec<HostName> = tracker
         .finished
         .iter()

@@ -19,6 +19,7 @@ pub mod publish;
 // rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.
 pub mod rollback;
 pub mod rollout;
+pub mod s3policy;
 pub mod select;
 pub mod store;
 // Secrets encrypted at rest: [secrets], sealing on publish, `bento secret`.

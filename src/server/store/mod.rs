@@ -4,10 +4,12 @@
 //! invariant every implementation keeps: `current` is switched last and only from the
 //! version the caller read, so a reader never sees a `current` whose manifest or objects
 //! are missing. The chroot is one implementation ([`ChrootStore`]), the in-memory
-//! [`MemStore`] serves the unit tests; an object store comes on the same trait.
+//! [`MemStore`] serves the unit tests; [`S3Store`] is an object store's.
 
 mod chroot;
 mod mem;
+pub mod probe;
+mod s3;
 #[cfg(test)]
 mod tests;
 
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use chroot::ChrootStore;
 pub use mem::{Faulty, MemStore};
+pub use s3::S3Store;
 
 pub use crate::protocol::layout::{Area, Key, SubPath};
 use crate::protocol::manifest::Digest;
@@ -41,6 +44,10 @@ pub enum StoreError {
     Raced { host: HostName },
     #[error("{0}: a store writes this key only through its own operation")]
     WrongOperation(String),
+    #[error(transparent)]
+    S3(Box<crate::sys::s3::S3Error>),
+    #[error("[server] store: {0}")]
+    S3Location(String),
 }
 
 /// How a store honours the compare-and-swap of `current`.
