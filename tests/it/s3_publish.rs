@@ -1,0 +1,187 @@
+//! The publisher over an object store (`[server] store = "s3://…{host}…"`), SeaweedFS
+//! configured from what `bento server s3-policy --engine seaweedfs` prints: `bento publish`
+//! writes the host's prefix with the chroot's keys, the real agent (with only the host's
+//! printed rights) applies it and reports, `bento status` and `bento log` read the reports
+//! through the store, `bento rollback` goes back, `bento server check` names the guard, and a
+//! credentials file inside the fleet repo is refused.
+
+use std::fs;
+use std::path::Path;
+use std::process::Output;
+
+use bento::protocol::report::{Outcome, Report};
+use bento::sys::s3::{Client, Credentials, Got};
+
+use crate::agent::{code, fleet, text, write_version, Machine, EXIT_UPDATED};
+use crate::common::bento;
+use crate::common::engines::{Identity, SeaweedFs};
+use crate::common::sshd::Sshd;
+use crate::s3_agent::{credentials_file, s3_config};
+
+const BUCKET: &str = "fleet";
+
+fn read(admin: &Client, key: &str) -> Option<Vec<u8>> {
+    match admin.get(BUCKET, key, 16 << 20, None).unwrap() {
+        Got::Body { bytes, .. } => Some(bytes),
+        _ => None,
+    }
+}
+
+fn run(fleet: &Path, args: &[&str]) -> Output {
+    bento()
+        .args(args)
+        .arg("--fleet")
+        .arg(fleet)
+        .output()
+        .expect("run bento")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// bento.toml's `[server]` with the store, the credentials file and the state added.
+fn point_at_store(fleet: &Path, endpoint: &str, creds: &Path, state: &Path) {
+    let toml = fleet.join("bento.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("store =")
+            || line.starts_with("s3_credentials =")
+            || line.starts_with("state =")
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+        if line == "[server]" {
+            out.push_str(&format!(
+                "store = \"s3://{BUCKET}/hosts/{{host}}?endpoint={endpoint}&region=us-east-1\"\ns3_credentials = \"{}\"\nstate = \"{}\"\n",
+                creds.display(),
+                state.display()
+            ));
+        }
+    }
+    fs::write(&toml, out).unwrap();
+}
+
+/// The identities `bento server s3-policy --engine seaweedfs` printed.
+fn identities(json: &str) -> Vec<Identity> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("identities JSON");
+    v["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| Identity {
+            name: i["name"].as_str().unwrap().to_owned(),
+            creds: Credentials {
+                access_key: i["credentials"][0]["accessKey"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                secret_key: i["credentials"][0]["secretKey"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                session_token: None,
+            },
+            actions: i["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn s3_publish_update_status_log_rollback_on_seaweedfs_from_the_printed_policy() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let f = sshd.fleet();
+    let outside = tempfile::tempdir().unwrap();
+    let state = outside.path().join("state");
+    let creds = outside.path().join("publisher-credentials");
+
+    // The policy first (the endpoint is not known yet: the rights do not depend on it).
+    point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
+    let policy = ok(run(&f, &["server", "s3-policy", "--engine", "seaweedfs"]));
+    let ids = identities(&policy);
+    assert_eq!(ids.len(), 1, "one identity per host (no publisher credentials yet)");
+    assert_eq!(
+        ids[0].actions,
+        [
+            "Read:fleet/hosts/alpha/*",
+            "List:fleet/hosts/alpha/*",
+            "Write:fleet/hosts/alpha/logs/*"
+        ]
+    );
+    assert!(state.join(".bento/s3-keys/alpha.age").is_file(), "sealed");
+    let engine = SeaweedFs::start(BUCKET, &ids, None);
+    let admin = engine.admin_client();
+    credentials_file(&creds, &engine.admin);
+    point_at_store(&f, &engine.endpoint, &creds, &state);
+
+    // A credentials file inside the fleet repo is refused, naming it, before any request.
+    let inside = f.join("s3-credentials");
+    credentials_file(&inside, &engine.admin);
+    point_at_store(&f, &engine.endpoint, &inside, &state);
+    let out = run(&f, &["publish", "--no-eval"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("inside the fleet repo"),
+        "{}",
+        text(&out)
+    );
+    fs::remove_file(&inside).unwrap();
+    point_at_store(&f, &engine.endpoint, &creds, &state);
+
+    let check = ok(run(&f, &["server", "check"]));
+    assert!(check.contains("compare-and-swap"), "{check}");
+
+    ok(run(&f, &["publish", "--no-eval"]));
+    let current = read(&admin, "hosts/alpha/current").expect("current published");
+    let digest = String::from_utf8(current).unwrap().trim().to_owned();
+    assert!(read(&admin, &format!("hosts/alpha/manifests/{digest}.json")).is_some());
+    // The same keys as the chroot's, byte for byte.
+    let chroot_current = fs::read(sshd.host_dir("alpha").join("current")).unwrap();
+    assert_eq!(
+        String::from_utf8(chroot_current).unwrap().trim(),
+        digest,
+        "the chroot and the store hold the same version of the same tree"
+    );
+
+    // The agent with only the printed rights applies it and reports.
+    let m = Machine::new(&sshd, "alpha", "");
+    let host_creds = m.base.join("s3-credentials");
+    credentials_file(&host_creds, &ids[0].creds);
+    s3_config(&m, &engine.endpoint, &host_creds, "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let report =
+        Report::parse(&read(&admin, "hosts/alpha/logs/latest.json").expect("latest")).unwrap();
+    assert_eq!(report.outcome, Outcome::Success);
+    assert_eq!(report.version.to_string(), digest);
+
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(run(&f, &["status", "--json"]))).unwrap();
+    let alpha = rows.iter().find(|r| r["host"] == "alpha").expect("alpha");
+    assert_eq!(alpha["state"], "up-to-date", "{alpha}");
+    let log = ok(run(&f, &["log", "alpha"]));
+    assert!(log.contains(&digest[..12]), "{log}");
+
+    // A second version, then a rollback to the first: a new live version, whole.
+    write_version(&sshd, "2");
+    ok(run(&f, &["publish", "--no-eval"]));
+    let second = String::from_utf8(read(&admin, "hosts/alpha/current").unwrap()).unwrap();
+    assert_ne!(second.trim(), digest);
+    ok(run(&f, &["rollback", "alpha", "--to", &digest[..12]]));
+    let back = String::from_utf8(read(&admin, "hosts/alpha/current").unwrap()).unwrap();
+    assert_ne!(back.trim(), second.trim(), "rolled back");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let system = m.profile_target().unwrap();
+    assert!(system.contains("nixos-system-alpha-1"), "{system}");
+}
