@@ -235,13 +235,10 @@ fn s3_policy(fleet: &crate::server::fleet::Fleet, engine: Engine) -> anyhow::Res
     let state = super::select::chroot_of(fleet, None)?;
     let rights = s3policy::rights(&files, reports.as_ref(), &hosts)?;
     let keys = s3policy::host_keys(&state, &hosts)?;
+    let publisher = crate::sys::s3::Credentials::resolve(server.s3_credentials.as_deref()).ok();
     let text = match engine {
-        Engine::Seaweedfs => {
-            let publisher =
-                crate::sys::s3::Credentials::resolve(server.s3_credentials.as_deref()).ok();
-            s3policy::seaweedfs(&rights, &keys, publisher.as_ref())
-        }
-        Engine::Garage => s3policy::garage(&rights, &keys),
+        Engine::Seaweedfs => s3policy::seaweedfs(&rights, &keys, publisher.as_ref()),
+        Engine::Garage => s3policy::garage(&rights, &keys, publisher.as_ref()),
         Engine::Aws => s3policy::aws(&rights),
     };
     std::io::stdout()

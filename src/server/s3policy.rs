@@ -110,9 +110,22 @@ pub fn seaweedfs(
 }
 
 /// The `garage` commands: one bucket per host (read for its key), its reports bucket (write
-/// for its key), each key imported with the fresh secret.
-pub fn garage(rights: &[HostRights], keys: &BTreeMap<HostName, Credentials>) -> String {
+/// for its key), each key imported with the fresh secret; the publisher's key (when known)
+/// gets read, write and owner on them all.
+pub fn garage(
+    rights: &[HostRights],
+    keys: &BTreeMap<HostName, Credentials>,
+    publisher: Option<&Credentials>,
+) -> String {
     let mut out = String::new();
+    let publisher_allow = |out: &mut String, bucket: &str| {
+        if let Some(p) = publisher {
+            out.push_str(&format!(
+                "garage bucket allow --read --write --owner {bucket} --key {}\n",
+                p.access_key
+            ));
+        }
+    };
     for r in rights {
         let Some(k) = keys.get(&r.host) else { continue };
         let name = format!("bento-{}", r.host);
@@ -121,12 +134,14 @@ pub fn garage(rights: &[HostRights], keys: &BTreeMap<HostName, Credentials>) -> 
             k.access_key, k.secret_key
         ));
         out.push_str(&format!("garage bucket create {}\n", r.files.bucket));
+        publisher_allow(&mut out, &r.files.bucket);
         out.push_str(&format!(
             "garage bucket allow --read {} --key {name}\n",
             r.files.bucket
         ));
         if r.logs.bucket != r.files.bucket {
             out.push_str(&format!("garage bucket create {}\n", r.logs.bucket));
+            publisher_allow(&mut out, &r.logs.bucket);
             out.push_str(&format!(
                 "garage bucket allow --write {} --key {name}\n",
                 r.logs.bucket
@@ -297,7 +312,7 @@ mod tests {
             .unwrap();
         let r = rights(&files, Some(&reports), &[host("alpha")]).unwrap();
         let keys = BTreeMap::from([(host("alpha"), creds("a"))]);
-        let text = garage(&r, &keys);
+        let text = garage(&r, &keys, None);
         assert!(text.contains("garage bucket allow --read bento-alpha --key bento-alpha\n"));
         assert!(
             text.contains("garage bucket allow --write bento-reports-alpha --key bento-alpha\n")

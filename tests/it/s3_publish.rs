@@ -10,11 +10,11 @@ use std::path::Path;
 use std::process::Output;
 
 use bento::protocol::report::{Outcome, Report};
-use bento::sys::s3::{Client, Credentials, Got};
+use bento::sys::s3::{Client, Credentials, Got, Options, PutMode, S3Error};
 
 use crate::agent::{code, fleet, text, write_version, Machine, EXIT_UPDATED};
 use crate::common::bento;
-use crate::common::engines::{Identity, SeaweedFs};
+use crate::common::engines::{Garage, Identity, SeaweedFs, GARAGE_REGION};
 use crate::common::sshd::Sshd;
 use crate::s3_agent::{credentials_file, s3_config};
 
@@ -43,11 +43,17 @@ fn ok(out: Output) -> String {
 
 /// bento.toml's `[server]` with the store, the credentials file and the state added.
 fn point_at_store(fleet: &Path, endpoint: &str, creds: &Path, state: &Path) {
+    let store = format!("s3://{BUCKET}/hosts/{{host}}?endpoint={endpoint}&region=us-east-1");
+    point_at(fleet, &store, None, creds, state);
+}
+
+fn point_at(fleet: &Path, store: &str, reports: Option<&str>, creds: &Path, state: &Path) {
     let toml = fleet.join("bento.toml");
     let text = fs::read_to_string(&toml).unwrap();
     let mut out = String::new();
     for line in text.lines() {
         if line.starts_with("store =")
+            || line.starts_with("reports =")
             || line.starts_with("s3_credentials =")
             || line.starts_with("state =")
         {
@@ -57,10 +63,13 @@ fn point_at_store(fleet: &Path, endpoint: &str, creds: &Path, state: &Path) {
         out.push('\n');
         if line == "[server]" {
             out.push_str(&format!(
-                "store = \"s3://{BUCKET}/hosts/{{host}}?endpoint={endpoint}&region=us-east-1\"\ns3_credentials = \"{}\"\nstate = \"{}\"\n",
+                "store = \"{store}\"\ns3_credentials = \"{}\"\nstate = \"{}\"\n",
                 creds.display(),
                 state.display()
             ));
+            if let Some(r) = reports {
+                out.push_str(&format!("reports = \"{r}\"\n"));
+            }
         }
     }
     fs::write(&toml, out).unwrap();
@@ -188,4 +197,91 @@ fn s3_publish_update_status_log_rollback_on_seaweedfs_from_the_printed_policy() 
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let system = m.profile_target().unwrap();
     assert!(system.contains("nixos-system-alpha-1"), "{system}");
+}
+
+#[test]
+fn s3_bucket_per_host_on_garage_from_the_printed_commands_warns_that_only_the_lock_guards() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let f = sshd.fleet();
+    let outside = tempfile::tempdir().unwrap();
+    let state = outside.path().join("state");
+    let creds = outside.path().join("publisher-credentials");
+    let engine = Garage::start();
+    let publisher = engine.create_key("publisher");
+    credentials_file(&creds, &publisher);
+    let at = |bucket: &str| {
+        format!(
+            "s3://{bucket}?endpoint={}&region={GARAGE_REGION}",
+            engine.endpoint
+        )
+    };
+    let (store, reports) = (at("bento-{host}"), at("bento-reports-{host}"));
+    point_at(&f, &store, Some(&reports), &creds, &state);
+
+    let commands = ok(run(&f, &["server", "s3-policy", "--engine", "garage"]));
+    for line in commands
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(args[0], "garage", "{line}");
+        engine.cli_when_ready(&args[1..]);
+    }
+    let host_creds = Credentials::load(&state.join(".bento/s3-keys/alpha")).unwrap();
+
+    // Garage accepts conditional writes and ignores them: the check says the lock guards.
+    let out = run(&f, &["server", "check"]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("publisher's lock"), "{shown}");
+    assert!(shown.contains("warning"), "{shown}");
+
+    ok(run(&f, &["publish", "--no-eval"]));
+    let alpha = engine.client(&host_creds, &Options::default());
+    let current = match alpha.get("bento-alpha", "current", 4096, None).unwrap() {
+        Got::Body { bytes, .. } => bytes,
+        other => panic!("{other:?}"),
+    };
+    // The host's key reads its bucket and writes its reports, and nothing else.
+    alpha
+        .put(
+            "bento-reports-alpha",
+            "heartbeat.json",
+            b"{}",
+            PutMode::Overwrite,
+        )
+        .unwrap();
+    let refused = alpha.put("bento-alpha", "current", b"x", PutMode::Overwrite);
+    assert!(
+        matches!(refused, Err(S3Error::Refused { status: 403, .. })),
+        "{refused:?}"
+    );
+    let unchanged = match alpha.get("bento-alpha", "current", 4096, None).unwrap() {
+        Got::Body { bytes, .. } => bytes,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(unchanged, current);
+
+    // The agent over the bucket-per-host layout with its reports bucket.
+    let m = Machine::new(&sshd, "alpha", "");
+    let agent_creds = m.base.join("s3-credentials");
+    credentials_file(&agent_creds, &host_creds);
+    std::fs::write(
+        m.config(),
+        format!(
+            "host = \"alpha\"\nserver = \"{}\"\nreports = \"{}\"\ncredentials_file = \"{}\"\nstate_dir = \"{base}/state\"\nprofile = \"{base}/profiles/system\"\ncurrent_system = \"{base}/no-current-system\"\nfiles_root = \"{base}/root\"\nconnect_timeout = \"5s\"\nconfirm_timeout = \"10s\"\nstall_timeout = \"20s\"\n",
+            at("bento-alpha"),
+            at("bento-reports-alpha"),
+            agent_creds.display(),
+            base = m.base.display(),
+        ),
+    )
+    .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(run(&f, &["status", "--json"]))).unwrap();
+    let row = rows.iter().find(|r| r["host"] == "alpha").expect("alpha");
+    assert_eq!(row["state"], "up-to-date", "{row}");
 }
