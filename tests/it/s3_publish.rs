@@ -285,3 +285,74 @@ fn s3_bucket_per_host_on_garage_from_the_printed_commands_warns_that_only_the_lo
     let row = rows.iter().find(|r| r["host"] == "alpha").expect("alpha");
     assert_eq!(row["state"], "up-to-date", "{row}");
 }
+
+/// A publisher's view of the engine with its own (local) state, so its lock guards nothing
+/// the other takes: only the engine's compare-and-swap can keep them apart.
+fn publisher(engine: &SeaweedFs, state: &Path) -> bento::server::store::S3Store {
+    use bento::server::store::{Cas, S3Store};
+    let files = format!(
+        "s3://{BUCKET}/hosts/{{host}}?endpoint={}&region=us-east-1",
+        engine.endpoint
+    )
+    .parse()
+    .unwrap();
+    let alpha = bento::protocol::HostName::new("alpha").unwrap();
+    S3Store::new(
+        engine.admin_client(),
+        files,
+        None,
+        bento::protocol::layout::Chroot::new(state),
+        vec![alpha],
+    )
+    .with_cas(Cas::Unknown)
+}
+
+#[test]
+fn s3_two_publishers_racing_on_seaweedfs_switch_current_at_most_once_per_round() {
+    use bento::protocol::manifest::Digest;
+    use bento::server::store::{Cas, Store, StoreError};
+    let engine = SeaweedFs::start(BUCKET, &[], None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        publisher(&engine, &tmp.path().join("a")),
+        publisher(&engine, &tmp.path().join("b")),
+    );
+    let alpha = bento::protocol::HostName::new("alpha").unwrap();
+    // The probe finds SeaweedFS honours conditional writes.
+    assert_eq!(a.probe().unwrap(), Cas::Honoured);
+    assert_eq!(b.probe().unwrap(), Cas::Honoured);
+    let mut live = None;
+    for round in 0..5u8 {
+        // Both read the same version, then both switch from it.
+        let seen_a = a.current(&alpha).unwrap().map(|(_, v)| v);
+        let seen_b = b.current(&alpha).unwrap().map(|(_, v)| v);
+        assert_eq!(seen_a, seen_b);
+        let (da, db) = (Digest::of(&[b'a', round]), Digest::of(&[b'b', round]));
+        let ra = a.switch_current(&alpha, &da, seen_a.as_ref());
+        let rb = b.switch_current(&alpha, &db, seen_b.as_ref());
+        let won: Vec<&Digest> = [(&ra, &da), (&rb, &db)]
+            .into_iter()
+            .filter(|(r, _)| r.is_ok())
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round}: exactly one switch ({ra:?}, {rb:?})"
+        );
+        let lost = if ra.is_ok() { rb } else { ra };
+        assert!(
+            matches!(lost, Err(StoreError::Raced { .. })),
+            "round {round}: {lost:?}"
+        );
+        let (bytes, _) = a.current(&alpha).unwrap().unwrap();
+        let now = String::from_utf8(bytes).unwrap();
+        assert_eq!(
+            now.trim(),
+            won[0].to_string(),
+            "the winner's digest is live"
+        );
+        assert_ne!(live.as_ref(), Some(&now));
+        live = Some(now);
+    }
+}
