@@ -267,6 +267,11 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
     }
 
     fn after(&self, store: &dyn Store, chroot: &Chroot) -> Result<(), PublishError> {
+        // Without a cache key no host has a `cache/` to collect (and an object store is not
+        // listed host by host for nothing).
+        if self.key.is_none() {
+            return Ok(());
+        }
         cache::collect(store, chroot)
             .map(|n| tracing::debug!("removed {n} unused cache files"))
             .map_err(|e| PublishError::Internal(format!("collecting binary caches: {e}")))

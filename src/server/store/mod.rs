@@ -10,6 +10,7 @@ mod chroot;
 mod mem;
 pub mod probe;
 mod s3;
+mod s3index;
 #[cfg(test)]
 mod tests;
 

@@ -15,6 +15,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::s3index::Index;
 use super::{
     copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
     StoreLock, Version,
@@ -28,6 +29,11 @@ use crate::sys::s3::{Client, Got, Location, PutMode, S3Error, HOST_PLACEHOLDER};
 
 /// The longest `current` read (one line; anything longer counts by its head).
 const MAX_CURRENT_BYTES: u64 = 4096;
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        self.index.save();
+    }
+}
 
 /// The object store, as the publisher writes it.
 pub struct S3Store {
@@ -42,6 +48,8 @@ pub struct S3Store {
     known: Vec<HostName>,
     /// Probed at the first lock when not known from the publisher's state.
     cas: Mutex<Cas>,
+    /// What the publisher knows is in the engine, kept in its state.
+    index: Index,
     /// Where this run already stored a shared file (a key's bytes, by content), so the next
     /// host gets a server-side copy.
     copies: Mutex<BTreeMap<String, (String, String)>>,
@@ -88,12 +96,13 @@ impl S3Store {
     ) -> Self {
         Self {
             client,
-            files,
             reports,
-            state,
             known,
             cas: Mutex::new(Cas::Unknown),
             copies: Mutex::new(BTreeMap::new()),
+            index: Index::load(&state, &files.to_string()),
+            files,
+            state,
         }
     }
 
@@ -270,13 +279,23 @@ impl Store for S3Store {
         if key.host_written() {
             return Err(StoreError::WrongOperation(key.path()));
         }
+        if let Key::Manifest(d) = key {
+            if let Some(bytes) = self.index.manifest(host, d, limit) {
+                return Ok(Some(bytes));
+            }
+        }
         let (l, k) = self.at(host, key)?;
         match self
             .client
             .get(&l.bucket, &k, limit, None)
             .map_err(s3_err)?
         {
-            Got::Body { bytes, .. } => Ok(Some(bytes)),
+            Got::Body { bytes, .. } => {
+                if let Key::Manifest(d) = key {
+                    self.index.keep_manifest(host, d, &bytes);
+                }
+                Ok(Some(bytes))
+            }
             Got::NotFound | Got::NotModified => Ok(None),
         }
     }
@@ -301,7 +320,16 @@ impl Store for S3Store {
 
     fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError> {
         let (l, k) = self.at(host, key)?;
-        Ok(self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some())
+        let full = format!("{}/{k}", l.bucket);
+        let immutable = matches!(key, Key::Manifest(_) | Key::Signature(_) | Key::Object(_));
+        if immutable && self.index.known(&full) {
+            return Ok(true);
+        }
+        let there = self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some();
+        if immutable {
+            self.index.learn(full, there);
+        }
+        Ok(there)
     }
 
     fn list(&self, host: &HostName, area: Area) -> Result<Vec<Key>, StoreError> {
@@ -329,8 +357,14 @@ impl Store for S3Store {
         let (l, k) = self.at(host, key)?;
         self.client
             .put(&l.bucket, &k, bytes, PutMode::Overwrite)
-            .map(|_| ())
-            .map_err(s3_err)
+            .map_err(s3_err)?;
+        if matches!(key, Key::Manifest(_) | Key::Signature(_)) {
+            self.index.learn(format!("{}/{k}", l.bucket), true);
+        }
+        if let Key::Manifest(d) = key {
+            self.index.keep_manifest(host, d, bytes);
+        }
+        Ok(())
     }
 
     fn put_object(
@@ -340,12 +374,14 @@ impl Store for S3Store {
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError> {
         let key = Key::Object(*digest);
-        let (l, k) = self.at(host, &key)?;
-        if self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some() {
+        if self.exists(host, &key)? {
             return Ok(0);
         }
+        let (l, k) = self.at(host, &key)?;
+        let full = format!("{}/{k}", l.bucket);
         let content = format!("object:{}", digest.to_hex());
         if self.copy_known(&content, &l.bucket, &k) {
+            self.index.learn(full, true);
             return Ok(0);
         }
         // Read whole and checked before anything is sent: the engine never holds an object
@@ -364,6 +400,7 @@ impl Store for S3Store {
             .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
             .map_err(s3_err)?;
         self.remember(content, &l.bucket, &k);
+        self.index.learn(full, true);
         Ok(n)
     }
 
@@ -410,18 +447,46 @@ impl Store for S3Store {
             return Err(StoreError::WrongOperation(key.path()));
         }
         let (l, k) = self.at(host, key)?;
+        // Forgotten first: a delete that fails after the engine removed the key must not
+        // leave it "known present".
+        self.index.learn(format!("{}/{k}", l.bucket), false);
+        if let Key::Manifest(d) = key {
+            self.index.drop_manifest(host, d);
+        }
         self.client.delete(&l.bucket, &k).map_err(s3_err)
     }
 
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
         let (l, k) = self.at(host, &Key::Current)?;
-        match self.client.get(&l.bucket, &k, MAX_CURRENT_BYTES, None) {
+        let full = format!("{}/{k}", l.bucket);
+        let cached = self.index.current(&full);
+        let got = self.client.get(
+            &l.bucket,
+            &k,
+            MAX_CURRENT_BYTES,
+            cached.as_ref().map(|(_, etag)| etag.as_str()),
+        );
+        match got {
+            Ok(Got::NotModified) => match cached {
+                Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),
+                None => Ok(None),
+            },
             Ok(Got::Body { bytes, etag }) => {
                 // Without an ETag the bytes are the version (a compare by content).
-                let version = etag.unwrap_or_else(|| String::from_utf8_lossy(&bytes).into());
+                let version = match etag {
+                    Some(e) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        self.index.set_current(&full, Some((text, e.clone())));
+                        e
+                    }
+                    None => String::from_utf8_lossy(&bytes).into(),
+                };
                 Ok(Some((bytes, Version(version))))
             }
-            Ok(Got::NotFound | Got::NotModified) => Ok(None),
+            Ok(Got::NotFound) => {
+                self.index.set_current(&full, None);
+                Ok(None)
+            }
             // A broken `current` longer than a line counts by its head.
             Err(S3Error::TooLarge { .. }) => {
                 let mut out = Vec::new();
@@ -455,11 +520,13 @@ impl Store for S3Store {
             None => PutMode::Create,
             Some(v) => PutMode::Replace(&v.0),
         };
-        match self
-            .client
-            .put(&l.bucket, &k, layout::current_text(to).as_bytes(), mode)
-        {
-            Ok(_) => Ok(()),
+        let text = layout::current_text(to);
+        match self.client.put(&l.bucket, &k, text.as_bytes(), mode) {
+            Ok(etag) => {
+                let full = format!("{}/{k}", l.bucket);
+                self.index.set_current(&full, etag.map(|e| (text, e)));
+                Ok(())
+            }
             Err(S3Error::PreconditionFailed { .. }) => {
                 Err(StoreError::Raced { host: host.clone() })
             }
