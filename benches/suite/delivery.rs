@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use bento::nix::{Nix, StorePath};
 use bento::protocol::layout::Chroot;
+use bento::protocol::HostName;
+use bento::server::chroot::Ownership;
 use bento::server::delivery::cache;
+use bento::server::store::ChrootStore;
 
 use crate::proc::{du, run_ok};
 use crate::server::Scratch;
@@ -86,10 +89,12 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
     let export_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut per_host_nar = 0u64;
+    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
     for (i, system) in systems.iter().enumerate() {
-        let host_dir = chroot.root.join(format!("h{i}"));
+        let host = HostName::new(&format!("h{i}")).unwrap();
+        let host_dir = chroot.host_dir(&host);
         fs::create_dir_all(&host_dir).unwrap();
-        cache::link_host(&chroot, &host_dir, &key, system).expect("link");
+        cache::link_host(&store, &chroot, &host, &key, system).expect("link");
         per_host_nar += nar_bytes(&host_dir.join("cache")).values().sum::<u64>();
     }
     let link_s = t.elapsed().as_secs_f64();

@@ -73,7 +73,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     // rollout (#13): --on adds the hosts it selects (cli/select.rs).
     args.hosts = super::select::known(&fleet, &chroot, &args.hosts, &args.on.on)?;
     let intervals = super::status::intervals(&fleet);
-    let store = super::select::store_of(&fleet, &chroot);
+    let store = super::select::store_of(&fleet, &chroot)?;
     let mut rows = status::collect(&Query {
         store: &*store,
         chroot: &chroot,

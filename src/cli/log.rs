@@ -32,7 +32,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot)?;
     let dir = chroot.host_dir(&args.host);
-    let store = super::select::store_of(&fleet, &chroot);
+    let store = super::select::store_of(&fleet, &chroot)?;
     if !fleet.config.hosts.contains_key(&args.host) && !dir.is_dir() {
         anyhow::bail!(
             "no host named {}: not in bento.toml and nothing published for it in {}",

@@ -100,7 +100,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
                 _ => {
                     build_failed += 1;
                     not_built.push(crate::server::delivery::not_built(
-                        &*super::select::store_of(&fleet, &chroot),
+                        &*super::select::store_of(&fleet, &chroot)?,
                         b,
                     ));
                     output::note(&format!(
@@ -246,7 +246,7 @@ pub fn publish_tree(
     );
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
-    let store = super::select::store_of(fleet, chroot);
+    let store = super::select::store_of(fleet, chroot)?;
     let delivery = crate::server::delivery::FleetDelivery::new(
         fleet,
         Nix::default(),

@@ -65,7 +65,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
             super::wait::names(&hosts)
         );
     }
-    let store = super::select::store_of(&fleet, &chroot);
+    let store = super::select::store_of(&fleet, &chroot)?;
     let signer = publish::load_signer(&fleet)?;
     let lock_path = chroot.lock_path();
     // The publish lock: a rollback never interleaves with a publish of the same host.
@@ -125,8 +125,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let mut finished = None;
     if let Some(timeout) = args.wait {
         let rolled: Vec<HostName> = done.iter().map(|r| r.host.clone()).collect();
-        let mut tracker = Tracker::new(super::wait::baselines(&fleet, &chroot, &rolled), false);
-        super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json);
+        let mut tracker = Tracker::new(super::wait::baselines(&fleet, &chroot, &rolled)?, false);
+        super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json)?;
         super::wait::summary(&tracker.finished);
         finished = Some(tracker.finished);
     }

@@ -70,7 +70,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     // Creates the chroot and .bento/ as publish would; its lock is not kept (each wave
     // takes it while it publishes).
     drop(publish::open_store(
-        &*super::select::store_of(&fleet, &chroot),
+        &*super::select::store_of(&fleet, &chroot)?,
         || {},
     )?);
     let lock_path = rollout::lock_path(&chroot);
@@ -304,7 +304,7 @@ fn run_wave(
     }
     // Read before publishing: a report the host writes after the publish is never taken
     // for an old one, and the wave judges its hosts only on reports newer than these.
-    let baselines = super::wait::baselines(fleet, chroot, &hosts);
+    let baselines = super::wait::baselines(fleet, chroot, &hosts)?;
     let reports = publish_hosts(fleet, chroot, &hosts, !args.json)?;
     let failed: Vec<HostName> = reports
         .iter()
@@ -325,7 +325,7 @@ fn run_wave(
     if args.trigger {
         // Only hosts not already on the new version need a run.
         let interval = |h: &HostName| fleet.config.interval(h);
-        let store = super::select::store_of(fleet, chroot);
+        let store = super::select::store_of(fleet, chroot)?;
         crate::server::wait::poll_once(
             &mut tracker,
             &crate::server::wait::Follow {
@@ -387,7 +387,7 @@ fn run_wave(
         args.wait_timeout,
         true,
         !args.json,
-    );
+    )?;
     let bad: Vec<HostName> = tracker
         .finished
         .iter()

@@ -11,8 +11,9 @@ use crate::protocol::layout::Chroot;
 use crate::server::fleet::{Fleet, HostName, NixFlakeHosts};
 use crate::server::select::{self, Selector};
 use crate::server::snapshot::{HashCache, Scanner};
-use crate::server::store::{ChrootStore, Store};
+use crate::server::store::{ChrootStore, S3Store, Store};
 use crate::sys::output;
+use crate::sys::s3::{Client, Credentials, Location, Options};
 
 /// clap's value parser for `--host NAME`.
 pub fn parse_host(s: &str) -> Result<HostName, String> {
@@ -25,8 +26,27 @@ pub fn default_jobs() -> usize {
 }
 
 /// The chroot root: `--chroot DIR`, else `[server] chroot` of bento.toml, made absolute.
+/// With `[server] store = "s3://…"` there is no chroot: this is the local root of the
+/// publisher's own state (`[server] state`), whose `.bento/` the chroot would have held.
 pub fn chroot_of(fleet: &Fleet, chroot: Option<PathBuf>) -> anyhow::Result<Chroot> {
-    let root = chroot.unwrap_or_else(|| fleet.config.server.chroot.clone());
+    let server = &fleet.config.server;
+    if let Some(store) = &server.store {
+        if let Some(dir) = chroot {
+            anyhow::bail!(
+                "--chroot {} names a chroot, but {} publishes to {store} ([server] store); leave --chroot out",
+                dir.display(),
+                fleet.root.join(crate::server::fleet::FLEET_FILE).display()
+            );
+        }
+        let state = server
+            .state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::server::fleet::DEFAULT_STATE));
+        let state = std::path::absolute(&state)
+            .with_context(|| format!("[server] state {}", state.display()))?;
+        return Ok(Chroot::new(state));
+    }
+    let root = chroot.unwrap_or_else(|| server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     Ok(Chroot::new(root))
 }
@@ -43,11 +63,74 @@ pub fn ownership(fleet: &Fleet) -> crate::server::chroot::Ownership {
 }
 
 /// The store the hosts' versions live in and their reports are read from: the one place a
-/// command picks it. Today the chroot (`--chroot DIR` or `[server] chroot`), with bento's
-/// account owners when running as root; `[server] store = "s3://…"` will choose the
-/// object store here.
-pub fn store_of(fleet: &Fleet, chroot: &Chroot) -> Box<dyn Store> {
-    Box::new(ChrootStore::new(chroot.clone(), ownership(fleet)))
+/// command picks it. The chroot (`--chroot DIR` or `[server] chroot`), with bento's account
+/// owners when running as root; or, with `[server] store = "s3://…"`, the object store,
+/// signed with `[server] s3_credentials` (or the environment's), the lock and the rest of
+/// the publisher's state in `chroot` (`chroot_of` made it `[server] state`).
+pub fn store_of(fleet: &Fleet, chroot: &Chroot) -> anyhow::Result<Box<dyn Store>> {
+    if fleet.config.server.store.is_none() {
+        return Ok(Box::new(ChrootStore::new(chroot.clone(), ownership(fleet))));
+    }
+    Ok(Box::new(s3_store_of(fleet, chroot)?))
+}
+
+/// The object store of `[server] store` (see [`store_of`]).
+pub fn s3_store_of(fleet: &Fleet, chroot: &Chroot) -> anyhow::Result<S3Store> {
+    let server = &fleet.config.server;
+    let url = server
+        .store
+        .as_deref()
+        .context("no [server] store = \"s3://…\" in bento.toml")?;
+    let file = || fleet.root.join(crate::server::fleet::FLEET_FILE);
+    let files: Location = url
+        .parse()
+        .with_context(|| format!("{}: [server] store", file().display()))?;
+    if !files.is_template() {
+        anyhow::bail!(
+            "{}: [server] store = {url:?} names no {{host}}: put it in the prefix (one prefix per host) or the bucket name (one bucket per host)",
+            file().display()
+        );
+    }
+    let reports = match &server.reports {
+        None => None,
+        Some(r) => {
+            let l: Location = r
+                .parse()
+                .with_context(|| format!("{}: [server] reports", file().display()))?;
+            if !l.is_template() {
+                anyhow::bail!(
+                    "{}: [server] reports = {r:?} names no {{host}}: each host needs its own place",
+                    file().display()
+                );
+            }
+            Some(l)
+        }
+    };
+    if let Some(path) = &server.s3_credentials {
+        let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        if abs.starts_with(&fleet.root) {
+            anyhow::bail!(
+                "[server] s3_credentials {} is inside the fleet repo {}; keep it out (it would be committed and could be published)",
+                path.display(),
+                fleet.root.display()
+            );
+        }
+    }
+    let creds = Credentials::resolve(server.s3_credentials.as_deref())?;
+    let client = Client::new(&files.endpoint, &files.region, &creds, &Options::default())
+        .with_context(|| format!("{}: [server] store", file().display()))?;
+    let mut known: Vec<HostName> = fleet.config.hosts.keys().cloned().collect();
+    if let Ok(entries) = std::fs::read_dir(fleet.root.join(crate::server::fleet::HOSTS_DIR)) {
+        known.extend(
+            entries
+                .flatten()
+                .filter_map(|e| HostName::new(&e.file_name().to_string_lossy()).ok()),
+        );
+    }
+    known.sort();
+    known.dedup();
+    let cas = crate::server::store::probe::recorded(chroot);
+    Ok(S3Store::new(client, files, reports, chroot.clone(), known).with_cas(cas))
 }
 
 /// The `--on` option, flattened into a command's arguments.

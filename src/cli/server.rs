@@ -58,6 +58,22 @@ anything appended later, changes what applies to the hosts' accounts."
         #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
         logs_limit: u64,
     },
+    /// Print the least-privilege policy of [server] store for ENGINE (one identity per host),
+    /// keep each host's fresh keys root-only in [server] state, and seal each host's
+    /// credentials file to its SSH key
+    S3Policy {
+        /// The engine's form: SeaweedFS -s3.config JSON, garage commands or IAM policy JSON
+        #[arg(long, value_enum)]
+        engine: Engine,
+    },
+}
+
+/// The engines `bento server s3-policy` speaks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    Seaweedfs,
+    Garage,
+    Aws,
 }
 
 /// `512M`, `2G`, `64K` or a number of bytes; the units are binary (`M` is MiB).
@@ -173,6 +189,8 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::S3Policy { engine } => s3_policy(&fleet, engine),
+        Command::Check { json, .. } if config.server.store.is_some() => check_store(&fleet, json),
         Command::Check {
             sshd_config,
             sshd,
@@ -229,6 +247,92 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// `bento server s3-policy`: the policy on stdout, keys and sealed credentials files in the
+/// publisher's state.
+fn s3_policy(fleet: &crate::server::fleet::Fleet, engine: Engine) -> anyhow::Result<ExitCode> {
+    use crate::server::s3policy;
+    let toml = fleet.root.join(crate::server::fleet::FLEET_FILE);
+    let server = &fleet.config.server;
+    let url = server.store.as_deref().with_context(|| {
+        format!(
+            "{}: no [server] store = \"s3://…\" to make a policy for",
+            toml.display()
+        )
+    })?;
+    let files: crate::sys::s3::Location = url
+        .parse()
+        .with_context(|| format!("{}: [server] store", toml.display()))?;
+    let reports: Option<crate::sys::s3::Location> = server
+        .reports
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .with_context(|| format!("{}: [server] reports", toml.display()))?;
+    let hosts: Vec<_> = fleet.config.hosts.keys().cloned().collect();
+    let state = super::select::chroot_of(fleet, None)?;
+    let rights = s3policy::rights(&files, reports.as_ref(), &hosts)?;
+    let keys = s3policy::host_keys(&state, &hosts)?;
+    let publisher = crate::sys::s3::Credentials::resolve(server.s3_credentials.as_deref()).ok();
+    let text = match engine {
+        Engine::Seaweedfs => s3policy::seaweedfs(&rights, &keys, publisher.as_ref()),
+        Engine::Garage => s3policy::garage(&rights, &keys, publisher.as_ref()),
+        Engine::Aws => s3policy::aws(&rights),
+    };
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")?;
+    let dir = s3policy::keys_dir(&state);
+    for (host, creds) in &keys {
+        let Some(ssh) = fleet.config.hosts.get(host).and_then(|h| h.key.as_deref()) else {
+            output::note(&format!(
+                "{host}: no [hosts.{host}] key to seal its credentials to; its file is {}",
+                dir.join(host.as_str()).display()
+            ));
+            continue;
+        };
+        let sealed = s3policy::sealed_credentials(host, ssh, creds)?;
+        let path = dir.join(format!("{host}.age"));
+        crate::sys::atomic::write_file(&path, &sealed, 0o600)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    output::note(&format!(
+        "each host's credentials file, sealed to its SSH key: {}/<host>.age (install it as the agent's credentials_file)",
+        dir.display()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bento server check` of an object store: can the publisher reach it, and which guard
+/// keeps two publishes from switching one `current` (compare-and-swap or the lock).
+fn check_store(fleet: &crate::server::fleet::Fleet, json: bool) -> anyhow::Result<ExitCode> {
+    use crate::server::store::Cas;
+    let state = super::select::chroot_of(fleet, None)?;
+    let store = super::select::s3_store_of(fleet, &state)?;
+    let cas = store.probe().context("probing the object store")?;
+    let guard = match cas {
+        Cas::Honoured => "compare-and-swap (the engine honours conditional writes)",
+        Cas::Ignored => "the publisher's lock only: the engine ignores conditional writes (run one publisher at a time)",
+        Cas::Unknown => "unknown (no host to probe at)",
+    };
+    if json {
+        output::json(&serde_json::json!({
+            "store": fleet.config.server.store,
+            "conditional_writes": cas,
+            "guard": if cas == Cas::Honoured { "cas" } else { "lock" },
+        }))?;
+    } else {
+        output::line(&format!(
+            "store  ok  {}",
+            terminal::escape(fleet.config.server.store.as_deref().unwrap_or(""))
+        ));
+        output::line(&format!("guard  {guard}"));
+    }
+    if cas == Cas::Ignored {
+        output::note("warning: conditional writes are ignored by this engine; only the publisher's lock guards `current`");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// sshd from PATH (NixOS keeps it in /run/current-system/sw/bin), else Debian's.

@@ -95,7 +95,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         Color::Never => false,
         Color::Auto => output::color_on(std::io::stdout().is_terminal()),
     };
-    let store = super::select::store_of(&fleet, &chroot);
+    let store = super::select::store_of(&fleet, &chroot)?;
     let show = |now: SystemTime| -> anyhow::Result<(Vec<HostStatus>, StatusView)> {
         let query = Query {
             store: &*store,

@@ -70,7 +70,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(trigger::default_command);
     let targets = trigger::targets(&fleet.config, &hosts)?;
-    let baselines = super::wait::baselines(&fleet, &chroot, &hosts);
+    let baselines = super::wait::baselines(&fleet, &chroot, &hosts)?;
     let results = trigger_lines(
         &template,
         &targets,
@@ -95,7 +95,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
                 .collect(),
             args.retry,
         );
-        super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json);
+        super::wait::follow(&fleet, &chroot, &mut tracker, timeout, false, !args.json)?;
         super::wait::summary(&tracker.finished);
         finished = Some(tracker.finished);
     }

@@ -40,7 +40,7 @@ struct Version {
 pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     let fleet = super::load_fleet(fleet)?;
     let chroot = super::select::chroot_of(&fleet, args.chroot)?;
-    let store = super::select::store_of(&fleet, &chroot);
+    let store = super::select::store_of(&fleet, &chroot)?;
     let kept = crate::server::rollback::kept_versions(&*store, &args.host)?;
     let records = crate::server::records::dir(&chroot);
     let (entries, _) = Journal::new(&records)

@@ -24,12 +24,12 @@ pub fn baselines(
     fleet: &Fleet,
     chroot: &Chroot,
     hosts: &[HostName],
-) -> Vec<(HostName, Option<String>)> {
-    let store = super::select::store_of(fleet, chroot);
-    hosts
+) -> anyhow::Result<Vec<(HostName, Option<String>)>> {
+    let store = super::select::store_of(fleet, chroot)?;
+    Ok(hosts
         .iter()
         .map(|h| (h.clone(), wait::latest_report_id(&*store, h)))
-        .collect()
+        .collect())
 }
 
 /// One result line: `alpha  success  3f2a1b9c0d12` (and the error for the others).
@@ -56,7 +56,7 @@ pub fn follow(
     timeout: Duration,
     stop_on_failure: bool,
     lines: bool,
-) {
+) -> anyhow::Result<()> {
     let width = tracker
         .pending()
         .iter()
@@ -74,7 +74,7 @@ pub fn follow(
         }
         tracing::debug!("{} hosts still pending", t.pending().len());
     };
-    let store = super::select::store_of(fleet, chroot);
+    let store = super::select::store_of(fleet, chroot)?;
     wait::follow(
         tracker,
         &Follow {
@@ -88,6 +88,7 @@ pub fn follow(
         &mut on,
     );
     bar.finish_and_clear();
+    Ok(())
 }
 
 /// True when every host ended in success.
@@ -150,8 +151,8 @@ pub fn after_publish(
         .filter(|r| r.digest.is_some() && r.status != crate::server::publish::Status::Failed)
         .map(|r| r.host.clone())
         .collect();
-    let mut tracker = Tracker::new(baselines(fleet, chroot, &live), false);
-    follow(fleet, chroot, &mut tracker, timeout, false, !json);
+    let mut tracker = Tracker::new(baselines(fleet, chroot, &live)?, false);
+    follow(fleet, chroot, &mut tracker, timeout, false, !json)?;
     summary(&tracker.finished);
     if json {
         output::json(&AfterPublish {

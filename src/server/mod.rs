@@ -23,6 +23,7 @@ pub mod records;
 pub mod rollback;
 pub mod rollbacks;
 pub mod rollout;
+pub mod s3policy;
 pub mod select;
 pub mod store;
 // Secrets encrypted at rest: [secrets], sealing on publish, `bento secret`.

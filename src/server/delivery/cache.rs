@@ -11,15 +11,16 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64ct::Encoding as _;
 
 use crate::nix::{Nix, NixError, StorePath};
-use crate::protocol::layout::{self, Chroot};
+use crate::protocol::layout::{Area, Chroot, Key, SubPath};
 use crate::protocol::manifest::Manifest;
 use crate::protocol::narinfo::{self, CacheKeys, NarInfo, NarInfoError};
+use crate::protocol::HostName;
+use crate::server::store::{Store, StoreError};
 use crate::sys::atomic;
 
 /// A host's cache directory, beside `manifests/` and `objects/`.
@@ -36,6 +37,8 @@ pub enum CacheError {
     Nix(#[from] NixError),
     #[error("{path}: {source}")]
     NarInfo { path: PathBuf, source: NarInfoError },
+    #[error(transparent)]
+    Store(Box<StoreError>),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -48,10 +51,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
 /// The server's pool: one real binary cache holding every exported path once.
 pub fn pool_dir(chroot: &Chroot) -> PathBuf {
     chroot.state_dir().join(CACHE)
-}
-
-pub fn host_cache(host_dir: &Path) -> PathBuf {
-    host_dir.join(CACHE)
 }
 
 /// `[server] cache_key`: the secret key file `nix key generate-secret` writes.
@@ -99,28 +98,6 @@ pub fn generate_key(nix: &Nix, path: &Path, name: &str) -> Result<CacheKey, Cach
     }
     atomic::write_file(path, format!("{secret}\n").as_bytes(), 0o600).map_err(io_err(path))?;
     CacheKey::load(path)
-}
-
-fn ensure_dir(dir: &Path) -> Result<(), CacheError> {
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(dir)(e)),
-    }
-    let meta = fs::symlink_metadata(dir).map_err(io_err(dir))?;
-    if !meta.is_dir() {
-        return Err(io_err(dir)(io::Error::other(
-            "exists and is not a directory",
-        )));
-    }
-    if crate::sys::accounts::is_root() && (meta.uid() != 0 || meta.gid() != 0) {
-        std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io_err(dir))?;
-    }
-    // Readable by the host (through its 0750 host directory), writable by root only.
-    if meta.permissions().mode() & 0o7777 != 0o755 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
-    }
-    Ok(())
 }
 
 fn read_narinfo(dir: &Path, hash: &str) -> io::Result<String> {
@@ -188,32 +165,6 @@ pub fn export(
     Ok(())
 }
 
-/// Hard-links `pool/rel` to `cache/rel`, replacing a different file there.
-fn link(pool: &Path, cache: &Path, rel: &str) -> Result<bool, CacheError> {
-    let from = pool.join(rel);
-    let to = cache.join(rel);
-    let src = fs::metadata(&from).map_err(io_err(&from))?;
-    if src.permissions().mode() & 0o777 != 0o644 {
-        fs::set_permissions(&from, fs::Permissions::from_mode(0o644)).map_err(io_err(&from))?;
-    }
-    match fs::symlink_metadata(&to) {
-        Ok(m) if m.ino() == src.ino() && m.dev() == src.dev() => return Ok(false),
-        Ok(_) => {
-            let tmp = to.with_file_name(format!(
-                "{}{}-{}",
-                atomic::TMP_PREFIX,
-                std::process::id(),
-                to.file_name().unwrap_or_default().to_string_lossy()
-            ));
-            let _ = fs::remove_file(&tmp);
-            fs::hard_link(&from, &tmp).map_err(io_err(&tmp))?;
-            fs::rename(&tmp, &to).map_err(io_err(&to))?;
-        }
-        Err(_) => fs::hard_link(&from, &to).map_err(io_err(&to))?,
-    }
-    Ok(true)
-}
-
 /// What linking one host's closure did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Linked {
@@ -221,17 +172,27 @@ pub struct Linked {
     pub new_links: usize,
 }
 
-/// Makes `<host>/cache/` a binary cache holding `system`'s closure: each NAR, then its
-/// narinfo, hard-linked from the pool (checked against `key` on the way), and `nix-cache-info`.
+fn cache_key(rel: &str) -> Key {
+    // The pool's names are Nix's (`<hash>.narinfo`, `nar/<filehash>.nar.zst`), checked
+    // plain by `narinfo::missing`.
+    Key::Cache(SubPath::new(rel).expect("a narinfo's name or URL is a plain relative path"))
+}
+
+fn store_err(e: StoreError) -> CacheError {
+    CacheError::Store(Box::new(e))
+}
+
+/// Makes `host`'s `cache/` a binary cache holding `system`'s closure through the store:
+/// each NAR, then its narinfo, from the pool (checked against `key` on the way), and
+/// `nix-cache-info`.
 pub fn link_host(
-    chroot: &Chroot,
-    host_dir: &Path,
+    store: &dyn Store,
+    state: &Chroot,
+    host: &HostName,
     key: &CacheKey,
     system: &StorePath,
 ) -> Result<Linked, CacheError> {
-    let pool = pool_dir(chroot);
-    let cache = host_cache(host_dir);
-    ensure_dir(&cache)?;
+    let pool = pool_dir(state);
     let infos = narinfo::missing(
         system.as_str(),
         &key.keys,
@@ -247,34 +208,44 @@ pub fn link_host(
     })?;
     let mut linked = Linked::default();
     for info in &infos {
-        if let Some(parent) = Path::new(&info.url)
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-        {
-            ensure_dir(&cache.join(parent))?;
+        if SubPath::new(&info.url).is_none() {
+            return Err(CacheError::NarInfo {
+                path: pool.clone(),
+                source: NarInfoError::File {
+                    store_path: info.store_path.clone(),
+                    problem: format!("URL {:?} is not a plain relative path", info.url),
+                },
+            });
         }
-        linked.new_links += usize::from(link(&pool, &cache, &info.url)?);
-        linked.new_links += usize::from(link(
-            &pool,
-            &cache,
-            &format!("{}.narinfo", info.hash_part()),
-        )?);
+        let narinfo = format!("{}.narinfo", info.hash_part());
+        for rel in [info.url.as_str(), narinfo.as_str()] {
+            let changed = store
+                .put_shared(host, &cache_key(rel), &pool.join(rel))
+                .map_err(store_err)?;
+            linked.new_links += usize::from(changed);
+        }
         linked.paths += 1;
     }
-    let info_path = cache.join(CACHE_INFO_FILE);
-    if fs::read_to_string(&info_path).ok().as_deref() != Some(narinfo::CACHE_INFO) {
-        atomic::write_file(&info_path, narinfo::CACHE_INFO.as_bytes(), 0o644)
-            .map_err(io_err(&info_path))?;
-    }
-    if linked.new_links > 0 {
-        atomic::sync_dir(&cache).map_err(io_err(&cache))?;
+    let info_key = cache_key(CACHE_INFO_FILE);
+    let have = store
+        .get(host, &info_key, narinfo::CACHE_INFO.len() as u64 + 1)
+        .ok()
+        .flatten();
+    if have.as_deref() != Some(narinfo::CACHE_INFO.as_bytes()) {
+        store
+            .put(host, &info_key, narinfo::CACHE_INFO.as_bytes())
+            .map_err(store_err)?;
     }
     Ok(linked)
 }
 
-/// Every narinfo name and NAR URL reachable in `cache` from `roots` (parsed, not verified:
-/// this decides only what to keep).
-fn reachable(cache: &Path, roots: &[StorePath]) -> BTreeSet<String> {
+/// Every narinfo name and NAR URL reachable in `host`'s cache from `roots` (parsed, not
+/// verified: this decides only what to keep).
+fn reachable(
+    store: &dyn Store,
+    host: &HostName,
+    roots: &[StorePath],
+) -> Result<BTreeSet<String>, CacheError> {
     let mut keep = BTreeSet::new();
     let mut todo: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
     let mut seen = BTreeSet::new();
@@ -283,17 +254,76 @@ fn reachable(cache: &Path, roots: &[StorePath]) -> BTreeSet<String> {
             continue;
         }
         let hash = narinfo::hash_part(&path);
-        let Some(info) = read_narinfo(cache, hash)
+        let name = format!("{hash}.narinfo");
+        let Some(sub) = SubPath::new(&name) else {
+            continue;
+        };
+        let bytes = match store.get(host, &Key::Cache(sub), narinfo::MAX_NARINFO_BYTES as u64) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(StoreError::TooLarge { .. }) => continue,
+            Err(e) => return Err(store_err(e)),
+        };
+        let Some(info) = std::str::from_utf8(&bytes)
             .ok()
-            .and_then(|t| NarInfo::parse(&t).ok())
+            .and_then(|t| NarInfo::parse(t).ok())
         else {
             continue;
         };
-        keep.insert(format!("{hash}.narinfo"));
+        keep.insert(name);
         keep.insert(info.url.clone());
         todo.extend(info.dependencies());
     }
-    keep
+    Ok(keep)
+}
+
+/// The systems of the manifests a host keeps (publish keeps three versions).
+fn kept_systems(store: &dyn Store, host: &HostName) -> Result<Vec<StorePath>, CacheError> {
+    let mut systems = Vec::new();
+    for key in store.list(host, Area::Manifests).map_err(store_err)? {
+        if !matches!(key, Key::Manifest(_)) {
+            continue;
+        }
+        let bytes = store
+            .get(host, &key, crate::protocol::manifest::MAX_MANIFEST_BYTES)
+            .map_err(store_err)?;
+        if let Some(system) = bytes.and_then(|b| Manifest::parse(&b).ok()?.system) {
+            systems.push(system);
+        }
+    }
+    Ok(systems)
+}
+
+/// Removes from each host's cache what none of its kept manifests' systems needs, then the
+/// pooled files no host keeps any more. Returns how many files were removed.
+pub fn collect(store: &dyn Store, state: &Chroot) -> Result<usize, CacheError> {
+    let mut removed = 0;
+    let mut kept_anywhere = BTreeSet::new();
+    for host in store.hosts().map_err(store_err)? {
+        let listed = store.list(&host, Area::Cache).map_err(store_err)?;
+        if listed.is_empty() {
+            continue;
+        }
+        let keep = reachable(store, &host, &kept_systems(store, &host)?)?;
+        for key in listed {
+            let Key::Cache(rel) = &key else { continue };
+            if rel.as_str() != CACHE_INFO_FILE && !keep.contains(rel.as_str()) {
+                store.delete(&host, &key).map_err(store_err)?;
+                removed += 1;
+            }
+        }
+        kept_anywhere.extend(keep);
+    }
+    let pool = pool_dir(state);
+    if pool.is_dir() {
+        for rel in files(&pool).map_err(io_err(&pool))? {
+            if rel != CACHE_INFO_FILE && !kept_anywhere.contains(&rel) {
+                let path = pool.join(&rel);
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Files under `dir` (one level of subdirectories), as paths relative to it.
@@ -315,53 +345,6 @@ fn files(dir: &Path) -> io::Result<Vec<String>> {
         }
     }
     Ok(out)
-}
-
-/// The systems of the manifests a host keeps (publish keeps three versions).
-fn kept_systems(host_dir: &Path) -> Vec<StorePath> {
-    let Ok(entries) = fs::read_dir(host_dir.join(layout::MANIFESTS)) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .filter_map(|e| fs::read(e.path()).ok())
-        .filter_map(|b| Manifest::parse(&b).ok()?.system)
-        .collect()
-}
-
-/// Removes from every host's cache what none of its kept manifests' systems needs, then
-/// the pooled files no host links to any more. Returns how many files were removed.
-pub fn collect(chroot: &Chroot) -> Result<usize, CacheError> {
-    let mut removed = 0;
-    let entries = fs::read_dir(&chroot.root).map_err(io_err(&chroot.root))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let cache = host_cache(&entry.path());
-        if name.starts_with('.') || !cache.is_dir() {
-            continue;
-        }
-        let keep = reachable(&cache, &kept_systems(&entry.path()));
-        for rel in files(&cache).map_err(io_err(&cache))? {
-            if rel != CACHE_INFO_FILE && !keep.contains(&rel) {
-                let path = cache.join(&rel);
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                removed += 1;
-            }
-        }
-    }
-    let pool = pool_dir(chroot);
-    if pool.is_dir() {
-        for rel in files(&pool).map_err(io_err(&pool))? {
-            let path = pool.join(&rel);
-            let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
-            if rel != CACHE_INFO_FILE && meta.nlink() <= 1 {
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
 }
 
 #[cfg(test)]

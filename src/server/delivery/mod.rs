@@ -7,7 +7,8 @@
 //! - **no churn**: a host's `system` is settled against its live manifest, so publishing the
 //!   same tree with and without `--build` gives no host a new version (`settle_system`);
 //! - **prebuilt delivery**: a `build_on = "server"` host's system is built here and its
-//!   closure exported into `<host>/cache/` (`cache`) before its manifest goes live.
+//!   closure exported into the publisher's pool and put into the host's `cache/` through
+//!   the `Store` (`cache`) before its manifest goes live.
 
 pub mod cache;
 pub mod leak;
@@ -245,8 +246,13 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
         done
     }
 
-    fn after(&self, chroot: &Chroot) -> Result<(), PublishError> {
-        cache::collect(chroot)
+    fn after(&self, store: &dyn Store, chroot: &Chroot) -> Result<(), PublishError> {
+        // Without a cache key no host has a `cache/` to collect (and an object store is not
+        // listed host by host for nothing).
+        if self.key.is_none() {
+            return Ok(());
+        }
+        cache::collect(store, chroot)
             .map(|n| tracing::debug!("removed {n} unused cache files"))
             .map_err(|e| PublishError::Internal(format!("collecting binary caches: {e}")))
     }
@@ -303,18 +309,18 @@ impl FleetDelivery<'_> {
             return (ready, held);
         }
         for plan in cached {
-            let host_dir = chroot.host_dir(&plan.host);
             let system = plan
                 .manifest
                 .system
                 .clone()
                 .expect("server hosts have a system");
-            // The host directory must exist (with its owners) before cache/ goes in it.
+            // The host's area must exist (with its owners) before cache/ goes in it.
             let linked = store
                 .open_host(&plan.host)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
-                    cache::link_host(chroot, &host_dir, key, &system).map_err(|e| e.to_string())
+                    cache::link_host(store, chroot, &plan.host, key, &system)
+                        .map_err(|e| e.to_string())
                 });
             match linked {
                 Ok(l) => {

@@ -46,7 +46,7 @@ pub enum FleetError {
 /// The tables of bento.toml (docs/reference.md documents each key of each).
 pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
 /// The keys of `[server]`.
-pub const SERVER_KEYS: [&str; 10] = [
+pub const SERVER_KEYS: [&str; 14] = [
     "address",
     "port",
     "host_key",
@@ -57,6 +57,10 @@ pub const SERVER_KEYS: [&str; 10] = [
     "backups",
     "trigger_command",
     "cache_key",
+    "store",
+    "s3_credentials",
+    "reports",
+    "state",
 ];
 /// The keys of `[hosts.NAME]` besides the per-host settings (`SettingsLayer::KEYS`).
 pub const HOST_KEYS: [&str; 5] = ["key", "tags", "address", "hold", "build_on"];
@@ -102,7 +106,25 @@ pub struct ServerConfig {
     /// `build_on = "server"`; outside the fleet repo.
     #[serde(default)]
     pub cache_key: Option<PathBuf>,
+    /// Where the hosts' versions live: `s3://BUCKET/PREFIX/{host}?endpoint=URL&region=R`
+    /// (`{host}` in the prefix or the bucket); none: the chroot.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The publisher's S3 credentials (AWS shared-credentials format); none: the
+    /// environment's `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`. Outside the fleet repo.
+    #[serde(default)]
+    pub s3_credentials: Option<PathBuf>,
+    /// Where hosts write their reports when not `<host's prefix>/logs/` (`s3://…{host}…`).
+    #[serde(default)]
+    pub reports: Option<String>,
+    /// The publisher's own state (caches, build records, the binary-cache pool, S3 keys)
+    /// when the store is an object store; the chroot keeps its `.bento/`.
+    #[serde(default)]
+    pub state: Option<PathBuf>,
 }
+
+/// Where an object store's publisher keeps its state unless `[server] state` says.
+pub const DEFAULT_STATE: &str = "/var/lib/bento";
 
 fn default_port() -> u16 {
     22
@@ -135,6 +157,10 @@ impl Default for ServerConfig {
             backups: false,
             trigger_command: None,
             cache_key: None,
+            store: None,
+            s3_credentials: None,
+            reports: None,
+            state: None,
         }
     }
 }

@@ -10,8 +10,8 @@ pub trait Delivery: Sync {
     /// Runs after planning and before any host is written. May set each plan's `system`;
     /// returns the plans to publish and one failed report per host it holds back (that host's
     /// previous version stays live).
-    /// `store` holds the hosts' versions; `chroot` the publisher's state and, for now, the
-    /// binary caches (`cache/` is still written through the chroot's paths).
+    /// `store` holds the hosts' versions and their `cache/`; `chroot` is the publisher's
+    /// own state (its `.bento/`: the binary-cache pool, build records), never served.
     fn before(
         &self,
         store: &dyn Store,
@@ -19,5 +19,5 @@ pub trait Delivery: Sync {
         plans: Vec<HostPlan>,
     ) -> (Vec<HostPlan>, Vec<HostReport>);
     /// Runs after the hosts are published and their old versions collected.
-    fn after(&self, chroot: &Chroot) -> Result<(), PublishError>;
+    fn after(&self, store: &dyn Store, chroot: &Chroot) -> Result<(), PublishError>;
 }

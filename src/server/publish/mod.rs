@@ -422,7 +422,7 @@ pub fn run(
     }
     // Issue #12 hook: cache entries go with the manifests that needed them.
     if let Some(d) = opts.delivery {
-        d.after(&opts.chroot)?;
+        d.after(opts.store, &opts.chroot)?;
     }
     reports.extend(held_back);
     reports.extend(unsealed);

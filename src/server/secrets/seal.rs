@@ -86,6 +86,15 @@ pub fn seal<'a>(
         cache
             .entries
             .retain(|k, d| used.contains(k) || pool.join(d.to_hex()).exists());
+        // The publisher's copies no cache entry names any more go.
+        let named: BTreeSet<String> = cache.entries.values().map(|d| d.to_hex()).collect();
+        if let Ok(entries) = std::fs::read_dir(sealed_dir(chroot)) {
+            for e in entries.flatten() {
+                if !named.contains(&*e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let bytes = serde_json::to_vec(&cache).expect("cache serialises");
         crate::sys::atomic::write_file(&cache_path, &bytes, 0o600).map_err(|source| {
             SecretsError::Io {
@@ -157,16 +166,19 @@ fn seal_host(
                     None => recipients.insert(recipients_for(fleet, &host)?),
                 };
                 let key = cache_key(&f.sha256, recipients);
-                let pooled = cache
-                    .entries
-                    .get(&key)
-                    .map(|d| (*d, chroot.pool_dir().join(d.to_hex())))
-                    .and_then(|(d, p)| std::fs::metadata(&p).ok().map(|m| (d, p, m.len())));
+                let pooled = cache.entries.get(&key).and_then(|d| {
+                    // The chroot's pool, else the publisher's own copy (an object store).
+                    [chroot.pool_dir(), sealed_dir(chroot)]
+                        .into_iter()
+                        .map(|dir| dir.join(d.to_hex()))
+                        .find_map(|p| std::fs::metadata(&p).ok().map(|m| (*d, p, m.len())))
+                });
                 let (digest, size, source) = match pooled {
                     Some((digest, path, size)) => (digest, size, Source::File(Arc::from(path))),
                     None => {
                         let ct = encrypt_file(&file, &f.sha256, recipients, &host)?;
                         let digest = Digest::of(&ct);
+                        keep_sealed(chroot, &digest, &ct);
                         (digest, ct.len() as u64, Source::Bytes(ct.into()))
                     }
                 };
@@ -193,6 +205,25 @@ fn seal_host(
     }
     plan.manifest.files = files;
     Ok(())
+}
+
+/// The publisher's own copies of the ciphertexts it made, so a store without a local pool
+/// (an object store) reuses them and an unchanged secret keeps its digest.
+fn sealed_dir(chroot: &Chroot) -> PathBuf {
+    chroot.state_dir().join("sealed")
+}
+
+/// Keeps `ct` as `digest` in [`sealed_dir`] (best effort: a lost copy costs a new version).
+fn keep_sealed(chroot: &Chroot, digest: &Digest, ct: &[u8]) {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = sealed_dir(chroot);
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    if made.is_ok() {
+        let _ = crate::sys::atomic::write_file(&dir.join(digest.to_hex()), ct, 0o600);
+    }
 }
 
 /// `/etc/x.age` → `/etc/x`; a target without the suffix (set in files.toml) is kept.

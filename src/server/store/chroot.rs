@@ -129,6 +129,54 @@ impl ChrootStore {
     }
 }
 
+/// A directory of a host's `cache/`: readable by the host (through its 0750 host
+/// directory), writable by root only, as the pool-linked objects.
+fn ensure_cache_dir(dir: &Path) -> Result<(), StoreError> {
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_at(dir)(e)),
+    }
+    let meta = fs::symlink_metadata(dir).map_err(io_at(dir))?;
+    if !meta.is_dir() {
+        return Err(io_at(dir)(io::Error::other(
+            "exists and is not a directory",
+        )));
+    }
+    if crate::sys::accounts::is_root() && (meta.uid() != 0 || meta.gid() != 0) {
+        std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io_at(dir))?;
+    }
+    if meta.permissions().mode() & 0o7777 != 0o755 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_at(dir))?;
+    }
+    Ok(())
+}
+
+/// Hard-links `from` (the publisher's pool) to `to`, replacing a different file there by a
+/// rename, so a host never reads half a file; `Ok(false)` when it is that file already.
+fn link_shared(from: &Path, to: &Path) -> Result<bool, StoreError> {
+    let src = fs::metadata(from).map_err(io_at(from))?;
+    if src.permissions().mode() & 0o777 != 0o644 {
+        fs::set_permissions(from, fs::Permissions::from_mode(0o644)).map_err(io_at(from))?;
+    }
+    match fs::symlink_metadata(to) {
+        Ok(m) if m.ino() == src.ino() && m.dev() == src.dev() => return Ok(false),
+        Ok(_) => {
+            let tmp = to.with_file_name(format!(
+                "{}{}-{}",
+                atomic::TMP_PREFIX,
+                std::process::id(),
+                to.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let _ = fs::remove_file(&tmp);
+            fs::hard_link(from, &tmp).map_err(io_at(&tmp))?;
+            fs::rename(&tmp, to).map_err(io_at(to))?;
+        }
+        Err(_) => fs::hard_link(from, to).map_err(io_at(to))?,
+    }
+    Ok(true)
+}
+
 /// Reads at most `limit` bytes of `path`; `None` when it does not exist.
 fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
     use std::io::Read;
@@ -336,6 +384,21 @@ impl Store for ChrootStore {
         Ok(bytes)
     }
 
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
+        let Key::Cache(sub) = key else {
+            return Err(StoreError::WrongOperation(key.path()));
+        };
+        let host_dir = self.chroot.host_dir(host);
+        let mut dir = host_dir.join(CACHE);
+        ensure_cache_dir(&dir)?;
+        let parts: Vec<&str> = sub.as_str().split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            dir.push(part);
+            ensure_cache_dir(&dir)?;
+        }
+        link_shared(pooled, &self.path(host, key))
+    }
+
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError> {
         if key.host_written() {
             return Err(StoreError::WrongOperation(key.path()));
@@ -384,6 +447,13 @@ impl Store for ChrootStore {
             self.chroot.host_dir(host).join(OBJECTS),
         ] {
             atomic::sync_dir(&dir).map_err(io_at(&dir))?;
+        }
+        // And the `cache/` files linked for a server-built system.
+        let cache = self.chroot.host_dir(host).join(CACHE);
+        for dir in [cache.join("nar"), cache] {
+            if dir.is_dir() {
+                atomic::sync_dir(&dir).map_err(io_at(&dir))?;
+            }
         }
         let path = self.path(host, &Key::Current);
         atomic::write_file(&path, layout::current_text(to).as_bytes(), 0o644).map_err(io_at(&path))

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -180,6 +180,21 @@ impl Store for MemStore {
         Ok(n)
     }
 
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
+        if !matches!(key, Key::Cache(_)) {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let bytes = std::fs::read(pooled).map_err(|source| StoreError::Io {
+            at: pooled.to_owned(),
+            source,
+        })?;
+        if self.read(host, key).as_ref() == Some(&bytes) {
+            return Ok(false);
+        }
+        self.with(host, |m| m.insert(key.clone(), bytes));
+        Ok(true)
+    }
+
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError> {
         if key.host_written() || *key == Key::Current {
             return Err(StoreError::WrongOperation(key.path()));
@@ -334,6 +349,10 @@ impl Store for Faulty<'_> {
     ) -> Result<u64, StoreError> {
         self.admit(host, &Key::Object(*digest))?;
         self.inner.put_object(host, digest, open)
+    }
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
+        self.admit(host, key)?;
+        self.inner.put_shared(host, key, pooled)
     }
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError> {
         self.admit(host, key)?;

@@ -4,18 +4,22 @@
 //! invariant every implementation keeps: `current` is switched last and only from the
 //! version the caller read, so a reader never sees a `current` whose manifest or objects
 //! are missing. The chroot is one implementation ([`ChrootStore`]), the in-memory
-//! [`MemStore`] serves the unit tests; an object store comes on the same trait.
+//! [`MemStore`] serves the unit tests; [`S3Store`] is an object store's.
 
 mod chroot;
 mod mem;
+pub mod probe;
+mod s3;
+mod s3index;
 #[cfg(test)]
 mod tests;
 
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use chroot::ChrootStore;
 pub use mem::{Faulty, MemStore};
+pub use s3::S3Store;
 
 pub use crate::protocol::layout::{Area, Key, SubPath};
 use crate::protocol::manifest::Digest;
@@ -41,6 +45,10 @@ pub enum StoreError {
     Raced { host: HostName },
     #[error("{0}: a store writes this key only through its own operation")]
     WrongOperation(String),
+    #[error(transparent)]
+    S3(Box<crate::sys::s3::S3Error>),
+    #[error("[server] store: {0}")]
+    S3Location(String),
 }
 
 /// How a store honours the compare-and-swap of `current`.
@@ -120,6 +128,11 @@ pub trait Store: Send + Sync {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError>;
+    /// Makes `cache/` file `key` of `host` hold the bytes of `pooled`, a file of the
+    /// publisher's own pool that many hosts share (the chroot hard-links it; an object store
+    /// uploads it once and copies it server-side to the next host). Returns whether the key
+    /// changed.
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError>;
     /// Removes `key`; an absent key is no error.
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError>;
     /// The bytes of `current` and their version, `None` when there is none.

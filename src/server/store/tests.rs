@@ -176,3 +176,43 @@ fn the_chroot_pools_objects_with_todays_modes_and_reads_logs_with_their_time() {
         b"{}"
     );
 }
+
+#[test]
+fn shared_cache_files_are_put_whole_once_and_replaced_when_the_pool_changes() {
+    let (tmp, stores) = stores();
+    let pooled = tmp.path().join("pooled.nar");
+    let key = Key::Cache(SubPath::new("nar/abc.nar.zst").unwrap());
+    for s in &stores {
+        std::fs::write(&pooled, b"nar one").unwrap();
+        assert!(s.put_shared(&alpha(), &key, &pooled).unwrap());
+        assert!(!s.put_shared(&alpha(), &key, &pooled).unwrap(), "no change");
+        assert_eq!(
+            s.get(&alpha(), &key, 100).unwrap().unwrap(),
+            b"nar one".to_vec()
+        );
+        assert_eq!(s.list(&alpha(), Area::Cache).unwrap(), vec![key.clone()]);
+        // A new pool file (a re-export) under the same name replaces the host's.
+        std::fs::remove_file(&pooled).unwrap();
+        std::fs::write(&pooled, b"nar two").unwrap();
+        assert!(s.put_shared(&alpha(), &key, &pooled).unwrap());
+        assert_eq!(
+            s.get(&alpha(), &key, 100).unwrap().unwrap(),
+            b"nar two".to_vec()
+        );
+        let err = s.put_shared(&alpha(), &Key::Current, &pooled).unwrap_err();
+        assert!(matches!(err, StoreError::WrongOperation(_)), "{err}");
+        std::fs::remove_file(&pooled).unwrap();
+    }
+    // The chroot links the pool's inode, root-writable only.
+    std::fs::write(&pooled, b"nar three").unwrap();
+    let chroot = Chroot::new(tmp.path().join("c"));
+    stores[1].put_shared(&alpha(), &key, &pooled).unwrap();
+    let linked = chroot.host_dir(&alpha()).join("cache/nar/abc.nar.zst");
+    assert_eq!(
+        std::fs::metadata(&linked).unwrap().ino(),
+        std::fs::metadata(&pooled).unwrap().ino()
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&linked), 0o644);
+    assert_eq!(mode(&chroot.host_dir(&alpha()).join("cache/nar")), 0o755);
+}

@@ -1,0 +1,598 @@
+//! [`S3Store`]: the hosts' areas in an S3-compatible object store (docs/objectstore.md),
+//! one prefix or one bucket per host, the keys inside it the chroot's byte for byte. There is
+//! no rename: objects and `cache/` files are PUT whole first, then the manifest and its
+//! signature, and `current` last as a conditional PUT (`If-Match` on the ETag read at the
+//! start, `If-None-Match: *` on a first publish), so a lost race changes nothing it names.
+//!
+//! Invariants: nothing here writes a host-written key (`logs/`) or deletes `current`; an
+//! object's bytes are checked against its digest before they are sent; an object or a
+//! shared `cache/` file another host already holds in this run is copied inside the engine
+//! (CopyObject), not sent again; the publisher's lock and state stay local (`state`), never
+//! in the store.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::s3index::Index;
+use super::{
+    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
+    StoreLock, Version,
+};
+use crate::protocol::layout::{self, Chroot, LOGS};
+use crate::protocol::manifest::{Digest, MAX_OBJECT_BYTES};
+use crate::protocol::HostName;
+use crate::server::logs::MAX_LOG_BYTES;
+use crate::sys::atomic;
+use crate::sys::s3::{Client, Got, Location, PutMode, S3Error, HOST_PLACEHOLDER};
+
+/// The longest `current` read (one line; anything longer counts by its head).
+const MAX_CURRENT_BYTES: u64 = 4096;
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        self.index.save();
+    }
+}
+
+/// The object store, as the publisher writes it.
+pub struct S3Store {
+    client: Client,
+    /// The `[server] store` template (`{host}` in the bucket or the prefix).
+    files: Location,
+    /// The `[server] reports` template, when hosts write their `logs/` elsewhere.
+    reports: Option<Location>,
+    /// The publisher's own, local state (the lock).
+    state: Chroot,
+    /// The fleet's hosts: a bucket-per-host layout cannot be listed for them.
+    known: Vec<HostName>,
+    /// Probed at the first lock when not known from the publisher's state.
+    cas: Mutex<Cas>,
+    /// What the publisher knows is in the engine, kept in its state.
+    index: Index,
+    /// Where this run already stored a shared file (a key's bytes, by content), so the next
+    /// host gets a server-side copy.
+    copies: Mutex<BTreeMap<String, (String, String)>>,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("files", &self.files.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn s3_err(e: S3Error) -> StoreError {
+    match e {
+        S3Error::TooLarge { target, limit } => StoreError::TooLarge {
+            at: PathBuf::from(format!("s3://{}/{}", target.bucket, target.key)),
+            max: limit,
+        },
+        other => StoreError::S3(Box::new(other)),
+    }
+}
+
+fn logs_err(at: String) -> impl FnOnce(S3Error) -> LogsError {
+    move |e| match e {
+        S3Error::TooLarge { limit, .. } => LogsError::TooLarge {
+            path: PathBuf::from(at),
+            max: limit,
+        },
+        other => LogsError::Io {
+            path: PathBuf::from(at),
+            source: io::Error::other(other.to_string()),
+        },
+    }
+}
+
+impl S3Store {
+    pub fn new(
+        client: Client,
+        files: Location,
+        reports: Option<Location>,
+        state: Chroot,
+        known: Vec<HostName>,
+    ) -> Self {
+        Self {
+            client,
+            reports,
+            known,
+            cas: Mutex::new(Cas::Unknown),
+            copies: Mutex::new(BTreeMap::new()),
+            index: Index::load(&state, &files.to_string()),
+            files,
+            state,
+        }
+    }
+
+    /// What `bento server check` found the engine does with conditional writes.
+    pub fn with_cas(self, cas: Cas) -> Self {
+        *self.cas.lock().expect("not poisoned") = cas;
+        self
+    }
+
+    fn cas(&self) -> Cas {
+        *self.cas.lock().expect("not poisoned")
+    }
+
+    /// Probes the engine's conditional writes (at the first host's location), records the
+    /// answer in the publisher's state and returns it.
+    pub fn probe(&self) -> Result<Cas, StoreError> {
+        let Some(host) = self.hosts()?.into_iter().next() else {
+            return Ok(Cas::Unknown);
+        };
+        let cas = super::probe::probe(&self.client, &self.files, &host).map_err(s3_err)?;
+        if let Err(e) = super::probe::record(&self.state, cas) {
+            tracing::warn!(
+                "cannot record the conditional-write probe in {}: {e}",
+                self.state.state_dir().display()
+            );
+        }
+        *self.cas.lock().expect("not poisoned") = cas;
+        Ok(cas)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The host's location (`{host}` replaced).
+    pub fn host_location(&self, host: &HostName) -> Result<Location, StoreError> {
+        self.files
+            .for_host(host.as_str())
+            .map_err(|e| StoreError::S3Location(e.to_string()))
+    }
+
+    /// Where the host's `logs/` are: `[server] reports`, else `<host's prefix>/logs`.
+    fn logs_location(&self, host: &HostName) -> Result<Location, LogsError> {
+        let bad = |e: crate::sys::s3::LocationError| LogsError::Io {
+            path: PathBuf::from(self.files.to_string()),
+            source: io::Error::other(e.to_string()),
+        };
+        match &self.reports {
+            Some(r) => r.for_host(host.as_str()).map_err(bad),
+            None => {
+                let l = self.files.for_host(host.as_str()).map_err(bad)?;
+                Ok(Location {
+                    prefix: l.key(LOGS),
+                    ..l
+                })
+            }
+        }
+    }
+
+    fn at(&self, host: &HostName, key: &Key) -> Result<(Location, String), StoreError> {
+        let l = self.host_location(host)?;
+        let k = l.key(&key.path());
+        Ok((l, k))
+    }
+
+    /// Copies what this run stored under `content` (another host's key) to `bucket/key`
+    /// inside the engine; `false` when nothing holds it yet (or the copy was refused: the
+    /// caller sends the bytes instead).
+    fn copy_known(&self, content: &str, bucket: &str, key: &str) -> bool {
+        let from = self
+            .copies
+            .lock()
+            .expect("not poisoned")
+            .get(content)
+            .cloned();
+        let Some((src_bucket, src_key)) = from else {
+            return false;
+        };
+        match self.client.copy(&src_bucket, &src_key, bucket, key) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("server-side copy to s3://{bucket}/{key} failed, sending: {e}");
+                false
+            }
+        }
+    }
+
+    fn remember(&self, content: String, bucket: &str, key: &str) {
+        self.copies
+            .lock()
+            .expect("not poisoned")
+            .insert(content, (bucket.to_owned(), key.to_owned()));
+    }
+}
+
+impl Store for S3Store {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            atomic_replace: true,
+            compare_and_swap: self.cas(),
+            server_side_copy: true,
+        }
+    }
+
+    fn locate(&self, host: &HostName, key: &Key) -> PathBuf {
+        match self.at(host, key) {
+            Ok((l, k)) => PathBuf::from(format!("s3://{}/{k}", l.bucket)),
+            Err(_) => PathBuf::from(format!("{}: {host}/{}", self.files, key.path())),
+        }
+    }
+
+    /// The lock is the publisher's, in its local state directory: it guards `current`
+    /// wherever the engine ignores conditional writes, for publishers sharing that state.
+    fn lock(&self, on_wait: Box<dyn FnOnce() + '_>) -> Result<StoreLock, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.state.state_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| StoreError::Io {
+                at: dir.clone(),
+                source,
+            })?;
+        let path = self.state.lock_path();
+        let lock = atomic::Lock::acquire(&path, on_wait)
+            .map_err(|source| StoreError::Io { at: path, source })?;
+        if self.cas() == Cas::Unknown {
+            match self.probe()? {
+                Cas::Ignored => tracing::warn!(
+                    "{}: the engine ignores conditional writes; only this publisher's lock guards `current` (one publisher at a time)",
+                    self.files.endpoint
+                ),
+                cas => tracing::debug!("conditional writes: {cas:?}"),
+            }
+        }
+        Ok(StoreLock::new(lock))
+    }
+
+    fn hosts(&self) -> Result<Vec<HostName>, StoreError> {
+        if self.files.bucket_per_host() {
+            return Ok(self.known.clone());
+        }
+        // One listing of the prefix above `{host}`; each key names its host in the segment
+        // where `{host}` stands.
+        let (before, _) = self
+            .files
+            .prefix
+            .split_once(HOST_PLACEHOLDER)
+            .unwrap_or((self.files.prefix.as_str(), ""));
+        let listed = self
+            .client
+            .list(&self.files.bucket, before)
+            .map_err(s3_err)?;
+        let mut hosts: Vec<HostName> = listed
+            .iter()
+            .filter_map(|l| l.key.strip_prefix(before))
+            .filter_map(|rest| rest.split('/').next())
+            .filter_map(|name| HostName::new(name).ok())
+            .collect();
+        hosts.extend(self.known.iter().cloned());
+        hosts.sort();
+        hosts.dedup();
+        Ok(hosts)
+    }
+
+    fn open_host(&self, host: &HostName) -> Result<(), StoreError> {
+        // Buckets and identities are the operator's (`bento server s3-policy`); a
+        // prefix needs nothing. Only the name is checked here.
+        self.host_location(host).map(|_| ())
+    }
+
+    fn get(&self, host: &HostName, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.host_written() {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        if let Key::Manifest(d) = key {
+            if let Some(bytes) = self.index.manifest(host, d, limit) {
+                return Ok(Some(bytes));
+            }
+        }
+        let (l, k) = self.at(host, key)?;
+        match self
+            .client
+            .get(&l.bucket, &k, limit, None)
+            .map_err(s3_err)?
+        {
+            Got::Body { bytes, .. } => {
+                if let Key::Manifest(d) = key {
+                    self.index.keep_manifest(host, d, &bytes);
+                }
+                Ok(Some(bytes))
+            }
+            Got::NotFound | Got::NotModified => Ok(None),
+        }
+    }
+
+    fn get_prefix(
+        &self,
+        host: &HostName,
+        key: &Key,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.host_written() {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let (l, k) = self.at(host, key)?;
+        let mut out = Vec::new();
+        Ok(self
+            .client
+            .get_range(&l.bucket, &k, 0, len, &mut out)
+            .map_err(s3_err)?
+            .map(|_| out))
+    }
+
+    fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError> {
+        let (l, k) = self.at(host, key)?;
+        let full = format!("{}/{k}", l.bucket);
+        let immutable = matches!(key, Key::Manifest(_) | Key::Signature(_) | Key::Object(_));
+        if immutable && self.index.known(&full) {
+            return Ok(true);
+        }
+        let there = self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some();
+        if immutable {
+            self.index.learn(full, there);
+        }
+        Ok(there)
+    }
+
+    fn list(&self, host: &HostName, area: Area) -> Result<Vec<Key>, StoreError> {
+        let l = self.host_location(host)?;
+        let base = l.list_prefix();
+        let listed = self
+            .client
+            .list(&l.bucket, &format!("{base}{}", area.prefix()))
+            .map_err(s3_err)?;
+        let mut keys: Vec<Key> = listed
+            .iter()
+            .filter_map(|e| e.key.strip_prefix(&base))
+            .filter(|rel| rel.starts_with(area.prefix()))
+            .filter_map(Key::parse)
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
+        match key {
+            Key::Manifest(_) | Key::Signature(_) | Key::Cache(_) => {}
+            _ => return Err(StoreError::WrongOperation(key.path())),
+        }
+        let (l, k) = self.at(host, key)?;
+        self.client
+            .put(&l.bucket, &k, bytes, PutMode::Overwrite)
+            .map_err(s3_err)?;
+        if matches!(key, Key::Manifest(_) | Key::Signature(_)) {
+            self.index.learn(format!("{}/{k}", l.bucket), true);
+        }
+        if let Key::Manifest(d) = key {
+            self.index.keep_manifest(host, d, bytes);
+        }
+        Ok(())
+    }
+
+    fn put_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<u64, StoreError> {
+        let key = Key::Object(*digest);
+        if self.exists(host, &key)? {
+            return Ok(0);
+        }
+        let (l, k) = self.at(host, &key)?;
+        let full = format!("{}/{k}", l.bucket);
+        let content = format!("object:{}", digest.to_hex());
+        if self.copy_known(&content, &l.bucket, &k) {
+            self.index.learn(full, true);
+            return Ok(0);
+        }
+        // Read whole and checked before anything is sent: the engine never holds an object
+        // whose bytes are not its digest's.
+        let mut bytes = Vec::new();
+        let (actual, n) = open()
+            .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
+            .map_err(|source| StoreError::Io {
+                at: self.locate(host, &key),
+                source,
+            })?;
+        if actual != *digest {
+            return Err(StoreError::DigestMismatch(*digest));
+        }
+        self.client
+            .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
+            .map_err(s3_err)?;
+        self.remember(content, &l.bucket, &k);
+        self.index.learn(full, true);
+        Ok(n)
+    }
+
+    fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
+        if !matches!(key, Key::Cache(_)) {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let bytes = std::fs::read(pooled).map_err(|source| StoreError::Io {
+            at: pooled.to_owned(),
+            source,
+        })?;
+        let (l, k) = self.at(host, key)?;
+        // NAR names are their content's hash: the same size is the same file. A narinfo
+        // (small) may be re-signed under its name: compared whole.
+        let is_nar = !k.ends_with(".narinfo");
+        match self.client.head(&l.bucket, &k).map_err(s3_err)? {
+            Some(h) if is_nar && h.size == bytes.len() as u64 => return Ok(false),
+            Some(h) if h.size == bytes.len() as u64 => {
+                let limit = bytes.len() as u64;
+                if let Got::Body { bytes: there, .. } = self
+                    .client
+                    .get(&l.bucket, &k, limit, None)
+                    .map_err(s3_err)?
+                {
+                    if there == bytes {
+                        return Ok(false);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let content = format!("cache:{}", Digest::of(&bytes).to_hex());
+        if !self.copy_known(&content, &l.bucket, &k) {
+            self.client
+                .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
+                .map_err(s3_err)?;
+            self.remember(content, &l.bucket, &k);
+        }
+        Ok(true)
+    }
+
+    fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError> {
+        if key.host_written() || *key == Key::Current {
+            return Err(StoreError::WrongOperation(key.path()));
+        }
+        let (l, k) = self.at(host, key)?;
+        // Forgotten first: a delete that fails after the engine removed the key must not
+        // leave it "known present".
+        self.index.learn(format!("{}/{k}", l.bucket), false);
+        if let Key::Manifest(d) = key {
+            self.index.drop_manifest(host, d);
+        }
+        self.client.delete(&l.bucket, &k).map_err(s3_err)
+    }
+
+    fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+        let (l, k) = self.at(host, &Key::Current)?;
+        let full = format!("{}/{k}", l.bucket);
+        let cached = self.index.current(&full);
+        let got = self.client.get(
+            &l.bucket,
+            &k,
+            MAX_CURRENT_BYTES,
+            cached.as_ref().map(|(_, etag)| etag.as_str()),
+        );
+        match got {
+            Ok(Got::NotModified) => match cached {
+                Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),
+                None => Ok(None),
+            },
+            Ok(Got::Body { bytes, etag }) => {
+                // Without an ETag the bytes are the version (a compare by content).
+                let version = match etag {
+                    Some(e) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        self.index.set_current(&full, Some((text, e.clone())));
+                        e
+                    }
+                    None => String::from_utf8_lossy(&bytes).into(),
+                };
+                Ok(Some((bytes, Version(version))))
+            }
+            Ok(Got::NotFound) => {
+                self.index.set_current(&full, None);
+                Ok(None)
+            }
+            // A broken `current` longer than a line counts by its head.
+            Err(S3Error::TooLarge { .. }) => {
+                let mut out = Vec::new();
+                self.client
+                    .get_range(&l.bucket, &k, 0, MAX_CURRENT_BYTES, &mut out)
+                    .map_err(s3_err)?;
+                let head = self.client.head(&l.bucket, &k).map_err(s3_err)?;
+                let version = head.and_then(|h| h.etag).unwrap_or_default();
+                Ok(Some((out, Version(version))))
+            }
+            Err(e) => Err(s3_err(e)),
+        }
+    }
+
+    fn switch_current(
+        &self,
+        host: &HostName,
+        to: &Digest,
+        from: Option<&Version>,
+    ) -> Result<(), StoreError> {
+        let (l, k) = self.at(host, &Key::Current)?;
+        if self.cas() != Cas::Honoured {
+            // The engine may ignore the condition: compare first (under the publisher's
+            // lock), and send the condition anyway.
+            let now = self.current(host)?.map(|(_, v)| v);
+            if now.as_ref() != from {
+                return Err(StoreError::Raced { host: host.clone() });
+            }
+        }
+        let mode = match from {
+            None => PutMode::Create,
+            Some(v) => PutMode::Replace(&v.0),
+        };
+        let text = layout::current_text(to);
+        match self.client.put(&l.bucket, &k, text.as_bytes(), mode) {
+            Ok(etag) => {
+                let full = format!("{}/{k}", l.bucket);
+                self.index.set_current(&full, etag.map(|e| (text, e)));
+                Ok(())
+            }
+            Err(S3Error::PreconditionFailed { .. }) => {
+                Err(StoreError::Raced { host: host.clone() })
+            }
+            Err(e) => Err(s3_err(e)),
+        }
+    }
+
+    /// Nothing is shared inside the engine: a server-side copy is a copy.
+    fn collect_shared(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {
+        let l = self.logs_location(host)?;
+        let base = match dir {
+            None => l.list_prefix(),
+            Some(sub) => {
+                if sub.is_empty() || sub.contains('/') || sub.starts_with('.') {
+                    return Err(LogsError::BadName { name: sub.into() });
+                }
+                format!("{}{sub}/", l.list_prefix())
+            }
+        };
+        let at = format!("s3://{}/{base}", l.bucket);
+        let listed = self.client.list(&l.bucket, &base).map_err(logs_err(at))?;
+        let mut entries: Vec<LogEntry> = listed
+            .into_iter()
+            .filter_map(|e| {
+                let name = e.key.strip_prefix(&base)?;
+                // Deeper keys are a subdirectory's, listed with it.
+                (!name.is_empty() && !name.contains('/')).then(|| LogEntry {
+                    name: name.to_owned(),
+                    size: e.size,
+                    refused: None,
+                    modified: None,
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    fn read_log(
+        &self,
+        host: &HostName,
+        dir: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<u8>, LogsError> {
+        let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+        if !plain(name) || dir.is_some_and(|d| !plain(d)) {
+            return Err(LogsError::BadName { name: name.into() });
+        }
+        let l = self.logs_location(host)?;
+        let rel = dir.map_or_else(|| name.to_owned(), |d| format!("{d}/{name}"));
+        let key = l.key(&rel);
+        let at = format!("s3://{}/{key}", l.bucket);
+        match self
+            .client
+            .get(&l.bucket, &key, MAX_LOG_BYTES, None)
+            .map_err(logs_err(at.clone()))?
+        {
+            Got::Body { bytes, .. } => Ok(bytes),
+            Got::NotFound | Got::NotModified => Err(LogsError::Io {
+                path: PathBuf::from(at),
+                source: io::ErrorKind::NotFound.into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The publisher's index of an object store: what it put in the engine and saw there, kept
+//! in its local state, so an unchanged publish costs one conditional GET per host. Immutable
+//! keys (manifests, signatures, objects: named by their content) known present need no
+//! request, `current` is asked for with its last ETag, and a manifest is read from the
+//! publisher's own copy, checked against its digest.
+//!
+//! Invariant: the index only ever saves requests; it is never trusted for content (a copy
+//! that does not hash to its name is not used) and a key removed behind the publisher's back
+//! is found by the host (a 404, retried) and fixed by removing the index file, which makes
+//! the next publish check everything again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::protocol::layout::Chroot;
+use crate::protocol::manifest::Digest;
+use crate::protocol::HostName;
+use crate::sys::atomic;
+
+/// The index file in the publisher's state directory.
+pub const INDEX_FILE: &str = "s3-index.json";
+/// The publisher's copies of the manifests it put or read, per host, in its state.
+pub const MANIFESTS_DIR: &str = "s3-manifests";
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    /// The `[server] store` this index is of.
+    store: String,
+    /// `bucket/key` of immutable keys known present.
+    present: BTreeSet<String>,
+    /// `bucket/key` of each `current`: its text and ETag when last read or written.
+    current: BTreeMap<String, (String, String)>,
+}
+
+/// The index, loaded for one store.
+#[derive(Debug)]
+pub struct Index {
+    state: Chroot,
+    saved: Mutex<(Saved, bool)>,
+}
+
+impl Index {
+    /// The index `state` keeps for `store` (an empty one for another store or none).
+    pub fn load(state: &Chroot, store: &str) -> Self {
+        let saved = std::fs::read(state.state_dir().join(INDEX_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+            .filter(|i| i.store == store)
+            .unwrap_or_else(|| Saved {
+                store: store.to_owned(),
+                ..Saved::default()
+            });
+        Self {
+            state: state.clone(),
+            saved: Mutex::new((saved, false)),
+        }
+    }
+
+    /// Keeps the index for the next run (best effort: a lost index costs requests only).
+    pub fn save(&self) {
+        let saved = self.saved.lock().expect("not poisoned");
+        let dir = self.state.state_dir();
+        if !saved.1 || !dir.is_dir() {
+            return;
+        }
+        let path = dir.join(INDEX_FILE);
+        let bytes = serde_json::to_vec(&saved.0).expect("index serialises");
+        if let Err(e) = atomic::write_file(&path, &bytes, 0o600) {
+            tracing::warn!("cannot keep the S3 index {}: {e}", path.display());
+        }
+    }
+
+    pub fn known(&self, full: &str) -> bool {
+        self.saved
+            .lock()
+            .expect("not poisoned")
+            .0
+            .present
+            .contains(full)
+    }
+
+    pub fn learn(&self, full: String, present: bool) {
+        let mut saved = self.saved.lock().expect("not poisoned");
+        let changed = if present {
+            saved.0.present.insert(full)
+        } else {
+            saved.0.present.remove(&full)
+        };
+        saved.1 |= changed;
+    }
+
+    /// The text and ETag of `current` as last seen.
+    pub fn current(&self, full: &str) -> Option<(String, String)> {
+        self.saved
+            .lock()
+            .expect("not poisoned")
+            .0
+            .current
+            .get(full)
+            .cloned()
+    }
+
+    /// Records `current`'s text and ETag (`None`: not known, or gone).
+    pub fn set_current(&self, full: &str, seen: Option<(String, String)>) {
+        let mut saved = self.saved.lock().expect("not poisoned");
+        let before = match seen {
+            Some(entry) => saved.0.current.insert(full.to_owned(), entry.clone()) != Some(entry),
+            None => saved.0.current.remove(full).is_some(),
+        };
+        saved.1 |= before;
+    }
+
+    fn manifest_path(&self, host: &HostName, digest: &Digest) -> PathBuf {
+        self.state
+            .state_dir()
+            .join(MANIFESTS_DIR)
+            .join(host.as_str())
+            .join(format!("{}.json", digest.to_hex()))
+    }
+
+    /// The publisher's copy of a manifest, when it has one that hashes to its digest.
+    pub fn manifest(&self, host: &HostName, digest: &Digest, limit: u64) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.manifest_path(host, digest)).ok()?;
+        (Digest::of(&bytes) == *digest && bytes.len() as u64 <= limit).then_some(bytes)
+    }
+
+    /// Keeps a copy of a manifest that hashes to its digest (best effort).
+    pub fn keep_manifest(&self, host: &HostName, digest: &Digest, bytes: &[u8]) {
+        if Digest::of(bytes) != *digest {
+            return;
+        }
+        let path = self.manifest_path(host, digest);
+        if path
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        {
+            let _ = atomic::write_file(&path, bytes, 0o600);
+        }
+    }
+
+    pub fn drop_manifest(&self, host: &HostName, digest: &Digest) {
+        let _ = std::fs::remove_file(self.manifest_path(host, digest));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_is_kept_per_store_and_never_trusted_for_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let index = Index::load(&state, "s3://a");
+        index.learn("b/k".into(), true);
+        index.set_current("b/current", Some(("d\n".into(), "\"e1\"".into())));
+        let alpha = HostName::new("alpha").unwrap();
+        let d = Digest::of(b"manifest");
+        index.keep_manifest(&alpha, &d, b"manifest");
+        index.keep_manifest(&alpha, &Digest::of(b"x"), b"not x");
+        index.save();
+        let again = Index::load(&state, "s3://a");
+        assert!(again.known("b/k"));
+        assert_eq!(again.current("b/current").unwrap().1, "\"e1\"");
+        assert_eq!(again.manifest(&alpha, &d, 100).unwrap(), b"manifest");
+        assert!(again.manifest(&alpha, &Digest::of(b"x"), 100).is_none());
+        // A copy changed on disk is not used.
+        std::fs::write(again.manifest_path(&alpha, &d), b"tampered").unwrap();
+        assert!(again.manifest(&alpha, &d, 100).is_none());
+        // Another store's index is not this one's.
+        assert!(!Index::load(&state, "s3://other").known("b/k"));
+    }
+}
