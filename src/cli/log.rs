@@ -49,7 +49,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let rollbacks = crate::server::rollbacks::read(&chroot, &args.host);
+    let journal = crate::server::records::Journal::new(&crate::server::records::dir(&chroot));
+    let rollbacks = crate::server::records::rolled_back(&journal, &args.host);
     let history::History { runs, unexpected } =
         history::history(&*store, &args.host, args.count, &rollbacks)
             .with_context(|| format!("host {}", args.host))?;

@@ -93,11 +93,6 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         }
         match rollback::rollback_host(&*store, host, args.to.as_deref(), now, &numbering) {
             Ok(r) => {
-                // Advisory, for `bento log`'s KIND: a lost record only shows the run as a
-                // publish.
-                if let Err(e) = crate::server::rollbacks::record(&chroot, host, r.version) {
-                    tracing::warn!("{host}: cannot record the rollback for `bento log`: {e}");
-                }
                 if !args.json {
                     output::line(&format!(
                         "{host}  rolled back  {} → {} (the content of {}{})",

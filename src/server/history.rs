@@ -90,7 +90,7 @@ pub struct History {
 const MAX_UNEXPECTED_CHARS: usize = 80;
 
 /// The newest `limit` runs of `host`, newest first; a published run of one of `rollbacks`
-/// (`server::rollbacks`) is a rollback.
+/// (`server::records::rolled_back`, from the journal) is a rollback.
 pub fn runs(
     store: &dyn Store,
     host: &HostName,

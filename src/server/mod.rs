@@ -21,7 +21,6 @@ pub mod publish;
 pub mod records;
 // rollout (#13): selection, waves, remote trigger, waiting, server-side rollback.
 pub mod rollback;
-pub mod rollbacks;
 pub mod rollout;
 pub mod s3policy;
 pub mod select;

@@ -192,6 +192,7 @@ fn every_json_command_prints_one_json_document_when_it_fails() {
         ("build", vec!["build", "--fleet", nowhere]),
         ("diff", vec!["diff", "--fleet", nowhere]),
         ("flake-update", vec!["flake-update", "--fleet", nowhere]),
+        ("journal", vec!["journal", "--fleet", nowhere]),
         ("log", vec!["log", "alpha", "--fleet", nowhere]),
         ("publish", vec!["publish", "--fleet", nowhere]),
         ("rollback", vec!["rollback", "alpha", "--fleet", nowhere]),
@@ -203,6 +204,7 @@ fn every_json_command_prints_one_json_document_when_it_fails() {
         ),
         ("status", vec!["status", "--fleet", nowhere]),
         ("trigger", vec!["trigger", "--fleet", nowhere]),
+        ("versions", vec!["versions", "alpha", "--fleet", nowhere]),
     ];
     let mut covered: Vec<String> = cases.iter().map(|(n, _)| (*n).to_owned()).collect();
     covered.sort();

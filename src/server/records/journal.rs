@@ -89,6 +89,22 @@ impl Journal {
     }
 }
 
+/// The versions `bento rollback` made live on `host`, from the journal (for `bento log`'s
+/// KIND: a rollback's manifest is an earlier one's content and carries no mark of its own).
+/// An unreadable journal only makes rollbacks show as publishes.
+pub fn rolled_back(journal: &Journal, host: &HostName) -> std::collections::BTreeSet<Digest> {
+    let Ok((entries, _)) = journal.read() else {
+        return Default::default();
+    };
+    entries
+        .iter()
+        .filter(|e| e.action == "rollback")
+        .flat_map(|e| &e.hosts)
+        .filter(|h| h.host == *host && h.result == "rolled back")
+        .filter_map(|h| h.version)
+        .collect()
+}
+
 /// Who runs this command, for the journal.
 pub fn operator() -> String {
     ["SUDO_USER", "USER", "LOGNAME"]

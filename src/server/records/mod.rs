@@ -10,7 +10,7 @@ mod journal;
 use std::path::{Path, PathBuf};
 
 pub use holds::{Hold, Holds};
-pub use journal::{operator, Entry, Journal, JournalHost};
+pub use journal::{operator, rolled_back, Entry, Journal, JournalHost};
 
 use crate::protocol::layout::Chroot;
 use crate::protocol::HostName;
