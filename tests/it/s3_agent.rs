@@ -67,7 +67,7 @@ fn read(admin: &Client, key: &str) -> Option<Vec<u8>> {
 }
 
 /// Writes the host's credentials file, root-owned 0600 as the agent demands.
-fn credentials_file(path: &Path, c: &Credentials) {
+pub(crate) fn credentials_file(path: &Path, c: &Credentials) {
     fs::write(
         path,
         format!(
@@ -80,7 +80,7 @@ fn credentials_file(path: &Path, c: &Credentials) {
 }
 
 /// agent.toml pointing at the engine instead of sshd.
-fn s3_config(m: &Machine<'_>, endpoint: &str, creds: &Path, extra: &str) {
+pub(crate) fn s3_config(m: &Machine<'_>, endpoint: &str, creds: &Path, extra: &str) {
     let base = m.base.display();
     fs::write(
         m.config(),
