@@ -216,9 +216,9 @@ fn fleet_chroot_and_json_are_on_exactly_the_commands_that_use_them() {
         "server sshd-config",
         "server sync-accounts",
         "server check",
+        "server s3-policy",
         "host add",
         "agent-config",
-        "server s3-policy",
     ];
     assert_eq!(taking("fleet"), fleet_commands, "--fleet");
     // Of those, the ones that read the chroot.
