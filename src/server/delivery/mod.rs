@@ -4,6 +4,9 @@
 //! - **evaluation gate**: a `build_on = "host"` host whose content changed is instantiated
 //!   (not built) first; one that does not evaluate is held back, its error naming the fleet
 //!   repo's file and line;
+//! - **same system**: a host whose configuration tree changed (a flake directory is
+//!   copied whole) but whose evaluated `.drv`, files and settings equal the live
+//!   version's keeps its live version (`unchanged`, reason `same system`);
 //! - **no churn**: a host's `system` is settled against its live manifest, so publishing the
 //!   same tree with and without `--build` gives no host a new version (`settle_system`);
 //! - **prebuilt delivery**: a `build_on = "server"` host's system is built here and its
@@ -25,6 +28,7 @@ use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
 use crate::server::publish::{live_version, HostPlan, HostReport, PublishError, Status};
+use crate::server::records;
 use crate::server::store::Store;
 
 pub use cache::{CacheError, CacheKey};
@@ -68,6 +72,25 @@ pub fn same_except_system(live: &Manifest, new: &Manifest) -> bool {
     let mut probe = new.clone();
     probe.system = live.system.clone();
     live.same_content(&probe)
+}
+
+/// The `reason` of a host kept at its live version because what it would run is the same.
+pub const SAME_SYSTEM: &str = "same system";
+
+/// Equal files and settings (`bento-host.json`), whatever the rest of the configuration
+/// tree says: what, besides the evaluated system, a host would run differently.
+pub fn same_but_tree(live: &Manifest, new: &Manifest) -> bool {
+    let settings = |m: &Manifest| {
+        m.config
+            .iter()
+            .find(|e| e.path().as_str() == crate::protocol::settings::FILE)
+            .cloned()
+    };
+    live.format == new.format
+        && live.host == new.host
+        && live.build == new.build
+        && live.files == new.files
+        && settings(live) == settings(new)
 }
 
 /// The delivery work of one publish run.
@@ -164,6 +187,7 @@ impl<'a> FleetDelivery<'a> {
             new_objects: 0,
             bytes: 0,
             error: Some(error),
+            reason: None,
             warnings: Vec::new(),
         }
     }
@@ -191,6 +215,7 @@ impl<'a> FleetDelivery<'a> {
                     let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not evaluate", f))?;
                     self.refuse_leaks(store, &plan, &[&drv])?;
+                    self.same_system(store, chroot, live.as_ref(), &plan, &drv)?;
                 }
             }
             BuildOn::Server => {
@@ -214,6 +239,52 @@ impl<'a> FleetDelivery<'a> {
         }
         plan.manifest.system = settle_system(build_on, live.as_ref(), &plan.manifest);
         Ok((plan, build_on == BuildOn::Server))
+    }
+
+    /// Keeps the live version of a host whose configuration tree changed but whose
+    /// evaluated system, files and settings did not (a file only another host of its flake
+    /// directory imports): `Err` with its `unchanged (same system)` report. Otherwise
+    /// records what this configuration evaluated to, for the next publish to compare.
+    fn same_system(
+        &self,
+        store: &dyn Store,
+        chroot: &Chroot,
+        live: Option<&Manifest>,
+        plan: &HostPlan,
+        drv: &StorePath,
+    ) -> Result<(), Box<HostReport>> {
+        let systems = records::Systems::new(&records::dir(chroot));
+        if let Some(live) = live.filter(|l| same_but_tree(l, &plan.manifest)) {
+            let live_key = record::content_key(live.build, &live.config);
+            if systems.drv_for(&plan.host, &live_key).as_deref() == Some(drv.as_str()) {
+                tracing::info!(
+                    "{}: configuration changed, system did not ({drv})",
+                    plan.host
+                );
+                return Err(Box::new(HostReport {
+                    host: plan.host.clone(),
+                    status: Status::Unchanged,
+                    digest: live_version(store, &plan.host).map(|(d, _)| d),
+                    config_entries: live.config.len(),
+                    files: live.files.len(),
+                    objects: live.objects().len(),
+                    new_objects: 0,
+                    bytes: 0,
+                    error: None,
+                    reason: Some(SAME_SYSTEM.to_owned()),
+                    warnings: Vec::new(),
+                }));
+            }
+        }
+        let rec = records::SystemRecord {
+            key: record::content_key(plan.manifest.build, &plan.manifest.config),
+            drv: drv.as_str().to_owned(),
+        };
+        if let Err(e) = systems.put(&plan.host, &rec) {
+            // Without the record the next publish of this tree counts as changed: no harm.
+            tracing::warn!("{}: cannot record its evaluated system: {e}", plan.host);
+        }
+        Ok(())
     }
 
     /// What a server build made, as `bento build` records it (for `bento status` and `diff`).
@@ -359,6 +430,7 @@ pub fn not_built(store: &dyn Store, b: &crate::server::build::HostBuild) -> Host
             "does not build: {}",
             b.error.as_deref().unwrap_or("no error message")
         )),
+        reason: None,
         warnings: Vec::new(),
     }
 }

@@ -142,6 +142,7 @@ pub fn publish_host(
         new_objects,
         bytes,
         error: None,
+        reason: None,
         warnings: Vec::new(),
     };
 
