@@ -4,9 +4,10 @@
 //! - **evaluation gate**: a `build_on = "host"` host whose content changed is instantiated
 //!   (not built) first; one that does not evaluate is held back, its error naming the fleet
 //!   repo's file and line;
-//! - **same system**: a host whose configuration tree changed (a flake directory is
-//!   copied whole) but whose evaluated `.drv`, files and settings equal the live
-//!   version's keeps its live version (`unchanged`, reason `same system`);
+//! - **same system**: a flake host whose configuration tree changed (a flake directory is
+//!   copied whole, for each of its hosts) but whose evaluated `.drv`, files and settings equal the live
+//!   version's keeps its live version (`unchanged`, reason `same system`), once the
+//!   tree passed publish's refusals (`HostPlan::keep_live`);
 //! - **no churn**: a host's `system` is settled against its live manifest, so publishing the
 //!   same tree with and without `--build` gives no host a new version (`settle_system`);
 //! - **prebuilt delivery**: a `build_on = "server"` host's system is built here and its
@@ -23,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::nix::{Nix, StorePath};
 use crate::protocol::layout::Chroot;
-use crate::protocol::manifest::Manifest;
+use crate::protocol::manifest::{Build, Manifest};
 use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
@@ -215,7 +216,9 @@ impl<'a> FleetDelivery<'a> {
                     let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not evaluate", f))?;
                     self.refuse_leaks(store, &plan, &[&drv])?;
-                    self.same_system(store, chroot, live.as_ref(), &plan, &drv)?;
+                    if self.same_system(chroot, live.as_ref(), &plan, &drv) {
+                        plan.keep_live = Some(SAME_SYSTEM.to_owned());
+                    }
                 }
             }
             BuildOn::Server => {
@@ -241,39 +244,29 @@ impl<'a> FleetDelivery<'a> {
         Ok((plan, build_on == BuildOn::Server))
     }
 
-    /// Keeps the live version of a host whose configuration tree changed but whose
-    /// evaluated system, files and settings did not (a file only another host of its flake
-    /// directory imports): `Err` with its `unchanged (same system)` report. Otherwise
-    /// records what this configuration evaluated to, for the next publish to compare.
+    /// Whether a host whose configuration tree changed runs the same as its live version:
+    /// its evaluated system, files and settings are the live version's (a file only
+    /// another host of its flake directory imports changed). Otherwise records what this
+    /// configuration evaluated to, for the next publish to compare.
     fn same_system(
         &self,
-        store: &dyn Store,
         chroot: &Chroot,
         live: Option<&Manifest>,
         plan: &HostPlan,
         drv: &StorePath,
-    ) -> Result<(), Box<HostReport>> {
+    ) -> bool {
         let systems = records::Systems::new(&records::dir(chroot));
-        if let Some(live) = live.filter(|l| same_but_tree(l, &plan.manifest)) {
+        // Only a flake directory is shared by hosts; a classic host's directory is its own,
+        // and a change there is meant for it.
+        let shared = plan.manifest.build == Build::Flake;
+        if let Some(live) = live.filter(|l| shared && same_but_tree(l, &plan.manifest)) {
             let live_key = record::content_key(live.build, &live.config);
             if systems.drv_for(&plan.host, &live_key).as_deref() == Some(drv.as_str()) {
                 tracing::info!(
                     "{}: configuration changed, system did not ({drv})",
                     plan.host
                 );
-                return Err(Box::new(HostReport {
-                    host: plan.host.clone(),
-                    status: Status::Unchanged,
-                    digest: live_version(store, &plan.host).map(|(d, _)| d),
-                    config_entries: live.config.len(),
-                    files: live.files.len(),
-                    objects: live.objects().len(),
-                    new_objects: 0,
-                    bytes: 0,
-                    error: None,
-                    reason: Some(SAME_SYSTEM.to_owned()),
-                    warnings: Vec::new(),
-                }));
+                return true;
             }
         }
         let rec = records::SystemRecord {
@@ -284,7 +277,7 @@ impl<'a> FleetDelivery<'a> {
             // Without the record the next publish of this tree counts as changed: no harm.
             tracing::warn!("{}: cannot record its evaluated system: {e}", plan.host);
         }
-        Ok(())
+        false
     }
 
     /// What a server build made, as `bento build` records it (for `bento status` and `diff`).

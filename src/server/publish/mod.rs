@@ -80,6 +80,9 @@ pub struct HostPlan {
     pub host: HostName,
     pub manifest: Manifest,
     pub sources: BTreeMap<Digest, hostfiles::Source>,
+    /// Set by delivery when this new tree changes nothing the host would run (`same
+    /// system`): the live version stays, once the tree passed every refusal.
+    pub keep_live: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -197,6 +200,7 @@ pub fn plan(
                 host: s.name.clone(),
                 manifest,
                 sources: content.sources,
+                keep_live: None,
             })
         })
         .collect()
