@@ -422,7 +422,10 @@ pub fn format_line(r: &HostReport, width: usize) -> String {
         .digest
         .map(|d| d.short())
         .unwrap_or_else(|| "-".repeat(12));
-    let status = status_word(r.status);
+    let status = match &r.reason {
+        Some(why) => format!("{} ({why})", status_word(r.status)),
+        None => status_word(r.status).to_owned(),
+    };
     let detail = match (&r.error, r.status) {
         (Some(e), _) => e.clone(),
         (None, Status::Published) => format!(

@@ -160,6 +160,7 @@ pub fn plan(target: &Kept, now: SystemTime) -> HostPlan {
         manifest,
         // Every object is in the host's objects/ already: publish_host links none.
         sources: BTreeMap::new(),
+        keep_live: None,
     }
 }
 
@@ -255,6 +256,7 @@ mod tests {
             sources: [(sha, crate::server::hostfiles::Source::Bytes(bytes))]
                 .into_iter()
                 .collect(),
+            keep_live: None,
         };
         publish::publish_host(store, &plan, &Default::default())
             .unwrap()

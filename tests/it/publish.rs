@@ -227,7 +227,8 @@ fn changing_a_common_module_republishes_exactly_its_users() {
         assert_eq!(r["new_objects"], 1, "{r}");
     }
 
-    // A change inside one host's own directory touches only that host.
+    // A change inside one host's own directory touches only that host: its flake sibling
+    // evaluates to the same system and keeps its version.
     env.fleet.write(
         "hosts/multi/machines/beta.nix",
         "{ hostName = \"beta\"; payload = \"x\"; }\n",
@@ -236,12 +237,66 @@ fn changing_a_common_module_republishes_exactly_its_users() {
     assert_eq!(
         statuses(&reports),
         pairs(&[
-            ("alpha", "published"),
+            ("alpha", "unchanged"),
             ("beta", "published"),
             ("classic1", "unchanged"),
             ("lonely", "unchanged")
         ])
     );
+}
+
+#[test]
+fn a_file_only_one_flake_host_imports_gives_only_that_host_a_new_version() {
+    let env = Env::new();
+    env.publish_json();
+    let alpha_before = env.manifest("alpha");
+    let beta_before = env.manifest("beta");
+
+    env.fleet.write(
+        "hosts/multi/machines/beta.nix",
+        "{ hostName = \"beta\"; payload = \"only beta\"; }\n",
+    );
+    let (code, stdout, stderr) = run_publish(&env, &[]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "alpha").contains("unchanged (same system)"),
+        "{stdout}"
+    );
+    assert!(line_of(&stdout, "beta").contains("published"), "{stdout}");
+    // alpha's live version is untouched: same manifest, same serial.
+    assert_eq!(env.manifest("alpha").digest(), alpha_before.digest());
+    let beta = env.manifest("beta");
+    assert_eq!(beta.serial, beta_before.serial + 1);
+
+    // Another change for beta: `--json` gives alpha's reason; a host whose tree did not
+    // change at all has none.
+    env.fleet.write(
+        "hosts/multi/machines/beta.nix",
+        "{ hostName = \"beta\"; payload = \"beta again\"; }\n",
+    );
+    let reports = env.publish_json();
+    assert_eq!(
+        statuses(&reports),
+        pairs(&[
+            ("alpha", "unchanged"),
+            ("beta", "published"),
+            ("classic1", "unchanged")
+        ])
+    );
+    assert_eq!(reports[0]["reason"], "same system", "{}", reports[0]);
+    assert!(reports[2].get("reason").is_none(), "{}", reports[2]);
+    assert_eq!(env.manifest("alpha").digest(), alpha_before.digest());
+
+    // A change to what alpha runs still publishes it.
+    env.fleet.write(
+        "hosts/multi/machines/alpha.nix",
+        "{ hostName = \"alpha\"; payload = \"now alpha\"; }\n",
+    );
+    let reports = env.publish_json();
+    assert_eq!(reports[0]["status"], "published", "{}", reports[0]);
+    assert_eq!(reports[1]["status"], "unchanged", "{}", reports[1]);
+    assert_eq!(reports[1]["reason"], "same system", "{}", reports[1]);
+    assert_eq!(env.manifest("alpha").serial, alpha_before.serial + 1);
 }
 
 #[test]

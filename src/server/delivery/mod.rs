@@ -4,6 +4,10 @@
 //! - **evaluation gate**: a `build_on = "host"` host whose content changed is instantiated
 //!   (not built) first; one that does not evaluate is held back, its error naming the fleet
 //!   repo's file and line;
+//! - **same system**: a flake host whose configuration tree changed (a flake directory is
+//!   copied whole, for each of its hosts) but whose evaluated `.drv`, files and settings equal the live
+//!   version's keeps its live version (`unchanged`, reason `same system`), once the
+//!   tree passed publish's refusals (`HostPlan::keep_live`);
 //! - **no churn**: a host's `system` is settled against its live manifest, so publishing the
 //!   same tree with and without `--build` gives no host a new version (`settle_system`);
 //! - **prebuilt delivery**: a `build_on = "server"` host's system is built here and its
@@ -20,11 +24,12 @@ use rayon::prelude::*;
 
 use crate::nix::{Nix, StorePath};
 use crate::protocol::layout::Chroot;
-use crate::protocol::manifest::Manifest;
+use crate::protocol::manifest::{Build, Manifest};
 use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
 use crate::server::publish::{live_version, HostPlan, HostReport, PublishError, Status};
+use crate::server::records;
 use crate::server::store::Store;
 
 pub use cache::{CacheError, CacheKey};
@@ -68,6 +73,25 @@ pub fn same_except_system(live: &Manifest, new: &Manifest) -> bool {
     let mut probe = new.clone();
     probe.system = live.system.clone();
     live.same_content(&probe)
+}
+
+/// The `reason` of a host kept at its live version because what it would run is the same.
+pub const SAME_SYSTEM: &str = "same system";
+
+/// Equal files and settings (`bento-host.json`), whatever the rest of the configuration
+/// tree says: what, besides the evaluated system, a host would run differently.
+pub fn same_but_tree(live: &Manifest, new: &Manifest) -> bool {
+    let settings = |m: &Manifest| {
+        m.config
+            .iter()
+            .find(|e| e.path().as_str() == crate::protocol::settings::FILE)
+            .cloned()
+    };
+    live.format == new.format
+        && live.host == new.host
+        && live.build == new.build
+        && live.files == new.files
+        && settings(live) == settings(new)
 }
 
 /// The delivery work of one publish run.
@@ -164,6 +188,7 @@ impl<'a> FleetDelivery<'a> {
             new_objects: 0,
             bytes: 0,
             error: Some(error),
+            reason: None,
             warnings: Vec::new(),
         }
     }
@@ -191,6 +216,9 @@ impl<'a> FleetDelivery<'a> {
                     let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not evaluate", f))?;
                     self.refuse_leaks(store, &plan, &[&drv])?;
+                    if self.same_system(chroot, live.as_ref(), &plan, &drv) {
+                        plan.keep_live = Some(SAME_SYSTEM.to_owned());
+                    }
                 }
             }
             BuildOn::Server => {
@@ -214,6 +242,42 @@ impl<'a> FleetDelivery<'a> {
         }
         plan.manifest.system = settle_system(build_on, live.as_ref(), &plan.manifest);
         Ok((plan, build_on == BuildOn::Server))
+    }
+
+    /// Whether a host whose configuration tree changed runs the same as its live version:
+    /// its evaluated system, files and settings are the live version's (a file only
+    /// another host of its flake directory imports changed). Otherwise records what this
+    /// configuration evaluated to, for the next publish to compare.
+    fn same_system(
+        &self,
+        chroot: &Chroot,
+        live: Option<&Manifest>,
+        plan: &HostPlan,
+        drv: &StorePath,
+    ) -> bool {
+        let systems = records::Systems::new(&records::dir(chroot));
+        // Only a flake directory is shared by hosts; a classic host's directory is its own,
+        // and a change there is meant for it.
+        let shared = plan.manifest.build == Build::Flake;
+        if let Some(live) = live.filter(|l| shared && same_but_tree(l, &plan.manifest)) {
+            let live_key = record::content_key(live.build, &live.config);
+            if systems.drv_for(&plan.host, &live_key).as_deref() == Some(drv.as_str()) {
+                tracing::info!(
+                    "{}: configuration changed, system did not ({drv})",
+                    plan.host
+                );
+                return true;
+            }
+        }
+        let rec = records::SystemRecord {
+            key: record::content_key(plan.manifest.build, &plan.manifest.config),
+            drv: drv.as_str().to_owned(),
+        };
+        if let Err(e) = systems.put(&plan.host, &rec) {
+            // Without the record the next publish of this tree counts as changed: no harm.
+            tracing::warn!("{}: cannot record its evaluated system: {e}", plan.host);
+        }
+        false
     }
 
     /// What a server build made, as `bento build` records it (for `bento status` and `diff`).
@@ -359,6 +423,7 @@ pub fn not_built(store: &dyn Store, b: &crate::server::build::HostBuild) -> Host
             "does not build: {}",
             b.error.as_deref().unwrap_or("no error message")
         )),
+        reason: None,
         warnings: Vec::new(),
     }
 }

@@ -114,6 +114,22 @@ pub fn publish_host(
     let (live, token) = read_live(store, host)?;
     // The new version's serial: above every serial the publisher can prove, so hosts order
     // versions without trusting clocks (server::publish::serial).
+    // `--serial-floor` renumbers the live version: it is not kept as it is.
+    if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
+        return Ok(HostReport {
+            host: host.clone(),
+            status: Status::Unchanged,
+            digest: Some(*digest),
+            config_entries: live.config.len(),
+            files: live.files.len(),
+            objects: live.objects().len(),
+            new_objects: 0,
+            bytes: 0,
+            error: None,
+            reason: Some(why.clone()),
+            warnings: Vec::new(),
+        });
+    }
     let next = super::serial::next(store, host, live.as_ref(), numbering)?;
     let mut numbered = plan.manifest.clone();
     numbered.serial = next.serial;
@@ -142,6 +158,7 @@ pub fn publish_host(
         new_objects,
         bytes,
         error: None,
+        reason: None,
         warnings: Vec::new(),
     };
 

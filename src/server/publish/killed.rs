@@ -54,6 +54,7 @@ fn plan(host: &str, files: &[(&str, &str)], secs: u64) -> HostPlan {
         host: name(host),
         manifest,
         sources,
+        keep_live: None,
     }
 }
 

@@ -80,6 +80,9 @@ pub struct HostPlan {
     pub host: HostName,
     pub manifest: Manifest,
     pub sources: BTreeMap<Digest, hostfiles::Source>,
+    /// Set by delivery when this new tree changes nothing the host would run (`same
+    /// system`): the live version stays, once the tree passed every refusal.
+    pub keep_live: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -104,6 +107,10 @@ pub struct HostReport {
     /// Bytes written into the chroot and pool by this run.
     pub bytes: u64,
     pub error: Option<String>,
+    /// Why an `unchanged` host is, when its configuration changed: `same system` (its
+    /// evaluated system, files and settings are those of the live version).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// What publish went on with but the user should fix, each saying what to do (a
     /// clock behind the live version's, a file outside `files/<host>/`, …).
     pub warnings: Vec<String>,
@@ -126,6 +133,7 @@ impl HostReport {
             new_objects: 0,
             bytes: 0,
             error: Some(error),
+            reason: None,
             warnings: Vec::new(),
         }
     }
@@ -192,6 +200,7 @@ pub fn plan(
                 host: s.name.clone(),
                 manifest,
                 sources: content.sources,
+                keep_live: None,
             })
         })
         .collect()
@@ -411,6 +420,7 @@ pub fn run(
                     new_objects: 0,
                     bytes: 0,
                     error: Some(host_error(&fleet.config, &p.host, e)),
+                    reason: None,
                     warnings: Vec::new(),
                 });
             (opts.on_host)(&r);

@@ -233,6 +233,7 @@ mod tests {
             host: web(),
             manifest,
             sources: BTreeMap::from([(sha, crate::server::hostfiles::Source::Bytes(bytes))]),
+            keep_live: None,
         }
     }
 

@@ -1,16 +1,19 @@
 //! The publisher's own records, kept outside the served tree where no host account can
 //! write: the highest serial numbered per host (`serials/<host>`), rollback holds
-//! (`holds/<host>.json`) and the journal (`journal.jsonl`). One function says where
+//! (`holds/<host>.json`), the journal (`journal.jsonl`) and the system each host's
+//! configuration evaluated to (`systems/<host>.json`). One function says where
 //! they live ([`dir`]), so the place can move (an object-store fleet keeps them elsewhere)
-//! without touching what reads and writes them. A record only ever grows.
+//! without touching what reads and writes them. A serial record only ever grows.
 
 mod holds;
 mod journal;
+mod systems;
 
 use std::path::{Path, PathBuf};
 
 pub use holds::{Hold, Holds};
 pub use journal::{operator, rolled_back, Entry, Journal, JournalHost};
+pub use systems::{SystemRecord, Systems};
 
 use crate::protocol::layout::Chroot;
 use crate::protocol::HostName;
