@@ -414,7 +414,9 @@ api_bind_addr = "127.0.0.1:{admin}"
             bin,
             endpoint: format!("http://127.0.0.1:{s3}"),
         };
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", node.as_str()]);
+        // `node id` reads the node's key from disk and can answer before the RPC port
+        // listens: the first command that needs the server is retried until it does.
+        g.cli_when_ready(&["layout", "assign", "-z", "dc1", "-c", "1G", node.as_str()]);
         g.cli(&["layout", "apply", "--version", "1"]);
         g
     }
