@@ -56,9 +56,6 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
     if hosts.is_empty() {
         anyhow::bail!("name the hosts to roll back (HOST… or --on SELECTOR)");
     }
-    if args.release {
-        return release(&chroot, &hosts, args.json);
-    }
     if args.to.is_some() && hosts.len() > 1 {
         anyhow::bail!(
             "--to names one host's version; roll back {} one at a time",
@@ -66,9 +63,9 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let store = super::select::store_of(&fleet, &chroot)?;
-    let signer = publish::load_signer(&fleet)?;
     let lock_path = chroot.lock_path();
-    // The publish lock: a rollback never interleaves with a publish of the same host.
+    // The publish lock: a rollback or a release never interleaves with a publish, which reads
+    // and rewrites the same holds.
     let _lock = publish::open_store(&*store, || {
         output::note(&format!(
             "another publish holds {}; waiting",
@@ -76,6 +73,10 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         ))
     })
     .with_context(|| format!("opening {}", chroot.root.display()))?;
+    if args.release {
+        return release(&chroot, &hosts, args.json);
+    }
+    let signer = publish::load_signer(&fleet)?;
     let now = SystemTime::now();
     let serials = crate::server::records::Serials::new(&crate::server::records::dir(&chroot));
     let numbering = publish::Numbering {

@@ -176,9 +176,15 @@ impl Guard {
         }
         let path = chroot.state_dir().join(SCAN_CACHE);
         let Ok(clean) = self.clean.lock() else { return };
+        // Paths Nix has collected since are dropped, so the file tracks the store instead of
+        // growing with every system ever published.
         let file = CacheFile {
             needles: self.needles.digest.clone(),
-            clean: clean.clone(),
+            clean: clean
+                .iter()
+                .filter(|p| Path::new(p.as_str()).exists())
+                .cloned()
+                .collect(),
         };
         let bytes = serde_json::to_vec(&file).expect("serialises");
         if let Err(e) = atomic::write_file(&path, &bytes, 0o600) {
@@ -276,5 +282,28 @@ mod tests {
         // Other keys, other digest: remembered clean paths do not carry over.
         let n2 = Needles::from_files(&[&ssh]).unwrap();
         assert_ne!(n.digest, n2.digest);
+    }
+
+    #[test]
+    fn remembered_clean_paths_forget_what_left_the_store() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("key");
+        fs::write(&key, "bento-1:c2VjcmV0LWtleS1ieXRlcy1mb3ItdGVzdHM=\n").unwrap();
+        let chroot = Chroot::new(tmp.path().join("chroot"));
+        fs::create_dir_all(chroot.state_dir()).unwrap();
+        let kept = tmp.path().join("kept-path");
+        fs::write(&kept, "x").unwrap();
+        let collected = tmp.path().join("collected-path");
+
+        let guard = Guard::new(Needles::from_files(&[&key]).unwrap());
+        for p in [&kept, &collected] {
+            guard.clean.lock().unwrap().insert(p.display().to_string());
+        }
+        guard.save(&chroot);
+
+        let again = Guard::new(Needles::from_files(&[&key]).unwrap());
+        again.load(&chroot);
+        assert!(again.is_clean(&kept.display().to_string()));
+        assert!(!again.is_clean(&collected.display().to_string()));
     }
 }
