@@ -136,6 +136,16 @@ impl<'a> Machine<'a> {
         self.sshd.host_dir(&self.host).join("logs")
     }
 
+    /// The reports this machine has spooled (not yet delivered), as text.
+    pub(crate) fn spooled(&self) -> Vec<String> {
+        json_texts(&self.base.join("state/spool"))
+    }
+
+    /// The reports the server has received from this machine, as text.
+    pub(crate) fn delivered(&self) -> Vec<String> {
+        json_texts(&self.logs().join("reports"))
+    }
+
     pub(crate) fn latest_report(&self) -> Report {
         Report::parse(&fs::read(self.logs().join("latest.json")).expect("latest.json delivered"))
             .unwrap()
@@ -783,4 +793,16 @@ fn agent_status_shows_the_local_view() {
         text.contains(&format!("success of version {}", live.short())),
         "{text}"
     );
+}
+
+/// The `.json` files of `dir` as text (none when `dir` does not exist).
+fn json_texts(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .map(|e| fs::read_to_string(e.path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -465,12 +465,7 @@ fn a_server_that_stops_answering_mid_download_does_not_wedge_the_agent() {
     assert_ne!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("server stalled"), "{}", text(&out));
-    let spooled: Vec<String> = std::fs::read_dir(m.base.join("state/spool"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
+    let spooled = m.spooled();
     assert!(
         spooled.iter().any(|r| r.contains("server stalled")),
         "{spooled:?}"
@@ -481,12 +476,7 @@ fn a_server_that_stops_answering_mid_download_does_not_wedge_the_agent() {
     relay.stall(false);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
-    let delivered: Vec<String> = std::fs::read_dir(m.logs().join("reports"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
+    let delivered = m.delivered();
     assert!(
         delivered.iter().any(|r| r.contains("server stalled")),
         "{delivered:?}"

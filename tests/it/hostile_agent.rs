@@ -21,18 +21,6 @@ pub(crate) fn noise(n: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The reports a machine spooled (not yet delivered), as text.
-fn spooled(m: &Machine<'_>) -> Vec<String> {
-    std::fs::read_dir(m.base.join("state/spool"))
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                .map(|e| std::fs::read_to_string(e.path()).unwrap())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Issue #23 note 17: on a link that silently drops everything, ssh's own keep-alive may end
 /// the connection before `stall_timeout` does; the run then ended "interrupted: read/flush
 /// task failed" and no report said the server had stalled. With `stall_timeout = 12s` ssh
@@ -72,7 +60,7 @@ fn a_stall_ended_by_ssh_keepalive_is_reported_as_a_stall() {
         "ssh's keep-alive ended it, and it is called a stall: {}",
         text(&out)
     );
-    let spooled = spooled(&m);
+    let spooled = m.spooled();
     assert!(
         spooled.iter().any(|r| r.contains("server stalled")),
         "{spooled:?}"
@@ -81,12 +69,7 @@ fn a_stall_ended_by_ssh_keepalive_is_reported_as_a_stall() {
     relay.stall(false);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
-    let delivered: Vec<String> = std::fs::read_dir(m.logs().join("reports"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
+    let delivered = m.delivered();
     assert!(
         delivered.iter().any(|r| r.contains("server stalled")),
         "{delivered:?}"
