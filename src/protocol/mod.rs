@@ -10,6 +10,8 @@ pub mod manifest;
 pub mod name;
 /// Binary-cache metadata for `build_on = "server"` hosts (issue #12).
 pub mod narinfo;
+/// Manifest format 2's packs of small objects, read by range (issue #26).
+pub mod pack;
 pub mod report;
 // Encrypted `files` entries (age): shared by publish, the agent and `bento secret`.
 pub mod secret;
@@ -17,6 +19,8 @@ pub mod settings;
 pub mod signing;
 pub mod store_path;
 pub mod time;
+/// Manifest format 2's content-addressed directory trees (issue #26).
+pub mod tree;
 
 pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
 pub use settings::Mode;
