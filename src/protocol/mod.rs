@@ -18,7 +18,7 @@ pub mod signing;
 pub mod store_path;
 pub mod time;
 
-pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use name::{account_name, check_group, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
 pub use settings::Mode;
 pub use store_path::StorePath;
 pub use time::Timestamp;
