@@ -126,7 +126,11 @@ mod tests {
             assert_eq!(check_group(ok), Ok(()), "{ok}");
         }
         for bad in ["", "9b", "-b", "Bento", "b.c", "b c", "b$", &"g".repeat(32)] {
-            assert_eq!(check_group(bad), Err(NameError::Group(bad.to_owned())), "{bad}");
+            assert_eq!(
+                check_group(bad),
+                Err(NameError::Group(bad.to_owned())),
+                "{bad}"
+            );
         }
     }
 

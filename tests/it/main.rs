@@ -34,3 +34,4 @@ mod signing;
 mod skew;
 mod status;
 mod substitute;
+mod two_fleets;

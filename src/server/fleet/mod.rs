@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::protocol::{account_name, check_group, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use crate::protocol::{
+    account_name, check_group, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN,
+};
 pub use delivery::{BuildOn, Defaults};
 pub use discover::{
     discover, discover_each, materialize, select, undefined_message, BrokenDir, DiscoverError,
@@ -438,12 +440,17 @@ mod tests {
     fn the_group_is_a_group_name_and_no_hosts_account() {
         let c = parse("[server]\ngroup = \"fleet_b\"\n").unwrap();
         assert_eq!(c.server.group, "fleet_b");
-        let err = parse("[server]\ngroup = \"Fleet B\"\n").unwrap_err().to_string();
+        let err = parse("[server]\ngroup = \"Fleet B\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid group \"Fleet B\""), "{err}");
         let err = parse("[server]\ngroup = \"bento-web\"\n[hosts.web]\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("host web") && err.contains("another group"), "{err}");
+        assert!(
+            err.contains("host web") && err.contains("another group"),
+            "{err}"
+        );
     }
 
     #[test]

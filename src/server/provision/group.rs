@@ -216,12 +216,7 @@ mod tests {
             .iter()
             .map(|(p, m)| (PathBuf::from(p), m.to_string()))
             .collect();
-        move |p: &Path| {
-            marked
-                .iter()
-                .find(|(q, _)| q == p)
-                .map(|(_, m)| m.clone())
-        }
+        move |p: &Path| marked.iter().find(|(q, _)| q == p).map(|(_, m)| m.clone())
     }
 
     #[test]
@@ -286,8 +281,9 @@ mod tests {
 
     #[test]
     fn passwd_lines() {
-        let a = passwd_line("bento-web:x:998:997:bento host account:/srv/bento/web:/usr/sbin/nologin")
-            .unwrap();
+        let a =
+            passwd_line("bento-web:x:998:997:bento host account:/srv/bento/web:/usr/sbin/nologin")
+                .unwrap();
         assert_eq!(
             (a.name.as_str(), a.uid, a.gid, a.home.as_str()),
             ("bento-web", 998, 997, "/srv/bento/web")

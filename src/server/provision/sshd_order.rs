@@ -156,7 +156,10 @@ mod tests {
         assert!(problems[0].contains("00-bento.conf"), "{}", problems[0]);
         // First drop-in: nothing before it.
         fs::rename(d.join("20-bento.conf"), d.join("00-bento.conf")).unwrap();
-        assert_eq!(earlier_matches(&main, "bento-", "bento"), Vec::<String>::new());
+        assert_eq!(
+            earlier_matches(&main, "bento-", "bento"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
