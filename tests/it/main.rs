@@ -23,6 +23,7 @@ mod nixos;
 mod page;
 mod plaintext;
 mod publish;
+mod quickstart;
 mod restore;
 mod rollout;
 mod s3;

@@ -406,9 +406,7 @@ fn prune_accounts(
         let Some(rest) = account.strip_prefix(prefix.as_str()) else {
             continue;
         };
-        let in_group = system::groups_of(&account)?
-            .iter()
-            .any(|g| *g == config.server.group);
+        let in_group = system::groups_of(&account)?.contains(&config.server.group);
         if wanted.contains(&account) || !in_group {
             continue;
         }
