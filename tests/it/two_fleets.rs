@@ -164,6 +164,39 @@ fn a_second_fleet_needs_its_own_group_and_then_shares_the_sshd_jailed() {
         .unwrap()
         .is_none());
     assert!(!second.chroot().join("h1").exists());
+    // `host add` as root (the chroot is on this machine) refuses the same way, and leaves
+    // bento.toml as it was.
+    fs::create_dir_all(second.chroot()).unwrap();
+    let toml_before = fs::read(second.fleet().join("bento.toml")).unwrap();
+    let h2_key = second.dir.join("h2_key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&h2_key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = bento()
+        .args(["host", "add", "h2", "--key-file"])
+        .arg(h2_key.with_extension("pub"))
+        .arg("--fleet")
+        .arg(second.fleet())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "group {} already holds account {} of another fleet",
+            first.group,
+            first.account("h1")
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        fs::read(second.fleet().join("bento.toml")).unwrap(),
+        toml_before
+    );
+    assert!(!second.fleet().join("hosts/h2").exists());
     // `server check` of the second fleet says the same.
     let out = check(&second.fleet(), &first.config());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
