@@ -22,6 +22,8 @@ fi
 # Accounts are named PREFIX+host: a prefix of the demo's own keeps two demos' accounts apart.
 ID=$(printf '%s' "$WORK" | sha256sum | cut -c1-6)
 PREFIX="bento-demo-$ID-"
+# And a group of its own ([server] group): one sshd `Match Group` block per fleet.
+GROUP="bento-demo-$ID"
 free_port() {
   for p in $(shuf -i 20000-60000 -n 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
@@ -78,6 +80,7 @@ port = $PORT
 host_key = "$WORK/sshd/host_key.pub"
 chroot = "$WORK/chroot"
 account_prefix = "$PREFIX"
+group = "$GROUP"
 authorized_keys_dir = "$WORK/authorized_keys"
 signing_key = "$WORK/signing_key"
 TOML
@@ -114,7 +117,7 @@ echo "== a private sshd on 127.0.0.1:$PORT serving the chroots"
   echo "PasswordAuthentication no"
   echo "KbdInteractiveAuthentication no"
   echo "PermitRootLogin no"
-  echo "AllowGroups bento"
+  echo "AllowGroups $GROUP"
   echo "AuthorizedKeysFile none"
   echo "Subsystem sftp internal-sftp"
   "$BENTO" --fleet "$FLEET" server sshd-config
@@ -179,4 +182,4 @@ legend
 echo
 echo "Everything is under $WORK (the machines' profiles, state and installed files in machines/)."
 echo "The demo's sshd stops with this script. To remove the accounts, their jails and the work dir:"
-echo "  sed -i '/^\\[hosts/,\$d' $FLEET/bento.toml && $BENTO --fleet $FLEET server sync-accounts --prune && rm -rf $WORK"
+echo "  sed -i '/^\\[hosts/,\$d' $FLEET/bento.toml && $BENTO --fleet $FLEET server sync-accounts --prune && groupdel $GROUP && rm -f /etc/security/limits.d/$GROUP.conf && rm -rf $WORK"

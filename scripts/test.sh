@@ -14,7 +14,8 @@ need=()
 # faketime: the clock-skew tests run a real agent whose clock is hours off.
 # systemd: systemd-analyze and systemd-socket-activate for the unit and page tests, which
 # would otherwise skip.
-for pkg in nix-bin openssh-server openssh-client git rsync systemd chromium chromium-driver age faketime; do
+# jq: the README quick-start test saves `bento agent-config --json`'s known_hosts line with it.
+for pkg in nix-bin openssh-server openssh-client git rsync systemd chromium chromium-driver age faketime jq; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -57,6 +57,19 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("reading the host's key from {}", file.display()))?,
         (None, None) => anyhow::bail!("give the host's key: --key PUBKEY or --key-file FILE"),
     };
+    // The account would be refused in a group that holds another fleet's accounts: say so
+    // before bento.toml changes, as sync-accounts does before the system changes.
+    let make_account =
+        !args.no_account && crate::sys::accounts::is_root() && fleet.config.server.chroot.is_dir();
+    if make_account {
+        provision::group::refuse_strangers(&fleet.config).with_context(|| {
+            format!(
+                "{}: not adding host {}",
+                fleet.root.join(FLEET_FILE).display(),
+                args.name
+            )
+        })?;
+    }
     let added = add_host(
         &fleet,
         &AddRequest {
@@ -81,7 +94,7 @@ pub fn run(fleet: Option<PathBuf>, cmd: Command) -> anyhow::Result<ExitCode> {
     // As sync-accounts would, for this host only: the rest of the fleet is not touched.
     let chroot = &added.config.server.chroot;
     let mut account = false;
-    if !args.no_account && crate::sys::accounts::is_root() && chroot.is_dir() {
+    if make_account && chroot.is_dir() {
         let mut one = added.config.clone();
         one.hosts.retain(|h, _| h == host);
         let reports = provision::sync_accounts(&one, false)

@@ -21,10 +21,10 @@ pub const NEXT_STEPS: &str = "\
 next steps (docs/server.md has each one in full):
   1. bento keygen                      # the signing key, outside the fleet repo; set [server] signing_key
   2. set [server] address in {dir}/bento.toml (the name the machines reach this server by)
-  3. on each machine:  bento agent init --server <this server>    # prints a `bento host add` line
+  3. bento server sync-accounts        # as root: the chroot, the group and the accounts of bento.toml's hosts
+  4. bento server sshd-config > /etc/ssh/sshd_config.d/00-bento.conf && sshd -t && systemctl reload ssh
+  5. on each machine:  bento agent init --server <this server>    # prints a `bento host add` line
      here:             bento host add NAME --key '…'               # run as root: also makes its account
-  4. bento server sync-accounts        # as root: the accounts of every host in bento.toml
-  5. bento server sshd-config > /etc/ssh/sshd_config.d/00-bento.conf && sshd -t && systemctl reload ssh
   6. git commit, then bento publish
   7. bento agent-config NAME           # the machine's /etc/bento/agent.toml; there: bento agent check";
 

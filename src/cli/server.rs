@@ -30,7 +30,7 @@ anything appended later, changes what applies to the hosts' accounts."
     SshdConfig,
     /// Create and update the host accounts and their key files on a non-NixOS server (root)
     SyncAccounts {
-        /// Also remove accounts with the fleet's prefix, in group bento, that are no longer in bento.toml
+        /// Also remove accounts with the fleet's prefix, in its group ([server] group), that are no longer in bento.toml
         #[arg(long)]
         prune: bool,
         /// Print a JSON summary on stdout

@@ -22,7 +22,7 @@ pub mod time;
 /// Manifest format 2's content-addressed directory trees (issue #26).
 pub mod tree;
 
-pub use name::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use name::{account_name, check_group, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
 pub use settings::Mode;
 pub use store_path::StorePath;
 pub use time::Timestamp;

@@ -16,6 +16,8 @@ pub enum NameError {
     Host(String),
     #[error("invalid account prefix {0:?}: use lowercase letters, digits, '-' and '_', starting with a letter or '_'")]
     Prefix(String),
+    #[error("invalid group {0:?} ([server] group): use lowercase letters, digits, '-' and '_', starting with a letter or '_', at most {MAX_ACCOUNT_LEN} characters (NixOS refuses group names of 32 or more)")]
+    Group(String),
     #[error("host {host:?}: its account name {account:?} (account_prefix + host name) is {len} characters long, but account names may have at most {MAX_ACCOUNT_LEN} (NixOS refuses user and group names of 32 or more): shorten the host name or account_prefix")]
     AccountTooLong {
         host: String,
@@ -72,6 +74,20 @@ pub fn check_prefix(prefix: &str) -> Result<(), NameError> {
     }
 }
 
+/// Checks the group every host account of a fleet is in (`[server] group`): a Unix group
+/// name NixOS accepts too.
+pub fn check_group(group: &str) -> Result<(), NameError> {
+    let mut chars = group.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && group.len() <= MAX_ACCOUNT_LEN;
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::Group(group.to_owned()))
+    }
+}
+
 /// The Unix account a host logs in as: prefix + host name, at most `MAX_ACCOUNT_LEN` characters.
 pub fn account_name(prefix: &str, host: &HostName) -> Result<String, NameError> {
     check_prefix(prefix)?;
@@ -99,6 +115,20 @@ mod tests {
             assert_eq!(
                 HostName::new(bad),
                 Err(NameError::Host(bad.to_owned())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn groups() {
+        for ok in ["bento", "_b", "bt-ab_c9", &"g".repeat(31)] {
+            assert_eq!(check_group(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "9b", "-b", "Bento", "b.c", "b c", "b$", &"g".repeat(32)] {
+            assert_eq!(
+                check_group(bad),
+                Err(NameError::Group(bad.to_owned())),
                 "{bad}"
             );
         }

@@ -28,6 +28,9 @@ const BENTO_TOML: &str = r#"# bento fleet settings. `bento publish` reads this f
 chroot = "/srv/bento"
 # Host "alpha" logs in as account "bento-alpha".
 account_prefix = "bento-"
+# The group of the hosts' accounts, which sshd's `Match Group` block jails; a second fleet
+# served by the same sshd needs its own.
+# group = "bento"
 
 # One table per host: its SSH public key (from /etc/bento/id_ed25519.pub on the host).
 [hosts.example]

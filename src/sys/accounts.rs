@@ -58,6 +58,16 @@ pub fn group(name: &str) -> io::Result<Option<u32>> {
     Ok(found.map(|g| g.gid.as_raw()))
 }
 
+/// The gid of group `name` and its listed (supplementary) members, or `None` if there is
+/// no such group. Accounts whose primary group it is are not listed here.
+pub fn group_members(name: &str) -> io::Result<Option<(u32, Vec<String>)>> {
+    if name.contains('\0') {
+        return Ok(None);
+    }
+    let found = unix::unistd::Group::from_name(name).map_err(nss_error)?;
+    Ok(found.map(|g| (g.gid.as_raw(), g.mem)))
+}
+
 /// The name of the group with `gid`, or `None` if there is none.
 pub fn group_name(gid: u32) -> io::Result<Option<String>> {
     let found =

@@ -576,9 +576,10 @@ fn a_second_fleet_on_the_same_chroot_cannot_take_a_jail() {
     fs::write(
         other.join("fleet/bento.toml"),
         format!(
-            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{other_prefix}\"\n\n[hosts.h1]\nkey = \"{other_key}\"\n",
+            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{other_prefix}\"\ngroup = \"{}\"\n\n[hosts.h1]\nkey = \"{other_key}\"\n",
             s.chroot().display(),
-            s.keys_dir().display()
+            s.keys_dir().display(),
+            s.group
         ),
     )
     .unwrap();
@@ -781,8 +782,11 @@ fn concurrent_logins_as_one_host_account_are_capped() {
     let s = Sshd::start(&["h1", "h2"]);
     s.publish();
     // What sync-accounts wrote for PAM; the generated sshd config says where the cap is.
-    let limits = fs::read_to_string(bento::server::provision::LIMITS_FILE).unwrap();
-    assert!(limits.contains("@bento hard nproc 16"), "{limits}");
+    let limits = fs::read_to_string(bento::server::provision::limits_file(&s.group)).unwrap();
+    assert!(
+        limits.contains(&format!("@{} hard nproc 16", s.group)),
+        "{limits}"
+    );
     // The same jails served by an sshd with PAM on (Debian's default), as an operator runs it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

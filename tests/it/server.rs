@@ -679,8 +679,10 @@ fn sync_accounts_refuses_to_take_over_an_account_it_did_not_make() {
 }
 
 /// A second fleet on the same server whose prefix overlaps the first's (`btxyz` against
-/// `btxyzw-`, so `btxyzw-a` reads as its host `w-a`) prunes only its own accounts: the first fleet's hosts keep their accounts,
-/// keys and jails, and still log in.
+/// `btxyzw-`, so `btxyzw-a` reads as its host `w-a`): in the first fleet's group its sync is
+/// refused outright, naming the first fleet's account (one `Match Group` block jails one
+/// fleet); with a group of its own it prunes only its own accounts. Either way the first
+/// fleet's hosts keep their accounts, keys and jails, and still log in.
 #[test]
 fn prune_never_reaches_another_fleets_accounts() {
     let s = Sshd::start(&["a"]);
@@ -689,36 +691,62 @@ fn prune_never_reaches_another_fleets_accounts() {
     let other = ScratchDir::new();
     fs::create_dir_all(other.join("fleet")).unwrap();
     let overlapping = &s.prefix[..s.prefix.len() - 2];
-    fs::write(
-        other.join("fleet/bento.toml"),
-        format!(
-            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{overlapping}\"\n",
-            other.join("chroot").display(),
-            other.join("keys").display()
-        ),
-    )
-    .unwrap();
-    let out = bento()
-        .args(["server", "sync-accounts", "--prune", "--fleet"])
-        .arg(other.join("fleet"))
-        .output()
+    let other_group = format!("{overlapping}o");
+    let prune = |group: &str| {
+        fs::write(
+            other.join("fleet/bento.toml"),
+            format!(
+                "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{overlapping}\"\ngroup = \"{group}\"\n",
+                other.join("chroot").display(),
+                other.join("keys").display()
+            ),
+        )
         .unwrap();
+        bento()
+            .args(["server", "sync-accounts", "--prune", "--fleet"])
+            .arg(other.join("fleet"))
+            .output()
+            .unwrap()
+    };
+    let untouched = |why: &str| {
+        assert!(
+            bento::sys::accounts::user(&s.account("a"))
+                .unwrap()
+                .is_some(),
+            "{why}"
+        );
+        assert!(s.keys_dir().join(s.account("a")).exists(), "{why}");
+        let after = fs::metadata(s.host_dir("a")).unwrap();
+        assert_eq!(
+            (after.uid(), after.gid(), after.mode()),
+            (jail.uid(), jail.gid(), jail.mode()),
+            "{why}"
+        );
+        assert!(s.sftp("a", "ls /\n").status.success(), "{why}: {}", s.log());
+    };
+
+    let out = prune(&s.group);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "group {} already holds account {} of another fleet",
+            s.group,
+            s.account("a")
+        )) && err.contains("[server] group = "),
+        "{err}"
+    );
+    untouched("refused in the shared group");
+
+    let out = prune(&other_group);
+    crate::common::sshd::remove_group(&other_group);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains(&s.account("a")),
         "{}",
         text(&out)
     );
-    assert!(bento::sys::accounts::user(&s.account("a"))
-        .unwrap()
-        .is_some());
-    assert!(s.keys_dir().join(s.account("a")).exists());
-    let after = fs::metadata(s.host_dir("a")).unwrap();
-    assert_eq!(
-        (after.uid(), after.gid(), after.mode()),
-        (jail.uid(), jail.gid(), jail.mode())
-    );
-    assert!(s.sftp("a", "ls /\n").status.success(), "{}", s.log());
+    untouched("pruned in its own group");
 }
 
 /// A pruned host's jail is root:root 0700 before its account and group go, even when the
@@ -842,7 +870,11 @@ fn check_fails_when_another_match_block_comes_before_bentos() {
     )
     .unwrap();
     let other = dropins.join("10-sftp.conf");
-    fs::write(&other, "Match Group sftp,bento\n    X11Forwarding no\n").unwrap();
+    fs::write(
+        &other,
+        format!("Match Group sftp,{}\n    X11Forwarding no\n", s.group),
+    )
+    .unwrap();
     let bad = check(&s, &main);
     assert!(!bad.status.success(), "{}", text(&bad));
     let out = String::from_utf8_lossy(&bad.stdout).into_owned();

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::protocol::{account_name, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN};
+pub use crate::protocol::{
+    account_name, check_group, check_prefix, HostName, NameError, MAX_ACCOUNT_LEN,
+};
 pub use delivery::{BuildOn, Defaults};
 pub use discover::{
     discover, discover_each, materialize, select, undefined_message, BrokenDir, DiscoverError,
@@ -27,6 +29,8 @@ pub const HOSTS_DIR: &str = "hosts";
 pub const DEFAULT_CHROOT: &str = "/srv/bento";
 pub const DEFAULT_ACCOUNT_PREFIX: &str = "bento-";
 pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/etc/bento/authorized_keys";
+/// The group of the host accounts unless `[server] group` says otherwise.
+pub const DEFAULT_GROUP: &str = "bento";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -46,12 +50,13 @@ pub enum FleetError {
 /// The tables of bento.toml (docs/reference.md documents each key of each).
 pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
 /// The keys of `[server]`.
-pub const SERVER_KEYS: [&str; 14] = [
+pub const SERVER_KEYS: [&str; 15] = [
     "address",
     "port",
     "host_key",
     "chroot",
     "account_prefix",
+    "group",
     "authorized_keys_dir",
     "signing_key",
     "backups",
@@ -87,6 +92,10 @@ pub struct ServerConfig {
     pub chroot: PathBuf,
     #[serde(default = "default_prefix")]
     pub account_prefix: String,
+    /// The group every host account is in and sshd's `Match Group` selects: one per fleet
+    /// when several fleets share one sshd.
+    #[serde(default = "default_group")]
+    pub group: String,
     /// Root-owned directory of per-account authorized-keys files (`AuthorizedKeysFile <dir>/%u`),
     /// outside the chroots so a host can never edit its own key.
     #[serde(default = "default_authorized_keys_dir")]
@@ -140,6 +149,9 @@ fn default_chroot() -> PathBuf {
 fn default_prefix() -> String {
     DEFAULT_ACCOUNT_PREFIX.to_owned()
 }
+fn default_group() -> String {
+    DEFAULT_GROUP.to_owned()
+}
 fn default_authorized_keys_dir() -> PathBuf {
     PathBuf::from(DEFAULT_AUTHORIZED_KEYS_DIR)
 }
@@ -152,6 +164,7 @@ impl Default for ServerConfig {
             host_key: default_host_key(),
             chroot: default_chroot(),
             account_prefix: default_prefix(),
+            group: default_group(),
             authorized_keys_dir: default_authorized_keys_dir(),
             signing_key: None,
             backups: false,
@@ -250,8 +263,19 @@ impl FleetConfig {
             source,
         };
         check_prefix(&config.server.account_prefix).map_err(name_err)?;
+        check_group(&config.server.group).map_err(name_err)?;
         for host in config.hosts.keys() {
-            account_name(&config.server.account_prefix, host).map_err(name_err)?;
+            let account = account_name(&config.server.account_prefix, host).map_err(name_err)?;
+            // Every account gets a group of its own name: the fleet's group cannot be one.
+            if account == config.server.group {
+                return Err(FleetError::Parse {
+                    path: path.to_owned(),
+                    message: format!(
+                        "[server] group = {:?} is also the account (and own group) of host {host}: choose another group",
+                        config.server.group
+                    ),
+                });
+            }
         }
         if let Some(message) = config.test_mode_reboot() {
             return Err(FleetError::Parse {
@@ -408,7 +432,25 @@ mod tests {
         assert_eq!(c.server.chroot, PathBuf::from("/srv/bento"));
         assert_eq!(c.server.account_prefix, "bento-");
         assert_eq!(c.server.port, 22);
+        assert_eq!(c.server.group, "bento");
         assert!(c.hosts.is_empty());
+    }
+
+    #[test]
+    fn the_group_is_a_group_name_and_no_hosts_account() {
+        let c = parse("[server]\ngroup = \"fleet_b\"\n").unwrap();
+        assert_eq!(c.server.group, "fleet_b");
+        let err = parse("[server]\ngroup = \"Fleet B\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid group \"Fleet B\""), "{err}");
+        let err = parse("[server]\ngroup = \"bento-web\"\n[hosts.web]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("host web") && err.contains("another group"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@ use crate::sys::accounts;
 use super::keys::{fleet_keys, keys_in_authorized_file, PublicKey};
 use super::sshd::{check_server_paths, effective_problems, parse_effective};
 use super::system;
-use super::GROUP;
 
 /// Where to find sshd and its configuration.
 #[derive(Debug, Clone)]
@@ -38,7 +37,7 @@ pub struct HostCheck {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
-    /// Problems shared by every host (chroot root, key directory, group).
+    /// Problems shared by every host (chroot root, key directory, group and who else is in it).
     pub server: Vec<String>,
     pub hosts: Vec<HostCheck>,
     /// Not wrong, but weaker than it should be (unsigned manifests); no effect on the exit
@@ -86,11 +85,16 @@ pub fn check(config: &FleetConfig, opts: &CheckOptions) -> CheckReport {
     shared.extend(super::sshd_order::earlier_matches(
         &opts.sshd_config,
         &server.account_prefix,
+        &server.group,
     ));
-    match accounts::group(GROUP) {
-        Ok(Some(_)) => {}
-        Ok(None) => shared.push(format!("group {GROUP} does not exist")),
-        Err(e) => shared.push(format!("cannot look up group {GROUP}: {e}")),
+    let group = &server.group;
+    match accounts::group(group) {
+        Ok(Some(_)) => match super::group::problems(config) {
+            Ok(found) => shared.extend(found),
+            Err(e) => shared.push(e.to_string()),
+        },
+        Ok(None) => shared.push(format!("group {group} does not exist")),
+        Err(e) => shared.push(format!("cannot look up group {group}: {e}")),
     }
     // Key problems are reported per host below; a fleet with a bad key still gets checked.
     let keys = fleet_keys(config);
@@ -201,9 +205,10 @@ fn check_host(
             host_dir.display()
         ));
     }
+    let group = &config.server.group;
     match system::groups_of(account) {
-        Ok(groups) if groups.iter().any(|g| g == GROUP) => {}
-        Ok(_) => problems.push(format!("account {account} is not in group {GROUP}")),
+        Ok(groups) if groups.iter().any(|g| g == group) => {}
+        Ok(_) => problems.push(format!("account {account} is not in group {group}")),
         Err(e) => problems.push(e.to_string()),
     }
     check_key_file(config, account, key, problems);

@@ -4,6 +4,8 @@
 
 pub mod check;
 pub mod claim;
+// Issue #25: two fleets on one sshd, each with its own `[server] group`.
+pub mod group;
 pub mod keys;
 pub mod nixos;
 pub mod sshd;
@@ -17,9 +19,6 @@ pub use keys::{fleet_keys, KeyError, KeyErrors, PublicKey};
 pub use sshd::{match_block, sshd_config, PathError};
 pub use sync::{sync_accounts, SyncAction, SyncError, SyncReport};
 
-/// The group sshd's `Match` block selects; every host account is in it, nothing else should be.
-pub const GROUP: &str = "bento";
-
 /// `MaxStartups` the generated config sets: see docs/server.md for the reasoning.
 pub const MAX_STARTUPS: &str = "100:30:200";
 /// `PerSourceMaxStartups` the generated config sets: one source address (one host, one
@@ -29,21 +28,28 @@ pub const MAX_STARTUPS: &str = "100:30:200";
 pub const PER_SOURCE_MAX_STARTUPS: u32 = 64;
 /// `MaxSessions` per connection for host accounts: see docs/server.md.
 pub const MAX_SESSIONS: u32 = 4;
-/// Processes one host account may run at once (`nproc` in PAM's limits for group `bento`):
+/// Processes one host account may run at once (`nproc` in PAM's limits for the fleet's group):
 /// each SFTP connection holds two (sshd's child as the account and its sftp session), so
 /// this is about 8 connections per host, where an agent needs one or two. sshd itself has
 /// no per-account connection limit (`MaxStartups` is pre-auth and global, `MaxSessions`
 /// per connection): see docs/server.md.
 pub const MAX_PROCESSES: u32 = 16;
-/// The PAM limits file `sync-accounts` writes (pam_limits reads `limits.d/*.conf`).
-pub const LIMITS_FILE: &str = "/etc/security/limits.d/bento.conf";
+/// Where pam_limits reads extra limits (`limits.d/*.conf`).
+pub const LIMITS_DIR: &str = "/etc/security/limits.d";
 
-/// The lines of `LIMITS_FILE`.
-pub fn limits_conf() -> String {
+/// The PAM limits file `sync-accounts` writes for the fleet whose group is `group`: one
+/// per group, so two fleets on one server never overwrite each other's
+/// (`/etc/security/limits.d/bento.conf` for the default group).
+pub fn limits_file(group: &str) -> std::path::PathBuf {
+    std::path::Path::new(LIMITS_DIR).join(format!("{group}.conf"))
+}
+
+/// The lines of `limits_file(group)`.
+pub fn limits_conf(group: &str) -> String {
     format!(
         "# bento: host accounts may run at most {MAX_PROCESSES} processes at once (about {} SFTP\n\
          # connections); needs sshd with UsePAM yes. Written by `bento server sync-accounts`.\n\
-         @{GROUP} hard nproc {MAX_PROCESSES}\n",
+         @{group} hard nproc {MAX_PROCESSES}\n",
         MAX_PROCESSES / 2
     )
 }

@@ -11,7 +11,7 @@ use crate::server::fleet::{FleetConfig, HostName, NameError};
 
 use super::keys::PublicKey;
 use super::sshd::{check_server_paths, match_block, PathError};
-use super::{GROUP, MAX_PROCESSES, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
+use super::{MAX_PROCESSES, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixosError {
@@ -62,7 +62,10 @@ pub fn render(
          # Import it from the server's configuration: imports = [ ./fleet.nix ];\n\
          { lib, pkgs, ... }:\n\n{\n",
     );
-    out.push_str(&format!("  users.groups.{GROUP} = {{ }};\n"));
+    // `[server] group`: checked as a group name when bento.toml was read, so a bare
+    // attribute name; a second fleet on this server has its own.
+    let group = &server.group;
+    out.push_str(&format!("  users.groups.{group} = {{ }};\n"));
 
     let mut tmpfiles = vec![
         format!("d {chroot} 0755 root root - -"),
@@ -74,7 +77,7 @@ pub fn render(
         let home = format!("{chroot}/{host}");
         out.push_str(&format!(
             "\n  # host {host}\n  users.groups.{a} = {{ }};\n  users.users.{a} = {{\n    \
-             isSystemUser = true;\n    group = {a};\n    extraGroups = [ \"{GROUP}\" ];\n    \
+             isSystemUser = true;\n    group = {a};\n    extraGroups = [ \"{group}\" ];\n    \
              # sshd's `ChrootDirectory %h`: the jail is named by host.\n    \
              home = {};\n    createHome = false;\n    \
              shell = \"${{pkgs.shadow}}/bin/nologin\";\n  }};\n",
@@ -129,7 +132,7 @@ pub fn render(
         "  # Each host account runs at most this many processes: two per SFTP connection.\n",
     );
     out.push_str(&format!(
-        "  security.pam.loginLimits = [ {{ domain = \"@{GROUP}\"; type = \"hard\"; item = \"nproc\"; value = \"{MAX_PROCESSES}\"; }} ];\n"
+        "  security.pam.loginLimits = [ {{ domain = \"@{group}\"; type = \"hard\"; item = \"nproc\"; value = \"{MAX_PROCESSES}\"; }} ];\n"
     ));
     // sshd uses the first value it reads for each keyword and a Match block runs to the
     // next Match or to the end of its file. NixOS writes `settings` before every
@@ -169,6 +172,22 @@ mod tests {
         let text = render(&c, &keys).unwrap();
         assert_eq!(text, render(&c, &keys).unwrap(), "deterministic");
         insta::assert_snapshot!(text);
+    }
+
+    #[test]
+    fn the_fleets_group_is_used_everywhere() {
+        let c = config("group = \"fleet_b\"");
+        let text = render(&c, &fleet_keys(&c).unwrap()).unwrap();
+        for part in [
+            "users.groups.fleet_b = { };",
+            "extraGroups = [ \"fleet_b\" ];",
+            "domain = \"@fleet_b\";",
+            "Match Group fleet_b\n",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(!text.contains("bento\""), "{text}");
+        assert!(!text.contains("Group bento"), "{text}");
     }
 
     #[test]

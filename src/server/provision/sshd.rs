@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::server::fleet::ServerConfig;
 
-use super::{
-    FORCE_COMMAND, GROUP, LIMITS_FILE, MAX_SESSIONS, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS,
-};
+use super::{FORCE_COMMAND, MAX_SESSIONS, MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -86,9 +84,10 @@ pub fn match_settings(server: &ServerConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The `Match Group bento` block, indented as sshd_config files usually are.
+/// The `Match Group <group>` block (`[server] group`), indented as sshd_config files
+/// usually are. Each fleet on one sshd has its own group, so its own block.
 pub fn match_block(server: &ServerConfig) -> String {
-    let mut out = format!("Match Group {GROUP}\n");
+    let mut out = format!("Match Group {}\n", server.group);
     for (key, value) in match_settings(server) {
         out.push_str(&format!("    {key} {value}\n"));
     }
@@ -114,8 +113,9 @@ pub fn sshd_config(server: &ServerConfig) -> String {
          PerSourceMaxStartups {PER_SOURCE_MAX_STARTUPS}\n\
          # Sessions per connection are capped below (MaxSessions); connections per host\n\
          # account are capped by PAM's process limit (`sync-accounts` writes\n\
-         # {LIMITS_FILE}), which needs UsePAM yes.\n\
+         # {}), which needs UsePAM yes.\n\
          {}",
+        super::limits_file(&server.group).display(),
         match_block(server)
     )
 }
@@ -251,6 +251,19 @@ mod tests {
     #[test]
     fn sshd_config_snapshot() {
         insta::assert_snapshot!(sshd_config(&server()));
+    }
+
+    #[test]
+    fn the_block_and_the_limits_file_follow_the_fleets_group() {
+        let mut s = server();
+        s.group = "fleet_b".to_owned();
+        let text = sshd_config(&s);
+        assert!(text.contains("\nMatch Group fleet_b\n"), "{text}");
+        assert!(!text.contains("Match Group bento"), "{text}");
+        assert!(
+            text.contains("/etc/security/limits.d/fleet_b.conf"),
+            "{text}"
+        );
     }
 
     #[test]

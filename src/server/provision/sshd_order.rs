@@ -1,4 +1,4 @@
-//! Where bento's `Match Group bento` block sits in sshd's configuration: sshd takes the
+//! Where bento's `Match Group <group>` block sits in sshd's configuration: sshd takes the
 //! first value it reads for each keyword, so a `Match` block read before bento's that can
 //! apply to the hosts' accounts wins over bento's for every keyword both set. This reads
 //! sshd_config as sshd does (`Include` expanded in place, globs in order, relative paths
@@ -6,8 +6,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-
-use super::GROUP;
 
 /// One `Match` line, where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,9 +63,9 @@ fn match_lines(config: &Path, depth: usize, out: &mut Vec<MatchLine>) {
 }
 
 /// Whether a `Match` with these criteria can apply to a host account (`<prefix><host>`, in
-/// group `bento` and its own group). Criteria are all required; what bento cannot rule out
-/// (addresses, hosts, ports) counts as matching.
-fn can_capture(criteria: &str, prefix: &str) -> bool {
+/// the fleet's `group` and its own group). Criteria are all required; what bento cannot rule
+/// out (addresses, hosts, ports) counts as matching.
+fn can_capture(criteria: &str, prefix: &str, group: &str) -> bool {
     let words: Vec<&str> = criteria.split_whitespace().collect();
     let mut i = 0;
     while i < words.len() {
@@ -84,7 +82,7 @@ fn can_capture(criteria: &str, prefix: &str) -> bool {
                 .any(|p| p.contains(['*', '?']) || p.starts_with(prefix)),
             "group" => patterns
                 .iter()
-                .any(|p| p.contains(['*', '?']) || *p == GROUP || p.starts_with(prefix)),
+                .any(|p| p.contains(['*', '?']) || *p == group || p.starts_with(prefix)),
             _ => true,
         };
         if !possible {
@@ -94,26 +92,26 @@ fn can_capture(criteria: &str, prefix: &str) -> bool {
     true
 }
 
-fn is_bentos(criteria: &str) -> bool {
+fn is_bentos(criteria: &str, group: &str) -> bool {
     let words: Vec<&str> = criteria.split_whitespace().collect();
-    words.len() == 2 && words[0].eq_ignore_ascii_case("group") && words[1] == GROUP
+    words.len() == 2 && words[0].eq_ignore_ascii_case("group") && words[1] == group
 }
 
 /// Problems with the order of `Match` blocks in `config`: one for each block before bento's
 /// that can apply to the hosts' accounts, and one when bento's block is not there at all.
-pub fn earlier_matches(config: &Path, prefix: &str) -> Vec<String> {
+pub fn earlier_matches(config: &Path, prefix: &str, group: &str) -> Vec<String> {
     let mut lines = Vec::new();
     match_lines(config, 0, &mut lines);
-    let Some(bento) = lines.iter().position(|m| is_bentos(&m.criteria)) else {
+    let Some(bento) = lines.iter().position(|m| is_bentos(&m.criteria, group)) else {
         // `server check` reports the missing block per host, from sshd's effective settings.
         return Vec::new();
     };
     lines[..bento]
         .iter()
-        .filter(|m| can_capture(&m.criteria, prefix))
+        .filter(|m| can_capture(&m.criteria, prefix, group))
         .map(|m| {
             format!(
-                "{}:{}: `Match {}` comes before bento's `Match Group {GROUP}` ({}:{}) and can apply to the hosts' accounts; sshd takes the first value of each keyword, so it wins where both set one: install bento's block as the first drop-in (`bento server sshd-config > /etc/ssh/sshd_config.d/00-bento.conf`)",
+                "{}:{}: `Match {}` comes before bento's `Match Group {group}` ({}:{}) and can apply to the hosts' accounts; sshd takes the first value of each keyword, so it wins where both set one: install bento's block as the first drop-in (`bento server sshd-config > /etc/ssh/sshd_config.d/00-bento.conf`)",
                 m.file.display(),
                 m.line,
                 m.criteria,
@@ -152,13 +150,16 @@ mod tests {
             "Match Group bento\n  ChrootDirectory %h\n",
         )
         .unwrap();
-        let problems = earlier_matches(&main, "bento-");
+        let problems = earlier_matches(&main, "bento-", "bento");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("10-sftp.conf:1"), "{}", problems[0]);
         assert!(problems[0].contains("00-bento.conf"), "{}", problems[0]);
         // First drop-in: nothing before it.
         fs::rename(d.join("20-bento.conf"), d.join("00-bento.conf")).unwrap();
-        assert_eq!(earlier_matches(&main, "bento-"), Vec::<String>::new());
+        assert_eq!(
+            earlier_matches(&main, "bento-", "bento"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -170,15 +171,20 @@ mod tests {
             "Address 10.0.0.0/8",
             "User *,!root",
         ] {
-            assert!(can_capture(yes, "bento-"), "{yes}");
+            assert!(can_capture(yes, "bento-", "bento"), "{yes}");
         }
         for no in [
             "User admin",
             "Group wheel",
             "User admin Address 10.0.0.0/8",
             "Group !bento",
+            // Another fleet's block, before this one's.
+            "Group fleet_b",
         ] {
-            assert!(!can_capture(no, "bento-"), "{no}");
+            assert!(!can_capture(no, "bento-", "bento"), "{no}");
         }
+        // A second fleet (group fleet_b): the first fleet's block before its own is harmless.
+        assert!(!can_capture("Group bento", "b-", "fleet_b"));
+        assert!(can_capture("Group sftp,fleet_b", "b-", "fleet_b"));
     }
 }

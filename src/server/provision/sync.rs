@@ -18,10 +18,10 @@ use crate::sys::accounts;
 use crate::sys::atomic;
 
 use super::claim;
+use super::group::{self, GroupError};
 use super::keys::{fleet_keys, KeyErrors, PublicKey};
 use super::sshd::{check_server_paths, PathError};
 use super::system::{self, CommandError};
-use super::GROUP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -45,6 +45,8 @@ pub enum SyncError {
     Foreign(Vec<Foreign>),
     #[error(transparent)]
     Claim(#[from] super::claim::ClaimError),
+    #[error(transparent)]
+    Group(#[from] GroupError),
 }
 
 /// An existing account a host of the fleet would use that is not one of the fleet's.
@@ -66,15 +68,16 @@ fn foreign_message(all: &[Foreign]) -> String {
         .join("\n")
 }
 
-/// The comment (GECOS field) of every account sync-accounts makes: together with its home,
-/// the host's directory in this fleet's chroot, it marks the account as this fleet's, and
-/// nothing else is ever changed or deleted.
-pub const ACCOUNT_COMMENT: &str = "bento host account";
+pub use super::group::ACCOUNT_COMMENT;
 
 /// Why the existing account `info` may not serve as the host account whose jail is `home`,
 /// or `None` when it is this fleet's. Accounts made before bento wrote its comment (empty
-/// comment, nologin shell, in group `bento`, home already the host's directory) count.
-fn not_ours(info: &accounts::Account, home: &Path) -> Result<Option<String>, SyncError> {
+/// comment, nologin shell, in the fleet's group, home already the host's directory) count.
+fn not_ours(
+    info: &accounts::Account,
+    home: &Path,
+    group: &str,
+) -> Result<Option<String>, SyncError> {
     let home = home.display().to_string();
     if info.uid == 0 || info.gid == 0 {
         return Ok(Some(format!("uid {} gid {}", info.uid, info.gid)));
@@ -87,7 +90,7 @@ fn not_ours(info: &accounts::Account, home: &Path) -> Result<Option<String>, Syn
     }
     let legacy = info.gecos.is_empty()
         && info.shell == system::nologin()
-        && system::groups_of(&info.name)?.iter().any(|g| g == GROUP);
+        && system::groups_of(&info.name)?.iter().any(|g| g == group);
     Ok((!legacy).then(|| format!("it was not made by bento: comment {:?}", info.gecos)))
 }
 
@@ -130,6 +133,9 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     let chroot = Chroot::new(&server.chroot);
     // A chroot root marked by another fleet is refused before anything changes.
     claim::check(&chroot, &server.account_prefix)?;
+    // One sshd `Match Group` block jails one fleet: a group that already holds another
+    // fleet's accounts (or anyone else) is refused before anything changes.
+    group::refuse_strangers(config)?;
     // An existing account that is not this fleet's (an operator's, another fleet's, root)
     // is refused before anything changes.
     let mut foreign = Vec::new();
@@ -137,7 +143,7 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
         let account = config.account(host)?;
         let info = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))?;
         if let Some(info) = &info {
-            if let Some(reason) = not_ours(info, &chroot.host_dir(host))? {
+            if let Some(reason) = not_ours(info, &chroot.host_dir(host), &server.group)? {
                 foreign.push(Foreign { account, reason });
                 continue;
             }
@@ -165,11 +171,11 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
         fs::set_permissions(keys_dir, fs::Permissions::from_mode(0o755))
             .map_err(io_err(keys_dir))?;
     }
-    ensure_group()?;
+    ensure_group(&server.group)?;
     if let Some(marked) = claim::mark(&chroot, &server.account_prefix)? {
         tracing::info!("{marked}");
     }
-    write_limits()?;
+    write_limits(&server.group)?;
 
     let mut reports = Vec::new();
     let mut wanted = BTreeSet::new();
@@ -208,10 +214,10 @@ pub fn sync_accounts(config: &FleetConfig, prune: bool) -> Result<Vec<SyncReport
     Ok(reports)
 }
 
-/// Caps the processes of every host account (PAM's `nproc` for group `bento`), where PAM's
-/// limits directory exists; sshd applies it with `UsePAM yes` (Debian's default).
-fn write_limits() -> Result<(), SyncError> {
-    let path = Path::new(super::LIMITS_FILE);
+/// Caps the processes of every host account (PAM's `nproc` for the fleet's group), where
+/// PAM's limits directory exists; sshd applies it with `UsePAM yes` (Debian's default).
+fn write_limits(group: &str) -> Result<(), SyncError> {
+    let path = &super::limits_file(group);
     let Some(dir) = path.parent().filter(|d| d.is_dir()) else {
         tracing::warn!(
             "no {}: host accounts get no process limit (install PAM's limits, see docs/server.md)",
@@ -222,7 +228,7 @@ fn write_limits() -> Result<(), SyncError> {
         );
         return Ok(());
     };
-    let want = super::limits_conf();
+    let want = super::limits_conf(group);
     if fs::read_to_string(path).ok().as_deref() == Some(want.as_str()) {
         return Ok(());
     }
@@ -235,16 +241,16 @@ fn write_limits() -> Result<(), SyncError> {
     Ok(())
 }
 
-fn ensure_group() -> Result<(), SyncError> {
-    if accounts::group(GROUP)
+fn ensure_group(group: &str) -> Result<(), SyncError> {
+    if accounts::group(group)
         .map_err(io_err(Path::new("/etc/group")))?
         .is_some()
     {
         return Ok(());
     }
-    if let Err(e) = system::run("groupadd", &["--system", GROUP]) {
+    if let Err(e) = system::run("groupadd", &["--system", group]) {
         // Another sync may have created it in the meantime.
-        if accounts::group(GROUP)
+        if accounts::group(group)
             .map_err(io_err(Path::new("/etc/group")))?
             .is_none()
         {
@@ -267,6 +273,7 @@ fn sync_host(
     let home_s = home.display().to_string();
     let shell = system::nologin();
     let etc = Path::new("/etc/passwd");
+    let group = config.server.group.as_str();
     let existing = accounts::user(account).map_err(io_err(etc))?;
     // Another account's jail (another fleet sharing the chroot) is never taken over.
     claim::check_jail(&home, account, existing.as_ref().map(|a| a.gid))?;
@@ -285,7 +292,7 @@ fn sync_host(
                     ACCOUNT_COMMENT,
                     "--user-group",
                     "--groups",
-                    GROUP,
+                    group,
                     account,
                 ],
             )?;
@@ -293,7 +300,7 @@ fn sync_host(
         }
         Some(a) => {
             // Checked again here: the account may have changed since the check up front.
-            if let Some(reason) = not_ours(&a, &home)? {
+            if let Some(reason) = not_ours(&a, &home, group)? {
                 return Err(SyncError::Foreign(vec![Foreign {
                     account: account.to_owned(),
                     reason,
@@ -307,9 +314,9 @@ fn sync_host(
                 system::run("usermod", &["--shell", shell, account])?;
                 changes.push(format!("shell {} -> {shell}", a.shell));
             }
-            if !system::groups_of(account)?.iter().any(|g| g == GROUP) {
-                system::run("usermod", &["--append", "--groups", GROUP, account])?;
-                changes.push(format!("added to group {GROUP}"));
+            if !system::groups_of(account)?.iter().any(|g| g == group) {
+                system::run("usermod", &["--append", "--groups", group, account])?;
+                changes.push(format!("added to group {group}"));
             }
         }
     }
@@ -382,7 +389,7 @@ fn write_key_file(path: &Path, key: Option<&PublicKey>) -> Result<bool, SyncErro
 }
 
 /// Removes this fleet's accounts that are no longer in `bento.toml`, and their key files:
-/// those with the fleet's prefix, in group `bento`, and (see `not_ours`) marked as bento's
+/// those with the fleet's prefix, in the fleet's group, and (see `not_ours`) marked as bento's
 /// with their home the host's directory in *this* fleet's chroot, so another fleet sharing
 /// the server and an overlapping prefix is never touched. Their published data stays,
 /// locked to root.
@@ -399,7 +406,8 @@ fn prune_accounts(
         let Some(rest) = account.strip_prefix(prefix.as_str()) else {
             continue;
         };
-        if wanted.contains(&account) || !system::groups_of(&account)?.iter().any(|g| g == GROUP) {
+        let in_group = system::groups_of(&account)?.contains(&config.server.group);
+        if wanted.contains(&account) || !in_group {
             continue;
         }
         let Ok(host) = HostName::new(rest) else {
@@ -408,7 +416,7 @@ fn prune_accounts(
         let Some(info) = accounts::user(&account).map_err(io_err(Path::new("/etc/passwd")))? else {
             continue;
         };
-        if not_ours(&info, &chroot.host_dir(&host))?.is_some() {
+        if not_ours(&info, &chroot.host_dir(&host), &config.server.group)?.is_some() {
             continue;
         }
         let result = remove_account(&info, &account, keys_dir);

@@ -1,8 +1,9 @@
 //! A private OpenSSH sshd for tests: on 127.0.0.1 at a free port, with its own host key,
 //! `known_hosts` and client keys, configured with exactly what `bento server sshd-config`
 //! prints, and host accounts made by `bento server sync-accounts` under a per-test account
-//! prefix (so concurrent tests never touch each other's accounts). Dropping it stops sshd
-//! by its pid and removes the accounts and every file it made.
+//! prefix and group (`[server] group`, so concurrent tests never touch each other's
+//! accounts, and no test's group holds another test's fleet). Dropping it stops sshd by its
+//! pid and removes the accounts, the group, its PAM limits file and every file it made.
 
 #![allow(dead_code)]
 
@@ -25,8 +26,23 @@ pub struct Sshd {
     pub dir: ScratchDir,
     pub port: u16,
     pub prefix: String,
+    /// This test's `[server] group`: the prefix without its `-` (`btabcd`).
+    pub group: String,
     pub hosts: Vec<String>,
     child: Option<Child>,
+}
+
+/// The per-test group of a fleet whose prefix is `prefix` (`btabcd-` gives `btabcd`).
+pub fn group_of(prefix: &str) -> String {
+    prefix.trim_end_matches('-').to_owned()
+}
+
+/// Removes a test's group and the PAM limits file sync-accounts wrote for it.
+pub fn remove_group(group: &str) {
+    let _ = fs::remove_file(bento::server::provision::limits_file(group));
+    if bento::sys::accounts::group(group).ok().flatten().is_some() {
+        let _ = Command::new("groupdel").arg(group).status();
+    }
 }
 
 fn mkdir(path: &Path, mode: u32) {
@@ -75,10 +91,12 @@ impl Sshd {
         mkdir(Path::new("/run/sshd"), 0o755);
 
         let dir = ScratchDir::new();
+        let prefix = unique_prefix();
         let mut sshd = Sshd {
             dir,
             port: 0,
-            prefix: unique_prefix(),
+            group: group_of(&prefix),
+            prefix,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             child: None,
         };
@@ -200,10 +218,11 @@ impl Sshd {
     /// Rewrites bento.toml with these hosts and keys (the server paths stay this test's).
     pub fn write_toml(&self, hosts: &[(String, Option<String>)]) {
         let mut text = format!(
-            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{}\"\n",
+            "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{}\"\ngroup = \"{}\"\n",
             self.chroot().display(),
             self.keys_dir().display(),
-            self.prefix
+            self.prefix,
+            self.group
         );
         for (host, key) in hosts {
             text.push_str(&format!("\n[hosts.{host}]\n"));
@@ -276,17 +295,38 @@ impl Sshd {
              KbdInteractiveAuthentication no\n\
              PermitRootLogin no\n\
              UsePAM no\n\
-             AllowGroups bento\n\
+             AllowGroups {group}\n\
              # Only the bento Match block grants keys.\n\
              AuthorizedKeysFile none\n\
              Subsystem sftp internal-sftp\n\
              {block}",
             port = self.port,
+            group = self.group,
             key = self.host_key().display(),
             block = String::from_utf8_lossy(&block.stdout),
         );
         fs::write(self.config(), text).unwrap();
         run_ok(Command::new(SSHD).arg("-t").arg("-f").arg(self.config()));
+    }
+
+    /// Stops sshd and starts it again on the same port from `config()` as it is now (a test
+    /// that rewrote it, e.g. to serve a second fleet); waits until it greets.
+    pub fn restart(&mut self) {
+        self.stop();
+        run_ok(Command::new(SSHD).arg("-t").arg("-f").arg(self.config()));
+        let child = self
+            .spawn()
+            .unwrap_or_else(|e| panic!("sshd did not restart: {e}"));
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM by pid: sshd closes its listener; sessions already ended with the test.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            wait_or_kill(&mut child, Duration::from_secs(5));
+        }
     }
 
     /// Starts sshd and waits (bounded) until it greets on its port.
@@ -426,12 +466,7 @@ pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Option<Output>
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM by pid: sshd closes its listener; sessions already ended with the test.
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            wait_or_kill(&mut child, Duration::from_secs(5));
-        }
+        self.stop();
         // The accounts go through the shipped code path: an empty fleet, pruned.
         self.write_toml(&[]);
         let _ = bento()
@@ -451,6 +486,7 @@ impl Drop for Sshd {
                 let _ = Command::new("userdel").args(["-f", &account]).status();
             }
         }
+        remove_group(&self.group);
     }
 }
 
