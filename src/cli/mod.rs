@@ -9,6 +9,7 @@ mod build;
 mod builds;
 mod completions;
 mod diff;
+mod dry_run;
 mod editor;
 // Exit statuses and the EXIT STATUS sections of --help and man pages (issue #25).
 pub mod exit;

@@ -46,6 +46,10 @@ pub struct Args {
     /// server lost every record of the serials its hosts applied: docs/operators.md)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     serial_floor: Option<u64>,
+    /// Print which hosts would get a new version and why (files, settings, configuration,
+    /// system changed; unchanged (same system); held), and write nothing
+    #[arg(long, conflicts_with_all = ["build", "wait"])]
+    dry_run: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -65,6 +69,16 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             output::note("every selected host is held: nothing published");
             return Ok(ExitCode::SUCCESS);
         }
+    }
+    if args.dry_run {
+        return super::dry_run::run(
+            &fleet,
+            &chroot,
+            &args.hosts,
+            args.no_eval,
+            args.serial_floor,
+            args.json,
+        );
     }
     if !crate::sys::accounts::is_root() {
         output::note("not running as root: directory owners in the chroot are left alone");
@@ -142,6 +156,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             serial_floor: args.serial_floor,
             action: "publish",
             release: &args.hosts,
+            dry_run: false,
         },
     )?;
     bar.finish_and_clear();
@@ -212,6 +227,8 @@ pub struct Tree<'a> {
     /// Hosts named one by one (`publish --host`): publishing them releases a rollback's
     /// hold. Every other rolled-back host keeps its live version.
     pub release: &'a [HostName],
+    /// Decide as publish does and write nothing: no journal, no hold released.
+    pub dry_run: bool,
 }
 
 /// Publishes the working tree into `chroot`, as `bento publish` and each rollout wave do:
@@ -222,6 +239,15 @@ pub fn publish_tree(
     chroot: &Chroot,
     tree: Tree<'_>,
 ) -> anyhow::Result<publish::Published> {
+    publish_tree_held(fleet, chroot, tree).map(|(published, _)| published)
+}
+
+/// [`publish_tree`], and the rolled-back hosts it left out.
+pub fn publish_tree_held(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    tree: Tree<'_>,
+) -> anyhow::Result<(publish::Published, Vec<crate::server::records::Hold>)> {
     let signer = publish::load_signer(fleet)?;
     if signer.is_none() {
         tracing::warn!(
@@ -232,11 +258,15 @@ pub fn publish_tree(
     let holds = crate::server::records::Holds::new(&records);
     let (only, held) = leave_held(fleet, chroot, &holds, tree.only, tree.release)?;
     let Some(only) = only else {
-        journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
-        return Ok(publish::Published {
+        if !tree.dry_run {
+            journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
+        }
+        let none = publish::Published {
             reports: Vec::new(),
             broken: Vec::new(),
-        });
+            changes: Default::default(),
+        };
+        return Ok((none, held));
     };
     let now = SystemTime::now();
     let scanner = Scanner::new(
@@ -247,13 +277,16 @@ pub fn publish_tree(
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
     let store = super::select::store_of(fleet, chroot)?;
-    let delivery = crate::server::delivery::FleetDelivery::new(
+    let mut delivery = crate::server::delivery::FleetDelivery::new(
         fleet,
         Nix::default(),
         tree.eval,
         tree.jobs,
         now,
     )?;
+    if tree.dry_run {
+        delivery = delivery.dry();
+    }
     let published = publish::run(
         fleet,
         &flakes,
@@ -274,9 +307,13 @@ pub fn publish_tree(
             on_host: tree.on_host,
             delivery: Some(&delivery),
             serial_floor: tree.serial_floor,
+            dry_run: tree.dry_run,
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    if tree.dry_run {
+        return Ok((published, held));
+    }
     journal_publish(
         fleet,
         chroot,
@@ -285,7 +322,7 @@ pub fn publish_tree(
         &held,
         &holds,
     )?;
-    Ok(published)
+    Ok((published, held))
 }
 
 /// Leaves out the rolled-back hosts not named one by one, each with a warning saying how to

@@ -1,0 +1,98 @@
+//! `publish --dry-run`: each host decided exactly as publish decides it (`host::decide`),
+//! and what its new version would change (`changes`), reading the store and never writing.
+
+use std::collections::BTreeMap;
+
+use super::changes::{self, Changes};
+use super::host::{decide, live_version, Decision};
+use super::{HostPlan, HostReport, PublishError, Status};
+use crate::protocol::layout::Key;
+use crate::protocol::HostName;
+use crate::server::hostfiles::Source;
+use crate::server::store::Store;
+
+/// The most a live `bento-host.json` is read for a comparison.
+const MAX_SETTINGS_BYTES: u64 = 1024 * 1024;
+
+/// What publishing `plan` would do: `published` (with what changes as its reason: `files
+/// changed, settings changed`), or the `unchanged` publish itself would report.
+pub fn report(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+) -> Result<HostReport, PublishError> {
+    match decide(store, plan, numbering)? {
+        Decision::Keep { report, .. } => Ok(report),
+        Decision::New(new) => {
+            let live = new.live.as_ref().map(|(_, m)| m);
+            let live_settings = live.and_then(|m| settings_of_live(store, &plan.host, m));
+            let what = changes::compare(
+                live.map(|m| (m, live_settings.as_deref())),
+                &new.manifest,
+                settings_of_plan(plan).as_deref(),
+            );
+            let mut why = what.summary().join(", ");
+            if why.is_empty() {
+                // Same content, new serial: the live one is not proven or below the floor.
+                why = "renumbered".to_owned();
+            }
+            Ok(HostReport {
+                host: plan.host.clone(),
+                status: Status::Published,
+                digest: None,
+                config_entries: new.manifest.config.len(),
+                files: new.manifest.files.len(),
+                objects: new.manifest.objects().len(),
+                new_objects: new
+                    .manifest
+                    .objects()
+                    .iter()
+                    .filter(|d| !store.exists(&plan.host, &Key::Object(**d)).unwrap_or(false))
+                    .count(),
+                bytes: 0,
+                error: None,
+                reason: Some(why),
+                warnings: new.warnings.clone(),
+            })
+        }
+    }
+}
+
+/// What each plan would change against its host's live version.
+pub fn changes(store: &dyn Store, plans: &[HostPlan]) -> BTreeMap<HostName, Changes> {
+    plans
+        .iter()
+        .map(|p| {
+            let live = live_version(store, &p.host).map(|(_, m)| m);
+            let live_settings = live
+                .as_ref()
+                .and_then(|m| settings_of_live(store, &p.host, m));
+            let c = changes::compare(
+                live.as_ref().map(|m| (m, live_settings.as_deref())),
+                &p.manifest,
+                settings_of_plan(p).as_deref(),
+            );
+            (p.host.clone(), c)
+        })
+        .collect()
+}
+
+fn settings_of_live(
+    store: &dyn Store,
+    host: &HostName,
+    m: &crate::protocol::manifest::Manifest,
+) -> Option<Vec<u8>> {
+    let d = changes::settings_digest(m)?;
+    store
+        .get(host, &Key::Object(d), MAX_SETTINGS_BYTES)
+        .ok()
+        .flatten()
+}
+
+fn settings_of_plan(plan: &HostPlan) -> Option<Vec<u8>> {
+    let d = changes::settings_digest(&plan.manifest)?;
+    match plan.sources.get(&d)? {
+        Source::Bytes(b) => Some(b.to_vec()),
+        Source::File(path) => std::fs::read(&**path).ok(),
+    }
+}
