@@ -96,18 +96,38 @@ fn planned(r: HostReport, changes: &mut BTreeMap<HostName, Changes>) -> Planned 
     }
 }
 
-/// `bento publish --dry-run [--json]`.
+/// `bento publish --dry-run [--json]`: the hosts `bento publish` with the same selection
+/// would publish (`--on`, `hold = true` as publish applies them).
 pub fn run(
-    fleet: &Fleet,
-    chroot: &Chroot,
-    hosts: &[HostName],
-    no_eval: bool,
-    serial_floor: Option<u64>,
-    json: bool,
+    fleet: Option<std::path::PathBuf>,
+    args: super::publish::Args,
 ) -> anyhow::Result<ExitCode> {
-    let (planned, broken) = plan(fleet, chroot, hosts, !no_eval, serial_floor)?;
+    use anyhow::Context as _;
+    let fleet = super::load_fleet(fleet)?;
+    let root = args
+        .chroot
+        .unwrap_or_else(|| fleet.config.server.chroot.clone());
+    let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
+    let chroot = Chroot::new(root);
+    let everything = args.hosts.is_empty() && args.on.on.is_empty();
+    let Some(hosts) = super::select::publishable(&fleet, &chroot, &args.hosts, &args.on.on)? else {
+        output::note("every selected host is held: nothing would be published");
+        if args.json {
+            output::json(&serde_json::json!({"result": "ok", "dry_run": true, "hosts": []}))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (json, hosts) = (args.json, &hosts[..]);
+    let (fleet, chroot) = (&fleet, &chroot);
+    let (planned, broken) = plan(fleet, chroot, hosts, !args.no_eval, args.serial_floor)?;
     let failed = planned.iter().filter(|p| p.result == "failed").count()
-        + if hosts.is_empty() { broken } else { 0 };
+        + if everything { broken } else { 0 };
+    let mut seen = std::collections::BTreeSet::new();
+    for w in planned.iter().flat_map(|p| &p.warnings) {
+        if seen.insert(w) {
+            output::warning(w);
+        }
+    }
     if json {
         output::json(&serde_json::json!({
             "result": if failed > 0 { "error" } else { "ok" },

@@ -17,39 +17,39 @@ use crate::sys::output;
 pub struct Args {
     /// Publish only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
-    hosts: Vec<HostName>,
+    pub(super) hosts: Vec<HostName>,
     // rollout (#13): --on selectors and --wait (cli/select.rs, cli/wait.rs).
     #[command(flatten)]
-    on: super::select::OnArgs,
+    pub(super) on: super::select::OnArgs,
     /// Then follow the published hosts until each reported on its newest version (exit 0
     /// only if all succeeded)
     #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true,
           default_missing_value = super::wait::DEFAULT_TIMEOUT, value_parser = super::wait::parse_timeout)]
-    wait: Option<std::time::Duration>,
+    pub(super) wait: Option<std::time::Duration>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
-    chroot: Option<PathBuf>,
+    pub(super) chroot: Option<PathBuf>,
     /// Print a JSON summary on stdout
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Build each host's system first and record it in the manifest as the expected system;
     /// hosts whose build fails are not published
     #[arg(long)]
-    build: bool,
+    pub(super) build: bool,
     /// With --build: builds at once (default: the number of cores)
     #[arg(long, short = 'j', value_name = "N", requires = "build", value_parser = clap::value_parser!(u16).range(1..))]
-    jobs: Option<u16>,
+    pub(super) jobs: Option<u16>,
     /// Skip the evaluation gate: publish hosts whose configuration does not evaluate
     #[arg(long)]
-    no_eval: bool,
+    pub(super) no_eval: bool,
     /// Number new versions from serial N at least, even with the same content (when the
     /// server lost every record of the serials its hosts applied: docs/operators.md)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    serial_floor: Option<u64>,
+    pub(super) serial_floor: Option<u64>,
     /// Print which hosts would get a new version and why (files, settings, configuration,
     /// system changed; unchanged (same system); held), and write nothing
     #[arg(long, conflicts_with_all = ["build", "wait"])]
-    dry_run: bool,
+    pub(super) dry_run: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -69,16 +69,6 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             output::note("every selected host is held: nothing published");
             return Ok(ExitCode::SUCCESS);
         }
-    }
-    if args.dry_run {
-        return super::dry_run::run(
-            &fleet,
-            &chroot,
-            &args.hosts,
-            args.no_eval,
-            args.serial_floor,
-            args.json,
-        );
     }
     if !crate::sys::accounts::is_root() {
         output::note("not running as root: directory owners in the chroot are left alone");

@@ -22,7 +22,7 @@ pub fn report(
     numbering: &super::Numbering<'_>,
 ) -> Result<HostReport, PublishError> {
     match decide(store, plan, numbering)? {
-        Decision::Keep { report, .. } => Ok(report),
+        Decision::Keep { report, .. } => Ok(*report),
         Decision::New(new) => {
             let live = new.live.as_ref().map(|(_, m)| m);
             let live_settings = live.and_then(|m| settings_of_live(store, &plan.host, m));

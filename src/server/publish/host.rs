@@ -109,7 +109,7 @@ pub enum Decision {
     /// The live version stays. `sign`: a signing fleet's live manifest still lacks its
     /// signature (a key configured since the last publish), which publish adds in place.
     Keep {
-        report: HostReport,
+        report: Box<HostReport>,
         sign: Option<Digest>,
     },
     /// A new version, numbered: what is written, and from which `current`.
@@ -136,7 +136,7 @@ pub fn decide(
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
         return Ok(Decision::Keep {
-            report: HostReport {
+            report: Box::new(HostReport {
                 host: host.clone(),
                 status: Status::Unchanged,
                 digest: Some(*digest),
@@ -148,7 +148,7 @@ pub fn decide(
                 error: None,
                 reason: Some(why.clone()),
                 warnings: Vec::new(),
-            },
+            }),
             sign: None,
         });
     }
@@ -177,10 +177,10 @@ pub fn decide(
                 _ => None,
             };
             return Ok(Decision::Keep {
-                report: HostReport {
+                report: Box::new(HostReport {
                     warnings,
                     ..report_of(plan, &manifest, Status::Unchanged, *digest, 0, 0)
-                },
+                }),
                 sign,
             });
         }
@@ -236,7 +236,7 @@ pub fn publish_host(
                     signer.sign(&bytes)?.as_bytes(),
                 )?;
             }
-            return Ok(report);
+            return Ok(*report);
         }
         Decision::New(new) => new,
     };
