@@ -59,6 +59,9 @@ fn diff_and_dry_run_name_a_secret_checks_and_interval_and_write_nothing() {
     cfg.push_str("interval = \"5m\"\nchecks = [{ command = [\"true\"] }]\n");
     fs::write(&toml, cfg).unwrap();
 
+    // Without its serial records (a state from before them), publish would write them
+    // first; a dry run must not.
+    fs::remove_dir_all(sshd.chroot().join(".bento/serials")).unwrap();
     let before = tree_fingerprint(&sshd.chroot());
     let (c, out, err) = run(&sshd, &["diff", "--host", "alpha"]);
     assert_eq!(c, 0, "{out}{err}");

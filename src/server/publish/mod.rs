@@ -414,6 +414,7 @@ pub fn run(
         signer: opts.signer,
         record: Some(&serials),
         floor: opts.serial_floor,
+        dry_run: opts.dry_run,
     };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
