@@ -80,7 +80,7 @@ pub fn plan(
 
 fn planned(r: HostReport, changes: &mut BTreeMap<HostName, Changes>) -> Planned {
     let (result, live) = match r.status {
-        Status::Published => ("new version", None),
+        Status::Published => ("new version", r.digest),
         Status::Unchanged => ("unchanged", r.digest),
         Status::Failed => ("failed", r.digest),
     };
