@@ -30,14 +30,14 @@ pub struct Planned {
 }
 
 /// Plans `hosts` (empty: every host) as `bento publish` would, writing nothing. Also
-/// returns how many flake directories could not list their hosts.
+/// returns the flake directories that could not list their hosts.
 pub fn plan(
     fleet: &Fleet,
     chroot: &Chroot,
     hosts: &[HostName],
     eval: bool,
     serial_floor: Option<u64>,
-) -> anyhow::Result<(Vec<Planned>, usize)> {
+) -> anyhow::Result<(Vec<Planned>, Vec<crate::server::fleet::BrokenDir>)> {
     let (published, held) = super::publish::publish_tree_held(
         fleet,
         chroot,
@@ -75,7 +75,7 @@ pub fn plan(
         });
     }
     out.sort_by(|a, b| a.host.cmp(&b.host));
-    Ok((out, published.broken.len()))
+    Ok((out, published.broken))
 }
 
 fn planned(r: HostReport, changes: &mut BTreeMap<HostName, Changes>) -> Planned {
@@ -120,8 +120,12 @@ pub fn run(
     let (json, hosts) = (args.json, &hosts[..]);
     let (fleet, chroot) = (&fleet, &chroot);
     let (planned, broken) = plan(fleet, chroot, hosts, !args.no_eval, args.serial_floor)?;
+    for b in &broken {
+        let what = if everything { "error" } else { "warning" };
+        eprintln!("{what}: {b}; none of its hosts would be published");
+    }
     let failed = planned.iter().filter(|p| p.result == "failed").count()
-        + if everything { broken } else { 0 };
+        + if everything { broken.len() } else { 0 };
     let mut seen = std::collections::BTreeSet::new();
     for w in planned.iter().flat_map(|p| &p.warnings) {
         if seen.insert(w) {
@@ -130,7 +134,7 @@ pub fn run(
     }
     if json {
         output::json(&serde_json::json!({
-            "result": if failed > 0 { "error" } else { "ok" },
+            "result": if failed > 0 { "failed" } else { "ok" },
             "dry_run": true,
             "hosts": planned,
         }))?;
