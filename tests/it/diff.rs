@@ -2,7 +2,8 @@
 //! change a new version would carry (a `files/` secret by path and hash, never its
 //! contents; settings by key) besides whether the system changes, and whether publishing
 //! makes a new version; `bento publish --dry-run` says the same, and neither writes: every
-//! file under the chroot, its `.bento/` state included, keeps its bytes and mode.
+//! file under the chroot, its `.bento/` state included, keeps its bytes and mode. An `.age`
+//! secret is named by its ciphertext's hash.
 
 use std::fs;
 
@@ -139,4 +140,51 @@ fn diff_and_dry_run_name_a_secret_checks_and_interval_and_write_nothing() {
     let doc = json(&out);
     assert_eq!(doc["hosts"][0]["result"], "unchanged", "{doc}");
     assert_eq!(doc["hosts"][0]["new_version"], false, "{doc}");
+
+    // An `.age` secret, re-encrypted with new contents: named by its ciphertext's hash,
+    // marked secret, never decrypted or shown.
+    let age = sshd
+        .fleet()
+        .join("hosts/alpha/files/alpha/etc/bento-it/api.age");
+    encrypt_for(&sshd, "first api token\n", &age);
+    sshd.publish();
+    let token = format!("second api token {}", sshd.prefix);
+    encrypt_for(&sshd, &format!("{token}\n"), &age);
+    let sha = bento::protocol::manifest::Digest::of(&fs::read(&age).unwrap()).to_hex();
+    let (c, out, err) = run(&sshd, &["diff"]);
+    assert_eq!(c, 0, "{out}{err}");
+    assert!(
+        out.lines().any(
+            |l| l.contains("files: changed etc/bento-it/api.age (secret, sha256")
+                && l.contains(&format!("→ {}", &sha[..12]))
+        ),
+        "{out}"
+    );
+    assert!(out.contains("new version: yes (files changed)"), "{out}");
+    let (c, out, err) = run(&sshd, &["diff", "--json"]);
+    assert_eq!(c, 0, "{out}{err}");
+    let doc = json(&out);
+    let file = &doc[0]["tree"]["files"][0];
+    assert_eq!(file["path"], "etc/bento-it/api.age", "{doc}");
+    assert_eq!(file["secret"], true, "{doc}");
+    assert_eq!(file["sha256_after"], sha.as_str(), "{doc}");
+    assert!(!out.contains(&token), "{out}");
+}
+
+/// Encrypts `text` to host alpha's key with the age CLI into `to`.
+fn encrypt_for(sshd: &Sshd, text: &str, to: &std::path::Path) {
+    let plain = sshd.dir.join("plain");
+    fs::write(&plain, text).unwrap();
+    let recipients = sshd.dir.join("recipients");
+    fs::write(&recipients, format!("{}\n", sshd.public_key("alpha"))).unwrap();
+    let st = std::process::Command::new("/usr/bin/age")
+        .args(["-a", "-R"])
+        .arg(&recipients)
+        .arg("-o")
+        .arg(to)
+        .arg(&plain)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::remove_file(&plain).unwrap();
 }
