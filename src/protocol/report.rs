@@ -277,6 +277,24 @@ mod tests {
         };
         let text = String::from_utf8(r.to_bytes()).unwrap();
         assert!(text.contains("\"outcome\": \"rollback\""), "{text}");
+        assert!(!text.contains("clock_warning"), "absent unless set: {text}");
         assert_eq!(Report::parse(text.as_bytes()).unwrap(), r);
+        assert!(!r.same_system(), "a rollback");
+
+        // A success that built the system it ran: `unchanged (same system)`.
+        let same = Report {
+            outcome: Outcome::Success,
+            built_system: r.system_before.clone(),
+            clock_warning: Some("the manifest was created …".into()),
+            ..r.clone()
+        };
+        assert!(same.same_system());
+        let text = String::from_utf8(same.to_bytes()).unwrap();
+        assert_eq!(Report::parse(text.as_bytes()).unwrap(), same);
+        let other = Report {
+            outcome: Outcome::Success,
+            ..r
+        };
+        assert!(!other.same_system(), "it built another system");
     }
 }
