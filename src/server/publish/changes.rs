@@ -22,7 +22,8 @@ pub struct Changes {
     pub files: Vec<FileChange>,
     /// Settings in `bento-host.json` that differ, by key.
     pub settings: Vec<SettingChange>,
-    /// The system the manifest names (`publish --build`, `build_on = "server"`).
+    /// The system the manifest names (`publish --build`, `build_on = "server"`), when the
+    /// new one names one and it differs.
     pub system: Option<SystemChange>,
 }
 
@@ -130,7 +131,9 @@ pub fn compare(
         config: config_changes(&live.config, &new.config),
         files: file_changes(&live.files, &new.files),
         settings: setting_changes(live_settings, new_settings),
-        system: (live.system != new.system).then(|| SystemChange {
+        // A new manifest without a system (published without `--build`) claims nothing
+        // about it: only a different named system is a system change.
+        system: (new.system.is_some() && live.system != new.system).then(|| SystemChange {
             before: live.system.as_ref().map(ToString::to_string),
             after: new.system.as_ref().map(ToString::to_string),
         }),
@@ -383,6 +386,14 @@ mod tests {
         let c = compare(Some((&m, None)), &m, None);
         assert!(c.is_empty(), "{c:?}");
         assert!(c.summary().is_empty());
+        // A system named by the new manifest is a change; one left out is not.
+        let x = "/nix/store/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-nixos-system-alpha-1";
+        let mut built = m.clone();
+        built.system = Some(crate::protocol::StorePath::new(x).unwrap());
+        let c = compare(Some((&m, None)), &built, None);
+        assert_eq!(c.summary(), ["system changed"]);
+        assert_eq!(c.system.unwrap().after.as_deref(), Some(x));
+        assert!(compare(Some((&built, None)), &m, None).is_empty());
         let first = compare(None, &m, None);
         assert!(!first.is_empty());
         assert_eq!(first.summary(), ["first version"]);
