@@ -71,6 +71,8 @@ pub struct Attempt<'a> {
     /// A connection made after activation reached the server (so the report can go at once,
     /// even after a rollback a failed check caused).
     pub confirmed: bool,
+    /// The manifest's time disagrees with this machine's clock (the report carries it).
+    pub clock_warning: Option<String>,
 }
 
 fn failed(e: &dyn std::fmt::Display) -> AttemptError {
@@ -106,8 +108,8 @@ impl Attempt<'_> {
         if let Some(w) =
             super::decide::clock_warning(&manifest.created, std::time::SystemTime::now())
         {
-            tracing::warn!("{w}");
-            log.step(&format!("warning: {w}"));
+            log.warn(&format!("warning: {w}"));
+            self.clock_warning = Some(w);
         }
         self.created = Some(manifest.created.clone());
         self.serial = (manifest.serial > 0).then_some(manifest.serial);

@@ -83,6 +83,7 @@ impl<'a> Run<'a> {
             log_tail: self.log.tail(),
             reboot_required: attempt.reboot_required,
             checks: attempt.checks.clone(),
+            clock_warning: attempt.clock_warning.clone(),
         }
     }
 
@@ -138,6 +139,10 @@ impl<'a> Run<'a> {
         };
         match &error {
             Some(e) => self.log.warn(&format!("{}: {e}", outcome.as_str())),
+            None if same_system(self.running.as_ref(), attempt) => self.log.step(&format!(
+                "success: unchanged (same system): version {} runs the system this machine already ran",
+                attempt.version.short()
+            )),
             None => self.log.step("success"),
         }
         let finished = (opts.now)();
@@ -220,6 +225,12 @@ impl<'a> Run<'a> {
             Outcome::Rollback => RunResult::RolledBack(Box::new(report)),
         })
     }
+}
+
+/// The attempt built the very system this machine ran when the run started (issue #24
+/// item 5): the version changed only files or settings, or nothing this host runs.
+fn same_system(running: Option<&StorePath>, attempt: &Attempt<'_>) -> bool {
+    attempt.built.is_some() && running == attempt.built.as_ref()
 }
 
 /// What the state keeps of a finished attempt.

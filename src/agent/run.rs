@@ -138,6 +138,7 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 installed: state.installed_files.clone(),
                 checks: Vec::new(),
                 confirmed: false,
+                clock_warning: None,
             };
             let result = attempt.run(&mut conn, prefetched, opts, &mut run.log, &mut run.timings);
             run.finish(opts, &mut state, &mut conn, &attempt, result)

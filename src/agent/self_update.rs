@@ -78,6 +78,7 @@ pub fn self_update(
         installed: state.installed_files.clone(),
         checks: Vec::new(),
         confirmed: false,
+        clock_warning: None,
     };
     let no_change = |why: &str| {
         let _ = std::fs::remove_dir_all(&work);

@@ -194,6 +194,7 @@ fn update(config: &std::path::Path, force: bool, json: bool) -> anyhow::Result<E
     if json {
         let (word, reason, report) = match &result {
             RunResult::NoOp { reason } => ("nothing-to-do", Some(reason.as_str()), None),
+            RunResult::Updated(r) if r.same_system() => ("unchanged", Some("same system"), Some(r)),
             RunResult::Updated(r) => ("updated", None, Some(r)),
             RunResult::Failed(r) => ("failed", None, Some(r)),
             RunResult::RolledBack(r) => ("rolled-back", None, Some(r)),
@@ -207,6 +208,11 @@ fn update(config: &std::path::Path, force: bool, json: bool) -> anyhow::Result<E
     }
     match &result {
         RunResult::NoOp { reason } => output::line(&format!("nothing to do: {reason}")),
+        RunResult::Updated(r) if r.same_system() => output::line(&format!(
+            "unchanged (same system): applied version {}, which runs the system already running ({})",
+            r.version.short(),
+            r.built_system.as_deref().unwrap_or("-")
+        )),
         RunResult::Updated(r) => output::line(&format!(
             "updated to version {} ({})",
             r.version.short(),

@@ -1,6 +1,8 @@
 //! `bento diff`: per host, what changes between the system it runs (from its heartbeat) and
 //! the one the working tree builds to (`--published`: the live manifest's or `bento build`'s): packages added, removed and
-//! changed, and closure sizes.
+//! changed, and closure sizes; and what publishing the working tree would change against the
+//! live version (configuration files, `files/` entries by hash, settings) and whether that
+//! makes a new version, as `publish --dry-run` decides it (never re-decided here).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,8 +28,9 @@ pub struct Args {
     /// Compare with the published version's expected system instead of the working tree's
     #[arg(long)]
     published: bool,
-    /// Print a JSON array on stdout: per host, `status`, the two systems, `message` and the
-    /// `diff` (`changes`, nvd's `text`, closure sizes)
+    /// Print a JSON array on stdout: per host, `status`, the two systems, `message`, the
+    /// `diff` (`changes`, nvd's `text`, closure sizes), and `new_version`, `publish`,
+    /// `reason` and `tree` (the working tree's changes against the live version)
     #[arg(long)]
     json: bool,
 }
@@ -44,6 +47,16 @@ struct HostDiff {
     /// What the text output says besides the diff.
     message: Option<String>,
     diff: Option<ClosureDiff>,
+    /// Whether publishing the working tree now gives the host a new version (`None`: the
+    /// host is not in the working tree).
+    new_version: Option<bool>,
+    /// What publish would do: `new version`, `unchanged`, `held`, `failed`.
+    publish: Option<&'static str>,
+    /// Why (`files changed, settings changed`, `same system`, a hold, publish's error).
+    reason: Option<String>,
+    /// The working tree against the live version: configuration files, `files/` entries
+    /// (path and hash, never contents), settings, the manifest's system.
+    tree: Option<crate::server::publish::Changes>,
 }
 
 impl HostDiff {
@@ -55,6 +68,10 @@ impl HostDiff {
             expected_system: row.expected_system.as_ref().map(ToString::to_string),
             message,
             diff: None,
+            new_version: None,
+            publish: None,
+            reason: None,
+            tree: None,
         }
     }
 
@@ -96,6 +113,12 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         crate::server::preview::working_tree(&fleet, &chroot, &nix, &args.hosts)?
     };
+    // The systems are compared whatever publish's planning says (a key this user cannot
+    // read, a bento.toml publish refuses): its error is named, the rest still shown.
+    let planned = publish_plan(&fleet, &chroot, &args.hosts).unwrap_or_else(|e| {
+        output::warning(&format!("cannot tell what publishing would change: {e:#}"));
+        Vec::new()
+    });
     let nvd = closure::find_nvd();
     let mut diffs = Vec::new();
     for row in rows.iter_mut() {
@@ -119,7 +142,23 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             )),
             None => None,
         };
-        diffs.push(early.unwrap_or_else(|| compare(&nix, nvd.as_deref(), row)));
+        let mut d = early.unwrap_or_else(|| compare(&nix, nvd.as_deref(), row));
+        if let Some(p) = planned.iter().find(|p| p.host == d.host) {
+            d.new_version = Some(p.new_version);
+            d.publish = Some(p.result);
+            d.reason = p.error.clone().or_else(|| p.reason.clone());
+            d.tree = p.changes.clone();
+            if d.status == "unchanged" && p.changes.as_ref().is_some_and(|c| !c.is_empty()) {
+                d.message = Some(format!(
+                    "runs the expected system {}; the system does not change",
+                    row.expected_system
+                        .as_ref()
+                        .map(|s| s.short_hash(8).to_string())
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        diffs.push(d);
     }
     let failed = diffs.iter().filter(|d| d.failed()).count();
     if args.json {
@@ -137,6 +176,33 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What `publish --dry-run` says of the working tree's hosts among `hosts` (empty: all);
+/// nothing without a `hosts/` directory (a fleet known only from its chroot).
+fn publish_plan(
+    fleet: &crate::server::fleet::Fleet,
+    chroot: &crate::protocol::layout::Chroot,
+    hosts: &[HostName],
+) -> anyhow::Result<Vec<super::dry_run::Planned>> {
+    if !fleet.root.join(crate::server::fleet::HOSTS_DIR).is_dir() {
+        return Ok(Vec::new());
+    }
+    let only: Vec<HostName> = if hosts.is_empty() {
+        Vec::new()
+    } else {
+        let defined = super::select::discovered(fleet, chroot)?;
+        let only: Vec<HostName> = hosts
+            .iter()
+            .filter(|h| defined.contains(h))
+            .cloned()
+            .collect();
+        if only.is_empty() {
+            return Ok(Vec::new());
+        }
+        only
+    };
+    Ok(super::dry_run::plan(fleet, chroot, &only, true, None)?.0)
 }
 
 /// One host's comparison.
@@ -215,6 +281,7 @@ fn print_host(d: &HostDiff) {
             "{host}: {}",
             d.message.as_deref().unwrap_or_default()
         ));
+        print_tree(d);
         return;
     }
     output::line(&format!(
@@ -227,6 +294,69 @@ fn print_host(d: &HostDiff) {
     }
     if let Some(m) = &d.message {
         output::line(&format!("  {m}"));
+    }
+    print_tree(d);
+}
+
+/// The working tree's changes and publish's decision: `  files: changed secrets/db.age
+/// (sha256 1a2b3c4d… → 5e6f7a8b…)`, `  settings: interval "15m" → "5m"`, `  new version: yes
+/// (files changed, settings changed)`.
+fn print_tree(d: &HostDiff) {
+    let Some(publish) = d.publish else {
+        return;
+    };
+    if let Some(t) = &d.tree {
+        let short = |h: &Option<String>| {
+            h.as_deref()
+                .map(|h| format!("{}…", &h[..h.len().min(12)]))
+                .unwrap_or_else(|| "∅".to_owned())
+        };
+        if t.first_version {
+            output::line("  first version: nothing published for it yet");
+        }
+        for c in &t.config {
+            output::line(&format!(
+                "  configuration: {} {}",
+                c.change.as_str(),
+                c.path
+            ));
+        }
+        for f in &t.files {
+            let mut what = format!(
+                "  files: {} {} ({}sha256 {} → {})",
+                f.change.as_str(),
+                f.path,
+                if f.secret { "secret, " } else { "" },
+                short(&f.sha256_before),
+                short(&f.sha256_after)
+            );
+            if !f.attributes.is_empty() {
+                what.push_str(&format!(" [{}]", f.attributes.join(", ")));
+            }
+            output::line(&what);
+        }
+        for s in &t.settings {
+            output::line(&format!("  settings: {} {} → {}", s.key, s.before, s.after));
+        }
+        if let Some(s) = &t.system {
+            let p = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".to_owned());
+            output::line(&format!("  system: {} → {}", p(&s.before), p(&s.after)));
+        }
+    }
+    let answer = match (publish, d.new_version) {
+        (_, Some(true)) => "yes".to_owned(),
+        ("unchanged", _) => "no (unchanged)".to_owned(),
+        (word, _) => format!("no ({word})"),
+    };
+    match &d.reason {
+        Some(why) if d.new_version == Some(true) => {
+            output::line(&format!("  new version: {answer} ({why})"))
+        }
+        Some(why) if publish == "unchanged" => {
+            output::line(&format!("  new version: no (unchanged ({why}))"))
+        }
+        Some(why) => output::line(&format!("  new version: {answer}: {why}")),
+        None => output::line(&format!("  new version: {answer}")),
     }
 }
 

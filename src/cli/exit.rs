@@ -18,7 +18,7 @@ pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
     match path {
         ["agent", "update"] => vec![
             (RunResult::EXIT_NOOP, "nothing to do: up to date, nothing published, backing off, or the live version was rolled back before"),
-            (RunResult::EXIT_UPDATED, "a new version was applied (systemd counts it a success: SuccessExitStatus=10)"),
+            (RunResult::EXIT_UPDATED, "a new version was applied (systemd counts it a success: SuccessExitStatus=10); the output says `unchanged (same system)` when it runs the system already running"),
             (RunResult::EXIT_FAILED, "failed: fetching, building or activating failed and the running system was kept (or a health check failed with on_failure = \"keep\")"),
             (RunResult::EXIT_ROLLED_BACK, "rolled back: activated, then lost the server or failed a health check, and went back to the previous system"),
             (ERROR, "the run could not start or reach the server (bad agent.toml, not root, unreachable)"),
@@ -37,7 +37,11 @@ pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
             (SUCCESS, "the server and every host account are set up as bento.toml says"),
             (ERROR, "a problem was found (listed per host) or the check could not run"),
         ],
-        ["publish"] | ["rollout"] | ["rollback"] | ["trigger"] | ["build"] | ["flake-update"] => vec![
+        ["publish"] => vec![
+            (SUCCESS, "every selected host succeeded (with --dry-run: every selected host could be published, whether or not it would get a new version)"),
+            (ERROR, "a host failed (the others were still done; with --dry-run: would fail) or the command could not run"),
+        ],
+        ["rollout"] | ["rollback"] | ["trigger"] | ["build"] | ["flake-update"] => vec![
             (SUCCESS, "every selected host succeeded"),
             (ERROR, "a host failed (the others were still done) or the command could not run"),
         ],

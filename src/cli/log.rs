@@ -80,6 +80,7 @@ fn table(runs: &[Run]) -> Vec<String> {
             let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
             let outcome = match (&r.unreadable, r.outcome) {
                 (Some(_), _) => "unreadable".to_owned(),
+                (None, Some(_)) if r.same_system => "success (same system)".to_owned(),
                 (None, Some(o)) => o.as_str().to_owned(),
                 (None, None) => "-".to_owned(),
             };

@@ -9,6 +9,7 @@ mod build;
 mod builds;
 mod completions;
 mod diff;
+mod dry_run;
 mod editor;
 // Exit statuses and the EXIT STATUS sections of --help and man pages (issue #25).
 pub mod exit;
@@ -198,6 +199,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init::run(args),
         Command::Keygen(args) => keygen::run(args),
+        Command::Publish(c) if c.args.dry_run => dry_run::run(fleet(c.fleet), c.args),
         Command::Publish(c) => publish::run(fleet(c.fleet), c.args),
         Command::Build(c) => build::run(fleet(c.fleet), c.args),
         Command::Status(c) => status::run(fleet(c.fleet), c.args),

@@ -17,35 +17,39 @@ use crate::sys::output;
 pub struct Args {
     /// Publish only this host (repeatable)
     #[arg(long = "host", value_name = "NAME", value_parser = super::select::parse_host)]
-    hosts: Vec<HostName>,
+    pub(super) hosts: Vec<HostName>,
     // rollout (#13): --on selectors and --wait (cli/select.rs, cli/wait.rs).
     #[command(flatten)]
-    on: super::select::OnArgs,
+    pub(super) on: super::select::OnArgs,
     /// Then follow the published hosts until each reported on its newest version (exit 0
     /// only if all succeeded)
     #[arg(long, value_name = "TIMEOUT", num_args = 0..=1, require_equals = true,
           default_missing_value = super::wait::DEFAULT_TIMEOUT, value_parser = super::wait::parse_timeout)]
-    wait: Option<std::time::Duration>,
+    pub(super) wait: Option<std::time::Duration>,
     /// The chroot root (default: [server] chroot in bento.toml, else /srv/bento)
     #[arg(long, value_name = "DIR")]
-    chroot: Option<PathBuf>,
+    pub(super) chroot: Option<PathBuf>,
     /// Print a JSON summary on stdout
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Build each host's system first and record it in the manifest as the expected system;
     /// hosts whose build fails are not published
     #[arg(long)]
-    build: bool,
+    pub(super) build: bool,
     /// With --build: builds at once (default: the number of cores)
     #[arg(long, short = 'j', value_name = "N", requires = "build", value_parser = clap::value_parser!(u16).range(1..))]
-    jobs: Option<u16>,
+    pub(super) jobs: Option<u16>,
     /// Skip the evaluation gate: publish hosts whose configuration does not evaluate
     #[arg(long)]
-    no_eval: bool,
+    pub(super) no_eval: bool,
     /// Number new versions from serial N at least, even with the same content (when the
     /// server lost every record of the serials its hosts applied: docs/operators.md)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    serial_floor: Option<u64>,
+    pub(super) serial_floor: Option<u64>,
+    /// Print which hosts would get a new version and why (files, settings, configuration,
+    /// system changed; unchanged (same system); held), and write nothing
+    #[arg(long, conflicts_with_all = ["build", "wait"])]
+    pub(super) dry_run: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -142,6 +146,7 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
             serial_floor: args.serial_floor,
             action: "publish",
             release: &args.hosts,
+            dry_run: false,
         },
     )?;
     bar.finish_and_clear();
@@ -212,6 +217,8 @@ pub struct Tree<'a> {
     /// Hosts named one by one (`publish --host`): publishing them releases a rollback's
     /// hold. Every other rolled-back host keeps its live version.
     pub release: &'a [HostName],
+    /// Decide as publish does and write nothing: no journal, no hold released.
+    pub dry_run: bool,
 }
 
 /// Publishes the working tree into `chroot`, as `bento publish` and each rollout wave do:
@@ -222,6 +229,15 @@ pub fn publish_tree(
     chroot: &Chroot,
     tree: Tree<'_>,
 ) -> anyhow::Result<publish::Published> {
+    publish_tree_held(fleet, chroot, tree).map(|(published, _)| published)
+}
+
+/// [`publish_tree`], and the rolled-back hosts it left out.
+pub fn publish_tree_held(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    tree: Tree<'_>,
+) -> anyhow::Result<(publish::Published, Vec<crate::server::records::Hold>)> {
     let signer = publish::load_signer(fleet)?;
     if signer.is_none() {
         tracing::warn!(
@@ -232,11 +248,15 @@ pub fn publish_tree(
     let holds = crate::server::records::Holds::new(&records);
     let (only, held) = leave_held(fleet, chroot, &holds, tree.only, tree.release)?;
     let Some(only) = only else {
-        journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
-        return Ok(publish::Published {
+        if !tree.dry_run {
+            journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
+        }
+        let none = publish::Published {
             reports: Vec::new(),
             broken: Vec::new(),
-        });
+            changes: Default::default(),
+        };
+        return Ok((none, held));
     };
     let now = SystemTime::now();
     let scanner = Scanner::new(
@@ -247,13 +267,16 @@ pub fn publish_tree(
     let flakes = NixFlakeHosts::new(Nix::default(), Some(chroot.flake_cache_path()));
     let lock_path = chroot.lock_path();
     let store = super::select::store_of(fleet, chroot)?;
-    let delivery = crate::server::delivery::FleetDelivery::new(
+    let mut delivery = crate::server::delivery::FleetDelivery::new(
         fleet,
         Nix::default(),
         tree.eval,
         tree.jobs,
         now,
     )?;
+    if tree.dry_run {
+        delivery = delivery.dry();
+    }
     let published = publish::run(
         fleet,
         &flakes,
@@ -274,9 +297,13 @@ pub fn publish_tree(
             on_host: tree.on_host,
             delivery: Some(&delivery),
             serial_floor: tree.serial_floor,
+            dry_run: tree.dry_run,
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
+    if tree.dry_run {
+        return Ok((published, held));
+    }
     journal_publish(
         fleet,
         chroot,
@@ -285,7 +312,7 @@ pub fn publish_tree(
         &held,
         &holds,
     )?;
-    Ok(published)
+    Ok((published, held))
 }
 
 /// Leaves out the rolled-back hosts not named one by one, each with a warning saying how to

@@ -83,6 +83,7 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         signer: signer.as_ref(),
         record: Some(&serials),
         floor: None,
+        dry_run: false,
     };
     let mut done = Vec::new();
     let mut errors = Vec::new();

@@ -439,6 +439,7 @@ fn publish_hosts(
             serial_floor: None,
             action: "rollout step",
             release: &[],
+            dry_run: false,
         },
     )?;
     for b in &published.broken {

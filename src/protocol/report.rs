@@ -108,6 +108,10 @@ pub struct Report {
     /// Every health check's result (the built-in one first), when they ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<crate::protocol::check::CheckResult>,
+    /// The manifest's creation time was more than 5 minutes ahead of the agent's clock:
+    /// one of the two clocks is wrong (what the agent logged at WARN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_warning: Option<String>,
 }
 
 /// Written by every run, including no-op runs: the host was seen, running this.
@@ -147,6 +151,14 @@ pub struct Heartbeat {
 }
 
 impl Report {
+    /// A success that activated the system the machine already ran (`unchanged (same
+    /// system)` rather than `updated`: only files or settings, if anything, changed).
+    pub fn same_system(&self) -> bool {
+        self.outcome == Outcome::Success
+            && self.system_before.is_some()
+            && self.system_before == self.built_system
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("report serialises");
         v.push(b'\n');
@@ -261,9 +273,28 @@ mod tests {
             log_tail: "…".into(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_warning: None,
         };
         let text = String::from_utf8(r.to_bytes()).unwrap();
         assert!(text.contains("\"outcome\": \"rollback\""), "{text}");
+        assert!(!text.contains("clock_warning"), "absent unless set: {text}");
         assert_eq!(Report::parse(text.as_bytes()).unwrap(), r);
+        assert!(!r.same_system(), "a rollback");
+
+        // A success that built the system it ran: `unchanged (same system)`.
+        let same = Report {
+            outcome: Outcome::Success,
+            built_system: r.system_before.clone(),
+            clock_warning: Some("the manifest was created …".into()),
+            ..r.clone()
+        };
+        assert!(same.same_system());
+        let text = String::from_utf8(same.to_bytes()).unwrap();
+        assert_eq!(Report::parse(text.as_bytes()).unwrap(), same);
+        let other = Report {
+            outcome: Outcome::Success,
+            ..r
+        };
+        assert!(!other.same_system(), "it built another system");
     }
 }

@@ -74,6 +74,8 @@ pub struct Run {
     /// The report's health-check results, as it carries them; always present, empty when the
     /// run ran none (or the report is unreadable).
     pub checks: Vec<CheckResult>,
+    /// A success that activated the system the host already ran (`unchanged (same system)`).
+    pub same_system: bool,
 }
 
 /// A host's runs and what else it left in `logs/reports/`.
@@ -161,6 +163,7 @@ fn run_of(store: &dyn Store, host: &HostName, id: &str, has_log: bool) -> Run {
         has_log,
         unreadable: Some(why),
         checks: Vec::new(),
+        same_system: false,
     };
     let bytes = match store.read_log(host, Some(REPORTS_DIR), &format!("{id}.json")) {
         Ok(b) => b,
@@ -168,6 +171,7 @@ fn run_of(store: &dyn Store, host: &HostName, id: &str, has_log: bool) -> Run {
     };
     match Report::parse(&bytes) {
         Ok(r) if r.id == id => Run {
+            same_system: r.same_system(),
             id: r.id,
             time: Some(r.started.to_string()),
             outcome: Some(r.outcome),
@@ -253,6 +257,7 @@ mod tests {
             log_tail: String::new(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_warning: None,
         }
     }
 

@@ -84,7 +84,8 @@ pub fn working_tree(
     Ok(out)
 }
 
-fn output_of(nix: &Nix, drv: &StorePath) -> Option<StorePath> {
+/// The output path a system derivation names (built or not).
+pub fn output_of(nix: &Nix, drv: &StorePath) -> Option<StorePath> {
     let out = nix
         .run("nix-store", &["--query", "--outputs", drv.as_str()])
         .ok()?;

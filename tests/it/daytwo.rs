@@ -195,6 +195,8 @@ fn every_json_command_prints_one_json_document_when_it_fails() {
         ("journal", vec!["journal", "--fleet", nowhere]),
         ("log", vec!["log", "alpha", "--fleet", nowhere]),
         ("publish", vec!["publish", "--fleet", nowhere]),
+        // publish --dry-run has its own path through the CLI.
+        ("publish", vec!["publish", "--dry-run", "--fleet", nowhere]),
         ("rollback", vec!["rollback", "alpha", "--fleet", nowhere]),
         ("rollout", vec!["rollout", "--fleet", nowhere]),
         ("server check", vec!["server", "--fleet", nowhere, "check"]),
@@ -208,6 +210,7 @@ fn every_json_command_prints_one_json_document_when_it_fails() {
     ];
     let mut covered: Vec<String> = cases.iter().map(|(n, _)| (*n).to_owned()).collect();
     covered.sort();
+    covered.dedup();
     assert_eq!(
         covered,
         json_commands(),
@@ -331,4 +334,84 @@ fn a_deep_state_dir_still_connects() {
     // And the no-op run after it (the confirmation connected a second time already).
     let out = m.update();
     assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+}
+
+/// Issue #24 item 5, the agent's side: a version that changes only a file activates the
+/// system the machine already runs; the agent says `unchanged (same system)`, not
+/// `updated`, `bento log` says so, and `bento publish --wait` counts the host confirmed.
+#[test]
+fn an_agent_that_activates_the_system_it_runs_says_unchanged_same_system() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let m = Machine::new(&sshd, "alpha", "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("updated to version"),
+        "{}",
+        text(&out)
+    );
+    let running = m.profile_target().unwrap();
+    let secret = sshd
+        .fleet()
+        .join("hosts/alpha/files/alpha/etc/bento-it/secret");
+    fs::write(&secret, "only a file changes\n").unwrap();
+    sshd.publish();
+    let out = m.update_with(&[], &["--json"]);
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(doc["result"], "unchanged", "{doc}");
+    assert_eq!(doc["reason"], "same system", "{doc}");
+    assert_eq!(doc["report"]["outcome"], "success", "{doc}");
+    let report = m.latest_report();
+    assert!(report.same_system(), "{report:?}");
+    assert_eq!(report.built_system.as_deref(), Some(running.as_str()));
+    assert_eq!(
+        fs::read_to_string(m.base.join("root/etc/bento-it/secret")).unwrap(),
+        "only a file changes\n",
+        "the file of the new version is installed"
+    );
+    let log = bento()
+        .args(["log", "alpha", "--fleet"])
+        .arg(sshd.fleet())
+        .output()
+        .unwrap();
+    let log_text = String::from_utf8_lossy(&log.stdout);
+    assert!(log_text.contains("success (same system)"), "{log_text}");
+
+    // `publish --wait` follows the host to this kind of success.
+    fs::write(&secret, "another file change\n").unwrap();
+    let mut wait = crate::common::bento_std();
+    wait.args(["publish", "--no-eval", "--wait=120s", "--fleet"])
+        .arg(sshd.fleet())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = wait.spawn().unwrap();
+    let live = fs::read(sshd.host_dir("alpha").join("current")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while fs::read(sshd.host_dir("alpha").join("current")).unwrap() == live {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "publish did not go live"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("unchanged (same system)"),
+        "{}",
+        text(&out)
+    );
+    let waited =
+        crate::common::sshd::wait_with_deadline(child, std::time::Duration::from_secs(150))
+            .expect("publish --wait ended");
+    assert_eq!(
+        waited.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&waited.stdout),
+        String::from_utf8_lossy(&waited.stderr)
+    );
 }

@@ -57,6 +57,18 @@ fn a_rollback_holds_until_released_and_the_journal_says_so() {
     // A plain publish of version 3 leaves alpha where the operator put it, and says how
     // to release it; beta moves on.
     write_version(&sshd, "3");
+    // `--dry-run` says so first: alpha held, beta a new version; no journal line, no
+    // released hold, nothing written.
+    let before = crate::common::tree_fingerprint(&sshd.chroot());
+    let out = run(&sshd, &["publish", "--no-eval", "--dry-run", "--json"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["hosts"][0]["host"], "alpha", "{doc}");
+    assert_eq!(doc["hosts"][0]["result"], "held", "{doc}");
+    assert_eq!(doc["hosts"][0]["new_version"], false, "{doc}");
+    assert_eq!(doc["hosts"][1]["result"], "new version", "{doc}");
+    assert_eq!(doc["hosts"][1]["reason"], "configuration changed", "{doc}");
+    assert_eq!(crate::common::tree_fingerprint(&sshd.chroot()), before);
     let out = run(&sshd, &["publish", "--no-eval"]);
     assert_eq!(code(&out), 0, "{}", text(&out));
     let err = stderr(&out);

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod daytwo;
 mod delivery;
+mod diff;
 mod docs;
 mod enrol;
 mod fails_alone;

@@ -256,6 +256,31 @@ fn a_file_only_one_flake_host_imports_gives_only_that_host_a_new_version() {
         "hosts/multi/machines/beta.nix",
         "{ hostName = \"beta\"; payload = \"only beta\"; }\n",
     );
+    // `--dry-run` decides as publish does (alpha: same system) and writes nothing.
+    let before = tree_fingerprint(&env.chroot());
+    let (code, stdout, stderr) = run_publish(&env, &["--dry-run"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        line_of(&stdout, "alpha").contains("unchanged (same system)"),
+        "{stdout}"
+    );
+    assert!(
+        line_of(&stdout, "beta").contains("new version (configuration changed)"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = run_publish(&env, &["--dry-run", "--json"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let doc: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(doc["hosts"][0]["host"], "alpha", "{doc}");
+    assert_eq!(doc["hosts"][0]["new_version"], false, "{doc}");
+    assert_eq!(doc["hosts"][0]["reason"], "same system", "{doc}");
+    assert_eq!(doc["hosts"][1]["new_version"], true, "{doc}");
+    assert_eq!(
+        doc["hosts"][1]["changes"]["config"][0]["path"], "machines/beta.nix",
+        "{doc}"
+    );
+    assert_eq!(tree_fingerprint(&env.chroot()), before, "--dry-run wrote");
+    assert_eq!(env.manifest("beta").digest(), beta_before.digest());
     let (code, stdout, stderr) = run_publish(&env, &[]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(

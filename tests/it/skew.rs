@@ -64,6 +64,22 @@ fn an_agent_hours_off_is_live_and_flagged_as_skewed() {
         if sign < 0 {
             // The manifest, stamped by the server's clock, is 3 h in this agent's future.
             assert!(text(&out).contains("clock is behind"), "{}", text(&out));
+            // At WARN in the log, and in the report the server keeps.
+            assert!(
+                text(&out)
+                    .lines()
+                    .any(|l| l.contains("WARN") && l.contains("clock is behind")),
+                "{}",
+                text(&out)
+            );
+            let report = m.latest_report();
+            assert!(
+                report
+                    .clock_warning
+                    .as_deref()
+                    .is_some_and(|w| w.contains("clock is behind")),
+                "{report:?}"
+            );
         }
         assert_eq!(
             m.heartbeat().time.system_time() < std::time::SystemTime::now(),

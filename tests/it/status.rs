@@ -149,6 +149,7 @@ impl Fixture {
             log_tail: String::new(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_warning: None,
         };
         write_atomic(
             &self.host_dir(host).join("logs/latest.json"),

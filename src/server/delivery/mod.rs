@@ -107,6 +107,9 @@ pub struct FleetDelivery<'a> {
     pub key: Option<CacheKey>,
     /// Looks for the fleet's keys in what evaluations and builds put in the store.
     pub guard: leak::Guard,
+    /// `publish --dry-run`: evaluate, never build, record or fill a cache (a server-built
+    /// host's system is the output its derivation names).
+    pub dry_run: bool,
 }
 
 impl<'a> FleetDelivery<'a> {
@@ -140,7 +143,16 @@ impl<'a> FleetDelivery<'a> {
             now,
             key,
             guard,
+            dry_run: false,
         })
+    }
+
+    /// The same work for `publish --dry-run`: nothing is built, recorded or exported.
+    pub fn dry(self) -> Self {
+        Self {
+            dry_run: true,
+            ..self
+        }
     }
 
     /// Refuses the host when the store paths its evaluation or build made (`roots` and
@@ -225,14 +237,18 @@ impl<'a> FleetDelivery<'a> {
                 if self.key.is_none() {
                     return Err(Box::new(Self::failed(store, &plan, "build_on = \"server\" needs [server] cache_key in bento.toml (a key from `nix key generate-secret`)".into())));
                 }
-                if plan.manifest.system.is_none() {
+                if plan.manifest.system.is_none() && self.dry_run {
+                    let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
+                        .map_err(|f| fail(&plan, "does not evaluate", f))?;
+                    plan.manifest.system = crate::server::preview::output_of(&self.nix, &drv);
+                } else if plan.manifest.system.is_none() {
                     let system = eval::build(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not build", f))?;
                     self.record(chroot, &plan, &system);
                     plan.manifest.system = Some(system);
                 }
                 // What goes into the host's cache/ (and the derivation it came from).
-                if let Some(system) = plan.manifest.system.clone() {
+                if let Some(system) = plan.manifest.system.clone().filter(|_| !self.dry_run) {
                     let drv = self.deriver(&system);
                     let mut roots = vec![&system];
                     roots.extend(drv.as_ref());
@@ -273,6 +289,9 @@ impl<'a> FleetDelivery<'a> {
             key: record::content_key(plan.manifest.build, &plan.manifest.config),
             drv: drv.as_str().to_owned(),
         };
+        if self.dry_run {
+            return false;
+        }
         if let Err(e) = systems.put(&plan.host, &rec) {
             // Without the record the next publish of this tree counts as changed: no harm.
             tracing::warn!("{}: cannot record its evaluated system: {e}", plan.host);
@@ -306,7 +325,9 @@ impl crate::server::publish::Delivery for FleetDelivery<'_> {
     ) -> (Vec<HostPlan>, Vec<HostReport>) {
         self.guard.load(chroot);
         let done = self.deliver(store, chroot, plans);
-        self.guard.save(chroot);
+        if !self.dry_run {
+            self.guard.save(chroot);
+        }
         done
     }
 
@@ -355,7 +376,9 @@ impl FleetDelivery<'_> {
                 Err(report) => held.push(*report),
             }
         }
-        let Some(key) = &self.key else {
+        let Some(key) = self.key.as_ref().filter(|_| !self.dry_run) else {
+            ready.extend(cached);
+            ready.sort_by(|a, b| a.host.cmp(&b.host));
             return (ready, held);
         };
         // One export for every server-built system, then each host's links.

@@ -47,7 +47,7 @@ fn live_manifest(store: &dyn Store, host: &HostName, current: &[u8]) -> Option<(
 }
 
 /// The live version: its digest and manifest.
-type Live = (Digest, Manifest);
+pub type Live = (Digest, Manifest);
 
 /// `current` as read at the start of a publish: the live version, and the token the switch
 /// of `current` must still find (`None`: there was no `current` at all).
@@ -103,38 +103,60 @@ impl io::Read for Flagged {
     }
 }
 
-/// Publishes one host. Returns what happened; errors leave the previous version live.
-pub fn publish_host(
+/// What publishing a plan does, decided before anything is written (and all that
+/// `publish --dry-run` does).
+pub enum Decision {
+    /// The live version stays. `sign`: a signing fleet's live manifest still lacks its
+    /// signature (a key configured since the last publish), which publish adds in place.
+    Keep {
+        report: Box<HostReport>,
+        sign: Option<Digest>,
+    },
+    /// A new version, numbered: what is written, and from which `current`.
+    New(Box<NewVersion>),
+}
+
+/// A new version, ready to be written.
+pub struct NewVersion {
+    pub live: Option<Live>,
+    token: Option<Version>,
+    next: super::serial::Next,
+    pub manifest: Manifest,
+    pub warnings: Vec<String>,
+}
+
+/// Decides whether `plan` makes a new version of its host, reading only.
+pub fn decide(
     store: &dyn Store,
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
-) -> Result<HostReport, PublishError> {
+) -> Result<Decision, PublishError> {
     let host = &plan.host;
-    let signer = numbering.signer;
     let (live, token) = read_live(store, host)?;
-    // The new version's serial: above every serial the publisher can prove, so hosts order
-    // versions without trusting clocks (server::publish::serial).
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
-        return Ok(HostReport {
-            host: host.clone(),
-            status: Status::Unchanged,
-            digest: Some(*digest),
-            config_entries: live.config.len(),
-            files: live.files.len(),
-            objects: live.objects().len(),
-            new_objects: 0,
-            bytes: 0,
-            error: None,
-            reason: Some(why.clone()),
-            warnings: Vec::new(),
+        return Ok(Decision::Keep {
+            report: Box::new(HostReport {
+                host: host.clone(),
+                status: Status::Unchanged,
+                digest: Some(*digest),
+                config_entries: live.config.len(),
+                files: live.files.len(),
+                objects: live.objects().len(),
+                new_objects: 0,
+                bytes: 0,
+                error: None,
+                reason: Some(why.clone()),
+                warnings: Vec::new(),
+            }),
+            sign: None,
         });
     }
+    // The new version's serial: above every serial the publisher can prove, so hosts order
+    // versions without trusting clocks (server::publish::serial).
     let next = super::serial::next(store, host, live.as_ref(), numbering)?;
-    let mut numbered = plan.manifest.clone();
-    numbered.serial = next.serial;
-    let manifest = &numbered;
-    let objects = manifest.objects();
+    let mut manifest = plan.manifest.clone();
+    manifest.serial = next.serial;
     let mut warnings = next.warnings.clone();
     if let Some((digest, live)) = &live {
         if live.created.system_time() > manifest.created.system_time() {
@@ -148,41 +170,86 @@ pub fn publish_host(
             ));
         }
     }
-    let report = |status, digest, new_objects, bytes| HostReport {
+    if let Some((digest, live)) = live.as_ref().filter(|_| !next.renumber) {
+        if live.same_content(&manifest) {
+            let sign = match numbering.signer {
+                Some(_) if !store.exists(host, &Key::Signature(*digest))? => Some(*digest),
+                _ => None,
+            };
+            return Ok(Decision::Keep {
+                report: Box::new(HostReport {
+                    warnings,
+                    ..report_of(plan, &manifest, Status::Unchanged, *digest, 0, 0)
+                }),
+                sign,
+            });
+        }
+    }
+    Ok(Decision::New(Box::new(NewVersion {
+        live,
+        token,
+        next,
+        manifest,
+        warnings,
+    })))
+}
+
+fn report_of(
+    plan: &HostPlan,
+    manifest: &Manifest,
+    status: Status,
+    digest: Digest,
+    new_objects: usize,
+    bytes: u64,
+) -> HostReport {
+    HostReport {
         host: plan.host.clone(),
         status,
         digest: Some(digest),
         config_entries: manifest.config.len(),
         files: manifest.files.len(),
-        objects: objects.len(),
+        objects: manifest.objects().len(),
         new_objects,
         bytes,
         error: None,
         reason: None,
         warnings: Vec::new(),
-    };
-
-    if let Some((digest, live)) = live.as_ref().filter(|_| !next.renumber) {
-        if live.same_content(manifest) {
-            // A key configured since the last publish: sign the live manifest in place.
-            if let Some(signer) = signer {
-                if !store.exists(host, &Key::Signature(*digest))? {
-                    let bytes = store
-                        .get(host, &Key::Manifest(*digest), MAX_MANIFEST_BYTES)?
-                        .ok_or_else(|| missing(store, host, &Key::Manifest(*digest)))?;
-                    store.put(
-                        host,
-                        &Key::Signature(*digest),
-                        signer.sign(&bytes)?.as_bytes(),
-                    )?;
-                }
-            }
-            return Ok(HostReport {
-                warnings,
-                ..report(Status::Unchanged, *digest, 0, 0)
-            });
-        }
     }
+}
+
+/// Publishes one host. Returns what happened; errors leave the previous version live.
+pub fn publish_host(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+) -> Result<HostReport, PublishError> {
+    let host = &plan.host;
+    let new = match decide(store, plan, numbering)? {
+        Decision::Keep { report, sign } => {
+            if let (Some(digest), Some(signer)) = (sign, numbering.signer) {
+                let bytes = store
+                    .get(host, &Key::Manifest(digest), MAX_MANIFEST_BYTES)?
+                    .ok_or_else(|| missing(store, host, &Key::Manifest(digest)))?;
+                store.put(
+                    host,
+                    &Key::Signature(digest),
+                    signer.sign(&bytes)?.as_bytes(),
+                )?;
+            }
+            return Ok(*report);
+        }
+        Decision::New(new) => new,
+    };
+    let signer = numbering.signer;
+    let NewVersion {
+        token,
+        next,
+        manifest,
+        warnings,
+        ..
+    } = *new;
+    let manifest = &manifest;
+    let objects = manifest.objects();
 
     store.open_host(host)?;
 
@@ -236,7 +303,14 @@ pub fn publish_host(
     collect_host(store, host, &digest)?;
     Ok(HostReport {
         warnings,
-        ..report(Status::Published, digest, new_objects, bytes)
+        ..report_of(
+            plan,
+            manifest,
+            Status::Published,
+            digest,
+            new_objects,
+            bytes,
+        )
     })
 }
 

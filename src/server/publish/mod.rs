@@ -3,6 +3,9 @@
 //! first write to that host; a host whose own directory or secrets are at fault fails alone,
 //! and each host is published on its own, so one failing host never stops the rest.
 
+pub mod changes;
+mod commit;
+mod dry;
 mod hook;
 mod host;
 #[cfg(test)]
@@ -19,6 +22,8 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub use changes::Changes;
+pub use commit::{dirty_warning, source_commit, Commit};
 pub use hook::Delivery;
 pub use host::{
     collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
@@ -145,6 +150,9 @@ impl HostReport {
 pub struct Published {
     pub reports: Vec<HostReport>,
     pub broken: Vec<crate::server::fleet::BrokenDir>,
+    /// With `dry_run`: what a new version would change, per planned host (whether or not
+    /// it would get one: `same system` keeps a changed tree's live version).
+    pub changes: BTreeMap<HostName, Changes>,
 }
 
 /// Builds the plan of each host (pure, apart from reading `files.toml`).
@@ -294,6 +302,9 @@ pub struct Options<'a> {
     pub delivery: Option<&'a dyn Delivery>,
     /// `--serial-floor N`: new versions get at least serial N (server::publish::serial).
     pub serial_floor: Option<u64>,
+    /// `publish --dry-run`: decide each host as publish would, write nothing (no lock, no
+    /// cache, no record, nothing in the store); the reports say what would happen.
+    pub dry_run: bool,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -341,6 +352,7 @@ pub fn run(
         return Ok(Published {
             reports: unreadable,
             broken: found.broken,
+            changes: BTreeMap::new(),
         });
     }
     // A `[hosts.NAME]` no directory defines fails alone, as a report.
@@ -363,7 +375,10 @@ pub fn run(
         &opts.systems,
     )?;
 
-    let _lock = open_store(opts.store, opts.on_wait)?;
+    let _lock = match opts.dry_run {
+        true => None,
+        false => Some(open_store(opts.store, opts.on_wait)?),
+    };
     // Secrets: mark `.age` entries, encrypt plaintext ones per [secrets] (under the lock:
     // it keeps a ciphertext cache in the chroot's state directory).
     let mut plans = plans;
@@ -371,7 +386,11 @@ pub fn run(
         manifest: &mut p.manifest,
         sources: &mut p.sources,
     });
-    let unsealed = crate::server::secrets::seal(&fleet.config, &opts.chroot, sealable)?;
+    let writes = match opts.dry_run {
+        true => crate::server::secrets::Writes::None,
+        false => crate::server::secrets::Writes::Keep,
+    };
+    let unsealed = crate::server::secrets::seal_as(&fleet.config, &opts.chroot, sealable, writes)?;
     let (plans, unsealed): (Vec<HostPlan>, Vec<HostReport>) = if unsealed.is_empty() {
         (plans, Vec::new())
     } else {
@@ -395,6 +414,7 @@ pub fn run(
         signer: opts.signer,
         record: Some(&serials),
         floor: opts.serial_floor,
+        dry_run: opts.dry_run,
     };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
@@ -409,7 +429,10 @@ pub fn run(
         .par_iter()
         .map(|p| {
             let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                .and_then(|()| publish_host(opts.store, p, &numbering))
+                .and_then(|()| match opts.dry_run {
+                    true => dry::report(opts.store, p, &numbering),
+                    false => publish_host(opts.store, p, &numbering),
+                })
                 .unwrap_or_else(|e| HostReport {
                     host: p.host.clone(),
                     status: Status::Failed,
@@ -427,11 +450,15 @@ pub fn run(
             r
         })
         .collect();
-    if reports.iter().any(HostReport::changed) {
+    let changes = match opts.dry_run {
+        true => dry::changes(opts.store, &plans),
+        false => BTreeMap::new(),
+    };
+    if reports.iter().any(HostReport::changed) && !opts.dry_run {
         collect_pool(opts.store)?;
     }
     // Issue #12 hook: cache entries go with the manifests that needed them.
-    if let Some(d) = opts.delivery {
+    if let Some(d) = opts.delivery.filter(|_| !opts.dry_run) {
         d.after(opts.store, &opts.chroot)?;
     }
     reports.extend(held_back);
@@ -463,6 +490,13 @@ pub fn run(
             r.warnings.extend(plaintext::kept(opts.store, &r.host));
         }
     }
+    if opts.dry_run {
+        return Ok(Published {
+            reports,
+            broken,
+            changes,
+        });
+    }
     // Caches are written under the lock, so two runs never interleave their writes.
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();
@@ -474,7 +508,11 @@ pub fn run(
         path: opts.chroot.flake_cache_path(),
         source,
     })?;
-    Ok(Published { reports, broken })
+    Ok(Published {
+        reports,
+        broken,
+        changes,
+    })
 }
 
 /// A host's failure; a missing account of a host bento.toml does not list says what helps
@@ -557,52 +595,4 @@ fn refuse_private_keys(
         }
     }
     Ok(())
-}
-
-/// What the fleet repo's work tree is, when it is a git work tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Commit {
-    /// `HEAD`.
-    pub id: String,
-    /// The work tree (under the fleet root) has changes or untracked files `HEAD` does not
-    /// hold: what is published is not exactly `id`.
-    pub dirty: bool,
-}
-
-/// The fleet repo's `HEAD` commit and whether the work tree differs from it.
-pub fn source_commit(root: &Path) -> Option<Commit> {
-    let git = |args: &[&str]| {
-        crate::sys::process::Cmd::new("git")
-            .arg("-C")
-            .arg(root)
-            .args(args)
-            .timeout(std::time::Duration::from_secs(60))
-            .run()
-            .ok()
-            .map(|out| out.stdout_text())
-    };
-    let id = git(&["rev-parse", "--verify", "--quiet", "HEAD"])?
-        .trim()
-        .to_owned();
-    if id.is_empty() {
-        return None;
-    }
-    // Only the fleet root's subtree: the fleet may be one directory of a larger repo.
-    let dirty = git(&[
-        "status",
-        "--porcelain",
-        "--untracked-files=normal",
-        "--",
-        ".",
-    ])
-    .is_some_and(|text| !text.trim().is_empty());
-    Some(Commit { id, dirty })
-}
-
-/// What a publish from a dirty work tree tells each host it published.
-pub fn dirty_warning(commit: &Commit) -> String {
-    format!(
-        "published from a work tree with uncommitted changes: the manifest says source_commit {} with dirty = true; commit, then publish, for versions that are commits",
-        &commit.id[..commit.id.len().min(12)]
-    )
 }

@@ -23,6 +23,8 @@ pub struct Numbering<'a> {
     pub record: Option<&'a Serials>,
     /// `bento publish --serial-floor N`: new versions get at least serial N.
     pub floor: Option<u64>,
+    /// `publish --dry-run`: the record is read, never raised.
+    pub dry_run: bool,
 }
 
 impl<'a> Numbering<'a> {
@@ -150,7 +152,7 @@ pub fn next(
                 })
         }
     };
-    if let Some(record) = numbering.record {
+    if let Some(record) = numbering.record.filter(|_| !numbering.dry_run) {
         // What is proven live is recorded even when nothing new is written, so the record
         // exists from the first publish of a fleet on.
         record
@@ -328,6 +330,7 @@ mod tests {
             signer: Some(&signer),
             record: Some(&serials),
             floor: None,
+            dry_run: false,
         };
         let store = MemStore::new();
         publish_host(&store, &plan("a"), &n).unwrap();

@@ -19,7 +19,7 @@ pub use repo::{
     edit, encrypt, find_secret, glob_match, rekey, show, EditOutcome, Encrypted, RekeyOutcome,
     RekeyReport, Secret,
 };
-pub use seal::{seal, Sealable, CACHE_FILE};
+pub use seal::{seal, seal_as, Sealable, Writes, CACHE_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {

@@ -56,6 +56,25 @@ pub fn seal<'a>(
     chroot: &Chroot,
     plans: impl IntoIterator<Item = Sealable<'a>>,
 ) -> Result<Vec<(HostName, SecretsError)>, SecretsError> {
+    seal_as(fleet, chroot, plans, Writes::Keep)
+}
+
+/// Whether sealing keeps what it made: `Keep` (publish: the ciphertext cache and copies,
+/// so an unchanged secret keeps its digest) or `None` (`publish --dry-run`: what it
+/// encrypts is dropped, so a secret never sealed before shows as changed, as it would be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    Keep,
+    None,
+}
+
+/// [`seal`], writing nothing into the publisher's state when `writes` is `Writes::None`.
+pub fn seal_as<'a>(
+    fleet: &FleetConfig,
+    chroot: &Chroot,
+    plans: impl IntoIterator<Item = Sealable<'a>>,
+    writes: Writes,
+) -> Result<Vec<(HostName, SecretsError)>, SecretsError> {
     let mut plans: Vec<Sealable<'a>> = plans.into_iter().collect();
     let any_age = plans.iter().any(|p| {
         p.manifest
@@ -75,12 +94,15 @@ pub fn seal<'a>(
     // A host whose secrets cannot be sealed fails alone, like any other per-host error.
     let mut failed = Vec::new();
     for plan in &mut plans {
-        match seal_host(fleet, chroot, plan, &mut cache, &mut used) {
+        match seal_host(fleet, chroot, plan, &mut cache, &mut used, writes) {
             Ok(()) => plan.manifest.canonicalize(),
             Err(e) => failed.push((plan.manifest.host.clone(), e)),
         }
     }
-    if fleet.secrets.encrypt == EncryptMode::OnPublish && failed.len() < plans.len() {
+    if writes == Writes::Keep
+        && fleet.secrets.encrypt == EncryptMode::OnPublish
+        && failed.len() < plans.len()
+    {
         // Keep what this run used and what the pool still holds; forget the rest.
         let pool = chroot.pool_dir();
         cache
@@ -119,6 +141,7 @@ fn seal_host(
     plan: &mut Sealable<'_>,
     cache: &mut Cache,
     used: &mut BTreeSet<String>,
+    writes: Writes,
 ) -> Result<(), SecretsError> {
     let host = plan.manifest.host.clone();
     let host_key = host_recipient(fleet, &host)?;
@@ -178,7 +201,9 @@ fn seal_host(
                     None => {
                         let ct = encrypt_file(&file, &f.sha256, recipients, &host)?;
                         let digest = Digest::of(&ct);
-                        keep_sealed(chroot, &digest, &ct);
+                        if writes == Writes::Keep {
+                            keep_sealed(chroot, &digest, &ct);
+                        }
                         (digest, ct.len() as u64, Source::Bytes(ct.into()))
                     }
                 };

@@ -57,6 +57,7 @@ fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after:
         log_tail: String::new(),
         reboot_required: false,
         checks: Vec::new(),
+        clock_warning: None,
     }
 }
 fn published(n: u8) -> Option<Published> {
