@@ -27,6 +27,7 @@ mod restore;
 mod rollout;
 mod s3;
 mod s3_agent;
+mod s3_isolation;
 mod s3_publish;
 mod secrets;
 mod server;
