@@ -28,6 +28,7 @@ mod rollout;
 mod s3;
 mod s3_agent;
 mod s3_isolation;
+mod s3_killed;
 mod s3_publish;
 mod secrets;
 mod server;

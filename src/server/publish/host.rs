@@ -248,8 +248,8 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 }
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
-/// other manifests, signatures without their manifest, and every object none of the kept
-/// manifests uses.
+/// other manifests (and, when the live version is signed, every unsigned one), signatures
+/// without their manifest, and every object none of the kept manifests uses.
 pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, manifest) of every version but the live one.
@@ -260,10 +260,25 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
     );
     let mut others: Vec<Other> = Vec::new();
     let mut kept: Vec<Manifest> = Vec::new();
+    let signed: BTreeSet<Digest> = listed
+        .iter()
+        .filter_map(|key| match key {
+            Key::Signature(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    // A signing fleet's live version is signed. There, a manifest without its signature is
+    // what a publish killed between the two writes left: no host trusting the fleet's key
+    // can use it, and keeping it would push a usable version out of the kept ones.
+    let signing = signed.contains(live);
     for key in &listed {
         let Key::Manifest(digest) = key else {
             continue;
         };
+        if digest != live && signing && !signed.contains(digest) {
+            others.push((None, *digest, None));
+            continue;
+        }
         let parsed = store
             .get(host, key, MAX_MANIFEST_BYTES)
             .ok()
