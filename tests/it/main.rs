@@ -30,6 +30,7 @@ mod s3_agent;
 mod s3_isolation;
 mod s3_killed;
 mod s3_publish;
+mod s3_race;
 mod secrets;
 mod server;
 mod signing;

@@ -227,7 +227,12 @@ pub fn publish_host(
             signer.sign(&manifest_bytes)?.as_bytes(),
         )?;
     }
-    store.switch_current(host, &digest, token.as_ref())?;
+    if let Err(e) = store.switch_current(host, &digest, token.as_ref()) {
+        if matches!(e, StoreError::Raced { .. }) {
+            withdraw(store, host, &digest);
+        }
+        return Err(e.into());
+    }
     bytes += manifest_bytes.len() as u64;
     for d in &next.discard {
         store.delete(host, &Key::Manifest(*d))?;
@@ -238,6 +243,27 @@ pub fn publish_host(
         warnings,
         ..report(Status::Published, digest, new_objects, bytes)
     })
+}
+
+/// After a lost race, removes the manifest and signature this publish wrote, unless the
+/// winner made the very same version live: the winner numbered its version from the same
+/// kept versions, so leaving ours would put two digests under one serial.
+fn withdraw(store: &dyn Store, host: &HostName, ours: &Digest) {
+    let live = store
+        .current(host)
+        .ok()
+        .flatten()
+        .and_then(|(bytes, _)| layout::parse_current(&String::from_utf8_lossy(&bytes)).ok());
+    if live.as_ref() == Some(ours) {
+        return;
+    }
+    for key in [Key::Signature(*ours), Key::Manifest(*ours)] {
+        if let Err(e) = store.delete(host, &key) {
+            tracing::warn!(
+                "{host}: another publish won, and withdrawing this run's version failed: {e}"
+            );
+        }
+    }
 }
 
 fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
