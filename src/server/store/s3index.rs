@@ -31,6 +31,10 @@ struct Saved {
     present: BTreeSet<String>,
     /// `bucket/key` of each `current`: its text and ETag when last read or written.
     current: BTreeMap<String, (String, String)>,
+    /// A run that writes holds the index (saved so before its first write). Found set on
+    /// load, that run died before saving what it removed: `present` is not trusted.
+    #[serde(default)]
+    open: bool,
 }
 
 /// The index, loaded for one store.
@@ -47,6 +51,16 @@ impl Index {
             .ok()
             .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
             .filter(|i| i.store == store)
+            .map(|mut i| {
+                if i.open {
+                    tracing::warn!(
+                        "the S3 index was left by a publish that did not finish: every object is checked again"
+                    );
+                    i.present.clear();
+                    i.open = false;
+                }
+                i
+            })
             .unwrap_or_else(|| Saved {
                 store: store.to_owned(),
                 ..Saved::default()
@@ -57,10 +71,30 @@ impl Index {
         }
     }
 
+    /// Marks the index held by a run that writes, durably, before its first write: a key
+    /// that run removes leaves `present` in memory only, so if it dies before [`Index::save`]
+    /// the next run must not trust what the file says is present (it would skip uploading
+    /// an object the dead run deleted, and publish a version missing it).
+    pub fn begin_writing(&self) -> Result<(), super::StoreError> {
+        let mut saved = self.saved.lock().expect("not poisoned");
+        if saved.0.open {
+            return Ok(());
+        }
+        saved.0.open = true;
+        let path = self.state.state_dir().join(INDEX_FILE);
+        let bytes = serde_json::to_vec(&saved.0).expect("index serialises");
+        atomic::write_file(&path, &bytes, 0o600)
+            .map_err(|source| super::StoreError::Io { at: path, source })
+    }
+
     /// Keeps the index for the next run (best effort: a lost index costs requests only).
     pub fn save(&self) {
-        let saved = self.saved.lock().expect("not poisoned");
+        let mut saved = self.saved.lock().expect("not poisoned");
         let dir = self.state.state_dir();
+        if saved.0.open {
+            saved.0.open = false;
+            saved.1 = true;
+        }
         if !saved.1 || !dir.is_dir() {
             return;
         }
@@ -171,5 +205,30 @@ mod tests {
         assert!(again.manifest(&alpha, &d, 100).is_none());
         // Another store's index is not this one's.
         assert!(!Index::load(&state, "s3://other").known("b/k"));
+    }
+
+    #[test]
+    fn an_index_left_by_a_run_that_died_while_writing_is_not_trusted_for_presence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let index = Index::load(&state, "s3://a");
+        index.learn("b/objects/x".into(), true);
+        index.set_current("b/current", Some(("d\n".into(), "\"e1\"".into())));
+        index.save();
+        // A run that writes, then dies after deleting the object (no save).
+        let dying = Index::load(&state, "s3://a");
+        dying.begin_writing().unwrap();
+        dying.learn("b/objects/x".into(), false);
+        drop(dying);
+        let next = Index::load(&state, "s3://a");
+        assert!(!next.known("b/objects/x"), "checked again, not trusted");
+        // `current` is always asked for with its ETag: it stays.
+        assert_eq!(next.current("b/current").unwrap().1, "\"e1\"");
+        // A run that ends normally leaves a trusted index.
+        next.begin_writing().unwrap();
+        next.learn("b/objects/y".into(), true);
+        next.save();
+        assert!(Index::load(&state, "s3://a").known("b/objects/y"));
     }
 }

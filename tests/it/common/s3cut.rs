@@ -1,8 +1,9 @@
 //! An HTTP-aware relay in front of an S3 engine that kills a publisher after its k-th
 //! mutating request: it reads each request's head (HTTP/1.1, `Content-Length` bodies, as
 //! the S3 client sends them), counts every PUT, POST and DELETE (CopyObject is a PUT), and
-//! once armed lets the first `k` through and cuts the connection of every later one before
-//! a byte of it reaches the engine. Reads pass. Signatures stay valid: the relay forwards
+//! once armed lets the first `k` through and cuts (or holds, unanswered, until the client
+//! is killed) the connection of every later one before a byte of it reaches the engine.
+//! Reads pass. Signatures stay valid: the relay forwards
 //! the request bytes unchanged (the `Host` the client signed is the relay's, and the
 //! engine checks the signature against the `Host` it receives).
 
@@ -20,6 +21,11 @@ struct Plan {
     allowed: AtomicUsize,
     /// Mutating requests seen since the last `arm`, refused ones included.
     seen: AtomicUsize,
+    /// Refused requests are held (never forwarded, never answered) instead of cut, until
+    /// the client goes away: the publisher waits there to be killed.
+    hold: AtomicBool,
+    /// Requests being held now.
+    held: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -71,8 +77,21 @@ impl MutationCut {
 
     /// From now on, the first `k` mutating requests pass and every later one is cut.
     pub fn arm(&self, k: usize) {
+        self.plan.hold.store(false, Ordering::SeqCst);
         self.plan.seen.store(0, Ordering::SeqCst);
         self.plan.allowed.store(k, Ordering::SeqCst);
+    }
+
+    /// From now on, the first `k` mutating requests pass and every later one is held
+    /// unanswered until its client goes away (see [`MutationCut::held`]).
+    pub fn arm_holding(&self, k: usize) {
+        self.arm(k);
+        self.plan.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// How many requests are being held: the client is waiting on a request past the k-th.
+    pub fn held(&self) -> usize {
+        self.plan.held.load(Ordering::SeqCst)
     }
 
     /// Lets everything through again; returns the mutating requests seen since `arm`.
@@ -119,6 +138,12 @@ fn requests(mut client: TcpStream, mut server: TcpStream, plan: &Plan) {
         if matches!(method.as_str(), "PUT" | "POST" | "DELETE") {
             let n = plan.seen.fetch_add(1, Ordering::SeqCst);
             if n >= plan.allowed.load(Ordering::SeqCst) {
+                if plan.hold.load(Ordering::SeqCst) {
+                    plan.held.fetch_add(1, Ordering::SeqCst);
+                    // Until the client closes (or dies): what it sends is dropped.
+                    let _ = std::io::copy(&mut client, &mut std::io::sink());
+                    plan.held.fetch_sub(1, Ordering::SeqCst);
+                }
                 cut(&client, &server);
                 return;
             }
