@@ -3,7 +3,7 @@
 //! its host's printed rights: a `build_on = "server"` host running the closure the server
 //! exported to `cache/` (and refusing a narinfo signed by another key or an altered NAR in
 //! the bucket), secrets sealed to the host's SSH key installed as plaintext while the bucket
-//! holds none, and `bento rollout --trigger --wait-timeout` going wave by wave through the
+//! holds none (an object altered in the bucket refused), and `bento rollout --trigger --wait-timeout` going wave by wave through the
 //! store. The SFTP versions of these are in substitute.rs, secrets.rs and rollout.rs.
 
 use std::fs;
@@ -204,8 +204,9 @@ fn s3_server_built_host_updates_from_cache_and_refuses_a_tampered_narinfo_and_na
 }
 
 /// What a user relies on with `[secrets] encrypt` over an object store: the bucket (and
-/// whoever reads it) holds no secret in plaintext, and the host, decrypting with its SSH key,
-/// installs it with its configured mode.
+/// whoever reads it) holds no secret in plaintext, the host, decrypting with its SSH key,
+/// installs it with its configured mode, and ciphertext altered in the bucket is refused
+/// with the installed secret left as it was.
 #[test]
 fn s3_secrets_sealed_to_the_host_are_installed_and_never_stored_in_plaintext() {
     let sshd = Sshd::start(&["alpha"]);
@@ -260,6 +261,39 @@ fn s3_secrets_sealed_to_the_host_are_installed_and_never_stored_in_plaintext() {
     assert_eq!(fs::read_to_string(&installed).unwrap(), marker);
     use std::os::unix::fs::MetadataExt;
     assert_eq!(fs::metadata(&installed).unwrap().mode() & 0o7777, 0o640);
+
+    // A new secret whose ciphertext is altered in the bucket: refused, the old plaintext
+    // stays, the failure is reported.
+    fs::write(
+        sshd.fleet()
+            .join("hosts/alpha/files/alpha/etc/bento-it/secret"),
+        format!("S3-MARKER-2-{}\n", sshd.prefix),
+    )
+    .unwrap();
+    ok(run(&sshd.fleet(), &["publish", "--no-eval"]));
+    let entry = store
+        .live_manifest("alpha")
+        .files
+        .into_iter()
+        .find(|e| e.target.as_str() == "/etc/bento-it/secret")
+        .unwrap();
+    let object = format!("hosts/alpha/objects/{}", entry.sha256);
+    let mut bytes = read(&store.admin, &object).expect("the ciphertext");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    store
+        .admin
+        .put(BUCKET, &object, &bytes, PutMode::Overwrite)
+        .unwrap();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    assert_eq!(fs::read_to_string(&installed).unwrap(), marker);
+    let failed = store.latest("alpha");
+    assert_eq!(failed.outcome, Outcome::Failure);
+    assert!(
+        failed.error.as_deref().unwrap_or("").contains("hashes to"),
+        "{failed:?}"
+    );
 }
 
 /// What a user relies on with `bento rollout` over an object store: it publishes wave by
