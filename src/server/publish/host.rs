@@ -353,3 +353,29 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
 pub fn collect_pool(store: &dyn Store) -> Result<usize, StoreError> {
     store.collect_shared()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::store::MemStore;
+
+    #[test]
+    fn a_lost_race_withdraws_its_own_version_but_never_the_live_one() {
+        let store = MemStore::new();
+        let host = HostName::new("alpha").unwrap();
+        store.open_host(&host).unwrap();
+        let (winner, loser) = (Digest::of(b"winner"), Digest::of(b"loser"));
+        for d in [winner, loser] {
+            store.put(&host, &Key::Manifest(d), b"{}").unwrap();
+            store.put(&host, &Key::Signature(d), b"sig").unwrap();
+        }
+        store.switch_current(&host, &winner, None).unwrap();
+        withdraw(&store, &host, &loser);
+        assert!(!store.exists(&host, &Key::Manifest(loser)).unwrap());
+        assert!(!store.exists(&host, &Key::Signature(loser)).unwrap());
+        // The winner made the very same version live: nothing is withdrawn.
+        withdraw(&store, &host, &winner);
+        assert!(store.exists(&host, &Key::Manifest(winner)).unwrap());
+        assert!(store.exists(&host, &Key::Signature(winner)).unwrap());
+    }
+}
