@@ -251,7 +251,15 @@ fn s3_publish_killed_after_any_mutating_request_leaves_whole_versions_on_seaweed
         // removing: a publisher that trusted what it knew before the kill would skip them.
         old = ["reverted A", "reverted B"][k % 2].to_owned();
         set_payloads(&f, &old);
-        ok(run(&f, &["publish", "--no-eval"]));
+        let out = run(&f, &["publish", "--no-eval"]);
+        assert!(out.status.success(), "k={k}: {}", text(&out));
+        // It knows the dead run's index is not to be trusted, and says so.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).contains("did not finish"),
+            !finished,
+            "k={k}: {}",
+            text(&out)
+        );
         for h in HOSTS {
             assert_only_kept(&admin, h, k);
         }
