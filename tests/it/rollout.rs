@@ -45,7 +45,7 @@ fn stdout(out: &Output) -> String {
 
 /// Edits bento.toml: `server` lines go under `[server]`, `hosts` lines under
 /// `[hosts.NAME]`, `tail` at the end.
-fn configure(sshd: &Sshd, server: &str, hosts: &[(&str, &str)], tail: &str) {
+pub(crate) fn configure(sshd: &Sshd, server: &str, hosts: &[(&str, &str)], tail: &str) {
     let path = sshd.fleet().join("bento.toml");
     let mut text = fs::read_to_string(&path).unwrap();
     text = text.replacen("[server]\n", &format!("[server]\n{server}"), 1);
@@ -63,7 +63,7 @@ fn configure(sshd: &Sshd, server: &str, hosts: &[(&str, &str)], tail: &str) {
 /// A trigger command for tests: runs `bento agent update` for the machine of `{host}`
 /// (with `--force` when bento passes BENTO_TRIGGER_RETRY=1). `down-HOST` in the test dir
 /// makes it fail as an unreachable ssh would; `fail-HOST` makes the host's activation fail.
-fn trigger_command(sshd: &Sshd) -> String {
+pub(crate) fn trigger_command(sshd: &Sshd) -> String {
     let script = sshd.dir.join("trigger.sh");
     let dir = sshd.dir.path.display();
     let bento = assert_cmd::cargo::cargo_bin("bento");

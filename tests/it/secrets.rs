@@ -22,7 +22,7 @@ fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn append_toml(sshd: &Sshd, text: &str) {
+pub(crate) fn append_toml(sshd: &Sshd, text: &str) {
     let path = sshd.fleet().join("bento.toml");
     let mut toml = fs::read_to_string(&path).unwrap();
     toml.push_str(text);
@@ -44,7 +44,7 @@ fn current(sshd: &Sshd, host: &str) -> String {
 }
 
 /// A fresh ed25519 key pair in `dir`: (private key path, public key line).
-fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     let key = dir.join(name);
     let st = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])

@@ -62,8 +62,8 @@ pub(crate) fn no_builds() -> String {
 pub(crate) struct Bed {
     pub(crate) sshd: Sshd,
     _keys: ScratchDir,
-    public: String,
-    secret: std::path::PathBuf,
+    pub(crate) public: String,
+    pub(crate) secret: std::path::PathBuf,
 }
 
 impl Bed {
@@ -174,7 +174,7 @@ pub(crate) fn delete(paths: &[String]) {
 }
 
 /// No Nix evaluation or build was started (every command the agent runs is logged at debug).
-fn assert_nothing_evaluated(log: &str) {
+pub(crate) fn assert_nothing_evaluated(log: &str) {
     let runs: Vec<&str> = log.lines().filter(|l| l.contains("running")).collect();
     assert!(
         runs.iter().any(|l| l.contains("copy --no-recursive")),

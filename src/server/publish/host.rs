@@ -294,7 +294,12 @@ pub fn publish_host(
             signer.sign(&manifest_bytes)?.as_bytes(),
         )?;
     }
-    store.switch_current(host, &digest, token.as_ref())?;
+    if let Err(e) = store.switch_current(host, &digest, token.as_ref()) {
+        if matches!(e, StoreError::Raced { .. }) {
+            withdraw(store, host, &digest);
+        }
+        return Err(e.into());
+    }
     bytes += manifest_bytes.len() as u64;
     for d in &next.discard {
         store.delete(host, &Key::Manifest(*d))?;
@@ -314,6 +319,27 @@ pub fn publish_host(
     })
 }
 
+/// After a lost race, removes the manifest and signature this publish wrote, unless the
+/// winner made the very same version live: the winner numbered its version from the same
+/// kept versions, so leaving ours would put two digests under one serial.
+fn withdraw(store: &dyn Store, host: &HostName, ours: &Digest) {
+    let live = store
+        .current(host)
+        .ok()
+        .flatten()
+        .and_then(|(bytes, _)| layout::parse_current(&String::from_utf8_lossy(&bytes)).ok());
+    if live.as_ref() == Some(ours) {
+        return;
+    }
+    for key in [Key::Signature(*ours), Key::Manifest(*ours)] {
+        if let Err(e) = store.delete(host, &key) {
+            tracing::warn!(
+                "{host}: another publish won, and withdrawing this run's version failed: {e}"
+            );
+        }
+    }
+}
+
 fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
     StoreError::Io {
         at: store.locate(host, key),
@@ -322,8 +348,8 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 }
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
-/// other manifests, signatures without their manifest, and every object none of the kept
-/// manifests uses.
+/// other manifests (and, when the live version is signed, every unsigned one), signatures
+/// without their manifest, and every object none of the kept manifests uses.
 pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, manifest) of every version but the live one.
@@ -334,10 +360,25 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
     );
     let mut others: Vec<Other> = Vec::new();
     let mut kept: Vec<Manifest> = Vec::new();
+    let signed: BTreeSet<Digest> = listed
+        .iter()
+        .filter_map(|key| match key {
+            Key::Signature(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    // A signing fleet's live version is signed. There, a manifest without its signature is
+    // what a publish killed between the two writes left: no host trusting the fleet's key
+    // can use it, and keeping it would push a usable version out of the kept ones.
+    let signing = signed.contains(live);
     for key in &listed {
         let Key::Manifest(digest) = key else {
             continue;
         };
+        if digest != live && signing && !signed.contains(digest) {
+            others.push((None, *digest, None));
+            continue;
+        }
         let parsed = store
             .get(host, key, MAX_MANIFEST_BYTES)
             .ok()
@@ -385,4 +426,30 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
 /// Frees what no host uses any more among what hosts share (the chroot's pool).
 pub fn collect_pool(store: &dyn Store) -> Result<usize, StoreError> {
     store.collect_shared()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::store::MemStore;
+
+    #[test]
+    fn a_lost_race_withdraws_its_own_version_but_never_the_live_one() {
+        let store = MemStore::new();
+        let host = HostName::new("alpha").unwrap();
+        store.open_host(&host).unwrap();
+        let (winner, loser) = (Digest::of(b"winner"), Digest::of(b"loser"));
+        for d in [winner, loser] {
+            store.put(&host, &Key::Manifest(d), b"{}").unwrap();
+            store.put(&host, &Key::Signature(d), b"sig").unwrap();
+        }
+        store.switch_current(&host, &winner, None).unwrap();
+        withdraw(&store, &host, &loser);
+        assert!(!store.exists(&host, &Key::Manifest(loser)).unwrap());
+        assert!(!store.exists(&host, &Key::Signature(loser)).unwrap());
+        // The winner made the very same version live: nothing is withdrawn.
+        withdraw(&store, &host, &winner);
+        assert!(store.exists(&host, &Key::Manifest(winner)).unwrap());
+        assert!(store.exists(&host, &Key::Signature(winner)).unwrap());
+    }
 }

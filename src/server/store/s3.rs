@@ -230,6 +230,7 @@ impl Store for S3Store {
         let path = self.state.lock_path();
         let lock = atomic::Lock::acquire(&path, on_wait)
             .map_err(|source| StoreError::Io { at: path, source })?;
+        self.index.begin_writing()?;
         if self.cas() == Cas::Unknown {
             match self.probe()? {
                 Cas::Ignored => tracing::warn!(

@@ -77,7 +77,7 @@ pub(super) fn read_limited(t: &Target, resp: Response, limit: u64) -> Result<Vec
     }
     let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
     let mut buf = Vec::new();
-    body.take(limit + 1)
+    body.take(limit.saturating_add(1))
         .read_to_end(&mut buf)
         .map_err(|e| body_error(t, e))?;
     if buf.len() as u64 > limit {

@@ -245,4 +245,5 @@ pub fn tree_fingerprint(dir: &Path) -> Vec<String> {
 pub mod engines;
 pub mod faults;
 pub mod relay;
+pub mod s3cut;
 pub mod sshd;
