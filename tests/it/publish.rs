@@ -9,7 +9,9 @@ use bento::protocol::HostName;
 use bento::server::publish::verify_host;
 use serde_json::Value;
 
-use crate::common::{bento, tree_fingerprint, unique_prefix, Accounts, FixtureFleet, ScratchDir};
+use crate::common::{
+    bento, chroot_fingerprint, tree_fingerprint, unique_prefix, Accounts, FixtureFleet, ScratchDir,
+};
 
 const HOSTS: [&str; 3] = ["alpha", "beta", "classic1"];
 
@@ -179,7 +181,7 @@ fn publishes_classic_and_flake_hosts_with_secrets_kept_out_of_config() {
 fn unchanged_publish_writes_nothing() {
     let env = Env::new();
     env.publish_json();
-    let before = tree_fingerprint(&env.chroot());
+    let before = chroot_fingerprint(&env.chroot());
     let mtime = |h: &str| {
         fs::metadata(env.chroot().join(h).join("current"))
             .unwrap()
@@ -196,7 +198,7 @@ fn unchanged_publish_writes_nothing() {
         ])
     );
     assert!(reports.iter().all(|r| r["bytes"] == 0));
-    assert_eq!(tree_fingerprint(&env.chroot()), before);
+    assert_eq!(chroot_fingerprint(&env.chroot()), before);
     assert_eq!(mtime("alpha"), m0, "current was not rewritten");
 }
 
@@ -409,16 +411,7 @@ fn a_host_without_account_fails_alone() {
 fn bad_input_is_refused_by_name_and_changes_nothing() {
     let env = Env::new();
     env.publish_json();
-    // The publisher's hash cache may learn the fixture's files during a refused run (a file
-    // is cached once its time is 2 s old, whatever the run's outcome): it is a cache, not
-    // something published, so it is left out of the comparison.
-    let fingerprint = || -> Vec<String> {
-        tree_fingerprint(&env.chroot())
-            .into_iter()
-            .filter(|l| !l.starts_with("f .bento/hash-cache.json "))
-            .collect()
-    };
-    let before = fingerprint();
+    let before = chroot_fingerprint(&env.chroot());
 
     type Setup = fn(&FixtureFleet);
     let cases: Vec<(&str, Setup, Setup, &str)> = vec![
@@ -554,7 +547,11 @@ fn bad_input_is_refused_by_name_and_changes_nothing() {
             err.contains(needle),
             "{what}: expected {needle:?} in: {err}"
         );
-        assert_eq!(fingerprint(), before, "{what}: chroot changed");
+        assert_eq!(
+            chroot_fingerprint(&env.chroot()),
+            before,
+            "{what}: chroot changed"
+        );
         fix_it(&env.fleet);
         fs::remove_file(env.fleet.path("hosts/classic1/extra.nix")).unwrap();
     }

@@ -189,6 +189,7 @@ fn every_k(fresh: &dyn Fn() -> Box<dyn Store>, after: &dyn Fn(&dyn Store, usize)
             signer: Some(&signer),
             record: Some(&serials),
             floor: None,
+            dry_run: false,
         };
         publish_all(&*store, &v1, &numbering);
         let faulty = Faulty::new(&*store, k);
