@@ -358,8 +358,15 @@ impl Attempt<'_> {
         let t = Instant::now();
         log.step("checking that the server is still reachable");
         let deadline = Instant::now() + self.cfg.confirm_timeout;
+        // Any source on the list proves the network: a host whose server is down but whose
+        // mirror answers keeps its new system.
         let fresh = loop {
-            match (opts.connect)() {
+            let mut tried = Vec::new();
+            let reached = super::choose::reach(opts, &mut tried);
+            for line in &tried {
+                log.step(line);
+            }
+            match reached {
                 Ok(c) => break Some(c),
                 Err(e) => {
                     log.step(&format!("server not reachable: {e}"));

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::agent::source::{S3Options, ServerUrl, SshOptions};
+use crate::agent::source::{Connection, Purpose, RemoteError, S3Options, ServerUrl, SshOptions};
+
+/// A new connection, or why there is none.
+pub type ConnectResult = Result<Box<dyn Connection>, RemoteError>;
 use crate::agent::state::StateDir;
 use crate::protocol::settings::{self, HostSettings, SettingsLayer};
 use crate::protocol::HostName;
@@ -32,8 +35,12 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// This machine's name in the fleet.
     pub host: HostName,
-    /// `sftp://account@host[:port]`, `s3://BUCKET/PREFIX?endpoint=…` or `file:///path`.
+    /// `sftp://account@host[:port]`, `s3://BUCKET/PREFIX?endpoint=…`, `https://HOST/PATH`
+    /// or `file:///path`.
     pub server: ServerUrl,
+    /// Other places holding a copy of the host's tree, tried in order when `server` cannot
+    /// be reached, stalls or serves an older version than the applied one (`agent::choose`).
+    pub mirrors: Vec<ServerUrl>,
     /// For an `s3://` server: `credentials_file`, `reports`, `ca_file`.
     pub s3: S3Options,
     pub identity_file: PathBuf,
@@ -72,9 +79,10 @@ pub struct AgentConfig {
 }
 
 /// The machine's own keys of agent.toml (beside `SettingsLayer::AGENT_KEYS`).
-pub const MACHINE_KEYS: [&str; 20] = [
+pub const MACHINE_KEYS: [&str; 21] = [
     "host",
     "server",
+    "mirrors",
     "credentials_file",
     "reports",
     "ca_file",
@@ -102,6 +110,8 @@ struct MachineToml {
     host: HostName,
     #[serde(deserialize_with = "de_url")]
     server: ServerUrl,
+    #[serde(default, deserialize_with = "de_urls")]
+    mirrors: Vec<ServerUrl>,
     #[serde(default)]
     credentials_file: Option<PathBuf>,
     #[serde(default)]
@@ -187,19 +197,35 @@ fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
         path: path.to_owned(),
         message,
     };
-    let given = [
-        ("credentials_file", m.credentials_file.is_some()),
-        ("reports", m.reports.is_some()),
-        ("ca_file", m.ca_file.is_some()),
-    ];
-    if !matches!(m.server, ServerUrl::S3(_)) {
-        if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+    let all = || std::iter::once(&m.server).chain(&m.mirrors);
+    let any_s3 = all().any(|u| matches!(u, ServerUrl::S3(_)));
+    let any_tls = all().any(|u| matches!(u, ServerUrl::S3(_) | ServerUrl::Https(_)));
+    for (key, set, allowed, what) in [
+        (
+            "credentials_file",
+            m.credentials_file.is_some(),
+            any_s3,
+            "an s3:// server or mirror",
+        ),
+        (
+            "ca_file",
+            m.ca_file.is_some(),
+            any_tls,
+            "an s3:// or https:// server or mirror",
+        ),
+        (
+            "reports",
+            m.reports.is_some(),
+            matches!(m.server, ServerUrl::S3(_)),
+            "an s3:// server",
+        ),
+    ] {
+        if set && !allowed {
             return Err(err(format!(
-                "{key} is for an s3:// server; server = \"{}\" does not use it",
+                "{key} is for {what}; server = \"{}\" does not use it",
                 m.server
             )));
         }
-        return Ok(S3Options::default());
     }
     for (key, p) in [
         ("credentials_file", &m.credentials_file),
@@ -242,6 +268,31 @@ fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<ServerUrl, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
+fn de_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// An `s3://` source's `{host}` means this host (its own place in the store).
+fn for_host(
+    url: ServerUrl,
+    host: &HostName,
+    key: &str,
+    path: &Path,
+) -> Result<ServerUrl, ConfigError> {
+    match url {
+        ServerUrl::S3(l) => Ok(ServerUrl::S3(l.for_host(host.as_str()).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{key}: {e}"),
+            }
+        })?)),
+        other => Ok(other),
+    }
+}
+
 impl AgentConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse {
@@ -254,22 +305,22 @@ impl AgentConfig {
         let m: MachineToml =
             settings::from_table_beside(table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
         let s3 = s3_options(&m, path)?;
-        let server = match m.server {
-            // The host's own place; `{host}` is accepted and means this host.
-            ServerUrl::S3(l) => {
-                ServerUrl::S3(
-                    l.for_host(m.host.as_str())
-                        .map_err(|e| ConfigError::Parse {
-                            path: path.to_owned(),
-                            message: format!("server: {e}"),
-                        })?,
-                )
+        let server = for_host(m.server.clone(), &m.host, "server", path)?;
+        let mut mirrors = Vec::new();
+        for url in &m.mirrors {
+            let url = for_host(url.clone(), &m.host, "mirrors", path)?;
+            if url == server || mirrors.contains(&url) {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("mirrors: {url} is listed twice (or is the server)"),
+                });
             }
-            other => other,
-        };
+            mirrors.push(url);
+        }
         let config = AgentConfig {
             host: m.host,
             server,
+            mirrors,
             s3,
             identity_file: m.identity_file,
             known_hosts: m.known_hosts,
@@ -356,23 +407,25 @@ impl AgentConfig {
         }
     }
 
-    /// How one run connects: its first connection (the download) is bounded by
-    /// `run_timeout` from now; later ones (the confirmation after activation) only by
-    /// `stall_timeout`, so a long build never makes the confirmation fail and roll back.
-    pub fn run_connector(
-        &self,
-    ) -> impl Fn() -> Result<
-        Box<dyn crate::agent::source::Connection>,
-        crate::agent::source::RemoteError,
-    > + '_ {
+    /// `server`, then the `mirrors`, in the order a run tries them.
+    pub fn sources(&self) -> Vec<ServerUrl> {
+        std::iter::once(&self.server)
+            .chain(&self.mirrors)
+            .cloned()
+            .collect()
+    }
+
+    /// How one run connects: the connections of its fetch are bounded by `run_timeout`
+    /// from now; those of the confirmation after activation only by `stall_timeout`, so a
+    /// long build never makes the confirmation fail and roll back.
+    pub fn run_connector(&self) -> impl Fn(&ServerUrl, Purpose) -> ConnectResult + '_ {
         let deadline = std::time::Instant::now() + self.run_timeout;
-        let first = std::cell::Cell::new(true);
-        move || {
+        move |url, purpose| {
             let mut ssh = self.ssh_options();
-            if first.replace(false) {
+            if purpose == Purpose::Fetch {
                 ssh.deadline = Some(deadline);
             }
-            crate::agent::source::connect(&self.server, &ssh)
+            crate::agent::source::connect(url, &ssh)
         }
     }
 
@@ -499,7 +552,7 @@ current_system = "/run/current-system"
             assert!(err.contains(needle), "{extra}: {err}");
             assert!(err.contains("agent.toml"), "{err}");
         }
-        let err = parse("host = \"alpha\"\nserver = \"http://x\"\n")
+        let err = parse("host = \"alpha\"\nserver = \"gopher://x\"\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("sftp://"), "{err}");

@@ -109,19 +109,17 @@ impl Bed {
     }
 
     fn try_run(&self, force: bool) -> Result<RunResult, AgentError> {
-        let chroot = self.chroot.clone();
         let down = self.host.server_down.clone();
-        let connect = move || -> Result<Box<dyn Connection>, RemoteError> {
-            if down.get() {
+        let connect = move |url: &source::ServerUrl,
+                            _: source::Purpose|
+              -> Result<Box<dyn Connection>, RemoteError> {
+            if down.get() && url == &self.cfg.server {
                 return Err(RemoteError::Connect {
                     server: "file://test".into(),
                     message: "unreachable".into(),
                 });
             }
-            source::connect(
-                &source::ServerUrl::Dir(chroot.clone()),
-                &self.cfg.ssh_options(),
-            )
+            source::connect(url, &self.cfg.ssh_options())
         };
         let now = || self.now.get();
         update(&UpdateOptions {
