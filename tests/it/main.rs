@@ -19,6 +19,7 @@ mod init;
 mod layers;
 mod log;
 mod machines;
+mod mirrors;
 mod nixos;
 mod page;
 mod plaintext;

@@ -246,3 +246,4 @@ pub mod engines;
 pub mod faults;
 pub mod relay;
 pub mod sshd;
+pub mod static_http;

@@ -1,0 +1,217 @@
+//! Mirrors end to end (issue #27): the real agent, the real sshd as `server` (behind a
+//! relay the tests take down), real Nix builds of toy systems, and mirrors made by
+//! `bento publish --export`: a static HTTPS server on loopback (the test CA), a plain
+//! `http://` one, a `file://` copy, and SeaweedFS.
+
+use std::fs;
+use std::path::Path;
+
+use bento::protocol::report::{Outcome, Report};
+
+use crate::agent::{
+    code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_NOOP, EXIT_UPDATED,
+};
+use crate::common::bento;
+use crate::common::engines::TestCa;
+use crate::common::relay::Relay;
+use crate::common::sshd::Sshd;
+use crate::common::static_http::StaticHttp;
+
+/// `bento publish --export DIR` of the fleet (publishing whatever changed first).
+fn publish_export(sshd: &Sshd, dir: &Path) {
+    let out = bento()
+        .args(["publish", "--no-eval", "--fleet"])
+        .arg(sshd.fleet())
+        .arg("--chroot")
+        .arg(sshd.chroot())
+        .arg("--export")
+        .arg(dir)
+        .output()
+        .expect("run bento");
+    assert!(
+        out.status.success(),
+        "bento publish --export failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exported alpha version"), "{err}");
+}
+
+fn spooled(m: &Machine<'_>) -> usize {
+    fs::read_dir(m.base.join("state/spool"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn agent_updates_from_an_https_mirror_while_its_server_is_down_and_reports_once_it_is_back() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    let export = sshd.dir.join("export");
+    write_version(&sshd, "2");
+    publish_export(&sshd, &export);
+    // The copy holds exactly the live tree: no logs/.
+    assert!(export.join("alpha/current").is_file());
+    assert!(!export.join("alpha/logs").exists());
+    let ca = TestCa::create(&sshd.dir.join(""));
+    let web = StaticHttp::start_tls(&export, &ca.cert, &ca.key);
+    m.write_config(&format!(
+        "mirrors = [\"{}\"]\nca_file = \"{}\"\n",
+        web.url("alpha"),
+        ca.ca_cert.display()
+    ));
+
+    relay.set_down(true);
+    let first = m.latest_report();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let system = m.profile_target().unwrap();
+    assert!(system.contains("nixos-system-alpha-2"), "{system}");
+    assert_eq!(m.activations().len(), 2, "{}", text(&out));
+    // The confirmation went through the mirror, so the new system stays.
+    assert!(stderr(&out).contains("reached mirror"), "{}", text(&out));
+    // The server did not get the report; it waits in the spool, and the mirror was only
+    // read (GET and HEAD, nothing else).
+    assert_eq!(m.latest_report().id, first.id);
+    assert_eq!(spooled(&m), 1);
+    let asked = web.requests();
+    assert!(
+        asked.iter().any(|r| r.starts_with("GET /alpha/objects/")),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|r| r.starts_with("GET ") || r.starts_with("HEAD ")),
+        "{asked:?}"
+    );
+
+    relay.set_down(false);
+    let before = web.requests().len();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    let delivered = m.latest_report();
+    assert_eq!(delivered.outcome, Outcome::Success);
+    assert_eq!(delivered.system_after.as_deref(), Some(system.as_str()));
+    assert_eq!(spooled(&m), 0);
+    // With the server up, the no-change poll never asks the mirror anything.
+    assert_eq!(web.requests().len(), before);
+}
+
+#[test]
+fn agent_refuses_a_tampered_mirror_skips_an_older_one_and_follows_the_highest_serial() {
+    let sshd = Sshd::start(&["alpha"]);
+    let key = sshd.dir.join("signing-key");
+    let public = crate::signing::keygen(&key);
+    crate::signing::set_signing_key(&sshd, &key);
+    fleet(&sshd);
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let trusted = format!("trusted_keys = [\"{}\"]\n", public.trim());
+    m.write_config(&trusted);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let v1 = m.profile_target().unwrap();
+
+    // Mirror one, first on the list: a file:// copy of version 1 (serial 1).
+    let old = sshd.dir.join("old");
+    publish_export(&sshd, &old);
+    // Mirror two: plain http on loopback, version 2 (serial 2), one object tampered with.
+    let web_dir = sshd.dir.join("web");
+    let before: Vec<String> = listing(&old.join("alpha/objects"));
+    write_version(&sshd, "2");
+    publish_export(&sshd, &web_dir);
+    let added: Vec<String> = listing(&web_dir.join("alpha/objects"))
+        .into_iter()
+        .filter(|o| !before.contains(o))
+        .collect();
+    assert!(!added.is_empty(), "version 2 adds an object");
+    let tampered = web_dir.join("alpha/objects").join(&added[0]);
+    let mut bytes = fs::read(&tampered).unwrap();
+    bytes.extend_from_slice(b"\n# tampered\n");
+    fs::write(&tampered, &bytes).unwrap();
+    let web = StaticHttp::start(&web_dir);
+    m.write_config(&format!(
+        "{trusted}mirrors = [\"file://{}\", \"{}\"]\n",
+        old.join("alpha").display(),
+        web.url("alpha")
+    ));
+
+    // The server down: both mirrors are read, version 2's serial wins, and its tampered
+    // object is refused: nothing changes on the machine.
+    relay.set_down(true);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
+    assert!(stderr(&out).contains("hashes to"), "{}", text(&out));
+    assert_eq!(m.activations().len(), 1, "nothing applied");
+    assert_eq!(m.profile_target().as_deref(), Some(v1.as_str()));
+
+    // The mirror repaired: version 2 is applied from it (the higher of the two serials).
+    fs::remove_file(&tampered).unwrap();
+    publish_export(&sshd, &web_dir);
+    let out = m.update_with(&[], &["--force"]);
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let v2 = m.profile_target().unwrap();
+    assert!(v2.contains("nixos-system-alpha-2"), "{v2}");
+
+    // Now the file:// mirror is older than what is applied: skipped with a note, not an
+    // error; the http one serves the applied version: nothing to do.
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert!(
+        stderr(&out).contains("older than the applied"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(m.activations().len(), 2);
+
+    // The server back, with version 3: applied from it, and the spooled reports delivered.
+    write_version(&sshd, "3");
+    sshd.publish();
+    relay.set_down(false);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert_eq!(spooled(&m), 0);
+    let reports: Vec<Report> = fs::read_dir(m.logs().join("reports"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| Report::parse(&fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    let outcomes: Vec<Outcome> = {
+        let mut r = reports;
+        r.sort_by(|a, b| a.id.cmp(&b.id));
+        r.into_iter().map(|r| r.outcome).collect()
+    };
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Success,
+            Outcome::Success
+        ]
+    );
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
