@@ -215,3 +215,50 @@ fn listing(dir: &Path) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+#[test]
+fn agent_updates_from_an_s3_mirror_while_its_server_is_down_and_writes_nothing_there() {
+    use crate::common::engines::{Identity, SeaweedFs};
+    use crate::s3_agent::{credentials_file, upload, BUCKET};
+
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // The export, synced into the bucket as `aws s3 sync` would (current last).
+    let export = sshd.dir.join("export");
+    write_version(&sshd, "2");
+    publish_export(&sshd, &export);
+    let alpha = Identity::host(BUCKET, "alpha");
+    let engine = SeaweedFs::start(BUCKET, std::slice::from_ref(&alpha), None);
+    let admin = engine.admin_client();
+    upload(&admin, &export.join("alpha"), "hosts/alpha");
+    let creds = m.base.join("s3-credentials");
+    credentials_file(&creds, &alpha.creds);
+    m.write_config(&format!(
+        "mirrors = [\"s3://{BUCKET}/hosts/{{host}}?endpoint={}&region=us-east-1\"]\ncredentials_file = \"{}\"\n",
+        engine.endpoint,
+        creds.display()
+    ));
+
+    relay.set_down(true);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    let system = m.profile_target().unwrap();
+    assert!(system.contains("nixos-system-alpha-2"), "{system}");
+    assert_eq!(spooled(&m), 1);
+    // A mirror is read, never written: reports go to the server only.
+    assert!(admin.list(BUCKET, "hosts/alpha/logs/").unwrap().is_empty());
+
+    relay.set_down(false);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert_eq!(spooled(&m), 0);
+    assert_eq!(
+        m.latest_report().system_after.as_deref(),
+        Some(system.as_str())
+    );
+}
