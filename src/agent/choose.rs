@@ -13,7 +13,7 @@
 //! it, exactly as without mirrors).
 
 use super::decide::{replay_refusal, Stamp};
-use super::outcome::{AgentError, UpdateOptions};
+use super::outcome::{AgentError, RunLog, UpdateOptions};
 use super::source::{Connection, Mirrored, Purpose, Reached, RemoteError, ServerUrl};
 use super::state::{State, StateDir};
 use super::{fetch, live_host};
@@ -264,10 +264,37 @@ fn signed(
     matches!(fetch::signature(conn, v), Ok(Some(sig)) if signing::verify(&trusted, bytes, &sig).is_ok())
 }
 
+/// [`reach`], retried every `retry` until `deadline`; `None` when no source answered.
+pub fn reach_until(
+    opts: &UpdateOptions<'_>,
+    deadline: std::time::Instant,
+    retry: std::time::Duration,
+    log: &mut RunLog<'_>,
+) -> Option<Box<dyn Connection>> {
+    loop {
+        let mut tried = Vec::new();
+        let reached = reach(opts, &mut tried);
+        for line in &tried {
+            log.step(line);
+        }
+        match reached {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                log.step(&format!("server not reachable: {e}"));
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                std::thread::sleep(retry.min(left));
+            }
+        }
+    }
+}
+
 /// A connection after activation, through the first source on the list that answers (a
 /// read of `current` proves the link, whatever the kind of source); the first source's
 /// error when none does.
-pub fn reach(
+fn reach(
     opts: &UpdateOptions<'_>,
     tried: &mut Vec<String>,
 ) -> Result<Box<dyn Connection>, RemoteError> {
