@@ -531,6 +531,49 @@ current_system = "/run/current-system"
     }
 
     #[test]
+    fn mirrors_are_listed_in_order_and_checked() {
+        let c = parse("host = \"alpha\"\nserver = \"sftp://bento-alpha@h\"\nmirrors = [\"https://m.example.org/bento/alpha\", \"s3://fleet/hosts/{host}?endpoint=https://s3.example.org\", \"file:///mnt/usb/alpha\"]\ncredentials_file = \"/etc/bento/s3\"\nca_file = \"/etc/bento/ca.pem\"\n")
+            .unwrap();
+        let sources: Vec<String> = c.sources().iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            sources,
+            [
+                "sftp://bento-alpha@h:22",
+                "https://m.example.org/bento/alpha",
+                "s3://fleet/hosts/alpha?endpoint=https://s3.example.org&region=us-east-1",
+                "file:///mnt/usb/alpha",
+            ]
+        );
+        let base = "host = \"alpha\"\nserver = \"sftp://bento-alpha@h\"\n";
+        for (extra, needle) in [
+            ("mirrors = [\"http://m.example.org/alpha\"]\n", "clear text"),
+            ("mirrors = [\"ftp://m/alpha\"]\n", "mirrors"),
+            ("mirrors = [\"file:///a\", \"file:///a\"]\n", "listed twice"),
+            ("mirrors = [\"sftp://bento-alpha@h:22\"]\n", "listed twice"),
+            // Nothing on the list uses them.
+            (
+                "mirrors = [\"file:///a\"]\nca_file = \"/ca.pem\"\n",
+                "ca_file",
+            ),
+            (
+                "mirrors = [\"https://m/a\"]\ncredentials_file = \"/etc/s3\"\n",
+                "credentials_file",
+            ),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains("agent.toml"),
+                "{extra}: {err}"
+            );
+        }
+        // A CA file for an https:// mirror is accepted.
+        parse(&format!(
+            "{base}mirrors = [\"https://m/a\"]\nca_file = \"/ca.pem\"\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let base = "host = \"alpha\"\nserver = \"file:///srv/x\"\n";
         for (extra, needle) in [

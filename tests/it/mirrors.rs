@@ -75,12 +75,35 @@ fn agent_updates_from_an_https_mirror_while_its_server_is_down_and_reports_once_
         ca.ca_cert.display()
     ));
 
+    // A download of version 2 that an earlier run cut off halfway: resumed with a Range.
+    let have = listing(&m.base.join("state/objects"));
+    let new_object = listing(&export.join("alpha/objects"))
+        .into_iter()
+        .find(|o| !have.contains(o))
+        .expect("version 2 adds an object");
+    let body = fs::read(export.join("alpha/objects").join(&new_object)).unwrap();
+    let half = body.len() / 2;
+    assert!(half > 0);
+    fs::write(
+        m.base
+            .join("state/objects")
+            .join(format!(".partial-{new_object}")),
+        &body[..half],
+    )
+    .unwrap();
+
     relay.set_down(true);
     let first = m.latest_report();
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let system = m.profile_target().unwrap();
     assert!(system.contains("nixos-system-alpha-2"), "{system}");
+    let resumed = format!("GET /alpha/objects/{new_object} bytes={half}-");
+    assert!(
+        web.requests().iter().any(|r| r.starts_with(&resumed)),
+        "{resumed} in {:?}",
+        web.requests()
+    );
     assert_eq!(m.activations().len(), 2, "{}", text(&out));
     // The confirmation went through the mirror, so the new system stays.
     assert!(stderr(&out).contains("reached mirror"), "{}", text(&out));
