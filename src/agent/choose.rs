@@ -93,6 +93,9 @@ pub fn choose(
             (Some(_), None) if a.stamp.is_none() => {
                 Some("its manifest is not signed by a trusted key or unreadable".to_owned())
             }
+            (Some(_), None) if a.stamp.as_ref().is_some_and(|s| s.0 < cfg.min_serial) => Some(
+                format!("its serial is below min_serial = {}", cfg.min_serial),
+            ),
             (Some(_), None) => None,
         };
         if let Some(why) = why_not {
@@ -148,11 +151,8 @@ fn follow(
         }
         reached.push(a.reached);
     }
-    if chosen > 0 || reached.len() > 1 {
-        let url = &reached[chosen].url;
-        if url != &cfg.server {
-            tracing::info!("following mirror {url}");
-        }
+    if reached[chosen].url != cfg.server {
+        tracing::info!("following mirror {}", reached[chosen].url);
     }
     Choice {
         conn: Box::new(Mirrored::new(reached, chosen, &cfg.server)),
