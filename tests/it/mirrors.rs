@@ -335,3 +335,46 @@ fn an_https_source_keeps_the_limits_resumes_with_ranges_and_never_writes() {
         "{asked:?}"
     );
 }
+
+/// A server that stops answering (packets dropped, connections kept open) is left after
+/// `stall_timeout`, for the mirror.
+#[test]
+fn agent_leaves_a_stalled_server_for_a_mirror() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    let export = sshd.dir.join("export");
+    write_version(&sshd, "2");
+    publish_export(&sshd, &export);
+    let web = StaticHttp::start(&export);
+    m.write_config(&format!(
+        "mirrors = [\"{}\"]\nstall_timeout = \"3s\"\n",
+        web.url("alpha")
+    ));
+
+    relay.stall(true);
+    let started = std::time::Instant::now();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(
+        m.profile_target().unwrap().contains("nixos-system-alpha-2"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stderr(&out).contains("trying the mirrors"),
+        "{}",
+        text(&out)
+    );
+    // Bounded by the stall and connect limits, not by the run's.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
+    );
+    relay.stall(false);
+}
