@@ -152,7 +152,8 @@ in
       description = ''
         For an `s3://` server: where this machine writes its heartbeat and reports, when not
         under its prefix's `logs/` (an engine that grants rights per bucket, such as Garage,
-        needs a reports bucket per host).
+        needs a reports bucket per host). For a read-only `https://` server: a place that
+        takes them (`sftp://`, `file://` or `s3://`); unset, they stay in the spool.
       '';
     };
 

@@ -59,7 +59,7 @@ pub fn choose(
     let mut answers: Vec<Answer> = Vec::new();
     let server_error = match probe(opts, dirs, state, &cfg.server, false) {
         Ok(a) if cfg.mirrors.is_empty() || older(state, &a).is_none() => {
-            return Ok(follow(vec![a], 0, cfg, Vec::new(), None));
+            return Ok(follow(opts, vec![a], 0, cfg, Vec::new(), None));
         }
         Ok(a) => {
             notes.push(format!(
@@ -111,11 +111,11 @@ pub fn choose(
         tracing::info!("{n}");
     }
     if let Some((i, _)) = best {
-        return Ok(follow(answers, i, cfg, notes, server_error));
+        return Ok(follow(opts, answers, i, cfg, notes, server_error));
     }
     // Nothing better: `server` (older) is followed as without mirrors, and refused there.
     if let Some(i) = answers.iter().position(|a| a.reached.url == cfg.server) {
-        return Ok(follow(answers, i, cfg, notes, server_error));
+        return Ok(follow(opts, answers, i, cfg, notes, server_error));
     }
     if answers.is_empty() {
         return Err(AgentError::Remote(server_error.unwrap_or_else(|| {
@@ -129,12 +129,13 @@ pub fn choose(
         "no source reached serves a version at or above the applied one ({})",
         notes.join("; ")
     );
-    let mut choice = follow(answers, 0, cfg, notes, server_error);
+    let mut choice = follow(opts, answers, 0, cfg, notes, server_error);
     choice.hold = Some(hold);
     Ok(choice)
 }
 
 fn follow(
+    opts: &UpdateOptions<'_>,
     answers: Vec<Answer>,
     chosen: usize,
     cfg: &super::config::AgentConfig,
@@ -155,7 +156,11 @@ fn follow(
         tracing::info!("following mirror {}", reached[chosen].url);
     }
     Choice {
-        conn: Box::new(Mirrored::new(reached, chosen, &cfg.server)),
+        conn: Box::new(reports_beside(
+            opts,
+            Purpose::Fetch,
+            Mirrored::new(reached, chosen, &cfg.server),
+        )),
         current,
         prefetched,
         hold: None,
@@ -311,7 +316,8 @@ fn reach(
                     tried.push(format!("reached mirror {url}"));
                 }
                 let reached = vec![Reached { url, conn }];
-                return Ok(Box::new(Mirrored::new(reached, 0, &cfg.server)));
+                let mirrored = Mirrored::new(reached, 0, &cfg.server);
+                return Ok(Box::new(reports_beside(opts, Purpose::Confirm, mirrored)));
             }
             Err(e) => {
                 if !cfg.mirrors.is_empty() {
@@ -322,4 +328,24 @@ fn reach(
         }
     }
     Err(first_err.expect("there is always a server"))
+}
+
+/// Beside a read-only server, agent.toml's `reports` takes the reports: connected now, so a
+/// no-op run's heartbeat reaches it too; when it cannot be reached they stay spooled.
+fn reports_beside(opts: &UpdateOptions<'_>, purpose: Purpose, m: Mirrored) -> Mirrored {
+    let cfg = opts.config;
+    let Some(url) = cfg
+        .reports_to
+        .as_ref()
+        .filter(|_| !cfg.server.takes_reports())
+    else {
+        return m;
+    };
+    match (opts.connect)(url, purpose) {
+        Ok(conn) => m.with_reports(url.clone(), Some(conn)),
+        Err(e) => {
+            tracing::warn!("reports {url}: {e}; reports stay spooled");
+            m.with_reports(url.clone(), None)
+        }
+    }
 }

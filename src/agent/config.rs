@@ -41,8 +41,11 @@ pub struct AgentConfig {
     /// Other places holding a copy of the host's tree, tried in order when `server` cannot
     /// be reached, stalls or serves an older version than the applied one (`agent::choose`).
     pub mirrors: Vec<ServerUrl>,
-    /// For an `s3://` server: `credentials_file`, `reports`, `ca_file`.
+    /// For `s3://` sources: `credentials_file`, `reports` (an `s3://` one), `ca_file`.
     pub s3: S3Options,
+    /// For a read-only (`https://`) server: where reports and heartbeats go instead
+    /// (`reports`: `sftp://`, `s3://` or `file://`); `None`: they stay in the spool.
+    pub reports_to: Option<ServerUrl>,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub state_dir: PathBuf,
@@ -198,7 +201,8 @@ fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
         message,
     };
     let all = || std::iter::once(&m.server).chain(&m.mirrors);
-    let any_s3 = all().any(|u| matches!(u, ServerUrl::S3(_)));
+    let reports_s3 = m.reports.as_deref().is_some_and(|r| r.starts_with("s3://"));
+    let any_s3 = reports_s3 || all().any(|u| matches!(u, ServerUrl::S3(_)));
     let any_tls = all().any(|u| matches!(u, ServerUrl::S3(_) | ServerUrl::Https(_)));
     for (key, set, allowed, what) in [
         (
@@ -216,8 +220,8 @@ fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
         (
             "reports",
             m.reports.is_some(),
-            matches!(m.server, ServerUrl::S3(_)),
-            "an s3:// server",
+            matches!(m.server, ServerUrl::S3(_) | ServerUrl::Https(_)),
+            "an s3:// or https:// server",
         ),
     ] {
         if set && !allowed {
@@ -245,6 +249,9 @@ fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
     }
     let reports = match &m.reports {
         None => None,
+        // An https:// server's `reports` may be any writable place (`reports_to`); only an
+        // s3:// one is a location here.
+        Some(text) if !text.starts_with("s3://") => None,
         Some(text) => {
             let l: crate::sys::s3::Location = text
                 .parse()
@@ -317,11 +324,31 @@ impl AgentConfig {
             }
             mirrors.push(url);
         }
+        let reports_to = match (&server, &m.reports) {
+            (ServerUrl::Https(_), Some(text)) => {
+                let url: ServerUrl = text.parse().map_err(|e: String| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("reports: {e}"),
+                })?;
+                let url = for_host(url, &m.host, "reports", path)?;
+                if !url.takes_reports() {
+                    return Err(ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: format!(
+                            "reports: {url} is read-only; use an sftp://, s3:// or file:// place"
+                        ),
+                    });
+                }
+                Some(url)
+            }
+            _ => None,
+        };
         let config = AgentConfig {
             host: m.host,
             server,
             mirrors,
             s3,
+            reports_to,
             identity_file: m.identity_file,
             known_hosts: m.known_hosts,
             state_dir: m.state_dir,
@@ -566,6 +593,27 @@ current_system = "/run/current-system"
                 "{extra}: {err}"
             );
         }
+        // Beside a read-only server, `reports` is any writable place; never a read-only one.
+        let web = "host = \"alpha\"\nserver = \"https://m.example.org/alpha\"\n";
+        let c = parse(&format!("{web}reports = \"sftp://bento-alpha@h\"\n")).unwrap();
+        assert_eq!(c.reports_to.unwrap().to_string(), "sftp://bento-alpha@h:22");
+        let c = parse(&format!(
+            "{web}reports = \"s3://r-{{host}}?endpoint=https://s3.example.org\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.s3.reports.unwrap().bucket, "r-alpha");
+        assert_eq!(
+            c.reports_to.unwrap().to_string(),
+            "s3://r-alpha?endpoint=https://s3.example.org&region=us-east-1"
+        );
+        let err = parse(&format!("{web}reports = \"https://other/alpha\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read-only"), "{err}");
+        let err = parse(&format!("{base}reports = \"file:///r\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reports"), "{err}");
         // A CA file for an https:// mirror is accepted.
         parse(&format!(
             "{base}mirrors = [\"https://m/a\"]\nca_file = \"/ca.pem\"\n"

@@ -378,3 +378,52 @@ fn agent_leaves_a_stalled_server_for_a_mirror() {
     );
     relay.stall(false);
 }
+
+/// An `https://` server is read-only: with `reports` beside it, reports and heartbeats go
+/// there; without, they stay in the spool and each run says so.
+#[test]
+fn a_read_only_server_reports_to_its_reports_place_or_spools() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    let export = sshd.dir.join("export");
+    publish_export(&sshd, &export);
+    let web = StaticHttp::start(&export);
+    let m = Machine::new(&sshd, "alpha", "");
+    let base = m.base.display().to_string();
+    let config = |extra: &str| {
+        fs::write(
+            m.config(),
+            format!(
+                "host = \"alpha\"\nserver = \"{}\"\nstate_dir = \"{base}/state\"\nprofile = \"{base}/profiles/system\"\ncurrent_system = \"{base}/no-current-system\"\nfiles_root = \"{base}/root\"\nconfirm_timeout = \"3s\"\n{extra}",
+                web.url("alpha")
+            ),
+        )
+        .unwrap()
+    };
+    config("");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert_eq!(spooled(&m), 1);
+    assert!(
+        stderr(&out).contains("is read-only: reports stay spooled"),
+        "{}",
+        text(&out)
+    );
+
+    let reports = sshd.dir.join("reports");
+    fs::create_dir_all(&reports).unwrap();
+    config(&format!("reports = \"file://{}\"\n", reports.display()));
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_NOOP, "{}", text(&out));
+    assert_eq!(spooled(&m), 0, "{}", text(&out));
+    let latest = Report::parse(&fs::read(reports.join("logs/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest.outcome, Outcome::Success);
+    assert!(reports.join("logs/heartbeat.json").is_file());
+    assert!(
+        web.requests()
+            .iter()
+            .all(|r| r.starts_with("GET ") || r.starts_with("HEAD ")),
+        "{:?}",
+        web.requests()
+    );
+}

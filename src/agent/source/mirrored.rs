@@ -1,12 +1,14 @@
 //! The sources one run reached, behind one [`Connection`]: the chosen one (whose `current`
 //! the run follows) is asked first for everything; an item it lacks or fails to serve is
 //! asked of the others in agent.toml's order, since every byte is verified against the
-//! signed manifest whatever its origin. Reports go to the server only.
+//! signed manifest whatever its origin. Reports go to the server only (or, beside a
+//! read-only `https://` server, to agent.toml's `reports`).
 //!
 //! Invariants: `current` comes from the chosen source alone (which version to apply is
 //! `agent::choose`'s decision, never a side effect of a fallback); a resumed download
 //! continues from the bytes already on disk whichever source sent them; nothing is written
-//! anywhere but the `server` of agent.toml, and only when this run reached it.
+//! anywhere but the `server` of agent.toml (or its `reports`), and only when this run
+//! reached it.
 
 use super::{Connection, Item, LogItem, ObjectPart, RemoteError, ServerUrl, Sink, Source};
 
@@ -25,6 +27,10 @@ pub struct Mirrored {
     sink: Option<usize>,
     /// agent.toml's `server`, for the note when it was not reached.
     server: ServerUrl,
+    /// A read-only server's `reports` place, when this run reached it.
+    reports: Option<Reached>,
+    /// That place when it was not reached, for the note.
+    reports_missed: Option<ServerUrl>,
 }
 
 impl Mirrored {
@@ -42,7 +48,19 @@ impl Mirrored {
             chosen,
             sink,
             server: server.clone(),
+            reports: None,
+            reports_missed: None,
         }
+    }
+
+    /// Where reports go when `server` takes none (agent.toml's `reports` beside an
+    /// `https://` server): the connection when reached, else its URL for the note.
+    pub fn with_reports(mut self, url: ServerUrl, conn: Option<Box<dyn Connection>>) -> Self {
+        match conn {
+            Some(conn) => self.reports = Some(Reached { url, conn }),
+            None => self.reports_missed = Some(url),
+        }
+        self
     }
 
     /// The source the run follows.
@@ -192,6 +210,14 @@ impl Source for Mirrored {
 
 impl Sink for Mirrored {
     fn put(&mut self, item: LogItem<'_>, bytes: &[u8]) -> Result<(), RemoteError> {
+        if let Some(r) = &mut self.reports {
+            return r.conn.put(item, bytes);
+        }
+        if let Some(url) = &self.reports_missed {
+            return Err(RemoteError::NoSink {
+                server: url.to_string(),
+            });
+        }
         match self.sink {
             Some(i) => self.all[i].conn.put(item, bytes),
             None if !self.server.takes_reports() => Err(RemoteError::ReadOnly {
@@ -207,7 +233,7 @@ impl Sink for Mirrored {
 impl Connection for Mirrored {
     fn close(self: Box<Self>) -> Result<(), RemoteError> {
         let mut result = Ok(());
-        for r in self.all {
+        for r in self.all.into_iter().chain(self.reports) {
             if let Err(e) = r.conn.close() {
                 result = result.and(Err(e));
             }

@@ -59,7 +59,7 @@ pub enum RemoteError {
     #[error("run_timeout reached while waiting for {operation} ({server})")]
     RunTimeout { server: String, operation: String },
     /// A static mirror takes no writes: reports wait in the spool for the server.
-    #[error("{server} is a read-only mirror: reports stay spooled until the server is reached")]
+    #[error("{server} is read-only: reports stay spooled (agent.toml's `reports` can name a place that takes them)")]
     ReadOnly { server: String },
     /// This run did not reach the place reports go (`server`).
     #[error("{server} was not reached this run: reports stay spooled")]
