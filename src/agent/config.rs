@@ -193,8 +193,9 @@ fn d_files_root() -> PathBuf {
     "/".into()
 }
 
-/// `credentials_file`, `reports` and `ca_file`: for an `s3://` server only, absolute paths,
-/// `reports` an `s3://` URL (`{host}` in it means this host).
+/// `credentials_file` (for an `s3://` source or `reports`), `ca_file` (for an `s3://` or
+/// `https://` source) and `reports` (for an `s3://` or `https://` server): absolute paths;
+/// an `s3://` `reports` is kept here as a location (`{host}` in it means this host).
 fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
     let err = |message: String| ConfigError::Parse {
         path: path.to_owned(),
