@@ -25,7 +25,7 @@ let
     reports = cfg.reports;
     ca_file = cfg.caFile;
     mode = cfg.mode;
-  } // cfg.settings);
+  } // lib.optionalAttrs (cfg.mirrors != [ ]) { mirrors = cfg.mirrors; } // cfg.settings);
 
   # Where activation is concerned the agent is root doing what nixos-rebuild does, so the
   # sandboxing is limited to what cannot get in its way (see src/agent/units.rs, HARDENING):
@@ -109,8 +109,26 @@ in
       description = ''
         Where this machine's snapshot is: `sftp://ACCOUNT@HOST[:PORT]` (the account is the
         fleet's `account_prefix` and the host name), `s3://BUCKET/PREFIX?endpoint=URL&region=REGION`
-        (its prefix or bucket in an S3-compatible object store, docs/objectstore.md), or
+        (its prefix or bucket in an S3-compatible object store, docs/objectstore.md),
+        `https://HOST/PATH` (a read-only static copy: reports stay spooled), or
         `file:///PATH` for a mounted copy.
+      '';
+    };
+
+    # The style of list options in nixpkgs (system.autoUpgrade.flags, nixpkgs commit
+    # 0490065f6ac60793bfb12e110bd6506aaca0e9f5): listOf str, default [ ], a list example.
+    mirrors = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [
+        "https://mirror.example.org/bento/alpha"
+        "s3://fleet/hosts/{host}?endpoint=https://s3.example.org&region=us-east-1"
+      ];
+      description = ''
+        Other copies of this machine's tree (`mirrors` in agent.toml), in the forms `server`
+        takes (`https://`, `s3://`, `sftp://`, `file://`). Read in order only when the server
+        cannot be reached, stalls or serves an older version than the applied one; the
+        highest signed serial among them wins; never written to (docs/mirrors.md).
       '';
     };
 
@@ -119,7 +137,7 @@ in
       default = null;
       example = "/etc/bento/s3-credentials";
       description = ''
-        For an `s3://` server: this machine's S3 keys in the AWS shared-credentials format
+        For an `s3://` server or mirror: this machine's S3 keys in the AWS shared-credentials format
         (`[default]`, `aws_access_key_id`, `aws_secret_access_key`), a root-owned file with
         mode 0600 on the machine, as a string (a Nix path literal would copy the secret into
         the world-readable store, which the agent refuses). Unset: the service's
@@ -134,7 +152,8 @@ in
       description = ''
         For an `s3://` server: where this machine writes its heartbeat and reports, when not
         under its prefix's `logs/` (an engine that grants rights per bucket, such as Garage,
-        needs a reports bucket per host).
+        needs a reports bucket per host). For a read-only `https://` server: a place that
+        takes them (`sftp://`, `file://` or `s3://`); unset, they stay in the spool.
       '';
     };
 
@@ -143,8 +162,9 @@ in
       default = null;
       example = "/etc/bento/s3-ca.pem";
       description = ''
-        For an `s3://` server: a PEM file of the CA the endpoint's certificate must chain to
-        (a private CA); unset, the public web roots.
+        For an `s3://` or `https://` server or mirror: a PEM file of the CA the endpoint's
+        certificate must chain to (a private CA); unset, the public web roots (`s3://`) or
+        the system's CA bundle (`https://`).
       '';
     };
 

@@ -46,6 +46,7 @@ in
     services.bento.agent = {
       enable = true;
       server = "sftp://bento-ws-anna@bento.example.org";
+      mirrors = [ "https://mirror.example.org/bento/ws-anna" ];
       knownHosts = "bento.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMnOJW1l6T9NsbrhE2Wu6c4hQGq2L8Eo3mYRpL3O2ZTb";
       rebootWindow = "Sun 03:00"; # the policy comes from bento.toml
       # build_on = "server" in bento.toml: the server's public cache key.

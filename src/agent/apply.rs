@@ -360,19 +360,9 @@ impl Attempt<'_> {
         let t = Instant::now();
         log.step("checking that the server is still reachable");
         let deadline = Instant::now() + self.cfg.confirm_timeout;
-        let fresh = loop {
-            match (opts.connect)() {
-                Ok(c) => break Some(c),
-                Err(e) => {
-                    log.step(&format!("server not reachable: {e}"));
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break None;
-                    }
-                    std::thread::sleep(CONFIRM_RETRY.min(left));
-                }
-            }
-        };
+        // Any source on the list proves the network: a host whose server is down but whose
+        // mirror answers keeps its new system.
+        let fresh = super::choose::reach_until(opts, deadline, CONFIRM_RETRY, log);
         timings.confirm_ms = Some(t.elapsed().as_millis() as u64);
         match fresh {
             Some(c) => {

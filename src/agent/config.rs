@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::agent::source::{S3Options, ServerUrl, SshOptions};
+use crate::agent::source::{Connection, Purpose, RemoteError, S3Options, ServerUrl, SshOptions};
+
+/// A new connection, or why there is none.
+pub type ConnectResult = Result<Box<dyn Connection>, RemoteError>;
 use crate::agent::state::StateDir;
 use crate::protocol::settings::{self, HostSettings, SettingsLayer};
 use crate::protocol::HostName;
@@ -32,10 +35,17 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// This machine's name in the fleet.
     pub host: HostName,
-    /// `sftp://account@host[:port]`, `s3://BUCKET/PREFIX?endpoint=…` or `file:///path`.
+    /// `sftp://account@host[:port]`, `s3://BUCKET/PREFIX?endpoint=…`, `https://HOST/PATH`
+    /// or `file:///path`.
     pub server: ServerUrl,
-    /// For an `s3://` server: `credentials_file`, `reports`, `ca_file`.
+    /// Other places holding a copy of the host's tree, tried in order when `server` cannot
+    /// be reached, stalls or serves an older version than the applied one (`agent::choose`).
+    pub mirrors: Vec<ServerUrl>,
+    /// For `s3://` sources: `credentials_file`, `reports` (an `s3://` one), `ca_file`.
     pub s3: S3Options,
+    /// For a read-only (`https://`) server: where reports and heartbeats go instead
+    /// (`reports`: `sftp://`, `s3://` or `file://`); `None`: they stay in the spool.
+    pub reports_to: Option<ServerUrl>,
     pub identity_file: PathBuf,
     pub known_hosts: PathBuf,
     pub state_dir: PathBuf,
@@ -72,9 +82,10 @@ pub struct AgentConfig {
 }
 
 /// The machine's own keys of agent.toml (beside `SettingsLayer::AGENT_KEYS`).
-pub const MACHINE_KEYS: [&str; 20] = [
+pub const MACHINE_KEYS: [&str; 21] = [
     "host",
     "server",
+    "mirrors",
     "credentials_file",
     "reports",
     "ca_file",
@@ -102,6 +113,8 @@ struct MachineToml {
     host: HostName,
     #[serde(deserialize_with = "de_url")]
     server: ServerUrl,
+    #[serde(default, deserialize_with = "de_urls")]
+    mirrors: Vec<ServerUrl>,
     #[serde(default)]
     credentials_file: Option<PathBuf>,
     #[serde(default)]
@@ -180,26 +193,44 @@ fn d_files_root() -> PathBuf {
     "/".into()
 }
 
-/// `credentials_file`, `reports` and `ca_file`: for an `s3://` server only, absolute paths,
-/// `reports` an `s3://` URL (`{host}` in it means this host).
+/// `credentials_file` (for an `s3://` source or `reports`), `ca_file` (for an `s3://` or
+/// `https://` source) and `reports` (for an `s3://` or `https://` server): absolute paths;
+/// an `s3://` `reports` is kept here as a location (`{host}` in it means this host).
 fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
     let err = |message: String| ConfigError::Parse {
         path: path.to_owned(),
         message,
     };
-    let given = [
-        ("credentials_file", m.credentials_file.is_some()),
-        ("reports", m.reports.is_some()),
-        ("ca_file", m.ca_file.is_some()),
-    ];
-    if !matches!(m.server, ServerUrl::S3(_)) {
-        if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+    let all = || std::iter::once(&m.server).chain(&m.mirrors);
+    let reports_s3 = m.reports.as_deref().is_some_and(|r| r.starts_with("s3://"));
+    let any_s3 = reports_s3 || all().any(|u| matches!(u, ServerUrl::S3(_)));
+    let any_tls = all().any(|u| matches!(u, ServerUrl::S3(_) | ServerUrl::Https(_)));
+    for (key, set, allowed, what) in [
+        (
+            "credentials_file",
+            m.credentials_file.is_some(),
+            any_s3,
+            "an s3:// server or mirror",
+        ),
+        (
+            "ca_file",
+            m.ca_file.is_some(),
+            any_tls,
+            "an s3:// or https:// server or mirror",
+        ),
+        (
+            "reports",
+            m.reports.is_some(),
+            matches!(m.server, ServerUrl::S3(_) | ServerUrl::Https(_)),
+            "an s3:// or https:// server",
+        ),
+    ] {
+        if set && !allowed {
             return Err(err(format!(
-                "{key} is for an s3:// server; server = \"{}\" does not use it",
+                "{key} is for {what}; server = \"{}\" does not use it",
                 m.server
             )));
         }
-        return Ok(S3Options::default());
     }
     for (key, p) in [
         ("credentials_file", &m.credentials_file),
@@ -219,6 +250,9 @@ fn s3_options(m: &MachineToml, path: &Path) -> Result<S3Options, ConfigError> {
     }
     let reports = match &m.reports {
         None => None,
+        // An https:// server's `reports` may be any writable place (`reports_to`); only an
+        // s3:// one is a location here.
+        Some(text) if !text.starts_with("s3://") => None,
         Some(text) => {
             let l: crate::sys::s3::Location = text
                 .parse()
@@ -242,6 +276,31 @@ fn de_url<'de, D: Deserializer<'de>>(d: D) -> Result<ServerUrl, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
+fn de_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServerUrl>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// An `s3://` source's `{host}` means this host (its own place in the store).
+fn for_host(
+    url: ServerUrl,
+    host: &HostName,
+    key: &str,
+    path: &Path,
+) -> Result<ServerUrl, ConfigError> {
+    match url {
+        ServerUrl::S3(l) => Ok(ServerUrl::S3(l.for_host(host.as_str()).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{key}: {e}"),
+            }
+        })?)),
+        other => Ok(other),
+    }
+}
+
 impl AgentConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse {
@@ -254,23 +313,43 @@ impl AgentConfig {
         let m: MachineToml =
             settings::from_table_beside(table, &SettingsLayer::AGENT_KEYS).map_err(parse_err)?;
         let s3 = s3_options(&m, path)?;
-        let server = match m.server {
-            // The host's own place; `{host}` is accepted and means this host.
-            ServerUrl::S3(l) => {
-                ServerUrl::S3(
-                    l.for_host(m.host.as_str())
-                        .map_err(|e| ConfigError::Parse {
-                            path: path.to_owned(),
-                            message: format!("server: {e}"),
-                        })?,
-                )
+        let server = for_host(m.server.clone(), &m.host, "server", path)?;
+        let mut mirrors = Vec::new();
+        for url in &m.mirrors {
+            let url = for_host(url.clone(), &m.host, "mirrors", path)?;
+            if url == server || mirrors.contains(&url) {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("mirrors: {url} is listed twice (or is the server)"),
+                });
             }
-            other => other,
+            mirrors.push(url);
+        }
+        let reports_to = match (&server, &m.reports) {
+            (ServerUrl::Https(_), Some(text)) => {
+                let url: ServerUrl = text.parse().map_err(|e: String| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!("reports: {e}"),
+                })?;
+                let url = for_host(url, &m.host, "reports", path)?;
+                if !url.takes_reports() {
+                    return Err(ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: format!(
+                            "reports: {url} is read-only; use an sftp://, s3:// or file:// place"
+                        ),
+                    });
+                }
+                Some(url)
+            }
+            _ => None,
         };
         let config = AgentConfig {
             host: m.host,
             server,
+            mirrors,
             s3,
+            reports_to,
             identity_file: m.identity_file,
             known_hosts: m.known_hosts,
             state_dir: m.state_dir,
@@ -356,23 +435,25 @@ impl AgentConfig {
         }
     }
 
-    /// How one run connects: its first connection (the download) is bounded by
-    /// `run_timeout` from now; later ones (the confirmation after activation) only by
-    /// `stall_timeout`, so a long build never makes the confirmation fail and roll back.
-    pub fn run_connector(
-        &self,
-    ) -> impl Fn() -> Result<
-        Box<dyn crate::agent::source::Connection>,
-        crate::agent::source::RemoteError,
-    > + '_ {
+    /// `server`, then the `mirrors`, in the order a run tries them.
+    pub fn sources(&self) -> Vec<ServerUrl> {
+        std::iter::once(&self.server)
+            .chain(&self.mirrors)
+            .cloned()
+            .collect()
+    }
+
+    /// How one run connects: the connections of its fetch are bounded by `run_timeout`
+    /// from now; those of the confirmation after activation only by `stall_timeout`, so a
+    /// long build never makes the confirmation fail and roll back.
+    pub fn run_connector(&self) -> impl Fn(&ServerUrl, Purpose) -> ConnectResult + '_ {
         let deadline = std::time::Instant::now() + self.run_timeout;
-        let first = std::cell::Cell::new(true);
-        move || {
+        move |url, purpose| {
             let mut ssh = self.ssh_options();
-            if first.replace(false) {
+            if purpose == Purpose::Fetch {
                 ssh.deadline = Some(deadline);
             }
-            crate::agent::source::connect(&self.server, &ssh)
+            crate::agent::source::connect(url, &ssh)
         }
     }
 
@@ -478,6 +559,70 @@ current_system = "/run/current-system"
     }
 
     #[test]
+    fn mirrors_are_listed_in_order_and_checked() {
+        let c = parse("host = \"alpha\"\nserver = \"sftp://bento-alpha@h\"\nmirrors = [\"https://m.example.org/bento/alpha\", \"s3://fleet/hosts/{host}?endpoint=https://s3.example.org\", \"file:///mnt/usb/alpha\"]\ncredentials_file = \"/etc/bento/s3\"\nca_file = \"/etc/bento/ca.pem\"\n")
+            .unwrap();
+        let sources: Vec<String> = c.sources().iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            sources,
+            [
+                "sftp://bento-alpha@h:22",
+                "https://m.example.org/bento/alpha",
+                "s3://fleet/hosts/alpha?endpoint=https://s3.example.org&region=us-east-1",
+                "file:///mnt/usb/alpha",
+            ]
+        );
+        let base = "host = \"alpha\"\nserver = \"sftp://bento-alpha@h\"\n";
+        for (extra, needle) in [
+            ("mirrors = [\"http://m.example.org/alpha\"]\n", "clear text"),
+            ("mirrors = [\"ftp://m/alpha\"]\n", "mirrors"),
+            ("mirrors = [\"file:///a\", \"file:///a\"]\n", "listed twice"),
+            ("mirrors = [\"sftp://bento-alpha@h:22\"]\n", "listed twice"),
+            // Nothing on the list uses them.
+            (
+                "mirrors = [\"file:///a\"]\nca_file = \"/ca.pem\"\n",
+                "ca_file",
+            ),
+            (
+                "mirrors = [\"https://m/a\"]\ncredentials_file = \"/etc/s3\"\n",
+                "credentials_file",
+            ),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains("agent.toml"),
+                "{extra}: {err}"
+            );
+        }
+        // Beside a read-only server, `reports` is any writable place; never a read-only one.
+        let web = "host = \"alpha\"\nserver = \"https://m.example.org/alpha\"\n";
+        let c = parse(&format!("{web}reports = \"sftp://bento-alpha@h\"\n")).unwrap();
+        assert_eq!(c.reports_to.unwrap().to_string(), "sftp://bento-alpha@h:22");
+        let c = parse(&format!(
+            "{web}reports = \"s3://r-{{host}}?endpoint=https://s3.example.org\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.s3.reports.unwrap().bucket, "r-alpha");
+        assert_eq!(
+            c.reports_to.unwrap().to_string(),
+            "s3://r-alpha?endpoint=https://s3.example.org&region=us-east-1"
+        );
+        let err = parse(&format!("{web}reports = \"https://other/alpha\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read-only"), "{err}");
+        let err = parse(&format!("{base}reports = \"file:///r\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reports"), "{err}");
+        // A CA file for an https:// mirror is accepted.
+        parse(&format!(
+            "{base}mirrors = [\"https://m/a\"]\nca_file = \"/ca.pem\"\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let base = "host = \"alpha\"\nserver = \"file:///srv/x\"\n";
         for (extra, needle) in [
@@ -499,7 +644,7 @@ current_system = "/run/current-system"
             assert!(err.contains(needle), "{extra}: {err}");
             assert!(err.contains("agent.toml"), "{err}");
         }
-        let err = parse("host = \"alpha\"\nserver = \"http://x\"\n")
+        let err = parse("host = \"alpha\"\nserver = \"gopher://x\"\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("sftp://"), "{err}");

@@ -13,6 +13,8 @@
 
 mod apply;
 mod checks;
+// Issue #27: which of `server` and the `mirrors` a run follows.
+mod choose;
 pub mod config;
 mod decide;
 mod fetch;

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use super::config::AgentConfig;
 use super::host::Host;
-use super::source::{Connection, RemoteError};
+use super::source::{Connection, Purpose, RemoteError, ServerUrl};
 use crate::protocol::report::Report;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +61,9 @@ impl RunResult {
     }
 }
 
-/// Opens a new connection to the server (called again for the confirmation).
-pub type Connect<'a> = dyn Fn() -> Result<Box<dyn Connection>, RemoteError> + 'a;
+/// Opens a new connection to one source (`server` or a mirror), for the fetch or for the
+/// confirmation after activation.
+pub type Connect<'a> = dyn Fn(&ServerUrl, Purpose) -> Result<Box<dyn Connection>, RemoteError> + 'a;
 
 pub struct UpdateOptions<'a> {
     pub config: &'a AgentConfig,

@@ -1,6 +1,7 @@
-//! One run of `bento agent update`: lock, connect, read `current` and check that the live
-//! manifest is this host's (`live_host`), deliver what the spool holds, decide (`decide`),
-//! then apply (`apply`, `self_update`) and record (`record`).
+//! One run of `bento agent update`: lock, pick the source to follow (`choose`: `server`,
+//! else the mirrors; it reads `current` and checks that the live manifest is this host's),
+//! deliver what the spool holds, decide (`decide`), then apply (`apply`, `self_update`) and
+//! record (`record`).
 //!
 //! Invariant: errors returned from [`update`] stop the run before a version is attempted
 //! (nothing on the machine changed, no report); every attempt ends in a report.
@@ -12,8 +13,7 @@ use super::outcome::{secs, state_err, AgentError, RunResult, UpdateOptions};
 use super::record::{no_op, Run};
 use super::source::RemoteError;
 use super::state::StateDir;
-use super::{fetch, live_host, record, self_update};
-use crate::protocol::layout;
+use super::{choose, record, self_update};
 use crate::protocol::report::RunKind;
 use crate::sys::atomic::Lock;
 
@@ -64,28 +64,30 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
     let cfg = opts.config;
     let mut state = dirs.load().map_err(state_err(&dirs.state_file()))?;
 
-    let mut conn = (opts.connect)()?;
-    let current = match fetch::current(conn.as_mut())? {
-        None => None,
-        Some(text) => Some(
-            layout::parse_current(&text)
-                .map_err(|_| AgentError::BadCurrent(text.chars().take(100).collect()))?,
-        ),
-    };
-    // Before anything is written to the server (spool, heartbeat, report): an agent
-    // configured as another host must not write into this account's logs/.
-    let prefetched = match current {
-        Some(version) => {
-            live_host::check(conn.as_mut(), dirs, &cfg.host, version, &cfg.trusted_keys)?
-        }
-        None => None,
-    };
+    // `server`, else the mirrors: which one the run follows is `choose`'s alone. It also
+    // checks, before anything is written anywhere, that the live manifest is this host's.
+    let choice = choose::choose(opts, dirs, &state)?;
+    let mut conn = choice.conn;
+    let (current, prefetched) = (choice.current, choice.prefetched);
     record::deliver_spool(conn.as_mut(), dirs);
 
     let running = opts.host.running().map_err(AgentError::Running)?;
-    // The server answered: the runs that could not reach it are over.
-    if state.unreachable.take().is_some() {
-        dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+    match &choice.server_error {
+        // A mirror answered; `bento agent status` still says the server did not.
+        Some(e) => {
+            let text = e.to_string();
+            let text = crate::sys::terminal::truncate(&text, MAX_UNREACHABLE_CHARS);
+            state.record_unreachable(text.into_owned(), secs((opts.now)()));
+            dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+        }
+        // The server answered: the runs that could not reach it are over.
+        None if state.unreachable.take().is_some() => {
+            dirs.save(&state).map_err(state_err(&dirs.state_file()))?;
+        }
+        None => {}
+    }
+    if let Some(reason) = choice.hold {
+        return Ok(no_op(opts, conn.as_mut(), &state, running.as_ref(), reason));
     }
 
     // After a reboot into the applied system, no reboot is pending any more.
@@ -118,6 +120,9 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 version.short(),
                 running.as_ref().map_or("nothing", |r| r.as_str())
             ));
+            for note in &choice.notes {
+                run.log.step(&format!("note: {note}"));
+            }
             if let Some(offset) = conn.clock_correction() {
                 run.log.step(&clock_note(offset));
             }

@@ -48,8 +48,12 @@ pub struct Args {
     pub(super) serial_floor: Option<u64>,
     /// Print which hosts would get a new version and why (files, settings, configuration,
     /// system changed; unchanged (same system); held), and write nothing
-    #[arg(long, conflicts_with_all = ["build", "wait"])]
+    #[arg(long, conflicts_with_all = ["build", "wait", "export"])]
     pub(super) dry_run: bool,
+    /// Then copy the live trees of the published hosts (all hosts, or those of --host) into
+    /// DIR/<host>/ for a mirror, `current` last (docs/mirrors.md)
+    #[arg(long, value_name = "DIR")]
+    pub(super) export: Option<PathBuf>,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -182,7 +186,10 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         count(Status::Failed),
         chroot.root.display()
     );
-    let failed = count(Status::Failed) + if everything { broken } else { 0 };
+    let mut failed = count(Status::Failed) + if everything { broken } else { 0 };
+    if let Some(dir) = &args.export {
+        failed += export(&fleet, &chroot, &args.hosts, dir)?;
+    }
     // rollout (#13): --wait follows the hosts that are live (cli/wait.rs).
     if let Some(timeout) = args.wait {
         let ok = super::wait::after_publish(&fleet, &chroot, &reports, timeout, args.json)?;
@@ -197,6 +204,44 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `--export DIR`: each host's live tree into `DIR/<host>/`; returns how many hosts failed
+/// (each named on stderr; the others are still exported).
+fn export(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    hosts: &[HostName],
+    dir: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let store = super::select::store_of(fleet, chroot)?;
+    let hosts = if hosts.is_empty() {
+        store
+            .hosts()
+            .with_context(|| format!("listing the hosts to export into {}", dir.display()))?
+    } else {
+        hosts.to_vec()
+    };
+    let mut failed = 0;
+    for host in &hosts {
+        match crate::server::export::export_host(&*store, host, dir) {
+            Ok(e) => match e.version {
+                Some(v) => output::note(&format!(
+                    "exported {host} version {} to {} ({} files written, {} removed)",
+                    v.short(),
+                    dir.join(host.as_str()).display(),
+                    e.written,
+                    e.removed
+                )),
+                None => output::note(&format!("{host}: nothing published, nothing exported")),
+            },
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: export into {}: {e}", dir.display());
+            }
+        }
+    }
+    Ok(failed)
 }
 
 /// What to publish of the working tree.

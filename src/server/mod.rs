@@ -9,6 +9,8 @@ pub mod delivery;
 // Issue #25: `bento host add` and `bento agent-config`.
 pub mod enrol;
 pub mod eval;
+// Issue #27: copies of the live trees for mirrors (`bento publish --export`).
+pub mod export;
 pub mod fleet;
 pub mod history;
 pub mod hostfiles;

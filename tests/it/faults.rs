@@ -926,7 +926,8 @@ fn update_in_process(
         &cfg,
     );
     let ssh = cfg.ssh_options();
-    let connect = || bento::agent::source::connect(&cfg.server, &ssh);
+    let connect =
+        |url: &bento::agent::source::ServerUrl, _| bento::agent::source::connect(url, &ssh);
     bento::agent::update(&bento::agent::UpdateOptions {
         config: &cfg,
         host: &host,

@@ -20,6 +20,7 @@ mod init;
 mod layers;
 mod log;
 mod machines;
+mod mirrors;
 mod nixos;
 mod page;
 mod plaintext;

@@ -18,11 +18,11 @@ use crate::agent::{
 use crate::common::engines::{Identity, SeaweedFs};
 use crate::common::sshd::Sshd;
 
-const BUCKET: &str = "fleet";
+pub(crate) const BUCKET: &str = "fleet";
 
 /// Copies the host's chroot directory (everything but `logs/`) under `prefix`: objects and
 /// `cache/` first, then manifests, `current` last, as publish orders them.
-fn upload(admin: &Client, dir: &Path, prefix: &str) -> Vec<String> {
+pub(crate) fn upload(admin: &Client, dir: &Path, prefix: &str) -> Vec<String> {
     let mut files = Vec::new();
     walk(dir, dir, &mut files);
     files.retain(|rel| !rel.starts_with("logs/"));

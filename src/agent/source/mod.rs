@@ -3,13 +3,18 @@
 //! protocol operation, never by a path string from the server) and a [`Sink`] for what it writes (reports and the heartbeat in `logs/`).
 //! `sftp://` (the system's OpenSSH client), `file://` (a mounted directory: NFS,
 //! sneakernet, tests) and `s3://` (an S3-compatible object store, `source::s3`) implement
-//! both on one [`Connection`]; a read-only mirror can implement `Source` alone.
+//! both on one [`Connection`]; `https://` (`source::https`, a static mirror) is read-only,
+//! its sink always refusing. `source::mirrored` puts the sources one run reached behind one
+//! connection (the chosen one first, the others for objects it lacks).
 //!
 //! Invariant: a Source only moves bytes. Size limits, resuming partial downloads and hash
 //! verification live once, in `agent::fetch`, so every backend gets the same checks.
 
 mod control_dir;
 mod dir;
+mod https;
+mod mirrored;
+mod parallel;
 mod s3;
 mod sftp;
 
@@ -17,6 +22,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use dir::DirConnection;
+pub use https::HttpsConnection;
+pub use mirrored::{Mirrored, Reached};
 pub use s3::{S3Connection, S3Options};
 pub use sftp::SftpConnection;
 
@@ -51,9 +58,28 @@ pub enum RemoteError {
     },
     #[error("run_timeout reached while waiting for {operation} ({server})")]
     RunTimeout { server: String, operation: String },
+    /// A static mirror takes no writes: reports wait in the spool for the server.
+    #[error("{server} is read-only: reports stay spooled (agent.toml's `reports` can name a place that takes them)")]
+    ReadOnly { server: String },
+    /// This run did not reach the place reports go (`server`).
+    #[error("{server} was not reached this run: reports stay spooled")]
+    NoSink { server: String },
 }
 
 impl RemoteError {
+    /// Another source may serve what this one did not: the item is missing, the source
+    /// refused, cannot be reached or stalled (not a local failure, an oversized file, or the
+    /// run's own deadline).
+    pub fn may_try_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Connect { .. }
+                | RemoteError::Remote { .. }
+                | RemoteError::NotFound { .. }
+                | RemoteError::Stalled { .. }
+        )
+    }
+
     /// The server stopped answering (as opposed to refusing or cutting the connection).
     pub fn is_stall(&self) -> bool {
         matches!(
@@ -267,6 +293,38 @@ pub enum ServerUrl {
     /// `s3://BUCKET/PREFIX?endpoint=URL&region=REGION` — the place in an object store that
     /// holds what `<chroot>/<host>/` holds.
     S3(crate::sys::s3::Location),
+    /// `https://HOST[:PORT]/PATH` (`http://` on loopback only) — a static web server
+    /// holding what `<chroot>/<host>/` holds; read-only.
+    Https(String),
+}
+
+impl ServerUrl {
+    /// Whether the agent can write its reports there.
+    pub fn takes_reports(&self) -> bool {
+        !matches!(self, ServerUrl::Https(_))
+    }
+}
+
+/// `https://HOST[:PORT]/PATH`, or `http://` to a loopback address; no query, no fragment,
+/// no user; kept without its trailing slash.
+fn parse_https(s: &str) -> Result<ServerUrl, String> {
+    let url: url::Url = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("{s:?}: the URL needs a host"))?;
+    if url.scheme() == "http" && !crate::sys::http::is_loopback(host) {
+        return Err(format!(
+            "{s:?}: http:// sends in clear text and is only for a loopback address (127.0.0.1, ::1, localhost); use https://"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "{s:?}: a mirror URL is https://HOST[:PORT]/PATH to the host's tree, without query, fragment or user"
+        ));
+    }
+    Ok(ServerUrl::Https(
+        url.as_str().trim_end_matches('/').to_owned(),
+    ))
 }
 
 impl std::str::FromStr for ServerUrl {
@@ -274,6 +332,9 @@ impl std::str::FromStr for ServerUrl {
     fn from_str(s: &str) -> Result<Self, String> {
         if s.starts_with("s3://") {
             return s.parse().map(ServerUrl::S3).map_err(|e| e.to_string());
+        }
+        if s.starts_with("https://") || s.starts_with("http://") {
+            return parse_https(s);
         }
         if let Some(path) = s.strip_prefix("file://") {
             if !path.starts_with('/') {
@@ -285,7 +346,7 @@ impl std::str::FromStr for ServerUrl {
         }
         let Some(rest) = s.strip_prefix("sftp://") else {
             return Err(format!(
-                "{s:?}: use sftp://account@host[:port], s3://BUCKET/PREFIX?endpoint=URL&region=REGION or file:///path"
+                "{s:?}: use sftp://account@host[:port], s3://BUCKET/PREFIX?endpoint=URL&region=REGION, https://HOST/PATH or file:///path"
             ));
         };
         let rest = rest.trim_end_matches('/');
@@ -320,6 +381,7 @@ impl std::fmt::Display for ServerUrl {
             ServerUrl::Sftp { user, host, port } => write!(f, "sftp://{user}@{host}:{port}"),
             ServerUrl::Dir(p) => write!(f, "file://{}", p.display()),
             ServerUrl::S3(l) => write!(f, "{l}"),
+            ServerUrl::Https(u) => f.write_str(u),
         }
     }
 }
@@ -350,7 +412,17 @@ pub fn connect(url: &ServerUrl, ssh: &SshOptions) -> Result<Box<dyn Connection>,
             Ok(Box::new(SftpConnection::connect(user, host, *port, ssh)?))
         }
         ServerUrl::S3(location) => Ok(Box::new(S3Connection::connect(location, ssh)?)),
+        ServerUrl::Https(base) => Ok(Box::new(HttpsConnection::connect(base, ssh)?)),
     }
+}
+
+/// Why a connection is opened: the fetch of a run is bounded by `run_timeout`; the
+/// confirmation after activation only by `stall_timeout` and `confirm_timeout`, so a long
+/// build never makes it fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Fetch,
+    Confirm,
 }
 
 #[cfg(test)]
@@ -413,7 +485,22 @@ mod tests {
             "file:///mnt/bento/alpha".parse::<ServerUrl>().unwrap(),
             ServerUrl::Dir("/mnt/bento/alpha".into())
         );
+        assert_eq!(
+            "https://mirror.example.org/bento/alpha/"
+                .parse::<ServerUrl>()
+                .unwrap(),
+            ServerUrl::Https("https://mirror.example.org/bento/alpha".into())
+        );
+        assert_eq!(
+            "http://127.0.0.1:8080/alpha".parse::<ServerUrl>().unwrap(),
+            ServerUrl::Https("http://127.0.0.1:8080/alpha".into())
+        );
+        assert!("http://[::1]:8080/alpha".parse::<ServerUrl>().is_ok());
+        assert!(!ServerUrl::Https("https://m/a".into()).takes_reports());
         for bad in [
+            "http://mirror.example.org/alpha",
+            "https://mirror.example.org/alpha?x=1",
+            "https://user@mirror.example.org/alpha",
             "ftp://x",
             "sftp://host",
             "sftp://a@h:notaport",

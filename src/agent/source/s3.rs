@@ -5,15 +5,12 @@
 //! Invariants: the credentials file is root's alone (0600) and never in the world-readable
 //! Nix store; a key the engine does not have yet is [`RemoteError::NotFound`] (a replicated
 //! engine may lag behind `current`: the run stops without a report and the next one tries
-//! again); parallel reads stay within [`PARALLEL_FETCHES`].
+//! again); parallel reads stay within [`super::PARALLEL_FETCHES`].
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-use super::{
-    Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions, PARALLEL_FETCHES,
-};
+use super::parallel::parallel;
+use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions};
 use crate::protocol::layout::LOGS;
 use crate::sys::s3::{Client, Credentials, Got, Location, Options, PutMode, S3Error};
 
@@ -155,46 +152,6 @@ impl S3Connection {
         out.sync_all().map_err(local)?;
         got.ok_or(RemoteError::NotFound { path: rel })
     }
-}
-
-/// Runs `f` on every item, at most [`PARALLEL_FETCHES`] at once, results in order; the
-/// first error is returned (the others are dropped: the run stops anyway).
-fn parallel<T: Sync, R: Send>(
-    items: &[T],
-    f: impl Fn(&T) -> Result<R, RemoteError> + Sync,
-) -> Result<Vec<R>, RemoteError> {
-    if items.len() <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<R, RemoteError>>>> =
-        Mutex::new((0..items.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..PARALLEL_FETCHES.min(items.len()) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let r = f(item);
-                let failed = r.is_err();
-                results.lock().expect("results lock")[i] = Some(r);
-                if failed {
-                    // Stop handing out work; the others finish what they hold.
-                    next.store(items.len(), Ordering::Relaxed);
-                    break;
-                }
-            });
-        }
-    });
-    let mut results = results.into_inner().expect("results lock");
-    if let Some(i) = results.iter().position(|r| matches!(r, Some(Err(_)))) {
-        if let Some(Err(e)) = results.swap_remove(i) {
-            return Err(e);
-        }
-    }
-    results
-        .into_iter()
-        .map(|r| r.expect("every item ran unless one failed"))
-        .collect()
 }
 
 impl Source for S3Connection {

@@ -8,6 +8,7 @@ mod checks;
 mod contact;
 mod day_two;
 mod fake;
+mod mirrors;
 mod substitute;
 
 use std::cell::Cell;
@@ -30,6 +31,8 @@ struct Bed {
     host: FakeHost,
     now: Cell<SystemTime>,
     published: Cell<u64>,
+    /// Every source a run connected to, in order (`file://` paths).
+    connects: std::cell::RefCell<Vec<String>>,
 }
 
 impl Bed {
@@ -52,6 +55,7 @@ impl Bed {
             host: FakeHost::default(),
             now: Cell::new(UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
             published: Cell::new(0),
+            connects: Default::default(),
             _tmp: tmp,
         }
     }
@@ -109,19 +113,18 @@ impl Bed {
     }
 
     fn try_run(&self, force: bool) -> Result<RunResult, AgentError> {
-        let chroot = self.chroot.clone();
         let down = self.host.server_down.clone();
-        let connect = move || -> Result<Box<dyn Connection>, RemoteError> {
-            if down.get() {
+        let connect = move |url: &source::ServerUrl,
+                            _: source::Purpose|
+              -> Result<Box<dyn Connection>, RemoteError> {
+            self.connects.borrow_mut().push(url.to_string());
+            if down.get() && url == &self.cfg.server {
                 return Err(RemoteError::Connect {
                     server: "file://test".into(),
                     message: "unreachable".into(),
                 });
             }
-            source::connect(
-                &source::ServerUrl::Dir(chroot.clone()),
-                &self.cfg.ssh_options(),
-            )
+            source::connect(url, &self.cfg.ssh_options())
         };
         let now = || self.now.get();
         update(&UpdateOptions {

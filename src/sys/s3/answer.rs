@@ -18,22 +18,10 @@ pub(super) const MAX_ERROR_BYTES: u64 = 64 * 1024;
 pub(super) fn read_ca_file(
     path: &std::path::Path,
 ) -> Result<Vec<ureq::tls::Certificate<'static>>, S3Error> {
-    let err = |message: String| S3Error::CaFile {
+    crate::sys::http::read_pem_certs(path).map_err(|message| S3Error::CaFile {
         path: path.to_owned(),
         message,
-    };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        match item.map_err(|e| err(e.to_string()))? {
-            ureq::tls::PemItem::Certificate(c) => certs.push(c),
-            _ => return Err(err("holds something other than certificates".into())),
-        }
-    }
-    if certs.is_empty() {
-        return Err(err("holds no PEM certificate".into()));
-    }
-    Ok(certs)
+    })
 }
 
 pub(super) fn header(resp: &Response, name: &str) -> Option<String> {

@@ -257,3 +257,4 @@ pub mod faults;
 pub mod relay;
 pub mod s3cut;
 pub mod sshd;
+pub mod static_http;
