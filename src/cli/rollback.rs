@@ -82,6 +82,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         signer: signer.as_ref(),
         record: Some(&serials),
         floor: None,
+        stamping: publish::freshness_window(&fleet.config, signer.as_ref())?
+            .map(|window| publish::Stamping { window, now }),
     };
     let mut done = Vec::new();
     let mut errors = Vec::new();

@@ -116,6 +116,8 @@ pub fn publish_host(
     // versions without trusting clocks (server::publish::serial).
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
+        let stamping = numbering.stamping;
+        super::fresh::stamp(store, host, *digest, live.serial, signer, stamping)?;
         return Ok(HostReport {
             host: host.clone(),
             status: Status::Unchanged,
@@ -177,6 +179,9 @@ pub fn publish_host(
                     )?;
                 }
             }
+            // An unchanged version is still vouched for anew by this publish.
+            let stamping = numbering.stamping;
+            super::fresh::stamp(store, host, *digest, live.serial, signer, stamping)?;
             return Ok(HostReport {
                 warnings,
                 ..report(Status::Unchanged, *digest, 0, 0)
@@ -227,6 +232,15 @@ pub fn publish_host(
             signer.sign(&manifest_bytes)?.as_bytes(),
         )?;
     }
+    // The stamp too: keyed by the digest, it is there when `current` names the version.
+    super::fresh::stamp(
+        store,
+        host,
+        digest,
+        manifest.serial,
+        signer,
+        numbering.stamping,
+    )?;
     store.switch_current(host, &digest, token.as_ref())?;
     bytes += manifest_bytes.len() as u64;
     for d in &next.discard {
@@ -248,8 +262,8 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 }
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
-/// other manifests, signatures without their manifest, and every object none of the kept
-/// manifests uses.
+/// other manifests, signatures and freshness stamps without their manifest, and every
+/// object none of the kept manifests uses.
 pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, manifest) of every version but the live one.
@@ -291,7 +305,7 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
         }
     }
     for key in &listed {
-        if let Key::Signature(d) = key {
+        if let Key::Signature(d) | Key::Fresh(d) = key {
             if !manifests.contains(d) {
                 store.delete(host, key)?;
             }

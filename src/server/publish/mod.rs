@@ -3,6 +3,7 @@
 //! first write to that host; a host whose own directory or secrets are at fault fails alone,
 //! and each host is published on its own, so one failing host never stops the rest.
 
+mod fresh;
 mod hook;
 mod host;
 #[cfg(test)]
@@ -19,6 +20,7 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
     collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
@@ -70,6 +72,8 @@ pub enum PublishError {
     Secrets(#[from] crate::server::secrets::SecretsError),
     #[error("{host}: {detail}; if the server was restored or lost its state, find the serial the host applied (the agent's refusal names it; `bento status --json` shows its \"serial\") and run `bento publish --host {host} --serial-floor N` with N above it (docs/operators.md, \"When the server was restored\")")]
     SerialJump { host: HostName, detail: String },
+    #[error("[server] freshness is set but [server] signing_key is not: freshness stamps are signed with the fleet key (`bento keygen`), so set signing_key too")]
+    FreshnessUnsigned,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -294,6 +298,8 @@ pub struct Options<'a> {
     pub delivery: Option<&'a dyn Delivery>,
     /// `--serial-floor N`: new versions get at least serial N (server::publish::serial).
     pub serial_floor: Option<u64>,
+    /// `[server] freshness`: how long the stamps of live versions vouch for them.
+    pub freshness: Option<std::time::Duration>,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -395,6 +401,10 @@ pub fn run(
         signer: opts.signer,
         record: Some(&serials),
         floor: opts.serial_floor,
+        stamping: opts.freshness.map(|window| Stamping {
+            window,
+            now: opts.now,
+        }),
     };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),

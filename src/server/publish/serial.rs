@@ -23,6 +23,8 @@ pub struct Numbering<'a> {
     pub record: Option<&'a Serials>,
     /// `bento publish --serial-floor N`: new versions get at least serial N.
     pub floor: Option<u64>,
+    /// `[server] freshness`: each version left live gets a stamp signed by `signer`.
+    pub stamping: Option<super::Stamping>,
 }
 
 impl<'a> Numbering<'a> {
