@@ -37,7 +37,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
     /// Print a JSON array on stdout, one object per host; its `state` is one of up-to-date,
-    /// update-pending, new, held, drifted, silent, rolled-back, failing, unknown (stable names)
+    /// update-pending, new, held, drifted, stale, silent, rolled-back, failing, unknown (stable
+    /// names)
     #[arg(long)]
     json: bool,
     /// Redraw whenever a publish, build or host report lands (until interrupted)

@@ -190,8 +190,8 @@ mod tests {
         ));
         // A later not-after written into the line breaks the signature.
         let moved = text.replace("2027-01-15", "2027-02-15");
-        let err = FreshStamp::parse_untrusted(moved.as_bytes(), &alpha, &v, Some(&trusted))
-            .unwrap_err();
+        let err =
+            FreshStamp::parse_untrusted(moved.as_bytes(), &alpha, &v, Some(&trusted)).unwrap_err();
         assert!(matches!(err, FreshError::Signature(_)), "{err}");
         // Without trusted keys the signature is not looked at; the names still are.
         let back = FreshStamp::parse_untrusted(moved.as_bytes(), &alpha, &v, None).unwrap();

@@ -99,7 +99,10 @@ fn refresh_host(
     };
     let text = String::from_utf8_lossy(&bytes);
     let digest = crate::protocol::layout::parse_current(&text).map_err(|e| {
-        PublishError::Internal(format!("{}: {e}", store.locate(host, &Key::Current).display()))
+        PublishError::Internal(format!(
+            "{}: {e}",
+            store.locate(host, &Key::Current).display()
+        ))
     })?;
     let key = Key::Manifest(digest);
     let manifest = store

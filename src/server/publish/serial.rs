@@ -330,6 +330,7 @@ mod tests {
             signer: Some(&signer),
             record: Some(&serials),
             floor: None,
+            stamping: None,
         };
         let store = MemStore::new();
         publish_host(&store, &plan("a"), &n).unwrap();
