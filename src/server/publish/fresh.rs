@@ -125,3 +125,121 @@ fn refresh_host(
     )?;
     Ok(Some(digest))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+    use crate::protocol::signing;
+    use crate::server::publish::{publish_host, HostPlan, Numbering, Status};
+    use crate::server::store::MemStore;
+
+    fn web() -> HostName {
+        HostName::new("web").unwrap()
+    }
+
+    fn plan(text: &str) -> HostPlan {
+        let bytes: Arc<[u8]> = text.as_bytes().into();
+        let sha = Digest::of(&bytes);
+        let mut manifest = Manifest {
+            format: FORMAT,
+            host: web(),
+            created: crate::protocol::Timestamp::millis(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            ),
+            serial: 0,
+            source_commit: None,
+            dirty: false,
+            build: Build::Classic,
+            system: None,
+            config: vec![ConfigEntry::File {
+                path: RelPath::new("configuration.nix").unwrap(),
+                size: bytes.len() as u64,
+                sha256: sha,
+                executable: false,
+            }],
+            files: vec![],
+        };
+        manifest.canonicalize();
+        HostPlan {
+            host: web(),
+            manifest,
+            sources: BTreeMap::from([(sha, crate::server::hostfiles::Source::Bytes(bytes))]),
+            keep_live: None,
+        }
+    }
+
+    fn stamp_of(store: &MemStore, live: Digest, trusted: &[ssh_key::PublicKey]) -> FreshStamp {
+        let bytes = store.get(&web(), &Key::Fresh(live), 4096).unwrap().unwrap();
+        FreshStamp::parse_untrusted(&bytes, &web(), &live, Some(trusted)).unwrap()
+    }
+
+    #[test]
+    fn publish_stamps_each_live_version_and_refresh_moves_only_the_stamp() {
+        let t = tempfile::tempdir().unwrap();
+        let public = signing::generate(&t.path().join("key"), "test").unwrap();
+        let trusted = signing::parse_trusted(&[public.to_openssh().unwrap()]).unwrap();
+        let signer = Signer::load(&t.path().join("key")).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let window = Duration::from_secs(7 * 86_400);
+        let numbering = |now| Numbering {
+            signer: Some(&signer),
+            stamping: Some(Stamping { window, now }),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        let first = publish_host(&store, &plan("a"), &numbering(t0)).unwrap();
+        let v1 = first.digest.unwrap();
+        let s = stamp_of(&store, v1, &trusted);
+        assert_eq!((s.serial, s.not_after.system_time()), (1, t0 + window));
+
+        // A new version gets its own stamp; the old one's goes with its manifest only.
+        let v2 = publish_host(&store, &plan("b"), &numbering(t0))
+            .unwrap()
+            .digest
+            .unwrap();
+        assert_eq!(stamp_of(&store, v2, &trusted).serial, 2);
+        assert!(store.exists(&web(), &Key::Fresh(v1)).unwrap());
+        for text in ["c", "d"] {
+            publish_host(&store, &plan(text), &numbering(t0)).unwrap();
+        }
+        assert!(!store.exists(&web(), &Key::Manifest(v1)).unwrap());
+        assert!(
+            !store.exists(&web(), &Key::Fresh(v1)).unwrap(),
+            "a stamp without its manifest is collected"
+        );
+
+        // An unchanged publish re-stamps the live version and writes nothing else.
+        let live = crate::server::publish::live_version(&store, &web()).unwrap().0;
+        let before = store.keys(&web());
+        let t1 = t0 + Duration::from_secs(3600);
+        let r = publish_host(&store, &plan("d"), &numbering(t1)).unwrap();
+        assert_eq!(r.status, Status::Unchanged);
+        assert_eq!(store.keys(&web()), before);
+        let s = stamp_of(&store, live, &trusted);
+        assert_eq!(s.not_after.system_time(), t1 + window);
+
+        // --refresh: the same, without a plan; `current` and the manifests untouched.
+        let current = store.current(&web()).unwrap().unwrap().0;
+        let manifest = store.get(&web(), &Key::Manifest(live), 1 << 20).unwrap();
+        let t2 = t1 + Duration::from_secs(3600);
+        let done = refresh(&store, &[web()], &signer, Stamping { window, now: t2 });
+        assert_eq!(done[0].version, Some(live), "{done:?}");
+        assert_eq!(store.keys(&web()), before);
+        assert_eq!(store.current(&web()).unwrap().unwrap().0, current);
+        assert_eq!(
+            store.get(&web(), &Key::Manifest(live), 1 << 20).unwrap(),
+            manifest
+        );
+        let s = stamp_of(&store, live, &trusted);
+        assert_eq!((s.serial, s.not_after.system_time()), (4, t2 + window));
+
+        // A host with nothing live gets nothing.
+        let none = HostName::new("none").unwrap();
+        let done = refresh(&store, &[none], &signer, Stamping { window, now: t2 });
+        assert_eq!((done[0].version, done[0].error.as_deref()), (None, None));
+    }
+}
