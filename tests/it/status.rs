@@ -110,6 +110,7 @@ impl Fixture {
             last_success: None,
             verifies_signatures: None,
             serial: None,
+            stale: None,
         };
         change(&mut hb);
         write_atomic(
