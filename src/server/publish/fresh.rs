@@ -213,7 +213,9 @@ mod tests {
         );
 
         // An unchanged publish re-stamps the live version and writes nothing else.
-        let live = crate::server::publish::live_version(&store, &web()).unwrap().0;
+        let live = crate::server::publish::live_version(&store, &web())
+            .unwrap()
+            .0;
         let before = store.keys(&web());
         let t1 = t0 + Duration::from_secs(3600);
         let r = publish_host(&store, &plan("d"), &numbering(t1)).unwrap();
