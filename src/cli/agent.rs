@@ -333,7 +333,9 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
                 f.version.short(),
                 f.not_after
             ),
-            (None, None) => "not checked (the fleet sets no freshness)".to_owned(),
+            (None, None) => {
+                "unchecked: no freshness stamp accepted (the fleet sets no [server] freshness, or none was needed yet)".to_owned()
+            }
         },
     ));
     rows.extend([
