@@ -8,6 +8,7 @@ mod checks;
 mod contact;
 mod day_two;
 mod fake;
+mod freshness;
 mod substitute;
 
 use std::cell::Cell;
