@@ -397,7 +397,7 @@ fn s3_publish_and_refresh_write_the_freshness_stamp_on_seaweedfs() {
         .trim()
         .parse()
         .unwrap();
-    let trusted = bento::protocol::signing::parse_trusted(&[public.clone()]).unwrap();
+    let trusted = bento::protocol::signing::parse_trusted(std::slice::from_ref(&public)).unwrap();
     let alpha = bento::protocol::HostName::new("alpha").unwrap();
     let stamp_key = format!("hosts/alpha/manifests/{digest}.fresh");
     let stamp = |bytes: Vec<u8>| {
