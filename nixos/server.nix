@@ -83,6 +83,37 @@ in
       '';
     };
 
+    refresh = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = toml != null && toml ? server && toml.server ? freshness;
+        defaultText = lib.literalMD "whether bento.toml sets `[server] freshness`";
+        description = ''
+          Re-sign the freshness stamps of the hosts' live versions on a timer
+          (`bento publish --refresh`: no new version, only the stamps), so a host whose
+          source stops following this server goes `stale` within `[server] freshness`
+          (docs/security.md). Needs the fleet repo and `[server] signing_key` on this
+          machine: `fleetDir`.
+        '';
+      };
+
+      fleetDir = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/var/lib/bento/fleet";
+        description = ''
+          The fleet repo on this machine (the directory holding bento.toml), whose
+          `signing_key` signs the stamps. A path outside the Nix store: the repo holds secrets.
+        '';
+      };
+
+      interval = lib.mkOption {
+        type = lib.types.str;
+        default = "hourly";
+        description = "When to re-sign: a systemd calendar expression (OnCalendar=). Keep it well inside the freshness window.";
+      };
+    };
+
     binaryCache = {
       enable = lib.mkEnableOption ''
         serving this server's Nix store to the hosts as a binary cache (nix-serve; harmonia,
@@ -165,6 +196,35 @@ in
           message = "bento.toml's [server] port is not one of services.openssh.ports: the hosts could not connect.";
         }
       ];
+    })
+
+    (lib.mkIf (cfg.enable && cfg.refresh.enable) {
+      assertions = [
+        {
+          assertion = cfg.refresh.fleetDir != null;
+          message = "services.bento.server.refresh needs fleetDir: the fleet repo on this machine, with its signing key.";
+        }
+      ];
+      # Option names as nixpkgs' systemd module has them (nixos/lib/systemd-unit-options.nix,
+      # nixpkgs 515c8fb59bc189b54fc47113d6248cd45f607f65: timerConfig, serviceConfig, wantedBy).
+      systemd.services.bento-refresh = {
+        description = "bento: re-sign the freshness stamps of the live versions";
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${config.services.bento.package}/bin/bento --fleet ${lib.escapeShellArg (toString cfg.refresh.fleetDir)} publish --refresh --chroot ${lib.escapeShellArg cfg.chroot}";
+          UMask = "0022";
+        };
+      };
+      systemd.timers.bento-refresh = {
+        description = "bento: re-sign the freshness stamps";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnCalendar = cfg.refresh.interval;
+          # A refresh missed while the server was off happens right after boot.
+          Persistent = true;
+          RandomizedDelaySec = "5m";
+        };
+      };
     })
 
     (lib.mkIf (cfg.enable && cache.enable) {

@@ -37,6 +37,15 @@ pub fn signature(src: &mut dyn Source, digest: Digest) -> Result<Option<Vec<u8>>
     bounded(src, Item::Signature(digest), MAX_SIGNATURE_BYTES)
 }
 
+/// The version's freshness stamp, `None` when it has none. One request, no size first:
+/// it is read on polls that change nothing, where every round trip counts.
+pub fn fresh(src: &mut dyn Source, digest: Digest) -> Result<Option<Vec<u8>>, RemoteError> {
+    src.read(
+        Item::Fresh(digest),
+        crate::protocol::freshness::MAX_STAMP_BYTES,
+    )
+}
+
 /// Asks for the size first, so an oversized file costs a stat, not its download.
 fn bounded(src: &mut dyn Source, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
     match src.size(item)? {

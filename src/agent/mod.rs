@@ -19,6 +19,7 @@ pub mod config;
 mod decide;
 mod fetch;
 pub mod files;
+pub mod fresh;
 pub mod host;
 // Issue #25: `bento agent init` (the machine's key) and `bento agent check`.
 pub mod identity;

@@ -43,6 +43,11 @@ pub enum RunResult {
     Updated(Box<Report>),
     Failed(Box<Report>),
     RolledBack(Box<Report>),
+    /// The source offers no freshness stamp that vouches for its live version: it may
+    /// withhold newer versions, so nothing was done (`agent::fresh`).
+    Stale {
+        reason: String,
+    },
 }
 
 impl RunResult {
@@ -50,6 +55,7 @@ impl RunResult {
     pub const EXIT_UPDATED: u8 = 10;
     pub const EXIT_FAILED: u8 = 11;
     pub const EXIT_ROLLED_BACK: u8 = 12;
+    pub const EXIT_STALE: u8 = 13;
 
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -57,6 +63,7 @@ impl RunResult {
             RunResult::Updated(_) => Self::EXIT_UPDATED,
             RunResult::Failed(_) => Self::EXIT_FAILED,
             RunResult::RolledBack(_) => Self::EXIT_ROLLED_BACK,
+            RunResult::Stale { .. } => Self::EXIT_STALE,
         }
     }
 }

@@ -406,6 +406,7 @@ pub fn heartbeat(
         last_success: state.last_success.map(Timestamp::from_unix),
         verifies_signatures: Some(!cfg.trusted_keys.is_empty()),
         serial: state.applied.as_ref().and_then(|a| a.serial),
+        stale: state.stale.as_ref().map(|s| s.reason.clone()),
     };
     if let Err(e) = sink.put(LogItem::Heartbeat, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

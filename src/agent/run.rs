@@ -100,6 +100,13 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
         }
     }
 
+    // A source that cannot vouch for its live version changes nothing on this machine.
+    if let Some(live) = current {
+        if let Some(reason) = freshness(opts, conn.as_mut(), dirs, &mut state, live)? {
+            return Ok(stale(opts, conn.as_mut(), &state, running.as_ref(), reason));
+        }
+    }
+
     let facts = Facts {
         state: &state,
         current,
@@ -149,6 +156,64 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
             run.finish(opts, &mut state, &mut conn, &attempt, result)
         }
     }
+}
+
+/// The source's freshness verdict on `live` (`agent::fresh`), kept in the state: the
+/// reason it is stale, or `None`.
+fn freshness(
+    opts: &UpdateOptions<'_>,
+    src: &mut dyn super::source::Source,
+    dirs: &StateDir,
+    state: &mut super::state::State,
+    live: crate::protocol::manifest::Digest,
+) -> Result<Option<String>, AgentError> {
+    let cfg = opts.config;
+    let applied = state.applied.as_ref().map(|a| a.version);
+    // The applied version's own settings say whether the fleet demands a stamp: signed,
+    // so a copy of the tree cannot switch the demand off.
+    let window = applied
+        .and_then(|v| snapshot_settings(&dirs.config().join(v.to_hex())))
+        .and_then(|s| s.freshness());
+    let known = super::fresh::Known {
+        applied,
+        window,
+        seen: state.fresh.as_ref(),
+    };
+    let now = (opts.now)();
+    let verdict = super::fresh::check(src, &cfg.host, live, &cfg.trusted_keys, &known, now)?;
+    let before = state.clone();
+    let stale = match verdict {
+        super::fresh::Verdict::Stale(reason) => {
+            tracing::warn!("stale: {reason}");
+            state.record_stale(reason.clone(), secs(now));
+            Some(reason)
+        }
+        super::fresh::Verdict::Fresh(seen) => {
+            state.fresh = Some(seen);
+            state.stale = None;
+            None
+        }
+        super::fresh::Verdict::Unchecked => {
+            state.stale = None;
+            None
+        }
+    };
+    if *state != before {
+        dirs.save(state).map_err(state_err(&dirs.state_file()))?;
+    }
+    Ok(stale)
+}
+
+/// A run that found the source stale: the heartbeat says so, nothing else happens.
+fn stale(
+    opts: &UpdateOptions<'_>,
+    sink: &mut dyn super::source::Sink,
+    state: &super::state::State,
+    running: Option<&crate::protocol::StorePath>,
+    reason: String,
+) -> RunResult {
+    record::heartbeat(sink, opts.config, state, running, (opts.now)());
+    RunResult::Stale { reason }
 }
 
 /// What the report's log says when the server's clock disagreed with this machine's.

@@ -92,6 +92,22 @@ pub struct State {
     /// could finish); cleared by the next run that reads `current`.
     #[serde(default)]
     pub unreachable: Option<Unreachable>,
+    /// The last freshness stamp accepted for the live version (`agent::fresh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh: Option<super::fresh::Seen>,
+    /// Set while the source is stale (its stamp ran out, was refused or is missing);
+    /// cleared by the next run that finds it fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<Stale>,
+}
+
+/// Runs that found the source stale, since the last that did not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stale {
+    /// Unix seconds of the first run of this streak.
+    pub since: u64,
+    /// Why, as the newest run saw it.
+    pub reason: String,
 }
 
 /// Runs that could not reach the server, since the last one that did.
@@ -152,6 +168,12 @@ impl State {
             runs,
             error,
         });
+    }
+
+    /// Records a run that found the source stale at `now` (unix seconds).
+    pub fn record_stale(&mut self, reason: String, now: u64) {
+        let since = self.stale.as_ref().map_or(now, |s| s.since);
+        self.stale = Some(Stale { since, reason });
     }
 
     pub fn record_rollback(&mut self, version: Digest) {

@@ -198,6 +198,7 @@ fn update(config: &std::path::Path, force: bool, json: bool) -> anyhow::Result<E
             RunResult::Updated(r) => ("updated", None, Some(r)),
             RunResult::Failed(r) => ("failed", None, Some(r)),
             RunResult::RolledBack(r) => ("rolled-back", None, Some(r)),
+            RunResult::Stale { reason } => ("stale", Some(reason.as_str()), None),
         };
         output::json(&serde_json::json!({
             "result": word,
@@ -228,6 +229,7 @@ fn update(config: &std::path::Path, force: bool, json: bool) -> anyhow::Result<E
             r.version.short(),
             r.error.as_deref().unwrap_or("-")
         )),
+        RunResult::Stale { reason } => output::line(&format!("stale, nothing changed: {reason}")),
     }
     Ok(ExitCode::from(result.exit_code()))
 }
@@ -257,6 +259,12 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             "rolled_back": state.rolled_back,
             "reboot_pending": state.reboot_pending,
             "verifies_signatures": !cfg.trusted_keys.is_empty(),
+            "freshness": freshness_word(&state),
+            "fresh_until": state.fresh.as_ref().map(|f| f.not_after.as_str()),
+            "stale": state.stale.as_ref().map(|s| serde_json::json!({
+                "since": when(s.since),
+                "reason": s.reason,
+            })),
             "unreachable": state.unreachable.as_ref().map(|u| serde_json::json!({
                 "since": when(u.since),
                 "at": when(u.at),
@@ -318,6 +326,24 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
             ),
         ));
     }
+    rows.push((
+        "freshness",
+        match (&state.stale, &state.fresh) {
+            (Some(s), _) => format!(
+                "stale since {}: {}",
+                when(s.since),
+                crate::sys::terminal::escape(&s.reason)
+            ),
+            (None, Some(f)) => format!(
+                "fresh: version {} vouched for until {}",
+                f.version.short(),
+                f.not_after
+            ),
+            (None, None) => {
+                "unchecked: no freshness stamp accepted (the fleet sets no [server] freshness, or none was needed yet)".to_owned()
+            }
+        },
+    ));
     rows.extend([
         (
             "reboot",
@@ -346,6 +372,15 @@ fn status(config: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         output::line(&format!("{k:9} {v}"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bento agent status --json`'s `freshness`: `stale`, `fresh` or `unchecked`.
+fn freshness_word(state: &crate::agent::state::State) -> &'static str {
+    match (&state.stale, &state.fresh) {
+        (Some(_), _) => "stale",
+        (None, Some(_)) => "fresh",
+        (None, None) => "unchecked",
+    }
 }
 
 /// When systemd will start the agent next, if systemd runs its timer.

@@ -7,7 +7,7 @@ use crate::agent::RunResult;
 pub const SUCCESS: u8 = 0;
 /// An error stopped the command, or (for commands over several hosts) a host failed.
 pub const ERROR: u8 = 1;
-/// `bento status`: a host is failing, rolled back or silent.
+/// `bento status`: a host is failing, rolled back, silent or stale.
 pub const UNHEALTHY: u8 = 2;
 /// `bento status`: no host is unhealthy, but one is `drifted` (runs another system than the
 /// one it applied).
@@ -21,6 +21,7 @@ pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
             (RunResult::EXIT_UPDATED, "a new version was applied (systemd counts it a success: SuccessExitStatus=10); the output says `unchanged (same system)` when it runs the system already running"),
             (RunResult::EXIT_FAILED, "failed: fetching, building or activating failed and the running system was kept (or a health check failed with on_failure = \"keep\")"),
             (RunResult::EXIT_ROLLED_BACK, "rolled back: activated, then lost the server or failed a health check, and went back to the previous system"),
+            (RunResult::EXIT_STALE, "stale: the source offers no freshness stamp that vouches for its live version ([server] freshness), so it may withhold newer versions; nothing was changed"),
             (ERROR, "the run could not start or reach the server (bad agent.toml, not root, unreachable)"),
         ],
         ["agent", "check"] => vec![
@@ -30,7 +31,7 @@ pub fn codes(path: &[&str]) -> Vec<(u8, &'static str)> {
         ["status"] => vec![
             (SUCCESS, "every host is healthy (up to date, pending, new or held)"),
             (ERROR, "bento.toml or a host's files could not be read (the state of some host is unknown)"),
-            (UNHEALTHY, "a host is failing, rolled back or silent"),
+            (UNHEALTHY, "a host is failing, rolled back, silent or stale"),
             (DRIFTED, "no host is unhealthy, but a host is drifted (runs another system than the one it applied)"),
         ],
         ["server", "check"] => vec![

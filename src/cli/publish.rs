@@ -48,12 +48,16 @@ pub struct Args {
     pub(super) serial_floor: Option<u64>,
     /// Print which hosts would get a new version and why (files, settings, configuration,
     /// system changed; unchanged (same system); held), and write nothing
-    #[arg(long, conflicts_with_all = ["build", "wait", "export"])]
+    #[arg(long, conflicts_with_all = ["build", "wait", "export", "refresh"])]
     pub(super) dry_run: bool,
     /// Then copy the live trees of the published hosts (all hosts, or those of --host) into
     /// DIR/<host>/ for a mirror, `current` last (docs/mirrors.md)
     #[arg(long, value_name = "DIR")]
     pub(super) export: Option<PathBuf>,
+    /// Only re-sign the freshness stamps of the hosts' live versions ([server] freshness):
+    /// no new version, no serial; for an hourly timer
+    #[arg(long, conflicts_with_all = ["build", "wait", "serial_floor", "no_eval", "on", "export"])]
+    pub(super) refresh: bool,
 }
 
 pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
@@ -66,6 +70,9 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| fleet.config.server.chroot.clone());
     let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
     let chroot = Chroot::new(root);
+    if args.refresh {
+        return refresh(&fleet, &chroot, &args.hosts, args.json);
+    }
     // rollout (#13): --on narrows the hosts, hold = true leaves hosts out (cli/select.rs).
     match super::select::publishable(&fleet, &chroot, &args.hosts, &args.on.on)? {
         Some(hosts) => args.hosts = hosts,
@@ -244,6 +251,69 @@ fn export(
     Ok(failed)
 }
 
+/// `bento publish --refresh`: the live versions' stamps re-signed, nothing else written.
+fn refresh(
+    fleet: &Fleet,
+    chroot: &Chroot,
+    only: &[HostName],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let signer = publish::load_signer(fleet)?;
+    let Some(window) = publish::freshness_window(&fleet.config, signer.as_ref())? else {
+        anyhow::bail!(
+            "{}: [server] freshness is not set, so there are no freshness stamps to re-sign (set e.g. freshness = \"7d\" and publish, or drop --refresh)",
+            fleet.root.join(crate::server::fleet::FLEET_FILE).display()
+        );
+    };
+    let signer = signer.expect("freshness_window refuses a window without a key");
+    let store = super::select::store_of(fleet, chroot)?;
+    let lock_path = chroot.lock_path();
+    let _lock = publish::open_store(&*store, || {
+        output::note(&format!(
+            "another publish holds {}; waiting",
+            lock_path.display()
+        ))
+    })
+    .with_context(|| format!("opening {}", chroot.root.display()))?;
+    let hosts = if only.is_empty() {
+        store.hosts().context("listing the hosts in the store")?
+    } else {
+        only.to_vec()
+    };
+    let now = SystemTime::now();
+    let stamping = publish::Stamping { window, now };
+    let done = publish::refresh(&*store, &hosts, &signer, stamping);
+    let not_after = crate::protocol::Timestamp::seconds(now + window);
+    let failed = done.iter().filter(|r| r.error.is_some()).count();
+    let stamped = done.iter().filter(|r| r.version.is_some()).count();
+    if json {
+        output::json(&serde_json::json!({
+            "not_after": not_after.as_str(),
+            "hosts": done,
+        }))?;
+    } else {
+        for r in done.iter().filter(|r| r.error.is_some()) {
+            output::warning(&format!(
+                "{}: {}",
+                r.host,
+                r.error.as_deref().unwrap_or_default()
+            ));
+        }
+        output::line(&format!(
+            "re-signed the freshness stamps of {stamped} hosts until {not_after}{}",
+            match failed {
+                0 => String::new(),
+                n => format!(" ({n} failed)"),
+            }
+        ));
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(super::EXIT_ERROR)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// What to publish of the working tree.
 pub struct Tree<'a> {
     /// The hosts (empty: every host).
@@ -284,6 +354,7 @@ pub fn publish_tree_held(
     tree: Tree<'_>,
 ) -> anyhow::Result<(publish::Published, Vec<crate::server::records::Hold>)> {
     let signer = publish::load_signer(fleet)?;
+    let freshness = publish::freshness_window(&fleet.config, signer.as_ref())?;
     if signer.is_none() {
         tracing::warn!(
             "manifests are not signed: set [server] signing_key in bento.toml (see `bento keygen`)"
@@ -343,6 +414,7 @@ pub fn publish_tree_held(
             delivery: Some(&delivery),
             serial_floor: tree.serial_floor,
             dry_run: tree.dry_run,
+            freshness,
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;

@@ -84,6 +84,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         record: Some(&serials),
         floor: None,
         dry_run: false,
+        stamping: publish::freshness_window(&fleet.config, signer.as_ref())?
+            .map(|window| publish::Stamping { window, now }),
     };
     let mut done = Vec::new();
     let mut errors = Vec::new();

@@ -1,5 +1,5 @@
 //! `bento status`: one row per host (table, `--json`, `--prometheus FILE`), `--watch` to
-//! redraw on every publish or report. Exits 2 when a host is failing, rolled back or silent,
+//! redraw on every publish or report. Exits 2 when a host is failing, rolled back, silent or stale,
 //! so it can serve as a monitoring check, 3 when none is but one is drifted, and 1 when it
 //! could not read what it reports on.
 
@@ -17,7 +17,7 @@ use crate::server::rollout::StatusView;
 use crate::server::status::{self, render, watch::Watcher, HostStatus, Query};
 use crate::sys::output;
 
-/// Exit status when any host is failing, rolled back or silent.
+/// Exit status when any host is failing, rolled back, silent or stale.
 pub const EXIT_UNHEALTHY: u8 = super::exit::UNHEALTHY;
 /// Exit status when no host is unhealthy but one is `drifted` (runs another system than the
 /// one it applied): not an outage, but not the fleet the operator published either.
@@ -37,7 +37,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     chroot: Option<PathBuf>,
     /// Print a JSON array on stdout, one object per host; its `state` is one of up-to-date,
-    /// update-pending, new, held, drifted, silent, rolled-back, failing, unknown (stable names)
+    /// update-pending, new, held, drifted, stale, silent, rolled-back, failing, unknown (stable
+    /// names)
     #[arg(long)]
     json: bool,
     /// Redraw whenever a publish, build or host report lands (until interrupted)

@@ -8,6 +8,7 @@
 //!     current                hex digest of the live manifest + "\n"
 //!     manifests/<digest>.json
 //!     manifests/<digest>.sig  SSH signature of the manifest, when the fleet signs
+//!     manifests/<digest>.fresh signed freshness stamp of the live version, with `freshness`
 //!     objects/<sha256>
 //!     cache/                 Nix binary cache of a `build_on = "server"` host (root, 0755)
 //!     logs/                  <account>:<account> 0750, writable by the host
@@ -103,7 +104,7 @@ pub fn parse_current(text: &str) -> Result<Digest, crate::protocol::manifest::Ba
 /// What can be listed inside a host's area: the directories of the layout, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Area {
-    /// `manifests/`: each listed as [`Key::Manifest`] or [`Key::Signature`].
+    /// `manifests/`: each listed as [`Key::Manifest`], [`Key::Signature`] or [`Key::Fresh`].
     Manifests,
     /// `objects/`: each listed as [`Key::Object`].
     Objects,
@@ -153,6 +154,10 @@ pub enum Key {
     Manifest(Digest),
     /// `manifests/<digest>.sig`.
     Signature(Digest),
+    /// `manifests/<digest>.fresh`: the signed freshness stamp of a live version. Keyed by
+    /// the digest, so it is written before `current` names the version (as the signature
+    /// is) and a stamp can never be read as the word on another version.
+    Fresh(Digest),
     /// `objects/<sha256>`.
     Object(Digest),
     /// `cache/<path>`.
@@ -168,6 +173,7 @@ impl Key {
             Key::Current => CURRENT.to_owned(),
             Key::Manifest(d) => format!("{MANIFESTS}/{d}.json"),
             Key::Signature(d) => format!("{MANIFESTS}/{d}.sig"),
+            Key::Fresh(d) => format!("{MANIFESTS}/{d}.fresh"),
             Key::Object(d) => format!("{OBJECTS}/{}", d.to_hex()),
             Key::Cache(p) => format!("{CACHE}/{}", p.as_str()),
             Key::Log(p) => format!("{LOGS}/{}", p.as_str()),
@@ -184,6 +190,8 @@ impl Key {
             MANIFESTS => {
                 if let Some(d) = rest.strip_suffix(".json") {
                     d.parse().ok().map(Key::Manifest)
+                } else if let Some(d) = rest.strip_suffix(".fresh") {
+                    d.parse().ok().map(Key::Fresh)
                 } else {
                     rest.strip_suffix(".sig")?.parse().ok().map(Key::Signature)
                 }
@@ -212,6 +220,7 @@ mod tests {
             (Key::Current, "current".to_owned()),
             (Key::Manifest(d), format!("manifests/{d}.json")),
             (Key::Signature(d), format!("manifests/{d}.sig")),
+            (Key::Fresh(d), format!("manifests/{d}.fresh")),
             (Key::Object(d), format!("objects/{d}")),
             (
                 Key::Cache(SubPath::new("nar/x.nar.zst").unwrap()),
@@ -240,6 +249,7 @@ mod tests {
             "logs/a//b",
             "cache/./x",
             "manifests/zz.json",
+            "manifests/zz.fresh",
             "objects/../../etc",
             "backups/x",
             "/current",

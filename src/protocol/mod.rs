@@ -5,6 +5,8 @@
 
 /// Health checks after activation (`checks`, `on_failure`) and their results in reports.
 pub mod check;
+/// The signed freshness stamp (`[server] freshness`): how long a copy may withhold versions.
+pub mod freshness;
 pub mod layout;
 pub mod manifest;
 pub mod name;

@@ -148,6 +148,10 @@ pub struct Heartbeat {
     /// numbers above it when its own records are gone (a restored server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<u64>,
+    /// Set while the host finds its source stale (no freshness stamp that vouches for the
+    /// live version, `[server] freshness`): why, in the agent's words. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
 }
 
 impl Report {

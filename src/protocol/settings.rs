@@ -222,6 +222,11 @@ pub struct HostSettings {
     /// What a failing check does (absent when it is the default, `rollback`).
     #[serde(default, skip_serializing_if = "OnFailure::is_default")]
     pub on_failure: OnFailure,
+    /// `[server] freshness` in seconds: the host must find a signed stamp for its live
+    /// version that has not run out, or it is `stale` (`crate::protocol::freshness`).
+    /// Absent when the fleet sets none, so such a fleet publishes the bytes it did before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness_secs: Option<u64>,
 }
 
 pub const DEFAULT_REBOOT_AT: &str = "04:00";
@@ -250,7 +255,14 @@ impl HostSettings {
             notify: pick(layers, |l| l.notify.clone()),
             checks: pick(layers, |l| l.checks.clone()).unwrap_or_default(),
             on_failure: pick(layers, |l| l.on_failure).unwrap_or_default(),
+            // The fleet's, not a layer's: set by the server from `[server] freshness`.
+            freshness_secs: None,
         }
+    }
+
+    /// The freshness window the host must hold a stamp for, when the fleet sets one.
+    pub fn freshness(&self) -> Option<Duration> {
+        self.freshness_secs.map(Duration::from_secs)
     }
 
     pub fn interval(&self) -> Duration {

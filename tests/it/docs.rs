@@ -44,6 +44,32 @@ fn manifest_example_is_canonical_and_its_digest_is_the_documented_one() {
     );
 }
 
+/// Issue #27: the freshness stamp example verifies with the example key, names its host and
+/// the documented `current`, and is refused once one byte of its line changes.
+#[test]
+fn freshness_stamp_example_verifies_and_parses() {
+    use bento::protocol::freshness::FreshStamp;
+    let doc = protocol();
+    let stamp = block(&doc, "text freshness-example");
+    let digest =
+        bento::protocol::layout::parse_current(&block(&doc, "text current-example")).unwrap();
+    let key_line = doc
+        .lines()
+        .find(|l| l.starts_with("(signed by the example key"))
+        .expect("the example key sentence");
+    let key = key_line.split('`').nth(1).unwrap().to_owned();
+    let trusted = bento::protocol::signing::parse_trusted(&[key]).unwrap();
+    let alpha = HostName::new("alpha").unwrap();
+    let s = FreshStamp::parse_untrusted(stamp.as_bytes(), &alpha, &digest, Some(&trusted))
+        .expect("the documented stamp verifies");
+    assert_eq!(s.serial, 7);
+    assert_eq!(s.not_after.as_str(), "2026-12-02T12:15:03Z");
+    let bumped = stamp.replacen("\"serial\":7", "\"serial\":8", 1);
+    assert!(
+        FreshStamp::parse_untrusted(bumped.as_bytes(), &alpha, &digest, Some(&trusted)).is_err()
+    );
+}
+
 #[test]
 fn files_toml_example_is_accepted() {
     let doc = protocol();

@@ -12,6 +12,7 @@ mod docs;
 mod enrol;
 mod fails_alone;
 mod faults;
+mod fresh;
 mod holds;
 mod hostile;
 mod hostile_agent;

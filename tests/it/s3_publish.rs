@@ -362,3 +362,86 @@ fn s3_two_publishers_racing_on_seaweedfs_switch_current_at_most_once_per_round()
         live = Some(now);
     }
 }
+
+/// Issue #27: the freshness stamp goes through the Store seam: `bento publish` puts
+/// `manifests/<digest>.fresh` into the object store beside the manifest, `--refresh` re-signs
+/// it there and writes nothing else, and the agent with only the host's printed rights reads
+/// and accepts it.
+#[test]
+fn s3_publish_and_refresh_write_the_freshness_stamp_on_seaweedfs() {
+    use bento::protocol::freshness::FreshStamp;
+    let sshd = Sshd::start(&["alpha"]);
+    let key = sshd.dir.join("signing/key");
+    let public = crate::signing::keygen(&key);
+    crate::signing::set_signing_key(&sshd, &key);
+    fleet(&sshd);
+    let f = sshd.fleet();
+    let outside = tempfile::tempdir().unwrap();
+    let state = outside.path().join("state");
+    let creds = outside.path().join("publisher-credentials");
+    point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
+    let ids = identities(&ok(run(
+        &f,
+        &["server", "s3-policy", "--engine", "seaweedfs"],
+    )));
+    let engine = SeaweedFs::start(BUCKET, &ids, None);
+    let admin = engine.admin_client();
+    credentials_file(&creds, &engine.admin);
+    point_at_store(&f, &engine.endpoint, &creds, &state);
+    let toml = f.join("bento.toml");
+    let with_window = fs::read_to_string(&toml).unwrap().replacen(
+        "[server]\n",
+        "[server]\nfreshness = \"7d\"\n",
+        1,
+    );
+    fs::write(&toml, with_window).unwrap();
+
+    ok(run(&f, &["publish", "--no-eval"]));
+    let current = read(&admin, "hosts/alpha/current").expect("current published");
+    let digest: bento::protocol::manifest::Digest = String::from_utf8(current.clone())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let trusted = bento::protocol::signing::parse_trusted(std::slice::from_ref(&public)).unwrap();
+    let alpha = bento::protocol::HostName::new("alpha").unwrap();
+    let stamp_key = format!("hosts/alpha/manifests/{digest}.fresh");
+    let stamp = |bytes: Vec<u8>| {
+        FreshStamp::parse_untrusted(&bytes, &alpha, &digest, Some(&trusted)).unwrap()
+    };
+    let first = stamp(read(&admin, &stamp_key).expect("the stamp is in the store"));
+
+    // Stamps have whole seconds: wait (bounded) for the clock to pass the publish's second.
+    let published = first.not_after.system_time() - std::time::Duration::from_secs(7 * 86_400);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::SystemTime::now() < published + std::time::Duration::from_secs(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock did not move"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let manifests_before = admin.list(BUCKET, "hosts/alpha/manifests/").unwrap().len();
+    ok(run(&f, &["publish", "--refresh"]));
+    let second = stamp(read(&admin, &stamp_key).unwrap());
+    assert!(second.not_after > first.not_after, "{first:?} → {second:?}");
+    assert_eq!(read(&admin, "hosts/alpha/current").unwrap(), current);
+    assert_eq!(
+        admin.list(BUCKET, "hosts/alpha/manifests/").unwrap().len(),
+        manifests_before
+    );
+
+    // The agent reads it with the host's own rights, and checks it with its trusted key.
+    let m = Machine::new(&sshd, "alpha", &format!("trusted_keys = [\"{public}\"]\n"));
+    let host_creds = m.base.join("s3-credentials");
+    credentials_file(&host_creds, &ids[0].creds);
+    s3_config(&m, &engine.endpoint, &host_creds, "");
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert_eq!(
+        m.state()["fresh"]["not_after"],
+        second.not_after.as_str(),
+        "{}",
+        m.state()
+    );
+}

@@ -11,7 +11,7 @@ use crate::common::bento;
 use crate::common::sshd::Sshd;
 
 /// libfaketime's preload library, wherever Debian put it for this architecture.
-fn libfaketime() -> PathBuf {
+pub(crate) fn libfaketime() -> PathBuf {
     glob_one("/usr/lib", "faketime/libfaketime.so.1")
         .expect("libfaketime is installed (scripts/test.sh installs faketime)")
 }

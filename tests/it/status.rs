@@ -110,6 +110,7 @@ impl Fixture {
             last_success: None,
             verifies_signatures: None,
             serial: None,
+            stale: None,
         };
         change(&mut hb);
         write_atomic(
@@ -600,7 +601,7 @@ fn prometheus_textfile_parses_and_has_every_host() {
             .filter(|(n, l, _)| n == "bento_host_state" && l[0].1 == host)
             .map(|s| s.2)
             .collect();
-        assert_eq!(states.len(), 9, "{host}");
+        assert_eq!(states.len(), 10, "{host}");
         assert_eq!(states.iter().sum::<f64>(), 1.0, "{host}");
     }
     // Written atomically: no temporary file left beside it.

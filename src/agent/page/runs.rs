@@ -152,6 +152,11 @@ fn finished_from(r: RunResult) -> Finished {
                 err(&rep.error)
             ),
         ),
+        // Not good, though nothing failed here: the person should know updates may be held back.
+        RunResult::Stale { reason } => (
+            FinalOutcome::Failed,
+            format!("Nothing was changed: this machine's update source may be out of date. {reason}"),
+        ),
         RunResult::RolledBack(rep) => (
             FinalOutcome::RolledBack,
             format!(

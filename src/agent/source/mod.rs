@@ -98,6 +98,8 @@ pub enum Item {
     Manifest(Digest),
     /// `manifests/<digest>.sig`, when the fleet signs.
     Signature(Digest),
+    /// `manifests/<digest>.fresh`, the live version's freshness stamp (`[server] freshness`).
+    Fresh(Digest),
     /// `objects/<digest>`.
     Object(Digest),
     /// A file of `cache/`, the binary cache of a `build_on = "server"` host.
@@ -184,6 +186,7 @@ impl Item {
             Item::Current => layout::Key::Current,
             Item::Manifest(d) => layout::Key::Manifest(*d),
             Item::Signature(d) => layout::Key::Signature(*d),
+            Item::Fresh(d) => layout::Key::Fresh(*d),
             Item::Object(d) => layout::Key::Object(*d),
             Item::Cache(f) => layout::Key::Cache(
                 layout::SubPath::new(&f.rel()).expect("cache file names are plain"),

@@ -9,6 +9,7 @@ mod contact;
 mod day_two;
 mod fake;
 mod mirrors;
+mod freshness;
 mod substitute;
 
 use std::cell::Cell;

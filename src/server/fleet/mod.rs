@@ -50,7 +50,7 @@ pub enum FleetError {
 /// The tables of bento.toml (docs/reference.md documents each key of each).
 pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
 /// The keys of `[server]`.
-pub const SERVER_KEYS: [&str; 15] = [
+pub const SERVER_KEYS: [&str; 16] = [
     "address",
     "port",
     "host_key",
@@ -66,6 +66,7 @@ pub const SERVER_KEYS: [&str; 15] = [
     "s3_credentials",
     "reports",
     "state",
+    "freshness",
 ];
 /// The keys of `[hosts.NAME]` besides the per-host settings (`SettingsLayer::KEYS`).
 pub const HOST_KEYS: [&str; 5] = ["key", "tags", "address", "hold", "build_on"];
@@ -130,6 +131,23 @@ pub struct ServerConfig {
     /// when the store is an object store; the chroot keeps its `.bento/`.
     #[serde(default)]
     pub state: Option<PathBuf>,
+    /// How long a published version is vouched for: publish (and `publish --refresh`)
+    /// writes a signed stamp beside each live version running out this long after, and a
+    /// host whose source offers no stamp that has not run out is `stale`. Needs
+    /// `signing_key`. Off by default.
+    #[serde(default, deserialize_with = "positive_window")]
+    pub freshness: Option<std::time::Duration>,
+}
+
+/// A freshness window: humantime syntax (`7d`), never zero.
+fn positive_window<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let dur: Option<std::time::Duration> = humantime_serde::deserialize(d)?;
+    if dur.is_some_and(|d| d.is_zero()) {
+        return Err(serde::de::Error::custom("freshness must be more than zero"));
+    }
+    Ok(dur)
 }
 
 /// Where an object store's publisher keeps its state unless `[server] state` says.
@@ -174,6 +192,7 @@ impl Default for ServerConfig {
             s3_credentials: None,
             reports: None,
             state: None,
+            freshness: None,
         }
     }
 }
@@ -336,7 +355,9 @@ impl FleetConfig {
             std::iter::once(&self.defaults.settings)
                 .chain(own)
                 .collect();
-        crate::protocol::settings::HostSettings::resolve(host, &layers)
+        let mut settings = crate::protocol::settings::HostSettings::resolve(host, &layers);
+        settings.freshness_secs = self.server.freshness.map(|w| w.as_secs().max(1));
+        settings
     }
 
     /// The host's polling interval.

@@ -108,9 +108,12 @@ impl io::Read for Flagged {
 pub enum Decision {
     /// The live version stays. `sign`: a signing fleet's live manifest still lacks its
     /// signature (a key configured since the last publish), which publish adds in place.
+    /// `version` and `serial`: the live version, whose freshness stamp publish renews.
     Keep {
         report: Box<HostReport>,
         sign: Option<Digest>,
+        version: Digest,
+        serial: u64,
     },
     /// A new version, numbered: what is written, and from which `current`.
     New(Box<NewVersion>),
@@ -150,6 +153,8 @@ pub fn decide(
                 warnings: Vec::new(),
             }),
             sign: None,
+            version: *digest,
+            serial: live.serial,
         });
     }
     // The new version's serial: above every serial the publisher can prove, so hosts order
@@ -182,6 +187,8 @@ pub fn decide(
                     ..report_of(plan, &manifest, Status::Unchanged, *digest, 0, 0)
                 }),
                 sign,
+                version: *digest,
+                serial: live.serial,
             });
         }
     }
@@ -225,7 +232,12 @@ pub fn publish_host(
 ) -> Result<HostReport, PublishError> {
     let host = &plan.host;
     let new = match decide(store, plan, numbering)? {
-        Decision::Keep { report, sign } => {
+        Decision::Keep {
+            report,
+            sign,
+            version,
+            serial,
+        } => {
             if let (Some(digest), Some(signer)) = (sign, numbering.signer) {
                 let bytes = store
                     .get(host, &Key::Manifest(digest), MAX_MANIFEST_BYTES)?
@@ -236,6 +248,15 @@ pub fn publish_host(
                     signer.sign(&bytes)?.as_bytes(),
                 )?;
             }
+            // An unchanged version is still vouched for anew by this publish.
+            super::fresh::stamp(
+                store,
+                host,
+                version,
+                serial,
+                numbering.signer,
+                numbering.stamping,
+            )?;
             return Ok(*report);
         }
         Decision::New(new) => new,
@@ -294,6 +315,15 @@ pub fn publish_host(
             signer.sign(&manifest_bytes)?.as_bytes(),
         )?;
     }
+    // The stamp too: keyed by the digest, it is there when `current` names the version.
+    super::fresh::stamp(
+        store,
+        host,
+        digest,
+        manifest.serial,
+        signer,
+        numbering.stamping,
+    )?;
     if let Err(e) = store.switch_current(host, &digest, token.as_ref()) {
         if matches!(e, StoreError::Raced { .. }) {
             withdraw(store, host, &digest);
@@ -349,7 +379,8 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
 /// other manifests (and, when the live version is signed, every unsigned one), signatures
-/// without their manifest, and every object none of the kept manifests uses.
+/// and freshness stamps without their manifest, and every object none of the kept manifests
+/// uses.
 pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, manifest) of every version but the live one.
@@ -406,7 +437,7 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
         }
     }
     for key in &listed {
-        if let Key::Signature(d) = key {
+        if let Key::Signature(d) | Key::Fresh(d) = key {
             if !manifests.contains(d) {
                 store.delete(host, key)?;
             }

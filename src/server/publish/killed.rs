@@ -190,6 +190,7 @@ fn every_k(fresh: &dyn Fn() -> Box<dyn Store>, after: &dyn Fn(&dyn Store, usize)
             record: Some(&serials),
             floor: None,
             dry_run: false,
+            stamping: None,
         };
         publish_all(&*store, &v1, &numbering);
         let faulty = Faulty::new(&*store, k);

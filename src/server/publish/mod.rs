@@ -6,6 +6,7 @@
 pub mod changes;
 mod commit;
 mod dry;
+mod fresh;
 mod hook;
 mod host;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use serde::Serialize;
 
 pub use changes::Changes;
 pub use commit::{dirty_warning, source_commit, Commit};
+pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
     collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
@@ -75,6 +77,8 @@ pub enum PublishError {
     Secrets(#[from] crate::server::secrets::SecretsError),
     #[error("{host}: {detail}; if the server was restored or lost its state, find the serial the host applied (the agent's refusal names it; `bento status --json` shows its \"serial\") and run `bento publish --host {host} --serial-floor N` with N above it (docs/operators.md, \"When the server was restored\")")]
     SerialJump { host: HostName, detail: String },
+    #[error("[server] freshness is set but [server] signing_key is not: freshness stamps are signed with the fleet key (`bento keygen`), so set signing_key too")]
+    FreshnessUnsigned,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -305,6 +309,8 @@ pub struct Options<'a> {
     /// `publish --dry-run`: decide each host as publish would, write nothing (no lock, no
     /// cache, no record, nothing in the store); the reports say what would happen.
     pub dry_run: bool,
+    /// `[server] freshness`: how long the stamps of live versions vouch for them.
+    pub freshness: Option<std::time::Duration>,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -415,6 +421,10 @@ pub fn run(
         record: Some(&serials),
         floor: opts.serial_floor,
         dry_run: opts.dry_run,
+        stamping: opts.freshness.map(|window| Stamping {
+            window,
+            now: opts.now,
+        }),
     };
     let (plans, held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),

@@ -25,6 +25,8 @@ pub struct Numbering<'a> {
     pub floor: Option<u64>,
     /// `publish --dry-run`: the record is read, never raised.
     pub dry_run: bool,
+    /// `[server] freshness`: each version left live gets a stamp signed by `signer`.
+    pub stamping: Option<super::Stamping>,
 }
 
 impl<'a> Numbering<'a> {
@@ -331,6 +333,7 @@ mod tests {
             record: Some(&serials),
             floor: None,
             dry_run: false,
+            stamping: None,
         };
         let store = MemStore::new();
         publish_host(&store, &plan("a"), &n).unwrap();

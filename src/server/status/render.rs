@@ -78,7 +78,9 @@ fn notes(row: &HostStatus) -> String {
 
 fn colour(state: State) -> &'static str {
     match state {
-        State::Unknown | State::Failing | State::RolledBack | State::Silent => "\x1b[1;31m",
+        State::Unknown | State::Failing | State::RolledBack | State::Silent | State::Stale => {
+            "\x1b[1;31m"
+        }
         State::Drifted | State::UpdatePending => "\x1b[33m",
         State::New | State::Held => "\x1b[36m",
         State::UpToDate => "\x1b[32m",

@@ -24,6 +24,9 @@ pub enum State {
     Failing,
     RolledBack,
     Silent,
+    /// The host's source offers no freshness stamp for its live version (`[server]
+    /// freshness`): it changes nothing and may be kept from newer versions.
+    Stale,
     Drifted,
     UpdatePending,
     New,
@@ -33,11 +36,12 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 9] = [
+    pub const ALL: [State; 10] = [
         State::Unknown,
         State::Failing,
         State::RolledBack,
         State::Silent,
+        State::Stale,
         State::Drifted,
         State::UpdatePending,
         State::New,
@@ -56,6 +60,7 @@ impl State {
             State::Drifted => "drifted",
             State::New => "new",
             State::Silent => "silent",
+            State::Stale => "stale",
             State::Held => "held",
         }
     }
@@ -71,13 +76,17 @@ impl State {
             State::Drifted => "drifted",
             State::New => "new",
             State::Silent => "silent",
+            State::Stale => "stale",
             State::Held => "held",
         }
     }
 
     /// States that make `bento status` exit non-zero: the host needs a person.
     pub fn is_alarm(self) -> bool {
-        matches!(self, State::Failing | State::RolledBack | State::Silent)
+        matches!(
+            self,
+            State::Failing | State::RolledBack | State::Silent | State::Stale
+        )
     }
 }
 
@@ -179,6 +188,12 @@ pub fn assess_received(
             )
         }
         Some(_) => {}
+    }
+
+    // The host's own word that its source is stale, from its newest heartbeat: what it
+    // reads may be a copy that stopped following this server.
+    if let Some(why) = hb.and_then(|h| h.stale.as_deref()) {
+        return Assessment::because(State::Stale, one_line(Some(why)));
     }
 
     let running_version = hb.and_then(|h| h.version);

@@ -346,7 +346,7 @@ impl Store for ChrootStore {
     fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
         let path = self.path(host, key);
         match key {
-            Key::Manifest(_) | Key::Signature(_) => {}
+            Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) => {}
             Key::Cache(_) => {
                 // cache/ is root's and read-only to the host, as the pool-linked objects.
                 if let Some(parent) = path.parent() {

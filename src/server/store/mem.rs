@@ -148,7 +148,7 @@ impl Store for MemStore {
 
     fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
         match key {
-            Key::Manifest(_) | Key::Signature(_) | Key::Cache(_) => {
+            Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) | Key::Cache(_) => {
                 self.with(host, |m| m.insert(key.clone(), bytes.to_vec()));
                 Ok(())
             }

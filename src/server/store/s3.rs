@@ -352,7 +352,7 @@ impl Store for S3Store {
 
     fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
         match key {
-            Key::Manifest(_) | Key::Signature(_) | Key::Cache(_) => {}
+            Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) | Key::Cache(_) => {}
             _ => return Err(StoreError::WrongOperation(key.path())),
         }
         let (l, k) = self.at(host, key)?;

@@ -35,6 +35,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         last_success: None,
         verifies_signatures: None,
         serial: None,
+        stale: None,
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {
@@ -318,6 +319,7 @@ fn words_are_stable() {
             "failing",
             "rolled-back",
             "silent",
+            "stale",
             "drifted",
             "update-pending",
             "new",
@@ -350,4 +352,32 @@ fn a_long_status_error_keeps_its_fix() {
         shown.ends_with("(run `bento publish --serial-floor 8`)"),
         "{shown}"
     );
+}
+
+/// Issue #27 item 4: a host that says its source is stale is `stale`, an alarm, whatever its
+/// versions say; a later heartbeat without the word clears it.
+#[test]
+fn a_host_whose_source_is_stale_is_stale() {
+    let hb = Heartbeat {
+        stale: Some("the freshness stamp of the live version 3f2a ran out\u{1b}[31m\nmore".into()),
+        ..heartbeat(at(T0 - 60), Some(v(2)), 'b')
+    };
+    let f = Facts {
+        published: published(2),
+        heartbeat: Some(&hb),
+        ..Default::default()
+    };
+    let a = assess(&f, at(T0), INTERVAL);
+    assert_eq!(a.state, State::Stale);
+    assert!(a.state.is_alarm());
+    assert_eq!(
+        a.reason.as_deref(),
+        Some("the freshness stamp of the live version 3f2a ran out[31m")
+    );
+    let hb = heartbeat(at(T0 - 60), Some(v(2)), 'b');
+    let f = Facts {
+        heartbeat: Some(&hb),
+        ..f
+    };
+    assert_eq!(assess(&f, at(T0), INTERVAL).state, State::UpToDate);
 }
