@@ -1,7 +1,7 @@
 //! Which source a run follows, among agent.toml's `server` and `mirrors`, and which ones
 //! prove the network after activation. The one place that weighs sources against each
-//! other: a later rule about them (a signed freshness stamp past its time on every source
-//! reached) belongs in [`choose`] beside the serial rule.
+//! other: the serial rule and the freshness rule (`agent::fresh`: a source whose stamp ran
+//! out is read past, and the run is `stale` only when every source reached is).
 //!
 //! Invariants: while `server` answers with a version not older than the applied one, no
 //! mirror is contacted, so a no-change poll costs what it cost before mirrors existed; the
@@ -10,9 +10,12 @@
 //! valid signed serial wins (a tie goes to the earlier in agent.toml); a source serving an
 //! older serial than the applied one is skipped with a note, never followed, unless it is
 //! `server` and nothing better answered (the apply then refuses it as a replay and reports
-//! it, exactly as without mirrors).
+//! it, exactly as without mirrors); a stale `server` sends the run to the mirrors as an
+//! unreachable one does, and a stale mirror is skipped like an older one.
 
+use super::apply::snapshot_settings;
 use super::decide::{replay_refusal, Stamp};
+use super::fresh::{self, Known, Verdict};
 use super::outcome::{AgentError, RunLog, UpdateOptions};
 use super::source::{Connection, Mirrored, Purpose, Reached, RemoteError, ServerUrl};
 use super::state::{State, StateDir};
@@ -36,6 +39,8 @@ pub struct Choice {
     pub notes: Vec<String>,
     /// Why `server` was not reached, when a mirror was.
     pub server_error: Option<RemoteError>,
+    /// The chosen source's freshness verdict on `current`.
+    pub fresh: Option<Verdict>,
 }
 
 /// One source's answer.
@@ -46,6 +51,16 @@ struct Answer {
     /// The serial and time of the manifest `current` names, when known (for a mirror: and
     /// its signature verified).
     stamp: Option<(u64, Option<Timestamp>)>,
+    /// Its freshness verdict on `current` (`agent::fresh`).
+    fresh: Option<Verdict>,
+}
+
+/// Why `a` is stale, if it is.
+fn stale(a: &Answer) -> Option<&str> {
+    match &a.fresh {
+        Some(Verdict::Stale(why)) => Some(why),
+        _ => None,
+    }
 }
 
 /// Picks the source to follow (see the module's invariants).
@@ -58,15 +73,14 @@ pub fn choose(
     let mut notes = Vec::new();
     let mut answers: Vec<Answer> = Vec::new();
     let server_error = match probe(opts, dirs, state, &cfg.server, false) {
-        Ok(a) if cfg.mirrors.is_empty() || older(state, &a).is_none() => {
+        Ok(a) if cfg.mirrors.is_empty() || (older(state, &a).is_none() && stale(&a).is_none()) => {
             return Ok(follow(opts, vec![a], 0, cfg, Vec::new(), None));
         }
         Ok(a) => {
-            notes.push(format!(
-                "{}: {}; reading the mirrors",
-                cfg.server,
-                older(state, &a).unwrap_or_default()
-            ));
+            let why = older(state, &a)
+                .or_else(|| stale(&a).map(|w| format!("stale: {w}")))
+                .unwrap_or_default();
+            notes.push(format!("{}: {why}; reading the mirrors", cfg.server));
             answers.push(a);
             None
         }
@@ -96,6 +110,7 @@ pub fn choose(
             (Some(_), None) if a.stamp.as_ref().is_some_and(|s| s.0 < cfg.min_serial) => Some(
                 format!("its serial is below min_serial = {}", cfg.min_serial),
             ),
+            (Some(_), None) if stale(a).is_some() => stale(a).map(|w| format!("stale: {w}")),
             (Some(_), None) => None,
         };
         if let Some(why) = why_not {
@@ -113,7 +128,8 @@ pub fn choose(
     if let Some((i, _)) = best {
         return Ok(follow(opts, answers, i, cfg, notes, server_error));
     }
-    // Nothing better: `server` (older) is followed as without mirrors, and refused there.
+    // Nothing better: `server` (older or stale) is followed as without mirrors, and refused
+    // or reported stale there.
     if let Some(i) = answers.iter().position(|a| a.reached.url == cfg.server) {
         return Ok(follow(opts, answers, i, cfg, notes, server_error));
     }
@@ -144,11 +160,13 @@ fn follow(
 ) -> Choice {
     let mut current = None;
     let mut prefetched = None;
+    let mut fresh = None;
     let mut reached = Vec::new();
     for (i, a) in answers.into_iter().enumerate() {
         if i == chosen {
             current = a.current;
             prefetched = a.prefetched;
+            fresh = a.fresh;
         }
         reached.push(a.reached);
     }
@@ -166,6 +184,7 @@ fn follow(
         hold: None,
         notes,
         server_error,
+        fresh,
     }
 }
 
@@ -242,6 +261,17 @@ fn probe(
         }
         None => None,
     };
+    let fresh = match current {
+        Some(v) => Some(fresh::check(
+            conn.as_mut(),
+            &cfg.host,
+            v,
+            &cfg.trusted_keys,
+            &known(dirs, state),
+            (opts.now)(),
+        )?),
+        None => None,
+    };
     Ok(Answer {
         reached: Reached {
             url: url.clone(),
@@ -250,7 +280,22 @@ fn probe(
         current,
         prefetched,
         stamp,
+        fresh,
     })
+}
+
+/// What the agent knows to judge a stamp: the applied version, whether its own signed
+/// settings demand a stamp (so a copy of the tree cannot switch the demand off), and the
+/// stamp last accepted.
+fn known<'a>(dirs: &StateDir, state: &'a State) -> Known<'a> {
+    let applied = state.applied.as_ref().map(|a| a.version);
+    Known {
+        applied,
+        window: applied
+            .and_then(|v| snapshot_settings(&dirs.config().join(v.to_hex())))
+            .and_then(|s| s.freshness()),
+        seen: state.fresh.as_ref(),
+    }
 }
 
 /// The manifest's signature verifies against `trusted_keys` (or none are configured).

@@ -100,9 +100,10 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
         }
     }
 
-    // A source that cannot vouch for its live version changes nothing on this machine.
-    if let Some(live) = current {
-        if let Some(reason) = freshness(opts, conn.as_mut(), dirs, &mut state, live)? {
+    // A source that cannot vouch for its live version changes nothing on this machine
+    // (`choose` followed a stale one only when every source it reached was).
+    if let Some(verdict) = choice.fresh {
+        if let Some(reason) = freshness(opts, dirs, &mut state, verdict)? {
             return Ok(stale(opts, conn.as_mut(), &state, running.as_ref(), reason));
         }
     }
@@ -158,29 +159,15 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
     }
 }
 
-/// The source's freshness verdict on `live` (`agent::fresh`), kept in the state: the
+/// The chosen source's freshness verdict (`agent::choose` asked it), kept in the state: the
 /// reason it is stale, or `None`.
 fn freshness(
     opts: &UpdateOptions<'_>,
-    src: &mut dyn super::source::Source,
     dirs: &StateDir,
     state: &mut super::state::State,
-    live: crate::protocol::manifest::Digest,
+    verdict: super::fresh::Verdict,
 ) -> Result<Option<String>, AgentError> {
-    let cfg = opts.config;
-    let applied = state.applied.as_ref().map(|a| a.version);
-    // The applied version's own settings say whether the fleet demands a stamp: signed,
-    // so a copy of the tree cannot switch the demand off.
-    let window = applied
-        .and_then(|v| snapshot_settings(&dirs.config().join(v.to_hex())))
-        .and_then(|s| s.freshness());
-    let known = super::fresh::Known {
-        applied,
-        window,
-        seen: state.fresh.as_ref(),
-    };
     let now = (opts.now)();
-    let verdict = super::fresh::check(src, &cfg.host, live, &cfg.trusted_keys, &known, now)?;
     let before = state.clone();
     let stale = match verdict {
         super::fresh::Verdict::Stale(reason) => {

@@ -55,6 +55,11 @@ fn publish_fresh(bed: &Bed, system: &str, serial: u64) -> Digest {
 
 /// Writes the stamp of `version`, vouching for it `WINDOW` seconds from `from`.
 fn stamp(bed: &Bed, version: Digest, serial: u64, from: SystemTime) {
+    stamp_in(&bed.chroot, version, serial, from);
+}
+
+/// The same, into the tree at `root` (a mirror's).
+fn stamp_in(root: &std::path::Path, version: Digest, serial: u64, from: SystemTime) {
     let s = FreshStamp::new(
         &HostName::new("alpha").unwrap(),
         version,
@@ -64,7 +69,7 @@ fn stamp(bed: &Bed, version: Digest, serial: u64, from: SystemTime) {
     );
     let mut bytes = serde_json::to_vec(&s).unwrap();
     bytes.extend_from_slice(b"\n(unsigned)\n");
-    std::fs::write(stamp_path(bed, version), bytes).unwrap();
+    std::fs::write(root.join(layout::Key::Fresh(version).path()), bytes).unwrap();
 }
 
 fn stamp_path(bed: &Bed, version: Digest) -> PathBuf {
@@ -114,4 +119,29 @@ fn agent_is_stale_without_a_live_stamp_and_changes_nothing() {
     );
     assert_eq!(bed.take_calls(), Vec::<String>::new(), "nothing was done");
     assert_eq!(bed.state().applied.map(|a| a.version), Some(v1));
+}
+
+/// "Stale on every source it reaches": a server whose stamp ran out sends the run to the
+/// mirrors; one the server's admin still refreshes keeps the host fresh, and only when the
+/// mirror runs out too is the host stale.
+#[test]
+fn a_stale_server_sends_the_run_to_a_fresh_mirror_and_stale_everywhere_is_stale() {
+    let (bed, mirrors, _t) = super::mirrors::bed_with_mirrors(1);
+    let v1 = publish_fresh(&bed, "one", 1);
+    assert_eq!(bed.run().exit_code(), RunResult::EXIT_UPDATED);
+    super::mirrors::copy_tree(&bed.chroot, &mirrors[0]);
+    bed.take_calls();
+
+    bed.later(WINDOW + 301);
+    stamp_in(&mirrors[0], v1, 1, bed.now.get());
+    let r = bed.run();
+    assert_eq!(r.exit_code(), RunResult::EXIT_NOOP, "{r:?}");
+    assert_eq!(bed.state().stale, None);
+    assert_eq!(bed.heartbeat().stale, None);
+
+    bed.later(WINDOW + 301);
+    let r = bed.run();
+    assert_eq!(r.exit_code(), RunResult::EXIT_STALE, "{r:?}");
+    assert!(bed.heartbeat().stale.is_some());
+    assert_eq!(bed.take_calls(), Vec::<String>::new(), "nothing was done");
 }

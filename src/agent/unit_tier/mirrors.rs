@@ -8,7 +8,7 @@ use super::*;
 
 /// A copy of the host's tree (everything but `logs/`), as `bento publish --export` or
 /// rsync makes it.
-fn copy_tree(from: &Path, to: &Path) {
+pub(super) fn copy_tree(from: &Path, to: &Path) {
     for d in [layout::MANIFESTS, layout::OBJECTS, layout::LOGS] {
         std::fs::create_dir_all(to.join(d)).unwrap();
     }
@@ -22,7 +22,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// A bed whose agent.toml lists `n` `file://` mirrors (empty until copied into).
-fn bed_with_mirrors(n: usize) -> (Bed, Vec<PathBuf>, tempfile::TempDir) {
+pub(super) fn bed_with_mirrors(n: usize) -> (Bed, Vec<PathBuf>, tempfile::TempDir) {
     let base = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..n)
         .map(|i| base.path().join(format!("mirror{i}")))

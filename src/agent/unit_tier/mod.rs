@@ -8,8 +8,8 @@ mod checks;
 mod contact;
 mod day_two;
 mod fake;
-mod mirrors;
 mod freshness;
+mod mirrors;
 mod substitute;
 
 use std::cell::Cell;
