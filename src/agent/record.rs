@@ -83,6 +83,7 @@ impl<'a> Run<'a> {
             log_tail: self.log.tail(),
             reboot_required: attempt.reboot_required,
             checks: attempt.checks.clone(),
+            clock_offset_s: None,
         }
     }
 
@@ -151,7 +152,7 @@ impl<'a> Run<'a> {
                 && attempt.reboot_required
                 && effective.mode != crate::protocol::Mode::Test,
         );
-        let report = self.report(
+        let mut report = self.report(
             state,
             attempt,
             outcome,
@@ -159,6 +160,7 @@ impl<'a> Run<'a> {
             finished,
             &system_after,
         );
+        report.clock_offset_s = conn.clock_correction().filter(|o| *o != 0);
 
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
         // The report is spooled before the state records the run: a kill in between then
@@ -395,6 +397,7 @@ pub fn heartbeat(
         last_success: state.last_success.map(Timestamp::from_unix),
         verifies_signatures: Some(!cfg.trusted_keys.is_empty()),
         serial: state.applied.as_ref().and_then(|a| a.serial),
+        clock_offset_s: sink.clock_correction().filter(|o| *o != 0),
     };
     if let Err(e) = sink.put(LogItem::Heartbeat, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

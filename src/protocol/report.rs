@@ -108,6 +108,11 @@ pub struct Report {
     /// Every health check's result (the built-in one first), when they ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<crate::protocol::check::CheckResult>,
+    /// The server's clock minus this machine's, in seconds, when the agent corrected its
+    /// requests' time by it (an object store refuses a signature from a skewed clock);
+    /// absent when nothing was corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_s: Option<i64>,
 }
 
 /// Written by every run, including no-op runs: the host was seen, running this.
@@ -144,6 +149,10 @@ pub struct Heartbeat {
     /// numbers above it when its own records are gone (a restored server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<u64>,
+    /// As the report's `clock_offset_s`: the correction this run's requests were signed
+    /// with, absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_s: Option<i64>,
 }
 
 impl Report {
@@ -261,6 +270,7 @@ mod tests {
             log_tail: "…".into(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_offset_s: None,
         };
         let text = String::from_utf8(r.to_bytes()).unwrap();
         assert!(text.contains("\"outcome\": \"rollback\""), "{text}");

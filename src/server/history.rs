@@ -253,6 +253,7 @@ mod tests {
             log_tail: String::new(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_offset_s: None,
         }
     }
 

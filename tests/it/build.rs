@@ -288,6 +288,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             last_success: None,
             verifies_signatures: None,
             serial: None,
+            clock_offset_s: None,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

@@ -441,6 +441,7 @@ fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
         last_success: None,
         verifies_signatures: None,
         serial: None,
+        clock_offset_s: None,
     };
     fs::write(logs.join("heartbeat.json"), hb.to_bytes()).unwrap();
     let diff = || {

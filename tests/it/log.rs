@@ -77,6 +77,7 @@ impl Fixture {
             log_tail: String::new(),
             reboot_required: false,
             checks,
+            clock_offset_s: None,
         };
         fs::write(self.logs.join(r.file_name()), r.to_bytes()).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -110,6 +110,7 @@ impl Fixture {
             last_success: None,
             verifies_signatures: None,
             serial: None,
+            clock_offset_s: None,
         };
         change(&mut hb);
         write_atomic(
@@ -149,6 +150,7 @@ impl Fixture {
             log_tail: String::new(),
             reboot_required: false,
             checks: Vec::new(),
+            clock_offset_s: None,
         };
         write_atomic(
             &self.host_dir(host).join("logs/latest.json"),

@@ -1,13 +1,16 @@
 //! The publisher's index of an object store: what it put in the engine and saw there, kept
-//! in its local state, so an unchanged publish costs one conditional GET per host. Immutable
-//! keys (manifests, signatures, objects: named by their content) known present need no
-//! request, `current` is asked for with its last ETag, and a manifest is read from the
-//! publisher's own copy, checked against its digest.
+//! in its local state, one file per host, so an unchanged publish costs one conditional GET
+//! per host. Immutable keys (manifests, signatures, objects: named by their content) known
+//! present need no request, `current` is asked for with its last ETag, and a manifest is
+//! read from the publisher's own copy, checked against its digest.
 //!
-//! Invariant: the index only ever saves requests; it is never trusted for content (a copy
-//! that does not hash to its name is not used) and a key removed behind the publisher's back
-//! is found by the host (a 404, retried) and fixed by removing the index file, which makes
-//! the next publish check everything again.
+//! Invariants: the index only ever saves requests; it is never trusted for content (a copy
+//! that does not hash to its name is not used). A host's file is written whole and
+//! atomically when that host's publish commits (`current` switched), and before a key it
+//! says is present is deleted, so a publish killed at any moment leaves files that claim no
+//! key the engine lacks: the next publish uses them as they are. A key removed behind the
+//! publisher's back is found by the host (a 404, retried) and fixed by removing the index,
+//! which makes the next publish check everything again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -18,97 +21,161 @@ use crate::protocol::manifest::Digest;
 use crate::protocol::HostName;
 use crate::sys::atomic;
 
-/// The index file in the publisher's state directory.
-pub const INDEX_FILE: &str = "s3-index.json";
+/// The index's directory in the publisher's state directory: `<host>.json` per host.
+pub const INDEX_DIR: &str = "s3-index";
 /// The publisher's copies of the manifests it put or read, per host, in its state.
 pub const MANIFESTS_DIR: &str = "s3-manifests";
 
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Saved {
     /// The `[server] store` this index is of.
     store: String,
-    /// `bucket/key` of immutable keys known present.
+    /// `bucket/key` of the host's immutable keys known present.
     present: BTreeSet<String>,
-    /// `bucket/key` of each `current`: its text and ETag when last read or written.
+    /// `bucket/key` of the host's `current`: its text and ETag when last read or written.
     current: BTreeMap<String, (String, String)>,
 }
 
-/// The index, loaded for one store.
+/// One host's part, and whether it changed since it was loaded or saved.
+#[derive(Debug)]
+struct Part {
+    saved: Saved,
+    dirty: bool,
+}
+
+/// The index, loaded host by host for one store.
 #[derive(Debug)]
 pub struct Index {
     state: Chroot,
-    saved: Mutex<(Saved, bool)>,
+    store: String,
+    hosts: Mutex<BTreeMap<HostName, Part>>,
 }
 
 impl Index {
-    /// The index `state` keeps for `store` (an empty one for another store or none).
+    /// The index `state` keeps for `store` (empty for a host whose file is of another store,
+    /// unreadable, or absent).
     pub fn load(state: &Chroot, store: &str) -> Self {
-        let saved = std::fs::read(state.state_dir().join(INDEX_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
-            .filter(|i| i.store == store)
-            .unwrap_or_else(|| Saved {
-                store: store.to_owned(),
-                ..Saved::default()
-            });
         Self {
             state: state.clone(),
-            saved: Mutex::new((saved, false)),
+            store: store.to_owned(),
+            hosts: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Keeps the index for the next run (best effort: a lost index costs requests only).
-    pub fn save(&self) {
-        let saved = self.saved.lock().expect("not poisoned");
+    fn file(&self, host: &HostName) -> PathBuf {
+        self.state
+            .state_dir()
+            .join(INDEX_DIR)
+            .join(format!("{}.json", host.as_str()))
+    }
+
+    /// Runs `f` on the host's part, read from its file on first use.
+    fn with<T>(&self, host: &HostName, f: impl FnOnce(&mut Part) -> T) -> T {
+        let mut hosts = self.hosts.lock().expect("not poisoned");
+        let part = hosts.entry(host.clone()).or_insert_with(|| {
+            let saved = std::fs::read(self.file(host))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+                .filter(|i| i.store == self.store)
+                .unwrap_or_else(|| Saved {
+                    store: self.store.clone(),
+                    ..Saved::default()
+                });
+            Part {
+                saved,
+                dirty: false,
+            }
+        });
+        f(part)
+    }
+
+    /// Writes the host's part if it changed (best effort: a lost index costs requests only).
+    pub fn save_host(&self, host: &HostName) {
+        let saved = {
+            let mut hosts = self.hosts.lock().expect("not poisoned");
+            match hosts.get_mut(host) {
+                Some(part) if part.dirty => {
+                    part.dirty = false;
+                    part.saved.clone()
+                }
+                _ => return,
+            }
+        };
+        self.write(host, &saved);
+    }
+
+    fn write(&self, host: &HostName, saved: &Saved) {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = self.state.state_dir();
-        if !saved.1 || !dir.is_dir() {
+        if !dir.is_dir() {
             return;
         }
-        let path = dir.join(INDEX_FILE);
-        let bytes = serde_json::to_vec(&saved.0).expect("index serialises");
-        if let Err(e) = atomic::write_file(&path, &bytes, 0o600) {
+        let path = self.file(host);
+        let bytes = serde_json::to_vec(saved).expect("index serialises");
+        let written = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join(INDEX_DIR))
+            .and_then(|()| atomic::write_file(&path, &bytes, 0o600));
+        if let Err(e) = written {
             tracing::warn!("cannot keep the S3 index {}: {e}", path.display());
         }
     }
 
-    pub fn known(&self, full: &str) -> bool {
-        self.saved
+    /// Writes every part that changed.
+    pub fn save(&self) {
+        let hosts: Vec<HostName> = self
+            .hosts
             .lock()
             .expect("not poisoned")
-            .0
-            .present
-            .contains(full)
+            .iter()
+            .filter(|(_, p)| p.dirty)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for host in hosts {
+            self.save_host(&host);
+        }
     }
 
-    pub fn learn(&self, full: String, present: bool) {
-        let mut saved = self.saved.lock().expect("not poisoned");
-        let changed = if present {
-            saved.0.present.insert(full)
-        } else {
-            saved.0.present.remove(&full)
-        };
-        saved.1 |= changed;
+    pub fn known(&self, host: &HostName, full: &str) -> bool {
+        self.with(host, |p| p.saved.present.contains(full))
+    }
+
+    /// Records a key as present (kept at the host's next save: until then, a loss costs a
+    /// request).
+    pub fn learn(&self, host: &HostName, full: String) {
+        self.with(host, |p| p.dirty |= p.saved.present.insert(full));
+    }
+
+    /// Forgets a key about to be deleted, on disk before the delete is sent: a run killed
+    /// after the delete must not leave an index that says the key is there.
+    pub fn forget(&self, host: &HostName, full: &str) {
+        let was = self.with(host, |p| {
+            let was = p.saved.present.remove(full);
+            p.dirty |= was;
+            was
+        });
+        if was {
+            self.save_host(host);
+        }
     }
 
     /// The text and ETag of `current` as last seen.
-    pub fn current(&self, full: &str) -> Option<(String, String)> {
-        self.saved
-            .lock()
-            .expect("not poisoned")
-            .0
-            .current
-            .get(full)
-            .cloned()
+    pub fn current(&self, host: &HostName, full: &str) -> Option<(String, String)> {
+        self.with(host, |p| p.saved.current.get(full).cloned())
     }
 
     /// Records `current`'s text and ETag (`None`: not known, or gone).
-    pub fn set_current(&self, full: &str, seen: Option<(String, String)>) {
-        let mut saved = self.saved.lock().expect("not poisoned");
-        let before = match seen {
-            Some(entry) => saved.0.current.insert(full.to_owned(), entry.clone()) != Some(entry),
-            None => saved.0.current.remove(full).is_some(),
-        };
-        saved.1 |= before;
+    pub fn set_current(&self, host: &HostName, full: &str, seen: Option<(String, String)>) {
+        self.with(host, |p| {
+            let changed = match seen {
+                Some(entry) => {
+                    p.saved.current.insert(full.to_owned(), entry.clone()) != Some(entry)
+                }
+                None => p.saved.current.remove(full).is_some(),
+            };
+            p.dirty |= changed;
+        });
     }
 
     fn manifest_path(&self, host: &HostName, digest: &Digest) -> PathBuf {
@@ -148,28 +215,59 @@ impl Index {
 mod tests {
     use super::*;
 
+    fn alpha() -> HostName {
+        HostName::new("alpha").unwrap()
+    }
+
     #[test]
     fn the_index_is_kept_per_store_and_never_trusted_for_content() {
         let tmp = tempfile::tempdir().unwrap();
         let state = Chroot::new(tmp.path());
         std::fs::create_dir_all(state.state_dir()).unwrap();
         let index = Index::load(&state, "s3://a");
-        index.learn("b/k".into(), true);
-        index.set_current("b/current", Some(("d\n".into(), "\"e1\"".into())));
-        let alpha = HostName::new("alpha").unwrap();
+        let alpha = alpha();
+        index.learn(&alpha, "b/k".into());
+        index.set_current(&alpha, "b/current", Some(("d\n".into(), "\"e1\"".into())));
         let d = Digest::of(b"manifest");
         index.keep_manifest(&alpha, &d, b"manifest");
         index.keep_manifest(&alpha, &Digest::of(b"x"), b"not x");
         index.save();
         let again = Index::load(&state, "s3://a");
-        assert!(again.known("b/k"));
-        assert_eq!(again.current("b/current").unwrap().1, "\"e1\"");
+        assert!(again.known(&alpha, "b/k"));
+        assert_eq!(again.current(&alpha, "b/current").unwrap().1, "\"e1\"");
         assert_eq!(again.manifest(&alpha, &d, 100).unwrap(), b"manifest");
         assert!(again.manifest(&alpha, &Digest::of(b"x"), 100).is_none());
         // A copy changed on disk is not used.
         std::fs::write(again.manifest_path(&alpha, &d), b"tampered").unwrap();
         assert!(again.manifest(&alpha, &d, 100).is_none());
         // Another store's index is not this one's.
-        assert!(!Index::load(&state, "s3://other").known("b/k"));
+        assert!(!Index::load(&state, "s3://other").known(&alpha, "b/k"));
+    }
+
+    #[test]
+    fn a_host_saved_when_it_commits_and_a_forgotten_key_at_once_survive_a_kill() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (alpha, beta) = (alpha(), HostName::new("beta").unwrap());
+        let index = Index::load(&state, "s3://a");
+        index.learn(&alpha, "b/alpha/o1".into());
+        index.learn(&beta, "b/beta/o1".into());
+        // Alpha's publish commits; beta's is killed before it does (no save, no drop).
+        index.save_host(&alpha);
+        index.forget(&alpha, "b/alpha/o1");
+        std::mem::forget(index);
+        let next = Index::load(&state, "s3://a");
+        assert!(
+            !next.known(&alpha, "b/alpha/o1"),
+            "a deleted key is never claimed present"
+        );
+        assert!(
+            !next.known(&beta, "b/beta/o1"),
+            "only committed hosts were kept"
+        );
+        // Each host's file is whole JSON on its own.
+        let file = state.state_dir().join(INDEX_DIR).join("alpha.json");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(file).unwrap()).unwrap();
     }
 }

@@ -58,6 +58,9 @@ impl Default for Options {
     }
 }
 
+/// Connections kept open to the engine between requests (see `Client::new`).
+const IDLE_CONNECTIONS: usize = 32;
+
 /// One engine (endpoint, region, credentials); buckets and keys are per call.
 pub struct Client {
     endpoint: url::Url,
@@ -111,6 +114,10 @@ impl Client {
             .timeout_per_read(stall)
             .timeout_per_write(stall)
             .user_agent(concat!("bento/", env!("CARGO_PKG_VERSION")))
+            // Status and publish keep up to this many requests in flight to one engine:
+            // idle connections beyond ureq's default 3 are kept, not reopened per request.
+            .max_idle_connections(IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .build()
             .new_agent();
         let creds = match &creds.session_token {
@@ -191,8 +198,13 @@ impl Client {
         match resp.status().as_u16() {
             200 => {
                 let etag = header(&resp, "etag");
+                let modified = header(&resp, "last-modified").and_then(|d| parse_http_date(&d));
                 let bytes = read_limited(&t, resp, limit)?;
-                Ok(Got::Body { bytes, etag })
+                Ok(Got::Body {
+                    bytes,
+                    etag,
+                    modified,
+                })
             }
             304 => Ok(Got::NotModified),
             404 => Ok(Got::NotFound),
@@ -356,12 +368,28 @@ impl Client {
         self.list_paged(bucket, prefix, LIST_PAGE_KEYS)
     }
 
+    /// The keys directly under `prefix` (ending in `/`): deeper ones are not sent, so a
+    /// directory's listing costs the same however much its subdirectories hold.
+    pub fn list_level(&self, bucket: &str, prefix: &str) -> Result<Vec<Listed>, S3Error> {
+        self.list_with(bucket, prefix, LIST_PAGE_KEYS, true)
+    }
+
     /// [`Client::list`] asking for `page` keys per request.
     pub fn list_paged(
         &self,
         bucket: &str,
         prefix: &str,
         page: usize,
+    ) -> Result<Vec<Listed>, S3Error> {
+        self.list_with(bucket, prefix, page, false)
+    }
+
+    fn list_with(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        page: usize,
+        one_level: bool,
     ) -> Result<Vec<Listed>, S3Error> {
         let t = self.target(bucket, prefix);
         let b = self.bucket(&t)?;
@@ -371,6 +399,9 @@ impl Client {
             let resp = self.call(&t, "ListObjectsV2", Method::Get, &[], None, &|time| {
                 let mut a = ListObjectsV2::new(&b, Some(&self.creds));
                 a.with_max_keys(page);
+                if one_level {
+                    a.with_delimiter("/");
+                }
                 if !prefix.is_empty() {
                     a.with_prefix(prefix);
                 }
@@ -388,10 +419,15 @@ impl Client {
                 target: t.clone(),
                 message: format!("unreadable listing: {e}"),
             })?;
-            out.extend(page.contents.into_iter().map(|c| Listed {
-                key: c.key,
-                size: c.size.unwrap_or(0),
-                etag: c.etag,
+            out.extend(page.contents.into_iter().map(|c| {
+                Listed {
+                    key: c.key,
+                    size: c.size.unwrap_or(0),
+                    etag: c.etag,
+                    modified: c
+                        .last_modified
+                        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok()),
+                }
             }));
             match page.next_continuation_token {
                 Some(next) if !next.is_empty() => token = Some(next),

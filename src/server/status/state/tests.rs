@@ -35,6 +35,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         last_success: None,
         verifies_signatures: None,
         serial: None,
+        clock_offset_s: None,
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {
@@ -57,6 +58,7 @@ fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after:
         log_tail: String::new(),
         reboot_required: false,
         checks: Vec::new(),
+        clock_offset_s: None,
     }
 }
 fn published(n: u8) -> Option<Published> {
