@@ -30,6 +30,9 @@ pub struct Run<'a> {
     dirs: &'a StateDir,
     running: Option<StorePath>,
     kind: RunKind,
+    /// The clock correction the run's first connection made (a later, fresh connection
+    /// may not have made a request yet when the report is written).
+    pub clock_offset: Option<i64>,
 }
 
 impl<'a> Run<'a> {
@@ -50,6 +53,7 @@ impl<'a> Run<'a> {
             dirs,
             running,
             kind,
+            clock_offset: None,
         }
     }
 
@@ -160,7 +164,10 @@ impl<'a> Run<'a> {
             finished,
             &system_after,
         );
-        report.clock_offset_s = conn.clock_correction().filter(|o| *o != 0);
+        report.clock_offset_s = conn
+            .clock_correction()
+            .or(self.clock_offset)
+            .filter(|o| *o != 0);
 
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
         // The report is spooled before the state records the run: a kill in between then

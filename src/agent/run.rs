@@ -118,7 +118,8 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
                 version.short(),
                 running.as_ref().map_or("nothing", |r| r.as_str())
             ));
-            if let Some(offset) = conn.clock_correction() {
+            run.clock_offset = conn.clock_correction();
+            if let Some(offset) = run.clock_offset {
                 run.log.step(&clock_note(offset));
             }
             let mut attempt = Attempt {

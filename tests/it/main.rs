@@ -28,6 +28,7 @@ mod rollout;
 mod s3;
 mod s3_agent;
 mod s3_publish;
+mod s3_scale;
 mod secrets;
 mod server;
 mod signing;

@@ -20,14 +20,14 @@ use crate::s3_agent::{credentials_file, s3_config};
 
 const BUCKET: &str = "fleet";
 
-fn read(admin: &Client, key: &str) -> Option<Vec<u8>> {
+pub(crate) fn read(admin: &Client, key: &str) -> Option<Vec<u8>> {
     match admin.get(BUCKET, key, 16 << 20, None).unwrap() {
         Got::Body { bytes, .. } => Some(bytes),
         _ => None,
     }
 }
 
-fn run(fleet: &Path, args: &[&str]) -> Output {
+pub(crate) fn run(fleet: &Path, args: &[&str]) -> Output {
     bento()
         .args(args)
         .arg("--fleet")
@@ -36,13 +36,13 @@ fn run(fleet: &Path, args: &[&str]) -> Output {
         .expect("run bento")
 }
 
-fn ok(out: Output) -> String {
+pub(crate) fn ok(out: Output) -> String {
     assert!(out.status.success(), "{}", text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// bento.toml's `[server]` with the store, the credentials file and the state added.
-fn point_at_store(fleet: &Path, endpoint: &str, creds: &Path, state: &Path) {
+pub(crate) fn point_at_store(fleet: &Path, endpoint: &str, creds: &Path, state: &Path) {
     let store = format!("s3://{BUCKET}/hosts/{{host}}?endpoint={endpoint}&region=us-east-1");
     point_at(fleet, &store, None, creds, state);
 }
@@ -76,7 +76,7 @@ fn point_at(fleet: &Path, store: &str, reports: Option<&str>, creds: &Path, stat
 }
 
 /// The identities `bento server s3-policy --engine seaweedfs` printed.
-fn identities(json: &str) -> Vec<Identity> {
+pub(crate) fn identities(json: &str) -> Vec<Identity> {
     let v: serde_json::Value = serde_json::from_str(json).expect("identities JSON");
     v["identities"]
         .as_array()

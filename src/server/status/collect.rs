@@ -507,10 +507,11 @@ pub fn host_status(
     let clock_skew_s = super::skew::skew(&facts, received);
     let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
     let last_seen_at = received.or_else(|| state::last_seen(&facts));
-    let clock_offset_s = heartbeat
-        .as_ref()
-        .and_then(|h| h.clock_offset_s)
-        .or_else(|| latest.as_ref().and_then(|r| r.clock_offset_s));
+    // The heartbeat is every run's: a run that corrected nothing clears an older report's.
+    let clock_offset_s = match &heartbeat {
+        Some(h) => h.clock_offset_s,
+        None => latest.as_ref().and_then(|r| r.clock_offset_s),
+    };
     if let Some(note) = clock_offset_s.map(super::skew::offset_note) {
         notes.list.insert(0, note);
     }
