@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+mod current;
+
 use super::s3index::Index;
 use super::s3logs::ReportCache;
 use super::{
@@ -53,6 +55,12 @@ pub struct S3Store {
     index: Index,
     /// The hosts' newest reports as last read, for conditional GETs.
     reports_cache: ReportCache,
+    /// Objects a HEAD of this run found absent, so storing one asks no second time.
+    absent: Mutex<std::collections::BTreeSet<String>>,
+    /// `current` as this run last read or wrote it, per host: publish reads it when it plans
+    /// and again when it switches, and the switch's compare-and-swap (or, where the engine
+    /// ignores it, a fresh read) catches a change in between.
+    seen: Mutex<BTreeMap<HostName, (Vec<u8>, Version)>>,
     /// Where this run already stored a shared file (a key's bytes, by content), so the next
     /// host gets a server-side copy.
     copies: Mutex<BTreeMap<String, (String, String)>>,
@@ -90,6 +98,8 @@ impl S3Store {
             known,
             cas: Mutex::new(Cas::Unknown),
             copies: Mutex::new(BTreeMap::new()),
+            absent: Mutex::new(Default::default()),
+            seen: Mutex::new(BTreeMap::new()),
             index: Index::load(&state, &files.to_string()),
             reports_cache: ReportCache::new(&state, &files.to_string()),
             files,
@@ -278,7 +288,7 @@ impl Store for S3Store {
             }
             // Asked with its last ETag (`bento status` reads every host's).
             Key::Current if limit >= MAX_CURRENT_BYTES => {
-                return Ok(self.current(host)?.map(|(bytes, _)| bytes))
+                return Ok(self.fetch_current(host)?.map(|(bytes, _)| bytes))
             }
             _ => {}
         }
@@ -333,6 +343,8 @@ impl Store for S3Store {
         let there = self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some();
         if immutable && there {
             self.index.learn(host, full);
+        } else if matches!(key, Key::Object(_)) && !there {
+            self.absent.lock().expect("not poisoned").insert(full);
         }
         Ok(there)
     }
@@ -379,11 +391,13 @@ impl Store for S3Store {
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError> {
         let key = Key::Object(*digest);
-        if self.exists(host, &key)? {
-            return Ok(0);
-        }
         let (l, k) = self.at(host, &key)?;
         let full = format!("{}/{k}", l.bucket);
+        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
+        if !seen_absent && self.exists(host, &key)? {
+            return Ok(0);
+        }
+        self.absent.lock().expect("not poisoned").remove(&full);
         let content = format!("object:{}", digest.to_hex());
         if self.copy_known(&content, &l.bucket, &k) {
             self.index.learn(host, full);
@@ -462,48 +476,17 @@ impl Store for S3Store {
     }
 
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
-        let (l, k) = self.at(host, &Key::Current)?;
-        let full = format!("{}/{k}", l.bucket);
-        let cached = self.index.current(host, &full);
-        let got = self.client.get(
-            &l.bucket,
-            &k,
-            MAX_CURRENT_BYTES,
-            cached.as_ref().map(|(_, etag)| etag.as_str()),
-        );
-        match got {
-            Ok(Got::NotModified) => match cached {
-                Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),
-                None => Ok(None),
-            },
-            Ok(Got::Body { bytes, etag, .. }) => {
-                // Without an ETag the bytes are the version (a compare by content).
-                let version = match etag {
-                    Some(e) => {
-                        let text = String::from_utf8_lossy(&bytes).into_owned();
-                        self.index.set_current(host, &full, Some((text, e.clone())));
-                        e
-                    }
-                    None => String::from_utf8_lossy(&bytes).into(),
-                };
-                Ok(Some((bytes, Version(version))))
-            }
-            Ok(Got::NotFound) => {
-                self.index.set_current(host, &full, None);
-                Ok(None)
-            }
-            // A broken `current` longer than a line counts by its head.
-            Err(S3Error::TooLarge { .. }) => {
-                let mut out = Vec::new();
-                self.client
-                    .get_range(&l.bucket, &k, 0, MAX_CURRENT_BYTES, &mut out)
-                    .map_err(s3_err)?;
-                let head = self.client.head(&l.bucket, &k).map_err(s3_err)?;
-                let version = head.and_then(|h| h.etag).unwrap_or_default();
-                Ok(Some((out, Version(version))))
-            }
-            Err(e) => Err(s3_err(e)),
+        if let Some(seen) = self.seen.lock().expect("not poisoned").get(host) {
+            return Ok(Some(seen.clone()));
         }
+        let now = self.fetch_current(host)?;
+        if let Some(now) = &now {
+            self.seen
+                .lock()
+                .expect("not poisoned")
+                .insert(host.clone(), now.clone());
+        }
+        Ok(now)
     }
 
     fn switch_current(
@@ -516,7 +499,7 @@ impl Store for S3Store {
         if self.cas() != Cas::Honoured {
             // The engine may ignore the condition: compare first (under the publisher's
             // lock), and send the condition anyway.
-            let now = self.current(host)?.map(|(_, v)| v);
+            let now = self.fetch_current(host)?.map(|(_, v)| v);
             if now.as_ref() != from {
                 return Err(StoreError::Raced { host: host.clone() });
             }
@@ -529,6 +512,13 @@ impl Store for S3Store {
         match self.client.put(&l.bucket, &k, text.as_bytes(), mode) {
             Ok(etag) => {
                 let full = format!("{}/{k}", l.bucket);
+                match &etag {
+                    Some(e) => self.seen.lock().expect("not poisoned").insert(
+                        host.clone(),
+                        (text.clone().into_bytes(), Version(e.clone())),
+                    ),
+                    None => self.seen.lock().expect("not poisoned").remove(host),
+                };
                 self.index.set_current(host, &full, etag.map(|e| (text, e)));
                 // The host's publish commits here: its index is kept now, so a run killed
                 // at the next host loses nothing of this one's.
@@ -536,6 +526,7 @@ impl Store for S3Store {
                 Ok(())
             }
             Err(S3Error::PreconditionFailed { .. }) => {
+                self.seen.lock().expect("not poisoned").remove(host);
                 Err(StoreError::Raced { host: host.clone() })
             }
             Err(e) => Err(s3_err(e)),
