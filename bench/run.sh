@@ -5,6 +5,7 @@
 #   bench/run.sh [--quick] [--reps N] [--no-doc] [SCENARIO…]
 #
 # Scenarios: 1|poll 2|change 3|connections 4|publish 5|status 6|fleet 7|delivery 8|prebuilt
+# 9|s3 (the object store beside SFTP; needs SeaweedFS from scripts/test.sh's cache)
 # (default: all).
 # --quick: small sizes, a few minutes (the smoke mode). A full run of every scenario also
 # rewrites the results table in docs/benchmarks.md (unless --no-doc).

@@ -13,6 +13,7 @@ mod data;
 mod delivery;
 mod fleet_poll;
 mod machine;
+mod objectstore;
 mod prebuilt;
 mod proc;
 mod publish;
@@ -83,6 +84,11 @@ const NAMES: &[(u8, &str, &str)] = &[
         8,
         "prebuilt",
         "update where k of N paths changed: prebuilt through cache/ vs the host building",
+    ),
+    (
+        9,
+        "s3",
+        "the object store (SeaweedFS) beside SFTP: poll bytes, polls/s, publish, disk",
     ),
 ];
 
@@ -213,13 +219,14 @@ fn main() {
     }
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    let groups: [(&[u8], Scenarios); 6] = [
+    let groups: [(&[u8], Scenarios); 7] = [
         (&[1, 2, 3], wire::run),
         (&[4], publish::run),
         (&[5], status::run),
         (&[6], fleet_poll::run),
         (&[7], delivery::run),
         (&[8], prebuilt::run),
+        (&[9], objectstore::run),
     ];
     for (numbers, run) in groups {
         if !numbers.iter().any(|n| cfg.wants(*n)) {

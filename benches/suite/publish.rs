@@ -38,7 +38,7 @@ fn as_nobody(args: &[&std::ffi::OsStr]) -> Command {
     cmd
 }
 
-fn bento_publish(fleet: &Path, chroot: &Path) -> f64 {
+pub fn bento_publish(fleet: &Path, chroot: &Path) -> f64 {
     let r = run_ok(
         &mut as_nobody(&[
             bento_bin().as_ref(),

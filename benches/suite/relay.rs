@@ -1,7 +1,7 @@
 //! A counting TCP relay on 127.0.0.1: every connection to `Relay::port` is forwarded to the
 //! target port and the bytes each way are counted, so the suite reports what crossed the
 //! wire rather than an estimate. One thread per direction per connection; nothing leaves
-//! loopback.
+//! loopback. HTTP/1.1 requests crossing it are counted too (the object-store scenario).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -16,6 +16,8 @@ struct Counter {
     up: AtomicU64,
     down: AtomicU64,
     open: AtomicU64,
+    /// HTTP/1.1 request lines sent client to server.
+    requests: AtomicU64,
 }
 
 /// What one connection moved: `up` client to server, `down` server to client.
@@ -23,6 +25,8 @@ struct Counter {
 pub struct Traffic {
     pub up: u64,
     pub down: u64,
+    /// HTTP/1.1 requests (0 for SSH).
+    pub requests: u64,
 }
 
 impl Traffic {
@@ -104,6 +108,7 @@ impl Relay {
             .map(|c| Traffic {
                 up: c.up.load(Ordering::SeqCst),
                 down: c.down.load(Ordering::SeqCst),
+                requests: c.requests.load(Ordering::SeqCst),
             })
             .collect()
     }
@@ -126,6 +131,8 @@ impl Drop for Relay {
 fn pump(mut from: TcpStream, mut to: TcpStream, counter: Arc<Counter>, up: bool) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        // How much of a request line's end (" HTTP/1.1\r\n") was seen last.
+        let mut matched = 0usize;
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -134,6 +141,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counter: Arc<Counter>, up: bool)
                     // read the counter) as soon as the bytes arrive.
                     let field = if up { &counter.up } else { &counter.down };
                     field.fetch_add(n as u64, Ordering::SeqCst);
+                    if up {
+                        let found = count_request_lines(&buf[..n], &mut matched);
+                        counter.requests.fetch_add(found, Ordering::SeqCst);
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -143,4 +154,23 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counter: Arc<Counter>, up: bool)
         let _ = to.shutdown(Shutdown::Write);
         counter.open.fetch_sub(1, Ordering::SeqCst);
     });
+}
+
+/// Counts request lines' ends (` HTTP/1.1\r\n`, which no header or response carries
+/// client to server) in a stream fed in pieces; `matched` carries a partial match.
+fn count_request_lines(bytes: &[u8], matched: &mut usize) -> u64 {
+    const END: &[u8] = b" HTTP/1.1\r\n";
+    let mut found = 0;
+    for &b in bytes {
+        if b == END[*matched] {
+            *matched += 1;
+            if *matched == END.len() {
+                found += 1;
+                *matched = 0;
+            }
+        } else {
+            *matched = usize::from(b == END[0]);
+        }
+    }
+    found
 }

@@ -30,6 +30,9 @@ pub struct Run<'a> {
     dirs: &'a StateDir,
     running: Option<StorePath>,
     kind: RunKind,
+    /// The clock correction the run's first connection made (a later, fresh connection
+    /// may not have made a request yet when the report is written).
+    pub clock_offset: Option<i64>,
 }
 
 impl<'a> Run<'a> {
@@ -50,6 +53,7 @@ impl<'a> Run<'a> {
             dirs,
             running,
             kind,
+            clock_offset: None,
         }
     }
 
@@ -84,6 +88,7 @@ impl<'a> Run<'a> {
             reboot_required: attempt.reboot_required,
             checks: attempt.checks.clone(),
             clock_warning: attempt.clock_warning.clone(),
+            clock_offset_s: None,
         }
     }
 
@@ -156,7 +161,7 @@ impl<'a> Run<'a> {
                 && attempt.reboot_required
                 && effective.mode != crate::protocol::Mode::Test,
         );
-        let report = self.report(
+        let mut report = self.report(
             state,
             attempt,
             outcome,
@@ -164,6 +169,10 @@ impl<'a> Run<'a> {
             finished,
             &system_after,
         );
+        report.clock_offset_s = conn
+            .clock_correction()
+            .or(self.clock_offset)
+            .filter(|o| *o != 0);
 
         record_in_state(state, attempt, self.kind, outcome, &report, secs(finished));
         // The report is spooled before the state records the run: a kill in between then
@@ -407,6 +416,7 @@ pub fn heartbeat(
         verifies_signatures: Some(!cfg.trusted_keys.is_empty()),
         serial: state.applied.as_ref().and_then(|a| a.serial),
         stale: state.stale.as_ref().map(|s| s.reason.clone()),
+        clock_offset_s: sink.clock_correction().filter(|o| *o != 0),
     };
     if let Err(e) = sink.put(LogItem::Heartbeat, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");

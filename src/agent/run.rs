@@ -131,7 +131,8 @@ fn update_locked(opts: &UpdateOptions<'_>, dirs: &StateDir) -> Result<RunResult,
             for note in &choice.notes {
                 run.log.step(&format!("note: {note}"));
             }
-            if let Some(offset) = conn.clock_correction() {
+            run.clock_offset = conn.clock_correction();
+            if let Some(offset) = run.clock_offset {
                 run.log.step(&clock_note(offset));
             }
             let mut attempt = Attempt {

@@ -65,11 +65,9 @@ pub fn run(fleet: Option<PathBuf>, mut args: Args) -> anyhow::Result<ExitCode> {
     // A flake directory that cannot list its hosts fails the run when every host was asked
     // for; with named hosts it only matters if it hides one of them.
     let everything = args.hosts.is_empty() && args.on.on.is_empty();
-    let root = args
-        .chroot
-        .unwrap_or_else(|| fleet.config.server.chroot.clone());
-    let root = std::path::absolute(&root).with_context(|| format!("chroot {}", root.display()))?;
-    let chroot = Chroot::new(root);
+    // With `[server] store = "s3://…"`, the publisher's state (`[server] state`): the same
+    // index, serials, journal and lock as rollback, rollout and status use.
+    let chroot = super::select::chroot_of(&fleet, args.chroot.take())?;
     if args.refresh {
         return refresh(&fleet, &chroot, &args.hosts, args.json);
     }

@@ -112,6 +112,11 @@ pub struct Report {
     /// one of the two clocks is wrong (what the agent logged at WARN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_warning: Option<String>,
+    /// The server's clock minus this machine's, in seconds, when the agent corrected its
+    /// requests' time by it (an object store refuses a signature from a skewed clock);
+    /// absent when nothing was corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_s: Option<i64>,
 }
 
 /// Written by every run, including no-op runs: the host was seen, running this.
@@ -152,6 +157,10 @@ pub struct Heartbeat {
     /// live version, `[server] freshness`): why, in the agent's words. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale: Option<String>,
+    /// As the report's `clock_offset_s`: the correction this run's requests were signed
+    /// with, absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_s: Option<i64>,
 }
 
 impl Report {
@@ -278,6 +287,7 @@ mod tests {
             reboot_required: false,
             checks: Vec::new(),
             clock_warning: None,
+            clock_offset_s: None,
         };
         let text = String::from_utf8(r.to_bytes()).unwrap();
         assert!(text.contains("\"outcome\": \"rollback\""), "{text}");

@@ -258,6 +258,7 @@ mod tests {
             reboot_required: false,
             checks: Vec::new(),
             clock_warning: None,
+            clock_offset_s: None,
         }
     }
 

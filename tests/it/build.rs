@@ -289,6 +289,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             verifies_signatures: None,
             serial: None,
             stale: None,
+            clock_offset_s: None,
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

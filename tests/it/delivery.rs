@@ -442,6 +442,7 @@ fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
         verifies_signatures: None,
         serial: None,
         stale: None,
+        clock_offset_s: None,
     };
     fs::write(logs.join("heartbeat.json"), hb.to_bytes()).unwrap();
     let diff = || {

@@ -78,6 +78,7 @@ impl Fixture {
             reboot_required: false,
             checks,
             clock_warning: None,
+            clock_offset_s: None,
         };
         fs::write(self.logs.join(r.file_name()), r.to_bytes()).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

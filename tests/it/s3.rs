@@ -20,7 +20,7 @@ fn exercise(client: &Client, bucket: &str, prefix: &str) {
         .unwrap()
         .expect("an ETag");
     match client.get(bucket, &key("current"), 4, None).unwrap() {
-        Got::Body { bytes, etag: e } => {
+        Got::Body { bytes, etag: e, .. } => {
             assert_eq!(bytes, b"abc\n");
             assert_eq!(e.as_deref(), Some(etag.as_str()));
         }

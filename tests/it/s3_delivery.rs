@@ -333,11 +333,6 @@ fn s3_rollout_with_trigger_and_wait_goes_wave_by_wave_through_the_store() {
         &["rollout", "--trigger", "--wait-timeout", "120s", "--json"],
     );
     assert_eq!(code(&out), 0, "{}", text(&out));
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("did not finish"),
-        "{}",
-        text(&out)
-    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["phase"], "done", "{summary}");
     assert!(machines.iter().all(|m| runs(m, "2")), "every host on 2");

@@ -253,13 +253,6 @@ fn s3_publish_killed_after_any_mutating_request_leaves_whole_versions_on_seaweed
         set_payloads(&f, &old);
         let out = run(&f, &["publish", "--no-eval"]);
         assert!(out.status.success(), "k={k}: {}", text(&out));
-        // It knows the dead run's index is not to be trusted, and says so.
-        assert_eq!(
-            String::from_utf8_lossy(&out.stderr).contains("did not finish"),
-            !finished,
-            "k={k}: {}",
-            text(&out)
-        );
         for h in HOSTS {
             assert_only_kept(&admin, h, k);
         }

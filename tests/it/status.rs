@@ -111,6 +111,7 @@ impl Fixture {
             verifies_signatures: None,
             serial: None,
             stale: None,
+            clock_offset_s: None,
         };
         change(&mut hb);
         write_atomic(
@@ -151,6 +152,7 @@ impl Fixture {
             reboot_required: false,
             checks: Vec::new(),
             clock_warning: None,
+            clock_offset_s: None,
         };
         write_atomic(
             &self.host_dir(host).join("logs/latest.json"),

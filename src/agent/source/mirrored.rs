@@ -228,6 +228,15 @@ impl Sink for Mirrored {
             }),
         }
     }
+
+    /// The reports' own connection's correction, else the followed source's: the requests
+    /// this run signed went there.
+    fn clock_correction(&self) -> Option<i64> {
+        self.reports
+            .as_ref()
+            .and_then(|r| r.conn.clock_correction())
+            .or_else(|| self.all[self.chosen].conn.clock_correction())
+    }
 }
 
 impl Connection for Mirrored {
@@ -239,10 +248,6 @@ impl Connection for Mirrored {
             }
         }
         result
-    }
-
-    fn clock_correction(&self) -> Option<i64> {
-        self.all[self.chosen].conn.clock_correction()
     }
 }
 

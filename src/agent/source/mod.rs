@@ -268,18 +268,19 @@ pub trait Sink {
     /// Writes `item` atomically (a temporary name, then a rename), so a reader never sees
     /// half a file; creates `logs/reports/` when needed.
     fn put(&mut self, item: LogItem<'_>, bytes: &[u8]) -> Result<(), RemoteError>;
+
+    /// Seconds the server's clock is from this machine's, when the connection had to
+    /// correct for it (an object store signs every request with the time): said in the
+    /// heartbeat and the report.
+    fn clock_correction(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// One open connection to the host's chroot, both ways.
 pub trait Connection: Source + Sink {
     /// Closes the connection cleanly.
     fn close(self: Box<Self>) -> Result<(), RemoteError>;
-
-    /// Seconds the server's clock is from this machine's, when the connection had to
-    /// correct for it (an object store signs every request with the time).
-    fn clock_correction(&self) -> Option<i64> {
-        None
-    }
 }
 
 /// Where the host's chroot is, from `server = "…"` in agent.toml.

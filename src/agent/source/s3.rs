@@ -193,15 +193,15 @@ impl Sink for S3Connection {
             .map(|_| ())
             .map_err(|e| self.error(&format!("{LOGS}/{rel}"), e))
     }
+
+    fn clock_correction(&self) -> Option<i64> {
+        self.client.clock_correction()
+    }
 }
 
 impl Connection for S3Connection {
     fn close(self: Box<Self>) -> Result<(), RemoteError> {
         Ok(())
-    }
-
-    fn clock_correction(&self) -> Option<i64> {
-        self.client.clock_correction()
     }
 }
 

@@ -59,6 +59,10 @@ pub struct HostStatus {
     /// The host's clock minus the server's, in seconds (its newest stamp against when the
     /// server received that file); `None` when not known.
     pub clock_skew_s: Option<i64>,
+    /// The server's clock minus the host's, in seconds, as its agent corrected its requests'
+    /// time by it (an object store's `Date`), from its heartbeat or newest report; `None`
+    /// when it corrected nothing. Shown beside the skew.
+    pub clock_offset_s: Option<i64>,
     /// Some of the files the state depends on could not be read (permissions, I/O errors:
     /// named in `error`), so the state is a guess; `bento status` then exits non-zero.
     pub unreadable: bool,
@@ -231,16 +235,19 @@ pub fn sort(rows: &mut [HostStatus]) {
 }
 
 /// Reads one host-written JSON file of `logs/`; a missing file is `None`, anything refused
-/// or unparsable is a note for the row.
+/// or unparsable is a note for the row. `received` learns when the store received it, when
+/// the read tells.
 fn read_log<T: serde::de::DeserializeOwned>(
     store: &dyn Store,
     host: &HostName,
     name: &str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
     notes: &mut Notes,
+    received: &mut Option<SystemTime>,
 ) -> Option<T> {
-    match store.read_log(host, None, name) {
-        Ok(bytes) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
+    match store.read_log_received(host, name) {
+        Ok((bytes, at)) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
+            *received = (*received).max(at);
             match parse(&bytes) {
                 Ok(v) => Some(v),
                 Err(e) => {
@@ -419,9 +426,23 @@ pub fn host_status(
     let live = live(store, host, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
-    let heartbeat: Option<Heartbeat> =
-        read_log(store, host, HEARTBEAT_FILE, Heartbeat::parse, &mut notes);
-    let latest: Option<Report> = read_log(store, host, LATEST_FILE, Report::parse, &mut notes);
+    let mut received = None;
+    let heartbeat: Option<Heartbeat> = read_log(
+        store,
+        host,
+        HEARTBEAT_FILE,
+        Heartbeat::parse,
+        &mut notes,
+        &mut received,
+    );
+    let latest: Option<Report> = read_log(
+        store,
+        host,
+        LATEST_FILE,
+        Report::parse,
+        &mut notes,
+        &mut received,
+    );
     // A host may only speak for itself.
     let heartbeat = heartbeat.filter(|h| {
         let ok = &h.host == host;
@@ -481,10 +502,19 @@ pub fn host_status(
     };
     // Issue #24 item 6: liveness by when the server received the files (its clock), and
     // the host's own stamps compared with that: the clock skew.
-    let received = super::skew::received(store, host);
+    // An object store says when it received a file with the file; the chroot is asked.
+    let received = received.or_else(|| super::skew::received(store, host));
     let clock_skew_s = super::skew::skew(&facts, received);
     let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
     let last_seen_at = received.or_else(|| state::last_seen(&facts));
+    // The heartbeat is every run's: a run that corrected nothing clears an older report's.
+    let clock_offset_s = match &heartbeat {
+        Some(h) => h.clock_offset_s,
+        None => latest.as_ref().and_then(|r| r.clock_offset_s),
+    };
+    if let Some(note) = clock_offset_s.map(super::skew::offset_note) {
+        notes.list.insert(0, note);
+    }
     if let Some(note) = clock_skew_s.and_then(super::skew::note) {
         notes.list.insert(0, note);
     }
@@ -538,6 +568,7 @@ pub fn host_status(
         reboot_pending: heartbeat.as_ref().is_some_and(|h| h.reboot_pending),
         verifies_signatures: heartbeat.as_ref().and_then(|h| h.verifies_signatures),
         clock_skew_s,
+        clock_offset_s,
         unreadable,
         last_seen_at,
         last_success_at,

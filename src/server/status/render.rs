@@ -299,6 +299,7 @@ mod tests {
             reboot_pending: false,
             verifies_signatures: None,
             clock_skew_s: None,
+            clock_offset_s: None,
             unreadable: false,
             last_seen_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
             last_success_at: None,

@@ -50,6 +50,16 @@ pub fn note(skew_s: i64) -> Option<String> {
     })
 }
 
+/// What the row says when the host's agent corrected its clock by the store's (`offset`:
+/// the server's time minus the host's).
+pub fn offset_note(offset: i64) -> String {
+    let d = super::state::short_duration(std::time::Duration::from_secs(offset.unsigned_abs()));
+    let side = if offset > 0 { "behind" } else { "ahead of" };
+    format!(
+        "clock corrected: the host's agent found its clock {d} {side} the store's and signs its requests with the store's time (clock_offset_s {offset:+})"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +74,17 @@ mod tests {
             "{behind}"
         );
         assert!(note(3 * 3600).unwrap().contains("3h ahead of"));
+    }
+
+    #[test]
+    fn a_corrected_offset_says_which_way_the_hosts_clock_is_off() {
+        // The server 3 h ahead of the host: the host's clock is behind.
+        let n = offset_note(3 * 3600);
+        assert!(n.contains("3h behind") && n.contains("+10800"), "{n}");
+        assert!(
+            offset_note(-120).contains("2m ahead of"),
+            "{}",
+            offset_note(-120)
+        );
     }
 }

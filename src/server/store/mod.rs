@@ -11,6 +11,7 @@ mod mem;
 pub mod probe;
 mod s3;
 mod s3index;
+mod s3logs;
 #[cfg(test)]
 mod tests;
 
@@ -156,6 +157,16 @@ pub trait Store: Send + Sync {
         dir: Option<&str>,
         name: &str,
     ) -> Result<Vec<u8>, LogsError>;
+    /// Reads `logs/<name>` as `read_log` does, with when the store received it by the
+    /// store's clock, when the read itself tells (an object store's `Last-Modified`);
+    /// `None` sends the caller to `list_logs` for it.
+    fn read_log_received(
+        &self,
+        host: &HostName,
+        name: &str,
+    ) -> Result<(Vec<u8>, Option<std::time::SystemTime>), LogsError> {
+        self.read_log(host, None, name).map(|bytes| (bytes, None))
+    }
 }
 
 /// Copies `open`'s bytes to `out`, returning their digest and length: the check every store

@@ -14,8 +14,12 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::SystemTime;
+
+mod current;
 
 use super::s3index::Index;
+use super::s3logs::ReportCache;
 use super::{
     copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
     StoreLock, Version,
@@ -23,7 +27,6 @@ use super::{
 use crate::protocol::layout::{self, Chroot, LOGS};
 use crate::protocol::manifest::{Digest, MAX_OBJECT_BYTES};
 use crate::protocol::HostName;
-use crate::server::logs::MAX_LOG_BYTES;
 use crate::sys::atomic;
 use crate::sys::s3::{Client, Got, Location, PutMode, S3Error, HOST_PLACEHOLDER};
 
@@ -50,6 +53,14 @@ pub struct S3Store {
     cas: Mutex<Cas>,
     /// What the publisher knows is in the engine, kept in its state.
     index: Index,
+    /// The hosts' newest reports as last read, for conditional GETs.
+    reports_cache: ReportCache,
+    /// Objects a HEAD of this run found absent, so storing one asks no second time.
+    absent: Mutex<std::collections::BTreeSet<String>>,
+    /// `current` as this run last read or wrote it, per host: publish reads it when it plans
+    /// and again when it switches, and the switch's compare-and-swap (or, where the engine
+    /// ignores it, a fresh read) catches a change in between.
+    seen: Mutex<BTreeMap<HostName, (Vec<u8>, Version)>>,
     /// Where this run already stored a shared file (a key's bytes, by content), so the next
     /// host gets a server-side copy.
     copies: Mutex<BTreeMap<String, (String, String)>>,
@@ -73,19 +84,6 @@ fn s3_err(e: S3Error) -> StoreError {
     }
 }
 
-fn logs_err(at: String) -> impl FnOnce(S3Error) -> LogsError {
-    move |e| match e {
-        S3Error::TooLarge { limit, .. } => LogsError::TooLarge {
-            path: PathBuf::from(at),
-            max: limit,
-        },
-        other => LogsError::Io {
-            path: PathBuf::from(at),
-            source: io::Error::other(other.to_string()),
-        },
-    }
-}
-
 impl S3Store {
     pub fn new(
         client: Client,
@@ -100,7 +98,10 @@ impl S3Store {
             known,
             cas: Mutex::new(Cas::Unknown),
             copies: Mutex::new(BTreeMap::new()),
+            absent: Mutex::new(Default::default()),
+            seen: Mutex::new(BTreeMap::new()),
             index: Index::load(&state, &files.to_string()),
+            reports_cache: ReportCache::new(&state, &files.to_string()),
             files,
             state,
         }
@@ -280,10 +281,17 @@ impl Store for S3Store {
         if key.host_written() {
             return Err(StoreError::WrongOperation(key.path()));
         }
-        if let Key::Manifest(d) = key {
-            if let Some(bytes) = self.index.manifest(host, d, limit) {
-                return Ok(Some(bytes));
+        match key {
+            Key::Manifest(d) => {
+                if let Some(bytes) = self.index.manifest(host, d, limit) {
+                    return Ok(Some(bytes));
+                }
             }
+            // Asked with its last ETag (`bento status` reads every host's).
+            Key::Current if limit >= MAX_CURRENT_BYTES => {
+                return Ok(self.fetch_current(host)?.map(|(bytes, _)| bytes))
+            }
+            _ => {}
         }
         let (l, k) = self.at(host, key)?;
         match self
@@ -310,6 +318,13 @@ impl Store for S3Store {
         if key.host_written() {
             return Err(StoreError::WrongOperation(key.path()));
         }
+        // A manifest never changes: the publisher's checked copy serves its head.
+        if let Key::Manifest(d) = key {
+            if let Some(mut bytes) = self.index.manifest(host, d, u64::MAX) {
+                bytes.truncate(len as usize);
+                return Ok(Some(bytes));
+            }
+        }
         let (l, k) = self.at(host, key)?;
         let mut out = Vec::new();
         Ok(self
@@ -323,12 +338,14 @@ impl Store for S3Store {
         let (l, k) = self.at(host, key)?;
         let full = format!("{}/{k}", l.bucket);
         let immutable = matches!(key, Key::Manifest(_) | Key::Signature(_) | Key::Object(_));
-        if immutable && self.index.known(&full) {
+        if immutable && self.index.known(host, &full) {
             return Ok(true);
         }
         let there = self.client.head(&l.bucket, &k).map_err(s3_err)?.is_some();
-        if immutable {
-            self.index.learn(full, there);
+        if immutable && there {
+            self.index.learn(host, full);
+        } else if matches!(key, Key::Object(_)) && !there {
+            self.absent.lock().expect("not poisoned").insert(full);
         }
         Ok(there)
     }
@@ -360,7 +377,7 @@ impl Store for S3Store {
             .put(&l.bucket, &k, bytes, PutMode::Overwrite)
             .map_err(s3_err)?;
         if matches!(key, Key::Manifest(_) | Key::Signature(_)) {
-            self.index.learn(format!("{}/{k}", l.bucket), true);
+            self.index.learn(host, format!("{}/{k}", l.bucket));
         }
         if let Key::Manifest(d) = key {
             self.index.keep_manifest(host, d, bytes);
@@ -375,14 +392,16 @@ impl Store for S3Store {
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError> {
         let key = Key::Object(*digest);
-        if self.exists(host, &key)? {
-            return Ok(0);
-        }
         let (l, k) = self.at(host, &key)?;
         let full = format!("{}/{k}", l.bucket);
+        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
+        if !seen_absent && self.exists(host, &key)? {
+            return Ok(0);
+        }
+        self.absent.lock().expect("not poisoned").remove(&full);
         let content = format!("object:{}", digest.to_hex());
         if self.copy_known(&content, &l.bucket, &k) {
-            self.index.learn(full, true);
+            self.index.learn(host, full);
             return Ok(0);
         }
         // Read whole and checked before anything is sent: the engine never holds an object
@@ -401,7 +420,7 @@ impl Store for S3Store {
             .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
             .map_err(s3_err)?;
         self.remember(content, &l.bucket, &k);
-        self.index.learn(full, true);
+        self.index.learn(host, full);
         Ok(n)
     }
 
@@ -448,9 +467,9 @@ impl Store for S3Store {
             return Err(StoreError::WrongOperation(key.path()));
         }
         let (l, k) = self.at(host, key)?;
-        // Forgotten first: a delete that fails after the engine removed the key must not
-        // leave it "known present".
-        self.index.learn(format!("{}/{k}", l.bucket), false);
+        // Forgotten first, on disk: a delete that fails (or a run killed) after the engine
+        // removed the key must not leave it "known present".
+        self.index.forget(host, &format!("{}/{k}", l.bucket));
         if let Key::Manifest(d) = key {
             self.index.drop_manifest(host, d);
         }
@@ -458,48 +477,17 @@ impl Store for S3Store {
     }
 
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
-        let (l, k) = self.at(host, &Key::Current)?;
-        let full = format!("{}/{k}", l.bucket);
-        let cached = self.index.current(&full);
-        let got = self.client.get(
-            &l.bucket,
-            &k,
-            MAX_CURRENT_BYTES,
-            cached.as_ref().map(|(_, etag)| etag.as_str()),
-        );
-        match got {
-            Ok(Got::NotModified) => match cached {
-                Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),
-                None => Ok(None),
-            },
-            Ok(Got::Body { bytes, etag }) => {
-                // Without an ETag the bytes are the version (a compare by content).
-                let version = match etag {
-                    Some(e) => {
-                        let text = String::from_utf8_lossy(&bytes).into_owned();
-                        self.index.set_current(&full, Some((text, e.clone())));
-                        e
-                    }
-                    None => String::from_utf8_lossy(&bytes).into(),
-                };
-                Ok(Some((bytes, Version(version))))
-            }
-            Ok(Got::NotFound) => {
-                self.index.set_current(&full, None);
-                Ok(None)
-            }
-            // A broken `current` longer than a line counts by its head.
-            Err(S3Error::TooLarge { .. }) => {
-                let mut out = Vec::new();
-                self.client
-                    .get_range(&l.bucket, &k, 0, MAX_CURRENT_BYTES, &mut out)
-                    .map_err(s3_err)?;
-                let head = self.client.head(&l.bucket, &k).map_err(s3_err)?;
-                let version = head.and_then(|h| h.etag).unwrap_or_default();
-                Ok(Some((out, Version(version))))
-            }
-            Err(e) => Err(s3_err(e)),
+        if let Some(seen) = self.seen.lock().expect("not poisoned").get(host) {
+            return Ok(Some(seen.clone()));
         }
+        let now = self.fetch_current(host)?;
+        if let Some(now) = &now {
+            self.seen
+                .lock()
+                .expect("not poisoned")
+                .insert(host.clone(), now.clone());
+        }
+        Ok(now)
     }
 
     fn switch_current(
@@ -512,7 +500,7 @@ impl Store for S3Store {
         if self.cas() != Cas::Honoured {
             // The engine may ignore the condition: compare first (under the publisher's
             // lock), and send the condition anyway.
-            let now = self.current(host)?.map(|(_, v)| v);
+            let now = self.fetch_current(host)?.map(|(_, v)| v);
             if now.as_ref() != from {
                 return Err(StoreError::Raced { host: host.clone() });
             }
@@ -525,10 +513,21 @@ impl Store for S3Store {
         match self.client.put(&l.bucket, &k, text.as_bytes(), mode) {
             Ok(etag) => {
                 let full = format!("{}/{k}", l.bucket);
-                self.index.set_current(&full, etag.map(|e| (text, e)));
+                match &etag {
+                    Some(e) => self.seen.lock().expect("not poisoned").insert(
+                        host.clone(),
+                        (text.clone().into_bytes(), Version(e.clone())),
+                    ),
+                    None => self.seen.lock().expect("not poisoned").remove(host),
+                };
+                self.index.set_current(host, &full, etag.map(|e| (text, e)));
+                // The host's publish commits here: its index is kept now, so a run killed
+                // at the next host loses nothing of this one's.
+                self.index.save_host(host);
                 Ok(())
             }
             Err(S3Error::PreconditionFailed { .. }) => {
+                self.seen.lock().expect("not poisoned").remove(host);
                 Err(StoreError::Raced { host: host.clone() })
             }
             Err(e) => Err(s3_err(e)),
@@ -541,33 +540,7 @@ impl Store for S3Store {
     }
 
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {
-        let l = self.logs_location(host)?;
-        let base = match dir {
-            None => l.list_prefix(),
-            Some(sub) => {
-                if sub.is_empty() || sub.contains('/') || sub.starts_with('.') {
-                    return Err(LogsError::BadName { name: sub.into() });
-                }
-                format!("{}{sub}/", l.list_prefix())
-            }
-        };
-        let at = format!("s3://{}/{base}", l.bucket);
-        let listed = self.client.list(&l.bucket, &base).map_err(logs_err(at))?;
-        let mut entries: Vec<LogEntry> = listed
-            .into_iter()
-            .filter_map(|e| {
-                let name = e.key.strip_prefix(&base)?;
-                // Deeper keys are a subdirectory's, listed with it.
-                (!name.is_empty() && !name.contains('/')).then(|| LogEntry {
-                    name: name.to_owned(),
-                    size: e.size,
-                    refused: None,
-                    modified: None,
-                })
-            })
-            .collect();
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(entries)
+        super::s3logs::list(&self.client, &self.logs_location(host)?, dir)
     }
 
     fn read_log(
@@ -576,24 +549,17 @@ impl Store for S3Store {
         dir: Option<&str>,
         name: &str,
     ) -> Result<Vec<u8>, LogsError> {
-        let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
-        if !plain(name) || dir.is_some_and(|d| !plain(d)) {
-            return Err(LogsError::BadName { name: name.into() });
-        }
+        super::s3logs::read(&self.client, &self.logs_location(host)?, dir, name)
+    }
+
+    /// A conditional GET with the ETag of the publisher's cached copy (a 304 reuses it),
+    /// and the engine's `Last-Modified` as the time received.
+    fn read_log_received(
+        &self,
+        host: &HostName,
+        name: &str,
+    ) -> Result<(Vec<u8>, Option<SystemTime>), LogsError> {
         let l = self.logs_location(host)?;
-        let rel = dir.map_or_else(|| name.to_owned(), |d| format!("{d}/{name}"));
-        let key = l.key(&rel);
-        let at = format!("s3://{}/{key}", l.bucket);
-        match self
-            .client
-            .get(&l.bucket, &key, MAX_LOG_BYTES, None)
-            .map_err(logs_err(at.clone()))?
-        {
-            Got::Body { bytes, .. } => Ok(bytes),
-            Got::NotFound | Got::NotModified => Err(LogsError::Io {
-                path: PathBuf::from(at),
-                source: io::ErrorKind::NotFound.into(),
-            }),
-        }
+        super::s3logs::read_received(&self.client, &l, &self.reports_cache, host, name)
     }
 }

@@ -1,18 +1,20 @@
 //! The publisher's index of an object store: what it put in the engine and saw there, kept
-//! in its local state, so an unchanged publish costs one conditional GET per host. Immutable
-//! keys (manifests, signatures, objects: named by their content) known present need no
-//! request, `current` is asked for with its last ETag, and a manifest is read from the
-//! publisher's own copy, checked against its digest.
+//! in its local state, one file per host, so an unchanged publish costs one conditional GET
+//! per host. Immutable keys (manifests, signatures, objects: named by their content) known
+//! present need no request, `current` is asked for with its last ETag, and a manifest is
+//! read from the publisher's own copy, checked against its digest.
 //!
-//! Invariant: the index only ever saves requests; it is never trusted for content (a copy
-//! that does not hash to its name is not used) and a key removed behind the publisher's back
-//! is found by the host (a 404, retried) and fixed by removing the index file, which makes
-//! the next publish check everything again. Only a run holding the publish lock writes the
-//! file, marked "open" before its first write, so neither a reader's stale copy nor a run
-//! that died mid-way can leave a deleted key "present".
+//! Invariants: the index only ever saves requests; it is never trusted for content (a copy
+//! that does not hash to its name is not used). A host's file is written whole and
+//! atomically when that host's publish commits (`current` switched), and before a key it
+//! says is present is deleted, so a publish killed at any moment leaves files that claim no
+//! key the engine lacks: the next publish uses them as they are. A key removed behind the
+//! publisher's back is found by the host (a 404, retried) and fixed by removing the index,
+//! which makes the next publish check everything again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::protocol::layout::Chroot;
@@ -20,130 +22,173 @@ use crate::protocol::manifest::Digest;
 use crate::protocol::HostName;
 use crate::sys::atomic;
 
-/// The index file in the publisher's state directory.
-pub const INDEX_FILE: &str = "s3-index.json";
+/// The index's directory in the publisher's state directory: `<host>.json` per host.
+pub const INDEX_DIR: &str = "s3-index";
 /// The publisher's copies of the manifests it put or read, per host, in its state.
 pub const MANIFESTS_DIR: &str = "s3-manifests";
 
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Saved {
     /// The `[server] store` this index is of.
     store: String,
-    /// `bucket/key` of immutable keys known present.
+    /// `bucket/key` of the host's immutable keys known present.
     present: BTreeSet<String>,
-    /// `bucket/key` of each `current`: its text and ETag when last read or written.
+    /// `bucket/key` of the host's `current`: its text and ETag when last read or written.
     current: BTreeMap<String, (String, String)>,
-    /// A run that writes holds the index (saved so before its first write). Found set on
-    /// load, that run died before saving what it removed: `present` is not trusted.
-    #[serde(default)]
-    open: bool,
 }
 
-/// The index, loaded for one store.
+/// One host's part, and whether it changed since it was loaded or saved.
+#[derive(Debug)]
+struct Part {
+    saved: Saved,
+    dirty: bool,
+}
+
+/// The index, loaded host by host for one store.
 #[derive(Debug)]
 pub struct Index {
     state: Chroot,
-    saved: Mutex<Saved>,
+    store: String,
+    hosts: Mutex<BTreeMap<HostName, Part>>,
+    /// Set by [`Index::begin_writing`] (a run holding the publish lock): only such a run
+    /// writes the files.
+    writing: AtomicBool,
 }
 
 impl Index {
-    /// The index `state` keeps for `store` (an empty one for another store or none).
+    /// The index `state` keeps for `store` (empty for a host whose file is of another store,
+    /// unreadable, or absent).
     pub fn load(state: &Chroot, store: &str) -> Self {
-        let saved = std::fs::read(state.state_dir().join(INDEX_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
-            .filter(|i| i.store == store)
-            .map(|mut i| {
-                if i.open {
-                    tracing::warn!(
-                        "the S3 index was left by a publish that did not finish: every object is checked again"
-                    );
-                    i.present.clear();
-                    i.open = false;
-                }
-                i
-            })
-            .unwrap_or_else(|| Saved {
-                store: store.to_owned(),
-                ..Saved::default()
-            });
         Self {
             state: state.clone(),
-            saved: Mutex::new(saved),
+            store: store.to_owned(),
+            hosts: Mutex::new(BTreeMap::new()),
+            writing: AtomicBool::new(false),
         }
     }
 
-    /// Marks the index held by a run that writes, durably, before its first write: a key
-    /// that run removes leaves `present` in memory only, so if it dies before [`Index::save`]
-    /// the next run must not trust what the file says is present (it would skip uploading
-    /// an object the dead run deleted, and publish a version missing it).
+    /// Makes this the index of a run that writes (it holds the publish lock). A reader such
+    /// as `bento status` never writes the files: having read a host's part before a publish
+    /// deleted a key, it would bring the key back as "present".
     pub fn begin_writing(&self) -> Result<(), super::StoreError> {
-        let mut saved = self.saved.lock().expect("not poisoned");
-        if saved.open {
-            return Ok(());
-        }
-        saved.open = true;
-        let path = self.state.state_dir().join(INDEX_FILE);
-        let bytes = serde_json::to_vec(&*saved).expect("index serialises");
-        atomic::write_file(&path, &bytes, 0o600)
-            .map_err(|source| super::StoreError::Io { at: path, source })
+        self.writing.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Keeps the index for the next run (best effort: a lost index costs requests only).
-    /// Only a run that writes (under the publish lock) keeps it: a reader such as `bento
-    /// status`, loaded before a publish deleted a key and saving after it, would bring the
-    /// key back as "present".
-    pub fn save(&self) {
-        let mut saved = self.saved.lock().expect("not poisoned");
+    fn file(&self, host: &HostName) -> PathBuf {
+        self.state
+            .state_dir()
+            .join(INDEX_DIR)
+            .join(format!("{}.json", host.as_str()))
+    }
+
+    /// Runs `f` on the host's part, read from its file on first use.
+    fn with<T>(&self, host: &HostName, f: impl FnOnce(&mut Part) -> T) -> T {
+        let mut hosts = self.hosts.lock().expect("not poisoned");
+        let part = hosts.entry(host.clone()).or_insert_with(|| {
+            let saved = std::fs::read(self.file(host))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+                .filter(|i| i.store == self.store)
+                .unwrap_or_else(|| Saved {
+                    store: self.store.clone(),
+                    ..Saved::default()
+                });
+            Part {
+                saved,
+                dirty: false,
+            }
+        });
+        f(part)
+    }
+
+    /// Writes the host's part if it changed (best effort: a lost index costs requests only).
+    pub fn save_host(&self, host: &HostName) {
+        let saved = {
+            let mut hosts = self.hosts.lock().expect("not poisoned");
+            match hosts.get_mut(host) {
+                Some(part) if part.dirty => {
+                    part.dirty = false;
+                    part.saved.clone()
+                }
+                _ => return,
+            }
+        };
+        self.write(host, &saved);
+    }
+
+    fn write(&self, host: &HostName, saved: &Saved) {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = self.state.state_dir();
-        if !saved.open {
+        if !self.writing.load(Ordering::Relaxed) || !dir.is_dir() {
             return;
         }
-        saved.open = false;
-        if !dir.is_dir() {
-            return;
-        }
-        let path = dir.join(INDEX_FILE);
-        let bytes = serde_json::to_vec(&*saved).expect("index serialises");
-        if let Err(e) = atomic::write_file(&path, &bytes, 0o600) {
+        let path = self.file(host);
+        let bytes = serde_json::to_vec(saved).expect("index serialises");
+        let written = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join(INDEX_DIR))
+            .and_then(|()| atomic::write_file(&path, &bytes, 0o600));
+        if let Err(e) = written {
             tracing::warn!("cannot keep the S3 index {}: {e}", path.display());
         }
     }
 
-    pub fn known(&self, full: &str) -> bool {
-        self.saved
+    /// Writes every part that changed.
+    pub fn save(&self) {
+        let hosts: Vec<HostName> = self
+            .hosts
             .lock()
             .expect("not poisoned")
-            .present
-            .contains(full)
+            .iter()
+            .filter(|(_, p)| p.dirty)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for host in hosts {
+            self.save_host(&host);
+        }
     }
 
-    pub fn learn(&self, full: String, present: bool) {
-        let mut saved = self.saved.lock().expect("not poisoned");
-        if present {
-            saved.present.insert(full);
-        } else {
-            saved.present.remove(&full);
+    pub fn known(&self, host: &HostName, full: &str) -> bool {
+        self.with(host, |p| p.saved.present.contains(full))
+    }
+
+    /// Records a key as present (kept at the host's next save: until then, a loss costs a
+    /// request).
+    pub fn learn(&self, host: &HostName, full: String) {
+        self.with(host, |p| p.dirty |= p.saved.present.insert(full));
+    }
+
+    /// Forgets a key about to be deleted, on disk before the delete is sent: a run killed
+    /// after the delete must not leave an index that says the key is there.
+    pub fn forget(&self, host: &HostName, full: &str) {
+        let was = self.with(host, |p| {
+            let was = p.saved.present.remove(full);
+            p.dirty |= was;
+            was
+        });
+        if was {
+            self.save_host(host);
         }
     }
 
     /// The text and ETag of `current` as last seen.
-    pub fn current(&self, full: &str) -> Option<(String, String)> {
-        self.saved
-            .lock()
-            .expect("not poisoned")
-            .current
-            .get(full)
-            .cloned()
+    pub fn current(&self, host: &HostName, full: &str) -> Option<(String, String)> {
+        self.with(host, |p| p.saved.current.get(full).cloned())
     }
 
     /// Records `current`'s text and ETag (`None`: not known, or gone).
-    pub fn set_current(&self, full: &str, seen: Option<(String, String)>) {
-        let mut saved = self.saved.lock().expect("not poisoned");
-        match seen {
-            Some(entry) => saved.current.insert(full.to_owned(), entry),
-            None => saved.current.remove(full),
-        };
+    pub fn set_current(&self, host: &HostName, full: &str, seen: Option<(String, String)>) {
+        self.with(host, |p| {
+            let changed = match seen {
+                Some(entry) => {
+                    p.saved.current.insert(full.to_owned(), entry.clone()) != Some(entry)
+                }
+                None => p.saved.current.remove(full).is_some(),
+            };
+            p.dirty |= changed;
+        });
     }
 
     fn manifest_path(&self, host: &HostName, digest: &Digest) -> PathBuf {
@@ -183,6 +228,10 @@ impl Index {
 mod tests {
     use super::*;
 
+    fn alpha() -> HostName {
+        HostName::new("alpha").unwrap()
+    }
+
     #[test]
     fn the_index_is_kept_per_store_and_never_trusted_for_content() {
         let tmp = tempfile::tempdir().unwrap();
@@ -190,49 +239,51 @@ mod tests {
         std::fs::create_dir_all(state.state_dir()).unwrap();
         let index = Index::load(&state, "s3://a");
         index.begin_writing().unwrap();
-        index.learn("b/k".into(), true);
-        index.set_current("b/current", Some(("d\n".into(), "\"e1\"".into())));
-        let alpha = HostName::new("alpha").unwrap();
+        let alpha = alpha();
+        index.learn(&alpha, "b/k".into());
+        index.set_current(&alpha, "b/current", Some(("d\n".into(), "\"e1\"".into())));
         let d = Digest::of(b"manifest");
         index.keep_manifest(&alpha, &d, b"manifest");
         index.keep_manifest(&alpha, &Digest::of(b"x"), b"not x");
         index.save();
         let again = Index::load(&state, "s3://a");
-        assert!(again.known("b/k"));
-        assert_eq!(again.current("b/current").unwrap().1, "\"e1\"");
+        assert!(again.known(&alpha, "b/k"));
+        assert_eq!(again.current(&alpha, "b/current").unwrap().1, "\"e1\"");
         assert_eq!(again.manifest(&alpha, &d, 100).unwrap(), b"manifest");
         assert!(again.manifest(&alpha, &Digest::of(b"x"), 100).is_none());
         // A copy changed on disk is not used.
         std::fs::write(again.manifest_path(&alpha, &d), b"tampered").unwrap();
         assert!(again.manifest(&alpha, &d, 100).is_none());
         // Another store's index is not this one's.
-        assert!(!Index::load(&state, "s3://other").known("b/k"));
+        assert!(!Index::load(&state, "s3://other").known(&alpha, "b/k"));
     }
 
     #[test]
-    fn an_index_left_by_a_run_that_died_while_writing_is_not_trusted_for_presence() {
+    fn a_host_saved_when_it_commits_and_a_forgotten_key_at_once_survive_a_kill() {
         let tmp = tempfile::tempdir().unwrap();
         let state = Chroot::new(tmp.path());
         std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (alpha, beta) = (alpha(), HostName::new("beta").unwrap());
         let index = Index::load(&state, "s3://a");
         index.begin_writing().unwrap();
-        index.learn("b/objects/x".into(), true);
-        index.set_current("b/current", Some(("d\n".into(), "\"e1\"".into())));
-        index.save();
-        // A run that writes, then dies after deleting the object (no save).
-        let dying = Index::load(&state, "s3://a");
-        dying.begin_writing().unwrap();
-        dying.learn("b/objects/x".into(), false);
-        drop(dying);
+        index.learn(&alpha, "b/alpha/o1".into());
+        index.learn(&beta, "b/beta/o1".into());
+        // Alpha's publish commits; beta's is killed before it does (no save, no drop).
+        index.save_host(&alpha);
+        index.forget(&alpha, "b/alpha/o1");
+        std::mem::forget(index);
         let next = Index::load(&state, "s3://a");
-        assert!(!next.known("b/objects/x"), "checked again, not trusted");
-        // `current` is always asked for with its ETag: it stays.
-        assert_eq!(next.current("b/current").unwrap().1, "\"e1\"");
-        // A run that ends normally leaves a trusted index.
-        next.begin_writing().unwrap();
-        next.learn("b/objects/y".into(), true);
-        next.save();
-        assert!(Index::load(&state, "s3://a").known("b/objects/y"));
+        assert!(
+            !next.known(&alpha, "b/alpha/o1"),
+            "a deleted key is never claimed present"
+        );
+        assert!(
+            !next.known(&beta, "b/beta/o1"),
+            "only committed hosts were kept"
+        );
+        // Each host's file is whole JSON on its own.
+        let file = state.state_dir().join(INDEX_DIR).join("alpha.json");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(file).unwrap()).unwrap();
     }
 
     #[test]
@@ -240,19 +291,23 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let state = Chroot::new(tmp.path());
         std::fs::create_dir_all(state.state_dir()).unwrap();
+        let alpha = alpha();
         let first = Index::load(&state, "s3://a");
         first.begin_writing().unwrap();
-        first.learn("b/objects/x".into(), true);
-        first.save();
-        // `bento status` loads the index while a publish runs and deletes the object.
+        first.learn(&alpha, "b/alpha/o1".into());
+        first.save_host(&alpha);
+        drop(first);
+        // A reader (`bento status`) loads alpha's part, then a publish deletes the object.
         let reader = Index::load(&state, "s3://a");
+        assert!(reader.known(&alpha, "b/alpha/o1"));
         let publish = Index::load(&state, "s3://a");
         publish.begin_writing().unwrap();
-        publish.learn("b/objects/x".into(), false);
-        publish.save();
+        publish.forget(&alpha, "b/alpha/o1");
+        drop(publish);
         // The reader ends last: what it saves must not bring the object back.
-        reader.set_current("b/current", Some(("d\n".into(), "\"e2\"".into())));
+        reader.set_current(&alpha, "b/current", Some(("d\n".into(), "\"e2\"".into())));
         reader.save();
-        assert!(!Index::load(&state, "s3://a").known("b/objects/x"));
+        drop(reader);
+        assert!(!Index::load(&state, "s3://a").known(&alpha, "b/alpha/o1"));
     }
 }

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::{Bucket, Method, S3Action, UrlStyle};
 
 use super::answer::{
@@ -20,17 +19,13 @@ use super::answer::{
 };
 use super::clock::{parse_http_date, Clock};
 use super::credentials::Credentials;
-use super::{Got, Head, Listed, PutMode, S3Error, Target};
+use super::{Got, Head, PutMode, S3Error, Target};
+
+mod listing;
 
 /// How long a signed request stays valid: far beyond any request's start, short enough
 /// that a captured URL is soon useless.
 const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
-/// The most of one listing page read (1,000 keys with their metadata fit many times over).
-const MAX_LIST_PAGE_BYTES: u64 = 16 * 1024 * 1024;
-/// Keys per listing page (S3's maximum).
-const LIST_PAGE_KEYS: usize = 1000;
-/// A listing longer than this many pages is refused rather than read forever.
-const MAX_LIST_PAGES: usize = 100_000;
 
 /// How the client reaches the engine.
 #[derive(Debug, Clone)]
@@ -57,6 +52,9 @@ impl Default for Options {
         }
     }
 }
+
+/// Connections kept open to the engine between requests (see `Client::new`).
+const IDLE_CONNECTIONS: usize = 32;
 
 /// One engine (endpoint, region, credentials); buckets and keys are per call.
 pub struct Client {
@@ -111,6 +109,10 @@ impl Client {
             .timeout_per_read(stall)
             .timeout_per_write(stall)
             .user_agent(concat!("bento/", env!("CARGO_PKG_VERSION")))
+            // Status and publish keep up to this many requests in flight to one engine:
+            // idle connections beyond ureq's default 3 are kept, not reopened per request.
+            .max_idle_connections(IDLE_CONNECTIONS)
+            .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .build()
             .new_agent();
         let creds = match &creds.session_token {
@@ -191,8 +193,13 @@ impl Client {
         match resp.status().as_u16() {
             200 => {
                 let etag = header(&resp, "etag");
+                let modified = header(&resp, "last-modified").and_then(|d| parse_http_date(&d));
                 let bytes = read_limited(&t, resp, limit)?;
-                Ok(Got::Body { bytes, etag })
+                Ok(Got::Body {
+                    bytes,
+                    etag,
+                    modified,
+                })
             }
             304 => Ok(Got::NotModified),
             404 => Ok(Got::NotFound),
@@ -348,60 +355,6 @@ impl Client {
             }
             _ => Err(refused(&t, resp)),
         }
-    }
-
-    /// Every key under `prefix` (give it its trailing slash: SeaweedFS lists nothing
-    /// without), all pages.
-    pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<Listed>, S3Error> {
-        self.list_paged(bucket, prefix, LIST_PAGE_KEYS)
-    }
-
-    /// [`Client::list`] asking for `page` keys per request.
-    pub fn list_paged(
-        &self,
-        bucket: &str,
-        prefix: &str,
-        page: usize,
-    ) -> Result<Vec<Listed>, S3Error> {
-        let t = self.target(bucket, prefix);
-        let b = self.bucket(&t)?;
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        for _ in 0..MAX_LIST_PAGES {
-            let resp = self.call(&t, "ListObjectsV2", Method::Get, &[], None, &|time| {
-                let mut a = ListObjectsV2::new(&b, Some(&self.creds));
-                a.with_max_keys(page);
-                if !prefix.is_empty() {
-                    a.with_prefix(prefix);
-                }
-                if let Some(tok) = &token {
-                    a.with_continuation_token(tok.clone());
-                }
-                a.sign_with_time(SIGNED_FOR, time)
-            })?;
-            if resp.status().as_u16() != 200 {
-                return Err(refused(&t, resp));
-            }
-            let body = read_limited(&t, resp, MAX_LIST_PAGE_BYTES)?;
-            let text = String::from_utf8_lossy(&body);
-            let page = ListObjectsV2::parse_response(&text).map_err(|e| S3Error::Protocol {
-                target: t.clone(),
-                message: format!("unreadable listing: {e}"),
-            })?;
-            out.extend(page.contents.into_iter().map(|c| Listed {
-                key: c.key,
-                size: c.size.unwrap_or(0),
-                etag: c.etag,
-            }));
-            match page.next_continuation_token {
-                Some(next) if !next.is_empty() => token = Some(next),
-                _ => return Ok(out),
-            }
-        }
-        Err(S3Error::Protocol {
-            target: t,
-            message: format!("more than {MAX_LIST_PAGES} pages of keys"),
-        })
     }
 
     /// Removes `key` (a key already gone is not an error).

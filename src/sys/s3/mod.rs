@@ -114,6 +114,8 @@ pub enum Got {
     Body {
         bytes: Vec<u8>,
         etag: Option<String>,
+        /// `Last-Modified`: when the engine received the value, by its clock.
+        modified: Option<std::time::SystemTime>,
     },
     /// The ETag given with `If-None-Match` still matches.
     NotModified,
@@ -133,6 +135,8 @@ pub struct Listed {
     pub key: String,
     pub size: u64,
     pub etag: Option<String>,
+    /// When the engine received the value, by its clock.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// How a PUT may replace what is there.

@@ -4,7 +4,8 @@
 //! connection after an exact number of bytes, take the whole server "down" (live
 //! connections cut, new ones refused), or throttle the bandwidth so a download takes long
 //! enough to be interrupted, or stall: keep every connection open and silently drop what
-//! crosses it, as a server whose session stopped does.
+//! crosses it, as a server whose session stopped does. For HTTP it also notes the status
+//! of every answer that crosses it (one per request), so a test counts requests and 304s.
 
 #![allow(dead_code)]
 
@@ -65,6 +66,10 @@ struct Control {
     serial: std::sync::atomic::AtomicUsize,
     /// Both sockets of every live connection (by serial), for cutting.
     live: Mutex<Vec<(usize, TcpStream, TcpStream)>>,
+    /// The status of every HTTP/1.1 answer relayed since the last `reset`.
+    statuses: Mutex<Vec<u16>>,
+    /// The request line (method and path, no query) of every HTTP/1.1 request since then.
+    requests: Mutex<Vec<String>>,
 }
 
 impl Control {
@@ -157,8 +162,20 @@ impl Relay {
     /// disarms a cut that has not happened.
     pub fn reset(&self) {
         self.conns.lock().unwrap().clear();
+        self.ctl.statuses.lock().unwrap().clear();
+        self.ctl.requests.lock().unwrap().clear();
         *self.ctl.cut.lock().unwrap() = None;
         self.ctl.fired.store(false, Ordering::SeqCst);
+    }
+
+    /// The status of every HTTP/1.1 answer relayed since the last `reset`, in order.
+    pub fn statuses(&self) -> Vec<u16> {
+        self.ctl.statuses.lock().unwrap().clone()
+    }
+
+    /// `METHOD /path` of every HTTP/1.1 request relayed since the last `reset`, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.ctl.requests.lock().unwrap().clone()
     }
 
     /// Arms a one-shot cut (replacing any armed one).
@@ -239,6 +256,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         let mut moved = 0u64;
+        let mut status = StatusLines::default();
+        let mut request = RequestLines::default();
         loop {
             let rate = link.ctl.rate.load(Ordering::Relaxed);
             // Small reads when throttled, so the rate is smooth.
@@ -256,6 +275,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
                         break;
                     }
                     moved += n;
+                    if dir == Dir::Down {
+                        for code in status.feed(&buf[..n as usize]) {
+                            link.ctl.statuses.lock().unwrap().push(code);
+                        }
+                    } else {
+                        for line in request.feed(&buf[..n as usize]) {
+                            link.ctl.requests.lock().unwrap().push(line);
+                        }
+                    }
                     {
                         let mut t = link.traffic.lock().unwrap();
                         match dir {
@@ -290,4 +318,72 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
                 .retain(|(s, _, _)| *s != link.serial);
         }
     });
+}
+
+/// Finds `HTTP/1.1 NNN` status lines in a stream fed in pieces of any size.
+#[derive(Default)]
+struct StatusLines {
+    /// Bytes of the pattern matched so far, then the digits read.
+    matched: usize,
+    code: u16,
+}
+
+impl StatusLines {
+    const START: &'static [u8] = b"HTTP/1.1 ";
+
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u16> {
+        let mut found = Vec::new();
+        for &b in bytes {
+            if self.matched < Self::START.len() {
+                if b == Self::START[self.matched] {
+                    self.matched += 1;
+                } else {
+                    self.matched = usize::from(b == Self::START[0]);
+                }
+                self.code = 0;
+                continue;
+            }
+            if b.is_ascii_digit() {
+                self.code = self.code * 10 + u16::from(b - b'0');
+                self.matched += 1;
+                if self.matched == Self::START.len() + 3 {
+                    found.push(self.code);
+                    self.matched = 0;
+                }
+            } else {
+                self.matched = usize::from(b == Self::START[0]);
+            }
+        }
+        found
+    }
+}
+
+/// Finds request lines (`GET /path?query HTTP/1.1`) in a stream fed in pieces of any size,
+/// giving `GET /path`.
+#[derive(Default)]
+struct RequestLines {
+    line: Vec<u8>,
+}
+
+impl RequestLines {
+    const METHODS: [&'static str; 5] = ["GET ", "PUT ", "HEAD ", "DELETE ", "POST "];
+
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut found = Vec::new();
+        for &b in bytes {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.line).into_owned();
+                self.line.clear();
+                if line.ends_with(" HTTP/1.1\r")
+                    && Self::METHODS.iter().any(|m| line.starts_with(m))
+                {
+                    let target = line.trim_end_matches(" HTTP/1.1\r");
+                    found.push(target.split('?').next().unwrap_or(target).to_owned());
+                }
+            } else if self.line.len() < 4096 {
+                self.line.push(b);
+            }
+        }
+        found
+    }
 }

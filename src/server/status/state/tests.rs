@@ -36,6 +36,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         verifies_signatures: None,
         serial: None,
         stale: None,
+        clock_offset_s: None,
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {
@@ -59,6 +60,7 @@ fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after:
         reboot_required: false,
         checks: Vec::new(),
         clock_warning: None,
+        clock_offset_s: None,
     }
 }
 fn published(n: u8) -> Option<Published> {

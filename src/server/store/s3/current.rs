@@ -1,0 +1,62 @@
+//! A host's `current` read from the engine: asked with the ETag the publisher's index holds,
+//! so an unchanged one is a 304 and the index's copy of its text is used.
+//!
+//! Invariant: the answer is the engine's now (never this run's memory of it); the index only
+//! saves the body.
+
+use super::{s3_err, S3Store, MAX_CURRENT_BYTES};
+use crate::protocol::layout::Key;
+use crate::protocol::HostName;
+use crate::server::store::{StoreError, Version};
+use crate::sys::s3::{Got, S3Error};
+
+impl S3Store {
+    /// `current` from the engine (asked with its indexed ETag), never this run's memory.
+    pub(super) fn fetch_current(
+        &self,
+        host: &HostName,
+    ) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+        let (l, k) = self.at(host, &Key::Current)?;
+        let full = format!("{}/{k}", l.bucket);
+        let cached = self.index.current(host, &full);
+        let got = self.client.get(
+            &l.bucket,
+            &k,
+            MAX_CURRENT_BYTES,
+            cached.as_ref().map(|(_, etag)| etag.as_str()),
+        );
+        match got {
+            Ok(Got::NotModified) => match cached {
+                Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),
+                None => Ok(None),
+            },
+            Ok(Got::Body { bytes, etag, .. }) => {
+                // Without an ETag the bytes are the version (a compare by content).
+                let version = match etag {
+                    Some(e) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        self.index.set_current(host, &full, Some((text, e.clone())));
+                        e
+                    }
+                    None => String::from_utf8_lossy(&bytes).into(),
+                };
+                Ok(Some((bytes, Version(version))))
+            }
+            Ok(Got::NotFound) => {
+                self.index.set_current(host, &full, None);
+                Ok(None)
+            }
+            // A broken `current` longer than a line counts by its head.
+            Err(S3Error::TooLarge { .. }) => {
+                let mut out = Vec::new();
+                self.client
+                    .get_range(&l.bucket, &k, 0, MAX_CURRENT_BYTES, &mut out)
+                    .map_err(s3_err)?;
+                let head = self.client.head(&l.bucket, &k).map_err(s3_err)?;
+                let version = head.and_then(|h| h.etag).unwrap_or_default();
+                Ok(Some((out, Version(version))))
+            }
+            Err(e) => Err(s3_err(e)),
+        }
+    }
+}
