@@ -16,7 +16,6 @@
 //! a failure puts back the previous system by its store path (and its files).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::checks::{self, Baseline};
@@ -34,7 +33,7 @@ use crate::nix::Target;
 use crate::protocol::check::{CheckResult, OnFailure};
 use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest};
 use crate::protocol::report::{Outcome, Timings};
-use crate::protocol::settings::{self, HostSettings};
+use crate::protocol::settings::HostSettings;
 use crate::protocol::{signing, Mode, StorePath, Timestamp};
 
 /// The trusted keys and the signature read before the manifest, to verify it once read.
@@ -148,7 +147,7 @@ impl Attempt<'_> {
             &self.dirs.config(),
         )
         .map_err(|e| failed(&e))?;
-        self.settings = snapshot_settings(&config_dir);
+        self.settings = super::config::snapshot_settings(&config_dir);
         let target = match manifest.build {
             Build::Flake => Target::Flake {
                 dir: config_dir.clone(),
@@ -572,17 +571,4 @@ pub fn first_error_line(text: &str) -> String {
         .unwrap_or_default()
         .trim()
         .to_owned()
-}
-
-/// Reads the settings file of a staged configuration tree, if it has one.
-pub fn snapshot_settings(config_dir: &Path) -> Option<HostSettings> {
-    let path = config_dir.join(settings::FILE);
-    let bytes = std::fs::read(&path).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("ignoring {}: {e}", path.display());
-            None
-        }
-    }
 }

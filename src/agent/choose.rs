@@ -13,7 +13,6 @@
 //! it, exactly as without mirrors); a stale `server` sends the run to the mirrors as an
 //! unreachable one does, and a stale mirror is skipped like an older one.
 
-use super::apply::snapshot_settings;
 use super::decide::{replay_refusal, Stamp};
 use super::fresh::{self, Known, Verdict};
 use super::outcome::{AgentError, RunLog, UpdateOptions};
@@ -292,7 +291,7 @@ fn known<'a>(dirs: &StateDir, state: &'a State) -> Known<'a> {
     Known {
         applied,
         window: applied
-            .and_then(|v| snapshot_settings(&dirs.config().join(v.to_hex())))
+            .and_then(|v| super::config::snapshot_settings(&dirs.config().join(v.to_hex())))
             .and_then(|s| s.freshness()),
         seen: state.fresh.as_ref(),
     }

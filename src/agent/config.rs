@@ -466,6 +466,20 @@ impl AgentConfig {
     }
 }
 
+/// Reads the settings file of a staged configuration tree, if it has one: the signed
+/// settings that [`AgentConfig::effective`] lays over agent.toml.
+pub fn snapshot_settings(config_dir: &Path) -> Option<HostSettings> {
+    let path = config_dir.join(settings::FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,8 @@
 //! Invariant: errors returned from [`update`] stop the run before a version is attempted
 //! (nothing on the machine changed, no report); every attempt ends in a report.
 
-use super::apply::{snapshot_settings, Attempt};
+use super::apply::Attempt;
+use super::config::snapshot_settings;
 use super::config::AgentConfig;
 use super::decide::{self, Decision, Facts};
 use super::outcome::{secs, state_err, AgentError, RunResult, UpdateOptions};

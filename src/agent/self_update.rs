@@ -12,7 +12,8 @@
 
 use std::path::Path;
 
-use super::apply::{first_error_line, snapshot_settings, Attempt};
+use super::apply::{first_error_line, Attempt};
+use super::config::snapshot_settings;
 use super::fetch;
 use super::host::Realise;
 use super::outcome::{secs, state_err, AgentError, AttemptError, RunResult, UpdateOptions};

@@ -50,12 +50,24 @@ fn module_path(file: &Path) -> Vec<String> {
     parts
 }
 
-/// The code a reader maintains: everything before the first top-level `#[cfg(test)]`.
+/// The code a reader maintains: everything before the first top-level `#[cfg(test)]` item
+/// that is not a declaration of a test module kept in its own file (`#[cfg(test)] mod x;`
+/// early in a file must not hide the rest of it from the line limit).
 fn code(text: &str) -> &str {
-    match text.find("\n#[cfg(test)]") {
-        Some(i) => &text[..i],
-        None => text,
+    let mut from = 0;
+    while let Some(i) = text[from..].find("\n#[cfg(test)]").map(|i| i + from) {
+        let next = text[i + 1..].lines().nth(1).unwrap_or("").trim();
+        let declaration = next.ends_with(';')
+            && next
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub ")
+                .starts_with("mod ");
+        if !declaration {
+            return &text[..i];
+        }
+        from = i + 1;
     }
+    text
 }
 
 /// Paths a file names, as module paths from the crate root: `crate::a::b::C`,
