@@ -20,6 +20,18 @@ fn journal<T>(f: impl FnOnce() -> T) -> (T, String) {
             Ok(())
         }
     }
+    // A callsite first reached by a test thread with no subscriber can cache "never
+    // interested" while this thread's scoped subscriber is being set, and this thread then
+    // misses the event. A global subscriber that wants INFO (and writes nowhere) keeps every
+    // callsite's interest open; the scoped one below still takes this thread's events.
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let quiet = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(quiet);
+    });
     let buf = Buf::default();
     let sink = buf.clone();
     let subscriber = tracing_subscriber::fmt()
