@@ -193,7 +193,10 @@ fn view(fleet: &Fleet, chroot: &Chroot) -> StatusView {
 }
 
 /// Issue #24 item 3: a host rolled back from the server stays on that version until
-/// released; its row says so, with the version it was rolled back from.
+/// released; its row says so, with the version it was rolled back from. Once it runs that
+/// version its state is `rolled back` (not `up to date`): until someone releases it, the
+/// fleet is not where the working tree says, and `bento status` exits 2 as for a host that
+/// rolled itself back.
 fn rolled_back(chroot: &Chroot, rows: &mut [HostStatus]) {
     let holds = crate::server::records::Holds::new(&crate::server::records::dir(chroot));
     for row in rows.iter_mut() {
@@ -217,6 +220,9 @@ fn rolled_back(chroot: &Chroot, rows: &mut [HostStatus]) {
             Some(e) => format!("{note}; {e}"),
             None => note,
         });
+        if row.state == status::State::UpToDate {
+            row.state = status::State::RolledBack;
+        }
     }
 }
 

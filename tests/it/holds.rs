@@ -100,6 +100,7 @@ fn a_rollback_holds_until_released_and_the_journal_says_so() {
         .find(|r| r["host"] == "alpha")
         .unwrap()
         .clone();
+    assert_eq!(row["state"], "rolled-back", "{row}");
     let note = row["error"].as_str().unwrap_or_default();
     assert!(
         note.contains(&format!("rolled back from {}", v2.short())),
