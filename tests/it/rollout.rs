@@ -286,7 +286,8 @@ fn rollback_brings_a_host_back_to_the_earlier_system() {
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert!(runs(m, "1"), "{:?}", m.profile_target());
-    assert_eq!(row(&status_json(&sshd), "alpha")["state"], "up-to-date");
+    // Held on the rollback until released (issue #24 item 3).
+    assert_eq!(row(&status_json(&sshd), "alpha")["state"], "rolled-back");
     // `bento log` tells the rollback's run from the publishes' (issue #24 item 11).
     let out = run(&sshd, &["log", "alpha", "--json"], true);
     let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

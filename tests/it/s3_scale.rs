@@ -214,10 +214,15 @@ fn s3_a_publish_killed_after_one_host_committed_leaves_an_index_the_next_publish
     t.relay.reset();
     ok(run(&f, &["publish", "--no-eval"]));
     // The index is used: nothing is written, no object or manifest is asked for, and each
-    // host's `current` is a 304 (the requests left are serial checks: its heartbeat and
-    // the listing of its manifests).
+    // host's `current` is a 304. The only other request is the serial check's heartbeat:
+    // the live versions are the last the publisher numbered, so no listing of manifests.
     let requests = t.relay.requests();
     let statuses = t.relay.statuses();
+    assert_eq!(requests.len(), 4, "two per host: {requests:?}");
+    assert!(
+        !requests.iter().any(|r| r.contains("list-type")),
+        "{requests:?}"
+    );
     assert!(
         requests.iter().all(|r| r.starts_with("GET ")),
         "{requests:?}"

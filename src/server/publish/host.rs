@@ -157,6 +157,18 @@ pub fn decide(
             serial: live.serial,
         });
     }
+    if let Some((digest, live)) = &live {
+        if live.same_content(&plan.manifest)
+            && super::serial::numbered_last(store, numbering, host, digest, live.serial)?
+        {
+            return Ok(Decision::Keep {
+                report: Box::new(report_of(plan, live, Status::Unchanged, *digest, 0, 0)),
+                sign: unsigned(store, host, digest, numbering)?,
+                version: *digest,
+                serial: live.serial,
+            });
+        }
+    }
     // The new version's serial: above every serial the publisher can prove, so hosts order
     // versions without trusting clocks (server::publish::serial).
     let next = super::serial::next(store, host, live.as_ref(), numbering)?;
@@ -177,10 +189,7 @@ pub fn decide(
     }
     if let Some((digest, live)) = live.as_ref().filter(|_| !next.renumber) {
         if live.same_content(&manifest) {
-            let sign = match numbering.signer {
-                Some(_) if !store.exists(host, &Key::Signature(*digest))? => Some(*digest),
-                _ => None,
-            };
+            let sign = unsigned(store, host, digest, numbering)?;
             return Ok(Decision::Keep {
                 report: Box::new(HostReport {
                     warnings,
@@ -199,6 +208,20 @@ pub fn decide(
         manifest,
         warnings,
     })))
+}
+
+/// The live manifest of a signing fleet that still lacks its signature (a key configured
+/// since the last publish): publish signs it in place.
+fn unsigned(
+    store: &dyn Store,
+    host: &HostName,
+    digest: &Digest,
+    numbering: &super::Numbering<'_>,
+) -> Result<Option<Digest>, PublishError> {
+    Ok(match numbering.signer {
+        Some(_) if !store.exists(host, &Key::Signature(*digest))? => Some(*digest),
+        _ => None,
+    })
 }
 
 fn report_of(

@@ -177,6 +177,33 @@ pub fn next(
     })
 }
 
+/// The live version `live` (serial `serial`) is the last one this publisher numbered for
+/// `host` (its record says exactly that serial) and the host's heartbeat does not report a
+/// serial at or above it for another version (a publisher that lost its record, then
+/// numbered again from 1). Then the kept manifests can prove nothing newer, and an unchanged
+/// host needs no listing of them: a no-change publish reads `current` and the heartbeat
+/// (both conditional on an object store), nothing else.
+pub fn numbered_last(
+    store: &dyn Store,
+    numbering: &Numbering<'_>,
+    host: &HostName,
+    live: &Digest,
+    serial: u64,
+) -> Result<bool, PublishError> {
+    let Some(record) = numbering.record else {
+        return Ok(false);
+    };
+    let recorded = record.get(host).map_err(|source| PublishError::Io {
+        path: std::path::PathBuf::from(format!("serial record of {host}")),
+        source,
+    })?;
+    if serial == 0 || recorded != Some(serial) || numbering.floor.is_some() {
+        return Ok(false);
+    }
+    Ok(!reported(store, host)
+        .is_some_and(|h| h.serial.is_some_and(|r| r >= serial) && h.version != Some(*live)))
+}
+
 /// The host's heartbeat, when it is there, readable and its own.
 fn reported(store: &dyn Store, host: &HostName) -> Option<Heartbeat> {
     // As status reads it: an object store answers an unchanged heartbeat with a 304.
