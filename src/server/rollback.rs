@@ -218,7 +218,7 @@ pub fn rollback_host(
 mod tests {
     use super::*;
     use crate::protocol::layout::Chroot;
-    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+
     use crate::server::publish::Ownership;
     use crate::server::store::ChrootStore;
 
@@ -228,36 +228,8 @@ mod tests {
 
     /// Publishes a one-file version of `text` at `secs` through the real publish code.
     fn publish(store: &dyn Store, text: &str, secs: u64) -> Digest {
-        let bytes: std::sync::Arc<[u8]> = text.as_bytes().into();
-        let sha = Digest::of(&bytes);
-        let mut manifest = Manifest {
-            format: FORMAT,
-            host: host(),
-            created: crate::protocol::Timestamp::millis(
-                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
-            ),
-            serial: 0,
-            source_commit: None,
-            dirty: false,
-            build: Build::Classic,
-            system: None,
-            config: vec![ConfigEntry::File {
-                path: RelPath::new("configuration.nix").unwrap(),
-                size: bytes.len() as u64,
-                sha256: sha,
-                executable: false,
-            }],
-            files: vec![],
-        };
-        manifest.canonicalize();
-        let plan = HostPlan {
-            host: host(),
-            manifest,
-            sources: [(sha, crate::server::hostfiles::Source::Bytes(bytes))]
-                .into_iter()
-                .collect(),
-            keep_live: None,
-        };
+        let plan =
+            crate::server::publish::fixture::plan("alpha", &[("configuration.nix", text)], secs);
         publish::publish_host(store, &plan, &Default::default())
             .unwrap()
             .digest

@@ -100,42 +100,15 @@ fn settings_of_plan(plan: &HostPlan) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     use super::*;
-    use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath, FORMAT};
+
     use crate::server::publish::{publish_host, Numbering};
     use crate::server::records::Serials;
     use crate::server::store::{Faulty, MemStore};
 
     fn plan(host: &str, own: &str, secs: u64) -> HostPlan {
-        let bytes: Arc<[u8]> = own.as_bytes().into();
-        let sha = Digest::of(&bytes);
-        let mut manifest = Manifest {
-            format: FORMAT,
-            host: HostName::new(host).unwrap(),
-            created: crate::protocol::Timestamp::from_unix(secs),
-            serial: 0,
-            source_commit: None,
-            dirty: false,
-            build: Build::Classic,
-            system: None,
-            config: vec![ConfigEntry::File {
-                path: RelPath::new("configuration.nix").unwrap(),
-                size: bytes.len() as u64,
-                sha256: sha,
-                executable: false,
-            }],
-            files: vec![],
-        };
-        manifest.canonicalize();
-        HostPlan {
-            host: HostName::new(host).unwrap(),
-            manifest,
-            sources: BTreeMap::from([(sha, Source::Bytes(bytes))]),
-            keep_live: None,
-        }
+        crate::server::publish::fixture::plan(host, &[("configuration.nix", own)], secs)
     }
 
     #[test]

@@ -128,11 +128,9 @@ fn refresh_host(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     use super::*;
-    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+
     use crate::protocol::signing;
     use crate::server::publish::{publish_host, HostPlan, Numbering, Status};
     use crate::server::store::MemStore;
@@ -142,34 +140,7 @@ mod tests {
     }
 
     fn plan(text: &str) -> HostPlan {
-        let bytes: Arc<[u8]> = text.as_bytes().into();
-        let sha = Digest::of(&bytes);
-        let mut manifest = Manifest {
-            format: FORMAT,
-            host: web(),
-            created: crate::protocol::Timestamp::millis(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            ),
-            serial: 0,
-            source_commit: None,
-            dirty: false,
-            build: Build::Classic,
-            system: None,
-            config: vec![ConfigEntry::File {
-                path: RelPath::new("configuration.nix").unwrap(),
-                size: bytes.len() as u64,
-                sha256: sha,
-                executable: false,
-            }],
-            files: vec![],
-        };
-        manifest.canonicalize();
-        HostPlan {
-            host: web(),
-            manifest,
-            sources: BTreeMap::from([(sha, crate::server::hostfiles::Source::Bytes(bytes))]),
-            keep_live: None,
-        }
+        crate::server::publish::fixture::plan("web", &[("configuration.nix", text)], 1_700_000_000)
     }
 
     fn stamp_of(store: &MemStore, live: Digest, trusted: &[ssh_key::PublicKey]) -> FreshStamp {

@@ -3,59 +3,19 @@
 //! is left on a whole version (the old one or the new one, signed), and the next publish
 //! leaves only the kept versions' keys.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::collections::BTreeSet;
 
+use super::fixture::plan;
 use super::{live_version, publish_host, HostPlan, KEEP_VERSIONS};
 use crate::protocol::layout::{Area, Chroot, Key};
-use crate::protocol::manifest::{Build, ConfigEntry, Digest, Manifest, RelPath, FORMAT};
+use crate::protocol::manifest::{Digest, Manifest};
 use crate::protocol::signing::Signer;
 use crate::protocol::HostName;
 use crate::server::chroot::Ownership;
-use crate::server::hostfiles::Source;
 use crate::server::store::{ChrootStore, Faulty, MemStore, Store};
 
 fn name(h: &str) -> HostName {
     HostName::new(h).unwrap()
-}
-
-/// One host's version: each `(path, text)` a file of its configuration tree.
-fn plan(host: &str, files: &[(&str, &str)], secs: u64) -> HostPlan {
-    let mut sources = BTreeMap::new();
-    let mut config = Vec::new();
-    for (path, text) in files {
-        let bytes: Arc<[u8]> = text.as_bytes().into();
-        let sha = Digest::of(&bytes);
-        config.push(ConfigEntry::File {
-            path: RelPath::new(path).unwrap(),
-            size: bytes.len() as u64,
-            sha256: sha,
-            executable: false,
-        });
-        sources.insert(sha, Source::Bytes(bytes));
-    }
-    let mut manifest = Manifest {
-        format: FORMAT,
-        host: name(host),
-        created: crate::protocol::Timestamp::millis(
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
-        ),
-        serial: 0,
-        source_commit: None,
-        dirty: false,
-        build: Build::Classic,
-        system: None,
-        config,
-        files: vec![],
-    };
-    manifest.canonicalize();
-    HostPlan {
-        host: name(host),
-        manifest,
-        sources,
-        keep_live: None,
-    }
 }
 
 /// Three hosts sharing a file; `round` changes alpha's own file and, from round 2, the

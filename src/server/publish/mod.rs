@@ -6,6 +6,8 @@
 pub mod changes;
 mod commit;
 mod dry;
+#[cfg(test)]
+pub(crate) mod fixture;
 mod fresh;
 mod hook;
 mod host;

@@ -224,13 +224,10 @@ pub fn record(numbering: &Numbering<'_>, host: &HostName, serial: u64) -> Result
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-    use std::time::{Duration, SystemTime};
 
     use super::*;
     use crate::protocol::layout::Key;
-    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+
     use crate::server::publish::{publish_host, HostPlan, Status};
     use crate::server::store::MemStore;
 
@@ -239,34 +236,7 @@ mod tests {
     }
 
     fn plan(text: &str) -> HostPlan {
-        let bytes: Arc<[u8]> = text.as_bytes().into();
-        let sha = Digest::of(&bytes);
-        let mut manifest = Manifest {
-            format: FORMAT,
-            host: web(),
-            created: crate::protocol::Timestamp::millis(
-                SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            ),
-            serial: 0,
-            source_commit: None,
-            dirty: false,
-            build: Build::Classic,
-            system: None,
-            config: vec![ConfigEntry::File {
-                path: RelPath::new("configuration.nix").unwrap(),
-                size: bytes.len() as u64,
-                sha256: sha,
-                executable: false,
-            }],
-            files: vec![],
-        };
-        manifest.canonicalize();
-        HostPlan {
-            host: web(),
-            manifest,
-            sources: BTreeMap::from([(sha, crate::server::hostfiles::Source::Bytes(bytes))]),
-            keep_live: None,
-        }
+        crate::server::publish::fixture::plan("web", &[("configuration.nix", text)], 1_700_000_000)
     }
 
     fn live_serial(store: &MemStore) -> u64 {
