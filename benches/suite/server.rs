@@ -110,11 +110,19 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The fleet's own group: the prefix without its dash. One sshd `Match Group` block serves
+/// one fleet, and `sync-accounts` refuses a group that holds another fleet's accounts (say,
+/// those a killed run left), so every run has its own.
+fn group_of(prefix: &str) -> &str {
+    prefix.trim_end_matches('-')
+}
+
 fn write_toml(fleet: &Path, chroot: &Path, keys: &Path, prefix: &str, hosts: &[(String, String)]) {
     let mut text = format!(
-        "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{prefix}\"\n",
+        "[server]\nchroot = \"{}\"\nauthorized_keys_dir = \"{}\"\naccount_prefix = \"{prefix}\"\ngroup = \"{}\"\n",
         chroot.display(),
         keys.display(),
+        group_of(prefix),
     );
     for (host, key) in hosts {
         text.push_str(&format!("\n[hosts.{host}]\nkey = \"{key}\"\n"));
@@ -209,6 +217,13 @@ impl Server {
                         let _ = Command::new("userdel").args(["-f", &account]).status();
                     }
                 }
+                let group = group_of(&prefix);
+                let _ = fs::remove_file(bento::server::provision::limits_file(group));
+                let _ = Command::new("groupdel")
+                    .arg(group)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
             })
         };
         run_ok(
@@ -312,11 +327,12 @@ impl Server {
              KbdInteractiveAuthentication no\n\
              PermitRootLogin no\n\
              UsePAM no\n\
-             AllowGroups bento\n\
+             AllowGroups {group}\n\
              AuthorizedKeysFile none\n\
              Subsystem sftp internal-sftp\n\
              {block}",
             port = self.port,
+            group = group_of(&self.prefix),
             key = self.dir.join("sshd/host_key").display(),
             block = String::from_utf8_lossy(&block.stdout),
         );
