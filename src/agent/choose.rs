@@ -132,6 +132,11 @@ pub fn choose(
     if let Some(i) = answers.iter().position(|a| a.reached.url == cfg.server) {
         return Ok(follow(opts, answers, i, cfg, notes, server_error));
     }
+    // Every source reached that could be followed is stale: the run says so (nothing
+    // changes), rather than "nothing to do", so monitoring on the host sees it.
+    if let Some(i) = answers.iter().position(|a| stale(a).is_some()) {
+        return Ok(follow(opts, answers, i, cfg, notes, server_error));
+    }
     if answers.is_empty() {
         return Err(AgentError::Remote(server_error.unwrap_or_else(|| {
             RemoteError::Connect {

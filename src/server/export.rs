@@ -115,6 +115,12 @@ pub fn export_host(
     if let Some(sig) = signature {
         meta.push((Key::Signature(digest), sig));
     }
+    // The freshness stamp travels with its version: without it a host whose fleet demands
+    // stamps finds the mirror stale. Re-export after each `publish --refresh` to carry the
+    // new not-after.
+    if let Some(stamp) = store.get(host, &Key::Fresh(digest), MAX_SIGNATURE_BYTES)? {
+        meta.push((Key::Fresh(digest), stamp));
+    }
     for (key, bytes) in &meta {
         live.insert(key.path());
         write(&out.join(key.path()), bytes)?;
@@ -137,6 +143,7 @@ pub fn export_host(
             live.extend(m.objects().into_iter().map(|d| Key::Object(d).path()));
             live.insert(Key::Manifest(prev).path());
             live.insert(Key::Signature(prev).path());
+            live.insert(Key::Fresh(prev).path());
         }
     }
     for area in [layout::OBJECTS, layout::MANIFESTS] {

@@ -305,3 +305,43 @@ fn a_tampered_stamp_is_refused() {
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert!(m.profile_target().unwrap().contains("-alpha-2"));
 }
+
+/// Issue #27: "a mirror frozen on an old version past the window". The server is down and
+/// the host's only mirror is an export nobody refreshes: within the window the host updates
+/// from it; past it, the mirror's stamp has run out on every source the host reaches, so
+/// it applies nothing newer from it, says `stale` and exits 13.
+#[test]
+fn a_mirror_frozen_past_the_window_is_stale_while_the_server_is_down() {
+    let sshd = Sshd::start(&["alpha"]);
+    let trusted = fresh_fleet(&sshd);
+    let relay = crate::common::relay::Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let mirror = sshd.dir.join("mirror");
+    m.write_config(&format!(
+        "{trusted}mirrors = [\"file://{}\"]\n",
+        mirror.join("alpha").display()
+    ));
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    // Version 2 exported to the mirror once, then the server goes away.
+    write_version(&sshd, "2");
+    crate::mirrors::publish_export(&sshd, &mirror);
+    relay.set_down(true);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("-alpha-2"));
+
+    // Version 3 reaches the mirror, but nobody refreshes it: two hours on, past the 1 h
+    // window, the host neither applies it nor calls itself up to date.
+    write_version(&sshd, "3");
+    crate::mirrors::publish_export(&sshd, &mirror);
+    let out = update_at(&m, "+2h");
+    assert_eq!(code(&out), EXIT_STALE, "{}", text(&out));
+    assert!(text(&out).contains("ran out at"), "{}", text(&out));
+    assert!(
+        m.profile_target().unwrap().contains("-alpha-2"),
+        "nothing applied"
+    );
+    assert_eq!(agent_status(&m)["freshness"], "stale");
+}

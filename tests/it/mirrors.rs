@@ -18,7 +18,7 @@ use crate::common::sshd::Sshd;
 use crate::common::static_http::StaticHttp;
 
 /// `bento publish --export DIR` of the fleet (publishing whatever changed first).
-fn publish_export(sshd: &Sshd, dir: &Path) {
+pub(crate) fn publish_export(sshd: &Sshd, dir: &Path) {
     let out = bento()
         .args(["publish", "--no-eval", "--fleet"])
         .arg(sshd.fleet())
