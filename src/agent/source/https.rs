@@ -7,8 +7,8 @@
 //! `agent::fetch` exactly as what any other source serves; parallel reads stay within
 //! [`super::PARALLEL_FETCHES`].
 
-use super::parallel::parallel;
-use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions};
+use super::parallel::Requests;
+use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, SshOptions};
 use crate::sys::http::{Client, HttpError, Options};
 
 pub struct HttpsConnection {
@@ -65,7 +65,9 @@ impl HttpsConnection {
             },
         }
     }
+}
 
+impl Requests for HttpsConnection {
     fn size_of(&self, item: Item) -> Result<Option<u64>, RemoteError> {
         let rel = item.path();
         self.client.size(&rel).map_err(|e| self.error(&rel, e))
@@ -98,35 +100,6 @@ impl HttpsConnection {
             })?;
         out.sync_all().map_err(local)?;
         got.ok_or(RemoteError::NotFound { path: rel })
-    }
-}
-
-impl Source for HttpsConnection {
-    fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
-        self.size_of(item)
-    }
-
-    fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
-        self.read_item(item, limit)
-    }
-
-    fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
-        let this = &*self;
-        Ok(parallel(parts, |p| this.read_part(p))?.iter().sum())
-    }
-
-    fn read_many(
-        &mut self,
-        items: &[Item],
-        limit: u64,
-    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
-        let this = &*self;
-        parallel(items, |i| this.read_item(*i, limit))
-    }
-
-    fn size_many(&mut self, items: &[Item]) -> Result<Vec<Option<u64>>, RemoteError> {
-        let this = &*self;
-        parallel(items, |i| this.size_of(*i))
     }
 }
 

@@ -7,7 +7,45 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{RemoteError, PARALLEL_FETCHES};
+use super::{Item, ObjectPart, RemoteError, Source, PARALLEL_FETCHES};
+
+/// A backend whose reads are independent requests (an object store, a static mirror): its
+/// [`Source`] is these three reads, batches run [`parallel`].
+pub(super) trait Requests: Sync {
+    fn size_of(&self, item: Item) -> Result<Option<u64>, RemoteError>;
+    fn read_item(&self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError>;
+    /// Downloads (or resumes) one object part into its file; the bytes fetched.
+    fn read_part(&self, part: &ObjectPart) -> Result<u64, RemoteError>;
+}
+
+impl<T: Requests> Source for T {
+    fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
+        self.size_of(item)
+    }
+
+    fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
+        self.read_item(item, limit)
+    }
+
+    fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
+        let this = &*self;
+        Ok(parallel(parts, |p| this.read_part(p))?.iter().sum())
+    }
+
+    fn read_many(
+        &mut self,
+        items: &[Item],
+        limit: u64,
+    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
+        let this = &*self;
+        parallel(items, |i| this.read_item(*i, limit))
+    }
+
+    fn size_many(&mut self, items: &[Item]) -> Result<Vec<Option<u64>>, RemoteError> {
+        let this = &*self;
+        parallel(items, |i| this.size_of(*i))
+    }
+}
 
 /// Runs `f` on every item, at most [`PARALLEL_FETCHES`] at once, results in order; the
 /// first error is returned (the others are dropped: the run stops anyway).

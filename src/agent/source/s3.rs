@@ -9,8 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::parallel::parallel;
-use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, Source, SshOptions};
+use super::parallel::Requests;
+use super::{Connection, Item, LogItem, ObjectPart, RemoteError, Sink, SshOptions};
 use crate::protocol::layout::LOGS;
 use crate::sys::s3::{Client, Credentials, Got, Location, Options, PutMode, S3Error};
 
@@ -106,7 +106,9 @@ impl S3Connection {
             },
         }
     }
+}
 
+impl Requests for S3Connection {
     fn size_of(&self, item: Item) -> Result<Option<u64>, RemoteError> {
         let rel = item.path();
         let key = self.files.key(&rel);
@@ -151,35 +153,6 @@ impl S3Connection {
             })?;
         out.sync_all().map_err(local)?;
         got.ok_or(RemoteError::NotFound { path: rel })
-    }
-}
-
-impl Source for S3Connection {
-    fn size(&mut self, item: Item) -> Result<Option<u64>, RemoteError> {
-        self.size_of(item)
-    }
-
-    fn read(&mut self, item: Item, limit: u64) -> Result<Option<Vec<u8>>, RemoteError> {
-        self.read_item(item, limit)
-    }
-
-    fn read_objects(&mut self, parts: &[ObjectPart]) -> Result<u64, RemoteError> {
-        let this = &*self;
-        Ok(parallel(parts, |p| this.read_part(p))?.iter().sum())
-    }
-
-    fn read_many(
-        &mut self,
-        items: &[Item],
-        limit: u64,
-    ) -> Result<Vec<Option<Vec<u8>>>, RemoteError> {
-        let this = &*self;
-        parallel(items, |i| this.read_item(*i, limit))
-    }
-
-    fn size_many(&mut self, items: &[Item]) -> Result<Vec<Option<u64>>, RemoteError> {
-        let this = &*self;
-        parallel(items, |i| this.size_of(*i))
     }
 }
 
