@@ -205,33 +205,11 @@ impl Client {
             404 | 410 => return Ok(None),
             status => return Err(refused(url, resp, status)),
         };
-        let mut body = body(resp);
-        let mut buf = vec![0u8; 64 * 1024];
-        let (mut skipped, mut n) = (0u64, 0u64);
-        while n < max {
-            let want = if skipped < skip {
-                (skip - skipped).min(buf.len() as u64)
-            } else {
-                (max - n).min(buf.len() as u64)
-            } as usize;
-            let got = body
-                .read(&mut buf[..want])
-                .map_err(|e| self.body_error(&url, e))?;
-            if got == 0 {
-                break;
-            }
-            if skipped < skip {
-                skipped += got as u64;
-                continue;
-            }
-            out.write_all(&buf[..got])
-                .map_err(|source| HttpError::Write {
-                    url: url.clone(),
-                    source,
-                })?;
-            n += got as u64;
+        match copy_range(body(resp), skip, max, out) {
+            Ok(n) => Ok(Some(n)),
+            Err(RangeCopyError::Read(e)) => Err(self.body_error(&url, e)),
+            Err(RangeCopyError::Write(source)) => Err(HttpError::Write { url, source }),
         }
-        Ok(Some(n))
     }
 
     fn send(
@@ -317,8 +295,59 @@ fn refused(url: String, resp: ureq::http::Response<ureq::Body>, status: u16) -> 
     HttpError::Refused { url, status }
 }
 
+/// Why [`copy_range`] stopped: reading the answer or writing the file.
+pub enum RangeCopyError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies a ranged GET's body into `out`: the first `skip` bytes dropped (a server that
+/// ignored `Range` sends the whole object), then at most `max` bytes. The bytes written.
+pub fn copy_range(
+    mut body: impl std::io::Read,
+    skip: u64,
+    max: u64,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, RangeCopyError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut skipped, mut n) = (0u64, 0u64);
+    while n < max {
+        let want = if skipped < skip {
+            (skip - skipped).min(buf.len() as u64)
+        } else {
+            (max - n).min(buf.len() as u64)
+        } as usize;
+        let got = body.read(&mut buf[..want]).map_err(RangeCopyError::Read)?;
+        if got == 0 {
+            break;
+        }
+        if skipped < skip {
+            skipped += got as u64;
+            continue;
+        }
+        out.write_all(&buf[..got]).map_err(RangeCopyError::Write)?;
+        n += got as u64;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_range_copy_skips_what_an_ignored_range_resent_and_stops_at_its_length() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        let n = copy_range(&body[..], 70_000, 100_000, &mut out)
+            .ok()
+            .unwrap();
+        assert_eq!(n, 100_000);
+        assert_eq!(out, body[70_000..170_000]);
+        let mut out = Vec::new();
+        assert_eq!(copy_range(&body[..10], 4, 100, &mut out).ok(), Some(6));
+        assert_eq!(out, body[4..10]);
+    }
+
     use super::*;
 
     #[test]

@@ -6,7 +6,8 @@
 //! refused while its `Date` showed a clock skew is retried once with the corrected time;
 //! every error names the endpoint, bucket and key.
 
-use std::io::{Read, Write};
+use crate::sys::http::RangeCopyError;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -236,31 +237,12 @@ impl Client {
             404 => return Ok(None),
             _ => return Err(refused(&t, resp)),
         };
-        let mut body = resp.into_body().into_with_config().limit(u64::MAX).reader();
-        let mut buf = vec![0u8; 64 * 1024];
-        let (mut skipped, mut n) = (0u64, 0u64);
-        while n < max {
-            let want = if skipped < skip {
-                (skip - skipped).min(buf.len() as u64)
-            } else {
-                (max - n).min(buf.len() as u64)
-            } as usize;
-            let got = body.read(&mut buf[..want]).map_err(|e| body_error(&t, e))?;
-            if got == 0 {
-                break;
-            }
-            if skipped < skip {
-                skipped += got as u64;
-                continue;
-            }
-            out.write_all(&buf[..got])
-                .map_err(|source| S3Error::Write {
-                    target: t.clone(),
-                    source,
-                })?;
-            n += got as u64;
+        let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        match crate::sys::http::copy_range(body, skip, max, out) {
+            Ok(n) => Ok(Some(n)),
+            Err(RangeCopyError::Read(e)) => Err(body_error(&t, e)),
+            Err(RangeCopyError::Write(source)) => Err(S3Error::Write { target: t, source }),
         }
-        Ok(Some(n))
     }
 
     /// The size and ETag of `key`, `None` when it does not exist.
