@@ -181,13 +181,7 @@ impl Store for MemStore {
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
-        if !matches!(key, Key::Cache(_)) {
-            return Err(StoreError::WrongOperation(key.path()));
-        }
-        let bytes = std::fs::read(pooled).map_err(|source| StoreError::Io {
-            at: pooled.to_owned(),
-            source,
-        })?;
+        let bytes = super::shared_bytes(key, pooled)?;
         if self.read(host, key).as_ref() == Some(&bytes) {
             return Ok(false);
         }

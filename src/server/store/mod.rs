@@ -169,6 +169,18 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The bytes of a pooled `cache/` file for [`Store::put_shared`] on a store that cannot
+/// hard-link it (anything else is not shared that way).
+fn shared_bytes(key: &Key, pooled: &Path) -> Result<Vec<u8>, StoreError> {
+    if !matches!(key, Key::Cache(_)) {
+        return Err(StoreError::WrongOperation(key.path()));
+    }
+    std::fs::read(pooled).map_err(|source| StoreError::Io {
+        at: pooled.to_owned(),
+        source,
+    })
+}
+
 /// Copies `open`'s bytes to `out`, returning their digest and length: the check every store
 /// makes before an object becomes visible.
 pub fn copy_hashed(mut from: impl Read, out: &mut impl io::Write) -> io::Result<(Digest, u64)> {

@@ -425,13 +425,7 @@ impl Store for S3Store {
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
-        if !matches!(key, Key::Cache(_)) {
-            return Err(StoreError::WrongOperation(key.path()));
-        }
-        let bytes = std::fs::read(pooled).map_err(|source| StoreError::Io {
-            at: pooled.to_owned(),
-            source,
-        })?;
+        let bytes = super::shared_bytes(key, pooled)?;
         let (l, k) = self.at(host, key)?;
         // NAR names are their content's hash: the same size is the same file. A narinfo
         // (small) may be re-signed under its name: compared whole.
