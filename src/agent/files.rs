@@ -429,6 +429,7 @@ mod tests {
                     executable: true,
                 },
             ],
+            tree: None,
             files: vec![],
         };
         let digest = m.digest();

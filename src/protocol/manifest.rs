@@ -7,14 +7,21 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use crate::protocol::HostName;
 
-/// The manifest format this build writes and reads.
+/// The manifest format publish writes unless `[server] format` says otherwise: the
+/// configuration listed file by file in the manifest.
 pub const FORMAT: u32 = 1;
+/// The format whose configuration is a root tree of shared tree objects and packs
+/// (`protocol::tree`, issue #26).
+pub const FORMAT_TREES: u32 = 2;
+/// Every format this build reads.
+pub const FORMATS: [u32; 2] = [FORMAT, FORMAT_TREES];
 /// A manifest larger than this is refused unread (a hostile server cannot exhaust memory).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// The largest file a manifest may list: publish refuses bigger files, hosts refuse
@@ -27,8 +34,12 @@ pub enum ManifestError {
     TooLarge(u64),
     #[error("manifest is not valid: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("manifest format {0} is not supported (this bento reads format {FORMAT})")]
+    #[error("manifest format {0} is not supported (this bento reads formats 1 and 2)")]
     Format(u32),
+    #[error("manifest of format {format}: {problem}")]
+    Shape { format: u32, problem: &'static str },
+    #[error("manifest's configuration: {0}")]
+    Tree(#[from] crate::protocol::tree::TreeError),
     #[error("manifest digest mismatch: expected {expected}, content hashes to {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("manifest lists {0:?} twice")]
@@ -363,9 +374,24 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Format 2's configuration: the root tree (on the wire in place of `config`) and, once
+/// built by publish or expanded from the trees, every tree and pack it is stored as.
+#[derive(Debug, Clone)]
+pub struct TreeRef {
+    pub root: Digest,
+    pub stored: Option<Arc<crate::protocol::tree::Trees>>,
+}
+
+/// What is stored follows from the root: two references to one root are equal.
+impl PartialEq for TreeRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.root == other.root
+    }
+}
+impl Eq for TreeRef {}
+
 /// One published version of one host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub format: u32,
     pub host: HostName,
@@ -374,20 +400,106 @@ pub struct Manifest {
     /// Per-host version number: each publish (and rollback) of a host writes its live
     /// serial + 1, so hosts order versions without trusting clocks. `0` means a manifest
     /// from before serials, and is not written, so such a manifest keeps its bytes.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub serial: u64,
     /// The fleet repo's `HEAD` commit when it is a git repository.
     pub source_commit: Option<String>,
     /// The work tree had changes `source_commit` does not hold: this version is not exactly
     /// that commit. Written only when true; older manifests have no such field.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dirty: bool,
     pub build: Build,
     /// The system store path the server built for this version (`bento publish --build`),
     /// so hosts and `bento status` know what "up to date" means. `null` when not built.
     pub system: Option<crate::protocol::StorePath>,
+    /// The configuration, file by file. Format 1 carries it; format 2 carries `tree`, and
+    /// this is empty until [`Manifest::expand`] reads the trees.
     pub config: Vec<ConfigEntry>,
+    /// Format 2 only.
+    pub tree: Option<TreeRef>,
     pub files: Vec<FileEntry>,
+}
+
+/// The wire form, in field order: format 1 has `config`, format 2 `tree`, never both.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    format: u32,
+    host: &'a HostName,
+    created: &'a crate::protocol::Timestamp,
+    #[serde(skip_serializing_if = "is_zero")]
+    serial: u64,
+    source_commit: &'a Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dirty: bool,
+    build: Build,
+    system: &'a Option<crate::protocol::StorePath>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<&'a [ConfigEntry]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tree: Option<Digest>,
+    files: &'a [FileEntry],
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireIn {
+    format: u32,
+    host: HostName,
+    created: crate::protocol::Timestamp,
+    #[serde(default)]
+    serial: u64,
+    source_commit: Option<String>,
+    #[serde(default)]
+    dirty: bool,
+    build: Build,
+    system: Option<crate::protocol::StorePath>,
+    #[serde(default)]
+    config: Option<Vec<ConfigEntry>>,
+    #[serde(default)]
+    tree: Option<Digest>,
+    files: Vec<FileEntry>,
+}
+
+impl Serialize for Manifest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let trees = self.format == FORMAT_TREES;
+        WireOut {
+            format: self.format,
+            host: &self.host,
+            created: &self.created,
+            serial: self.serial,
+            source_commit: &self.source_commit,
+            dirty: self.dirty,
+            build: self.build,
+            system: &self.system,
+            config: (!trees).then_some(&self.config[..]),
+            tree: self.tree.as_ref().filter(|_| trees).map(|t| t.root),
+            files: &self.files,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Manifest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WireIn::deserialize(d).map(Manifest::from)
+    }
+}
+
+impl From<WireIn> for Manifest {
+    fn from(w: WireIn) -> Self {
+        Manifest {
+            format: w.format,
+            host: w.host,
+            created: w.created,
+            serial: w.serial,
+            source_commit: w.source_commit,
+            dirty: w.dirty,
+            build: w.build,
+            system: w.system,
+            config: w.config.unwrap_or_default(),
+            tree: w.tree.map(|root| TreeRef { root, stored: None }),
+            files: w.files,
+        }
+    }
 }
 
 impl Manifest {
@@ -395,6 +507,51 @@ impl Manifest {
     pub fn canonicalize(&mut self) {
         self.config.sort_by(|a, b| a.path().cmp(b.path()));
         self.files.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+
+    /// Makes this format 2: builds the trees of `config` (kept, expanded), naming each
+    /// pack through `pack_of` (the publisher's, which hashes a chunk's files or remembers).
+    pub fn store_as_trees<E>(
+        &mut self,
+        pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
+    ) -> Result<(), E> {
+        let trees = crate::protocol::tree::build(&self.config, pack_of)?;
+        self.format = FORMAT_TREES;
+        self.tree = Some(TreeRef {
+            root: trees.root,
+            stored: Some(Arc::new(trees)),
+        });
+        Ok(())
+    }
+
+    /// The trees and packs of a format-2 manifest once built or expanded.
+    pub fn stored(&self) -> Option<&crate::protocol::tree::Trees> {
+        self.tree.as_ref()?.stored.as_deref()
+    }
+
+    /// True when `config` lists the configuration (format 1, or format 2 expanded).
+    pub fn is_expanded(&self) -> bool {
+        self.format != FORMAT_TREES || self.stored().is_some()
+    }
+
+    /// Reads a format-2 manifest's trees through `fetch` (each verified against its
+    /// digest, bounded as `tree::expand` bounds them) and fills `config`; nothing to do for
+    /// format 1 or a manifest already expanded.
+    pub fn expand(
+        &mut self,
+        fetch: impl FnMut(&Digest) -> Result<Vec<u8>, crate::protocol::tree::TreeError>,
+    ) -> Result<(), ManifestError> {
+        if self.is_expanded() {
+            return Ok(());
+        }
+        let root = self.tree.as_ref().expect("format 2 has a tree").root;
+        let (config, trees) = crate::protocol::tree::expand(&root, fetch)?;
+        self.config = config;
+        self.tree = Some(TreeRef {
+            root,
+            stored: Some(Arc::new(trees)),
+        });
+        self.check_structure()
     }
 
     /// The canonical bytes: what is written to `manifests/<digest>.json`.
@@ -415,7 +572,8 @@ impl Manifest {
             && self.host == other.host
             && self.build == other.build
             && self.system == other.system
-            && self.config == other.config
+            && self.tree == other.tree
+            && (self.format == FORMAT_TREES || self.config == other.config)
             && self.files == other.files
     }
 
@@ -425,16 +583,36 @@ impl Manifest {
         (self.serial, self.created.system_time())
     }
 
-    /// Every object digest the manifest needs, once each.
+    /// Every object digest the manifest needs, once each: format 1's files; format 2's
+    /// trees, packs and the files too large to pack. Format 2 must be expanded first (an
+    /// incomplete set here would let GC delete what a version needs).
     pub fn objects(&self) -> BTreeSet<Digest> {
+        let stored = match self.format {
+            FORMAT_TREES => Some(self.stored().unwrap_or_else(|| {
+                panic!(
+                    "bug: the objects of manifest {} (format 2) asked before its trees were read",
+                    self.host
+                )
+            })),
+            _ => None,
+        };
+        let packed_max = match stored {
+            Some(_) => crate::protocol::pack::PACKED_MAX,
+            None => u64::MAX,
+        };
         let mut set: BTreeSet<Digest> = self
             .config
             .iter()
             .filter_map(|e| match e {
-                ConfigEntry::File { sha256, .. } => Some(*sha256),
-                ConfigEntry::Directory { .. } => None,
+                ConfigEntry::File { sha256, size, .. } if *size > packed_max => Some(*sha256),
+                ConfigEntry::File { sha256, .. } if stored.is_none() => Some(*sha256),
+                _ => None,
             })
             .collect();
+        if let Some(stored) = stored {
+            set.extend(stored.trees.keys());
+            set.extend(stored.packs.keys());
+        }
         set.extend(self.files.iter().map(|f| f.sha256));
         set
     }
@@ -466,7 +644,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Parses and checks structure (format, duplicates, parents), without a digest.
+    /// Parses and checks structure (format, duplicates, parents), without a digest. A
+    /// format-2 manifest comes back with its trees unread ([`Manifest::expand`]).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len() as u64));
@@ -477,10 +656,22 @@ impl Manifest {
             format: u32,
         }
         let head: Head = serde_json::from_slice(bytes)?;
-        if head.format != FORMAT {
+        if !FORMATS.contains(&head.format) {
             return Err(ManifestError::Format(head.format));
         }
-        let m: Manifest = serde_json::from_slice(bytes)?;
+        let w: WireIn = serde_json::from_slice(bytes)?;
+        let shape = |problem| ManifestError::Shape {
+            format: w.format,
+            problem,
+        };
+        match (w.format, &w.config, &w.tree) {
+            (FORMAT, None, _) => return Err(shape("no config")),
+            (FORMAT, _, Some(_)) => return Err(shape("a tree, which only format 2 has")),
+            (FORMAT_TREES, _, None) => return Err(shape("no tree")),
+            (FORMAT_TREES, Some(_), _) => return Err(shape("a config, which only format 1 has")),
+            _ => {}
+        }
+        let m = Manifest::from(w);
         m.check_structure()?;
         Ok(m)
     }
@@ -565,6 +756,7 @@ mod tests {
                     executable: false,
                 },
             ],
+            tree: None,
             files: vec![FileEntry {
                 path: RelPath::new("etc/secret").unwrap(),
                 target: TargetPath::new("/etc/secret").unwrap(),
@@ -685,5 +877,67 @@ mod tests {
         assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
         assert!(d.to_hex().to_uppercase().parse::<Digest>().is_err());
         assert!("abc".parse::<Digest>().is_err());
+    }
+
+    /// The sample as format 2, with the tests' packs named by their files.
+    fn sample_trees() -> Manifest {
+        let mut m = sample();
+        m.store_as_trees(|files| {
+            let names: Vec<u8> = files.iter().flat_map(|(d, _)| d.to_hex().into_bytes()).collect();
+            Ok::<_, std::convert::Infallible>(Digest::of(&names))
+        })
+        .unwrap();
+        m
+    }
+
+    #[test]
+    fn format_2_carries_a_tree_and_expands_to_the_same_configuration() {
+        let full = sample_trees();
+        let bytes = full.to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.starts_with(r#"{"format":2,"#), "{text}");
+        assert!(text.contains(r#""tree":""#) && !text.contains(r#""config""#), "{text}");
+
+        let mut read = Manifest::parse_untrusted(&bytes, &full.digest(), &full.host).unwrap();
+        assert!(!read.is_expanded() && read.config.is_empty());
+        assert!(read.same_content(&full), "the root decides, expanded or not");
+        assert_eq!(read.to_bytes(), bytes, "one byte form");
+        let stored = full.stored().unwrap().clone();
+        read.expand(|d| {
+            stored.trees.get(d).cloned().ok_or(crate::protocol::tree::TreeError::Missing {
+                tree: *d,
+                reason: "absent".into(),
+            })
+        })
+        .unwrap();
+        assert_eq!(read.config, sample().config);
+        assert_eq!(read.objects(), full.objects());
+        let objects = full.objects();
+        assert!(stored.trees.keys().all(|t| objects.contains(t)));
+        assert!(stored.packs.keys().all(|p| objects.contains(p)));
+        assert_eq!(
+            objects.len(),
+            stored.trees.len() + stored.packs.len() + 1,
+            "trees, packs and the one `files/` object: a packed file is no object of its own"
+        );
+        assert!(!full.same_content(&sample()), "a format change is a new version");
+    }
+
+    #[test]
+    fn a_manifest_mixing_the_formats_is_refused() {
+        let host = HostName::new("alpha").unwrap();
+        let one = String::from_utf8(sample().to_bytes()).unwrap();
+        let two = String::from_utf8(sample_trees().to_bytes()).unwrap();
+        let root = sample_trees().tree.unwrap().root;
+        let cases = [
+            two.replace(r#""format":2"#, r#""format":1"#),
+            one.replace(r#""format":1"#, r#""format":2"#),
+            one.replace(r#""files":"#, &format!(r#""tree":"{root}","files":"#)),
+            two.replace(r#""format":2"#, r#""format":3"#),
+        ];
+        for (i, bad) in cases.iter().enumerate() {
+            let err = Manifest::parse_untrusted(bad.as_bytes(), &Digest::of(bad.as_bytes()), &host);
+            assert!(err.is_err(), "case {i} accepted: {bad}");
+        }
     }
 }

@@ -1,35 +1,25 @@
-//! Manifest format 2's packs (issue #26): small objects concatenated into one stored object,
-//! so a version needs a few keys (directory entries in a chroot, requests on an object store)
-//! where format 1 needs one per file, while a host still fetches only the entries it lacks,
-//! by range. Invariant: an index only says where an entry lies; an entry's bytes are used
-//! only once they hash to the digest a tree names (`PackIndex::verify`), so a wrong or
-//! hostile index costs a refused download, never a wrong file.
+//! Manifest format 2's packs (issue #26): a tree's small files concatenated into one stored
+//! object, so a version needs a few keys (directory entries in a chroot, requests on an
+//! object store) where format 1 needs one per file, while a host still fetches only the
+//! files it lacks, by range. A pack has no stored index: where each file lies follows from
+//! the tree that names the pack (its files' sizes, in name order, each content once), so
+//! the signed manifest commits to the layout too. Invariant: a file's bytes out of a pack are
+//! used only once they hash to the digest its tree names (`PackIndex::verify`), so a wrong
+//! or hostile pack costs a refused download, never a wrong file.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
+use crate::protocol::manifest::Digest;
 
-use crate::protocol::manifest::{Digest, MAX_OBJECT_BYTES};
-
-/// What `format` an index says it is.
-pub const PACK_FORMAT: u32 = 2;
 /// Objects up to this size are packed; larger ones stay objects of their own (a range read
-/// saves nothing on them, and a pack stays cheap to rewrite when repacking).
+/// saves nothing on them, and a pack stays cheap to rewrite).
 pub const PACKED_MAX: u64 = 64 * 1024;
-/// An index larger than this is refused unread (about 100,000 entries).
-pub const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
 /// Ranges closer than this are read as one: a few wasted bytes cost less than a request.
 pub const COALESCE_GAP: u64 = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
-    #[error("pack index {digest} is {size} bytes, more than the {MAX_INDEX_BYTES}-byte limit")]
-    TooLarge { digest: Digest, size: u64 },
-    #[error("pack index {expected}: its content hashes to {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
-    #[error("pack index {digest} is not valid: {reason}")]
-    Invalid { digest: Digest, reason: String },
     #[error("pack {pack}: the entry for {entry} hashes to {actual}")]
     EntryMismatch {
         pack: Digest,
@@ -41,8 +31,7 @@ pub enum PackError {
 }
 
 /// Where one object lies in its pack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackEntry {
     pub sha256: Digest,
     pub offset: u64,
@@ -55,12 +44,9 @@ impl PackEntry {
     }
 }
 
-/// The index of one pack, stored as an object of its own (`objects/<digest of the index>`)
-/// beside the pack (`objects/<digest of the pack>`): the signed manifest names the indexes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where each object of one pack lies, derived from the files it packs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackIndex {
-    pub format: u32,
     /// The pack's key: the sha256 of its whole bytes (the publisher's name for it; a host
     /// reading ranges never hashes the whole pack, it checks each entry).
     pub pack: Digest,
@@ -71,67 +57,27 @@ pub struct PackIndex {
 }
 
 impl PackIndex {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(self).expect("pack index serialises");
-        out.push(b'\n');
-        out
-    }
-
-    pub fn digest(&self) -> Digest {
-        Digest::of(&self.to_bytes())
-    }
-
-    /// Parses bytes from an untrusted source: size, digest, order, and ranges that lie inside
-    /// the pack without overlapping.
-    pub fn parse_untrusted(bytes: &[u8], expected: &Digest) -> Result<PackIndex, PackError> {
-        if bytes.len() as u64 > MAX_INDEX_BYTES {
-            return Err(PackError::TooLarge {
-                digest: *expected,
-                size: bytes.len() as u64,
+    /// The layout of the pack `pack` of `files` (digest, size), in the order given: each
+    /// content once, where it first occurs, back to back. What [`PackWriter`] writes.
+    pub fn layout(pack: Digest, files: &[(Digest, u64)]) -> PackIndex {
+        let mut entries: BTreeMap<Digest, PackEntry> = BTreeMap::new();
+        let mut offset = 0u64;
+        for (sha256, size) in files {
+            entries.entry(*sha256).or_insert_with(|| {
+                let e = PackEntry {
+                    sha256: *sha256,
+                    offset,
+                    size: *size,
+                };
+                offset = offset.saturating_add(*size);
+                e
             });
         }
-        let actual = Digest::of(bytes);
-        if actual != *expected {
-            return Err(PackError::DigestMismatch {
-                expected: *expected,
-                actual,
-            });
+        PackIndex {
+            pack,
+            size: offset,
+            entries: entries.into_values().collect(),
         }
-        let invalid = |reason: String| PackError::Invalid {
-            digest: *expected,
-            reason,
-        };
-        let index: PackIndex = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        if index.format != PACK_FORMAT {
-            return Err(invalid(format!(
-                "format {} (this bento reads pack indexes of format {PACK_FORMAT})",
-                index.format
-            )));
-        }
-        for pair in index.entries.windows(2) {
-            if pair[0].sha256 >= pair[1].sha256 {
-                return Err(invalid(format!(
-                    "{} is listed twice or out of order",
-                    pair[1].sha256
-                )));
-            }
-        }
-        let mut by_offset: Vec<&PackEntry> = index.entries.iter().collect();
-        by_offset.sort_by_key(|e| e.offset);
-        let mut end = 0u64;
-        for e in by_offset {
-            let Some(e_end) = e.offset.checked_add(e.size) else {
-                return Err(invalid(format!("{}: range overflows", e.sha256)));
-            };
-            if e.size > MAX_OBJECT_BYTES || e_end > index.size || e.offset < end {
-                return Err(invalid(format!(
-                    "{}: bytes {}..{} overlap another entry or lie outside the {}-byte pack",
-                    e.sha256, e.offset, e_end, index.size
-                )));
-            }
-            end = e_end;
-        }
-        Ok(index)
     }
 
     pub fn find(&self, sha256: &Digest) -> Option<&PackEntry> {
@@ -222,7 +168,6 @@ impl PackWriter {
     /// The pack's bytes and its index.
     pub fn finish(self) -> (Vec<u8>, PackIndex) {
         let index = PackIndex {
-            format: PACK_FORMAT,
             pack: Digest::of(&self.bytes),
             size: self.bytes.len() as u64,
             entries: self.entries.into_values().collect(),
@@ -247,8 +192,6 @@ mod tests {
     fn each_entry_is_read_back_verified_from_a_range() {
         let objects: [&[u8]; 3] = [b"alpha", b"bravo bravo", b"charlie"];
         let (pack, index) = packed(&objects);
-        let bytes = index.to_bytes();
-        let index = PackIndex::parse_untrusted(&bytes, &Digest::of(&bytes)).unwrap();
         for o in objects {
             let d = Digest::of(o);
             let r = index.ranges([&d]);
@@ -296,18 +239,14 @@ mod tests {
     }
 
     #[test]
-    fn an_index_pointing_outside_its_pack_or_overlapping_is_refused() {
-        let (_, index) = packed(&[b"alpha", b"bravo"]);
-        let mut outside = index.clone();
-        outside.size = 6;
-        let mut overlapping = index.clone();
-        overlapping.entries[1].offset = overlapping.entries[0].offset + 1;
-        let mut unordered = index;
-        unordered.entries.reverse();
-        for bad in [outside, overlapping, unordered] {
-            let bytes = bad.to_bytes();
-            let err = PackIndex::parse_untrusted(&bytes, &Digest::of(&bytes)).unwrap_err();
-            assert!(matches!(err, PackError::Invalid { .. }), "{err}");
-        }
+    fn the_layout_a_tree_implies_is_the_one_the_writer_wrote() {
+        let objects: [&[u8]; 4] = [b"one", b"", b"three", b"one"];
+        let (pack, written) = packed(&objects);
+        let files: Vec<(Digest, u64)> = objects
+            .iter()
+            .map(|o| (Digest::of(o), o.len() as u64))
+            .collect();
+        assert_eq!(PackIndex::layout(Digest::of(&pack), &files), written);
+        assert_eq!(written.size, pack.len() as u64);
     }
 }

@@ -1,17 +1,22 @@
 //! Manifest format 2's trees (issue #26): one directory's listing is an object of its own,
 //! named like every object by the sha256 of its canonical bytes, so a subtree many hosts share
 //! (`common/`) is one object they all name and one change to it is one new tree, not a new
-//! file list per host. Invariant: a tree's digest fixes every byte below it (entries name
-//! files and subtrees by digest), every tree has exactly one byte form (`parse_untrusted`
-//! refuses any other), and expanding a tree from an untrusted source is bounded in depth and
-//! in entries, so a hostile graph of shared subtrees cannot exhaust a host.
+//! file list per host. A tree's small files are stored in packs ([`chunks`] of them, cut
+//! where a file's *name* says, so a changed file rewrites one pack, not the directory's),
+//! and the tree names its packs. Invariant: a tree's digest fixes every byte below it
+//! (entries name files and subtrees by digest, packs are laid out by the entries), every tree
+//! has exactly one byte form (`parse_untrusted` refuses any other), and expanding a tree from
+//! an untrusted source is bounded in depth and in entries, so a hostile graph of shared
+//! subtrees cannot exhaust a host.
 
 use std::collections::btree_map::Entry as Slot;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::protocol::manifest::{ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES};
+use crate::protocol::pack::{PackIndex, PACKED_MAX};
 
 /// What `format` a tree object says it is.
 pub const TREE_FORMAT: u32 = 2;
@@ -22,6 +27,11 @@ pub const MAX_DEPTH: usize = 64;
 /// Most entries a host expands from one root, counting a shared subtree once per place it
 /// appears: what bounds a graph that names one subtree from many places.
 pub const MAX_ENTRIES: usize = 200_000;
+/// Most files in one pack (at most this many times `PACKED_MAX` bytes).
+pub const CHUNK_MAX: usize = 64;
+/// A file whose name hashes below this (first byte) ends its pack: one name in 16, so a
+/// pack holds about 16 files and where packs are cut does not move when content changes.
+const CUT_BELOW: u8 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -70,11 +80,39 @@ pub struct Entry {
 pub struct Tree {
     pub format: u32,
     pub entries: Vec<Entry>,
+    /// The pack of each of [`chunks`]`(entries)`, in order (absent when there is none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<Digest>,
 }
 
 /// A name is one safe path component, the rule `RelPath` keeps for each of its parts.
 fn valid_name(name: &str) -> bool {
     !name.contains('/') && name.len() <= 255 && RelPath::new(name).is_ok()
+}
+
+/// The packs' contents of a directory: its files of at most `PACKED_MAX` bytes, in name
+/// order, as (digest, size), cut after a name that hashes below `CUT_BELOW` or at
+/// `CHUNK_MAX` files. Names alone decide the cuts, so editing a file changes its own pack
+/// only, and hosts sharing a directory share its packs.
+pub fn chunks(entries: &[Entry]) -> Vec<Vec<(Digest, u64)>> {
+    let mut out: Vec<Vec<(Digest, u64)>> = Vec::new();
+    let mut open: Vec<(Digest, u64)> = Vec::new();
+    for e in entries {
+        let Node::File { size, sha256, .. } = e.node else {
+            continue;
+        };
+        if size > PACKED_MAX {
+            continue;
+        }
+        open.push((sha256, size));
+        if Sha256::digest(e.name.as_bytes())[0] < CUT_BELOW || open.len() == CHUNK_MAX {
+            out.push(std::mem::take(&mut open));
+        }
+    }
+    if !open.is_empty() {
+        out.push(open);
+    }
+    out
 }
 
 impl Tree {
@@ -89,7 +127,17 @@ impl Tree {
         Digest::of(&self.to_bytes())
     }
 
-    /// Parses bytes from an untrusted source: size, digest, names, order and the one byte form.
+    /// Where each packed file lies: one index per pack, in the order of `packs`.
+    pub fn pack_indexes(&self) -> Vec<PackIndex> {
+        self.packs
+            .iter()
+            .zip(chunks(&self.entries))
+            .map(|(pack, files)| PackIndex::layout(*pack, &files))
+            .collect()
+    }
+
+    /// Parses bytes from an untrusted source: size, digest, names, order, one pack per
+    /// chunk and the one byte form.
     pub fn parse_untrusted(bytes: &[u8], expected: &Digest) -> Result<Tree, TreeError> {
         if bytes.len() as u64 > MAX_TREE_BYTES {
             return Err(TreeError::TooLarge {
@@ -136,6 +184,13 @@ impl Tree {
                 }
             }
         }
+        let want = chunks(&tree.entries).len();
+        if tree.packs.len() != want {
+            return Err(invalid(format!(
+                "it names {} packs for {want} packs' worth of files",
+                tree.packs.len()
+            )));
+        }
         if tree.to_bytes() != bytes {
             return Err(TreeError::NotCanonical { digest: *expected });
         }
@@ -143,17 +198,61 @@ impl Tree {
     }
 }
 
-/// The trees of a flat listing: the root's digest and every tree object by digest (a
-/// subtree that occurs twice with the same content is one object).
+/// The stored form of one configuration: its root tree, every tree object by digest (a
+/// subtree that occurs twice with the same content is one object) and every pack with its
+/// layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Built {
+pub struct Trees {
     pub root: Digest,
     pub trees: BTreeMap<Digest, Vec<u8>>,
+    pub packs: BTreeMap<Digest, PackIndex>,
+}
+
+impl Trees {
+    /// Records a pack's layout. Two chunks can make the same bytes (`a`+`b` and `ab`): both
+    /// layouts describe them truly, so the pack keeps every entry of both.
+    fn add_pack(&mut self, index: PackIndex) {
+        match self.packs.entry(index.pack) {
+            Slot::Vacant(v) => {
+                v.insert(index);
+            }
+            Slot::Occupied(mut o) if *o.get() != index => {
+                let have = o.get_mut();
+                let mut all: BTreeMap<Digest, crate::protocol::pack::PackEntry> =
+                    have.entries.iter().map(|e| (e.sha256, *e)).collect();
+                for e in index.entries {
+                    all.entry(e.sha256).or_insert(e);
+                }
+                have.entries = all.into_values().collect();
+            }
+            Slot::Occupied(_) => {}
+        }
+    }
+
+    /// The pack holding `sha256` and where, when some pack of these trees holds it.
+    pub fn find(&self, sha256: &Digest) -> Option<&PackIndex> {
+        self.packs.values().find(|p| p.find(sha256).is_some())
+    }
+
+    /// Every pack holding a file, by the file's digest (the first pack, when several do).
+    pub fn packed(&self) -> BTreeMap<Digest, &PackIndex> {
+        let mut out = BTreeMap::new();
+        for p in self.packs.values() {
+            for e in &p.entries {
+                out.entry(e.sha256).or_insert(p);
+            }
+        }
+        out
+    }
 }
 
 /// Builds the trees of a format-1 listing (directories and files by path). The listing must
-/// be what `Manifest::parse` accepts: each parent listed, no duplicates.
-pub fn build(entries: &[ConfigEntry]) -> Built {
+/// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
+/// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
+pub fn build<E>(
+    entries: &[ConfigEntry],
+    mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
+) -> Result<Trees, E> {
     #[derive(Default)]
     struct Dir {
         files: BTreeMap<String, Node>,
@@ -169,28 +268,36 @@ pub fn build(entries: &[ConfigEntry]) -> Built {
             None => (None, path.as_str()),
         }
     }
-    fn emit(dir: Dir, trees: &mut BTreeMap<Digest, Vec<u8>>) -> Digest {
+    type PackOf<'a, E> = dyn FnMut(&[(Digest, u64)]) -> Result<Digest, E> + 'a;
+    fn emit<E>(dir: Dir, out: &mut Trees, pack_of: &mut PackOf<'_, E>) -> Result<Digest, E> {
         let mut entries: Vec<Entry> = dir
             .files
             .into_iter()
             .map(|(name, node)| Entry { name, node })
             .collect();
         for (name, sub) in dir.dirs {
-            let sha256 = emit(sub, trees);
+            let sha256 = emit(sub, out, pack_of)?;
             entries.push(Entry {
                 name,
                 node: Node::Tree { sha256 },
             });
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut packs = Vec::new();
+        for files in chunks(&entries) {
+            let pack = pack_of(&files)?;
+            out.add_pack(PackIndex::layout(pack, &files));
+            packs.push(pack);
+        }
         let bytes = Tree {
             format: TREE_FORMAT,
             entries,
+            packs,
         }
         .to_bytes();
         let digest = Digest::of(&bytes);
-        trees.insert(digest, bytes);
-        digest
+        out.trees.insert(digest, bytes);
+        Ok(digest)
     }
 
     let mut root = Dir::default();
@@ -221,20 +328,29 @@ pub fn build(entries: &[ConfigEntry]) -> Built {
             }
         }
     }
-    let mut trees = BTreeMap::new();
-    let root = emit(root, &mut trees);
-    Built { root, trees }
+    let mut out = Trees {
+        root: Digest::of(b""),
+        trees: BTreeMap::new(),
+        packs: BTreeMap::new(),
+    };
+    out.root = emit(root, &mut out, &mut pack_of)?;
+    Ok(out)
 }
 
 /// Expands the tree `root` into the format-1 listing the agent applies (directories before
-/// their contents, sorted by path), reading each tree through `fetch`, which returns the
-/// tree's bytes as stored. Each tree is checked against its digest; a subtree named from
-/// several places is fetched once.
+/// their contents, sorted by path) and the trees and packs it is stored as, reading each
+/// tree through `fetch`, which returns the tree's bytes as stored. Each tree is checked
+/// against its digest; a subtree named from several places is fetched once.
 pub fn expand(
     root: &Digest,
     mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, TreeError>,
-) -> Result<Vec<ConfigEntry>, TreeError> {
+) -> Result<(Vec<ConfigEntry>, Trees), TreeError> {
     let mut seen: BTreeMap<Digest, Tree> = BTreeMap::new();
+    let mut stored = Trees {
+        root: *root,
+        trees: BTreeMap::new(),
+        packs: BTreeMap::new(),
+    };
     let mut out = Vec::new();
     // (tree, its path, depth): explicit stack, so depth cannot overflow the host's stack.
     let mut stack: Vec<(Digest, Option<RelPath>, usize)> = vec![(*root, None, 0)];
@@ -246,7 +362,15 @@ pub fn expand(
         }
         let tree = match seen.entry(digest) {
             Slot::Occupied(o) => o.into_mut(),
-            Slot::Vacant(v) => v.insert(Tree::parse_untrusted(&fetch(&digest)?, &digest)?),
+            Slot::Vacant(v) => {
+                let bytes = fetch(&digest)?;
+                let tree = Tree::parse_untrusted(&bytes, &digest)?;
+                for index in tree.pack_indexes() {
+                    stored.add_pack(index);
+                }
+                stored.trees.insert(digest, bytes);
+                v.insert(tree)
+            }
         };
         if out.len() + tree.entries.len() > MAX_ENTRIES {
             return Err(TreeError::TooManyEntries { root: *root });
@@ -281,9 +405,8 @@ pub fn expand(
         stack.extend(subtrees);
     }
     out.sort_by(|a, b| a.path().cmp(b.path()));
-    Ok(out)
+    Ok((out, stored))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +438,16 @@ mod tests {
         v
     }
 
-    fn fetcher(built: &Built) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
+    /// The tests' packs: named by their files' digests (publish hashes the bytes).
+    fn build(entries: &[ConfigEntry]) -> Trees {
+        super::build(entries, |files| {
+            let names: Vec<u8> = files.iter().flat_map(|(d, _)| d.to_hex().into_bytes()).collect();
+            Ok::<_, std::convert::Infallible>(Digest::of(&names))
+        })
+        .unwrap()
+    }
+
+    fn fetcher(built: &Trees) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
         |d| {
             built.trees.get(d).cloned().ok_or(TreeError::Missing {
                 tree: *d,
@@ -328,7 +460,9 @@ mod tests {
     fn a_listing_survives_build_and_expand() {
         let listing = host("web1");
         let built = build(&listing);
-        assert_eq!(expand(&built.root, fetcher(&built)).unwrap(), listing);
+        let (config, stored) = expand(&built.root, fetcher(&built)).unwrap();
+        assert_eq!(config, listing);
+        assert_eq!(stored, built);
     }
 
     #[test]
@@ -361,7 +495,8 @@ mod tests {
     #[test]
     fn a_tree_has_one_byte_form() {
         let built = build(&host("web1"));
-        let (digest, bytes) = built.trees.iter().next().unwrap();
+        // The root: it has more than one entry, so reversing them reorders.
+        let (digest, bytes) = (&built.root, &built.trees[&built.root]);
         assert!(Tree::parse_untrusted(bytes, digest).is_ok());
 
         let mut tree: Tree = serde_json::from_slice(bytes).unwrap();
@@ -403,6 +538,7 @@ mod tests {
                         executable: false,
                     },
                 }],
+                packs: vec![Digest::of(b"")],
             }
             .to_bytes();
             let err = Tree::parse_untrusted(&bytes, &Digest::of(&bytes)).unwrap_err();
@@ -418,6 +554,7 @@ mod tests {
             let bytes = Tree {
                 format: TREE_FORMAT,
                 entries: vec![],
+                packs: vec![],
             }
             .to_bytes();
             let d = Digest::of(&bytes);
@@ -434,12 +571,17 @@ mod tests {
                         node: Node::Tree { sha256: child },
                     })
                     .collect(),
+                packs: vec![],
             }
             .to_bytes();
             child = Digest::of(&bytes);
             trees.insert(child, bytes);
         }
-        let built = Built { root: child, trees };
+        let built = Trees {
+            root: child,
+            trees,
+            packs: BTreeMap::new(),
+        };
         let mut fetches = 0;
         let err = expand(&built.root, |d| {
             fetches += 1;
@@ -466,17 +608,79 @@ mod tests {
             let bytes = Tree {
                 format: TREE_FORMAT,
                 entries,
+                packs: vec![],
             }
             .to_bytes();
             let d = Digest::of(&bytes);
             trees.insert(d, bytes);
             child = Some(d);
         }
-        let built = Built {
+        let built = Trees {
             root: child.unwrap(),
             trees,
+            packs: BTreeMap::new(),
         };
         let err = expand(&built.root, fetcher(&built)).unwrap_err();
         assert!(matches!(err, TreeError::TooDeep { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_changed_file_rewrites_one_pack_of_its_directory() {
+        let mut listing = vec![dir("common")];
+        for i in 0..200 {
+            listing.push(file(&format!("common/m{i:03}.nix"), &format!("{{ m = {i}; }}")));
+        }
+        listing.push(file("common/big.bin", &"x".repeat(PACKED_MAX as usize + 1)));
+        listing.sort_by(|a, b| a.path().cmp(b.path()));
+        let a = build(&listing);
+        let common = |t: &Trees| -> Tree {
+            let root: Tree = serde_json::from_slice(&t.trees[&t.root]).unwrap();
+            let Node::Tree { sha256 } = root.entries[0].node else {
+                panic!("common/ is a tree")
+            };
+            serde_json::from_slice(&t.trees[&sha256]).unwrap()
+        };
+        let before = common(&a);
+        assert!(
+            (4..=40).contains(&before.packs.len()),
+            "200 files make about 200/16 packs: {}",
+            before.packs.len()
+        );
+        let chunked = chunks(&before.entries);
+        assert!(chunked.iter().all(|c| c.len() <= CHUNK_MAX));
+        assert_eq!(
+            chunked.iter().map(Vec::len).sum::<usize>(),
+            200,
+            "every small file is packed, the large one is not"
+        );
+        assert!(a.find(&Digest::of("x".repeat(PACKED_MAX as usize + 1).as_bytes())).is_none());
+
+        let at = listing
+            .iter()
+            .position(|e| e.path().as_str() == "common/m100.nix")
+            .unwrap();
+        listing[at] = file("common/m100.nix", "{ m = 'changed'; }");
+        let after = common(&build(&listing));
+        assert_eq!(after.packs.len(), before.packs.len(), "the cuts did not move");
+        let changed = before
+            .packs
+            .iter()
+            .zip(&after.packs)
+            .filter(|(x, y)| x != y)
+            .count();
+        assert_eq!(changed, 1, "one pack holds the changed file");
+    }
+
+    #[test]
+    fn a_tree_naming_the_wrong_packs_is_refused() {
+        let built = build(&host("web1"));
+        let mut root: Tree = serde_json::from_slice(&built.trees[&built.root]).unwrap();
+        assert!(!root.packs.is_empty());
+        for packs in [vec![], vec![root.packs[0]; root.packs.len() + 1]] {
+            root.packs = packs;
+            let bytes = root.to_bytes();
+            let err = Tree::parse_untrusted(&bytes, &Digest::of(&bytes)).unwrap_err();
+            assert!(matches!(err, TreeError::Invalid { .. }), "{err}");
+        }
     }
 }

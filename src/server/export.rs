@@ -209,6 +209,7 @@ mod tests {
                 sha256: obj,
                 executable: false,
             }],
+            tree: None,
             files: Vec::new(),
         };
         m.canonicalize();

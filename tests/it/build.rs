@@ -265,6 +265,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
         config: vec![ConfigEntry::Directory {
             path: RelPath::new("x").unwrap(),
         }],
+        tree: None,
         files: vec![],
     };
     let dir = chroot.host_dir(&HostName::new(host).unwrap());

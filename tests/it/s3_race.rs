@@ -66,6 +66,7 @@ fn plan(text: &str, secs: u64) -> HostPlan {
             sha256: sha,
             executable: false,
         }],
+        tree: None,
         files: vec![],
     };
     manifest.canonicalize();

@@ -200,6 +200,7 @@ fn manifest(host: &str, content: &str, system: Option<&str>) -> Manifest {
             sha256: Digest::of(content.as_bytes()),
             executable: false,
         }],
+        tree: None,
         files: vec![],
     }
 }

@@ -42,6 +42,7 @@ fn publish_fresh(bed: &Bed, system: &str, serial: u64) -> Digest {
         build: Build::Flake,
         system: None,
         config,
+        tree: None,
         files: Vec::new(),
     };
     m.canonicalize();

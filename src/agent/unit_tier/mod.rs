@@ -94,6 +94,7 @@ impl Bed {
             build: Build::Flake,
             system: None,
             config,
+            tree: None,
             files: Vec::new(),
         };
         m.canonicalize();

@@ -469,6 +469,7 @@ mod tests {
             config: vec![ConfigEntry::Directory {
                 path: RelPath::new(version).unwrap(),
             }],
+            tree: None,
             files: vec![],
         }
     }

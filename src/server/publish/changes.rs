@@ -310,6 +310,7 @@ mod tests {
                     executable: false,
                 })
                 .collect(),
+            tree: None,
             files,
         };
         m.canonicalize();

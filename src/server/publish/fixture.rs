@@ -37,6 +37,7 @@ pub fn plan(host: &str, files: &[(&str, &str)], secs: u64) -> HostPlan {
         build: Build::Classic,
         system: None,
         config,
+        tree: None,
         files: vec![],
     };
     manifest.canonicalize();

@@ -210,6 +210,7 @@ pub fn plan(
                 build: s.build,
                 system: systems.get(&s.name).cloned(),
                 config: content.config,
+                tree: None,
                 files: content.files,
             };
             manifest.canonicalize();

@@ -344,6 +344,7 @@ mod tests {
             build: Build::Classic,
             system: None,
             config: vec![],
+            tree: None,
             files: entries,
         };
         manifest.canonicalize();
