@@ -883,7 +883,10 @@ mod tests {
     fn sample_trees() -> Manifest {
         let mut m = sample();
         m.store_as_trees(|files| {
-            let names: Vec<u8> = files.iter().flat_map(|(d, _)| d.to_hex().into_bytes()).collect();
+            let names: Vec<u8> = files
+                .iter()
+                .flat_map(|(d, _)| d.to_hex().into_bytes())
+                .collect();
             Ok::<_, std::convert::Infallible>(Digest::of(&names))
         })
         .unwrap();
@@ -896,18 +899,28 @@ mod tests {
         let bytes = full.to_bytes();
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.starts_with(r#"{"format":2,"#), "{text}");
-        assert!(text.contains(r#""tree":""#) && !text.contains(r#""config""#), "{text}");
+        assert!(
+            text.contains(r#""tree":""#) && !text.contains(r#""config""#),
+            "{text}"
+        );
 
         let mut read = Manifest::parse_untrusted(&bytes, &full.digest(), &full.host).unwrap();
         assert!(!read.is_expanded() && read.config.is_empty());
-        assert!(read.same_content(&full), "the root decides, expanded or not");
+        assert!(
+            read.same_content(&full),
+            "the root decides, expanded or not"
+        );
         assert_eq!(read.to_bytes(), bytes, "one byte form");
         let stored = full.stored().unwrap().clone();
         read.expand(|d| {
-            stored.trees.get(d).cloned().ok_or(crate::protocol::tree::TreeError::Missing {
-                tree: *d,
-                reason: "absent".into(),
-            })
+            stored
+                .trees
+                .get(d)
+                .cloned()
+                .ok_or(crate::protocol::tree::TreeError::Missing {
+                    tree: *d,
+                    reason: "absent".into(),
+                })
         })
         .unwrap();
         assert_eq!(read.config, sample().config);
@@ -920,7 +933,10 @@ mod tests {
             stored.trees.len() + stored.packs.len() + 1,
             "trees, packs and the one `files/` object: a packed file is no object of its own"
         );
-        assert!(!full.same_content(&sample()), "a format change is a new version");
+        assert!(
+            !full.same_content(&sample()),
+            "a format change is a new version"
+        );
     }
 
     #[test]

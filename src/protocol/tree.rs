@@ -441,7 +441,10 @@ mod tests {
     /// The tests' packs: named by their files' digests (publish hashes the bytes).
     fn build(entries: &[ConfigEntry]) -> Trees {
         super::build(entries, |files| {
-            let names: Vec<u8> = files.iter().flat_map(|(d, _)| d.to_hex().into_bytes()).collect();
+            let names: Vec<u8> = files
+                .iter()
+                .flat_map(|(d, _)| d.to_hex().into_bytes())
+                .collect();
             Ok::<_, std::convert::Infallible>(Digest::of(&names))
         })
         .unwrap()
@@ -628,7 +631,10 @@ mod tests {
     fn a_changed_file_rewrites_one_pack_of_its_directory() {
         let mut listing = vec![dir("common")];
         for i in 0..200 {
-            listing.push(file(&format!("common/m{i:03}.nix"), &format!("{{ m = {i}; }}")));
+            listing.push(file(
+                &format!("common/m{i:03}.nix"),
+                &format!("{{ m = {i}; }}"),
+            ));
         }
         listing.push(file("common/big.bin", &"x".repeat(PACKED_MAX as usize + 1)));
         listing.sort_by(|a, b| a.path().cmp(b.path()));
@@ -653,7 +659,9 @@ mod tests {
             200,
             "every small file is packed, the large one is not"
         );
-        assert!(a.find(&Digest::of("x".repeat(PACKED_MAX as usize + 1).as_bytes())).is_none());
+        assert!(a
+            .find(&Digest::of("x".repeat(PACKED_MAX as usize + 1).as_bytes()))
+            .is_none());
 
         let at = listing
             .iter()
@@ -661,7 +669,11 @@ mod tests {
             .unwrap();
         listing[at] = file("common/m100.nix", "{ m = 'changed'; }");
         let after = common(&build(&listing));
-        assert_eq!(after.packs.len(), before.packs.len(), "the cuts did not move");
+        assert_eq!(
+            after.packs.len(),
+            before.packs.len(),
+            "the cuts did not move"
+        );
         let changed = before
             .packs
             .iter()

@@ -41,7 +41,9 @@ pub fn source_map(plan: &HostPlan, fleet_root: &Path) -> SourceMap {
                     .unwrap_or(p)
                     .to_string_lossy()
                     .into_owned(),
-                Source::Bytes(_) => format!("{} (generated from bento.toml)", path.as_str()),
+                Source::Bytes(_) | Source::Pack(_) => {
+                    format!("{} (generated from bento.toml)", path.as_str())
+                }
             };
             Some((path.as_str().to_owned(), shown))
         }
@@ -56,7 +58,7 @@ pub fn source_map(plan: &HostPlan, fleet_root: &Path) -> SourceMap {
             ConfigEntry::File { path, sha256, .. } if !path.as_str().contains('/') => {
                 match plan.sources.get(sha256)? {
                     Source::File(p) => Some(p.strip_prefix(fleet_root).ok()?.parent()?.to_owned()),
-                    Source::Bytes(_) => None,
+                    Source::Bytes(_) | Source::Pack(_) => None,
                 }
             }
             _ => None,

@@ -77,7 +77,8 @@ pub fn export_host(
         .get(host, &Key::Manifest(digest), MAX_MANIFEST_BYTES)?
         .filter(|b| Digest::of(b) == digest)
         .ok_or_else(bad)?;
-    let manifest = Manifest::parse(&manifest_bytes).map_err(|_| bad())?;
+    let mut manifest = Manifest::parse(&manifest_bytes).map_err(|_| bad())?;
+    crate::server::store::trees::expand(store, host, &mut manifest).map_err(|_| bad())?;
     let signature = store.get(host, &Key::Signature(digest), MAX_SIGNATURE_BYTES)?;
 
     let mut live: BTreeSet<String> = BTreeSet::new();
@@ -136,9 +137,15 @@ pub fn export_host(
 
     // The previous version stays whole for a reader that read the old `current`.
     if let Some(prev) = previous.filter(|p| *p != digest) {
+        // Its trees are in the export, where the previous run put them.
         let prev_manifest = std::fs::read(out.join(Key::Manifest(prev).path()))
             .ok()
-            .and_then(|b| Manifest::parse(&b).ok());
+            .and_then(|b| Manifest::parse(&b).ok())
+            .and_then(|mut m| {
+                m.expand(|d| read_tree(&out.join(Key::Object(*d).path()), d))
+                    .ok()?;
+                Some(m)
+            });
         if let Some(m) = prev_manifest {
             live.extend(m.objects().into_iter().map(|d| Key::Object(d).path()));
             live.insert(Key::Manifest(prev).path());
@@ -175,6 +182,17 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
     crate::sys::atomic::write_file(path, bytes, 0o644).map_err(io)
+}
+
+/// A tree object of a directory laid out as a chroot (an export, a host's directory).
+pub fn read_tree(
+    path: &Path,
+    digest: &Digest,
+) -> Result<Vec<u8>, crate::protocol::tree::TreeError> {
+    std::fs::read(path).map_err(|e| crate::protocol::tree::TreeError::Missing {
+        tree: *digest,
+        reason: format!("{}: {e}", path.display()),
+    })
 }
 
 #[cfg(test)]

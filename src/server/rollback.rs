@@ -70,7 +70,9 @@ pub fn kept_versions(store: &dyn Store, host: &HostName) -> Result<Vec<Kept>, Ro
         };
         // The server's own files, but checked like a reader would: a manifest that does not
         // hash to its name, or is not this host's, is no version to go back to.
-        if let Ok(manifest) = Manifest::parse_untrusted(&bytes, &digest, host) {
+        let parsed = Manifest::parse_untrusted(&bytes, &digest, host)
+            .and_then(|mut m| crate::server::store::trees::expand(store, host, &mut m).map(|()| m));
+        if let Ok(manifest) = parsed {
             out.push(Kept {
                 digest,
                 manifest,

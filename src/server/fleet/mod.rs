@@ -50,7 +50,7 @@ pub enum FleetError {
 /// The tables of bento.toml (docs/reference.md documents each key of each).
 pub const FLEET_TABLES: [&str; 5] = ["server", "defaults", "hosts", "rollout", "secrets"];
 /// The keys of `[server]`.
-pub const SERVER_KEYS: [&str; 16] = [
+pub const SERVER_KEYS: [&str; 17] = [
     "address",
     "port",
     "host_key",
@@ -67,6 +67,7 @@ pub const SERVER_KEYS: [&str; 16] = [
     "reports",
     "state",
     "freshness",
+    "format",
 ];
 /// The keys of `[hosts.NAME]` besides the per-host settings (`SettingsLayer::KEYS`).
 pub const HOST_KEYS: [&str; 5] = ["key", "tags", "address", "hold", "build_on"];
@@ -137,6 +138,24 @@ pub struct ServerConfig {
     /// `signing_key`. Off by default.
     #[serde(default, deserialize_with = "positive_window")]
     pub freshness: Option<std::time::Duration>,
+    /// The manifest format publish writes: 1 (each file listed in every host's manifest)
+    /// or 2 (shared trees and packs: issue #26; agents from this release on read it).
+    #[serde(default = "default_format", deserialize_with = "manifest_format")]
+    pub format: u32,
+}
+
+fn default_format() -> u32 {
+    crate::protocol::manifest::FORMAT
+}
+
+fn manifest_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if !crate::protocol::manifest::FORMATS.contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "format {n} is not one this bento writes: use 1 or 2"
+        )));
+    }
+    Ok(n)
 }
 
 /// A freshness window: humantime syntax (`7d`), never zero.
@@ -193,6 +212,7 @@ impl Default for ServerConfig {
             reports: None,
             state: None,
             freshness: None,
+            format: default_format(),
         }
     }
 }

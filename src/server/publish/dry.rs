@@ -2,13 +2,13 @@
 //! and what its new version would change (`changes`), reading the store and never writing.
 
 use std::collections::BTreeMap;
+use std::io::Read as _;
 
 use super::changes::{self, Changes};
 use super::host::{decide, live_version, Decision};
 use super::{HostPlan, HostReport, PublishError, Status};
 use crate::protocol::layout::Key;
 use crate::protocol::HostName;
-use crate::server::hostfiles::Source;
 use crate::server::store::Store;
 
 /// The most a live `bento-host.json` is read for a comparison.
@@ -92,10 +92,14 @@ fn settings_of_live(
 
 fn settings_of_plan(plan: &HostPlan) -> Option<Vec<u8>> {
     let d = changes::settings_digest(&plan.manifest)?;
-    match plan.sources.get(&d)? {
-        Source::Bytes(b) => Some(b.to_vec()),
-        Source::File(path) => std::fs::read(&**path).ok(),
-    }
+    let mut bytes = Vec::new();
+    plan.sources
+        .get(&d)?
+        .open()
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
 }
 
 #[cfg(test)]

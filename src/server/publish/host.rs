@@ -18,11 +18,13 @@ use crate::server::store::{Store, StoreError, Version};
 /// How many versions (manifests and their objects) a host keeps, the live one included.
 pub const KEEP_VERSIONS: usize = 3;
 
-/// Reads the live manifest, if any. A missing or broken one counts as none: the next
-/// publish replaces it.
+/// Reads the live manifest, if any, whole (a format-2 manifest with its trees read). A
+/// missing or broken one counts as none: the next publish replaces it.
 pub fn live_version(store: &dyn Store, host: &HostName) -> Option<(Digest, Manifest)> {
     let (bytes, _) = store.current(host).ok()??;
-    live_manifest(store, host, &bytes)
+    let (digest, mut manifest) = live_manifest(store, host, &bytes)?;
+    crate::server::store::trees::expand(store, host, &mut manifest).ok()?;
+    Some((digest, manifest))
 }
 
 /// [`live_version`] of a chroot's host directory `<root>/<host>` (tests and benchmarks,
@@ -34,7 +36,8 @@ pub fn read_current(host_dir: &std::path::Path) -> Option<(Digest, Manifest)> {
     live_version(&store, &host)
 }
 
-/// The manifest `current`'s bytes name, when it is there and whole.
+/// The manifest `current`'s bytes name, when it is there and whole (format 2's trees
+/// unread: deciding whether a version changed compares roots, reading no tree).
 fn live_manifest(store: &dyn Store, host: &HostName, current: &[u8]) -> Option<(Digest, Manifest)> {
     let digest = layout::parse_current(std::str::from_utf8(current).ok()?).ok()?;
     let bytes = store
@@ -72,16 +75,7 @@ fn opener(
             failed.store(true, Ordering::Relaxed);
             e
         };
-        let reader: Box<dyn io::Read> = match source {
-            // The path the scanner resolved, opened without following any link: a directory
-            // swapped for a symlink since the scan fails here instead of reaching outside.
-            crate::server::hostfiles::Source::File(path) => {
-                Box::new(crate::server::snapshot::repo::open_resolved_file(path).map_err(flag)?)
-            }
-            crate::server::hostfiles::Source::Bytes(bytes) => {
-                Box::new(io::Cursor::new(bytes.clone()))
-            }
-        };
+        let reader = source.open().map_err(flag)?;
         Ok(Box::new(Flagged {
             reader,
             failed: failed.clone(),
@@ -138,6 +132,9 @@ pub fn decide(
     let (live, token) = read_live(store, host)?;
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
+        let mut live = live.clone();
+        crate::server::store::trees::expand(store, host, &mut live)
+            .map_err(|e| PublishError::Internal(format!("{host}: the live version: {e}")))?;
         return Ok(Decision::Keep {
             report: Box::new(HostReport {
                 host: host.clone(),
@@ -161,8 +158,16 @@ pub fn decide(
         if live.same_content(&plan.manifest)
             && super::serial::numbered_last(store, numbering, host, digest, live.serial)?
         {
+            // The same content as the plan: the plan's counts are the live version's.
             return Ok(Decision::Keep {
-                report: Box::new(report_of(plan, live, Status::Unchanged, *digest, 0, 0)),
+                report: Box::new(report_of(
+                    plan,
+                    &plan.manifest,
+                    Status::Unchanged,
+                    *digest,
+                    0,
+                    0,
+                )),
                 sign: unsigned(store, host, digest, numbering)?,
                 version: *digest,
                 serial: live.serial,
@@ -294,6 +299,9 @@ pub fn publish_host(
     } = *new;
     let manifest = &manifest;
     let objects = manifest.objects();
+    if let Some(trees) = manifest.stored() {
+        crate::server::store::trees::remember(trees);
+    }
 
     store.open_host(host)?;
 
@@ -438,6 +446,21 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             .ok()
             .flatten()
             .and_then(|b| Manifest::parse(&b).ok());
+        // A format-2 version is kept with its trees read: their objects are what it uses.
+        let parsed = match parsed {
+            Some(mut m) => match crate::server::store::trees::expand(store, host, &mut m) {
+                Ok(()) => Some(m),
+                // The live version's objects are never collected on a guess.
+                Err(e) if digest == live => {
+                    return Err(StoreError::Io {
+                        at: store.locate(host, key),
+                        source: io::Error::other(e.to_string()),
+                    })
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
         match parsed {
             Some(m) if digest == live => kept.push(m),
             Some(m) => others.push((Some(m.order()), *digest, Some(m))),

@@ -13,6 +13,7 @@ mod hook;
 mod host;
 #[cfg(test)]
 mod killed;
+mod packs;
 mod plaintext;
 mod refusals;
 mod serial;
@@ -227,7 +228,6 @@ pub fn plan(
 /// Writes a plan's configuration tree — exactly what the host will build, generated
 /// `bento-host.json` included, secrets excluded — into `dest` (which exists).
 pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
-    use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt;
     for entry in &plan.manifest.config {
         let path = dest.join(entry.path().as_str());
@@ -239,12 +239,8 @@ pub fn materialize_config(plan: &HostPlan, dest: &Path) -> std::io::Result<()> {
                 sha256, executable, ..
             } => {
                 match plan.sources.get(sha256) {
-                    Some(hostfiles::Source::File(src)) => {
-                        let mut from = crate::server::snapshot::repo::open_resolved_file(src)?;
-                        std::io::copy(&mut from, &mut std::fs::File::create(&path)?)?;
-                    }
-                    Some(hostfiles::Source::Bytes(bytes)) => {
-                        std::fs::File::create(&path)?.write_all(bytes)?
+                    Some(source) => {
+                        std::io::copy(&mut source.open()?, &mut std::fs::File::create(&path)?)?;
                     }
                     None => {
                         return Err(std::io::Error::other(format!(
@@ -432,9 +428,21 @@ pub fn run(
             now: opts.now,
         }),
     };
-    let (plans, held_back) = match opts.delivery {
+    let (plans, mut held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
         None => (plans, Vec::new()),
+    };
+    let packer = (fleet.config.server.format == crate::protocol::manifest::FORMAT_TREES)
+        .then(|| packs::Packer::load(opts.chroot.state_dir().join(packs::MEMO)));
+    let plans = match &packer {
+        Some(packer) => {
+            let (plans, failed) = packs::pack_all(packer, plans, |h, e| {
+                HostReport::failed(opts.store, h, host_error(&fleet.config, h, e))
+            });
+            held_back.extend(failed);
+            plans
+        }
+        None => plans,
     };
     // The delivery hook may hold plans back, so find each plan's host directory by name.
     let dirs: BTreeMap<&HostName, &Path> = selected
@@ -514,6 +522,12 @@ pub fn run(
         });
     }
     // Caches are written under the lock, so two runs never interleave their writes.
+    if let Some(packer) = &packer {
+        let path = opts.chroot.state_dir().join(packs::MEMO);
+        packer
+            .save(opts.only.is_empty())
+            .map_err(|source| PublishError::Io { path, source })?;
+    }
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();
         let path = opts.chroot.hash_cache_path();

@@ -48,12 +48,15 @@ pub fn verify_host(host_dir: &Path, host: &HostName) -> Result<Option<Digest>, V
         path: mpath.clone(),
         source,
     })?;
-    let manifest = Manifest::parse_untrusted(&bytes, &digest, host).map_err(|source| {
-        VerifyError::Manifest {
+    let manifest = Manifest::parse_untrusted(&bytes, &digest, host)
+        .and_then(|mut m| {
+            m.expand(|d| crate::server::export::read_tree(&layout::object(host_dir, d), d))
+                .map(|()| m)
+        })
+        .map_err(|source| VerifyError::Manifest {
             path: mpath.clone(),
             source,
-        }
-    })?;
+        })?;
     for object in manifest.objects() {
         let path = layout::object(host_dir, &object);
         let actual = hash_file(&path).map_err(|source| VerifyError::Io {

@@ -14,6 +14,7 @@ mod s3index;
 mod s3logs;
 #[cfg(test)]
 mod tests;
+pub mod trees;
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,227 @@
+//! Format 2 on the publisher (issue #26, `[server] format = 2`): turns each plan's file
+//! list into trees and packs, and gives each tree and pack a source, so the rest of publish
+//! stores them as it stores any object. A pack's name is the hash of its bytes, and those
+//! bytes follow from the files it packs (their digests, in order), so the publisher
+//! remembers "these files pack to this digest" (`<state>/packs`) and a later run names an
+//! unchanged pack without reading a file. Invariant: a remembered name is only ever a
+//! function of the files' digests, so it can never name other bytes; a store that lacks
+//! the pack gets it read from its files and verified against that name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::{HostPlan, PublishError};
+use crate::protocol::manifest::Digest;
+use crate::server::hostfiles::Source;
+
+/// The file, in the publisher's state directory, of what earlier runs named.
+pub const MEMO: &str = "packs";
+
+/// Makes every plan format 2 (in parallel); a plan that cannot be packed (a file changed or
+/// unreadable since the scan) becomes a failed report made by `failed`.
+pub fn pack_all(
+    packer: &Packer,
+    plans: Vec<HostPlan>,
+    failed: impl Fn(&crate::protocol::HostName, PublishError) -> super::HostReport + Sync,
+) -> (Vec<HostPlan>, Vec<super::HostReport>) {
+    use rayon::prelude::*;
+    let done: Vec<Result<HostPlan, super::HostReport>> = plans
+        .into_par_iter()
+        .map(|mut plan| match packer.pack(&mut plan) {
+            Ok(()) => Ok(plan),
+            Err(e) => Err(failed(&plan.host, e)),
+        })
+        .collect();
+    let mut plans = Vec::new();
+    let mut reports = Vec::new();
+    for d in done {
+        match d {
+            Ok(p) => plans.push(p),
+            Err(r) => reports.push(r),
+        }
+    }
+    (plans, reports)
+}
+
+/// The publisher's memory of pack names, shared by the hosts of one run.
+pub struct Packer {
+    path: PathBuf,
+    known: HashMap<Digest, Digest>,
+    /// Named in this run: the pack's name and a source for its bytes.
+    run: Mutex<HashMap<Digest, (Digest, Source)>>,
+}
+
+/// The key of a chunk: what its pack's bytes are a function of.
+fn chunk_key(files: &[(Digest, u64)]) -> Digest {
+    let mut text = Vec::with_capacity(files.len() * 66);
+    for (d, _) in files {
+        text.extend_from_slice(d.to_hex().as_bytes());
+        text.push(b'\n');
+    }
+    Digest::of(&text)
+}
+
+impl Packer {
+    /// Reads what earlier runs remembered; a missing or damaged file is an empty memory
+    /// (packs are then named by reading their files again).
+    pub fn load(path: PathBuf) -> Self {
+        let known = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.parse().ok()?, v.parse().ok()?))
+            })
+            .collect();
+        Self {
+            path,
+            known,
+            run: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes `plan`'s manifest format 2 and adds its trees' and packs' sources.
+    pub fn pack(&self, plan: &mut HostPlan) -> Result<(), PublishError> {
+        let sources = &plan.sources;
+        let mut added: Vec<(Digest, Source)> = Vec::new();
+        plan.manifest.store_as_trees(|files| {
+            let key = chunk_key(files);
+            if let Some((pack, source)) = self.run.lock().expect("packer").get(&key) {
+                added.push((*pack, source.clone()));
+                return Ok(*pack);
+            }
+            let mut parts: Vec<Source> = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
+            for (d, _) in files {
+                if seen.insert(*d) {
+                    parts.push(sources.get(d).cloned().ok_or_else(|| {
+                        PublishError::Internal(format!("no source for object {d}"))
+                    })?);
+                }
+            }
+            let (pack, source) = match self.known.get(&key) {
+                Some(pack) => (*pack, Source::Pack(parts.into())),
+                None => {
+                    let bytes = read_all(&parts, files)?;
+                    (Digest::of(&bytes), Source::Bytes(bytes.into()))
+                }
+            };
+            self.run
+                .lock()
+                .expect("packer")
+                .insert(key, (pack, source.clone()));
+            added.push((pack, source));
+            Ok::<_, PublishError>(pack)
+        })?;
+        let stored = plan.manifest.stored().expect("just built");
+        for (d, bytes) in &stored.trees {
+            plan.sources
+                .insert(*d, Source::Bytes(Arc::from(bytes.as_slice())));
+        }
+        plan.sources.extend(added);
+        Ok(())
+    }
+
+    /// Saves what this run named (and, when it planned only some hosts, what it kept
+    /// from before), atomically.
+    pub fn save(&self, every_host: bool) -> io::Result<()> {
+        let run = self.run.lock().expect("packer");
+        let mut all: BTreeMap<Digest, Digest> =
+            run.iter().map(|(k, (pack, _))| (*k, *pack)).collect();
+        if !every_host {
+            all.extend(self.known.iter().map(|(k, v)| (*k, *v)));
+        }
+        if all.len() == self.known.len() && all.iter().all(|(k, v)| self.known.get(k) == Some(v)) {
+            return Ok(());
+        }
+        let text: String = all.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        crate::sys::atomic::write_file(&self.path, text.as_bytes(), 0o600)
+    }
+}
+
+/// The pack's bytes: each file once, in order, each checked against its digest (a file
+/// changed since the scan fails the host naming it, as an unpacked object would).
+fn read_all(parts: &[Source], files: &[(Digest, u64)]) -> Result<Vec<u8>, PublishError> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let digests = files.iter().map(|(d, _)| *d).filter(|d| seen.insert(*d));
+    for (source, digest) in parts.iter().zip(digests) {
+        let start = out.len();
+        source
+            .open()
+            .and_then(|mut r| r.read_to_end(&mut out))
+            .map_err(|e| PublishError::Io {
+                path: source.describe(),
+                source: e,
+            })?;
+        if Digest::of(&out[start..]) != digest {
+            return Err(PublishError::ChangedWhilePublishing(source.describe()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(files: &[(&str, &str)]) -> HostPlan {
+        crate::server::publish::fixture::plan("alpha", files, 1)
+    }
+
+    fn read(source: &Source) -> Vec<u8> {
+        let mut out = Vec::new();
+        source.open().unwrap().read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_tree_and_pack_gets_a_source_holding_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let packer = Packer::load(dir.path().join("packs"));
+        let mut plan = plan_of(&[("a.nix", "{ a = 1; }"), ("b.nix", "{ b = 2; }")]);
+        packer.pack(&mut plan).unwrap();
+        assert_eq!(
+            plan.manifest.format,
+            crate::protocol::manifest::FORMAT_TREES
+        );
+        for d in plan.manifest.objects() {
+            let source = plan.sources.get(&d).expect("a source for every object");
+            assert_eq!(Digest::of(&read(source)), d);
+        }
+    }
+
+    #[test]
+    fn a_remembered_pack_is_named_without_reading_and_read_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let memo = dir.path().join("packs");
+        let files = [("a.nix", "{ a = 1; }"), ("b.nix", "{ b = 2; }")];
+        let first = Packer::load(memo.clone());
+        let mut plan = plan_of(&files);
+        first.pack(&mut plan).unwrap();
+        first.save(true).unwrap();
+        let packs: Vec<Digest> = plan
+            .manifest
+            .stored()
+            .unwrap()
+            .packs
+            .keys()
+            .copied()
+            .collect();
+
+        let second = Packer::load(memo);
+        let mut again = plan_of(&files);
+        second.pack(&mut again).unwrap();
+        for p in &packs {
+            let source = &again.sources[p];
+            assert!(matches!(source, Source::Pack(_)), "named from memory");
+            assert_eq!(
+                Digest::of(&read(source)),
+                *p,
+                "and its files make the named bytes"
+            );
+        }
+    }
+}
