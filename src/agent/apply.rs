@@ -101,9 +101,19 @@ impl Attempt<'_> {
                 e => AttemptError::Remote(e),
             })?,
         };
-        let manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
+        let mut manifest = Manifest::parse_untrusted(&bytes, &self.version, &self.cfg.host)
             .map_err(|e| AttemptError::Failed(format!("manifest {}: {e}", self.version.short())))?;
         self.check_trust(signature, &bytes, &manifest, log)?;
+        let packed_error = |e: super::packed::PackedError| match e {
+            super::packed::PackedError::Remote(e @ RemoteError::BadObject { .. }) => failed(&e),
+            super::packed::PackedError::Remote(e) => AttemptError::Remote(e),
+            super::packed::PackedError::Refused(why) => {
+                AttemptError::Failed(format!("version {}: {why}", self.version.short()))
+            }
+        };
+        // Format 2: the trees the signed manifest names, before anything else is fetched.
+        super::packed::expand(conn.as_mut(), &mut manifest, &self.dirs.objects())
+            .map_err(packed_error)?;
         if let Some(w) =
             super::decide::clock_warning(&manifest.created, std::time::SystemTime::now())
         {
@@ -133,8 +143,14 @@ impl Attempt<'_> {
             missing.len(),
             sizes.len()
         ));
-        match fetch::objects(conn.as_mut(), &missing, &self.dirs.objects()) {
-            Ok(n) => log.step(&format!("fetched {}", crate::sys::output::bytes(n))),
+        let (whole, from_packs) =
+            super::packed::fetch_packed(conn.as_mut(), &manifest, &missing, &self.dirs.objects())
+                .map_err(packed_error)?;
+        match fetch::objects(conn.as_mut(), &whole, &self.dirs.objects()) {
+            Ok(n) => log.step(&format!(
+                "fetched {}",
+                crate::sys::output::bytes(n + from_packs)
+            )),
             Err(e @ RemoteError::BadObject { .. }) => return Err(failed(&e)),
             Err(e) => return Err(AttemptError::Remote(e)),
         }

@@ -26,6 +26,7 @@ pub mod identity;
 mod live_host;
 mod nar;
 mod outcome;
+mod packed;
 pub mod page;
 pub mod preflight;
 mod record;

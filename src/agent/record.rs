@@ -417,6 +417,7 @@ pub fn heartbeat(
         serial: state.applied.as_ref().and_then(|a| a.serial),
         stale: state.stale.as_ref().map(|s| s.reason.clone()),
         clock_offset_s: sink.clock_correction().filter(|o| *o != 0),
+        formats: crate::protocol::manifest::FORMATS.to_vec(),
     };
     if let Err(e) = sink.put(LogItem::Heartbeat, &hb.to_bytes()) {
         tracing::warn!("could not write the heartbeat: {e}");
@@ -429,10 +430,22 @@ fn collect_cache(dirs: &StateDir, state: &State) -> std::io::Result<()> {
         return Ok(());
     };
     let mpath = dirs.manifests().join(format!("{}.json", applied.version));
-    let manifest = Manifest::parse(&std::fs::read(&mpath)?)
+    let mut manifest = Manifest::parse(&std::fs::read(&mpath)?)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // Format 2: its trees are among the objects kept, so they are read from there.
+    let objects = dirs.objects();
+    manifest
+        .expand(|d| {
+            std::fs::read(objects.join(d.to_hex())).map_err(|e| {
+                crate::protocol::tree::TreeError::Missing {
+                    tree: *d,
+                    reason: e.to_string(),
+                }
+            })
+        })
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let keep: std::collections::BTreeSet<String> =
-        manifest.objects().iter().map(Digest::to_hex).collect();
+        manifest.host_objects().iter().map(Digest::to_hex).collect();
     for entry in std::fs::read_dir(dirs.objects())? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -617,6 +617,24 @@ impl Manifest {
         set
     }
 
+    /// What a host keeps of this version, once each: every file's object (format 2's packed
+    /// files too: a host stores files, never packs) and format 2's trees.
+    pub fn host_objects(&self) -> BTreeSet<Digest> {
+        let mut set: BTreeSet<Digest> = self
+            .config
+            .iter()
+            .filter_map(|e| match e {
+                ConfigEntry::File { sha256, .. } => Some(*sha256),
+                ConfigEntry::Directory { .. } => None,
+            })
+            .collect();
+        set.extend(self.files.iter().map(|f| f.sha256));
+        if let Some(stored) = self.stored() {
+            set.extend(stored.trees.keys());
+        }
+        set
+    }
+
     /// Parses bytes from an untrusted source: checks size, digest, format, host, paths,
     /// duplicates and that every entry's parent directory is listed.
     pub fn parse_untrusted(

@@ -161,6 +161,11 @@ pub struct Heartbeat {
     /// with, absent when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_s: Option<i64>,
+    /// The manifest formats the agent reads (`[1, 2]`). Absent from agents older than
+    /// format 2, which read format 1 only: `bento status` names them as what keeps a fleet
+    /// from `[server] format = 2`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<u32>,
 }
 
 impl Report {

@@ -291,6 +291,7 @@ fn place(chroot: &Chroot, host: &str, running: Option<&str>, expected: &StorePat
             serial: None,
             stale: None,
             clock_offset_s: None,
+            formats: vec![],
         };
         fs::write(dir.join("logs/heartbeat.json"), hb.to_bytes()).unwrap();
     }

@@ -443,6 +443,7 @@ fn build_and_diff_preview_the_working_tree_before_anything_is_published() {
         serial: None,
         stale: None,
         clock_offset_s: None,
+        formats: vec![],
     };
     fs::write(logs.join("heartbeat.json"), hb.to_bytes()).unwrap();
     let diff = || {

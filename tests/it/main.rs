@@ -12,6 +12,7 @@ mod docs;
 mod enrol;
 mod fails_alone;
 mod faults;
+mod format2;
 mod fresh;
 mod holds;
 mod hostile;

@@ -112,6 +112,7 @@ impl Fixture {
             serial: None,
             stale: None,
             clock_offset_s: None,
+            formats: vec![],
         };
         change(&mut hb);
         write_atomic(

@@ -27,11 +27,11 @@ pub fn pack_all(
     failed: impl Fn(&crate::protocol::HostName, PublishError) -> super::HostReport + Sync,
 ) -> (Vec<HostPlan>, Vec<super::HostReport>) {
     use rayon::prelude::*;
-    let done: Vec<Result<HostPlan, super::HostReport>> = plans
+    let done: Vec<Result<HostPlan, Box<super::HostReport>>> = plans
         .into_par_iter()
         .map(|mut plan| match packer.pack(&mut plan) {
             Ok(()) => Ok(plan),
-            Err(e) => Err(failed(&plan.host, e)),
+            Err(e) => Err(Box::new(failed(&plan.host, e))),
         })
         .collect();
     let mut plans = Vec::new();
@@ -39,7 +39,7 @@ pub fn pack_all(
     for d in done {
         match d {
             Ok(p) => plans.push(p),
-            Err(r) => reports.push(r),
+            Err(r) => reports.push(*r),
         }
     }
     (plans, reports)

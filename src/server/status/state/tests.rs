@@ -37,6 +37,7 @@ fn heartbeat(t: SystemTime, version: Option<Digest>, system: char) -> Heartbeat 
         serial: None,
         stale: None,
         clock_offset_s: None,
+        formats: vec![],
     }
 }
 fn report(t: SystemTime, version: Digest, outcome: Outcome, before: char, after: char) -> Report {
