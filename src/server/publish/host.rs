@@ -159,7 +159,14 @@ pub fn decide(
     }
     if let Some((digest, live)) = &live {
         if live.same_content(&plan.manifest)
-            && super::serial::numbered_last(store, numbering, host, digest, live.serial)?
+            && super::serial::numbered_last(
+                store,
+                numbering,
+                host,
+                digest,
+                live.serial,
+                token.as_ref(),
+            )?
         {
             return Ok(Decision::Keep {
                 report: Box::new(report_of(plan, live, Status::Unchanged, *digest, 0, 0)),
