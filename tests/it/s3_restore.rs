@@ -153,7 +153,12 @@ fn restore(admin: &Client, host: &str, saved: &[(String, Vec<u8>)]) {
 
 fn copy_dir(from: &Path, to: &Path) {
     let _ = fs::remove_dir_all(to);
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -161,7 +166,10 @@ fn copy_dir(from: &Path, to: &Path) {
 fn age_confirmations(state: &Path, host: &str, secs: u64) {
     let path = state.join(".bento/s3-index").join(format!("{host}.json"));
     let mut index: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let confirmed = index["confirmed"].as_object_mut().expect("a confirmation");
     assert!(!confirmed.is_empty(), "{confirmed:?}");
     for entry in confirmed.values_mut() {

@@ -361,7 +361,10 @@ mod tests {
         publish_host(&store, &plan("a"), &n).unwrap();
         let (live, _) = crate::server::publish::live_version(&store, &web()).unwrap();
         let (_, at) = store.current(&web()).unwrap().unwrap();
-        assert!(!store.confirmed(&web(), &at), "nothing heard from the host yet");
+        assert!(
+            !store.confirmed(&web(), &at),
+            "nothing heard from the host yet"
+        );
         // A dry run reads the confirming heartbeat but keeps nothing.
         store.put_log(&web(), "heartbeat.json", &running(&live, 1));
         let dry = Numbering { dry_run: true, ..n };

@@ -5,7 +5,9 @@
 //! read from the publisher's own copy, checked against its digest.
 //!
 //! Invariants: the index only ever saves requests; it is never trusted for content (a copy
-//! that does not hash to its name is not used). A host's file is written whole and
+//! that does not hash to its name is not used). A host's confirmation of its live version
+//! (its heartbeat named it) spares the heartbeat read only while `current` keeps the ETag it
+//! was confirmed at, for at most [`CONFIRMATION_SECS`] (`publish::serial::numbered_last`). A host's file is written whole and
 //! atomically when that host's publish commits (`current` switched), and before a key it
 //! says is present is deleted, so a publish killed at any moment leaves files that claim no
 //! key the engine lacks: the next publish uses them as they are. A key removed behind the
