@@ -6,8 +6,10 @@
 //! - no-change poll: bytes on the wire (both ways, counted at a relay) and HTTP requests;
 //! - polls per second: N installed machines polling at once (S3: all N in flight; SFTP: 16
 //!   at a time, as scenario 6, since sshd's MaxStartups refuses larger bursts);
-//! - no-change publish of a generated fleet (scenario 4's generator): time, and the
-//!   requests it makes (counted at the relay); the chroot's no-change publish beside it;
+//! - no-change publish of a generated fleet (scenario 4's generator) whose hosts applied
+//!   their versions (each heartbeat written as its agent writes it): time, and the
+//!   requests it makes (counted at the relay), after the one publish that hears every host;
+//!   the chroot's no-change publish beside it;
 //! - engine disk for 100 hosts sharing 90 % of their content: bytes added to weed's data
 //!   directory (apparent and allocated), against the chroot's.
 //!
