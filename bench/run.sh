@@ -2,11 +2,12 @@
 # bento's benchmark suite: every scenario twice (bento, and the plain-tools way) on the same
 # seeded data over a private loopback sshd; prints one table. See docs/benchmarks.md.
 #
-#   bench/run.sh [--quick] [--reps N] [--no-doc] [SCENARIO…]
+#   bench/run.sh [--quick] [--reps N] [--part=PART] [--no-doc] [SCENARIO…]
 #
 # Scenarios: 1|poll 2|change 3|connections 4|publish 5|status 6|fleet 7|delivery 8|prebuilt
 # 9|s3 (the object store beside SFTP; needs SeaweedFS from scripts/test.sh's cache)
 # (default: all).
+# --part=PART: only that part of a scenario (9: poll, publish, disk); never writes the doc.
 # --quick: small sizes, a few minutes (the smoke mode). A full run of every scenario also
 # rewrites the results table in docs/benchmarks.md (unless --no-doc).
 # Needs root: it creates (and always removes) host accounts, chroots and an sshd.

@@ -40,11 +40,18 @@ pub struct Config {
     pub smoke: bool,
     pub reps: usize,
     scenarios: BTreeSet<u8>,
+    /// `--part=NAME`: only these parts of a scenario that has parts (all when empty).
+    parts: BTreeSet<String>,
 }
 
 impl Config {
     pub fn wants(&self, n: u8) -> bool {
         self.scenarios.contains(&n)
+    }
+
+    /// Whether the part `name` of a scenario runs (`--part`; every part by default).
+    pub fn runs(&self, name: &str) -> bool {
+        self.parts.is_empty() || self.parts.contains(name)
     }
 }
 
@@ -94,7 +101,7 @@ const NAMES: &[(u8, &str, &str)] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: suite [--quick|--smoke] [--reps N] [--write-doc] [SCENARIO…]\nscenarios (default all):"
+        "usage: suite [--quick|--smoke] [--reps N] [--part=PART] [--write-doc] [SCENARIO…]\n--part: only that part of a scenario (9: poll, publish, disk); a partial run never writes the doc\nscenarios (default all):"
     );
     for (n, name, what) in NAMES {
         eprintln!("  {n} | {name:<12} {what}");
@@ -108,6 +115,7 @@ fn parse_args() -> (Config, bool) {
     let mut reps = None;
     let mut write_doc = false;
     let mut scenarios = BTreeSet::new();
+    let mut parts = BTreeSet::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -128,6 +136,9 @@ fn parse_args() -> (Config, bool) {
                 }
             }
             "-h" | "--help" => usage(),
+            part if part.starts_with("--part=") => {
+                parts.insert(part["--part=".len()..].to_owned());
+            }
             other => match NAMES
                 .iter()
                 .find(|(n, name, _)| other == *name || other == n.to_string())
@@ -145,6 +156,8 @@ fn parse_args() -> (Config, bool) {
     if scenarios.is_empty() {
         scenarios = NAMES.iter().map(|(n, _, _)| *n).collect();
     }
+    // Only a whole run is the published table.
+    let partial = !parts.is_empty();
     let reps = reps.unwrap_or(if smoke {
         1
     } else if quick {
@@ -158,8 +171,9 @@ fn parse_args() -> (Config, bool) {
             smoke,
             reps,
             scenarios,
+            parts,
         },
-        write_doc,
+        write_doc && !partial,
     )
 }
 

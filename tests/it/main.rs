@@ -37,6 +37,7 @@ mod s3_isolation;
 mod s3_killed;
 mod s3_publish;
 mod s3_race;
+mod s3_restore;
 mod s3_scale;
 mod secrets;
 mod server;

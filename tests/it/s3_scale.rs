@@ -21,17 +21,17 @@ use crate::s3_publish::{identities, ok, point_at_store, read, run};
 
 /// A fleet whose store is SeaweedFS (reached through a counting relay) configured from the
 /// printed policy, the publisher's state and credentials outside the fleet repo.
-struct Fleet {
-    sshd: Sshd,
-    engine: SeaweedFs,
-    relay: Relay,
-    state: PathBuf,
+pub(crate) struct Fleet {
+    pub(crate) sshd: Sshd,
+    pub(crate) engine: SeaweedFs,
+    pub(crate) relay: Relay,
+    pub(crate) state: PathBuf,
     ids: Vec<crate::common::engines::Identity>,
     _outside: tempfile::TempDir,
 }
 
 impl Fleet {
-    fn start(hosts: &[&str]) -> Fleet {
+    pub(crate) fn start(hosts: &[&str]) -> Fleet {
         let sshd = Sshd::start(hosts);
         fleet(&sshd);
         let f = sshd.fleet();
@@ -62,12 +62,12 @@ impl Fleet {
         }
     }
 
-    fn fleet(&self) -> PathBuf {
+    pub(crate) fn fleet(&self) -> PathBuf {
         self.sshd.fleet()
     }
 
     /// The host's agent, with only its printed rights, talking to the engine directly.
-    fn machine(&self, host: &str) -> Machine<'_> {
+    pub(crate) fn machine(&self, host: &str) -> Machine<'_> {
         let m = Machine::new(&self.sshd, host, "");
         let id = self
             .ids

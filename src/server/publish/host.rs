@@ -156,7 +156,14 @@ pub fn decide(
     }
     if let Some((digest, live)) = &live {
         if live.same_content(&plan.manifest)
-            && super::serial::numbered_last(store, numbering, host, digest, live.serial)?
+            && super::serial::numbered_last(
+                store,
+                numbering,
+                host,
+                digest,
+                live.serial,
+                token.as_ref(),
+            )?
         {
             // The same content as the plan: the plan's counts are the live version's.
             return Ok(Decision::Keep {

@@ -10,7 +10,7 @@ use crate::protocol::manifest::{Digest, Manifest, MAX_MANIFEST_BYTES};
 use crate::protocol::report::{Heartbeat, HEARTBEAT_FILE};
 use crate::protocol::HostName;
 use crate::server::records::Serials;
-use crate::server::store::Store;
+use crate::server::store::{Store, Version};
 
 use super::PublishError;
 
@@ -183,12 +183,37 @@ pub fn next(
 /// numbered again from 1). Then the kept manifests can prove nothing newer, and an unchanged
 /// host needs no listing of them: a no-change publish reads `current` and the heartbeat
 /// (both conditional on an object store), nothing else.
+///
+/// `version` is `current`'s version as read for this publish (an object store's ETag). When
+/// the store says the host's heartbeat already confirmed running `live` while `current` was
+/// at that very version ([`Store::confirmed`]), the heartbeat is not read again: one request
+/// per unchanged host on an object store instead of two. Why that loses nothing:
+/// - A host refuses a serial at or below the one it applied, so once its heartbeat said it
+///   runs `live` at `serial`, it had applied nothing numbered higher. A serial above
+///   `serial` can reach it afterwards only from a manifest written since: this publisher
+///   raises its record first (the record would not equal `serial`), and any publisher or
+///   rollback makes it live by writing `current` with a new digest (every version has its own
+///   serial, so its own bytes), which changes the version the confirmation was tied to.
+/// - A publisher state restored from a backup while the store was not holds an older
+///   version of `current` than the engine: no confirmation matches, the heartbeat is read.
+///   Two publishers keep two states: what one writes voids the other's confirmation.
+/// - What a version cannot tell: the store and the publisher's state restored together
+///   (the same bytes, the same ETag), or a mirror exported before the publisher lost its
+///   records still holding a higher serial that the host takes while the server is
+///   unreachable. Both need a publisher that once numbered below a serial that existed; a
+///   mirror is an export of live versions, so it holds nothing above the serials this
+///   publisher numbered otherwise. For those, a confirmation expires (the object store's is
+///   a day, `s3index::CONFIRMATION_SECS`), and any change of the host's content reads the
+///   heartbeat in [`next`]; the host's refusal names `--serial-floor` meanwhile.
+/// - A host whose heartbeat is missing, is another version's or lacks `serial` confirms
+///   nothing: its heartbeat is read on every publish, as the restored-server repair needs.
 pub fn numbered_last(
     store: &dyn Store,
     numbering: &Numbering<'_>,
     host: &HostName,
     live: &Digest,
     serial: u64,
+    version: Option<&Version>,
 ) -> Result<bool, PublishError> {
     let Some(record) = numbering.record else {
         return Ok(false);
@@ -200,7 +225,19 @@ pub fn numbered_last(
     if serial == 0 || recorded != Some(serial) || numbering.floor.is_some() {
         return Ok(false);
     }
-    Ok(!reported(store, host)
+    if version.is_some_and(|v| store.confirmed(host, v)) {
+        return Ok(true);
+    }
+    let heartbeat = reported(store, host);
+    if let (Some(v), false) = (version, numbering.dry_run) {
+        if heartbeat
+            .as_ref()
+            .is_some_and(|h| h.version == Some(*live) && h.serial == Some(serial))
+        {
+            store.confirm(host, v);
+        }
+    }
+    Ok(!heartbeat
         .is_some_and(|h| h.serial.is_some_and(|r| r >= serial) && h.version != Some(*live)))
 }
 
@@ -263,6 +300,13 @@ mod tests {
         .into_bytes()
     }
 
+    /// The heartbeat of a host that applied `version` at `serial`.
+    fn running(version: &Digest, serial: u64) -> Vec<u8> {
+        let h = String::from_utf8(heartbeat(serial)).unwrap();
+        h.replace("\"version\":null", &format!("\"version\":\"{version}\""))
+            .into_bytes()
+    }
+
     /// Puts a manifest nobody signed with the fleet key live, with the given serial.
     fn forge_live(store: &MemStore, serial: u64) -> Digest {
         let mut m = plan("forged").manifest;
@@ -303,6 +347,64 @@ mod tests {
         publish_host(&store, &plan("d"), &n).unwrap();
         assert_eq!(live_serial(&store), 8);
         assert_eq!(fresh.get(&web()).unwrap(), Some(8));
+    }
+
+    #[test]
+    fn a_confirmed_host_is_not_asked_again_until_current_is_written() {
+        let t = tempfile::tempdir().unwrap();
+        let serials = Serials::new(t.path());
+        let n = Numbering {
+            record: Some(&serials),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        let (live, _) = crate::server::publish::live_version(&store, &web()).unwrap();
+        let (_, at) = store.current(&web()).unwrap().unwrap();
+        assert!(
+            !store.confirmed(&web(), &at),
+            "nothing heard from the host yet"
+        );
+        // A dry run reads the confirming heartbeat but keeps nothing.
+        store.put_log(&web(), "heartbeat.json", &running(&live, 1));
+        let dry = Numbering { dry_run: true, ..n };
+        crate::server::publish::host::decide(&store, &plan("a"), &dry).unwrap();
+        assert!(!store.confirmed(&web(), &at));
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!(r.status, Status::Unchanged);
+        assert!(store.confirmed(&web(), &at), "the host runs serial 1");
+
+        // A heartbeat that would renumber is no longer read while `current` stays: nothing
+        // but a new `current` can bring the host a higher serial.
+        store.put_log(&web(), "heartbeat.json", &heartbeat(9));
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Unchanged, 1));
+        // `current` written again (another publisher, a restored store): read, renumbered.
+        store.switch_current(&web(), &live, Some(&at)).unwrap();
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Published, 10));
+    }
+
+    #[test]
+    fn a_host_that_never_confirmed_its_version_is_heard_on_every_publish() {
+        // As after records, manifests and the heartbeat were lost: publish numbered 1 and
+        // `current` is this publisher's own write, yet the host that refuses serial 1 as a
+        // replay (it applied 4) never confirmed it, so its heartbeat still repairs it.
+        let t = tempfile::tempdir().unwrap();
+        let serials = Serials::new(t.path());
+        let n = Numbering {
+            record: Some(&serials),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Unchanged, 1));
+        // The host applied serial 4 of a version the lost records numbered.
+        let earlier = Digest::of(b"a version the lost records numbered");
+        store.put_log(&web(), "heartbeat.json", &running(&earlier, 4));
+        let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Published, 5));
     }
 
     #[test]

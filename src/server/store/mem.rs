@@ -24,6 +24,8 @@ pub struct MemStore {
     /// The version of each host's `current`, as an object store's ETag changes per write.
     versions: Mutex<BTreeMap<HostName, Version>>,
     generation: AtomicUsize,
+    /// The version of `current` each host's heartbeat last confirmed (`Store::confirm`).
+    confirmations: Mutex<BTreeMap<HostName, Version>>,
 }
 
 impl MemStore {
@@ -232,6 +234,19 @@ impl Store for MemStore {
 
     fn collect_shared(&self) -> Result<usize, StoreError> {
         Ok(0)
+    }
+
+    /// Every version is a new generation, so a confirmation stands exactly while `current`
+    /// stays as it was (no expiry: the tests' clock is not the publisher's).
+    fn confirmed(&self, host: &HostName, version: &Version) -> bool {
+        self.confirmations.lock().expect("not poisoned").get(host) == Some(version)
+    }
+
+    fn confirm(&self, host: &HostName, version: &Version) {
+        self.confirmations
+            .lock()
+            .expect("not poisoned")
+            .insert(host.clone(), version.clone());
     }
 
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {

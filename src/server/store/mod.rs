@@ -168,6 +168,16 @@ pub trait Store: Send + Sync {
     ) -> Result<(Vec<u8>, Option<std::time::SystemTime>), LogsError> {
         self.read_log(host, None, name).map(|bytes| (bytes, None))
     }
+    /// Whether this publisher saw the host's heartbeat confirm the version `current` names,
+    /// while `current` was at `version`, recently enough to spare reading the heartbeat again
+    /// (`server::publish::serial::numbered_last` says why that is safe). By default never:
+    /// a store whose heartbeat read is cheap (the chroot's local file) reads it every time.
+    fn confirmed(&self, _host: &HostName, _version: &Version) -> bool {
+        false
+    }
+    /// Remembers that the host's heartbeat confirmed the version `current` names at
+    /// `version` (kept by a run holding the publish lock; forgotten when `current` changes).
+    fn confirm(&self, _host: &HostName, _version: &Version) {}
 }
 
 /// The bytes of a pooled `cache/` file for [`Store::put_shared`] on a store that cannot

@@ -556,4 +556,12 @@ impl Store for S3Store {
         let l = self.logs_location(host)?;
         super::s3logs::read_received(&self.client, &l, &self.reports_cache, host, name)
     }
+
+    fn confirmed(&self, host: &HostName, version: &Version) -> bool {
+        self.current_confirmed(host, version)
+    }
+
+    fn confirm(&self, host: &HostName, version: &Version) {
+        self.confirm_current(host, version);
+    }
 }

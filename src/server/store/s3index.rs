@@ -5,7 +5,9 @@
 //! read from the publisher's own copy, checked against its digest.
 //!
 //! Invariants: the index only ever saves requests; it is never trusted for content (a copy
-//! that does not hash to its name is not used). A host's file is written whole and
+//! that does not hash to its name is not used). A host's confirmation of its live version
+//! (its heartbeat named it) spares the heartbeat read only while `current` keeps the ETag it
+//! was confirmed at, for at most [`CONFIRMATION_SECS`] (`publish::serial::numbered_last`). A host's file is written whole and
 //! atomically when that host's publish commits (`current` switched), and before a key it
 //! says is present is deleted, so a publish killed at any moment leaves files that claim no
 //! key the engine lacks: the next publish uses them as they are. A key removed behind the
@@ -26,6 +28,12 @@ use crate::sys::atomic;
 pub const INDEX_DIR: &str = "s3-index";
 /// The publisher's copies of the manifests it put or read, per host, in its state.
 pub const MANIFESTS_DIR: &str = "s3-manifests";
+/// How long a host's confirmation of its live version spares a no-change publish the read
+/// of its heartbeat: `current`'s ETag cannot tell a store and a publisher's state restored
+/// together from a backup (the same bytes, the same ETag), so a host that applied a newer
+/// version before the restore is heard from again within this time even when nothing
+/// changes (a change of the host's content reads the heartbeat at once).
+pub const CONFIRMATION_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Saved {
@@ -35,6 +43,10 @@ struct Saved {
     present: BTreeSet<String>,
     /// `bucket/key` of the host's `current`: its text and ETag when last read or written.
     current: BTreeMap<String, (String, String)>,
+    /// `bucket/key` of the host's `current`: the ETag it had when the host's heartbeat last
+    /// confirmed running the version it names, and when that was (Unix seconds).
+    #[serde(default)]
+    confirmed: BTreeMap<String, (String, u64)>,
 }
 
 /// One host's part, and whether it changed since it was loaded or saved.
@@ -178,7 +190,8 @@ impl Index {
         self.with(host, |p| p.saved.current.get(full).cloned())
     }
 
-    /// Records `current`'s text and ETag (`None`: not known, or gone).
+    /// Records `current`'s text and ETag (`None`: not known, or gone). A change forgets the
+    /// host's confirmation: it was of the version `current` named before.
     pub fn set_current(&self, host: &HostName, full: &str, seen: Option<(String, String)>) {
         self.with(host, |p| {
             let changed = match seen {
@@ -187,7 +200,33 @@ impl Index {
                 }
                 None => p.saved.current.remove(full).is_some(),
             };
+            if changed {
+                p.saved.confirmed.remove(full);
+            }
             p.dirty |= changed;
+        });
+    }
+
+    /// Whether the host confirmed the version `current` names while `current` had `etag`,
+    /// less than [`CONFIRMATION_SECS`] before `now` (a confirmation "from the future", as
+    /// after the publisher's clock went back, does not count).
+    pub fn confirmed(&self, host: &HostName, full: &str, etag: &str, now: u64) -> bool {
+        self.with(host, |p| {
+            p.saved
+                .confirmed
+                .get(full)
+                .is_some_and(|(e, at)| e == etag && *at <= now && now - at < CONFIRMATION_SECS)
+        })
+    }
+
+    /// Records the host's confirmation of `current` at `etag`, if that is the ETag the index
+    /// holds for it (an ETag this run did not get from the engine confirms nothing).
+    pub fn confirm(&self, host: &HostName, full: &str, etag: &str, now: u64) {
+        self.with(host, |p| {
+            if p.saved.current.get(full).is_some_and(|(_, e)| e == etag) {
+                let entry = (etag.to_owned(), now);
+                p.dirty |= p.saved.confirmed.insert(full.to_owned(), entry.clone()) != Some(entry);
+            }
         });
     }
 
@@ -284,6 +323,35 @@ mod tests {
         // Each host's file is whole JSON on its own.
         let file = state.state_dir().join(INDEX_DIR).join("alpha.json");
         serde_json::from_slice::<serde_json::Value>(&std::fs::read(file).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_confirmation_holds_for_its_etag_within_a_day_and_a_new_current_voids_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let alpha = alpha();
+        let index = Index::load(&state, "s3://a");
+        index.begin_writing().unwrap();
+        let now = 1_800_000_000;
+        // An ETag the index never got from the engine confirms nothing.
+        index.confirm(&alpha, "b/current", "\"e1\"", now);
+        assert!(!index.confirmed(&alpha, "b/current", "\"e1\"", now));
+        index.set_current(&alpha, "b/current", Some(("d1\n".into(), "\"e1\"".into())));
+        index.confirm(&alpha, "b/current", "\"e1\"", now);
+        index.save();
+        let again = Index::load(&state, "s3://a");
+        let ok = |etag: &str, at: u64| again.confirmed(&alpha, "b/current", etag, at);
+        assert!(ok("\"e1\"", now) && ok("\"e1\"", now + CONFIRMATION_SECS - 1));
+        assert!(!ok("\"e2\"", now), "another `current`");
+        assert!(!ok("\"e1\"", now + CONFIRMATION_SECS), "expired");
+        assert!(!ok("\"e1\"", now - 1), "from the future");
+        // The same `current` read again keeps it; a new one forgets it for good.
+        again.set_current(&alpha, "b/current", Some(("d1\n".into(), "\"e1\"".into())));
+        assert!(ok("\"e1\"", now));
+        again.set_current(&alpha, "b/current", Some(("d2\n".into(), "\"e2\"".into())));
+        again.set_current(&alpha, "b/current", Some(("d1\n".into(), "\"e1\"".into())));
+        assert!(!ok("\"e1\"", now));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! so an unchanged one is a 304 and the index's copy of its text is used.
 //!
 //! Invariant: the answer is the engine's now (never this run's memory of it); the index only
-//! saves the body.
+//! saves the body. A host's confirmation of its live version is tied to the ETag `current`
+//! had when the heartbeat was read, so any write of `current` since voids it.
 
 use super::{s3_err, S3Store, MAX_CURRENT_BYTES};
 use crate::protocol::layout::Key;
@@ -10,7 +11,32 @@ use crate::protocol::HostName;
 use crate::server::store::{StoreError, Version};
 use crate::sys::s3::{Got, S3Error};
 
+/// The publisher's clock in Unix seconds (0 before 1970: nothing counts as recent).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl S3Store {
+    fn current_key(&self, host: &HostName) -> Option<String> {
+        let (l, k) = self.at(host, &Key::Current).ok()?;
+        Some(format!("{}/{k}", l.bucket))
+    }
+
+    /// `Store::confirmed`: `version` (the ETag the engine just gave for `current`) is the one
+    /// the index holds a recent confirmation for.
+    pub(super) fn current_confirmed(&self, host: &HostName, version: &Version) -> bool {
+        self.current_key(host)
+            .is_some_and(|full| self.index.confirmed(host, &full, &version.0, unix_now()))
+    }
+
+    pub(super) fn confirm_current(&self, host: &HostName, version: &Version) {
+        if let Some(full) = self.current_key(host) {
+            self.index.confirm(host, &full, &version.0, unix_now());
+        }
+    }
+
     /// `current` from the engine (asked with its indexed ETag), never this run's memory.
     pub(super) fn fetch_current(
         &self,
