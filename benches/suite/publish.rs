@@ -110,8 +110,11 @@ fn measure_bento(fleet: &Path, out: &Path, format: u32, cold_reps: usize, reps: 
         .filter(|l| !l.starts_with("format ="))
         .map(|l| format!("{l}\n"))
         .collect();
-    fs::write(&toml, text.replacen("[server]\n", &format!("[server]\nformat = {format}\n"), 1))
-        .unwrap();
+    fs::write(
+        &toml,
+        text.replacen("[server]\n", &format!("[server]\nformat = {format}\n"), 1),
+    )
+    .unwrap();
     let chroot_n = |i: usize| -> PathBuf { out.join(format!("f{format}-chroot{i}")) };
     let mut cold = Samples::default();
     for i in 0..cold_reps {
@@ -267,13 +270,21 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
             )),
     );
     for (label, (apparent, allocated), baseline) in [
-        ("disk after cold publish (format 1)", one.disk_cold, Some(b_disk)),
+        (
+            "disk after cold publish (format 1)",
+            one.disk_cold,
+            Some(b_disk),
+        ),
         (
             "disk after the changes, old versions kept (format 1)",
             one.disk_after,
             None,
         ),
-        ("disk after cold publish (format 2)", two.disk_cold, Some(b_disk)),
+        (
+            "disk after cold publish (format 2)",
+            two.disk_cold,
+            Some(b_disk),
+        ),
         (
             "disk after the changes, old versions kept (format 2)",
             two.disk_after,

@@ -186,3 +186,223 @@ pub fn fetch_packed(
     }
     Ok((whole, fetched))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::source::DirConnection;
+    use super::*;
+    use crate::protocol::layout;
+    use crate::protocol::manifest::{Build, ConfigEntry, RelPath, FORMAT};
+    use crate::protocol::HostName;
+
+    /// A served host directory holding a format-2 version of `files`, and the manifest as a
+    /// host reads it (trees unread).
+    fn served(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, Manifest) {
+        let t = tempfile::tempdir().unwrap();
+        for d in [layout::MANIFESTS, layout::OBJECTS, layout::LOGS] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        let mut contents = BTreeMap::new();
+        let mut config = vec![ConfigEntry::Directory {
+            path: RelPath::new("d").unwrap(),
+        }];
+        for (path, bytes) in files {
+            let sha256 = Digest::of(bytes);
+            contents.insert(sha256, bytes.clone());
+            config.push(ConfigEntry::File {
+                path: RelPath::new(path).unwrap(),
+                size: bytes.len() as u64,
+                sha256,
+                executable: false,
+            });
+        }
+        let mut m = Manifest {
+            format: FORMAT,
+            host: HostName::new("alpha").unwrap(),
+            created: "2026-12-06T12:00:00Z".parse().unwrap(),
+            serial: 1,
+            source_commit: None,
+            dirty: false,
+            build: Build::Flake,
+            system: None,
+            config,
+            tree: None,
+            files: vec![],
+        };
+        m.canonicalize();
+        let object = |d: &Digest, bytes: &[u8]| {
+            std::fs::write(t.path().join(layout::OBJECTS).join(d.to_hex()), bytes).unwrap()
+        };
+        m.store_as_trees(|chunk| {
+            let mut seen = std::collections::BTreeSet::new();
+            let pack: Vec<u8> = chunk
+                .iter()
+                .filter(|(d, _)| seen.insert(*d))
+                .flat_map(|(d, _)| contents[d].clone())
+                .collect();
+            let d = Digest::of(&pack);
+            object(&d, &pack);
+            Ok::<_, std::convert::Infallible>(d)
+        })
+        .unwrap();
+        for (d, bytes) in &m.stored().unwrap().trees {
+            object(d, bytes);
+        }
+        for (d, bytes) in &contents {
+            if bytes.len() as u64 > crate::protocol::pack::PACKED_MAX {
+                object(d, bytes);
+            }
+        }
+        let read = Manifest::parse(&m.to_bytes()).unwrap();
+        (t, read)
+    }
+
+    fn files(n: usize) -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("d/f{i:03}"),
+                    format!("file {i}\n").repeat(20).into_bytes(),
+                )
+            })
+            .collect()
+    }
+
+    fn update(
+        t: &tempfile::TempDir,
+        m: &Manifest,
+        objects: &Path,
+    ) -> Result<Manifest, PackedError> {
+        let mut src = DirConnection::open(t.path()).unwrap();
+        let mut m = m.clone();
+        expand(&mut src, &mut m, objects)?;
+        let wanted: Vec<(Digest, u64)> = m
+            .config
+            .iter()
+            .filter_map(|e| match e {
+                ConfigEntry::File { sha256, size, .. } => Some((*sha256, *size)),
+                _ => None,
+            })
+            .filter(|(d, _)| !objects.join(d.to_hex()).exists())
+            .collect();
+        let (whole, _) = fetch_packed(&mut src, &m, &wanted, objects)?;
+        crate::agent::fetch::objects(&mut src, &whole, objects)?;
+        Ok(m)
+    }
+
+    #[test]
+    fn a_version_is_fetched_from_trees_and_pack_ranges_and_each_file_is_whole() {
+        let mut all = files(40);
+        all.push(("d/big".into(), vec![7u8; 70 * 1024]));
+        let borrowed: Vec<(&str, Vec<u8>)> =
+            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+        let (t, m) = served(&borrowed);
+        let local = tempfile::tempdir().unwrap();
+        let m = update(&t, &m, local.path()).unwrap();
+        for (_, bytes) in &all {
+            let d = Digest::of(bytes);
+            assert_eq!(
+                &std::fs::read(local.path().join(d.to_hex())).unwrap(),
+                bytes
+            );
+        }
+        assert!(m.is_expanded());
+        let left: Vec<_> = std::fs::read_dir(local.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "no partial range is left: {left:?}");
+    }
+
+    #[test]
+    fn a_tampered_pack_entry_or_tree_is_refused_and_nothing_of_it_is_kept() {
+        let all = files(30);
+        let borrowed: Vec<(&str, Vec<u8>)> =
+            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+        let (t, m) = served(&borrowed);
+        let objects = t.path().join(layout::OBJECTS);
+        let local = tempfile::tempdir().unwrap();
+        let mut expanded = m.clone();
+        expand(
+            &mut DirConnection::open(t.path()).unwrap(),
+            &mut expanded,
+            local.path(),
+        )
+        .unwrap();
+        let pack = *expanded.stored().unwrap().packs.keys().next().unwrap();
+        let mut bytes = std::fs::read(objects.join(pack.to_hex())).unwrap();
+        bytes[3] ^= 1;
+        std::fs::write(objects.join(pack.to_hex()), &bytes).unwrap();
+        let err = update(&t, &m, local.path()).unwrap_err();
+        assert!(matches!(err, PackedError::Refused(_)), "{err}");
+        let tampered = expanded.stored().unwrap().packs[&pack]
+            .entries
+            .iter()
+            .find(|e| e.offset <= 3 && 3 < e.offset + e.size)
+            .unwrap()
+            .sha256;
+        assert!(!local.path().join(tampered.to_hex()).exists());
+
+        // A tree swapped on the server, with nothing held locally: refused by its digest.
+        let root = m.tree.as_ref().unwrap().root;
+        std::fs::write(
+            objects.join(root.to_hex()),
+            b"{\"format\":2,\"entries\":[]}\n",
+        )
+        .unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let err = update(&t, &m, fresh.path()).unwrap_err().to_string();
+        assert!(err.contains(&root.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn a_range_cut_short_resumes_where_it_stopped() {
+        let all = files(30);
+        let borrowed: Vec<(&str, Vec<u8>)> =
+            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+        let (t, m) = served(&borrowed);
+        let local = tempfile::tempdir().unwrap();
+        let mut expanded = m.clone();
+        expand(
+            &mut DirConnection::open(t.path()).unwrap(),
+            &mut expanded,
+            local.path(),
+        )
+        .unwrap();
+        // What an interrupted run leaves: the first half of one pack's range.
+        let index = expanded
+            .stored()
+            .unwrap()
+            .packs
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+        let wanted: Vec<Digest> = index.entries.iter().map(|e| e.sha256).collect();
+        let range = index.ranges(wanted.iter())[0].clone();
+        let pack = std::fs::read(t.path().join(layout::OBJECTS).join(index.pack.to_hex())).unwrap();
+        let half = (range.start + (range.end - range.start) / 2) as usize;
+        std::fs::write(
+            local.path().join(range_name(&index.pack, &range)),
+            &pack[range.start as usize..half],
+        )
+        .unwrap();
+        // The server's copy of that first half is gone: only the resumed tail can be read.
+        let mut damaged = pack.clone();
+        for b in &mut damaged[range.start as usize..half] {
+            *b = b'?';
+        }
+        std::fs::write(
+            t.path().join(layout::OBJECTS).join(index.pack.to_hex()),
+            &damaged,
+        )
+        .unwrap();
+        update(&t, &m, local.path()).unwrap();
+        for d in wanted {
+            assert!(local.path().join(d.to_hex()).exists(), "{d:?} landed whole");
+        }
+    }
+}

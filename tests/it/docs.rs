@@ -44,6 +44,96 @@ fn manifest_example_is_canonical_and_its_digest_is_the_documented_one() {
     );
 }
 
+/// Issue #26: the format-2 manifest, its trees and its packs, as documented, are what the
+/// code writes and reads: digests, one byte form, expansion and each pack's bytes.
+#[test]
+fn format_2_examples_expand_to_the_documented_files_and_packs() {
+    use bento::protocol::tree::Tree;
+    let doc = protocol();
+    let bytes = block(&doc, "json manifest2-example");
+    let digest_line = doc
+        .lines()
+        .find(|l| l.starts_with("(digest `"))
+        .expect("format 2 digest sentence");
+    let digest: Digest = digest_line.split('`').nth(1).unwrap().parse().unwrap();
+    let mut m =
+        Manifest::parse_untrusted(bytes.as_bytes(), &digest, &HostName::new("alpha").unwrap())
+            .expect("documented format-2 manifest parses and matches its digest");
+    assert_eq!(String::from_utf8(m.to_bytes()).unwrap(), bytes, "canonical");
+
+    let trees: std::collections::BTreeMap<Digest, Vec<u8>> = block(&doc, "json tree-example")
+        .lines()
+        .map(|l| {
+            let b = format!("{l}\n").into_bytes();
+            (Digest::of(&b), b)
+        })
+        .collect();
+    m.expand(|d| {
+        trees
+            .get(d)
+            .cloned()
+            .ok_or(bento::protocol::tree::TreeError::Missing {
+                tree: *d,
+                reason: "not documented".into(),
+            })
+    })
+    .expect("the documented trees expand the manifest");
+    let files: Vec<(String, String)> = block(&doc, "text format2-files")
+        .lines()
+        .map(|l| {
+            let (p, c) = l.split_once(": ").unwrap();
+            (p.to_owned(), format!("{c}\n"))
+        })
+        .collect();
+    let listed: Vec<String> = m.config.iter().map(|e| e.path().to_string()).collect();
+    assert_eq!(
+        listed,
+        ["common", "common/base.nix", "common/users.nix", "flake.nix"]
+    );
+    for (path, content) in &files {
+        let entry = m.config.iter().find(|e| e.path().as_str() == path).unwrap();
+        let bento::protocol::manifest::ConfigEntry::File { sha256, .. } = entry else {
+            panic!("{path} is a file")
+        };
+        assert_eq!(*sha256, Digest::of(content.as_bytes()), "{path}");
+    }
+    // Each tree's packs are its files' contents back to back, in name order.
+    for (d, b) in &trees {
+        let tree = Tree::parse_untrusted(b, d).unwrap();
+        for (pack, chunk) in tree
+            .packs
+            .iter()
+            .zip(bento::protocol::tree::chunks(&tree.entries))
+        {
+            let bytes: Vec<u8> = chunk
+                .iter()
+                .flat_map(|(sha, _)| {
+                    files
+                        .iter()
+                        .find(|(_, c)| Digest::of(c.as_bytes()) == *sha)
+                        .unwrap()
+                        .1
+                        .clone()
+                        .into_bytes()
+                })
+                .collect();
+            assert_eq!(Digest::of(&bytes), *pack);
+        }
+    }
+    let common = m
+        .stored()
+        .unwrap()
+        .packs
+        .values()
+        .find(|p| p.size == 97)
+        .unwrap();
+    assert_eq!(
+        common.entries.len(),
+        2,
+        "common/'s pack: base.nix at 0..45, users.nix at 45..97"
+    );
+}
+
 /// Issue #27: the freshness stamp example verifies with the example key, names its host and
 /// the documented `current`, and is refused once one byte of its line changes.
 #[test]
