@@ -124,6 +124,9 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
     if cfg.wants(2) || cfg.wants(3) {
         one_file_changed(cfg, &w, reps, rows);
     }
+    if cfg.wants(2) {
+        one_file_changed_format_2(&w, reps, rows);
+    }
     // Last: it signs the fleet and turns freshness on, which the scenarios above do not use.
     if let Some(plain) = plain_poll {
         fresh_poll(&w, reps, plain, rows);
@@ -367,4 +370,97 @@ fn one_file_changed(cfg: &Config, w: &Wire, reps: usize, rows: &mut Vec<Row>) {
                 .baseline(p_all),
         );
     }
+}
+
+/// The object files of the host's directory.
+fn object_names(host_dir: &Path) -> std::collections::BTreeSet<String> {
+    fs::read_dir(host_dir.join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Scenario 2 again with `[server] format = 2` (issue #26): the same file changes; the
+/// agent reads the new manifest, the new trees above the file and the file's range of its
+/// pack. Budget: the file + the new trees + the manifest + the no-change floor.
+fn one_file_changed_format_2(w: &Wire, reps: usize, rows: &mut Vec<Row>) {
+    let server = w.server();
+    let toml = server.fleet().join("bento.toml");
+    let text_now = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        text_now.replacen("[server]\n", "[server]\nformat = 2\n", 1),
+    )
+    .unwrap();
+    server.publish();
+    w.machine.update_expect(EXIT_UPDATED);
+    let payload = server.fleet().join("hosts").join(HOST).join("payload.txt");
+    let mut rng = Rng::new(SEED + 200);
+    let floor = {
+        w.relay.reset();
+        w.sftp("bye\n");
+        w.relay.connections().iter().map(|c| c.total()).sum::<u64>()
+    };
+    let host_dir = server.host_dir(HOST);
+    let (mut update, mut budgets, mut get) =
+        (Samples::default(), Samples::default(), Samples::default());
+    for _ in 0..reps {
+        let before = object_names(&host_dir);
+        let new = text(&mut rng, file_size());
+        fs::write(&payload, &new).unwrap();
+        server.publish();
+        let current = fs::read_to_string(host_dir.join("current")).unwrap();
+        let manifest_len = fs::metadata(
+            host_dir
+                .join("manifests")
+                .join(format!("{}.json", current.trim())),
+        )
+        .unwrap()
+        .len();
+        let trees: u64 = object_names(&host_dir)
+            .difference(&before)
+            .map(|n| fs::read(host_dir.join("objects").join(n)).unwrap())
+            .filter(|b| b.starts_with(b"{\"format\":2,\"entries\""))
+            .map(|b| b.len() as u64)
+            .sum();
+        budgets.push((new.len() as u64 + trees + manifest_len + floor) as f64);
+        w.relay.reset();
+        w.machine.update_expect(EXIT_UPDATED);
+        update.push(w.relay.connections().first().map_or(0, |c| c.total()) as f64);
+        // What the shell way moves for the same change: the whole directory.
+        publish_plain(w, "f2");
+        let local = w.machine.base.join("plain-copy-2");
+        let _ = fs::remove_dir_all(&local);
+        w.relay.reset();
+        let r = w.sftp(&format!("get -R plain/config {}\n", local.display()));
+        assert!(r.status.success(), "sftp get -R: {}", r.text());
+        get.push(w.relay.connections()[0].total() as f64);
+    }
+    let s = format!(
+        "2. one file of {FILES} ({} MB) changed",
+        TOTAL_BYTES / 1_000_000
+    );
+    let ratio = get.median() / update.median();
+    rows.push(
+        Row::new(
+            &s,
+            "format 2: bento's update connection vs `sftp get -R` of the directory",
+            Unit::Bytes,
+        )
+        .bento(update.clone())
+        .baseline(get)
+        .goal(format!("≥ 100× fewer; {ratio:.0}×"), ratio >= 100.0),
+    );
+    let r = update.median() / budgets.median();
+    rows.push(
+        Row::new(&s, "format 2: update connection vs its budget", Unit::Bytes)
+            .bento(update)
+            .goal(
+                format!(
+                    "≤ 1.1 × (file + new trees + manifest + floor = {}); {r:.3}×",
+                    crate::table::fmt_value(budgets.median(), Unit::Bytes)
+                ),
+                r <= 1.1,
+            ),
+    );
 }
