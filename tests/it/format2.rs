@@ -45,6 +45,21 @@ fn live_manifest(sshd: &Sshd, host: &str) -> Manifest {
     Manifest::parse(&fs::read(bento::protocol::layout::manifest(&dir, &digest)).unwrap()).unwrap()
 }
 
+fn status_json(sshd: &Sshd) -> Vec<serde_json::Value> {
+    let out = crate::common::bento()
+        .args(["status", "--json", "--fleet"])
+        .arg(sshd.fleet())
+        .arg("--chroot")
+        .arg(sshd.chroot())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], host: &str) -> &'a serde_json::Value {
+    rows.iter().find(|r| r["host"] == host).expect("host row")
+}
+
 fn objects(dir: &Path) -> BTreeSet<String> {
     fs::read_dir(dir.join("objects"))
         .unwrap()
@@ -96,6 +111,22 @@ fn a_format_1_host_takes_format_2_and_a_common_change_is_one_new_pack() {
         text(&out)
     );
     assert_eq!(m.heartbeat().formats, vec![1, 2]);
+    let rows = status_json(&sshd);
+    assert_eq!(row(&rows, "alpha")["formats"], serde_json::json!([1, 2]));
+    assert!(row(&rows, "beta")["formats"].is_null(), "beta never polled");
+    // An agent older than format 2 writes no `formats`: status names it as the host that
+    // cannot take this fleet's versions.
+    let hb = sshd.host_dir("alpha").join("logs/heartbeat.json");
+    let mut old: serde_json::Value = serde_json::from_slice(&fs::read(&hb).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("formats");
+    let saved = fs::read(&hb).unwrap();
+    fs::write(&hb, serde_json::to_vec(&old).unwrap()).unwrap();
+    let rows = status_json(&sshd);
+    let alpha = row(&rows, "alpha");
+    assert_eq!(alpha["formats"], serde_json::json!([1]));
+    let error = alpha["error"].as_str().unwrap_or_default();
+    assert!(error.contains("reads manifest format 1 only"), "{alpha}");
+    fs::write(&hb, saved).unwrap();
 
     // One common file changes: one new pack of its directory, and the host reads only
     // that file out of it.

@@ -63,6 +63,10 @@ pub struct HostStatus {
     /// time by it (an object store's `Date`), from its heartbeat or newest report; `None`
     /// when it corrected nothing. Shown beside the skew.
     pub clock_offset_s: Option<i64>,
+    /// The manifest formats its agent reads, from its heartbeat (`[1]` for an agent older
+    /// than the field); `None` without a heartbeat. A host without 2 holds a fleet back
+    /// from `[server] format = 2`.
+    pub formats: Option<Vec<u32>>,
     /// Some of the files the state depends on could not be read (permissions, I/O errors:
     /// named in `error`), so the state is a guess; `bento status` then exits non-zero.
     pub unreadable: bool,
@@ -313,7 +317,7 @@ fn live(store: &dyn Store, host: &HostName, notes: &mut Notes) -> Option<(Digest
     let key = Key::Manifest(digest);
     let head = read_head(store, host, &key);
     match head {
-        Ok(h) if h.format == crate::protocol::manifest::FORMAT => Some((digest, h)),
+        Ok(h) if crate::protocol::manifest::FORMATS.contains(&h.format) => Some((digest, h)),
         Ok(h) => {
             notes.push(format!(
                 "{}: manifest format {}",
@@ -408,7 +412,8 @@ fn built_for(
             crate::protocol::manifest::MAX_MANIFEST_BYTES,
         )
         .ok()??;
-    let manifest = Manifest::parse(&bytes).ok()?;
+    let mut manifest = Manifest::parse(&bytes).ok()?;
+    crate::server::store::trees::expand(store, host, &mut manifest).ok()?;
     (record::content_key(manifest.build, &manifest.config) == rec.key)
         .then_some(rec.system)
         .flatten()
@@ -518,6 +523,21 @@ pub fn host_status(
     if let Some(note) = clock_skew_s.and_then(super::skew::note) {
         notes.list.insert(0, note);
     }
+    let formats = heartbeat.as_ref().map(|h| match h.formats.is_empty() {
+        true => vec![crate::protocol::manifest::FORMAT],
+        false => h.formats.clone(),
+    });
+    // A format-2 version its agent cannot read: the host refuses every version until its
+    // bento is upgraded (docs/protocol.md, "Upgrading").
+    let live_format = live.as_ref().map(|(_, h)| h.format);
+    if let (Some(f), Some(reads)) = (live_format, &formats) {
+        if !reads.contains(&f) {
+            notes.list.push(format!(
+                "its agent reads manifest format {} only, and this version is format {f}: upgrade bento on it",
+                reads.iter().map(u32::to_string).collect::<Vec<_>>().join(" and ")
+            ));
+        }
+    }
     // The heartbeat remembers the last success even when newer runs failed.
     let last_success_at = heartbeat
         .as_ref()
@@ -569,6 +589,7 @@ pub fn host_status(
         verifies_signatures: heartbeat.as_ref().and_then(|h| h.verifies_signatures),
         clock_skew_s,
         clock_offset_s,
+        formats,
         unreadable,
         last_seen_at,
         last_success_at,

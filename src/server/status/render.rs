@@ -300,6 +300,7 @@ mod tests {
             verifies_signatures: None,
             clock_skew_s: None,
             clock_offset_s: None,
+            formats: None,
             unreadable: false,
             last_seen_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000)),
             last_success_at: None,
