@@ -421,14 +421,15 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 /// uses.
 pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
-    // (order, digest, manifest) of every version but the live one.
+    // (order, digest, objects) of every version but the live one.
     type Other = (
         Option<(u64, std::time::SystemTime)>,
         Digest,
-        Option<Manifest>,
+        Option<BTreeSet<Digest>>,
     );
     let mut others: Vec<Other> = Vec::new();
-    let mut kept: Vec<Manifest> = Vec::new();
+    // The objects of each kept version.
+    let mut kept: Vec<BTreeSet<Digest>> = Vec::new();
     let signed: BTreeSet<Digest> = listed
         .iter()
         .filter_map(|key| match key {
@@ -453,10 +454,10 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             .ok()
             .flatten()
             .and_then(|b| Manifest::parse(&b).ok());
-        // A format-2 version is kept with its trees read: their objects are what it uses.
+        // What a version uses: format 2's from its trees (read, not expanded).
         let parsed = match parsed {
-            Some(mut m) => match crate::server::store::trees::expand(store, host, &mut m) {
-                Ok(()) => Some(m),
+            Some(m) => match crate::server::store::trees::objects(store, host, &m) {
+                Ok(objects) => Some((m, objects)),
                 // The live version's objects are never collected on a guess.
                 Err(e) if digest == live => {
                     return Err(StoreError::Io {
@@ -469,8 +470,8 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             None => None,
         };
         match parsed {
-            Some(m) if digest == live => kept.push(m),
-            Some(m) => others.push((Some(m.order()), *digest, Some(m))),
+            Some((_, objects)) if digest == live => kept.push(objects),
+            Some((m, objects)) => others.push((Some(m.order()), *digest, Some(objects))),
             // Unreadable manifests are not a version anyone can use.
             None => others.push((None, *digest, None)),
         }
@@ -496,7 +497,7 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             }
         }
     }
-    let used: BTreeSet<Digest> = kept.iter().flat_map(|m| m.objects()).collect();
+    let used: BTreeSet<Digest> = kept.into_iter().flatten().collect();
     for key in store.list(host, Area::Objects)? {
         if let Key::Object(d) = &key {
             if !used.contains(d) {

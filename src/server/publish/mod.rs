@@ -165,6 +165,21 @@ pub struct Published {
     pub changes: BTreeMap<HostName, Changes>,
 }
 
+/// How many hosts are published at once. Publishing a host waits on the disk (each version
+/// is made durable before `current` names it) or on the network (an object store) far more
+/// than it computes; with many hosts in flight the kernel commits their syncs together and
+/// the store's round trips overlap (measured: 200 hosts' one-file change 6.8 s with 2, 2 s
+/// with 32).
+const HOSTS_IN_FLIGHT: usize = 32;
+
+fn in_flight() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(HOSTS_IN_FLIGHT)
+        .thread_name(|i| format!("publish-{i}"))
+        .build()
+        .expect("a thread pool")
+}
+
 /// Builds the plan of each host (pure, apart from reading `files.toml`).
 pub fn plan(
     fleet: &crate::server::fleet::FleetConfig,
@@ -449,31 +464,33 @@ pub fn run(
         .iter()
         .map(|s| (&s.name, s.dir.as_path()))
         .collect();
-    let mut reports: Vec<HostReport> = plans
-        .par_iter()
-        .map(|p| {
-            let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                .and_then(|()| match opts.dry_run {
-                    true => dry::report(opts.store, p, &numbering),
-                    false => publish_host(opts.store, p, &numbering),
-                })
-                .unwrap_or_else(|e| HostReport {
-                    host: p.host.clone(),
-                    status: Status::Failed,
-                    digest: live_version(opts.store, &p.host).map(|(d, _)| d),
-                    config_entries: p.manifest.config.len(),
-                    files: p.manifest.files.len(),
-                    objects: p.manifest.objects().len(),
-                    new_objects: 0,
-                    bytes: 0,
-                    error: Some(host_error(&fleet.config, &p.host, e)),
-                    reason: None,
-                    warnings: Vec::new(),
-                });
-            (opts.on_host)(&r);
-            r
-        })
-        .collect();
+    let mut reports: Vec<HostReport> = in_flight().install(|| {
+        plans
+            .par_iter()
+            .map(|p| {
+                let r = refuse_private_keys(scanner, p, dirs[&p.host])
+                    .and_then(|()| match opts.dry_run {
+                        true => dry::report(opts.store, p, &numbering),
+                        false => publish_host(opts.store, p, &numbering),
+                    })
+                    .unwrap_or_else(|e| HostReport {
+                        host: p.host.clone(),
+                        status: Status::Failed,
+                        digest: live_version(opts.store, &p.host).map(|(d, _)| d),
+                        config_entries: p.manifest.config.len(),
+                        files: p.manifest.files.len(),
+                        objects: p.manifest.objects().len(),
+                        new_objects: 0,
+                        bytes: 0,
+                        error: Some(host_error(&fleet.config, &p.host, e)),
+                        reason: None,
+                        warnings: Vec::new(),
+                    });
+                (opts.on_host)(&r);
+                r
+            })
+            .collect()
+    });
     let changes = match opts.dry_run {
         true => dry::changes(opts.store, &plans),
         false => BTreeMap::new(),
