@@ -146,7 +146,33 @@ fn list_dir(through: &Path, shown: &Path) -> Result<Vec<LogEntry>, LogsError> {
 /// the host cannot swap the entry between check and read.
 pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
     check_name(name)?;
-    let path = logs_dir(host_dir)?.join(name);
+    read_entry(&logs_dir(host_dir)?, name).map(|(bytes, _)| bytes)
+}
+
+/// Reads each of `names` in `<host_dir>/logs/` as [`read`] does, with its modification
+/// time (when the server received it), checking `logs/` itself once for all of them.
+pub fn read_each(host_dir: &Path, names: &[&str]) -> Vec<Result<Received, LogsError>> {
+    let dir = logs_dir(host_dir);
+    names
+        .iter()
+        .map(|name| {
+            check_name(name)?;
+            match &dir {
+                Ok(dir) => read_entry(dir, name),
+                // Refused or unreadable: each entry says so as `read` would (the error
+                // holds an `io::Error`, which does not clone).
+                Err(_) => read_entry(&logs_dir(host_dir)?, name),
+            }
+        })
+        .collect()
+}
+
+/// A file's bytes and when it was last written (`None` where the system does not say).
+pub type Received = (Vec<u8>, Option<std::time::SystemTime>);
+
+/// Opens `<dir>/<name>` (`dir`: a checked `logs/`) without following a link and reads it.
+fn read_entry(dir: &Path, name: &str) -> Result<Received, LogsError> {
+    let path = dir.join(name);
     let file = match open_nofollow(&path, 0) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -162,7 +188,7 @@ pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
 
 /// The checks and the bounded read of an entry opened without following links; made on
 /// the open file, so the host cannot swap the entry between check and read.
-fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
+fn read_opened(file: File, path: PathBuf) -> Result<Received, LogsError> {
     let meta = file.metadata().map_err(io_err(&path))?;
     if let Some(kind) = refusal(&meta) {
         return Err(LogsError::Refused { path, kind });
@@ -184,7 +210,7 @@ fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
             max: MAX_LOG_BYTES,
         });
     }
-    Ok(bytes)
+    Ok((bytes, meta.modified().ok()))
 }
 
 /// Lists `<host_dir>/logs/<sub>/` (e.g. `reports`), like [`list`]. The host owns `logs/`
@@ -211,7 +237,7 @@ pub fn read_in(host_dir: &Path, sub: &str, name: &str) -> Result<Vec<u8>, LogsEr
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
-    read_opened(file, path)
+    read_opened(file, path).map(|(bytes, _)| bytes)
 }
 
 fn check_name(name: &str) -> Result<(), LogsError> {

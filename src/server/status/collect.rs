@@ -152,9 +152,14 @@ const COLLECT_THREADS: usize = 32;
 
 /// Every host in bento.toml, and every other host with a directory in the chroot unless
 /// `bento server sync-accounts --prune` retired it (sealed to root: no host logs in there
-/// any more) and it was not asked for by name; sorted by name.
-pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
-    let mut names: std::collections::BTreeSet<HostName> = query.intervals.keys().cloned().collect();
+/// any more) and it was not asked for by name; sorted by name. With each, whether its
+/// directory is sealed, when that was looked up (for [`note_removed`]).
+pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Option<bool>)>> {
+    let mut names: BTreeMap<HostName, Option<bool>> = query
+        .intervals
+        .keys()
+        .map(|name| (name.clone(), None))
+        .collect();
     match std::fs::read_dir(&query.chroot.root) {
         Ok(rd) => {
             for entry in rd {
@@ -164,12 +169,14 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
                 let Some(host) = name.to_str().and_then(|n| HostName::new(n).ok()) else {
                     continue;
                 };
-                if !entry.file_type()?.is_dir() || names.contains(&host) {
+                if !entry.file_type()?.is_dir() || names.contains_key(&host) {
                     continue;
                 }
                 // One more stat, for hosts bento.toml no longer names only.
-                if query.only.contains(&host) || !chroot::is_sealed(&entry.metadata()?) {
-                    names.insert(host);
+                if query.only.contains(&host) {
+                    names.insert(host, None);
+                } else if !chroot::is_sealed(&entry.metadata()?) {
+                    names.insert(host, Some(false));
                 }
             }
         }
@@ -177,7 +184,7 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
         Err(e) => return Err(e),
     }
     if !query.only.is_empty() {
-        names.retain(|n| query.only.contains(n));
+        names.retain(|n, _| query.only.contains(n));
     }
     Ok(names.into_iter().collect())
 }
@@ -188,7 +195,7 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let run = || -> Vec<HostStatus> {
         names
             .par_iter()
-            .map(|host| {
+            .map(|(host, sealed)| {
                 let interval = query
                     .intervals
                     .get(host)
@@ -196,7 +203,7 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
                     .unwrap_or(query.default_interval);
                 let mut row = host_status(query.store, query.chroot, host, query.now, interval);
                 if !query.intervals.contains_key(host) {
-                    note_removed(&mut row, query.chroot);
+                    note_removed(&mut row, query.chroot, *sealed);
                 }
                 row
             })
@@ -215,9 +222,11 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
 
 /// Says in the row of a host bento.toml does not name what became of it: retired by
 /// `sync-accounts --prune` (listed only when asked for), or still able to log in.
-fn note_removed(row: &mut HostStatus, chroot: &Chroot) {
-    let sealed =
-        std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m));
+/// `sealed`: what listing the chroot found, when it looked.
+fn note_removed(row: &mut HostStatus, chroot: &Chroot, sealed: Option<bool>) {
+    let sealed = sealed.unwrap_or_else(|| {
+        std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m))
+    });
     let note = if sealed {
         "not in bento.toml: retired (its directory is root-only)"
     } else {
@@ -234,20 +243,29 @@ pub fn sort(rows: &mut [HostStatus]) {
     rows.sort_by(|a, b| a.state.cmp(&b.state).then_with(|| a.host.cmp(&b.host)));
 }
 
-/// Reads one host-written JSON file of `logs/`; a missing file is `None`, anything refused
-/// or unparsable is a note for the row. `received` learns when the store received it, when
-/// the read tells.
+/// When the server received a host's files, as far as reading them told.
+#[derive(Default)]
+struct Received {
+    /// The newest time a file read and parsed gave.
+    at: Option<SystemTime>,
+    /// A file was there but not read whole (too large, unreadable): a listing of `logs/`
+    /// may still see when it came.
+    partial: bool,
+}
+
+/// Reads one host-written JSON file of `logs/` (`read`: what the store gave for it); a
+/// missing file is `None`, anything refused or unparsable is a note for the row.
+/// `received` learns when the store received it, when the read tells.
 fn read_log<T: serde::de::DeserializeOwned>(
-    store: &dyn Store,
-    host: &HostName,
+    read: Result<(Vec<u8>, Option<SystemTime>), LogsError>,
     name: &str,
     parse: fn(&[u8]) -> Result<T, serde_json::Error>,
     notes: &mut Notes,
-    received: &mut Option<SystemTime>,
+    received: &mut Received,
 ) -> Option<T> {
-    match store.read_log_received(host, name) {
+    match read {
         Ok((bytes, at)) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
-            *received = (*received).max(at);
+            received.at = received.at.max(at);
             match parse(&bytes) {
                 Ok(v) => Some(v),
                 Err(e) => {
@@ -260,6 +278,7 @@ fn read_log<T: serde::de::DeserializeOwned>(
             }
         }
         Ok(_) => {
+            received.partial = true;
             notes.refused(format!(
                 "logs/{name}: larger than {} bytes, not read",
                 crate::protocol::report::MAX_REPORT_BYTES
@@ -269,11 +288,13 @@ fn read_log<T: serde::de::DeserializeOwned>(
         Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
         // The server could not read it (permissions, I/O): not something the host did.
         Err(e @ LogsError::Io { .. }) => {
+            received.partial = true;
             notes.unreadable(e.to_string());
             None
         }
         // Refused (a link, too large): the host's doing, shown as such.
         Err(e) => {
+            received.partial |= matches!(e, LogsError::TooLarge { .. });
             notes.refused(e.to_string());
             None
         }
@@ -426,18 +447,20 @@ pub fn host_status(
     let live = live(store, host, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
-    let mut received = None;
+    let mut received = Received::default();
+    let [heartbeat, latest]: [_; 2] = store
+        .read_logs_received(host, &[HEARTBEAT_FILE, LATEST_FILE])
+        .try_into()
+        .expect("one result per name");
     let heartbeat: Option<Heartbeat> = read_log(
-        store,
-        host,
+        heartbeat,
         HEARTBEAT_FILE,
         Heartbeat::parse,
         &mut notes,
         &mut received,
     );
     let latest: Option<Report> = read_log(
-        store,
-        host,
+        latest,
         LATEST_FILE,
         Report::parse,
         &mut notes,
@@ -502,8 +525,14 @@ pub fn host_status(
     };
     // Issue #24 item 6: liveness by when the server received the files (its clock), and
     // the host's own stamps compared with that: the clock skew.
-    // An object store says when it received a file with the file; the chroot is asked.
-    let received = received.or_else(|| super::skew::received(store, host));
+    // The store said when it received the files it read (an object store's Last-Modified,
+    // the chroot's modification time); when it did not, or a file was there but not read
+    // whole, the listing of `logs/` says, as the newest of what is there.
+    let received = match received {
+        Received { partial: true, at } => at.max(super::skew::received(store, host)),
+        Received { at: Some(at), .. } => Some(at),
+        Received { at: None, .. } => super::skew::received(store, host),
+    };
     let clock_skew_s = super::skew::skew(&facts, received);
     let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
     let last_seen_at = received.or_else(|| state::last_seen(&facts));

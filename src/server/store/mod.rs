@@ -158,14 +158,26 @@ pub trait Store: Send + Sync {
         name: &str,
     ) -> Result<Vec<u8>, LogsError>;
     /// Reads `logs/<name>` as `read_log` does, with when the store received it by the
-    /// store's clock, when the read itself tells (an object store's `Last-Modified`);
-    /// `None` sends the caller to `list_logs` for it.
+    /// store's clock, when the read itself tells (an object store's `Last-Modified`, the
+    /// chroot's modification time); `None` sends the caller to `list_logs` for it.
     fn read_log_received(
         &self,
         host: &HostName,
         name: &str,
     ) -> Result<(Vec<u8>, Option<std::time::SystemTime>), LogsError> {
         self.read_log(host, None, name).map(|bytes| (bytes, None))
+    }
+    /// [`Store::read_log_received`] of each of `names`, in order (the chroot checks `logs/`
+    /// once for all of them: `bento status` reads two files of every host).
+    fn read_logs_received(
+        &self,
+        host: &HostName,
+        names: &[&str],
+    ) -> Vec<Result<(Vec<u8>, Option<std::time::SystemTime>), LogsError>> {
+        names
+            .iter()
+            .map(|name| self.read_log_received(host, name))
+            .collect()
     }
 }
 
