@@ -169,7 +169,7 @@ fn print(
     if json && stream {
         write_stdout(&format!("{}\n", serde_json::to_string(&view.json(rows))?))
     } else if json {
-        output::json(&view.json(rows))
+        output::json_list(&view.json(rows))
     } else {
         write_stdout(&render::table(rows, now, color))
     }

@@ -199,17 +199,13 @@ fn read_opened(file: File, path: PathBuf) -> Result<Received, LogsError> {
             max: MAX_LOG_BYTES,
         });
     }
+    // The size the open file had when checked, and no more: a host still appending cannot
+    // push the read past the cap, and a file read whole costs one read, not a second one
+    // to find its end (two files of every host in a fleet's status).
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // take(): the host may still be appending; never read past the cap.
-    file.take(MAX_LOG_BYTES + 1)
+    file.take(meta.len())
         .read_to_end(&mut bytes)
         .map_err(io_err(&path))?;
-    if bytes.len() as u64 > MAX_LOG_BYTES {
-        return Err(LogsError::TooLarge {
-            path,
-            max: MAX_LOG_BYTES,
-        });
-    }
     Ok((bytes, meta.modified().ok()))
 }
 

@@ -150,15 +150,26 @@ fn store_path(value: &mut Option<String>, what: &str, notes: &mut Notes) {
 /// Threads reading host files at once (see `collect`).
 const COLLECT_THREADS: usize = 32;
 
+/// How a host came to be listed (see [`host_names`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// bento.toml names it.
+    Named,
+    /// Asked for by name, bento.toml does not name it.
+    AskedFor,
+    /// Only its directory in the chroot: shown unless it is sealed (retired).
+    Found,
+}
+
 /// Every host in bento.toml, and every other host with a directory in the chroot unless
 /// `bento server sync-accounts --prune` retired it (sealed to root: no host logs in there
-/// any more) and it was not asked for by name; sorted by name. With each, whether its
-/// directory is sealed, when that was looked up (for [`note_removed`]).
-pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Option<bool>)>> {
-    let mut names: BTreeMap<HostName, Option<bool>> = query
+/// any more) and it was not asked for by name; sorted by name. Whether a `Found` host is
+/// sealed is for the caller to check (a stat per host, worth doing in parallel).
+fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Listed)>> {
+    let mut names: BTreeMap<HostName, Listed> = query
         .intervals
         .keys()
-        .map(|name| (name.clone(), None))
+        .map(|name| (name.clone(), Listed::Named))
         .collect();
     match std::fs::read_dir(&query.chroot.root) {
         Ok(rd) => {
@@ -172,12 +183,12 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Option<bo
                 if !entry.file_type()?.is_dir() || names.contains_key(&host) {
                     continue;
                 }
-                // One more stat, for hosts bento.toml no longer names only.
-                if query.only.contains(&host) {
-                    names.insert(host, None);
-                } else if !chroot::is_sealed(&entry.metadata()?) {
-                    names.insert(host, Some(false));
-                }
+                let listed = if query.only.contains(&host) {
+                    Listed::AskedFor
+                } else {
+                    Listed::Found
+                };
+                names.insert(host, listed);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -192,20 +203,29 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Option<bo
 /// The status of every host (in parallel), sorted problems first, then by name.
 pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let names = host_names(query)?;
-    let run = || -> Vec<HostStatus> {
+    let run = || -> std::io::Result<Vec<HostStatus>> {
         names
             .par_iter()
-            .map(|(host, sealed)| {
+            .filter_map(|(host, listed)| {
+                // One more stat, for hosts bento.toml no longer names only.
+                let sealed = match listed {
+                    Listed::Found => match std::fs::symlink_metadata(query.chroot.host_dir(host)) {
+                        Ok(meta) if chroot::is_sealed(&meta) => return None,
+                        Ok(_) => Some(false),
+                        Err(e) => return Some(Err(e)),
+                    },
+                    Listed::Named | Listed::AskedFor => None,
+                };
                 let interval = query
                     .intervals
                     .get(host)
                     .copied()
                     .unwrap_or(query.default_interval);
                 let mut row = host_status(query.store, query.chroot, host, query.now, interval);
-                if !query.intervals.contains_key(host) {
-                    note_removed(&mut row, query.chroot, *sealed);
+                if *listed != Listed::Named {
+                    note_removed(&mut row, query.chroot, sealed);
                 }
-                row
+                Some(Ok(row))
             })
             .collect()
     };
@@ -215,14 +235,14 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let mut rows = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
         Ok(pool) => pool.install(run),
         Err(_) => run(),
-    };
+    }?;
     sort(&mut rows);
     Ok(rows)
 }
 
 /// Says in the row of a host bento.toml does not name what became of it: retired by
 /// `sync-accounts --prune` (listed only when asked for), or still able to log in.
-/// `sealed`: what listing the chroot found, when it looked.
+/// `sealed`: what `collect` found, when it looked.
 fn note_removed(row: &mut HostStatus, chroot: &Chroot, sealed: Option<bool>) {
     let sealed = sealed.unwrap_or_else(|| {
         std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m))
