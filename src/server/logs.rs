@@ -333,6 +333,50 @@ mod tests {
     }
 
     #[test]
+    fn read_each_gives_each_file_its_own_time_and_refusal() {
+        let (_tmp, host, other) = setup();
+        let logs = host.join(LOGS);
+        fs::write(logs.join("a.json"), "a").unwrap();
+        fs::write(logs.join("b.json"), "bb").unwrap();
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        File::options()
+            .write(true)
+            .open(logs.join("b.json"))
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+        symlink(other.join("secret"), logs.join("c.json")).unwrap();
+        let read = read_each(&host, &["a.json", "b.json", "c.json", "d.json", "../x"]);
+        assert_eq!(read.len(), 5);
+        let (a, a_at) = read[0].as_ref().unwrap();
+        assert_eq!((a.as_slice(), a_at.is_some()), (&b"a"[..], true));
+        assert_eq!(read[1].as_ref().unwrap(), &(b"bb".to_vec(), Some(at)));
+        assert!(matches!(
+            read[2],
+            Err(LogsError::Refused {
+                kind: Refusal::Symlink,
+                ..
+            })
+        ));
+        assert!(
+            matches!(&read[3], Err(LogsError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound)
+        );
+        assert!(matches!(read[4], Err(LogsError::BadName { .. })));
+        // logs/ itself a link: every file refused, none read through it.
+        fs::remove_dir_all(&logs).unwrap();
+        symlink(&other, &logs).unwrap();
+        for r in read_each(&host, &["secret", "secret"]) {
+            assert!(matches!(
+                r,
+                Err(LogsError::Refused {
+                    kind: Refusal::Symlink,
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
     fn refuses_a_logs_dir_that_is_a_link() {
         let (_tmp, host, other) = setup();
         fs::remove_dir(host.join(LOGS)).unwrap();

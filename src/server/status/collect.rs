@@ -1,7 +1,8 @@
 //! Gathering the facts of every host from the chroot: the live manifest's head (server
 //! state), the build record, and the host's `logs/heartbeat.json` and `logs/latest.json`
-//! (host-written, read only through `server::logs`). Nothing else of `logs/` is opened, so
-//! the cost per host is four small files whatever the length of its history.
+//! (host-written, read only through `server::logs`). Nothing else of `logs/` is opened, and
+//! it is listed only when those reads do not say when the files came, so the cost per host
+//! is four small files whatever the length of its history.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::hostlogs::{read_log, store_path, Notes, Received};
 use super::state::{self, Assessment, Facts, Published, State};
 use crate::nix::StorePath;
 use crate::protocol::layout::{self, Chroot};
@@ -17,9 +19,8 @@ use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST
 use crate::protocol::HostName;
 use crate::server::build::record;
 use crate::server::chroot;
-use crate::server::logs::LogsError;
 use crate::server::store::{Key, Store, StoreError};
-use crate::sys::terminal::{self, truncate};
+use crate::sys::terminal;
 
 /// Where a host's expected system comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,54 +98,6 @@ struct ManifestHead {
     created: String,
     #[serde(default)]
     system: Option<StorePath>,
-}
-
-/// The longest note quoting host-written text (a parse error, a bad field).
-const MAX_NOTE_CHARS: usize = 200;
-
-/// What a row says besides its state, each thing once (`logs/` that cannot be opened is
-/// the same error for every file in it), and whether a file could not be read at all.
-#[derive(Default)]
-struct Notes {
-    list: Vec<String>,
-    unreadable: bool,
-    /// A file the host wrote was there but refused (a link, too large, not parsable, for
-    /// another host).
-    refused: bool,
-}
-
-impl Notes {
-    fn push(&mut self, note: String) {
-        if !self.list.contains(&note) {
-            self.list.push(note);
-        }
-    }
-
-    /// The host wrote a file that is not used: noted, and remembered (see `host_status`).
-    fn refused(&mut self, note: String) {
-        self.refused = true;
-        self.push(note);
-    }
-
-    /// A file status depends on could not be read: the state is not to be trusted.
-    fn unreadable(&mut self, note: String) {
-        self.unreadable = true;
-        self.push(note);
-    }
-}
-
-/// Keeps a host-written store path only when it is one: anything else is a note, so what
-/// the table shows of a host's systems is always a store path or nothing.
-fn store_path(value: &mut Option<String>, what: &str, notes: &mut Notes) {
-    if let Some(text) = value.as_deref() {
-        if StorePath::new(text).is_err() {
-            notes.push(format!(
-                "{what} is not a store path: \"{}\"",
-                truncate(text, 64)
-            ));
-            *value = None;
-        }
-    }
 }
 
 /// Threads reading host files at once (see `collect`).
@@ -261,64 +214,6 @@ fn note_removed(row: &mut HostStatus, chroot: &Chroot, sealed: Option<bool>) {
 /// Problems first (failing, rolled back, silent, drifted, pending, new, up to date).
 pub fn sort(rows: &mut [HostStatus]) {
     rows.sort_by(|a, b| a.state.cmp(&b.state).then_with(|| a.host.cmp(&b.host)));
-}
-
-/// When the server received a host's files, as far as reading them told.
-#[derive(Default)]
-struct Received {
-    /// The newest time a file read and parsed gave.
-    at: Option<SystemTime>,
-    /// A file was there but not read whole (too large, unreadable): a listing of `logs/`
-    /// may still see when it came.
-    partial: bool,
-}
-
-/// Reads one host-written JSON file of `logs/` (`read`: what the store gave for it); a
-/// missing file is `None`, anything refused or unparsable is a note for the row.
-/// `received` learns when the store received it, when the read tells.
-fn read_log<T: serde::de::DeserializeOwned>(
-    read: Result<(Vec<u8>, Option<SystemTime>), LogsError>,
-    name: &str,
-    parse: fn(&[u8]) -> Result<T, serde_json::Error>,
-    notes: &mut Notes,
-    received: &mut Received,
-) -> Option<T> {
-    match read {
-        Ok((bytes, at)) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
-            received.at = received.at.max(at);
-            match parse(&bytes) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    // serde quotes what it could not place (an unknown field's name): cut it
-                    // short, a host is not trusted to be brief.
-                    let e = e.to_string();
-                    notes.refused(format!("logs/{name}: {}", truncate(&e, MAX_NOTE_CHARS)));
-                    None
-                }
-            }
-        }
-        Ok(_) => {
-            received.partial = true;
-            notes.refused(format!(
-                "logs/{name}: larger than {} bytes, not read",
-                crate::protocol::report::MAX_REPORT_BYTES
-            ));
-            None
-        }
-        Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        // The server could not read it (permissions, I/O): not something the host did.
-        Err(e @ LogsError::Io { .. }) => {
-            received.partial = true;
-            notes.unreadable(e.to_string());
-            None
-        }
-        // Refused (a link, too large): the host's doing, shown as such.
-        Err(e) => {
-            received.partial |= matches!(e, LogsError::TooLarge { .. });
-            notes.refused(e.to_string());
-            None
-        }
-    }
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
@@ -545,14 +440,7 @@ pub fn host_status(
     };
     // Issue #24 item 6: liveness by when the server received the files (its clock), and
     // the host's own stamps compared with that: the clock skew.
-    // The store said when it received the files it read (an object store's Last-Modified,
-    // the chroot's modification time); when it did not, or a file was there but not read
-    // whole, the listing of `logs/` says, as the newest of what is there.
-    let received = match received {
-        Received { partial: true, at } => at.max(super::skew::received(store, host)),
-        Received { at: Some(at), .. } => Some(at),
-        Received { at: None, .. } => super::skew::received(store, host),
-    };
+    let received = received.resolve(store, host);
     let clock_skew_s = super::skew::skew(&facts, received);
     let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
     let last_seen_at = received.or_else(|| state::last_seen(&facts));
@@ -766,6 +654,32 @@ mod tests {
         // Nothing written at all is still `new`.
         let (_t, chroot) = chroot_with(None);
         assert_eq!(status_of(&chroot).state, State::New);
+    }
+
+    #[test]
+    fn the_server_receiving_a_file_is_its_modification_time_even_unread() {
+        let mtime = |path: &std::path::Path, t: &str| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(state::parse_time(t).unwrap())
+                .unwrap();
+        };
+        // A heartbeat stamped 12:00 that the server received at 11:00: an hour ahead.
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({}))));
+        let logs = chroot.host_dir(&alpha()).join("logs");
+        mtime(&logs.join("heartbeat.json"), "2026-11-25T11:00:00Z");
+        let row = status_of(&chroot);
+        assert_eq!(row.last_seen.as_deref(), Some("2026-11-25T11:00:00Z"));
+        assert_eq!(row.clock_skew_s, Some(3600));
+        // A newer latest.json too large to read still says when the host was last heard of.
+        let big = vec![b' '; crate::protocol::report::MAX_REPORT_BYTES as usize + 1];
+        std::fs::write(logs.join("latest.json"), big).unwrap();
+        mtime(&logs.join("latest.json"), "2026-11-25T11:30:00Z");
+        let row = status_of(&chroot);
+        assert_eq!(row.last_seen.as_deref(), Some("2026-11-25T11:30:00Z"));
+        assert!(row.error.unwrap().contains("larger than"));
     }
 
     #[test]
