@@ -173,7 +173,7 @@ pub trait Store: Send + Sync {
         &self,
         host: &HostName,
         names: &[&str],
-    ) -> Vec<Result<(Vec<u8>, Option<std::time::SystemTime>), LogsError>> {
+    ) -> Vec<Result<crate::server::logs::Received, LogsError>> {
         names
             .iter()
             .map(|name| self.read_log_received(host, name))
