@@ -97,9 +97,14 @@ fn open_nofollow(path: &Path, extra: libc::c_int) -> io::Result<File> {
 /// The `logs/` directory of a host directory, refusing it if it is itself a link. The host
 /// directory is root-owned, so the host cannot swap `logs/` after this check.
 fn logs_dir(host_dir: &Path) -> Result<PathBuf, LogsError> {
+    open_logs(host_dir).map(|(dir, _)| dir)
+}
+
+/// [`logs_dir`], and the directory open, to open its entries through.
+fn open_logs(host_dir: &Path) -> Result<(PathBuf, File), LogsError> {
     let dir = host_dir.join(LOGS);
     match open_nofollow(&dir, libc::O_DIRECTORY) {
-        Ok(_) => Ok(dir),
+        Ok(open) => Ok((dir, open)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
             let kind = match fs::symlink_metadata(&dir) {
                 Ok(m) => refusal(&m).unwrap_or(Refusal::Special),
@@ -146,22 +151,23 @@ fn list_dir(through: &Path, shown: &Path) -> Result<Vec<LogEntry>, LogsError> {
 /// the host cannot swap the entry between check and read.
 pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
     check_name(name)?;
-    read_entry(&logs_dir(host_dir)?, name).map(|(bytes, _)| bytes)
+    let (dir, open) = open_logs(host_dir)?;
+    read_entry(&dir, &open, name).map(|(bytes, _)| bytes)
 }
 
 /// Reads each of `names` in `<host_dir>/logs/` as [`read`] does, with its modification
 /// time (when the server received it), checking `logs/` itself once for all of them.
 pub fn read_each(host_dir: &Path, names: &[&str]) -> Vec<Result<Received, LogsError>> {
-    let dir = logs_dir(host_dir);
+    let logs = open_logs(host_dir);
     names
         .iter()
         .map(|name| {
             check_name(name)?;
-            match &dir {
-                Ok(dir) => read_entry(dir, name),
+            match &logs {
+                Ok((dir, open)) => read_entry(dir, open, name),
                 // Refused or unreadable: each entry says so as `read` would (the error
                 // holds an `io::Error`, which does not clone).
-                Err(_) => read_entry(&logs_dir(host_dir)?, name),
+                Err(_) => read(host_dir, name).map(|bytes| (bytes, None)),
             }
         })
         .collect()
@@ -170,18 +176,21 @@ pub fn read_each(host_dir: &Path, names: &[&str]) -> Vec<Result<Received, LogsEr
 /// A file's bytes and when it was last written (`None` where the system does not say).
 pub type Received = (Vec<u8>, Option<std::time::SystemTime>);
 
-/// Opens `<dir>/<name>` (`dir`: a checked `logs/`) without following a link and reads it.
-fn read_entry(dir: &Path, name: &str) -> Result<Received, LogsError> {
+/// Opens `name` in `logs/` (`open`, found at `dir`) without following a link and reads it.
+/// Relative to the open directory: no lookup of the chroot's path again for every file.
+fn read_entry(dir: &Path, open: &File, name: &str) -> Result<Received, LogsError> {
+    use rustix::fs::{Mode, OFlags};
     let path = dir.join(name);
-    let file = match open_nofollow(&path, 0) {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let file = match rustix::fs::openat(open, name, flags | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(e) if e == rustix::io::Errno::LOOP => {
             return Err(LogsError::Refused {
                 path,
                 kind: Refusal::Symlink,
             })
         }
-        Err(e) => return Err(io_err(&path)(e)),
+        Err(e) => return Err(io_err(&path)(e.into())),
     };
     read_opened(file, path)
 }
