@@ -169,7 +169,7 @@ fn print(
     if json && stream {
         write_stdout(&format!("{}\n", serde_json::to_string(&view.json(rows))?))
     } else if json {
-        output::json(&view.json(rows))
+        output::json_list(&view.json(rows))
     } else {
         write_stdout(&render::table(rows, now, color))
     }
@@ -199,7 +199,12 @@ fn view(fleet: &Fleet, chroot: &Chroot) -> StatusView {
 /// rolled itself back.
 fn rolled_back(chroot: &Chroot, rows: &mut [HostStatus]) {
     let holds = crate::server::records::Holds::new(&crate::server::records::dir(chroot));
+    // One listing, not a lookup per host; should it fail, each host's lookup says why.
+    let held = holds.held().ok();
     for row in rows.iter_mut() {
+        if held.as_ref().is_some_and(|h| !h.contains(&row.host)) {
+            continue;
+        }
         let hold = match holds.get(&row.host) {
             Ok(Some(h)) => h,
             Ok(None) => continue,

@@ -97,9 +97,14 @@ fn open_nofollow(path: &Path, extra: libc::c_int) -> io::Result<File> {
 /// The `logs/` directory of a host directory, refusing it if it is itself a link. The host
 /// directory is root-owned, so the host cannot swap `logs/` after this check.
 fn logs_dir(host_dir: &Path) -> Result<PathBuf, LogsError> {
+    open_logs(host_dir).map(|(dir, _)| dir)
+}
+
+/// [`logs_dir`], and the directory open, to open its entries through.
+fn open_logs(host_dir: &Path) -> Result<(PathBuf, File), LogsError> {
     let dir = host_dir.join(LOGS);
     match open_nofollow(&dir, libc::O_DIRECTORY) {
-        Ok(_) => Ok(dir),
+        Ok(open) => Ok((dir, open)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
             let kind = match fs::symlink_metadata(&dir) {
                 Ok(m) => refusal(&m).unwrap_or(Refusal::Special),
@@ -146,23 +151,53 @@ fn list_dir(through: &Path, shown: &Path) -> Result<Vec<LogEntry>, LogsError> {
 /// the host cannot swap the entry between check and read.
 pub fn read(host_dir: &Path, name: &str) -> Result<Vec<u8>, LogsError> {
     check_name(name)?;
-    let path = logs_dir(host_dir)?.join(name);
-    let file = match open_nofollow(&path, 0) {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+    let (dir, open) = open_logs(host_dir)?;
+    read_entry(&dir, &open, name).map(|(bytes, _)| bytes)
+}
+
+/// Reads each of `names` in `<host_dir>/logs/` as [`read`] does, with its modification
+/// time (when the server received it), checking `logs/` itself once for all of them.
+pub fn read_each(host_dir: &Path, names: &[&str]) -> Vec<Result<Received, LogsError>> {
+    let logs = open_logs(host_dir);
+    names
+        .iter()
+        .map(|name| {
+            check_name(name)?;
+            match &logs {
+                Ok((dir, open)) => read_entry(dir, open, name),
+                // Refused or unreadable: each entry says so as `read` would (the error
+                // holds an `io::Error`, which does not clone).
+                Err(_) => read(host_dir, name).map(|bytes| (bytes, None)),
+            }
+        })
+        .collect()
+}
+
+/// A file's bytes and when it was last written (`None` where the system does not say).
+pub type Received = (Vec<u8>, Option<std::time::SystemTime>);
+
+/// Opens `name` in `logs/` (`open`, found at `dir`) without following a link and reads it.
+/// Relative to the open directory: no lookup of the chroot's path again for every file.
+fn read_entry(dir: &Path, open: &File, name: &str) -> Result<Received, LogsError> {
+    use rustix::fs::{Mode, OFlags};
+    let path = dir.join(name);
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let file = match rustix::fs::openat(open, name, flags | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(e) if e == rustix::io::Errno::LOOP => {
             return Err(LogsError::Refused {
                 path,
                 kind: Refusal::Symlink,
             })
         }
-        Err(e) => return Err(io_err(&path)(e)),
+        Err(e) => return Err(io_err(&path)(e.into())),
     };
     read_opened(file, path)
 }
 
 /// The checks and the bounded read of an entry opened without following links; made on
 /// the open file, so the host cannot swap the entry between check and read.
-fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
+fn read_opened(file: File, path: PathBuf) -> Result<Received, LogsError> {
     let meta = file.metadata().map_err(io_err(&path))?;
     if let Some(kind) = refusal(&meta) {
         return Err(LogsError::Refused { path, kind });
@@ -173,18 +208,14 @@ fn read_opened(file: File, path: PathBuf) -> Result<Vec<u8>, LogsError> {
             max: MAX_LOG_BYTES,
         });
     }
+    // The size the open file had when checked, and no more: a host still appending cannot
+    // push the read past the cap, and a file read whole costs one read, not a second one
+    // to find its end (two files of every host in a fleet's status).
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // take(): the host may still be appending; never read past the cap.
-    file.take(MAX_LOG_BYTES + 1)
+    file.take(meta.len())
         .read_to_end(&mut bytes)
         .map_err(io_err(&path))?;
-    if bytes.len() as u64 > MAX_LOG_BYTES {
-        return Err(LogsError::TooLarge {
-            path,
-            max: MAX_LOG_BYTES,
-        });
-    }
-    Ok(bytes)
+    Ok((bytes, meta.modified().ok()))
 }
 
 /// Lists `<host_dir>/logs/<sub>/` (e.g. `reports`), like [`list`]. The host owns `logs/`
@@ -211,7 +242,7 @@ pub fn read_in(host_dir: &Path, sub: &str, name: &str) -> Result<Vec<u8>, LogsEr
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
-    read_opened(file, path)
+    read_opened(file, path).map(|(bytes, _)| bytes)
 }
 
 fn check_name(name: &str) -> Result<(), LogsError> {
@@ -308,6 +339,50 @@ mod tests {
             ]
         );
         assert_eq!(listed[2].size, 3);
+    }
+
+    #[test]
+    fn read_each_gives_each_file_its_own_time_and_refusal() {
+        let (_tmp, host, other) = setup();
+        let logs = host.join(LOGS);
+        fs::write(logs.join("a.json"), "a").unwrap();
+        fs::write(logs.join("b.json"), "bb").unwrap();
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        File::options()
+            .write(true)
+            .open(logs.join("b.json"))
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+        symlink(other.join("secret"), logs.join("c.json")).unwrap();
+        let read = read_each(&host, &["a.json", "b.json", "c.json", "d.json", "../x"]);
+        assert_eq!(read.len(), 5);
+        let (a, a_at) = read[0].as_ref().unwrap();
+        assert_eq!((a.as_slice(), a_at.is_some()), (&b"a"[..], true));
+        assert_eq!(read[1].as_ref().unwrap(), &(b"bb".to_vec(), Some(at)));
+        assert!(matches!(
+            read[2],
+            Err(LogsError::Refused {
+                kind: Refusal::Symlink,
+                ..
+            })
+        ));
+        assert!(
+            matches!(&read[3], Err(LogsError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound)
+        );
+        assert!(matches!(read[4], Err(LogsError::BadName { .. })));
+        // logs/ itself a link: every file refused, none read through it.
+        fs::remove_dir_all(&logs).unwrap();
+        symlink(&other, &logs).unwrap();
+        for r in read_each(&host, &["secret", "secret"]) {
+            assert!(matches!(
+                r,
+                Err(LogsError::Refused {
+                    kind: Refusal::Symlink,
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

@@ -65,25 +65,34 @@ impl Holds {
 
     /// Every hold, by host. An unreadable hold file is an error, as in [`Holds::get`].
     pub fn all(&self) -> std::io::Result<Vec<Hold>> {
-        let rd = match std::fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
         let mut holds = Vec::new();
-        for entry in rd {
-            let name = entry?.file_name();
-            let Some(host) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .and_then(|n| HostName::new(n).ok())
-            else {
-                continue;
-            };
+        for host in self.held()? {
             holds.extend(self.get(&host)?);
         }
         holds.sort_by(|a, b| a.host.cmp(&b.host));
         Ok(holds)
+    }
+
+    /// The hosts with a hold file, from one listing: what [`Holds::get`] can find a hold
+    /// for (a fleet's status asks about every host, and few are held).
+    pub fn held(&self) -> std::io::Result<std::collections::BTreeSet<HostName>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+            Err(e) => return Err(e),
+        };
+        let mut hosts = std::collections::BTreeSet::new();
+        for entry in rd {
+            let name = entry?.file_name();
+            if let Some(host) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| HostName::new(n).ok())
+            {
+                hosts.insert(host);
+            }
+        }
+        Ok(hosts)
     }
 
     /// Lifts the host's hold; returns the hold there was.

@@ -1,7 +1,8 @@
 //! Gathering the facts of every host from the chroot: the live manifest's head (server
 //! state), the build record, and the host's `logs/heartbeat.json` and `logs/latest.json`
-//! (host-written, read only through `server::logs`). Nothing else of `logs/` is opened, so
-//! the cost per host is four small files whatever the length of its history.
+//! (host-written, read only through `server::logs`). Nothing else of `logs/` is opened, and
+//! it is listed only when those reads do not say when the files came, so the cost per host
+//! is four small files whatever the length of its history.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::hostlogs::{read_log, store_path, Notes, Received};
 use super::state::{self, Assessment, Facts, Published, State};
 use crate::nix::StorePath;
 use crate::protocol::layout::{self, Chroot};
@@ -17,9 +19,8 @@ use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST
 use crate::protocol::HostName;
 use crate::server::build::record;
 use crate::server::chroot;
-use crate::server::logs::LogsError;
 use crate::server::store::{Key, Store, StoreError};
-use crate::sys::terminal::{self, truncate};
+use crate::sys::terminal;
 
 /// Where a host's expected system comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,62 +104,30 @@ struct ManifestHead {
     system: Option<StorePath>,
 }
 
-/// The longest note quoting host-written text (a parse error, a bad field).
-const MAX_NOTE_CHARS: usize = 200;
-
-/// What a row says besides its state, each thing once (`logs/` that cannot be opened is
-/// the same error for every file in it), and whether a file could not be read at all.
-#[derive(Default)]
-struct Notes {
-    list: Vec<String>,
-    unreadable: bool,
-    /// A file the host wrote was there but refused (a link, too large, not parsable, for
-    /// another host).
-    refused: bool,
-}
-
-impl Notes {
-    fn push(&mut self, note: String) {
-        if !self.list.contains(&note) {
-            self.list.push(note);
-        }
-    }
-
-    /// The host wrote a file that is not used: noted, and remembered (see `host_status`).
-    fn refused(&mut self, note: String) {
-        self.refused = true;
-        self.push(note);
-    }
-
-    /// A file status depends on could not be read: the state is not to be trusted.
-    fn unreadable(&mut self, note: String) {
-        self.unreadable = true;
-        self.push(note);
-    }
-}
-
-/// Keeps a host-written store path only when it is one: anything else is a note, so what
-/// the table shows of a host's systems is always a store path or nothing.
-fn store_path(value: &mut Option<String>, what: &str, notes: &mut Notes) {
-    if let Some(text) = value.as_deref() {
-        if StorePath::new(text).is_err() {
-            notes.push(format!(
-                "{what} is not a store path: \"{}\"",
-                truncate(text, 64)
-            ));
-            *value = None;
-        }
-    }
-}
-
 /// Threads reading host files at once (see `collect`).
 const COLLECT_THREADS: usize = 32;
 
+/// How a host came to be listed (see [`host_names`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// bento.toml names it.
+    Named,
+    /// Asked for by name, bento.toml does not name it.
+    AskedFor,
+    /// Only its directory in the chroot: shown unless it is sealed (retired).
+    Found,
+}
+
 /// Every host in bento.toml, and every other host with a directory in the chroot unless
 /// `bento server sync-accounts --prune` retired it (sealed to root: no host logs in there
-/// any more) and it was not asked for by name; sorted by name.
-pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
-    let mut names: std::collections::BTreeSet<HostName> = query.intervals.keys().cloned().collect();
+/// any more) and it was not asked for by name; sorted by name. Whether a `Found` host is
+/// sealed is for the caller to check (a stat per host, worth doing in parallel).
+fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Listed)>> {
+    let mut names: BTreeMap<HostName, Listed> = query
+        .intervals
+        .keys()
+        .map(|name| (name.clone(), Listed::Named))
+        .collect();
     match std::fs::read_dir(&query.chroot.root) {
         Ok(rd) => {
             for entry in rd {
@@ -168,20 +137,22 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
                 let Some(host) = name.to_str().and_then(|n| HostName::new(n).ok()) else {
                     continue;
                 };
-                if !entry.file_type()?.is_dir() || names.contains(&host) {
+                if !entry.file_type()?.is_dir() || names.contains_key(&host) {
                     continue;
                 }
-                // One more stat, for hosts bento.toml no longer names only.
-                if query.only.contains(&host) || !chroot::is_sealed(&entry.metadata()?) {
-                    names.insert(host);
-                }
+                let listed = if query.only.contains(&host) {
+                    Listed::AskedFor
+                } else {
+                    Listed::Found
+                };
+                names.insert(host, listed);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     if !query.only.is_empty() {
-        names.retain(|n| query.only.contains(n));
+        names.retain(|n, _| query.only.contains(n));
     }
     Ok(names.into_iter().collect())
 }
@@ -189,20 +160,29 @@ pub fn host_names(query: &Query<'_>) -> std::io::Result<Vec<HostName>> {
 /// The status of every host (in parallel), sorted problems first, then by name.
 pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let names = host_names(query)?;
-    let run = || -> Vec<HostStatus> {
+    let run = || -> std::io::Result<Vec<HostStatus>> {
         names
             .par_iter()
-            .map(|host| {
+            .filter_map(|(host, listed)| {
+                // One more stat, for hosts bento.toml no longer names only.
+                let sealed = match listed {
+                    Listed::Found => match std::fs::symlink_metadata(query.chroot.host_dir(host)) {
+                        Ok(meta) if chroot::is_sealed(&meta) => return None,
+                        Ok(_) => Some(false),
+                        Err(e) => return Some(Err(e)),
+                    },
+                    Listed::Named | Listed::AskedFor => None,
+                };
                 let interval = query
                     .intervals
                     .get(host)
                     .copied()
                     .unwrap_or(query.default_interval);
                 let mut row = host_status(query.store, query.chroot, host, query.now, interval);
-                if !query.intervals.contains_key(host) {
-                    note_removed(&mut row, query.chroot);
+                if *listed != Listed::Named {
+                    note_removed(&mut row, query.chroot, sealed);
                 }
-                row
+                Some(Ok(row))
             })
             .collect()
     };
@@ -212,16 +192,18 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let mut rows = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
         Ok(pool) => pool.install(run),
         Err(_) => run(),
-    };
+    }?;
     sort(&mut rows);
     Ok(rows)
 }
 
 /// Says in the row of a host bento.toml does not name what became of it: retired by
 /// `sync-accounts --prune` (listed only when asked for), or still able to log in.
-fn note_removed(row: &mut HostStatus, chroot: &Chroot) {
-    let sealed =
-        std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m));
+/// `sealed`: what `collect` found, when it looked.
+fn note_removed(row: &mut HostStatus, chroot: &Chroot, sealed: Option<bool>) {
+    let sealed = sealed.unwrap_or_else(|| {
+        std::fs::symlink_metadata(chroot.host_dir(&row.host)).is_ok_and(|m| chroot::is_sealed(&m))
+    });
     let note = if sealed {
         "not in bento.toml: retired (its directory is root-only)"
     } else {
@@ -236,52 +218,6 @@ fn note_removed(row: &mut HostStatus, chroot: &Chroot) {
 /// Problems first (failing, rolled back, silent, drifted, pending, new, up to date).
 pub fn sort(rows: &mut [HostStatus]) {
     rows.sort_by(|a, b| a.state.cmp(&b.state).then_with(|| a.host.cmp(&b.host)));
-}
-
-/// Reads one host-written JSON file of `logs/`; a missing file is `None`, anything refused
-/// or unparsable is a note for the row. `received` learns when the store received it, when
-/// the read tells.
-fn read_log<T: serde::de::DeserializeOwned>(
-    store: &dyn Store,
-    host: &HostName,
-    name: &str,
-    parse: fn(&[u8]) -> Result<T, serde_json::Error>,
-    notes: &mut Notes,
-    received: &mut Option<SystemTime>,
-) -> Option<T> {
-    match store.read_log_received(host, name) {
-        Ok((bytes, at)) if bytes.len() as u64 <= crate::protocol::report::MAX_REPORT_BYTES => {
-            *received = (*received).max(at);
-            match parse(&bytes) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    // serde quotes what it could not place (an unknown field's name): cut it
-                    // short, a host is not trusted to be brief.
-                    let e = e.to_string();
-                    notes.refused(format!("logs/{name}: {}", truncate(&e, MAX_NOTE_CHARS)));
-                    None
-                }
-            }
-        }
-        Ok(_) => {
-            notes.refused(format!(
-                "logs/{name}: larger than {} bytes, not read",
-                crate::protocol::report::MAX_REPORT_BYTES
-            ));
-            None
-        }
-        Err(LogsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
-        // The server could not read it (permissions, I/O): not something the host did.
-        Err(e @ LogsError::Io { .. }) => {
-            notes.unreadable(e.to_string());
-            None
-        }
-        // Refused (a link, too large): the host's doing, shown as such.
-        Err(e) => {
-            notes.refused(e.to_string());
-            None
-        }
-    }
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
@@ -431,18 +367,20 @@ pub fn host_status(
     let live = live(store, host, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
-    let mut received = None;
+    let mut received = Received::default();
+    let [heartbeat, latest]: [_; 2] = store
+        .read_logs_received(host, &[HEARTBEAT_FILE, LATEST_FILE])
+        .try_into()
+        .expect("one result per name");
     let heartbeat: Option<Heartbeat> = read_log(
-        store,
-        host,
+        heartbeat,
         HEARTBEAT_FILE,
         Heartbeat::parse,
         &mut notes,
         &mut received,
     );
     let latest: Option<Report> = read_log(
-        store,
-        host,
+        latest,
         LATEST_FILE,
         Report::parse,
         &mut notes,
@@ -507,8 +445,7 @@ pub fn host_status(
     };
     // Issue #24 item 6: liveness by when the server received the files (its clock), and
     // the host's own stamps compared with that: the clock skew.
-    // An object store says when it received a file with the file; the chroot is asked.
-    let received = received.or_else(|| super::skew::received(store, host));
+    let received = received.resolve(store, host);
     let clock_skew_s = super::skew::skew(&facts, received);
     let Assessment { state, reason } = state::assess_received(&facts, now, interval, received);
     let last_seen_at = received.or_else(|| state::last_seen(&facts));
@@ -738,6 +675,32 @@ mod tests {
         // Nothing written at all is still `new`.
         let (_t, chroot) = chroot_with(None);
         assert_eq!(status_of(&chroot).state, State::New);
+    }
+
+    #[test]
+    fn the_server_receiving_a_file_is_its_modification_time_even_unread() {
+        let mtime = |path: &std::path::Path, t: &str| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(state::parse_time(t).unwrap())
+                .unwrap();
+        };
+        // A heartbeat stamped 12:00 that the server received at 11:00: an hour ahead.
+        let (_t, chroot) = chroot_with(Some(heartbeat_json(serde_json::json!({}))));
+        let logs = chroot.host_dir(&alpha()).join("logs");
+        mtime(&logs.join("heartbeat.json"), "2026-11-25T11:00:00Z");
+        let row = status_of(&chroot);
+        assert_eq!(row.last_seen.as_deref(), Some("2026-11-25T11:00:00Z"));
+        assert_eq!(row.clock_skew_s, Some(3600));
+        // A newer latest.json too large to read still says when the host was last heard of.
+        let big = vec![b' '; crate::protocol::report::MAX_REPORT_BYTES as usize + 1];
+        std::fs::write(logs.join("latest.json"), big).unwrap();
+        mtime(&logs.join("latest.json"), "2026-11-25T11:30:00Z");
+        let row = status_of(&chroot);
+        assert_eq!(row.last_seen.as_deref(), Some("2026-11-25T11:30:00Z"));
+        assert!(row.error.unwrap().contains("larger than"));
     }
 
     #[test]

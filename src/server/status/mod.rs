@@ -1,8 +1,9 @@
 //! The fleet status: what every host runs against what was published for it. `state` is
-//! the pure decision, `collect` reads the chroot (host files only through `server::logs`),
-//! `render` makes the table and the Prometheus textfile, `watch` waits for changes.
+//! the pure decision, `collect` reads the chroot (host files only through `server::logs`,
+//! as `hostlogs` reads and notes them), `render` makes the table and the Prometheus textfile, `watch` waits for changes.
 
 pub mod collect;
+mod hostlogs;
 pub mod render;
 pub mod skew;
 pub mod state;

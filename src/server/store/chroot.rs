@@ -177,6 +177,10 @@ fn link_shared(from: &Path, to: &Path) -> Result<bool, StoreError> {
     Ok(true)
 }
 
+/// The most a bounded read reserves before it knows a file's size: larger files grow the
+/// buffer as they are read.
+const READ_AHEAD: u64 = 64 * 1024;
+
 /// Reads at most `limit` bytes of `path`; `None` when it does not exist.
 fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
     use std::io::Read;
@@ -185,7 +189,10 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_at(path)(e)),
     };
-    let mut bytes = Vec::new();
+    // Room for the whole of a small file up front: one read and the one that sees its end,
+    // where an empty buffer costs a growing series of probe reads (`current`, 10,000 times
+    // in a fleet's status).
+    let mut bytes = Vec::with_capacity(limit.saturating_add(1).min(READ_AHEAD) as usize);
     file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(io_at(path))?;
@@ -301,7 +308,8 @@ impl Store for ChrootStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_at(&path)(e)),
         };
-        let mut bytes = Vec::new();
+        // As in `read_bounded`: one read for a prefix that fits, not a series of probes.
+        let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
         file.take(len)
             .read_to_end(&mut bytes)
             .map_err(io_at(&path))?;
@@ -493,5 +501,19 @@ impl Store for ChrootStore {
             None => logs::read(&host_dir, name),
             Some(sub) => logs::read_in(&host_dir, sub, name),
         }
+    }
+
+    /// The modification time of the file read (from the open file, not a second lookup).
+    fn read_log_received(&self, host: &HostName, name: &str) -> Result<logs::Received, LogsError> {
+        let mut read = self.read_logs_received(host, &[name]);
+        read.pop().expect("one result per name")
+    }
+
+    fn read_logs_received(
+        &self,
+        host: &HostName,
+        names: &[&str],
+    ) -> Vec<Result<logs::Received, LogsError>> {
+        logs::read_each(&self.chroot.host_dir(host), names)
     }
 }

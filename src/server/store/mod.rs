@@ -159,8 +159,8 @@ pub trait Store: Send + Sync {
         name: &str,
     ) -> Result<Vec<u8>, LogsError>;
     /// Reads `logs/<name>` as `read_log` does, with when the store received it by the
-    /// store's clock, when the read itself tells (an object store's `Last-Modified`);
-    /// `None` sends the caller to `list_logs` for it.
+    /// store's clock, when the read itself tells (an object store's `Last-Modified`, the
+    /// chroot's modification time); `None` sends the caller to `list_logs` for it.
     fn read_log_received(
         &self,
         host: &HostName,
@@ -178,6 +178,18 @@ pub trait Store: Send + Sync {
     /// Remembers that the host's heartbeat confirmed the version `current` names at
     /// `version` (kept by a run holding the publish lock; forgotten when `current` changes).
     fn confirm(&self, _host: &HostName, _version: &Version) {}
+    /// [`Store::read_log_received`] of each of `names`, in order (the chroot checks `logs/`
+    /// once for all of them: `bento status` reads two files of every host).
+    fn read_logs_received(
+        &self,
+        host: &HostName,
+        names: &[&str],
+    ) -> Vec<Result<crate::server::logs::Received, LogsError>> {
+        names
+            .iter()
+            .map(|name| self.read_log_received(host, name))
+            .collect()
+    }
 }
 
 /// The bytes of a pooled `cache/` file for [`Store::put_shared`] on a store that cannot
