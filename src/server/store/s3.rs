@@ -378,20 +378,37 @@ impl Store for S3Store {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError> {
+        self.place_object(host, digest, open)
+            .map(|p| p.unwrap_or(0))
+    }
+
+    /// An object this run already stored for another host is copied without asking first
+    /// whether this host holds it: the copy costs one request, as the question would (and
+    /// rewrites a key that held it with the same bytes). Otherwise a HEAD (unless the
+    /// index knows, or this run just found it absent), then the bytes.
+    fn place_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<Option<u64>, StoreError> {
         let key = Key::Object(*digest);
         let (l, k) = self.at(host, &key)?;
         let full = format!("{}/{k}", l.bucket);
-        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
-        if !seen_absent && self.exists(host, &key)? {
-            return Ok(0);
+        if self.index.known(host, &full) {
+            return Ok(None);
         }
-        self.absent.lock().expect("not poisoned").remove(&full);
+        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
         let content = format!("object:{}", digest.to_hex());
         let stored = || Some((l.bucket.clone(), k.clone()));
-        let sent = self.copies.place(&content, |from| {
+        let placed = self.copies.place(&content, |from| {
             if self.copy_from(from, &l.bucket, &k) {
-                return Ok((0, None));
+                return Ok((Some(0), None));
             }
+            if !seen_absent && self.exists(host, &key)? {
+                return Ok((None, None));
+            }
+            self.absent.lock().expect("not poisoned").remove(&full);
             // Read whole and checked before anything is sent: the engine never holds an
             // object whose bytes are not its digest's.
             let mut bytes = Vec::new();
@@ -407,10 +424,10 @@ impl Store for S3Store {
             self.client
                 .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
                 .map_err(s3_err)?;
-            Ok((n, stored()))
+            Ok((Some(n), stored()))
         })?;
         self.index.learn(host, full);
-        Ok(sent)
+        Ok(placed)
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
