@@ -101,7 +101,7 @@ const NAMES: &[(u8, &str, &str)] = &[
 
 fn usage() -> ! {
     eprintln!(
-        "usage: suite [--quick|--smoke] [--reps N] [--part=PART] [--write-doc] [SCENARIO…]\n--part: only that part of a scenario (9: poll, publish, disk); a partial run never writes the doc\nscenarios (default all):"
+        "usage: suite [--quick|--smoke] [--reps N] [--part=PART] [--write-doc] [SCENARIO…]\n--part: only that part of a scenario (9: poll, publish, formats, disk); a partial run never writes the doc\nscenarios (default all):"
     );
     for (n, name, what) in NAMES {
         eprintln!("  {n} | {name:<12} {what}");

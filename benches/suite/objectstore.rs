@@ -10,6 +10,8 @@
 //!   their versions (each heartbeat written as its agent writes it): time, and the
 //!   requests it makes (counted at the relay), after the one publish that hears every host;
 //!   the chroot's no-change publish beside it;
+//! - format 2 beside format 1 (issue #26), on the same generated fleet and engine: time
+//!   and requests of a cold publish and of a publish after one common file changed;
 //! - engine disk for 100 hosts sharing 90 % of their content: bytes added to weed's data
 //!   directory (apparent and allocated), against the chroot's.
 //!
@@ -162,11 +164,20 @@ fn credentials_file(path: &Path) {
 }
 
 fn store_url(port: u16) -> String {
-    format!("s3://{BUCKET}/hosts/{{host}}?endpoint=http://127.0.0.1:{port}&region=us-east-1")
+    store_url_in(port, "hosts")
+}
+
+fn store_url_in(port: u16, prefix: &str) -> String {
+    format!("s3://{BUCKET}/{prefix}/{{host}}?endpoint=http://127.0.0.1:{port}&region=us-east-1")
 }
 
 /// bento.toml's `[server]` pointed at the engine (through `port`), state in `state`.
 fn point_at_store(fleet: &Path, port: u16, creds: &Path, state: &Path) {
+    point_at_store_in(fleet, port, "hosts", creds, state)
+}
+
+/// [`point_at_store`] with the hosts under `prefix/` of the bucket.
+fn point_at_store_in(fleet: &Path, port: u16, prefix: &str, creds: &Path, state: &Path) {
     let toml = fleet.join("bento.toml");
     let text = fs::read_to_string(&toml).unwrap();
     let mut out = String::new();
@@ -182,7 +193,7 @@ fn point_at_store(fleet: &Path, port: u16, creds: &Path, state: &Path) {
         if line == "[server]" {
             out.push_str(&format!(
                 "store = \"{}\"\ns3_credentials = \"{}\"\nstate = \"{}\"\n",
-                store_url(port),
+                store_url_in(port, prefix),
                 creds.display(),
                 state.display()
             ));
@@ -272,6 +283,9 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
     }
     if cfg.runs("publish") {
         publish_fleet(cfg, &scratch, &weed, &creds, publish_hosts, files, rows);
+    }
+    if cfg.runs("formats") {
+        formats(&scratch, &weed, &creds, publish_hosts, files, rows);
     }
     drop(weed);
     if cfg.runs("disk") {
@@ -538,6 +552,118 @@ fn publish_fleet(
             .goal(
                 format!("< 2 per host; {per_host:.1} per host"),
                 per_host < 2.0,
+            ),
+    );
+}
+
+/// Changes one file of `common/` (every host's): a module's text gets one more line.
+fn change_common_file(fleet: &Path, round: usize) {
+    let path = fleet.join("common/m0/mod0.nix");
+    let mut text = fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("# changed {round}\n"));
+    fs::write(&path, text).unwrap();
+}
+
+/// Distinct object names under `prefix/` of the bucket, and how many keys hold them.
+fn objects_in(weed: &Weed, prefix: &str) -> (usize, usize) {
+    let listed = weed
+        .client(weed.port)
+        .list(BUCKET, &format!("{prefix}/"))
+        .expect("list the engine");
+    let names: Vec<&str> = listed
+        .iter()
+        .filter(|l| l.key.split('/').rev().nth(1) == Some("objects"))
+        .filter_map(|l| l.key.rsplit('/').next())
+        .collect();
+    let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+    (unique.len(), names.len())
+}
+
+/// Issue #26 on the object store: the same generated fleet published with format 1 and
+/// with `[server] format = 2` (each under its own prefix of the bucket, each with its own
+/// publisher state), cold and after one common file changed; time and requests (counted
+/// at a relay) side by side.
+fn formats(
+    scratch: &Scratch,
+    weed: &Weed,
+    creds: &Path,
+    hosts: usize,
+    files: usize,
+    rows: &mut Vec<Row>,
+) {
+    let base = scratch.join("fmt-fleet");
+    gen_fleet(&base, hosts, files);
+    let relay = Relay::start(weed.port);
+    // (cold s, cold requests, change s, change requests, unique objects, placements)
+    let mut measured = Vec::new();
+    for format in [1u8, 2] {
+        let fleet = scratch.join(format!("fmt{format}-fleet"));
+        run_ok(
+            Command::new("cp").arg("-a").arg(&base).arg(&fleet),
+            Duration::from_secs(600),
+        );
+        if format == 2 {
+            let toml = fleet.join("bento.toml");
+            let text = fs::read_to_string(&toml).unwrap();
+            fs::write(
+                &toml,
+                text.replacen("[server]\n", "[server]\nformat = 2\n", 1),
+            )
+            .unwrap();
+        }
+        let prefix = format!("fmt{format}");
+        let state = scratch.join(format!("state-fmt{format}"));
+        point_at_store_in(&fleet, relay.port, &prefix, creds, &state);
+        relay.reset();
+        let cold = publish(&fleet);
+        let cold_requests = requests(&relay);
+        let (unique, placements) = objects_in(weed, &prefix);
+        change_common_file(&fleet, 1);
+        relay.reset();
+        let change = publish(&fleet);
+        let change_requests = requests(&relay);
+        eprintln!(
+            "   format {format}: cold {cold:.1} s, {cold_requests} requests ({unique} unique objects, {placements} keys); one common file changed {change:.2} s, {change_requests} requests"
+        );
+        measured.push((cold, cold_requests, change, change_requests, unique));
+    }
+    let (one, two) = (measured[0], measured[1]);
+    let s = format!(
+        "9. format 2 (bento) beside format 1 (baseline) on S3: {hosts} hosts × {files} files"
+    );
+    rows.push(
+        Row::new(&s, "cold publish", Unit::Secs)
+            .bento(Samples::one(two.0))
+            .baseline(Samples::one(one.0)),
+    );
+    let allowed = two.4 + 5 * hosts;
+    rows.push(
+        Row::new(&s, "cold publish: S3 requests", Unit::Count)
+            .bento(Samples::one(two.1 as f64))
+            .baseline(Samples::one(one.1 as f64))
+            .goal(
+                format!(
+                    "≤ unique objects + 5 per host ({} + {}); {}",
+                    two.4,
+                    5 * hosts,
+                    two.1
+                ),
+                two.1 as usize <= allowed,
+            ),
+    );
+    rows.push(
+        Row::new(&s, "one common file changed: publish", Unit::Secs)
+            .bento(Samples::one(two.2))
+            .baseline(Samples::one(one.2)),
+    );
+    let per_host = two.3 as f64 / hosts as f64;
+    rows.push(
+        Row::new(&s, "one common file changed: S3 requests", Unit::Count)
+            .bento(Samples::one(two.3 as f64))
+            .baseline(Samples::one(one.3 as f64))
+            .goal(
+                format!("≤ 5 per host; {per_host:.1} per host"),
+                per_host <= 5.0,
             ),
     );
 }

@@ -15,7 +15,7 @@ use crate::common::relay::{Cut, Dir, Relay};
 use crate::common::sshd::Sshd;
 use crate::signing::live;
 
-fn set_format_2(sshd: &Sshd) {
+pub(crate) fn set_format_2(sshd: &Sshd) {
     let toml = sshd.fleet().join("bento.toml");
     let text = fs::read_to_string(&toml).unwrap();
     fs::write(
@@ -26,7 +26,7 @@ fn set_format_2(sshd: &Sshd) {
 }
 
 /// `n` small modules in `common/mods/` (shared by every host through its `common` link).
-fn write_modules(sshd: &Sshd, n: usize, size: usize) {
+pub(crate) fn write_modules(sshd: &Sshd, n: usize, size: usize) {
     let dir = sshd.fleet().join("common/mods");
     fs::create_dir_all(&dir).unwrap();
     for i in 0..n {

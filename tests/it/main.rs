@@ -33,6 +33,7 @@ mod rollout;
 mod s3;
 mod s3_agent;
 mod s3_delivery;
+mod s3_format2;
 mod s3_isolation;
 mod s3_killed;
 mod s3_publish;

@@ -315,28 +315,34 @@ pub fn publish_host(
     let mut new_objects = 0;
     let mut bytes = 0;
     for digest in &objects {
-        if store.exists(host, &Key::Object(*digest))? {
-            continue;
-        }
-        let source = plan
-            .sources
-            .get(digest)
-            .ok_or_else(|| PublishError::Internal(format!("no source for object {digest}")))?;
+        let Some(source) = plan.sources.get(digest) else {
+            if store.exists(host, &Key::Object(*digest))? {
+                continue;
+            }
+            return Err(PublishError::Internal(format!(
+                "no source for object {digest}"
+            )));
+        };
         let failed = Arc::new(AtomicBool::new(false));
         let open = opener(source, failed.clone());
-        bytes += store.put_object(host, digest, &open).map_err(|e| match e {
-            StoreError::DigestMismatch(_) => {
-                PublishError::ChangedWhilePublishing(source.describe())
-            }
-            StoreError::Io { source: io, .. } if failed.load(Ordering::Relaxed) => {
-                PublishError::Io {
-                    path: source.describe(),
-                    source: io,
+        let placed = store
+            .place_object(host, digest, &open)
+            .map_err(|e| match e {
+                StoreError::DigestMismatch(_) => {
+                    PublishError::ChangedWhilePublishing(source.describe())
                 }
-            }
-            e => e.into(),
-        })?;
-        new_objects += 1;
+                StoreError::Io { source: io, .. } if failed.load(Ordering::Relaxed) => {
+                    PublishError::Io {
+                        path: source.describe(),
+                        source: io,
+                    }
+                }
+                e => e.into(),
+            })?;
+        if let Some(sent) = placed {
+            bytes += sent;
+            new_objects += 1;
+        }
     }
 
     let manifest_bytes = manifest.to_bytes();

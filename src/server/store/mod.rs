@@ -130,6 +130,20 @@ pub trait Store: Send + Sync {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError>;
+    /// Stores object `digest` for `host` unless it is there already: `None` when it was,
+    /// else the bytes sent. A store that can place it for less than asking first (an object
+    /// store copying what this run already sent to another host) says so by overriding this.
+    fn place_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<Option<u64>, StoreError> {
+        if self.exists(host, &Key::Object(*digest))? {
+            return Ok(None);
+        }
+        self.put_object(host, digest, open).map(Some)
+    }
     /// Makes `cache/` file `key` of `host` hold the bytes of `pooled`, a file of the
     /// publisher's own pool that many hosts share (the chroot hard-links it; an object store
     /// uploads it once and copies it server-side to the next host). Returns whether the key

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+mod copies;
 mod current;
 
 use super::s3index::Index;
@@ -62,8 +63,8 @@ pub struct S3Store {
     /// ignores it, a fresh read) catches a change in between.
     seen: Mutex<BTreeMap<HostName, (Vec<u8>, Version)>>,
     /// Where this run already stored a shared file (a key's bytes, by content), so the next
-    /// host gets a server-side copy.
-    copies: Mutex<BTreeMap<String, (String, String)>>,
+    /// host gets a server-side copy (and waits for the first host's upload to get it).
+    copies: copies::Copies,
 }
 
 impl std::fmt::Debug for S3Store {
@@ -97,7 +98,7 @@ impl S3Store {
             reports,
             known,
             cas: Mutex::new(Cas::Unknown),
-            copies: Mutex::new(BTreeMap::new()),
+            copies: Default::default(),
             absent: Mutex::new(Default::default()),
             seen: Mutex::new(BTreeMap::new()),
             index: Index::load(&state, &files.to_string()),
@@ -169,33 +170,19 @@ impl S3Store {
         Ok((l, k))
     }
 
-    /// Copies what this run stored under `content` (another host's key) to `bucket/key`
-    /// inside the engine; `false` when nothing holds it yet (or the copy was refused: the
-    /// caller sends the bytes instead).
-    fn copy_known(&self, content: &str, bucket: &str, key: &str) -> bool {
-        let from = self
-            .copies
-            .lock()
-            .expect("not poisoned")
-            .get(content)
-            .cloned();
+    /// Copies `from` (another host's key of the same content) to `bucket/key` inside the
+    /// engine; `false` when the copy was refused (the caller sends the bytes instead).
+    fn copy_from(&self, from: Option<&copies::Place>, bucket: &str, key: &str) -> bool {
         let Some((src_bucket, src_key)) = from else {
             return false;
         };
-        match self.client.copy(&src_bucket, &src_key, bucket, key) {
+        match self.client.copy(src_bucket, src_key, bucket, key) {
             Ok(()) => true,
             Err(e) => {
                 tracing::debug!("server-side copy to s3://{bucket}/{key} failed, sending: {e}");
                 false
             }
         }
-    }
-
-    fn remember(&self, content: String, bucket: &str, key: &str) {
-        self.copies
-            .lock()
-            .expect("not poisoned")
-            .insert(content, (bucket.to_owned(), key.to_owned()));
     }
 }
 
@@ -391,37 +378,56 @@ impl Store for S3Store {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<u64, StoreError> {
+        self.place_object(host, digest, open)
+            .map(|p| p.unwrap_or(0))
+    }
+
+    /// An object this run already stored for another host is copied without asking first
+    /// whether this host holds it: the copy costs one request, as the question would (and
+    /// rewrites a key that held it with the same bytes). Otherwise a HEAD (unless the
+    /// index knows, or this run just found it absent), then the bytes.
+    fn place_object(
+        &self,
+        host: &HostName,
+        digest: &Digest,
+        open: OpenObject<'_>,
+    ) -> Result<Option<u64>, StoreError> {
         let key = Key::Object(*digest);
         let (l, k) = self.at(host, &key)?;
         let full = format!("{}/{k}", l.bucket);
+        if self.index.known(host, &full) {
+            return Ok(None);
+        }
         let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
-        if !seen_absent && self.exists(host, &key)? {
-            return Ok(0);
-        }
-        self.absent.lock().expect("not poisoned").remove(&full);
         let content = format!("object:{}", digest.to_hex());
-        if self.copy_known(&content, &l.bucket, &k) {
-            self.index.learn(host, full);
-            return Ok(0);
-        }
-        // Read whole and checked before anything is sent: the engine never holds an object
-        // whose bytes are not its digest's.
-        let mut bytes = Vec::new();
-        let (actual, n) = open()
-            .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
-            .map_err(|source| StoreError::Io {
-                at: self.locate(host, &key),
-                source,
-            })?;
-        if actual != *digest {
-            return Err(StoreError::DigestMismatch(*digest));
-        }
-        self.client
-            .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
-            .map_err(s3_err)?;
-        self.remember(content, &l.bucket, &k);
+        let stored = || Some((l.bucket.clone(), k.clone()));
+        let placed = self.copies.place(&content, |from| {
+            if self.copy_from(from, &l.bucket, &k) {
+                return Ok((Some(0), None));
+            }
+            if !seen_absent && self.exists(host, &key)? {
+                return Ok((None, None));
+            }
+            self.absent.lock().expect("not poisoned").remove(&full);
+            // Read whole and checked before anything is sent: the engine never holds an
+            // object whose bytes are not its digest's.
+            let mut bytes = Vec::new();
+            let (actual, n) = open()
+                .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
+                .map_err(|source| StoreError::Io {
+                    at: self.locate(host, &key),
+                    source,
+                })?;
+            if actual != *digest {
+                return Err(StoreError::DigestMismatch(*digest));
+            }
+            self.client
+                .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
+                .map_err(s3_err)?;
+            Ok((Some(n), stored()))
+        })?;
         self.index.learn(host, full);
-        Ok(n)
+        Ok(placed)
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
@@ -447,12 +453,15 @@ impl Store for S3Store {
             _ => {}
         }
         let content = format!("cache:{}", Digest::of(&bytes).to_hex());
-        if !self.copy_known(&content, &l.bucket, &k) {
+        self.copies.place::<(), StoreError>(&content, |from| {
+            if self.copy_from(from, &l.bucket, &k) {
+                return Ok(((), None));
+            }
             self.client
                 .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
                 .map_err(s3_err)?;
-            self.remember(content, &l.bucket, &k);
-        }
+            Ok(((), Some((l.bucket.clone(), k.clone()))))
+        })?;
         Ok(true)
     }
 

@@ -70,6 +70,10 @@ struct Control {
     statuses: Mutex<Vec<u16>>,
     /// The request line (method and path, no query) of every HTTP/1.1 request since then.
     requests: Mutex<Vec<String>>,
+    /// The request lines of those that carried `x-amz-copy-source` (S3 CopyObject).
+    copies: Mutex<Vec<String>>,
+    /// The request lines of those that carried `Range`.
+    ranged: Mutex<Vec<String>>,
 }
 
 impl Control {
@@ -164,6 +168,8 @@ impl Relay {
         self.conns.lock().unwrap().clear();
         self.ctl.statuses.lock().unwrap().clear();
         self.ctl.requests.lock().unwrap().clear();
+        self.ctl.copies.lock().unwrap().clear();
+        self.ctl.ranged.lock().unwrap().clear();
         *self.ctl.cut.lock().unwrap() = None;
         self.ctl.fired.store(false, Ordering::SeqCst);
     }
@@ -176,6 +182,17 @@ impl Relay {
     /// `METHOD /path` of every HTTP/1.1 request relayed since the last `reset`, in order.
     pub fn requests(&self) -> Vec<String> {
         self.ctl.requests.lock().unwrap().clone()
+    }
+
+    /// The requests (as [`Relay::requests`] gives them) that were S3 server-side copies
+    /// (`x-amz-copy-source`), since the last `reset`.
+    pub fn copies(&self) -> Vec<String> {
+        self.ctl.copies.lock().unwrap().clone()
+    }
+
+    /// The requests that asked for a byte range (`Range`), since the last `reset`.
+    pub fn ranged(&self) -> Vec<String> {
+        self.ctl.ranged.lock().unwrap().clone()
     }
 
     /// Arms a one-shot cut (replacing any armed one).
@@ -280,8 +297,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, link: Link, dir: Dir) {
                             link.ctl.statuses.lock().unwrap().push(code);
                         }
                     } else {
-                        for line in request.feed(&buf[..n as usize]) {
-                            link.ctl.requests.lock().unwrap().push(line);
+                        for found in request.feed(&buf[..n as usize]) {
+                            match found {
+                                Found::Request(line) => {
+                                    link.ctl.requests.lock().unwrap().push(line)
+                                }
+                                Found::Copy(line) => link.ctl.copies.lock().unwrap().push(line),
+                                Found::Range(line) => link.ctl.ranged.lock().unwrap().push(line),
+                            }
                         }
                     }
                     {
@@ -358,17 +381,26 @@ impl StatusLines {
     }
 }
 
+/// What [`RequestLines`] found: a request line, or a header of note on the last one.
+enum Found {
+    Request(String),
+    Copy(String),
+    Range(String),
+}
+
 /// Finds request lines (`GET /path?query HTTP/1.1`) in a stream fed in pieces of any size,
-/// giving `GET /path`.
+/// giving `GET /path`, and the `x-amz-copy-source` and `Range` headers of each request.
 #[derive(Default)]
 struct RequestLines {
     line: Vec<u8>,
+    /// The last request line, while its headers are read.
+    last: Option<String>,
 }
 
 impl RequestLines {
     const METHODS: [&'static str; 5] = ["GET ", "PUT ", "HEAD ", "DELETE ", "POST "];
 
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Found> {
         let mut found = Vec::new();
         for &b in bytes {
             if b == b'\n' {
@@ -378,7 +410,19 @@ impl RequestLines {
                     && Self::METHODS.iter().any(|m| line.starts_with(m))
                 {
                     let target = line.trim_end_matches(" HTTP/1.1\r");
-                    found.push(target.split('?').next().unwrap_or(target).to_owned());
+                    let request = target.split('?').next().unwrap_or(target).to_owned();
+                    self.last = Some(request.clone());
+                    found.push(Found::Request(request));
+                } else if line == "\r" {
+                    // The end of the headers: a body may follow, never a header of note.
+                    self.last = None;
+                } else if let Some(last) = &self.last {
+                    let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+                    if name == "x-amz-copy-source" {
+                        found.push(Found::Copy(last.clone()));
+                    } else if name == "range" {
+                        found.push(Found::Range(last.clone()));
+                    }
                 }
             } else if self.line.len() < 4096 {
                 self.line.push(b);

@@ -1,0 +1,343 @@
+//! Issue #26 on the object store: a fleet published with `[server] format = 2` to real
+//! SeaweedFS (configured from `bento server s3-policy`), every request of the publisher
+//! counted at a relay. The real agent, with only its host's printed rights, reads the trees
+//! and the packed files as `Range` reads of their packs; one common file changes, a publish
+//! makes a bounded number of requests per host, each new object shared by the hosts is sent
+//! once and copied inside the engine to the others, and the agent applies the change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use bento::protocol::manifest::{Digest, Manifest};
+use bento::sys::s3::Client;
+
+use crate::agent::{code, fleet, text, write_version, Machine, EXIT_UPDATED};
+use crate::common::engines::{Identity, SeaweedFs};
+use crate::common::relay::Relay;
+use crate::common::sshd::Sshd;
+use crate::format2::{set_format_2, write_modules};
+use crate::s3_agent::{credentials_file, s3_config};
+use crate::s3_publish::{identities, ok, point_at_store, run};
+
+const BUCKET: &str = "fleet";
+const HOSTS: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// A format-2 fleet whose store is SeaweedFS, the publisher reaching it through `relay`.
+struct Fleet {
+    sshd: Sshd,
+    engine: SeaweedFs,
+    relay: Relay,
+    ids: Vec<Identity>,
+    _outside: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn start(hosts: &[&str]) -> Fleet {
+        let sshd = Sshd::start(hosts);
+        // 120 small modules in common/mods: several packs shared by every host.
+        write_modules(&sshd, 120, 200);
+        fleet(&sshd);
+        set_format_2(&sshd);
+        let f = sshd.fleet();
+        let outside = tempfile::tempdir().unwrap();
+        let state = outside.path().join("state");
+        let creds = outside.path().join("publisher-credentials");
+        point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
+        let ids = identities(&ok(run(
+            &f,
+            &["server", "s3-policy", "--engine", "seaweedfs"],
+        )));
+        let engine = SeaweedFs::start(BUCKET, &ids, None);
+        let relay = Relay::start(engine.endpoint.rsplit(':').next().unwrap().parse().unwrap());
+        credentials_file(&creds, &engine.admin);
+        point_at_store(
+            &f,
+            &format!("http://127.0.0.1:{}", relay.port),
+            &creds,
+            &state,
+        );
+        Fleet {
+            sshd,
+            engine,
+            relay,
+            ids,
+            _outside: outside,
+        }
+    }
+
+    fn fleet(&self) -> PathBuf {
+        self.sshd.fleet()
+    }
+
+    /// The host's agent with only its printed rights, reaching the engine at `port`.
+    fn machine(&self, host: &str, port: u16) -> Machine<'_> {
+        let m = Machine::new(&self.sshd, host, "");
+        let id = self
+            .ids
+            .iter()
+            .find(|i| i.actions.iter().any(|a| a.contains(&format!("/{host}/"))))
+            .expect("an identity per host");
+        let creds = m.base.join("s3-credentials");
+        credentials_file(&creds, &id.creds);
+        s3_config(&m, &format!("http://127.0.0.1:{port}"), &creds, "");
+        m
+    }
+
+    /// Every object name in the engine, with the hosts holding it.
+    fn objects(&self, admin: &Client) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for l in admin.list(BUCKET, "hosts/").unwrap() {
+            let parts: Vec<&str> = l.key.split('/').collect();
+            if let ["hosts", host, "objects", name] = parts[..] {
+                out.entry(name.to_owned())
+                    .or_default()
+                    .insert(host.to_owned());
+            }
+        }
+        out
+    }
+}
+
+/// The trees of `host`'s live version, read with the admin's rights.
+fn live_trees(admin: &Client, host: &str) -> BTreeSet<Digest> {
+    let read = |key: &str| crate::s3_publish::read(admin, key).expect(key);
+    let live = read(&format!("hosts/{host}/current"));
+    let live = String::from_utf8(live).unwrap();
+    let mut m = Manifest::parse(&read(&format!(
+        "hosts/{host}/manifests/{}.json",
+        live.trim()
+    )))
+    .unwrap();
+    m.expand(|d| Ok(read(&format!("hosts/{host}/objects/{}", d.to_hex()))))
+        .unwrap();
+    m.stored().unwrap().trees.keys().copied().collect()
+}
+
+/// What one publish asked of the engine, from the relay's notes.
+struct Counted {
+    requests: Vec<String>,
+    copies: Vec<String>,
+}
+
+impl Counted {
+    fn of(relay: &Relay) -> Counted {
+        Counted {
+            requests: relay.requests(),
+            copies: relay.copies(),
+        }
+    }
+
+    /// The PUTs of `objects/<name>` that sent bytes (not copies), and those that copied.
+    fn puts_of(&self, name: &str) -> (usize, usize) {
+        let of = |list: &[String]| {
+            list.iter()
+                .filter(|r| r.starts_with("PUT ") && r.ends_with(&format!("/objects/{name}")))
+                .count()
+        };
+        let copied = of(&self.copies);
+        (of(&self.requests) - copied, copied)
+    }
+
+    /// HEADs of objects.
+    fn heads(&self) -> usize {
+        self.requests
+            .iter()
+            .filter(|r| r.starts_with("HEAD ") && r.contains("/objects/"))
+            .count()
+    }
+
+    /// Requests by kind (`PUT objects`, `HEAD objects`, `GET current`, …), for messages.
+    fn summary(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for r in &self.requests {
+            let (method, path) = r.split_once(' ').unwrap_or((r, ""));
+            let parts: Vec<&str> = path.split('/').collect();
+            let what = match parts.as_slice() {
+                ["", _, "hosts", _, area, ..] => area.to_string(),
+                _ => path.to_owned(),
+            };
+            *out.entry(format!("{method} {what}")).or_default() += 1;
+        }
+        *out.entry("(of which copies)".into()).or_default() += self.copies.len();
+        out
+    }
+}
+
+/// Each object `hosts` share that this publish stored: sent once, copied to the others.
+fn shared_sent_once_and_copied(
+    counted: &Counted,
+    objects: &BTreeMap<String, BTreeSet<String>>,
+    new: &BTreeSet<String>,
+) -> usize {
+    let mut shared = 0;
+    for (name, holders) in objects {
+        if holders.len() < 2 || !new.contains(name) {
+            continue;
+        }
+        shared += 1;
+        assert_eq!(
+            counted.puts_of(name),
+            (1, holders.len() - 1),
+            "{name}: sent once, copied to the other hosts: {:?}",
+            counted.summary()
+        );
+    }
+    shared
+}
+
+#[test]
+fn s3_format_2_publish_copies_shared_objects_and_the_agent_reads_ranges() {
+    let t = Fleet::start(&HOSTS);
+    let f = t.fleet();
+    let admin = t.engine.admin_client();
+    let hosts = HOSTS.len();
+
+    // A cold format-2 publish.
+    t.relay.reset();
+    ok(run(&f, &["publish", "--no-eval"]));
+    let cold = Counted::of(&t.relay);
+    let objects = t.objects(&admin);
+    let all: BTreeSet<String> = objects.keys().cloned().collect();
+    let live = crate::s3_publish::read(&admin, "hosts/alpha/current").unwrap();
+    let live: Digest = String::from_utf8(live).unwrap().trim().parse().unwrap();
+    let manifest = Manifest::parse(
+        &crate::s3_publish::read(&admin, &format!("hosts/alpha/manifests/{live}.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(manifest.tree.is_some(), "a format-2 manifest (a root tree)");
+    let shared = shared_sent_once_and_copied(&cold, &objects, &all);
+    assert!(
+        shared >= 3,
+        "common/'s trees and packs are shared: {objects:?}"
+    );
+    // Measured: each unique object costs a HEAD (is it there?) and a PUT; every other host
+    // holding it one copy, without asking first (every host reads only its own prefix, so
+    // each needs its own key). Per host besides: `current` read (twice while it is absent),
+    // the heartbeat (serial check), three listings, the manifest PUT and `current`
+    // switched; once: the hosts' listing and the conditional-write probe (PUT, DELETE).
+    let placements: usize = objects.values().map(|h| h.len()).sum();
+    let bound = objects.len() + placements + 8 * hosts + 3;
+    eprintln!(
+        "cold format-2 publish of {hosts} hosts: {} requests, {} unique objects, {} placements; {:?}",
+        cold.requests.len(),
+        objects.len(),
+        placements,
+        cold.summary()
+    );
+    assert!(
+        cold.requests.len() <= bound,
+        "{} requests > {bound}: {:?}",
+        cold.requests.len(),
+        cold.summary()
+    );
+    assert!(cold.heads() <= objects.len(), "{:?}", cold.summary());
+    assert_eq!(
+        cold.copies.len(),
+        placements - objects.len(),
+        "every placement but the first of each object is a copy: {:?}",
+        cold.summary()
+    );
+
+    // The agent reads the version with its own rights through a second, counting relay:
+    // trees whole, the packed files as ranges of their packs.
+    let agent_relay = Relay::start(
+        t.engine
+            .endpoint
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let m = t.machine("alpha", agent_relay.port);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("nixos-system-alpha-1"));
+    let ranged = agent_relay.ranged();
+    assert!(
+        !ranged.is_empty() && ranged.iter().all(|r| r.contains("/objects/")),
+        "packed files read as ranges of objects: {ranged:?}\n{:?}",
+        agent_relay.requests()
+    );
+    let root_tree = manifest.tree.as_ref().unwrap().root.to_hex();
+    assert!(
+        agent_relay
+            .requests()
+            .contains(&format!("GET /{BUCKET}/hosts/alpha/objects/{root_tree}")),
+        "the root tree read: {:?}",
+        agent_relay.requests()
+    );
+
+    // One common file changes.
+    let old_trees: usize = HOSTS.iter().map(|h| live_trees(&admin, h).len()).sum();
+    write_version(&t.sshd, "2");
+    t.relay.reset();
+    ok(run(&f, &["publish", "--no-eval"]));
+    let change = Counted::of(&t.relay);
+    let after = t.objects(&admin);
+    let new: BTreeSet<String> = after
+        .keys()
+        .filter(|k| !all.contains(*k))
+        .cloned()
+        .collect();
+    assert!(!new.is_empty(), "the change makes new trees and a new pack");
+    let shared = shared_sent_once_and_copied(&change, &after, &new);
+    assert!(shared >= 2, "common/'s new tree and pack: {new:?}");
+    let per_host = change.requests.len() as f64 / hosts as f64;
+    eprintln!(
+        "one-common-file change, {hosts} hosts: {} requests ({per_host:.1} per host), {} new objects; {:?}",
+        change.requests.len(),
+        new.len(),
+        change.summary()
+    );
+    // The issue's goal is ≤ 5 per host; measured (3 hosts): 14. Per new object a HEAD and a
+    // PUT, and a copy for every other host holding it (each host: its root tree, common/'s
+    // new tree and pack); per host: `current` read (a 304), the heartbeat (serial check),
+    // three listings (the serial check's, the collection's of manifests and of objects),
+    // the manifest PUT and `current` switched; and each tree of its old version, read by
+    // the collection to know what it keeps (a shared tree is mostly read once, through the
+    // publisher's tree cache, but hosts collected in parallel may each read it first).
+    let placements: usize = after
+        .iter()
+        .filter(|(k, _)| new.contains(*k))
+        .map(|(_, h)| h.len())
+        .sum();
+    let bound = new.len() + placements + 7 * hosts + old_trees;
+    assert!(
+        change.requests.len() <= bound,
+        "{} requests > {bound}: {:?}",
+        change.requests.len(),
+        change.summary()
+    );
+    assert!(change.heads() <= new.len(), "{:?}", change.summary());
+    assert_eq!(
+        change.copies.len(),
+        placements - new.len(),
+        "{:?}",
+        change.summary()
+    );
+
+    // The agent takes the change: only the changed file's range out of the new pack.
+    agent_relay.reset();
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("nixos-system-alpha-2"));
+    let changed = Digest::of(b"{ version = \"2\"; }\n").to_hex();
+    assert!(m.base.join("state/objects").join(&changed).exists());
+    let ranged = agent_relay.ranged();
+    assert_eq!(
+        ranged.len(),
+        1,
+        "one range: the changed file: {ranged:?}\n{:?}",
+        agent_relay.requests()
+    );
+    eprintln!(
+        "agent update after the change: {:?}, {} B down",
+        agent_relay.requests(),
+        agent_relay
+            .connections()
+            .iter()
+            .map(|c| c.down)
+            .sum::<u64>()
+    );
+}
