@@ -10,8 +10,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest as _, Sha256};
 
+pub use crate::protocol::listing::{
+    BadDigest, BadPath, ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES,
+};
 use crate::protocol::HostName;
 
 /// The manifest format publish writes unless `[server] format` says otherwise: the
@@ -24,9 +26,6 @@ pub const FORMAT_TREES: u32 = 2;
 pub const FORMATS: [u32; 2] = [FORMAT, FORMAT_TREES];
 /// A manifest larger than this is refused unread (a hostile server cannot exhaust memory).
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
-/// The largest file a manifest may list: publish refuses bigger files, hosts refuse
-/// manifests that promise them (a disk-filling object is refused before it is fetched).
-pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -56,125 +55,6 @@ pub enum ManifestError {
     WrongHost { expected: HostName, found: HostName },
 }
 
-/// A sha256 digest, shown as 64 lowercase hex characters.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Digest([u8; 32]);
-
-impl Digest {
-    pub fn of(bytes: &[u8]) -> Self {
-        Self(Sha256::digest(bytes).into())
-    }
-
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The first 12 hex characters, for tables and logs.
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..6])
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({})", self.short())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("not a sha256 digest (64 lowercase hex characters): {0:?}")]
-pub struct BadDigest(pub String);
-
-impl FromStr for Digest {
-    type Err = BadDigest;
-    fn from_str(s: &str) -> Result<Self, BadDigest> {
-        let bad = || BadDigest(s.chars().take(80).collect());
-        if s.len() != 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
-        Ok(Self(out))
-    }
-}
-
-impl Serialize for Digest {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for Digest {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A relative path inside a tree: `/`-separated, no empty, `.` or `..` components, no NUL,
-/// no leading or trailing `/`. Safe to join onto a directory.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct RelPath(String);
-
-#[derive(Debug, thiserror::Error)]
-#[error("unsafe or malformed relative path {0:?}")]
-pub struct BadPath(pub String);
-
-impl RelPath {
-    pub fn new(s: &str) -> Result<Self, BadPath> {
-        let ok = !s.is_empty()
-            && s.len() <= 4096
-            && !s.contains('\0')
-            && s.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(BadPath(s.chars().take(200).collect()))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> Result<Self, BadPath> {
-        Self::new(&format!("{}/{}", self.0, name))
-    }
-
-    /// The parent directory, or `None` at the top of the tree.
-    pub fn parent(&self) -> Option<&str> {
-        self.0.rsplit_once('/').map(|(p, _)| p)
-    }
-}
-
-impl fmt::Display for RelPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for RelPath {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RelPath::new(&s).map_err(serde::de::Error::custom)
-    }
-}
-
 /// How the host turns its configuration into a system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -183,105 +63,6 @@ pub enum Build {
     Flake,
     /// `<nixpkgs/nixos>` with `nixos-config` = `configuration.nix`.
     Classic,
-}
-
-/// One entry of the configuration tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigEntry {
-    Directory {
-        path: RelPath,
-    },
-    File {
-        path: RelPath,
-        size: u64,
-        sha256: Digest,
-        executable: bool,
-    },
-}
-
-impl ConfigEntry {
-    pub fn path(&self) -> &RelPath {
-        match self {
-            ConfigEntry::Directory { path } | ConfigEntry::File { path, .. } => path,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Kind {
-    File,
-    Directory,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfigEntry {
-    path: RelPath,
-    kind: Kind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sha256: Option<Digest>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    executable: Option<bool>,
-}
-
-impl Serialize for ConfigEntry {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let raw = match self {
-            ConfigEntry::Directory { path } => RawConfigEntry {
-                path: path.clone(),
-                kind: Kind::Directory,
-                size: None,
-                sha256: None,
-                executable: None,
-            },
-            ConfigEntry::File {
-                path,
-                size,
-                sha256,
-                executable,
-            } => RawConfigEntry {
-                path: path.clone(),
-                kind: Kind::File,
-                size: Some(*size),
-                sha256: Some(*sha256),
-                executable: Some(*executable),
-            },
-        };
-        raw.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for ConfigEntry {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let raw = RawConfigEntry::deserialize(d)?;
-        match raw.kind {
-            Kind::Directory => {
-                if raw.size.is_some() || raw.sha256.is_some() || raw.executable.is_some() {
-                    return Err(D::Error::custom(format!(
-                        "directory entry {:?} has file fields",
-                        raw.path.as_str()
-                    )));
-                }
-                Ok(ConfigEntry::Directory { path: raw.path })
-            }
-            Kind::File => match (raw.size, raw.sha256, raw.executable) {
-                (Some(size), Some(sha256), Some(executable)) => Ok(ConfigEntry::File {
-                    path: raw.path,
-                    size,
-                    sha256,
-                    executable,
-                }),
-                _ => Err(D::Error::custom(format!(
-                    "file entry {:?} needs size, sha256 and executable",
-                    raw.path.as_str()
-                ))),
-            },
-        }
-    }
 }
 
 /// A file installed verbatim on the host, outside the Nix store.

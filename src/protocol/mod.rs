@@ -8,6 +8,8 @@ pub mod check;
 /// The signed freshness stamp (`[server] freshness`): how long a copy may withhold versions.
 pub mod freshness;
 pub mod layout;
+/// Digests, relative paths and configuration entries: what manifests and trees list.
+pub mod listing;
 pub mod manifest;
 pub mod name;
 /// Binary-cache metadata for `build_on = "server"` hosts (issue #12).

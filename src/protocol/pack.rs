@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use crate::protocol::manifest::Digest;
+use crate::protocol::listing::Digest;
 
 /// Objects up to this size are packed; larger ones stay objects of their own (a range read
 /// saves nothing on them, and a pack stays cheap to rewrite).

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::protocol::manifest::{ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES};
+use crate::protocol::listing::{ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES};
 use crate::protocol::pack::{PackIndex, PACKED_MAX};
 
 /// What `format` a tree object says it is.
