@@ -26,6 +26,10 @@ impl Digest {
         Self(bytes)
     }
 
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }

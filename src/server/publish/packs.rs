@@ -55,12 +55,11 @@ pub struct Packer {
 
 /// The key of a chunk: what its pack's bytes are a function of.
 fn chunk_key(files: &[(Digest, u64)]) -> Digest {
-    let mut text = Vec::with_capacity(files.len() * 66);
+    let mut raw = Vec::with_capacity(files.len() * 32);
     for (d, _) in files {
-        text.extend_from_slice(d.to_hex().as_bytes());
-        text.push(b'\n');
+        raw.extend_from_slice(d.as_bytes());
     }
-    Digest::of(&text)
+    Digest::of(&raw)
 }
 
 impl Packer {
