@@ -296,7 +296,16 @@ impl Manifest {
         &mut self,
         pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
     ) -> Result<(), E> {
-        let trees = crate::protocol::tree::build(&self.config, pack_of)?;
+        self.store_as_shared_trees(pack_of, &crate::protocol::tree::Subtrees::default())
+    }
+
+    /// [`Manifest::store_as_trees`], reusing the subtrees `memo` holds from other hosts.
+    pub fn store_as_shared_trees<E>(
+        &mut self,
+        pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
+        memo: &crate::protocol::tree::Subtrees,
+    ) -> Result<(), E> {
+        let trees = crate::protocol::tree::build_shared(&self.config, pack_of, memo)?;
         self.format = FORMAT_TREES;
         self.tree = Some(TreeRef {
             root: trees.root,

@@ -251,7 +251,23 @@ impl Trees {
 /// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
 pub fn build<E>(
     entries: &[ConfigEntry],
+    pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
+) -> Result<Trees, E> {
+    build_shared(entries, pack_of, &Subtrees::default())
+}
+
+/// Subtrees already built, by their content: a publisher building many hosts that share a
+/// directory (`common/`) builds its trees once, not once per host. A subtree's key hashes
+/// its names, file digests, sizes and modes and its subdirectories' keys, so equal keys
+/// are equal content (and so equal trees).
+#[derive(Default)]
+pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, std::sync::Arc<Trees>)>>);
+
+/// [`build`], reusing and remembering in `memo` every subtree below the root.
+pub fn build_shared<E>(
+    entries: &[ConfigEntry],
     mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
+    memo: &Subtrees,
 ) -> Result<Trees, E> {
     #[derive(Default)]
     struct Dir {
@@ -269,14 +285,79 @@ pub fn build<E>(
         }
     }
     type PackOf<'a, E> = dyn FnMut(&[(Digest, u64)]) -> Result<Digest, E> + 'a;
-    fn emit<E>(dir: Dir, out: &mut Trees, pack_of: &mut PackOf<'_, E>) -> Result<Digest, E> {
+    fn key(dir: &Dir) -> Digest {
+        use sha2::Digest as _;
+        let mut h = Sha256::new();
+        for (name, node) in &dir.files {
+            if let Node::File {
+                size,
+                sha256,
+                executable,
+            } = node
+            {
+                h.update(b"F");
+                h.update(name.as_bytes());
+                h.update([0]);
+                h.update(sha256.as_bytes());
+                h.update(size.to_le_bytes());
+                h.update([u8::from(*executable)]);
+            }
+        }
+        for (name, sub) in &dir.dirs {
+            h.update(b"D");
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(key(sub).as_bytes());
+        }
+        Digest::from_bytes(h.finalize().into())
+    }
+    fn merge(out: &mut Trees, sub: &Trees) {
+        for (d, bytes) in &sub.trees {
+            out.trees.entry(*d).or_insert_with(|| bytes.clone());
+        }
+        for index in sub.packs.values() {
+            out.add_pack(index.clone());
+        }
+    }
+    /// A subdirectory's trees, from `memo` or built (and remembered).
+    fn emit_shared<E>(
+        dir: Dir,
+        out: &mut Trees,
+        pack_of: &mut PackOf<'_, E>,
+        memo: &Subtrees,
+    ) -> Result<Digest, E> {
+        let k = key(&dir);
+        if let Some((digest, sub)) = memo.0.lock().expect("subtrees").get(&k).cloned() {
+            merge(out, &sub);
+            return Ok(digest);
+        }
+        let mut sub = Trees {
+            root: Digest::of(b""),
+            trees: BTreeMap::new(),
+            packs: BTreeMap::new(),
+        };
+        let digest = emit(dir, &mut sub, pack_of, memo)?;
+        sub.root = digest;
+        merge(out, &sub);
+        memo.0
+            .lock()
+            .expect("subtrees")
+            .insert(k, (digest, std::sync::Arc::new(sub)));
+        Ok(digest)
+    }
+    fn emit<E>(
+        dir: Dir,
+        out: &mut Trees,
+        pack_of: &mut PackOf<'_, E>,
+        memo: &Subtrees,
+    ) -> Result<Digest, E> {
         let mut entries: Vec<Entry> = dir
             .files
             .into_iter()
             .map(|(name, node)| Entry { name, node })
             .collect();
         for (name, sub) in dir.dirs {
-            let sha256 = emit(sub, out, pack_of)?;
+            let sha256 = emit_shared(sub, out, pack_of, memo)?;
             entries.push(Entry {
                 name,
                 node: Node::Tree { sha256 },
@@ -333,7 +414,8 @@ pub fn build<E>(
         trees: BTreeMap::new(),
         packs: BTreeMap::new(),
     };
-    out.root = emit(root, &mut out, &mut pack_of)?;
+    // The root is the host's own: built, not remembered.
+    out.root = emit(root, &mut out, &mut pack_of, memo)?;
     Ok(out)
 }
 
@@ -694,5 +776,26 @@ mod tests {
             let err = Tree::parse_untrusted(&bytes, &Digest::of(&bytes)).unwrap_err();
             assert!(matches!(err, TreeError::Invalid { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn a_subtree_built_for_one_host_is_reused_for_the_next_and_is_the_same() {
+        let memo = Subtrees::default();
+        let pack_of = |files: &[(Digest, u64)]| {
+            let names: Vec<u8> = files
+                .iter()
+                .flat_map(|(d, _)| d.to_hex().into_bytes())
+                .collect();
+            Ok::<_, std::convert::Infallible>(Digest::of(&names))
+        };
+        for host_name in ["web1", "web2", "web1"] {
+            let shared = build_shared(&host(host_name), pack_of, &memo).unwrap();
+            assert_eq!(shared, build(&host(host_name)), "{host_name}");
+        }
+        assert_eq!(
+            memo.0.lock().unwrap().len(),
+            2,
+            "common/ and common/users/, once each; roots are not kept"
+        );
     }
 }

@@ -51,6 +51,11 @@ pub struct Packer {
     known: HashMap<Digest, Digest>,
     /// Named in this run: the pack's name and a source for its bytes.
     run: Mutex<HashMap<Digest, (Digest, Source)>>,
+    /// Subtrees built in this run: hosts sharing `common/` build its trees once (so a host
+    /// whose subtree came from here names packs it did not name itself: `sources`).
+    subtrees: crate::protocol::tree::Subtrees,
+    /// Every pack named in this run, by its name.
+    sources: Mutex<HashMap<Digest, Source>>,
 }
 
 /// The key of a chunk: what its pack's bytes are a function of.
@@ -78,6 +83,8 @@ impl Packer {
             path,
             known,
             run: Mutex::new(HashMap::new()),
+            subtrees: Default::default(),
+            sources: Mutex::new(HashMap::new()),
         }
     }
 
@@ -85,41 +92,57 @@ impl Packer {
     pub fn pack(&self, plan: &mut HostPlan) -> Result<(), PublishError> {
         let sources = &plan.sources;
         let mut added: Vec<(Digest, Source)> = Vec::new();
-        plan.manifest.store_as_trees(|files| {
-            let key = chunk_key(files);
-            if let Some((pack, source)) = self.run.lock().expect("packer").get(&key) {
-                added.push((*pack, source.clone()));
-                return Ok(*pack);
-            }
-            let mut parts: Vec<Source> = Vec::new();
-            let mut seen = std::collections::BTreeSet::new();
-            for (d, _) in files {
-                if seen.insert(*d) {
-                    parts.push(sources.get(d).cloned().ok_or_else(|| {
-                        PublishError::Internal(format!("no source for object {d}"))
-                    })?);
+        plan.manifest.store_as_shared_trees(
+            |files| {
+                let key = chunk_key(files);
+                if let Some((pack, source)) = self.run.lock().expect("packer").get(&key) {
+                    added.push((*pack, source.clone()));
+                    return Ok(*pack);
                 }
-            }
-            let (pack, source) = match self.known.get(&key) {
-                Some(pack) => (*pack, Source::Pack(parts.into())),
-                None => {
-                    let bytes = read_all(&parts, files)?;
-                    (Digest::of(&bytes), Source::Bytes(bytes.into()))
+                let mut parts: Vec<Source> = Vec::new();
+                let mut seen = std::collections::BTreeSet::new();
+                for (d, _) in files {
+                    if seen.insert(*d) {
+                        parts.push(sources.get(d).cloned().ok_or_else(|| {
+                            PublishError::Internal(format!("no source for object {d}"))
+                        })?);
+                    }
                 }
-            };
-            self.run
-                .lock()
-                .expect("packer")
-                .insert(key, (pack, source.clone()));
-            added.push((pack, source));
-            Ok::<_, PublishError>(pack)
-        })?;
+                let (pack, source) = match self.known.get(&key) {
+                    Some(pack) => (*pack, Source::Pack(parts.into())),
+                    None => {
+                        let bytes = read_all(&parts, files)?;
+                        (Digest::of(&bytes), Source::Bytes(bytes.into()))
+                    }
+                };
+                self.run
+                    .lock()
+                    .expect("packer")
+                    .insert(key, (pack, source.clone()));
+                self.sources
+                    .lock()
+                    .expect("packer")
+                    .insert(pack, source.clone());
+                added.push((pack, source));
+                Ok::<_, PublishError>(pack)
+            },
+            &self.subtrees,
+        )?;
         let stored = plan.manifest.stored().expect("just built");
         for (d, bytes) in &stored.trees {
             plan.sources
                 .insert(*d, Source::Bytes(Arc::from(bytes.as_slice())));
         }
         plan.sources.extend(added);
+        let named = self.sources.lock().expect("packer");
+        for pack in stored.packs.keys() {
+            if !plan.sources.contains_key(pack) {
+                let source = named
+                    .get(pack)
+                    .ok_or_else(|| PublishError::Internal(format!("no source for pack {pack}")))?;
+                plan.sources.insert(*pack, source.clone());
+            }
+        }
         Ok(())
     }
 
@@ -189,6 +212,33 @@ mod tests {
         for d in plan.manifest.objects() {
             let source = plan.sources.get(&d).expect("a source for every object");
             assert_eq!(Digest::of(&read(source)), d);
+        }
+    }
+
+    #[test]
+    fn hosts_sharing_a_directory_each_get_a_source_for_every_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let packer = Packer::load(dir.path().join("packs"));
+        let shared = [
+            ("common/a.nix", "{ a = 1; }"),
+            ("common/b.nix", "{ b = 2; }"),
+        ];
+        for host in ["alpha", "beta"] {
+            let mut files = shared.to_vec();
+            let own = format!("{{ host = \"{host}\"; }}");
+            files.push(("own.nix", &own));
+            let mut plan = crate::server::publish::fixture::plan(host, &files, 1);
+            plan.manifest
+                .config
+                .push(crate::protocol::manifest::ConfigEntry::Directory {
+                    path: crate::protocol::manifest::RelPath::new("common").unwrap(),
+                });
+            plan.manifest.canonicalize();
+            packer.pack(&mut plan).unwrap();
+            for d in plan.manifest.objects() {
+                let source = plan.sources.get(&d).expect("a source for every object");
+                assert_eq!(Digest::of(&read(source)), d, "{host}");
+            }
         }
     }
 
