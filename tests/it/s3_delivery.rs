@@ -16,13 +16,11 @@ use bento::protocol::report::{Outcome, Report};
 use bento::sys::s3::{Client, PutMode};
 
 use crate::agent::{code, fleet, text, write_version, Machine, EXIT_FAILED, EXIT_UPDATED};
-use crate::common::engines::{Identity, SeaweedFs};
 use crate::common::sshd::Sshd;
 use crate::common::NIX_CONFIG;
 use crate::delivery::cache_key;
 use crate::rollout::{configure, trigger_command};
-use crate::s3_agent::{credentials_file, s3_config};
-use crate::s3_publish::{identities, ok, point_at_store, read, run};
+use crate::s3_publish::{ok, read, run, OnSeaweed};
 use crate::secrets::{append_toml, keypair};
 use crate::substitute::{assert_nothing_evaluated, closure, delete, no_builds, Bed};
 
@@ -30,31 +28,16 @@ const BUCKET: &str = "fleet";
 
 /// The fleet of `sshd` pointed at a fresh SeaweedFS configured from the printed policy.
 struct OnStore {
-    engine: SeaweedFs,
+    store: OnSeaweed,
     admin: Client,
-    ids: Vec<Identity>,
-    _outside: tempfile::TempDir,
 }
 
 impl OnStore {
     fn new(sshd: &Sshd) -> Self {
-        let f = sshd.fleet();
-        let outside = tempfile::tempdir().unwrap();
-        let state = outside.path().join("state");
-        let creds = outside.path().join("publisher-credentials");
-        point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-        let ids = identities(&ok(run(
-            &f,
-            &["server", "s3-policy", "--engine", "seaweedfs"],
-        )));
-        let engine = SeaweedFs::start(BUCKET, &ids, None);
-        credentials_file(&creds, &engine.admin);
-        point_at_store(&f, &engine.endpoint, &creds, &state);
+        let store = OnSeaweed::start(&sshd.fleet());
         OnStore {
-            admin: engine.admin_client(),
-            engine,
-            ids,
-            _outside: outside,
+            admin: store.engine.admin_client(),
+            store,
         }
     }
 
@@ -66,14 +49,7 @@ impl OnStore {
     }
 
     fn configure(&self, m: &Machine<'_>, extra: &str) {
-        let id = self
-            .ids
-            .iter()
-            .find(|i| i.name == format!("bento-{}", m.host))
-            .expect("an identity per host");
-        let creds = m.base.join("s3-credentials");
-        credentials_file(&creds, &id.creds);
-        s3_config(m, &self.engine.endpoint, &creds, extra);
+        self.store.agent(m, &self.store.engine.endpoint, extra);
     }
 
     fn live_manifest(&self, host: &str) -> Manifest {

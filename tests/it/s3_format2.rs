@@ -6,96 +6,47 @@
 //! once and copied inside the engine to the others, and the agent applies the change.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 use bento::protocol::manifest::{Digest, Manifest};
 use bento::sys::s3::Client;
 
-use crate::agent::{code, fleet, text, write_version, Machine, EXIT_UPDATED};
-use crate::common::engines::{Identity, SeaweedFs};
+use crate::agent::{code, text, write_version, Machine, EXIT_UPDATED};
 use crate::common::relay::Relay;
-use crate::common::sshd::Sshd;
 use crate::format2::{set_format_2, write_modules};
-use crate::s3_agent::{credentials_file, s3_config};
-use crate::s3_publish::{identities, ok, point_at_store, run};
+use crate::s3_publish::{ok, run};
+use crate::s3_scale::Fleet;
 
 const BUCKET: &str = "fleet";
 const HOSTS: [&str; 3] = ["alpha", "beta", "gamma"];
 
-/// A format-2 fleet whose store is SeaweedFS, the publisher reaching it through `relay`.
-struct Fleet {
-    sshd: Sshd,
-    engine: SeaweedFs,
-    relay: Relay,
-    ids: Vec<Identity>,
-    _outside: tempfile::TempDir,
+/// A format-2 fleet (120 small modules in `common/mods`: several packs every host shares)
+/// whose store is SeaweedFS, the publisher reaching it through a counting relay.
+fn start(hosts: &[&str]) -> Fleet {
+    Fleet::start_with(hosts, |sshd| {
+        write_modules(sshd, 120, 200);
+        set_format_2(sshd);
+    })
 }
 
-impl Fleet {
-    fn start(hosts: &[&str]) -> Fleet {
-        let sshd = Sshd::start(hosts);
-        // 120 small modules in common/mods: several packs shared by every host.
-        write_modules(&sshd, 120, 200);
-        fleet(&sshd);
-        set_format_2(&sshd);
-        let f = sshd.fleet();
-        let outside = tempfile::tempdir().unwrap();
-        let state = outside.path().join("state");
-        let creds = outside.path().join("publisher-credentials");
-        point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-        let ids = identities(&ok(run(
-            &f,
-            &["server", "s3-policy", "--engine", "seaweedfs"],
-        )));
-        let engine = SeaweedFs::start(BUCKET, &ids, None);
-        let relay = Relay::start(engine.endpoint.rsplit(':').next().unwrap().parse().unwrap());
-        credentials_file(&creds, &engine.admin);
-        point_at_store(
-            &f,
-            &format!("http://127.0.0.1:{}", relay.port),
-            &creds,
-            &state,
-        );
-        Fleet {
-            sshd,
-            engine,
-            relay,
-            ids,
-            _outside: outside,
+/// The host's agent with only its printed rights, reaching the engine at `port`.
+fn machine<'a>(t: &'a Fleet, host: &str, port: u16) -> Machine<'a> {
+    let m = Machine::new(&t.sshd, host, "");
+    t.store.agent(&m, &format!("http://127.0.0.1:{port}"), "");
+    m
+}
+
+/// Every object name in the engine, with the hosts holding it.
+fn stored_objects(admin: &Client) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for l in admin.list(BUCKET, "hosts/").unwrap() {
+        let parts: Vec<&str> = l.key.split('/').collect();
+        if let ["hosts", host, "objects", name] = parts[..] {
+            out.entry(name.to_owned())
+                .or_default()
+                .insert(host.to_owned());
         }
     }
-
-    fn fleet(&self) -> PathBuf {
-        self.sshd.fleet()
-    }
-
-    /// The host's agent with only its printed rights, reaching the engine at `port`.
-    fn machine(&self, host: &str, port: u16) -> Machine<'_> {
-        let m = Machine::new(&self.sshd, host, "");
-        let id = self
-            .ids
-            .iter()
-            .find(|i| i.actions.iter().any(|a| a.contains(&format!("/{host}/"))))
-            .expect("an identity per host");
-        let creds = m.base.join("s3-credentials");
-        credentials_file(&creds, &id.creds);
-        s3_config(&m, &format!("http://127.0.0.1:{port}"), &creds, "");
-        m
-    }
-
-    /// Every object name in the engine, with the hosts holding it.
-    fn objects(&self, admin: &Client) -> BTreeMap<String, BTreeSet<String>> {
-        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for l in admin.list(BUCKET, "hosts/").unwrap() {
-            let parts: Vec<&str> = l.key.split('/').collect();
-            if let ["hosts", host, "objects", name] = parts[..] {
-                out.entry(name.to_owned())
-                    .or_default()
-                    .insert(host.to_owned());
-            }
-        }
-        out
-    }
+    out
 }
 
 /// The trees of `host`'s live version, read with the admin's rights.
@@ -187,16 +138,16 @@ fn shared_sent_once_and_copied(
 
 #[test]
 fn s3_format_2_publish_copies_shared_objects_and_the_agent_reads_ranges() {
-    let t = Fleet::start(&HOSTS);
+    let t = start(&HOSTS);
     let f = t.fleet();
-    let admin = t.engine.admin_client();
+    let admin = t.store.engine.admin_client();
     let hosts = HOSTS.len();
 
     // A cold format-2 publish.
     t.relay.reset();
     ok(run(&f, &["publish", "--no-eval"]));
     let cold = Counted::of(&t.relay);
-    let objects = t.objects(&admin);
+    let objects = stored_objects(&admin);
     let all: BTreeSet<String> = objects.keys().cloned().collect();
     let live = crate::s3_publish::read(&admin, "hosts/alpha/current").unwrap();
     let live: Digest = String::from_utf8(live).unwrap().trim().parse().unwrap();
@@ -241,7 +192,8 @@ fn s3_format_2_publish_copies_shared_objects_and_the_agent_reads_ranges() {
     // The agent reads the version with its own rights through a second, counting relay:
     // trees whole, the packed files as ranges of their packs.
     let agent_relay = Relay::start(
-        t.engine
+        t.store
+            .engine
             .endpoint
             .rsplit(':')
             .next()
@@ -249,7 +201,7 @@ fn s3_format_2_publish_copies_shared_objects_and_the_agent_reads_ranges() {
             .parse()
             .unwrap(),
     );
-    let m = t.machine("alpha", agent_relay.port);
+    let m = machine(&t, "alpha", agent_relay.port);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert!(m.profile_target().unwrap().contains("nixos-system-alpha-1"));
@@ -274,7 +226,7 @@ fn s3_format_2_publish_copies_shared_objects_and_the_agent_reads_ranges() {
     t.relay.reset();
     ok(run(&f, &["publish", "--no-eval"]));
     let change = Counted::of(&t.relay);
-    let after = t.objects(&admin);
+    let after = stored_objects(&admin);
     let new: BTreeSet<String> = after
         .keys()
         .filter(|k| !all.contains(*k))

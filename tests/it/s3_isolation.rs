@@ -15,10 +15,10 @@ use std::time::Duration;
 use bento::sys::s3::{Client, Credentials, Got, Options, PutMode, S3Error};
 
 use crate::agent::{code, fleet, text, Machine, EXIT_UPDATED};
-use crate::common::engines::{Garage, SeaweedFs, GARAGE_REGION};
+use crate::common::engines::{Garage, GARAGE_REGION};
 use crate::common::sshd::Sshd;
-use crate::s3_agent::{credentials_file, s3_config};
-use crate::s3_publish::{identities, ok, point_at, point_at_store, run};
+use crate::s3_agent::credentials_file;
+use crate::s3_publish::{ok, point_at, run};
 
 /// A refusal: the engine answered 403, nothing else (a transport error or a 404 would hide
 /// whether the right exists).
@@ -284,25 +284,10 @@ fn s3_isolation_matrix_on_seaweedfs_from_the_printed_identities() {
     let sshd = Sshd::start(&["alpha", "beta"]);
     fleet(&sshd);
     let f = sshd.fleet();
-    let outside = tempfile::tempdir().unwrap();
-    let state = outside.path().join("state");
-    let creds = outside.path().join("publisher-credentials");
-    point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-    let ids = identities(&ok(run(
-        &f,
-        &["server", "s3-policy", "--engine", "seaweedfs"],
-    )));
-    let engine = SeaweedFs::start("fleet", &ids, None);
-    credentials_file(&creds, &engine.admin);
-    point_at_store(&f, &engine.endpoint, &creds, &state);
+    let store = crate::s3_publish::OnSeaweed::start(&f);
+    let engine = &store.engine;
     ok(run(&f, &["publish", "--no-eval"]));
-    let key_of = |h: &str| {
-        ids.iter()
-            .find(|i| i.name == format!("bento-{h}"))
-            .expect("an identity per host")
-            .creds
-            .clone()
-    };
+    let key_of = |h: &str| store.identity(h).creds.clone();
 
     matrix(
         &PREFIX_PER_HOST,
@@ -313,9 +298,7 @@ fn s3_isolation_matrix_on_seaweedfs_from_the_printed_identities() {
     );
 
     let m = Machine::new(&sshd, "alpha", "");
-    let agent_creds = m.base.join("s3-credentials");
-    credentials_file(&agent_creds, &key_of("alpha"));
-    s3_config(&m, &engine.endpoint, &agent_creds, "");
+    store.agent(&m, &engine.endpoint, "");
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     let rows: Vec<serde_json::Value> =

@@ -19,11 +19,9 @@ use bento::sys::s3::Client;
 
 use crate::agent::{code, fleet, text, Machine, EXIT_UPDATED};
 use crate::common::bento_std;
-use crate::common::engines::SeaweedFs;
 use crate::common::s3cut::MutationCut;
 use crate::common::sshd::Sshd;
-use crate::s3_agent::{credentials_file, s3_config};
-use crate::s3_publish::{identities, ok, point_at_store, read, run};
+use crate::s3_publish::{ok, read, run, OnSeaweed};
 use crate::signing::{keygen, set_signing_key};
 
 const BUCKET: &str = "fleet";
@@ -161,35 +159,20 @@ fn s3_publish_killed_after_any_mutating_request_leaves_whole_versions_on_seaweed
     set_signing_key(&sshd, &key);
     fleet(&sshd);
     let f = sshd.fleet();
-    let outside = tempfile::tempdir().unwrap();
-    let state = outside.path().join("state");
-    let creds = outside.path().join("publisher-credentials");
-    point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-    let ids = identities(&ok(run(
-        &f,
-        &["server", "s3-policy", "--engine", "seaweedfs"],
-    )));
-    let engine = SeaweedFs::start(BUCKET, &ids, None);
+    let store = OnSeaweed::start(&f);
+    let engine = &store.engine;
     let admin = engine.admin_client();
-    credentials_file(&creds, &engine.admin);
     let cut = MutationCut::start(&engine.endpoint);
-    point_at_store(&f, &cut.endpoint(), &creds, &state);
+    store.publish_through(&f, &cut.endpoint());
 
     // Agents straight to the engine (their report PUTs are not the publisher's requests).
     let machines: Vec<Machine<'_>> = HOSTS
         .iter()
         .map(|h| {
             let m = Machine::new(&sshd, h, "");
-            let id = ids
-                .iter()
-                .find(|i| i.name == format!("bento-{h}"))
-                .expect("an identity per host");
-            let c = m.base.join("s3-credentials");
-            credentials_file(&c, &id.creds);
-            s3_config(
+            store.agent(
                 &m,
                 &engine.endpoint,
-                &c,
                 &format!("trusted_keys = [\"{public}\"]\n"),
             );
             m

@@ -6,7 +6,7 @@
 //! credentials file inside the fleet repo is refused.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use bento::protocol::report::{Outcome, Report};
@@ -79,6 +79,64 @@ pub(crate) fn point_at(
         }
     }
     fs::write(&toml, out).unwrap();
+}
+
+/// A fleet repo whose store is a SeaweedFS started with exactly the identities `bento server
+/// s3-policy --engine seaweedfs` printed for it (so the printed policy is what the tests
+/// prove sufficient), the publisher's state and credentials outside the repo.
+pub(crate) struct OnSeaweed {
+    pub(crate) engine: SeaweedFs,
+    pub(crate) ids: Vec<Identity>,
+    pub(crate) state: PathBuf,
+    creds: PathBuf,
+    _outside: tempfile::TempDir,
+}
+
+impl OnSeaweed {
+    /// Prints the policy for `fleet`'s hosts, starts the engine with it and points the
+    /// publisher at the engine.
+    pub(crate) fn start(fleet: &Path) -> Self {
+        let outside = tempfile::tempdir().unwrap();
+        let state = outside.path().join("state");
+        let creds = outside.path().join("publisher-credentials");
+        // The policy is printed from bento.toml's store, which must name one first.
+        point_at_store(fleet, "http://127.0.0.1:1", &creds, &state);
+        let ids = identities(&ok(run(
+            fleet,
+            &["server", "s3-policy", "--engine", "seaweedfs"],
+        )));
+        let engine = SeaweedFs::start(BUCKET, &ids, None);
+        credentials_file(&creds, &engine.admin);
+        point_at_store(fleet, &engine.endpoint, &creds, &state);
+        OnSeaweed {
+            engine,
+            ids,
+            state,
+            creds,
+            _outside: outside,
+        }
+    }
+
+    /// Points the publisher at `endpoint` (a relay or a fault injector in front of the
+    /// engine) instead of the engine itself.
+    pub(crate) fn publish_through(&self, fleet: &Path, endpoint: &str) {
+        point_at_store(fleet, endpoint, &self.creds, &self.state);
+    }
+
+    /// The identity printed for `host`.
+    pub(crate) fn identity(&self, host: &str) -> &Identity {
+        self.ids
+            .iter()
+            .find(|i| i.actions.iter().any(|a| a.contains(&format!("/{host}/"))))
+            .expect("an identity per host")
+    }
+
+    /// Gives `m`'s agent the store at `endpoint` with only its host's printed rights.
+    pub(crate) fn agent(&self, m: &Machine<'_>, endpoint: &str, extra: &str) {
+        let creds = m.base.join("s3-credentials");
+        credentials_file(&creds, &self.identity(&m.host).creds);
+        s3_config(m, endpoint, &creds, extra);
+    }
 }
 
 /// The identities `bento server s3-policy --engine seaweedfs` printed.
@@ -376,18 +434,8 @@ fn s3_publish_and_refresh_write_the_freshness_stamp_on_seaweedfs() {
     crate::signing::set_signing_key(&sshd, &key);
     fleet(&sshd);
     let f = sshd.fleet();
-    let outside = tempfile::tempdir().unwrap();
-    let state = outside.path().join("state");
-    let creds = outside.path().join("publisher-credentials");
-    point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-    let ids = identities(&ok(run(
-        &f,
-        &["server", "s3-policy", "--engine", "seaweedfs"],
-    )));
-    let engine = SeaweedFs::start(BUCKET, &ids, None);
-    let admin = engine.admin_client();
-    credentials_file(&creds, &engine.admin);
-    point_at_store(&f, &engine.endpoint, &creds, &state);
+    let store = OnSeaweed::start(&f);
+    let admin = store.engine.admin_client();
     let toml = f.join("bento.toml");
     let with_window = fs::read_to_string(&toml).unwrap().replacen(
         "[server]\n",
@@ -433,9 +481,7 @@ fn s3_publish_and_refresh_write_the_freshness_stamp_on_seaweedfs() {
 
     // The agent reads it with the host's own rights, and checks it with its trusted key.
     let m = Machine::new(&sshd, "alpha", &format!("trusted_keys = [\"{public}\"]\n"));
-    let host_creds = m.base.join("s3-credentials");
-    credentials_file(&host_creds, &ids[0].creds);
-    s3_config(&m, &engine.endpoint, &host_creds, "");
+    store.agent(&m, &store.engine.endpoint, "");
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
     assert_eq!(

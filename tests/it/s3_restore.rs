@@ -181,7 +181,7 @@ fn age_confirmations(state: &Path, host: &str, secs: u64) {
 #[test]
 fn s3_a_restored_publisher_numbers_above_what_the_host_applied() {
     let t = Fleet::start(&["alpha"]);
-    let admin = t.engine.admin_client();
+    let admin = t.store.engine.admin_client();
     let m = t.machine("alpha");
     publish(&t);
     updated(&m);
@@ -191,8 +191,8 @@ fn s3_a_restored_publisher_numbers_above_what_the_host_applied() {
     // A backup of the engine and the publisher's state together, the host's confirmation of
     // serial 1 in it; then serial 2 is applied.
     let saved = backup(&admin, "alpha");
-    let state_backup = t.state.with_extension("backup");
-    copy_dir(&t.state, &state_backup);
+    let state_backup = t.store.state.with_extension("backup");
+    copy_dir(&t.store.state, &state_backup);
     write_version(&t.sshd, "2");
     publish(&t);
     updated(&m);
@@ -201,7 +201,7 @@ fn s3_a_restored_publisher_numbers_above_what_the_host_applied() {
     // Both restored, the fleet too: the host refuses serial 1 as a replay, and its
     // heartbeat says it applied 2.
     restore(&admin, "alpha", &saved);
-    copy_dir(&state_backup, &t.state);
+    copy_dir(&state_backup, &t.store.state);
     write_version(&t.sshd, "1");
     assert_eq!(code(&m.update()), EXIT_FAILED);
     // `current` has the bytes, so the ETag, it had when the backup was made: within a
@@ -210,7 +210,7 @@ fn s3_a_restored_publisher_numbers_above_what_the_host_applied() {
     assert_eq!(live_serial(&admin, "alpha"), 1);
     // Once the confirmation is older than a day, the heartbeat is read again: numbered
     // above what the host applied, same content or not, and the host takes it.
-    age_confirmations(&t.state, "alpha", 25 * 3600);
+    age_confirmations(&t.store.state, "alpha", 25 * 3600);
     publish(&t);
     assert_eq!(live_serial(&admin, "alpha"), 3);
     updated(&m);
@@ -219,7 +219,7 @@ fn s3_a_restored_publisher_numbers_above_what_the_host_applied() {
     // heartbeat): publish starts again at 1, written by this publisher itself, and the
     // host refuses it; it never confirmed serial 1, so its heartbeat is read at the next
     // publish, which numbers above it.
-    fs::remove_dir_all(&t.state).unwrap();
+    fs::remove_dir_all(&t.store.state).unwrap();
     for l in admin.list(BUCKET, "hosts/alpha/").unwrap() {
         if l.key.contains("/manifests/")
             || l.key.ends_with("/current")

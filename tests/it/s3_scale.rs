@@ -13,53 +13,35 @@ use std::time::{Duration, Instant};
 use bento::protocol::report::{Heartbeat, Report};
 
 use crate::agent::{code, fleet, text, write_version, Machine, EXIT_NOOP, EXIT_UPDATED};
-use crate::common::engines::SeaweedFs;
 use crate::common::relay::Relay;
 use crate::common::sshd::Sshd;
-use crate::s3_agent::{credentials_file, s3_config};
-use crate::s3_publish::{identities, ok, point_at_store, read, run};
+use crate::s3_publish::{ok, read, run, OnSeaweed};
 
 /// A fleet whose store is SeaweedFS (reached through a counting relay) configured from the
 /// printed policy, the publisher's state and credentials outside the fleet repo.
 pub(crate) struct Fleet {
     pub(crate) sshd: Sshd,
-    pub(crate) engine: SeaweedFs,
+    pub(crate) store: OnSeaweed,
     pub(crate) relay: Relay,
-    pub(crate) state: PathBuf,
-    ids: Vec<crate::common::engines::Identity>,
-    _outside: tempfile::TempDir,
 }
 
 impl Fleet {
     pub(crate) fn start(hosts: &[&str]) -> Fleet {
+        Self::start_with(hosts, |_| {})
+    }
+
+    /// [`Fleet::start`], with `prepare` run on the fleet repo before anything is published
+    /// or the policy printed.
+    pub(crate) fn start_with(hosts: &[&str], prepare: impl FnOnce(&Sshd)) -> Fleet {
         let sshd = Sshd::start(hosts);
+        prepare(&sshd);
         fleet(&sshd);
         let f = sshd.fleet();
-        let outside = tempfile::tempdir().unwrap();
-        let state = outside.path().join("state");
-        let creds = outside.path().join("publisher-credentials");
-        point_at_store(&f, "http://127.0.0.1:1", &creds, &state);
-        let ids = identities(&ok(run(
-            &f,
-            &["server", "s3-policy", "--engine", "seaweedfs"],
-        )));
-        let engine = SeaweedFs::start("fleet", &ids, None);
-        let relay = Relay::start(engine.endpoint.rsplit(':').next().unwrap().parse().unwrap());
-        credentials_file(&creds, &engine.admin);
-        point_at_store(
-            &f,
-            &format!("http://127.0.0.1:{}", relay.port),
-            &creds,
-            &state,
-        );
-        Fleet {
-            sshd,
-            engine,
-            relay,
-            state,
-            ids,
-            _outside: outside,
-        }
+        let store = OnSeaweed::start(&f);
+        let port = store.engine.endpoint.rsplit(':').next().unwrap();
+        let relay = Relay::start(port.parse().unwrap());
+        store.publish_through(&f, &format!("http://127.0.0.1:{}", relay.port));
+        Fleet { sshd, store, relay }
     }
 
     pub(crate) fn fleet(&self) -> PathBuf {
@@ -69,14 +51,7 @@ impl Fleet {
     /// The host's agent, with only its printed rights, talking to the engine directly.
     pub(crate) fn machine(&self, host: &str) -> Machine<'_> {
         let m = Machine::new(&self.sshd, host, "");
-        let id = self
-            .ids
-            .iter()
-            .find(|i| i.actions.iter().any(|a| a.contains(&format!("/{host}/"))))
-            .expect("an identity per host");
-        let creds = m.base.join("s3-credentials");
-        credentials_file(&creds, &id.creds);
-        s3_config(&m, &self.engine.endpoint, &creds, "");
+        self.store.agent(&m, &self.store.engine.endpoint, "");
         m
     }
 
@@ -121,9 +96,14 @@ fn s3_status_asks_with_the_etags_it_saw_and_still_shows_a_changed_report() {
     ok(run(&t.fleet(), &["publish", "--no-eval"]));
     let out = t.machine("alpha").update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
-    let latest =
-        Report::parse(&read(&t.engine.admin_client(), "hosts/alpha/logs/latest.json").unwrap())
-            .unwrap();
+    let latest = Report::parse(
+        &read(
+            &t.store.engine.admin_client(),
+            "hosts/alpha/logs/latest.json",
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let rows = t.status();
     let alpha = row(&rows, "alpha");
     assert_eq!(alpha["state"], "up-to-date", "{alpha}");
@@ -152,7 +132,7 @@ fn s3_a_publish_killed_after_one_host_committed_leaves_an_index_the_next_publish
     let t = Fleet::start(&["alpha", "beta"]);
     let f = t.fleet();
     ok(run(&f, &["publish", "--no-eval"]));
-    let admin = t.engine.admin_client();
+    let admin = t.store.engine.admin_client();
     let current = |host: &str| read(&admin, &format!("hosts/{host}/current"));
     let alpha_v1 = current("alpha").unwrap();
     let beta_v1 = current("beta").unwrap();
@@ -183,7 +163,7 @@ fn s3_a_publish_killed_after_one_host_committed_leaves_an_index_the_next_publish
         Some(text.to_owned())
     };
     let alpha_v1_text = String::from_utf8(alpha_v1.clone()).unwrap();
-    while kept(&t.state).as_deref() == Some(alpha_v1_text.as_str()) {
+    while kept(&t.store.state).as_deref() == Some(alpha_v1_text.as_str()) {
         assert!(
             Instant::now() < deadline,
             "alpha's index never kept its commit"
@@ -202,10 +182,10 @@ fn s3_a_publish_killed_after_one_host_committed_leaves_an_index_the_next_publish
     let alpha_v2 = String::from_utf8(current("alpha").unwrap()).unwrap();
     assert_ne!(alpha_v2, alpha_v1_text);
     assert_eq!(
-        kept(&t.state).as_deref(),
+        kept(&t.store.state).as_deref(),
         Some(alpha_v2.as_str()),
         "alpha's commit is in its index: {}",
-        index_of(&t.state, "alpha")
+        index_of(&t.store.state, "alpha")
     );
 
     // The next publish finishes beta; then an unchanged publish costs one 304 per host.
@@ -285,7 +265,7 @@ fn s3_an_agent_hours_off_corrects_its_clock_says_so_and_status_shows_it() {
     ];
     let out = m.update_with(&env, &[]);
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
-    let admin = t.engine.admin_client();
+    let admin = t.store.engine.admin_client();
     let offset = |v: Option<i64>| v.expect("clock_offset_s said");
     let report = Report::parse(&read(&admin, "hosts/alpha/logs/latest.json").unwrap()).unwrap();
     let hb = Heartbeat::parse(&read(&admin, "hosts/alpha/logs/heartbeat.json").unwrap()).unwrap();
