@@ -690,14 +690,8 @@ mod tests {
     /// The sample as format 2, with the tests' packs named by their files.
     fn sample_trees() -> Manifest {
         let mut m = sample();
-        m.store_as_trees(|files| {
-            let names: Vec<u8> = files
-                .iter()
-                .flat_map(|(d, _)| d.to_hex().into_bytes())
-                .collect();
-            Ok::<_, std::convert::Infallible>(Digest::of(&names))
-        })
-        .unwrap();
+        m.store_as_trees(crate::protocol::tree::test_pack_of)
+            .unwrap();
         m
     }
 

@@ -161,10 +161,6 @@ impl PackWriter {
         sha256
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The pack's bytes and its index.
     pub fn finish(self) -> (Vec<u8>, PackIndex) {
         let index = PackIndex {

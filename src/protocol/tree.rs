@@ -123,10 +123,6 @@ impl Tree {
         out
     }
 
-    pub fn digest(&self) -> Digest {
-        Digest::of(&self.to_bytes())
-    }
-
     /// Where each packed file lies: one index per pack, in the order of `packs`.
     pub fn pack_indexes(&self) -> Vec<PackIndex> {
         self.packs
@@ -227,11 +223,6 @@ impl Trees {
             }
             Slot::Occupied(_) => {}
         }
-    }
-
-    /// The pack holding `sha256` and where, when some pack of these trees holds it.
-    pub fn find(&self, sha256: &Digest) -> Option<&PackIndex> {
-        self.packs.values().find(|p| p.find(sha256).is_some())
     }
 
     /// Every pack holding a file, by the file's digest (the first pack, when several do).
@@ -489,6 +480,14 @@ pub fn expand(
     out.sort_by(|a, b| a.path().cmp(b.path()));
     Ok((out, stored))
 }
+/// Unit tests' pack names: a hash of the chunk's file digests (publish hashes the pack's
+/// bytes, which tests do not have).
+#[cfg(test)]
+pub(crate) fn test_pack_of(files: &[(Digest, u64)]) -> Result<Digest, std::convert::Infallible> {
+    let names: Vec<u8> = files.iter().flat_map(|(d, _)| *d.as_bytes()).collect();
+    Ok(Digest::of(&names))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,14 +521,7 @@ mod tests {
 
     /// The tests' packs: named by their files' digests (publish hashes the bytes).
     fn build(entries: &[ConfigEntry]) -> Trees {
-        super::build(entries, |files| {
-            let names: Vec<u8> = files
-                .iter()
-                .flat_map(|(d, _)| d.to_hex().into_bytes())
-                .collect();
-            Ok::<_, std::convert::Infallible>(Digest::of(&names))
-        })
-        .unwrap()
+        super::build(entries, test_pack_of).unwrap()
     }
 
     fn fetcher(built: &Trees) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
@@ -741,9 +733,11 @@ mod tests {
             200,
             "every small file is packed, the large one is not"
         );
-        assert!(a
-            .find(&Digest::of("x".repeat(PACKED_MAX as usize + 1).as_bytes()))
-            .is_none());
+        assert!(
+            !a.packed()
+                .contains_key(&Digest::of("x".repeat(PACKED_MAX as usize + 1).as_bytes())),
+            "a file over PACKED_MAX is in no pack"
+        );
 
         let at = listing
             .iter()
@@ -781,15 +775,8 @@ mod tests {
     #[test]
     fn a_subtree_built_for_one_host_is_reused_for_the_next_and_is_the_same() {
         let memo = Subtrees::default();
-        let pack_of = |files: &[(Digest, u64)]| {
-            let names: Vec<u8> = files
-                .iter()
-                .flat_map(|(d, _)| d.to_hex().into_bytes())
-                .collect();
-            Ok::<_, std::convert::Infallible>(Digest::of(&names))
-        };
         for host_name in ["web1", "web2", "web1"] {
-            let shared = build_shared(&host(host_name), pack_of, &memo).unwrap();
+            let shared = build_shared(&host(host_name), test_pack_of, &memo).unwrap();
             assert_eq!(shared, build(&host(host_name)), "{host_name}");
         }
         assert_eq!(

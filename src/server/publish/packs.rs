@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{HostPlan, PublishError};
 use crate::protocol::manifest::Digest;
+use crate::protocol::pack::PackWriter;
 use crate::server::hostfiles::Source;
 
 /// The file, in the publisher's state directory, of what earlier runs named.
@@ -48,14 +49,15 @@ pub fn pack_all(
 /// The publisher's memory of pack names, shared by the hosts of one run.
 pub struct Packer {
     path: PathBuf,
+    /// What earlier runs named: a chunk's key to its pack.
     known: HashMap<Digest, Digest>,
-    /// Named in this run: the pack's name and a source for its bytes.
-    run: Mutex<HashMap<Digest, (Digest, Source)>>,
-    /// Subtrees built in this run: hosts sharing `common/` build its trees once (so a host
-    /// whose subtree came from here names packs it did not name itself: `sources`).
-    subtrees: crate::protocol::tree::Subtrees,
-    /// Every pack named in this run, by its name.
+    /// What this run named: a chunk's key to its pack.
+    run: Mutex<HashMap<Digest, Digest>>,
+    /// Every pack named in this run, with where its bytes come from: a host whose subtree
+    /// another host built (`subtrees`) uses packs it did not name itself.
     sources: Mutex<HashMap<Digest, Source>>,
+    /// Subtrees built in this run: hosts sharing `common/` build its trees once.
+    subtrees: crate::protocol::tree::Subtrees,
 }
 
 /// The key of a chunk: what its pack's bytes are a function of.
@@ -83,47 +85,37 @@ impl Packer {
             path,
             known,
             run: Mutex::new(HashMap::new()),
-            subtrees: Default::default(),
             sources: Mutex::new(HashMap::new()),
+            subtrees: Default::default(),
         }
     }
 
     /// Makes `plan`'s manifest format 2 and adds its trees' and packs' sources.
     pub fn pack(&self, plan: &mut HostPlan) -> Result<(), PublishError> {
         let sources = &plan.sources;
-        let mut added: Vec<(Digest, Source)> = Vec::new();
         plan.manifest.store_as_shared_trees(
             |files| {
                 let key = chunk_key(files);
-                if let Some((pack, source)) = self.run.lock().expect("packer").get(&key) {
-                    added.push((*pack, source.clone()));
+                if let Some(pack) = self.run.lock().expect("packer").get(&key) {
                     return Ok(*pack);
                 }
-                let mut parts: Vec<Source> = Vec::new();
                 let mut seen = std::collections::BTreeSet::new();
-                for (d, _) in files {
-                    if seen.insert(*d) {
-                        parts.push(sources.get(d).cloned().ok_or_else(|| {
-                            PublishError::Internal(format!("no source for object {d}"))
-                        })?);
-                    }
+                let mut parts: Vec<(Digest, Source)> = Vec::new();
+                for (d, _) in files.iter().filter(|(d, _)| seen.insert(*d)) {
+                    let source = sources.get(d).ok_or_else(|| {
+                        PublishError::Internal(format!("no source for object {d}"))
+                    })?;
+                    parts.push((*d, source.clone()));
                 }
                 let (pack, source) = match self.known.get(&key) {
-                    Some(pack) => (*pack, Source::Pack(parts.into())),
-                    None => {
-                        let bytes = read_all(&parts, files)?;
-                        (Digest::of(&bytes), Source::Bytes(bytes.into()))
+                    Some(pack) => {
+                        let files = parts.into_iter().map(|(_, s)| s).collect();
+                        (*pack, Source::Pack(files))
                     }
+                    None => read_pack(&parts)?,
                 };
-                self.run
-                    .lock()
-                    .expect("packer")
-                    .insert(key, (pack, source.clone()));
-                self.sources
-                    .lock()
-                    .expect("packer")
-                    .insert(pack, source.clone());
-                added.push((pack, source));
+                self.run.lock().expect("packer").insert(key, pack);
+                self.sources.lock().expect("packer").insert(pack, source);
                 Ok::<_, PublishError>(pack)
             },
             &self.subtrees,
@@ -133,15 +125,12 @@ impl Packer {
             plan.sources
                 .insert(*d, Source::Bytes(Arc::from(bytes.as_slice())));
         }
-        plan.sources.extend(added);
         let named = self.sources.lock().expect("packer");
         for pack in stored.packs.keys() {
-            if !plan.sources.contains_key(pack) {
-                let source = named
-                    .get(pack)
-                    .ok_or_else(|| PublishError::Internal(format!("no source for pack {pack}")))?;
-                plan.sources.insert(*pack, source.clone());
-            }
+            let source = named
+                .get(pack)
+                .ok_or_else(|| PublishError::Internal(format!("no source for pack {pack}")))?;
+            plan.sources.insert(*pack, source.clone());
         }
         Ok(())
     }
@@ -150,8 +139,7 @@ impl Packer {
     /// from before), atomically.
     pub fn save(&self, every_host: bool) -> io::Result<()> {
         let run = self.run.lock().expect("packer");
-        let mut all: BTreeMap<Digest, Digest> =
-            run.iter().map(|(k, (pack, _))| (*k, *pack)).collect();
+        let mut all: BTreeMap<Digest, Digest> = run.iter().map(|(k, v)| (*k, *v)).collect();
         if !every_host {
             all.extend(self.known.iter().map(|(k, v)| (*k, *v)));
         }
@@ -163,26 +151,26 @@ impl Packer {
     }
 }
 
-/// The pack's bytes: each file once, in order, each checked against its digest (a file
-/// changed since the scan fails the host naming it, as an unpacked object would).
-fn read_all(parts: &[Source], files: &[(Digest, u64)]) -> Result<Vec<u8>, PublishError> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    let digests = files.iter().map(|(d, _)| *d).filter(|d| seen.insert(*d));
-    for (source, digest) in parts.iter().zip(digests) {
-        let start = out.len();
+/// A pack read from its files (each distinct content once, in order), each checked against
+/// its digest: a file changed since the scan fails the host naming it, as an unpacked
+/// object would. Its name and its bytes.
+fn read_pack(parts: &[(Digest, Source)]) -> Result<(Digest, Source), PublishError> {
+    let mut pack = PackWriter::default();
+    for (digest, source) in parts {
+        let mut bytes = Vec::new();
         source
             .open()
-            .and_then(|mut r| r.read_to_end(&mut out))
+            .and_then(|mut r| r.read_to_end(&mut bytes))
             .map_err(|e| PublishError::Io {
                 path: source.describe(),
                 source: e,
             })?;
-        if Digest::of(&out[start..]) != digest {
+        if pack.add(&bytes) != *digest {
             return Err(PublishError::ChangedWhilePublishing(source.describe()));
         }
     }
-    Ok(out)
+    let (bytes, index) = pack.finish();
+    Ok((index.pack, Source::Bytes(bytes.into())))
 }
 
 #[cfg(test)]
@@ -239,6 +227,23 @@ mod tests {
                 let source = plan.sources.get(&d).expect("a source for every object");
                 assert_eq!(Digest::of(&read(source)), d, "{host}");
             }
+        }
+    }
+
+    #[test]
+    fn a_file_changed_since_the_scan_fails_its_host_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let packer = Packer::load(dir.path().join("packs"));
+        let mut plan = plan_of(&[("a.nix", "{ a = 1; }"), ("b.nix", "{ b = 2; }")]);
+        let path = dir.path().join("b.nix");
+        std::fs::write(&path, "{ b = 'edited'; }").unwrap();
+        plan.sources.insert(
+            Digest::of(b"{ b = 2; }"),
+            Source::File(Arc::from(path.as_path())),
+        );
+        match packer.pack(&mut plan) {
+            Err(PublishError::ChangedWhilePublishing(p)) => assert_eq!(p, path),
+            other => panic!("{:?}", other.map(|_| ())),
         }
     }
 

@@ -134,7 +134,7 @@ mod tests {
         let host = HostName::new("alpha").unwrap();
         let mut plan =
             crate::server::publish::fixture::plan("alpha", &[("a.nix", "{ }")], 1).manifest;
-        plan.store_as_trees(|_| Ok::<_, std::convert::Infallible>(Digest::of(b"pack")))
+        plan.store_as_trees(crate::protocol::tree::test_pack_of)
             .unwrap();
         let root = plan.tree.as_ref().unwrap().root;
         let mut read = Manifest::parse(&plan.to_bytes()).unwrap();
@@ -163,14 +163,8 @@ mod tests {
                 path: crate::protocol::manifest::RelPath::new("d/e").unwrap(),
             });
         m.canonicalize();
-        m.store_as_trees(|files| {
-            let names: Vec<u8> = files
-                .iter()
-                .flat_map(|(d, _)| d.to_hex().into_bytes())
-                .collect();
-            Ok::<_, std::convert::Infallible>(Digest::of(&names))
-        })
-        .unwrap();
+        m.store_as_trees(crate::protocol::tree::test_pack_of)
+            .unwrap();
         store.open_host(&host).unwrap();
         for (d, bytes) in &m.stored().unwrap().trees {
             store
