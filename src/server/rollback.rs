@@ -57,8 +57,7 @@ pub struct Kept {
 
 /// The host's kept versions, newest first (by `serial`, then `created`), the live one included.
 pub fn kept_versions(store: &dyn Store, host: &HostName) -> Result<Vec<Kept>, RollbackError> {
-    let live = publish::live_version(store, host)
-        .map(|(d, _)| d)
+    let live = publish::live_digest(store, host)
         .ok_or_else(|| RollbackError::NothingPublished { host: host.clone() })?;
     let mut out = Vec::new();
     for key in store.list(host, Area::Manifests)? {

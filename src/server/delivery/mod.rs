@@ -28,7 +28,9 @@ use crate::protocol::manifest::{Build, Manifest};
 use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
-use crate::server::publish::{live_version, HostPlan, HostReport, PublishError, Status};
+use crate::server::publish::{
+    live_digest, live_version, HostPlan, HostReport, PublishError, Status,
+};
 use crate::server::records;
 use crate::server::store::Store;
 
@@ -193,7 +195,7 @@ impl<'a> FleetDelivery<'a> {
         HostReport {
             host: plan.host.clone(),
             status: Status::Failed,
-            digest: live_version(store, &plan.host).map(|(d, _)| d),
+            digest: live_digest(store, &plan.host),
             config_entries: plan.manifest.config.len(),
             files: plan.manifest.files.len(),
             objects: plan.manifest.objects().len(),
@@ -436,7 +438,7 @@ pub fn not_built(store: &dyn Store, b: &crate::server::build::HostBuild) -> Host
     HostReport {
         host: b.host.clone(),
         status: Status::Failed,
-        digest: live_version(store, &b.host).map(|(d, _)| d),
+        digest: live_digest(store, &b.host),
         config_entries: 0,
         files: 0,
         objects: 0,

@@ -27,6 +27,13 @@ pub fn live_version(store: &dyn Store, host: &HostName) -> Option<(Digest, Manif
     Some((digest, manifest))
 }
 
+/// The live version's digest, as [`live_version`] finds it, without reading its trees
+/// (for reports and lists that name the version only).
+pub fn live_digest(store: &dyn Store, host: &HostName) -> Option<Digest> {
+    let (bytes, _) = store.current(host).ok()??;
+    live_manifest(store, host, &bytes).map(|(d, _)| d)
+}
+
 /// [`live_version`] of a chroot's host directory `<root>/<host>` (tests and benchmarks,
 /// which know the directory).
 pub fn read_current(host_dir: &std::path::Path) -> Option<(Digest, Manifest)> {

@@ -32,7 +32,8 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    collect_host, collect_pool, live_version, publish_host, read_current, KEEP_VERSIONS,
+    collect_host, collect_pool, live_digest, live_version, publish_host, read_current,
+    KEEP_VERSIONS,
 };
 pub use refusals::undefined_error;
 use refusals::{host_error, no_entry_warning, refuse_private_keys, unknown_host};
@@ -141,7 +142,7 @@ impl HostReport {
         Self {
             host: host.clone(),
             status: Status::Failed,
-            digest: live_version(store, host).map(|(d, _)| d),
+            digest: live_digest(store, host),
             config_entries: 0,
             files: 0,
             objects: 0,
@@ -476,7 +477,7 @@ pub fn run(
                     .unwrap_or_else(|e| HostReport {
                         host: p.host.clone(),
                         status: Status::Failed,
-                        digest: live_version(opts.store, &p.host).map(|(d, _)| d),
+                        digest: live_digest(opts.store, &p.host),
                         config_entries: p.manifest.config.len(),
                         files: p.manifest.files.len(),
                         objects: p.manifest.objects().len(),

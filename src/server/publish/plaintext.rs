@@ -2,7 +2,7 @@
 //! hold plaintext secrets (issue #23 item 15): they stay rollback targets, so the operator
 //! must know that rolling back ships those secrets in the clear again.
 
-use super::{live_version, KEEP_VERSIONS};
+use super::{live_digest, KEEP_VERSIONS};
 use crate::protocol::manifest::Manifest;
 use crate::protocol::HostName;
 use crate::server::store::Store;
@@ -12,7 +12,7 @@ use crate::server::store::Store;
 /// replace them; rolling back to one ships those plaintext secrets again. Say so.
 pub fn kept(store: &dyn Store, host: &HostName) -> Option<String> {
     use crate::protocol::layout::{Area, Key};
-    let live = live_version(store, host).map(|(d, _)| d);
+    let live = live_digest(store, host);
     let mut old = Vec::new();
     for key in store.list(host, Area::Manifests).ok()? {
         let Key::Manifest(d) = key else { continue };
