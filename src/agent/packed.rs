@@ -43,57 +43,68 @@ pub fn expand(
     if manifest.is_expanded() {
         return Ok(0);
     }
+    let refused = |e: TreeError| PackedError::Refused(e.to_string());
     let mut fetched = 0u64;
     let mut seen: BTreeSet<Digest> = BTreeSet::new();
+    // Every tree read, checked once here and handed to the expansion from memory.
+    let mut held: BTreeMap<Digest, Vec<u8>> = BTreeMap::new();
     let mut level = vec![root];
     for _ in 0..=MAX_DEPTH {
         if level.is_empty() {
             break;
         }
-        let absent: Vec<Digest> = level
-            .iter()
-            .filter(|d| !objects.join(d.to_hex()).exists())
-            .copied()
-            .collect();
+        let mut trees = Vec::new();
+        let mut absent = Vec::new();
+        for d in level {
+            // A tree held locally is checked again: the state directory is no authority,
+            // and a damaged copy is fetched afresh rather than failing every run.
+            let path = objects.join(d.to_hex());
+            match std::fs::read(&path)
+                .ok()
+                .map(|b| (Tree::parse_untrusted(&b, &d), b))
+            {
+                Some((Ok(tree), bytes)) => {
+                    trees.push(tree);
+                    held.insert(d, bytes);
+                }
+                Some((Err(_), _)) => {
+                    let _ = std::fs::remove_file(&path);
+                    absent.push(d);
+                }
+                None => absent.push(d),
+            }
+        }
         let items: Vec<Item> = absent.iter().map(|d| Item::Object(*d)).collect();
         for (d, bytes) in absent.iter().zip(src.read_many(&items, MAX_TREE_BYTES)?) {
             let bytes = bytes.ok_or_else(|| RemoteError::NotFound {
                 path: Item::Object(*d).path(),
             })?;
             fetched += bytes.len() as u64;
-            Tree::parse_untrusted(&bytes, d).map_err(|e| PackedError::Refused(e.to_string()))?;
+            trees.push(Tree::parse_untrusted(&bytes, d).map_err(refused)?);
             let path = objects.join(d.to_hex());
             crate::sys::atomic::write_file(&path, &bytes, 0o600).map_err(local(&path))?;
+            held.insert(*d, bytes);
         }
-        let mut next = Vec::new();
-        for d in &level {
-            let path = objects.join(d.to_hex());
-            let bytes = std::fs::read(&path).map_err(local(&path))?;
-            // A tree held locally is checked again: the state directory is no authority.
-            let tree = Tree::parse_untrusted(&bytes, d)
-                .map_err(|e| PackedError::Refused(e.to_string()))?;
+        level = Vec::new();
+        for tree in trees {
             for e in tree.entries {
                 if let Node::Tree { sha256 } = e.node {
                     if seen.insert(sha256) {
-                        next.push(sha256);
+                        level.push(sha256);
                     }
                 }
             }
-            if seen.len() > MAX_ENTRIES {
-                return Err(PackedError::Refused(
-                    TreeError::TooManyEntries { root }.to_string(),
-                ));
-            }
         }
-        level = next;
+        if seen.len() > MAX_ENTRIES {
+            return Err(refused(TreeError::TooManyEntries { root }));
+        }
     }
-    // Every tree is local now (or the depth bound stops the expansion with its error).
+    // Every tree is held now (or the depth bound stops the expansion with its error).
     manifest
         .expand(|d| {
-            let path = objects.join(d.to_hex());
-            std::fs::read(&path).map_err(|e| TreeError::Missing {
+            held.get(d).cloned().ok_or_else(|| TreeError::Missing {
                 tree: *d,
-                reason: format!("{}: {e}", path.display()),
+                reason: format!("deeper than {MAX_DEPTH} levels"),
             })
         })
         .map_err(|e| PackedError::Refused(e.to_string()))?;
@@ -356,6 +367,27 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         let err = update(&t, &m, fresh.path()).unwrap_err().to_string();
         assert!(err.contains(&root.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_tree_in_the_state_directory_is_fetched_again() {
+        let all = files(10);
+        let borrowed: Vec<(&str, Vec<u8>)> =
+            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
+        let (t, m) = served(&borrowed);
+        let local = tempfile::tempdir().unwrap();
+        update(&t, &m, local.path()).unwrap();
+        let root = m.tree.as_ref().unwrap().root;
+        let held = local.path().join(root.to_hex());
+        let good = std::fs::read(&held).unwrap();
+        std::fs::write(&held, b"damaged").unwrap();
+        let again = update(&t, &m, local.path()).unwrap();
+        assert!(again.is_expanded());
+        assert_eq!(
+            std::fs::read(&held).unwrap(),
+            good,
+            "replaced by the served tree"
+        );
     }
 
     #[test]
