@@ -148,7 +148,7 @@ impl Store for Interleaved<'_> {
         host: &HostName,
         digest: &Digest,
         open: OpenObject<'_>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         self.inner.put_object(host, digest, open)
     }
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {

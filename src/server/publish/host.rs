@@ -332,20 +332,18 @@ pub fn publish_host(
         };
         let failed = Arc::new(AtomicBool::new(false));
         let open = opener(source, failed.clone());
-        let placed = store
-            .place_object(host, digest, &open)
-            .map_err(|e| match e {
-                StoreError::DigestMismatch(_) => {
-                    PublishError::ChangedWhilePublishing(source.describe())
+        let placed = store.put_object(host, digest, &open).map_err(|e| match e {
+            StoreError::DigestMismatch(_) => {
+                PublishError::ChangedWhilePublishing(source.describe())
+            }
+            StoreError::Io { source: io, .. } if failed.load(Ordering::Relaxed) => {
+                PublishError::Io {
+                    path: source.describe(),
+                    source: io,
                 }
-                StoreError::Io { source: io, .. } if failed.load(Ordering::Relaxed) => {
-                    PublishError::Io {
-                        path: source.describe(),
-                        source: io,
-                    }
-                }
-                e => e.into(),
-            })?;
+            }
+            e => e.into(),
+        })?;
         if let Some(sent) = placed {
             bytes += sent;
             new_objects += 1;

@@ -376,11 +376,11 @@ impl Store for ChrootStore {
         host: &HostName,
         digest: &Digest,
         open: OpenObject<'_>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let dir = self.chroot.host_dir(host);
         let target = layout::object(&dir, digest);
         if target.exists() {
-            return Ok(0);
+            return Ok(None);
         }
         let bytes = self.add_to_pool(digest, open)?;
         match fs::hard_link(self.chroot.pool_dir().join(digest.to_hex()), &target) {
@@ -389,7 +389,7 @@ impl Store for ChrootStore {
             Err(e) => return Err(io_at(&target)(e)),
         }
         // Made durable once per host, by `switch_current`, before `current` names them.
-        Ok(bytes)
+        Ok(Some(bytes))
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {

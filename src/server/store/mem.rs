@@ -163,10 +163,10 @@ impl Store for MemStore {
         host: &HostName,
         digest: &Digest,
         open: OpenObject<'_>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let key = Key::Object(*digest);
         if self.read(host, &key).is_some() {
-            return Ok(0);
+            return Ok(None);
         }
         let mut bytes = Vec::new();
         let (actual, n) = open()
@@ -179,7 +179,7 @@ impl Store for MemStore {
             return Err(StoreError::DigestMismatch(*digest));
         }
         self.with(host, |m| m.insert(key, bytes));
-        Ok(n)
+        Ok(Some(n))
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
@@ -355,7 +355,7 @@ impl Store for Faulty<'_> {
         host: &HostName,
         digest: &Digest,
         open: OpenObject<'_>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         self.admit(host, &Key::Object(*digest))?;
         self.inner.put_object(host, digest, open)
     }

@@ -122,28 +122,15 @@ pub trait Store: Send + Sync {
     /// Writes a manifest, signature or `cache/` file whole (never `current`, an object or
     /// a host-written key).
     fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError>;
-    /// Stores object `digest` for `host` from `open`, verified against the digest; an
-    /// object already there costs no read. Returns the bytes sent.
+    /// Stores object `digest` for `host` from `open`, verified against the digest, unless
+    /// the host holds it already: `None` when it did (and `open` was not called), else the
+    /// bytes sent (`0` for one shared without sending it again: a hard link, a copy).
     fn put_object(
         &self,
         host: &HostName,
         digest: &Digest,
         open: OpenObject<'_>,
-    ) -> Result<u64, StoreError>;
-    /// Stores object `digest` for `host` unless it is there already: `None` when it was,
-    /// else the bytes sent. A store that can place it for less than asking first (an object
-    /// store copying what this run already sent to another host) says so by overriding this.
-    fn place_object(
-        &self,
-        host: &HostName,
-        digest: &Digest,
-        open: OpenObject<'_>,
-    ) -> Result<Option<u64>, StoreError> {
-        if self.exists(host, &Key::Object(*digest))? {
-            return Ok(None);
-        }
-        self.put_object(host, digest, open).map(Some)
-    }
+    ) -> Result<Option<u64>, StoreError>;
     /// Makes `cache/` file `key` of `host` hold the bytes of `pooled`, a file of the
     /// publisher's own pool that many hosts share (the chroot hard-links it; an object store
     /// uploads it once and copies it server-side to the next host). Returns whether the key

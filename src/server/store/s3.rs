@@ -372,21 +372,11 @@ impl Store for S3Store {
         Ok(())
     }
 
-    fn put_object(
-        &self,
-        host: &HostName,
-        digest: &Digest,
-        open: OpenObject<'_>,
-    ) -> Result<u64, StoreError> {
-        self.place_object(host, digest, open)
-            .map(|p| p.unwrap_or(0))
-    }
-
     /// An object this run already stored for another host is copied without asking first
     /// whether this host holds it: the copy costs one request, as the question would (and
     /// rewrites a key that held it with the same bytes). Otherwise a HEAD (unless the
     /// index knows, or this run just found it absent), then the bytes.
-    fn place_object(
+    fn put_object(
         &self,
         host: &HostName,
         digest: &Digest,
