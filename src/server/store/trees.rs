@@ -13,8 +13,9 @@ use crate::protocol::manifest::{Digest, Manifest, ManifestError};
 use crate::protocol::tree::{Node, Tree, TreeError, Trees, MAX_DEPTH, MAX_TREE_BYTES};
 use crate::protocol::HostName;
 
-/// Beyond this many cached bytes the cache starts over.
+/// Beyond this many cached tree bytes, or this many walked trees, the cache starts over.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
+const CACHE_CLOSURES: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Cache {
@@ -30,11 +31,17 @@ fn cache() -> &'static Mutex<Cache> {
     CACHE.get_or_init(Default::default)
 }
 
-fn keep(digest: Digest, bytes: &[u8]) {
+/// The cache, emptied first when `more` bytes or one more walk would pass its bounds.
+fn cache_with_room(more: usize) -> std::sync::MutexGuard<'static, Cache> {
     let mut c = cache().lock().expect("tree cache");
-    if c.bytes + bytes.len() > CACHE_BYTES || c.closures.len() > CACHE_BYTES / 1024 {
+    if c.bytes + more > CACHE_BYTES || c.closures.len() >= CACHE_CLOSURES {
         *c = Cache::default();
     }
+    c
+}
+
+fn keep(digest: Digest, bytes: &[u8]) {
+    let mut c = cache_with_room(bytes.len());
     if c.trees.insert(digest, bytes.into()).is_none() {
         c.bytes += bytes.len();
     }
@@ -93,11 +100,7 @@ fn closure(
         }
     }
     let set = Arc::new(set);
-    cache()
-        .lock()
-        .expect("tree cache")
-        .closures
-        .insert(*d, set.clone());
+    cache_with_room(0).closures.insert(*d, set.clone());
     Ok(set)
 }
 
