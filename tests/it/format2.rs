@@ -131,6 +131,7 @@ fn a_format_1_host_takes_format_2_and_a_common_change_is_one_new_pack() {
     // One common file changes: one new pack of its directory, and the host reads only
     // that file out of it.
     let before = objects(&sshd.host_dir("alpha"));
+    let m060_before = fs::read(sshd.fleet().join("common/mods/m060.nix")).unwrap();
     fs::write(
         sshd.fleet().join("common/mods/m060.nix"),
         "{ changed = true; }\n",
@@ -149,13 +150,34 @@ fn a_format_1_host_takes_format_2_and_a_common_change_is_one_new_pack() {
     assert!(m.profile_target().unwrap().contains("nixos-system-alpha-2"));
     let changed = Digest::of(b"{ changed = true; }\n").to_hex();
     assert!(m.base.join("state/objects").join(&changed).exists());
-    let fetched = text(&out)
-        .lines()
-        .find_map(|l| l.split("fetched ").nth(1).map(str::to_owned))
-        .unwrap_or_default();
+    // Exactly the two changed files' ranges (m060.nix and version.nix, each alone in what
+    // it lacks of its pack), not the rest of common/mods' packs.
+    let expected = "{ changed = true; }\n".len() + "{ version = \"2\"; }\n".len();
     assert!(
-        fetched.ends_with(" B") || fetched.starts_with("1.") || fetched.starts_with("2."),
-        "a couple of files' bytes, not the 24 KiB of common/mods: {fetched:?}\n{}",
+        text(&out).contains(&format!("fetched {expected} B")),
+        "{}",
+        text(&out)
+    );
+
+    // A rollback over format 2: the kept version before is read whole from its trees and
+    // made live again, and the host goes back to its system. It kept only the files of the
+    // version it applied, so it reads the two old files' ranges again, and nothing more.
+    let out = crate::common::bento()
+        .args(["rollback", "alpha", "--fleet"])
+        .arg(sshd.fleet())
+        .arg("--chroot")
+        .arg(sshd.chroot())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(live_manifest(&sshd, "alpha").format, FORMAT_TREES);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("nixos-system-alpha-1"));
+    let expected = m060_before.len() + "{ version = \"1\"; }\n".len();
+    assert!(
+        text(&out).contains(&format!("fetched {expected} B")),
+        "{}",
         text(&out)
     );
 }
