@@ -276,25 +276,13 @@ fn one_file_changed(cfg: &Config, w: &Wire, reps: usize, rows: &mut Vec<Row>) {
     let local = w.machine.base.join("plain-copy");
     let report = w.machine.base.join("report.json");
     fs::write(&report, text(&mut rng, 1000)).unwrap();
-    let floor = {
-        w.relay.reset();
-        w.sftp("bye\n");
-        w.relay.connections().iter().map(|c| c.total()).sum::<u64>()
-    };
+    let floor = sftp_floor(w);
     for rep in 0..reps {
         // One file of 400 changes; it is read into the system, so this is a full update.
         let new = text(&mut rng, file_size());
         fs::write(&payload, &new).unwrap();
         server.publish();
-        let host_dir = server.host_dir(HOST);
-        let current = fs::read_to_string(host_dir.join("current")).unwrap();
-        let manifest_len = fs::metadata(
-            host_dir
-                .join("manifests")
-                .join(format!("{}.json", current.trim())),
-        )
-        .unwrap()
-        .len();
+        let manifest_len = live_manifest_len(&server.host_dir(HOST));
         budgets.push((new.len() as u64 + manifest_len + floor) as f64);
         w.relay.reset();
         w.machine.update_expect(EXIT_UPDATED);
@@ -372,6 +360,22 @@ fn one_file_changed(cfg: &Config, w: &Wire, reps: usize, rows: &mut Vec<Row>) {
     }
 }
 
+/// Bytes of a bare ssh+sftp connect and quit: the floor every budget includes.
+fn sftp_floor(w: &Wire) -> u64 {
+    w.relay.reset();
+    w.sftp("bye\n");
+    w.relay.connections().iter().map(|c| c.total()).sum()
+}
+
+/// The size of the live manifest of the host directory `host_dir`.
+fn live_manifest_len(host_dir: &Path) -> u64 {
+    let current = fs::read_to_string(host_dir.join("current")).unwrap();
+    let name = format!("{}.json", current.trim());
+    fs::metadata(host_dir.join("manifests").join(name))
+        .unwrap()
+        .len()
+}
+
 /// The object files of the host's directory.
 fn object_names(host_dir: &Path) -> std::collections::BTreeSet<String> {
     fs::read_dir(host_dir.join("objects"))
@@ -396,11 +400,7 @@ fn one_file_changed_format_2(w: &Wire, reps: usize, rows: &mut Vec<Row>) {
     w.machine.update_expect(EXIT_UPDATED);
     let payload = server.fleet().join("hosts").join(HOST).join("payload.txt");
     let mut rng = Rng::new(SEED + 200);
-    let floor = {
-        w.relay.reset();
-        w.sftp("bye\n");
-        w.relay.connections().iter().map(|c| c.total()).sum::<u64>()
-    };
+    let floor = sftp_floor(w);
     let host_dir = server.host_dir(HOST);
     let (mut update, mut budgets, mut get) =
         (Samples::default(), Samples::default(), Samples::default());
@@ -409,14 +409,7 @@ fn one_file_changed_format_2(w: &Wire, reps: usize, rows: &mut Vec<Row>) {
         let new = text(&mut rng, file_size());
         fs::write(&payload, &new).unwrap();
         server.publish();
-        let current = fs::read_to_string(host_dir.join("current")).unwrap();
-        let manifest_len = fs::metadata(
-            host_dir
-                .join("manifests")
-                .join(format!("{}.json", current.trim())),
-        )
-        .unwrap()
-        .len();
+        let manifest_len = live_manifest_len(&host_dir);
         let trees: u64 = object_names(&host_dir)
             .difference(&before)
             .map(|n| fs::read(host_dir.join("objects").join(n)).unwrap())
