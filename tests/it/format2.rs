@@ -13,6 +13,7 @@ use bento::protocol::manifest::{Digest, Manifest, FORMAT, FORMAT_TREES};
 use crate::agent::{code, fleet, text, Machine, EXIT_FAILED, EXIT_UPDATED};
 use crate::common::relay::{Cut, Dir, Relay};
 use crate::common::sshd::Sshd;
+use crate::rollout::{row, status_json};
 use crate::signing::live;
 
 pub(crate) fn set_format_2(sshd: &Sshd) {
@@ -43,21 +44,6 @@ fn live_manifest(sshd: &Sshd, host: &str) -> Manifest {
     let digest = live(sshd, host);
     let dir = sshd.host_dir(host);
     Manifest::parse(&fs::read(bento::protocol::layout::manifest(&dir, &digest)).unwrap()).unwrap()
-}
-
-fn status_json(sshd: &Sshd) -> Vec<serde_json::Value> {
-    let out = crate::common::bento()
-        .args(["status", "--json", "--fleet"])
-        .arg(sshd.fleet())
-        .arg("--chroot")
-        .arg(sshd.chroot())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
-}
-
-fn row<'a>(rows: &'a [serde_json::Value], host: &str) -> &'a serde_json::Value {
-    rows.iter().find(|r| r["host"] == host).expect("host row")
 }
 
 fn objects(dir: &Path) -> BTreeSet<String> {

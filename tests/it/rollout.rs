@@ -94,12 +94,12 @@ fn live(sshd: &Sshd, host: &str) -> String {
     fs::read_to_string(sshd.host_dir(host).join("current")).unwrap()
 }
 
-fn status_json(sshd: &Sshd) -> Vec<serde_json::Value> {
+pub(crate) fn status_json(sshd: &Sshd) -> Vec<serde_json::Value> {
     let out = run(sshd, &["status", "--json"], true);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
 }
 
-fn row<'a>(rows: &'a [serde_json::Value], host: &str) -> &'a serde_json::Value {
+pub(crate) fn row<'a>(rows: &'a [serde_json::Value], host: &str) -> &'a serde_json::Value {
     rows.iter().find(|r| r["host"] == host).expect("host row")
 }
 
