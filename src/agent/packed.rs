@@ -246,17 +246,18 @@ mod tests {
         let object = |d: &Digest, bytes: &[u8]| {
             std::fs::write(t.path().join(layout::OBJECTS).join(d.to_hex()), bytes).unwrap()
         };
-        m.store_as_trees(|chunk| {
-            let mut seen = std::collections::BTreeSet::new();
-            let pack: Vec<u8> = chunk
-                .iter()
-                .filter(|(d, _)| seen.insert(*d))
-                .flat_map(|(d, _)| contents[d].clone())
-                .collect();
-            let d = Digest::of(&pack);
-            object(&d, &pack);
-            Ok::<_, std::convert::Infallible>(d)
-        })
+        m.store_as_trees(
+            |chunk| {
+                let mut pack = crate::protocol::pack::PackWriter::default();
+                for (d, _) in chunk {
+                    pack.add(&contents[d]);
+                }
+                let (bytes, index) = pack.finish();
+                object(&index.pack, &bytes);
+                Ok::<_, std::convert::Infallible>(index.pack)
+            },
+            &Default::default(),
+        )
         .unwrap();
         for (d, bytes) in &m.stored().unwrap().trees {
             object(d, bytes);

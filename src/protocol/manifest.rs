@@ -292,20 +292,13 @@ impl Manifest {
 
     /// Makes this format 2: builds the trees of `config` (kept, expanded), naming each
     /// pack through `pack_of` (the publisher's, which hashes a chunk's files or remembers).
+    /// Subtrees are reused from `memo` (other hosts' builds of the same directories).
     pub fn store_as_trees<E>(
-        &mut self,
-        pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
-    ) -> Result<(), E> {
-        self.store_as_shared_trees(pack_of, &crate::protocol::tree::Subtrees::default())
-    }
-
-    /// [`Manifest::store_as_trees`], reusing the subtrees `memo` holds from other hosts.
-    pub fn store_as_shared_trees<E>(
         &mut self,
         pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
         memo: &crate::protocol::tree::Subtrees,
     ) -> Result<(), E> {
-        let trees = crate::protocol::tree::build_shared(&self.config, pack_of, memo)?;
+        let trees = crate::protocol::tree::build(&self.config, pack_of, memo)?;
         self.format = FORMAT_TREES;
         self.tree = Some(TreeRef {
             root: trees.root,
@@ -690,7 +683,7 @@ mod tests {
     /// The sample as format 2, with the tests' packs named by their files.
     fn sample_trees() -> Manifest {
         let mut m = sample();
-        m.store_as_trees(crate::protocol::tree::test_pack_of)
+        m.store_as_trees(crate::protocol::tree::test_pack_of, &Default::default())
             .unwrap();
         m
     }

@@ -237,16 +237,6 @@ impl Trees {
     }
 }
 
-/// Builds the trees of a format-1 listing (directories and files by path). The listing must
-/// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
-/// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
-pub fn build<E>(
-    entries: &[ConfigEntry],
-    pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
-) -> Result<Trees, E> {
-    build_shared(entries, pack_of, &Subtrees::default())
-}
-
 /// Subtrees already built, by their content: a publisher building many hosts that share a
 /// directory (`common/`) builds its trees once, not once per host. A subtree's key hashes
 /// its names, file digests, sizes and modes and its subdirectories' keys, so equal keys
@@ -254,8 +244,11 @@ pub fn build<E>(
 #[derive(Default)]
 pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, std::sync::Arc<Trees>)>>);
 
-/// [`build`], reusing and remembering in `memo` every subtree below the root.
-pub fn build_shared<E>(
+/// Builds the trees of a format-1 listing (directories and files by path). The listing must
+/// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
+/// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
+/// Every subtree below the root is reused from `memo`, or built and remembered there.
+pub fn build<E>(
     entries: &[ConfigEntry],
     mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
     memo: &Subtrees,
@@ -521,7 +514,11 @@ mod tests {
 
     /// The tests' packs: named by their files' digests (publish hashes the bytes).
     fn build(entries: &[ConfigEntry]) -> Trees {
-        super::build(entries, test_pack_of).unwrap()
+        build_with(entries, &Subtrees::default())
+    }
+
+    fn build_with(entries: &[ConfigEntry], memo: &Subtrees) -> Trees {
+        super::build(entries, test_pack_of, memo).unwrap()
     }
 
     fn fetcher(built: &Trees) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
@@ -776,7 +773,7 @@ mod tests {
     fn a_subtree_built_for_one_host_is_reused_for_the_next_and_is_the_same() {
         let memo = Subtrees::default();
         for host_name in ["web1", "web2", "web1"] {
-            let shared = build_shared(&host(host_name), test_pack_of, &memo).unwrap();
+            let shared = build_with(&host(host_name), &memo);
             assert_eq!(shared, build(&host(host_name)), "{host_name}");
         }
         assert_eq!(

@@ -93,7 +93,7 @@ impl Packer {
     /// Makes `plan`'s manifest format 2 and adds its trees' and packs' sources.
     pub fn pack(&self, plan: &mut HostPlan) -> Result<(), PublishError> {
         let sources = &plan.sources;
-        plan.manifest.store_as_shared_trees(
+        plan.manifest.store_as_trees(
             |files| {
                 let key = chunk_key(files);
                 if let Some(pack) = self.run.lock().expect("packer").get(&key) {

@@ -137,7 +137,7 @@ mod tests {
         let host = HostName::new("alpha").unwrap();
         let mut plan =
             crate::server::publish::fixture::plan("alpha", &[("a.nix", "{ }")], 1).manifest;
-        plan.store_as_trees(crate::protocol::tree::test_pack_of)
+        plan.store_as_trees(crate::protocol::tree::test_pack_of, &Default::default())
             .unwrap();
         let root = plan.tree.as_ref().unwrap().root;
         let mut read = Manifest::parse(&plan.to_bytes()).unwrap();
@@ -166,7 +166,7 @@ mod tests {
                 path: crate::protocol::manifest::RelPath::new("d/e").unwrap(),
             });
         m.canonicalize();
-        m.store_as_trees(crate::protocol::tree::test_pack_of)
+        m.store_as_trees(crate::protocol::tree::test_pack_of, &Default::default())
             .unwrap();
         store.open_host(&host).unwrap();
         for (d, bytes) in &m.stored().unwrap().trees {
