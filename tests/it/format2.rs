@@ -1,7 +1,9 @@
 //! Issue #26: manifest format 2 over the real parts (sshd, Nix). A host on format 1 takes
 //! its first format-2 version; hosts share the trees and packs of `common/`; a change to
 //! one common file is one new pack, of which the host reads only that file's range; a
-//! tampered tree or pack entry is refused; a pack download cut halfway resumes.
+//! tampered tree or pack entry is refused; a pack download cut halfway resumes; a rollback
+//! goes back through the trees; a mirror made by `publish --export` serves format 2 by
+//! ranges.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -254,4 +256,67 @@ fn a_tampered_pack_entry_or_tree_is_refused_and_a_cut_pack_download_resumes() {
     relay.reset();
     let out = m.update_with(&[], &["--force"]);
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+}
+
+/// A format-2 version exported for a mirror (`publish --export`: trees and packs, not
+/// files) is taken from the mirror over HTTPS while the server is down: the trees whole,
+/// the packed files as `Range` reads of their packs.
+#[test]
+fn a_mirror_serves_format_2_by_ranges_while_the_server_is_down() {
+    use crate::common::engines::TestCa;
+    use crate::common::static_http::StaticHttp;
+    let sshd = Sshd::start(&["alpha"]);
+    write_modules(&sshd, 40, 1000);
+    set_format_2(&sshd);
+    fleet(&sshd);
+    let relay = Relay::start(sshd.port);
+    let m = Machine::new(&sshd, "alpha", "").via(relay.port);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+
+    let export = sshd.dir.join("export");
+    fs::write(
+        sshd.fleet().join("common/mods/m007.nix"),
+        "{ mirrored = 1; }\n",
+    )
+    .unwrap();
+    crate::agent::write_version(&sshd, "2");
+    crate::mirrors::publish_export(&sshd, &export);
+    let ca = TestCa::create(&sshd.dir.join(""));
+    let web = StaticHttp::start_tls(&export, &ca.cert, &ca.key);
+    m.write_config(&format!(
+        "mirrors = [\"{}\"]\nca_file = \"{}\"\n",
+        web.url("alpha"),
+        ca.ca_cert.display()
+    ));
+    relay.set_down(true);
+    let out = m.update();
+    assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
+    assert!(m.profile_target().unwrap().contains("nixos-system-alpha-2"));
+    let changed = Digest::of(b"{ mirrored = 1; }\n").to_hex();
+    assert!(m.base.join("state/objects").join(&changed).exists());
+    let asked = web.requests();
+    eprintln!("ASKED {asked:?}");
+    // Whole objects read from the mirror are the new trees (the root's among them); the
+    // packed files come as closed byte ranges of their packs.
+    let root = live_manifest(&sshd, "alpha").tree.unwrap().root.to_hex();
+    let whole: Vec<&str> = asked
+        .iter()
+        .filter_map(|r| r.strip_prefix("GET /alpha/objects/"))
+        .filter(|o| !o.contains(' '))
+        .collect();
+    assert!(whole.contains(&root.as_str()), "{asked:?}");
+    for o in &whole {
+        let bytes = fs::read(export.join("alpha/objects").join(o)).unwrap();
+        assert!(
+            serde_json::from_slice::<bento::protocol::tree::Tree>(&bytes).is_ok(),
+            "{o} read whole is not a tree: {asked:?}"
+        );
+    }
+    let ranged = asked
+        .iter()
+        .filter(|r| r.starts_with("GET /alpha/objects/") && r.contains(" bytes="))
+        .filter(|r| !r.ends_with('-'))
+        .count();
+    assert!(ranged >= 2, "m007.nix and version.nix by range: {asked:?}");
 }
