@@ -259,12 +259,6 @@ impl Serialize for Manifest {
     }
 }
 
-impl<'de> Deserialize<'de> for Manifest {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        WireIn::deserialize(d).map(Manifest::from)
-    }
-}
-
 impl From<WireIn> for Manifest {
     fn from(w: WireIn) -> Self {
         Manifest {
