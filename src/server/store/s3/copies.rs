@@ -1,7 +1,8 @@
 //! Where this run already stored each shared content (an object, a `cache/` file), so the
 //! next host gets a server-side copy instead of the bytes again. Hosts are published in
-//! parallel: one caller at a time places a given content, so the hosts that share it wait
-//! for the first one's upload and copy it, rather than all sending it at once.
+//! parallel: until a content is stored one caller at a time places it, so the hosts that
+//! share it wait for the first one's upload and copy it, rather than all sending it at
+//! once; its copies then run side by side.
 //!
 //! Invariant: a content's remembered place is only ever one whose upload (or copy)
 //! succeeded; a caller that failed leaves the slot as it found it, and the next caller
@@ -20,8 +21,9 @@ pub struct Copies {
 
 impl Copies {
     /// Runs `place` with where this run already stored `content` (`None` for the first
-    /// caller, or when every earlier one failed), one caller per content at a time. What it
-    /// returns as the place it stored is remembered for the next caller.
+    /// caller, or when every earlier one failed). Until a place is known callers go one at
+    /// a time (the others wait for the first upload); what a caller returns as the place it
+    /// stored is remembered for the next ones, which then run at once.
     pub fn place<T, E>(
         &self,
         content: &str,
@@ -35,6 +37,12 @@ impl Copies {
             .or_default()
             .clone();
         // A caller that panicked held nothing half-remembered: the slot is still valid.
+        let known = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(p) = known {
+            // Copies of a content already stored run side by side: only its first upload
+            // makes the others wait.
+            return place(Some(&p)).map(|(out, _)| out);
+        }
         let mut held = slot.lock().unwrap_or_else(|e| e.into_inner());
         let (out, stored) = place(held.as_ref())?;
         if let Some(p) = stored {
@@ -78,6 +86,39 @@ mod tests {
         });
         assert_eq!(sent.load(Ordering::SeqCst), 1);
         assert_eq!(copied.load(Ordering::SeqCst), 7);
+    }
+
+    #[test]
+    fn copies_of_a_stored_content_do_not_wait_for_each_other() {
+        let copies = Copies::default();
+        copies
+            .place("object:aa", |_| {
+                Ok::<_, ()>(((), Some(at("alpha/objects/aa"))))
+            })
+            .unwrap();
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let (copies, now, most) = (&copies, &now, &most);
+                s.spawn(move || {
+                    copies
+                        .place("object:aa", |from| {
+                            assert!(from.is_some());
+                            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(n, Ordering::SeqCst);
+                            // A copy under way while the others arrive.
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            now.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, ()>(((), None))
+                        })
+                        .unwrap();
+                });
+            }
+        });
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "the copies ran one at a time"
+        );
     }
 
     #[test]
