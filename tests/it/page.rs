@@ -989,6 +989,11 @@ fn event_streams_and_reconnecting_clients_do_not_starve_the_page() {
                         }
                         b"HTTP/1.1 503" => {
                             refused.fetch_add(1, Ordering::SeqCst);
+                            // An EventSource waits before it reconnects (3 s by default);
+                            // 100 ms is still a crowd, without each client holding two
+                            // request slots at once (closing one, opening the next) on a
+                            // loaded machine.
+                            std::thread::sleep(Duration::from_millis(100));
                         }
                         _ => {}
                     }

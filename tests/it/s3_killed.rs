@@ -26,8 +26,9 @@ use crate::signing::{keygen, set_signing_key};
 
 const BUCKET: &str = "fleet";
 const HOSTS: [&str; 2] = ["alpha", "beta"];
-/// The whole scenario's bound (it takes about 20 s here), so a hang fails instead of waiting.
-const BUDGET: Duration = Duration::from_secs(90);
+/// The whole scenario's bound, so a hang fails instead of waiting: it takes about 20 s
+/// alone, and well over 90 s beside the rest of the suite on 2 busy cores.
+const BUDGET: Duration = Duration::from_secs(300);
 
 fn live(admin: &Client, host: &str) -> String {
     let bytes = read(admin, &format!("hosts/{host}/current")).expect("current");
