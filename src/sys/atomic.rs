@@ -29,7 +29,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `bytes` to a new temporary file beside `target` with `mode`, fsynced; returns its
 /// path. The caller renames it into place (or removes it).
 pub fn write_temp(target: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
-    let tmp = tmp_path(target);
+    write_temp_as(tmp_path(target), bytes, mode, true)
+}
+
+/// [`write_temp`] without the fsync, for a batch of files (`sys::batch`) that syncs the
+/// whole filesystem once before it renames anything into place.
+pub fn write_temp_unsynced(target: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    write_temp_as(tmp_path(target), bytes, mode, false)
+}
+
+fn write_temp_as(tmp: PathBuf, bytes: &[u8], mode: u32, sync: bool) -> io::Result<PathBuf> {
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -39,7 +48,10 @@ pub fn write_temp(target: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf>
         // create_new's mode is filtered by the umask; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
-        f.sync_all()
+        match sync {
+            true => f.sync_all(),
+            false => Ok(()),
+        }
     })();
     match result {
         Ok(()) => Ok(tmp),

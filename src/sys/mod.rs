@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod atomic;
+pub mod batch;
 pub mod http;
 pub mod output;
 pub mod process;

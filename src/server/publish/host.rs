@@ -272,6 +272,60 @@ pub fn publish_host(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<HostReport, PublishError> {
+    match stage_host(store, plan, numbering)? {
+        Staged::Done(report) => Ok(*report),
+        Staged::Ready(ready) => ready.go_live(store),
+    }
+}
+
+/// A host after everything of its new version was written, before `current` names it.
+pub enum Staged {
+    /// Nothing to switch: the live version stays.
+    Done(Box<HostReport>),
+    Ready(Box<Ready>),
+}
+
+/// A new version written whole, waiting for its `current` to be switched.
+pub struct Ready {
+    host: HostName,
+    digest: Digest,
+    token: Option<Version>,
+    discard: Vec<Digest>,
+    report: HostReport,
+}
+
+impl Ready {
+    /// Switches `current` (if it is still what the version was numbered from), then
+    /// removes what the new version pushed out of the kept ones.
+    pub fn go_live(self, store: &dyn Store) -> Result<HostReport, PublishError> {
+        let Ready {
+            host,
+            digest,
+            token,
+            discard,
+            report,
+        } = self;
+        if let Err(e) = store.switch_current(&host, &digest, token.as_ref()) {
+            if matches!(e, StoreError::Raced { .. }) {
+                withdraw(store, &host, &digest);
+            }
+            return Err(e.into());
+        }
+        for d in &discard {
+            store.delete(&host, &Key::Manifest(*d))?;
+        }
+        collect_host(store, &host, &digest)?;
+        Ok(report)
+    }
+}
+
+/// Writes what a new version of the host needs (objects, then its serial record, manifest,
+/// signature and stamp), or renews the live one's signature and stamp.
+pub fn stage_host(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+) -> Result<Staged, PublishError> {
     let host = &plan.host;
     let new = match decide(store, plan, numbering)? {
         Decision::Keep {
@@ -299,7 +353,7 @@ pub fn publish_host(
                 numbering.signer,
                 numbering.stamping,
             )?;
-            return Ok(*report);
+            return Ok(Staged::Done(report));
         }
         Decision::New(new) => new,
     };
@@ -321,7 +375,8 @@ pub fn publish_host(
 
     let mut new_objects = 0;
     let mut bytes = 0;
-    for digest in &objects {
+    let held = store.held_objects(host)?.unwrap_or_default();
+    for digest in objects.iter().filter(|d| !held.contains(d)) {
         let Some(source) = plan.sources.get(digest) else {
             if store.exists(host, &Key::Object(*digest))? {
                 continue;
@@ -373,29 +428,24 @@ pub fn publish_host(
         signer,
         numbering.stamping,
     )?;
-    if let Err(e) = store.switch_current(host, &digest, token.as_ref()) {
-        if matches!(e, StoreError::Raced { .. }) {
-            withdraw(store, host, &digest);
-        }
-        return Err(e.into());
-    }
     bytes += manifest_bytes.len() as u64;
-    for d in &next.discard {
-        store.delete(host, &Key::Manifest(*d))?;
-    }
-
-    collect_host(store, host, &digest)?;
-    Ok(HostReport {
-        warnings,
-        ..report_of(
-            plan,
-            manifest,
-            Status::Published,
-            digest,
-            new_objects,
-            bytes,
-        )
-    })
+    Ok(Staged::Ready(Box::new(Ready {
+        host: host.clone(),
+        digest,
+        token,
+        discard: next.discard,
+        report: HostReport {
+            warnings,
+            ..report_of(
+                plan,
+                manifest,
+                Status::Published,
+                digest,
+                new_objects,
+                bytes,
+            )
+        },
+    })))
 }
 
 /// After a lost race, removes the manifest and signature this publish wrote, unless the

@@ -32,8 +32,8 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    collect_host, collect_pool, live_digest, live_version, publish_host, read_current,
-    KEEP_VERSIONS,
+    collect_host, collect_pool, live_digest, live_version, publish_host, read_current, stage_host,
+    Staged, KEEP_VERSIONS,
 };
 pub use refusals::undefined_error;
 use refusals::{host_error, no_entry_warning, refuse_private_keys, unknown_host};
@@ -433,7 +433,20 @@ pub fn run(
         (plans, reports)
     };
     // Issue #12 hook: hosts that fail delivery (evaluation, server build, cache) are held back.
-    let serials = crate::server::records::Serials::new(&crate::server::records::dir(&opts.chroot));
+    // On a store that batches (the chroot), every write of the run waits for one commit
+    // before any `current` is switched (sys::batch): a sync of the filesystem for all
+    // hosts instead of fsyncs per file. Elsewhere each host goes live as soon as it is
+    // written, its serial record synced first.
+    let records = crate::server::records::dir(&opts.chroot);
+    let batch = Arc::new(crate::sys::batch::Batch::new(vec![
+        opts.chroot.root.clone(),
+        records.clone(),
+    ]));
+    let batched = !opts.dry_run && opts.store.join_batch(batch.clone());
+    let serials = match batched {
+        true => crate::server::records::Serials::new(&records).in_batch(batch.clone()),
+        false => crate::server::records::Serials::new(&records),
+    };
     let numbering = Numbering {
         signer: opts.signer,
         record: Some(&serials),
@@ -465,33 +478,51 @@ pub fn run(
         .iter()
         .map(|s| (&s.name, s.dir.as_path()))
         .collect();
-    let mut reports: Vec<HostReport> = in_flight().install(|| {
-        plans
-            .par_iter()
-            .map(|p| {
-                let r = refuse_private_keys(scanner, p, dirs[&p.host])
-                    .and_then(|()| match opts.dry_run {
-                        true => dry::report(opts.store, p, &numbering),
-                        false => publish_host(opts.store, p, &numbering),
-                    })
-                    .unwrap_or_else(|e| HostReport {
-                        host: p.host.clone(),
-                        status: Status::Failed,
-                        digest: live_digest(opts.store, &p.host),
-                        config_entries: p.manifest.config.len(),
-                        files: p.manifest.files.len(),
-                        objects: p.manifest.objects().len(),
-                        new_objects: 0,
-                        bytes: 0,
-                        error: Some(host_error(&fleet.config, &p.host, e)),
-                        reason: None,
-                        warnings: Vec::new(),
-                    });
-                (opts.on_host)(&r);
-                r
+    let failed = |p: &HostPlan, e: PublishError| HostReport {
+        host: p.host.clone(),
+        status: Status::Failed,
+        digest: live_digest(opts.store, &p.host),
+        config_entries: p.manifest.config.len(),
+        files: p.manifest.files.len(),
+        objects: p.manifest.objects().len(),
+        new_objects: 0,
+        bytes: 0,
+        error: Some(host_error(&fleet.config, &p.host, e)),
+        reason: None,
+        warnings: Vec::new(),
+    };
+    let stage = |p: &HostPlan| {
+        refuse_private_keys(scanner, p, dirs[&p.host]).and_then(|()| match opts.dry_run {
+            true => dry::report(opts.store, p, &numbering).map(|r| Staged::Done(Box::new(r))),
+            false => stage_host(opts.store, p, &numbering),
+        })
+    };
+    let finish = |p: &HostPlan, staged: Result<Staged, PublishError>| {
+        let r = match staged {
+            Ok(Staged::Done(report)) => *report,
+            Ok(Staged::Ready(ready)) => ready.go_live(opts.store).unwrap_or_else(|e| failed(p, e)),
+            Err(e) => failed(p, e),
+        };
+        (opts.on_host)(&r);
+        r
+    };
+    let pool = in_flight();
+    let make_durable = || {
+        pool.install(|| batch.commit())
+            .map_err(|e| PublishError::Io {
+                path: e.at,
+                source: e.source,
             })
-            .collect()
-    });
+    };
+    let mut reports: Vec<HostReport> = match batched {
+        // Every host's new version written, then made durable at once, then switched.
+        true => {
+            let staged: Vec<_> = pool.install(|| plans.par_iter().map(|p| (p, stage(p))).collect());
+            make_durable()?;
+            pool.install(|| staged.into_par_iter().map(|(p, s)| finish(p, s)).collect())
+        }
+        false => pool.install(|| plans.par_iter().map(|p| finish(p, stage(p))).collect()),
+    };
     let changes = match opts.dry_run {
         true => dry::changes(opts.store, &plans),
         false => BTreeMap::new(),
@@ -502,6 +533,10 @@ pub fn run(
     // Issue #12 hook: cache entries go with the manifests that needed them.
     if let Some(d) = opts.delivery.filter(|_| !opts.dry_run) {
         d.after(opts.store, &opts.chroot)?;
+    }
+    if batched {
+        // The switches, and what the hook wrote, durable before the run says it is done.
+        make_durable()?;
     }
     reports.extend(held_back);
     reports.extend(unsealed);

@@ -39,12 +39,27 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 #[derive(Debug, Clone)]
 pub struct Serials {
     dir: PathBuf,
+    /// Raises wait for this batch's commit (a publish commits it before any `current`
+    /// names a version with the serial raised).
+    batch: Option<std::sync::Arc<crate::sys::batch::Batch>>,
+    /// Raised in the batch, not committed yet: what `get` says meanwhile.
+    raised: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<HostName, u64>>>,
 }
 
 impl Serials {
     pub fn new(records: &Path) -> Self {
         Self {
             dir: records.join("serials"),
+            batch: None,
+            raised: Default::default(),
+        }
+    }
+
+    /// Records that are raised as part of `batch`.
+    pub fn in_batch(self, batch: std::sync::Arc<crate::sys::batch::Batch>) -> Self {
+        Self {
+            batch: Some(batch),
+            ..self
         }
     }
 
@@ -56,6 +71,11 @@ impl Serials {
     /// keeps one, or a lost state directory). An unreadable record is an error: guessing
     /// could number below what hosts applied.
     pub fn get(&self, host: &HostName) -> std::io::Result<Option<u64>> {
+        let raised = self.raised.lock().expect("serials lock").get(host).copied();
+        Ok(self.read(host)?.max(raised))
+    }
+
+    fn read(&self, host: &HostName) -> std::io::Result<Option<u64>> {
         let path = self.path(host);
         match std::fs::read_to_string(&path) {
             Ok(text) => text.trim().parse().map(Some).map_err(|e| {
@@ -69,14 +89,25 @@ impl Serials {
         }
     }
 
-    /// Raises the record to `serial` (never lowers it), durably, before a manifest with
-    /// that serial is written.
+    /// Raises the record to `serial` (never lowers it), durably (or with its batch), before
+    /// a manifest with that serial is written.
     pub fn raise(&self, host: &HostName, serial: u64) -> std::io::Result<()> {
         if self.get(host)?.is_some_and(|s| s >= serial) {
             return Ok(());
         }
         private_dir(&self.dir)?;
-        crate::sys::atomic::write_file(&self.path(host), format!("{serial}\n").as_bytes(), 0o600)
+        let bytes = format!("{serial}\n");
+        match &self.batch {
+            Some(batch) => {
+                batch.write(&self.path(host), bytes.as_bytes(), 0o600)?;
+                self.raised
+                    .lock()
+                    .expect("serials lock")
+                    .insert(host.clone(), serial);
+                Ok(())
+            }
+            None => crate::sys::atomic::write_file(&self.path(host), bytes.as_bytes(), 0o600),
+        }
     }
 }
 
@@ -95,5 +126,22 @@ mod tests {
         assert_eq!(s.get(&h).unwrap(), Some(7));
         std::fs::write(t.path().join("serials/web1"), "x").unwrap();
         assert!(s.get(&h).unwrap_err().to_string().contains("serials/web1"));
+    }
+
+    #[test]
+    fn a_record_raised_in_a_batch_counts_at_once_and_is_written_by_the_commit() {
+        let t = tempfile::tempdir().unwrap();
+        let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![t.path().into()]));
+        let s = Serials::new(t.path()).in_batch(batch.clone());
+        let h = HostName::new("web1").unwrap();
+        s.raise(&h, 5).unwrap();
+        s.raise(&h, 3).unwrap();
+        assert_eq!(s.get(&h).unwrap(), Some(5));
+        assert!(
+            !t.path().join("serials/web1").exists(),
+            "not before the commit"
+        );
+        batch.commit().unwrap();
+        assert_eq!(Serials::new(t.path()).get(&h).unwrap(), Some(5));
     }
 }

@@ -70,6 +70,18 @@ impl Stamp {
     }
 }
 
+impl Stamp {
+    fn of_stat(st: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct CacheRecord {
     #[serde(flatten)]
@@ -145,6 +157,23 @@ impl HashCache {
         if map.len() != before {
             self.dirty.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// The remembered hash of the file an `lstat` of its name found, if the file is
+    /// unchanged since it was hashed: the scan opens a file only when it must hash it
+    /// (an unchanged fleet of 1,000 hosts × 30 files of their own: 90,000 fewer calls).
+    pub fn cached(&self, st: &rustix::fs::Stat) -> Option<Hashed> {
+        let stamp = Stamp::of_stat(st);
+        let key = (stamp.dev, stamp.ino);
+        let hit = self
+            .map
+            .lock()
+            .expect("cache lock")
+            .get(&key)
+            .filter(|(cached, _)| *cached == stamp)
+            .map(|(_, hashed)| *hashed)?;
+        self.seen.lock().expect("cache lock").insert(key);
+        Some(hit)
     }
 
     /// Hashes the open `file` (whose `fstat` is `meta`), or remembers its hash.

@@ -18,7 +18,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -278,10 +278,21 @@ impl Scanner {
                     stack.pop();
                     push_dir(&mut items, &name, &sub?);
                 }
-                FileType::RegularFile => {
-                    let file = repo::open_file_at(fd, os).map_err(io_err(&path))?;
-                    items.push(self.file_item(name, &path, file)?);
-                }
+                FileType::RegularFile => match self.cache.cached(&st) {
+                    Some(hashed) => {
+                        let found = Found {
+                            links: st.st_nlink as u64,
+                            size: st.st_size as u64,
+                            mode: st.st_mode as u32,
+                        };
+                        found.check(&path)?;
+                        items.push(self.item(name, &path, found, hashed)?);
+                    }
+                    None => {
+                        let file = repo::open_file_at(fd, os).map_err(io_err(&path))?;
+                        items.push(self.file_item(name, &path, file)?);
+                    }
+                },
                 ft => return Err(special(path, ft)),
             }
         }
@@ -448,24 +459,28 @@ impl Scanner {
                 FileType::from_raw_mode(meta.mode()),
             ));
         }
-        if meta.nlink() > 1 {
-            return Err(SnapshotError::HardLink {
-                path: real.to_owned(),
-                links: meta.nlink(),
-            });
-        }
-        let limit = crate::protocol::manifest::MAX_OBJECT_BYTES;
-        if meta.len() > limit {
-            return Err(SnapshotError::TooLarge {
-                path: real.to_owned(),
-                size: meta.len(),
-                limit,
-            });
-        }
+        let found = Found {
+            links: meta.nlink(),
+            size: meta.len(),
+            mode: meta.mode(),
+        };
+        // Refused before it is read.
+        found.check(real)?;
         let hashed = self
             .cache
             .hash(&mut file, &meta, self.now)
             .map_err(io_err)?;
+        self.item(name, real, found, hashed)
+    }
+
+    /// The item of a regular file (checked), from what its stat said and its hash.
+    fn item(
+        &self,
+        name: String,
+        real: &Path,
+        found: Found,
+        hashed: Hashed,
+    ) -> Result<Item, SnapshotError> {
         if hashed.private_key {
             self.private_keys
                 .lock()
@@ -476,11 +491,40 @@ impl Scanner {
             path: name,
             kind: ItemKind::File {
                 source: Arc::from(self.root.join(real)),
-                size: meta.len(),
+                size: found.size,
                 sha256: hashed.sha256,
-                executable: meta.permissions().mode() & 0o111 != 0,
+                executable: found.mode & 0o111 != 0,
             },
         })
+    }
+}
+
+/// What a regular file's stat says that the scan checks and keeps.
+struct Found {
+    links: u64,
+    size: u64,
+    mode: u32,
+}
+
+impl Found {
+    /// A hard-linked file (its other name may be outside the repo) or one over the
+    /// protocol's limit is refused.
+    fn check(&self, real: &Path) -> Result<(), SnapshotError> {
+        if self.links > 1 {
+            return Err(SnapshotError::HardLink {
+                path: real.to_owned(),
+                links: self.links,
+            });
+        }
+        let limit = crate::protocol::manifest::MAX_OBJECT_BYTES;
+        if self.size > limit {
+            return Err(SnapshotError::TooLarge {
+                path: real.to_owned(),
+                size: self.size,
+                limit,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -1,17 +1,20 @@
 //! [`ChrootStore`]: the store as sshd serves it, a directory per host under one root. Keeps
 //! today's guarantees: objects pooled once in `.bento/pool` and hard-linked into each host's
-//! `objects/`, every other write a temporary file, fsync and rename, owners and modes as
-//! `server::chroot` sets them, host-written files read by `server::logs` (no links,
+//! `objects/`, every other write a temporary file, fsync and rename (in a publish's batch:
+//! one sync of the filesystem before all the renames, and `current` renamed from a file
+//! made durable with its version), owners and modes as `server::chroot` sets them, host-written files read by `server::logs` (no links,
 //! bounded), and the publish lock in `.bento/`.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use super::pool::{self, Batched};
 use super::{
-    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
-    StoreLock, Version,
+    Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError, StoreLock,
+    Version,
 };
 use crate::protocol::layout::{self, Chroot, CACHE, MANIFESTS, OBJECTS};
 use crate::protocol::manifest::Digest;
@@ -19,12 +22,21 @@ use crate::protocol::HostName;
 use crate::server::chroot::{prepare_host_dir, unsafe_component, Ownership};
 use crate::server::logs;
 use crate::sys::atomic;
+use crate::sys::batch::Batch;
 
 /// A chroot root and who owns what in it.
 #[derive(Debug, Clone)]
 pub struct ChrootStore {
     chroot: Chroot,
     ownership: Ownership,
+    /// The batch this run's writes wait for (`Store::join_batch`), if any.
+    batch: Arc<Mutex<Option<Batched>>>,
+}
+
+/// The name under which a version's `current` waits, durable, for its switch (a temporary
+/// name: a later publish of the host removes one left behind).
+fn prepared_current(host_dir: &Path, digest: &Digest) -> PathBuf {
+    host_dir.join(format!("{}current-{}", atomic::TMP_PREFIX, digest.to_hex()))
 }
 
 fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -36,7 +48,15 @@ fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 impl ChrootStore {
     pub fn new(chroot: Chroot, ownership: Ownership) -> Self {
-        Self { chroot, ownership }
+        Self {
+            chroot,
+            ownership,
+            batch: Arc::default(),
+        }
+    }
+
+    fn batched(&self) -> Option<Batched> {
+        self.batch.lock().expect("batch lock").clone()
     }
 
     /// The chroot, for what is not the hosts' areas (the publisher's caches, accounts).
@@ -48,55 +68,9 @@ impl ChrootStore {
         self.chroot.host_dir(host).join(key.path())
     }
 
-    /// Copies `open`'s bytes into the pool as `digest`, checking they still hash to it.
+    /// Copies `open`'s bytes into the pool as `digest` (see [`pool::add`]).
     fn add_to_pool(&self, digest: &Digest, open: OpenObject<'_>) -> Result<u64, StoreError> {
-        let pooled = self.chroot.pool_dir().join(digest.to_hex());
-        if pooled.exists() {
-            return Ok(0);
-        }
-        // Threads publishing hosts that share a file may add it at the same time: each
-        // writes its own temporary file, and the first to link it into the pool wins.
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self.chroot.tmp_dir().join(format!(
-            "{}{}-{seq}-{}",
-            atomic::TMP_PREFIX,
-            std::process::id(),
-            digest.to_hex()
-        ));
-        let copy = || -> io::Result<(Digest, u64)> {
-            let src = open()?;
-            let mut dst = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)?;
-            dst.set_permissions(fs::Permissions::from_mode(0o644))?;
-            let hashed = copy_hashed(src, &mut dst)?;
-            dst.sync_all()?;
-            Ok(hashed)
-        };
-        let (actual, bytes) = copy().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            StoreError::Io {
-                at: tmp.clone(),
-                source: e,
-            }
-        })?;
-        if actual != *digest {
-            let _ = fs::remove_file(&tmp);
-            return Err(StoreError::DigestMismatch(*digest));
-        }
-        // link, not rename: it never replaces an object another thread already pooled
-        // (whose inode hosts may already link to).
-        let linked = fs::hard_link(&tmp, &pooled);
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(bytes),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(0),
-            Err(e) => Err(io_at(&pooled)(e)),
-        }
+        pool::add(&self.chroot, self.batched().as_ref(), digest, open)
     }
 
     /// Creates the chroot root and its state directory, checked as sshd will check it.
@@ -368,7 +342,23 @@ impl Store for ChrootStore {
             }
             _ => return Err(StoreError::WrongOperation(key.path())),
         }
-        atomic::write_file(&path, bytes, 0o644).map_err(io_at(&path))
+        let Some(batched) = self.batched() else {
+            return atomic::write_file(&path, bytes, 0o644).map_err(io_at(&path));
+        };
+        batched
+            .batch
+            .write(&path, bytes, 0o644)
+            .map_err(io_at(&path))?;
+        if let Key::Manifest(digest) = key {
+            // `current`'s bytes for this version, durable with it, renamed by the switch.
+            let prepared = prepared_current(&self.chroot.host_dir(host), digest);
+            let text = layout::current_text(digest);
+            batched
+                .batch
+                .write(&prepared, text.as_bytes(), 0o644)
+                .map_err(io_at(&prepared))?;
+        }
+        Ok(())
     }
 
     fn put_object(
@@ -383,13 +373,42 @@ impl Store for ChrootStore {
             return Ok(None);
         }
         let bytes = self.add_to_pool(digest, open)?;
-        match fs::hard_link(self.chroot.pool_dir().join(digest.to_hex()), &target) {
+        let pooled = self.chroot.pool_dir().join(digest.to_hex());
+        if let Some(batched) = self.batched() {
+            batched.batch.link(pooled, target, false);
+            return Ok(Some(bytes));
+        }
+        match fs::hard_link(pooled, &target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_at(&target)(e)),
         }
         // Made durable once per host, by `switch_current`, before `current` names them.
         Ok(Some(bytes))
+    }
+
+    fn join_batch(&self, batch: Arc<Batch>) -> bool {
+        *self.batch.lock().expect("batch lock") = Some(Batched {
+            batch,
+            pooled: Arc::default(),
+        });
+        true
+    }
+
+    fn held_objects(
+        &self,
+        host: &HostName,
+    ) -> Result<Option<std::collections::BTreeSet<Digest>>, StoreError> {
+        let objects = self.list(host, Area::Objects)?;
+        Ok(Some(
+            objects
+                .into_iter()
+                .filter_map(|key| match key {
+                    Key::Object(digest) => Some(digest),
+                    _ => None,
+                })
+                .collect(),
+        ))
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {
@@ -449,6 +468,20 @@ impl Store for ChrootStore {
         if now.as_ref() != from {
             return Err(StoreError::Raced { host: host.clone() });
         }
+        let path = self.path(host, &Key::Current);
+        if let Some(batched) = self.batched() {
+            // What the version needs must have its name first (a publish commits before
+            // its switches, so this finds nothing waiting).
+            if !batched.batch.is_empty() {
+                batched.batch.commit().map_err(|e| io_at(&e.at)(e.source))?;
+            }
+            // Written in a committed batch, this file is durable and only named so once it
+            // is; the run's last commit makes the rename durable.
+            let prepared = prepared_current(&self.chroot.host_dir(host), to);
+            if prepared.exists() {
+                return fs::rename(&prepared, &path).map_err(io_at(&path));
+            }
+        }
         // The objects linked since the last switch become durable before `current` names them.
         for dir in [
             self.chroot.pool_dir(),
@@ -463,7 +496,6 @@ impl Store for ChrootStore {
                 atomic::sync_dir(&dir).map_err(io_at(&dir))?;
             }
         }
-        let path = self.path(host, &Key::Current);
         atomic::write_file(&path, layout::current_text(to).as_bytes(), 0o644).map_err(io_at(&path))
     }
 

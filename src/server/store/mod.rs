@@ -8,6 +8,7 @@
 
 mod chroot;
 mod mem;
+mod pool;
 pub mod probe;
 mod s3;
 mod s3index;
@@ -131,6 +132,24 @@ pub trait Store: Send + Sync {
         digest: &Digest,
         open: OpenObject<'_>,
     ) -> Result<Option<u64>, StoreError>;
+    /// Lets the writes that follow (objects, manifests, signatures, stamps) wait for
+    /// `batch` to be committed, which makes them durable together and only then gives them
+    /// their names (the chroot: two `syncfs` for the whole run instead of fsyncs per file);
+    /// `switch_current` of a version written so may only follow that commit. A store whose
+    /// every write is durable when it returns (an object store) ignores it. Returns
+    /// whether the store joined.
+    fn join_batch(&self, _batch: std::sync::Arc<crate::sys::batch::Batch>) -> bool {
+        false
+    }
+    /// The objects the host holds, when the store can tell them all at once more cheaply
+    /// than `put_object` asks about each (the chroot: one listing of `objects/` instead of
+    /// a lookup per object); `None` leaves the check to `put_object`.
+    fn held_objects(
+        &self,
+        _host: &HostName,
+    ) -> Result<Option<std::collections::BTreeSet<Digest>>, StoreError> {
+        Ok(None)
+    }
     /// Makes `cache/` file `key` of `host` hold the bytes of `pooled`, a file of the
     /// publisher's own pool that many hosts share (the chroot hard-links it; an object store
     /// uploads it once and copies it server-side to the next host). Returns whether the key

@@ -217,3 +217,54 @@ fn shared_cache_files_are_put_whole_once_and_replaced_when_the_pool_changes() {
     assert_eq!(mode(&linked), 0o644);
     assert_eq!(mode(&chroot.host_dir(&alpha()).join("cache/nar")), 0o755);
 }
+
+#[test]
+fn a_batched_version_has_its_names_only_once_committed_and_current_never_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = Chroot::new(tmp.path().join("c"));
+    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
+    drop(store.lock(Box::new(|| {})).unwrap());
+    let beta = HostName::new("beta").unwrap();
+    let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![chroot.root.clone()]));
+    assert!(store.join_batch(batch.clone()));
+    let object = Digest::of(b"shared");
+    let manifest = Digest::of(b"manifest");
+    for host in [alpha(), beta.clone()] {
+        store.open_host(&host).unwrap();
+        let sent = store
+            .put_object(&host, &object, &bytes_of(b"shared"))
+            .unwrap();
+        // Sent once, for the first host; the second waits for that copy.
+        let expected = if host == alpha() { 6 } else { 0 };
+        assert_eq!(sent, Some(expected), "{host}");
+        store
+            .put(&host, &Key::Manifest(manifest), b"manifest")
+            .unwrap();
+        assert!(!store.exists(&host, &Key::Object(object)).unwrap());
+        assert!(!store.exists(&host, &Key::Manifest(manifest)).unwrap());
+    }
+    assert!(!chroot.pool_dir().join(object.to_hex()).exists());
+
+    // A switch before the commit commits first: `current` never names what is not there.
+    store.switch_current(&alpha(), &manifest, None).unwrap();
+    assert!(batch.is_empty());
+    for host in [alpha(), beta.clone()] {
+        assert!(store.exists(&host, &Key::Object(object)).unwrap(), "{host}");
+        assert!(
+            store.exists(&host, &Key::Manifest(manifest)).unwrap(),
+            "{host}"
+        );
+    }
+    let (text, _) = store.current(&alpha()).unwrap().unwrap();
+    assert_eq!(text, layout::current_text(&manifest).as_bytes());
+    let pooled = std::fs::metadata(chroot.pool_dir().join(object.to_hex())).unwrap();
+    assert_eq!(pooled.nlink(), 3, "one inode: the pool and both hosts");
+    // The other host's `current` is the one prepared in the batch, renamed.
+    store.switch_current(&beta, &manifest, None).unwrap();
+    let names: Vec<String> = std::fs::read_dir(chroot.host_dir(&beta))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(crate::sys::atomic::TMP_PREFIX))
+        .collect();
+    assert!(names.is_empty(), "no temporary file left: {names:?}");
+}
