@@ -34,6 +34,14 @@ pub fn live_digest(store: &dyn Store, host: &HostName) -> Option<Digest> {
     live_manifest(store, host, &bytes).map(|(d, _)| d)
 }
 
+/// [`live_version`] without reading its trees (a format-2 manifest's `config` left empty):
+/// enough to compare contents ([`Manifest::same_content`] compares roots), at no request
+/// for a tree.
+pub fn live_unread(store: &dyn Store, host: &HostName) -> Option<(Digest, Manifest)> {
+    let (bytes, _) = store.current(host).ok()??;
+    live_manifest(store, host, &bytes)
+}
+
 /// [`live_version`] of a chroot's host directory `<root>/<host>` (tests and benchmarks,
 /// which know the directory).
 pub fn read_current(host_dir: &std::path::Path) -> Option<(Digest, Manifest)> {

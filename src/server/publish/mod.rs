@@ -32,7 +32,7 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    collect_host, collect_pool, live_digest, live_version, publish_host, read_current,
+    collect_host, collect_pool, live_digest, live_unread, live_version, publish_host, read_current,
     KEEP_VERSIONS,
 };
 pub use refusals::undefined_error;

@@ -358,7 +358,11 @@ impl Store for S3Store {
         }
         self.client
             .put(&l.bucket, &k, bytes, PutMode::Overwrite)
-            .map_err(s3_err)?;
+            .map_err(|e| {
+                // It may have landed all the same.
+                self.index.distrust(host);
+                s3_err(e)
+            })?;
         if listed {
             self.index.learn(host, full);
         }
@@ -390,31 +394,34 @@ impl Store for S3Store {
         self.index.will_write(host, &full);
         let content = format!("object:{}", digest.to_hex());
         let stored = || Some((l.bucket.clone(), k.clone()));
-        let placed = self.copies.place(&content, |from| {
-            if self.copy_from(from, &l.bucket, &k) {
-                return Ok((Some(0), None));
-            }
-            if !seen_absent && self.exists(host, &key)? {
-                return Ok((None, None));
-            }
-            self.absent.lock().expect("not poisoned").remove(&full);
-            // Read whole and checked before anything is sent: the engine never holds an
-            // object whose bytes are not its digest's.
-            let mut bytes = Vec::new();
-            let (actual, n) = open()
-                .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
-                .map_err(|source| StoreError::Io {
-                    at: self.locate(host, &key),
-                    source,
-                })?;
-            if actual != *digest {
-                return Err(StoreError::DigestMismatch(*digest));
-            }
-            self.client
-                .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
-                .map_err(s3_err)?;
-            Ok((Some(n), stored()))
-        })?;
+        let placed = self
+            .copies
+            .place(&content, |from| {
+                if self.copy_from(from, &l.bucket, &k) {
+                    return Ok((Some(0), None));
+                }
+                if !seen_absent && self.exists(host, &key)? {
+                    return Ok((None, None));
+                }
+                self.absent.lock().expect("not poisoned").remove(&full);
+                // Read whole and checked before anything is sent: the engine never holds an
+                // object whose bytes are not its digest's.
+                let mut bytes = Vec::new();
+                let (actual, n) = open()
+                    .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
+                    .map_err(|source| StoreError::Io {
+                        at: self.locate(host, &key),
+                        source,
+                    })?;
+                if actual != *digest {
+                    return Err(StoreError::DigestMismatch(*digest));
+                }
+                self.client
+                    .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
+                    .map_err(s3_err)?;
+                Ok((Some(n), stored()))
+            })
+            .inspect_err(|_| self.index.distrust(host))?;
         self.index.learn(host, full);
         Ok(placed)
     }

@@ -77,6 +77,9 @@ struct Saved {
 struct Part {
     saved: Saved,
     dirty: bool,
+    /// `saved.pending` was set by this run, whose every write so far succeeded and was
+    /// learned: its own listing still holds for it (a pending part loaded from disk does not).
+    ours: bool,
 }
 
 /// The index, loaded host by host for one store.
@@ -132,6 +135,7 @@ impl Index {
             Part {
                 saved,
                 dirty: false,
+                ours: false,
             }
         });
         f(part)
@@ -210,13 +214,14 @@ impl Index {
 
     /// Whether the host's part is the whole of its `manifests/` and `objects/` at `now`: a
     /// run holding the publish lock, a listing younger than [`RELIST_SECS`] (not "from the
-    /// future"), and no write begun since that did not commit. Anything else writing to the
+    /// future"), and no write begun since that did not commit (but this run's own, which
+    /// it learned as each succeeded; one that failed drops the listing). Anything else writing to the
     /// host (another publisher, a restored store) shows as a `current` this index did not
     /// write or see, which drops the listing ([`Index::distrust`]).
     pub fn trusted(&self, host: &HostName, now: u64) -> bool {
         self.writing.load(Ordering::Relaxed)
             && self.with(host, |p| {
-                !p.saved.pending
+                (!p.saved.pending || p.ours)
                     && p.saved
                         .listed
                         .is_some_and(|at| at <= now && now - at < RELIST_SECS)
@@ -253,6 +258,7 @@ impl Index {
             );
             p.saved.listed = Some(now);
             p.saved.pending = false;
+            p.ours = false;
             p.dirty = true;
         });
     }
@@ -273,6 +279,7 @@ impl Index {
                 !p.saved.pending && p.saved.listed.is_some() && !p.saved.present.contains(full);
             if mark {
                 p.saved.pending = true;
+                p.ours = true;
                 p.dirty = true;
             }
             mark
@@ -287,6 +294,7 @@ impl Index {
     pub fn committed(&self, host: &HostName) {
         self.with(host, |p| {
             p.dirty |= std::mem::take(&mut p.saved.pending);
+            p.ours = false;
         });
     }
 
@@ -532,7 +540,10 @@ mod tests {
         // the next run lists again.
         index.will_write(&alpha, "b/alpha/objects/o2");
         index.learn(&alpha, "b/alpha/objects/o2".into());
-        assert!(!index.trusted(&alpha, now));
+        assert!(
+            index.trusted(&alpha, now),
+            "this run's own writes are in it"
+        );
         std::mem::forget(index);
         let next = Index::load(&state, "s3://a");
         next.begin_writing().unwrap();
