@@ -126,7 +126,8 @@ fn listings(t: &Fleet) -> usize {
     t.relay
         .requests()
         .iter()
-        .filter(|r| r.contains("list-type"))
+        // The relay notes a path without its query: a listing asks for the bucket itself.
+        .filter(|r| r.trim_end_matches('/') == format!("GET /{BUCKET}"))
         .count()
 }
 

@@ -9,7 +9,7 @@
 
 use super::current::unix_now;
 use super::{s3_err, S3Store};
-use crate::protocol::layout::{Area, Key};
+use crate::protocol::layout::{self, Area, Key};
 use crate::protocol::HostName;
 use crate::server::store::StoreError;
 
@@ -35,15 +35,32 @@ impl S3Store {
         } else if let Some(known) = self.index.listing(host, &prefix, now) {
             known
         } else {
-            // Everything after `manifests.` ('.' sorts right before '/'): both areas.
-            let listed = self
+            // Everything after `manifests/` itself (no key): both areas. SeaweedFS compares
+            // by directory, so a bound between `manifests` and `manifests/` skips the area.
+            let mut listed: Vec<String> = self
                 .client
-                .list_after(&l.bucket, &base, &format!("{base}manifests."))
-                .map_err(s3_err)?;
-            let listed: Vec<String> = listed
+                .list_after(&l.bucket, &base, &format!("{base}manifests/"))
+                .map_err(s3_err)?
                 .into_iter()
                 .map(|e| format!("{}/{}", l.bucket, e.key))
                 .collect();
+            // An engine that bounds the listing otherwise than S3 says would leave keys out,
+            // and a key left out is one the serial check and GC never see: the live manifest
+            // must be there, else each area is listed on its own.
+            if !self.names_live(host, &full_base, &listed) {
+                listed = LISTED
+                    .iter()
+                    .map(|a| {
+                        self.client
+                            .list(&l.bucket, &format!("{base}{}", a.prefix()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(s3_err)?
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("{}/{}", l.bucket, e.key))
+                    .collect();
+            }
             let prefixes: Vec<String> = LISTED
                 .iter()
                 .map(|a| format!("{full_base}{}", a.prefix()))
@@ -73,5 +90,19 @@ impl S3Store {
             .collect();
         keys.sort();
         Ok(keys)
+    }
+
+    /// Whether `listed` holds the manifest `current` names as this run read it (or there
+    /// is no `current` to check against).
+    fn names_live(&self, host: &HostName, full_base: &str, listed: &[String]) -> bool {
+        let seen = self.seen.lock().expect("not poisoned").get(host).cloned();
+        let Some(Some((bytes, _))) = seen else {
+            return true;
+        };
+        let Ok(live) = layout::parse_current(&String::from_utf8_lossy(&bytes)) else {
+            return true;
+        };
+        let key = format!("{full_base}{}", Key::Manifest(live).path());
+        listed.contains(&key)
     }
 }
