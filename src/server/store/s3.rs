@@ -473,11 +473,15 @@ impl Store for S3Store {
         if let Key::Manifest(d) = key {
             self.index.drop_manifest(host, d);
         }
-        self.client.delete(&l.bucket, &k).map_err(|e| {
-            // It may still be there: known again, so a trusted listing still names it.
-            self.index.learn(host, full);
-            s3_err(e)
-        })
+        match self.client.delete(&l.bucket, &k) {
+            Ok(()) => {
+                self.index.deleted(host, &full);
+                Ok(())
+            }
+            // It may still be there: the index keeps it as "being deleted" (listed, never
+            // "present"), so the next collection deletes it again.
+            Err(e) => Err(s3_err(e)),
+        }
     }
 
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {

@@ -70,6 +70,11 @@ struct Saved {
     /// (or failed): the key may be in the engine without being in `present`.
     #[serde(default)]
     pending: bool,
+    /// `bucket/key` of keys whose delete was sent and not seen to succeed: maybe still in
+    /// the engine, so never "present" (a version needing one stores it again), yet still
+    /// in the listing (the next GC deletes it again).
+    #[serde(default)]
+    deleting: BTreeSet<String>,
 }
 
 /// One host's part, and whether it changed since it was loaded or saved.
@@ -204,12 +209,21 @@ impl Index {
     pub fn forget(&self, host: &HostName, full: &str) {
         let was = self.with(host, |p| {
             let was = p.saved.present.remove(full);
+            if was {
+                p.saved.deleting.insert(full.to_owned());
+            }
             p.dirty |= was;
             was
         });
         if was {
             self.save_host(host);
         }
+    }
+
+    /// The delete of `full` succeeded (kept at the host's next save; until then, a run killed
+    /// deletes it once more).
+    pub fn deleted(&self, host: &HostName, full: &str) {
+        self.with(host, |p| p.dirty |= p.saved.deleting.remove(full));
     }
 
     /// Whether the host's part is the whole of its `manifests/` and `objects/` at `now`: a
@@ -235,12 +249,17 @@ impl Index {
             return None;
         }
         Some(self.with(host, |p| {
-            p.saved
-                .present
-                .range(prefix.to_owned()..)
-                .take_while(|k| k.starts_with(prefix))
-                .cloned()
-                .collect()
+            let under = |set: &BTreeSet<String>| -> Vec<String> {
+                set.range(prefix.to_owned()..)
+                    .take_while(|k| k.starts_with(prefix))
+                    .cloned()
+                    .collect()
+            };
+            let mut keys = under(&p.saved.present);
+            keys.extend(under(&p.saved.deleting));
+            keys.sort();
+            keys.dedup();
+            keys
         }))
     }
 
@@ -248,9 +267,9 @@ impl Index {
     /// engine taken just now), trusted from `now` on. Kept at the host's next save.
     pub fn set_listing(&self, host: &HostName, prefixes: &[String], listed: Vec<String>, now: u64) {
         self.with(host, |p| {
-            p.saved
-                .present
-                .retain(|k| !prefixes.iter().any(|pre| k.starts_with(pre.as_str())));
+            let outside = |k: &String| !prefixes.iter().any(|pre| k.starts_with(pre.as_str()));
+            p.saved.present.retain(outside);
+            p.saved.deleting.retain(outside);
             p.saved.present.extend(
                 listed
                     .into_iter()
@@ -300,7 +319,10 @@ impl Index {
 
     /// Whether `full` is absent by the host's trusted listing (no HEAD needed to know).
     pub fn absent(&self, host: &HostName, full: &str, now: u64) -> bool {
-        self.trusted(host, now) && !self.with(host, |p| p.saved.present.contains(full))
+        self.trusted(host, now)
+            && !self.with(host, |p| {
+                p.saved.present.contains(full) || p.saved.deleting.contains(full)
+            })
     }
 
     /// The text and ETag of `current` as last seen.
@@ -558,6 +580,21 @@ mod tests {
         // Rewriting a key it holds marks nothing.
         next.will_write(&alpha, "b/alpha/objects/o1");
         assert!(next.trusted(&alpha, now));
+        // A key being deleted may still be there: listed (GC deletes it again), never known
+        // present nor absent (a version needing it asks the engine), until its delete is seen.
+        next.forget(&alpha, "b/alpha/objects/o1");
+        std::mem::forget(next);
+        let next = Index::load(&state, "s3://a");
+        next.begin_writing().unwrap();
+        assert_eq!(
+            next.listing(&alpha, &areas[1], now).unwrap(),
+            ["b/alpha/objects/o1"]
+        );
+        assert!(!next.known(&alpha, "b/alpha/objects/o1"));
+        assert!(!next.absent(&alpha, "b/alpha/objects/o1", now));
+        next.deleted(&alpha, "b/alpha/objects/o1");
+        assert!(next.listing(&alpha, &areas[1], now).unwrap().is_empty());
+        assert!(next.absent(&alpha, "b/alpha/objects/o1", now));
         // Expired, from the future, distrusted, or in a run that does not write: not used.
         assert!(!next.trusted(&alpha, now + RELIST_SECS));
         assert!(!next.trusted(&alpha, now - 1));
