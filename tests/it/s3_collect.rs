@@ -1,6 +1,7 @@
-//! Issue #26 on the object store, over real SeaweedFS: GC of a format-2 host by the
-//! publisher's index. A change collects each host without listing it, without a HEAD before
-//! its new keys and without reading its old trees back, while the index saw every write since
+//! Issue #26 on the object store, over real SeaweedFS: GC of a format-2 host of a signing
+//! fleet by the publisher's index. A change collects each host without listing it, without a
+//! HEAD before its new keys, without reading a signature or its old trees back, while the
+//! index saw every write since
 //! its last listing; an index that is lost, restored from before the last publish, or whose
 //! listing is too old falls back to one listing, and the collection then still leaves every
 //! key a kept version needs and nothing else (a key the index never saw is collected once
@@ -18,6 +19,7 @@ use crate::agent::write_version;
 use crate::format2::{set_format_2, write_modules};
 use crate::s3_publish::{ok, read, run};
 use crate::s3_scale::Fleet;
+use crate::signing::{keygen, set_signing_key};
 
 const BUCKET: &str = "fleet";
 const HOSTS: [&str; 2] = ["alpha", "beta"];
@@ -133,9 +135,14 @@ fn listings(t: &Fleet) -> usize {
 
 #[test]
 fn s3_a_change_collects_by_the_index_and_a_lost_stale_or_old_index_lists_again() {
+    // A signing fleet: the serial check proves kept serials by the publisher's record
+    // first, reading no signature.
     let t = Fleet::start_with(&HOSTS, |sshd| {
         write_modules(sshd, 40, 200);
         set_format_2(sshd);
+        let key = sshd.dir.join("signing/key");
+        keygen(&key);
+        set_signing_key(sshd, &key);
     });
     let admin = t.store.engine.admin_client();
     publish(&t);
@@ -146,8 +153,8 @@ fn s3_a_change_collects_by_the_index_and_a_lost_stale_or_old_index_lists_again()
     }
 
     // A change with a trusted index: per host `current` (a 304), the heartbeat, its new
-    // keys (sent once, copied to the other host), its manifest and `current`: no listing,
-    // no HEAD, and no tree of the kept versions read back.
+    // keys (sent once, copied to the other host), its manifest, its signature and
+    // `current`: no listing, no HEAD, no signature and no tree of the kept versions read.
     let before: Vec<BTreeSet<String>> = HOSTS.iter().map(|h| keys(&admin, h)).collect();
     write_version(&t.sshd, "3");
     t.relay.reset();
@@ -163,8 +170,8 @@ fn s3_a_change_collects_by_the_index_and_a_lost_stale_or_old_index_lists_again()
         assert!(new_keys >= 3, "{host}: a root tree, common/'s tree, a pack");
         assert_eq!(
             asked.len(),
-            new_keys + 4,
-            "{host}: current, heartbeat, {new_keys} new objects, manifest, current: {asked:?}"
+            new_keys + 5,
+            "{host}: current, heartbeat, {new_keys} new objects, manifest, signature, current: {asked:?}"
         );
         assert!(
             asked.iter().all(|r| r.starts_with("PUT ")
