@@ -32,6 +32,7 @@ mod restore;
 mod rollout;
 mod s3;
 mod s3_agent;
+mod s3_collect;
 mod s3_delivery;
 mod s3_format2;
 mod s3_isolation;

@@ -29,7 +29,7 @@ use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
 use crate::server::publish::{
-    live_digest, live_version, HostPlan, HostReport, PublishError, Status,
+    live_digest, live_unread, HostPlan, HostReport, PublishError, Status,
 };
 use crate::server::records;
 use crate::server::store::Store;
@@ -214,7 +214,9 @@ impl<'a> FleetDelivery<'a> {
         chroot: &Chroot,
         mut plan: HostPlan,
     ) -> Result<(HostPlan, bool), Box<HostReport>> {
-        let live = live_version(store, &plan.host).map(|(_, m)| m);
+        // Its trees are read only where its files are compared (a changed tree that may
+        // run the same system): comparing contents compares roots.
+        let live = live_unread(store, &plan.host).map(|(_, m)| m);
         let build_on = self.fleet.config.build_on(&plan.host);
         let fail = |plan: &HostPlan, what: &str, f: eval::EvalFailure| {
             tracing::warn!("{}: {what}: {}\n{}", plan.host, f.message, f.log_tail);
@@ -230,7 +232,13 @@ impl<'a> FleetDelivery<'a> {
                     let drv = eval::evaluate(&self.nix, &plan, &self.fleet.root)
                         .map_err(|f| fail(&plan, "does not evaluate", f))?;
                     self.refuse_leaks(store, &plan, &[&drv])?;
-                    if self.same_system(chroot, live.as_ref(), &plan, &drv) {
+                    let mut whole = live.clone();
+                    if let Some(m) = whole.as_mut() {
+                        if crate::server::store::trees::expand(store, &plan.host, m).is_err() {
+                            whole = None;
+                        }
+                    }
+                    if self.same_system(chroot, whole.as_ref(), &plan, &drv) {
                         plan.keep_live = Some(SAME_SYSTEM.to_owned());
                     }
                 }

@@ -34,6 +34,14 @@ pub fn live_digest(store: &dyn Store, host: &HostName) -> Option<Digest> {
     live_manifest(store, host, &bytes).map(|(d, _)| d)
 }
 
+/// [`live_version`] without reading its trees (a format-2 manifest's `config` left empty):
+/// enough to compare contents ([`Manifest::same_content`] compares roots), at no request
+/// for a tree.
+pub fn live_unread(store: &dyn Store, host: &HostName) -> Option<(Digest, Manifest)> {
+    let (bytes, _) = store.current(host).ok()??;
+    live_manifest(store, host, &bytes)
+}
+
 /// [`live_version`] of a chroot's host directory `<root>/<host>` (tests and benchmarks,
 /// which know the directory).
 pub fn read_current(host_dir: &std::path::Path) -> Option<(Digest, Manifest)> {
@@ -515,9 +523,10 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             .ok()
             .flatten()
             .and_then(|b| Manifest::parse(&b).ok());
-        // What a version uses: format 2's from its trees (read, not expanded).
+        // What a version uses: format 2's from its trees (read, not expanded), or as the
+        // store recorded it when this publisher last walked them.
         let parsed = match parsed {
-            Some(m) => match crate::server::store::trees::objects(store, host, &m) {
+            Some(m) => match uses(store, host, digest, &m) {
                 Ok(objects) => Some((m, objects)),
                 // The live version's objects are never collected on a guess.
                 Err(e) if digest == live => {
@@ -567,6 +576,26 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
         }
     }
     Ok(())
+}
+
+/// The objects manifest `digest` of `host` uses: recorded by the store, else walked from its
+/// trees (and recorded for the next collection: a manifest never changes, so neither does
+/// what it uses).
+fn uses(
+    store: &dyn Store,
+    host: &HostName,
+    digest: &Digest,
+    m: &Manifest,
+) -> Result<BTreeSet<Digest>, crate::protocol::manifest::ManifestError> {
+    if m.tree.is_none() {
+        return Ok(m.objects());
+    }
+    if let Some(known) = store.uses(host, digest) {
+        return Ok(known);
+    }
+    let objects = crate::server::store::trees::objects(store, host, m)?;
+    store.keep_uses(host, digest, &objects);
+    Ok(objects)
 }
 
 /// Frees what no host uses any more among what hosts share (the chroot's pool).

@@ -32,8 +32,8 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    collect_host, collect_pool, live_digest, live_version, publish_host, read_current, stage_host,
-    Staged, KEEP_VERSIONS,
+    collect_host, collect_pool, live_digest, live_unread, live_version, publish_host, read_current,
+    stage_host, Staged, KEEP_VERSIONS,
 };
 pub use refusals::undefined_error;
 use refusals::{host_error, no_entry_warning, refuse_private_keys, unknown_host};

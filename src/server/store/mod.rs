@@ -17,6 +17,7 @@ mod s3logs;
 mod tests;
 pub mod trees;
 
+use std::collections::BTreeSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -198,6 +199,14 @@ pub trait Store: Send + Sync {
     /// Remembers that the host's heartbeat confirmed the version `current` names at
     /// `version` (kept by a run holding the publish lock; forgotten when `current` changes).
     fn confirm(&self, _host: &HostName, _version: &Version) {}
+    /// The objects the host's manifest `manifest` uses, as recorded by [`Store::keep_uses`]
+    /// (`None`: not recorded; GC then walks the version's trees). A store whose trees are
+    /// read locally records nothing.
+    fn uses(&self, _host: &HostName, _manifest: &Digest) -> Option<BTreeSet<Digest>> {
+        None
+    }
+    /// Records what a format-2 manifest uses, so the next GC need not read its trees back.
+    fn keep_uses(&self, _host: &HostName, _manifest: &Digest, _objects: &BTreeSet<Digest>) {}
     /// [`Store::read_log_received`] of each of `names`, in order (the chroot checks `logs/`
     /// once for all of them: `bento status` reads two files of every host).
     fn read_logs_received(

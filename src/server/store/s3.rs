@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 mod copies;
 mod current;
+mod listing;
 
 use super::s3index::Index;
 use super::s3logs::ReportCache;
@@ -39,6 +40,9 @@ impl Drop for S3Store {
     }
 }
 
+/// `current`'s bytes and version.
+type Current = (Vec<u8>, Version);
+
 /// The object store, as the publisher writes it.
 pub struct S3Store {
     client: Client,
@@ -58,10 +62,10 @@ pub struct S3Store {
     reports_cache: ReportCache,
     /// Objects a HEAD of this run found absent, so storing one asks no second time.
     absent: Mutex<std::collections::BTreeSet<String>>,
-    /// `current` as this run last read or wrote it, per host: publish reads it when it plans
-    /// and again when it switches, and the switch's compare-and-swap (or, where the engine
-    /// ignores it, a fresh read) catches a change in between.
-    seen: Mutex<BTreeMap<HostName, (Vec<u8>, Version)>>,
+    /// `current` as this run last read or wrote it, per host (`None`: absent): publish reads
+    /// it when it plans and again when it switches, and the switch's compare-and-swap (or,
+    /// where the engine ignores it, a fresh read) catches a change in between.
+    seen: Mutex<BTreeMap<HostName, Option<Current>>>,
     /// Where this run already stored a shared file (a key's bytes, by content), so the next
     /// host gets a server-side copy (and waits for the first host's upload to get it).
     copies: copies::Copies,
@@ -338,20 +342,7 @@ impl Store for S3Store {
     }
 
     fn list(&self, host: &HostName, area: Area) -> Result<Vec<Key>, StoreError> {
-        let l = self.host_location(host)?;
-        let base = l.list_prefix();
-        let listed = self
-            .client
-            .list(&l.bucket, &format!("{base}{}", area.prefix()))
-            .map_err(s3_err)?;
-        let mut keys: Vec<Key> = listed
-            .iter()
-            .filter_map(|e| e.key.strip_prefix(&base))
-            .filter(|rel| rel.starts_with(area.prefix()))
-            .filter_map(Key::parse)
-            .collect();
-        keys.sort();
-        Ok(keys)
+        self.list_area(host, area)
     }
 
     fn put(&self, host: &HostName, key: &Key, bytes: &[u8]) -> Result<(), StoreError> {
@@ -360,11 +351,20 @@ impl Store for S3Store {
             _ => return Err(StoreError::WrongOperation(key.path())),
         }
         let (l, k) = self.at(host, key)?;
+        let full = format!("{}/{k}", l.bucket);
+        let listed = matches!(key, Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_));
+        if listed {
+            self.index.will_write(host, &full);
+        }
         self.client
             .put(&l.bucket, &k, bytes, PutMode::Overwrite)
-            .map_err(s3_err)?;
-        if matches!(key, Key::Manifest(_) | Key::Signature(_)) {
-            self.index.learn(host, format!("{}/{k}", l.bucket));
+            .map_err(|e| {
+                // It may have landed all the same.
+                self.index.distrust(host);
+                s3_err(e)
+            })?;
+        if listed {
+            self.index.learn(host, full);
         }
         if let Key::Manifest(d) = key {
             self.index.keep_manifest(host, d, bytes);
@@ -375,7 +375,8 @@ impl Store for S3Store {
     /// An object this run already stored for another host is copied without asking first
     /// whether this host holds it: the copy costs one request, as the question would (and
     /// rewrites a key that held it with the same bytes). Otherwise a HEAD (unless the
-    /// index knows, or this run just found it absent), then the bytes.
+    /// index knows, this run just found it absent, or the host's trusted listing lacks it),
+    /// then the bytes.
     fn put_object(
         &self,
         host: &HostName,
@@ -388,34 +389,39 @@ impl Store for S3Store {
         if self.index.known(host, &full) {
             return Ok(None);
         }
-        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full);
+        let seen_absent = self.absent.lock().expect("not poisoned").remove(&full)
+            || self.index.absent(host, &full, current::unix_now());
+        self.index.will_write(host, &full);
         let content = format!("object:{}", digest.to_hex());
         let stored = || Some((l.bucket.clone(), k.clone()));
-        let placed = self.copies.place(&content, |from| {
-            if self.copy_from(from, &l.bucket, &k) {
-                return Ok((Some(0), None));
-            }
-            if !seen_absent && self.exists(host, &key)? {
-                return Ok((None, None));
-            }
-            self.absent.lock().expect("not poisoned").remove(&full);
-            // Read whole and checked before anything is sent: the engine never holds an
-            // object whose bytes are not its digest's.
-            let mut bytes = Vec::new();
-            let (actual, n) = open()
-                .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
-                .map_err(|source| StoreError::Io {
-                    at: self.locate(host, &key),
-                    source,
-                })?;
-            if actual != *digest {
-                return Err(StoreError::DigestMismatch(*digest));
-            }
-            self.client
-                .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
-                .map_err(s3_err)?;
-            Ok((Some(n), stored()))
-        })?;
+        let placed = self
+            .copies
+            .place(&content, |from| {
+                if self.copy_from(from, &l.bucket, &k) {
+                    return Ok((Some(0), None));
+                }
+                if !seen_absent && self.exists(host, &key)? {
+                    return Ok((None, None));
+                }
+                self.absent.lock().expect("not poisoned").remove(&full);
+                // Read whole and checked before anything is sent: the engine never holds an
+                // object whose bytes are not its digest's.
+                let mut bytes = Vec::new();
+                let (actual, n) = open()
+                    .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
+                    .map_err(|source| StoreError::Io {
+                        at: self.locate(host, &key),
+                        source,
+                    })?;
+                if actual != *digest {
+                    return Err(StoreError::DigestMismatch(*digest));
+                }
+                self.client
+                    .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
+                    .map_err(s3_err)?;
+                Ok((Some(n), stored()))
+            })
+            .inspect_err(|_| self.index.distrust(host))?;
         self.index.learn(host, full);
         Ok(placed)
     }
@@ -462,24 +468,31 @@ impl Store for S3Store {
         let (l, k) = self.at(host, key)?;
         // Forgotten first, on disk: a delete that fails (or a run killed) after the engine
         // removed the key must not leave it "known present".
-        self.index.forget(host, &format!("{}/{k}", l.bucket));
+        let full = format!("{}/{k}", l.bucket);
+        self.index.forget(host, &full);
         if let Key::Manifest(d) = key {
             self.index.drop_manifest(host, d);
         }
-        self.client.delete(&l.bucket, &k).map_err(s3_err)
+        match self.client.delete(&l.bucket, &k) {
+            Ok(()) => {
+                self.index.deleted(host, &full);
+                Ok(())
+            }
+            // It may still be there: the index keeps it as "being deleted" (listed, never
+            // "present"), so the next collection deletes it again.
+            Err(e) => Err(s3_err(e)),
+        }
     }
 
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
         if let Some(seen) = self.seen.lock().expect("not poisoned").get(host) {
-            return Ok(Some(seen.clone()));
+            return Ok(seen.clone());
         }
         let now = self.fetch_current(host)?;
-        if let Some(now) = &now {
-            self.seen
-                .lock()
-                .expect("not poisoned")
-                .insert(host.clone(), now.clone());
-        }
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .insert(host.clone(), now.clone());
         Ok(now)
     }
 
@@ -509,11 +522,12 @@ impl Store for S3Store {
                 match &etag {
                     Some(e) => self.seen.lock().expect("not poisoned").insert(
                         host.clone(),
-                        (text.clone().into_bytes(), Version(e.clone())),
+                        Some((text.clone().into_bytes(), Version(e.clone()))),
                     ),
                     None => self.seen.lock().expect("not poisoned").remove(host),
                 };
                 self.index.set_current(host, &full, etag.map(|e| (text, e)));
+                self.index.committed(host);
                 // The host's publish commits here: its index is kept now, so a run killed
                 // at the next host loses nothing of this one's.
                 self.index.save_host(host);
@@ -521,6 +535,8 @@ impl Store for S3Store {
             }
             Err(S3Error::PreconditionFailed { .. }) => {
                 self.seen.lock().expect("not poisoned").remove(host);
+                // Another publisher wrote `current`: what else it wrote is not indexed.
+                self.index.distrust(host);
                 Err(StoreError::Raced { host: host.clone() })
             }
             Err(e) => Err(s3_err(e)),
@@ -562,5 +578,22 @@ impl Store for S3Store {
 
     fn confirm(&self, host: &HostName, version: &Version) {
         self.confirm_current(host, version);
+    }
+
+    fn uses(
+        &self,
+        host: &HostName,
+        manifest: &Digest,
+    ) -> Option<std::collections::BTreeSet<Digest>> {
+        self.index.uses(host, manifest)
+    }
+
+    fn keep_uses(
+        &self,
+        host: &HostName,
+        manifest: &Digest,
+        objects: &std::collections::BTreeSet<Digest>,
+    ) {
+        self.index.keep_uses(host, manifest, objects);
     }
 }

@@ -13,6 +13,14 @@
 //! key the engine lacks: the next publish uses them as they are. A key removed behind the
 //! publisher's back is found by the host (a 404, retried) and fixed by removing the index,
 //! which makes the next publish check everything again.
+//!
+//! A host's part also stands in for listing its `manifests/` and `objects/` (the serial
+//! check and GC ask for both on every change) while it can be trusted to be the whole of
+//! them: made exact by one listing, then kept by this publisher's own writes and deletes,
+//! and dropped back to a listing whenever something else may have written there
+//! ([`Index::trusted`] says when). A stale listing can only make GC keep a key it does not
+//! know (GC deletes only what the listing names and no kept version uses); the listing is
+//! taken again at least every [`RELIST_SECS`], so nothing is kept forever that way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -24,6 +32,8 @@ use crate::protocol::manifest::Digest;
 use crate::protocol::HostName;
 use crate::sys::atomic;
 
+/// Beside a manifest's copy: the objects it uses, one digest a line after its own.
+const USES_EXT: &str = "objects";
 /// The index's directory in the publisher's state directory: `<host>.json` per host.
 pub const INDEX_DIR: &str = "s3-index";
 /// The publisher's copies of the manifests it put or read, per host, in its state.
@@ -34,6 +44,11 @@ pub const MANIFESTS_DIR: &str = "s3-manifests";
 /// version before the restore is heard from again within this time even when nothing
 /// changes (a change of the host's content reads the heartbeat at once).
 pub const CONFIRMATION_SECS: u64 = 24 * 3600;
+/// How long a host's listing, kept up to date by this publisher's writes, stands in for the
+/// engine's: whatever the index cannot see (a key another publisher wrote without switching
+/// `current`, a delete killed after the index forgot the key) is found and collected within
+/// this time.
+pub const RELIST_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Saved {
@@ -47,6 +62,19 @@ struct Saved {
     /// confirmed running the version it names, and when that was (Unix seconds).
     #[serde(default)]
     confirmed: BTreeMap<String, (String, u64)>,
+    /// When `present` was made exact for the host's `manifests/` and `objects/` by a listing
+    /// (Unix seconds); `None`: never, or no longer to be trusted.
+    #[serde(default)]
+    listed: Option<u64>,
+    /// A write of a key the index did not hold was begun and its publish has not committed
+    /// (or failed): the key may be in the engine without being in `present`.
+    #[serde(default)]
+    pending: bool,
+    /// `bucket/key` of keys whose delete was sent and not seen to succeed: maybe still in
+    /// the engine, so never "present" (a version needing one stores it again), yet still
+    /// in the listing (the next GC deletes it again).
+    #[serde(default)]
+    deleting: BTreeSet<String>,
 }
 
 /// One host's part, and whether it changed since it was loaded or saved.
@@ -54,6 +82,9 @@ struct Saved {
 struct Part {
     saved: Saved,
     dirty: bool,
+    /// `saved.pending` was set by this run, whose every write so far succeeded and was
+    /// learned: its own listing still holds for it (a pending part loaded from disk does not).
+    ours: bool,
 }
 
 /// The index, loaded host by host for one store.
@@ -109,6 +140,7 @@ impl Index {
             Part {
                 saved,
                 dirty: false,
+                ours: false,
             }
         });
         f(part)
@@ -177,12 +209,120 @@ impl Index {
     pub fn forget(&self, host: &HostName, full: &str) {
         let was = self.with(host, |p| {
             let was = p.saved.present.remove(full);
+            if was {
+                p.saved.deleting.insert(full.to_owned());
+            }
             p.dirty |= was;
             was
         });
         if was {
             self.save_host(host);
         }
+    }
+
+    /// The delete of `full` succeeded (kept at the host's next save; until then, a run killed
+    /// deletes it once more).
+    pub fn deleted(&self, host: &HostName, full: &str) {
+        self.with(host, |p| p.dirty |= p.saved.deleting.remove(full));
+    }
+
+    /// Whether the host's part is the whole of its `manifests/` and `objects/` at `now`: a
+    /// run holding the publish lock, a listing younger than [`RELIST_SECS`] (not "from the
+    /// future"), and no write begun since that did not commit (but this run's own, which
+    /// it learned as each succeeded; one that failed drops the listing). Anything else writing to the
+    /// host (another publisher, a restored store) shows as a `current` this index did not
+    /// write or see, which drops the listing ([`Index::distrust`]).
+    pub fn trusted(&self, host: &HostName, now: u64) -> bool {
+        self.writing.load(Ordering::Relaxed)
+            && self.with(host, |p| {
+                (!p.saved.pending || p.ours)
+                    && p.saved
+                        .listed
+                        .is_some_and(|at| at <= now && now - at < RELIST_SECS)
+            })
+    }
+
+    /// The host's keys known present under `prefix` (`bucket/` and the host's prefix and
+    /// area), when the part is [`Index::trusted`].
+    pub fn listing(&self, host: &HostName, prefix: &str, now: u64) -> Option<Vec<String>> {
+        if !self.trusted(host, now) {
+            return None;
+        }
+        Some(self.with(host, |p| {
+            let under = |set: &BTreeSet<String>| -> Vec<String> {
+                set.range(prefix.to_owned()..)
+                    .take_while(|k| k.starts_with(prefix))
+                    .cloned()
+                    .collect()
+            };
+            let mut keys = under(&p.saved.present);
+            keys.extend(under(&p.saved.deleting));
+            keys.sort();
+            keys.dedup();
+            keys
+        }))
+    }
+
+    /// Makes the host's keys under each of `prefixes` exactly `listed` (a listing of the
+    /// engine taken just now), trusted from `now` on. Kept at the host's next save.
+    pub fn set_listing(&self, host: &HostName, prefixes: &[String], listed: Vec<String>, now: u64) {
+        self.with(host, |p| {
+            let outside = |k: &String| !prefixes.iter().any(|pre| k.starts_with(pre.as_str()));
+            p.saved.present.retain(outside);
+            p.saved.deleting.retain(outside);
+            p.saved.present.extend(
+                listed
+                    .into_iter()
+                    .filter(|k| prefixes.iter().any(|pre| k.starts_with(pre.as_str()))),
+            );
+            p.saved.listed = Some(now);
+            p.saved.pending = false;
+            p.ours = false;
+            p.dirty = true;
+        });
+    }
+
+    /// The host's listing is no longer to be trusted (something else wrote to the host).
+    pub fn distrust(&self, host: &HostName) {
+        self.with(host, |p| {
+            p.dirty |= p.saved.listed.take().is_some();
+        });
+    }
+
+    /// Called before `full` is written: when the index does not hold it yet and its listing
+    /// is trusted, marks the host's part pending on disk first, so a run killed between the
+    /// write and the commit leaves a part that sends the next publish to a listing.
+    pub fn will_write(&self, host: &HostName, full: &str) {
+        let marked = self.with(host, |p| {
+            let mark =
+                !p.saved.pending && p.saved.listed.is_some() && !p.saved.present.contains(full);
+            if mark {
+                p.saved.pending = true;
+                p.ours = true;
+                p.dirty = true;
+            }
+            mark
+        });
+        if marked {
+            self.save_host(host);
+        }
+    }
+
+    /// The host's publish committed (`current` switched): every key it wrote succeeded, and
+    /// was learned, so the listing holds again.
+    pub fn committed(&self, host: &HostName) {
+        self.with(host, |p| {
+            p.dirty |= std::mem::take(&mut p.saved.pending);
+            p.ours = false;
+        });
+    }
+
+    /// Whether `full` is absent by the host's trusted listing (no HEAD needed to know).
+    pub fn absent(&self, host: &HostName, full: &str, now: u64) -> bool {
+        self.trusted(host, now)
+            && !self.with(host, |p| {
+                p.saved.present.contains(full) || p.saved.deleting.contains(full)
+            })
     }
 
     /// The text and ETag of `current` as last seen.
@@ -259,7 +399,38 @@ impl Index {
     }
 
     pub fn drop_manifest(&self, host: &HostName, digest: &Digest) {
-        let _ = std::fs::remove_file(self.manifest_path(host, digest));
+        let path = self.manifest_path(host, digest);
+        let _ = std::fs::remove_file(path.with_extension(USES_EXT));
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// The objects a manifest of the host's uses, as recorded beside the publisher's copy of
+    /// it (a format-2 version's trees walked once, never read back from the engine for GC).
+    pub fn uses(&self, host: &HostName, digest: &Digest) -> Option<BTreeSet<Digest>> {
+        let path = self.manifest_path(host, digest).with_extension(USES_EXT);
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut lines = text.lines();
+        // The first line names the manifest: a file copied beside another is not used.
+        if lines.next()? != digest.to_hex() {
+            return None;
+        }
+        lines.map(|l| l.parse().ok()).collect()
+    }
+
+    /// Records what a manifest uses (best effort: a lost record costs a walk of its trees).
+    pub fn keep_uses(&self, host: &HostName, digest: &Digest, objects: &BTreeSet<Digest>) {
+        let path = self.manifest_path(host, digest).with_extension(USES_EXT);
+        let mut text = digest.to_hex();
+        for d in objects {
+            text.push('\n');
+            text.push_str(&d.to_hex());
+        }
+        if path
+            .parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        {
+            let _ = atomic::write_file(&path, text.as_bytes(), 0o600);
+        }
     }
 }
 
@@ -352,6 +523,105 @@ mod tests {
         again.set_current(&alpha, "b/current", Some(("d2\n".into(), "\"e2\"".into())));
         again.set_current(&alpha, "b/current", Some(("d1\n".into(), "\"e1\"".into())));
         assert!(!ok("\"e1\"", now));
+    }
+
+    #[test]
+    fn a_listing_stands_in_for_the_engine_only_while_every_write_since_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let alpha = alpha();
+        let areas = [
+            "b/alpha/manifests/".to_owned(),
+            "b/alpha/objects/".to_owned(),
+        ];
+        let index = Index::load(&state, "s3://a");
+        index.begin_writing().unwrap();
+        let now = 1_800_000_000;
+        assert!(!index.trusted(&alpha, now), "never listed");
+        index.learn(&alpha, "b/alpha/objects/gone".into());
+        index.set_listing(
+            &alpha,
+            &areas,
+            vec![
+                "b/alpha/objects/o1".into(),
+                "b/alpha/manifests/m1.json".into(),
+            ],
+            now,
+        );
+        assert_eq!(
+            index.listing(&alpha, &areas[1], now).unwrap(),
+            ["b/alpha/objects/o1"],
+            "the listing replaces what the index held"
+        );
+        assert!(index.absent(&alpha, "b/alpha/objects/o2", now));
+        assert!(!index.absent(&alpha, "b/alpha/objects/o1", now));
+        index.save();
+
+        // A write of a new key is marked on disk before it is sent: killed before the commit,
+        // the next run lists again.
+        index.will_write(&alpha, "b/alpha/objects/o2");
+        index.learn(&alpha, "b/alpha/objects/o2".into());
+        assert!(
+            index.trusted(&alpha, now),
+            "this run's own writes are in it"
+        );
+        std::mem::forget(index);
+        let next = Index::load(&state, "s3://a");
+        next.begin_writing().unwrap();
+        assert!(!next.trusted(&alpha, now), "a killed write is not trusted");
+        // The commit makes it hold again, with what was written.
+        next.committed(&alpha);
+        assert!(next.trusted(&alpha, now));
+        assert_eq!(
+            next.listing(&alpha, &areas[1], now).unwrap(),
+            ["b/alpha/objects/o1"]
+        );
+        // Rewriting a key it holds marks nothing.
+        next.will_write(&alpha, "b/alpha/objects/o1");
+        assert!(next.trusted(&alpha, now));
+        // A key being deleted may still be there: listed (GC deletes it again), never known
+        // present nor absent (a version needing it asks the engine), until its delete is seen.
+        next.forget(&alpha, "b/alpha/objects/o1");
+        std::mem::forget(next);
+        let next = Index::load(&state, "s3://a");
+        next.begin_writing().unwrap();
+        assert_eq!(
+            next.listing(&alpha, &areas[1], now).unwrap(),
+            ["b/alpha/objects/o1"]
+        );
+        assert!(!next.known(&alpha, "b/alpha/objects/o1"));
+        assert!(!next.absent(&alpha, "b/alpha/objects/o1", now));
+        next.deleted(&alpha, "b/alpha/objects/o1");
+        assert!(next.listing(&alpha, &areas[1], now).unwrap().is_empty());
+        assert!(next.absent(&alpha, "b/alpha/objects/o1", now));
+        // Expired, from the future, distrusted, or in a run that does not write: not used.
+        assert!(!next.trusted(&alpha, now + RELIST_SECS));
+        assert!(!next.trusted(&alpha, now - 1));
+        assert!(Index::load(&state, "s3://a")
+            .listing(&alpha, &areas[1], now)
+            .is_none());
+        next.distrust(&alpha);
+        assert!(!next.trusted(&alpha, now) && !next.absent(&alpha, "b/alpha/objects/o9", now));
+    }
+
+    #[test]
+    fn what_a_manifest_uses_is_read_back_only_for_that_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = Chroot::new(tmp.path());
+        let alpha = alpha();
+        let index = Index::load(&state, "s3://a");
+        let (m1, m2) = (Digest::of(b"m1"), Digest::of(b"m2"));
+        let objects = BTreeSet::from([Digest::of(b"o1"), Digest::of(b"o2")]);
+        assert_eq!(index.uses(&alpha, &m1), None);
+        index.keep_uses(&alpha, &m1, &objects);
+        assert_eq!(index.uses(&alpha, &m1), Some(objects));
+        // A record copied beside another manifest is not that manifest's.
+        let path = |d: &Digest| index.manifest_path(&alpha, d).with_extension(USES_EXT);
+        std::fs::copy(path(&m1), path(&m2)).unwrap();
+        assert_eq!(index.uses(&alpha, &m2), None);
+        index.drop_manifest(&alpha, &m1);
+        assert_eq!(index.uses(&alpha, &m1), None);
     }
 
     #[test]

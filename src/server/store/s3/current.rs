@@ -12,7 +12,7 @@ use crate::server::store::{StoreError, Version};
 use crate::sys::s3::{Got, S3Error};
 
 /// The publisher's clock in Unix seconds (0 before 1970: nothing counts as recent).
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -51,6 +51,18 @@ impl S3Store {
             MAX_CURRENT_BYTES,
             cached.as_ref().map(|(_, etag)| etag.as_str()),
         );
+        // A `current` this index neither wrote nor last saw: something else wrote to the
+        // host (another publisher, a restored store), so its listing is taken again.
+        let foreign = match &got {
+            Ok(Got::Body { etag, .. }) => {
+                etag.is_none() || cached.as_ref().map(|(_, e)| e) != etag.as_ref()
+            }
+            Ok(Got::NotFound) => cached.is_some(),
+            _ => false,
+        };
+        if foreign {
+            self.index.distrust(host);
+        }
         match got {
             Ok(Got::NotModified) => match cached {
                 Some((text, etag)) => Ok(Some((text.into_bytes(), Version(etag)))),

@@ -27,7 +27,19 @@ impl Client {
     /// The keys directly under `prefix` (ending in `/`): deeper ones are not sent, so a
     /// directory's listing costs the same however much its subdirectories hold.
     pub fn list_level(&self, bucket: &str, prefix: &str) -> Result<Vec<Listed>, S3Error> {
-        self.list_with(bucket, prefix, LIST_PAGE_KEYS, true)
+        self.list_with(bucket, prefix, LIST_PAGE_KEYS, true, None)
+    }
+
+    /// The keys under `prefix` that sort after `after` (a whole key, prefix included): what
+    /// follows one part of a prefix, in one request where it holds fewer than a page. An
+    /// engine that ignores `StartAfter` answers with more keys, never fewer: filter them.
+    pub fn list_after(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        after: &str,
+    ) -> Result<Vec<Listed>, S3Error> {
+        self.list_with(bucket, prefix, LIST_PAGE_KEYS, false, Some(after))
     }
 
     /// [`Client::list`] asking for `page` keys per request.
@@ -37,7 +49,7 @@ impl Client {
         prefix: &str,
         page: usize,
     ) -> Result<Vec<Listed>, S3Error> {
-        self.list_with(bucket, prefix, page, false)
+        self.list_with(bucket, prefix, page, false, None)
     }
 
     fn list_with(
@@ -46,6 +58,7 @@ impl Client {
         prefix: &str,
         page: usize,
         one_level: bool,
+        after: Option<&str>,
     ) -> Result<Vec<Listed>, S3Error> {
         let t = self.target(bucket, prefix);
         let b = self.bucket(&t)?;
@@ -63,6 +76,9 @@ impl Client {
                 }
                 if let Some(tok) = &token {
                     a.with_continuation_token(tok.clone());
+                }
+                if let Some(after) = after {
+                    a.with_start_after(after);
                 }
                 a.sign_with_time(SIGNED_FOR, time)
             })?;
