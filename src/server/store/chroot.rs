@@ -10,8 +10,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{
-    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
-    StoreLock, Version,
+    copy_hashed, Area, Capabilities, Cas, HostRead, Key, LogEntry, LogsError, OpenObject, Store,
+    StoreError, StoreLock, Version,
 };
 use crate::protocol::layout::{self, Chroot, CACHE, MANIFESTS, OBJECTS};
 use crate::protocol::manifest::Digest;
@@ -25,9 +25,12 @@ use crate::sys::atomic;
 pub struct ChrootStore {
     chroot: Chroot,
     ownership: Ownership,
+    /// The chroot's root, opened the first time a host's area is read through it
+    /// ([`Store::host_reader`]); `None` when it could not be (read by path then).
+    root: std::sync::Arc<std::sync::OnceLock<Option<std::os::fd::OwnedFd>>>,
 }
 
-fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+pub(super) fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         at: at.to_owned(),
         source,
@@ -36,7 +39,11 @@ fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 impl ChrootStore {
     pub fn new(chroot: Chroot, ownership: Ownership) -> Self {
-        Self { chroot, ownership }
+        Self {
+            chroot,
+            ownership,
+            root: Default::default(),
+        }
     }
 
     /// The chroot, for what is not the hosts' areas (the publisher's caches, accounts).
@@ -183,12 +190,16 @@ const READ_AHEAD: u64 = 64 * 1024;
 
 /// Reads at most `limit` bytes of `path`; `None` when it does not exist.
 fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::File::open(path) {
+        Ok(f) => read_opened(f, path, limit).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(path)(e)),
+    }
+}
+
+/// Reads at most `limit` bytes of `file` (opened on `path`, for messages).
+pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
     use std::io::Read;
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_at(path)(e)),
-    };
     // Room for the whole of a small file up front: one read and the one that sees its end,
     // where an empty buffer costs a growing series of probe reads (`current`, 10,000 times
     // in a fleet's status).
@@ -202,7 +213,18 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> 
             max: limit,
         });
     }
-    Ok(Some(bytes))
+    Ok(bytes)
+}
+
+/// The first `len` bytes of `file` (all of it when shorter; opened on `path`).
+pub(super) fn read_prefix(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    // As in `read_opened`: one read for a prefix that fits, not a series of probes.
+    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(io_at(path))?;
+    Ok(bytes)
 }
 
 /// The names in `dir`, none when it does not exist.
@@ -298,22 +320,15 @@ impl Store for ChrootStore {
         key: &Key,
         len: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        use std::io::Read;
         if let Key::Log(_) = key {
             return Err(StoreError::WrongOperation(key.path()));
         }
         let path = self.path(host, key);
-        let file = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
-        // As in `read_bounded`: one read for a prefix that fits, not a series of probes.
-        let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
-        file.take(len)
-            .read_to_end(&mut bytes)
-            .map_err(io_at(&path))?;
-        Ok(Some(bytes))
+        match fs::File::open(&path) {
+            Ok(f) => read_prefix(f, &path, len).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at(&path)(e)),
+        }
     }
 
     fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError> {
@@ -515,5 +530,19 @@ impl Store for ChrootStore {
         names: &[&str],
     ) -> Vec<Result<logs::Received, LogsError>> {
         logs::read_each(&self.chroot.host_dir(host), names)
+    }
+
+    /// Every key read relative to the chroot's root, opened once for the store's life:
+    /// each file is one short lookup (`<host>/<key>`), not the root's whole path again.
+    fn host_reader<'a>(&'a self, host: &'a HostName) -> Option<Box<dyn HostRead + 'a>> {
+        let root = self
+            .root
+            .get_or_init(|| super::hostdir::open_root(&self.chroot.root))
+            .as_ref()?;
+        Some(Box::new(super::hostdir::HostDir::new(
+            root,
+            host,
+            self.chroot.host_dir(host),
+        )))
     }
 }

@@ -7,8 +7,10 @@
 //! [`MemStore`] serves the unit tests; [`S3Store`] is an object store's.
 
 mod chroot;
+mod hostdir;
 mod mem;
 pub mod probe;
+mod reader;
 mod s3;
 mod s3index;
 mod s3logs;
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub use chroot::ChrootStore;
 pub use mem::{Faulty, MemStore};
+pub use reader::{HostRead, HostReader};
 pub use s3::S3Store;
 
 pub use crate::protocol::layout::{Area, Key, SubPath};
@@ -179,6 +182,12 @@ pub trait Store: Send + Sync {
     /// Remembers that the host's heartbeat confirmed the version `current` names at
     /// `version` (kept by a run holding the publish lock; forgotten when `current` changes).
     fn confirm(&self, _host: &HostName, _version: &Version) {}
+    /// A reader of `host`'s area for several reads in a row, when the store has a cheaper
+    /// one than a lookup per key (the chroot: the host's directory opened once). `None`:
+    /// [`HostReader`] reads key by key through the store, which answers the same.
+    fn host_reader<'a>(&'a self, _host: &'a HostName) -> Option<Box<dyn HostRead + 'a>> {
+        None
+    }
     /// [`Store::read_log_received`] of each of `names`, in order (the chroot checks `logs/`
     /// once for all of them: `bento status` reads two files of every host).
     fn read_logs_received(
