@@ -6,6 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -168,6 +169,41 @@ pub fn read_each(host_dir: &Path, names: &[&str]) -> Vec<Result<Received, LogsEr
                 // Refused or unreadable: each entry says so as `read` would (the error
                 // holds an `io::Error`, which does not clone).
                 Err(_) => read(host_dir, name).map(|bytes| (bytes, None)),
+            }
+        })
+        .collect()
+}
+
+/// [`read_each`] of the host directory `host_dir`, which is `<host>` in the directory
+/// `root` is open on: each file is opened in one lookup that refuses a link anywhere on
+/// the way (`<host>`, `logs/` or the file: `openat2`'s `RESOLVE_NO_SYMLINKS`), then checked
+/// and read on the open file as [`read`] does. A file that lookup does not open (absent,
+/// refused, a host directory that is a link, a kernel without `openat2`) is read again as
+/// `read_each` reads it, so every error and refusal says what it says there.
+pub fn read_each_at(
+    root: impl AsFd,
+    host: &str,
+    host_dir: &Path,
+    names: &[&str],
+) -> Vec<Result<Received, LogsError>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
+    names
+        .iter()
+        .map(|name| {
+            check_name(name)?;
+            let opened = rustix::fs::openat2(
+                &root,
+                format!("{host}/{LOGS}/{name}"),
+                flags | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+            );
+            match opened {
+                Ok(fd) => read_opened(File::from(fd), host_dir.join(LOGS).join(name)),
+                Err(_) => read_each(host_dir, &[name])
+                    .pop()
+                    .expect("one result per name"),
             }
         })
         .collect()

@@ -19,7 +19,7 @@ use crate::protocol::report::{Heartbeat, Outcome, Report, HEARTBEAT_FILE, LATEST
 use crate::protocol::HostName;
 use crate::server::build::record;
 use crate::server::chroot;
-use crate::server::store::{Key, Store, StoreError};
+use crate::server::store::{HostReader, Key, Store, StoreError};
 use crate::sys::terminal;
 
 /// Where a host's expected system comes from.
@@ -221,8 +221,8 @@ pub fn sort(rows: &mut [HostStatus]) {
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
-fn live(store: &dyn Store, host: &HostName, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
-    let bytes = match store.get(host, &Key::Current, 4096) {
+fn live(reader: &HostReader<'_>, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
+    let bytes = match reader.get(&Key::Current, 4096) {
         Ok(Some(b)) => b,
         Ok(None) => return None,
         Err(e @ StoreError::TooLarge { .. }) => {
@@ -251,13 +251,13 @@ fn live(store: &dyn Store, host: &HostName, notes: &mut Notes) -> Option<(Digest
     // The manifest is the server's own, written by publish: its digest is not re-hashed
     // here (hashing every manifest of a large fleet would dominate the run).
     let key = Key::Manifest(digest);
-    let head = read_head(store, host, &key);
+    let head = read_head(reader, &key);
     match head {
         Ok(h) if crate::protocol::manifest::FORMATS.contains(&h.format) => Some((digest, h)),
         Ok(h) => {
             notes.push(format!(
                 "{}: manifest format {}",
-                store.locate(host, &key).display(),
+                reader.store().locate(reader.host(), &key).display(),
                 h.format
             ));
             None
@@ -288,17 +288,17 @@ const CONFIG_KEY: &[u8] = b",\"config\":";
 /// `source_commit`, `build` and `system` before `config` (docs/protocol.md), so only the
 /// bytes before `,"config":` are parsed: a fleet's manifests can hold thousands of entries
 /// each, and skimming them all would dominate `bento status`. Anything else is parsed whole.
-fn read_head(store: &dyn Store, host: &HostName, key: &Key) -> Result<ManifestHead, HeadError> {
+fn read_head(reader: &HostReader<'_>, key: &Key) -> Result<ManifestHead, HeadError> {
     let missing = || {
         HeadError::Store(StoreError::Io {
-            at: store.locate(host, key),
+            at: reader.store().locate(reader.host(), key),
             source: std::io::ErrorKind::NotFound.into(),
         })
     };
     // Most heads end in the first 4 KiB; none of a canonical manifest after 64 KiB.
     for len in [4096, 64 * 1024] {
-        let buf = store
-            .get_prefix(host, key, len)
+        let buf = reader
+            .get_prefix(key, len)
             .map_err(HeadError::Store)?
             .ok_or_else(missing)?;
         if let Some(at) = buf.windows(CONFIG_KEY.len()).position(|w| w == CONFIG_KEY) {
@@ -314,8 +314,8 @@ fn read_head(store: &dyn Store, host: &HostName, key: &Key) -> Result<ManifestHe
             return serde_json::from_slice::<ManifestHead>(&buf).map_err(HeadError::Parse);
         }
     }
-    let bytes = store
-        .get(host, key, crate::protocol::manifest::MAX_MANIFEST_BYTES)
+    let bytes = reader
+        .get(key, crate::protocol::manifest::MAX_MANIFEST_BYTES)
         .map_err(HeadError::Store)?
         .ok_or_else(missing)?;
     serde_json::from_slice::<ManifestHead>(&bytes).map_err(HeadError::Parse)
@@ -323,12 +323,12 @@ fn read_head(store: &dyn Store, host: &HostName, key: &Key) -> Result<ManifestHe
 
 /// The build record's system, when it was built from the live version's configuration.
 fn built_for(
-    store: &dyn Store,
+    reader: &HostReader<'_>,
     chroot: &Chroot,
-    host: &HostName,
     digest: &Digest,
     notes: &mut Notes,
 ) -> Option<StorePath> {
+    let (store, host) = (reader.store(), reader.host());
     let rec = match record::read(chroot, host) {
         Ok(Some(r)) => r,
         Ok(None) => return None,
@@ -341,9 +341,8 @@ fn built_for(
             return None;
         }
     };
-    let bytes = store
+    let bytes = reader
         .get(
-            host,
             &Key::Manifest(*digest),
             crate::protocol::manifest::MAX_MANIFEST_BYTES,
         )
@@ -364,12 +363,13 @@ pub fn host_status(
     interval: Duration,
 ) -> HostStatus {
     let mut notes = Notes::default();
-    let live = live(store, host, &mut notes);
+    let reader = HostReader::new(store, host);
+    let live = live(&reader, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
     let mut received = Received::default();
-    let [heartbeat, latest]: [_; 2] = store
-        .read_logs_received(host, &[HEARTBEAT_FILE, LATEST_FILE])
+    let [heartbeat, latest]: [_; 2] = reader
+        .read_logs_received(&[HEARTBEAT_FILE, LATEST_FILE])
         .try_into()
         .expect("one result per name");
     let heartbeat: Option<Heartbeat> = read_log(
@@ -425,7 +425,7 @@ pub fn host_status(
                 system: Some(s), ..
             },
         )) => (Some(s.clone()), Some(ExpectedFrom::Manifest)),
-        Some((digest, _)) => match built_for(store, chroot, host, digest, &mut notes) {
+        Some((digest, _)) => match built_for(&reader, chroot, digest, &mut notes) {
             Some(s) => (Some(s), Some(ExpectedFrom::Build)),
             None => (None, None),
         },
@@ -735,7 +735,7 @@ mod tests {
         store
             .put(&alpha(), &key, format!("{canonical}\n").as_bytes())
             .unwrap();
-        let h = read_head(&store, &alpha(), &key).unwrap();
+        let h = read_head(&HostReader::new(&store, &alpha()), &key).unwrap();
         assert_eq!((h.format, h.created.as_str()), (1, "2026-11-25T12:00:00Z"));
         assert_eq!(h.system.unwrap().as_str(), sys);
         // Fields in another order: parsed whole.
@@ -746,7 +746,7 @@ mod tests {
                 br#"{"config":[],"format":1,"host":"alpha","created":"2026-11-25T13:00:00Z","system":null}"#,
             )
             .unwrap();
-        let h = read_head(&store, &alpha(), &key).unwrap();
+        let h = read_head(&HostReader::new(&store, &alpha()), &key).unwrap();
         assert_eq!(h.created, "2026-11-25T13:00:00Z");
         assert!(h.system.is_none());
     }

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use super::pool::{self, Batched};
 use super::{
-    Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError, StoreLock,
-    Version,
+    Area, Capabilities, Cas, HostRead, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
+    StoreLock, Version,
 };
 use crate::protocol::layout::{self, Chroot, CACHE, MANIFESTS, OBJECTS};
 use crate::protocol::manifest::Digest;
@@ -31,6 +31,9 @@ pub struct ChrootStore {
     ownership: Ownership,
     /// The batch this run's writes wait for (`Store::join_batch`), if any.
     batch: Arc<Mutex<Option<Batched>>>,
+    /// The chroot's root, opened the first time a host's area is read through it
+    /// ([`Store::host_reader`]); `None` when it could not be (read by path then).
+    root: std::sync::Arc<std::sync::OnceLock<Option<std::os::fd::OwnedFd>>>,
 }
 
 /// The name under which a version's `current` waits, durable, for its switch (a temporary
@@ -39,7 +42,7 @@ fn prepared_current(host_dir: &Path, digest: &Digest) -> PathBuf {
     host_dir.join(format!("{}current-{}", atomic::TMP_PREFIX, digest.to_hex()))
 }
 
-fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+pub(super) fn io_at(at: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         at: at.to_owned(),
         source,
@@ -52,6 +55,7 @@ impl ChrootStore {
             chroot,
             ownership,
             batch: Arc::default(),
+            root: Default::default(),
         }
     }
 
@@ -157,12 +161,16 @@ const READ_AHEAD: u64 = 64 * 1024;
 
 /// Reads at most `limit` bytes of `path`; `None` when it does not exist.
 fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::File::open(path) {
+        Ok(f) => read_opened(f, path, limit).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(path)(e)),
+    }
+}
+
+/// Reads at most `limit` bytes of `file` (opened on `path`, for messages).
+pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
     use std::io::Read;
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_at(path)(e)),
-    };
     // Room for the whole of a small file up front: one read and the one that sees its end,
     // where an empty buffer costs a growing series of probe reads (`current`, 10,000 times
     // in a fleet's status).
@@ -176,7 +184,18 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> 
             max: limit,
         });
     }
-    Ok(Some(bytes))
+    Ok(bytes)
+}
+
+/// The first `len` bytes of `file` (all of it when shorter; opened on `path`).
+pub(super) fn read_prefix(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    // As in `read_opened`: one read for a prefix that fits, not a series of probes.
+    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(io_at(path))?;
+    Ok(bytes)
 }
 
 /// The names in `dir`, none when it does not exist.
@@ -272,22 +291,15 @@ impl Store for ChrootStore {
         key: &Key,
         len: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        use std::io::Read;
         if let Key::Log(_) = key {
             return Err(StoreError::WrongOperation(key.path()));
         }
         let path = self.path(host, key);
-        let file = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
-        // As in `read_bounded`: one read for a prefix that fits, not a series of probes.
-        let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
-        file.take(len)
-            .read_to_end(&mut bytes)
-            .map_err(io_at(&path))?;
-        Ok(Some(bytes))
+        match fs::File::open(&path) {
+            Ok(f) => read_prefix(f, &path, len).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at(&path)(e)),
+        }
     }
 
     fn exists(&self, host: &HostName, key: &Key) -> Result<bool, StoreError> {
@@ -547,5 +559,19 @@ impl Store for ChrootStore {
         names: &[&str],
     ) -> Vec<Result<logs::Received, LogsError>> {
         logs::read_each(&self.chroot.host_dir(host), names)
+    }
+
+    /// Every key read relative to the chroot's root, opened once for the store's life:
+    /// each file is one short lookup (`<host>/<key>`), not the root's whole path again.
+    fn host_reader<'a>(&'a self, host: &'a HostName) -> Option<Box<dyn HostRead + 'a>> {
+        let root = self
+            .root
+            .get_or_init(|| super::hostdir::open_root(&self.chroot.root))
+            .as_ref()?;
+        Some(Box::new(super::hostdir::HostDir::new(
+            root,
+            host,
+            self.chroot.host_dir(host),
+        )))
     }
 }

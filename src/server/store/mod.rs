@@ -7,9 +7,11 @@
 //! [`MemStore`] serves the unit tests; [`S3Store`] is an object store's.
 
 mod chroot;
+mod hostdir;
 mod mem;
 mod pool;
 pub mod probe;
+mod reader;
 mod s3;
 mod s3index;
 mod s3logs;
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 pub use chroot::ChrootStore;
 pub use mem::{Faulty, MemStore};
+pub use reader::{HostRead, HostReader};
 pub use s3::S3Store;
 
 pub use crate::protocol::layout::{Area, Key, SubPath};
@@ -207,6 +210,12 @@ pub trait Store: Send + Sync {
     }
     /// Records what a format-2 manifest uses, so the next GC need not read its trees back.
     fn keep_uses(&self, _host: &HostName, _manifest: &Digest, _objects: &BTreeSet<Digest>) {}
+    /// A reader of `host`'s area for several reads in a row, when the store has a cheaper
+    /// one than a lookup per key (the chroot: the host's directory opened once). `None`:
+    /// [`HostReader`] reads key by key through the store, which answers the same.
+    fn host_reader<'a>(&'a self, _host: &'a HostName) -> Option<Box<dyn HostRead + 'a>> {
+        None
+    }
     /// [`Store::read_log_received`] of each of `names`, in order (the chroot checks `logs/`
     /// once for all of them: `bento status` reads two files of every host).
     fn read_logs_received(

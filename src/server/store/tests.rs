@@ -218,6 +218,223 @@ fn shared_cache_files_are_put_whole_once_and_replaced_when_the_pool_changes() {
     assert_eq!(mode(&chroot.host_dir(&alpha()).join("cache/nar")), 0o755);
 }
 
+/// What a [`HostReader`] gives, as text: bytes, `None`, or the error's message.
+fn read_all(r: &HostReader<'_>, keys: &[Key], logs: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for key in keys {
+        out.push(format!(
+            "{:?}",
+            r.get(key, 1 << 20).map_err(|e| e.to_string())
+        ));
+        out.push(format!("{:?}", r.get(key, 2).map_err(|e| e.to_string())));
+        out.push(format!(
+            "{:?}",
+            r.get_prefix(key, 3).map_err(|e| e.to_string())
+        ));
+    }
+    for read in r.read_logs_received(logs) {
+        out.push(format!(
+            "{:?}",
+            read.map(|(b, _)| b).map_err(|e| e.to_string())
+        ));
+    }
+    out
+}
+
+/// The same reads key by key through the store (what status did before the reader).
+fn read_all_by_key(s: &dyn Store, host: &HostName, keys: &[Key], logs: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for key in keys {
+        out.push(format!(
+            "{:?}",
+            s.get(host, key, 1 << 20).map_err(|e| e.to_string())
+        ));
+        out.push(format!(
+            "{:?}",
+            s.get(host, key, 2).map_err(|e| e.to_string())
+        ));
+        out.push(format!(
+            "{:?}",
+            s.get_prefix(host, key, 3).map_err(|e| e.to_string())
+        ));
+    }
+    for read in s.read_logs_received(host, logs) {
+        out.push(format!(
+            "{:?}",
+            read.map(|(b, _)| b).map_err(|e| e.to_string())
+        ));
+    }
+    out
+}
+
+#[test]
+fn a_host_reader_answers_as_the_store_does_in_memory_and_in_the_chroot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = ChrootStore::new(Chroot::new(tmp.path().join("c")), Ownership::Leave);
+    drop(chroot.lock(Box::new(|| {})).unwrap());
+    let mem = MemStore::new();
+    let d = Digest::of(b"m");
+    let beta = HostName::new("beta").unwrap();
+    let keys = [
+        Key::Current,
+        Key::Manifest(d),
+        Key::Manifest(Digest::of(b"absent")),
+        Key::Log(SubPath::new("heartbeat.json").unwrap()),
+    ];
+    let logs = ["heartbeat.json", "latest.json", "../current"];
+    let stores: [&dyn Store; 2] = [&mem, &chroot];
+    for s in stores {
+        s.open_host(&alpha()).unwrap();
+        s.put(&alpha(), &Key::Manifest(d), b"{\"format\":1}")
+            .unwrap();
+        s.switch_current(&alpha(), &d, None).unwrap();
+    }
+    mem.put_log(&alpha(), "heartbeat.json", b"{\"hb\":1}");
+    std::fs::write(
+        tmp.path().join("c/alpha/logs/heartbeat.json"),
+        b"{\"hb\":1}",
+    )
+    .unwrap();
+    // The chroot hands out its own reader (the test goes through it); memory has none.
+    assert!(chroot.host_reader(&alpha()).is_some());
+    assert!(mem.host_reader(&alpha()).is_none());
+    let mut answers = Vec::new();
+    for s in stores {
+        for host in [alpha(), beta.clone()] {
+            let got = read_all(&HostReader::new(s, &host), &keys, &logs);
+            assert_eq!(got, read_all_by_key(s, &host, &keys, &logs), "{host}");
+            answers.push(got);
+        }
+    }
+    // Both stores alike, but for where they say a thing is (`mem:…` against a path).
+    let what = |answer: &String| match answer.as_str() {
+        a if a.starts_with("Ok(") => a.to_owned(),
+        a if a.contains("larger than") => "too large".into(),
+        a if a.contains("its own operation") => "wrong operation".into(),
+        a if a.contains("No such file") || a.contains("entity not found") => "absent".into(),
+        a if a.contains("not a plain file name") => "bad name".into(),
+        a => a.to_owned(),
+    };
+    // (Apart from what the memory store never refused: a `logs/` key read with `get`, a
+    // name that is no plain file name.)
+    let alike = |a: &[String]| {
+        let mut v: Vec<String> = a.iter().map(what).collect();
+        v.drain(9..12);
+        v.pop();
+        v
+    };
+    for (m, c) in answers[..2].iter().zip(&answers[2..]) {
+        assert_eq!(alike(m), alike(c));
+    }
+    let alpha_in_chroot: Vec<String> = answers[2].iter().map(what).collect();
+    assert_eq!(
+        alpha_in_chroot[0],
+        format!(
+            "{:?}",
+            Ok::<_, String>(Some(layout::current_text(&d).into_bytes()))
+        )
+    );
+    assert_eq!(alpha_in_chroot[1], "too large");
+    assert_eq!(alpha_in_chroot[6], "Ok(None)", "an absent manifest");
+    assert_eq!(alpha_in_chroot[9], "wrong operation");
+    assert_eq!(
+        alpha_in_chroot[12],
+        format!("{:?}", Ok::<_, String>(b"{\"hb\":1}".to_vec()))
+    );
+    assert_eq!(alpha_in_chroot[13..], ["absent", "bad name"]);
+}
+
+#[test]
+fn the_chroots_host_reader_refuses_and_fails_where_the_path_reads_do() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = Chroot::new(tmp.path().join("c"));
+    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
+    drop(store.lock(Box::new(|| {})).unwrap());
+    let hosts: Vec<HostName> = ["alpha", "beta", "gamma", "delta", "eps"]
+        .iter()
+        .map(|h| HostName::new(h).unwrap())
+        .collect();
+    for h in &hosts {
+        store.open_host(h).unwrap();
+    }
+    let dir = |h: &HostName| chroot.host_dir(h);
+    let secret = tmp.path().join("secret.json");
+    std::fs::write(&secret, b"{\"secret\":1}").unwrap();
+    // alpha: links to a file outside, a hard link, a directory and a FIFO in logs/.
+    symlink(&secret, dir(&hosts[0]).join("logs/heartbeat.json")).unwrap();
+    std::fs::hard_link(&secret, dir(&hosts[0]).join("logs/latest.json")).unwrap();
+    std::fs::create_dir(dir(&hosts[0]).join("logs/dir.json")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        dir(&hosts[0]).join("logs/fifo.json"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    // beta: `logs/` itself a link to a directory holding a heartbeat.
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("heartbeat.json"), b"{}").unwrap();
+    std::fs::remove_dir_all(dir(&hosts[1]).join("logs")).unwrap();
+    symlink(&elsewhere, dir(&hosts[1]).join("logs")).unwrap();
+    // gamma: `current` that cannot be read as a file, `logs/` a plain file.
+    std::fs::create_dir(dir(&hosts[2]).join("current")).unwrap();
+    std::fs::remove_dir_all(dir(&hosts[2]).join("logs")).unwrap();
+    std::fs::write(dir(&hosts[2]).join("logs"), b"").unwrap();
+    // delta: the host directory itself a link (the admin's; read through, as by path).
+    let real = tmp.path().join("delta-real");
+    std::fs::rename(dir(&hosts[3]), &real).unwrap();
+    symlink(&real, dir(&hosts[3])).unwrap();
+    std::fs::write(real.join("current"), b"x\n").unwrap();
+    std::fs::write(real.join("logs/heartbeat.json"), b"{\"d\":1}").unwrap();
+    // eps: no logs/ at all.
+    std::fs::remove_dir_all(dir(&hosts[4]).join("logs")).unwrap();
+
+    let keys = [Key::Current];
+    let logs = [
+        "heartbeat.json",
+        "latest.json",
+        "dir.json",
+        "fifo.json",
+        "absent.json",
+    ];
+    assert!(store.host_reader(&hosts[0]).is_some());
+    for h in &hosts {
+        let reader = HostReader::new(&store, h);
+        let got = read_all(&reader, &keys, &logs);
+        assert_eq!(got, read_all_by_key(&store, h, &keys, &logs), "{h}");
+        let text = got.join("\n");
+        match h.as_str() {
+            "alpha" => {
+                for refusal in [
+                    "symbolic link",
+                    "hard link",
+                    "is a directory",
+                    "not a regular",
+                ] {
+                    assert!(text.contains(refusal), "{refusal}: {text}");
+                }
+                assert!(!text.contains("secret"), "{text}");
+            }
+            "beta" => {
+                assert!(
+                    text.contains("logs: refused, it is a symbolic link"),
+                    "{text}"
+                );
+                assert!(
+                    !text.contains("Ok(["),
+                    "nothing read through the link: {text}"
+                );
+            }
+            "gamma" => assert!(text.contains("Is a directory"), "{text}"),
+            "delta" => assert!(text.contains("Ok(Some([120, 10]))"), "{text}"),
+            _ => assert!(text.contains("No such file"), "{text}"),
+        }
+    }
+}
+
 #[test]
 fn a_batched_version_has_its_names_only_once_committed_and_current_never_before() {
     let tmp = tempfile::tempdir().unwrap();
