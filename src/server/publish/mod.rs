@@ -4,6 +4,7 @@
 //! and each host is published on its own, so one failing host never stops the rest.
 
 pub mod changes;
+mod collect;
 mod commit;
 mod dry;
 #[cfg(test)]
@@ -28,12 +29,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 pub use changes::Changes;
+pub use collect::{collect_host, collect_pool};
 pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    collect_host, collect_pool, live_digest, live_unread, live_version, publish_host, read_current,
-    stage_host, Staged, KEEP_VERSIONS,
+    live_digest, live_unread, live_version, publish_host, read_current, stage_host, Staged,
+    KEEP_VERSIONS,
 };
 pub use refusals::undefined_error;
 use refusals::{host_error, no_entry_warning, refuse_private_keys, unknown_host};

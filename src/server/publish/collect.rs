@@ -1,0 +1,131 @@
+//! What a publish removes once a version is live: versions beyond the kept ones, what a
+//! killed publish left, and the objects none of the kept versions uses. Never the live
+//! version or anything it uses.
+
+use std::collections::BTreeSet;
+use std::io;
+
+use super::KEEP_VERSIONS;
+use crate::protocol::layout::{Area, Key};
+use crate::protocol::manifest::{Digest, Manifest, MAX_MANIFEST_BYTES};
+use crate::protocol::HostName;
+use crate::server::store::{Store, StoreError};
+
+/// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
+/// other manifests (and, when the live version is signed, every unsigned one), signatures
+/// and freshness stamps without their manifest, and every object none of the kept manifests
+/// uses.
+pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
+    let listed = store.list(host, Area::Manifests)?;
+    // (order, digest, objects) of every version but the live one.
+    type Other = (
+        Option<(u64, std::time::SystemTime)>,
+        Digest,
+        Option<BTreeSet<Digest>>,
+    );
+    let mut others: Vec<Other> = Vec::new();
+    // The objects of each kept version.
+    let mut kept: Vec<BTreeSet<Digest>> = Vec::new();
+    let signed: BTreeSet<Digest> = listed
+        .iter()
+        .filter_map(|key| match key {
+            Key::Signature(d) => Some(*d),
+            _ => None,
+        })
+        .collect();
+    // A signing fleet's live version is signed. There, a manifest without its signature is
+    // what a publish killed between the two writes left: no host trusting the fleet's key
+    // can use it, and keeping it would push a usable version out of the kept ones.
+    let signing = signed.contains(live);
+    for key in &listed {
+        let Key::Manifest(digest) = key else {
+            continue;
+        };
+        if digest != live && signing && !signed.contains(digest) {
+            others.push((None, *digest, None));
+            continue;
+        }
+        let parsed = store
+            .get(host, key, MAX_MANIFEST_BYTES)
+            .ok()
+            .flatten()
+            .and_then(|b| Manifest::parse(&b).ok());
+        // What a version uses: format 2's from its trees (read, not expanded), or as the
+        // store recorded it when this publisher last walked them.
+        let parsed = match parsed {
+            Some(m) => match uses(store, host, digest, &m) {
+                Ok(objects) => Some((m, objects)),
+                // The live version's objects are never collected on a guess.
+                Err(e) if digest == live => {
+                    return Err(StoreError::Io {
+                        at: store.locate(host, key),
+                        source: io::Error::other(e.to_string()),
+                    })
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        match parsed {
+            Some((_, objects)) if digest == live => kept.push(objects),
+            Some((m, objects)) => others.push((Some(m.order()), *digest, Some(objects))),
+            // Unreadable manifests are not a version anyone can use.
+            None => others.push((None, *digest, None)),
+        }
+    }
+    // Newest first: by serial, then (manifests from before serials) compared as times
+    // (publish has written whole seconds and milliseconds); ties broken by digest so the
+    // choice is stable. A manifest stamped in the future is not kept forever.
+    others.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    let mut manifests: BTreeSet<Digest> = BTreeSet::from([*live]);
+    for (i, (_, digest, parsed)) in others.into_iter().enumerate() {
+        match parsed {
+            Some(m) if i + 1 < KEEP_VERSIONS => {
+                manifests.insert(digest);
+                kept.push(m);
+            }
+            _ => store.delete(host, &Key::Manifest(digest))?,
+        }
+    }
+    for key in &listed {
+        if let Key::Signature(d) | Key::Fresh(d) = key {
+            if !manifests.contains(d) {
+                store.delete(host, key)?;
+            }
+        }
+    }
+    let used: BTreeSet<Digest> = kept.into_iter().flatten().collect();
+    for key in store.list(host, Area::Objects)? {
+        if let Key::Object(d) = &key {
+            if !used.contains(d) {
+                store.delete(host, &key)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The objects manifest `digest` of `host` uses: recorded by the store, else walked from its
+/// trees (and recorded for the next collection: a manifest never changes, so neither does
+/// what it uses).
+fn uses(
+    store: &dyn Store,
+    host: &HostName,
+    digest: &Digest,
+    m: &Manifest,
+) -> Result<BTreeSet<Digest>, crate::protocol::manifest::ManifestError> {
+    if m.tree.is_none() {
+        return Ok(m.objects());
+    }
+    if let Some(known) = store.uses(host, digest) {
+        return Ok(known);
+    }
+    let objects = crate::server::store::trees::objects(store, host, m)?;
+    store.keep_uses(host, digest, &objects);
+    Ok(objects)
+}
+
+/// Frees what no host uses any more among what hosts share (the chroot's pool).
+pub fn collect_pool(store: &dyn Store) -> Result<usize, StoreError> {
+    store.collect_shared()
+}
