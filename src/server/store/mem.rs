@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::{
-    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
-    StoreLock, SubPath, Version,
+    read_verified, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store,
+    StoreError, StoreLock, SubPath, Version,
 };
 use crate::protocol::layout;
 use crate::protocol::manifest::Digest;
@@ -168,16 +168,8 @@ impl Store for MemStore {
         if self.read(host, &key).is_some() {
             return Ok(None);
         }
-        let mut bytes = Vec::new();
-        let (actual, n) = open()
-            .and_then(|r| copy_hashed(r, &mut bytes))
-            .map_err(|source| StoreError::Io {
-                at: self.locate(host, &key),
-                source,
-            })?;
-        if actual != *digest {
-            return Err(StoreError::DigestMismatch(*digest));
-        }
+        let bytes = read_verified(open, digest, u64::MAX, self.locate(host, &key))?;
+        let n = bytes.len() as u64;
         self.with(host, |m| m.insert(key, bytes));
         Ok(Some(n))
     }

@@ -260,3 +260,21 @@ pub fn copy_hashed(mut from: impl Read, out: &mut impl io::Write) -> io::Result<
     }
     Ok((Digest::from_bytes(hasher.finalize().into()), total))
 }
+
+/// Reads all of `open`'s bytes (at most `limit`, the rest left unread) into memory, checked
+/// against `digest`: for a store that sends an object whole.
+fn read_verified(
+    open: OpenObject<'_>,
+    digest: &Digest,
+    limit: u64,
+    at: PathBuf,
+) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::new();
+    let (actual, _) = open()
+        .and_then(|r| copy_hashed(r.take(limit), &mut bytes))
+        .map_err(|source| StoreError::Io { at, source })?;
+    if actual != *digest {
+        return Err(StoreError::DigestMismatch(*digest));
+    }
+    Ok(bytes)
+}

@@ -11,7 +11,7 @@
 //! in the store.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -23,8 +23,8 @@ mod listing;
 use super::s3index::Index;
 use super::s3logs::ReportCache;
 use super::{
-    copy_hashed, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
-    StoreLock, Version,
+    read_verified, Area, Capabilities, Cas, Key, LogEntry, LogsError, OpenObject, Store,
+    StoreError, StoreLock, Version,
 };
 use crate::protocol::layout::{self, Chroot, LOGS};
 use crate::protocol::manifest::{Digest, MAX_OBJECT_BYTES};
@@ -406,22 +406,15 @@ impl Store for S3Store {
                 self.absent.lock().expect("not poisoned").remove(&full);
                 // Read whole and checked before anything is sent: the engine never holds an
                 // object whose bytes are not its digest's.
-                let mut bytes = Vec::new();
-                let (actual, n) = open()
-                    .and_then(|r| copy_hashed(r.take(MAX_OBJECT_BYTES + 1), &mut bytes))
-                    .map_err(|source| StoreError::Io {
-                        at: self.locate(host, &key),
-                        source,
-                    })?;
-                if actual != *digest {
-                    return Err(StoreError::DigestMismatch(*digest));
-                }
+                let bytes =
+                    read_verified(open, digest, MAX_OBJECT_BYTES + 1, self.locate(host, &key))?;
+                let n = bytes.len() as u64;
                 self.client
                     .put(&l.bucket, &k, &bytes, PutMode::Overwrite)
                     .map_err(s3_err)?;
                 Ok((Some(n), stored()))
             })
-            .inspect_err(|_| self.index.distrust(host))?;
+            .inspect_err(|_: &StoreError| self.index.distrust(host))?;
         self.index.learn(host, full);
         Ok(placed)
     }
