@@ -489,9 +489,12 @@ impl Store for ChrootStore {
             }
             // Written in a committed batch, this file is durable and only named so once it
             // is; the run's last commit makes the rename durable.
+            // Absent (a version written before the batch was joined): written below.
             let prepared = prepared_current(&self.chroot.host_dir(host), to);
-            if prepared.exists() {
-                return fs::rename(&prepared, &path).map_err(io_at(&path));
+            match fs::rename(&prepared, &path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&path)(e)),
             }
         }
         // The objects linked since the last switch become durable before `current` names them.
