@@ -263,8 +263,6 @@ fn a_tampered_pack_entry_or_tree_is_refused_and_a_cut_pack_download_resumes() {
 /// the packed files as `Range` reads of their packs.
 #[test]
 fn a_mirror_serves_format_2_by_ranges_while_the_server_is_down() {
-    use crate::common::engines::TestCa;
-    use crate::common::static_http::StaticHttp;
     let sshd = Sshd::start(&["alpha"]);
     write_modules(&sshd, 40, 1000);
     set_format_2(&sshd);
@@ -282,13 +280,7 @@ fn a_mirror_serves_format_2_by_ranges_while_the_server_is_down() {
     .unwrap();
     crate::agent::write_version(&sshd, "2");
     crate::mirrors::publish_export(&sshd, &export);
-    let ca = TestCa::create(&sshd.dir.join(""));
-    let web = StaticHttp::start_tls(&export, &ca.cert, &ca.key);
-    m.write_config(&format!(
-        "mirrors = [\"{}\"]\nca_file = \"{}\"\n",
-        web.url("alpha"),
-        ca.ca_cert.display()
-    ));
+    let web = crate::mirrors::serve_tls(&sshd, &export, &m);
     relay.set_down(true);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
@@ -296,7 +288,6 @@ fn a_mirror_serves_format_2_by_ranges_while_the_server_is_down() {
     let changed = Digest::of(b"{ mirrored = 1; }\n").to_hex();
     assert!(m.base.join("state/objects").join(&changed).exists());
     let asked = web.requests();
-    eprintln!("ASKED {asked:?}");
     // Whole objects read from the mirror are the new trees (the root's among them); the
     // packed files come as closed byte ranges of their packs.
     let root = live_manifest(&sshd, "alpha").tree.unwrap().root.to_hex();

@@ -17,6 +17,19 @@ use crate::common::relay::Relay;
 use crate::common::sshd::Sshd;
 use crate::common::static_http::StaticHttp;
 
+/// Serves `export` over HTTPS (a CA of the test's own) and makes it `m`'s mirror, trusting
+/// that CA.
+pub(crate) fn serve_tls(sshd: &Sshd, export: &Path, m: &Machine<'_>) -> StaticHttp {
+    let ca = TestCa::create(&sshd.dir.join(""));
+    let web = StaticHttp::start_tls(export, &ca.cert, &ca.key);
+    m.write_config(&format!(
+        "mirrors = [\"{}\"]\nca_file = \"{}\"\n",
+        web.url(&m.host),
+        ca.ca_cert.display()
+    ));
+    web
+}
+
 /// `bento publish --export DIR` of the fleet (publishing whatever changed first).
 pub(crate) fn publish_export(sshd: &Sshd, dir: &Path) {
     let out = bento()
@@ -67,13 +80,7 @@ fn agent_updates_from_an_https_mirror_while_its_server_is_down_and_reports_once_
     // The copy holds exactly the live tree: no logs/.
     assert!(export.join("alpha/current").is_file());
     assert!(!export.join("alpha/logs").exists());
-    let ca = TestCa::create(&sshd.dir.join(""));
-    let web = StaticHttp::start_tls(&export, &ca.cert, &ca.key);
-    m.write_config(&format!(
-        "mirrors = [\"{}\"]\nca_file = \"{}\"\n",
-        web.url("alpha"),
-        ca.ca_cert.display()
-    ));
+    let web = serve_tls(&sshd, &export, &m);
 
     // A download of version 2 that an earlier run cut off halfway: resumed with a Range.
     let have = listing(&m.base.join("state/objects"));
