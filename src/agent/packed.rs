@@ -210,7 +210,7 @@ mod tests {
 
     /// A served host directory holding a format-2 version of `files`, and the manifest as a
     /// host reads it (trees unread).
-    fn served(files: &[(&str, Vec<u8>)]) -> (tempfile::TempDir, Manifest) {
+    fn served(files: &[(String, Vec<u8>)]) -> (tempfile::TempDir, Manifest) {
         let t = tempfile::tempdir().unwrap();
         for d in [layout::MANIFESTS, layout::OBJECTS, layout::LOGS] {
             std::fs::create_dir(t.path().join(d)).unwrap();
@@ -308,9 +308,7 @@ mod tests {
     fn a_version_is_fetched_from_trees_and_pack_ranges_and_each_file_is_whole() {
         let mut all = files(40);
         all.push(("d/big".into(), vec![7u8; 70 * 1024]));
-        let borrowed: Vec<(&str, Vec<u8>)> =
-            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
-        let (t, m) = served(&borrowed);
+        let (t, m) = served(&all);
         let local = tempfile::tempdir().unwrap();
         let m = update(&t, &m, local.path()).unwrap();
         for (_, bytes) in &all {
@@ -332,9 +330,7 @@ mod tests {
     #[test]
     fn a_tampered_pack_entry_or_tree_is_refused_and_nothing_of_it_is_kept() {
         let all = files(30);
-        let borrowed: Vec<(&str, Vec<u8>)> =
-            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
-        let (t, m) = served(&borrowed);
+        let (t, m) = served(&all);
         let objects = t.path().join(layout::OBJECTS);
         let local = tempfile::tempdir().unwrap();
         let mut expanded = m.clone();
@@ -373,9 +369,7 @@ mod tests {
     #[test]
     fn a_damaged_tree_in_the_state_directory_is_fetched_again() {
         let all = files(10);
-        let borrowed: Vec<(&str, Vec<u8>)> =
-            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
-        let (t, m) = served(&borrowed);
+        let (t, m) = served(&all);
         let local = tempfile::tempdir().unwrap();
         update(&t, &m, local.path()).unwrap();
         let root = m.tree.as_ref().unwrap().root;
@@ -394,9 +388,7 @@ mod tests {
     #[test]
     fn a_range_cut_short_resumes_where_it_stopped() {
         let all = files(30);
-        let borrowed: Vec<(&str, Vec<u8>)> =
-            all.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
-        let (t, m) = served(&borrowed);
+        let (t, m) = served(&all);
         let local = tempfile::tempdir().unwrap();
         let mut expanded = m.clone();
         expand(
