@@ -228,9 +228,10 @@ pub fn run(cfg: &Config, rows: &mut Vec<Row>) {
                 trow.measure
                     .push_str(&format!(" (baseline timed on {limit} hosts, ×{scale:.0})"));
             }
-            let m = time.median();
-            trow = trow.goal(format!("under 1 s; {m:.2} s"), m < 1.0);
         }
+        // Issue #26: under 0.3 s at 10,000 hosts, however many old reports they keep.
+        let m = time.median();
+        trow = trow.goal(format!("under 0.3 s; {m:.2} s"), m < 0.3);
         rows.push(trow);
         let mut mrow = Row::new(
             &s,
