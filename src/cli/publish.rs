@@ -360,10 +360,11 @@ pub fn publish_tree_held(
     }
     let records = crate::server::records::dir(chroot);
     let holds = crate::server::records::Holds::new(&records);
+    let serials = crate::server::records::Serials::new(&records);
     let (only, held) = leave_held(fleet, chroot, &holds, tree.only, tree.release)?;
     let Some(only) = only else {
         if !tree.dry_run {
-            journal_publish(fleet, chroot, tree.action, &[], &held, &holds)?;
+            journal_publish(fleet, chroot, tree.action, &[], &held, &holds, &serials)?;
         }
         let none = publish::Published {
             reports: Vec::new(),
@@ -413,6 +414,7 @@ pub fn publish_tree_held(
             serial_floor: tree.serial_floor,
             dry_run: tree.dry_run,
             freshness,
+            serials: &serials,
         },
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
@@ -426,6 +428,7 @@ pub fn publish_tree_held(
         &published.reports,
         &held,
         &holds,
+        &serials,
     )?;
     Ok((published, held))
 }
@@ -488,10 +491,10 @@ fn journal_publish(
     reports: &[HostReport],
     held: &[crate::server::records::Hold],
     holds: &crate::server::records::Holds,
+    serials: &crate::server::records::Serials,
 ) -> anyhow::Result<()> {
-    use crate::server::records::{Entry, Journal, JournalHost, Serials};
+    use crate::server::records::{Entry, Journal, JournalHost};
     let records = crate::server::records::dir(chroot);
-    let serials = Serials::new(&records);
     let mut hosts = Vec::new();
     for r in reports {
         let released = if r.status != Status::Failed {

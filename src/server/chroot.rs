@@ -73,12 +73,20 @@ pub fn owner_mode_problem(meta: &fs::Metadata) -> Option<String> {
 
 /// Creates `dir` if needed and gives it exactly `mode` and, as root, `uid:gid`.
 fn ensure_dir(dir: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), ChrootError> {
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+    // Looked at first: on every publish the directories are there (one call each, where
+    // creating first would cost a failed `mkdir` and the look anyway).
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(dir)(e)),
+            }
+            fs::symlink_metadata(dir).map_err(io_err(dir))?
+        }
         Err(e) => return Err(io_err(dir)(e)),
-    }
-    let meta = fs::symlink_metadata(dir).map_err(io_err(dir))?;
+    };
     if !meta.is_dir() {
         return Err(ChrootError::NotADirectory(dir.to_owned()));
     }

@@ -162,6 +162,7 @@ pub fn plan(target: &Kept, now: SystemTime) -> HostPlan {
         // Every object is in the host's objects/ already: publish_host links none.
         sources: BTreeMap::new(),
         keep_live: None,
+        live: None,
     }
 }
 

@@ -75,6 +75,7 @@ fn plan(text: &str, secs: u64) -> HostPlan {
         manifest,
         sources: BTreeMap::from([(sha, Source::Bytes(bytes))]),
         keep_live: None,
+        live: None,
     }
 }
 

@@ -28,9 +28,7 @@ use crate::protocol::manifest::{Build, Manifest};
 use crate::server::build::record::{self, BuildRecord};
 use crate::server::eval;
 use crate::server::fleet::{BuildOn, Fleet};
-use crate::server::publish::{
-    live_digest, live_unread, HostPlan, HostReport, PublishError, Status,
-};
+use crate::server::publish::{live_digest, HostPlan, HostReport, PublishError, Status};
 use crate::server::records;
 use crate::server::store::Store;
 
@@ -216,7 +214,14 @@ impl<'a> FleetDelivery<'a> {
     ) -> Result<(HostPlan, bool), Box<HostReport>> {
         // Its trees are read only where its files are compared (a changed tree that may
         // run the same system): comparing contents compares roots.
-        let live = live_unread(store, &plan.host).map(|(_, m)| m);
+        // Read once for the run: deciding takes it from the plan (and, when it could not be
+        // read, reads it again and says why).
+        let read = crate::server::publish::read_live(store, &plan.host).ok();
+        let live = read
+            .as_ref()
+            .and_then(|(live, _)| live.as_ref())
+            .map(|(_, m)| m.clone());
+        plan.live = read;
         let build_on = self.fleet.config.build_on(&plan.host);
         let fail = |plan: &HostPlan, what: &str, f: eval::EvalFailure| {
             tracing::warn!("{}: {what}: {}\n{}", plan.host, f.message, f.log_tail);

@@ -15,7 +15,12 @@ use crate::server::store::{Store, StoreError};
 /// other manifests (and, when the live version is signed, every unsigned one), signatures
 /// and freshness stamps without their manifest, and every object none of the kept manifests
 /// uses.
-pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result<(), StoreError> {
+pub fn collect_host(
+    store: &dyn Store,
+    host: &HostName,
+    live: &Digest,
+    known: &Known,
+) -> Result<(), StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, objects) of every version but the live one.
     type Other = (
@@ -45,16 +50,30 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
             others.push((None, *digest, None));
             continue;
         }
-        let parsed = store
-            .get(host, key, MAX_MANIFEST_BYTES)
-            .ok()
-            .flatten()
-            .and_then(|b| Manifest::parse(&b).ok());
+        // The version this publish wrote is live: what it uses is known, its order unneeded.
+        if digest == live {
+            if let Some((objects, trees)) = known.uses.get(digest) {
+                if *trees && store.uses(host, digest).is_none() {
+                    store.keep_uses(host, digest, objects);
+                }
+                kept.push(objects.clone());
+                continue;
+            }
+        }
+        let parsed = match known.manifests.get(digest) {
+            Some(m) => Some(std::borrow::Cow::Borrowed(m)),
+            None => store
+                .get(host, key, MAX_MANIFEST_BYTES)
+                .ok()
+                .flatten()
+                .and_then(|b| Manifest::parse(&b).ok())
+                .map(std::borrow::Cow::Owned),
+        };
         // What a version uses: format 2's from its trees (read, not expanded), or as the
         // store recorded it when this publisher last walked them.
         let parsed = match parsed {
             Some(m) => match uses(store, host, digest, &m) {
-                Ok(objects) => Some((m, objects)),
+                Ok(objects) => Some((m.order(), objects)),
                 // The live version's objects are never collected on a guess.
                 Err(e) if digest == live => {
                     return Err(StoreError::Io {
@@ -68,7 +87,7 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
         };
         match parsed {
             Some((_, objects)) if digest == live => kept.push(objects),
-            Some((m, objects)) => others.push((Some(m.order()), *digest, Some(objects))),
+            Some((order, objects)) => others.push((Some(order), *digest, Some(objects))),
             // Unreadable manifests are not a version anyone can use.
             None => others.push((None, *digest, None)),
         }
@@ -95,7 +114,11 @@ pub fn collect_host(store: &dyn Store, host: &HostName, live: &Digest) -> Result
         }
     }
     let used: BTreeSet<Digest> = kept.into_iter().flatten().collect();
-    for key in store.list(host, Area::Objects)? {
+    let held: Vec<Key> = match &known.objects {
+        Some(held) => held.iter().map(|d| Key::Object(*d)).collect(),
+        None => store.list(host, Area::Objects)?,
+    };
+    for key in held {
         if let Key::Object(d) = &key {
             if !used.contains(d) {
                 store.delete(host, &key)?;
@@ -128,4 +151,38 @@ fn uses(
 /// Frees what no host uses any more among what hosts share (the chroot's pool).
 pub fn collect_pool(store: &dyn Store) -> Result<usize, StoreError> {
     store.collect_shared()
+}
+
+/// What a publish already knows of a host's versions, so collecting after the switch reads
+/// nothing twice: the format-2 manifests the numbering read (small: their trees unread),
+/// and the objects of the version it wrote.
+#[derive(Debug, Default)]
+pub struct Known {
+    manifests: std::collections::HashMap<Digest, Manifest>,
+    /// And whether it is a format-2 version (what the store records: see [`uses`]).
+    uses: std::collections::HashMap<Digest, (BTreeSet<Digest>, bool)>,
+    /// Every object the host's area holds, when the publish listed them before writing
+    /// (then these and what it wrote: no other writer while it holds the lock).
+    objects: Option<BTreeSet<Digest>>,
+}
+
+impl Known {
+    /// Keeps a manifest read whole and verified against `digest`, if it is small to hold
+    /// (format 1 lists every file: read again when collecting).
+    pub fn keep(&mut self, digest: Digest, m: Manifest) {
+        if m.tree.is_some() && !m.is_expanded() {
+            self.manifests.insert(digest, m);
+        }
+    }
+
+    /// The objects of version `digest` (one this publish wrote, of format 2 if `trees`).
+    pub fn uses(&mut self, digest: Digest, objects: BTreeSet<Digest>, trees: bool) {
+        self.uses.insert(digest, (objects, trees));
+    }
+
+    /// The host's objects: `held` as listed before the publish wrote, and `written`.
+    pub fn held(&mut self, mut held: BTreeSet<Digest>, written: &BTreeSet<Digest>) {
+        held.extend(written.iter().copied());
+        self.objects = Some(held);
+    }
 }

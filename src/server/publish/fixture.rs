@@ -46,5 +46,6 @@ pub fn plan(host: &str, files: &[(&str, &str)], secs: u64) -> HostPlan {
         manifest,
         sources,
         keep_live: None,
+        live: None,
     }
 }

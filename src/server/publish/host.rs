@@ -69,10 +69,10 @@ pub type Live = (Digest, Manifest);
 
 /// `current` as read at the start of a publish: the live version, and the token the switch
 /// of `current` must still find (`None`: there was no `current` at all).
-fn read_live(
-    store: &dyn Store,
-    host: &HostName,
-) -> Result<(Option<Live>, Option<Version>), StoreError> {
+pub type LiveRead = (Option<Live>, Option<Version>);
+
+/// Reads [`LiveRead`].
+pub fn read_live(store: &dyn Store, host: &HostName) -> Result<LiveRead, StoreError> {
     Ok(match store.current(host)? {
         Some((bytes, version)) => (live_manifest(store, host, &bytes), Some(version)),
         None => (None, None),
@@ -144,7 +144,10 @@ pub fn decide(
     numbering: &super::Numbering<'_>,
 ) -> Result<Decision, PublishError> {
     let host = &plan.host;
-    let (live, token) = read_live(store, host)?;
+    let (live, token) = match &plan.live {
+        Some(read) => read.clone(),
+        None => read_live(store, host)?,
+    };
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
         let mut live = live.clone();
@@ -299,6 +302,8 @@ pub struct Ready {
     digest: Digest,
     token: Option<Version>,
     discard: Vec<Digest>,
+    /// What the publish read or wrote of the host's versions, for collecting.
+    known: super::collect::Known,
     report: HostReport,
 }
 
@@ -311,6 +316,7 @@ impl Ready {
             digest,
             token,
             discard,
+            known,
             report,
         } = self;
         if let Err(e) = store.switch_current(&host, &digest, token.as_ref()) {
@@ -322,7 +328,7 @@ impl Ready {
         for d in &discard {
             store.delete(&host, &Key::Manifest(*d))?;
         }
-        super::collect::collect_host(store, &host, &digest)?;
+        super::collect::collect_host(store, &host, &digest, &known)?;
         Ok(report)
     }
 }
@@ -383,7 +389,8 @@ pub fn stage_host(
 
     let mut new_objects = 0;
     let mut bytes = 0;
-    let held = store.held_objects(host)?.unwrap_or_default();
+    let listed = store.held_objects(host)?;
+    let held = listed.clone().unwrap_or_default();
     for digest in objects.iter().filter(|d| !held.contains(d)) {
         let Some(source) = plan.sources.get(digest) else {
             if store.exists(host, &Key::Object(*digest))? {
@@ -415,6 +422,11 @@ pub fn stage_host(
 
     let manifest_bytes = manifest.to_bytes();
     let digest = Digest::of(&manifest_bytes);
+    let mut known = next.read;
+    if let Some(listed) = listed {
+        known.held(listed, &objects);
+    }
+    known.uses(digest, objects, manifest.tree.is_some());
     // Recorded before any manifest carries it: the record is never behind the chroot.
     super::serial::record(numbering, host, manifest.serial)?;
     store.put(host, &Key::Manifest(digest), &manifest_bytes)?;
@@ -442,6 +454,7 @@ pub fn stage_host(
         digest,
         token,
         discard: next.discard,
+        known,
         report: HostReport {
             warnings,
             ..report_of(

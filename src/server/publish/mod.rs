@@ -35,8 +35,8 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    live_digest, live_unread, live_version, publish_host, read_current, stage_host, Staged,
-    KEEP_VERSIONS,
+    live_digest, live_unread, live_version, publish_host, read_current, read_live, stage_host,
+    Staged, KEEP_VERSIONS,
 };
 pub use plan::{materialize_config, plan};
 pub use refusals::undefined_error;
@@ -103,6 +103,9 @@ pub struct HostPlan {
     /// Set by delivery when this new tree changes nothing the host would run (`same
     /// system`): the live version stays, once the tree passed every refusal.
     pub keep_live: Option<String>,
+    /// `current` and the live manifest as read at the start of this run (by delivery), so
+    /// deciding does not read them again; `None`: not read yet.
+    pub live: Option<host::LiveRead>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -241,6 +244,9 @@ pub struct Options<'a> {
     pub dry_run: bool,
     /// `[server] freshness`: how long the stamps of live versions vouch for them.
     pub freshness: Option<std::time::Duration>,
+    /// The serial records (`records::Serials` of the chroot's records): each is read once,
+    /// and the caller reads what the run raised without reading it again.
+    pub serials: &'a crate::server::records::Serials,
 }
 
 /// Loads the fleet's signing key, refusing one kept inside the fleet repo.
@@ -356,8 +362,8 @@ pub fn run(
     ]));
     let batched = !opts.dry_run && opts.store.join_batch(batch.clone());
     let serials = match batched {
-        true => crate::server::records::Serials::new(&records).in_batch(batch.clone()),
-        false => crate::server::records::Serials::new(&records),
+        true => opts.serials.clone().in_batch(batch.clone()),
+        false => opts.serials.clone(),
     };
     let numbering = Numbering {
         signer: opts.signer,

@@ -67,6 +67,7 @@ pub fn plan(
                 manifest,
                 sources: content.sources,
                 keep_live: None,
+                live: None,
             })
         })
         .collect()

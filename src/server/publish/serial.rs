@@ -51,6 +51,9 @@ pub struct Next {
     /// Manifests whose serial nothing proves and is above the new one: removed once the new
     /// version is live, or they would stay the "newest" kept versions for good.
     pub discard: Vec<Digest>,
+    /// The format-2 manifests read on the way (small: their trees unread), so collecting
+    /// after the switch reads none of them again.
+    pub read: super::collect::Known,
 }
 
 /// Works out the next serial of `host`, whose live version is `live`.
@@ -76,6 +79,7 @@ pub fn next(
     let mut unproven: Option<(u64, Digest)> = None;
     let mut unproven_all: Vec<(u64, Digest)> = Vec::new();
     let mut live_proven = false;
+    let mut read = super::collect::Known::default();
     for key in store.list(host, Area::Manifests)? {
         let Key::Manifest(digest) = key else {
             continue;
@@ -114,6 +118,7 @@ pub fn next(
                 unproven = Some((m.serial, digest));
             }
         }
+        read.keep(digest, m);
     }
 
     let mut warnings = Vec::new();
@@ -179,6 +184,7 @@ pub fn next(
         renumber,
         warnings,
         discard,
+        read,
     })
 }
 

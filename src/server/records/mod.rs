@@ -42,8 +42,10 @@ pub struct Serials {
     /// Raises wait for this batch's commit (a publish commits it before any `current`
     /// names a version with the serial raised).
     batch: Option<std::sync::Arc<crate::sys::batch::Batch>>,
-    /// Raised in the batch, not committed yet: what `get` says meanwhile.
-    raised: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<HostName, u64>>>,
+    /// Each record as read or raised by this value: read once, since whoever numbers holds
+    /// the publisher's lock (a publish asks for a host's record four times). Raised in a
+    /// batch, it is what `get` says until the commit writes it.
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<HostName, Option<u64>>>>,
 }
 
 impl Serials {
@@ -51,7 +53,7 @@ impl Serials {
         Self {
             dir: records.join("serials"),
             batch: None,
-            raised: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -71,8 +73,13 @@ impl Serials {
     /// keeps one, or a lost state directory). An unreadable record is an error: guessing
     /// could number below what hosts applied.
     pub fn get(&self, host: &HostName) -> std::io::Result<Option<u64>> {
-        let raised = self.raised.lock().expect("serials lock").get(host).copied();
-        Ok(self.read(host)?.max(raised))
+        if let Some(known) = self.known.lock().expect("serials lock").get(host) {
+            return Ok(*known);
+        }
+        let read = self.read(host)?;
+        let mut known = self.known.lock().expect("serials lock");
+        // A raise by another thread meanwhile wins: it is the higher.
+        Ok(*known.entry(host.clone()).or_insert(read))
     }
 
     fn read(&self, host: &HostName) -> std::io::Result<Option<u64>> {
@@ -98,16 +105,14 @@ impl Serials {
         private_dir(&self.dir)?;
         let bytes = format!("{serial}\n");
         match &self.batch {
-            Some(batch) => {
-                batch.write(&self.path(host), bytes.as_bytes(), 0o600)?;
-                self.raised
-                    .lock()
-                    .expect("serials lock")
-                    .insert(host.clone(), serial);
-                Ok(())
-            }
-            None => crate::sys::atomic::write_file(&self.path(host), bytes.as_bytes(), 0o600),
+            Some(batch) => batch.write(&self.path(host), bytes.as_bytes(), 0o600)?,
+            None => crate::sys::atomic::write_file(&self.path(host), bytes.as_bytes(), 0o600)?,
         }
+        self.known
+            .lock()
+            .expect("serials lock")
+            .insert(host.clone(), Some(serial));
+        Ok(())
     }
 }
 
@@ -124,8 +129,14 @@ mod tests {
         s.raise(&h, 7).unwrap();
         s.raise(&h, 3).unwrap();
         assert_eq!(s.get(&h).unwrap(), Some(7));
+        assert_eq!(Serials::new(t.path()).get(&h).unwrap(), Some(7), "on disk");
         std::fs::write(t.path().join("serials/web1"), "x").unwrap();
-        assert!(s.get(&h).unwrap_err().to_string().contains("serials/web1"));
+        let fresh = Serials::new(t.path());
+        assert!(fresh
+            .get(&h)
+            .unwrap_err()
+            .to_string()
+            .contains("serials/web1"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, CWD};
 
-use super::chroot::io_at;
+use super::chroot::{io_at, read_short};
 use super::{HostRead, Key, LogsError, StoreError};
 use crate::protocol::HostName;
 use crate::server::logs::{self, Received};
@@ -87,39 +87,6 @@ impl HostRead for HostDir<'_> {
     fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Received, LogsError>> {
         logs::read_each_at(self.root, self.host.as_str(), &self.path, names)
     }
-}
-
-/// Reads at most `len` bytes of a server-written file, taking a short read as its end: what
-/// the server writes here is renamed into place whole and never appended to, and a regular
-/// file's read comes back short only at its end. That spares the read that would only see
-/// the end (10,000 of them for `current`, and as many for manifests, in a fleet's status).
-fn read_short(mut file: File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
-    use std::io::Read;
-    const FIRST: u64 = 64 * 1024;
-    let mut bytes = vec![0; len.min(FIRST) as usize];
-    let mut filled = 0;
-    loop {
-        if filled == bytes.len() {
-            if filled as u64 >= len {
-                break;
-            }
-            // A large file: room for the rest, in growing steps.
-            let more = (len - filled as u64).min(filled.max(4096) as u64) as usize;
-            bytes.resize(filled + more, 0);
-        }
-        let asked = bytes.len() - filled;
-        let n = match file.read(&mut bytes[filled..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_at(path)(e)),
-        };
-        filled += n;
-        if n < asked {
-            break;
-        }
-    }
-    bytes.truncate(filled);
-    Ok(bytes)
 }
 
 #[cfg(test)]
