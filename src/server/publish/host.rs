@@ -148,6 +148,9 @@ pub fn decide(
         Some(read) => read.clone(),
         None => read_live(store, host)?,
     };
+    if let Some(tree) = live.as_ref().and_then(|(_, m)| m.tree.as_ref()) {
+        crate::server::store::trees::touch(&tree.root);
+    }
     // `--serial-floor` renumbers the live version: it is not kept as it is.
     if let (Some(why), Some((digest, live)), None) = (&plan.keep_live, &live, numbering.floor) {
         let mut live = live.clone();

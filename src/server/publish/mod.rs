@@ -379,6 +379,13 @@ pub fn run(
         Some(d) => d.before(opts.store, &opts.chroot, plans),
         None => (plans, Vec::new()),
     };
+    // What the kept versions' trees point at, as the last run saved it.
+    crate::server::store::trees::load_edges(
+        &opts
+            .chroot
+            .state_dir()
+            .join(crate::server::store::trees::EDGES),
+    );
     let packer = (fleet.config.server.format == crate::protocol::manifest::FORMAT_TREES)
         .then(|| packs::Packer::load(opts.chroot.state_dir().join(packs::MEMO)));
     let plans = match &packer {
@@ -499,6 +506,16 @@ pub fn run(
             .save(opts.only.is_empty())
             .map_err(|source| PublishError::Io { path, source })?;
     }
+    let edges = opts
+        .chroot
+        .state_dir()
+        .join(crate::server::store::trees::EDGES);
+    crate::server::store::trees::save_edges(&edges, opts.only.is_empty()).map_err(|source| {
+        PublishError::Io {
+            path: edges,
+            source,
+        }
+    })?;
     if scanner.cache().is_dirty() {
         scanner.cache().prune_unseen();
         let path = opts.chroot.hash_cache_path();

@@ -170,14 +170,7 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> 
 
 /// Reads at most `limit` bytes of `file` (opened on `path`, for messages).
 pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
-    use std::io::Read;
-    // Room for the whole of a small file up front: one read and the one that sees its end,
-    // where an empty buffer costs a growing series of probe reads (`current`, 10,000 times
-    // in a fleet's status).
-    let mut bytes = Vec::with_capacity(limit.saturating_add(1).min(READ_AHEAD) as usize);
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(io_at(path))?;
+    let bytes = read_short(file, path, limit.saturating_add(1))?;
     if bytes.len() as u64 > limit {
         return Err(StoreError::TooLarge {
             at: path.to_owned(),
@@ -189,45 +182,39 @@ pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec
 
 /// The first `len` bytes of `file` (all of it when shorter; opened on `path`).
 pub(super) fn read_prefix(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
-    use std::io::Read;
-    // As in `read_opened`: one read for a prefix that fits, not a series of probes.
-    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
-    file.take(len)
-        .read_to_end(&mut bytes)
-        .map_err(io_at(path))?;
-    Ok(bytes)
+    read_short(file, path, len)
 }
 
 /// Reads at most `len` bytes of a server-written file, taking a short read as its end: what
 /// the server writes here is renamed into place whole and never appended to, and a regular
 /// file's read comes back short only at its end. That spares the read that would only see
-/// the end (10,000 of them for `current`, and as many for manifests, in a fleet's status).
-pub(super) fn read_short(mut file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
-    use std::io::Read;
-    const FIRST: u64 = 64 * 1024;
-    let mut bytes = vec![0; len.min(FIRST) as usize];
-    let mut filled = 0;
+/// the end (10,000 of them for `current`, and as many for manifests, in a fleet's status;
+/// several per host in a publish).
+fn read_short(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
+    // Read into the buffer's spare room: nothing is zeroed first.
+    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
     loop {
-        if filled == bytes.len() {
-            if filled as u64 >= len {
-                break;
-            }
+        let room = bytes.capacity() - bytes.len();
+        let asked = if room > 0 {
+            room
+        } else if (bytes.len() as u64) < len {
             // A large file: room for the rest, in growing steps.
-            let more = (len - filled as u64).min(filled.max(4096) as u64) as usize;
-            bytes.resize(filled + more, 0);
-        }
-        let asked = bytes.len() - filled;
-        let n = match file.read(&mut bytes[filled..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_at(path)(e)),
+            let more = (len - bytes.len() as u64).min(bytes.len().max(4096) as u64) as usize;
+            bytes.reserve_exact(more);
+            bytes.capacity() - bytes.len()
+        } else {
+            break;
         };
-        filled += n;
+        let n = match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut bytes)) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(io_at(path)(io::Error::from(e))),
+        };
         if n < asked {
             break;
         }
     }
-    bytes.truncate(filled);
+    bytes.truncate(len.try_into().unwrap_or(usize::MAX));
     Ok(bytes)
 }
 
@@ -495,7 +482,7 @@ impl Store for ChrootStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_at(&path)(e)),
         };
-        let bytes = read_short(file, &path, 4096)?;
+        let bytes = read_prefix(file, &path, 4096)?;
         Ok(Some(bytes).map(|bytes| {
             let version = Version(String::from_utf8_lossy(&bytes).into_owned());
             (bytes, version)

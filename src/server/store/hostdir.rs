@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, CWD};
 
-use super::chroot::{io_at, read_short};
+use super::chroot::{io_at, read_opened, read_prefix};
 use super::{HostRead, Key, LogsError, StoreError};
 use crate::protocol::HostName;
 use crate::server::logs::{self, Received};
@@ -63,23 +63,14 @@ impl<'a> HostDir<'a> {
 impl HostRead for HostDir<'_> {
     fn get(&self, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match self.open_key(key)? {
-            Some((file, path)) => {
-                let bytes = read_short(file, &path, limit.saturating_add(1))?;
-                if bytes.len() as u64 > limit {
-                    return Err(StoreError::TooLarge {
-                        at: path,
-                        max: limit,
-                    });
-                }
-                Ok(Some(bytes))
-            }
+            Some((file, path)) => read_opened(file, &path, limit).map(Some),
             None => Ok(None),
         }
     }
 
     fn get_prefix(&self, key: &Key, len: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match self.open_key(key)? {
-            Some((file, path)) => read_short(file, &path, len).map(Some),
+            Some((file, path)) => read_prefix(file, &path, len).map(Some),
             None => Ok(None),
         }
     }
@@ -96,7 +87,7 @@ mod tests {
     fn read(bytes: &[u8], len: u64) -> Vec<u8> {
         let t = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(t.path(), bytes).unwrap();
-        read_short(File::open(t.path()).unwrap(), t.path(), len).unwrap()
+        read_prefix(File::open(t.path()).unwrap(), t.path(), len).unwrap()
     }
 
     #[test]

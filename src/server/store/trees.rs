@@ -2,7 +2,9 @@
 //! area through the [`Store`], like anything else the host is served. Trees are named by the
 //! hash of their bytes and never change, so one process-wide cache serves every host that
 //! shares a subtree (a fleet's `common/` is read once per run, not once per host) and can
-//! never be stale; it is bounded in bytes.
+//! never be stale; it is bounded in bytes. What each tree points at ([`Edges`]) is kept
+//! across runs too (`load_edges`, `save_edges`): collecting after a publish then walks the
+//! kept versions of 1,000 hosts without reading their root trees back.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -47,11 +49,178 @@ fn keep(digest: Digest, bytes: &[u8]) {
     }
 }
 
-/// Remembers the trees a publish built (so reading the version back costs no request).
+/// Remembers the trees a publish built (so reading the version back costs no request), and
+/// what they point at (so the next run's collection need not read them).
 pub fn remember(trees: &Trees) {
     for (d, bytes) in &trees.trees {
         keep(*d, bytes);
+        if edges().lock().expect("tree edges").get(d).is_none() {
+            // Built here, from canonical bytes: no need for the untrusted parse's checks.
+            if let Ok(tree) = serde_json::from_slice::<Tree>(bytes) {
+                edges().lock().expect("tree edges").add(*d, &tree);
+            }
+        }
     }
+}
+
+/// Marks a live version's trees as still in use, so a run that leaves the version live
+/// does not drop what the next collection will walk.
+pub fn touch(root: &Digest) {
+    let mut memo = edges().lock().expect("tree edges");
+    let mut next = vec![*root];
+    while let Some(d) = next.pop() {
+        if let Some(e) = memo.get(&d) {
+            next.extend(e.subtrees.iter().copied());
+        }
+    }
+}
+
+/// What one tree points at: its own objects (packs, files too large to pack) and its
+/// subtrees. A tree never changes, so neither does this.
+#[derive(Debug, PartialEq, Eq)]
+struct Edges {
+    objects: Vec<Digest>,
+    subtrees: Vec<Digest>,
+}
+
+impl Edges {
+    fn of(tree: &Tree) -> Self {
+        let mut objects = tree.packs.clone();
+        let mut subtrees = Vec::new();
+        for e in &tree.entries {
+            match e.node {
+                Node::File { size, sha256, .. } if size > crate::protocol::pack::PACKED_MAX => {
+                    objects.push(sha256);
+                }
+                Node::File { .. } => {}
+                Node::Tree { sha256 } => subtrees.push(sha256),
+            }
+        }
+        Edges { objects, subtrees }
+    }
+}
+
+/// Every tree's [`Edges`] this process knows, and which of them this run walked or built
+/// (what is saved after a publish of every host).
+#[derive(Default)]
+struct EdgeMemo {
+    known: HashMap<Digest, Arc<Edges>>,
+    used: std::collections::HashSet<Digest>,
+    added: bool,
+}
+
+impl EdgeMemo {
+    fn get(&mut self, d: &Digest) -> Option<Arc<Edges>> {
+        let known = self.known.get(d)?.clone();
+        self.used.insert(*d);
+        Some(known)
+    }
+
+    fn add(&mut self, d: Digest, tree: &Tree) -> Arc<Edges> {
+        let edges = Arc::new(Edges::of(tree));
+        self.known.insert(d, edges.clone());
+        self.used.insert(d);
+        self.added = true;
+        edges
+    }
+}
+
+fn edges() -> &'static Mutex<EdgeMemo> {
+    static EDGES: OnceLock<Mutex<EdgeMemo>> = OnceLock::new();
+    EDGES.get_or_init(Default::default)
+}
+
+/// The edges file, in the publisher's state directory.
+pub const EDGES: &str = "tree-edges";
+
+/// The first line of the edges file: its format. Anything else is not read (a cache: the
+/// trees are read instead).
+const EDGES_MAGIC: &[u8] = b"bento tree edges 1\n";
+
+/// Loads the edges a previous run saved at `path` (none when it is absent or unreadable:
+/// the trees are read instead).
+pub fn load_edges(path: &std::path::Path) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let Some(parsed) = parse_edges(&bytes) else {
+        tracing::debug!("{}: not a tree edges file; ignored", path.display());
+        return;
+    };
+    let mut memo = edges().lock().expect("tree edges");
+    for (d, e) in parsed {
+        memo.known.entry(d).or_insert_with(|| Arc::new(e));
+    }
+}
+
+/// Saves the edges for the next run: after a run over every host (`every_host`), only those
+/// it walked, built or found live ([`touch`]); otherwise all it knows. Nothing is written
+/// when nothing would change. (A version kept but not live of a host the run left alone is
+/// dropped: its collection reads its trees again.)
+pub fn save_edges(path: &std::path::Path, every_host: bool) -> std::io::Result<()> {
+    let mut memo = edges().lock().expect("tree edges");
+    if every_host {
+        let used = std::mem::take(&mut memo.used);
+        let before = memo.known.len();
+        memo.known.retain(|d, _| used.contains(d));
+        memo.added |= memo.known.len() != before;
+        memo.used = used;
+    }
+    if !memo.added {
+        return Ok(());
+    }
+    let out = encode_edges(memo.known.iter().map(|(d, e)| (d, e.as_ref())));
+    crate::sys::atomic::write_file(path, &out, 0o600)?;
+    memo.added = false;
+    Ok(())
+}
+
+/// The bytes of an edges file: the magic line, then per tree (sorted) its digest, the
+/// counts of its objects and subtrees (u32, little-endian) and their digests.
+fn encode_edges<'a>(edges: impl Iterator<Item = (&'a Digest, &'a Edges)>) -> Vec<u8> {
+    let mut sorted: Vec<_> = edges.collect();
+    sorted.sort_by_key(|(d, _)| **d);
+    let mut out = EDGES_MAGIC.to_vec();
+    for (d, e) in sorted {
+        out.extend_from_slice(d.as_bytes());
+        for n in [e.objects.len(), e.subtrees.len()] {
+            out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+        }
+        for x in e.objects.iter().chain(&e.subtrees) {
+            out.extend_from_slice(x.as_bytes());
+        }
+    }
+    out
+}
+
+/// The records of an edges file; `None` for anything but a whole one.
+fn parse_edges(bytes: &[u8]) -> Option<Vec<(Digest, Edges)>> {
+    struct Reader<'a>(&'a [u8]);
+    impl Reader<'_> {
+        fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+            let (head, tail) = self.0.split_at_checked(N)?;
+            self.0 = tail;
+            head.try_into().ok()
+        }
+        fn count(&mut self) -> Option<usize> {
+            Some(u32::from_le_bytes(self.take()?) as usize)
+        }
+        fn digests(&mut self, n: usize) -> Option<Vec<Digest>> {
+            (0..n)
+                .map(|_| self.take().map(Digest::from_bytes))
+                .collect()
+        }
+    }
+    let mut r = Reader(bytes.strip_prefix(EDGES_MAGIC)?);
+    let mut out = Vec::new();
+    while !r.0.is_empty() {
+        let d = Digest::from_bytes(r.take()?);
+        let (objects, subtrees) = (r.count()?, r.count()?);
+        let objects = r.digests(objects)?;
+        let subtrees = r.digests(subtrees)?;
+        out.push((d, Edges { objects, subtrees }));
+    }
+    Some(out)
 }
 
 /// A tree's bytes: the cache's, else the store's (then cached once verified).
@@ -87,17 +256,18 @@ fn closure(
             path: format!("(tree {d})"),
         });
     }
-    let tree = Tree::parse_untrusted(&tree_bytes(store, host, d)?, d)?;
-    let mut set = BTreeSet::from([*d]);
-    set.extend(tree.packs.iter().copied());
-    for e in &tree.entries {
-        match e.node {
-            Node::File { size, sha256, .. } if size > crate::protocol::pack::PACKED_MAX => {
-                set.insert(sha256);
-            }
-            Node::File { .. } => {}
-            Node::Tree { sha256 } => set.extend(closure(store, host, &sha256, depth + 1)?.iter()),
+    let known = edges().lock().expect("tree edges").get(d);
+    let edges = match known {
+        Some(known) => known,
+        None => {
+            let tree = Tree::parse_untrusted(&tree_bytes(store, host, d)?, d)?;
+            edges().lock().expect("tree edges").add(*d, &tree)
         }
+    };
+    let mut set = BTreeSet::from([*d]);
+    set.extend(edges.objects.iter().copied());
+    for sub in &edges.subtrees {
+        set.extend(closure(store, host, sub, depth + 1)?.iter());
     }
     let set = Arc::new(set);
     cache_with_room(0).closures.insert(*d, set.clone());
@@ -144,6 +314,46 @@ mod tests {
         let err = expand(&store, &host, &mut read).unwrap_err().to_string();
         assert!(err.contains(&root.to_hex()), "{err}");
         assert!(read.config.is_empty() && !read.is_expanded());
+    }
+
+    #[test]
+    fn the_edges_file_reads_back_what_was_saved_and_nothing_of_a_broken_one() {
+        let d = |s: &str| Digest::of(s.as_bytes());
+        let edges = [
+            (
+                d("root"),
+                Edges {
+                    objects: vec![d("pack")],
+                    subtrees: vec![d("common")],
+                },
+            ),
+            (
+                d("common"),
+                Edges {
+                    objects: vec![d("p1"), d("big")],
+                    subtrees: vec![],
+                },
+            ),
+            (
+                d("empty"),
+                Edges {
+                    objects: vec![],
+                    subtrees: vec![],
+                },
+            ),
+        ];
+        let bytes = encode_edges(edges.iter().map(|(d, e)| (d, e)));
+        let mut read = parse_edges(&bytes).unwrap();
+        read.sort_by_key(|(d, _)| *d);
+        let mut want: Vec<_> = edges.into_iter().collect();
+        want.sort_by_key(|(d, _)| *d);
+        assert_eq!(read, want);
+        // Cut anywhere after the magic line, or another format: not a word of it is used.
+        for cut in [EDGES_MAGIC.len() + 5, bytes.len() - 1] {
+            assert!(parse_edges(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+        assert!(parse_edges(b"bento tree edges 2\n").is_none());
+        assert_eq!(parse_edges(EDGES_MAGIC).unwrap(), vec![]);
     }
 
     #[test]
