@@ -366,12 +366,7 @@ pub fn publish_tree_held(
         if !tree.dry_run {
             journal_publish(fleet, chroot, tree.action, &[], &held, &holds, &serials)?;
         }
-        let none = publish::Published {
-            reports: Vec::new(),
-            broken: Vec::new(),
-            changes: Default::default(),
-        };
-        return Ok((none, held));
+        return Ok((publish::Published::default(), held));
     };
     let now = SystemTime::now();
     let scanner = Scanner::new(

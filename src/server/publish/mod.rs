@@ -164,7 +164,7 @@ impl HostReport {
 
 /// What one publish run did: a report per host, and the flake directories whose hosts
 /// could not be listed (none of their hosts is published; which they are is unknown).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Published {
     pub reports: Vec<HostReport>,
     pub broken: Vec<crate::server::fleet::BrokenDir>,
