@@ -371,6 +371,89 @@ fn old_versions_are_collected_after_three() {
     }
 }
 
+/// What a format-2 version in `dir` uses, walked from its trees on disk.
+fn uses_on_disk(dir: &std::path::Path, digest: &bento::protocol::manifest::Digest) -> Vec<String> {
+    let mut m = Manifest::parse(&fs::read(bento::protocol::layout::manifest(dir, digest)).unwrap())
+        .unwrap();
+    let fetch = |d: &bento::protocol::manifest::Digest| {
+        Ok::<_, bento::protocol::tree::TreeError>(
+            fs::read(dir.join("objects").join(d.to_hex())).unwrap(),
+        )
+    };
+    m.expand(fetch).unwrap();
+    m.objects().into_iter().map(|o| o.to_hex()).collect()
+}
+
+#[test]
+fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_edges_cache_says() {
+    let env = Env::new();
+    let toml = env.fleet.path("bento.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        text.replacen("[server]\n", "[server]\nformat = 2\n", 1),
+    )
+    .unwrap();
+    let dir = env.chroot().join("classic1");
+    let edges = env.chroot().join(".bento/tree-edges");
+    let mut digests = Vec::new();
+    // Five publishes of classic1 alone (every edge kept), then the whole fleet's (edges of
+    // versions no longer live dropped), then classic1's again.
+    for v in 0..8 {
+        // Host-own and shared files change in turn: new root trees, then new shared ones.
+        match v % 2 {
+            0 => env
+                .fleet
+                .write("hosts/classic1/extra.nix", &format!("# version {v}\n")),
+            _ => env
+                .fleet
+                .write("common/base.nix", &format!("{{ version = \"b{v}\"; }}\n")),
+        }
+        // The cache of what trees point at, lost, then broken: collection is the same.
+        match v {
+            3 => fs::remove_file(&edges).unwrap(),
+            4 => fs::write(&edges, b"bento tree edges 1\nnot a record").unwrap(),
+            _ => {}
+        }
+        match v {
+            6 => env.publish(&[]).success(),
+            _ => env.publish(&["--host", "classic1"]).success(),
+        };
+        assert!(edges.exists(), "publish {v} saves the edges");
+        digests.push(
+            bento::protocol::layout::parse_current(
+                &fs::read_to_string(dir.join("current")).unwrap(),
+            )
+            .unwrap(),
+        );
+        // Kept: the last three; objects: exactly what they use.
+        let kept = &digests[digests.len().saturating_sub(3)..];
+        let mut manifests: Vec<String> = fs::read_dir(dir.join("manifests"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        manifests.sort();
+        let mut want: Vec<String> = kept.iter().map(|d| format!("{d}.json")).collect();
+        want.sort();
+        assert_eq!(manifests, want, "after publish {v}");
+        let used: std::collections::BTreeSet<String> =
+            kept.iter().flat_map(|d| uses_on_disk(&dir, d)).collect();
+        let objects: std::collections::BTreeSet<String> = fs::read_dir(dir.join("objects"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(objects, used, "after publish {v}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for e in fs::read_dir(env.chroot().join(".bento/pool")).unwrap() {
+        assert!(
+            e.unwrap().metadata().unwrap().nlink() > 1,
+            "the pool keeps only used objects"
+        );
+    }
+}
+
 #[test]
 fn a_host_without_account_fails_alone() {
     let env = Env::new();
