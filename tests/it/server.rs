@@ -691,7 +691,11 @@ fn prune_never_reaches_another_fleets_accounts() {
     let other = ScratchDir::new();
     fs::create_dir_all(other.join("fleet")).unwrap();
     let overlapping = &s.prefix[..s.prefix.len() - 2];
-    let other_group = format!("{overlapping}o");
+    // A group of its own: the prefix's last letter replaced (the test's group is the prefix
+    // without its `-`, so appending a fixed letter was the same group one run in 26).
+    let last = if s.group.ends_with('o') { 'p' } else { 'o' };
+    let other_group = format!("{overlapping}{last}");
+    assert_ne!(other_group, s.group);
     let prune = |group: &str| {
         fs::write(
             other.join("fleet/bento.toml"),
