@@ -442,11 +442,17 @@ mod tests {
         HostName::new("alpha").unwrap()
     }
 
-    #[test]
-    fn the_index_is_kept_per_store_and_never_trusted_for_content() {
+    /// A publisher's state directory, made.
+    fn state() -> (tempfile::TempDir, Chroot) {
         let tmp = tempfile::tempdir().unwrap();
         let state = Chroot::new(tmp.path());
         std::fs::create_dir_all(state.state_dir()).unwrap();
+        (tmp, state)
+    }
+
+    #[test]
+    fn the_index_is_kept_per_store_and_never_trusted_for_content() {
+        let (_tmp, state) = state();
         let index = Index::load(&state, "s3://a");
         index.begin_writing().unwrap();
         let alpha = alpha();
@@ -470,9 +476,7 @@ mod tests {
 
     #[test]
     fn a_host_saved_when_it_commits_and_a_forgotten_key_at_once_survive_a_kill() {
-        let tmp = tempfile::tempdir().unwrap();
-        let state = Chroot::new(tmp.path());
-        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (_tmp, state) = state();
         let (alpha, beta) = (alpha(), HostName::new("beta").unwrap());
         let index = Index::load(&state, "s3://a");
         index.begin_writing().unwrap();
@@ -498,9 +502,7 @@ mod tests {
 
     #[test]
     fn a_confirmation_holds_for_its_etag_within_a_day_and_a_new_current_voids_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let state = Chroot::new(tmp.path());
-        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (_tmp, state) = state();
         let alpha = alpha();
         let index = Index::load(&state, "s3://a");
         index.begin_writing().unwrap();
@@ -527,9 +529,7 @@ mod tests {
 
     #[test]
     fn a_listing_stands_in_for_the_engine_only_while_every_write_since_committed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let state = Chroot::new(tmp.path());
-        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (_tmp, state) = state();
         let alpha = alpha();
         let areas = [
             "b/alpha/manifests/".to_owned(),
@@ -626,9 +626,7 @@ mod tests {
 
     #[test]
     fn a_reader_never_writes_the_index_a_publish_keeps() {
-        let tmp = tempfile::tempdir().unwrap();
-        let state = Chroot::new(tmp.path());
-        std::fs::create_dir_all(state.state_dir()).unwrap();
+        let (_tmp, state) = state();
         let alpha = alpha();
         let first = Index::load(&state, "s3://a");
         first.begin_writing().unwrap();

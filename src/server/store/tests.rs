@@ -126,6 +126,15 @@ fn each_key_is_written_only_by_its_own_operation() {
     }
 }
 
+/// A chroot store in a temporary directory, its layout made (by taking the lock once).
+fn made_chroot() -> (tempfile::TempDir, Chroot, ChrootStore) {
+    let tmp = tempfile::tempdir().unwrap();
+    let chroot = Chroot::new(tmp.path().join("c"));
+    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
+    drop(store.lock(Box::new(|| {})).unwrap());
+    (tmp, chroot, store)
+}
+
 #[test]
 fn the_chroot_pools_objects_with_todays_modes_and_reads_logs_with_their_time() {
     let tmp = tempfile::tempdir().unwrap();
@@ -347,10 +356,7 @@ fn a_host_reader_answers_as_the_store_does_in_memory_and_in_the_chroot() {
 #[test]
 fn the_chroots_host_reader_refuses_and_fails_where_the_path_reads_do() {
     use std::os::unix::fs::symlink;
-    let tmp = tempfile::tempdir().unwrap();
-    let chroot = Chroot::new(tmp.path().join("c"));
-    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
-    drop(store.lock(Box::new(|| {})).unwrap());
+    let (tmp, chroot, store) = made_chroot();
     let hosts: Vec<HostName> = ["alpha", "beta", "gamma", "delta", "eps"]
         .iter()
         .map(|h| HostName::new(h).unwrap())
@@ -437,10 +443,7 @@ fn the_chroots_host_reader_refuses_and_fails_where_the_path_reads_do() {
 
 #[test]
 fn a_batched_version_has_its_names_only_once_committed_and_current_never_before() {
-    let tmp = tempfile::tempdir().unwrap();
-    let chroot = Chroot::new(tmp.path().join("c"));
-    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
-    drop(store.lock(Box::new(|| {})).unwrap());
+    let (_tmp, chroot, store) = made_chroot();
     let beta = HostName::new("beta").unwrap();
     let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![chroot.root.clone()]));
     assert!(store.join_batch(batch.clone()));
