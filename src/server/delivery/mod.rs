@@ -212,10 +212,9 @@ impl<'a> FleetDelivery<'a> {
         chroot: &Chroot,
         mut plan: HostPlan,
     ) -> Result<(HostPlan, bool), Box<HostReport>> {
-        // Its trees are read only where its files are compared (a changed tree that may
-        // run the same system): comparing contents compares roots.
-        // Read once for the run: deciding takes it from the plan (and, when it could not be
-        // read, reads it again and says why).
+        // Read once for the run, its trees unread (comparing contents compares roots; the
+        // trees are read only where files are compared, below): deciding takes it from the
+        // plan (and, when it could not be read, reads it again and says why).
         let read = crate::server::publish::read_live(store, &plan.host).ok();
         let live = read
             .as_ref()

@@ -53,7 +53,8 @@ pub fn collect_host(
         // The version this publish wrote is live: what it uses is known, its order unneeded.
         if digest == live {
             if let Some((objects, trees)) = known.uses.get(digest) {
-                if *trees && store.uses(host, digest).is_none() {
+                // A new manifest: the store has no record of it yet.
+                if *trees {
                     store.keep_uses(host, digest, objects);
                 }
                 kept.push(objects.clone());
@@ -114,16 +115,16 @@ pub fn collect_host(
         }
     }
     let used: BTreeSet<Digest> = kept.into_iter().flatten().collect();
-    let held: Vec<Key> = match &known.objects {
-        Some(held) => held.iter().map(|d| Key::Object(*d)).collect(),
-        None => store.list(host, Area::Objects)?,
-    };
-    for key in held {
-        if let Key::Object(d) = &key {
-            if !used.contains(d) {
-                store.delete(host, &key)?;
-            }
+    let listed: BTreeSet<Digest>;
+    let held = match &known.objects {
+        Some(held) => held,
+        None => {
+            listed = crate::server::store::listed_objects(store, host)?;
+            &listed
         }
+    };
+    for d in held.difference(&used) {
+        store.delete(host, &Key::Object(*d))?;
     }
     Ok(())
 }

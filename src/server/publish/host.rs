@@ -34,14 +34,6 @@ pub fn live_digest(store: &dyn Store, host: &HostName) -> Option<Digest> {
     live_manifest(store, host, &bytes).map(|(d, _)| d)
 }
 
-/// [`live_version`] without reading its trees (a format-2 manifest's `config` left empty):
-/// enough to compare contents ([`Manifest::same_content`] compares roots), at no request
-/// for a tree.
-pub fn live_unread(store: &dyn Store, host: &HostName) -> Option<(Digest, Manifest)> {
-    let (bytes, _) = store.current(host).ok()??;
-    live_manifest(store, host, &bytes)
-}
-
 /// [`live_version`] of a chroot's host directory `<root>/<host>` (tests and benchmarks,
 /// which know the directory).
 pub fn read_current(host_dir: &std::path::Path) -> Option<(Digest, Manifest)> {
@@ -392,9 +384,9 @@ pub fn stage_host(
 
     let mut new_objects = 0;
     let mut bytes = 0;
-    let listed = store.held_objects(host)?;
-    let held = listed.clone().unwrap_or_default();
-    for digest in objects.iter().filter(|d| !held.contains(d)) {
+    let held = store.held_objects(host)?;
+    let is_held = |d: &Digest| held.as_ref().is_some_and(|h| h.contains(d));
+    for digest in objects.iter().filter(|d| !is_held(d)) {
         let Some(source) = plan.sources.get(digest) else {
             if store.exists(host, &Key::Object(*digest))? {
                 continue;
@@ -426,8 +418,8 @@ pub fn stage_host(
     let manifest_bytes = manifest.to_bytes();
     let digest = Digest::of(&manifest_bytes);
     let mut known = next.read;
-    if let Some(listed) = listed {
-        known.held(listed, &objects);
+    if let Some(held) = held {
+        known.held(held, &objects);
     }
     known.uses(digest, objects, manifest.tree.is_some());
     // Recorded before any manifest carries it: the record is never behind the chroot.

@@ -118,15 +118,7 @@ fn assert_only_kept(store: &dyn Store, k: usize) {
             }
         }
         let used: BTreeSet<Digest> = kept.iter().flat_map(|m| m.objects()).collect();
-        let present: BTreeSet<Digest> = store
-            .list(&host, Area::Objects)
-            .unwrap()
-            .into_iter()
-            .filter_map(|key| match key {
-                Key::Object(d) => Some(d),
-                _ => None,
-            })
-            .collect();
+        let present = crate::server::store::listed_objects(store, &host).unwrap();
         assert_eq!(
             present, used,
             "k={k}: {host}'s objects are not the kept ones"

@@ -35,8 +35,8 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    live_digest, live_unread, live_version, publish_host, read_current, read_live, stage_host,
-    Staged, KEEP_VERSIONS,
+    live_digest, live_version, publish_host, read_current, read_live, stage_host, Staged,
+    KEEP_VERSIONS,
 };
 pub use plan::{materialize_config, plan};
 pub use refusals::undefined_error;

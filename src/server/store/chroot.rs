@@ -434,16 +434,7 @@ impl Store for ChrootStore {
         &self,
         host: &HostName,
     ) -> Result<Option<std::collections::BTreeSet<Digest>>, StoreError> {
-        let objects = self.list(host, Area::Objects)?;
-        Ok(Some(
-            objects
-                .into_iter()
-                .filter_map(|key| match key {
-                    Key::Object(digest) => Some(digest),
-                    _ => None,
-                })
-                .collect(),
-        ))
+        super::listed_objects(self, host).map(Some)
     }
 
     fn put_shared(&self, host: &HostName, key: &Key, pooled: &Path) -> Result<bool, StoreError> {

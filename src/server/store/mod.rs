@@ -261,6 +261,21 @@ pub fn copy_hashed(mut from: impl Read, out: &mut impl io::Write) -> io::Result<
     Ok((Digest::from_bytes(hasher.finalize().into()), total))
 }
 
+/// The digests of the objects in `host`'s area, by one listing.
+pub fn listed_objects(
+    store: &dyn Store,
+    host: &HostName,
+) -> Result<std::collections::BTreeSet<Digest>, StoreError> {
+    Ok(store
+        .list(host, Area::Objects)?
+        .into_iter()
+        .filter_map(|key| match key {
+            Key::Object(d) => Some(d),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Reads all of `open`'s bytes (at most `limit`, the rest left unread) into memory, checked
 /// against `digest`: for a store that sends an object whole.
 fn read_verified(
