@@ -2,8 +2,9 @@
 //! today's guarantees: objects pooled once in `.bento/pool` and hard-linked into each host's
 //! `objects/`, every other write a temporary file, fsync and rename (in a publish's batch:
 //! one sync of the filesystem before all the renames, and `current` renamed from a file
-//! made durable with its version), owners and modes as `server::chroot` sets them, host-written files read by `server::logs` (no links,
-//! bounded), and the publish lock in `.bento/`.
+//! made durable with its version), owners and modes as `server::chroot` sets them,
+//! host-written files read by `server::logs` (no links, bounded), and the publish lock in
+//! `.bento/`.
 
 use std::fs;
 use std::io;
