@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// Temporary files start with this; a later run may delete any it finds.
 pub const TMP_PREFIX: &str = ".tmp-";
 
-fn tmp_path(target: &Path) -> PathBuf {
+/// A temporary name beside `target`, unique in this process and across processes.
+pub fn tmp_path(target: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let name = target

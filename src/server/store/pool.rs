@@ -88,14 +88,7 @@ fn copy_to_tmp(
 ) -> Result<(PathBuf, u64), StoreError> {
     // Threads publishing hosts that share a file may add it at the same time: each
     // writes its own temporary file, and the first to link it into the pool wins.
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = chroot.tmp_dir().join(format!(
-        "{}{}-{seq}-{}",
-        atomic::TMP_PREFIX,
-        std::process::id(),
-        digest.to_hex()
-    ));
+    let tmp = atomic::tmp_path(&chroot.tmp_dir().join(digest.to_hex()));
     let copy = || -> io::Result<(Digest, u64)> {
         let src = open()?;
         let mut dst = fs::OpenOptions::new()
