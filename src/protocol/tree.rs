@@ -11,6 +11,7 @@
 
 use std::collections::btree_map::Entry as Slot;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -196,28 +197,29 @@ impl Tree {
 
 /// The stored form of one configuration: its root tree, every tree object by digest (a
 /// subtree that occurs twice with the same content is one object) and every pack with its
-/// layout.
+/// layout. Trees and layouts are shared, not copied: a thousand hosts sharing `common/` hold
+/// one copy of its trees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trees {
     pub root: Digest,
-    pub trees: BTreeMap<Digest, Vec<u8>>,
-    pub packs: BTreeMap<Digest, PackIndex>,
+    pub trees: BTreeMap<Digest, Arc<[u8]>>,
+    pub packs: BTreeMap<Digest, Arc<PackIndex>>,
 }
 
 impl Trees {
     /// Records a pack's layout. Two chunks can make the same bytes (`a`+`b` and `ab`): both
     /// layouts describe them truly, so the pack keeps every entry of both.
-    fn add_pack(&mut self, index: PackIndex) {
+    fn add_pack(&mut self, index: Arc<PackIndex>) {
         match self.packs.entry(index.pack) {
             Slot::Vacant(v) => {
                 v.insert(index);
             }
             Slot::Occupied(mut o) if *o.get() != index => {
-                let have = o.get_mut();
+                let have = Arc::make_mut(o.get_mut());
                 let mut all: BTreeMap<Digest, crate::protocol::pack::PackEntry> =
                     have.entries.iter().map(|e| (e.sha256, *e)).collect();
-                for e in index.entries {
-                    all.entry(e.sha256).or_insert(e);
+                for e in &index.entries {
+                    all.entry(e.sha256).or_insert(*e);
                 }
                 have.entries = all.into_values().collect();
             }
@@ -230,7 +232,7 @@ impl Trees {
         let mut out = BTreeMap::new();
         for p in self.packs.values() {
             for e in &p.entries {
-                out.entry(e.sha256).or_insert(p);
+                out.entry(e.sha256).or_insert(&**p);
             }
         }
         out
@@ -242,7 +244,7 @@ impl Trees {
 /// its names, file digests, sizes and modes and its subdirectories' keys, so equal keys
 /// are equal content (and so equal trees).
 #[derive(Default)]
-pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, std::sync::Arc<Trees>)>>);
+pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, Arc<Trees>)>>);
 
 /// Builds the trees of a format-1 listing (directories and files by path). The listing must
 /// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
@@ -300,7 +302,7 @@ pub fn build<E>(
             out.trees.entry(*d).or_insert_with(|| bytes.clone());
         }
         for index in sub.packs.values() {
-            out.add_pack(index.clone());
+            out.add_pack(Arc::clone(index));
         }
     }
     /// A subdirectory's trees, from `memo` or built (and remembered).
@@ -326,7 +328,7 @@ pub fn build<E>(
         memo.0
             .lock()
             .expect("subtrees")
-            .insert(k, (digest, std::sync::Arc::new(sub)));
+            .insert(k, (digest, Arc::new(sub)));
         Ok(digest)
     }
     fn emit<E>(
@@ -351,7 +353,7 @@ pub fn build<E>(
         let mut packs = Vec::new();
         for files in chunks(&entries) {
             let pack = pack_of(&files)?;
-            out.add_pack(PackIndex::layout(pack, &files));
+            out.add_pack(Arc::new(PackIndex::layout(pack, &files)));
             packs.push(pack);
         }
         let bytes = Tree {
@@ -361,7 +363,7 @@ pub fn build<E>(
         }
         .to_bytes();
         let digest = Digest::of(&bytes);
-        out.trees.insert(digest, bytes);
+        out.trees.insert(digest, bytes.into());
         Ok(digest)
     }
 
@@ -405,11 +407,12 @@ pub fn build<E>(
 
 /// Expands the tree `root` into the format-1 listing the agent applies (directories before
 /// their contents, sorted by path) and the trees and packs it is stored as, reading each
-/// tree through `fetch`, which returns the tree's bytes as stored. Each tree is checked
-/// against its digest; a subtree named from several places is fetched once.
-pub fn expand(
+/// tree through `fetch`, which returns the tree's bytes as stored (shared bytes are kept
+/// shared). Each tree is checked against its digest; a subtree named from several places is
+/// fetched once.
+pub fn expand<B: Into<Arc<[u8]>>>(
     root: &Digest,
-    mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, TreeError>,
+    mut fetch: impl FnMut(&Digest) -> Result<B, TreeError>,
 ) -> Result<(Vec<ConfigEntry>, Trees), TreeError> {
     let mut seen: BTreeMap<Digest, Tree> = BTreeMap::new();
     let mut stored = Trees {
@@ -429,10 +432,10 @@ pub fn expand(
         let tree = match seen.entry(digest) {
             Slot::Occupied(o) => o.into_mut(),
             Slot::Vacant(v) => {
-                let bytes = fetch(&digest)?;
+                let bytes: Arc<[u8]> = fetch(&digest)?.into();
                 let tree = Tree::parse_untrusted(&bytes, &digest)?;
                 for index in tree.pack_indexes() {
-                    stored.add_pack(index);
+                    stored.add_pack(Arc::new(index));
                 }
                 stored.trees.insert(digest, bytes);
                 v.insert(tree)
@@ -523,10 +526,14 @@ mod tests {
 
     fn fetcher(built: &Trees) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
         |d| {
-            built.trees.get(d).cloned().ok_or(TreeError::Missing {
-                tree: *d,
-                reason: "not built".into(),
-            })
+            built
+                .trees
+                .get(d)
+                .map(|b| b.to_vec())
+                .ok_or(TreeError::Missing {
+                    tree: *d,
+                    reason: "not built".into(),
+                })
         }
     }
 
@@ -586,7 +593,7 @@ mod tests {
             Tree::parse_untrusted(&spaced, &Digest::of(&spaced)),
             Err(TreeError::NotCanonical { .. })
         ));
-        let text = String::from_utf8(bytes.clone()).unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
         let extra = text.replacen("{\"format\":2,", "{\"format\":2,\"extra\":1,", 1);
         assert!(Tree::parse_untrusted(extra.as_bytes(), &Digest::of(extra.as_bytes())).is_err());
         assert!(matches!(
@@ -632,7 +639,7 @@ mod tests {
             }
             .to_bytes();
             let d = Digest::of(&bytes);
-            trees.insert(d, bytes);
+            trees.insert(d, bytes.into());
             d
         };
         for _ in 0..20 {
@@ -649,7 +656,7 @@ mod tests {
             }
             .to_bytes();
             child = Digest::of(&bytes);
-            trees.insert(child, bytes);
+            trees.insert(child, bytes.into());
         }
         let built = Trees {
             root: child,
@@ -686,7 +693,7 @@ mod tests {
             }
             .to_bytes();
             let d = Digest::of(&bytes);
-            trees.insert(d, bytes);
+            trees.insert(d, bytes.into());
             child = Some(d);
         }
         let built = Trees {

@@ -164,7 +164,9 @@ pub fn split(
             }
             continue;
         }
-        if p == FILES_DIR || p.starts_with(&format!("{FILES_DIR}/")) {
+        if p.strip_prefix(FILES_DIR)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
             if let (
                 Some(rel),
                 ItemKind::File {

@@ -70,9 +70,7 @@ pub fn settle_system(
 
 /// Equal content, whatever `system` (and `created`, `source_commit`) say.
 pub fn same_except_system(live: &Manifest, new: &Manifest) -> bool {
-    let mut probe = new.clone();
-    probe.system = live.system.clone();
-    live.same_content(&probe)
+    live.same_content_but_system(new)
 }
 
 /// The `reason` of a host kept at its live version because what it would run is the same.

@@ -122,8 +122,7 @@ impl Packer {
         )?;
         let stored = plan.manifest.stored().expect("just built");
         for (d, bytes) in &stored.trees {
-            plan.sources
-                .insert(*d, Source::Bytes(Arc::from(bytes.as_slice())));
+            plan.sources.insert(*d, Source::Bytes(Arc::clone(bytes)));
         }
         let named = self.sources.lock().expect("packer");
         for pack in stored.packs.keys() {

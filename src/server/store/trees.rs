@@ -42,9 +42,10 @@ fn cache_with_room(more: usize) -> std::sync::MutexGuard<'static, Cache> {
     c
 }
 
-fn keep(digest: Digest, bytes: &[u8]) {
+fn keep(digest: Digest, bytes: &Arc<[u8]>) {
     let mut c = cache_with_room(bytes.len());
-    if c.trees.insert(digest, bytes.into()).is_none() {
+    if let std::collections::hash_map::Entry::Vacant(v) = c.trees.entry(digest) {
+        v.insert(Arc::clone(bytes));
         c.bytes += bytes.len();
     }
 }
@@ -224,9 +225,9 @@ fn parse_edges(bytes: &[u8]) -> Option<Vec<(Digest, Edges)>> {
 }
 
 /// A tree's bytes: the cache's, else the store's (then cached once verified).
-fn tree_bytes(store: &dyn Store, host: &HostName, d: &Digest) -> Result<Vec<u8>, TreeError> {
+fn tree_bytes(store: &dyn Store, host: &HostName, d: &Digest) -> Result<Arc<[u8]>, TreeError> {
     if let Some(bytes) = cache().lock().expect("tree cache").trees.get(d) {
-        return Ok(bytes.to_vec());
+        return Ok(Arc::clone(bytes));
     }
     let missing = |reason: String| TreeError::Missing { tree: *d, reason };
     let key = Key::Object(*d);
@@ -234,6 +235,7 @@ fn tree_bytes(store: &dyn Store, host: &HostName, d: &Digest) -> Result<Vec<u8>,
         .get(host, &key, MAX_TREE_BYTES)
         .map_err(|e| missing(e.to_string()))?
         .ok_or_else(|| missing(format!("{} is absent", store.locate(host, &key).display())))?;
+    let bytes: Arc<[u8]> = bytes.into();
     // Only verified trees are cached: the caller checks the digest after this returns, so
     // check it here first.
     if Digest::of(&bytes) == *d {
