@@ -65,7 +65,7 @@ impl Chroot {
     }
 
     pub fn hash_cache_path(&self) -> PathBuf {
-        self.state_dir().join("hash-cache.json")
+        self.state_dir().join("hash-cache")
     }
 
     pub fn flake_cache_path(&self) -> PathBuf {

@@ -521,11 +521,20 @@ pub fn run(
         let path = opts.chroot.hash_cache_path();
         crate::sys::atomic::write_file(&path, &scanner.cache().to_bytes(), 0o600)
             .map_err(|source| PublishError::Io { path, source })?;
+        // Earlier bentos kept it as JSON under another name: now only stale bytes.
+        let _ = std::fs::remove_file(opts.chroot.state_dir().join("hash-cache.json"));
     }
     flakes.save().map_err(|source| PublishError::Io {
         path: opts.chroot.flake_cache_path(),
         source,
     })?;
+    // Every host's plan and scan is many small allocations: freed on every core, not one.
+    pool.install(|| {
+        rayon::join(
+            || plans.into_par_iter().for_each(drop),
+            || selected.into_par_iter().for_each(drop),
+        )
+    });
     Ok(Published {
         reports,
         broken,

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::keys::KeySniffer;
@@ -49,7 +48,7 @@ pub fn hash_file(path: &Path) -> io::Result<Digest> {
     Ok(hash_reader(&mut fs::File::open(path)?)?.sha256)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     dev: u64,
     ino: u64,
@@ -82,15 +81,13 @@ impl Stamp {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct CacheRecord {
-    #[serde(flatten)]
-    stamp: Stamp,
-    sha256: Digest,
-    /// Absent in caches written before keys were looked for: such a record is re-hashed.
-    #[serde(default)]
-    private_key: Option<bool>,
-}
+/// The cache file's first bytes. The file is binary (a fleet of 1,000 hosts has some 30,000
+/// records: JSON took a publish 70 ms to parse); a file without them (the JSON of older
+/// bentos, a torn write) is an empty cache: every file is hashed once more.
+const MAGIC: &[u8] = b"bento hash cache 1\n";
+/// One record: device, inode, size, mtime and ctime (ns) as little-endian 64-bit numbers,
+/// the sha256, then 1 when the content holds a private key, else 0.
+const RECORD: usize = 5 * 8 + 32 + 1;
 
 /// File hashes remembered across runs, keyed by (device, inode) and trusted only while
 /// size, mtime and ctime are unchanged. A file modified in the last two seconds is never
@@ -107,20 +104,30 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 impl HashCache {
     /// Loads the cache; a missing or unreadable cache is an empty one (it is only a cache).
     pub fn load(path: &Path) -> Self {
-        let records: Vec<CacheRecord> = fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let map = records
-            .into_iter()
-            .filter_map(|r| {
-                let hashed = Hashed {
-                    sha256: r.sha256,
-                    private_key: r.private_key?,
-                };
-                Some(((r.stamp.dev, r.stamp.ino), (r.stamp, hashed)))
-            })
-            .collect();
+        let bytes = fs::read(path).unwrap_or_default();
+        let map = match bytes.strip_prefix(MAGIC) {
+            Some(body) if body.len() % RECORD == 0 => body
+                .chunks_exact(RECORD)
+                .map(|r| {
+                    let n = |i: usize| {
+                        u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+                    };
+                    let stamp = Stamp {
+                        dev: n(0),
+                        ino: n(1),
+                        size: n(2),
+                        mtime_ns: n(3) as i64,
+                        ctime_ns: n(4) as i64,
+                    };
+                    let hashed = Hashed {
+                        sha256: Digest::from_bytes(r[40..72].try_into().expect("32 bytes")),
+                        private_key: r[72] != 0,
+                    };
+                    ((stamp.dev, stamp.ino), (stamp, hashed))
+                })
+                .collect(),
+            _ => HashMap::new(),
+        };
         Self {
             map: Mutex::new(map),
             seen: Mutex::default(),
@@ -135,16 +142,24 @@ impl HashCache {
     /// The cache's bytes, to be written atomically by the caller.
     pub fn to_bytes(&self) -> Vec<u8> {
         let map = self.map.lock().expect("cache lock");
-        let mut records: Vec<CacheRecord> = map
-            .values()
-            .map(|(stamp, hashed)| CacheRecord {
-                stamp: *stamp,
-                sha256: hashed.sha256,
-                private_key: Some(hashed.private_key),
-            })
-            .collect();
-        records.sort_by_key(|r| (r.stamp.dev, r.stamp.ino));
-        serde_json::to_vec(&records).expect("cache serialises")
+        let mut records: Vec<&(Stamp, Hashed)> = map.values().collect();
+        records.sort_by_key(|(stamp, _)| (stamp.dev, stamp.ino));
+        let mut out = Vec::with_capacity(MAGIC.len() + records.len() * RECORD);
+        out.extend_from_slice(MAGIC);
+        for (stamp, hashed) in records {
+            for n in [
+                stamp.dev,
+                stamp.ino,
+                stamp.size,
+                stamp.mtime_ns as u64,
+                stamp.ctime_ns as u64,
+            ] {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            out.extend_from_slice(hashed.sha256.as_bytes());
+            out.push(u8::from(hashed.private_key));
+        }
+        out
     }
 
     /// Drops records for inodes not looked up in this run, so the cache does not grow
@@ -232,28 +247,40 @@ mod tests {
         // Same size, new content: the stamp differs, so it is re-hashed.
         fs::write(&f, "two").unwrap();
         assert_eq!(hash(&cache, &f, later).sha256, Digest::of(b"two"));
-        let back = t.path().join("cache.json");
+        let back = t.path().join("cache");
         fs::write(&back, cache.to_bytes()).unwrap();
         let loaded = HashCache::load(&back);
         assert_eq!(loaded.map.lock().unwrap().len(), 1);
     }
 
     #[test]
-    fn a_cached_key_stays_found_and_old_records_are_rehashed() {
+    fn a_cached_key_stays_found_and_a_foreign_or_torn_file_is_an_empty_cache() {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("k");
         fs::write(&f, "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
         let cache = HashCache::default();
         let later = SystemTime::now() + Duration::from_secs(10);
         assert!(hash(&cache, &f, later).private_key);
-        let back = t.path().join("cache.json");
-        fs::write(&back, cache.to_bytes()).unwrap();
-        assert!(hash(&HashCache::load(&back), &f, later).private_key);
-        // A cache from before keys were looked for holds no verdict: not trusted.
-        let old = String::from_utf8(cache.to_bytes())
-            .unwrap()
-            .replace(",\"private_key\":true", "");
-        fs::write(&back, old).unwrap();
-        assert!(HashCache::load(&back).map.lock().unwrap().is_empty());
+        let back = t.path().join("cache");
+        let bytes = cache.to_bytes();
+        fs::write(&back, &bytes).unwrap();
+        let loaded = HashCache::load(&back);
+        assert_eq!(
+            loaded.map.lock().unwrap().values().next().unwrap().1,
+            Hashed {
+                sha256: Digest::of(b"-----BEGIN OPENSSH PRIVATE KEY-----\n"),
+                private_key: true
+            }
+        );
+        assert!(hash(&loaded, &f, later).private_key);
+        assert!(
+            !loaded.is_dirty(),
+            "found in the loaded cache, not hashed again"
+        );
+        // A torn write, another format (the JSON of older bentos): nothing trusted.
+        for bad in [&bytes[..bytes.len() - 1], b"[{\"dev\":1}]".as_slice(), b""] {
+            fs::write(&back, bad).unwrap();
+            assert!(HashCache::load(&back).map.lock().unwrap().is_empty());
+        }
     }
 }
