@@ -39,6 +39,25 @@ pub fn write_temp_unsynced(target: &Path, bytes: &[u8], mode: u32) -> io::Result
     write_temp_as(tmp_path(target), bytes, mode, false)
 }
 
+/// Writes `bytes` as the file `path`, unsynced, replacing what a killed run left there: for
+/// files that are temporary by name (a later step renames them once durable).
+pub fn write_new_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
 fn write_temp_as(tmp: PathBuf, bytes: &[u8], mode: u32, sync: bool) -> io::Result<PathBuf> {
     let result = (|| {
         let mut f = OpenOptions::new()

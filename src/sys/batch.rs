@@ -16,6 +16,8 @@ use std::sync::Mutex;
 enum Place {
     /// Renames a temporary file over its target.
     Rename { tmp: PathBuf, target: PathBuf },
+    /// A file written under a temporary name that a later step renames: only made durable.
+    Kept { path: PathBuf },
     /// Hard-links `from` as `to` unless `to` is there already (it then holds the same
     /// bytes: names are digests), then removes `from` if it was a temporary file.
     Link {
@@ -88,6 +90,16 @@ impl Batch {
         Ok(())
     }
 
+    /// Writes the new file `path`, unsynced, to be made durable (and not renamed) by the
+    /// commit: for a file whose name is temporary already, renamed by a later step.
+    pub fn write_kept(&self, path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+        crate::sys::atomic::write_new_unsynced(path, bytes, mode)?;
+        self.push(Place::Kept {
+            path: path.to_owned(),
+        });
+        Ok(())
+    }
+
     /// Queues a hard link of `from` as `to`; `temporary`: `from` is a temporary file the
     /// caller wrote for this batch, removed once linked.
     pub fn link(&self, from: PathBuf, to: PathBuf, temporary: bool) {
@@ -141,6 +153,7 @@ impl Batch {
                     .iter()
                     .filter_map(|p| match p {
                         Place::Rename { target, .. } => target.parent(),
+                        Place::Kept { path } => path.parent(),
                         Place::Link { to, .. } => to.parent(),
                     })
                     .collect();
@@ -167,6 +180,7 @@ const SYNCFS_FROM: usize = 64;
 fn sync_data(place: &Place) -> Result<(), CommitError> {
     let file = match place {
         Place::Rename { tmp, .. } => tmp,
+        Place::Kept { path } => path,
         Place::Link {
             from,
             temporary: true,
@@ -184,6 +198,7 @@ fn sync_data(place: &Place) -> Result<(), CommitError> {
 
 fn place(place: &Place) -> Result<(), CommitError> {
     match place {
+        Place::Kept { .. } => Ok(()),
         Place::Rename { tmp, target } => fs::rename(tmp, target).map_err(|source| CommitError {
             at: target.clone(),
             source,
@@ -273,6 +288,23 @@ mod tests {
         names.sort();
         assert_eq!(names, ["fresh", "linked", "old", "pooled"]);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_kept_file_is_written_under_its_own_name_and_left_there_by_the_commit() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let batch = Batch::new(vec![d.to_owned()]);
+        // A leftover of a killed run under the same temporary name is replaced.
+        fs::write(d.join(".tmp-next"), "torn").unwrap();
+        batch
+            .write_kept(&d.join(".tmp-next"), b"whole", 0o644)
+            .unwrap();
+        batch.write(&d.join("m"), b"manifest", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(d.join(".tmp-next")).unwrap(), "whole");
+        assert_eq!(batch.commit().unwrap(), 2);
+        assert_eq!(fs::read_to_string(d.join(".tmp-next")).unwrap(), "whole");
+        assert_eq!(fs::read_to_string(d.join("m")).unwrap(), "manifest");
     }
 
     #[test]

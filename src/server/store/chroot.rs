@@ -383,12 +383,13 @@ impl Store for ChrootStore {
             .write(&path, bytes, 0o644)
             .map_err(io_at(&path))?;
         if let Key::Manifest(digest) = key {
-            // `current`'s bytes for this version, durable with it, renamed by the switch.
+            // `current`'s bytes for this version, made durable by the batch's commit with
+            // the manifest, renamed by the switch. Its name is already a temporary one.
             let prepared = prepared_current(&self.chroot.host_dir(host), digest);
             let text = layout::current_text(digest);
             batched
                 .batch
-                .write(&prepared, text.as_bytes(), 0o644)
+                .write_kept(&prepared, text.as_bytes(), 0o644)
                 .map_err(io_at(&prepared))?;
         }
         Ok(())
@@ -527,17 +528,21 @@ impl Store for ChrootStore {
 
     /// Removes pooled objects that no host links to any more (link count 1: only the pool).
     fn collect_shared(&self) -> Result<usize, StoreError> {
+        use rayon::prelude::*;
         let pool = self.chroot.pool_dir();
-        let mut removed = 0;
-        for name in names(&pool)? {
-            let path = pool.join(name);
-            let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
-            if meta.nlink() <= 1 {
+        // A fleet's pool holds thousands of objects: looked at on every core.
+        names(&pool)?
+            .into_par_iter()
+            .map(|name| {
+                let path = pool.join(name);
+                let meta = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+                if meta.nlink() > 1 {
+                    return Ok(0);
+                }
                 fs::remove_file(&path).map_err(io_at(&path))?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
+                Ok(1)
+            })
+            .sum()
     }
 
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {
