@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::hostlogs::{read_log, store_path, Notes, Received};
 use super::state::{self, Assessment, Facts, Published, State};
@@ -96,13 +96,7 @@ pub struct Query<'a> {
 
 /// The parts of a manifest status needs. Not `deny_unknown_fields` and without `config`, so
 /// a host with thousands of files costs a skim, not a parse.
-#[derive(Deserialize)]
-struct ManifestHead {
-    format: u32,
-    created: String,
-    #[serde(default)]
-    system: Option<StorePath>,
-}
+use super::heads::{Head as ManifestHead, Heads};
 
 /// Threads reading host files at once (see `collect`).
 const COLLECT_THREADS: usize = 32;
@@ -160,6 +154,7 @@ fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Listed)>> {
 /// The status of every host (in parallel), sorted problems first, then by name.
 pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let names = host_names(query)?;
+    let heads = Heads::load(query.chroot.state_dir().join("status-heads"));
     let run = || -> std::io::Result<Vec<HostStatus>> {
         names
             .par_iter()
@@ -178,7 +173,8 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
                     .get(host)
                     .copied()
                     .unwrap_or(query.default_interval);
-                let mut row = host_status(query.store, query.chroot, host, query.now, interval);
+                let mut row =
+                    host_status(query.store, query.chroot, &heads, host, query.now, interval);
                 if *listed != Listed::Named {
                     note_removed(&mut row, query.chroot, sealed);
                 }
@@ -193,6 +189,7 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
         Ok(pool) => pool.install(run),
         Err(_) => run(),
     }?;
+    heads.save();
     sort(&mut rows);
     Ok(rows)
 }
@@ -221,7 +218,11 @@ pub fn sort(rows: &mut [HostStatus]) {
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
-fn live(reader: &HostReader<'_>, notes: &mut Notes) -> Option<(Digest, ManifestHead)> {
+fn live(
+    reader: &HostReader<'_>,
+    heads: &Heads,
+    notes: &mut Notes,
+) -> Option<(Digest, ManifestHead)> {
     let bytes = match reader.get(&Key::Current, 4096) {
         Ok(Some(b)) => b,
         Ok(None) => return None,
@@ -251,7 +252,7 @@ fn live(reader: &HostReader<'_>, notes: &mut Notes) -> Option<(Digest, ManifestH
     // The manifest is the server's own, written by publish: its digest is not re-hashed
     // here (hashing every manifest of a large fleet would dominate the run).
     let key = Key::Manifest(digest);
-    let head = read_head(reader, &key);
+    let head = heads.get(&digest, || read_head(reader, &key));
     match head {
         Ok(h) if crate::protocol::manifest::FORMATS.contains(&h.format) => Some((digest, h)),
         Ok(h) => {
@@ -358,13 +359,14 @@ fn built_for(
 pub fn host_status(
     store: &dyn Store,
     chroot: &Chroot,
+    heads: &Heads,
     host: &HostName,
     now: SystemTime,
     interval: Duration,
 ) -> HostStatus {
     let mut notes = Notes::default();
     let reader = HostReader::new(store, host);
-    let live = live(&reader, &mut notes);
+    let live = live(&reader, heads, &mut notes);
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
     let mut received = Received::default();
@@ -590,7 +592,14 @@ mod tests {
             crate::server::chroot::Ownership::Leave,
         );
         let now = state::parse_time("2026-11-25T12:01:00Z").unwrap();
-        host_status(&store, chroot, &alpha(), now, Duration::from_secs(900))
+        host_status(
+            &store,
+            chroot,
+            &Heads::default(),
+            &alpha(),
+            now,
+            Duration::from_secs(900),
+        )
     }
 
     #[test]

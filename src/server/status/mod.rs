@@ -3,6 +3,7 @@
 //! as `hostlogs` reads and notes them), `render` makes the table and the Prometheus textfile, `watch` waits for changes.
 
 pub mod collect;
+mod heads;
 mod hostlogs;
 pub mod render;
 pub mod skew;
@@ -10,4 +11,5 @@ pub mod state;
 pub mod watch;
 
 pub use collect::{collect, host_status, ExpectedFrom, HostStatus, Query};
+pub use heads::Heads;
 pub use state::{assess, Assessment, Facts, Published, State};
