@@ -1138,3 +1138,43 @@ fn a_drifted_host_exits_3_and_an_unhealthy_one_still_2() {
         .code(2);
     f.status().args(["--host", "current"]).assert().success();
 }
+
+/// `.bento/status-heads` (what status remembers of each live manifest) follows `current`
+/// to every new version and back, and a broken file is only a cache lost.
+#[test]
+fn remembered_heads_follow_current_to_each_new_version_and_back() {
+    let f = Fixture::new("[hosts.web]\n");
+    let row = || {
+        let out = f.status().arg("--json").output().unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let r = &rows.as_array().unwrap()[0];
+        (
+            r["published"].as_str().unwrap().to_owned(),
+            r["expected_system"].as_str().unwrap().to_owned(),
+            r["published_at"].as_str().unwrap().to_owned(),
+        )
+    };
+    let heads = f.chroot.state_dir().join("status-heads");
+    let (s1, s2) = (system("web", 'a'), system("web", 'b'));
+    let v1 = f.publish("web", "one", -3600, Some(&s1));
+    let first = row();
+    assert_eq!((first.0.as_str(), first.1.as_str()), (&*v1.to_hex(), &*s1));
+    assert!(heads.is_file(), "the first run keeps what it read");
+    assert_eq!(row(), first, "and the next one finds the same from it");
+
+    let v2 = f.publish("web", "two", -60, Some(&s2));
+    let second = row();
+    assert_eq!(
+        (second.0.as_str(), second.1.as_str()),
+        (&*v2.to_hex(), &*s2)
+    );
+    assert_ne!(second.2, first.2, "the new version's own time");
+
+    // Back to the first version, as `bento rollback` does.
+    let dir = f.host_dir("web");
+    fs::write(layout::current(&dir), layout::current_text(&v1)).unwrap();
+    assert_eq!(row(), first);
+
+    fs::write(&heads, b"bento status heads 1\ntorn").unwrap();
+    assert_eq!(row(), first, "a broken cache is read past");
+}

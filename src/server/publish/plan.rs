@@ -72,6 +72,9 @@ pub fn plan(
                 live: None,
             })
         })
+        .collect::<Vec<_>>()
+        // The first host's error in fleet order, whichever thread met it first.
+        .into_iter()
         .collect()
 }
 
