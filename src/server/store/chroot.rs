@@ -499,8 +499,8 @@ impl Store for ChrootStore {
             if !batched.batch.is_empty() {
                 batched.batch.commit().map_err(|e| io_at(&e.at)(e.source))?;
             }
-            // Written in a committed batch, this file is durable and only named so once it
-            // is; the run's last commit makes the rename durable.
+            // Kept by a committed batch, this file is durable (its temporary name says it
+            // may not be, until then); the run's last commit makes the rename durable.
             // Absent (a version written before the batch was joined): written below.
             let prepared = prepared_current(&self.chroot.host_dir(host), to);
             match fs::rename(&prepared, &path) {
