@@ -42,41 +42,42 @@ pub fn write_temp_unsynced(target: &Path, bytes: &[u8], mode: u32) -> io::Result
 /// Writes `bytes` as the file `path`, unsynced, replacing what a killed run left there: for
 /// files that are temporary by name (a later step renames them once durable).
 pub fn write_new_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(path)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(path);
-    }
-    result
+    write_as(path.to_owned(), bytes, mode, Made::Replacing).map(drop)
+}
+
+/// How [`write_as`] makes its file.
+enum Made {
+    /// A new name, fsynced or not.
+    New { sync: bool },
+    /// A temporary name a killed run may have left: truncated, unsynced.
+    Replacing,
 }
 
 fn write_temp_as(tmp: PathBuf, bytes: &[u8], mode: u32, sync: bool) -> io::Result<PathBuf> {
+    write_as(tmp, bytes, mode, Made::New { sync })
+}
+
+fn write_as(path: PathBuf, bytes: &[u8], mode: u32, made: Made) -> io::Result<PathBuf> {
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // create_new's mode is filtered by the umask; set it exactly.
+        let mut open = OpenOptions::new();
+        open.write(true).mode(mode);
+        match made {
+            Made::New { .. } => open.create_new(true),
+            Made::Replacing => open.create(true).truncate(true),
+        };
+        let mut f = open.open(&path)?;
+        // The mode given to open is filtered by the umask; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
-        match sync {
-            true => f.sync_all(),
-            false => Ok(()),
+        match made {
+            Made::New { sync: true } => f.sync_all(),
+            _ => Ok(()),
         }
     })();
     match result {
-        Ok(()) => Ok(tmp),
+        Ok(()) => Ok(path),
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&path);
             Err(e)
         }
     }
