@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod atomic;
 pub mod batch;
+pub mod binary;
 pub mod http;
 pub mod output;
 pub mod process;

@@ -89,6 +89,27 @@ const MAGIC: &[u8] = b"bento hash cache 1\n";
 /// the sha256, then 1 when the content holds a private key, else 0.
 const RECORD: usize = 5 * 8 + 32 + 1;
 
+/// The records of a whole cache file; `None` for a torn or foreign one.
+fn records(bytes: &[u8]) -> Option<HashMap<(u64, u64), (Stamp, Hashed)>> {
+    let mut r = crate::sys::binary::Reader::after(bytes, MAGIC)?;
+    let mut map = HashMap::new();
+    while !r.is_empty() {
+        let stamp = Stamp {
+            dev: r.u64()?,
+            ino: r.u64()?,
+            size: r.u64()?,
+            mtime_ns: r.u64()? as i64,
+            ctime_ns: r.u64()? as i64,
+        };
+        let hashed = Hashed {
+            sha256: Digest::from_bytes(r.take()?),
+            private_key: r.take::<1>()?[0] != 0,
+        };
+        map.insert((stamp.dev, stamp.ino), (stamp, hashed));
+    }
+    Some(map)
+}
+
 /// File hashes remembered across runs, keyed by (device, inode) and trusted only while
 /// size, mtime and ctime are unchanged. A file modified in the last two seconds is never
 /// cached: its mtime could still change without the timestamp moving (racy timestamps).
@@ -105,29 +126,7 @@ impl HashCache {
     /// Loads the cache; a missing or unreadable cache is an empty one (it is only a cache).
     pub fn load(path: &Path) -> Self {
         let bytes = fs::read(path).unwrap_or_default();
-        let map = match bytes.strip_prefix(MAGIC) {
-            Some(body) if body.len() % RECORD == 0 => body
-                .chunks_exact(RECORD)
-                .map(|r| {
-                    let n = |i: usize| {
-                        u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
-                    };
-                    let stamp = Stamp {
-                        dev: n(0),
-                        ino: n(1),
-                        size: n(2),
-                        mtime_ns: n(3) as i64,
-                        ctime_ns: n(4) as i64,
-                    };
-                    let hashed = Hashed {
-                        sha256: Digest::from_bytes(r[40..72].try_into().expect("32 bytes")),
-                        private_key: r[72] != 0,
-                    };
-                    ((stamp.dev, stamp.ino), (stamp, hashed))
-                })
-                .collect(),
-            _ => HashMap::new(),
-        };
+        let map = records(&bytes).unwrap_or_default();
         Self {
             map: Mutex::new(map),
             seen: Mutex::default(),

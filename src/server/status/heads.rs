@@ -118,21 +118,19 @@ fn to_bytes(heads: &HashMap<Digest, Head>) -> Vec<u8> {
 }
 
 fn parse(bytes: &[u8]) -> Option<HashMap<Digest, Head>> {
-    let mut rest = bytes.strip_prefix(MAGIC)?;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
-        rest = tail;
-        Some(head)
-    };
+    let mut r = crate::sys::binary::Reader::after(bytes, MAGIC)?;
     let mut out = HashMap::new();
-    while let Some(digest) = take(32) {
-        let digest = Digest::from_bytes(digest.try_into().ok()?);
-        let format = u32::from_le_bytes(take(4)?.try_into().ok()?);
-        let len = u16::from_le_bytes(take(2)?.try_into().ok()?);
-        let created = String::from_utf8(take(usize::from(len))?.to_vec()).ok()?;
-        let system = match u16::from_le_bytes(take(2)?.try_into().ok()?) {
+    // A torn last record fails a read: nothing is trusted then.
+    while !r.is_empty() {
+        let digest = Digest::from_bytes(r.take()?);
+        let format = r.u32()?;
+        let len = r.u16()?;
+        let created = String::from_utf8(r.bytes(usize::from(len))?.to_vec()).ok()?;
+        let system = match r.u16()? {
             NO_SYSTEM => None,
-            len => Some(StorePath::new(std::str::from_utf8(take(usize::from(len))?).ok()?).ok()?),
+            len => {
+                Some(StorePath::new(std::str::from_utf8(r.bytes(usize::from(len))?).ok()?).ok()?)
+            }
         };
         out.insert(
             digest,
@@ -143,8 +141,7 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Digest, Head>> {
             },
         );
     }
-    // A torn last record leaves bytes `take` could not give: nothing is trusted then.
-    rest.is_empty().then_some(out)
+    Some(out)
 }
 
 #[cfg(test)]

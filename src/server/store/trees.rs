@@ -196,29 +196,16 @@ fn encode_edges<'a>(edges: impl Iterator<Item = (&'a Digest, &'a Edges)>) -> Vec
 
 /// The records of an edges file; `None` for anything but a whole one.
 fn parse_edges(bytes: &[u8]) -> Option<Vec<(Digest, Edges)>> {
-    struct Reader<'a>(&'a [u8]);
-    impl Reader<'_> {
-        fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-            let (head, tail) = self.0.split_at_checked(N)?;
-            self.0 = tail;
-            head.try_into().ok()
-        }
-        fn count(&mut self) -> Option<usize> {
-            Some(u32::from_le_bytes(self.take()?) as usize)
-        }
-        fn digests(&mut self, n: usize) -> Option<Vec<Digest>> {
-            (0..n)
-                .map(|_| self.take().map(Digest::from_bytes))
-                .collect()
-        }
-    }
-    let mut r = Reader(bytes.strip_prefix(EDGES_MAGIC)?);
+    let mut r = crate::sys::binary::Reader::after(bytes, EDGES_MAGIC)?;
+    let digests = |r: &mut crate::sys::binary::Reader<'_>, n: u32| -> Option<Vec<Digest>> {
+        (0..n).map(|_| r.take().map(Digest::from_bytes)).collect()
+    };
     let mut out = Vec::new();
-    while !r.0.is_empty() {
+    while !r.is_empty() {
         let d = Digest::from_bytes(r.take()?);
-        let (objects, subtrees) = (r.count()?, r.count()?);
-        let objects = r.digests(objects)?;
-        let subtrees = r.digests(subtrees)?;
+        let (objects, subtrees) = (r.u32()?, r.u32()?);
+        let objects = digests(&mut r, objects)?;
+        let subtrees = digests(&mut r, subtrees)?;
         out.push((d, Edges { objects, subtrees }));
     }
     Some(out)
