@@ -94,9 +94,7 @@ pub struct Query<'a> {
     pub now: SystemTime,
 }
 
-/// The parts of a manifest status needs. Not `deny_unknown_fields` and without `config`, so
-/// a host with thousands of files costs a skim, not a parse.
-use super::heads::{Head as ManifestHead, Heads};
+use super::heads::{Head, Heads, FILE as HEADS_FILE};
 
 /// Threads reading host files at once (see `collect`).
 const COLLECT_THREADS: usize = 32;
@@ -154,7 +152,7 @@ fn host_names(query: &Query<'_>) -> std::io::Result<Vec<(HostName, Listed)>> {
 /// The status of every host (in parallel), sorted problems first, then by name.
 pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
     let names = host_names(query)?;
-    let heads = Heads::load(query.chroot.state_dir().join("status-heads"));
+    let heads = Heads::load(query.chroot.state_dir().join(HEADS_FILE));
     let run = || -> std::io::Result<Vec<HostStatus>> {
         // Indexed, so every thread writes its rows into one vector sized up front: gathered
         // per thread instead, the rows' growing vectors were left in as many allocator
@@ -193,7 +191,7 @@ pub fn collect(query: &Query<'_>) -> std::io::Result<Vec<HostStatus>> {
         Ok(pool) => pool.install(run),
         Err(_) => run(),
     }?;
-    heads.save();
+    heads.save(rows.iter().filter_map(|r| r.published));
     sort(&mut rows);
     Ok(rows)
 }
@@ -222,11 +220,7 @@ pub fn sort(rows: &mut [HostStatus]) {
 }
 
 /// The live version's digest and manifest head; `None` when nothing is published.
-fn live(
-    reader: &HostReader<'_>,
-    heads: &Heads,
-    notes: &mut Notes,
-) -> Option<(Digest, ManifestHead)> {
+fn live(reader: &HostReader<'_>, heads: &Heads, notes: &mut Notes) -> Option<(Digest, Head)> {
     let bytes = match reader.get(&Key::Current, 4096) {
         Ok(Some(b)) => b,
         Ok(None) => return None,
@@ -293,7 +287,7 @@ const CONFIG_KEY: &[u8] = b",\"config\":";
 /// `source_commit`, `build` and `system` before `config` (docs/protocol.md), so only the
 /// bytes before `,"config":` are parsed: a fleet's manifests can hold thousands of entries
 /// each, and skimming them all would dominate `bento status`. Anything else is parsed whole.
-fn read_head(reader: &HostReader<'_>, key: &Key) -> Result<ManifestHead, HeadError> {
+fn read_head(reader: &HostReader<'_>, key: &Key) -> Result<Head, HeadError> {
     let missing = || {
         HeadError::Store(StoreError::Io {
             at: reader.store().locate(reader.host(), key),
@@ -309,21 +303,21 @@ fn read_head(reader: &HostReader<'_>, key: &Key) -> Result<ManifestHead, HeadErr
         if let Some(at) = buf.windows(CONFIG_KEY.len()).position(|w| w == CONFIG_KEY) {
             let mut head = buf[..at].to_vec();
             head.push(b'}');
-            if let Ok(h) = serde_json::from_slice::<ManifestHead>(&head) {
+            if let Ok(h) = serde_json::from_slice::<Head>(&head) {
                 return Ok(h);
             }
             break;
         }
         if (buf.len() as u64) < len {
             // The whole file, and no canonical head in it.
-            return serde_json::from_slice::<ManifestHead>(&buf).map_err(HeadError::Parse);
+            return serde_json::from_slice::<Head>(&buf).map_err(HeadError::Parse);
         }
     }
     let bytes = reader
         .get(key, crate::protocol::manifest::MAX_MANIFEST_BYTES)
         .map_err(HeadError::Store)?
         .ok_or_else(missing)?;
-    serde_json::from_slice::<ManifestHead>(&bytes).map_err(HeadError::Parse)
+    serde_json::from_slice::<Head>(&bytes).map_err(HeadError::Parse)
 }
 
 /// The build record's system, when it was built from the live version's configuration.
@@ -427,7 +421,7 @@ pub fn host_status(
     let (expected, expected_from) = match &live {
         Some((
             _,
-            ManifestHead {
+            Head {
                 system: Some(s), ..
             },
         )) => (Some(s.clone()), Some(ExpectedFrom::Manifest)),

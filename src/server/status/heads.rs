@@ -2,8 +2,9 @@
 //! remembered across runs in the publisher's state (`.bento/status-heads`). A manifest is
 //! named by its digest and never changes, so a remembered head is never stale: a host whose
 //! `current` names a digest the file lacks (a publish or rollback since the last status) is
-//! read as before. The file holds the heads the last run used, one per host, so it does
-//! not grow with history; a run that read no manifest leaves it as it is. Without it, each
+//! read as before. A run that had to read a manifest writes the heads of the live
+//! manifests, one per host, so the file does not grow with history; a run that read none
+//! leaves it as it is (a hit costs no lock and no write). Without it, each
 //! status run reads one manifest per host: a tenth of a 10,000-host run's system calls.
 
 use std::collections::HashMap;
@@ -13,12 +14,15 @@ use std::sync::Mutex;
 use crate::protocol::manifest::Digest;
 use crate::protocol::StorePath;
 
+/// The file, in the publisher's state directory.
+pub const FILE: &str = "status-heads";
 /// The file's first bytes; a file without them (torn, foreign) is no cache at all.
 const MAGIC: &[u8] = b"bento status heads 1\n";
 /// The length written for a manifest without `system`.
 const NO_SYSTEM: u16 = u16::MAX;
 
-/// The fields of a manifest's head that status reads.
+/// The fields of a manifest's head that status reads. Not `deny_unknown_fields` and without
+/// `config`, so a host with thousands of files costs a skim, not a parse.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct Head {
     pub format: u32,
@@ -27,14 +31,12 @@ pub struct Head {
     pub system: Option<StorePath>,
 }
 
-/// The heads remembered from the last run, and those this run used.
+/// The heads remembered from the last run, and those this run had to read.
 #[derive(Debug, Default)]
 pub struct Heads {
     path: Option<PathBuf>,
     known: HashMap<Digest, Head>,
-    used: Mutex<HashMap<Digest, Head>>,
-    /// A head was read from its manifest: the file is worth writing again.
-    read: std::sync::atomic::AtomicBool,
+    read: Mutex<Vec<(Digest, Head)>>,
 }
 
 impl Heads {
@@ -57,41 +59,37 @@ impl Heads {
         digest: &Digest,
         read: impl FnOnce() -> Result<Head, E>,
     ) -> Result<Head, E> {
-        let head = match self.known.get(digest) {
-            Some(h) => h.clone(),
-            None => {
-                let h = read()?;
-                self.read.store(true, std::sync::atomic::Ordering::Relaxed);
-                h
-            }
-        };
-        self.used
+        if let Some(h) = self.known.get(digest) {
+            return Ok(h.clone());
+        }
+        let head = read()?;
+        self.read
             .lock()
             .expect("heads lock")
-            .insert(*digest, head.clone());
+            .push((*digest, head.clone()));
         Ok(head)
     }
 
-    /// Writes the heads this run used, when it read any from their manifests. A publisher
-    /// state it may not write (status run by another user) only means no cache.
-    pub fn save(&self) {
+    /// Keeps the heads of the `live` manifests, when this run had to read any of them. A
+    /// publisher state it may not write (status run by another user) only means no cache.
+    pub fn save(&self, live: impl Iterator<Item = Digest>) {
         let Some(path) = &self.path else { return };
-        if !self.read.load(std::sync::atomic::Ordering::Relaxed) || !path_parent_exists(path) {
+        let read = std::mem::take(&mut *self.read.lock().expect("heads lock"));
+        if read.is_empty() || !path.parent().is_some_and(Path::is_dir) {
             return;
         }
-        let used = self.used.lock().expect("heads lock");
-        if let Err(e) = crate::sys::atomic::write_file(path, &to_bytes(&used), 0o600) {
+        let read: HashMap<Digest, Head> = read.into_iter().collect();
+        let kept: HashMap<Digest, &Head> = live
+            .filter_map(|d| Some((d, read.get(&d).or_else(|| self.known.get(&d))?)))
+            .collect();
+        if let Err(e) = crate::sys::atomic::write_file(path, &to_bytes(&kept), 0o600) {
             tracing::debug!("{}: not written: {e}", path.display());
         }
     }
 }
 
-fn path_parent_exists(path: &Path) -> bool {
-    path.parent().is_some_and(Path::is_dir)
-}
-
-fn to_bytes(heads: &HashMap<Digest, Head>) -> Vec<u8> {
-    let mut sorted: Vec<(&Digest, &Head)> = heads.iter().collect();
+fn to_bytes(heads: &HashMap<Digest, &Head>) -> Vec<u8> {
+    let mut sorted: Vec<(&Digest, &&Head)> = heads.iter().collect();
     sorted.sort_by_key(|(d, _)| **d);
     let mut out = MAGIC.to_vec();
     for (digest, head) in sorted {
@@ -163,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn heads_used_are_kept_read_back_and_a_torn_or_foreign_file_is_no_cache() {
+    fn live_heads_are_kept_read_back_and_a_torn_or_foreign_file_is_no_cache() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("status-heads");
         let first = Heads::load(path.clone());
@@ -179,19 +177,25 @@ mod tests {
             assert_eq!(&got, h);
         }
         assert_eq!(reads, 2);
-        first.save();
+        first.save([a.0, b.0].into_iter());
 
-        // The next run finds both without reading a manifest.
+        // The next run finds both without reading a manifest, and so writes nothing.
         let second = Heads::load(path.clone());
         for (d, h) in [&a, &b] {
             assert_eq!(&second.get(d, || Err(())).unwrap(), h, "remembered");
         }
-        // A host moved to a new version: its head is read, and only heads in use are kept.
+        let untouched = std::time::SystemTime::UNIX_EPOCH;
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(untouched).unwrap();
+        second.save([a.0, b.0].into_iter());
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        assert_eq!(mtime, untouched, "nothing read, nothing written");
+        // A host moved to a new version: its head is read, and only the live heads are kept.
         let third = Heads::load(path.clone());
         let c = head(3, false);
         third.get(&a.0, || Err(())).unwrap();
         third.get(&c.0, || Ok::<_, ()>(c.1.clone())).unwrap();
-        third.save();
+        third.save([a.0, c.0].into_iter());
         let kept = Heads::load(path.clone()).known;
         assert_eq!(
             kept.keys().collect::<std::collections::BTreeSet<_>>(),
