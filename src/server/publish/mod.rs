@@ -380,12 +380,11 @@ pub fn run(
         None => (plans, Vec::new()),
     };
     // What the kept versions' trees point at, as the last run saved it.
-    crate::server::store::trees::load_edges(
-        &opts
-            .chroot
-            .state_dir()
-            .join(crate::server::store::trees::EDGES),
-    );
+    let edges = opts
+        .chroot
+        .state_dir()
+        .join(crate::server::store::trees::EDGES);
+    crate::server::store::trees::load_edges(&edges);
     let packer = (fleet.config.server.format == crate::protocol::manifest::FORMAT_TREES)
         .then(|| packs::Packer::load(opts.chroot.state_dir().join(packs::MEMO)));
     let plans = match &packer {
@@ -506,10 +505,6 @@ pub fn run(
             .save(opts.only.is_empty())
             .map_err(|source| PublishError::Io { path, source })?;
     }
-    let edges = opts
-        .chroot
-        .state_dir()
-        .join(crate::server::store::trees::EDGES);
     crate::server::store::trees::save_edges(&edges, opts.only.is_empty()).map_err(|source| {
         PublishError::Io {
             path: edges,
@@ -528,13 +523,9 @@ pub fn run(
         path: opts.chroot.flake_cache_path(),
         source,
     })?;
-    // Every host's plan and scan is many small allocations: freed on every core, not one.
-    pool.install(|| {
-        rayon::join(
-            || plans.into_par_iter().for_each(drop),
-            || selected.into_par_iter().for_each(drop),
-        )
-    });
+    // Every host's plan is many small allocations: freed on every core, not one. (The scans
+    // are the scanner's, shared: freed with it.)
+    pool.install(|| plans.into_par_iter().for_each(drop));
     Ok(Published {
         reports,
         broken,
