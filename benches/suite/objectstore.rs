@@ -448,8 +448,9 @@ fn gen_fleet(dir: &Path, hosts: usize, files: usize) {
 }
 
 /// Writes each host's heartbeat as its agent does once it applied the live version (the
-/// version `current` names and its serial); returns how many hosts have one.
-fn applied(client: &bento::sys::s3::Client, fleet: &Path) -> usize {
+/// version `current` names and its serial), the hosts under `prefix/` of the bucket;
+/// returns how many hosts have one.
+fn applied(client: &bento::sys::s3::Client, fleet: &Path, prefix: &str) -> usize {
     use bento::protocol::manifest::{Manifest, MAX_MANIFEST_BYTES};
     use bento::sys::s3::{Got, PutMode};
     let get = |key: &str, limit: u64| match client.get(BUCKET, key, limit, None).unwrap() {
@@ -459,10 +460,10 @@ fn applied(client: &bento::sys::s3::Client, fleet: &Path) -> usize {
     let mut n = 0;
     for entry in fs::read_dir(fleet.join("hosts")).unwrap() {
         let host = entry.unwrap().file_name().into_string().unwrap();
-        let current = get(&format!("hosts/{host}/current"), 4096);
+        let current = get(&format!("{prefix}/{host}/current"), 4096);
         let digest = String::from_utf8(current).unwrap().trim().to_owned();
         let manifest = get(
-            &format!("hosts/{host}/manifests/{digest}.json"),
+            &format!("{prefix}/{host}/manifests/{digest}.json"),
             MAX_MANIFEST_BYTES,
         );
         let serial = Manifest::parse(&manifest).unwrap().serial;
@@ -472,7 +473,7 @@ fn applied(client: &bento::sys::s3::Client, fleet: &Path) -> usize {
         client
             .put(
                 BUCKET,
-                &format!("hosts/{host}/logs/heartbeat.json"),
+                &format!("{prefix}/{host}/logs/heartbeat.json"),
                 heartbeat.as_bytes(),
                 PutMode::Overwrite,
             )
@@ -510,7 +511,7 @@ fn publish_fleet(
     let chroot_cold = publish_chroot(&chroot_fleet, &chroot);
     // The steady state a no-change publish meets: every host applied its version and says
     // so in its heartbeat. The first publish after that hears each host once.
-    assert_eq!(applied(&weed.client(weed.port), &fleet), hosts);
+    assert_eq!(applied(&weed.client(weed.port), &fleet, "hosts"), hosts);
     relay.reset();
     publish(&fleet);
     let hearing_requests = requests(&relay);
@@ -618,6 +619,10 @@ fn formats(
         let cold = publish(&fleet);
         let cold_requests = requests(&relay);
         let (unique, placements) = objects_in(weed, &prefix);
+        // The fleet a change meets runs: every host applied its version and said so, and a
+        // publish since heard each one (scenario 9's "hearing every host").
+        assert_eq!(applied(&weed.client(weed.port), &fleet, &prefix), hosts);
+        publish(&fleet);
         change_common_file(&fleet, 1);
         relay.reset();
         let change = publish(&fleet);

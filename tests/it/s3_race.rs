@@ -276,3 +276,52 @@ fn s3_two_publishers_racing_on_seaweedfs_one_switch_per_round_one_digest_per_ser
         }
     }
 }
+
+/// A publisher remembers `current` as it last wrote it and does not read it before writing
+/// a new version; when another publisher moved it meanwhile, the conditional switch is
+/// lost, and the publisher reads `current` and publishes the host anyway, numbered above
+/// the other's version: the operator sees "published", never a race nobody ran.
+#[test]
+fn s3_a_publisher_whose_memory_of_current_is_stale_reads_it_and_publishes_above_it() {
+    let engine = SeaweedFs::start(BUCKET, &[], None);
+    let tmp = tempfile::tempdir().unwrap();
+    let numbering = Numbering::default();
+    let (state_a, state_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let run = |state: &Path, text: &str, secs: u64| {
+        let store = publisher(&engine, state);
+        let _lock = store.lock(Box::new(|| {})).unwrap();
+        let report = publish_host(&store, &plan(text, secs), &numbering).unwrap();
+        (report.status, report.digest.unwrap(), live(&store))
+    };
+    run(&state_a, "one", 1_790_000_000);
+    let (_, two, _) = run(&state_b, "two", 1_790_000_100);
+
+    {
+        let a = publisher(&engine, &state_a);
+        let _lock = a.lock(Box::new(|| {})).unwrap();
+        let (_, stale) = a
+            .remembered_current(&alpha())
+            .expect("a remembers `current`");
+        // Looked at with a third state: asking through a's would teach a the change.
+        let peek = publisher(&engine, &tmp.path().join("peek"));
+        let (_, now) = peek.current(&alpha()).unwrap().unwrap();
+        assert_ne!(stale, now, "b moved `current` behind a's memory");
+    }
+
+    let (status, three, live_now) = run(&state_a, "three", 1_790_000_200);
+    assert_eq!(status, bento::server::publish::Status::Published);
+    assert_eq!(live_now, three);
+    let store = publisher(&engine, &state_a);
+    let kept = serials(&store);
+    let serial_of = |d: &Digest| kept.iter().find(|(_, k)| k == d).map(|(s, _)| *s);
+    assert!(
+        serial_of(&three) > serial_of(&two),
+        "numbered above the other's version: {kept:?}"
+    );
+    let distinct: BTreeSet<u64> = kept.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        distinct.len(),
+        kept.len(),
+        "one digest per serial: {kept:?}"
+    );
+}

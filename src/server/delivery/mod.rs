@@ -213,10 +213,10 @@ impl<'a> FleetDelivery<'a> {
         // Read once for the run, its trees unread (comparing contents compares roots; the
         // trees are read only where files are compared, below): deciding takes it from the
         // plan (and, when it could not be read, reads it again and says why).
-        let read = crate::server::publish::read_live(store, &plan.host).ok();
+        let read = crate::server::publish::read_live_for(store, &plan).ok();
         let live = read
             .as_ref()
-            .and_then(|(live, _)| live.as_ref())
+            .and_then(|r| r.live.as_ref())
             .map(|(_, m)| m.clone());
         plan.live = read;
         let build_on = self.fleet.config.build_on(&plan.host);

@@ -59,16 +59,56 @@ fn live_manifest(store: &dyn Store, host: &HostName, current: &[u8]) -> Option<(
 /// The live version: its digest and manifest.
 pub type Live = (Digest, Manifest);
 
-/// `current` as read at the start of a publish: the live version, and the token the switch
+/// `current` as found at the start of a publish: the live version, and the token the switch
 /// of `current` must still find (`None`: there was no `current` at all).
-pub type LiveRead = (Option<Live>, Option<Version>);
+#[derive(Debug, Clone)]
+pub struct LiveRead {
+    pub live: Option<Live>,
+    pub token: Option<Version>,
+    /// Taken from the store's memory, not read ([`Store::remembered_current`]): good only for
+    /// a new version, whose switch fails if `current` moved since (then it is read).
+    pub remembered: bool,
+}
 
 /// Reads [`LiveRead`].
 pub fn read_live(store: &dyn Store, host: &HostName) -> Result<LiveRead, StoreError> {
     Ok(match store.current(host)? {
-        Some((bytes, version)) => (live_manifest(store, host, &bytes), Some(version)),
-        None => (None, None),
+        Some((bytes, version)) => LiveRead {
+            live: live_manifest(store, host, &bytes),
+            token: Some(version),
+            remembered: false,
+        },
+        None => LiveRead {
+            live: None,
+            token: None,
+            remembered: false,
+        },
     })
+}
+
+/// [`read_live`] for a publish of `plan`: when the store remembers `current` and the plan
+/// makes a new version of what it names whatever the host runs, the memory stands in for
+/// the read (on an object store, one request fewer per changed host).
+pub fn read_live_for(store: &dyn Store, plan: &HostPlan) -> Result<LiveRead, StoreError> {
+    if let Some((bytes, token)) = store.remembered_current(&plan.host) {
+        if let Some(live) = live_manifest(store, &plan.host, &bytes) {
+            if new_anyway(&live.1, plan) {
+                return Ok(LiveRead {
+                    live: Some(live),
+                    token: Some(token),
+                    remembered: true,
+                });
+            }
+        }
+    }
+    read_live(store, &plan.host)
+}
+
+/// Whether `plan` makes a new version over `live` whichever system either names: only then
+/// may deciding rest on a remembered `current` (keeping the live version must rest on
+/// `current` as it is now).
+fn new_anyway(live: &Manifest, plan: &HostPlan) -> bool {
+    plan.keep_live.is_none() && !live.same_content_but_system(&plan.manifest)
 }
 
 /// Opens an object's bytes from where the plan found them; a failure to open or read them
@@ -124,6 +164,8 @@ pub enum Decision {
 pub struct NewVersion {
     pub live: Option<Live>,
     token: Option<Version>,
+    /// `token` was remembered, not read ([`LiveRead::remembered`]).
+    remembered: bool,
     next: super::serial::Next,
     pub manifest: Manifest,
     pub warnings: Vec<String>,
@@ -135,11 +177,32 @@ pub fn decide(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<Decision, PublishError> {
+    decide_from(store, plan, numbering, plan.live.clone())
+}
+
+/// [`decide`] from `current` as `read` found it (`None`: read it now).
+fn decide_from(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+    read: Option<LiveRead>,
+) -> Result<Decision, PublishError> {
     let host = &plan.host;
-    let (live, token) = match &plan.live {
-        Some(read) => read.clone(),
-        None => read_live(store, host)?,
+    let read = match read {
+        Some(read) => read,
+        None => read_live_for(store, plan)?,
     };
+    // The plan may have changed since (format 2's trees are made after delivery read it).
+    let read =
+        match read.remembered && !read.live.as_ref().is_some_and(|(_, l)| new_anyway(l, plan)) {
+            true => read_live(store, host)?,
+            false => read,
+        };
+    let LiveRead {
+        live,
+        token,
+        remembered,
+    } = read;
     if let Some(tree) = live.as_ref().and_then(|(_, m)| m.tree.as_ref()) {
         crate::server::store::trees::touch(&tree.root);
     }
@@ -196,7 +259,7 @@ pub fn decide(
     }
     // The new version's serial: above every serial the publisher can prove, so hosts order
     // versions without trusting clocks (server::publish::serial).
-    let next = super::serial::next(store, host, live.as_ref(), numbering)?;
+    let next = super::serial::next(store, host, live.as_ref(), token.as_ref(), numbering)?;
     let mut manifest = plan.manifest.clone();
     manifest.serial = next.serial;
     let mut warnings = next.warnings.clone();
@@ -229,6 +292,7 @@ pub fn decide(
     Ok(Decision::New(Box::new(NewVersion {
         live,
         token,
+        remembered,
         next,
         manifest,
         warnings,
@@ -278,9 +342,36 @@ pub fn publish_host(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<HostReport, PublishError> {
-    match stage_host(store, plan, numbering)? {
-        Staged::Done(report) => Ok(*report),
-        Staged::Ready(ready) => ready.go_live(store),
+    let staged = stage_host(store, plan, numbering)?;
+    finish(store, plan, numbering, staged)
+}
+
+/// Makes a staged host's new version live. When its `current` was remembered and has moved
+/// since (another publisher, a restored store), the host is staged again once from
+/// `current` as read now, as a publish that began after the move would have.
+pub fn finish(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+    staged: Staged,
+) -> Result<HostReport, PublishError> {
+    let ready = match staged {
+        Staged::Done(report) => return Ok(*report),
+        Staged::Ready(ready) => ready,
+    };
+    let remembered = ready.remembered;
+    match ready.go_live(store) {
+        Err(PublishError::Store(StoreError::Raced { .. })) if remembered => {
+            tracing::debug!(
+                "{}: `current` moved since this publisher wrote it; reading it",
+                plan.host
+            );
+            match stage(store, plan, numbering, Some(read_live(store, &plan.host)?))? {
+                Staged::Done(report) => Ok(*report),
+                Staged::Ready(ready) => ready.go_live(store),
+            }
+        }
+        done => done,
     }
 }
 
@@ -296,6 +387,7 @@ pub struct Ready {
     host: HostName,
     digest: Digest,
     token: Option<Version>,
+    remembered: bool,
     discard: Vec<Digest>,
     /// What the publish read or wrote of the host's versions, for collecting.
     known: super::collect::Known,
@@ -310,6 +402,7 @@ impl Ready {
             host,
             digest,
             token,
+            remembered: _,
             discard,
             known,
             report,
@@ -335,8 +428,18 @@ pub fn stage_host(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<Staged, PublishError> {
+    stage(store, plan, numbering, plan.live.clone())
+}
+
+/// [`stage_host`] from `current` as `read` found it (`None`: read it now).
+fn stage(
+    store: &dyn Store,
+    plan: &HostPlan,
+    numbering: &super::Numbering<'_>,
+    read: Option<LiveRead>,
+) -> Result<Staged, PublishError> {
     let host = &plan.host;
-    let new = match decide(store, plan, numbering)? {
+    let new = match decide_from(store, plan, numbering, read)? {
         Decision::Keep {
             report,
             sign,
@@ -369,6 +472,7 @@ pub fn stage_host(
     let signer = numbering.signer;
     let NewVersion {
         token,
+        remembered,
         next,
         manifest,
         warnings,
@@ -448,6 +552,7 @@ pub fn stage_host(
         host: host.clone(),
         digest,
         token,
+        remembered,
         discard: next.discard,
         known,
         report: HostReport {
@@ -496,6 +601,53 @@ fn missing(store: &dyn Store, host: &HostName, key: &Key) -> StoreError {
 mod tests {
     use super::*;
     use crate::server::store::MemStore;
+
+    fn plan(text: &str) -> HostPlan {
+        crate::server::publish::fixture::plan(
+            "alpha",
+            &[("configuration.nix", text)],
+            1_700_000_000,
+        )
+    }
+
+    #[test]
+    fn a_remembered_current_that_moved_is_read_and_the_host_still_published() {
+        let store = MemStore::remembering();
+        let n = super::super::Numbering::default();
+        let alpha = HostName::new("alpha").unwrap();
+        let a = publish_host(&store, &plan("a"), &n)
+            .unwrap()
+            .digest
+            .unwrap();
+        let b = publish_host(&store, &plan("b"), &n)
+            .unwrap()
+            .digest
+            .unwrap();
+
+        // Another publisher rolls the host back to `a` behind this store's memory.
+        store.switch_elsewhere(&alpha, &a);
+        // A new version: staged on the remembered `b`, its switch lost, staged again from
+        // `current` as it is, and live.
+        let read = read_live_for(&store, &plan("c")).unwrap();
+        assert!(read.remembered, "a new version rests on the memory");
+        assert_eq!(read.live.map(|(d, _)| d), Some(b));
+        let c = publish_host(&store, &plan("c"), &n).unwrap();
+        let (live, manifest) = live_version(&store, &alpha).unwrap();
+        assert_eq!((c.status, c.digest), (Status::Published, Some(live)));
+        assert_eq!(manifest.serial, 3);
+
+        // The plan is what the memory names live, but `current` moved: keeping rests on a
+        // read, which finds `a`, so `c` is published again.
+        store.switch_elsewhere(&alpha, &a);
+        let read = read_live_for(&store, &plan("c")).unwrap();
+        assert!(
+            !read.remembered,
+            "keeping the live version is never remembered"
+        );
+        let again = publish_host(&store, &plan("c"), &n).unwrap();
+        assert_eq!(again.status, Status::Published);
+        assert_eq!(live_version(&store, &alpha).unwrap().1.serial, 4);
+    }
 
     #[test]
     fn a_lost_race_withdraws_its_own_version_but_never_the_live_one() {

@@ -35,7 +35,7 @@ pub use commit::{dirty_warning, source_commit, Commit};
 pub use fresh::{refresh, window as freshness_window, Refreshed, Stamping};
 pub use hook::Delivery;
 pub use host::{
-    live_digest, live_version, publish_host, read_current, read_live, stage_host, Staged,
+    live_digest, live_version, publish_host, read_current, read_live_for, stage_host, Staged,
     KEEP_VERSIONS,
 };
 pub use plan::{materialize_config, plan};
@@ -423,8 +423,9 @@ pub fn run(
     };
     let finish = |p: &HostPlan, staged: Result<Staged, PublishError>| {
         let r = match staged {
-            Ok(Staged::Done(report)) => *report,
-            Ok(Staged::Ready(ready)) => ready.go_live(opts.store).unwrap_or_else(|e| failed(p, e)),
+            Ok(staged) => {
+                host::finish(opts.store, p, &numbering, staged).unwrap_or_else(|e| failed(p, e))
+            }
             Err(e) => failed(p, e),
         };
         (opts.on_host)(&r);

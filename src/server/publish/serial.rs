@@ -56,11 +56,23 @@ pub struct Next {
     pub read: super::collect::Known,
 }
 
-/// Works out the next serial of `host`, whose live version is `live`.
+/// Works out the next serial of `host`, whose live version is `live` with `current` at
+/// `version`.
+///
+/// The host's heartbeat is not read when it already confirmed `live` while `current` was
+/// at `version` ([`Store::confirmed`]; a confirmation is only kept while the record held
+/// `live`'s serial): it then reports `live`'s serial, which the record proves already, and
+/// nothing that would renumber. The same reasoning as [`numbered_last`]'s, with the same
+/// limit: the store and the publisher's state restored together keep a confirmation they
+/// should not (the host then refuses the new version as a replay, its refusal voids
+/// nothing, and since the new `current` voids the confirmation the next publish reads the
+/// refusing heartbeat and numbers above it; docs/operators.md has the operator remove the
+/// index after such a restore).
 pub fn next(
     store: &dyn Store,
     host: &HostName,
     live: Option<&(Digest, Manifest)>,
+    version: Option<&Version>,
     numbering: &Numbering<'_>,
 ) -> Result<Next, PublishError> {
     let recorded = match numbering.record {
@@ -71,7 +83,12 @@ pub fn next(
         None => None,
     };
     let public = numbering.signer.map(|s| [s.public()]);
-    let heartbeat = reported(store, host);
+    let confirmed = live.is_some_and(|(_, m)| recorded.is_some_and(|r| r >= m.serial))
+        && version.is_some_and(|v| store.confirmed(host, v));
+    let heartbeat = match confirmed {
+        true => None,
+        false => reported(store, host),
+    };
     let reported_serial = heartbeat.as_ref().and_then(|h| h.serial);
 
     let mut proven = recorded.unwrap_or(0).max(reported_serial.unwrap_or(0));
@@ -214,8 +231,10 @@ pub fn next(
 ///   unreachable. Both need a publisher that once numbered below a serial that existed; a
 ///   mirror is an export of live versions, so it holds nothing above the serials this
 ///   publisher numbered otherwise. For those, a confirmation expires (the object store's is
-///   a day, `s3index::CONFIRMATION_SECS`), and any change of the host's content reads the
-///   heartbeat in [`next`]; the host's refusal names `--serial-floor` meanwhile.
+///   a day, `s3index::CONFIRMATION_SECS`); a new version numbered meanwhile is refused by
+///   the host as a replay, and its new `current` voids the confirmation, so the next
+///   publish reads the refusing heartbeat and numbers above it (the refusal names
+///   `--serial-floor` meanwhile).
 /// - A host whose heartbeat is missing, is another version's or lacks `serial` confirms
 ///   nothing: its heartbeat is read on every publish, as the restored-server repair needs.
 pub fn numbered_last(
@@ -393,6 +412,32 @@ mod tests {
         // `current` written again (another publisher, a restored store): read, renumbered.
         store.switch_current(&web(), &live, Some(&at)).unwrap();
         let r = publish_host(&store, &plan("a"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Published, 10));
+    }
+
+    #[test]
+    fn a_new_version_of_a_confirmed_host_is_numbered_without_its_heartbeat() {
+        let t = tempfile::tempdir().unwrap();
+        let serials = Serials::new(t.path());
+        let n = Numbering {
+            record: Some(&serials),
+            ..Default::default()
+        };
+        let store = MemStore::new();
+        publish_host(&store, &plan("a"), &n).unwrap();
+        let (live, _) = crate::server::publish::live_version(&store, &web()).unwrap();
+        store.put_log(&web(), "heartbeat.json", &running(&live, 1));
+        publish_host(&store, &plan("a"), &n).unwrap();
+        let (_, at) = store.current(&web()).unwrap().unwrap();
+        assert!(store.confirmed(&web(), &at));
+
+        // A heartbeat read now would number above 9: it is not read, the record numbers.
+        store.put_log(&web(), "heartbeat.json", &heartbeat(9));
+        let r = publish_host(&store, &plan("b"), &n).unwrap();
+        assert_eq!((r.status, live_serial(&store)), (Status::Published, 2));
+        // The new `current` voided the confirmation: the next publish hears the host (here
+        // one that refused serial 2 as a replay) and numbers above what it applied.
+        let r = publish_host(&store, &plan("b"), &n).unwrap();
         assert_eq!((r.status, live_serial(&store)), (Status::Published, 10));
     }
 

@@ -26,11 +26,48 @@ pub struct MemStore {
     generation: AtomicUsize,
     /// The version of `current` each host's heartbeat last confirmed (`Store::confirm`).
     confirmations: Mutex<BTreeMap<HostName, Version>>,
+    /// `Some`: `current` as last read or switched through this store, offered as
+    /// `Store::remembered_current` (an object store's index); see [`MemStore::remembering`].
+    remembered: Option<Mutex<BTreeMap<HostName, Current>>>,
 }
+
+/// `current`'s bytes and version.
+type Current = (Vec<u8>, Version);
 
 impl MemStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that remembers `current` as an object store's index does, so a publish of a
+    /// new version need not read it first.
+    pub fn remembering() -> Self {
+        Self {
+            remembered: Some(Mutex::default()),
+            ..Self::default()
+        }
+    }
+
+    /// Switches `current` as another publisher would: behind this store's memory of it.
+    pub fn switch_elsewhere(&self, host: &HostName, to: &Digest) {
+        let next = self.version();
+        self.with(host, |m| {
+            m.insert(Key::Current, layout::current_text(to).into_bytes())
+        });
+        self.versions
+            .lock()
+            .expect("not poisoned")
+            .insert(host.clone(), next);
+    }
+
+    fn remember(&self, host: &HostName, now: &Option<Current>) {
+        if let Some(memory) = &self.remembered {
+            let mut memory = memory.lock().expect("not poisoned");
+            match now {
+                Some(now) => memory.insert(host.clone(), now.clone()),
+                None => memory.remove(host),
+            };
+        }
     }
 
     /// Every key of `host`, in order (for tests that check what a run left).
@@ -198,9 +235,16 @@ impl Store for MemStore {
             .expect("not poisoned")
             .get(host)
             .cloned();
-        Ok(self
+        let now = self
             .read(host, &Key::Current)
-            .map(|b| (b, version.unwrap_or_else(|| Version(String::new())))))
+            .map(|b| (b, version.unwrap_or_else(|| Version(String::new()))));
+        self.remember(host, &now);
+        Ok(now)
+    }
+
+    fn remembered_current(&self, host: &HostName) -> Option<(Vec<u8>, Version)> {
+        let memory = self.remembered.as_ref()?.lock().expect("not poisoned");
+        memory.get(host).cloned()
     }
 
     fn switch_current(
@@ -213,15 +257,9 @@ impl Store for MemStore {
         if now.as_ref() != from {
             return Err(StoreError::Raced { host: host.clone() });
         }
-        let next = self.version();
-        self.with(host, |m| {
-            m.insert(Key::Current, layout::current_text(to).into_bytes())
-        });
-        self.versions
-            .lock()
-            .expect("not poisoned")
-            .insert(host.clone(), next);
-        Ok(())
+        self.switch_elsewhere(host, to);
+        // Remembered as an object store learns the new ETag: from the switch's answer.
+        self.current(host).map(|_| ())
     }
 
     fn collect_shared(&self) -> Result<usize, StoreError> {

@@ -163,6 +163,15 @@ pub trait Store: Send + Sync {
     fn delete(&self, host: &HostName, key: &Key) -> Result<(), StoreError>;
     /// The bytes of `current` and their version, `None` when there is none.
     fn current(&self, host: &HostName) -> Result<Option<(Vec<u8>, Version)>, StoreError>;
+    /// `current` as this publisher last wrote or read it, without asking, when a switch
+    /// from it fails on its own if that is no longer so (the engine honours the condition)
+    /// and the store knows every key of the host since. A host that gets a new version
+    /// anyway is then spared reading `current` first; a wrong guess costs only the lost
+    /// switch, after which the publish reads it (`server::publish` retries the host once).
+    /// `None` (the default): read it.
+    fn remembered_current(&self, _host: &HostName) -> Option<(Vec<u8>, Version)> {
+        None
+    }
     /// Makes `current` name `to`, if it is still `from` (`None`: it must not exist).
     fn switch_current(
         &self,

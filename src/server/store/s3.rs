@@ -489,6 +489,10 @@ impl Store for S3Store {
         Ok(now)
     }
 
+    fn remembered_current(&self, host: &HostName) -> Option<(Vec<u8>, Version)> {
+        self.current_remembered(host)
+    }
+
     fn switch_current(
         &self,
         host: &HostName,

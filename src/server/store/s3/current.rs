@@ -8,6 +8,7 @@
 use super::{s3_err, S3Store, MAX_CURRENT_BYTES};
 use crate::protocol::layout::Key;
 use crate::protocol::HostName;
+use crate::server::store::Cas;
 use crate::server::store::{StoreError, Version};
 use crate::sys::s3::{Got, S3Error};
 
@@ -35,6 +36,17 @@ impl S3Store {
         if let Some(full) = self.current_key(host) {
             self.index.confirm(host, &full, &version.0, unix_now());
         }
+    }
+
+    /// `Store::remembered_current`: the index's `current`, while the engine honours the
+    /// switch's condition (a stale guess loses the switch) and the host's listing is
+    /// trusted (every write to the host since was this publisher's, as far as it knows).
+    pub(super) fn current_remembered(&self, host: &HostName) -> Option<(Vec<u8>, Version)> {
+        if self.cas() != Cas::Honoured || !self.index.trusted(host, unix_now()) {
+            return None;
+        }
+        let (text, etag) = self.index.current(host, &self.current_key(host)?)?;
+        Some((text.into_bytes(), Version(etag)))
     }
 
     /// `current` from the engine (asked with its indexed ETag), never this run's memory.
