@@ -37,7 +37,7 @@ pub fn expand(
     manifest: &mut Manifest,
     objects: &Path,
 ) -> Result<u64, PackedError> {
-    let Some(root) = manifest.tree.as_ref().map(|t| t.root) else {
+    let Some((root, top)) = manifest.tree.as_ref().map(|t| (t.root, t.top.clone())) else {
         return Ok(0);
     };
     if manifest.is_expanded() {
@@ -56,6 +56,11 @@ pub fn expand(
         let mut trees = Vec::new();
         let mut absent = Vec::new();
         for d in level {
+            // The root came in the (verified) manifest.
+            if d == root {
+                trees.push((*top).clone());
+                continue;
+            }
             // A tree held locally is checked again: the state directory is no authority,
             // and a damaged copy is fetched afresh rather than failing every run.
             let path = objects.join(d.to_hex());
@@ -271,6 +276,17 @@ mod tests {
         (t, read)
     }
 
+    /// The tree of `d/`, the served version's one subtree (its root is in the manifest).
+    fn subtree(m: &Manifest) -> Digest {
+        match m.tree.as_ref().unwrap().top.entries[..] {
+            [crate::protocol::tree::Entry {
+                node: Node::Tree { sha256 },
+                ..
+            }] => sha256,
+            ref other => panic!("one subtree: {other:?}"),
+        }
+    }
+
     fn files(n: usize) -> Vec<(String, Vec<u8>)> {
         (0..n)
             .map(|i| {
@@ -355,7 +371,7 @@ mod tests {
         assert!(!local.path().join(tampered.to_hex()).exists());
 
         // A tree swapped on the server, with nothing held locally: refused by its digest.
-        let root = m.tree.as_ref().unwrap().root;
+        let root = subtree(&m);
         std::fs::write(
             objects.join(root.to_hex()),
             b"{\"format\":2,\"entries\":[]}\n",
@@ -372,8 +388,7 @@ mod tests {
         let (t, m) = served(&all);
         let local = tempfile::tempdir().unwrap();
         update(&t, &m, local.path()).unwrap();
-        let root = m.tree.as_ref().unwrap().root;
-        let held = local.path().join(root.to_hex());
+        let held = local.path().join(subtree(&m).to_hex());
         let good = std::fs::read(&held).unwrap();
         std::fs::write(&held, b"damaged").unwrap();
         let again = update(&t, &m, local.path()).unwrap();

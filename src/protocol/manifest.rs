@@ -155,12 +155,26 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// Format 2's configuration: the root tree (on the wire in place of `config`) and, once
-/// built by publish or expanded from the trees, every tree and pack it is stored as.
+/// Format 2's configuration: the root tree (on the wire in place of `config`, whole: a
+/// host's root is its own, never shared, so it travels in the manifest rather than as an
+/// object of its own) and, once built by publish or expanded from the trees, every tree and
+/// pack it is stored as.
 #[derive(Debug, Clone)]
 pub struct TreeRef {
+    /// The root tree's digest, as if it were stored (`sha256` of its object's bytes).
     pub root: Digest,
+    pub top: Arc<crate::protocol::tree::Tree>,
     pub stored: Option<Arc<crate::protocol::tree::Trees>>,
+}
+
+impl TreeRef {
+    fn new(top: crate::protocol::tree::Tree) -> Self {
+        Self {
+            root: Digest::of(&top.to_bytes()),
+            top: Arc::new(top),
+            stored: None,
+        }
+    }
 }
 
 /// What is stored follows from the root: two references to one root are equal.
@@ -215,7 +229,7 @@ struct WireOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     config: Option<&'a [ConfigEntry]>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tree: Option<Digest>,
+    tree: Option<&'a crate::protocol::tree::Tree>,
     files: &'a [FileEntry],
 }
 
@@ -235,7 +249,7 @@ struct WireIn {
     #[serde(default)]
     config: Option<Vec<ConfigEntry>>,
     #[serde(default)]
-    tree: Option<Digest>,
+    tree: Option<crate::protocol::tree::Tree>,
     files: Vec<FileEntry>,
 }
 
@@ -252,7 +266,7 @@ impl Serialize for Manifest {
             build: self.build,
             system: &self.system,
             config: (!trees).then_some(&self.config[..]),
-            tree: self.tree.as_ref().filter(|_| trees).map(|t| t.root),
+            tree: self.tree.as_ref().filter(|_| trees).map(|t| &*t.top),
             files: &self.files,
         }
         .serialize(s)
@@ -271,7 +285,7 @@ impl From<WireIn> for Manifest {
             build: w.build,
             system: w.system,
             config: w.config.unwrap_or_default(),
-            tree: w.tree.map(|root| TreeRef { root, stored: None }),
+            tree: w.tree.map(TreeRef::new),
             files: w.files,
         }
     }
@@ -293,9 +307,13 @@ impl Manifest {
         memo: &crate::protocol::tree::Subtrees,
     ) -> Result<(), E> {
         let trees = crate::protocol::tree::build(&self.config, pack_of, memo)?;
+        let top =
+            crate::protocol::tree::Tree::parse_untrusted(&trees.trees[&trees.root], &trees.root)
+                .expect("a tree just built parses");
         self.format = FORMAT_TREES;
         self.tree = Some(TreeRef {
             root: trees.root,
+            top: Arc::new(top),
             stored: Some(Arc::new(trees)),
         });
         Ok(())
@@ -321,11 +339,18 @@ impl Manifest {
         if self.is_expanded() {
             return Ok(());
         }
-        let root = self.tree.as_ref().expect("format 2 has a tree").root;
-        let (config, trees) = crate::protocol::tree::expand(&root, fetch)?;
+        let tree = self.tree.as_ref().expect("format 2 has a tree");
+        let (root, top) = (tree.root, tree.top.clone());
+        let mut fetch = fetch;
+        // The root is the manifest's own: only the trees below it are fetched.
+        let (config, trees) = crate::protocol::tree::expand(&root, |d| match *d == root {
+            true => Ok(Arc::<[u8]>::from(top.to_bytes())),
+            false => fetch(d).map(Into::into),
+        })?;
         self.config = config;
         self.tree = Some(TreeRef {
             root,
+            top,
             stored: Some(Arc::new(trees)),
         });
         self.check_structure()
@@ -391,7 +416,8 @@ impl Manifest {
             })
             .collect();
         if let Some(stored) = stored {
-            set.extend(stored.trees.keys());
+            // The root travels in the manifest.
+            set.extend(stored.trees.keys().filter(|d| **d != stored.root));
             set.extend(stored.packs.keys());
         }
         set.extend(self.files.iter().map(|f| f.sha256));
@@ -469,6 +495,11 @@ impl Manifest {
             (FORMAT_TREES, _, None) => return Err(shape("no tree")),
             (FORMAT_TREES, Some(_), _) => return Err(shape("a config, which only format 1 has")),
             _ => {}
+        }
+        if let Some(top) = &w.tree {
+            // Checked as a stored tree is: names, order, one pack per chunk, size.
+            let bytes = top.to_bytes();
+            crate::protocol::tree::Tree::parse_untrusted(&bytes, &Digest::of(&bytes))?;
         }
         let m = Manifest::from(w);
         m.check_structure()?;
@@ -693,7 +724,7 @@ mod tests {
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(text.starts_with(r#"{"format":2,"#), "{text}");
         assert!(
-            text.contains(r#""tree":""#) && !text.contains(r#""config""#),
+            text.contains(r#""tree":{"format":2,"entries":["#) && !text.contains(r#""config""#),
             "{text}"
         );
 
@@ -717,12 +748,17 @@ mod tests {
         assert_eq!(read.config, sample().config);
         assert_eq!(read.objects(), full.objects());
         let objects = full.objects();
-        assert!(stored.trees.keys().all(|t| objects.contains(t)));
+        let root = full.tree.as_ref().unwrap().root;
+        assert!(!objects.contains(&root), "the root travels in the manifest");
+        assert!(stored
+            .trees
+            .keys()
+            .all(|t| *t == root || objects.contains(t)));
         assert!(stored.packs.keys().all(|p| objects.contains(p)));
         assert_eq!(
             objects.len(),
-            stored.trees.len() + stored.packs.len() + 1,
-            "trees, packs and the one `files/` object: a packed file is no object of its own"
+            stored.trees.len() - 1 + stored.packs.len() + 1,
+            "trees below the root, packs and the one `files/` object: a packed file is no object of its own"
         );
         assert!(
             !full.same_content(&sample()),

@@ -274,7 +274,19 @@ pub fn objects(
     let Some(tree) = m.tree.as_ref().filter(|_| !m.is_expanded()) else {
         return Ok(m.objects());
     };
-    let mut set = closure(store, host, &tree.root, 0)?.as_ref().clone();
+    // The root is the manifest's own, not an object: what it names is.
+    let known = edges().lock().expect("tree edges").get(&tree.root);
+    let top = match known {
+        Some(known) => known,
+        None => edges()
+            .lock()
+            .expect("tree edges")
+            .add(tree.root, &tree.top),
+    };
+    let mut set: BTreeSet<Digest> = top.objects.iter().copied().collect();
+    for sub in &top.subtrees {
+        set.extend(closure(store, host, sub, 1)?.iter());
+    }
     set.extend(m.files.iter().map(|f| f.sha256));
     Ok(set)
 }
@@ -295,10 +307,17 @@ mod tests {
         let store = MemStore::default();
         let host = HostName::new("alpha").unwrap();
         let mut plan =
-            crate::server::publish::fixture::plan("alpha", &[("a.nix", "{ }")], 1).manifest;
+            crate::server::publish::fixture::plan("alpha", &[("d/a.nix", "{ }")], 1).manifest;
+        plan.config
+            .push(crate::protocol::manifest::ConfigEntry::Directory {
+                path: crate::protocol::manifest::RelPath::new("d").unwrap(),
+            });
+        plan.canonicalize();
         plan.store_as_trees(crate::protocol::tree::test_pack_of, &Default::default())
             .unwrap();
-        let root = plan.tree.as_ref().unwrap().root;
+        // The root is in the manifest: `d/`'s tree is the one missing.
+        let stored = plan.stored().unwrap();
+        let root = *stored.trees.keys().find(|d| **d != stored.root).unwrap();
         let mut read = Manifest::parse(&plan.to_bytes()).unwrap();
         let err = expand(&store, &host, &mut read).unwrap_err().to_string();
         assert!(err.contains(&root.to_hex()), "{err}");
