@@ -167,16 +167,6 @@ pub struct TreeRef {
     pub stored: Option<Arc<crate::protocol::tree::Trees>>,
 }
 
-impl TreeRef {
-    fn new(top: crate::protocol::tree::Tree) -> Self {
-        Self {
-            root: Digest::of(&top.to_bytes()),
-            top: Arc::new(top),
-            stored: None,
-        }
-    }
-}
-
 /// What is stored follows from the root: two references to one root are equal.
 impl PartialEq for TreeRef {
     fn eq(&self, other: &Self) -> bool {
@@ -273,8 +263,9 @@ impl Serialize for Manifest {
     }
 }
 
-impl From<WireIn> for Manifest {
-    fn from(w: WireIn) -> Self {
+impl Manifest {
+    /// The manifest `w` reads as, its root tree (if any) named `root`.
+    fn from_wire(w: WireIn, root: Option<Digest>) -> Self {
         Manifest {
             format: w.format,
             host: w.host,
@@ -285,7 +276,11 @@ impl From<WireIn> for Manifest {
             build: w.build,
             system: w.system,
             config: w.config.unwrap_or_default(),
-            tree: w.tree.map(TreeRef::new),
+            tree: w.tree.zip(root).map(|(top, root)| TreeRef {
+                root,
+                top: Arc::new(top),
+                stored: None,
+            }),
             files: w.files,
         }
     }
@@ -307,9 +302,9 @@ impl Manifest {
         memo: &crate::protocol::tree::Subtrees,
     ) -> Result<(), E> {
         let trees = crate::protocol::tree::build(&self.config, pack_of, memo)?;
-        let top =
-            crate::protocol::tree::Tree::parse_untrusted(&trees.trees[&trees.root], &trees.root)
-                .expect("a tree just built parses");
+        // Read back from what was just built (trusted: no check).
+        let top: crate::protocol::tree::Tree =
+            serde_json::from_slice(&trees.trees[&trees.root]).expect("a tree just built parses");
         self.format = FORMAT_TREES;
         self.tree = Some(TreeRef {
             root: trees.root,
@@ -496,12 +491,25 @@ impl Manifest {
             (FORMAT_TREES, Some(_), _) => return Err(shape("a config, which only format 1 has")),
             _ => {}
         }
-        if let Some(top) = &w.tree {
-            // Checked as a stored tree is: names, order, one pack per chunk, size.
-            let bytes = top.to_bytes();
-            crate::protocol::tree::Tree::parse_untrusted(&bytes, &Digest::of(&bytes))?;
-        }
-        let m = Manifest::from(w);
+        // The root tree is checked as a stored one is (size, names, order, one pack per
+        // chunk) and named by the digest its object would have.
+        let root = match &w.tree {
+            Some(top) => {
+                let bytes = top.to_bytes();
+                let root = Digest::of(&bytes);
+                if bytes.len() as u64 > crate::protocol::tree::MAX_TREE_BYTES {
+                    return Err(crate::protocol::tree::TreeError::TooLarge {
+                        digest: root,
+                        size: bytes.len() as u64,
+                    }
+                    .into());
+                }
+                top.check(&root)?;
+                Some(root)
+            }
+            None => None,
+        };
+        let m = Manifest::from_wire(w, root);
         m.check_structure()?;
         Ok(m)
     }
@@ -715,6 +723,30 @@ mod tests {
         m.store_as_trees(crate::protocol::tree::test_pack_of, &Default::default())
             .unwrap();
         m
+    }
+
+    #[test]
+    fn the_root_tree_inside_a_manifest_is_checked_as_a_stored_tree_is() {
+        let text = String::from_utf8(sample_trees().to_bytes()).unwrap();
+        for (from, to, why) in [
+            (
+                r#""name":"flake.nix""#,
+                r#""name":"~/x""#,
+                "unsafe entry name",
+            ),
+            (r#""name":"common""#, r#""name":"zzz""#, "out of order"),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            assert_ne!(bad, text, "{from}");
+            let err = Manifest::parse(bad.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(why), "{from} → {to}: {err}");
+        }
+        // One pack named twice: more packs than the root's chunks.
+        let at = text.find(r#""packs":[""#).unwrap() + r#""packs":["#.len();
+        let one = &text[at..at + 66];
+        let bad = format!("{}{one},{}", &text[..at], &text[at..]);
+        let err = Manifest::parse(bad.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("packs' worth of files"), "{err}");
     }
 
     #[test]

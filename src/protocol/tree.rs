@@ -149,11 +149,25 @@ impl Tree {
                 actual,
             });
         }
-        let invalid = |reason: String| TreeError::Invalid {
+        let tree: Tree = serde_json::from_slice(bytes).map_err(|e| TreeError::Invalid {
             digest: *expected,
+            reason: e.to_string(),
+        })?;
+        tree.check(expected)?;
+        if tree.to_bytes() != bytes {
+            return Err(TreeError::NotCanonical { digest: *expected });
+        }
+        Ok(tree)
+    }
+
+    /// What [`Tree::parse_untrusted`] checks of a parsed tree (named `digest` in errors):
+    /// format, names, order, sizes and one pack per chunk.
+    pub fn check(&self, digest: &Digest) -> Result<(), TreeError> {
+        let tree = self;
+        let invalid = |reason: String| TreeError::Invalid {
+            digest: *digest,
             reason,
         };
-        let tree: Tree = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         if tree.format != TREE_FORMAT {
             return Err(invalid(format!(
                 "format {} (this bento reads trees of format {TREE_FORMAT})",
@@ -188,10 +202,7 @@ impl Tree {
                 tree.packs.len()
             )));
         }
-        if tree.to_bytes() != bytes {
-            return Err(TreeError::NotCanonical { digest: *expected });
-        }
-        Ok(tree)
+        Ok(())
     }
 }
 
