@@ -177,19 +177,9 @@ pub fn decide(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<Decision, PublishError> {
-    decide_from(store, plan, numbering, plan.live.clone())
-}
-
-/// [`decide`] from `current` as `read` found it (`None`: read it now).
-fn decide_from(
-    store: &dyn Store,
-    plan: &HostPlan,
-    numbering: &super::Numbering<'_>,
-    read: Option<LiveRead>,
-) -> Result<Decision, PublishError> {
     let host = &plan.host;
-    let read = match read {
-        Some(read) => read,
+    let read = match &plan.live {
+        Some(read) => read.clone(),
         None => read_live_for(store, plan)?,
     };
     // The plan may have changed since (format 2's trees are made after delivery read it).
@@ -366,7 +356,12 @@ pub fn finish(
                 "{}: `current` moved since this publisher wrote it; reading it",
                 plan.host
             );
-            match stage(store, plan, numbering, Some(read_live(store, &plan.host)?))? {
+            // Rare: the plan is copied to carry `current` as read now.
+            let plan = HostPlan {
+                live: Some(read_live(store, &plan.host)?),
+                ..plan.clone()
+            };
+            match stage_host(store, &plan, numbering)? {
                 Staged::Done(report) => Ok(*report),
                 Staged::Ready(ready) => ready.go_live(store),
             }
@@ -428,18 +423,8 @@ pub fn stage_host(
     plan: &HostPlan,
     numbering: &super::Numbering<'_>,
 ) -> Result<Staged, PublishError> {
-    stage(store, plan, numbering, plan.live.clone())
-}
-
-/// [`stage_host`] from `current` as `read` found it (`None`: read it now).
-fn stage(
-    store: &dyn Store,
-    plan: &HostPlan,
-    numbering: &super::Numbering<'_>,
-    read: Option<LiveRead>,
-) -> Result<Staged, PublishError> {
     let host = &plan.host;
-    let new = match decide_from(store, plan, numbering, read)? {
+    let new = match decide(store, plan, numbering)? {
         Decision::Keep {
             report,
             sign,
