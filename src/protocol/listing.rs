@@ -31,18 +31,39 @@ impl Digest {
     }
 
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        self.hex().as_str().to_owned()
+    }
+
+    /// The hex form on the stack: manifests and trees serialise thousands of digests per
+    /// publish, and a `String` per digest was a measurable part of it.
+    fn hex(&self) -> Hex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        Hex(out)
     }
 
     /// The first 12 hex characters, for tables and logs.
     pub fn short(&self) -> String {
-        hex::encode(&self.0[..6])
+        self.hex().as_str()[..12].to_owned()
+    }
+}
+
+/// A digest's 64 lowercase hex characters.
+struct Hex([u8; 64]);
+
+impl Hex {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(self.hex().as_str())
     }
 }
 
@@ -60,29 +81,46 @@ impl FromStr for Digest {
     type Err = BadDigest;
     fn from_str(s: &str) -> Result<Self, BadDigest> {
         let bad = || BadDigest(s.chars().take(80).collect());
-        if s.len() != 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        // Lowercase only: one spelling per digest, so equal digests are equal strings.
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        if s.len() != 64 {
             return Err(bad());
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+        for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
+                _ => return Err(bad()),
+            }
+        }
         Ok(Self(out))
     }
 }
 
 impl Serialize for Digest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        s.serialize_str(self.hex().as_str())
     }
 }
 
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // A visitor, not `String::deserialize`: the digest is read from the input in place.
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sha256 digest (64 lowercase hex characters)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Digest, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
     }
 }
 

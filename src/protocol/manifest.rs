@@ -715,6 +715,25 @@ mod tests {
         assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
         assert!(d.to_hex().to_uppercase().parse::<Digest>().is_err());
         assert!("abc".parse::<Digest>().is_err());
+        // The spelling every other sha256 tool prints, both ways, and in JSON.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(Digest::of(b"abc").to_hex(), abc);
+        assert_eq!(Digest::of(b"abc").short(), &abc[..12]);
+        let json = format!("\"{abc}\"");
+        assert_eq!(serde_json::to_string(&Digest::of(b"abc")).unwrap(), json);
+        assert_eq!(
+            serde_json::from_str::<Digest>(&json).unwrap(),
+            Digest::of(b"abc")
+        );
+        for bad in [
+            abc.replacen('b', "g", 1),
+            format!("{abc}0"),
+            abc.replacen('b', " ", 1),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad}");
+            assert!(serde_json::from_str::<Digest>(&format!("\"{bad}\"")).is_err());
+        }
+        assert!(serde_json::from_str::<Digest>("7").is_err());
     }
 
     /// The sample as format 2, with the tests' packs named by their files.

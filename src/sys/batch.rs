@@ -16,7 +16,8 @@ use std::sync::Mutex;
 enum Place {
     /// Renames a temporary file over its target.
     Rename { tmp: PathBuf, target: PathBuf },
-    /// A file written under a temporary name that a later step renames: only made durable.
+    /// A file written under a temporary name that a later step renames, or one appended to
+    /// in place: only made durable.
     Kept { path: PathBuf },
     /// Hard-links `from` as `to` unless `to` is there already (it then holds the same
     /// bytes: names are digests), then removes `from` if it was a temporary file.
@@ -27,11 +28,13 @@ enum Place {
     },
 }
 
-/// What waits, in the order asked for, and where each renamed target is in it.
+/// What waits, in the order asked for, where each renamed target is in it, and which
+/// files written in place it syncs.
 #[derive(Debug, Default)]
 struct Queue {
     places: Vec<Place>,
     renames: std::collections::HashMap<PathBuf, usize>,
+    synced: std::collections::HashSet<PathBuf>,
 }
 
 /// Updates waiting for one [`Batch::commit`]. Shared by the threads that queue them.
@@ -71,7 +74,9 @@ impl Batch {
     pub fn write(&self, target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let tmp = crate::sys::atomic::write_temp_unsynced(target, bytes, mode)?;
         let mut queue = self.queue.lock().expect("batch lock");
-        let Queue { places, renames } = &mut *queue;
+        let Queue {
+            places, renames, ..
+        } = &mut *queue;
         match renames.get(target) {
             Some(&i) => {
                 if let Place::Rename { tmp: earlier, .. } = &mut places[i] {
@@ -98,6 +103,17 @@ impl Batch {
             path: path.to_owned(),
         });
         Ok(())
+    }
+
+    /// Makes `path`, a file the caller wrote in place (an append), durable with the commit,
+    /// however many times it is asked in one batch.
+    pub fn sync(&self, path: &Path) {
+        let mut queue = self.queue.lock().expect("batch lock");
+        if queue.synced.insert(path.to_owned()) {
+            queue.places.push(Place::Kept {
+                path: path.to_owned(),
+            });
+        }
     }
 
     /// Queues a hard link of `from` as `to`; `temporary`: `from` is a temporary file the

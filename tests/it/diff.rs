@@ -62,7 +62,7 @@ fn diff_and_dry_run_name_a_secret_checks_and_interval_and_write_nothing() {
 
     // Without its serial records (a state from before them), publish would write them
     // first; a dry run must not.
-    fs::remove_dir_all(sshd.chroot().join(".bento/serials")).unwrap();
+    fs::remove_file(sshd.chroot().join(".bento/serials.log")).unwrap();
     let before = tree_fingerprint(&sshd.chroot());
     let (c, out, err) = run(&sshd, &["diff", "--host", "alpha"]);
     assert_eq!(c, 0, "{out}{err}");

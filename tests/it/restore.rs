@@ -40,7 +40,7 @@ fn lose_server_state(sshd: &Sshd, heartbeat_too: bool) {
         fs::remove_file(entry.unwrap().path()).unwrap();
     }
     fs::remove_file(dir.join("current")).unwrap();
-    let _ = fs::remove_dir_all(sshd.chroot().join(".bento/serials"));
+    let _ = fs::remove_file(sshd.chroot().join(".bento/serials.log"));
     if heartbeat_too {
         fs::remove_file(dir.join("logs/heartbeat.json")).unwrap();
     }

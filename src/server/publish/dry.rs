@@ -129,7 +129,8 @@ mod tests {
         }
         // A state without serial records (lost, or from before them): publish would
         // write them; a dry run only reads.
-        std::fs::remove_dir_all(records.path().join("serials")).unwrap();
+        std::fs::remove_file(records.path().join("serials.log")).unwrap();
+        let serials = Serials::new(records.path());
         let dry = Numbering {
             record: Some(&serials),
             dry_run: true,
@@ -145,7 +146,7 @@ mod tests {
         let beta = report(&faulty, &plan("beta", "v1", 1_790_000_100), &dry).unwrap();
         assert_eq!(beta.status, Status::Unchanged);
         assert!(
-            !records.path().join("serials").exists(),
+            !records.path().join("serials.log").exists(),
             "a record was written"
         );
         // And the changes it names are the plan's against the live manifest.
