@@ -101,27 +101,47 @@ pub fn next(
         let Key::Manifest(digest) = key else {
             continue;
         };
-        let Some(bytes) = store.get(host, &key, MAX_MANIFEST_BYTES).ok().flatten() else {
-            continue;
-        };
-        if Digest::of(&bytes) != digest {
-            continue;
-        }
-        let Ok(m) = Manifest::parse(&bytes) else {
-            continue;
+        // The live manifest was read and checked against its digest by the caller.
+        let (m, bytes) = match live.filter(|(d, _)| *d == digest) {
+            Some((_, m)) => (m.clone(), None),
+            None => {
+                let Some(bytes) = store.get(host, &key, MAX_MANIFEST_BYTES).ok().flatten() else {
+                    continue;
+                };
+                if Digest::of(&bytes) != digest {
+                    continue;
+                }
+                let Ok(m) = Manifest::parse(&bytes) else {
+                    continue;
+                };
+                (m, Some(bytes))
+            }
         };
         // The record and the heartbeat first: a serial they prove needs no signature read
         // (on an object store, a request per kept manifest).
         let trusted = recorded.is_some_and(|r| m.serial <= r)
             || reported_serial.is_some_and(|r| m.serial <= r)
             || match &public {
-                Some(keys) => store
-                    .get(host, &Key::Signature(digest), 64 * 1024)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|sig| {
-                        crate::protocol::signing::verify(keys, &bytes, &sig).is_ok()
-                    }),
+                Some(keys) => {
+                    let bytes = match bytes {
+                        Some(b) => Some(b),
+                        // Read again only to check a signature: the same bytes or none.
+                        None => store
+                            .get(host, &key, MAX_MANIFEST_BYTES)
+                            .ok()
+                            .flatten()
+                            .filter(|b| Digest::of(b) == digest),
+                    };
+                    bytes.is_some_and(|bytes| {
+                        store
+                            .get(host, &Key::Signature(digest), 64 * 1024)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|sig| {
+                                crate::protocol::signing::verify(keys, &bytes, &sig).is_ok()
+                            })
+                    })
+                }
                 // An unsigned fleet without a record yet: the manifests are all there is.
                 None => recorded.is_none(),
             };
