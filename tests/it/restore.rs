@@ -250,3 +250,31 @@ fn an_unsigned_fleet_refuses_a_serial_jump_it_did_not_make() {
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
 }
+
+/// A publisher upgraded from a bento that kept a serial record per host
+/// (`.bento/serials/<host>`): those records still count, and the next publish folds them
+/// into `.bento/serials.log` and removes them.
+#[test]
+fn serial_records_an_earlier_bento_kept_per_host_still_count() {
+    let sshd = Sshd::start(&["alpha"]);
+    fleet(&sshd);
+    write_version(&sshd, "1");
+    sshd.publish();
+    assert_eq!(live_serial(&sshd), 1);
+    let state = sshd.chroot().join(".bento");
+    fs::remove_file(state.join("serials.log")).unwrap();
+    fs::create_dir(state.join("serials")).unwrap();
+    fs::write(state.join("serials/alpha"), "41\n").unwrap();
+
+    write_version(&sshd, "2");
+    let out = publish(&sshd, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_serial(&sshd), 42, "numbered above the old record");
+    assert!(!state.join("serials").exists(), "folded into the log");
+    let log = fs::read_to_string(state.join("serials.log")).unwrap();
+    assert_eq!(log, "alpha 42\n");
+}
