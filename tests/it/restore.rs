@@ -24,6 +24,17 @@ fn publish(sshd: &Sshd, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `bento publish`, which must succeed.
+fn published(sshd: &Sshd, extra: &[&str]) -> Output {
+    let out = publish(sshd, extra);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn live_serial(sshd: &Sshd) -> u64 {
     let digest = live(sshd, "alpha");
     let dir = sshd.host_dir("alpha");
@@ -70,12 +81,7 @@ fn a_restored_server_numbers_above_what_the_host_applied() {
     // what proves serial 2: the next version is 3, and the host takes it.
     lose_server_state(&sshd, false);
     write_version(&sshd, "3");
-    let out = publish(&sshd, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    published(&sshd, &[]);
     assert_eq!(live_serial(&sshd), 3);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
@@ -84,12 +90,7 @@ fn a_restored_server_numbers_above_what_the_host_applied() {
     // it, naming the way out.
     lose_server_state(&sshd, true);
     write_version(&sshd, "4");
-    let out = publish(&sshd, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    published(&sshd, &[]);
     assert_eq!(live_serial(&sshd), 1);
     let out = m.update();
     assert_eq!(code(&out), EXIT_FAILED, "{}", text(&out));
@@ -107,12 +108,7 @@ fn a_restored_server_numbers_above_what_the_host_applied() {
     // The operator's way out, before the refusing host's next heartbeat would have told
     // the publisher on its own: --serial-floor, even with the same content.
     fs::remove_file(sshd.host_dir("alpha").join("logs/heartbeat.json")).unwrap();
-    let out = publish(&sshd, &["--host", "alpha", "--serial-floor", "4"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = published(&sshd, &["--host", "alpha", "--serial-floor", "4"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json[0]["status"], "published", "{json}");
     assert_eq!(live_serial(&sshd), 4);
@@ -127,12 +123,7 @@ fn a_restored_server_numbers_above_what_the_host_applied() {
     assert!(out.status.success());
     assert_eq!(live_serial(&sshd), 1);
     assert_eq!(code(&m.update()), EXIT_FAILED);
-    let out = publish(&sshd, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    published(&sshd, &[]);
     assert_eq!(live_serial(&sshd), 5);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
@@ -184,12 +175,7 @@ fn a_saturated_serial_written_into_the_chroot_does_not_lock_hosts_out() {
     let forged = forge_live(&sshd, u64::MAX, Some(&intruder));
     assert_eq!(code(&m.update()), EXIT_FAILED);
     write_version(&sshd, "2");
-    let out = publish(&sshd, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = published(&sshd, &[]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let warnings = json[0]["warnings"].to_string();
     assert!(
@@ -240,12 +226,7 @@ fn an_unsigned_fleet_refuses_a_serial_jump_it_did_not_make() {
         "a refused host is left as it was"
     );
     // The operator checked the chroot and vouches for a floor.
-    let out = publish(&sshd, &["--serial-floor", "2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    published(&sshd, &["--serial-floor", "2"]);
     assert_eq!(live_serial(&sshd), 2);
     let out = m.update();
     assert_eq!(code(&out), EXIT_UPDATED, "{}", text(&out));
@@ -267,12 +248,7 @@ fn serial_records_an_earlier_bento_kept_per_host_still_count() {
     fs::write(state.join("serials/alpha"), "41\n").unwrap();
 
     write_version(&sshd, "2");
-    let out = publish(&sshd, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    published(&sshd, &[]);
     assert_eq!(live_serial(&sshd), 42, "numbered above the old record");
     assert!(!state.join("serials").exists(), "folded into the log");
     let log = fs::read_to_string(state.join("serials.log")).unwrap();
