@@ -301,10 +301,7 @@ impl Manifest {
         pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
         memo: &crate::protocol::tree::Subtrees,
     ) -> Result<(), E> {
-        let trees = crate::protocol::tree::build(&self.config, pack_of, memo)?;
-        // Read back from what was just built (trusted: no check).
-        let top: crate::protocol::tree::Tree =
-            serde_json::from_slice(&trees.trees[&trees.root]).expect("a tree just built parses");
+        let (trees, top) = crate::protocol::tree::build(&self.config, pack_of, memo)?;
         self.format = FORMAT_TREES;
         self.tree = Some(TreeRef {
             root: trees.root,

@@ -261,19 +261,29 @@ pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, Arc<Trees>)>>);
 /// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
 /// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
 /// Every subtree below the root is reused from `memo`, or built and remembered there.
+/// Returns the root tree too, as built (the manifest carries it).
 pub fn build<E>(
     entries: &[ConfigEntry],
     mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
     memo: &Subtrees,
-) -> Result<Trees, E> {
+) -> Result<(Trees, Tree), E> {
     #[derive(Default)]
     struct Dir {
         files: BTreeMap<String, Node>,
         dirs: BTreeMap<String, Dir>,
+        /// Its key, once worked out: a parent's key is made of its subdirectories'.
+        key: std::cell::OnceCell<Digest>,
+    }
+    /// The subdirectory `name`, made if new (a name is copied only then: every file of
+    /// a host passes through here).
+    fn child<'a>(dir: &'a mut Dir, name: &str) -> &'a mut Dir {
+        if !dir.dirs.contains_key(name) {
+            dir.dirs.insert(name.to_owned(), Dir::default());
+        }
+        dir.dirs.get_mut(name).expect("just made")
     }
     fn dir_at<'a>(root: &'a mut Dir, path: &str) -> &'a mut Dir {
-        path.split('/')
-            .fold(root, |d, part| d.dirs.entry(part.to_owned()).or_default())
+        path.split('/').fold(root, child)
     }
     fn split(path: &RelPath) -> (Option<&str>, &str) {
         match path.as_str().rsplit_once('/') {
@@ -283,6 +293,9 @@ pub fn build<E>(
     }
     type PackOf<'a, E> = dyn FnMut(&[(Digest, u64)]) -> Result<Digest, E> + 'a;
     fn key(dir: &Dir) -> Digest {
+        *dir.key.get_or_init(|| key_of(dir))
+    }
+    fn key_of(dir: &Dir) -> Digest {
         use sha2::Digest as _;
         let mut h = Sha256::new();
         for (name, node) in &dir.files {
@@ -348,6 +361,19 @@ pub fn build<E>(
         pack_of: &mut PackOf<'_, E>,
         memo: &Subtrees,
     ) -> Result<Digest, E> {
+        let tree = make(dir, out, pack_of, memo)?;
+        let bytes = tree.to_bytes();
+        let digest = Digest::of(&bytes);
+        out.trees.insert(digest, bytes.into());
+        Ok(digest)
+    }
+    /// The tree of `dir`, its subtrees and packs emitted into `out`.
+    fn make<E>(
+        dir: Dir,
+        out: &mut Trees,
+        pack_of: &mut PackOf<'_, E>,
+        memo: &Subtrees,
+    ) -> Result<Tree, E> {
         let mut entries: Vec<Entry> = dir
             .files
             .into_iter()
@@ -367,15 +393,11 @@ pub fn build<E>(
             out.add_pack(Arc::new(PackIndex::layout(pack, &files)));
             packs.push(pack);
         }
-        let bytes = Tree {
+        Ok(Tree {
             format: TREE_FORMAT,
             entries,
             packs,
-        }
-        .to_bytes();
-        let digest = Digest::of(&bytes);
-        out.trees.insert(digest, bytes.into());
-        Ok(digest)
+        })
     }
 
     let mut root = Dir::default();
@@ -387,7 +409,7 @@ pub fn build<E>(
         };
         match e {
             ConfigEntry::Directory { .. } => {
-                dir.dirs.entry(name.to_owned()).or_default();
+                child(dir, name);
             }
             ConfigEntry::File {
                 size,
@@ -412,8 +434,11 @@ pub fn build<E>(
         packs: BTreeMap::new(),
     };
     // The root is the host's own: built, not remembered.
-    out.root = emit(root, &mut out, &mut pack_of, memo)?;
-    Ok(out)
+    let top = make(root, &mut out, &mut pack_of, memo)?;
+    let bytes = top.to_bytes();
+    out.root = Digest::of(&bytes);
+    out.trees.insert(out.root, bytes.into());
+    Ok((out, top))
 }
 
 /// Expands the tree `root` into the format-1 listing the agent applies (directories before
@@ -532,7 +557,7 @@ mod tests {
     }
 
     fn build_with(entries: &[ConfigEntry], memo: &Subtrees) -> Trees {
-        super::build(entries, test_pack_of, memo).unwrap()
+        super::build(entries, test_pack_of, memo).unwrap().0
     }
 
     fn fetcher(built: &Trees) -> impl FnMut(&Digest) -> Result<Vec<u8>, TreeError> + '_ {
