@@ -92,13 +92,14 @@ impl Serials {
         if table.known.get(host).is_some_and(|&s| s >= serial) {
             return Ok(());
         }
-        super::private_dir(&self.dir)?;
+        super::private_dir(&self.dir).map_err(|e| at(&self.dir, e))?;
         let path = self.dir.join(LOG);
         if table.legacy || table.torn || table.lines >= 4 * table.known.len().max(256) {
             let mut known = table.known.clone();
             known.insert(host.clone(), serial);
             // Durable at once, batch or not: the lines it replaces are gone with the rename.
-            crate::sys::atomic::write_file(&path, &lines(&known), 0o600)?;
+            crate::sys::atomic::write_file(&path, &lines(&known), 0o600)
+                .map_err(|e| at(&path, e))?;
             table.log = None;
             table.torn = false;
             table.lines = known.len();
@@ -116,18 +117,22 @@ impl Serials {
                     .append(true)
                     .create(true)
                     .mode(0o600)
-                    .open(&path)?;
+                    .open(&path)
+                    .map_err(|e| at(&path, e))?;
                 if created && self.batch.is_none() {
-                    crate::sys::atomic::sync_dir(&self.dir)?;
+                    crate::sys::atomic::sync_dir(&self.dir).map_err(|e| at(&self.dir, e))?;
                 }
                 table.log.insert(Arc::new(file)).clone()
             }
         };
         // One write of a whole line, appended: a crash leaves at most a torn last line,
         // which `read` ignores (its serial was never live: its sync had not returned).
-        (&*log)
-            .write_all(format!("{host} {serial}\n").as_bytes())
-            .map_err(|e| at(&path, e))?;
+        if let Err(e) = (&*log).write_all(format!("{host} {serial}\n").as_bytes()) {
+            // Part of the line may be there (a full disk): the next raise rewrites the log
+            // rather than append to it.
+            table.torn = true;
+            return Err(at(&path, e));
+        }
         table.lines += 1;
         table.known.insert(host.clone(), serial);
         drop(guard);
