@@ -24,19 +24,26 @@ fn installed(rel: &str) -> PathBuf {
     p
 }
 
-/// A port `p` with `p + 10000` free too (SeaweedFS puts each gRPC port there).
-fn free_port_pair() -> u16 {
-    for _ in 0..200 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let p = l.local_addr().unwrap().port();
-        if p > 55_000 {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
+/// `N` ports `p`, each with `p + 10000` free too (SeaweedFS puts each gRPC port there), and
+/// no port of one pair the other's: `weed mini` refuses a port another's gRPC port is.
+fn free_port_pairs<const N: usize>() -> [u16; N] {
+    let mut taken: Vec<u16> = Vec::new();
+    let mut ports = [0; N];
+    for port in &mut ports {
+        *port = (0..200)
+            .find_map(|_| {
+                let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+                let p = l.local_addr().unwrap().port();
+                let pair = [p, p.checked_add(10_000)?];
+                (p <= 55_000
+                    && !pair.iter().any(|q| taken.contains(q))
+                    && TcpListener::bind(("127.0.0.1", pair[1])).is_ok())
+                .then_some(p)
+            })
+            .expect("no free port pair on 127.0.0.1");
+        taken.extend([*port, *port + 10_000]);
     }
-    panic!("no free port pair on 127.0.0.1");
+    ports
 }
 
 fn free_port() -> u16 {
@@ -261,8 +268,8 @@ impl SeaweedFs {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let log = dir.path().join("weed.log");
-        let [master, volume, filer, s3, admin_port] = [(); 5].map(|_| free_port_pair());
-        let https = tls.map(|_| free_port());
+        let [master, volume, filer, s3, admin_port, https] = free_port_pairs::<6>();
+        let https = tls.map(|_| https);
         let mut cmd = Command::new(weed);
         cmd.arg("mini")
             .arg(format!("-dir={}", data.display()))
