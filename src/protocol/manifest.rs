@@ -490,22 +490,7 @@ impl Manifest {
         }
         // The root tree is checked as a stored one is (size, names, order, one pack per
         // chunk) and named by the digest its object would have.
-        let root = match &w.tree {
-            Some(top) => {
-                let bytes = top.to_bytes();
-                let root = Digest::of(&bytes);
-                if bytes.len() as u64 > crate::protocol::tree::MAX_TREE_BYTES {
-                    return Err(crate::protocol::tree::TreeError::TooLarge {
-                        digest: root,
-                        size: bytes.len() as u64,
-                    }
-                    .into());
-                }
-                top.check(&root)?;
-                Some(root)
-            }
-            None => None,
-        };
+        let root = w.tree.as_ref().map(|top| top.named()).transpose()?;
         let m = Manifest::from_wire(w, root);
         m.check_structure()?;
         Ok(m)

@@ -136,12 +136,7 @@ impl Tree {
     /// Parses bytes from an untrusted source: size, digest, names, order, one pack per
     /// chunk and the one byte form.
     pub fn parse_untrusted(bytes: &[u8], expected: &Digest) -> Result<Tree, TreeError> {
-        if bytes.len() as u64 > MAX_TREE_BYTES {
-            return Err(TreeError::TooLarge {
-                digest: *expected,
-                size: bytes.len() as u64,
-            });
-        }
+        bounded(bytes, expected)?;
         let actual = Digest::of(bytes);
         if actual != *expected {
             return Err(TreeError::DigestMismatch {
@@ -160,9 +155,20 @@ impl Tree {
         Ok(tree)
     }
 
+    /// The digest of a tree that came parsed (a manifest's root), checked as
+    /// [`Tree::parse_untrusted`] checks stored bytes: size, format, names, order, sizes and
+    /// one pack per chunk. Serialised once, which is its one byte form.
+    pub fn named(&self) -> Result<Digest, TreeError> {
+        let bytes = self.to_bytes();
+        let digest = Digest::of(&bytes);
+        bounded(&bytes, &digest)?;
+        self.check(&digest)?;
+        Ok(digest)
+    }
+
     /// What [`Tree::parse_untrusted`] checks of a parsed tree (named `digest` in errors):
     /// format, names, order, sizes and one pack per chunk.
-    pub fn check(&self, digest: &Digest) -> Result<(), TreeError> {
+    fn check(&self, digest: &Digest) -> Result<(), TreeError> {
         let tree = self;
         let invalid = |reason: String| TreeError::Invalid {
             digest: *digest,
@@ -203,6 +209,17 @@ impl Tree {
             )));
         }
         Ok(())
+    }
+}
+
+/// A tree's bytes within [`MAX_TREE_BYTES`].
+fn bounded(bytes: &[u8], digest: &Digest) -> Result<(), TreeError> {
+    match bytes.len() as u64 {
+        size if size > MAX_TREE_BYTES => Err(TreeError::TooLarge {
+            digest: *digest,
+            size,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -346,7 +363,7 @@ pub fn build<E>(
             trees: BTreeMap::new(),
             packs: BTreeMap::new(),
         };
-        let digest = emit(dir, &mut sub, pack_of, memo)?;
+        let (digest, _) = emit(dir, &mut sub, pack_of, memo)?;
         sub.root = digest;
         merge(out, &sub);
         memo.0
@@ -355,25 +372,14 @@ pub fn build<E>(
             .insert(k, (digest, Arc::new(sub)));
         Ok(digest)
     }
+    /// The tree of `dir` into `out` with its subtrees and packs; its digest, and the tree
+    /// itself (the root's travels in the manifest).
     fn emit<E>(
         dir: Dir,
         out: &mut Trees,
         pack_of: &mut PackOf<'_, E>,
         memo: &Subtrees,
-    ) -> Result<Digest, E> {
-        let tree = make(dir, out, pack_of, memo)?;
-        let bytes = tree.to_bytes();
-        let digest = Digest::of(&bytes);
-        out.trees.insert(digest, bytes.into());
-        Ok(digest)
-    }
-    /// The tree of `dir`, its subtrees and packs emitted into `out`.
-    fn make<E>(
-        dir: Dir,
-        out: &mut Trees,
-        pack_of: &mut PackOf<'_, E>,
-        memo: &Subtrees,
-    ) -> Result<Tree, E> {
+    ) -> Result<(Digest, Tree), E> {
         let mut entries: Vec<Entry> = dir
             .files
             .into_iter()
@@ -393,11 +399,15 @@ pub fn build<E>(
             out.add_pack(Arc::new(PackIndex::layout(pack, &files)));
             packs.push(pack);
         }
-        Ok(Tree {
+        let tree = Tree {
             format: TREE_FORMAT,
             entries,
             packs,
-        })
+        };
+        let bytes = tree.to_bytes();
+        let digest = Digest::of(&bytes);
+        out.trees.insert(digest, bytes.into());
+        Ok((digest, tree))
     }
 
     let mut root = Dir::default();
@@ -434,10 +444,8 @@ pub fn build<E>(
         packs: BTreeMap::new(),
     };
     // The root is the host's own: built, not remembered.
-    let top = make(root, &mut out, &mut pack_of, memo)?;
-    let bytes = top.to_bytes();
-    out.root = Digest::of(&bytes);
-    out.trees.insert(out.root, bytes.into());
+    let (digest, top) = emit(root, &mut out, &mut pack_of, memo)?;
+    out.root = digest;
     Ok((out, top))
 }
 

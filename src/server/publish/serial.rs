@@ -56,6 +56,33 @@ pub struct Next {
     pub read: super::collect::Known,
 }
 
+/// Whether manifest `digest` of `host` has a signature that verifies with `keys`. `bytes`
+/// are the manifest's, if read already (`None`: read now, and only if they match `digest`).
+fn signed(
+    store: &dyn Store,
+    host: &HostName,
+    digest: &Digest,
+    bytes: Option<Vec<u8>>,
+    keys: &[ssh_key::PublicKey],
+) -> bool {
+    let bytes = bytes.or_else(|| {
+        store
+            .get(host, &Key::Manifest(*digest), MAX_MANIFEST_BYTES)
+            .ok()
+            .flatten()
+            .filter(|b| Digest::of(b) == *digest)
+    });
+    let sig = || {
+        store
+            .get(host, &Key::Signature(*digest), 64 * 1024)
+            .ok()
+            .flatten()
+    };
+    bytes.is_some_and(|bytes| {
+        sig().is_some_and(|sig| crate::protocol::signing::verify(keys, &bytes, &sig).is_ok())
+    })
+}
+
 /// Works out the next serial of `host`, whose live version is `live` with `current` at
 /// `version`.
 ///
@@ -122,26 +149,7 @@ pub fn next(
         let trusted = recorded.is_some_and(|r| m.serial <= r)
             || reported_serial.is_some_and(|r| m.serial <= r)
             || match &public {
-                Some(keys) => {
-                    let bytes = match bytes {
-                        Some(b) => Some(b),
-                        // Read again only to check a signature: the same bytes or none.
-                        None => store
-                            .get(host, &key, MAX_MANIFEST_BYTES)
-                            .ok()
-                            .flatten()
-                            .filter(|b| Digest::of(b) == digest),
-                    };
-                    bytes.is_some_and(|bytes| {
-                        store
-                            .get(host, &Key::Signature(digest), 64 * 1024)
-                            .ok()
-                            .flatten()
-                            .is_some_and(|sig| {
-                                crate::protocol::signing::verify(keys, &bytes, &sig).is_ok()
-                            })
-                    })
-                }
+                Some(keys) => signed(store, host, &digest, bytes, keys),
                 // An unsigned fleet without a record yet: the manifests are all there is.
                 None => recorded.is_none(),
             };

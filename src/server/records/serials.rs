@@ -48,6 +48,14 @@ struct Table {
     log: Option<Arc<File>>,
 }
 
+impl Table {
+    /// Keeps `serial` for `host` if it is the highest read so far.
+    fn keep(&mut self, host: HostName, serial: u64) {
+        let s = self.known.entry(host).or_insert(serial);
+        *s = (*s).max(serial);
+    }
+}
+
 impl Serials {
     pub fn new(records: &Path) -> Self {
         Self {
@@ -160,11 +168,11 @@ fn bad(path: &Path, what: String) -> io::Error {
 fn lines(known: &HashMap<HostName, u64>) -> Vec<u8> {
     let mut hosts: Vec<(&HostName, &u64)> = known.iter().collect();
     hosts.sort();
-    let mut out = String::with_capacity(hosts.len() * 24);
+    let mut out = Vec::with_capacity(hosts.len() * 24);
     for (host, serial) in hosts {
-        out.push_str(&format!("{host} {serial}\n"));
+        writeln!(out, "{host} {serial}").expect("writing to memory");
     }
-    out.into_bytes()
+    out
 }
 
 /// Reads the log and any per-host records an earlier bento left, keeping each host's
@@ -197,8 +205,7 @@ fn read(dir: &Path) -> io::Result<Table> {
                     ));
                 };
                 table.lines += 1;
-                let s = table.known.entry(host).or_insert(serial);
-                *s = (*s).max(serial);
+                table.keep(host, serial);
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -227,8 +234,7 @@ fn read(dir: &Path) -> io::Result<Table> {
             .trim()
             .parse()
             .map_err(|e| bad(&path, format!("not a serial: {e}")))?;
-        let s = table.known.entry(host).or_insert(serial);
-        *s = (*s).max(serial);
+        table.keep(host, serial);
     }
     Ok(table)
 }

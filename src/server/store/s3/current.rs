@@ -3,8 +3,9 @@
 //!
 //! Invariant: the answer of `fetch_current` is the engine's now (never this run's memory of
 //! it); the index only saves the body. `current_remembered` is the one answer from memory,
-//! for a switch that is conditional on it (`Store::remembered_current`). A host's confirmation of its live version is tied to the ETag `current`
-//! had when the heartbeat was read, so any write of `current` since voids it.
+//! for a switch that is conditional on it (`Store::remembered_current`). A host's
+//! confirmation of its live version is tied to the ETag `current` had when the heartbeat
+//! was read, so any write of `current` since voids it.
 
 use super::{s3_err, S3Store, MAX_CURRENT_BYTES};
 use crate::protocol::layout::Key;
