@@ -37,12 +37,8 @@ impl Digest {
     /// The hex form on the stack: manifests and trees serialise thousands of digests per
     /// publish, and a `String` per digest was a measurable part of it.
     fn hex(&self) -> Hex {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 64];
-        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0xf)];
-        }
+        hex::encode_to_slice(self.0, &mut out).expect("64 digits for 32 bytes");
         Hex(out)
     }
 
@@ -82,21 +78,15 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, BadDigest> {
         let bad = || BadDigest(s.chars().take(80).collect());
         // Lowercase only: one spelling per digest, so equal digests are equal strings.
-        let digit = |b: u8| match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            _ => None,
-        };
-        if s.len() != 64 {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(bad());
         }
         let mut out = [0u8; 32];
-        for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
-            match (digit(pair[0]), digit(pair[1])) {
-                (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
-                _ => return Err(bad()),
-            }
-        }
+        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
         Ok(Self(out))
     }
 }
