@@ -114,8 +114,10 @@ impl Packer {
                     }
                     None => read_pack(&parts)?,
                 };
-                self.run.lock().expect("packer").insert(key, pack);
+                // The source first: another host's build that finds the pack in `run`
+                // looks for its source at once (a window that failed one test run).
                 self.sources.lock().expect("packer").insert(pack, source);
+                self.run.lock().expect("packer").insert(key, pack);
                 Ok::<_, PublishError>(pack)
             },
             &self.subtrees,
