@@ -4,6 +4,7 @@
 //! regular file with a single link is refused, so a planted symlink or hard link can never
 //! make a root process read another host's chroot.
 
+use crate::sys::stamp::Stamp;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsFd;
@@ -185,7 +186,7 @@ pub fn read_each_at(
     host: &str,
     host_dir: &Path,
     names: &[&str],
-) -> Vec<Result<Received, LogsError>> {
+) -> Vec<Result<Stamped, LogsError>> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
     names
@@ -200,10 +201,12 @@ pub fn read_each_at(
                 ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
             );
             match opened {
-                Ok(fd) => read_opened(File::from(fd), host_dir.join(LOGS).join(name)),
+                Ok(fd) => read_opened(File::from(fd), host_dir.join(LOGS).join(name))
+                    .map(|(read, stamp)| (read, Some(stamp))),
                 Err(_) => read_each(host_dir, &[name])
                     .pop()
-                    .expect("one result per name"),
+                    .expect("one result per name")
+                    .map(|read| (read, None)),
             }
         })
         .collect()
@@ -211,6 +214,10 @@ pub fn read_each_at(
 
 /// A file's bytes and when it was last written (`None` where the system does not say).
 pub type Received = (Vec<u8>, Option<std::time::SystemTime>);
+
+/// What [`read_each_at`] read, with the stamp the open file had before it was read (for
+/// `bento status`'s memo); `None` when it was read by path.
+pub type Stamped = (Received, Option<Stamp>);
 
 /// Opens `name` in `logs/` (`open`, found at `dir`) without following a link and reads it.
 /// Relative to the open directory: no lookup of the chroot's path again for every file.
@@ -228,12 +235,12 @@ fn read_entry(dir: &Path, open: &File, name: &str) -> Result<Received, LogsError
         }
         Err(e) => return Err(io_err(&path)(e.into())),
     };
-    read_opened(file, path)
+    read_opened(file, path).map(|(read, _)| read)
 }
 
 /// The checks and the bounded read of an entry opened without following links; made on
 /// the open file, so the host cannot swap the entry between check and read.
-fn read_opened(file: File, path: PathBuf) -> Result<Received, LogsError> {
+fn read_opened(file: File, path: PathBuf) -> Result<(Received, Stamp), LogsError> {
     let meta = file.metadata().map_err(io_err(&path))?;
     if let Some(kind) = refusal(&meta) {
         return Err(LogsError::Refused { path, kind });
@@ -251,7 +258,7 @@ fn read_opened(file: File, path: PathBuf) -> Result<Received, LogsError> {
     file.take(meta.len())
         .read_to_end(&mut bytes)
         .map_err(io_err(&path))?;
-    Ok((bytes, meta.modified().ok()))
+    Ok(((bytes, meta.modified().ok()), Stamp::of(&meta)))
 }
 
 /// Lists `<host_dir>/logs/<sub>/` (e.g. `reports`), like [`list`]. The host owns `logs/`
@@ -278,7 +285,7 @@ pub fn read_in(host_dir: &Path, sub: &str, name: &str) -> Result<Vec<u8>, LogsEr
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
-    read_opened(file, path).map(|(bytes, _)| bytes)
+    read_opened(file, path).map(|((bytes, _), _)| bytes)
 }
 
 fn check_name(name: &str) -> Result<(), LogsError> {

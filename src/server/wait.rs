@@ -203,9 +203,17 @@ pub struct Follow<'a> {
 pub fn poll_once(tracker: &mut Tracker, f: &Follow<'_>, on: &mut dyn FnMut(&Finished, &Tracker)) {
     let now = SystemTime::now();
     // A few hosts, polled: their heads read from the manifests, nothing remembered.
-    let heads = status::Heads::default();
+    let (heads, memo) = (status::Heads::default(), status::memo::Memo::default());
     for host in tracker.pending() {
-        let row = status::host_status(f.store, f.chroot, &heads, &host, now, (f.interval)(&host));
+        let row = status::host_status(
+            f.store,
+            f.chroot,
+            &heads,
+            &memo,
+            &host,
+            now,
+            (f.interval)(&host),
+        );
         let latest = latest_report(f.store, &host);
         let seen = Seen {
             state: row.state,

@@ -10,4 +10,5 @@ pub mod http;
 pub mod output;
 pub mod process;
 pub mod s3;
+pub mod stamp;
 pub mod terminal;

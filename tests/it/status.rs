@@ -1178,3 +1178,50 @@ fn remembered_heads_follow_current_to_each_new_version_and_back() {
     fs::write(&heads, b"bento status heads 1\ntorn").unwrap();
     assert_eq!(row(), first, "a broken cache is read past");
 }
+
+/// `.bento/status-files` (what status read of each host's `current` and newest report,
+/// under each file's stamp): a run finds unchanged files there and writes nothing, and a
+/// report rewritten in place, the same size, its modification time put back, is read again.
+#[test]
+fn remembered_host_files_are_read_again_when_rewritten_even_in_place() {
+    let f = Fixture::new("[hosts.web]\n");
+    let s1 = system("web", 'a');
+    let v1 = f.publish("web", "one", -3600, Some(&s1));
+    f.heartbeat("web", -60, Some(v1), &s1);
+    f.report("web", -120, v1, Outcome::Success, &s1, &s1, None);
+    // Files changed in the last two seconds are not remembered (racy timestamps).
+    std::thread::sleep(Duration::from_millis(2200));
+    let row = || {
+        let out = f.status().arg("--json").output().unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0].clone()
+    };
+    let memo = f.chroot.state_dir().join("status-files");
+    let first = row();
+    assert_eq!(first["running_system"], s1.as_str());
+    assert!(memo.is_file(), "the first run keeps what it read");
+    let untouched = std::time::SystemTime::UNIX_EPOCH;
+    let set_mtime = |path: &Path, t| {
+        let file = fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(t).unwrap();
+    };
+    set_mtime(&memo, untouched);
+    assert_eq!(row(), first, "the next run finds the same from it");
+    let mtime = fs::metadata(&memo).unwrap().modified().unwrap();
+    assert_eq!(mtime, untouched, "nothing read again, nothing written");
+
+    let latest = f.host_dir("web").join("logs/latest.json");
+    assert_eq!(first["last_success"], "2026-11-25T11:58:00Z");
+    let received = fs::metadata(&latest).unwrap().modified().unwrap();
+    let text = fs::read_to_string(&latest).unwrap();
+    fs::write(&latest, text.replace("\"success\"", "\"failure\"")).unwrap();
+    set_mtime(&latest, received);
+    assert_eq!(row()["last_success"], serde_json::Value::Null);
+
+    fs::write(&memo, b"bento status files 1\ntorn").unwrap();
+    assert_eq!(
+        row()["last_success"],
+        serde_json::Value::Null,
+        "a broken memo is read past"
+    );
+}

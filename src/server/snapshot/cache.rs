@@ -5,16 +5,16 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
 use super::keys::KeySniffer;
 use crate::protocol::manifest::Digest;
+use crate::sys::stamp::{self, Stamp};
 
 /// What hashing a file found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,59 +48,20 @@ pub fn hash_file(path: &Path) -> io::Result<Digest> {
     Ok(hash_reader(&mut fs::File::open(path)?)?.sha256)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-}
-
-impl Stamp {
-    fn of(meta: &fs::Metadata) -> Self {
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-        }
-    }
-}
-
-impl Stamp {
-    fn of_stat(st: &rustix::fs::Stat) -> Self {
-        Self {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: st.st_size as u64,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec as i64,
-        }
-    }
-}
-
 /// The cache file's first bytes. The file is binary (a fleet of 1,000 hosts has some 30,000
 /// records: JSON took a publish 70 ms to parse); a file without them (the JSON of older
 /// bentos, a torn write) is an empty cache: every file is hashed once more.
 const MAGIC: &[u8] = b"bento hash cache 1\n";
 /// One record: device, inode, size, mtime and ctime (ns) as little-endian 64-bit numbers,
 /// the sha256, then 1 when the content holds a private key, else 0.
-const RECORD: usize = 5 * 8 + 32 + 1;
+const RECORD: usize = stamp::BYTES + 32 + 1;
 
 /// The records of a whole cache file; `None` for a torn or foreign one.
 fn records(bytes: &[u8]) -> Option<HashMap<(u64, u64), (Stamp, Hashed)>> {
     let mut r = crate::sys::binary::Reader::after(bytes, MAGIC)?;
     let mut map = HashMap::new();
     while !r.is_empty() {
-        let stamp = Stamp {
-            dev: r.u64()?,
-            ino: r.u64()?,
-            size: r.u64()?,
-            mtime_ns: r.u64()? as i64,
-            ctime_ns: r.u64()? as i64,
-        };
+        let stamp = Stamp::read(&mut r)?;
         let hashed = Hashed {
             sha256: Digest::from_bytes(r.take()?),
             private_key: r.take::<1>()?[0] != 0,
@@ -111,16 +72,14 @@ fn records(bytes: &[u8]) -> Option<HashMap<(u64, u64), (Stamp, Hashed)>> {
 }
 
 /// File hashes remembered across runs, keyed by (device, inode) and trusted only while
-/// size, mtime and ctime are unchanged. A file modified in the last two seconds is never
-/// cached: its mtime could still change without the timestamp moving (racy timestamps).
+/// size, mtime and ctime are unchanged. A file changed in the last two seconds is never
+/// cached: it could still change without its times moving (racy timestamps, `sys::stamp`).
 #[derive(Default)]
 pub struct HashCache {
     map: Mutex<HashMap<(u64, u64), (Stamp, Hashed)>>,
     seen: Mutex<HashSet<(u64, u64)>>,
     dirty: AtomicBool,
 }
-
-const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 impl HashCache {
     /// Loads the cache; a missing or unreadable cache is an empty one (it is only a cache).
@@ -146,15 +105,7 @@ impl HashCache {
         let mut out = Vec::with_capacity(MAGIC.len() + records.len() * RECORD);
         out.extend_from_slice(MAGIC);
         for (stamp, hashed) in records {
-            for n in [
-                stamp.dev,
-                stamp.ino,
-                stamp.size,
-                stamp.mtime_ns as u64,
-                stamp.ctime_ns as u64,
-            ] {
-                out.extend_from_slice(&n.to_le_bytes());
-            }
+            stamp.write(&mut out);
             out.extend_from_slice(hashed.sha256.as_bytes());
             out.push(u8::from(hashed.private_key));
         }
@@ -208,9 +159,7 @@ impl HashCache {
         let hashed = hash_reader(file)?;
         // Re-stat: a file written while we read it must not be cached under the old stamp.
         let after = Stamp::of(&file.metadata()?);
-        let mtime = UNIX_EPOCH + Duration::from_nanos(stamp.mtime_ns.max(0) as u64);
-        let settled = now.duration_since(mtime).is_ok_and(|age| age > RACY_WINDOW);
-        if after == stamp && settled {
+        if after == stamp && stamp.settled(now) {
             self.map
                 .lock()
                 .expect("cache lock")
@@ -224,6 +173,7 @@ impl HashCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn hash(cache: &HashCache, f: &Path, now: SystemTime) -> Hashed {
         let mut file = fs::File::open(f).unwrap();

@@ -5,10 +5,15 @@
 
 use std::time::SystemTime;
 
+use super::memo::{HostMemo, Slot};
 use crate::nix::StorePath;
+use crate::protocol::layout::{Key, SubPath};
+use crate::protocol::report::{HEARTBEAT_FILE, LATEST_FILE};
 use crate::protocol::HostName;
-use crate::server::logs::LogsError;
+use crate::server::logs::{self, LogsError};
+use crate::server::store::HostReader;
 use crate::server::store::Store;
+use crate::sys::stamp::Stamp;
 use crate::sys::terminal::truncate;
 
 /// The longest note quoting host-written text (a parse error, a bad field).
@@ -47,11 +52,12 @@ impl Notes {
 
 /// Keeps a host-written store path only when it is one: anything else is a note, so what
 /// the table shows of a host's systems is always a store path or nothing.
-pub(super) fn store_path(value: &mut Option<String>, what: &str, notes: &mut Notes) {
+/// `file` and `field` name it in the note.
+pub(super) fn store_path(value: &mut Option<String>, file: &str, field: &str, notes: &mut Notes) {
     if let Some(text) = value.as_deref() {
         if StorePath::new(text).is_err() {
             notes.push(format!(
-                "{what} is not a store path: \"{}\"",
+                "logs/{file}: {field} is not a store path: \"{}\"",
                 truncate(text, 64)
             ));
             *value = None;
@@ -128,4 +134,40 @@ pub(super) fn read_log<T: serde::de::DeserializeOwned>(
             None
         }
     }
+}
+
+/// Where the newest report is, as a key (for its stamp).
+pub(super) fn latest_key() -> &'static Key {
+    static KEY: std::sync::LazyLock<Key> =
+        std::sync::LazyLock::new(|| Key::Log(SubPath::new(LATEST_FILE).expect("a file name")));
+    &KEY
+}
+
+/// The host's heartbeat as read, and its newest report as remembered when unchanged, else
+/// as read, each with the stamp of what was read (to keep).
+pub(super) fn read_logs(
+    reader: &HostReader<'_>,
+    memo: &mut HostMemo<'_>,
+) -> [(Result<logs::Received, LogsError>, Option<Stamp>); 2] {
+    let latest = memo
+        .get(Slot::Latest, || reader.stamp(latest_key()))
+        .map(<[u8]>::to_vec)
+        .map(|bytes| (bytes, memo.stamped(Slot::Latest).map(|s| s.modified())));
+    let names: &[&str] = match latest {
+        Some(_) => &[HEARTBEAT_FILE],
+        None => &[HEARTBEAT_FILE, LATEST_FILE],
+    };
+    let mut read = reader
+        .read_logs_received(names)
+        .into_iter()
+        .map(|r| match r {
+            Ok((got, stamp)) => (Ok(got), stamp),
+            Err(e) => (Err(e), None),
+        });
+    let heartbeat = read.next().expect("one result per name");
+    let latest = match latest {
+        Some(got) => (Ok(got), None),
+        None => read.next().expect("one result per name"),
+    };
+    [heartbeat, latest]
 }

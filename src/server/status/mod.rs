@@ -5,6 +5,7 @@
 pub mod collect;
 mod heads;
 mod hostlogs;
+pub mod memo;
 pub mod render;
 pub mod skew;
 pub mod state;

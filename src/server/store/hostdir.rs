@@ -16,7 +16,8 @@ use rustix::fs::{Mode, OFlags, CWD};
 use super::chroot::{io_at, read_opened, read_prefix};
 use super::{HostRead, Key, LogsError, StoreError};
 use crate::protocol::HostName;
-use crate::server::logs::{self, Received};
+use crate::server::logs::{self, Stamped};
+use crate::sys::stamp::Stamp;
 
 /// Opens the chroot's root to read relative to; `None` when it cannot be (absent,
 /// unreadable): reads go by path then, with their own errors.
@@ -75,8 +76,25 @@ impl HostRead for HostDir<'_> {
         }
     }
 
-    fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Received, LogsError>> {
+    fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Stamped, LogsError>> {
         logs::read_each_at(self.root, self.host.as_str(), &self.path, names)
+    }
+
+    fn stamp(&self, key: &Key) -> Option<Stamp> {
+        use rustix::fs::{AtFlags, FileType};
+        let flags = match key {
+            // The server's own file, resolved as `open_key` resolves it.
+            Key::Current => AtFlags::empty(),
+            // The host's: `logs/` itself is not the host's to swap (its parent is root's),
+            // its entries are; a name deeper down could pass through a link the host made.
+            Key::Log(name) if !name.as_str().contains('/') => AtFlags::SYMLINK_NOFOLLOW,
+            _ => return None,
+        };
+        let rel = [self.host.as_str(), "/", &key.path()].concat();
+        let st = rustix::fs::statat(self.root, rel, flags).ok()?;
+        let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+        // One link only, as `logs::read` insists: a hard link could be another file's.
+        (regular && (st.st_nlink == 1 || *key == Key::Current)).then(|| Stamp::of_stat(&st))
     }
 }
 

@@ -7,14 +7,24 @@
 
 use super::{Key, LogsError, Store, StoreError};
 use crate::protocol::HostName;
-use crate::server::logs::Received;
+use crate::server::logs::Stamped;
+use crate::sys::stamp::Stamp;
 
 /// A store's own reader of one host's area (see [`Store::host_reader`]). Each method
 /// answers exactly as the store's method of the same name does for that host.
 pub trait HostRead {
     fn get(&self, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError>;
     fn get_prefix(&self, key: &Key, len: u64) -> Result<Option<Vec<u8>>, StoreError>;
-    fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Received, LogsError>>;
+    /// With each file's stamp as it was read, where the store has one.
+    fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Stamped, LogsError>>;
+
+    /// The stamp of `current` or of a file directly in `logs/` (never through a link at its
+    /// end, and only a regular file a read would not refuse), for a cache that skips
+    /// re-reading unchanged files; `None` when the store cannot tell, or the file is not
+    /// there as one (it is read then, and the read says why).
+    fn stamp(&self, _key: &Key) -> Option<Stamp> {
+        None
+    }
 }
 
 /// Reads one host's area: through the store's own [`HostRead`] when it has one, else key by
@@ -58,11 +68,19 @@ impl<'a> HostReader<'a> {
         }
     }
 
-    /// [`Store::read_logs_received`] of this host.
-    pub fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Received, LogsError>> {
+    /// [`HostRead::stamp`] of this host; `None` for a store without its own reader.
+    pub fn stamp(&self, key: &Key) -> Option<Stamp> {
+        self.own.as_ref()?.stamp(key)
+    }
+
+    /// [`Store::read_logs_received`] of this host, with each file's stamp when the store's
+    /// own reader has one.
+    pub fn read_logs_received(&self, names: &[&str]) -> Vec<Result<Stamped, LogsError>> {
         match &self.own {
             Some(r) => r.read_logs_received(names),
-            None => self.store.read_logs_received(self.host, names),
+            None => (self.store.read_logs_received(self.host, names).into_iter())
+                .map(|read| read.map(|r| (r, None)))
+                .collect(),
         }
     }
 }

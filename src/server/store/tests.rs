@@ -244,7 +244,7 @@ fn read_all(r: &HostReader<'_>, keys: &[Key], logs: &[&str]) -> Vec<String> {
     for read in r.read_logs_received(logs) {
         out.push(format!(
             "{:?}",
-            read.map(|(b, _)| b).map_err(|e| e.to_string())
+            read.map(|((b, _), _)| b).map_err(|e| e.to_string())
         ));
     }
     out
