@@ -416,7 +416,7 @@ pub fn host_status(
     // No `is_dir` first: a host without a directory (named in bento.toml, never published)
     // makes both reads a quiet `NotFound`, and each stat counts on 10,000 hosts.
     let mut received = Received::default();
-    let [(heartbeat, _), (latest, latest_stamp)] = read_logs(&reader, &mut memo);
+    let [(heartbeat, heartbeat_stamp), (latest, latest_stamp)] = read_logs(&reader, &mut memo);
     let heartbeat: Option<Heartbeat> = read_log(
         heartbeat,
         HEARTBEAT_FILE,
@@ -424,6 +424,9 @@ pub fn host_status(
         &mut notes,
         &mut received,
     );
+    if let Some(h) = &heartbeat {
+        memo.keep(Slot::Heartbeat, heartbeat_stamp, || h.to_bytes());
+    }
     let latest: Option<Report> = read_log(
         latest,
         LATEST_FILE,
@@ -706,8 +709,10 @@ mod tests {
         let mut remembered = second.host(&host);
         let stamp = || reader.stamp(&Key::Current);
         assert!(remembered.get(Slot::Current, stamp).is_some());
-        let stamp = || reader.stamp(crate::server::status::hostlogs::latest_key());
-        assert!(remembered.get(Slot::Latest, stamp).is_some());
+        for slot in [Slot::Latest, Slot::Heartbeat] {
+            let stamp = || reader.stamp(crate::server::status::hostlogs::log_key(slot));
+            assert!(remembered.get(slot, stamp).is_some(), "{slot:?}");
+        }
         drop(remembered);
         assert_eq!(row(&second), from_files, "the same row from the memo");
 

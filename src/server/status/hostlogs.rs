@@ -137,37 +137,37 @@ pub(super) fn read_log<T: serde::de::DeserializeOwned>(
 }
 
 /// Where the newest report is, as a key (for its stamp).
-pub(super) fn latest_key() -> &'static Key {
-    static KEY: std::sync::LazyLock<Key> =
-        std::sync::LazyLock::new(|| Key::Log(SubPath::new(LATEST_FILE).expect("a file name")));
-    &KEY
+pub(super) fn log_key(slot: Slot) -> &'static Key {
+    static KEYS: std::sync::LazyLock<[Key; 2]> = std::sync::LazyLock::new(|| {
+        [HEARTBEAT_FILE, LATEST_FILE].map(|n| Key::Log(SubPath::new(n).expect("a file name")))
+    });
+    &KEYS[usize::from(slot == Slot::Latest)]
 }
 
-/// The host's heartbeat as read, and its newest report as remembered when unchanged, else
-/// as read, each with the stamp of what was read (to keep).
+/// The host's heartbeat and newest report, each as remembered when unchanged, else as
+/// read, with the stamp of what was read (to keep).
 pub(super) fn read_logs(
     reader: &HostReader<'_>,
     memo: &mut HostMemo<'_>,
 ) -> [(Result<logs::Received, LogsError>, Option<Stamp>); 2] {
-    let latest = memo
-        .get(Slot::Latest, || reader.stamp(latest_key()))
-        .map(<[u8]>::to_vec)
-        .map(|bytes| (bytes, memo.stamped(Slot::Latest).map(|s| s.modified())));
-    let names: &[&str] = match latest {
-        Some(_) => &[HEARTBEAT_FILE],
-        None => &[HEARTBEAT_FILE, LATEST_FILE],
-    };
-    let mut read = reader
-        .read_logs_received(names)
-        .into_iter()
-        .map(|r| match r {
+    let slots = [
+        (Slot::Heartbeat, HEARTBEAT_FILE),
+        (Slot::Latest, LATEST_FILE),
+    ];
+    let known = slots.map(|(slot, _)| {
+        let bytes = memo.get(slot, || reader.stamp(log_key(slot)))?.to_vec();
+        Some((bytes, memo.stamped(slot).map(|s| s.modified())))
+    });
+    let missing: Vec<&str> = (slots.iter().zip(&known))
+        .filter(|(_, k)| k.is_none())
+        .map(|((_, name), _)| *name)
+        .collect();
+    let mut read = reader.read_logs_received(&missing).into_iter();
+    known.map(|k| match k {
+        Some(got) => (Ok(got), None),
+        None => match read.next().expect("one result per name") {
             Ok((got, stamp)) => (Ok(got), stamp),
             Err(e) => (Err(e), None),
-        });
-    let heartbeat = read.next().expect("one result per name");
-    let latest = match latest {
-        Some(got) => (Ok(got), None),
-        None => read.next().expect("one result per name"),
-    };
-    [heartbeat, latest]
+        },
+    })
 }

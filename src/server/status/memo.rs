@@ -1,14 +1,14 @@
-//! What `bento status` read of two files of each host (`current` and `logs/latest.json`),
-//! remembered across runs in the publisher's state
+//! What `bento status` read of each host's files (`current`, `logs/heartbeat.json` and
+//! `logs/latest.json`), remembered across runs in the publisher's state
 //! (`.bento/status-files`) under each file's stamp (`sys::stamp`: device, inode, size,
 //! modification and change times). A file whose stamp is what it was costs one stat, not
-//! an open, a stat, a read and a close, and no parse of what status does not use: three
-//! quarters of a 10,000-host run's system calls. A stamp is remembered only once the
-//! file's last change is older than the racy window, so no later write can keep its stamp;
-//! anything else is read as before. What is remembered is what a read gave and passed
-//! the parser (the newest report without its log tail and checks, which status never
-//! reads), and it is parsed and checked again on every run exactly as a read file is.
-//! Only the chroot stamps files; an object store's hosts are read every run.
+//! an open, a stat, a read and a close: a 10,000-host run over an unchanged fleet makes a
+//! third of the system calls it made. A stamp is remembered only once the file's last
+//! change is older than the racy window, so no later write can keep its stamp; anything
+//! else is read as before. What is remembered is what a read gave and passed the parser
+//! (the newest report without its log tail and checks, which status never reads), and it
+//! is parsed and checked again on every run exactly as a read file is. Only the chroot
+//! stamps files; an object store's hosts are read every run.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -30,16 +30,17 @@ const MAGIC: &[u8] = b"bento status files 1\n";
 /// is read every run, so the memo stays about a kilobyte per host.
 pub const MAX_KEPT: usize = 16 * 1024;
 
-/// The files of a host that are remembered: those that change when something happens
-/// (a publish, an agent's run that did something), not the heartbeat, which every poll
-/// rewrites: remembered, it would only be read again, and the memo rewritten, at every
-/// status run of a fleet that polls more often than status is run.
+/// The files of a host that are remembered. The heartbeat changes at every poll: status
+/// run every few seconds (by hand during a rollout, `--watch`) finds most unchanged; run
+/// less often than hosts poll, it finds them all changed, reads them as it would without a
+/// memo (a stat more each) and rewrites the memo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     Current = 0,
     Latest = 1,
+    Heartbeat = 2,
 }
-const SLOTS: usize = 2;
+const SLOTS: usize = 3;
 
 /// One remembered file: its stamp and where its bytes are in the loaded memo.
 type Known = [Option<(Stamp, Range<usize>)>; SLOTS];
@@ -112,7 +113,7 @@ impl Memo {
             host,
             known: self.find(host),
             stamps: [None; SLOTS],
-            kept: [None, None],
+            kept: Default::default(),
         }
     }
 
@@ -305,7 +306,7 @@ fn parse(bytes: &[u8]) -> Option<Vec<(Range<usize>, Known)>> {
         {
             return None;
         }
-        let mut known: Known = [None, None];
+        let mut known: Known = Default::default();
         for slot in &mut known {
             if r.take::<1>()?[0] == 0 {
                 continue;
@@ -345,10 +346,10 @@ mod tests {
     fn run(
         path: &Path,
         now: i64,
-        hosts: &[(&str, [Option<Stamp>; 2])],
+        hosts: &[(&str, [Option<Stamp>; 3])],
         read: &str,
         complete: bool,
-    ) -> Vec<[Option<Vec<u8>>; 2]> {
+    ) -> Vec<[Option<Vec<u8>>; 3]> {
         let memo = Memo::load(
             path.to_owned(),
             SystemTime::UNIX_EPOCH + Duration::from_nanos(now as u64),
@@ -357,7 +358,7 @@ mod tests {
         let mut found = Vec::new();
         for (name, (_, stamps)) in names.iter().zip(hosts) {
             let mut h = memo.host(name);
-            let got = [Slot::Current, Slot::Latest].map(|slot| {
+            let got = [Slot::Current, Slot::Latest, Slot::Heartbeat].map(|slot| {
                 let stamp = stamps[slot as usize];
                 let got = h.get(slot, || stamp).map(<[u8]>::to_vec);
                 if got.is_none() {
@@ -377,15 +378,15 @@ mod tests {
     fn an_unchanged_settled_file_is_remembered_and_anything_else_is_read() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join(FILE);
-        let all = |s: Stamp| [Some(s), Some(s)];
+        let all = |s: Stamp| [Some(s), Some(s), Some(s)];
         // First run: nothing remembered; files changed just now are not kept.
         let first = run(&path, 1, &[("a", all(stamp(0)))], "one", true);
-        assert_eq!(first, vec![[None, None]]);
+        assert_eq!(first, vec![[None, None, None]]);
         assert!(!path.exists(), "nothing settled: nothing to write");
         // Settled: kept, and found by the next run.
         run(&path, SETTLED, &[("a", all(stamp(0)))], "one", true);
         let again = run(&path, SETTLED, &[("a", all(stamp(0)))], "two", true);
-        assert_eq!(again, vec![[0, 1].map(|_| Some(b"one a".to_vec()))]);
+        assert_eq!(again, vec![[0, 1, 2].map(|_| Some(b"one a".to_vec()))]);
         // An unchanged run leaves the file as it is.
         let untouched = SystemTime::UNIX_EPOCH;
         std::fs::File::options()
@@ -398,14 +399,14 @@ mod tests {
         let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
         assert_eq!(mtime, untouched);
         // One file changed (another stamp): only that one is read again.
-        let changed = [Some(stamp(0)), Some(stamp(5))];
+        let changed = [Some(stamp(0)), Some(stamp(5)), Some(stamp(0))];
         let found = run(&path, SETTLED, &[("a", changed)], "three", true);
         assert_eq!(found[0][1], None);
         let found = run(&path, SETTLED, &[("a", changed)], "four", true);
         assert_eq!(found[0][1].as_deref(), Some(b"three a".as_slice()));
         assert_eq!(found[0][0].as_deref(), Some(b"one a".as_slice()));
         // A file that is gone (no stamp) is forgotten.
-        let gone = [Some(stamp(0)), None];
+        let gone = [Some(stamp(0)), None, Some(stamp(0))];
         run(&path, SETTLED, &[("a", gone)], "five", true);
         let found = run(&path, SETTLED, &[("a", changed)], "six", true);
         assert_eq!(found[0][1], None);
@@ -415,10 +416,10 @@ mod tests {
     fn a_run_over_some_hosts_keeps_the_others_and_a_run_over_all_drops_the_gone() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join(FILE);
-        let all = [Some(stamp(0)), Some(stamp(0))];
+        let all = [Some(stamp(0)), Some(stamp(0)), Some(stamp(0))];
         run(&path, SETTLED, &[("a", all), ("b", all)], "one", true);
         // `--host b`: a is not looked at, and still remembered after.
-        run(&path, SETTLED, &[("b", [None, None])], "two", false);
+        run(&path, SETTLED, &[("b", [None, None, None])], "two", false);
         let found = run(&path, SETTLED, &[("a", all), ("b", all)], "three", true);
         assert_eq!(found[0][0].as_deref(), Some(b"one a".as_slice()));
         assert_eq!(found[1][0], None, "b's files were gone");
@@ -433,23 +434,23 @@ mod tests {
     fn a_few_changes_are_not_written_until_a_sixteenth_of_the_files_changed() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join(FILE);
-        let all = [Some(stamp(0)), Some(stamp(0))];
+        let all = [Some(stamp(0)), Some(stamp(0)), Some(stamp(0))];
         let names: Vec<String> = (0..20).map(|n| format!("h{n:02}")).collect();
-        let fleet = |changed: usize| -> Vec<(&str, [Option<Stamp>; 2])> {
-            let one = [Some(stamp(0)), Some(stamp(1))];
+        let fleet = |changed: usize| -> Vec<(&str, [Option<Stamp>; 3])> {
+            let one = [Some(stamp(0)), Some(stamp(1)), Some(stamp(0))];
             (names.iter().enumerate())
                 .map(|(i, n)| (n.as_str(), if i < changed { one } else { all }))
                 .collect()
         };
         run(&path, SETTLED, &fleet(0), "one", true);
-        // 40 files remembered: 1 changed is under a sixteenth, so still "one" after.
-        run(&path, SETTLED, &fleet(1), "two", true);
-        let found = run(&path, SETTLED, &fleet(1), "three", true);
+        // 60 files remembered: 2 changed is under a sixteenth, so still "one" after.
+        run(&path, SETTLED, &fleet(2), "two", true);
+        let found = run(&path, SETTLED, &fleet(2), "three", true);
         assert_eq!(found[0][1], None, "not remembered: read again");
-        assert_eq!(found[1][1].as_deref(), Some(b"one h01".as_slice()));
-        // 3 changed: written.
-        run(&path, SETTLED, &fleet(3), "four", true);
-        let found = run(&path, SETTLED, &fleet(3), "five", true);
+        assert_eq!(found[2][1].as_deref(), Some(b"one h02".as_slice()));
+        // 4 changed: written.
+        run(&path, SETTLED, &fleet(4), "four", true);
+        let found = run(&path, SETTLED, &fleet(4), "five", true);
         assert_eq!(found[0][1].as_deref(), Some(b"four h00".as_slice()));
     }
 
