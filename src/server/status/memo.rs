@@ -68,9 +68,10 @@ pub struct Memo {
     kept: Mutex<Vec<HostKept>>,
     /// Files remembered in `known`.
     known_files: usize,
-    /// Files this run read and kept, and remembered files it did not keep (changed,
-    /// gone or unsettled).
+    /// Files this run read and kept, remembered files of the hosts it visited, and those
+    /// of them it did not keep (changed, gone or unsettled).
     read: AtomicUsize,
+    visited_files: AtomicUsize,
     forgotten: AtomicUsize,
 }
 
@@ -136,24 +137,11 @@ impl Memo {
     /// user may not write only means no memo.
     pub fn save(&self, complete: bool) {
         let Some(path) = &self.path else { return };
-        let mut kept = std::mem::take(&mut *self.kept.lock().expect("memo lock"));
-        // A host this run kept nothing of was still visited: in a run over some hosts, its
-        // old entries must not come back. Only a run over all hosts can tell who is gone.
-        let visited: HashSet<&HostName> = kept.iter().map(|(h, _)| h).collect();
         let mut forgotten = self.forgotten.load(Ordering::Relaxed);
-        let mut unvisited = Vec::new();
-        for (name, known) in &self.known {
-            let name = std::str::from_utf8(&self.bytes[name.clone()]).ok();
-            let Some(host) = name.and_then(|n| HostName::new(n).ok()) else {
-                continue;
-            };
-            if visited.contains(&host) {
-                continue;
-            }
-            match complete {
-                true => forgotten += known.iter().flatten().count(),
-                false => unvisited.push((host, known)),
-            }
+        if complete {
+            // The hosts it did not visit are gone.
+            forgotten +=
+                (self.known_files).saturating_sub(self.visited_files.load(Ordering::Relaxed));
         }
         let changed = self.read.load(Ordering::Relaxed) + forgotten;
         if changed == 0
@@ -162,11 +150,25 @@ impl Memo {
         {
             return;
         }
-        for (host, known) in unvisited {
-            let again = known
-                .clone()
-                .map(|k| k.map(|(stamp, at)| (stamp, Kept::Again(at))));
-            kept.push((host, again));
+        let mut kept = std::mem::take(&mut *self.kept.lock().expect("memo lock"));
+        if !complete {
+            // A host this run kept nothing of was still visited: its old entries must not
+            // come back. The others are kept as they were.
+            let visited: HashSet<&HostName> = kept.iter().map(|(h, _)| h).collect();
+            let mut unvisited = Vec::new();
+            for (name, known) in &self.known {
+                let name = std::str::from_utf8(&self.bytes[name.clone()]).ok();
+                let Some(host) = name.and_then(|n| HostName::new(n).ok()) else {
+                    continue;
+                };
+                if !visited.contains(&host) {
+                    let again = known
+                        .clone()
+                        .map(|k| k.map(|(stamp, at)| (stamp, Kept::Again(at))));
+                    unvisited.push((host, again));
+                }
+            }
+            kept.extend(unvisited);
         }
         kept.sort_by(|a, b| a.0.cmp(&b.0));
         let written = crate::sys::atomic::write_temp_unsynced(path, &self.to_bytes(&kept), 0o600)
@@ -269,7 +271,11 @@ impl Drop for HostMemo<'_> {
         let forgotten = (0..SLOTS)
             .filter(|&i| known(i) && kept[i].is_none())
             .count();
+        let visited = (0..SLOTS).filter(|&i| known(i)).count();
         self.memo.read.fetch_add(read, Ordering::Relaxed);
+        self.memo
+            .visited_files
+            .fetch_add(visited, Ordering::Relaxed);
         self.memo.forgotten.fetch_add(forgotten, Ordering::Relaxed);
         self.memo
             .kept
