@@ -4,7 +4,6 @@
 //! regular file with a single link is refused, so a planted symlink or hard link can never
 //! make a root process read another host's chroot.
 
-use crate::sys::stamp::Stamp;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsFd;
@@ -14,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::protocol::layout::LOGS;
+use crate::sys::stamp::Stamp;
 
 /// Largest file `read` returns; a host must not be able to exhaust the server's memory.
 pub const MAX_LOG_BYTES: u64 = 16 * 1024 * 1024;
@@ -74,17 +74,19 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogsError + '_ {
 }
 
 fn refusal(meta: &fs::Metadata) -> Option<Refusal> {
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        Some(Refusal::Symlink)
-    } else if ft.is_dir() {
-        Some(Refusal::Directory)
-    } else if !ft.is_file() {
-        Some(Refusal::Special)
-    } else if meta.nlink() > 1 {
-        Some(Refusal::HardLink)
-    } else {
-        None
+    refusal_of(meta.mode(), meta.nlink())
+}
+
+/// What is refused of an entry with this mode and link count: anything but a regular file
+/// with one name.
+fn refusal_of(mode: u32, nlink: u64) -> Option<Refusal> {
+    use rustix::fs::FileType;
+    match FileType::from_raw_mode(mode) {
+        FileType::Symlink => Some(Refusal::Symlink),
+        FileType::Directory => Some(Refusal::Directory),
+        FileType::RegularFile if nlink > 1 => Some(Refusal::HardLink),
+        FileType::RegularFile => None,
+        _ => Some(Refusal::Special),
     }
 }
 
@@ -212,6 +214,20 @@ pub fn read_each_at(
         .collect()
 }
 
+/// The stamp `<host>/logs/<name>` has now (`root` as for [`read_each_at`]), when it is a
+/// file [`read_each_at`] would read: not a link, a regular file with one name. `None`
+/// otherwise; the read then says why. One `stat`, so the host's own entry is never
+/// followed; `<host>` and `logs/` are not the host's to swap (their parents are root's).
+pub fn stamp_at(root: impl AsFd, host: &str, name: &str) -> Option<Stamp> {
+    use rustix::fs::AtFlags;
+    check_name(name).ok()?;
+    let path = format!("{host}/{LOGS}/{name}");
+    let st = rustix::fs::statat(root, path, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    refusal_of(st.st_mode, st.st_nlink)
+        .is_none()
+        .then(|| Stamp::of_stat(&st))
+}
+
 /// A file's bytes and when it was last written (`None` where the system does not say).
 pub type Received = (Vec<u8>, Option<std::time::SystemTime>);
 
@@ -334,6 +350,28 @@ mod tests {
         fs::create_dir_all(&other).unwrap();
         fs::write(other.join("secret"), "beta's secret\n").unwrap();
         (tmp, host, other)
+    }
+
+    #[test]
+    fn a_stamp_is_what_the_read_stamped_and_a_link_or_a_second_name_has_none() {
+        let (tmp, host, other) = setup();
+        let logs = host.join(LOGS);
+        fs::write(logs.join("heartbeat.json"), "{}").unwrap();
+        // A link to a file with one name: only not following it refuses it.
+        fs::write(other.join("notes"), "beta's notes\n").unwrap();
+        symlink(other.join("notes"), logs.join("latest.json")).unwrap();
+        fs::hard_link(other.join("secret"), logs.join("planted.json")).unwrap();
+        let root = File::open(tmp.path()).unwrap();
+        let names = ["heartbeat.json", "latest.json", "planted.json"];
+        let read = read_each_at(&root, "alpha", &host, &names);
+        let stamped = read[0].as_ref().map(|(_, stamp)| *stamp).unwrap();
+        assert_eq!(stamp_at(&root, "alpha", "heartbeat.json"), stamped);
+        assert!(stamped.is_some());
+        for (name, read) in names.iter().zip(&read).skip(1) {
+            assert!(read.is_err(), "{name} is refused by the read");
+            assert_eq!(stamp_at(&root, "alpha", name), None, "{name} has no stamp");
+        }
+        assert_eq!(stamp_at(&root, "alpha", "../beta/secret"), None);
     }
 
     #[test]

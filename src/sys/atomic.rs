@@ -85,12 +85,21 @@ fn write_as(path: PathBuf, bytes: &[u8], mode: u32, made: Made) -> io::Result<Pa
 
 /// Replaces `target` with `bytes` atomically and durably.
 pub fn write_file(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(target, bytes, mode)?;
-    if let Err(e) = fs::rename(&tmp, target) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+    rename_into(write_temp(target, bytes, mode)?, target)?;
     sync_dir(target.parent().unwrap_or(Path::new(".")))
+}
+
+/// Replaces `target` with `bytes` atomically, not durably: for a cache a crash may cost, whose
+/// reader refuses bytes no writer wrote (a crash can leave the new name on unwritten blocks).
+pub fn replace_unsynced(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    rename_into(write_temp_unsynced(target, bytes, mode)?, target)
+}
+
+/// Renames the temporary `tmp` to `target`, removing it if that fails.
+fn rename_into(tmp: PathBuf, target: &Path) -> io::Result<()> {
+    fs::rename(&tmp, target).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// Removes temporary files left in `dir` by an interrupted run.

@@ -709,9 +709,11 @@ mod tests {
         let mut remembered = second.host(&host);
         let stamp = || reader.stamp(&Key::Current);
         assert!(remembered.get(Slot::Current, stamp).is_some());
-        for slot in [Slot::Latest, Slot::Heartbeat] {
-            let stamp = || reader.stamp(crate::server::status::hostlogs::log_key(slot));
-            assert!(remembered.get(slot, stamp).is_some(), "{slot:?}");
+        for (slot, _, key) in super::super::hostlogs::LOGS.iter() {
+            assert!(
+                remembered.get(*slot, || reader.stamp(key)).is_some(),
+                "{slot:?}"
+            );
         }
         drop(remembered);
         assert_eq!(row(&second), from_files, "the same row from the memo");

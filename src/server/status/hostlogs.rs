@@ -136,13 +136,16 @@ pub(super) fn read_log<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Where the newest report is, as a key (for its stamp).
-pub(super) fn log_key(slot: Slot) -> &'static Key {
-    static KEYS: std::sync::LazyLock<[Key; 2]> = std::sync::LazyLock::new(|| {
-        [HEARTBEAT_FILE, LATEST_FILE].map(|n| Key::Log(SubPath::new(n).expect("a file name")))
+/// The files of `logs/` status reads: each one's memo slot, name and key (made once: the
+/// key is asked for its stamp for every host).
+pub(super) static LOGS: std::sync::LazyLock<[(Slot, &str, Key); 2]> =
+    std::sync::LazyLock::new(|| {
+        let log = |name| Key::Log(SubPath::new(name).expect("a file name"));
+        [
+            (Slot::Heartbeat, HEARTBEAT_FILE, log(HEARTBEAT_FILE)),
+            (Slot::Latest, LATEST_FILE, log(LATEST_FILE)),
+        ]
     });
-    &KEYS[usize::from(slot == Slot::Latest)]
-}
 
 /// The host's heartbeat and newest report, each as remembered when unchanged, else as
 /// read, with the stamp of what was read (to keep).
@@ -150,17 +153,13 @@ pub(super) fn read_logs(
     reader: &HostReader<'_>,
     memo: &mut HostMemo<'_>,
 ) -> [(Result<logs::Received, LogsError>, Option<Stamp>); 2] {
-    let slots = [
-        (Slot::Heartbeat, HEARTBEAT_FILE),
-        (Slot::Latest, LATEST_FILE),
-    ];
-    let known = slots.map(|(slot, _)| {
-        let bytes = memo.get(slot, || reader.stamp(log_key(slot)))?.to_vec();
-        Some((bytes, memo.stamped(slot).map(|s| s.modified())))
+    let known = LOGS.each_ref().map(|(slot, _, key)| {
+        let bytes = memo.get(*slot, || reader.stamp(key))?.to_vec();
+        Some((bytes, memo.stamped(*slot).map(|s| s.modified())))
     });
-    let missing: Vec<&str> = (slots.iter().zip(&known))
+    let missing: Vec<&str> = (LOGS.iter().zip(&known))
         .filter(|(_, k)| k.is_none())
-        .map(|((_, name), _)| *name)
+        .map(|((_, name, _), _)| *name)
         .collect();
     let mut read = reader.read_logs_received(&missing).into_iter();
     known.map(|k| match k {

@@ -171,13 +171,7 @@ impl Memo {
             kept.extend(unvisited);
         }
         kept.sort_by(|a, b| a.0.cmp(&b.0));
-        let written = crate::sys::atomic::write_temp_unsynced(path, &self.to_bytes(&kept), 0o600)
-            .and_then(|tmp| {
-                std::fs::rename(&tmp, path).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&tmp);
-                })
-            });
-        if let Err(e) = written {
+        if let Err(e) = crate::sys::atomic::replace_unsynced(path, &self.to_bytes(&kept), 0o600) {
             tracing::debug!("{}: not written: {e}", path.display());
         }
     }

@@ -1,10 +1,11 @@
 //! Turning status rows into text: the aligned table (colour only when asked, i.e. on a
 //! terminal), and the node-exporter textfile for Prometheus. Pure: rows and `now` in, text out.
 
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::SystemTime;
+
+use rayon::prelude::*;
 
 use super::collect::HostStatus;
 use super::state::{short_duration, State};

@@ -81,20 +81,18 @@ impl HostRead for HostDir<'_> {
     }
 
     fn stamp(&self, key: &Key) -> Option<Stamp> {
-        use rustix::fs::{AtFlags, FileType};
-        let flags = match key {
+        match key {
             // The server's own file, resolved as `open_key` resolves it.
-            Key::Current => AtFlags::empty(),
-            // The host's: `logs/` itself is not the host's to swap (its parent is root's),
-            // its entries are; a name deeper down could pass through a link the host made.
-            Key::Log(name) if !name.as_str().contains('/') => AtFlags::SYMLINK_NOFOLLOW,
-            _ => return None,
-        };
-        let rel = [self.host.as_str(), "/", &key.path()].concat();
-        let st = rustix::fs::statat(self.root, rel, flags).ok()?;
-        let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
-        // One link only, as `logs::read` insists: a hard link could be another file's.
-        (regular && (st.st_nlink == 1 || *key == Key::Current)).then(|| Stamp::of_stat(&st))
+            Key::Current => {
+                let rel = [self.host.as_str(), "/", &key.path()].concat();
+                let st = rustix::fs::statat(self.root, rel, rustix::fs::AtFlags::empty()).ok()?;
+                let file = rustix::fs::FileType::from_raw_mode(st.st_mode).is_file();
+                file.then(|| Stamp::of_stat(&st))
+            }
+            // The host's, by the rules its reads follow.
+            Key::Log(name) => logs::stamp_at(self.root, self.host.as_str(), name.as_str()),
+            _ => None,
+        }
     }
 }
 
