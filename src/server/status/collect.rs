@@ -2,7 +2,9 @@
 //! state), the build record, and the host's `logs/heartbeat.json` and `logs/latest.json`
 //! (host-written, read only through `server::logs`). Nothing else of `logs/` is opened, and
 //! it is listed only when those reads do not say when the files came, so the cost per host
-//! is four small files whatever the length of its history.
+//! is four small files whatever the length of its history; over a chroot, each of
+//! `current` and the two `logs/` files is one stat when unchanged since the last run
+//! (`memo`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
