@@ -86,6 +86,8 @@ pub fn run(fleet: Option<PathBuf>, args: Args) -> anyhow::Result<ExitCode> {
         dry_run: false,
         stamping: publish::freshness_window(&fleet.config, signer.as_ref())?
             .map(|window| publish::Stamping { window, now }),
+        // Rare and per host: the kept versions are read.
+        versions: None,
     };
     let mut done = Vec::new();
     let mut errors = Vec::new();

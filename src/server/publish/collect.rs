@@ -11,16 +11,19 @@ use crate::protocol::manifest::{Digest, Manifest, MAX_MANIFEST_BYTES};
 use crate::protocol::HostName;
 use crate::server::store::{Store, StoreError};
 
+use super::versions::Summary;
+
 /// Keeps the live version and the newest others up to `KEEP_VERSIONS` in all; removes
 /// other manifests (and, when the live version is signed, every unsigned one), signatures
 /// and freshness stamps without their manifest, and every object none of the kept manifests
-/// uses.
+/// uses. Returns what is known of the kept format-2 versions, for the publisher's memo
+/// (`super::versions`).
 pub fn collect_host(
     store: &dyn Store,
     host: &HostName,
     live: &Digest,
     known: &Known,
-) -> Result<(), StoreError> {
+) -> Result<Vec<(Digest, Summary)>, StoreError> {
     let listed = store.list(host, Area::Manifests)?;
     // (order, digest, objects) of every version but the live one.
     type Other = (
@@ -31,6 +34,8 @@ pub fn collect_host(
     let mut others: Vec<Other> = Vec::new();
     // The objects of each kept version.
     let mut kept: Vec<BTreeSet<Digest>> = Vec::new();
+    // What is known of each version, for the memo.
+    let mut summaries: Vec<(Digest, Summary)> = Vec::new();
     let signed: BTreeSet<Digest> = listed
         .iter()
         .filter_map(|key| match key {
@@ -58,33 +63,36 @@ pub fn collect_host(
                     store.keep_uses(host, digest, objects);
                 }
                 kept.push(objects.clone());
+                summaries.extend(known.summaries.get(digest).map(|s| (*digest, s.clone())));
                 continue;
             }
         }
-        let parsed = match known.manifests.get(digest) {
-            Some(m) => Some(std::borrow::Cow::Borrowed(m)),
-            None => store
-                .get(host, key, MAX_MANIFEST_BYTES)
-                .ok()
-                .flatten()
-                .and_then(|b| Manifest::parse(&b).ok())
-                .map(std::borrow::Cow::Owned),
+        let found = match known.summaries.get(digest) {
+            Some(s) => summarized(store, host, digest, s),
+            None => None,
+        };
+        let found = match found {
+            Some(found) => Some(found),
+            None => read(store, host, key).map(|m| {
+                let summary = Summary::of(&m);
+                uses(store, host, digest, &m).map(|objects| (m.order(), objects, summary))
+            }),
         };
         // What a version uses: format 2's from its trees (read, not expanded), or as the
         // store recorded it when this publisher last walked them.
-        let parsed = match parsed {
-            Some(m) => match uses(store, host, digest, &m) {
-                Ok(objects) => Some((m.order(), objects)),
-                // The live version's objects are never collected on a guess.
-                Err(e) if digest == live => {
-                    return Err(StoreError::Io {
-                        at: store.locate(host, key),
-                        source: io::Error::other(e.to_string()),
-                    })
-                }
-                Err(_) => None,
-            },
-            None => None,
+        let parsed = match found {
+            Some(Ok((order, objects, summary))) => {
+                summaries.extend(summary.map(|s| (*digest, s)));
+                Some((order, objects))
+            }
+            // The live version's objects are never collected on a guess.
+            Some(Err(e)) if digest == live => {
+                return Err(StoreError::Io {
+                    at: store.locate(host, key),
+                    source: io::Error::other(e.to_string()),
+                })
+            }
+            Some(Err(_)) | None => None,
         };
         match parsed {
             Some((_, objects)) if digest == live => kept.push(objects),
@@ -126,7 +134,33 @@ pub fn collect_host(
     for d in held.difference(&used) {
         store.delete(host, &Key::Object(*d))?;
     }
-    Ok(())
+    summaries.retain(|(d, _)| manifests.contains(d));
+    Ok(summaries)
+}
+
+/// What a version uses and its order, from what the publisher remembers of it: `None`
+/// when its root tree's edges are not known here (the manifest is read instead).
+type Found = Result<
+    (
+        (u64, std::time::SystemTime),
+        BTreeSet<Digest>,
+        Option<Summary>,
+    ),
+    crate::protocol::manifest::ManifestError,
+>;
+
+fn summarized(store: &dyn Store, host: &HostName, digest: &Digest, s: &Summary) -> Option<Found> {
+    let objects = match store.uses(host, digest) {
+        Some(known) => Ok(known),
+        None => crate::server::store::trees::objects_below(store, host, &s.root, &s.files)?,
+    };
+    Some(objects.map(|objects| (s.order(), objects, Some(s.clone()))))
+}
+
+/// Manifest `key` of `host`, when it is there and parses.
+fn read(store: &dyn Store, host: &HostName, key: &Key) -> Option<Manifest> {
+    let bytes = store.get(host, key, MAX_MANIFEST_BYTES).ok()??;
+    Manifest::parse(&bytes).ok()
 }
 
 /// The objects manifest `digest` of `host` uses: recorded by the store, else walked from its
@@ -155,11 +189,11 @@ pub fn collect_pool(store: &dyn Store) -> Result<usize, StoreError> {
 }
 
 /// What a publish already knows of a host's versions, so collecting after the switch reads
-/// nothing twice: the format-2 manifests the numbering read (small: their trees unread),
-/// and the objects of the version it wrote.
+/// nothing twice: what is known of the format-2 versions the numbering found (read, or
+/// remembered), and the objects of the version it wrote.
 #[derive(Debug, Default)]
 pub struct Known {
-    manifests: std::collections::HashMap<Digest, Manifest>,
+    summaries: std::collections::HashMap<Digest, Summary>,
     /// And whether it is a format-2 version (what the store records: see [`uses`]).
     uses: std::collections::HashMap<Digest, (BTreeSet<Digest>, bool)>,
     /// Every object the host's area holds, when the publish listed them before writing
@@ -168,11 +202,11 @@ pub struct Known {
 }
 
 impl Known {
-    /// Keeps a manifest read whole and verified against `digest`, if it is small to hold
-    /// (format 1 lists every file: read again when collecting).
-    pub fn keep(&mut self, digest: Digest, m: Manifest) {
-        if m.tree.is_some() && !m.is_expanded() {
-            self.manifests.insert(digest, m);
+    /// What is known of version `digest` (format 2 only: format 1's manifest is read again
+    /// when collecting).
+    pub fn keep(&mut self, digest: Digest, summary: Option<Summary>) {
+        if let Some(summary) = summary {
+            self.summaries.insert(digest, summary);
         }
     }
 

@@ -350,7 +350,7 @@ pub fn finish(
         Staged::Ready(ready) => ready,
     };
     let remembered = ready.remembered;
-    match ready.go_live(store) {
+    match ready.go_live(store, numbering) {
         Err(PublishError::Store(StoreError::Raced { .. })) if remembered => {
             tracing::debug!(
                 "{}: `current` moved since this publisher wrote it; reading it",
@@ -363,7 +363,7 @@ pub fn finish(
             };
             match stage_host(store, &plan, numbering)? {
                 Staged::Done(report) => Ok(*report),
-                Staged::Ready(ready) => ready.go_live(store),
+                Staged::Ready(ready) => ready.go_live(store, numbering),
             }
         }
         done => done,
@@ -391,8 +391,13 @@ pub struct Ready {
 
 impl Ready {
     /// Switches `current` (if it is still what the version was numbered from), then
-    /// removes what the new version pushed out of the kept ones.
-    pub fn go_live(self, store: &dyn Store) -> Result<HostReport, PublishError> {
+    /// removes what the new version pushed out of the kept ones, and remembers the kept
+    /// ones in the publisher's memo.
+    pub fn go_live(
+        self,
+        store: &dyn Store,
+        numbering: &super::Numbering<'_>,
+    ) -> Result<HostReport, PublishError> {
         let Ready {
             host,
             digest,
@@ -411,7 +416,10 @@ impl Ready {
         for d in &discard {
             store.delete(&host, &Key::Manifest(*d))?;
         }
-        super::collect::collect_host(store, &host, &digest, &known)?;
+        let kept = super::collect::collect_host(store, &host, &digest, &known)?;
+        if let Some(versions) = numbering.versions {
+            versions.set(&host, kept);
+        }
         Ok(report)
     }
 }
@@ -511,6 +519,7 @@ pub fn stage_host(
         known.held(held, &objects);
     }
     known.uses(digest, objects, manifest.tree.is_some());
+    known.keep(digest, super::versions::Summary::of(manifest));
     // Recorded before any manifest carries it: the record is never behind the chroot.
     super::serial::record(numbering, host, manifest.serial)?;
     store.put(host, &Key::Manifest(digest), &manifest_bytes)?;

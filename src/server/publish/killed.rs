@@ -18,6 +18,19 @@ fn name(h: &str) -> HostName {
     HostName::new(h).unwrap()
 }
 
+/// [`fleet`] in format 2 when `trees`.
+fn fleet_as(round: u64, trees: bool) -> Vec<HostPlan> {
+    let mut plans = fleet(round);
+    if trees {
+        let t = tempfile::tempdir().unwrap();
+        let packer = super::packs::Packer::load(t.path().join(super::packs::MEMO));
+        for p in &mut plans {
+            packer.pack(p).unwrap();
+        }
+    }
+    plans
+}
+
 /// Three hosts sharing a file; `round` changes alpha's own file and, from round 2, the
 /// shared one (beta and alpha), while gamma stays the same.
 fn fleet(round: u64) -> Vec<HostPlan> {
@@ -127,13 +140,17 @@ fn assert_only_kept(store: &dyn Store, k: usize) {
 }
 
 /// Runs the whole scenario for every k on fresh stores from `fresh`, with `after` checking
-/// store-specific leftovers; returns how many k were tried.
-fn every_k(fresh: &dyn Fn() -> Box<dyn Store>, after: &dyn Fn(&dyn Store, usize)) -> usize {
+/// store-specific leftovers; returns how many k were tried. Format 2 when `trees`.
+fn every_k(
+    fresh: &dyn Fn() -> Box<dyn Store>,
+    after: &dyn Fn(&dyn Store, usize),
+    trees: bool,
+) -> usize {
     let key_dir = tempfile::tempdir().unwrap();
     let key = key_dir.path().join("key");
     crate::protocol::signing::generate(&key, "test").unwrap();
     let signer = Signer::load(&key).unwrap();
-    let (v1, v2, v3) = (fleet(1), fleet(2), fleet(3));
+    let (v1, v2, v3) = (fleet_as(1, trees), fleet_as(2, trees), fleet_as(3, trees));
     for k in 0..500 {
         let store = fresh();
         // The publisher's serial record, as `bento publish` keeps it: the next publish
@@ -141,12 +158,14 @@ fn every_k(fresh: &dyn Fn() -> Box<dyn Store>, after: &dyn Fn(&dyn Store, usize)
         // renumbered away and only GC can remove it.
         let records = tempfile::tempdir().unwrap();
         let serials = crate::server::records::Serials::new(records.path());
+        let versions = super::versions::Versions::default();
         let numbering = super::Numbering {
             signer: Some(&signer),
             record: Some(&serials),
             floor: None,
             dry_run: false,
             stamping: None,
+            versions: Some(&versions),
         };
         publish_all(&*store, &v1, &numbering);
         let faulty = Faulty::new(&*store, k);
@@ -171,7 +190,14 @@ fn every_k(fresh: &dyn Fn() -> Box<dyn Store>, after: &dyn Fn(&dyn Store, usize)
 
 #[test]
 fn a_publish_killed_after_any_request_leaves_whole_versions_in_memory() {
-    let tried = every_k(&|| Box::new(MemStore::new()), &|_, _| {});
+    let tried = every_k(&|| Box::new(MemStore::new()), &|_, _| {}, false);
+    assert!(tried > 5);
+}
+
+/// Format 2, with the publisher's memo of kept versions shared by the runs.
+#[test]
+fn a_publish_killed_after_any_request_leaves_whole_format_2_versions_in_memory() {
+    let tried = every_k(&|| Box::new(MemStore::new()), &|_, _| {}, true);
     assert!(tried > 5);
 }
 
@@ -186,27 +212,31 @@ fn a_publish_killed_after_any_request_leaves_whole_versions_in_a_chroot() {
         drop(store.lock(Box::new(|| {})).unwrap());
         Box::new(store)
     };
-    every_k(&fresh, &|_store, k| {
-        let chroot = Chroot::new(root_of(n.load(std::sync::atomic::Ordering::Relaxed) - 1));
-        // The pool holds only what some host links to, and no temporary file is left.
-        for entry in std::fs::read_dir(chroot.pool_dir()).unwrap() {
-            use std::os::unix::fs::MetadataExt;
-            let meta = entry.unwrap().metadata().unwrap();
-            assert!(meta.nlink() > 1, "k={k}: a pooled object no host uses");
-        }
-        assert_eq!(std::fs::read_dir(chroot.tmp_dir()).unwrap().count(), 0);
-        for host in ["alpha", "beta", "gamma"] {
-            for dir in ["", "manifests", "objects"] {
-                let leftovers = std::fs::read_dir(chroot.root.join(host).join(dir))
-                    .unwrap()
-                    .filter(|e| {
-                        let name = e.as_ref().unwrap().file_name();
-                        name.to_string_lossy()
-                            .starts_with(crate::sys::atomic::TMP_PREFIX)
-                    })
-                    .count();
-                assert_eq!(leftovers, 0, "k={k}: temporary files in {host}/{dir}");
+    every_k(
+        &fresh,
+        &|_store, k| {
+            let chroot = Chroot::new(root_of(n.load(std::sync::atomic::Ordering::Relaxed) - 1));
+            // The pool holds only what some host links to, and no temporary file is left.
+            for entry in std::fs::read_dir(chroot.pool_dir()).unwrap() {
+                use std::os::unix::fs::MetadataExt;
+                let meta = entry.unwrap().metadata().unwrap();
+                assert!(meta.nlink() > 1, "k={k}: a pooled object no host uses");
             }
-        }
-    });
+            assert_eq!(std::fs::read_dir(chroot.tmp_dir()).unwrap().count(), 0);
+            for host in ["alpha", "beta", "gamma"] {
+                for dir in ["", "manifests", "objects"] {
+                    let leftovers = std::fs::read_dir(chroot.root.join(host).join(dir))
+                        .unwrap()
+                        .filter(|e| {
+                            let name = e.as_ref().unwrap().file_name();
+                            name.to_string_lossy()
+                                .starts_with(crate::sys::atomic::TMP_PREFIX)
+                        })
+                        .count();
+                    assert_eq!(leftovers, 0, "k={k}: temporary files in {host}/{dir}");
+                }
+            }
+        },
+        false,
+    );
 }

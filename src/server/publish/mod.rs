@@ -20,6 +20,7 @@ mod plan;
 mod refusals;
 mod serial;
 mod verify;
+mod versions;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -365,6 +366,8 @@ pub fn run(
         true => opts.serials.clone().in_batch(batch.clone()),
         false => opts.serials.clone(),
     };
+    let versions_path = opts.chroot.state_dir().join(versions::MEMO);
+    let versions = versions::Versions::load(&versions_path);
     let numbering = Numbering {
         signer: opts.signer,
         record: Some(&serials),
@@ -374,6 +377,7 @@ pub fn run(
             window,
             now: opts.now,
         }),
+        versions: Some(&versions),
     };
     let (plans, mut held_back) = match opts.delivery {
         Some(d) => d.before(opts.store, &opts.chroot, plans),
@@ -506,6 +510,20 @@ pub fn run(
             .save(opts.only.is_empty())
             .map_err(|source| PublishError::Io { path, source })?;
     }
+    // The kept versions' roots stay in the edges saved next, so collecting them walks no
+    // tree; a complete run forgets hosts no longer in the fleet.
+    let fleet_hosts: Option<std::collections::BTreeSet<&HostName>> =
+        opts.only.is_empty().then(|| {
+            // Every host of the fleet has a report.
+            reports.iter().map(|r| &r.host).collect()
+        });
+    versions
+        .save(&versions_path, fleet_hosts.as_ref())
+        .map_err(|source| PublishError::Io {
+            path: versions_path.clone(),
+            source,
+        })?;
+    versions.touch_roots();
     crate::server::store::trees::save_edges(&edges, opts.only.is_empty()).map_err(|source| {
         PublishError::Io {
             path: edges,

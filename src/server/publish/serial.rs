@@ -27,6 +27,8 @@ pub struct Numbering<'a> {
     pub dry_run: bool,
     /// `[server] freshness`: each version left live gets a stamp signed by `signer`.
     pub stamping: Option<super::Stamping>,
+    /// What the publisher remembers of kept versions (`None`: every one is read).
+    pub versions: Option<&'a super::versions::Versions>,
 }
 
 impl<'a> Numbering<'a> {
@@ -124,15 +126,30 @@ pub fn next(
     let mut unproven_all: Vec<(u64, Digest)> = Vec::new();
     let mut live_proven = false;
     let mut read = super::collect::Known::default();
-    for key in store.list(host, Area::Manifests)? {
-        let Key::Manifest(digest) = key else {
+    for key in &store.list(host, Area::Manifests)? {
+        let Key::Manifest(digest) = *key else {
             continue;
         };
+        let is_live = live.is_some_and(|(d, _)| *d == digest);
+        // A version remembered with a serial the record or the heartbeat proves: nothing
+        // to read (it can prove no higher serial than they do).
+        let remembered = match (is_live, numbering.versions) {
+            (false, Some(versions)) => versions.get(host, &digest).filter(|s| {
+                recorded.is_some_and(|r| s.serial <= r)
+                    || reported_serial.is_some_and(|r| s.serial <= r)
+            }),
+            _ => None,
+        };
+        if let Some(summary) = remembered {
+            proven = proven.max(summary.serial);
+            read.keep(digest, Some(summary));
+            continue;
+        }
         // The live manifest was read and checked against its digest by the caller.
         let (m, bytes) = match live.filter(|(d, _)| *d == digest) {
             Some((_, m)) => (m.clone(), None),
             None => {
-                let Some(bytes) = store.get(host, &key, MAX_MANIFEST_BYTES).ok().flatten() else {
+                let Some(bytes) = store.get(host, key, MAX_MANIFEST_BYTES).ok().flatten() else {
                     continue;
                 };
                 if Digest::of(&bytes) != digest {
@@ -153,7 +170,6 @@ pub fn next(
                 // An unsigned fleet without a record yet: the manifests are all there is.
                 None => recorded.is_none(),
             };
-        let is_live = live.is_some_and(|(d, _)| *d == digest);
         if trusted {
             proven = proven.max(m.serial);
             live_proven |= is_live;
@@ -163,7 +179,8 @@ pub fn next(
                 unproven = Some((m.serial, digest));
             }
         }
-        read.keep(digest, m);
+        crate::server::store::trees::know_root(&m);
+        read.keep(digest, super::versions::Summary::of(&m));
     }
 
     let mut warnings = Vec::new();
@@ -518,6 +535,7 @@ mod tests {
             floor: None,
             dry_run: false,
             stamping: None,
+            versions: None,
         };
         let store = MemStore::new();
         publish_host(&store, &plan("a"), &n).unwrap();

@@ -314,6 +314,8 @@ pub struct Faulty<'a> {
     inner: &'a dyn Store,
     allowed: usize,
     made: AtomicUsize,
+    /// Manifests read through it.
+    manifests_read: AtomicUsize,
 }
 
 impl<'a> Faulty<'a> {
@@ -322,7 +324,13 @@ impl<'a> Faulty<'a> {
             inner,
             allowed,
             made: AtomicUsize::new(0),
+            manifests_read: AtomicUsize::new(0),
         }
+    }
+
+    /// How many manifests were read through it.
+    pub fn manifests_read(&self) -> usize {
+        self.manifests_read.load(Ordering::SeqCst)
     }
 
     /// How many mutating requests were asked for, failed ones included.
@@ -360,6 +368,9 @@ impl Store for Faulty<'_> {
         self.inner.open_host(host)
     }
     fn get(&self, host: &HostName, key: &Key, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Key::Manifest(_) = key {
+            self.manifests_read.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.get(host, key, limit)
     }
     fn get_prefix(

@@ -291,6 +291,38 @@ pub fn objects(
     Ok(set)
 }
 
+/// [`objects`] of a format-2 version known by its root tree's digest and its `files/`
+/// objects alone; `None` when this process does not know the root's edges (then the
+/// manifest, which holds the root, is read).
+pub fn objects_below(
+    store: &dyn Store,
+    host: &HostName,
+    root: &Digest,
+    files: &[Digest],
+) -> Option<Result<BTreeSet<Digest>, ManifestError>> {
+    let top = edges().lock().expect("tree edges").get(root)?;
+    let mut set: BTreeSet<Digest> = top.objects.iter().copied().collect();
+    for sub in &top.subtrees {
+        match closure(store, host, sub, 1) {
+            Ok(below) => set.extend(below.iter()),
+            Err(e) => return Some(Err(e.into())),
+        }
+    }
+    set.extend(files.iter().copied());
+    Some(Ok(set))
+}
+
+/// Learns what a format-2 manifest's root tree points at, from the manifest (which holds
+/// the root), so collecting the version later need not read it again.
+pub fn know_root(m: &Manifest) {
+    if let Some(tree) = &m.tree {
+        let mut memo = edges().lock().expect("tree edges");
+        if memo.get(&tree.root).is_none() {
+            memo.add(tree.root, &tree.top);
+        }
+    }
+}
+
 /// Fills a format-2 manifest's `config` from its trees in `host`'s area (nothing to do for
 /// format 1). A tree that is missing or fails its digest is an error naming it.
 pub fn expand(store: &dyn Store, host: &HostName, m: &mut Manifest) -> Result<(), ManifestError> {
