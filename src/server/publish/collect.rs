@@ -138,8 +138,7 @@ pub fn collect_host(
     Ok(summaries)
 }
 
-/// What a version uses and its order, from what the publisher remembers of it: `None`
-/// when its root tree's edges are not known here (the manifest is read instead).
+/// A version's order, the objects it uses and what the memo keeps of it.
 type Found = Result<
     (
         (u64, std::time::SystemTime),
@@ -149,6 +148,8 @@ type Found = Result<
     crate::protocol::manifest::ManifestError,
 >;
 
+/// [`Found`] from what the publisher remembers of a version: `None` when its root tree's
+/// edges are not known here (the manifest is read instead).
 fn summarized(store: &dyn Store, host: &HostName, digest: &Digest, s: &Summary) -> Option<Found> {
     let objects = match store.uses(host, digest) {
         Some(known) => Ok(known),
