@@ -385,7 +385,7 @@ fn uses_on_disk(dir: &std::path::Path, digest: &bento::protocol::manifest::Diges
 }
 
 #[test]
-fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_edges_cache_says() {
+fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_caches_say() {
     let env = Env::new();
     let toml = env.fleet.path("bento.toml");
     let text = fs::read_to_string(&toml).unwrap();
@@ -396,6 +396,9 @@ fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_edg
     .unwrap();
     let dir = env.chroot().join("classic1");
     let edges = env.chroot().join(".bento/tree-edges");
+    // What the publisher remembers of the kept versions (serial, time, root), so numbering
+    // and collecting read no kept manifest back.
+    let versions = env.chroot().join(".bento/versions");
     let mut digests = Vec::new();
     // Five publishes of classic1 alone (every edge kept), then the whole fleet's (edges of
     // versions no longer live dropped), then classic1's again.
@@ -409,10 +412,17 @@ fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_edg
                 .fleet
                 .write("common/base.nix", &format!("{{ version = \"b{v}\"; }}\n")),
         }
-        // The cache of what trees point at, lost, then broken: collection is the same.
+        // The cache of what trees point at lost, then broken; the memo of kept versions
+        // kept while the edges are lost (its roots then unknown), then lost, then torn:
+        // collection and numbering are the same.
         match v {
             3 => fs::remove_file(&edges).unwrap(),
             4 => fs::write(&edges, b"bento tree edges 1\nnot a record").unwrap(),
+            5 => fs::remove_file(&versions).unwrap(),
+            7 => {
+                let bytes = fs::read(&versions).unwrap();
+                fs::write(&versions, &bytes[..bytes.len() - 1]).unwrap();
+            }
             _ => {}
         }
         match v {
@@ -420,12 +430,23 @@ fn format_2_collection_keeps_exactly_what_the_kept_versions_use_whatever_the_edg
             _ => env.publish(&["--host", "classic1"]).success(),
         };
         assert!(edges.exists(), "publish {v} saves the edges");
+        assert!(versions.exists(), "publish {v} saves the kept versions");
         digests.push(
             bento::protocol::layout::parse_current(
                 &fs::read_to_string(dir.join("current")).unwrap(),
             )
             .unwrap(),
         );
+        // Numbered above every kept version, each publish a new serial.
+        let live = Manifest::parse(
+            &fs::read(bento::protocol::layout::manifest(
+                &dir,
+                digests.last().unwrap(),
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(live.serial, v + 1, "after publish {v}");
         // Kept: the last three; objects: exactly what they use.
         let kept = &digests[digests.len().saturating_sub(3)..];
         let mut manifests: Vec<String> = fs::read_dir(dir.join("manifests"))
