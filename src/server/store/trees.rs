@@ -275,20 +275,8 @@ pub fn objects(
         return Ok(m.objects());
     };
     // The root is the manifest's own, not an object: what it names is.
-    let known = edges().lock().expect("tree edges").get(&tree.root);
-    let top = match known {
-        Some(known) => known,
-        None => edges()
-            .lock()
-            .expect("tree edges")
-            .add(tree.root, &tree.top),
-    };
-    let mut set: BTreeSet<Digest> = top.objects.iter().copied().collect();
-    for sub in &top.subtrees {
-        set.extend(closure(store, host, sub, 1)?.iter());
-    }
-    set.extend(m.files.iter().map(|f| f.sha256));
-    Ok(set)
+    let top = root_edges(tree);
+    Ok(below(store, host, &top, m.files.iter().map(|f| f.sha256))?)
 }
 
 /// [`objects`] of a format-2 version known by its root tree's digest and its `files/`
@@ -301,25 +289,40 @@ pub fn objects_below(
     files: &[Digest],
 ) -> Option<Result<BTreeSet<Digest>, ManifestError>> {
     let top = edges().lock().expect("tree edges").get(root)?;
-    let mut set: BTreeSet<Digest> = top.objects.iter().copied().collect();
-    for sub in &top.subtrees {
-        match closure(store, host, sub, 1) {
-            Ok(below) => set.extend(below.iter()),
-            Err(e) => return Some(Err(e.into())),
-        }
-    }
-    set.extend(files.iter().copied());
-    Some(Ok(set))
+    Some(below(store, host, &top, files.iter().copied()).map_err(Into::into))
 }
 
-/// Learns what a format-2 manifest's root tree points at, from the manifest (which holds
-/// the root), so collecting the version later need not read it again.
+/// What a version whose root tree points at `top` uses: those objects, its subtrees' and
+/// its `files/` objects.
+fn below(
+    store: &dyn Store,
+    host: &HostName,
+    top: &Edges,
+    files: impl Iterator<Item = Digest>,
+) -> Result<BTreeSet<Digest>, TreeError> {
+    let mut set: BTreeSet<Digest> = top.objects.iter().copied().collect();
+    for sub in &top.subtrees {
+        set.extend(closure(store, host, sub, 1)?.iter());
+    }
+    set.extend(files);
+    Ok(set)
+}
+
+/// What a manifest's root tree points at: known, or learnt from the manifest (which holds
+/// the root).
+fn root_edges(tree: &crate::protocol::manifest::TreeRef) -> Arc<Edges> {
+    let mut memo = edges().lock().expect("tree edges");
+    match memo.get(&tree.root) {
+        Some(known) => known,
+        None => memo.add(tree.root, &tree.top),
+    }
+}
+
+/// Learns what a format-2 manifest's root tree points at, so collecting the version later
+/// need not read it again.
 pub fn know_root(m: &Manifest) {
     if let Some(tree) = &m.tree {
-        let mut memo = edges().lock().expect("tree edges");
-        if memo.get(&tree.root).is_none() {
-            memo.add(tree.root, &tree.top);
-        }
+        root_edges(tree);
     }
 }
 
