@@ -39,10 +39,55 @@ pub fn write_temp_unsynced(target: &Path, bytes: &[u8], mode: u32) -> io::Result
     write_temp_as(tmp_path(target), bytes, mode, false)
 }
 
+/// [`write_temp_unsynced`] into a retired file's inode: `spare` (a name the caller gave a
+/// file instead of deleting it) is renamed to the temporary name and overwritten. Without a
+/// spare, a new file. A file system without a journal skips every recently freed inode when
+/// it makes a new one (ext4 rereads each: the publisher's creates grew with its deletes), so
+/// a file replaced on every publish costs no inode freed and none made.
+pub fn write_temp_reusing(
+    target: &Path,
+    spare: &Path,
+    bytes: &[u8],
+    mode: u32,
+) -> io::Result<PathBuf> {
+    write_reusing(
+        tmp_path(target),
+        spare,
+        bytes,
+        mode,
+        Made::New { sync: false },
+    )
+}
+
 /// Writes `bytes` as the file `path`, unsynced, replacing what a killed run left there: for
 /// files that are temporary by name (a later step renames them once durable).
 pub fn write_new_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     write_as(path.to_owned(), bytes, mode, Made::Replacing).map(drop)
+}
+
+/// [`write_new_unsynced`] into the inode of `spare`, as [`write_temp_reusing`].
+pub fn write_new_reusing(path: &Path, spare: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_reusing(path.to_owned(), spare, bytes, mode, Made::Replacing).map(drop)
+}
+
+/// Writes `path` through the inode of `spare` if there is one, else made as `otherwise`.
+fn write_reusing(
+    path: PathBuf,
+    spare: &Path,
+    bytes: &[u8],
+    mode: u32,
+    otherwise: Made,
+) -> io::Result<PathBuf> {
+    match fs::rename(spare, &path) {
+        // A spare that is not one plain file is dropped (its name removed), not written
+        // through.
+        Ok(()) => match write_as(path.clone(), bytes, mode, Made::Reused) {
+            Ok(path) => Ok(path),
+            Err(_) => write_as(path, bytes, mode, otherwise),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_as(path, bytes, mode, otherwise),
+        Err(e) => Err(e),
+    }
 }
 
 /// How [`write_as`] makes its file.
@@ -51,6 +96,10 @@ enum Made {
     New { sync: bool },
     /// A temporary name a killed run may have left: truncated, unsynced.
     Replacing,
+    /// A retired file renamed to a temporary name: overwritten (its blocks kept when the new
+    /// bytes fill them), unsynced; refused unless it is a plain file no other name shares
+    /// (its bytes would not be only the retired file's).
+    Reused,
 }
 
 fn write_temp_as(tmp: PathBuf, bytes: &[u8], mode: u32, sync: bool) -> io::Result<PathBuf> {
@@ -59,16 +108,33 @@ fn write_temp_as(tmp: PathBuf, bytes: &[u8], mode: u32, sync: bool) -> io::Resul
 
 fn write_as(path: PathBuf, bytes: &[u8], mode: u32, made: Made) -> io::Result<PathBuf> {
     let result = (|| {
+        use std::os::unix::fs::MetadataExt;
         let mut open = OpenOptions::new();
         open.write(true).mode(mode);
         match made {
             Made::New { .. } => open.create_new(true),
             Made::Replacing => open.create(true).truncate(true),
+            Made::Reused => open.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK),
         };
         let mut f = open.open(&path)?;
+        let reused = match made {
+            Made::Reused => {
+                let meta = f.metadata()?;
+                if !meta.is_file() || meta.nlink() != 1 {
+                    return Err(io::Error::other("not one file alone"));
+                }
+                Some(meta)
+            }
+            _ => None,
+        };
         // The mode given to open is filtered by the umask; set it exactly.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        if reused.as_ref().is_none_or(|m| m.mode() & 0o7777 != mode) {
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(bytes)?;
+        if reused.is_some_and(|m| m.len() > bytes.len() as u64) {
+            f.set_len(bytes.len() as u64)?;
+        }
         match made {
             Made::New { sync: true } => f.sync_all(),
             _ => Ok(()),
@@ -178,6 +244,47 @@ mod tests {
             0o600
         );
         assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1, "no temp left");
+    }
+
+    #[test]
+    fn a_spare_lends_its_inode_only_when_no_other_name_shares_it() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let (target, spare) = (t.path().join("m.json"), t.path().join(".spare.json"));
+        fs::write(&spare, b"a longer retired manifest").unwrap();
+        let ino = fs::metadata(&spare).unwrap().ino();
+        let tmp = write_temp_reusing(&target, &spare, b"new", 0o644).unwrap();
+        assert_eq!(fs::metadata(&tmp).unwrap().ino(), ino, "the spare's inode");
+        assert_eq!(
+            fs::read(&tmp).unwrap(),
+            b"new",
+            "no bytes of the spare left"
+        );
+        assert_eq!(fs::metadata(&tmp).unwrap().mode() & 0o777, 0o644);
+        assert!(!spare.exists(), "a spare lends its inode once");
+        // No spare: a new file.
+        let again = write_temp_reusing(&target, &spare, b"next", 0o644).unwrap();
+        assert_ne!(fs::metadata(&again).unwrap().ino(), ino);
+        assert_eq!(fs::read(&again).unwrap(), b"next");
+
+        // A spare another name shares is not written through: that name keeps its bytes.
+        let other = t.path().join("other");
+        fs::write(&other, b"someone else's").unwrap();
+        fs::hard_link(&other, &spare).unwrap();
+        let tmp = write_temp_reusing(&target, &spare, b"mine", 0o644).unwrap();
+        assert_eq!(fs::read(&tmp).unwrap(), b"mine");
+        assert_eq!(fs::read(&other).unwrap(), b"someone else's");
+        assert_eq!(
+            fs::metadata(&other).unwrap().nlink(),
+            1,
+            "the spare's name dropped"
+        );
+        // Nor a link to elsewhere.
+        std::os::unix::fs::symlink(&other, &spare).unwrap();
+        let tmp = write_temp_reusing(&target, &spare, b"mine", 0o644).unwrap();
+        assert_eq!(fs::read(&tmp).unwrap(), b"mine");
+        assert!(!fs::symlink_metadata(&tmp).unwrap().is_symlink());
+        assert_eq!(fs::read(&other).unwrap(), b"someone else's");
     }
 
     #[test]

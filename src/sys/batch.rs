@@ -73,6 +73,25 @@ impl Batch {
     /// have replaced the file.
     pub fn write(&self, target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let tmp = crate::sys::atomic::write_temp_unsynced(target, bytes, mode)?;
+        self.rename_later(tmp, target);
+        Ok(())
+    }
+
+    /// [`Batch::write`] into the inode of `spare`, a file retired under that name, when
+    /// there is one (`atomic::write_temp_reusing`).
+    pub fn write_reusing(
+        &self,
+        target: &Path,
+        spare: &Path,
+        bytes: &[u8],
+        mode: u32,
+    ) -> io::Result<()> {
+        let tmp = crate::sys::atomic::write_temp_reusing(target, spare, bytes, mode)?;
+        self.rename_later(tmp, target);
+        Ok(())
+    }
+
+    fn rename_later(&self, tmp: PathBuf, target: &Path) {
         let mut queue = self.queue.lock().expect("batch lock");
         let Queue {
             places, renames, ..
@@ -92,13 +111,28 @@ impl Batch {
                 });
             }
         }
-        Ok(())
     }
 
     /// Writes the new file `path`, unsynced, to be made durable (and not renamed) by the
     /// commit: for a file whose name is temporary already, renamed by a later step.
     pub fn write_kept(&self, path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         crate::sys::atomic::write_new_unsynced(path, bytes, mode)?;
+        self.push(Place::Kept {
+            path: path.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// [`Batch::write_kept`] into the inode of `spare`, a file retired under that name, when
+    /// there is one (`atomic::write_new_reusing`).
+    pub fn write_kept_reusing(
+        &self,
+        path: &Path,
+        spare: &Path,
+        bytes: &[u8],
+        mode: u32,
+    ) -> io::Result<()> {
+        crate::sys::atomic::write_new_reusing(path, spare, bytes, mode)?;
         self.push(Place::Kept {
             path: path.to_owned(),
         });

@@ -219,6 +219,47 @@ fn read_short(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreErr
     Ok(bytes)
 }
 
+/// Where a deleted manifest, signature or stamp (`path`) stays, for the next one of its kind
+/// to be written into (`atomic::write_temp_reusing`): every new version writes one of each
+/// and pushes the oldest kept one out, so a publish frees and makes no inode for them. One
+/// per kind: a second retired file replaces the first. Not a key: no reader lists it.
+fn spare(path: &Path, key: &Key) -> Option<PathBuf> {
+    match key {
+        Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) => {
+            let kind = path.extension()?.to_str()?;
+            Some(path.with_file_name(format!(".spare.{kind}")))
+        }
+        _ => None,
+    }
+}
+
+/// Where the file `current` was stays once replaced: the next version's `current` is
+/// written into it (as [`spare`]).
+fn spare_current(host_dir: &Path) -> PathBuf {
+    host_dir.join(".spare.current")
+}
+
+/// Puts `prepared` in place as `current`, atomically. The two are exchanged, so the old
+/// `current` is kept, as `spare`, not freed. A reader that opened the old `current` reads
+/// its bytes until the next publish writes into it, and then a newer digest, which it
+/// checks as any other. Where the file system cannot exchange names (or there is no
+/// `current` yet), a rename.
+fn switch_prepared(prepared: &Path, current: &Path, spare: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, prepared, CWD, current, RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            if fs::rename(prepared, spare).is_err() {
+                let _ = fs::remove_file(prepared);
+            }
+            Ok(())
+        }
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            fs::rename(prepared, current)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The names in `dir`, none when it does not exist.
 fn names(dir: &Path) -> Result<Vec<String>, StoreError> {
     let entries = match fs::read_dir(dir) {
@@ -378,18 +419,20 @@ impl Store for ChrootStore {
         let Some(batched) = self.batched() else {
             return atomic::write_file(&path, bytes, 0o644).map_err(io_at(&path));
         };
-        batched
-            .batch
-            .write(&path, bytes, 0o644)
-            .map_err(io_at(&path))?;
+        match spare(&path, key) {
+            Some(spare) => batched.batch.write_reusing(&path, &spare, bytes, 0o644),
+            None => batched.batch.write(&path, bytes, 0o644),
+        }
+        .map_err(io_at(&path))?;
         if let Key::Manifest(digest) = key {
             // `current`'s bytes for this version, made durable by the batch's commit with
             // the manifest, renamed by the switch. Its name is already a temporary one.
             let prepared = prepared_current(&self.chroot.host_dir(host), digest);
             let text = layout::current_text(digest);
+            let spare = spare_current(&self.chroot.host_dir(host));
             batched
                 .batch
-                .write_kept(&prepared, text.as_bytes(), 0o644)
+                .write_kept_reusing(&prepared, &spare, text.as_bytes(), 0o644)
                 .map_err(io_at(&prepared))?;
         }
         Ok(())
@@ -459,7 +502,11 @@ impl Store for ChrootStore {
             return Err(StoreError::WrongOperation(key.path()));
         }
         let path = self.path(host, key);
-        match fs::remove_file(&path) {
+        let gone = match spare(&path, key) {
+            Some(spare) => fs::rename(&path, spare),
+            None => fs::remove_file(&path),
+        };
+        match gone {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_at(&path)(e)),
@@ -502,8 +549,9 @@ impl Store for ChrootStore {
             // Kept by a committed batch, this file is durable (its temporary name says it
             // may not be, until then); the run's last commit makes the rename durable.
             // Absent (a version written before the batch was joined): written below.
-            let prepared = prepared_current(&self.chroot.host_dir(host), to);
-            match fs::rename(&prepared, &path) {
+            let dir = self.chroot.host_dir(host);
+            let prepared = prepared_current(&dir, to);
+            match switch_prepared(&prepared, &path, &spare_current(&dir)) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at(&path)(e)),

@@ -488,3 +488,83 @@ fn a_batched_version_has_its_names_only_once_committed_and_current_never_before(
         .collect();
     assert!(names.is_empty(), "no temporary file left: {names:?}");
 }
+
+#[test]
+fn what_a_new_version_pushes_out_lends_its_inodes_to_the_next_version() {
+    let (_tmp, chroot, store) = made_chroot();
+    let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![chroot.root.clone()]));
+    assert!(store.join_batch(batch.clone()));
+    let dir = chroot.host_dir(&alpha());
+    let ino = |name: &str| {
+        std::fs::symlink_metadata(dir.join(name))
+            .map(|m| m.ino())
+            .ok()
+    };
+    let keys = |d: Digest| [Key::Manifest(d), Key::Signature(d), Key::Fresh(d)];
+    let publish = |body: &[u8], from: Option<Digest>| {
+        let d = Digest::of(body);
+        store.open_host(&alpha()).unwrap();
+        for key in keys(d) {
+            store.put(&alpha(), &key, body).unwrap();
+        }
+        let from = from.map(|f| Version(layout::current_text(&f)));
+        store.switch_current(&alpha(), &d, from.as_ref()).unwrap();
+        batch.commit().unwrap();
+        d
+    };
+    let v1 = publish(b"the first version, the longest of them", None);
+    let v2 = publish(b"the second version", Some(v1));
+    // The switch kept the replaced `current` beside the new one.
+    assert_eq!(
+        std::fs::read(dir.join(".spare.current")).unwrap(),
+        layout::current_text(&v1).as_bytes()
+    );
+    let (text, _) = store.current(&alpha()).unwrap().unwrap();
+    assert_eq!(text, layout::current_text(&v2).as_bytes());
+    let old_current = ino(".spare.current").unwrap();
+
+    // Deleting v1 (pushed out) leaves its files as spares, which no listing shows.
+    let retired: Vec<u64> = keys(v1).iter().map(|k| ino(&k.path()).unwrap()).collect();
+    for key in keys(v1) {
+        store.delete(&alpha(), &key).unwrap();
+        assert!(!store.exists(&alpha(), &key).unwrap(), "{key:?}");
+    }
+    let spares = [
+        "manifests/.spare.json",
+        "manifests/.spare.sig",
+        "manifests/.spare.fresh",
+    ];
+    assert_eq!(spares.map(|s| ino(s).unwrap()).to_vec(), retired);
+    let listed = store.list(&alpha(), Area::Manifests).unwrap();
+    assert_eq!(listed, {
+        let mut k = keys(v2).to_vec();
+        k.sort();
+        k
+    });
+
+    // The next version is written into them: its files, and its `current`, are the retired
+    // inodes, holding exactly the new bytes.
+    let v3 = publish(b"third", Some(v2));
+    let now: Vec<u64> = keys(v3).iter().map(|k| ino(&k.path()).unwrap()).collect();
+    assert_eq!(now, retired);
+    for key in keys(v3) {
+        assert_eq!(
+            store.get(&alpha(), &key, 1 << 20).unwrap().unwrap(),
+            b"third",
+            "{key:?}"
+        );
+    }
+    assert_eq!(ino("current"), Some(old_current));
+    let (text, _) = store.current(&alpha()).unwrap().unwrap();
+    assert_eq!(text, layout::current_text(&v3).as_bytes());
+    for spare in spares {
+        assert_eq!(ino(spare), None, "{spare} lent");
+    }
+    let temps: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("manifests")).unwrap())
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(crate::sys::atomic::TMP_PREFIX))
+        .collect();
+    assert!(temps.is_empty(), "no temporary file left: {temps:?}");
+}
