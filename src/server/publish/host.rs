@@ -473,8 +473,10 @@ pub fn stage_host(
     } = *new;
     let manifest = &manifest;
     let objects = manifest.objects();
-    if let Some(trees) = manifest.stored() {
-        crate::server::store::trees::remember(trees);
+    if let Some(tree) = &manifest.tree {
+        if let Some(trees) = &tree.stored {
+            crate::server::store::trees::remember(trees, (&tree.root, &tree.top));
+        }
     }
 
     store.open_host(host)?;

@@ -52,14 +52,18 @@ fn keep(digest: Digest, bytes: &Arc<[u8]>) {
 
 /// Remembers the trees a publish built (so reading the version back costs no request), and
 /// what they point at (so the next run's collection need not read them).
-pub fn remember(trees: &Trees) {
+/// `root` is the root tree as built (the manifest carries it): its edges need no parse.
+pub fn remember(trees: &Trees, root: (&Digest, &Tree)) {
     for (d, bytes) in &trees.trees {
         keep(*d, bytes);
-        if edges().lock().expect("tree edges").get(d).is_none() {
-            // Built here, from canonical bytes: no need for the untrusted parse's checks.
-            if let Ok(tree) = serde_json::from_slice::<Tree>(bytes) {
-                edges().lock().expect("tree edges").add(*d, &tree);
-            }
+        if edges().lock().expect("tree edges").get(d).is_some() {
+            continue;
+        }
+        if d == root.0 {
+            edges().lock().expect("tree edges").add(*d, root.1);
+        // Built here, from canonical bytes: no need for the untrusted parse's checks.
+        } else if let Ok(tree) = serde_json::from_slice::<Tree>(bytes) {
+            edges().lock().expect("tree edges").add(*d, &tree);
         }
     }
 }
