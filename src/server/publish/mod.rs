@@ -542,6 +542,7 @@ pub fn run(
         path: opts.chroot.flake_cache_path(),
         source,
     })?;
+    opts.store.end_clean()?;
     // Every host's plan is many small allocations: freed on every core, not one. (The scans
     // are the scanner's, shared: freed with it.)
     pool.install(|| plans.into_par_iter().for_each(drop));

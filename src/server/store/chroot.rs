@@ -35,7 +35,14 @@ pub struct ChrootStore {
     /// The chroot's root, opened the first time a host's area is read through it
     /// ([`Store::host_reader`]); `None` when it could not be (read by path then).
     root: std::sync::Arc<std::sync::OnceLock<Option<std::os::fd::OwnedFd>>>,
+    /// The `current`s this run prepared whose switch has not come (yet).
+    prepared: Arc<Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
+
+/// In `.bento/`: the last holder of the publish lock ended clean (`Store::end_clean`), so
+/// no host holds a temporary file of it. Removed, durably, by each lock holder before it
+/// writes anything; without it the lock holder sweeps every host first.
+const CLEAN: &str = "publish-clean";
 
 /// The name under which a version's `current` waits, durable, for its switch (a temporary
 /// name: a later publish of the host removes one left behind).
@@ -57,6 +64,7 @@ impl ChrootStore {
             ownership,
             batch: Arc::default(),
             root: Default::default(),
+            prepared: Arc::default(),
         }
     }
 
@@ -71,6 +79,20 @@ impl ChrootStore {
 
     fn path(&self, host: &HostName, key: &Key) -> PathBuf {
         self.chroot.host_dir(host).join(key.path())
+    }
+
+    /// Removes the temporary files every host's directory and `manifests/` hold: what a
+    /// lock holder that did not end clean may have left (a publish killed, a host staged
+    /// but never switched).
+    fn sweep_hosts(&self) -> Result<(), StoreError> {
+        use rayon::prelude::*;
+        self.hosts()?.par_iter().try_for_each(|host| {
+            let dir = self.chroot.host_dir(host);
+            for d in [dir.join(MANIFESTS), dir] {
+                atomic::remove_stale_temps(&d).map_err(io_at(&d))?;
+            }
+            Ok(())
+        })
     }
 
     /// Copies `open`'s bytes into the pool as `digest` (see [`pool::add`]).
@@ -319,6 +341,15 @@ impl Store for ChrootStore {
         let lock = atomic::Lock::acquire(&path, on_wait).map_err(io_at(&path))?;
         let tmp = self.chroot.tmp_dir();
         atomic::remove_stale_temps(&tmp).map_err(io_at(&tmp))?;
+        let state = self.chroot.state_dir();
+        let clean = state.join(CLEAN);
+        match fs::remove_file(&clean) {
+            // Gone for good before this holder leaves any temporary file: a crash from
+            // here on makes the next holder sweep.
+            Ok(()) => atomic::sync_dir(&state).map_err(io_at(&state))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.sweep_hosts()?,
+            Err(e) => return Err(io_at(&clean)(e)),
+        }
         Ok(StoreLock::new(lock))
     }
 
@@ -335,8 +366,6 @@ impl Store for ChrootStore {
     fn open_host(&self, host: &HostName) -> Result<(), StoreError> {
         let dir = self.chroot.host_dir(host);
         prepare_host_dir(&dir, host, &self.ownership)?;
-        atomic::remove_stale_temps(&dir).map_err(io_at(&dir))?;
-        atomic::remove_stale_temps(&dir.join(MANIFESTS)).map_err(io_at(&dir))?;
         Ok(())
     }
 
@@ -434,6 +463,7 @@ impl Store for ChrootStore {
                 .batch
                 .write_kept_reusing(&prepared, &spare, text.as_bytes(), 0o644)
                 .map_err(io_at(&prepared))?;
+            self.prepared.lock().expect("prepared").insert(prepared);
         }
         Ok(())
     }
@@ -552,7 +582,10 @@ impl Store for ChrootStore {
             let dir = self.chroot.host_dir(host);
             let prepared = prepared_current(&dir, to);
             match switch_prepared(&prepared, &path, &spare_current(&dir)) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.prepared.lock().expect("prepared").remove(&prepared);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_at(&path)(e)),
             }
@@ -591,6 +624,22 @@ impl Store for ChrootStore {
                 Ok(1)
             })
             .sum()
+    }
+
+    fn end_clean(&self) -> Result<(), StoreError> {
+        // A version staged but never switched (its host failed, or raced) leaves its
+        // prepared `current`: this run's own, removed here rather than by a sweep.
+        let left = std::mem::take(&mut *self.prepared.lock().expect("prepared"));
+        for path in left {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_at(&path)(e)),
+                _ => {}
+            }
+        }
+        // Not synced: lost in a crash, it costs the next run a sweep, nothing more.
+        let clean = self.chroot.state_dir().join(CLEAN);
+        fs::File::create(&clean).map_err(io_at(&clean))?;
+        Ok(())
     }
 
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {

@@ -429,6 +429,10 @@ impl Store for Faulty<'_> {
         }
         self.inner.collect_shared()
     }
+
+    fn end_clean(&self) -> Result<(), StoreError> {
+        self.inner.end_clean()
+    }
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError> {
         self.inner.list_logs(host, dir)
     }

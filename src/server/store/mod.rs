@@ -182,6 +182,12 @@ pub trait Store: Send + Sync {
     /// Frees what is shared between hosts and no longer used (the chroot's pool); returns
     /// how many entries went.
     fn collect_shared(&self) -> Result<usize, StoreError>;
+    /// Says the publish holding the lock ended with nothing of it half-done: each file it
+    /// wrote has its name or is gone. The chroot then spares the next lock holder its
+    /// sweep of every host's temporary files. The default: nothing to spare.
+    fn end_clean(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Lists what the host wrote in `logs/` (or `logs/<dir>/`), never following links.
     fn list_logs(&self, host: &HostName, dir: Option<&str>) -> Result<Vec<LogEntry>, LogsError>;
     /// Reads `logs/<name>` (or `logs/<dir>/<name>`), bounded, never following links.

@@ -568,3 +568,58 @@ fn what_a_new_version_pushes_out_lends_its_inodes_to_the_next_version() {
         .collect();
     assert!(temps.is_empty(), "no temporary file left: {temps:?}");
 }
+
+#[test]
+fn only_a_lock_holder_that_ended_clean_spares_the_next_one_the_sweep_of_every_host() {
+    let (_tmp, chroot, store) = made_chroot();
+    let beta = HostName::new("beta").unwrap();
+    let plant = |host: &HostName| {
+        let dir = chroot.host_dir(host);
+        let files = [
+            dir.join(".tmp-1-2-x"),
+            dir.join("manifests/.tmp-1-3-y.json"),
+        ];
+        for f in &files {
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, b"half").unwrap();
+        }
+        files
+    };
+    let lock = || store.lock(Box::new(|| {})).unwrap();
+
+    // A chroot that never saw a clean end (new, or from an older bento) is swept whole, the
+    // hosts this run leaves alone too.
+    let left = [plant(&alpha()), plant(&beta)].concat();
+    let held = lock();
+    assert!(left.iter().all(|f| !f.exists()), "{left:?}");
+    // A version staged whose switch never came: its prepared `current` goes with a clean
+    // end, which then spares the next holder the sweep.
+    let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![chroot.root.clone()]));
+    assert!(store.join_batch(batch.clone()));
+    store.open_host(&alpha()).unwrap();
+    let d = Digest::of(b"never switched");
+    store
+        .put(&alpha(), &Key::Manifest(d), b"never switched")
+        .unwrap();
+    batch.commit().unwrap();
+    let prepared = chroot
+        .host_dir(&alpha())
+        .join(format!(".tmp-current-{}", d.to_hex()));
+    assert!(prepared.exists());
+    store.end_clean().unwrap();
+    assert!(!prepared.exists());
+    drop(held);
+    let planted = plant(&beta);
+    let held = lock();
+    assert!(
+        planted.iter().all(|f| f.exists()),
+        "swept after a clean end"
+    );
+
+    // A holder that did not end clean (killed, failed, or not a publish) leaves the next
+    // one a sweep.
+    drop(held);
+    let held = lock();
+    assert!(planted.iter().all(|f| !f.exists()), "{planted:?}");
+    drop(held);
+}
