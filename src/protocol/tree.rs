@@ -284,22 +284,19 @@ pub fn build<E>(
     mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
     memo: &Subtrees,
 ) -> Result<(Trees, Tree), E> {
+    /// Names borrow the listing's paths: most directories are shared subtrees found in
+    /// `memo`, whose names are never copied (every file of every host passes through here).
     #[derive(Default)]
-    struct Dir {
-        files: BTreeMap<String, Node>,
-        dirs: BTreeMap<String, Dir>,
+    struct Dir<'e> {
+        files: BTreeMap<&'e str, Node>,
+        dirs: BTreeMap<&'e str, Dir<'e>>,
         /// Its key, once worked out: a parent's key is made of its subdirectories'.
         key: std::cell::OnceCell<Digest>,
     }
-    /// The subdirectory `name`, made if new (a name is copied only then: every file of
-    /// a host passes through here).
-    fn child<'a>(dir: &'a mut Dir, name: &str) -> &'a mut Dir {
-        if !dir.dirs.contains_key(name) {
-            dir.dirs.insert(name.to_owned(), Dir::default());
-        }
-        dir.dirs.get_mut(name).expect("just made")
+    fn child<'a, 'e>(dir: &'a mut Dir<'e>, name: &'e str) -> &'a mut Dir<'e> {
+        dir.dirs.entry(name).or_default()
     }
-    fn dir_at<'a>(root: &'a mut Dir, path: &str) -> &'a mut Dir {
+    fn dir_at<'a, 'e>(root: &'a mut Dir<'e>, path: &'e str) -> &'a mut Dir<'e> {
         path.split('/').fold(root, child)
     }
     fn split(path: &RelPath) -> (Option<&str>, &str) {
@@ -309,10 +306,10 @@ pub fn build<E>(
         }
     }
     type PackOf<'a, E> = dyn FnMut(&[(Digest, u64)]) -> Result<Digest, E> + 'a;
-    fn key(dir: &Dir) -> Digest {
+    fn key(dir: &Dir<'_>) -> Digest {
         *dir.key.get_or_init(|| key_of(dir))
     }
-    fn key_of(dir: &Dir) -> Digest {
+    fn key_of(dir: &Dir<'_>) -> Digest {
         use sha2::Digest as _;
         let mut h = Sha256::new();
         for (name, node) in &dir.files {
@@ -348,7 +345,7 @@ pub fn build<E>(
     }
     /// A subdirectory's trees, from `memo` or built (and remembered).
     fn emit_shared<E>(
-        dir: Dir,
+        dir: Dir<'_>,
         out: &mut Trees,
         pack_of: &mut PackOf<'_, E>,
         memo: &Subtrees,
@@ -375,7 +372,7 @@ pub fn build<E>(
     /// The tree of `dir` into `out` with its subtrees and packs; its digest, and the tree
     /// itself (the root's travels in the manifest).
     fn emit<E>(
-        dir: Dir,
+        dir: Dir<'_>,
         out: &mut Trees,
         pack_of: &mut PackOf<'_, E>,
         memo: &Subtrees,
@@ -383,12 +380,15 @@ pub fn build<E>(
         let mut entries: Vec<Entry> = dir
             .files
             .into_iter()
-            .map(|(name, node)| Entry { name, node })
+            .map(|(name, node)| Entry {
+                name: name.to_owned(),
+                node,
+            })
             .collect();
         for (name, sub) in dir.dirs {
             let sha256 = emit_shared(sub, out, pack_of, memo)?;
             entries.push(Entry {
-                name,
+                name: name.to_owned(),
                 node: Node::Tree { sha256 },
             });
         }
@@ -428,7 +428,7 @@ pub fn build<E>(
                 ..
             } => {
                 dir.files.insert(
-                    name.to_owned(),
+                    name,
                     Node::File {
                         size: *size,
                         sha256: *sha256,
