@@ -12,7 +12,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::hostdir::{read_bounded, read_prefix};
 use super::pool::{self, Batched};
+use super::reuse::{spare, spare_current, switch_prepared, CLEAN};
 use super::{
     Area, Capabilities, Cas, HostRead, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
     StoreLock, Version,
@@ -38,11 +40,6 @@ pub struct ChrootStore {
     /// The `current`s this run prepared whose switch has not come (yet).
     prepared: Arc<Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
-
-/// In `.bento/`: the last holder of the publish lock ended clean (`Store::end_clean`), so
-/// no host holds a temporary file of it. Removed, durably, by each lock holder before it
-/// writes anything; without it the lock holder sweeps every host first.
-const CLEAN: &str = "publish-clean";
 
 /// The name under which a version's `current` waits, durable, for its switch (a temporary
 /// name: a later publish of the host removes one left behind).
@@ -176,110 +173,6 @@ fn link_shared(from: &Path, to: &Path) -> Result<bool, StoreError> {
         Err(_) => fs::hard_link(from, to).map_err(io_at(to))?,
     }
     Ok(true)
-}
-
-/// The most a bounded read reserves before it knows a file's size: larger files grow the
-/// buffer as they are read.
-const READ_AHEAD: u64 = 64 * 1024;
-
-/// Reads at most `limit` bytes of `path`; `None` when it does not exist.
-fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
-    match fs::File::open(path) {
-        Ok(f) => read_opened(f, path, limit).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_at(path)(e)),
-    }
-}
-
-/// Reads at most `limit` bytes of `file` (opened on `path`, for messages).
-pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
-    let bytes = read_short(file, path, limit.saturating_add(1))?;
-    if bytes.len() as u64 > limit {
-        return Err(StoreError::TooLarge {
-            at: path.to_owned(),
-            max: limit,
-        });
-    }
-    Ok(bytes)
-}
-
-/// The first `len` bytes of `file` (all of it when shorter; opened on `path`).
-pub(super) fn read_prefix(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
-    read_short(file, path, len)
-}
-
-/// Reads at most `len` bytes of a server-written file, taking a short read as its end: what
-/// the server writes here is renamed into place whole and never appended to, and a regular
-/// file's read comes back short only at its end. That spares the read that would only see
-/// the end (10,000 of them for `current`, and as many for manifests, in a fleet's status;
-/// several per host in a publish).
-fn read_short(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
-    // Read into the buffer's spare room: nothing is zeroed first.
-    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
-    loop {
-        let room = bytes.capacity() - bytes.len();
-        let asked = if room > 0 {
-            room
-        } else if (bytes.len() as u64) < len {
-            // A large file: room for the rest, in growing steps.
-            let more = (len - bytes.len() as u64).min(bytes.len().max(4096) as u64) as usize;
-            bytes.reserve_exact(more);
-            bytes.capacity() - bytes.len()
-        } else {
-            break;
-        };
-        let n = match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut bytes)) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(io_at(path)(io::Error::from(e))),
-        };
-        if n < asked {
-            break;
-        }
-    }
-    bytes.truncate(len.try_into().unwrap_or(usize::MAX));
-    Ok(bytes)
-}
-
-/// Where a deleted manifest, signature or stamp (`path`) stays, for the next one of its kind
-/// to be written into (`atomic::write_temp_reusing`): every new version writes one of each
-/// and pushes the oldest kept one out, so a publish frees and makes no inode for them. One
-/// per kind: a second retired file replaces the first. Not a key: no reader lists it.
-fn spare(path: &Path, key: &Key) -> Option<PathBuf> {
-    match key {
-        Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) => {
-            let kind = path.extension()?.to_str()?;
-            Some(path.with_file_name(format!(".spare.{kind}")))
-        }
-        _ => None,
-    }
-}
-
-/// Where the file `current` was stays once replaced: the next version's `current` is
-/// written into it (as [`spare`]).
-fn spare_current(host_dir: &Path) -> PathBuf {
-    host_dir.join(".spare.current")
-}
-
-/// Puts `prepared` in place as `current`, atomically. The two are exchanged, so the old
-/// `current` is kept, as `spare`, not freed. A reader that opened the old `current` reads
-/// its bytes until the next publish writes into it, and then a newer digest, which it
-/// checks as any other. Where the file system cannot exchange names (or there is no
-/// `current` yet), a rename.
-fn switch_prepared(prepared: &Path, current: &Path, spare: &Path) -> io::Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    match renameat_with(CWD, prepared, CWD, current, RenameFlags::EXCHANGE) {
-        Ok(()) => {
-            if fs::rename(prepared, spare).is_err() {
-                let _ = fs::remove_file(prepared);
-            }
-            Ok(())
-        }
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-            fs::rename(prepared, current)
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The names in `dir`, none when it does not exist.

@@ -6,14 +6,14 @@
 //! `logs/` files through `server::logs`, which never follows a link (a host directory that
 //! is itself a link sends those back to the path-based read, which says what it says).
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags, CWD};
 
-use super::chroot::{io_at, read_opened, read_prefix};
+use super::chroot::io_at;
 use super::{HostRead, Key, LogsError, StoreError};
 use crate::protocol::HostName;
 use crate::server::logs::{self, Stamped};
@@ -94,6 +94,69 @@ impl HostRead for HostDir<'_> {
             _ => None,
         }
     }
+}
+
+/// The most a bounded read reserves before it knows a file's size: larger files grow the
+/// buffer as they are read.
+const READ_AHEAD: u64 = 64 * 1024;
+
+/// Reads at most `limit` bytes of `path`; `None` when it does not exist.
+pub(super) fn read_bounded(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::File::open(path) {
+        Ok(f) => read_opened(f, path, limit).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(path)(e)),
+    }
+}
+
+/// Reads at most `limit` bytes of `file` (opened on `path`, for messages).
+pub(super) fn read_opened(file: fs::File, path: &Path, limit: u64) -> Result<Vec<u8>, StoreError> {
+    let bytes = read_short(file, path, limit.saturating_add(1))?;
+    if bytes.len() as u64 > limit {
+        return Err(StoreError::TooLarge {
+            at: path.to_owned(),
+            max: limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The first `len` bytes of `file` (all of it when shorter; opened on `path`).
+pub(super) fn read_prefix(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
+    read_short(file, path, len)
+}
+
+/// Reads at most `len` bytes of a server-written file, taking a short read as its end: what
+/// the server writes here is renamed into place whole and never appended to, and a regular
+/// file's read comes back short only at its end. That spares the read that would only see
+/// the end (10,000 of them for `current`, and as many for manifests, in a fleet's status;
+/// several per host in a publish).
+fn read_short(file: fs::File, path: &Path, len: u64) -> Result<Vec<u8>, StoreError> {
+    // Read into the buffer's spare room: nothing is zeroed first.
+    let mut bytes = Vec::with_capacity(len.min(READ_AHEAD) as usize);
+    loop {
+        let room = bytes.capacity() - bytes.len();
+        let asked = if room > 0 {
+            room
+        } else if (bytes.len() as u64) < len {
+            // A large file: room for the rest, in growing steps.
+            let more = (len - bytes.len() as u64).min(bytes.len().max(4096) as u64) as usize;
+            bytes.reserve_exact(more);
+            bytes.capacity() - bytes.len()
+        } else {
+            break;
+        };
+        let n = match rustix::io::read(&file, rustix::buffer::spare_capacity(&mut bytes)) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(io_at(path)(io::Error::from(e))),
+        };
+        if n < asked {
+            break;
+        }
+    }
+    bytes.truncate(len.try_into().unwrap_or(usize::MAX));
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod mem;
 mod pool;
 pub mod probe;
 mod reader;
+mod reuse;
 mod s3;
 mod s3index;
 mod s3logs;
