@@ -19,6 +19,8 @@ use sha2::{Digest as _, Sha256};
 use crate::protocol::listing::{ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES};
 use crate::protocol::pack::{PackIndex, PACKED_MAX};
 
+mod entry;
+
 /// What `format` a tree object says it is.
 pub const TREE_FORMAT: u32 = 2;
 /// A tree object larger than this is refused unread.
@@ -65,13 +67,11 @@ pub enum Node {
     Tree { sha256: Digest },
 }
 
-// No `deny_unknown_fields` (serde cannot combine it with `flatten`): an unknown field is
-// refused anyway, since the bytes then differ from the canonical form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One name of a directory and what it is (its wire form: `entry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// One path component.
     pub name: String,
-    #[serde(flatten)]
     pub node: Node,
 }
 
@@ -644,6 +644,55 @@ mod tests {
             Tree::parse_untrusted(bytes, &Digest::of(b"other")),
             Err(TreeError::DigestMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn an_entry_is_one_flat_object_of_its_kinds_fields_and_no_other() {
+        let d = Digest::of(b"x");
+        let tree = Tree {
+            format: TREE_FORMAT,
+            entries: vec![
+                Entry {
+                    name: "a.nix".into(),
+                    node: Node::File {
+                        size: 1,
+                        sha256: d,
+                        executable: true,
+                    },
+                },
+                Entry {
+                    name: "b".into(),
+                    node: Node::Tree { sha256: d },
+                },
+            ],
+            packs: vec![d],
+        };
+        let text = format!(
+            "{{\"format\":2,\"entries\":[{{\"name\":\"a.nix\",\"kind\":\"file\",\"size\":1,\"sha256\":\"{d}\",\"executable\":true}},{{\"name\":\"b\",\"kind\":\"tree\",\"sha256\":\"{d}\"}}],\"packs\":[\"{d}\"]}}\n"
+        );
+        assert_eq!(String::from_utf8(tree.to_bytes()).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Tree>(&text).unwrap(), tree);
+        // Fields in another order still read (the canonical check refuses those bytes).
+        let shuffled = format!(r#"{{"sha256":"{d}","kind":"tree","name":"b"}}"#);
+        assert_eq!(
+            serde_json::from_str::<Entry>(&shuffled).unwrap(),
+            tree.entries[1]
+        );
+        let file = format!(r#""name":"a","kind":"file","size":1,"sha256":"{d}""#);
+        let dir = format!(r#""name":"b","kind":"tree","sha256":"{d}""#);
+        for bad in [
+            format!("{{{file}}}"),
+            format!("{{{file},\"executable\":false,\"mode\":1}}"),
+            format!("{{{file},\"executable\":false,\"size\":2}}"),
+            format!("{{{dir},\"size\":1}}"),
+            format!("{{{dir},\"executable\":false}}"),
+            format!(r#"{{"name":"b","kind":"link","sha256":"{d}"}}"#),
+            format!(r#"{{"name":"b","sha256":"{d}"}}"#),
+            format!(r#"{{"kind":"tree","sha256":"{d}"}}"#),
+            r#"{"name":"b","kind":"tree"}"#.to_owned(),
+        ] {
+            assert!(serde_json::from_str::<Entry>(&bad).is_err(), "{bad}");
+        }
     }
 
     fn build_tree_of(bytes: &[u8]) -> Tree {

@@ -253,11 +253,20 @@ impl Scanner {
                             if dir.starts_with(&real) || stack.contains(&real) {
                                 return Err(SnapshotError::Loop { link: path });
                             }
-                            let sub_fd = repo::open_dir_beneath(self.root_fd()?, &real)
-                                .map_err(io_err(&path))?;
-                            stack.push(real.clone());
-                            let sub = self.walk(&real, &sub_fd, stack);
-                            stack.pop();
+                            // A directory every host links to is walked once: the others
+                            // need not open it.
+                            let done = self.memo.lock().expect("memo lock").get(&real).cloned();
+                            let sub = match done {
+                                Some(done) => Ok(done),
+                                None => {
+                                    let sub_fd = repo::open_dir_beneath(self.root_fd()?, &real)
+                                        .map_err(io_err(&path))?;
+                                    stack.push(real.clone());
+                                    let sub = self.walk(&real, &sub_fd, stack);
+                                    stack.pop();
+                                    sub
+                                }
+                            };
                             push_dir(&mut items, &name, &sub?);
                         }
                         Target::File => {
