@@ -18,7 +18,8 @@ pub(super) const CLEAN: &str = "publish-clean";
 /// Where a deleted manifest, signature or stamp (`path`) stays, for the next one of its kind
 /// to be written into (`atomic::write_temp_reusing`): every new version writes one of each
 /// and pushes the oldest kept one out, so a publish frees and makes no inode for them. One
-/// per kind: a second retired file replaces the first. Not a key: no reader lists it.
+/// per kind: a second retired file replaces the first. Not a key: whatever lists
+/// `manifests/` for keys skips it.
 pub(super) fn spare(path: &Path, key: &Key) -> Option<PathBuf> {
     match key {
         Key::Manifest(_) | Key::Signature(_) | Key::Fresh(_) => {
@@ -37,9 +38,10 @@ pub(super) fn spare_current(host_dir: &Path) -> PathBuf {
 
 /// Puts `prepared` in place as `current`, atomically. The two are exchanged, so the old
 /// `current` is kept, as `spare`, not freed. A reader that opened the old `current` reads
-/// its bytes until the next publish writes into it, and then a newer digest, which it
-/// checks as any other. Where the file system cannot exchange names (or there is no
-/// `current` yet), a rename.
+/// its bytes until the next publish writes into it; then a newer digest, or, read while it
+/// is written, bytes that name no manifest (that run of the agent fails; the next reads
+/// anew). Where the file system cannot exchange names (or there is no `current` yet), a
+/// rename.
 pub(super) fn switch_prepared(prepared: &Path, current: &Path, spare: &Path) -> io::Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     match renameat_with(CWD, prepared, CWD, current, RenameFlags::EXCHANGE) {
