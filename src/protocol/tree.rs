@@ -54,9 +54,8 @@ pub enum TreeError {
     Missing { tree: Digest, reason: String },
 }
 
-/// What one name in a directory is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+/// What one name in a directory is (on the wire, inside its entry: `entry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     File {
         size: u64,

@@ -59,6 +59,27 @@ pub fn write_temp_reusing(
     )
 }
 
+/// Puts `new` in place as `target`, atomically, keeping the file it replaces as `spare`
+/// instead of freeing it: the two names are exchanged (`renameat2` with `RENAME_EXCHANGE`),
+/// then the old file is renamed to `spare`. A reader that opened the old file reads its bytes
+/// until the next writer reuses the spare. Where the file system cannot exchange names, or
+/// there is no `target` yet, a plain rename.
+pub fn replace_keeping(new: &Path, target: &Path, spare: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    match renameat_with(CWD, new, CWD, target, RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            if fs::rename(new, spare).is_err() {
+                let _ = fs::remove_file(new);
+            }
+            Ok(())
+        }
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            fs::rename(new, target)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes `bytes` as the file `path`, unsynced, replacing what a killed run left there: for
 /// files that are temporary by name (a later step renames them once durable).
 pub fn write_new_unsynced(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {

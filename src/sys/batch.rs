@@ -14,8 +14,13 @@ use std::sync::Mutex;
 /// What [`Batch::commit`] does once the data is durable, in the order it was asked for.
 #[derive(Debug)]
 enum Place {
-    /// Renames a temporary file over its target.
-    Rename { tmp: PathBuf, target: PathBuf },
+    /// Renames a temporary file over its target; with `spare`, the file it replaces is kept
+    /// there, not freed (`atomic::replace_keeping`).
+    Rename {
+        tmp: PathBuf,
+        target: PathBuf,
+        spare: Option<PathBuf>,
+    },
     /// A file written under a temporary name that a later step renames, or one appended to
     /// in place: only made durable.
     Kept { path: PathBuf },
@@ -73,12 +78,14 @@ impl Batch {
     /// have replaced the file.
     pub fn write(&self, target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let tmp = crate::sys::atomic::write_temp_unsynced(target, bytes, mode)?;
-        self.rename_later(tmp, target);
+        self.rename_later(tmp, target, None);
         Ok(())
     }
 
     /// [`Batch::write`] into the inode of `spare`, a file retired under that name, when
-    /// there is one (`atomic::write_temp_reusing`).
+    /// there is one (`atomic::write_temp_reusing`); the file it replaces becomes the spare
+    /// in turn. A file rewritten on every run (a stamp renewed) or replaced by a new one
+    /// and retired (a manifest pushed out) costs no inode made nor freed.
     pub fn write_reusing(
         &self,
         target: &Path,
@@ -87,11 +94,11 @@ impl Batch {
         mode: u32,
     ) -> io::Result<()> {
         let tmp = crate::sys::atomic::write_temp_reusing(target, spare, bytes, mode)?;
-        self.rename_later(tmp, target);
+        self.rename_later(tmp, target, Some(spare.to_owned()));
         Ok(())
     }
 
-    fn rename_later(&self, tmp: PathBuf, target: &Path) {
+    fn rename_later(&self, tmp: PathBuf, target: &Path, spare: Option<PathBuf>) {
         let mut queue = self.queue.lock().expect("batch lock");
         let Queue {
             places, renames, ..
@@ -108,6 +115,7 @@ impl Batch {
                 places.push(Place::Rename {
                     tmp,
                     target: target.to_owned(),
+                    spare,
                 });
             }
         }
@@ -249,7 +257,11 @@ fn sync_data(place: &Place) -> Result<(), CommitError> {
 fn place(place: &Place) -> Result<(), CommitError> {
     match place {
         Place::Kept { .. } => Ok(()),
-        Place::Rename { tmp, target } => fs::rename(tmp, target).map_err(|source| CommitError {
+        Place::Rename { tmp, target, spare } => match spare {
+            Some(spare) => crate::sys::atomic::replace_keeping(tmp, target, spare),
+            None => fs::rename(tmp, target),
+        }
+        .map_err(|source| CommitError {
             at: target.clone(),
             source,
         }),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::hostdir::{read_bounded, read_prefix};
 use super::pool::{self, Batched};
-use super::reuse::{spare, spare_current, switch_prepared, CLEAN};
+use super::reuse::{spare, spare_current, CLEAN};
 use super::{
     Area, Capabilities, Cas, HostRead, Key, LogEntry, LogsError, OpenObject, Store, StoreError,
     StoreLock, Version,
@@ -481,7 +481,7 @@ impl Store for ChrootStore {
             // Absent (a version written before the batch was joined): written below.
             let dir = self.chroot.host_dir(host);
             let prepared = prepared_current(&dir, to);
-            match switch_prepared(&prepared, &path, &spare_current(&dir)) {
+            match atomic::replace_keeping(&prepared, &path, &spare_current(&dir)) {
                 Ok(()) => {
                     self.prepared.lock().expect("prepared").remove(&prepared);
                     return Ok(());

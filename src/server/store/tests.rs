@@ -8,7 +8,7 @@ use super::*;
 use crate::protocol::layout::{self, Chroot};
 use crate::server::chroot::Ownership;
 
-fn alpha() -> HostName {
+pub(super) fn alpha() -> HostName {
     HostName::new("alpha").unwrap()
 }
 
@@ -127,7 +127,7 @@ fn each_key_is_written_only_by_its_own_operation() {
 }
 
 /// A chroot store in a temporary directory, its layout made (by taking the lock once).
-fn made_chroot() -> (tempfile::TempDir, Chroot, ChrootStore) {
+pub(super) fn made_chroot() -> (tempfile::TempDir, Chroot, ChrootStore) {
     let tmp = tempfile::tempdir().unwrap();
     let chroot = Chroot::new(tmp.path().join("c"));
     let store = ChrootStore::new(chroot.clone(), Ownership::Leave);

@@ -3,24 +3,11 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use crate::protocol::layout::{self, Chroot};
+use crate::protocol::layout;
 use crate::protocol::manifest::Digest;
 use crate::protocol::HostName;
-use crate::server::chroot::Ownership;
-use crate::server::store::{Area, ChrootStore, Key, Store, Version};
-
-fn alpha() -> HostName {
-    HostName::new("alpha").unwrap()
-}
-
-/// A chroot store in a temporary directory, its layout made (by taking the lock once).
-fn made_chroot() -> (tempfile::TempDir, Chroot, ChrootStore) {
-    let tmp = tempfile::tempdir().unwrap();
-    let chroot = Chroot::new(tmp.path().join("c"));
-    let store = ChrootStore::new(chroot.clone(), Ownership::Leave);
-    drop(store.lock(Box::new(|| {})).unwrap());
-    (tmp, chroot, store)
-}
+use crate::server::store::tests::{alpha, made_chroot};
+use crate::server::store::{Area, Key, Store, Version};
 
 #[test]
 fn what_a_new_version_pushes_out_lends_its_inodes_to_the_next_version() {
@@ -155,4 +142,34 @@ fn only_a_lock_holder_that_ended_clean_spares_the_next_one_the_sweep_of_every_ho
     let held = lock();
     assert!(planted.iter().all(|f| !f.exists()), "{planted:?}");
     drop(held);
+}
+
+#[test]
+fn a_stamp_renewed_on_every_run_is_written_into_the_one_it_replaced_the_run_before() {
+    let (_tmp, chroot, store) = made_chroot();
+    let batch = std::sync::Arc::new(crate::sys::batch::Batch::new(vec![chroot.root.clone()]));
+    assert!(store.join_batch(batch.clone()));
+    store.open_host(&alpha()).unwrap();
+    let key = Key::Fresh(Digest::of(b"the live version"));
+    let spare = chroot.host_dir(&alpha()).join("manifests/.spare.fresh");
+    for run in 0..4u8 {
+        let stamp = format!("stamp of run {run}");
+        store.put(&alpha(), &key, stamp.as_bytes()).unwrap();
+        // The stamp replaced last run was lent to this one's.
+        assert!(!spare.exists(), "run {run}");
+        batch.commit().unwrap();
+        assert_eq!(
+            store.get(&alpha(), &key, 1 << 10).unwrap().unwrap(),
+            stamp.as_bytes()
+        );
+        // And the one this run replaced is kept for the next, whole.
+        if run > 0 {
+            let before = format!("stamp of run {}", run - 1);
+            assert_eq!(
+                std::fs::read(&spare).unwrap(),
+                before.as_bytes(),
+                "run {run}"
+            );
+        }
+    }
 }
