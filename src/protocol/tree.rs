@@ -19,7 +19,10 @@ use sha2::{Digest as _, Sha256};
 use crate::protocol::listing::{ConfigEntry, Digest, RelPath, MAX_OBJECT_BYTES};
 use crate::protocol::pack::{PackIndex, PACKED_MAX};
 
+mod build;
 mod entry;
+
+pub use build::{build, Subtrees};
 
 /// What `format` a tree object says it is.
 pub const TREE_FORMAT: u32 = 2;
@@ -264,188 +267,6 @@ impl Trees {
         }
         out
     }
-}
-
-/// Subtrees already built, by their content: a publisher building many hosts that share a
-/// directory (`common/`) builds its trees once, not once per host. A subtree's key hashes
-/// its names, file digests, sizes and modes and its subdirectories' keys, so equal keys
-/// are equal content (and so equal trees).
-#[derive(Default)]
-pub struct Subtrees(std::sync::Mutex<BTreeMap<Digest, (Digest, Arc<Trees>)>>);
-
-/// Builds the trees of a format-1 listing (directories and files by path). The listing must
-/// be what `Manifest::parse` accepts: each parent listed, no duplicates. `pack_of` names the
-/// pack of one chunk's files (the publisher hashes their concatenation, or remembers it).
-/// Every subtree below the root is reused from `memo`, or built and remembered there.
-/// Returns the root tree too, as built (the manifest carries it).
-pub fn build<E>(
-    entries: &[ConfigEntry],
-    mut pack_of: impl FnMut(&[(Digest, u64)]) -> Result<Digest, E>,
-    memo: &Subtrees,
-) -> Result<(Trees, Tree), E> {
-    /// Names borrow the listing's paths: most directories are shared subtrees found in
-    /// `memo`, whose names are never copied (every file of every host passes through here).
-    #[derive(Default)]
-    struct Dir<'e> {
-        files: BTreeMap<&'e str, Node>,
-        dirs: BTreeMap<&'e str, Dir<'e>>,
-        /// Its key, once worked out: a parent's key is made of its subdirectories'.
-        key: std::cell::OnceCell<Digest>,
-    }
-    fn child<'a, 'e>(dir: &'a mut Dir<'e>, name: &'e str) -> &'a mut Dir<'e> {
-        dir.dirs.entry(name).or_default()
-    }
-    fn dir_at<'a, 'e>(root: &'a mut Dir<'e>, path: &'e str) -> &'a mut Dir<'e> {
-        path.split('/').fold(root, child)
-    }
-    fn split(path: &RelPath) -> (Option<&str>, &str) {
-        match path.as_str().rsplit_once('/') {
-            Some((parent, name)) => (Some(parent), name),
-            None => (None, path.as_str()),
-        }
-    }
-    type PackOf<'a, E> = dyn FnMut(&[(Digest, u64)]) -> Result<Digest, E> + 'a;
-    fn key(dir: &Dir<'_>) -> Digest {
-        *dir.key.get_or_init(|| key_of(dir))
-    }
-    fn key_of(dir: &Dir<'_>) -> Digest {
-        use sha2::Digest as _;
-        let mut h = Sha256::new();
-        for (name, node) in &dir.files {
-            if let Node::File {
-                size,
-                sha256,
-                executable,
-            } = node
-            {
-                h.update(b"F");
-                h.update(name.as_bytes());
-                h.update([0]);
-                h.update(sha256.as_bytes());
-                h.update(size.to_le_bytes());
-                h.update([u8::from(*executable)]);
-            }
-        }
-        for (name, sub) in &dir.dirs {
-            h.update(b"D");
-            h.update(name.as_bytes());
-            h.update([0]);
-            h.update(key(sub).as_bytes());
-        }
-        Digest::from_bytes(h.finalize().into())
-    }
-    fn merge(out: &mut Trees, sub: &Trees) {
-        for (d, bytes) in &sub.trees {
-            out.trees.entry(*d).or_insert_with(|| bytes.clone());
-        }
-        for index in sub.packs.values() {
-            out.add_pack(Arc::clone(index));
-        }
-    }
-    /// A subdirectory's trees, from `memo` or built (and remembered).
-    fn emit_shared<E>(
-        dir: Dir<'_>,
-        out: &mut Trees,
-        pack_of: &mut PackOf<'_, E>,
-        memo: &Subtrees,
-    ) -> Result<Digest, E> {
-        let k = key(&dir);
-        if let Some((digest, sub)) = memo.0.lock().expect("subtrees").get(&k).cloned() {
-            merge(out, &sub);
-            return Ok(digest);
-        }
-        let mut sub = Trees {
-            root: Digest::of(b""),
-            trees: BTreeMap::new(),
-            packs: BTreeMap::new(),
-        };
-        let (digest, _) = emit(dir, &mut sub, pack_of, memo)?;
-        sub.root = digest;
-        merge(out, &sub);
-        memo.0
-            .lock()
-            .expect("subtrees")
-            .insert(k, (digest, Arc::new(sub)));
-        Ok(digest)
-    }
-    /// The tree of `dir` into `out` with its subtrees and packs; its digest, and the tree
-    /// itself (the root's travels in the manifest).
-    fn emit<E>(
-        dir: Dir<'_>,
-        out: &mut Trees,
-        pack_of: &mut PackOf<'_, E>,
-        memo: &Subtrees,
-    ) -> Result<(Digest, Tree), E> {
-        let mut entries: Vec<Entry> = dir
-            .files
-            .into_iter()
-            .map(|(name, node)| Entry {
-                name: name.to_owned(),
-                node,
-            })
-            .collect();
-        for (name, sub) in dir.dirs {
-            let sha256 = emit_shared(sub, out, pack_of, memo)?;
-            entries.push(Entry {
-                name: name.to_owned(),
-                node: Node::Tree { sha256 },
-            });
-        }
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut packs = Vec::new();
-        for files in chunks(&entries) {
-            let pack = pack_of(&files)?;
-            out.add_pack(Arc::new(PackIndex::layout(pack, &files)));
-            packs.push(pack);
-        }
-        let tree = Tree {
-            format: TREE_FORMAT,
-            entries,
-            packs,
-        };
-        let bytes = tree.to_bytes();
-        let digest = Digest::of(&bytes);
-        out.trees.insert(digest, bytes.into());
-        Ok((digest, tree))
-    }
-
-    let mut root = Dir::default();
-    for e in entries {
-        let (parent, name) = split(e.path());
-        let dir = match parent {
-            Some(p) => dir_at(&mut root, p),
-            None => &mut root,
-        };
-        match e {
-            ConfigEntry::Directory { .. } => {
-                child(dir, name);
-            }
-            ConfigEntry::File {
-                size,
-                sha256,
-                executable,
-                ..
-            } => {
-                dir.files.insert(
-                    name,
-                    Node::File {
-                        size: *size,
-                        sha256: *sha256,
-                        executable: *executable,
-                    },
-                );
-            }
-        }
-    }
-    let mut out = Trees {
-        root: Digest::of(b""),
-        trees: BTreeMap::new(),
-        packs: BTreeMap::new(),
-    };
-    // The root is the host's own: built, not remembered.
-    let (digest, top) = emit(root, &mut out, &mut pack_of, memo)?;
-    out.root = digest;
-    Ok((out, top))
 }
 
 /// Expands the tree `root` into the format-1 listing the agent applies (directories before
@@ -869,6 +690,63 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_found_by_its_listing_is_the_one_building_makes() {
+        // `common/base.nix` holding `base`, and everything under `top/` instead of `common/`.
+        let variant = |name: &str, top: &str, base: &str| -> Vec<ConfigEntry> {
+            let mut out: Vec<ConfigEntry> = host(name)
+                .into_iter()
+                .map(|e| {
+                    let path = e.path().as_str().replacen("common", top, 1);
+                    match e {
+                        ConfigEntry::Directory { .. } => dir(&path),
+                        ConfigEntry::File { path: was, .. }
+                            if was.as_str() == "common/base.nix" =>
+                        {
+                            file(&path, base)
+                        }
+                        ConfigEntry::File {
+                            size,
+                            sha256,
+                            executable,
+                            ..
+                        } => ConfigEntry::File {
+                            path: RelPath::new(&path).unwrap(),
+                            size,
+                            sha256,
+                            executable,
+                        },
+                    }
+                })
+                .collect();
+            out.sort_by(|a, b| a.path().cmp(b.path()));
+            out
+        };
+        let mut unsorted = host("web5");
+        unsorted.reverse();
+        let hosts = [
+            host("web1"),
+            host("web2"),
+            variant("web3", "common", "{ x = 1; }"),
+            // The same content under another name: found by its content key.
+            variant("web4", "shared", "{ }"),
+            unsorted,
+        ];
+        let distinct = (0..6).map(|n| variant("web6", "common", &format!("{{ n = {n}; }}")));
+        let memo = Subtrees::default();
+        for entries in hosts.into_iter().chain(distinct) {
+            assert_eq!(build_with(&entries, &memo), build(&entries));
+        }
+        let listed = memo.by_listing.lock().unwrap();
+        let common = &listed[&RelPath::new("common").unwrap()];
+        assert_eq!(
+            common.len(),
+            4,
+            "the first four listings of common/, no more"
+        );
+        assert_eq!(listed[&RelPath::new("shared").unwrap()].len(), 1);
+    }
+
+    #[test]
     fn a_subtree_built_for_one_host_is_reused_for_the_next_and_is_the_same() {
         let memo = Subtrees::default();
         for host_name in ["web1", "web2", "web1"] {
@@ -876,7 +754,7 @@ mod tests {
             assert_eq!(shared, build(&host(host_name)), "{host_name}");
         }
         assert_eq!(
-            memo.0.lock().unwrap().len(),
+            memo.by_key.lock().unwrap().len(),
             2,
             "common/ and common/users/, once each; roots are not kept"
         );
