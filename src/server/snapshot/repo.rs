@@ -88,12 +88,17 @@ fn not_plain(path: &Path) -> io::Error {
 /// Opens the directory at `rel` below `root`, one real directory at a time (`rel` holds no
 /// `.`, `..` or links: it is a path the scanner resolved). An empty `rel` is `root` itself.
 pub fn open_dir_beneath(root: impl AsFd, rel: &Path) -> io::Result<OwnedFd> {
-    let mut dir = rustix::fs::openat(root, ".", DIR, Mode::empty())?;
-    for c in rel.components() {
-        let Component::Normal(name) = c else {
-            return Err(not_plain(rel));
-        };
-        dir = open_dir_at(&dir, name)?;
+    let mut names = rel.components().map(|c| match c {
+        Component::Normal(name) => Ok(name),
+        _ => Err(not_plain(rel)),
+    });
+    // The first step from `root` itself, not from a reopened `.`: one lookup fewer.
+    let mut dir = match names.next() {
+        None => return root.as_fd().try_clone_to_owned(),
+        Some(name) => open_dir_at(&root, name?)?,
+    };
+    for name in names {
+        dir = open_dir_at(&dir, name?)?;
     }
     Ok(dir)
 }

@@ -34,7 +34,12 @@ pub(super) fn add(
     open: OpenObject<'_>,
 ) -> Result<u64, StoreError> {
     let pooled = chroot.pool_dir().join(digest.to_hex());
-    if pooled.exists() {
+    // An object this batch already queued is there for every later host: no lookup.
+    let queued = batched.and_then(|b| {
+        let cell = b.pooled.lock().expect("pool lock").get(digest).cloned();
+        cell.and_then(|c| c.get().copied())
+    });
+    if queued == Some(true) || pooled.exists() {
         return Ok(0);
     }
     let Some(batched) = batched else {
