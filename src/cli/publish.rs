@@ -414,7 +414,7 @@ pub fn publish_tree_held(
     )
     .with_context(|| format!("publishing {}", fleet.root.display()))?;
     // Every host's scan, freed beside the journal and the report rather than before them.
-    std::thread::spawn(move || drop(scanner));
+    crate::sys::drop_aside(scanner);
     if tree.dry_run {
         return Ok((published, held));
     }

@@ -543,10 +543,9 @@ pub fn run(
         source,
     })?;
     opts.store.end_clean()?;
-    // Every host's plan is many small allocations, and nothing reads them now: they are
-    // freed beside the run's reporting, not before it (a process that exits first leaves
-    // that to the kernel). The scans are the scanner's, freed with it.
-    std::thread::spawn(move || drop(plans));
+    // Freed beside the run's reporting, not before it. The scans are the scanner's, freed
+    // with it.
+    crate::sys::drop_aside(plans);
     Ok(Published {
         reports,
         broken,
