@@ -34,15 +34,10 @@ pub(super) fn add(
     open: OpenObject<'_>,
 ) -> Result<u64, StoreError> {
     let pooled = chroot.pool_dir().join(digest.to_hex());
-    // An object this batch already queued is there for every later host: no lookup.
-    let queued = batched.and_then(|b| {
-        let cell = b.pooled.lock().expect("pool lock").get(digest).cloned();
-        cell.and_then(|c| c.get().copied())
-    });
-    if queued == Some(true) || pooled.exists() {
-        return Ok(0);
-    }
     let Some(batched) = batched else {
+        if pooled.exists() {
+            return Ok(0);
+        }
         let (tmp, bytes) = copy_to_tmp(chroot, digest, open, true)?;
         // link, not rename: it never replaces an object another thread already pooled
         // (whose inode hosts may already link to).
@@ -62,7 +57,12 @@ pub(super) fn add(
         .or_default()
         .clone();
     let mut mine = None;
+    // Whether the object is there for every host after the first: pooled by an earlier run
+    // (looked up once per run, not once per host), or its link into the pool queued.
     let queued = *cell.get_or_init(|| {
+        if pooled.exists() {
+            return true;
+        }
         let copied = copy_to_tmp(chroot, digest, open, false);
         if let Ok((tmp, _)) = &copied {
             batched.batch.link(tmp.clone(), pooled.clone(), true);
