@@ -839,13 +839,16 @@ fn concurrent_logins_as_one_host_account_are_capped() {
             })
             .collect()
     };
-    let login = |host: &str| {
+    // Each client's stdout goes to a file: sftp in batch mode echoes its first command once
+    // it has a session, so a client that printed nothing is still waiting at sshd's door.
+    let out = |host: &str, i: usize| s.dir.join(format!("sshd/login-{host}-{i}.out"));
+    let login = |host: &str, i: usize| {
         let mut c = Command::new("sftp")
             .args(["-b", "-"])
             .args(opts(host))
             .arg("127.0.0.1")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(fs::File::create(out(host, i)).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -854,7 +857,7 @@ fn concurrent_logins_as_one_host_account_are_capped() {
         c
     };
     // One login works with PAM on.
-    let mut one = login("h2");
+    let mut one = login("h2", 0);
     let ok = wait_until(Duration::from_secs(10), || {
         processes_of(
             bento::sys::accounts::user(&s.account("h2"))
@@ -875,35 +878,35 @@ fn concurrent_logins_as_one_host_account_are_capped() {
         .unwrap()
         .unwrap()
         .uid;
-    let mut storm = Kill((0..40).map(|_| login("h1")).collect());
-    // Settle: every login has either got its session or been turned away.
-    let mut last = usize::MAX;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let mut storm = Kill((0..40).map(|i| login("h1", i)).collect());
+    // Settle: every login has either got its session or been turned away. A loaded machine
+    // can keep logins at the door for seconds, so waiting ones are not counted as held.
+    let has_session = |i: usize| fs::metadata(out("h1", i)).is_ok_and(|m| m.len() > 0);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (held, waiting) = loop {
         std::thread::sleep(Duration::from_millis(500));
-        let alive = storm
+        let (held, waiting): (Vec<usize>, Vec<usize>) = storm
             .0
             .iter_mut()
-            .filter_map(|c| c.try_wait().ok())
-            .filter(Option::is_none)
-            .count();
-        if alive == last || Instant::now() > deadline {
-            break;
+            .enumerate()
+            .filter_map(|(i, c)| matches!(c.try_wait(), Ok(None)).then_some(i))
+            .partition(|&i| has_session(i));
+        if waiting.is_empty() || Instant::now() > deadline {
+            break (held, waiting);
         }
-        last = alive;
-    }
+    };
+    assert!(
+        waiting.is_empty(),
+        "{} logins neither served nor turned away after 90 s",
+        waiting.len()
+    );
     let procs = processes_of(uid);
-    let alive = storm
-        .0
-        .iter_mut()
-        .filter_map(|c| c.try_wait().ok())
-        .filter(Option::is_none)
-        .count();
+    let alive = held.len();
     eprintln!("40 concurrent logins as one host account: {alive} sessions held, {procs} processes");
     assert!(procs <= 16, "{procs} processes as the account");
     assert!((1..=8).contains(&alive), "{alive} sessions held");
     // Another host is not starved by h1's storm.
-    let mut other = login("h2");
+    let mut other = login("h2", 1);
     let h2 = bento::sys::accounts::user(&s.account("h2"))
         .unwrap()
         .unwrap()
