@@ -224,6 +224,10 @@ fn machine_description() -> String {
 }
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == proc::MEASURE) {
+        proc::measure_main(&args[2..]);
+    }
     cleanup::install_signal_thread();
     let (cfg, write_doc) = parse_args();
     // SAFETY: geteuid cannot fail.
