@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
@@ -116,9 +117,8 @@ impl<'de> Deserialize<'de> for Digest {
 
 /// A relative path inside a tree: `/`-separated, no empty, `.` or `..` components, no NUL,
 /// no leading or trailing `/`. Safe to join onto a directory.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct RelPath(String);
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(Arc<str>);
 
 #[derive(Debug, thiserror::Error)]
 #[error("unsafe or malformed relative path {0:?}")]
@@ -126,6 +126,16 @@ pub struct BadPath(pub String);
 
 impl RelPath {
     pub fn new(s: &str) -> Result<Self, BadPath> {
+        Self::check(s).map(|()| Self(Arc::from(s)))
+    }
+
+    /// `s` as a path, sharing its bytes: a path every host has (a shared module's) is kept
+    /// once for all of them.
+    pub fn shared(s: Arc<str>) -> Result<Self, BadPath> {
+        Self::check(&s).map(|()| Self(s))
+    }
+
+    fn check(s: &str) -> Result<(), BadPath> {
         // Bytes, not chars: every path of every host passes here on each publish.
         let bytes = s.as_bytes();
         let ok = !bytes.is_empty()
@@ -135,7 +145,7 @@ impl RelPath {
                 .split(|&b| b == b'/')
                 .all(|c| !c.is_empty() && c != b"." && c != b"..");
         if ok {
-            Ok(Self(s.to_owned()))
+            Ok(())
         } else {
             Err(BadPath(s.chars().take(200).collect()))
         }
@@ -158,6 +168,12 @@ impl RelPath {
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

@@ -157,7 +157,7 @@ pub fn split(
         reason,
     };
     for item in items {
-        let p = item.path.as_str();
+        let p = &*item.path;
         if p == FILES_TOML {
             if let ItemKind::File { source, .. } = &item.kind {
                 toml_source = Some(source.clone());
@@ -182,7 +182,7 @@ pub fn split(
             }
             continue;
         }
-        let path = RelPath::new(p).map_err(|e| bad_path(p, e.to_string()))?;
+        let path = RelPath::shared(item.path.clone()).map_err(|e| bad_path(p, e.to_string()))?;
         config.push(match &item.kind {
             ItemKind::Dir => ConfigEntry::Directory { path },
             ItemKind::File {

@@ -282,7 +282,7 @@ mod tests {
             let p = src.path().join(rel.replace('/', "_"));
             std::fs::write(&p, text).unwrap();
             Item {
-                path: rel.to_owned(),
+                path: rel.into(),
                 kind: ItemKind::File {
                     source: Arc::from(p.as_path()),
                     size: text.len() as u64,

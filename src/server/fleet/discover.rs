@@ -255,7 +255,7 @@ impl FlakeHosts for NixFlakeHosts {
 pub fn materialize(items: &[Item], dest: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for i in items {
-        let path = dest.join(&i.path);
+        let path = dest.join(&*i.path);
         match &i.kind {
             ItemKind::Dir => std::fs::create_dir_all(&path)?,
             ItemKind::File {
@@ -412,7 +412,7 @@ fn flake_warnings(rel: &Path, items: &[Item], listing: &FlakeListing) -> Vec<Str
             rel.display()
         ));
     }
-    let has_lock = items.iter().any(|i| i.path == LOCK_FILE);
+    let has_lock = items.iter().any(|i| &*i.path == LOCK_FILE);
     if listing.unlocked_inputs && !has_lock {
         warnings.push(format!(
             "{}/flake.nix has inputs but no flake.lock: each host would lock them itself, to whatever they are when it builds; run `bento flake-update` (or `nix flake lock` in {}) and commit {}/flake.lock",
@@ -430,7 +430,7 @@ fn broken_dir(rel: &Path, items: &[Item], scanner: &Scanner, e: &NixError) -> Br
     let root = scanner.root();
     let files = items.iter().filter_map(|i| match &i.kind {
         ItemKind::File { source, .. } => Some((
-            i.path.clone(),
+            i.path.to_string(),
             source
                 .strip_prefix(root)
                 .unwrap_or(source)
@@ -461,7 +461,7 @@ fn discover_dir(
     let has = |file: &str| {
         items
             .iter()
-            .any(|i| i.path == file && matches!(i.kind, ItemKind::File { .. }))
+            .any(|i| &*i.path == file && matches!(i.kind, ItemKind::File { .. }))
     };
     if has("flake.nix") {
         // Secrets must never be copied into the store, not even for evaluation.

@@ -56,7 +56,9 @@ pub enum SnapshotError {
 /// One thing found in a tree, with its path relative to the scanned directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
-    pub path: String,
+    /// Shared: a directory every host links to is flattened once, its items' paths (and
+    /// the plans' paths made from them) kept once for all hosts.
+    pub path: Arc<str>,
     pub kind: ItemKind,
 }
 
@@ -99,6 +101,9 @@ enum Target {
     Other(FileType),
 }
 
+/// A memoized tree (held) and its items under a name.
+type Flat = (Arc<Vec<Item>>, Arc<[Item]>);
+
 /// Scans directories of one fleet repo. Shared by all hosts of a publish run.
 pub struct Scanner {
     root: PathBuf,
@@ -107,6 +112,9 @@ pub struct Scanner {
     cache: HashCache,
     /// Trees by their resolved path relative to the root.
     memo: Mutex<HashMap<PathBuf, Arc<Vec<Item>>>>,
+    /// A memoized tree's items under the name a directory links it as, by the name and the
+    /// tree (held, so its address is not reused).
+    flat: Mutex<HashMap<(String, usize), Flat>>,
     /// Contents that hold a private key (found while hashing).
     private_keys: Mutex<BTreeSet<Digest>>,
     now: SystemTime,
@@ -120,6 +128,7 @@ impl Scanner {
             root,
             cache,
             memo: Mutex::new(HashMap::new()),
+            flat: Mutex::default(),
             private_keys: Mutex::default(),
             now,
         }
@@ -267,7 +276,7 @@ impl Scanner {
                                     sub
                                 }
                             };
-                            push_dir(&mut items, &name, &sub?);
+                            self.push_linked(&mut items, &name, sub?);
                         }
                         Target::File => {
                             let (parent, file_name) = split_last(&real);
@@ -312,6 +321,32 @@ impl Scanner {
             .expect("memo lock")
             .insert(dir.to_path_buf(), items.clone());
         Ok(items)
+    }
+
+    /// [`push_dir`] for a memoized tree `sub` linked as `name`: every host that links the
+    /// same tree under the same name shares its items' paths, made once.
+    fn push_linked(&self, items: &mut Vec<Item>, name: &str, sub: Arc<Vec<Item>>) {
+        let key = (name.to_owned(), Arc::as_ptr(&sub) as usize);
+        let found = self
+            .flat
+            .lock()
+            .expect("flat lock")
+            .get(&key)
+            .map(|f| f.1.clone());
+        let flat = match found {
+            Some(flat) => flat,
+            None => {
+                let mut made = Vec::with_capacity(sub.len() + 1);
+                push_dir(&mut made, name, &sub);
+                let made: Arc<[Item]> = made.into();
+                self.flat
+                    .lock()
+                    .expect("flat lock")
+                    .insert(key, (sub, made.clone()));
+                made
+            }
+        };
+        items.extend_from_slice(&flat);
     }
 
     /// Resolves `target`, the text of the link `link` in the directory `dir` (both relative
@@ -497,7 +532,7 @@ impl Scanner {
                 .insert(hashed.sha256);
         }
         Ok(Item {
-            path: name,
+            path: name.into(),
             kind: ItemKind::File {
                 source: Arc::from(self.root.join(real)),
                 size: found.size,
@@ -562,11 +597,11 @@ fn lexical(path: &Path) -> PathBuf {
 
 fn push_dir(items: &mut Vec<Item>, name: &str, sub: &[Item]) {
     items.push(Item {
-        path: name.to_owned(),
+        path: name.into(),
         kind: ItemKind::Dir,
     });
     items.extend(sub.iter().map(|i| Item {
-        path: format!("{name}/{}", i.path),
+        path: format!("{name}/{}", i.path).into(),
         kind: i.kind.clone(),
     }));
 }

@@ -12,7 +12,7 @@ fn scanner(root: &Path) -> Scanner {
 }
 
 fn paths(items: &[Item]) -> Vec<&str> {
-    items.iter().map(|i| i.path.as_str()).collect()
+    items.iter().map(|i| &*i.path).collect()
 }
 
 #[test]
@@ -94,4 +94,71 @@ fn fifo_is_refused() {
     .unwrap();
     let err = scanner(r).scan(r).unwrap_err();
     assert!(err.to_string().contains("FIFO"), "{err}");
+}
+
+#[test]
+fn hosts_linking_one_directory_share_its_items_and_each_scan_is_its_own() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    fs::create_dir_all(r.join("common/sub")).unwrap();
+    fs::write(r.join("common/a.nix"), "a").unwrap();
+    fs::write(r.join("common/sub/b.nix"), "b").unwrap();
+    fs::create_dir_all(r.join("other")).unwrap();
+    fs::write(r.join("other/o.nix"), "o").unwrap();
+    for h in ["h1", "h2", "h3", "h4", "h5"] {
+        fs::create_dir_all(r.join("hosts").join(h)).unwrap();
+        fs::write(r.join("hosts").join(h).join("configuration.nix"), h).unwrap();
+    }
+    symlink("../../common", r.join("hosts/h1/common")).unwrap();
+    symlink("../../common", r.join("hosts/h2/common")).unwrap();
+    // The same directory under another name, and a plain directory of the same name.
+    symlink("../../common", r.join("hosts/h3/shared")).unwrap();
+    fs::create_dir_all(r.join("hosts/h4/common/sub")).unwrap();
+    fs::write(r.join("hosts/h4/common/a.nix"), "a").unwrap();
+    fs::write(r.join("hosts/h4/common/sub/b.nix"), "own b").unwrap();
+    // Another directory linked under the same name.
+    symlink("../../other", r.join("hosts/h5/common")).unwrap();
+
+    let s = scanner(r);
+    let scans: Vec<_> = ["h1", "h2", "h3", "h4", "h5"]
+        .iter()
+        .map(|h| s.scan(&r.join("hosts").join(h)).unwrap())
+        .collect();
+    // Each host's items are what a scanner that saw no other host finds.
+    for (h, items) in ["h1", "h2", "h3", "h4", "h5"].iter().zip(&scans) {
+        let alone = scanner(r).scan(&r.join("hosts").join(h)).unwrap();
+        assert_eq!(**items, *alone, "{h}");
+    }
+    let expected = |name: &str| {
+        [
+            name.to_owned(),
+            format!("{name}/a.nix"),
+            format!("{name}/sub"),
+            format!("{name}/sub/b.nix"),
+            "configuration.nix".to_owned(),
+        ]
+    };
+    assert_eq!(paths(&scans[0]), expected("common"));
+    assert_eq!(paths(&scans[2])[1..], expected("shared")[..4]);
+    assert_eq!(
+        paths(&scans[4]),
+        ["common", "common/o.nix", "configuration.nix"]
+    );
+    // h4's own `common/sub/b.nix` is its own file, not the shared one.
+    let b = |items: &[Item]| match &items[3].kind {
+        ItemKind::File { sha256, .. } => *sha256,
+        ItemKind::Dir => panic!("{} is a file", items[3].path),
+    };
+    assert_eq!(b(&scans[0]), Digest::of(b"b"));
+    assert_eq!(b(&scans[3]), Digest::of(b"own b"));
+    // h1 and h2 link it under one name: the paths are made once.
+    for ((a, b), own) in scans[0]
+        .iter()
+        .zip(scans[1].iter())
+        .zip(scans[3].iter())
+        .take(4)
+    {
+        assert!(Arc::ptr_eq(&a.path, &b.path), "{}", a.path);
+        assert!(!Arc::ptr_eq(&a.path, &own.path), "{}", a.path);
+    }
 }
