@@ -18,6 +18,28 @@ pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024 * 1024;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Digest([u8; 32]);
 
+/// Hashes digests for a map keyed by them: a digest's bytes are already uniform, so eight
+/// of them are the hash (a map of every object of every host is filled on each publish).
+#[derive(Default, Clone, Copy)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(17) ^ u64::from_ne_bytes(word);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by digests, hashed by [`DigestHasher`].
+pub type DigestMap<V> =
+    std::collections::HashMap<Digest, V, std::hash::BuildHasherDefault<DigestHasher>>;
+
 impl Digest {
     pub fn of(bytes: &[u8]) -> Self {
         Self(Sha256::digest(bytes).into())

@@ -123,12 +123,15 @@ impl std::io::Read for Concat {
     }
 }
 
+/// Where each object's bytes come from, by digest.
+pub type Sources = crate::protocol::listing::DigestMap<Source>;
+
 /// A host's content, ready for a manifest, with where each object's bytes come from.
 #[derive(Debug, Clone)]
 pub struct HostContent {
     pub config: Vec<ConfigEntry>,
     pub files: Vec<FileEntry>,
-    pub sources: BTreeMap<Digest, Source>,
+    pub sources: Sources,
 }
 
 /// True for paths of a host tree that are installed verbatim and never enter the store.
@@ -145,7 +148,7 @@ pub fn split(
     dir: &Path,
 ) -> Result<HostContent, HostFilesError> {
     let mut config = Vec::new();
-    let mut sources = BTreeMap::new();
+    let mut sources = Sources::with_capacity_and_hasher(items.len(), Default::default());
     let mut file_items: BTreeMap<String, (u64, Digest)> = BTreeMap::new();
     let mut toml_source = None;
     let files_root = match files_prefix {

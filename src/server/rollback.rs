@@ -5,7 +5,6 @@
 //! every object of the kept versions), so nothing but the manifest and `current` is written,
 //! in the same order and under the same lock as a publish.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -160,7 +159,7 @@ pub fn plan(target: &Kept, now: SystemTime) -> HostPlan {
         host: manifest.host.clone(),
         manifest,
         // Every object is in the host's objects/ already: publish_host links none.
-        sources: BTreeMap::new(),
+        sources: Default::default(),
         keep_live: None,
         live: None,
     }

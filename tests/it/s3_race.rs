@@ -73,7 +73,7 @@ fn plan(text: &str, secs: u64) -> HostPlan {
     HostPlan {
         host: alpha(),
         manifest,
-        sources: BTreeMap::from([(sha, Source::Bytes(bytes))]),
+        sources: [(sha, Source::Bytes(bytes))].into_iter().collect(),
         keep_live: None,
         live: None,
     }

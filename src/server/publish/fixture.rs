@@ -1,7 +1,6 @@
 //! Test fixtures of publish's unit tests: a host's version built from a few files, as the
 //! planner would make it (one place, so every test publishes the same shape of plan).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +11,7 @@ use crate::server::hostfiles::Source;
 
 /// One host's version: each `(path, text)` a file of its configuration tree.
 pub fn plan(host: &str, files: &[(&str, &str)], secs: u64) -> HostPlan {
-    let mut sources = BTreeMap::new();
+    let mut sources = crate::server::hostfiles::Sources::default();
     let mut config = Vec::new();
     for (path, text) in files {
         let bytes: Arc<[u8]> = text.as_bytes().into();

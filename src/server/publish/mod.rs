@@ -100,7 +100,7 @@ pub enum PublishError {
 pub struct HostPlan {
     pub host: HostName,
     pub manifest: Manifest,
-    pub sources: BTreeMap<Digest, hostfiles::Source>,
+    pub sources: hostfiles::Sources,
     /// Set by delivery when this new tree changes nothing the host would run (`same
     /// system`): the live version stays, once the tree passed every refusal.
     pub keep_live: Option<String>,

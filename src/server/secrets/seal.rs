@@ -24,7 +24,7 @@ use crate::server::hostfiles::Source;
 /// `HostPlan`; taken apart so this module does not import publish, which calls it).
 pub struct Sealable<'a> {
     pub manifest: &'a mut Manifest,
-    pub sources: &'a mut BTreeMap<Digest, Source>,
+    pub sources: &'a mut crate::server::hostfiles::Sources,
 }
 
 /// The ciphertext cache, in the chroot's private state directory.
@@ -293,7 +293,7 @@ mod tests {
     #[derive(Debug, Clone)]
     struct Plan {
         manifest: Manifest,
-        sources: BTreeMap<Digest, Source>,
+        sources: crate::server::hostfiles::Sources,
     }
 
     fn sealed(
@@ -316,7 +316,7 @@ mod tests {
     }
 
     fn plan_with(dir: &Path, host: &str, files: &[(&str, &[u8])]) -> Plan {
-        let mut sources = BTreeMap::new();
+        let mut sources = crate::server::hostfiles::Sources::default();
         let mut entries = Vec::new();
         for (rel, content) in files {
             let p = dir.join(rel.replace('/', "_"));
