@@ -488,3 +488,40 @@ fn a_batched_version_has_its_names_only_once_committed_and_current_never_before(
         .collect();
     assert!(names.is_empty(), "no temporary file left: {names:?}");
 }
+
+/// A lock holder that finds the last run did not end clean sweeps every host's temporary
+/// files; a host directory this publisher may not list (a retired host's, sealed by root)
+/// does not stop it. Root lists any directory, so the sealing bites only in the unit tier's
+/// run as `nobody` (scripts/test.sh).
+#[test]
+fn a_sweep_skips_a_host_directory_it_may_not_list() {
+    let (_tmp, chroot, store) = made_chroot();
+    let beta = HostName::new("beta").unwrap();
+    for h in [alpha(), beta.clone()] {
+        store.open_host(&h).unwrap();
+    }
+    let left = |h: &HostName| {
+        [
+            chroot.host_dir(h).join("manifests/.tmp-1-2-x.json"),
+            chroot.host_dir(h).join(".tmp-current-x"),
+        ]
+    };
+    for p in left(&alpha()).iter().chain(&left(&beta)) {
+        std::fs::write(p, b"").unwrap();
+    }
+    // The last lock holder ended without its clean mark: the next one sweeps.
+    let sealed = chroot.host_dir(&beta);
+    std::fs::set_permissions(&sealed, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let bites = std::fs::read_dir(&sealed).is_err();
+    let taken = store.lock(Box::new(|| {}));
+    std::fs::set_permissions(&sealed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(taken.expect("the lock, past a host directory it may not list"));
+    for p in left(&alpha()) {
+        assert!(!p.exists(), "{} swept", p.display());
+    }
+    if bites {
+        for p in left(&beta) {
+            assert!(p.exists(), "{} was not listable, so left", p.display());
+        }
+    }
+}
