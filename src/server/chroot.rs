@@ -103,15 +103,17 @@ fn ensure_dir(dir: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), Ch
 
 /// Creates the host's directory tree (`<host>/`, `manifests/`, `objects/`, `logs/`) with
 /// the ownership sshd and the host need. As root, the host's account must exist.
+/// `account` looks the account up (`accounts::user`, or a run's `accounts::Directory`).
 pub fn prepare_host_dir(
     host_dir: &Path,
     host: &HostName,
     ownership: &Ownership,
+    account: impl Fn(&str) -> std::io::Result<Option<accounts::Account>>,
 ) -> Result<(), ChrootError> {
     match ownership {
         Ownership::Root { prefix } => {
             let account_name = format!("{prefix}{host}");
-            let account = accounts::user(&account_name)
+            let account = account(&account_name)
                 .map_err(io_err(Path::new("/etc/passwd")))?
                 .ok_or_else(|| ChrootError::NoAccount(account_name.clone()))?;
             // The host directory is the gate: only root and the host's account get in.

@@ -342,6 +342,8 @@ fn sync_host(
         &Ownership::Root {
             prefix: config.server.account_prefix.clone(),
         },
+        // Accounts change in this run: each is looked up as it is now.
+        crate::sys::accounts::user,
     )?;
     // Every owner or mode put right is said: a silent fix would hide a tampered jail.
     changes.extend(claim::changes(&before, &claim::ownership(&home)));

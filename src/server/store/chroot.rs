@@ -39,6 +39,8 @@ pub struct ChrootStore {
     root: std::sync::Arc<std::sync::OnceLock<Option<std::os::fd::OwnedFd>>>,
     /// The `current`s this run prepared whose switch has not come (yet).
     prepared: Arc<Mutex<std::collections::BTreeSet<PathBuf>>>,
+    /// The hosts' accounts, read once a run (as root).
+    accounts: Arc<std::sync::OnceLock<crate::sys::accounts::Directory>>,
 }
 
 /// The name under which a version's `current` waits, durable, for its switch (a temporary
@@ -62,6 +64,7 @@ impl ChrootStore {
             batch: Arc::default(),
             root: Default::default(),
             prepared: Arc::default(),
+            accounts: Arc::default(),
         }
     }
 
@@ -265,7 +268,11 @@ impl Store for ChrootStore {
 
     fn open_host(&self, host: &HostName) -> Result<(), StoreError> {
         let dir = self.chroot.host_dir(host);
-        prepare_host_dir(&dir, host, &self.ownership)?;
+        let accounts = || {
+            self.accounts
+                .get_or_init(crate::sys::accounts::Directory::load)
+        };
+        prepare_host_dir(&dir, host, &self.ownership, |n| accounts().user(n))?;
         Ok(())
     }
 
