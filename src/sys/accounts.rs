@@ -1,5 +1,6 @@
 //! Looking up Unix accounts and groups through the C library (so NSS sources such as LDAP
-//! count, exactly as sshd sees them), and whether we run as root. The `nix` crate (as
+//! count, exactly as sshd sees them; [`Directory`] reads `/etc/passwd` itself only where
+//! NSS reads it first, so it answers as they would), and whether we run as root. The `nix` crate (as
 //! `unix`) wraps getpwnam_r/getgrnam_r and geteuid, so nothing here is `unsafe`.
 
 use std::io;
