@@ -93,8 +93,8 @@ fn is_result_link(name: &str) -> bool {
     name == "result" || name.starts_with("result-")
 }
 
-/// A memoized tree (held) and its items under a name.
-type Flat = (Arc<Vec<Item>>, Arc<[Item]>);
+/// A link's name and the resolved path of the tree it links.
+type LinkedAs = (String, PathBuf);
 
 /// Scans directories of one fleet repo. Shared by all hosts of a publish run.
 pub struct Scanner {
@@ -104,9 +104,9 @@ pub struct Scanner {
     cache: HashCache,
     /// Trees by their resolved path relative to the root.
     memo: Mutex<HashMap<PathBuf, Arc<Vec<Item>>>>,
-    /// A memoized tree's items under the name a directory links it as, by the name and the
-    /// tree (held, so its address is not reused).
-    flat: Mutex<HashMap<(String, usize), Flat>>,
+    /// A linked tree's items under the name a link gives it, by that name and the tree's
+    /// resolved path (as in `memo`).
+    flat: Mutex<HashMap<LinkedAs, Arc<[Item]>>>,
     /// Contents that hold a private key (found while hashing).
     private_keys: Mutex<BTreeSet<Digest>>,
     now: SystemTime,
@@ -268,7 +268,7 @@ impl Scanner {
                                     sub
                                 }
                             };
-                            self.push_linked(&mut items, &name, sub?);
+                            self.push_linked(&mut items, &name, &real, &sub?);
                         }
                         Target::File => {
                             let (parent, file_name) = split_last(&real);
@@ -315,29 +315,21 @@ impl Scanner {
         Ok(items)
     }
 
-    /// [`push_dir`] for a memoized tree `sub` linked as `name`: every host that links the
-    /// same tree under the same name shares its items' paths, made once.
-    fn push_linked(&self, items: &mut Vec<Item>, name: &str, sub: Arc<Vec<Item>>) {
-        let key = (name.to_owned(), Arc::as_ptr(&sub) as usize);
-        let found = self
-            .flat
-            .lock()
-            .expect("flat lock")
-            .get(&key)
-            .map(|f| f.1.clone());
-        let flat = match found {
-            Some(flat) => flat,
-            None => {
-                let mut made = Vec::with_capacity(sub.len() + 1);
-                push_dir(&mut made, name, &sub);
-                let made: Arc<[Item]> = made.into();
-                self.flat
-                    .lock()
-                    .expect("flat lock")
-                    .insert(key, (sub, made.clone()));
-                made
-            }
-        };
+    /// [`push_dir`] for the tree `sub` found at `real` and linked as `name`: every host that
+    /// links the same tree under the same name shares its items' paths, made once.
+    fn push_linked(&self, items: &mut Vec<Item>, name: &str, real: &Path, sub: &[Item]) {
+        let key = (name.to_owned(), real.to_owned());
+        let found = self.flat.lock().expect("flat lock").get(&key).cloned();
+        let flat = found.unwrap_or_else(|| {
+            let mut made = Vec::with_capacity(sub.len() + 1);
+            push_dir(&mut made, name, sub);
+            let made: Arc<[Item]> = made.into();
+            self.flat
+                .lock()
+                .expect("flat lock")
+                .insert(key, made.clone());
+            made
+        });
         items.extend_from_slice(&flat);
     }
 

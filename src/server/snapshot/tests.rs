@@ -11,6 +11,13 @@ fn scanner(root: &Path) -> Scanner {
     )
 }
 
+/// `common/a.nix` ("a") and `common/sub/b.nix` ("b") under `r`.
+fn common(r: &Path) {
+    fs::create_dir_all(r.join("common/sub")).unwrap();
+    fs::write(r.join("common/a.nix"), "a").unwrap();
+    fs::write(r.join("common/sub/b.nix"), "b").unwrap();
+}
+
 fn paths(items: &[Item]) -> Vec<&str> {
     items.iter().map(|i| &*i.path).collect()
 }
@@ -19,9 +26,7 @@ fn paths(items: &[Item]) -> Vec<&str> {
 fn resolves_links_and_skips_droppings() {
     let t = tempfile::tempdir().unwrap();
     let r = t.path();
-    fs::create_dir_all(r.join("common/sub")).unwrap();
-    fs::write(r.join("common/a.nix"), "a").unwrap();
-    fs::write(r.join("common/sub/b.nix"), "b").unwrap();
+    common(r);
     fs::create_dir_all(r.join("hosts/h1/.git")).unwrap();
     fs::write(r.join("hosts/h1/configuration.nix"), "c").unwrap();
     fs::write(r.join("hosts/h1/configuration.nix~"), "old").unwrap();
@@ -100,9 +105,7 @@ fn fifo_is_refused() {
 fn hosts_linking_one_directory_share_its_items_and_each_scan_is_its_own() {
     let t = tempfile::tempdir().unwrap();
     let r = t.path();
-    fs::create_dir_all(r.join("common/sub")).unwrap();
-    fs::write(r.join("common/a.nix"), "a").unwrap();
-    fs::write(r.join("common/sub/b.nix"), "b").unwrap();
+    common(r);
     fs::create_dir_all(r.join("other")).unwrap();
     fs::write(r.join("other/o.nix"), "o").unwrap();
     for h in ["h1", "h2", "h3", "h4", "h5"] {
