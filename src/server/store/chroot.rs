@@ -24,6 +24,7 @@ use crate::protocol::manifest::Digest;
 use crate::protocol::HostName;
 use crate::server::chroot::{prepare_host_dir, unsafe_component, Ownership};
 use crate::server::logs;
+use crate::sys::accounts::Directory;
 use crate::sys::atomic;
 use crate::sys::batch::Batch;
 
@@ -40,7 +41,7 @@ pub struct ChrootStore {
     /// The `current`s this run prepared whose switch has not come (yet).
     prepared: Arc<Mutex<std::collections::BTreeSet<PathBuf>>>,
     /// The hosts' accounts, read once a run (as root).
-    accounts: Arc<std::sync::OnceLock<crate::sys::accounts::Directory>>,
+    accounts: Arc<std::sync::OnceLock<Directory>>,
 }
 
 /// The name under which a version's `current` waits, durable, for its switch (a temporary
@@ -268,10 +269,7 @@ impl Store for ChrootStore {
 
     fn open_host(&self, host: &HostName) -> Result<(), StoreError> {
         let dir = self.chroot.host_dir(host);
-        let accounts = || {
-            self.accounts
-                .get_or_init(crate::sys::accounts::Directory::load)
-        };
+        let accounts = || self.accounts.get_or_init(Directory::load);
         prepare_host_dir(&dir, host, &self.ownership, |n| accounts().user(n))?;
         Ok(())
     }
