@@ -45,8 +45,6 @@ impl Run {
 pub const MEASURE: &str = "--measure";
 
 /// Runs `cmd` with `input` on stdin; panics if it cannot start or outlives `timeout`.
-// The measuring copy is reaped by `wait4`, which clippy cannot see.
-#[allow(clippy::zombie_processes)]
 pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Run {
     let start = Instant::now();
     let report = tempfile::NamedTempFile::new().expect("a file for the measurement");
@@ -71,7 +69,6 @@ pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let pid = child.id() as libc::pid_t;
     let mut stdin = child.stdin.take().expect("stdin");
     let input = input.to_vec();
     let writer = std::thread::spawn(move || {
@@ -90,15 +87,12 @@ pub fn run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Run {
         b
     });
     let deadline = start + timeout;
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: wait4 on our own child's pid with valid out-pointers.
-        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
-        if r == pid {
-            break;
-        }
-        assert!(r == 0, "wait4 {cmd:?}: {}", std::io::Error::last_os_error());
+    // The measuring copy's own status and usage are not the command's: it reports those.
+    while child
+        .try_wait()
+        .expect("waiting for the measuring copy")
+        .is_none()
+    {
         if Instant::now() >= deadline {
             // The measured child dies with its measuring copy (PR_SET_PDEATHSIG).
             let _ = child.kill();
